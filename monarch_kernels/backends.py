@@ -1,0 +1,144 @@
+"""Backend registry and dispatch.
+
+A *backend* implements the five primitives of :mod:`monarch_kernels.reference` (``blockdiag_fwd``,
+``blockdiag_wgrad``, ``monarch_fwd``, ``monarch_bwd_input``, ``monarch_bwd_weight``) for some devices and
+dtypes. Backends register themselves here; the ops in :mod:`monarch_kernels.ops` resolve a backend name once
+per call (``"auto"`` picks per device, dtype and shape) and pass the concrete name into the custom op.
+
+Selection, most specific first: the ``backend=`` argument of a call, then :func:`use_backend` /
+:func:`set_backend`, then ``"auto"``. An explicitly requested backend that is not available, or does not
+support the tensors' device or dtype, raises :class:`BackendUnavailableError`; nothing falls back silently.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+AUTO = "auto"
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call (not built, not installed, wrong device/dtype)."""
+
+
+@dataclass
+class Backend:
+    """One implementation of the primitives.
+
+    ``load`` returns the module holding the primitives, or raises ``ImportError``/``RuntimeError`` with the
+    reason it is unavailable (called lazily, once). ``supports(device, dtype)`` says whether it can run
+    tensors of that kind; ``prefer(op, device, dtype, dims)`` whether ``auto`` should choose it for a call
+    (``dims`` are the problem sizes ``(T, n_in, n_out, block)``); ``priority`` orders the ``auto`` search
+    (higher first).
+    """
+
+    name: str
+    load: Callable[[], object]
+    supports: Callable[[torch.device, torch.dtype], bool]
+    prefer: Callable[[str, torch.device, torch.dtype, tuple], bool] = lambda *a: True
+    priority: int = 0
+    description: str = ""
+    _module: object = field(default=None, repr=False)
+    _error: Optional[str] = field(default=None, repr=False)
+    _loaded: bool = field(default=False, repr=False)
+
+    def module(self):
+        if not self._loaded:
+            try:
+                self._module = self.load()
+            except (ImportError, RuntimeError, OSError) as exc:  # reason kept for available_backends()
+                self._error = f"{type(exc).__name__}: {exc}"
+            self._loaded = True
+        if self._module is None:
+            raise BackendUnavailableError(f"backend {self.name!r} is not available: {self._error}")
+        return self._module
+
+    @property
+    def available(self) -> bool:
+        try:
+            self.module()
+        except BackendUnavailableError:
+            return False
+        return True
+
+
+_REGISTRY: dict[str, Backend] = {}
+_current = AUTO
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend in the registry."""
+    _REGISTRY[backend.name] = backend
+
+
+def get(name: str) -> Backend:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backend {name!r}; expected one of {[AUTO, *sorted(_REGISTRY)]}")
+    return _REGISTRY[name]
+
+
+def available_backends() -> dict[str, str]:
+    """Every registered backend and its status: ``"available"`` or the reason it is not.
+
+    Example: ``{'torch': 'available', 'triton': 'available', 'cuda': 'unavailable: ...'}``.
+    """
+    status = {}
+    for name in sorted(_REGISTRY, key=lambda n: -_REGISTRY[n].priority):
+        b = _REGISTRY[name]
+        status[name] = "available" if b.available else f"unavailable: {b._error}"
+    return status
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (``"auto"`` restores automatic choice)."""
+    global _current
+    if name != AUTO:
+        get(name)
+    _current = name
+
+
+def get_backend() -> str:
+    """The process-wide default backend name (``"auto"`` unless changed)."""
+    return _current
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: run the enclosed calls with backend ``name``."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str] = None) -> str:
+    """The concrete backend name a call will use.
+
+    ``op`` is ``"blockdiag"`` or ``"monarch"``; ``dims`` is ``(T, n_in, n_out, block)``.
+    """
+    name = requested if requested is not None else _current
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name != AUTO:
+        b = get(name)
+        b.module()  # raises BackendUnavailableError with the reason
+        if not b.supports(device, dtype):
+            raise BackendUnavailableError(
+                f"backend {name!r} does not support {dtype} tensors on {device}; "
+                f"use backend='auto' or one of {sorted(n for n, s in available_backends().items() if s == 'available')}"
+            )
+        return name
+    for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+        if b.available and b.supports(device, dtype) and b.prefer(op, device, dtype, dims):
+            return b.name
+    raise BackendUnavailableError(f"no backend supports {dtype} tensors on {device}")
+
+
+def impl(name: str):
+    """The primitives module of backend ``name`` (already resolved)."""
+    return get(name).module()

@@ -1,0 +1,346 @@
+"""The single front door: validated, dispatching, differentiable block-diagonal and Monarch products.
+
+Five primitives are registered as ``torch.library`` custom ops (namespace ``monarch_kernels``), each with a
+fake (meta) implementation and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces
+through them and the backward of every op is written with the same ops (hence double backward works):
+
+=====================  ===============================================  ==================================
+op                     math (per token, real case)                       backward uses
+=====================  ===============================================  ==================================
+blockdiag_fwd          ``y = BD(w) x + b``                               blockdiag_fwd (wᵀ), blockdiag_wgrad
+blockdiag_wgrad        ``dw = Σ_t BD-blocks of g xᵀ``                    blockdiag_fwd
+monarch_fwd            ``o = M x + b``, ``M = P2 BD(w2) P1 BD(w1)``      monarch_bwd_input, monarch_bwd_weight
+monarch_bwd_input      ``dx = Mᵀ g``                                     monarch_fwd, monarch_bwd_weight
+monarch_bwd_weight     ``(dw1, dw2) = ∇_(w1,w2) ⟨g, M x⟩``               monarch_fwd, monarch_bwd_input, itself
+=====================  ===============================================  ==================================
+
+``M`` is bilinear in ``(w1, w2)``, so the derivative of ``monarch_bwd_weight`` in direction ``(h1, h2)`` is
+``⟨g, M(h1, w2) x⟩ + ⟨g, M(w1, h2) x⟩``, which the ops above express exactly. Complex tensors follow
+PyTorch's conjugate convention (gradients are taken with conjugated partners).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+from .shapes import (
+    MonarchShape,
+    check_bias,
+    check_factor,
+    check_input_width,
+    check_monarch_factors,
+    check_out_features,
+    check_same,
+    check_tensor,
+)
+
+_NS = "monarch_kernels"
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _unflat(t2d: Tensor, lead: tuple) -> Tensor:
+    return t2d.reshape(*lead, t2d.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# custom ops: inputs of any leading shape; the backend sees 2-D (T, features) tensors
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_NS}::blockdiag_fwd", mutates_args=())
+def _blockdiag_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int, backend: str) -> Tensor:
+    out = backends.impl(backend).blockdiag_fwd(_flat(x), w, bias, n_out)
+    return _unflat(out, x.shape[:-1])
+
+
+@_blockdiag_fwd.register_fake
+def _(x, w, bias, n_out, backend):
+    return x.new_empty(*x.shape[:-1], n_out)
+
+
+@torch.library.custom_op(f"{_NS}::blockdiag_wgrad", mutates_args=())
+def _blockdiag_wgrad(x: Tensor, g: Tensor, k: int, q: int, p: int, backend: str) -> Tensor:
+    return backends.impl(backend).blockdiag_wgrad(_flat(x), _flat(g), k, q, p)
+
+
+@_blockdiag_wgrad.register_fake
+def _(x, g, k, q, p, backend):
+    return x.new_empty(k, q, p)
+
+
+@torch.library.custom_op(f"{_NS}::monarch_fwd", mutates_args=())
+def _monarch_fwd(x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], n_out: int, backend: str) -> Tensor:
+    out = backends.impl(backend).monarch_fwd(_flat(x), w1, w2, bias, n_out)
+    return _unflat(out, x.shape[:-1])
+
+
+@_monarch_fwd.register_fake
+def _(x, w1, w2, bias, n_out, backend):
+    return x.new_empty(*x.shape[:-1], n_out)
+
+
+@torch.library.custom_op(f"{_NS}::monarch_bwd_input", mutates_args=())
+def _monarch_bwd_input(g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> Tensor:
+    out = backends.impl(backend).monarch_bwd_input(_flat(g), w1, w2, n_in)
+    return _unflat(out, g.shape[:-1])
+
+
+@_monarch_bwd_input.register_fake
+def _(g, w1, w2, n_in, backend):
+    return g.new_empty(*g.shape[:-1], n_in)
+
+
+@torch.library.custom_op(f"{_NS}::monarch_bwd_weight", mutates_args=())
+def _monarch_bwd_weight(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    return backends.impl(backend).monarch_bwd_weight(_flat(x), _flat(g), w1, w2)
+
+
+@_monarch_bwd_weight.register_fake
+def _(x, g, w1, w2, backend):
+    return w1.new_empty(w1.shape), w2.new_empty(w2.shape)
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd formulas (written with the ops themselves, so they are differentiable again)
+#
+# Each backward is the real-case formula evaluated at the *conjugated* saved tensors with the upstream
+# gradient as is; that is PyTorch's convention ``grad = Jᴴ h`` for complex inputs and a no-op for real ones.
+# --------------------------------------------------------------------------------------------------
+
+
+def _saved(ctx):
+    return [t.conj() for t in ctx.saved_tensors]
+
+
+def _setup_blockdiag_fwd(ctx, inputs, output):
+    x, w, bias, n_out, backend = inputs
+    ctx.save_for_backward(x, w)
+    ctx.backend, ctx.has_bias = backend, bias is not None
+
+
+def _backward_blockdiag_fwd(ctx, g):
+    x, w = _saved(ctx)
+    k, q, p = w.shape
+    dx = dw = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _blockdiag_fwd(g, w.transpose(1, 2), None, x.shape[-1], ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dw = _blockdiag_wgrad(x, g, k, q, p, ctx.backend)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        db = _flat(g).sum(0)
+    return dx, dw, db, None, None
+
+
+_blockdiag_fwd.register_autograd(_backward_blockdiag_fwd, setup_context=_setup_blockdiag_fwd)
+
+
+def _setup_blockdiag_wgrad(ctx, inputs, output):
+    x, g, k, q, p, backend = inputs
+    ctx.save_for_backward(x, g)
+    ctx.backend = backend
+
+
+def _backward_blockdiag_wgrad(ctx, h):
+    # dw[kk] = Σ_t g_kk x_kkᵀ  =>  d/dx = BD(h)ᵀ g,  d/dg = BD(h) x.
+    x, g = _saved(ctx)
+    dx = dg = None
+    if ctx.needs_input_grad[0]:
+        dx = _blockdiag_fwd(g, h.transpose(1, 2), None, x.shape[-1], ctx.backend)
+    if ctx.needs_input_grad[1]:
+        dg = _blockdiag_fwd(x, h, None, g.shape[-1], ctx.backend)
+    return dx, dg, None, None, None, None
+
+
+_blockdiag_wgrad.register_autograd(_backward_blockdiag_wgrad, setup_context=_setup_blockdiag_wgrad)
+
+
+def _setup_monarch_fwd(ctx, inputs, output):
+    x, w1, w2, bias, n_out, backend = inputs
+    ctx.save_for_backward(x, w1, w2)  # the stage-1 intermediate is recomputed in backward, never saved
+    ctx.backend, ctx.has_bias = backend, bias is not None
+
+
+def _backward_monarch_fwd(ctx, g):
+    x, w1, w2 = _saved(ctx)
+    dx = dw1 = dw2 = db = None
+    if ctx.needs_input_grad[0]:
+        dx = _monarch_bwd_input(g, w1, w2, x.shape[-1], ctx.backend)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dw1, dw2 = _monarch_bwd_weight(x, g, w1, w2, ctx.backend)
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        db = _flat(g).sum(0)
+    return dx, dw1, dw2, db, None, None
+
+
+_monarch_fwd.register_autograd(_backward_monarch_fwd, setup_context=_setup_monarch_fwd)
+
+
+def _setup_monarch_bwd_input(ctx, inputs, output):
+    g, w1, w2, n_in, backend = inputs
+    ctx.save_for_backward(g, w1, w2)
+    ctx.backend = backend
+
+
+def _backward_monarch_bwd_input(ctx, h):
+    # a = Mᵀ g  =>  ⟨h, a⟩ = ⟨g, M h⟩: d/dg = M h, d/dw = ∇_w ⟨g, M h⟩.
+    g, w1, w2 = _saved(ctx)
+    dg = dw1 = dw2 = None
+    if ctx.needs_input_grad[0]:
+        dg = _monarch_fwd(h, w1, w2, None, g.shape[-1], ctx.backend)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dw1, dw2 = _monarch_bwd_weight(h, g, w1, w2, ctx.backend)
+    return dg, dw1, dw2, None, None
+
+
+_monarch_bwd_input.register_autograd(_backward_monarch_bwd_input, setup_context=_setup_monarch_bwd_input)
+
+
+def _setup_monarch_bwd_weight(ctx, inputs, output):
+    x, g, w1, w2, backend = inputs
+    ctx.save_for_backward(x, g, w1, w2)
+    ctx.backend = backend
+
+
+def _backward_monarch_bwd_weight(ctx, h1, h2):
+    # (dw1, dw2) = ∇ ⟨g, M(w1, w2) x⟩; paired with (h1, h2) it is ⟨g, M(h1, w2) x⟩ + ⟨g, M(w1, h2) x⟩.
+    x, g, w1, w2 = _saved(ctx)
+    n_in, n_out, b = x.shape[-1], g.shape[-1], ctx.backend
+    pairs = []  # (stage-1, stage-2) factors of each term of the directional derivative
+    if h1 is not None:
+        pairs.append((h1, w2))
+    if h2 is not None:
+        pairs.append((w1, h2))
+    dx = dg = dw1 = dw2 = None
+    if ctx.needs_input_grad[0] and pairs:
+        dx = sum(_monarch_bwd_input(g, a, c, n_in, b) for a, c in pairs)
+    if ctx.needs_input_grad[1] and pairs:
+        dg = sum(_monarch_fwd(x, a, c, None, n_out, b) for a, c in pairs)
+    if ctx.needs_input_grad[2] and h2 is not None:
+        dw1 = _monarch_bwd_weight(x, g, w1, h2, b)[0]
+    if ctx.needs_input_grad[3] and h1 is not None:
+        dw2 = _monarch_bwd_weight(x, g, h1, w2, b)[1]
+    return dx, dg, dw1, dw2, None
+
+
+_monarch_bwd_weight.register_autograd(_backward_monarch_bwd_weight, setup_context=_setup_monarch_bwd_weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------
+
+
+def _tokens(x: Tensor) -> int:
+    return x.numel() // max(x.shape[-1], 1)
+
+
+def blockdiag_linear(
+    x: Tensor,
+    w: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    out_features: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Block-diagonal linear map ``y = BD(w) x (+ bias)`` over the last dim of ``x``.
+
+    ``x (..., n_in)`` with ``k·p - p < n_in ≤ k·p`` (a short input is treated as zero-padded, without a
+    copy on kernel backends); ``w (k, q, p)``; output ``(..., out_features)`` with
+    ``out_features ∈ (k·q - q, k·q]`` (default ``k·q``; the tail is dropped); ``bias (out_features,)``.
+    """
+    fn = "blockdiag_linear"
+    check_tensor("x", x, fn)
+    check_factor("w", w, fn)
+    k, q, p = w.shape
+    check_input_width(fn, x, k * p, p, True, f"w of shape ({k}, {q}, {p})")
+    n_out = check_out_features(fn, out_features, k * q, q)
+    check_same(fn, x, w=w)
+    check_bias(fn, bias, x, n_out)
+    name = backends.resolve("blockdiag", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, p), backend)
+    return _blockdiag_fwd(x, w, bias, n_out, name)
+
+
+def blockdiag_matmul(x: Tensor, w: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """Block-diagonal product ``BD(w) x``: ``x (..., k·p)``, ``w (k, q, p)`` -> ``(..., k·q)``.
+
+    Block ``kk`` maps ``x[..., kk·p:(kk+1)·p]`` to ``y[..., kk·q:(kk+1)·q]`` (fly convention).
+    """
+    fn = "blockdiag_matmul"
+    check_tensor("x", x, fn)
+    check_factor("w", w, fn)
+    k, q, p = w.shape
+    check_input_width(fn, x, k * p, p, False, f"w of shape ({k}, {q}, {p})")
+    return blockdiag_linear(x, w, backend=backend)
+
+
+def monarch_linear(
+    x: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    out_features: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Monarch linear map ``o = P2 · BD(w2) · P1 · BD(w1) · x (+ bias)``, the functional ``MonarchLinear``.
+
+    ``x (..., n_in)`` with ``k·p - p < n_in ≤ k·p`` (short inputs act as zero-padded);
+    ``w1 (k, q, p)``, ``w2 (l, s, r)`` with ``l·r = k·q``; output ``(..., out_features)`` with
+    ``out_features ∈ (l·s - s, l·s]`` (default ``l·s``); ``bias (out_features,)`` or ``None``.
+    """
+    fn = "monarch_linear"
+    check_tensor("x", x, fn)
+    sh = check_monarch_factors(fn, w1, w2)
+    check_input_width(fn, x, sh.n_in, sh.p, True, f"w1 of shape {tuple(w1.shape)}")
+    n_out = check_out_features(fn, out_features, sh.n_out, sh.s)
+    check_same(fn, x, w1=w1)
+    check_bias(fn, bias, x, n_out)
+    block = max(sh.p, sh.q, sh.r, sh.s)
+    name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, block), backend)
+    return _monarch_fwd(x, w1, w2, bias, n_out, name)
+
+
+def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """Monarch product ``M x`` with ``M = P2 · BD(w2) · P1 · BD(w1)`` (fly's ``blockdiag_butterfly_multiply``).
+
+    ``x (..., k·p)``, ``w1 (k, q, p)``, ``w2 (l, s, r)`` with ``l·r = k·q``; output ``(..., l·s)``.
+
+    1. stage 1: ``y[.., kk·q + qq] = Σ_pp w1[kk, qq, pp] · x[.., kk·p + pp]``;
+    2. P1: stage-2 block ``ll`` takes ``z[.., ll, rr] = y[.., rr·l + ll]``;
+    3. stage 2: ``o[.., ll, ss] = Σ_rr w2[ll, ss, rr] · z[.., ll, rr]``;
+    4. P2: ``out[.., ss·l + ll] = o[.., ll, ss]``.
+
+    For square factors ``(b, B, B)`` this is the paper's ``M = P L Pᵀ R`` with ``R = BD(w1)``, ``L = BD(w2)``.
+    """
+    fn = "monarch_matmul"
+    check_tensor("x", x, fn)
+    sh = check_monarch_factors(fn, w1, w2)
+    check_input_width(fn, x, sh.n_in, sh.p, False, f"w1 of shape {tuple(w1.shape)}")
+    return monarch_linear(x, w1, w2, backend=backend)
+
+
+def monarch_to_dense(w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """The dense ``(l·s, k·p)`` matrix ``M`` with ``monarch_matmul(x, w1, w2) == x @ M.T`` (differentiable)."""
+    sh = check_monarch_factors("monarch_to_dense", w1, w2)
+    eye = torch.eye(sh.n_in, dtype=w1.dtype, device=w1.device)
+    return monarch_matmul(eye, w1, w2, backend=backend).transpose(0, 1)
+
+
+def resolve_backend(op: str, x: Tensor, *factors: Tensor, backend: Optional[str] = None) -> str:
+    """The backend a call of ``op`` (``"blockdiag"`` or ``"monarch"``) with these arguments would use."""
+    if op not in ("blockdiag", "monarch"):
+        raise ValueError(f"op must be 'blockdiag' or 'monarch', got {op!r}")
+    check_tensor("x", x, "resolve_backend")
+    if op == "blockdiag":
+        (w,) = factors
+        dims = (_tokens(x), x.shape[-1], w.shape[0] * w.shape[1], w.shape[2])
+    else:
+        sh = MonarchShape.from_factors(factors[0].shape, factors[1].shape)
+        dims = (_tokens(x), x.shape[-1], sh.n_out, max(sh.p, sh.q, sh.r, sh.s))
+    return backends.resolve(op, x.device, x.dtype, dims, backend)

@@ -1,0 +1,25 @@
+import os
+import sys
+
+import pytest
+import torch
+
+# the tests import the in-tree packages (also when not installed)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+#: relative-error tolerances per dtype when comparing with a float64 reference
+RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2,
+        torch.complex128: 1e-12, torch.complex64: 1e-5}
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """‖actual − expected‖ / ‖expected‖ computed in float64 (complex128 for complex)."""
+    wide = torch.complex128 if expected.is_complex() else torch.float64
+    a, e = actual.detach().to(wide), expected.detach().to(wide)
+    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+    yield
