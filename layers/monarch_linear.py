@@ -1,0 +1,119 @@
+"""``MonarchLinear``: a drop-in ``nn.Linear`` whose weight is a Monarch matrix ``P2 · BD(w2) · P1 · BD(w1)``."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from monarch_kernels import monarch_factor_shapes, monarch_linear, project
+
+from .structured import StructuredLinear
+
+#: fly's parameter names for the two factors (``src/models/layers/monarch_linear.py``)
+FLY_KEYS = {"blkdiag1": "w1", "blkdiag2": "w2"}
+
+
+class MonarchLinear(StructuredLinear):
+    """Monarch replacement for ``nn.Linear(in_features, out_features, bias)``.
+
+    ``y = P2 · BD(w2) · P1 · BD(w1) · x + bias`` with block sizes ``ceil(in/nblocks)`` and
+    ``ceil(out/nblocks)`` and factor shapes identical to fly's ``blkdiag1``/``blkdiag2``
+    (:func:`monarch_kernels.monarch_factor_shapes`). Sizes not divisible by ``nblocks`` work: inputs are
+    treated as zero-padded and outputs truncated inside the op (no padded copy on kernel backends).
+
+    Initialisation: ``w1 ~ U(±√(3/p))`` (variance ``1/p``, unit gain) and ``w2 ~ U(±1/√r)`` (variance
+    ``1/(3r)``), so the output variance equals ``nn.Linear``'s default (``Var(x)/3``) at any size. fly
+    initialises both factors like ``nn.Linear``, which gives ``Var(x)/9``, three times smaller; the bias is
+    ``U(±1/√in_features)`` like ``nn.Linear`` (fly uses ``out_features``).
+
+    Checkpoints written by fly (keys ``blkdiag1``/``blkdiag2``) load directly with ``load_state_dict``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        nblocks: int = 4,
+        *,
+        backend: Optional[str] = None,
+        device=None,
+        dtype=None,
+    ):
+        factory = {"device": device, "dtype": dtype}
+        super().__init__(in_features, out_features, bias, backend, factory)
+        self.shape = monarch_factor_shapes(in_features, out_features, nblocks)
+        self.nblocks = nblocks
+        self.w1 = nn.Parameter(torch.empty(self.shape.w1_shape, **factory))
+        self.w2 = nn.Parameter(torch.empty(self.shape.w2_shape, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound1 = math.sqrt(3.0 / self.shape.p)
+        bound2 = 1.0 / math.sqrt(self.shape.r)
+        nn.init.uniform_(self.w1, -bound1, bound1)
+        nn.init.uniform_(self.w2, -bound2, bound2)
+        self._reset_bias()
+
+    @property
+    def structured_numel(self) -> int:
+        return self.w1.numel() + self.w2.numel()
+
+    def _weights(self) -> tuple:
+        return (self.w1, self.w2)
+
+    def _forward(self, x: Tensor, weights: tuple, bias: Optional[Tensor]) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"MonarchLinear: input has last dimension {x.shape[-1]}, expected (..., {self.in_features})"
+            )
+        w1, w2 = weights
+        return monarch_linear(x, w1, w2, bias, out_features=self.out_features, backend=self.backend)
+
+    def dense_weight(self) -> Tensor:
+        eye = torch.eye(self.in_features, device=self.w1.device, dtype=self.w1.dtype)
+        return monarch_linear(eye, self.w1, self.w2, out_features=self.out_features, backend=self.backend).T
+
+    @classmethod
+    def from_dense(
+        cls, weight: Tensor, bias: Optional[Tensor] = None, nblocks: int = 4, *, backend: Optional[str] = None
+    ) -> "MonarchLinear":
+        """Project a dense ``(out, in)`` weight onto Monarch factors (Frobenius-optimal when ``nblocks``
+        divides both sizes; otherwise optimal for the zero-padded weight, whose padding rows and columns the
+        factors also fit)."""
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"MonarchLinear.from_dense: weight must be a 2-D (out, in) tensor, got {weight!r:.60}")
+        out_f, in_f = weight.shape
+        layer = cls(in_f, out_f, bias is not None, nblocks, backend=backend, device=weight.device, dtype=weight.dtype)
+        sh = layer.shape
+        padded = F.pad(weight.detach(), (0, sh.n_in - in_f, 0, sh.n_out - out_f))
+        w1, w2 = project(padded, w1_shape=sh.w1_shape, w2_shape=sh.w2_shape)
+        with torch.no_grad():
+            layer.w1.copy_(w1)
+            layer.w2.copy_(w2)
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, nblocks: int = 4, *, backend: Optional[str] = None) -> "MonarchLinear":
+        """Dense-to-sparse: the Monarch layer closest (Frobenius) to ``linear``'s weight, same bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"MonarchLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        return cls.from_dense(linear.weight, linear.bias, nblocks, backend=backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for fly, ours in FLY_KEYS.items():
+            if prefix + fly in state_dict and prefix + ours not in state_dict:
+                state_dict[prefix + ours] = state_dict.pop(prefix + fly)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, nblocks={self.nblocks}, "
+            f"bias={self.bias is not None}, w1={tuple(self.w1.shape)}, w2={tuple(self.w2.shape)}, "
+            f"params={self.param_fraction:.3f}x dense"
+        )

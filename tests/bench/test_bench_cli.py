@@ -1,0 +1,30 @@
+"""The benchmark CLI runs, prints its table and writes results.json and a plot."""
+import json
+
+from bench.__main__ import main
+from bench.ops import Problem
+
+
+def test_cli_small_sweep(tmp_path, capsys):
+    rc = main(["--shapes", "8:32:48:4,4:64:4", "--budget", "0.01", "--out", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "T=8 32->48 nb=4" in out and "x dense" in out
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = data["rows"]
+    assert {r["impl"] for r in rows} >= {"dense", "torch"}
+    assert {r["mode"] for r in rows} == {"fwd", "fwdbwd"}
+    assert all(r["us"] > 0 and r["gbs"] > 0 for r in rows)
+    assert data["meta"]["device"]
+    assert (tmp_path / "speedup.png").stat().st_size > 1000
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    assert main(["--shapes", "8:32", "--budget", "0.01"]) == 2
+    assert "expected T:n_in:n_out:nblocks" in capsys.readouterr().err
+    assert main(["--modes", "sideways"]) == 2
+
+
+def test_problem_parse():
+    assert Problem.parse("16:2048:16") == Problem(16, 2048, 2048, 16)
+    assert Problem.parse("16:768:3072:4").label == "T=16 768->3072 nb=4"
