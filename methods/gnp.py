@@ -1,0 +1,349 @@
+"""GNP (Zhao, Zhang & Hu, ICML 2022): penalising the gradient norm for better generalisation; SAM is α = 1.
+
+Objective and update (paper, eqs. for the penalised loss and its finite-difference gradient)::
+
+    L(θ) = L_S(θ) + λ·‖∇L_S(θ)‖₂
+    ∇L(θ) = ∇L_S(θ) + λ·H·∇L_S(θ)/‖∇L_S(θ)‖,   H v ≈ (∇L_S(θ + r·v) − ∇L_S(θ)) / r,   v = ∇L_S/‖∇L_S‖
+    g = (1 − α)·∇L_S(θ) + α·∇L_S(θ + r·v),      α = λ / r
+
+* α = 0 is the base optimiser; α = 1 is exactly SAM with ρ = r; each step costs two forward/backward passes.
+* For a quadratic ``L_S = ½θᵀAθ`` the finite difference is exact: ``g = ∇L_S + α·r·A·v``.
+* ``g`` replaces ``p.grad`` and the *base* optimiser takes the step (SGD, momentum, Adam, ...), so weight decay,
+  momentum and LR schedules are the base optimiser's. The norm ‖∇L_S‖ is the global norm over every parameter
+  the base optimiser trains (for Monarch layers: the factors ``w1, w2``, i.e. flatness in factor space).
+* Batch-norm: when ``model`` is given, BN running statistics are those of the unperturbed pass only (the
+  perturbed pass still normalises with its own batch statistics, as in the official code and in SAM).
+
+Defaults from the paper's CIFAR recipes: ``r = 0.1`` (0.05 on ImageNet), ``α = 0.8``, SGD momentum 0.9.
+
+Where we deviate from the official JAX code (zhaoyang-0204/gnp, training_core.py ``get_gnp_gradient``):
+
+* its default ``gnp.norm_perturbations=True`` uses the *normalised* gradient in the first term,
+  ``g = (1−α)·∇L_S/‖∇L_S‖ + α·∇L_S(θ + r·v)``, which is not the paper's formula; we implement the paper by
+  default and reproduce the official runs with ``normalize_first_term=True``;
+* it adds the coupled L2 penalty ``½·l2·‖θ‖²`` to the loss of *both* passes (so the ascent direction includes
+  weight decay), computes perturbations per device shard and clips the global norm at 5; here weight decay is
+  whatever the base optimiser does and there is one device (put an L2 term in the closure to mimic it).
+
+Dropout masks differ between the two passes (as in the official code and common SAM implementations).
+
+Usage::
+
+    opt = GNP(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), r=0.05, alpha=0.8, model=model)
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+    loss = opt.step(closure)      # zero_grad, both passes and the base step happen inside
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .recipe import Recipe, RunContext
+
+
+# --------------------------------------------------------------------------------------------------
+# The algorithm
+# --------------------------------------------------------------------------------------------------
+def _bn_modules(model: Optional[nn.Module]) -> list[nn.Module]:
+    if model is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+def _snapshot_buffers(mods: list[nn.Module]) -> list[dict]:
+    return [{k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in mods]
+
+
+def _restore_buffers(mods: list[nn.Module], snap: list[dict]) -> None:
+    with torch.no_grad():
+        for m, s in zip(mods, snap):
+            for k, b in m.named_buffers(recurse=False):
+                if k in s:
+                    b.copy_(s[k])
+
+
+class GNP(torch.optim.Optimizer):
+    """Gradient-norm-penalty wrapper around any ``torch.optim.Optimizer`` (SAM when ``alpha=1``).
+
+    Args:
+        base_optimizer: the optimiser whose step is taken with the GNP gradient ``g`` (its param groups, LR
+            and state are shared: LR schedulers may be attached to either object).
+        r: finite-difference radius (SAM's ρ when ``alpha=1``), ``r > 0``.
+        alpha: ``λ / r`` in ``[0, 1]`` (values above 1 extrapolate and are allowed but unusual).
+        model: optional module whose batch-norm running statistics must come from the unperturbed pass only.
+        normalize_first_term: reproduce the official code's default ``(1−α)·∇L/‖∇L‖`` first term.
+        eps: added to ‖∇L‖ before dividing.
+
+    After each :meth:`step`, ``last_grad_norm`` holds ‖∇L_S(θ)‖ of the first pass.
+    """
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, r: float = 0.05, alpha: float = 0.8, *,
+                 model: Optional[nn.Module] = None, normalize_first_term: bool = False, eps: float = 1e-12):
+        if not isinstance(base_optimizer, torch.optim.Optimizer):
+            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer instance, got {type(base_optimizer).__name__}")
+        if isinstance(base_optimizer, GNP):
+            raise TypeError("base_optimizer must not itself be a GNP wrapper")
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0 or not math.isfinite(r):
+            raise ValueError(f"r must be a positive finite float, got {r!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0 or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite float >= 0 (λ/r, usually in [0, 1]), got {alpha!r}")
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        self.base_optimizer = base_optimizer
+        self.r, self.alpha, self.eps = float(r), float(alpha), float(eps)
+        self.model = model
+        self.normalize_first_term = bool(normalize_first_term)
+        self.last_grad_norm: Optional[float] = None
+        # Share the base optimiser's groups (the same dicts) so schedulers and zero_grad act on both.
+        super().__init__(base_optimizer.param_groups, {})
+        self.param_groups = base_optimizer.param_groups
+        self.state = base_optimizer.state
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def state_dict(self):
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict):
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    @torch.no_grad()
+    def compute_gradient(self, closure: Callable[[], Tensor]) -> Tensor:
+        """Run both passes and leave ``g`` in every ``p.grad`` (no optimiser step); returns the first-pass loss."""
+        if not callable(closure):
+            raise TypeError("GNP.step needs a closure that computes the loss, calls backward() and returns the loss")
+        closure = torch.enable_grad()(closure)
+        params = self._params()
+        self.zero_grad(set_to_none=True)
+        loss = closure()
+        g1 = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        gnorm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in g1 if g is not None))
+        self.last_grad_norm = gnorm
+        first_scale = 1.0 / (gnorm + self.eps) if self.normalize_first_term else 1.0
+        if self.alpha == 0.0 or gnorm == 0.0:
+            # α = 0: the base gradient (no second pass). ‖∇L‖ = 0: the ascent direction is undefined and g = 0.
+            if self.alpha != 0.0 or self.normalize_first_term:
+                for p, g in zip(params, g1):
+                    if g is not None:
+                        p.grad = g * ((1.0 - self.alpha) * first_scale)
+            return loss.detach()
+        scale = self.r / (gnorm + self.eps)
+        backup = [p.detach().clone() for p in params]
+        for p, g in zip(params, g1):
+            if g is not None:
+                p.add_(g, alpha=scale)  # θ + r·∇L/‖∇L‖
+        bn = _bn_modules(self.model)
+        snap = _snapshot_buffers(bn)
+        self.zero_grad(set_to_none=True)
+        closure()
+        _restore_buffers(bn, snap)  # running statistics from the unperturbed pass only
+        for p, b, g in zip(params, backup, g1):
+            p.copy_(b)
+            g2 = p.grad
+            if g2 is None and g is None:
+                continue
+            g2 = torch.zeros_like(p) if g2 is None else g2
+            if self.alpha == 1.0:
+                p.grad = g2.clone()  # SAM: only the ascent-point gradient survives
+            else:
+                first = torch.zeros_like(p) if g is None else g * ((1.0 - self.alpha) * first_scale)
+                p.grad = first.add_(g2, alpha=self.alpha)
+        return loss.detach()
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None):  # type: ignore[override]
+        """One GNP update: ``g`` from two passes of ``closure``, then ``base_optimizer.step()``."""
+        if closure is None:
+            raise TypeError("GNP.step needs a closure: it evaluates the loss at θ and at θ + r·∇L/‖∇L‖")
+        loss = self.compute_gradient(closure)
+        self.base_optimizer.step()
+        return loss
+
+
+def gnp_gradient(params, closure: Callable[[], Tensor], r: float, alpha: float, *,
+                 model: Optional[nn.Module] = None, normalize_first_term: bool = False) -> list[Tensor]:
+    """Functional form: the GNP gradient ``g`` for ``params`` (a list of tensors shaped like ``params``).
+
+    ``closure`` computes the loss and calls ``backward()``; parameters are left unchanged and their ``.grad``
+    holds ``g`` afterwards."""
+    params = list(params)
+    opt = GNP(torch.optim.SGD(params, lr=0.0), r=r, alpha=alpha, model=model,
+              normalize_first_term=normalize_first_term)
+    opt.compute_gradient(closure)
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+# --------------------------------------------------------------------------------------------------
+# The experiment: noisy-label digits/MNIST, SGD vs SAM vs GNP
+# --------------------------------------------------------------------------------------------------
+def symmetric_label_noise(y: Tensor, rate: float, num_classes: int, generator: torch.Generator) -> Tensor:
+    """Replace a ``rate`` fraction of labels (chosen at random) by a uniformly drawn *different* class."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate!r}")
+    flip = torch.rand(len(y), generator=generator) < rate
+    shift = torch.randint(1, num_classes, (len(y),), generator=generator)
+    return torch.where(flip, (y + shift) % num_classes, y)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
+    p.add_argument("--noise", type=float, default=0.3, help="symmetric label-noise rate on the training set")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.05, help="SGD LR (cosine-annealed to 0)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--r", type=float, default=0.05, help="GNP radius r (also SAM's rho)")
+    p.add_argument("--alpha", type=float, default=0.8, help="GNP alpha = lambda / r")
+    p.add_argument("--normalize-first-term", action="store_true",
+                   help="official code's default: (1-alpha)*grad/||grad|| as first term")
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--depth", type=int, default=2, help="hidden layers (Monarch except the dense input layer)")
+    p.add_argument("--nblocks", type=int, default=4)
+    p.add_argument("--hessian-iters", type=int, default=30, help="power-iteration HVPs for lambda_max")
+
+
+def _methods(args) -> dict:
+    return {"sgd": None, "sam": dict(r=args.r, alpha=1.0),
+            "gnp": dict(r=args.r, alpha=args.alpha, normalize_first_term=args.normalize_first_term)}
+
+
+def _train_one(method_cfg, split, y_noisy, args, seed, ctx: RunContext, desc: str) -> dict:
+    from .hessian import gradient_norm, top_eigenvalue
+    from .models import MLP
+    from .train import classification_metrics, predict_logits, train_classifier
+
+    torch.manual_seed(seed)
+    model = MLP(split.x_train.shape[1], args.hidden, split.num_classes, depth=args.depth, layer="monarch",
+                nblocks=args.nblocks, activation=nn.ReLU).to(ctx.device)
+    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    opt = base if method_cfg is None else GNP(base, model=model, **method_cfg)
+    steps_per_epoch = math.ceil(len(split.x_train) / args.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=args.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(seed + 7919)
+
+    def step(m, xb, yb):
+        if method_cfg is None:
+            loss = F.cross_entropy(m(xb), yb)
+            base.zero_grad(set_to_none=True)
+            loss.backward()
+            base.step()
+            loss = loss.detach()
+        else:
+            def closure():
+                loss_ = F.cross_entropy(m(xb), yb)
+                loss_.backward()
+                return loss_
+            loss = opt.step(closure)
+        sched.step()
+        return loss
+
+    curve, t0, nsteps = [], time.perf_counter(), 0
+    for _ in ctx.progress(range(args.epochs), desc=desc):
+        nsteps += len(train_classifier(model, split.x_train, y_noisy, epochs=1, batch_size=args.batch_size,
+                                       optimizer=base, generator=gen, step=step))
+        curve.append(classification_metrics(predict_logits(model, split.x_test), split.y_test)["accuracy"])
+    step_ms = 1e3 * (time.perf_counter() - t0) / max(nsteps, 1)
+    test = classification_metrics(predict_logits(model, split.x_test), split.y_test)
+    train_logits = predict_logits(model, split.x_train)
+    model.eval()
+    xtr, ytr = split.x_train.to(ctx.device), y_noisy.to(ctx.device)
+    loss_fn = lambda: F.cross_entropy(model(xtr), ytr)  # noqa: E731  full-batch noisy training loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    lam, _ = top_eigenvalue(loss_fn, params, iters=args.hessian_iters, tol=1e-4,
+                            generator=torch.Generator().manual_seed(seed))
+    return {
+        "test_accuracy": test["accuracy"], "test_nll": test["nll"],
+        "train_acc_noisy_labels": float((train_logits.argmax(-1) == y_noisy).float().mean()),
+        "train_acc_clean_labels": float((train_logits.argmax(-1) == split.y_train).float().mean()),
+        "train_loss": float(loss_fn()), "grad_norm": gradient_norm(loss_fn, params), "hessian_lambda_max": lam,
+        "ms_per_step": step_ms, "curve": curve,
+    }
+
+
+def run(args: argparse.Namespace, ctx: RunContext) -> dict:
+    from .data import load_image_dataset
+
+    if args.quick:
+        args.epochs, args.seeds, args.hessian_iters, args.hidden = 6, 1, 8, 64
+    methods = _methods(args)
+    per_seed = {name: [] for name in methods}
+    for i in range(args.seeds):
+        seed = args.seed + i
+        split = load_image_dataset(args.dataset, seed=seed).flat()
+        y_noisy = symmetric_label_noise(split.y_train, args.noise, split.num_classes,
+                                        torch.Generator().manual_seed(seed + 101))
+        for name, cfg in methods.items():
+            res = _train_one(cfg, split, y_noisy, args, seed, ctx, desc=f"{name} seed {seed}")
+            per_seed[name].append(res)
+            ctx.log(f"[gnp] seed {seed} {name:4s} test acc {res['test_accuracy']:.4f} "
+                    f"|grad| {res['grad_norm']:.3g} lambda_max {res['hessian_lambda_max']:.3g} "
+                    f"{res['ms_per_step']:.1f} ms/step")
+
+    keys = ["test_accuracy", "test_nll", "train_acc_noisy_labels", "train_acc_clean_labels", "train_loss",
+            "grad_norm", "hessian_lambda_max", "ms_per_step"]
+    summary = {}
+    for name, runs in per_seed.items():
+        for k in keys:
+            vals = np.array([r[k] for r in runs], dtype=np.float64)
+            summary[f"{name}_{k}_mean"] = float(vals.mean())
+            summary[f"{name}_{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        summary[f"{name}_per_seed_test_accuracy"] = [r["test_accuracy"] for r in runs]
+    gain = {n: summary[f"{n}_test_accuracy_mean"] - summary["sgd_test_accuracy_mean"] for n in ("sam", "gnp")}
+    summary.update({
+        "dataset": args.dataset, "label_noise": args.noise, "seeds": args.seeds, "epochs": args.epochs,
+        "r": args.r, "alpha": args.alpha, "normalize_first_term": args.normalize_first_term,
+        "sam_minus_sgd_test_accuracy": gain["sam"], "gnp_minus_sgd_test_accuracy": gain["gnp"],
+        "gnp_minus_sam_test_accuracy": summary["gnp_test_accuracy_mean"] - summary["sam_test_accuracy_mean"],
+        "flatter_than_sgd": {n: bool(summary[f"{n}_hessian_lambda_max_mean"] < summary["sgd_hessian_lambda_max_mean"])
+                             for n in ("sam", "gnp")},
+    })
+    _plot(per_seed, summary, ctx)
+    return summary
+
+
+def _plot(per_seed: dict, summary: dict, ctx: RunContext) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, runs in per_seed.items():
+        c = np.array([r["curve"] for r in runs])
+        ep = np.arange(1, c.shape[1] + 1)
+        a.plot(ep, c.mean(0), label=name)
+        if len(runs) > 1:
+            a.fill_between(ep, c.mean(0) - c.std(0), c.mean(0) + c.std(0), alpha=0.2)
+    a.set_xlabel("epoch")
+    a.set_ylabel("clean test accuracy")
+    a.set_title(f"{summary['dataset']}, {int(100 * summary['label_noise'])}% label noise")
+    a.legend()
+    names = list(per_seed)
+    lam = [summary[f"{n}_hessian_lambda_max_mean"] for n in names]
+    err = [summary[f"{n}_hessian_lambda_max_std"] for n in names]
+    b.bar(names, lam, yerr=err, color=["C0", "C1", "C2"][: len(names)])
+    b.set_ylabel("λ_max of train-loss Hessian")
+    b.set_title("sharpness at the end of training")
+    fig.tight_layout()
+    fig.savefig(ctx.plot_path("gnp.png"), dpi=120)
+    plt.close(fig)
+
+
+RECIPE = Recipe("gnp", add_arguments, run,
+                "GNP (Zhao et al. 2022): gradient-norm penalty vs SAM vs SGD on noisy-label digits, Monarch MLP")
