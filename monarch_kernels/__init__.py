@@ -10,7 +10,7 @@ Public API::
     project(W, nblocks)              # Frobenius-optimal Monarch factors of a dense W
     available_backends(), use_backend(name), set_backend(name), resolve_backend(op, x, *factors)
 """
-from . import reference
+from . import builtin, reference  # noqa: F401  (builtin registers the backends)
 from .backends import (
     Backend,
     BackendUnavailableError,
@@ -30,16 +30,6 @@ from .ops import (
 )
 from .projection import project
 from .shapes import MonarchShape, monarch_factor_shapes
-
-register_backend(
-    Backend(
-        name="torch",
-        load=lambda: reference,
-        supports=lambda device, dtype: True,
-        priority=0,
-        description="pure PyTorch reference (two bmm + permutes); every device and dtype, float64 oracle",
-    )
-)
 
 __all__ = [
     "Backend",

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import backends
+from . import activations, backends
 from .shapes import (
     MonarchShape,
     check_bias,
@@ -54,13 +54,13 @@ def _unflat(t2d: Tensor, lead: tuple) -> Tensor:
 
 
 @torch.library.custom_op(f"{_NS}::blockdiag_fwd", mutates_args=())
-def _blockdiag_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int, backend: str) -> Tensor:
-    out = backends.impl(backend).blockdiag_fwd(_flat(x), w, bias, n_out)
+def _blockdiag_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int, activation: str, backend: str) -> Tensor:
+    out = backends.impl(backend).blockdiag_fwd(_flat(x), w, bias, n_out, activation)
     return _unflat(out, x.shape[:-1])
 
 
 @_blockdiag_fwd.register_fake
-def _(x, w, bias, n_out, backend):
+def _(x, w, bias, n_out, activation, backend):
     return x.new_empty(*x.shape[:-1], n_out)
 
 
@@ -75,13 +75,15 @@ def _(x, g, k, q, p, backend):
 
 
 @torch.library.custom_op(f"{_NS}::monarch_fwd", mutates_args=())
-def _monarch_fwd(x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], n_out: int, backend: str) -> Tensor:
-    out = backends.impl(backend).monarch_fwd(_flat(x), w1, w2, bias, n_out)
+def _monarch_fwd(
+    x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], n_out: int, activation: str, backend: str
+) -> Tensor:
+    out = backends.impl(backend).monarch_fwd(_flat(x), w1, w2, bias, n_out, activation)
     return _unflat(out, x.shape[:-1])
 
 
 @_monarch_fwd.register_fake
-def _(x, w1, w2, bias, n_out, backend):
+def _(x, w1, w2, bias, n_out, activation, backend):
     return x.new_empty(*x.shape[:-1], n_out)
 
 
@@ -119,22 +121,26 @@ def _saved(ctx):
 
 
 def _setup_blockdiag_fwd(ctx, inputs, output):
-    x, w, bias, n_out, backend = inputs
-    ctx.save_for_backward(x, w)
-    ctx.backend, ctx.has_bias = backend, bias is not None
+    x, w, bias, n_out, activation, backend = inputs
+    ctx.save_for_backward(x, w, bias)
+    ctx.backend, ctx.has_bias, ctx.n_out, ctx.activation = backend, bias is not None, n_out, activation
 
 
 def _backward_blockdiag_fwd(ctx, g):
-    x, w = _saved(ctx)
+    x, w, bias = ctx.saved_tensors
+    if ctx.activation != "none":  # recompute the pre-activation instead of saving it
+        pre = _blockdiag_fwd(x, w, bias, ctx.n_out, "none", ctx.backend)
+        g = g * activations.grad(ctx.activation, pre)
+    x, w = x.conj(), w.conj()
     k, q, p = w.shape
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dx = _blockdiag_fwd(g, w.transpose(1, 2), None, x.shape[-1], ctx.backend)
+        dx = _blockdiag_fwd(g, w.transpose(1, 2), None, x.shape[-1], "none", ctx.backend)
     if ctx.needs_input_grad[1]:
         dw = _blockdiag_wgrad(x, g, k, q, p, ctx.backend)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = _flat(g).sum(0)
-    return dx, dw, db, None, None
+    return dx, dw, db, None, None, None
 
 
 _blockdiag_fwd.register_autograd(_backward_blockdiag_fwd, setup_context=_setup_blockdiag_fwd)
@@ -151,9 +157,9 @@ def _backward_blockdiag_wgrad(ctx, h):
     x, g = _saved(ctx)
     dx = dg = None
     if ctx.needs_input_grad[0]:
-        dx = _blockdiag_fwd(g, h.transpose(1, 2), None, x.shape[-1], ctx.backend)
+        dx = _blockdiag_fwd(g, h.transpose(1, 2), None, x.shape[-1], "none", ctx.backend)
     if ctx.needs_input_grad[1]:
-        dg = _blockdiag_fwd(x, h, None, g.shape[-1], ctx.backend)
+        dg = _blockdiag_fwd(x, h, None, g.shape[-1], "none", ctx.backend)
     return dx, dg, None, None, None, None
 
 
@@ -161,13 +167,17 @@ _blockdiag_wgrad.register_autograd(_backward_blockdiag_wgrad, setup_context=_set
 
 
 def _setup_monarch_fwd(ctx, inputs, output):
-    x, w1, w2, bias, n_out, backend = inputs
-    ctx.save_for_backward(x, w1, w2)  # the stage-1 intermediate is recomputed in backward, never saved
-    ctx.backend, ctx.has_bias = backend, bias is not None
+    x, w1, w2, bias, n_out, activation, backend = inputs
+    ctx.save_for_backward(x, w1, w2, bias)  # the stage-1 intermediate is recomputed in backward, never saved
+    ctx.backend, ctx.has_bias, ctx.n_out, ctx.activation = backend, bias is not None, n_out, activation
 
 
 def _backward_monarch_fwd(ctx, g):
-    x, w1, w2 = _saved(ctx)
+    x, w1, w2, bias = ctx.saved_tensors
+    if ctx.activation != "none":  # recompute the pre-activation instead of saving it
+        pre = _monarch_fwd(x, w1, w2, bias, ctx.n_out, "none", ctx.backend)
+        g = g * activations.grad(ctx.activation, pre)
+    x, w1, w2 = x.conj(), w1.conj(), w2.conj()
     dx = dw1 = dw2 = db = None
     if ctx.needs_input_grad[0]:
         dx = _monarch_bwd_input(g, w1, w2, x.shape[-1], ctx.backend)
@@ -175,7 +185,7 @@ def _backward_monarch_fwd(ctx, g):
         dw1, dw2 = _monarch_bwd_weight(x, g, w1, w2, ctx.backend)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = _flat(g).sum(0)
-    return dx, dw1, dw2, db, None, None
+    return dx, dw1, dw2, db, None, None, None
 
 
 _monarch_fwd.register_autograd(_backward_monarch_fwd, setup_context=_setup_monarch_fwd)
@@ -192,7 +202,7 @@ def _backward_monarch_bwd_input(ctx, h):
     g, w1, w2 = _saved(ctx)
     dg = dw1 = dw2 = None
     if ctx.needs_input_grad[0]:
-        dg = _monarch_fwd(h, w1, w2, None, g.shape[-1], ctx.backend)
+        dg = _monarch_fwd(h, w1, w2, None, g.shape[-1], "none", ctx.backend)
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
         dw1, dw2 = _monarch_bwd_weight(h, g, w1, w2, ctx.backend)
     return dg, dw1, dw2, None, None
@@ -220,7 +230,7 @@ def _backward_monarch_bwd_weight(ctx, h1, h2):
     if ctx.needs_input_grad[0] and pairs:
         dx = sum(_monarch_bwd_input(g, a, c, n_in, b) for a, c in pairs)
     if ctx.needs_input_grad[1] and pairs:
-        dg = sum(_monarch_fwd(x, a, c, None, n_out, b) for a, c in pairs)
+        dg = sum(_monarch_fwd(x, a, c, None, n_out, "none", b) for a, c in pairs)
     if ctx.needs_input_grad[2] and h2 is not None:
         dw1 = _monarch_bwd_weight(x, g, w1, h2, b)[0]
     if ctx.needs_input_grad[3] and h1 is not None:
@@ -236,6 +246,13 @@ _monarch_bwd_weight.register_autograd(_backward_monarch_bwd_weight, setup_contex
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_activation(fn: str, activation: Optional[str], x: Tensor) -> str:
+    act = activations.canonical(activation, fn)
+    if act != "none" and x.is_complex():
+        raise TypeError(f"{fn}: activation {act!r} needs real tensors, got {x.dtype}")
+    return act
+
+
 def _tokens(x: Tensor) -> int:
     return x.numel() // max(x.shape[-1], 1)
 
@@ -246,13 +263,15 @@ def blockdiag_linear(
     bias: Optional[Tensor] = None,
     *,
     out_features: Optional[int] = None,
+    activation: Optional[str] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """Block-diagonal linear map ``y = BD(w) x (+ bias)`` over the last dim of ``x``.
+    """Block-diagonal linear map ``y = act(BD(w) x + bias)`` over the last dim of ``x``.
 
     ``x (..., n_in)`` with ``k·p - p < n_in ≤ k·p`` (a short input is treated as zero-padded, without a
     copy on kernel backends); ``w (k, q, p)``; output ``(..., out_features)`` with
-    ``out_features ∈ (k·q - q, k·q]`` (default ``k·q``; the tail is dropped); ``bias (out_features,)``.
+    ``out_features ∈ (k·q - q, k·q]`` (default ``k·q``; the tail is dropped); ``bias (out_features,)``;
+    ``activation`` one of ``None, "relu", "gelu", "gelu_tanh"`` (fused into the kernels' epilogue).
     """
     fn = "blockdiag_linear"
     check_tensor("x", x, fn)
@@ -262,8 +281,9 @@ def blockdiag_linear(
     n_out = check_out_features(fn, out_features, k * q, q)
     check_same(fn, x, w=w)
     check_bias(fn, bias, x, n_out)
+    act = _check_activation(fn, activation, x)
     name = backends.resolve("blockdiag", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, p), backend)
-    return _blockdiag_fwd(x, w, bias, n_out, name)
+    return _blockdiag_fwd(x, w, bias, n_out, act, name)
 
 
 def blockdiag_matmul(x: Tensor, w: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -286,13 +306,16 @@ def monarch_linear(
     bias: Optional[Tensor] = None,
     *,
     out_features: Optional[int] = None,
+    activation: Optional[str] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """Monarch linear map ``o = P2 · BD(w2) · P1 · BD(w1) · x (+ bias)``, the functional ``MonarchLinear``.
+    """Monarch linear map ``o = act(P2 · BD(w2) · P1 · BD(w1) · x + bias)``, the functional ``MonarchLinear``.
 
     ``x (..., n_in)`` with ``k·p - p < n_in ≤ k·p`` (short inputs act as zero-padded);
     ``w1 (k, q, p)``, ``w2 (l, s, r)`` with ``l·r = k·q``; output ``(..., out_features)`` with
-    ``out_features ∈ (l·s - s, l·s]`` (default ``l·s``); ``bias (out_features,)`` or ``None``.
+    ``out_features ∈ (l·s - s, l·s]`` (default ``l·s``); ``bias (out_features,)`` or ``None``;
+    ``activation`` one of ``None, "relu", "gelu", "gelu_tanh"`` (fused into the kernels' epilogue; the
+    backward recomputes the pre-activation instead of saving it).
     """
     fn = "monarch_linear"
     check_tensor("x", x, fn)
@@ -301,9 +324,10 @@ def monarch_linear(
     n_out = check_out_features(fn, out_features, sh.n_out, sh.s)
     check_same(fn, x, w1=w1)
     check_bias(fn, bias, x, n_out)
+    act = _check_activation(fn, activation, x)
     block = max(sh.p, sh.q, sh.r, sh.s)
     name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, block), backend)
-    return _monarch_fwd(x, w1, w2, bias, n_out, name)
+    return _monarch_fwd(x, w1, w2, bias, n_out, act, name)
 
 
 def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -> Tensor:

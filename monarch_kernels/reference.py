@@ -7,13 +7,13 @@ formulation: strided views feed ``torch.bmm`` directly; the two permutations are
 
 Shapes (``T`` tokens):
 
-* ``blockdiag_fwd(x (T, n_in), w (k, q, p), bias (n_out,) | None, n_out) -> (T, n_out)`` with
-  ``y[t, kk·q + qq] = Σ_pp w[kk, qq, pp] · x[t, kk·p + pp]``; ``n_in ≤ k·p`` (missing inputs are zero),
-  ``n_out ≤ k·q`` (output truncated).
+* ``blockdiag_fwd(x (T, n_in), w (k, q, p), bias (n_out,) | None, n_out, activation) -> (T, n_out)`` with
+  ``y[t, kk·q + qq] = act(Σ_pp w[kk, qq, pp] · x[t, kk·p + pp] + bias)``; ``n_in ≤ k·p`` (missing inputs are
+  zero), ``n_out ≤ k·q`` (output truncated).
 * ``blockdiag_wgrad(x (T, n_in), g (T, n_out), k, q, p) -> (k, q, p)``:
   ``dw[kk, qq, pp] = Σ_t g[t, kk·q + qq] · x[t, kk·p + pp]``.
-* ``monarch_fwd(x (T, n_in), w1 (k, q, p), w2 (l, s, r), bias, n_out) -> (T, n_out)``:
-  ``out = P2 · BD(w2) · P1 · BD(w1) · x`` (+ bias), where ``P1`` views the ``k·q`` stage-1 outputs as
+* ``monarch_fwd(x (T, n_in), w1 (k, q, p), w2 (l, s, r), bias, n_out, activation) -> (T, n_out)``:
+  ``out = act(P2 · BD(w2) · P1 · BD(w1) · x + bias)``, where ``P1`` views the ``k·q`` stage-1 outputs as
   ``(r, l)`` and transposes, and ``P2`` views the ``l·s`` stage-2 outputs as ``(l, s)`` and transposes.
 * ``monarch_bwd_input(g (T, n_out), w1, w2, n_in) -> (T, n_in)``: ``Mᵀ g``.
 * ``monarch_bwd_weight(x (T, n_in), g (T, n_out), w1, w2) -> (dw1, dw2)``: gradients of ``⟨g, M x⟩``;
@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import activations
 from .shapes import MonarchShape
 
 
@@ -58,11 +59,15 @@ def _out_grad_blocks(g: torch.Tensor, l: int, s: int) -> torch.Tensor:
     return _pad_last(g, l * s).view(g.shape[0], s, l).permute(2, 0, 1)
 
 
-def blockdiag_fwd(x, w, bias, n_out: int):
+def _epilogue(out, bias, activation: str):
+    out = out + bias if bias is not None else out.contiguous()
+    return activations.apply(activation, out)
+
+
+def blockdiag_fwd(x, w, bias, n_out: int, activation: str = "none"):
     k, q, p = w.shape
     y = torch.bmm(_blocks_in(x, k, p), w.transpose(1, 2))  # (k, T, q)
-    out = y.transpose(0, 1).reshape(x.shape[0], k * q)[:, :n_out]
-    return out + bias if bias is not None else out.contiguous()
+    return _epilogue(y.transpose(0, 1).reshape(x.shape[0], k * q)[:, :n_out], bias, activation)
 
 
 def blockdiag_wgrad(x, g, k: int, q: int, p: int):
@@ -70,12 +75,12 @@ def blockdiag_wgrad(x, g, k: int, q: int, p: int):
     return torch.bmm(gk.transpose(1, 2), _blocks_in(x, k, p))
 
 
-def monarch_fwd(x, w1, w2, bias, n_out: int):
+def monarch_fwd(x, w1, w2, bias, n_out: int, activation: str = "none"):
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     z = _to_stage2(_stage1(x, w1), sh.l, sh.r)
     o = torch.bmm(z, w2.transpose(1, 2))  # (l, T, s)
     out = o.permute(1, 2, 0).reshape(x.shape[0], sh.n_out)[:, :n_out]  # out[t, ss·l + ll]
-    return out + bias if bias is not None else out.contiguous()
+    return _epilogue(out, bias, activation)
 
 
 def monarch_bwd_input(g, w1, w2, n_in: int):

@@ -4,6 +4,11 @@ import sys
 import pytest
 import torch
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter; the variable must be set before any
+# kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # the tests import the in-tree packages (also when not installed)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

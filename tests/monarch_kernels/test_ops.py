@@ -182,10 +182,10 @@ def test_opcheck_custom_ops():
     w2 = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
     g = torch.randn(3, 24, dtype=torch.float64, requires_grad=True)
     ops = torch.ops.monarch_kernels
-    torch.library.opcheck(ops.monarch_fwd, (x, w1, w2, None, 24, "torch"))
+    torch.library.opcheck(ops.monarch_fwd, (x, w1, w2, None, 24, "gelu", "torch"))
     torch.library.opcheck(ops.monarch_bwd_input, (g, w1, w2, 30, "torch"))
     torch.library.opcheck(ops.monarch_bwd_weight, (x, g, w1, w2, "torch"))
-    torch.library.opcheck(ops.blockdiag_fwd, (x, w1, None, 20, "torch"))
+    torch.library.opcheck(ops.blockdiag_fwd, (x, w1, None, 20, "relu", "torch"))
     torch.library.opcheck(ops.blockdiag_wgrad, (x, g[:, :20], 4, 5, 8, "torch"))
 
 

@@ -1,0 +1,55 @@
+"""Registration of the built-in backends (imported once by the package).
+
+========  ==========================  ===============================================================
+name      devices / dtypes            implementation
+========  ==========================  ===============================================================
+torch     any / any                   :mod:`monarch_kernels.reference` (bmm + permutes), the oracle
+triton    CUDA / fp16, bf16, fp32     :mod:`monarch_kernels.triton` (CPU too under TRITON_INTERPRET=1)
+========  ==========================  ===============================================================
+
+``auto`` tries backends by descending priority and takes the first that is available, supports the
+tensors and prefers the call's shape.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+from .backends import Backend, register_backend
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load_triton():
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"triton is not installed ({exc})") from exc
+    if not (torch.cuda.is_available() or _interpreting()):
+        raise RuntimeError("no CUDA device; set TRITON_INTERPRET=1 before importing to run the kernels on CPU")
+    from . import triton as module
+
+    return module
+
+
+def _triton_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    on_device = device.type == "cuda" or (device.type == "cpu" and _interpreting())
+    return on_device and dtype in _TRITON_DTYPES
+
+
+register_backend(Backend(
+    name="torch", load=lambda: reference, supports=lambda device, dtype: True, priority=0,
+    description="pure PyTorch reference (two bmm + permutes); every device and dtype, float64 oracle",
+))
+register_backend(Backend(
+    name="triton", load=_load_triton, supports=_triton_supports, priority=20,
+    # the interpreter is for testing: auto never picks it on CPU
+    prefer=lambda op, device, dtype, dims: device.type == "cuda",
+    description="Triton kernels: fused Monarch forward/dX/dW, permutations folded into loads and stores",
+))
