@@ -216,6 +216,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, default=2, help="hidden layers (Monarch except the dense input layer)")
     p.add_argument("--nblocks", type=int, default=4)
     p.add_argument("--hessian-iters", type=int, default=30, help="power-iteration HVPs for lambda_max")
+    p.add_argument("--hutchinson-samples", type=int, default=16, help="Rademacher probes for tr(H)")
 
 
 def _methods(args) -> dict:
@@ -224,7 +225,7 @@ def _methods(args) -> dict:
 
 
 def _train_one(method_cfg, split, y_noisy, args, seed, ctx: RunContext, desc: str) -> dict:
-    from .hessian import gradient_norm, top_eigenvalue
+    from .hessian import gradient_norm, hutchinson_trace, top_eigenvalue
     from .models import MLP
     from .train import classification_metrics, predict_logits, train_classifier
 
@@ -267,11 +268,14 @@ def _train_one(method_cfg, split, y_noisy, args, seed, ctx: RunContext, desc: st
     params = [p for p in model.parameters() if p.requires_grad]
     lam, _ = top_eigenvalue(loss_fn, params, iters=args.hessian_iters, tol=1e-4,
                             generator=torch.Generator().manual_seed(seed))
+    trace, _ = hutchinson_trace(loss_fn, params, samples=args.hutchinson_samples,
+                                generator=torch.Generator().manual_seed(seed + 1))
     return {
         "test_accuracy": test["accuracy"], "test_nll": test["nll"],
         "train_acc_noisy_labels": float((train_logits.argmax(-1) == y_noisy).float().mean()),
         "train_acc_clean_labels": float((train_logits.argmax(-1) == split.y_train).float().mean()),
         "train_loss": float(loss_fn()), "grad_norm": gradient_norm(loss_fn, params), "hessian_lambda_max": lam,
+        "hessian_trace": trace,
         "ms_per_step": step_ms, "curve": curve,
     }
 
@@ -280,7 +284,7 @@ def run(args: argparse.Namespace, ctx: RunContext) -> dict:
     from .data import load_image_dataset
 
     if args.quick:
-        args.epochs, args.seeds, args.hessian_iters, args.hidden = 6, 1, 8, 64
+        args.epochs, args.seeds, args.hessian_iters, args.hutchinson_samples, args.hidden = 6, 1, 8, 4, 64
     methods = _methods(args)
     per_seed = {name: [] for name in methods}
     for i in range(args.seeds):
@@ -293,10 +297,11 @@ def run(args: argparse.Namespace, ctx: RunContext) -> dict:
             per_seed[name].append(res)
             ctx.log(f"[gnp] seed {seed} {name:4s} test acc {res['test_accuracy']:.4f} "
                     f"|grad| {res['grad_norm']:.3g} lambda_max {res['hessian_lambda_max']:.3g} "
+                    f"tr(H) {res['hessian_trace']:.3g} "
                     f"{res['ms_per_step']:.1f} ms/step")
 
     keys = ["test_accuracy", "test_nll", "train_acc_noisy_labels", "train_acc_clean_labels", "train_loss",
-            "grad_norm", "hessian_lambda_max", "ms_per_step"]
+            "grad_norm", "hessian_lambda_max", "hessian_trace", "ms_per_step"]
     summary = {}
     for name, runs in per_seed.items():
         for k in keys:

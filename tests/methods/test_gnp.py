@@ -182,6 +182,7 @@ def test_quick_run(tmp_path):
         assert 0.0 <= saved[f"{name}_test_accuracy_mean"] <= 1.0
         assert math.isfinite(saved[f"{name}_grad_norm_mean"]) and saved[f"{name}_grad_norm_mean"] > 0
         assert math.isfinite(saved[f"{name}_hessian_lambda_max_mean"])
+        assert math.isfinite(saved[f"{name}_hessian_trace_mean"])
     assert saved["gnp_minus_sgd_test_accuracy"] == pytest.approx(
         m["gnp_test_accuracy_mean"] - m["sgd_test_accuracy_mean"])
     assert (tmp_path / "gnp.png").exists()
