@@ -279,3 +279,30 @@ def test_linear_bad_input():
         mk.blockdiag_matmul(x, w1)
     with pytest.raises(TypeError, match="bias has dtype"):
         mk.blockdiag_linear(torch.randn(2, 8), w1, torch.randn(8).double())
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
+def test_fused_activation_matches_torch_and_is_twice_differentiable(act):
+    import torch.nn.functional as F
+
+    x = torch.randn(3, 30, dtype=torch.float64, requires_grad=True)
+    w1 = torch.randn(4, 5, 8, dtype=torch.float64, requires_grad=True)
+    w2 = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(22, dtype=torch.float64, requires_grad=True)
+    pre = mk.monarch_linear(x, w1, w2, b, out_features=22)
+    expect = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}[act](pre)
+    assert rel_err(mk.monarch_linear(x, w1, w2, b, out_features=22, activation=act), expect) < 1e-12
+    f = lambda x, w1, w2, b: mk.monarch_linear(x, w1, w2, b, out_features=22, activation=act)
+    assert gradcheck(f, (x, w1, w2, b))
+    if act != "relu":  # relu's second derivative is zero almost everywhere but finite differences see the kinks
+        assert gradgradcheck(f, (x, w1, w2, b))
+    fb = lambda x, w: mk.blockdiag_linear(x, w, activation=act)
+    assert gradcheck(fb, (x, torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)))
+
+
+def test_activation_bad_input():
+    x, w = torch.randn(2, 8), torch.randn(2, 4, 4)
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        mk.monarch_linear(x, w, w, activation="swish")
+    with pytest.raises(TypeError, match="needs real tensors"):
+        mk.blockdiag_linear(x.to(torch.complex64), w.to(torch.complex64), activation="relu")

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The prepared GPU check (one call on a lent H100/H200, < 6 minutes): build the extension against the
+# machine's torch, then check every backend against float64 and time them (bench/gpu_check.py).
+# Usage on the device machine, from the repository root:  bash bench/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT_DIR="${OUT:-bench/out/gpu}"
+mkdir -p "$OUT_DIR"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv || true
+start=$(date +%s)
+# editable build with the machine's CUDA torch (no network, no build isolation)
+python3 -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT_DIR/build.log" 2>&1 \
+  && echo "extension build ok ($(( $(date +%s) - start )) s)" \
+  || { echo "extension build FAILED ($(( $(date +%s) - start )) s); tail of build.log:"; tail -30 "$OUT_DIR/build.log"; }
+python3 -m bench.gpu_check --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
+exit "${PIPESTATUS[0]}"
