@@ -1,0 +1,214 @@
+"""Self-conditioning: AP, max-over-tokens responses, forcing, and the three layer kinds."""
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from layers import MonarchLinear
+from methods import selfcond as sc
+from methods.models import tiny_gpt2
+
+
+class TinyLinearLM(nn.Module):
+    """Position-wise (hence causal) LM built from nn.Linear: one-hot embedding -> fc -> ReLU -> head."""
+
+    def __init__(self, vocab=8, hidden=6, layer=nn.Linear):
+        super().__init__()
+        self.vocab = vocab
+        self.fc = layer(vocab, hidden)
+        self.head = layer(hidden, vocab)
+
+    def forward(self, ids):
+        x = nn.functional.one_hot(ids, self.vocab).to(self.fc.bias.dtype)
+        return self.head(torch.relu(self.fc(x)))
+
+
+def _gpt2(mlp):
+    return tiny_gpt2(11, n_layer=2, n_embd=16, n_head=2, n_positions=32, mlp=mlp, seed=0).double().eval()
+
+
+def _sentences(n, vocab, gen, lo=2, hi=9):
+    return [torch.randint(0, vocab, (int(torch.randint(lo, hi, (1,), generator=gen)),), generator=gen)
+            for _ in range(n)]
+
+
+def test_average_precision_hand_case_and_sklearn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    labels = torch.tensor([1, 0, 1, 0])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.1])
+    # thresholds: rank 1 (P=1, R=1/2), rank 3 (P=2/3, R=1)  ->  1/2·1 + 1/2·2/3
+    assert float(sc.average_precision(scores, labels)) == pytest.approx(0.5 + 1 / 3, abs=1e-12)
+    # ties form one threshold: all tied -> AP = base rate
+    assert float(sc.average_precision(torch.ones(4), labels)) == pytest.approx(0.5, abs=1e-12)
+    tied = torch.tensor([0.5, 0.5, 0.9, 0.1])  # rank1: neg (P=0), ranks 2-3 {pos,neg} -> P=1/3 at R=1/2 ...
+    expected = sklearn_metrics.average_precision_score(labels.numpy(), tied.numpy())
+    assert float(sc.average_precision(tied, labels)) == pytest.approx(expected, abs=1e-12)
+    # many columns with heavy ties against sklearn
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.rand(40, generator=gen) < 0.3).long()
+    y[0] = 1
+    s = torch.randint(0, 5, (40, 7), generator=gen).double()
+    ours = sc.average_precision(s, y)
+    for m in range(7):
+        assert float(ours[m]) == pytest.approx(sklearn_metrics.average_precision_score(y.numpy(), s[:, m].numpy()),
+                                               abs=1e-12)
+    with pytest.raises(ValueError, match="labels"):
+        sc.average_precision(s, torch.zeros(40, dtype=torch.long))
+
+
+def test_responses_are_max_over_tokens_of_a_manual_forward():
+    torch.manual_seed(0)
+    model = TinyLinearLM().double()
+    gen = torch.Generator().manual_seed(1)
+    sents = _sentences(9, 8, gen)
+    layers = sc.unit_layers(model, exclude=())
+    assert list(layers) == ["fc", "head"]
+    z = sc.collect_responses(model, sents, layers, batch_size=4)
+    assert z.shape == (9, 6 + 8)
+    for i, s in enumerate(sents):
+        x = nn.functional.one_hot(s, 8).double()
+        fc = x @ model.fc.weight.T + model.fc.bias
+        head = torch.relu(fc) @ model.head.weight.T + model.head.bias
+        torch.testing.assert_close(z[i], torch.cat([fc.amax(0), head.amax(0)]).float())
+
+
+def test_responses_of_padded_batches_equal_single_sentence_forwards_gpt2():
+    model = _gpt2("monarch")
+    layers = sc.unit_layers(model)
+    assert "lm_head" not in layers and len(layers) == 8  # 4 per block
+    sents = _sentences(5, 11, torch.Generator().manual_seed(2), lo=1, hi=12)
+    batched = sc.collect_responses(model, sents, layers, batch_size=5, pad_id=3)
+    for i, s in enumerate(sents):
+        single = sc.collect_responses(model, [s], layers)
+        torch.testing.assert_close(batched[i], single[0], rtol=1e-5, atol=1e-6)
+    # with the pads inside the max the responses differ for the short sentences (official behaviour)
+    padded = sc.collect_responses(model, sents, layers, batch_size=5, pad_id=3, include_padding=True)
+    assert (padded >= batched - 1e-6).all() and not torch.allclose(padded, batched)
+
+
+def test_expertise_finds_a_planted_detector_unit():
+    model = TinyLinearLM().double()
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+        model.fc.weight[2, 5] = 1.0  # unit fc[2] fires exactly on token 5
+        model.fc.weight[4] = 0.1 * torch.randn(8, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(3)
+    sents = _sentences(30, 5, gen)  # tokens 0..4: no token 5
+    pos = [torch.cat([s, torch.tensor([5])])[torch.randperm(len(s) + 1, generator=gen)] for s in sents[:15]]
+    labels = torch.tensor([1] * 15 + [0] * 15)
+    layers = sc.unit_layers(model, exclude=())
+    exp = sc.compute_expertise(sc.collect_responses(model, pos + sents[15:], layers), labels, layers)
+    assert exp.locate(exp.ranking()[:1]) == [("fc", 2)]
+    assert float(exp.ap[2]) == pytest.approx(1.0)
+    assert float(exp.on_p50[2]) == pytest.approx(1.0) and float(exp.off_mean[2]) == pytest.approx(0.0)
+    assign = sc.select_units(exp, 1)
+    assert set(assign) == {"fc"} and assign["fc"][0].tolist() == [2] and assign["fc"][1].tolist() == [1.0]
+
+
+@pytest.mark.parametrize("kind", ["linear", "monarch_linear", "conv1d", "gpt2_monarch"])
+def test_forcing_sets_exactly_the_chosen_units_at_every_position(kind):
+    if kind == "linear":
+        model, target = TinyLinearLM(hidden=8).double(), "fc"
+    elif kind == "monarch_linear":
+        torch.manual_seed(0)
+        model, target = TinyLinearLM(vocab=8, hidden=8, layer=lambda a, b: MonarchLinear(a, b, nblocks=2)).double(), "fc"
+    elif kind == "conv1d":
+        model, target = _gpt2("dense"), "transformer.h.0.attn.c_attn"
+    else:
+        model, target = _gpt2("monarch"), "transformer.h.0.mlp.c_fc"
+    layers = sc.unit_layers(model, exclude=())
+    assert target in layers
+    expected_type = {"linear": nn.Linear, "monarch_linear": MonarchLinear, "gpt2_monarch": MonarchLinear}.get(kind)
+    if expected_type is not None:
+        assert isinstance(layers[target], expected_type)
+    else:
+        assert type(layers[target]).__name__ == "Conv1D"
+    vocab = 8 if kind in ("linear", "monarch_linear") else 11
+    ids = torch.randint(0, vocab, (3, 7), generator=torch.Generator().manual_seed(4))
+    seen = {}
+    hook = layers[target].register_forward_hook(lambda m, i, o: seen.__setitem__("y", o.detach().clone()))
+    base_logits = sc._logits(model(ids)).detach()
+    base = seen["y"]
+    idx, vals = torch.tensor([1, 4, 6]), torch.tensor([2.5, -1.0, 7.0])
+    hook.remove()
+    with sc.force_units(model, {target: (idx, vals)}):
+        hook = layers[target].register_forward_hook(lambda m, i, o: seen.__setitem__("y", o.detach().clone()))
+        forced_logits = sc._logits(model(ids)).detach()
+        hook.remove()
+    y = seen["y"]
+    assert torch.equal(y[..., idx], vals.to(y.dtype).expand(3, 7, 3))  # every position
+    others = torch.ones(y.shape[-1], dtype=torch.bool)
+    others[idx] = False
+    torch.testing.assert_close(y[..., others], base[..., others], rtol=0, atol=0)  # nothing else in the layer
+    assert not torch.allclose(forced_logits, base_logits)
+    # hooks are gone after the context and k = 0 changes nothing
+    torch.testing.assert_close(sc._logits(model(ids)).detach(), base_logits, rtol=0, atol=0)
+    with sc.force_units(model, {}):
+        torch.testing.assert_close(sc._logits(model(ids)).detach(), base_logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mlp", ["dense", "monarch"])
+def test_pipeline_on_hf_gpt2_with_conv1d_and_monarch(mlp):
+    model = _gpt2(mlp)
+    layers = sc.unit_layers(model)
+    kinds = {type(m).__name__ for m in layers.values()}
+    assert kinds == ({"Conv1D"} if mlp == "dense" else {"Conv1D", "MonarchLinear"})
+    gen = torch.Generator().manual_seed(5)
+    sents = _sentences(20, 11, gen)
+    labels = torch.tensor([1, 0] * 10)
+    exp = sc.compute_expertise(sc.collect_responses(model, sents, layers), labels, layers)
+    assert exp.num_units == sum(sc._out_features(m) for m in layers.values())
+    assert ((exp.ap >= 0) & (exp.ap <= 1)).all()
+    top = sc.select_units(exp, 5)
+    assert sum(len(i) for i, _ in top.values()) == 5
+    rnd = sc.select_units(exp, 5, "random", generator=torch.Generator().manual_seed(0))
+    assert sum(len(i) for i, _ in rnd.values()) == 5
+    prompt = torch.zeros(4, 1, dtype=torch.long)
+    g = lambda: torch.Generator().manual_seed(0)
+    base = sc.generate(model, prompt, 6, generator=g())
+    with sc.force_units(model, {}):
+        assert torch.equal(sc.generate(model, prompt, 6, generator=g()), base)  # k = 0: identical samples
+    greedy = sc.generate(model, prompt, 6, top_k=1, generator=g())
+    manual = prompt.clone()
+    for _ in range(6):
+        manual = torch.cat([manual, sc._logits(model(manual))[:, -1:].argmax(-1)], 1)
+    assert torch.equal(greedy, manual)
+    # perplexity of the generated part = exp(mean NLL) by hand
+    with torch.no_grad():
+        logits = sc._logits(model(base)).float()
+    nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, base[:, 1:, None]).mean()
+    assert sc.generated_perplexity(model, base, 1) == pytest.approx(math.exp(float(nll)), rel=1e-5)
+
+
+def test_bad_input():
+    model = TinyLinearLM()
+    with pytest.raises(ValueError, match="no unit layers"):
+        sc.unit_layers(nn.Sequential(nn.ReLU()))
+    with pytest.raises(ValueError, match="not a unit layer"):
+        with sc.force_units(model, {"nope": (torch.tensor([0]), torch.tensor([1.0]))}):
+            pass
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        with sc.force_units(model, {"fc": (torch.tensor([6]), torch.tensor([1.0]))}):
+            pass
+    with pytest.raises(ValueError, match="prompt"):
+        sc.generate(model, torch.zeros(3, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="sentences"):
+        sc.collect_responses(model, [torch.zeros(0, dtype=torch.long)], sc.unit_layers(model))
+
+
+def test_quick_run(tmp_path):
+    from methods.recipe import run_recipe
+
+    m = run_recipe("selfcond", ["--quick", "--threads", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["ks"] == m["ks"] and (tmp_path / "selfcond.png").exists() and (tmp_path / "lm.pt").exists()
+    assert math.isfinite(saved["lm_train_loss"]) and math.isfinite(saved["lm_val_loss"])
+    for mode in ("expert", "random"):
+        assert [r["k"] for r in saved[mode]] == saved["ks"]
+        for r in saved[mode]:
+            assert 0.0 <= r["presence"] <= 1.0 and math.isfinite(r["perplexity"]) and r["perplexity"] > 1
+    assert saved["expert"][0]["presence"] == saved["random"][0]["presence"]  # k = 0 is the same unforced model
+    assert 0.5 <= saved["ap_max"] <= 1.0 and isinstance(saved["effect_appears"], bool)
