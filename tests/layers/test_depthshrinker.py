@@ -1,0 +1,247 @@
+"""DepthShrinker layers: exact block merge (incl. borders), zero-padding converter, chained kernels, search gate."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layers import MonarchLinear
+from layers.depthshrinker import (
+    BiasMapConv2d,
+    PointwiseConv,
+    ShrinkableInvertedResidual,
+    ShrinkGate,
+    compose_convs,
+    count_layers,
+    depthshrink,
+    merge_zero_padded,
+    set_removed,
+    set_search,
+    shrink_blocks,
+    topk_keep,
+    update_search_flags,
+)
+
+
+def randomize_bn(module: nn.Module, gen: torch.Generator) -> None:
+    """Random running stats and affine parameters so that BN folding is actually exercised."""
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                n = bn.num_features
+                bn.running_mean.copy_(torch.rand(n, generator=gen) * 2 - 1)
+                bn.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                bn.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                bn.bias.copy_(torch.rand(n, generator=gen) * 2 - 1)
+
+
+def make_block(cin, cout, s, k, t, pw, padding="pad_first", dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    b = ShrinkableInvertedResidual(cin, cout, s, t, k, pointwise=pw, padding=padding).to(dtype)
+    randomize_bn(b, torch.Generator().manual_seed(seed))
+    b.eval()
+    b.gate.mode = "remove"
+    return b
+
+
+CASES = [  # (cin, cout, stride, k, expand, pointwise): residual iff stride 1 and cin == cout
+    (cin, cout, s, k, t, pw)
+    for (cin, cout), s, k, t, pw in itertools.product([(8, 8), (8, 12)], [1, 2], [3, 5], [1, 4], ["dense", "monarch"])
+]
+
+
+@pytest.mark.parametrize("cin,cout,s,k,t,pw", CASES)
+def test_merge_exact_everywhere_fp32(cin, cout, s, k, t, pw):
+    b = make_block(cin, cout, s, k, t, pw)
+    assert b.use_residual == (s == 1 and cin == cout)
+    assert (b.pw1 is None) == (t == 1)
+    x = torch.randn(2, cin, 11, 10)
+    with torch.no_grad():
+        y = b(x)
+        conv = b.merge()
+        z = conv(x)
+    assert isinstance(conv, nn.Conv2d) and conv.groups == 1
+    assert conv.kernel_size == (k, k) and conv.stride == (s, s) and conv.padding == (k // 2, k // 2)
+    assert z.shape == y.shape
+    assert (z - y).abs().max().item() <= 1e-5  # every position, border ring included
+    assert sum(p.numel() for p in conv.parameters()) == b.merged_param_count() == cin * cout * k * k + cout
+
+
+@pytest.mark.parametrize("s,k", [(1, 3), (2, 5)])
+def test_merge_exact_float64_and_border_ring(s, k):
+    b = make_block(8, 8 if s == 1 else 12, s, k, 3, "monarch", dtype=torch.float64)
+    x = torch.randn(3, 8, 9, 12, dtype=torch.float64)
+    with torch.no_grad():
+        err = (b.merge()(x) - b(x)).abs()
+    assert err.max().item() < 1e-12
+    ring = err.clone()
+    ring[..., 1:-1, 1:-1] = 0
+    assert ring.max().item() < 1e-12
+
+
+@pytest.mark.parametrize("s,k", [(1, 3), (1, 5), (2, 3)])
+def test_zero_padding_pitfall_and_bias_map_converter(s, k):
+    """A zero-padded block differs from the plain merge on the border ring only; the bias map makes it exact."""
+    zb = make_block(8, 8 if s == 1 else 12, s, k, 4, "dense", padding="zeros", dtype=torch.float64)
+    pf = make_block(8, 8 if s == 1 else 12, s, k, 4, "dense", padding="pad_first", dtype=torch.float64)
+    pf.load_state_dict(zb.state_dict())  # same weights, pad-first semantics
+    with pytest.raises(ValueError, match="merge_zero_padded"):
+        zb.merge()
+    plain = pf.merge()  # the naive merge ignores where the padding sits
+    H, W = 13, 10
+    x = torch.randn(2, 8, H, W, dtype=torch.float64)
+    with torch.no_grad():
+        y = zb(x)
+        err = (plain(x) - y).abs()
+        conv = merge_zero_padded(zb, (H, W))
+        z = conv(x)
+    border = max(1, (k // 2 + s - 1) // s)  # outputs whose DW window touches the padding
+    assert err[..., border:-border, border:-border].max().item() < 1e-12  # interior agrees
+    assert err.max().item() > 1e-3  # the border ring does not
+    assert isinstance(conv, BiasMapConv2d) and conv.bias_map.shape == y.shape[1:]
+    assert (z - y).abs().max().item() < 1e-12  # converter: exact everywhere for its input size
+    with pytest.raises(ValueError, match="13, 10"):
+        conv(torch.randn(1, 8, 12, 10, dtype=torch.float64))
+
+
+def test_zero_padding_converter_fp32_monarch():
+    b = make_block(8, 12, 2, 5, 4, "monarch", padding="zeros")
+    x = torch.randn(2, 8, 14, 14)
+    with torch.no_grad():
+        assert (merge_zero_padded(b, (14, 14))(x) - b(x)).abs().max().item() <= 1e-5
+
+
+def test_pointwise_monarch_is_channel_linear():
+    pw = PointwiseConv(8, 12, "monarch", nblocks=4, bias=True)
+    assert isinstance(pw.linear, MonarchLinear)
+    x = torch.randn(2, 8, 5, 6)
+    ref = F.conv2d(x, pw.weight_matrix()[:, :, None, None], pw.bias)
+    assert torch.allclose(pw(x), ref, atol=1e-6)
+
+
+def test_chained_merge_kernel_size_and_values():
+    """3×3 then 5×5 (stride 1) → 7×7; stride 2 first: d = d1 + s1 (d2 − 1) = 11, stride 2, padding p1 + s1 p2."""
+    torch.manual_seed(0)
+    b1 = make_block(8, 8, 1, 3, 4, "dense", dtype=torch.float64, seed=1)
+    b2 = make_block(8, 12, 1, 5, 4, "monarch", dtype=torch.float64, seed=2)
+    c = compose_convs(b1.merge(), b2.merge())
+    assert c.kernel_size == (7, 7) and c.stride == (1, 1) and c.padding == (3, 3)
+    x = torch.randn(2, 8, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y, z = b2(b1(x)), c(x)
+        # b2 pads b1's output with zeros; the composed conv extends b1 over the padded input: equal inside
+        assert (y - z)[..., 2:-2, 2:-2].abs().max().item() < 1e-12
+        assert (y - z).abs().max().item() > 1e-6
+        # with all padding on the chain input the composition is exact everywhere
+        m1, m2 = b1.merge(), b2.merge()
+        xp = F.pad(x, (3, 3, 3, 3))
+        yv = F.conv2d(F.conv2d(xp, m1.weight, m1.bias), m2.weight, m2.bias)
+        assert (F.conv2d(xp, c.weight, c.bias) - yv).abs().max().item() < 1e-12
+    s2 = compose_convs(nn.Conv2d(3, 4, 3, 2, 1), nn.Conv2d(4, 5, 5, 1, 2))
+    assert s2.kernel_size == (11, 11) and s2.stride == (2, 2) and s2.padding == (5, 5)
+    with pytest.raises(ValueError, match="in_channels"):
+        compose_convs(nn.Conv2d(3, 4, 3), nn.Conv2d(5, 5, 3))
+
+
+def test_gate_straight_through_values_and_score_gradient():
+    g = ShrinkGate()
+    x = torch.linspace(-3, 9, 25)
+    g.mode = "search"
+    with torch.no_grad():
+        g.score.fill_(0.3)
+    for removed in (False, True):
+        g.removed.fill_(removed)
+        g.score.grad = None
+        y = g(x)
+        assert torch.equal(y, x if removed else F.relu6(x))  # hard values
+        y.sum().backward()
+        assert torch.allclose(g.score.grad, (x - F.relu6(x)).sum())  # ∂y/∂s = x − σ(x)
+    with torch.no_grad():
+        g.score.fill_(-0.1)  # outside [0, 1]: the clamp passes no gradient
+    g.score.grad = None
+    g(x).sum().backward()
+    assert g.score.grad.item() == 0
+    g.mode = "keep"
+    assert torch.equal(g(x), F.relu6(x))
+    g.mode = "remove"
+    assert torch.equal(g(x), x) and g.is_linear
+    g.slope = 0.5
+    assert torch.allclose(g(x), F.relu6(x) + 0.5 * (x - F.relu6(x))) and not g.is_linear
+    with pytest.raises(ValueError, match="mode"):
+        g.mode = "off"
+
+
+def test_gate_mode_survives_state_dict():
+    a, b = ShrinkGate(), ShrinkGate()
+    a.mode = "remove"
+    b.load_state_dict(a.state_dict())
+    assert b.mode == "remove"
+
+
+def test_topk_keep_smallest_scores():
+    removed = topk_keep(torch.tensor([0.9, 0.1, 0.5, 0.0, 0.7]), 0.4)  # keep ⌊0.4·5⌋ = 2 smallest
+    assert removed.tolist() == [True, False, True, False, True]
+    assert topk_keep(torch.zeros(4), 0.5).tolist() == [False, False, True, True]
+    with pytest.raises(ValueError, match="keep_ratio"):
+        topk_keep(torch.zeros(3), 1.5)
+
+
+class TinyNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.blocks = nn.Sequential(
+            ShrinkableInvertedResidual(8, 8, 1, 1, 3, final_act=nn.ReLU6()),
+            ShrinkableInvertedResidual(8, 12, 2, 4, 5, pointwise="monarch"),
+            ShrinkableInvertedResidual(12, 12, 1, 4, 3, final_act=nn.ReLU6()),
+        )
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_depthshrink_model_level():
+    net = TinyNet()
+    randomize_bn(net, torch.Generator().manual_seed(0))
+    set_removed(net, [True, False, True])
+    net.eval()
+    x = torch.randn(4, 1, 12, 12)
+    merged = depthshrink(net)
+    assert len(shrink_blocks(net)) == 3 and len(shrink_blocks(merged)) == 1  # input model untouched
+    assert isinstance(merged.blocks[0], nn.Sequential) and isinstance(merged.blocks[0][0], nn.Conv2d)
+    assert isinstance(merged.blocks[1], ShrinkableInvertedResidual)
+    with torch.no_grad():
+        assert (merged(x) - net(x)).abs().max().item() <= 1e-5
+    before, after = count_layers(net), count_layers(merged)
+    # block 0 (DW + PW) and block 2 (PW + DW + PW) become one conv each
+    assert before["conv"] == 1 + 2 + 3 + 3 and after["conv"] == 1 + 1 + 3 + 1
+    assert after["depthwise"] == 1 and after["bn"] == 3
+
+
+def test_search_flags_follow_scores():
+    net = TinyNet()
+    removed = set_search(net, 1 / 3)
+    assert removed.tolist() == [False, True, True]  # ties: earlier kept
+    with torch.no_grad():
+        shrink_blocks(net)[2].gate.score.fill_(-1.0)
+    assert update_search_flags(net, 1 / 3).tolist() == [True, True, False]
+    assert [b.gate.removed.item() for b in shrink_blocks(net)] == [True, True, False]
+
+
+def test_merge_requires_removed_activation_and_bad_input():
+    b = ShrinkableInvertedResidual(4, 4, 1, 2, 3)
+    with pytest.raises(ValueError, match="activation must be removed"):
+        b.merge()
+    with pytest.raises(ValueError, match=r"\(N, 4, H, W\)"):
+        b(torch.randn(1, 5, 6, 6))
+    with pytest.raises(ValueError, match="residual"):
+        ShrinkableInvertedResidual(4, 8, 1, residual=True)
+    with pytest.raises(ValueError, match="kernel_size"):
+        ShrinkableInvertedResidual(4, 4, 1, kernel_size=4)
+    with pytest.raises(ValueError, match="padding"):
+        ShrinkableInvertedResidual(4, 4, 1, padding="reflect")
+    b.gate.mode = "remove"
+    with pytest.raises(ValueError, match="input_size"):
+        merge_zero_padded(b, (5,))
