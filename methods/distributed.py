@@ -57,6 +57,7 @@ class DistEnv:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     backend: Optional[str] = None
+    owns_group: bool = False  # whether init_distributed created the process group (cleanup destroys only then)
 
     @property
     def is_main(self) -> bool:
@@ -72,7 +73,8 @@ def init_distributed(device: str = "cpu", backend: Optional[str] = None) -> Dist
 
     ``device`` is ``"cpu"`` or ``"cuda"``; under ``torchrun`` CUDA ranks use ``cuda:LOCAL_RANK``. The backend
     defaults to NCCL on CUDA and gloo on CPU. Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) no process group
-    is created and a single-process :class:`DistEnv` is returned.
+    is created and a single-process :class:`DistEnv` is returned. An already initialised process group (e.g.
+    set up by a caller that runs several trainings in one launch) is reused and left alone by :func:`cleanup`.
     """
     if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"init_distributed: device must be 'cpu' or 'cuda[:i]', got {device!r}")
@@ -87,15 +89,16 @@ def init_distributed(device: str = "cpu", backend: Optional[str] = None) -> Dist
         dev = torch.device("cpu")
     if world <= 1:
         return DistEnv(0, 1, 0, dev, None)
-    backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, **kwargs)
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local, dev, backend)
+        dist.init_process_group(backend or ("nccl" if dev.type == "cuda" else "gloo"), **kwargs)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local, dev, dist.get_backend(), owns)
 
 
 def cleanup(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+    """Destroy the process group if :func:`init_distributed` created it."""
+    if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

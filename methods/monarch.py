@@ -125,7 +125,8 @@ class ViT(nn.Module):
 def model_cost(model: nn.Module, tokens: int, causal: bool = False) -> dict:
     """Parameters and forward FLOPs of one sample of ``tokens`` tokens (2 FLOPs per multiply-add).
 
-    Linear-like layers: ``nn.Linear`` / GPT-2 ``Conv1D`` cost ``2·in·out`` per token, structured layers their
+    Linear-like layers: ``nn.Linear`` / GPT-2 ``Conv1D`` / the q,k,v projection of ``nn.MultiheadAttention``
+    cost ``2·in·out`` per token, structured layers their
     :meth:`~layers.StructuredLinear.flops_per_token` (``2·(w1.numel()+w2.numel())`` for Monarch). Attention
     scores and the weighted sum add ``2·2·T·d`` per token per ``nn.MultiheadAttention`` / GPT-2 attention
     (halved on average when ``causal``). Biases, norms and activations are not counted.
@@ -140,7 +141,10 @@ def model_cost(model: nn.Module, tokens: int, causal: bool = False) -> dict:
             structured_dense_params += m.in_features * m.out_features
         elif (view := dense_view(m)) is not None:
             linear_flops += 2 * view[0].numel()
-        if isinstance(m, nn.MultiheadAttention):
+        if isinstance(m, nn.MultiheadAttention):  # its q/k/v projection is a parameter, not a submodule
+            qkv = [m.in_proj_weight] if m.in_proj_weight is not None else [m.q_proj_weight, m.k_proj_weight,
+                                                                             m.v_proj_weight]
+            linear_flops += 2 * sum(w.numel() for w in qkv)
             attn_flops += 4 * tokens * m.embed_dim
         elif type(m).__name__ == "GPT2Attention":
             attn_flops += 4 * tokens * m.embed_dim
@@ -382,7 +386,7 @@ def add_arguments(p) -> None:
     p.add_argument("--mode", choices=MODES, default="all", help="which experiment(s) to run")
     p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks per factor")
     p.add_argument("--gpt-steps", type=int, default=None, help="GPT pretraining steps (default 800; quick 30)")
-    p.add_argument("--vit-steps", type=int, default=None, help="ViT training steps (default 800; quick 25)")
+    p.add_argument("--vit-steps", type=int, default=None, help="ViT training steps (default 600; quick 25)")
     p.add_argument("--finetune-steps", type=int, default=None, help="d2s fine-tuning steps (default 200; quick 10)")
     p.add_argument("--switch", type=float, default=0.8, help="reverse: fraction of steps trained Monarch")
     p.add_argument("--eval-every", type=int, default=None, help="validation every N steps")
@@ -396,7 +400,7 @@ def run(args, ctx) -> dict:
     q = args.quick
     size = "tiny" if q else "small"
     gpt_steps = args.gpt_steps or (30 if q else 800)
-    vit_steps = args.vit_steps or (25 if q else 800)
+    vit_steps = args.vit_steps or (25 if q else 600)
     ft_steps = args.finetune_steps or (10 if q else 200)
     ev = args.eval_every or (10 if q else 100)
     nb, seed = args.nblocks, args.seed
