@@ -47,7 +47,7 @@ from torch import nn
 from layers import MonarchLinear, StructuredLinear, dense_view, densify, monarchify
 
 from .data import CharTokenizer, load_digits, load_mnist, shakespeare_plays
-from .distributed import cosine_lr, fit
+from .distributed import DistEnv, cosine_lr, fit
 from .models import tiny_gpt2
 from .recipe import Recipe
 from .train import evaluate_classifier, lm_batches, lm_eval_loss, lm_loss
@@ -165,13 +165,16 @@ def time_train_steps(models: dict, batch: tuple, loss_fn, reps: int = 5) -> dict
     copies = {k: copy.deepcopy(m) for k, m in models.items()}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-6) for k, m in copies.items()}
     times = {k: [] for k in copies}
+    sync = torch.cuda.synchronize if batch[0].is_cuda else (lambda: None)
     for r in range(reps + 1):
         for k, m in copies.items():
+            sync()
             t0 = time.perf_counter()
             loss = loss_fn(m, *batch)
             opts[k].zero_grad(set_to_none=True)
             loss.backward()
             opts[k].step()
+            sync()
             if r:  # first round is warm-up
                 times[k].append(1e3 * (time.perf_counter() - t0))
     return {k: statistics.median(v) for k, v in times.items()}
@@ -342,11 +345,14 @@ def train_run(task, model: nn.Module, steps: int, *, seed: int, lr: Optional[flo
     """Train ``model`` on ``task`` for steps ``start..steps-1`` (AdamW, warm-up + cosine over ``total`` steps);
     returns the :func:`methods.distributed.fit` history plus the model, optimizer and data generator."""
     cfg = task.train_config(lr=lr)
+    device = ctx.device if ctx else torch.device("cpu")
+    model.to(device)
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     gen = gen or torch.Generator().manual_seed(seed + 1)
     sched = cosine_lr(cfg["lr"], total or steps, cfg["warmup"])
     hist = fit(model, opt, lambda g: task.batch(g, cfg["global_batch"]), task.loss, steps=steps, data_generator=gen,
-               start_step=start, lr_schedule=sched, eval_fn=task.evaluate, eval_every=eval_every,
+               env=DistEnv(device=device), start_step=start, lr_schedule=sched, eval_fn=task.evaluate,
+               eval_every=eval_every,
                progress=ctx.progress if ctx else None, desc=desc)
     return {**hist, "model": model, "optimizer": opt, "gen": gen}
 
@@ -438,7 +444,7 @@ def run(args, ctx) -> dict:
     if "sparse" in modes:
         res = {}
         dense, mon = gpt("dense"), gpt_monarch_full()
-        xb, yb = lm.batch(torch.Generator().manual_seed(seed + 7), lm.cfg["batch"])
+        xb, yb = (t.to(ctx.device) for t in lm.batch(torch.Generator().manual_seed(seed + 7), lm.cfg["batch"]))
         timing = time_train_steps({"dense": dense["model"], "monarch": mon["model"]}, (xb, yb), lm.loss,
                                   reps=3 if q else 10)
         res["gpt"] = {k: {**_summary(h, lm.evaluate(h["model"])), **model_cost(h["model"], lm.tokens, causal=True),
@@ -449,7 +455,7 @@ def run(args, ctx) -> dict:
             ctx.log(f"[monarch] ViT {mlp}: {vit_steps} steps")
             vruns[mlp] = train_run(vt, vt.build(mlp, nb, seed=seed), vit_steps, seed=seed, eval_every=ev, ctx=ctx,
                                    desc=f"vit-{mlp}")
-        vx, vy = vt.batch(torch.Generator().manual_seed(seed + 7), vt.cfg["batch"])
+        vx, vy = (t.to(ctx.device) for t in vt.batch(torch.Generator().manual_seed(seed + 7), vt.cfg["batch"]))
         vtiming = time_train_steps({k: h["model"] for k, h in vruns.items()}, (vx, vy), vt.loss, reps=3 if q else 10)
         res["vit"] = {k: {**_summary(h, vt.evaluate(h["model"])), **model_cost(h["model"], vt.tokens),
                           "interleaved_step_ms": vtiming[k],
@@ -494,7 +500,7 @@ def _dense_to_sparse(lm: LMTask, pretrained: nn.Module, steps: int, nb: int, see
     replaced = monarchify(projected, nblocks=nb, include=GPT_MLP, project=True)
     reinit = copy.deepcopy(pretrained)
     monarchify(reinit, nblocks=nb, include=GPT_MLP, project=False)
-    starts = {"projected_monarch": projected, "random_monarch": lm.build("monarch", nb, seed=seed + 100),
+    starts = {"projected_monarch": projected, "random_monarch": lm.build("monarch", nb, seed=seed + 100).to(ctx.device),
               "pretrained_attn_random_monarch_mlp": reinit, "dense_pretrained": copy.deepcopy(pretrained)}
     res = {"replaced_layers": replaced, "finetune_text": FINETUNE_TEXT, "finetune_steps": steps,
            "projection_rel_error": projection_errors(pretrained, projected),
@@ -519,7 +525,7 @@ def _reverse(lm: LMTask, dense: dict, mon_head: dict, mon_full: dict, steps: int
     continue dense with the optimizer state of every unchanged parameter carried over."""
     switch = len(mon_head["losses"])
     model = copy.deepcopy(mon_head["model"])
-    xb, _ = lm.batch(torch.Generator().manual_seed(seed + 5), 4)
+    xb = lm.batch(torch.Generator().manual_seed(seed + 5), 4)[0].to(ctx.device)
     with torch.no_grad():
         model.eval()
         before = model(xb).logits
