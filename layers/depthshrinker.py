@@ -495,13 +495,13 @@ def depthshrink(model: nn.Module, inplace: bool = False) -> nn.Module:
     they are. The result equals the eval-mode input model (see :meth:`ShrinkableInvertedResidual.merge`)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"depthshrink: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, ShrinkableInvertedResidual):
+        raise ValueError("depthshrink: pass the network; call block.merge() to merge a single block")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, ShrinkableInvertedResidual) and m.gate.is_linear]
-    if isinstance(model, ShrinkableInvertedResidual):
-        raise ValueError("depthshrink: pass the network; call block.merge() to merge a single block")
     for name, block in targets:
         conv = block.merge()
         _replace(model, name, conv if block.final_act is None else nn.Sequential(conv, block.final_act))
@@ -510,10 +510,13 @@ def depthshrink(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 def count_layers(model: nn.Module) -> dict:
     """Layer counts: ``conv`` (Conv2d, incl. depthwise, plus channel MonarchLinear/Linear pointwise layers),
-    ``depthwise``, ``linear`` (classifier-style Linear/MonarchLinear outside PointwiseConv), ``bn``, ``act``."""
+    ``depthwise``, ``linear`` (classifier-style Linear/MonarchLinear outside PointwiseConv), ``bn``, ``act``
+    (activation modules in use; a kept gate counts once although it acts at two sites)."""
     counts = {"conv": 0, "depthwise": 0, "linear": 0, "bn": 0, "act": 0}
     pointwise_linear = {id(m.linear) for m in model.modules() if isinstance(m, PointwiseConv) and m.kind == "monarch"}
     gate_acts = {id(m.act) for m in model.modules() if isinstance(m, ShrinkGate)}
+    gate_acts |= {id(m.final_act) for m in model.modules()  # unused final activations of unremoved blocks
+                  if isinstance(m, ShrinkableInvertedResidual) and m.final_act is not None and not m.gate.removes}
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             counts["conv"] += 1
