@@ -90,7 +90,8 @@ class GNP(torch.optim.Optimizer):
     def __init__(self, base_optimizer: torch.optim.Optimizer, r: float = 0.05, alpha: float = 0.8, *,
                  model: Optional[nn.Module] = None, normalize_first_term: bool = False, eps: float = 1e-12):
         if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"base_optimizer must be a torch.optim.Optimizer instance, got {type(base_optimizer).__name__}")
+            raise TypeError("base_optimizer must be a torch.optim.Optimizer instance, "
+                            f"got {type(base_optimizer).__name__}")
         if isinstance(base_optimizer, GNP):
             raise TypeError("base_optimizer must not itself be a GNP wrapper")
         if not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0 or not math.isfinite(r):

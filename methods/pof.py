@@ -227,7 +227,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.05, help="pretraining LR (x0.2 at 50%% and 75%% of the epochs)")
     p.add_argument("--post-lr", type=float, default=None, help="post-training LR (default: the final pretraining LR)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--weak-batch-size", type=int, default=256)
+    p.add_argument("--weak-batch-size", type=int, nargs="+", default=[256, 64],
+                   help="weak-classifier batch size(s); one PoF arm each (256 = official; digits has only ~900 "
+                        "training images, so 256 is ~28%% of the data vs 0.5%% on CIFAR)")
     p.add_argument("--gamma-max", type=float, default=2.0)
     p.add_argument("--num-partition", type=int, default=16)
     p.add_argument("--weight-decay", type=float, default=5e-4)
@@ -285,27 +287,37 @@ def _run_seed(split, y_train, args, seed, ctx: RunContext) -> dict:
                      progress=ctx.progress, desc=f"sgd seed {seed}")
     results["sgd"] = _evaluate(sgd_model, split, y_train, args, seed)
 
-    # (ii) PoF: extractor only, classifier frozen at w*
-    pof_model = copy.deepcopy(model)
-    w_before = [t.detach().clone() for t in pof_model.classifier.parameters()]
-    pof = PoF(pof_model.extractor, pof_model.classifier, _sgd(pof_model.extractor.parameters(), post_lr,
-                                                                 args.weight_decay),
-              gamma_max=args.gamma_max, num_partition=args.num_partition,
-              generator=torch.Generator().manual_seed(seed + 29), official_release=args.official_release)
-    bgen, wgen = torch.Generator().manual_seed(seed + 23), torch.Generator().manual_seed(seed + 31)
+    # (ii) control: extractor-only SGD with the classifier frozen at w* and *unperturbed* (PoF with γ = 0)
+    frozen_model = copy.deepcopy(model)
+    train_classifier(frozen_model, split.x_train, y_train, epochs=args.post_epochs, batch_size=args.batch_size,
+                     optimizer=_sgd(frozen_model.extractor.parameters(), post_lr, args.weight_decay),
+                     generator=torch.Generator().manual_seed(seed + 23), progress=ctx.progress,
+                     desc=f"frozen seed {seed}")
+    results["sgd_frozen_clf"] = _evaluate(frozen_model, split, y_train, args, seed)
+
+    # (iii) PoF: extractor only, classifier frozen at w*; one arm per weak-classifier batch size
     x_tr, y_tr = split.x_train.to(device), y_train.to(device)
-    perturb, etas = [], []
-    for _ in ctx.progress(range(args.post_epochs), desc=f"pof seed {seed}"):
-        for idx in minibatches(len(x_tr), args.batch_size, bgen):
-            widx = torch.randint(0, len(x_tr), (args.weak_batch_size,), generator=wgen)  # with replacement
-            info = pof.step(x_tr[idx], y_tr[idx], x_tr[widx], y_tr[widx])
-            perturb.append(info["perturb_norm"])
-            etas.append(info["eta_max"])
-    if not all(torch.equal(a, b) for a, b in zip(w_before, pof_model.classifier.parameters())):
-        raise RuntimeError("PoF changed the classifier weights")  # the invariant the method relies on
-    results["pof"] = _evaluate(pof_model, split, y_train, args, seed)
-    results["pof"]["mean_perturb_norm"] = float(np.mean(perturb))
-    results["pof"]["mean_eta_max"] = float(np.mean(etas))
+    for wb in args.weak_batch_size:
+        pof_model = copy.deepcopy(model)
+        w_before = [t.detach().clone() for t in pof_model.classifier.parameters()]
+        pof = PoF(pof_model.extractor, pof_model.classifier,
+                  _sgd(pof_model.extractor.parameters(), post_lr, args.weight_decay),
+                  gamma_max=args.gamma_max, num_partition=args.num_partition,
+                  generator=torch.Generator().manual_seed(seed + 29), official_release=args.official_release)
+        bgen, wgen = torch.Generator().manual_seed(seed + 23), torch.Generator().manual_seed(seed + 31)
+        perturb, etas = [], []
+        for _ in ctx.progress(range(args.post_epochs), desc=f"pof (weak batch {wb}) seed {seed}"):
+            for idx in minibatches(len(x_tr), args.batch_size, bgen):
+                widx = torch.randint(0, len(x_tr), (wb,), generator=wgen)  # with replacement
+                info = pof.step(x_tr[idx], y_tr[idx], x_tr[widx], y_tr[widx])
+                perturb.append(info["perturb_norm"])
+                etas.append(info["eta_max"])
+        if not all(torch.equal(a, b) for a, b in zip(w_before, pof_model.classifier.parameters())):
+            raise RuntimeError("PoF changed the classifier weights")  # the invariant the method relies on
+        arm = _evaluate(pof_model, split, y_train, args, seed)
+        arm["mean_perturb_norm"] = float(np.mean(perturb))
+        arm["mean_eta_max"] = float(np.mean(etas))
+        results[f"pof_wb{wb}"] = arm
     results["post_lr"] = post_lr
     return results
 
@@ -328,41 +340,46 @@ def run(args: argparse.Namespace, ctx: RunContext) -> dict:
         res = _run_seed(split, y_train, args, seed, ctx)
         per_seed.append(res)
         ctx.log(f"[pof] seed {seed}: " + "; ".join(
-            f"{k} acc {res[k]['test_accuracy']:.4f} nll {res[k]['test_nll']:.4f} tr(H_w) {res[k]['hessian_trace']:.3g} "
-            f"lmax {res[k]['hessian_lambda_max']:.3g}" for k in ("pretrained", "sgd", "pof")))
+            f"{k} acc {v['test_accuracy']:.4f} nll {v['test_nll']:.4f} tr(H_w) {v['hessian_trace']:.3g} "
+            f"lmax {v['hessian_lambda_max']:.3g}" for k, v in res.items() if isinstance(v, dict)))
 
     keys = ["test_accuracy", "test_nll", "test_ece", "train_loss", "hessian_trace", "hessian_lambda_max",
             "feature_norm"]
-    summary = {}
-    for name in ("pretrained", "sgd", "pof"):
+    arms = [f"pof_wb{wb}" for wb in args.weak_batch_size]
+    names = ["pretrained", "sgd", "sgd_frozen_clf"] + arms
+    summary = {"arms": names}
+    for name in names:
         for k in keys:
             vals = np.array([r[name][k] for r in per_seed], dtype=np.float64)
             summary[f"{name}_{k}_mean"] = float(vals.mean())
             summary[f"{name}_{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-    for k in ("hessian_trace", "hessian_lambda_max", "test_nll", "test_accuracy"):
-        diffs = np.array([r["pof"][k] - r["sgd"][k] for r in per_seed])
-        summary[f"pof_minus_sgd_{k}_mean"] = float(diffs.mean())
-        summary[f"pof_minus_sgd_{k}_seeds_negative"] = int((diffs < 0).sum())
+    for arm in arms:
+        for base in ("sgd", "sgd_frozen_clf"):
+            for k in ("hessian_trace", "hessian_lambda_max", "test_nll", "test_accuracy"):
+                diffs = np.array([r[arm][k] - r[base][k] for r in per_seed])
+                summary[f"{arm}_minus_{base}_{k}_mean"] = float(diffs.mean())
+                summary[f"{arm}_minus_{base}_{k}_seeds_negative"] = int((diffs < 0).sum())
+            summary[f"{arm}_lowers_trace_vs_{base}"] = bool(
+                summary[f"{arm}_hessian_trace_mean"] < summary[f"{base}_hessian_trace_mean"])
+            summary[f"{arm}_lowers_lambda_max_vs_{base}"] = bool(
+                summary[f"{arm}_hessian_lambda_max_mean"] < summary[f"{base}_hessian_lambda_max_mean"])
+        summary[f"{arm}_mean_perturb_norm"] = float(np.mean([r[arm]["mean_perturb_norm"] for r in per_seed]))
+        summary[f"{arm}_mean_eta_max"] = float(np.mean([r[arm]["mean_eta_max"] for r in per_seed]))
     summary.update({
-        "pof_mean_perturb_norm": float(np.mean([r["pof"]["mean_perturb_norm"] for r in per_seed])),
-        "pof_mean_eta_max": float(np.mean([r["pof"]["mean_eta_max"] for r in per_seed])),
         "post_lr": per_seed[0]["post_lr"], "dataset": args.dataset, "label_noise": args.noise, "seeds": args.seeds,
-        "official_release": args.official_release,
-        "pof_lowers_trace": summary["pof_hessian_trace_mean"] < summary["sgd_hessian_trace_mean"],
-        "pof_lowers_lambda_max": summary["pof_hessian_lambda_max_mean"] < summary["sgd_hessian_lambda_max_mean"],
-        "classifier_bit_identical": True,  # checked per seed above (RuntimeError otherwise)
+        "weak_batch_sizes": list(args.weak_batch_size), "official_release": args.official_release,
+        "classifier_bit_identical": True,  # checked per seed and arm above (RuntimeError otherwise)
     })
-    _plot(per_seed, ctx)
+    _plot(per_seed, names, ctx)
     return summary
 
 
-def _plot(per_seed: list, ctx: RunContext) -> None:
+def _plot(per_seed: list, names: list, ctx: RunContext) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = ["pretrained", "sgd", "pof"]
     panels = [("hessian_trace", "tr H_w (classifier space)"), ("hessian_lambda_max", "λ_max H_w"),
               ("test_nll", "test NLL"), ("test_accuracy", "test accuracy")]
     fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.5))
@@ -370,7 +387,10 @@ def _plot(per_seed: list, ctx: RunContext) -> None:
         vals = np.array([[r[n][k] for n in names] for r in per_seed])
         for row in vals:
             ax.plot(names, row, color="0.7", lw=0.8, marker="o", ms=3)
-        ax.bar(names, vals.mean(0), alpha=0.5, color=["C7", "C0", "C2"])
+        ax.bar(names, vals.mean(0), alpha=0.5, color=["C7", "C0", "C1"] + [f"C{i + 2}" for i in range(len(names) - 3)])
+        ax.tick_params(axis="x", labelrotation=20)
+        if k == "test_accuracy":  # differences are fractions of a point: zoom in
+            ax.set_ylim(max(0.0, vals.min() - 0.02), min(1.0, vals.max() + 0.01))
         ax.set_title(title)
     fig.tight_layout()
     fig.savefig(ctx.plot_path("pof.png"), dpi=120)

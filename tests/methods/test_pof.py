@@ -123,11 +123,12 @@ def test_quick_run(tmp_path):
 
     m = run_recipe("pof", ["--quick", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    for name in ("pretrained", "sgd", "pof"):
+    assert saved["arms"] == ["pretrained", "sgd", "sgd_frozen_clf", "pof_wb256", "pof_wb64"]
+    for name in saved["arms"]:
         assert 0.0 <= saved[f"{name}_test_accuracy_mean"] <= 1.0
         assert math.isfinite(saved[f"{name}_test_nll_mean"]) and saved[f"{name}_test_nll_mean"] > 0
         assert saved[f"{name}_hessian_trace_mean"] > 0 and saved[f"{name}_hessian_lambda_max_mean"] > 0
         assert saved[f"{name}_hessian_lambda_max_mean"] <= saved[f"{name}_hessian_trace_mean"] + 1e-6
-    assert saved["classifier_bit_identical"] is True and saved["pof_mean_perturb_norm"] > 0
-    assert m["pof_lowers_trace"] == (m["pof_hessian_trace_mean"] < m["sgd_hessian_trace_mean"])
+    assert saved["classifier_bit_identical"] is True and saved["pof_wb256_mean_perturb_norm"] > 0
+    assert m["pof_wb256_lowers_trace_vs_sgd"] == (m["pof_wb256_hessian_trace_mean"] < m["sgd_hessian_trace_mean"])
     assert (tmp_path / "pof.png").exists()
