@@ -494,8 +494,8 @@ def linear_r2(features: np.ndarray, targets: np.ndarray, eval_features: Optional
 # The experiment
 # --------------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default 2500, quick 20)")
-    p.add_argument("--adapt-iters", type=int, default=None, help="adaptation iterations (default 800, quick 10)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default 1500, quick 20)")
+    p.add_argument("--adapt-iters", type=int, default=None, help="adaptation iterations (default 500, quick 10)")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--nblocks", type=int, default=4)
     p.add_argument("--code-dim", type=int, default=2)
@@ -542,8 +542,8 @@ def _plot(path, curves, codes, adapted, train_params, adapt_params, y_test, pred
 
 
 def run(args: argparse.Namespace, ctx: RunContext) -> dict:
-    iters = args.iters or (20 if args.quick else 2500)
-    adapt_iters = args.adapt_iters or (10 if args.quick else 800)
+    iters = args.iters or (20 if args.quick else 1500)
+    adapt_iters = args.adapt_iters or (10 if args.quick else 500)
     n_test = 4 if args.quick else args.n_test
     seed = args.seed
     y_tr, t = simulate_lotka_volterra(LV_TRAIN_PARAMS, 4, seed=seed)
