@@ -228,3 +228,6 @@ def test_quick_run(tmp_path):
             assert 0.0 <= s[f"{key}_mean"] <= 1.0 and np.isfinite(s[f"{key}_std"])
         assert len(saved["per_seed"][method]["opauc"]) == m["seeds"] >= 2
     assert saved["best_opauc"] in pauc.METHODS and (tmp_path / "pauc.png").exists()
+    d = saved["paired"]["sopa_minus_bce_opauc"]
+    per = saved["per_seed"]
+    assert abs(d["mean"] - np.mean(np.subtract(per["sopa"]["opauc"], per["bce"]["opauc"]))) < 1e-12
