@@ -47,6 +47,9 @@ def test_quick_all_modes_writes_measured_metrics(tmp_path):
     assert rev["optimizer_state_carried"] > 0
     for r in rev["runs"].values():
         assert math.isfinite(r["val_loss"]) and r["train_time_s"] > 0
+    t = rev["interleaved_step_ms"]
+    assert rev["runs"]["reverse_sparsification"]["time_from_interleaved_s"] == pytest.approx(
+        (24 * t["monarch"] + 6 * t["dense"]) / 1e3)
 
 
 def _tiny_gpt(mlp="monarch"):
