@@ -352,11 +352,16 @@ def _metrics(pred: Tensor, y: Tensor, num_classes: int) -> dict:
 
 def train_node_classifier(method: str, x, edge_index, y, train_mask, num_classes, args, seed: int,
                           tam: Optional[TAM] = None) -> Tensor:
-    """Full-batch training of a Monarch GCN with CE, BS or BS+TAM; returns the final logits (eval mode).
+    """Full-batch training of a Monarch GCN with ``method`` ∈ {ce, bs, ce_tam, bs_tam} (TAM plugs into either
+    loss); returns the final logits (eval mode).
 
     Adam (lr 0.01, weight decay 5e-4 on the first layer only) as in the official ``main_bs.py``; unlike it, a fixed
     number of epochs (200, not 2000 with ReduceLROnPlateau) and the last epoch's model (no selection on a
     validation set, which would need more labelled minor nodes than the 2 per class of the setting)."""
+    if method not in ("ce", "bs", "ce_tam", "bs_tam"):
+        raise ValueError(f"method must be one of ce, bs, ce_tam, bs_tam, got {method!r}")
+    use_tam, base = method.endswith("_tam"), method.split("_")[0]
+    tam = tam or TAM()
     torch.manual_seed(seed)
     model = GCN(x.shape[1], args.hidden, num_classes, layer=args.layer, nblocks=args.nblocks, dropout=args.dropout)
     opt = torch.optim.Adam([dict(params=model.reg_params, weight_decay=args.weight_decay),
@@ -366,11 +371,11 @@ def train_node_classifier(method: str, x, edge_index, y, train_mask, num_classes
     for epoch in range(1, args.epochs + 1):
         model.train()
         out = model(x, edge_index)
-        if method == "bs_tam":
+        if use_tam:
             logits = tam.adjust(out, edge_index, y, train_mask, counts, epoch)
         else:
             logits = out[train_mask]
-        loss = F.cross_entropy(logits, y_tr) if method == "ce" else balanced_softmax_loss(logits, y_tr, counts)
+        loss = F.cross_entropy(logits, y_tr) if base == "ce" else balanced_softmax_loss(logits, y_tr, counts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
