@@ -3,7 +3,8 @@
 The extension is built when torch is importable at build time (install with ``--no-build-isolation`` so the
 environment's torch is used) and a C++ compiler works; CUDA sources are added when torch has CUDA and
 ``nvcc`` is found. Without a compiler, or with ``MONARCH_KERNELS_NO_EXT=1``, the install is pure Python and
-the ``cpu``/``cuda`` backends report themselves unavailable with the reason.
+the ``cpu``/``cuda`` backends report themselves unavailable with the reason. ``-march=native`` is used for
+the CPU kernels unless ``MONARCH_KERNELS_PORTABLE=1``.
 """
 import glob
 import os
@@ -31,7 +32,9 @@ def extension_modules():
         print("monarch-kernels: no C++ compiler found; skipping the C++/CUDA extension", file=sys.stderr)
         return [], {}
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    if os.environ.get("MONARCH_KERNELS_PORTABLE") != "1":
+        cxx.append("-march=native")  # the CPU micro-kernel relies on the host's vector width
+    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if os.environ.get("MONARCH_KERNELS_NO_CUDA") == "1":
         with_cuda = False

@@ -20,6 +20,7 @@ from . import reference
 from .backends import Backend, register_backend
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _interpreting() -> bool:
@@ -52,4 +53,40 @@ register_backend(Backend(
     # the interpreter is for testing: auto never picks it on CPU
     prefer=lambda op, device, dtype, dims: device.type == "cuda",
     description="Triton kernels: fused Monarch forward/dX/dW, permutations folded into loads and stores",
+))
+
+
+def _load_cpu():
+    from . import ext
+
+    ext.load()
+    return ext.Primitives
+
+
+def _load_cuda():
+    from . import ext
+
+    if not ext.built_with_cuda():
+        raise RuntimeError("the extension was built without CUDA (needs a CUDA build of torch and nvcc at install time)")
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    return ext.Primitives
+
+
+def _cpu_prefers(op: str, device: torch.device, dtype: torch.dtype, dims: tuple) -> bool:
+    """Whether ``auto`` takes the C++ kernels over the torch reference on CPU (see ``cpu_dispatch_table``)."""
+    from .cpu_dispatch import prefers_cpu_kernel
+
+    return prefers_cpu_kernel(op, dtype, dims)
+
+
+register_backend(Backend(
+    name="cpu", load=_load_cpu, supports=lambda device, dtype: device.type == "cpu" and dtype in _CPU_DTYPES,
+    prefer=_cpu_prefers, priority=10,
+    description="compiled C++ kernels: row tiles with the intermediate in cache, register-blocked micro-kernel",
+))
+register_backend(Backend(
+    name="cuda", load=_load_cuda, supports=lambda device, dtype: device.type == "cuda" and dtype in _TRITON_DTYPES,
+    priority=30,
+    description="compiled CUDA kernels: tensor-core (mma.sync) fused Monarch forward and backward",
 ))

@@ -268,17 +268,17 @@ def blockdiag_linear(
 ) -> Tensor:
     """Block-diagonal linear map ``y = act(BD(w) x + bias)`` over the last dim of ``x``.
 
-    ``x (..., n_in)`` with ``k·p - p < n_in ≤ k·p`` (a short input is treated as zero-padded, without a
+    ``x (..., n_in)`` with ``1 ≤ n_in ≤ k·p`` (a short input is treated as zero-padded, without a
     copy on kernel backends); ``w (k, q, p)``; output ``(..., out_features)`` with
-    ``out_features ∈ (k·q - q, k·q]`` (default ``k·q``; the tail is dropped); ``bias (out_features,)``;
+    ``out_features ∈ [1, k·q]`` (default ``k·q``; the tail is dropped); ``bias (out_features,)``;
     ``activation`` one of ``None, "relu", "gelu", "gelu_tanh"`` (fused into the kernels' epilogue).
     """
     fn = "blockdiag_linear"
     check_tensor("x", x, fn)
     check_factor("w", w, fn)
     k, q, p = w.shape
-    check_input_width(fn, x, k * p, p, True, f"w of shape ({k}, {q}, {p})")
-    n_out = check_out_features(fn, out_features, k * q, q)
+    check_input_width(fn, x, k * p, True, f"w of shape ({k}, {q}, {p})")
+    n_out = check_out_features(fn, out_features, k * q)
     check_same(fn, x, w=w)
     check_bias(fn, bias, x, n_out)
     act = _check_activation(fn, activation, x)
@@ -295,7 +295,7 @@ def blockdiag_matmul(x: Tensor, w: Tensor, *, backend: Optional[str] = None) -> 
     check_tensor("x", x, fn)
     check_factor("w", w, fn)
     k, q, p = w.shape
-    check_input_width(fn, x, k * p, p, False, f"w of shape ({k}, {q}, {p})")
+    check_input_width(fn, x, k * p, False, f"w of shape ({k}, {q}, {p})")
     return blockdiag_linear(x, w, backend=backend)
 
 
@@ -311,17 +311,17 @@ def monarch_linear(
 ) -> Tensor:
     """Monarch linear map ``o = act(P2 · BD(w2) · P1 · BD(w1) · x + bias)``, the functional ``MonarchLinear``.
 
-    ``x (..., n_in)`` with ``k·p - p < n_in ≤ k·p`` (short inputs act as zero-padded);
+    ``x (..., n_in)`` with ``1 ≤ n_in ≤ k·p`` (short inputs act as zero-padded);
     ``w1 (k, q, p)``, ``w2 (l, s, r)`` with ``l·r = k·q``; output ``(..., out_features)`` with
-    ``out_features ∈ (l·s - s, l·s]`` (default ``l·s``); ``bias (out_features,)`` or ``None``;
+    ``out_features ∈ [1, l·s]`` (default ``l·s``); ``bias (out_features,)`` or ``None``;
     ``activation`` one of ``None, "relu", "gelu", "gelu_tanh"`` (fused into the kernels' epilogue; the
     backward recomputes the pre-activation instead of saving it).
     """
     fn = "monarch_linear"
     check_tensor("x", x, fn)
     sh = check_monarch_factors(fn, w1, w2)
-    check_input_width(fn, x, sh.n_in, sh.p, True, f"w1 of shape {tuple(w1.shape)}")
-    n_out = check_out_features(fn, out_features, sh.n_out, sh.s)
+    check_input_width(fn, x, sh.n_in, True, f"w1 of shape {tuple(w1.shape)}")
+    n_out = check_out_features(fn, out_features, sh.n_out)
     check_same(fn, x, w1=w1)
     check_bias(fn, bias, x, n_out)
     act = _check_activation(fn, activation, x)
@@ -345,7 +345,7 @@ def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: Optional[str] 
     fn = "monarch_matmul"
     check_tensor("x", x, fn)
     sh = check_monarch_factors(fn, w1, w2)
-    check_input_width(fn, x, sh.n_in, sh.p, False, f"w1 of shape {tuple(w1.shape)}")
+    check_input_width(fn, x, sh.n_in, False, f"w1 of shape {tuple(w1.shape)}")
     return monarch_linear(x, w1, w2, backend=backend)
 
 

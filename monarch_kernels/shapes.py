@@ -129,32 +129,31 @@ def check_same(fn: str, x: torch.Tensor, **weights) -> None:
             raise ValueError(f"{fn}: {name} is on {w.device} but x is on {x.device}; they must match")
 
 
-def check_input_width(fn: str, x: torch.Tensor, full: int, block: int, allow_partial: bool, what: str) -> None:
-    """``x.shape[-1]`` must equal ``full`` (or, if ``allow_partial``, lie in ``(full - block, full]``)."""
+def check_input_width(fn: str, x: torch.Tensor, full: int, allow_partial: bool, what: str) -> None:
+    """``x.shape[-1]`` must equal ``full`` (or, if ``allow_partial``, lie in ``[1, full]``: shorter inputs
+    are zero-padded, which ``MonarchLinear``'s rounded-up block sizes need, e.g. 6 inputs in 4 blocks of 2)."""
     if x.dim() < 1:
         raise ValueError(f"{fn}: x must have at least 1 dimension (..., {full}), got a 0-d tensor")
     n = x.shape[-1]
-    if n == full:
-        return
-    if allow_partial and full - block < n < full:
+    if n == full or (allow_partial and 1 <= n < full):
         return
     if allow_partial:
         raise ValueError(
-            f"{fn}: x has last dimension {n}; {what} expects between {full - block + 1} and {full} "
+            f"{fn}: x has last dimension {n}; {what} expects between 1 and {full} "
             f"(shape (..., {full}), shorter inputs are zero-padded)"
         )
     raise ValueError(f"{fn}: x has last dimension {n} but {what} expects shape (..., {full})")
 
 
-def check_out_features(fn: str, out_features, full: int, block: int) -> int:
+def check_out_features(fn: str, out_features, full: int) -> int:
     if out_features is None:
         return full
     if not isinstance(out_features, int) or isinstance(out_features, bool):
         raise TypeError(f"{fn}: out_features must be an int or None, got {type(out_features).__name__}")
-    if not full - block < out_features <= full:
+    if not 1 <= out_features <= full:
         raise ValueError(
-            f"{fn}: out_features={out_features} must lie in ({full - block}, {full}] for factors whose "
-            f"padded output width is {full}"
+            f"{fn}: out_features={out_features} must lie in [1, {full}] for factors whose padded output "
+            f"width is {full}"
         )
     return out_features
 

@@ -31,7 +31,7 @@ def test_param_and_flop_accounting():
     assert sum(p.numel() for p in layer.parameters()) == layer.w1.numel() + layer.w2.numel() + 3072
 
 
-@pytest.mark.parametrize("n_in,n_out,nb", [(32, 48, 4), (30, 22, 4), (17, 40, 3), (64, 16, 8)])
+@pytest.mark.parametrize("n_in,n_out,nb", [(32, 48, 4), (30, 22, 4), (17, 40, 3), (64, 16, 8), (6, 18, 4), (18, 6, 4)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_forward_equals_dense_weight(n_in, n_out, nb, bias):
     layer = MonarchLinear(n_in, n_out, bias=bias, nblocks=nb, dtype=torch.float64)

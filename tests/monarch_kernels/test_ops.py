@@ -269,10 +269,10 @@ def test_linear_bad_input():
     x, w1, w2 = torch.randn(2, 7), torch.randn(2, 4, 4), torch.randn(2, 4, 4)
     with pytest.raises(ValueError, match=r"bias has shape \(5,\), expected \(8,\)"):
         mk.monarch_linear(x, w1, w2, torch.randn(5))
-    with pytest.raises(ValueError, match=r"out_features=3 must lie in \(4, 8\]"):
-        mk.monarch_linear(x, w1, w2, out_features=3)
-    with pytest.raises(ValueError, match="between 5 and 8"):
-        mk.monarch_linear(torch.randn(2, 4), w1, w2)
+    with pytest.raises(ValueError, match=r"out_features=9 must lie in \[1, 8\]"):
+        mk.monarch_linear(x, w1, w2, out_features=9)
+    with pytest.raises(ValueError, match="between 1 and 8"):
+        mk.monarch_linear(torch.randn(2, 9), w1, w2)
     with pytest.raises(ValueError, match=r"expects shape \(\.\.\., 8\)"):
         mk.monarch_matmul(x, w1, w2)  # the strict op refuses ragged inputs
     with pytest.raises(ValueError, match=r"expects shape \(\.\.\., 8\)"):

@@ -1,0 +1,466 @@
+// CPU kernels for block-diagonal and Monarch products (the `cpu` backend).
+//
+// Conventions (fly layout): x (T, n_in) with n_in <= k*p (missing columns read as zero), w1 (k, q, p),
+// w2 (l, s, r) with l*r == k*q, out (T, n_out) with n_out <= l*s and out[t, ss*l + ll].
+//
+// Design: every product is a sequence of small GEMMs C[M,N] += A[M,K] * B[K,N] on cache-resident tiles:
+//  * weights are packed once per call into accumulation precision (float for fp32/bf16/fp16, double for
+//    fp64), as (K, N) row-major blocks;
+//  * the token dimension is cut into row tiles of TILE_M rows that are processed independently in
+//    parallel (at::parallel_for); within a tile the Monarch intermediate stays in a thread-local buffer
+//    (cache), so x is read once and out written once (the CPU analogue of the fused GPU kernel);
+//  * the permutations P1, P2 are folded into the scatter from a GEMM result tile into the next stage's
+//    input tile;
+//  * the micro-kernel keeps an MR x NR accumulator block in registers, and its inner loop runs over the
+//    contiguous N dimension so that the compiler vectorises it (-O3, -march=native unless portable);
+//  * weight gradients reduce over tokens into per-chunk accumulators summed at the end (deterministic).
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace monarch_cpu {
+
+constexpr int64_t TILE_M = 32;  // token rows per tile
+constexpr int64_t NC = 256;     // N-blocking of the packed B operand (keeps a K x NC panel in L2)
+
+enum Act : int64_t { NONE = 0, RELU = 1, GELU = 2, GELU_TANH = 3 };
+
+template <typename T>
+inline T activate(T v, int64_t act) {
+  switch (act) {
+    case RELU:
+      return v > T(0) ? v : T(0);
+    case GELU:
+      return T(0.5) * v * (T(1) + std::erf(v * T(0.70710678118654752)));
+    case GELU_TANH: {
+      const T inner = T(0.79788456080286536) * (v + T(0.044715) * v * v * v);
+      return T(0.5) * v * (T(1) + std::tanh(inner));
+    }
+    default:
+      return v;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ micro-kernel
+
+template <typename T, int MR, int NR>
+inline void micro_full(int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  T acc[MR][NR];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) acc[r][c] = C[r * ldc + c];
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const T* b = B + kk * ldb;
+    for (int r = 0; r < MR; ++r) {
+      const T a = A[r * lda + kk];
+#pragma omp simd
+      for (int c = 0; c < NR; ++c) acc[r][c] += a * b[c];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NR; ++c) C[r * ldc + c] = acc[r][c];
+}
+
+template <typename T>
+inline void micro_edge(int64_t mr, int64_t nr, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C,
+                       int64_t ldc) {
+  for (int64_t r = 0; r < mr; ++r) {
+    T* c_row = C + r * ldc;
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const T a = A[r * lda + kk];
+      const T* b = B + kk * ldb;
+#pragma omp simd
+      for (int64_t c = 0; c < nr; ++c) c_row[c] += a * b[c];
+    }
+  }
+}
+
+// C[M,N] += A[M,K] * B[K,N], row-major with leading dimensions.
+template <typename T>
+void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+  constexpr int MR = 4;
+  constexpr int NR = 64 / sizeof(T) * 2;  // two 512-bit vectors (32 floats / 16 doubles)
+  for (int64_t n0 = 0; n0 < N; n0 += NC) {
+    const int64_t nc = std::min(NC, N - n0);
+    for (int64_t i = 0; i < M; i += MR) {
+      const int64_t mr = std::min<int64_t>(MR, M - i);
+      for (int64_t j = 0; j < nc; j += NR) {
+        const int64_t nr = std::min<int64_t>(NR, nc - j);
+        const T* a = A + i * lda;
+        const T* b = B + n0 + j;
+        T* c = C + i * ldc + n0 + j;
+        if (mr == MR && nr == NR)
+          micro_full<T, MR, NR>(K, a, lda, b, ldb, c, ldc);
+        else
+          micro_edge<T>(mr, nr, K, a, lda, b, ldb, c, ldc);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ helpers
+
+// Pack w (nb, rows, cols) into a dense tensor of accumulation precision, transposed to (nb, cols, rows) or
+// as is (vectorised ATen copy; the result owns the memory the GEMMs read).
+at::Tensor pack(const at::Tensor& w, at::ScalarType acc, bool transpose) {
+  return (transpose ? w.transpose(1, 2) : w).to(acc).contiguous();
+}
+
+template <typename acc_t>
+constexpr at::ScalarType acc_type() {
+  return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
+}
+
+// Rows [t0, t0+m), columns [c0, c0+width) of a strided 2-D tensor into a dense (m, width) tile;
+// columns >= n read as 0 (implicit zero padding of ragged inputs).
+template <typename scalar_t, typename acc_t>
+void load_tile(const scalar_t* src, int64_t st, int64_t sf, int64_t n, int64_t t0, int64_t m, int64_t c0,
+               int64_t width, acc_t* dst) {
+  const int64_t lim = std::max<int64_t>(0, std::min(width, n - c0));
+  for (int64_t t = 0; t < m; ++t) {
+    const scalar_t* row = src + (t0 + t) * st + c0 * sf;
+    acc_t* d = dst + t * width;
+    for (int64_t f = 0; f < lim; ++f) d[f] = static_cast<acc_t>(row[f * sf]);
+    for (int64_t f = lim; f < width; ++f) d[f] = acc_t(0);
+  }
+}
+
+// Rows of g gathered in stage-2 block order for block ll: dst[t, ss] = g[t0 + t, ss*l + ll] (0 past n).
+template <typename scalar_t, typename acc_t>
+void load_out_grad_block(const scalar_t* g, int64_t st, int64_t sf, int64_t n, int64_t t0, int64_t m, int64_t l,
+                         int64_t ll, int64_t s, acc_t* dst) {
+  for (int64_t t = 0; t < m; ++t) {
+    const scalar_t* row = g + (t0 + t) * st;
+    for (int64_t ss = 0; ss < s; ++ss) {
+      const int64_t c = ss * l + ll;
+      dst[t * s + ss] = c < n ? static_cast<acc_t>(row[c * sf]) : acc_t(0);
+    }
+  }
+}
+
+struct Dims {
+  int64_t k, q, p, l, s, r;
+  Dims(const at::Tensor& w1, const at::Tensor& w2)
+      : k(w1.size(0)), q(w1.size(1)), p(w1.size(2)), l(w2.size(0)), s(w2.size(1)), r(w2.size(2)) {}
+  int64_t n_mid() const { return k * q; }
+  // P1: flat stage-1 index f = kk*q + qq -> position in the stage-2 layout z[ll*r + rr], f = rr*l + ll
+  int64_t to_stage2(int64_t f) const { return (f % l) * r + f / l; }
+};
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Few row tiles: parallelise over blocks instead (two phases with the intermediate in a full buffer).
+inline bool few_tiles(int64_t T) { return cdiv(T, TILE_M) < at::get_num_threads(); }
+
+// Stage 1 for rows [t0, t0+m) and block kk: z[t, to_stage2(kk*q + qq)] = Σ_pp w1[kk,qq,pp] x[t, kk*p + pp].
+template <typename scalar_t, typename acc_t>
+void stage1_block(const Dims& d, const at::Tensor& x, int64_t t0, int64_t m, int64_t kk, const acc_t* w1t, acc_t* xa,
+                  acc_t* ybuf, acc_t* z, int64_t z_row0) {
+  load_tile(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.size(1), t0, m, kk * d.p, d.p, xa);
+  std::fill(ybuf, ybuf + m * d.q, acc_t(0));
+  gemm_acc<acc_t>(m, d.q, d.p, xa, d.p, w1t + kk * d.p * d.q, d.q, ybuf, d.q);
+  for (int64_t qq = 0; qq < d.q; ++qq) {
+    const int64_t dst = d.to_stage2(kk * d.q + qq);
+    for (int64_t t = 0; t < m; ++t) z[(z_row0 + t) * d.n_mid() + dst] = ybuf[t * d.q + qq];
+  }
+}
+
+// Adjoint of stage 2 for rows [t0, t0+m) and block ll: dy[t, rr*l + ll] = Σ_ss g[t, ss*l + ll] w2[ll, ss, rr].
+// Also leaves the gathered output gradient of the block in `go` (m, s).
+template <typename scalar_t, typename acc_t>
+void stage2_adjoint_block(const Dims& d, const at::Tensor& g, int64_t t0, int64_t m, int64_t ll, const acc_t* w2p,
+                          acc_t* go, acc_t* dzbuf, acc_t* dy, int64_t dy_row0) {
+  load_out_grad_block(g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.size(1), t0, m, d.l, ll, d.s, go);
+  std::fill(dzbuf, dzbuf + m * d.r, acc_t(0));
+  gemm_acc<acc_t>(m, d.r, d.s, go, d.s, w2p + ll * d.s * d.r, d.r, dzbuf, d.r);
+  for (int64_t rr = 0; rr < d.r; ++rr)
+    for (int64_t t = 0; t < m; ++t) dy[(dy_row0 + t) * d.n_mid() + rr * d.l + ll] = dzbuf[t * d.r + rr];
+}
+
+template <typename acc_t>
+std::vector<acc_t> bias_vec(const c10::optional<at::Tensor>& bias, int64_t n) {
+  std::vector<acc_t> out(n, acc_t(0));
+  if (bias.has_value()) {
+    const auto b = bias->to(acc_type<acc_t>()).contiguous();
+    const acc_t* src = b.template data_ptr<acc_t>();
+    std::copy(src, src + n, out.begin());
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------ Monarch
+
+at::Tensor monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                       const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t act) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "monarch_fwd (cpu): x must be a 2-D CPU tensor");
+  const Dims d(w1, w2);
+  TORCH_CHECK(d.l * d.r == d.k * d.q, "monarch_fwd (cpu): l*r must equal k*q");
+  const int64_t T = x.size(0), n_mid = d.n_mid();
+  auto out = at::empty({T, n_out}, x.options());
+  if (T == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "monarch_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto bvec = bias_vec<acc_t>(bias, n_out);
+    const auto w1t_ = pack(w1, acc_type<acc_t>(), true);  // (k, p, q)
+    const auto w2t_ = pack(w2, acc_type<acc_t>(), true);  // (l, r, s)
+    const acc_t* w1t = w1t_.data_ptr<acc_t>();
+    const acc_t* w2t = w2t_.data_ptr<acc_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // stage 2 of block ll for rows [t0, t0+m) of z (row z_row0 = first), epilogue and P2 scatter into out
+    auto stage2 = [&](const acc_t* z, int64_t z_row0, int64_t t0, int64_t m, int64_t ll, acc_t* obuf) {
+      std::fill(obuf, obuf + m * d.s, acc_t(0));
+      gemm_acc<acc_t>(m, d.s, d.r, z + z_row0 * n_mid + ll * d.r, n_mid, w2t + ll * d.r * d.s, d.s, obuf, d.s);
+      for (int64_t ss = 0; ss < d.s; ++ss) {
+        const int64_t c = ss * d.l + ll;
+        if (c >= n_out) break;
+        for (int64_t t = 0; t < m; ++t)
+          op[(t0 + t) * n_out + c] = static_cast<scalar_t>(activate<acc_t>(obuf[t * d.s + ss] + bvec[c], act));
+      }
+    };
+    if (few_tiles(T)) {
+      std::vector<acc_t> z(T * n_mid);
+      at::parallel_for(0, d.k, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> xa(TILE_M * d.p), ybuf(TILE_M * d.q);
+        for (int64_t kk = b; kk < e; ++kk)
+          for (int64_t t0 = 0; t0 < T; t0 += TILE_M)
+            stage1_block<scalar_t, acc_t>(d, x, t0, std::min(TILE_M, T - t0), kk, w1t, xa.data(), ybuf.data(),
+                                          z.data(), t0);
+      });
+      at::parallel_for(0, d.l, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> obuf(TILE_M * d.s);
+        for (int64_t ll = b; ll < e; ++ll)
+          for (int64_t t0 = 0; t0 < T; t0 += TILE_M) stage2(z.data(), t0, t0, std::min(TILE_M, T - t0), ll, obuf.data());
+      });
+      return;
+    }
+    at::parallel_for(0, cdiv(T, TILE_M), 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> xa(TILE_M * d.p), ybuf(TILE_M * d.q), z(TILE_M * n_mid), obuf(TILE_M * d.s);
+      for (int64_t tile = begin; tile < end; ++tile) {  // the intermediate of a row tile never leaves cache
+        const int64_t t0 = tile * TILE_M, m = std::min(TILE_M, T - t0);
+        for (int64_t kk = 0; kk < d.k; ++kk)
+          stage1_block<scalar_t, acc_t>(d, x, t0, m, kk, w1t, xa.data(), ybuf.data(), z.data(), 0);
+        for (int64_t ll = 0; ll < d.l; ++ll) stage2(z.data(), 0, t0, m, ll, obuf.data());
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor monarch_bwd_input(const at::Tensor& g, const at::Tensor& w1, const at::Tensor& w2, int64_t n_in) {
+  TORCH_CHECK(g.device().is_cpu() && g.dim() == 2, "monarch_bwd_input (cpu): g must be a 2-D CPU tensor");
+  const Dims d(w1, w2);
+  const int64_t T = g.size(0), n_mid = d.n_mid();
+  auto dx = at::empty({T, n_in}, g.options());
+  if (T == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "monarch_bwd_input_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto w2p_ = pack(w2, acc_type<acc_t>(), false);  // (l, s, r)
+    const auto w1p_ = pack(w1, acc_type<acc_t>(), false);  // (k, q, p)
+    const acc_t* w2p = w2p_.data_ptr<acc_t>();
+    const acc_t* w1p = w1p_.data_ptr<acc_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    // dx[t, kk*p + pp] = Σ_qq dy[t, kk*q + qq] w1[kk, qq, pp] for rows [t0, t0+m) of dy (first row dy_row0)
+    auto stage1_adjoint = [&](const acc_t* dy, int64_t dy_row0, int64_t t0, int64_t m, int64_t kk, acc_t* dxb) {
+      std::fill(dxb, dxb + m * d.p, acc_t(0));
+      gemm_acc<acc_t>(m, d.p, d.q, dy + dy_row0 * n_mid + kk * d.q, n_mid, w1p + kk * d.q * d.p, d.p, dxb, d.p);
+      const int64_t lim = std::min(d.p, n_in - kk * d.p);
+      for (int64_t t = 0; t < m; ++t)
+        for (int64_t pp = 0; pp < lim; ++pp) dxp[(t0 + t) * n_in + kk * d.p + pp] = static_cast<scalar_t>(dxb[t * d.p + pp]);
+    };
+    if (few_tiles(T)) {
+      std::vector<acc_t> dy(T * n_mid);
+      at::parallel_for(0, d.l, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> go(TILE_M * d.s), dz(TILE_M * d.r);
+        for (int64_t ll = b; ll < e; ++ll)
+          for (int64_t t0 = 0; t0 < T; t0 += TILE_M)
+            stage2_adjoint_block<scalar_t, acc_t>(d, g, t0, std::min(TILE_M, T - t0), ll, w2p, go.data(), dz.data(),
+                                                  dy.data(), t0);
+      });
+      at::parallel_for(0, d.k, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> dxb(TILE_M * d.p);
+        for (int64_t kk = b; kk < e; ++kk)
+          for (int64_t t0 = 0; t0 < T; t0 += TILE_M) stage1_adjoint(dy.data(), t0, t0, std::min(TILE_M, T - t0), kk, dxb.data());
+      });
+      return;
+    }
+    at::parallel_for(0, cdiv(T, TILE_M), 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> go(TILE_M * d.s), dz(TILE_M * d.r), dy(TILE_M * n_mid), dxb(TILE_M * d.p);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t t0 = tile * TILE_M, m = std::min(TILE_M, T - t0);
+        for (int64_t ll = 0; ll < d.l; ++ll)
+          stage2_adjoint_block<scalar_t, acc_t>(d, g, t0, m, ll, w2p, go.data(), dz.data(), dy.data(), 0);
+        for (int64_t kk = 0; kk < d.k; ++kk) stage1_adjoint(dy.data(), 0, t0, m, kk, dxb.data());
+      }
+    });
+  });
+  return dx;
+}
+
+// Sum per-chunk accumulators into a tensor of the output dtype.
+template <typename scalar_t, typename acc_t>
+void reduce_into(const std::vector<std::vector<acc_t>>& parts, at::Tensor& out) {
+  scalar_t* o = out.data_ptr<scalar_t>();
+  const int64_t n = out.numel();
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      acc_t sum = 0;
+      for (const auto& part : parts) sum += part[i];
+      o[i] = static_cast<scalar_t>(sum);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w1,
+                                                      const at::Tensor& w2) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "monarch_bwd_weight (cpu): x must be a 2-D CPU tensor");
+  const Dims d(w1, w2);
+  const int64_t T = x.size(0), n_mid = d.n_mid();
+  auto dw1 = at::zeros(w1.sizes(), w1.options());
+  auto dw2 = at::zeros(w2.sizes(), w2.options());
+  if (T == 0) return {dw1, dw2};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "monarch_bwd_weight_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto w1t_ = pack(w1, acc_type<acc_t>(), true);
+    const auto w2p_ = pack(w2, acc_type<acc_t>(), false);
+    const acc_t* w1t = w1t_.data_ptr<acc_t>();
+    const acc_t* w2p = w2p_.data_ptr<acc_t>();
+    // dw2[ll] += go_llᵀ z_ll and dw1[kk] += dy_kkᵀ x_kk over rows [t0, t0+m): transposed tiles feed the GEMM
+    auto dw2_block = [&](const acc_t* go, const acc_t* z, int64_t m, int64_t ll, acc_t* goT, acc_t* a2) {
+      for (int64_t ss = 0; ss < d.s; ++ss)
+        for (int64_t t = 0; t < m; ++t) goT[ss * m + t] = go[t * d.s + ss];
+      gemm_acc<acc_t>(d.s, d.r, m, goT, m, z + ll * d.r, n_mid, a2 + ll * d.s * d.r, d.r);
+    };
+    auto dw1_block = [&](const acc_t* dy, int64_t t0, int64_t m, int64_t kk, acc_t* dyT, acc_t* xa, acc_t* a1) {
+      for (int64_t qq = 0; qq < d.q; ++qq)
+        for (int64_t t = 0; t < m; ++t) dyT[qq * m + t] = dy[t * n_mid + kk * d.q + qq];
+      load_tile(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.size(1), t0, m, kk * d.p, d.p, xa);
+      gemm_acc<acc_t>(d.q, d.p, m, dyT, m, xa, d.p, a1 + kk * d.q * d.p, d.p);
+    };
+    if (few_tiles(T)) {  // full buffers for z and dy, then one parallel loop per factor over its blocks
+      std::vector<acc_t> z(T * n_mid), dy(T * n_mid), a1(w1.numel(), acc_t(0)), a2(w2.numel(), acc_t(0));
+      at::parallel_for(0, d.k, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> xa(TILE_M * d.p), ybuf(TILE_M * d.q);
+        for (int64_t kk = b; kk < e; ++kk)
+          for (int64_t t0 = 0; t0 < T; t0 += TILE_M)
+            stage1_block<scalar_t, acc_t>(d, x, t0, std::min(TILE_M, T - t0), kk, w1t, xa.data(), ybuf.data(), z.data(), t0);
+      });
+      at::parallel_for(0, d.l, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> go(TILE_M * d.s), dz(TILE_M * d.r), goT(d.s * TILE_M);
+        for (int64_t ll = b; ll < e; ++ll)
+          for (int64_t t0 = 0; t0 < T; t0 += TILE_M) {
+            const int64_t m = std::min(TILE_M, T - t0);
+            stage2_adjoint_block<scalar_t, acc_t>(d, g, t0, m, ll, w2p, go.data(), dz.data(), dy.data(), t0);
+            dw2_block(go.data(), z.data() + t0 * n_mid, m, ll, goT.data(), a2.data());
+          }
+      });
+      at::parallel_for(0, d.k, 1, [&](int64_t b, int64_t e) {
+        std::vector<acc_t> dyT(d.q * TILE_M), xa(TILE_M * d.p);
+        for (int64_t kk = b; kk < e; ++kk)
+          for (int64_t t0 = 0; t0 < T; t0 += TILE_M)
+            dw1_block(dy.data() + t0 * n_mid, t0, std::min(TILE_M, T - t0), kk, dyT.data(), xa.data(), a1.data());
+      });
+      reduce_into<scalar_t, acc_t>({a1}, dw1);
+      reduce_into<scalar_t, acc_t>({a2}, dw2);
+      return;
+    }
+    const int64_t ntiles = cdiv(T, TILE_M), nch = std::min<int64_t>(at::get_num_threads(), ntiles);
+    std::vector<std::vector<acc_t>> acc1(nch, std::vector<acc_t>(w1.numel(), acc_t(0)));
+    std::vector<std::vector<acc_t>> acc2(nch, std::vector<acc_t>(w2.numel(), acc_t(0)));
+    at::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
+      std::vector<acc_t> xa(TILE_M * d.p), ybuf(TILE_M * d.q), z(TILE_M * n_mid), go(TILE_M * d.s), dz(TILE_M * d.r),
+          dy(TILE_M * n_mid), goT(d.s * TILE_M), dyT(d.q * TILE_M);
+      for (int64_t ch = cb; ch < ce; ++ch)
+        for (int64_t tile = ch * ntiles / nch; tile < (ch + 1) * ntiles / nch; ++tile) {
+          const int64_t t0 = tile * TILE_M, m = std::min(TILE_M, T - t0);
+          for (int64_t kk = 0; kk < d.k; ++kk)  // z recomputed, never saved
+            stage1_block<scalar_t, acc_t>(d, x, t0, m, kk, w1t, xa.data(), ybuf.data(), z.data(), 0);
+          for (int64_t ll = 0; ll < d.l; ++ll) {
+            stage2_adjoint_block<scalar_t, acc_t>(d, g, t0, m, ll, w2p, go.data(), dz.data(), dy.data(), 0);
+            dw2_block(go.data(), z.data(), m, ll, goT.data(), acc2[ch].data());
+          }
+          for (int64_t kk = 0; kk < d.k; ++kk) dw1_block(dy.data(), t0, m, kk, dyT.data(), xa.data(), acc1[ch].data());
+        }
+    });
+    reduce_into<scalar_t, acc_t>(acc1, dw1);
+    reduce_into<scalar_t, acc_t>(acc2, dw2);
+  });
+  return {dw1, dw2};
+}
+
+// ------------------------------------------------------------------------------------------ block-diagonal
+
+at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                         int64_t n_out, int64_t act) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "blockdiag_fwd (cpu): x must be a 2-D CPU tensor");
+  const int64_t k = w.size(0), q = w.size(1), p = w.size(2), T = x.size(0);
+  auto out = at::empty({T, n_out}, x.options());
+  if (T == 0) return out;
+  const int64_t kb = std::min(k, cdiv(n_out, q));  // blocks with at least one kept output
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "blockdiag_fwd_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto bvec = bias_vec<acc_t>(bias, n_out);
+    const auto wt_ = pack(w, acc_type<acc_t>(), true);  // (k, p, q)
+    const acc_t* wt = wt_.data_ptr<acc_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t ntiles = cdiv(T, TILE_M);
+    at::parallel_for(0, ntiles * kb, 1, [&](int64_t begin, int64_t end) {  // (row tile, block) pairs are independent
+      std::vector<acc_t> xa(TILE_M * p), ybuf(TILE_M * q);
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t t0 = (job / kb) * TILE_M, kk = job % kb, m = std::min(TILE_M, T - t0);
+        load_tile(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.size(1), t0, m, kk * p, p, xa.data());
+        std::fill(ybuf.begin(), ybuf.begin() + m * q, acc_t(0));
+        gemm_acc<acc_t>(m, q, p, xa.data(), p, wt + kk * p * q, q, ybuf.data(), q);
+        const int64_t lim = std::min(q, n_out - kk * q);
+        for (int64_t t = 0; t < m; ++t)
+          for (int64_t qq = 0; qq < lim; ++qq) {
+            const int64_t c = kk * q + qq;
+            op[(t0 + t) * n_out + c] = static_cast<scalar_t>(activate<acc_t>(ybuf[t * q + qq] + bvec[c], act));
+          }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor blockdiag_wgrad(const at::Tensor& x, const at::Tensor& g, int64_t k, int64_t q, int64_t p) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "blockdiag_wgrad (cpu): x must be a 2-D CPU tensor");
+  const int64_t T = x.size(0);
+  auto dw = at::zeros({k, q, p}, x.options());
+  if (T == 0) return dw;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "blockdiag_wgrad_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    // parallel over (block, token chunk); each job accumulates dw[kk] over its chunk
+    const int64_t ntiles = cdiv(T, TILE_M);
+    const int64_t nch = std::max<int64_t>(1, std::min(ntiles, cdiv(at::get_num_threads(), k)));
+    std::vector<std::vector<acc_t>> parts(nch, std::vector<acc_t>(k * q * p, acc_t(0)));
+    at::parallel_for(0, k * nch, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> xa(TILE_M * p), ga(TILE_M * q), gT(q * TILE_M);
+      for (int64_t job = begin; job < end; ++job) {
+        const int64_t kk = job / nch, ch = job % nch;
+        for (int64_t tile = ch * ntiles / nch; tile < (ch + 1) * ntiles / nch; ++tile) {
+          const int64_t t0 = tile * TILE_M, m = std::min(TILE_M, T - t0);
+          load_tile(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.size(1), t0, m, kk * p, p, xa.data());
+          load_tile(g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.size(1), t0, m, kk * q, q, ga.data());
+          for (int64_t qq = 0; qq < q; ++qq)
+            for (int64_t t = 0; t < m; ++t) gT[qq * m + t] = ga[t * q + qq];
+          gemm_acc<acc_t>(q, p, m, gT.data(), m, xa.data(), p, parts[ch].data() + kk * q * p, p);
+        }
+      }
+    });
+    reduce_into<scalar_t, acc_t>(parts, dw);
+  });
+  return dw;
+}
+
+}  // namespace monarch_cpu
+
+TORCH_LIBRARY_IMPL(monarch_kernels_ext, CPU, m) {
+  m.impl("blockdiag_fwd", &monarch_cpu::blockdiag_fwd);
+  m.impl("blockdiag_wgrad", &monarch_cpu::blockdiag_wgrad);
+  m.impl("monarch_fwd", &monarch_cpu::monarch_fwd);
+  m.impl("monarch_bwd_input", &monarch_cpu::monarch_bwd_input);
+  m.impl("monarch_bwd_weight", &monarch_cpu::monarch_bwd_weight);
+}

@@ -1,0 +1,110 @@
+"""C++ CPU kernels (the ``cpu`` backend) against the float64 reference: both schedules (row tiles with the
+intermediate in cache; block-parallel for few tokens), ragged sizes, strided inputs, batch 0/1, dtypes, and
+outputs poisoned with NaN (deterministic mode fills every fresh allocation, ``at::empty`` included)."""
+import pytest
+import torch
+
+import monarch_kernels as mk
+from monarch_kernels import reference as ref
+from conftest import rel_err
+
+if mk.available_backends()["cpu"] != "available":
+    pytest.skip("cpu extension not built: " + mk.available_backends()["cpu"], allow_module_level=True)
+
+from monarch_kernels.ext import Primitives as C  # noqa: E402
+
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+SHAPES = [((4, 12, 12), (4, 48, 12)), ((4, 12, 48), (4, 12, 12)), ((5, 5, 7), (5, 6, 5)), ((4, 5, 8), (4, 6, 5)),
+          ((4, 2, 2), (4, 5, 2))]  # the last: MonarchLinear(6, 18, nblocks=4), a fully padded input block
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # fills uninitialised memory (at::empty) with NaN
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+def _d(t):
+    return t.double()
+
+
+@pytest.mark.parametrize("T", [1, 5, 97])  # few tiles (block-parallel) and several row tiles
+@pytest.mark.parametrize("s1,s2", SHAPES)
+def test_monarch_ops_float64(s1, s2, T):
+    sh = mk.MonarchShape.from_factors(s1, s2)
+    n_in, n_out = max(1, sh.n_in - sh.p // 2 - 1), max(1, sh.n_out - sh.s // 2 - 1)
+    x, g = torch.randn(T, n_in, dtype=torch.float64), torch.randn(T, n_out, dtype=torch.float64)
+    w1, w2 = torch.randn(s1, dtype=torch.float64), torch.randn(s2, dtype=torch.float64)
+    b = torch.randn(n_out, dtype=torch.float64)
+    assert rel_err(C.monarch_fwd(x, w1, w2, b, n_out, "gelu"), ref.monarch_fwd(x, w1, w2, b, n_out, "gelu")) < 1e-12
+    assert rel_err(C.monarch_bwd_input(g, w1, w2, n_in), ref.monarch_bwd_input(g, w1, w2, n_in)) < 1e-12
+    for a, e in zip(C.monarch_bwd_weight(x, g, w1, w2), ref.monarch_bwd_weight(x, g, w1, w2)):
+        assert rel_err(a, e) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_monarch_low_precision(dtype):
+    s1, s2 = SHAPES[0]
+    x, g = torch.randn(70, 47).to(dtype), torch.randn(70, 191).to(dtype)
+    w1, w2, b = torch.randn(s1).to(dtype), torch.randn(s2).to(dtype), torch.randn(191).to(dtype)
+    out = C.monarch_fwd(x, w1, w2, b, 191, "relu")
+    assert out.dtype == dtype
+    assert rel_err(out, ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), 191, "relu")) < TOL[dtype]
+    assert rel_err(C.monarch_bwd_input(g, w1, w2, 47), ref.monarch_bwd_input(_d(g), _d(w1), _d(w2), 47)) < TOL[dtype]
+    for a, e in zip(C.monarch_bwd_weight(x, g, w1, w2), ref.monarch_bwd_weight(_d(x), _d(g), _d(w1), _d(w2))):
+        assert rel_err(a, e) < TOL[dtype]
+
+
+@pytest.mark.parametrize("T", [3, 80])
+@pytest.mark.parametrize("act", ["none", "gelu_tanh"])
+def test_blockdiag_ops(T, act):
+    x, g = torch.randn(T, 30, dtype=torch.float64), torch.randn(T, 26, dtype=torch.float64)
+    w, b = torch.randn(4, 7, 8, dtype=torch.float64), torch.randn(26, dtype=torch.float64)
+    assert rel_err(C.blockdiag_fwd(x, w, b, 26, act), ref.blockdiag_fwd(x, w, b, 26, act)) < 1e-12
+    assert rel_err(C.blockdiag_wgrad(x, g, 4, 7, 8), ref.blockdiag_wgrad(x, g, 4, 7, 8)) < 1e-12
+
+
+def test_strided_inputs_and_weights():
+    s1, s2 = SHAPES[1]
+    big = torch.randn(90, 2 * 48, dtype=torch.float64)
+    x = big[::3, ::2]
+    w1 = torch.randn(4, 48, 12, dtype=torch.float64).transpose(1, 2)  # non-contiguous (4, 12, 48)
+    w2 = torch.randn(s2, dtype=torch.float64)
+    g = torch.randn(12, 60, dtype=torch.float64).T[:, :48]  # transposed, sliced
+    assert rel_err(C.monarch_fwd(x, w1, w2, None, 48, "none"), ref.monarch_fwd(x, w1, w2, None, 48)) < 1e-12
+    assert rel_err(C.monarch_bwd_input(g, w1, w2, 48), ref.monarch_bwd_input(g, w1, w2, 48)) < 1e-12
+
+
+def test_empty_batch():
+    w1, w2 = torch.randn(4, 3, 3), torch.randn(4, 3, 3)
+    x = torch.randn(0, 12)
+    assert C.monarch_fwd(x, w1, w2, None, 12, "none").shape == (0, 12)
+    dw1, dw2 = C.monarch_bwd_weight(x, torch.randn(0, 12), w1, w2)
+    assert torch.equal(dw1, torch.zeros_like(w1)) and torch.equal(dw2, torch.zeros_like(w2))
+
+
+def test_backend_through_ops_api():
+    """backend='cpu' through the dispatcher: outputs and gradients (double backward too) match torch."""
+    x = torch.randn(5, 40, 47, dtype=torch.float64)
+    w1, w2 = torch.randn(4, 12, 12, dtype=torch.float64), torch.randn(4, 48, 12, dtype=torch.float64)
+    b = torch.randn(190, dtype=torch.float64)
+    res = {}
+    for backend in ("torch", "cpu"):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w2, b)]
+        out = mk.monarch_linear(*leaves, out_features=190, activation="gelu", backend=backend)
+        grads = torch.autograd.grad(out.pow(2).sum(), leaves, create_graph=True)
+        gg = torch.autograd.grad(sum(gr.pow(2).sum() for gr in grads[:3]), leaves[:3])
+        res[backend] = (out, *grads, *gg)
+    for a, e in zip(res["cpu"], res["torch"]):
+        assert rel_err(a, e) < 1e-10
+
+
+def test_auto_dispatch_rule():
+    x_small, x_big = torch.randn(4, 48), torch.randn(4096, 48)
+    w1, w2 = torch.randn(4, 12, 12), torch.randn(4, 48, 12)
+    assert mk.resolve_backend("monarch", x_big, w1, w2) == "cpu"
+    assert mk.resolve_backend("monarch", x_small, w1, w2) == "torch"
+    assert mk.resolve_backend("monarch", x_small.half(), w1.half(), w2.half()) == "cpu"
+    assert mk.resolve_backend("monarch", x_big.to(torch.complex64), w1.to(torch.complex64), w2.to(torch.complex64)) == "torch"
