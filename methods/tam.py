@@ -30,7 +30,10 @@ Experiment (``python -m methods tam``): a contextual SBM (:func:`make_csbm`; 300
 features, homophily 0.7) where a quarter of each of the 3 minor classes is wired into a major class; 20 labels per
 major and 2 per minor class; CE vs Balanced Softmax vs BS+TAM over 10 seeds, plus a control without anomalous nodes.
 Class means are 2 noise-σ apart (the research note's ≈1σ left every method near 0.49 balanced accuracy in a
-4-seed trial, with BS+TAM − BS = +0.4 points).
+4-seed trial, with BS+TAM − BS = +0.4 points). Measured at the defaults (10 seeds): BS+TAM beats BS by about 1.6
+balanced-accuracy points on every seed, but by as much in the control without anomalous nodes, and it does not
+lower the number of major-class nodes predicted as a minor class; so the gain appears here, the paper's
+mechanism (relaxed margins for anomalously connected minor nodes) is not what produces it in this setting.
 """
 from __future__ import annotations
 
