@@ -163,7 +163,6 @@ def test_linear_r2_and_bad_input():
         _model().env_params(torch.zeros(3, 5, dtype=torch.float64))
 
 
-@pytest.mark.slow
 def test_quick_run(tmp_path):
     from methods.recipe import run_recipe
 
