@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 
-.PHONY: setup build bench test clean
+.PHONY: setup build bench test clean cuda-build-check
 
 $(DEPS): requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,3 +27,13 @@ test: build
 
 clean:
 	rm -rf build *.egg-info monarch_kernels/_C*.so bench/out
+
+# Build the full CUDA extension against the local CUDA torch wheel (compile/link check, no GPU needed;
+# about 80 s to install torch 2.14.1+cu130 into .venv-cuda and a few minutes to build).
+cuda-build-check:
+	$(PYTHON) -m venv .venv-cuda
+	.venv-cuda/bin/python -m pip install torch==2.14.1 numpy setuptools wheel ninja
+	rm -rf build/cuda-check && mkdir -p build/cuda-check
+	CUDA_HOME=$${CUDA_HOME:-/usr/local/cuda} \
+	  .venv-cuda/bin/python setup.py build_ext --build-lib build/cuda-check --build-temp build/cuda-check/tmp
+	@echo "CUDA extension built: $$(ls build/cuda-check/monarch_kernels/_C*.so)"

@@ -31,7 +31,7 @@ def extension_modules():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         print("monarch-kernels: no C++ compiler found; skipping the C++/CUDA extension", file=sys.stderr)
         return [], {}
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is set by torch.utils.cpp_extension
     if os.environ.get("MONARCH_KERNELS_PORTABLE") != "1":
         cxx.append("-march=native")  # the CPU micro-kernel relies on the host's vector width
     cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
@@ -44,7 +44,7 @@ def extension_modules():
             "monarch_kernels._C",
             cpp + cu,
             define_macros=[("MONARCH_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
         )
     else:

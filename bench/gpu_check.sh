@@ -10,7 +10,7 @@ mkdir -p "$OUT_DIR"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv || true
 start=$(date +%s)
 # editable build with the machine's CUDA torch (no network, no build isolation)
-python3 -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT_DIR/build.log" 2>&1 \
+MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT_DIR/build.log" 2>&1 \
   && echo "extension build ok ($(( $(date +%s) - start )) s)" \
   || { echo "extension build FAILED ($(( $(date +%s) - start )) s); tail of build.log:"; tail -30 "$OUT_DIR/build.log"; }
 python3 -m bench.gpu_check --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"

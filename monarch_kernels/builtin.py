@@ -85,8 +85,9 @@ register_backend(Backend(
     prefer=_cpu_prefers, priority=10,
     description="compiled C++ kernels: row tiles with the intermediate in cache, register-blocked micro-kernel",
 ))
+# below triton until GPU timings say otherwise (bench/gpu_check.py times both side by side)
 register_backend(Backend(
     name="cuda", load=_load_cuda, supports=lambda device, dtype: device.type == "cuda" and dtype in _TRITON_DTYPES,
-    priority=30,
+    priority=15,
     description="compiled CUDA kernels: tensor-core (mma.sync) fused Monarch forward and backward",
 ))

@@ -1,0 +1,149 @@
+// torch binding of the CUDA kernels (compiled only in a CUDA build): the CUDA implementations of the
+// monarch_kernels_ext ops. Fused kernels serve fp16/bf16 Monarch products whose blocks route evenly
+// (q % l == 0); everything else takes the two-kernel path (the block-diagonal kernel with P1/P2 folded
+// into its loads and stores). Weight gradients recompute the intermediate and reduce fp32 split-T partials.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+#include "monarch_kernels.cuh"
+
+namespace {
+
+using monarch_cuda::DType;
+using monarch_cuda::Mat2;
+using monarch_cuda::Mat3;
+using monarch_cuda::Perm;
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK(false, "monarch cuda kernels support float32, float16 and bfloat16, got ", t.scalar_type());
+  }
+}
+
+Mat2 mat2(const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda() && t.dim() == 2, "monarch cuda kernels: expected a 2-D CUDA tensor");
+  return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
+}
+
+Mat3 mat3(const at::Tensor& t) {
+  TORCH_CHECK(t.is_cuda() && t.dim() == 3, "monarch cuda kernels: expected a 3-D CUDA weight");
+  return {t.data_ptr(), t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+Perm perm(int64_t a, int64_t b) { return {a, b, true}; }
+
+void check(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "monarch cuda kernel ", what, " failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+const void* bias_ptr(const c10::optional<at::Tensor>& bias, at::Tensor& keep) {
+  if (!bias.has_value()) return nullptr;
+  keep = bias->contiguous();
+  return keep.data_ptr();
+}
+
+// Y = blockdiag(X, W) with optional permutations, into a fresh (T, n_out) tensor.
+at::Tensor bd(const at::Tensor& x, const at::Tensor& w, const void* bias, int64_t n_out, int64_t act, Perm in_p,
+              Perm out_p) {
+  auto y = at::empty({x.size(0), n_out}, x.options());
+  check(monarch_cuda::blockdiag_forward(dtype_of(x), mat2(x), mat3(w), bias, y.data_ptr(), n_out, y.stride(0),
+                                        y.stride(1), in_p, out_p, static_cast<int>(act), stream()),
+        "blockdiag_forward");
+  return y;
+}
+
+at::Tensor wgrad(const at::Tensor& x, const at::Tensor& g, int64_t k, int64_t q, int64_t p, Perm x_p, Perm g_p) {
+  const int64_t T = x.size(0);
+  if (T == 0) return at::zeros({k, q, p}, x.options());
+  const int64_t tiles = k * ((q + 63) / 64) * ((p + 63) / 64);
+  int sms = 0;
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()), "cudaDeviceGetAttribute");
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>((4 * int64_t(sms) + tiles - 1) / tiles, (T + 255) / 256));
+  const int64_t rows = (T + splits - 1) / splits;
+  auto partial = at::empty({splits, k, q, p}, x.options().dtype(at::kFloat));
+  check(monarch_cuda::blockdiag_weight_grad(dtype_of(x), mat2(x), mat2(g), k, q, p, x_p, g_p,
+                                            partial.data_ptr<float>(), splits, rows, stream()),
+        "blockdiag_weight_grad");
+  return partial.sum(0).to(x.scalar_type());
+}
+
+bool fused_ok(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
+  return x.scalar_type() != at::kFloat && w1.size(1) % w2.size(0) == 0;
+}
+
+// ------------------------------------------------------------------------------------ ops
+
+at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                         int64_t n_out, int64_t act) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor keep;
+  return bd(x, w, bias_ptr(bias, keep), n_out, act, Perm{}, Perm{});
+}
+
+at::Tensor blockdiag_wgrad(const at::Tensor& x, const at::Tensor& g, int64_t k, int64_t q, int64_t p) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return wgrad(x, g, k, q, p, Perm{}, Perm{});
+}
+
+at::Tensor monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                       const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t act) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t l = w2.size(0), s = w2.size(1), r = w2.size(2);
+  at::Tensor keep;
+  const void* b = bias_ptr(bias, keep);
+  if (fused_ok(x, w1, w2)) {
+    auto out = at::empty({x.size(0), n_out}, x.options());
+    check(monarch_cuda::monarch_fused_forward(dtype_of(x), mat2(x), mat3(w1), mat3(w2), b, out.data_ptr(), n_out,
+                                              static_cast<int>(act), stream()),
+          "monarch_fused_forward");
+    return out;
+  }
+  const auto z = bd(x, w1, nullptr, l * r, 0, Perm{}, perm(l, r));  // P1 folded into the store
+  return bd(z, w2, b, n_out, act, Perm{}, perm(s, l));               // P2 folded into the store
+}
+
+// dy[t, rr*l + ll] = sum_ss g[t, ss*l + ll] w2[ll, ss, rr]  (gather P2^T, scatter P1^T)
+at::Tensor stage2_adjoint(const at::Tensor& g, const at::Tensor& w2) {
+  const int64_t l = w2.size(0), s = w2.size(1), r = w2.size(2);
+  return bd(g, w2.transpose(1, 2), nullptr, l * r, 0, perm(s, l), perm(r, l));
+}
+
+at::Tensor monarch_bwd_input(const at::Tensor& g, const at::Tensor& w1, const at::Tensor& w2, int64_t n_in) {
+  const c10::cuda::CUDAGuard guard(g.device());
+  if (fused_ok(g, w1, w2)) {
+    auto dx = at::empty({g.size(0), n_in}, g.options());
+    check(monarch_cuda::monarch_fused_dx(dtype_of(g), mat2(g), mat3(w1), mat3(w2), dx.data_ptr(), n_in, stream()),
+          "monarch_fused_dx");
+    return dx;
+  }
+  return bd(stage2_adjoint(g, w2), w1.transpose(1, 2), nullptr, n_in, 0, Perm{}, Perm{});
+}
+
+std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w1,
+                                                      const at::Tensor& w2) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t k = w1.size(0), q = w1.size(1), p = w1.size(2), l = w2.size(0), s = w2.size(1), r = w2.size(2);
+  const auto z = bd(x, w1, nullptr, l * r, 0, Perm{}, perm(l, r));  // recomputed stage-2 input
+  auto dw2 = wgrad(z, g, l, s, r, Perm{}, perm(s, l));
+  auto dw1 = wgrad(x, stage2_adjoint(g, w2), k, q, p, Perm{}, Perm{});
+  return {dw1, dw2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(monarch_kernels_ext, CUDA, m) {
+  m.impl("blockdiag_fwd", &blockdiag_fwd);
+  m.impl("blockdiag_wgrad", &blockdiag_wgrad);
+  m.impl("monarch_fwd", &monarch_fwd);
+  m.impl("monarch_bwd_input", &monarch_bwd_input);
+  m.impl("monarch_bwd_weight", &monarch_bwd_weight);
+}
