@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 
-.PHONY: setup build bench test clean cuda-build-check
+.PHONY: setup build bench test clean cuda-build-check bench-regress
 
 $(DEPS): requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ bench: build
 
 test: build
 	$(PY) -m pytest -q $(TEST_ARGS)
+
+# CPU performance-regression suite (pytest-benchmark), separate from the unit tests
+bench-regress: build
+	$(PY) -m pytest bench/benchmarks --benchmark-only --benchmark-autosave $(TEST_ARGS)
 
 clean:
 	rm -rf build *.egg-info monarch_kernels/_C*.so bench/out

@@ -14,4 +14,11 @@ MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps --no-index -e 
   && echo "extension build ok ($(( $(date +%s) - start )) s)" \
   || { echo "extension build FAILED ($(( $(date +%s) - start )) s); tail of build.log:"; tail -30 "$OUT_DIR/build.log"; }
 python3 -m bench.gpu_check --out "$OUT_DIR" "$@" 2>&1 | tee "$OUT_DIR/gpu_check.log"
-exit "${PIPESTATUS[0]}"
+status=${PIPESTATUS[0]}
+# layer and model benchmarks (MLP, GPT block and model, eager + compiled, generation, saved activations)
+timeout 150 python3 -m bench.models --compile --out "$OUT_DIR" > "$OUT_DIR/models.log" 2>&1 \
+  || echo "bench.models did not finish (see models.log)"
+echo; echo "===== summary ($(( $(date +%s) - start )) s) ====="
+tail -n 60 "$OUT_DIR/gpu_check.log"
+tail -n 40 "$OUT_DIR/models.log"
+exit "$status"
