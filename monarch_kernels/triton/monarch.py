@@ -19,8 +19,9 @@ Two paths:
 * **two-kernel** (design D0), any shapes: the block-diagonal kernel of :mod:`.blockdiag` twice, with P1 and
   P2 folded into the first kernel's store and the second kernel's store (and into loads in backward).
 
-``path="auto"`` takes the fused path when it applies and the rank ``c`` fills a tensor-core tile (≥ 16);
-tests force each path.
+``path="auto"`` takes the fused path when it applies and either the rank ``c`` fills a tensor-core tile
+(≥ 16) or there are few tokens (≤ ``SMALL_T``: the small-batch inference regime, bound by weight bytes,
+where one launch streaming each factor once beats two); tests force each path.
 """
 from __future__ import annotations
 
@@ -42,13 +43,19 @@ def fused_applies(sh: MonarchShape) -> bool:
     return sh.q % sh.l == 0
 
 
-def choose_path(sh: MonarchShape, path: str) -> str:
+#: up to this many tokens the fused kernels are weight-bandwidth bound, so a rank c < 16 (padded to a
+#: 16-wide tile) costs nothing that matters and one launch that streams each factor once wins
+SMALL_T = 256
+
+
+def choose_path(sh: MonarchShape, path: str, tokens: int = 0) -> str:
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if path == "fused" and not fused_applies(sh):
         raise ValueError(f"fused Monarch path needs q % l == 0, got w1 {sh.w1_shape}, w2 {sh.w2_shape}")
     if path == "auto":
-        return "fused" if fused_applies(sh) and (sh.q // sh.l >= 16 or interpreting()) else "two_kernel"
+        wide_rank = sh.q // sh.l >= 16 or tokens <= SMALL_T
+        return "fused" if fused_applies(sh) and wide_rank else "two_kernel"
     return path
 
 
@@ -134,7 +141,7 @@ def forward(x, w1, w2, bias=None, n_out=None, activation="none", *, path="auto")
     """``act(M x + bias)`` for ``x (T, n_in)``; ``n_out ≤ l·s`` truncates."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_out = sh.n_out if n_out is None else n_out
-    if choose_path(sh, path) == "fused":
+    if choose_path(sh, path, x.shape[0]) == "fused":
         return _fused_forward(x, w1, w2, bias, n_out, activation, sh)
     # D0: stage 1 stores y[f] at z[(f mod l)·r + f div l] (P1), stage 2 stores o[f] at (f mod s)·l + f div s (P2)
     z = blockdiag_forward(x, w1, out_perm=(sh.l, sh.r))
@@ -191,7 +198,7 @@ def backward_input(g, w1, w2, n_in=None, *, path="auto"):
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_in = sh.n_in if n_in is None else n_in
     T = g.shape[0]
-    if choose_path(sh, path) == "two_kernel":
+    if choose_path(sh, path, T) == "two_kernel":
         # dz[ll, rr] = Σ_ss w2[ll, ss, rr] g[ss·l + ll] (gather P2ᵀ), stored at dy[rr·l + ll] (P1ᵀ)
         dy = blockdiag_forward(g, w2.transpose(1, 2), in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l))
         return blockdiag_forward(dy, w1.transpose(1, 2), None, n_in)
@@ -322,7 +329,7 @@ def backward_weight(x, g, w1, w2, *, path="auto"):
     """``(dw1, dw2)`` of ``⟨g, M x⟩`` for ``x (T, n_in)``, ``g (T, n_out)``; the intermediate is recomputed."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     T = x.shape[0]
-    if choose_path(sh, path) == "two_kernel":
+    if choose_path(sh, path, T) == "two_kernel":
         z = blockdiag_forward(x, w1, out_perm=(sh.l, sh.r))  # recomputed stage-2 input, (T, l·r)
         dw2 = blockdiag_weight_grad(z, g, sh.l, sh.s, sh.r, g_perm=(sh.s, sh.l))
         dy = blockdiag_forward(g, w2.transpose(1, 2), in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l))

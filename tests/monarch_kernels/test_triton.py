@@ -155,3 +155,8 @@ def test_path_validation():
     with pytest.raises(ValueError, match="path must be one of"):
         tmon.choose_path(sh, "magic")
     assert tmon.choose_path(sh, "auto") == "two_kernel"
+    square = mk.MonarchShape.from_factors((64, 64, 64), (64, 64, 64))  # rank c = 1
+    assert tmon.choose_path(square, "auto", tokens=16) == "fused"  # small batch: weight-bound, fuse
+    assert tmon.choose_path(square, "auto", tokens=65536) == "two_kernel"
+    gpt2 = mk.MonarchShape.from_factors((4, 192, 192), (4, 768, 192))  # rank c = 48
+    assert tmon.choose_path(gpt2, "auto", tokens=65536) == "fused"
