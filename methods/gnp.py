@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import symmetric_label_noise
 from .recipe import Recipe, RunContext
 
 
@@ -191,15 +192,6 @@ def gnp_gradient(params, closure: Callable[[], Tensor], r: float, alpha: float, 
 # --------------------------------------------------------------------------------------------------
 # The experiment: noisy-label digits/MNIST, SGD vs SAM vs GNP
 # --------------------------------------------------------------------------------------------------
-def symmetric_label_noise(y: Tensor, rate: float, num_classes: int, generator: torch.Generator) -> Tensor:
-    """Replace a ``rate`` fraction of labels (chosen at random) by a uniformly drawn *different* class."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"rate must be in [0, 1), got {rate!r}")
-    flip = torch.rand(len(y), generator=generator) < rate
-    shift = torch.randint(1, num_classes, (len(y),), generator=generator)
-    return torch.where(flip, (y + shift) % num_classes, y)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
     p.add_argument("--noise", type=float, default=0.3, help="symmetric label-noise rate on the training set")

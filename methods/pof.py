@@ -323,7 +323,7 @@ def _run_seed(split, y_train, args, seed, ctx: RunContext) -> dict:
 
 
 def run(args: argparse.Namespace, ctx: RunContext) -> dict:
-    from .data import load_digits, load_mnist
+    from .data import load_digits, load_mnist, symmetric_label_noise
 
     if args.quick:
         args.pretrain_epochs, args.post_epochs, args.seeds, args.hidden, args.hessian_iters = 6, 2, 1, 64, 20
@@ -333,7 +333,6 @@ def run(args: argparse.Namespace, ctx: RunContext) -> dict:
         split = (load_digits(seed, test_fraction=0.5) if args.dataset == "digits" else load_mnist(seed)).flat()
         y_train = split.y_train
         if args.noise > 0:
-            from .gnp import symmetric_label_noise
 
             y_train = symmetric_label_noise(y_train, args.noise, split.num_classes,
                                             torch.Generator().manual_seed(seed + 101))

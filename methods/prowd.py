@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .data import load_image_dataset
+from .data import dirichlet_split, load_image_dataset
 from .models import MLP
 from .recipe import Recipe, RunContext
 
@@ -76,35 +76,6 @@ METHOD_LABELS = {"fedavg": "FedAvg", "grouped": "GroupedAvg", "deq": "DEQ only",
 # --------------------------------------------------------------------------------------------------
 # Non-IID split
 # --------------------------------------------------------------------------------------------------
-def dirichlet_split(labels: Tensor, n_clients: int, alpha: float, generator: torch.Generator,
-                    min_size: int = 2, max_tries: int = 100) -> list[Tensor]:
-    """Label-skewed partition: for every class c, proportions ``p_c ~ Dir(α·1_K)`` over the K clients split the
-    (shuffled) indices of class c. Redrawn until every client holds ≥ ``min_size`` samples. Returns K disjoint
-    index tensors covering ``range(len(labels))``. Small α: few classes per client; α → ∞: IID."""
-    if not isinstance(labels, Tensor) or labels.dim() != 1:
-        raise ValueError(f"labels must be a 1-D tensor (N,), got {getattr(labels, 'shape', labels)}")
-    if not isinstance(n_clients, int) or n_clients < 1:
-        raise ValueError(f"n_clients must be a positive int, got {n_clients!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha!r}")
-    if n_clients * min_size > len(labels):
-        raise ValueError(f"cannot give {n_clients} clients {min_size} samples each from {len(labels)} labels")
-    rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
-    y = labels.cpu().numpy()
-    for _ in range(max_tries):
-        parts: list[list[int]] = [[] for _ in range(n_clients)]
-        for c in np.unique(y):
-            idx = rng.permutation(np.flatnonzero(y == c))
-            p = rng.dirichlet(np.full(n_clients, float(alpha)))
-            cuts = (np.cumsum(p)[:-1] * len(idx)).astype(int)
-            for k, chunk in enumerate(np.split(idx, cuts)):
-                parts[k].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
-    raise RuntimeError(f"dirichlet_split: no split with >= {min_size} samples per client in {max_tries} draws "
-                       f"(alpha={alpha}, n_clients={n_clients}); raise alpha or lower min_size")
-
-
 # --------------------------------------------------------------------------------------------------
 # Quantisation with a straight-through estimator
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import rel_err
-from methods.gnp import GNP, gnp_gradient, symmetric_label_noise
+from methods.data import symmetric_label_noise
+from methods.gnp import GNP, gnp_gradient
 from methods.models import MLP
 
 

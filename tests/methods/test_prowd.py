@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from methods import prowd
-from methods.prowd import (FP_BITS, ClientUpdate, ProgressiveDequantizer, ProWDServer, dirichlet_split,
+from methods.data import dirichlet_split
+from methods.prowd import (FP_BITS, ClientUpdate, ProgressiveDequantizer, ProWDServer,
                            masked_average, quant_levels, quantize, quantize_state, stochastic_quantize, swa_mask,
                            weighted_average)
 
