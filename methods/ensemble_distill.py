@@ -362,7 +362,7 @@ def add_arguments(p) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--fast-wd", type=float, default=5e-4, help="decay of the fast weights toward 1")
-    p.add_argument("--eps", type=float, nargs="+", default=[1 / 64, 1 / 16, 1 / 4],
+    p.add_argument("--eps", type=float, nargs="+", default=[1 / 64, 1 / 16],
                    help="RMS perturbation steps (one KD+avg+perturb variant each)")
     p.add_argument("--noise", type=float, default=0.3, help="std of the Gaussian corruption of test inputs")
     p.add_argument("--seeds", type=int, default=3)
@@ -394,7 +394,6 @@ def _train_student(variant: str, split, teachers, args, gen, eps: float = 0.0, p
     opt = make_optimizer(model.parameters(), "adam", lr=args.lr)
     for p in teachers:
         p.requires_grad_(False)
-    steps = 0
     for _ in range(args.epochs):
         model.train()
         for idx in minibatches(len(split.x_train), args.batch_size, gen):
@@ -413,7 +412,6 @@ def _train_student(variant: str, split, teachers, args, gen, eps: float = 0.0, p
             if variant == "be":
                 scale_fast_grads_(model)
             opt.step()
-            steps += 1
         if progress is not None:
             progress.update(1)
     diag = {}

@@ -156,7 +156,8 @@ def test_fold_model_and_wrap_every_layer():
 
 def test_losses_and_regulariser():
     gen = torch.Generator().manual_seed(6)
-    s, t = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64), torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    s = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
+    t = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64)
     T = 4.0
     hand = sum(-(torch.softmax(t[m, b] / T, -1) * torch.log_softmax(s[m, b] / T, -1)).sum()
                for m in range(2) for b in range(3)) / 6 * T * T

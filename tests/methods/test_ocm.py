@@ -205,6 +205,7 @@ def test_quick_run(tmp_path):
     assert set(saved["summary"]) == {"finetune", "er", "ocm", "ocm_no_pre"}
     for s in saved["summary"].values():
         assert 0 <= s["final_accuracy"]["mean"] <= 1 and -1 <= s["forgetting"]["mean"] <= 1
+        assert 0 <= s["final_accuracy_ncm"]["mean"] <= 1 and 0 <= s["last_task_accuracy"]["mean"] <= 1
     for runs in saved["runs"].values():
         assert len(runs[0]["acc_matrix"]) == 5
     assert m["summary"] == saved["summary"]
