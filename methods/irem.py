@@ -37,9 +37,11 @@ and what this module follows:
   ``A = 2RRᵀ + 0.1 I`` (worse conditioned, larger answers); addition ``y = A + B`` with entries
   ``U(-1,1)``, OOD ``U(-2.5, 2.5)``. The baseline is a feed-forward MLP ``x → y`` trained with MSE.
 
-The recipe (``python -m methods irem``) trains IREM and the feed-forward baseline on 5×5 inverse and 4×4
-addition with fresh samples every step and reports the MSE at 5/10/20/40 steps and at the minimum-energy
-step, in distribution and out of distribution, with the energy along the trajectory.
+The recipe (``python -m methods irem``) trains IREM (hidden 256, K = 10, truncated backprop, replay buffer,
+Adam 1e-3, 1500 iterations of 128 fresh + 128 replayed problems; λ = 1 for inverse and 10 for addition, chosen
+from {1, 10, 100} at this scale) and the feed-forward baseline (same MLP shape and iterations, MSE) on 5×5
+inverse and 4×4 addition with fresh samples every step, and reports the MSE at 5/10/20/40 steps and at the
+minimum-energy step, in distribution and out of distribution, with the energy along the trajectory.
 """
 from __future__ import annotations
 
@@ -291,8 +293,8 @@ def evaluate_irem(energy: nn.Module, x: Tensor, target: Tensor, *, steps: int = 
 
     Returns ``mse_at`` (``{t: MSE of y^t}`` for ``t`` in ``report_steps``), ``mse_curve`` (MSE of every
     iterate), ``energy_curve`` (mean energy of every iterate), ``mse_min_energy`` (MSE of the
-    min-energy iterate), ``mean_min_energy_step`` and ``energy_decrease_frac`` (fraction of (problem, step)
-    pairs with ``E(y^{t+1}) ≤ E(y^t)``).
+    min-energy iterate), ``mean_min_energy_step``, ``energy_decrease_frac`` (fraction of (problem, step)
+    pairs with ``E(y^{t+1}) ≤ E(y^t)``) and ``energy_end_below_start_frac`` (problems with ``E(y^T) < E(y⁰)``).
     """
     energy.eval()
     sq, en = [], []
@@ -313,6 +315,7 @@ def evaluate_irem(energy: nn.Module, x: Tensor, target: Tensor, *, steps: int = 
         "mse_min_energy": float(mse_min.mean()),
         "mean_min_energy_step": float(idx.float().mean()),
         "energy_decrease_frac": float((en[1:] <= en[:-1]).float().mean()),
+        "energy_end_below_start_frac": float((en[-1] < en[0]).float().mean()),
     }
 
 
@@ -321,6 +324,8 @@ def evaluate_irem(energy: nn.Module, x: Tensor, target: Tensor, *, steps: int = 
 # --------------------------------------------------------------------------------------------------
 
 TASKS = ("inverse", "addition")
+#: λ per task, chosen from {1, 10, 100} at this small scale (5×5 inverse, 4×4 addition, 1500 iterations, K = 10)
+DEFAULT_STEP_LR = {"inverse": 1.0, "addition": 10.0}
 
 
 def make_task(name: str, n: int, size: int, *, ood: bool = False,
@@ -353,10 +358,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--nblocks", type=int, default=4)
     p.add_argument("--layer", default="monarch", choices=("monarch", "dense", "blockdiag"))
-    p.add_argument("--iters", type=int, default=2500, help="training iterations (IREM and the baseline)")
+    p.add_argument("--iters", type=int, default=1500, help="training iterations (IREM and the baseline)")
     p.add_argument("--batch-size", type=int, default=128, help="fresh problems per batch (IREM adds as many replayed)")
-    p.add_argument("--steps", type=int, default=5, help="K, reasoning steps during training")
-    p.add_argument("--step-lr", type=float, default=10.0, help="λ, step size of the energy descent")
+    p.add_argument("--steps", type=int, default=10, help="K, reasoning steps during training (official 10)")
+    p.add_argument("--step-lr", type=float, default=None,
+                   help="λ, step size of the energy descent (default: %s; official 100)" % DEFAULT_STEP_LR)
     p.add_argument("--grad-steps", type=int, default=1, help="differentiable last steps (1: truncated; K: full)")
     p.add_argument("--no-replay", action="store_true", help="train without the replay buffer")
     p.add_argument("--buffer", type=int, default=10_000)
@@ -386,21 +392,23 @@ def _run_task(task: str, args, ctx: RunContext) -> dict:
     tests = {split: make_task(task, args.test_size, size, ood=split == "ood", generator=test_gen)
              for split in ("id", "ood")}
 
+    step_lr = args.step_lr if args.step_lr is not None else DEFAULT_STEP_LR[task]
     energy = EnergyMLP(dim_x, dim_y, hidden=args.hidden, depth=3, layer=args.layer, nblocks=args.nblocks)
     opt = torch.optim.Adam(energy.parameters(), lr=args.lr)
     buffer = None if args.no_replay else ReplayBuffer(args.buffer, generator=ctx.generator)
     losses = []
     for _ in ctx.progress(range(args.iters), desc=f"{task}: IREM"):
         x, y = make_task(task, args.batch_size, size, generator=ctx.generator)
-        st = irem_train_step(energy, opt, x, y, steps=args.steps, step_lr=args.step_lr, grad_steps=args.grad_steps,
+        st = irem_train_step(energy, opt, x, y, steps=args.steps, step_lr=step_lr, grad_steps=args.grad_steps,
                              buffer=buffer, generator=ctx.generator)
         losses.append(st["loss_fresh"])
     ff = _train_feedforward(dim_x, dim_y, args, ctx, task, size)
 
-    out = {"dim_x": dim_x, "dim_y": dim_y, "size": size, "train_loss_fresh_last100": sum(losses[-100:]) / len(losses[-100:])}
+    out = {"dim_x": dim_x, "dim_y": dim_y, "size": size, "step_lr": step_lr,
+           "train_loss_fresh_last100": sum(losses[-100:]) / len(losses[-100:])}
     report = tuple(t for t in (1, 5, 10, 20, 40, 80) if t <= args.eval_steps)
     for split, (x, y) in tests.items():
-        ev = evaluate_irem(energy, x, y, steps=args.eval_steps, step_lr=args.step_lr, report_steps=report,
+        ev = evaluate_irem(energy, x, y, steps=args.eval_steps, step_lr=step_lr, report_steps=report,
                            generator=torch.Generator().manual_seed(20_000 + args.seed))
         with torch.no_grad():
             ff.eval()
@@ -413,6 +421,7 @@ def _run_task(task: str, args, ctx: RunContext) -> dict:
             "feedforward_mse": ff_mse,
             "zero_predictor_mse": float(y.pow(2).mean()),
             "energy_decrease_frac": ev["energy_decrease_frac"],
+            "energy_end_below_start_frac": ev["energy_end_below_start_frac"],
             "mean_energy_monotone": all(b <= a for a, b in zip(curve_e[:-1], curve_e[1:])),
             "mse_curve": ev["mse_curve"],
             "energy_curve": curve_e,
@@ -449,8 +458,8 @@ def _plot(results: dict, path: str) -> None:
 
 def run(args: argparse.Namespace, ctx: RunContext) -> dict:
     if args.quick:
-        args.iters, args.hidden, args.test_size, args.eval_steps = min(args.iters, 150), 64, 200, 20
-        args.batch_size = min(args.batch_size, 64)
+        args.iters, args.hidden, args.test_size, args.eval_steps = min(args.iters, 100), 64, 200, 20
+        args.batch_size, args.steps = min(args.batch_size, 64), min(args.steps, 5)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
         if t not in TASKS:
@@ -466,8 +475,7 @@ def run(args: argparse.Namespace, ctx: RunContext) -> dict:
             ctx.log(f"[irem] {task} {split}: IREM MSE at steps {at} | min-energy {r['irem_mse_min_energy']:.4f} | "
                     f"feed-forward {r['feedforward_mse']:.4f} | energy decreases {r['energy_decrease_frac']:.2f}")
     _plot(results, ctx.plot_path("irem_steps.png"))
-    return {"tasks": results, "layer": args.layer, "train_steps_K": args.steps, "step_lr": args.step_lr,
-            "iters": args.iters}
+    return {"tasks": results, "layer": args.layer, "train_steps_K": args.steps, "iters": args.iters}
 
 
 RECIPE = Recipe("irem", add_arguments, run, description=__doc__.splitlines()[0])
