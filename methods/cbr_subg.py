@@ -527,10 +527,13 @@ def synthetic_questions(n_patterns: int, n_train: int, n_test: int, rng: _random
 
 
 def kg_questions(triples: Sequence[tuple], n_types: int, n_train: int, n_test: int, rng: _random.Random,
-                 max_answers: int = 5, test_entity_fraction: float = 0.3, hops: Sequence[int] = (1, 2)):
+                 max_answers: int = 5, test_entity_fraction: float = 0.3, hops: Sequence[int] = (1, 2),
+                 min_train: int = 5, min_test: int = 2):
     """Path questions over one KB: a type is a relation path (1 or 2 hops); a question is a seed entity and
     the entities the path reaches (1..``max_answers`` of them, seed excluded). Seeds of test questions are
-    entities never used as a training seed. Returns ``(train, test, rel2id, type names)``."""
+    entities never used as a training seed. A type takes ``n_train``/``n_test`` questions, or all its
+    groundings when it has fewer (small KBs such as Nations, 14 entities), but at least
+    ``min_train``/``min_test``. Returns ``(train, test, rel2id, type names)``."""
     kb = KB(triples)
     rel2id = {r: i for i, r in enumerate(sorted({r for _, r, _ in kb.triples}))}
     entities = sorted(kb.entities(), key=str)
@@ -555,15 +558,16 @@ def kg_questions(triples: Sequence[tuple], n_types: int, n_train: int, n_test: i
             nodes.discard(e)
             if 1 <= len(nodes) <= max_answers:
                 grounded["train" if e in train_ents else "test"].append((e, frozenset(nodes)))
-        if len(grounded["train"]) < n_train or len(grounded["test"]) < n_test:
+        if len(grounded["train"]) < min(n_train, min_train) or len(grounded["test"]) < min(n_test, min_test):
             continue
         tid = len(names)
         names.append("/".join(path))
         for split, n, out in (("train", n_train, train), ("test", n_test, test)):
-            for i, (e, ans) in enumerate(rng.sample(grounded[split], n)):
+            for i, (e, ans) in enumerate(rng.sample(grounded[split], min(n, len(grounded[split])))):
                 out.append(Question(f"{split}{tid}_{i}", tid, (e,), ans, kb))
     if len(names) < n_types:
-        raise ValueError(f"only {len(names)} relation paths have {n_train}+{n_test} groundings; lower n_types/n_train")
+        raise ValueError(f"only {len(names)} relation paths have {min_train}+{min_test} groundings; "
+                         "lower n_types")
     return train, test, rel2id, names
 
 
@@ -572,8 +576,10 @@ def kg_questions(triples: Sequence[tuple], n_types: int, n_train: int, n_test: i
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--datasets", default="synthetic,umls",
+    p.add_argument("--datasets", default="synthetic,umls,nations,kinships",
                    help="comma list of synthetic, kinships, nations, umls")
+    p.add_argument("--n-seeds", type=int, default=3, help="replicates per dataset (seeds seed, seed+1, ...: "
+                   "fresh questions, kNN noise, init); mean ± std are reported")
     p.add_argument("--types", type=int, default=10, help="question types (patterns / relation paths)")
     p.add_argument("--train-per-type", type=int, default=30)
     p.add_argument("--test-per-type", type=int, default=10)
@@ -584,9 +590,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, default=32)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks of the input projection")
-    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--tau", type=float, default=0.1, help="TXent temperature")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-answers", type=int, default=5, help="KG path questions: most answers per question")
 
@@ -606,9 +612,14 @@ def _prepare(dataset: str, args, rng: _random.Random):
     return train, test, rel2id, names, max_len
 
 
-def run_dataset(dataset: str, args, ctx) -> dict:
-    rng = _random.Random(args.seed * 7919 + sum(map(ord, dataset)))
-    gen = torch.Generator().manual_seed(args.seed)
+def run_dataset(dataset: str, args, ctx, seed: int) -> dict:
+    """One replicate on one dataset: fresh questions, kNN noise, model init and training order from ``seed``."""
+    import time
+
+    cpu0 = time.process_time()
+    rng = _random.Random(seed * 7919 + sum(map(ord, dataset)))
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
     train, test, rel2id, names, max_len = _prepare(dataset, args, rng)
     chains_of = {q.qid: set().union(*(find_chains(q.kb, s, q.answers, max_len) for s in q.seeds)) for q in train}
     emb_train = question_embeddings(train, len(names), args.noise, gen)
@@ -690,12 +701,16 @@ def run_dataset(dataset: str, args, ctx) -> dict:
                                                     & {s for q in train for s in q.seeds}),
         "loss_first": losses[0] if losses else float("nan"), "loss_last": mean(losses[-10:]),
         "losses": losses,
+        "cpu_time_s": time.process_time() - cpu0,
     })
-    ctx.log(f"[cbr_subg] {dataset}: hits@1 CBR-SUBG {out['cbr_subg']['hits@1']:.3f} | random cases "
+    ctx.log(f"[cbr_subg] {dataset} seed {seed}: hits@1 CBR-SUBG {out['cbr_subg']['hits@1']:.3f} | random cases "
             f"{out['random_cases']['hits@1']:.3f} | distance heuristic {out['distance_heuristic']['hits@1']:.3f} | "
             f"chance {out['chance']['hits@1']:.3f} (coverage {out['answer_coverage_knn']:.2f}, "
             f"{out['mean_subgraph_nodes']:.0f} nodes)")
     return out
+
+
+METHODS = ("cbr_subg", "random_cases", "distance_heuristic", "chance")
 
 
 def run(args: argparse.Namespace, ctx) -> dict:
@@ -706,37 +721,52 @@ def run(args: argparse.Namespace, ctx) -> dict:
 
     if args.quick:
         args.types, args.train_per_type, args.test_per_type, args.epochs = 4, 12, 5, 3
-        args.datasets = "synthetic,umls"
+        args.datasets, args.n_seeds = "synthetic,umls", 1
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     bad = [d for d in datasets if d not in ("synthetic", "kinships", "nations", "umls")]
     if bad:
         raise ValueError(f"unknown datasets {bad}; expected synthetic, kinships, nations, umls")
-    results = {d: run_dataset(d, args, ctx) for d in datasets}
+    if args.n_seeds < 1:
+        raise ValueError(f"--n-seeds must be >= 1, got {args.n_seeds}")
+    seeds = [args.seed + i for i in range(args.n_seeds)]
+    runs = {d: [run_dataset(d, args, ctx, s) for s in seeds] for d in datasets}
 
-    methods = ("cbr_subg", "random_cases", "distance_heuristic", "chance")
+    def stats(values):
+        t = torch.tensor(values, dtype=torch.float64)
+        return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "per_seed": values}
+
+    summary = {d: {m: {f"hits@{k}": stats([r[m][f"hits@{k}"] for r in rs]) for k in (1, 3, 10)} for m in METHODS}
+               for d, rs in runs.items()}
+    for d in datasets:
+        line = " | ".join(f"{m} {summary[d][m]['hits@1']['mean']:.3f}±{summary[d][m]['hits@1']['std']:.3f}"
+                          for m in METHODS)
+        ctx.log(f"[cbr_subg] {d}, hits@1 over {len(seeds)} seed(s): {line}")
+
     fig, axes = plt.subplots(1, len(datasets) + 1, figsize=(5 * (len(datasets) + 1), 4), squeeze=False)
     for ax, d in zip(axes[0], datasets):
         width = 0.2
-        for i, m in enumerate(methods):
-            vals = [results[d][m][f"hits@{k}"] for k in (1, 3, 10)]
-            ax.bar([x + (i - 1.5) * width for x in range(3)], vals, width, label=m)
+        for i, m in enumerate(METHODS):
+            mean = [summary[d][m][f"hits@{k}"]["mean"] for k in (1, 3, 10)]
+            std = [summary[d][m][f"hits@{k}"]["std"] for k in (1, 3, 10)]
+            ax.bar([x + (i - 1.5) * width for x in range(3)], mean, width, yerr=std, label=m, capsize=2)
         ax.set_xticks(range(3), ["hits@1", "hits@3", "hits@10"])
         ax.set_ylim(0, 1)
-        ax.set_title(f"{d} (test: unseen entities)")
+        ax.set_title(f"{d} (test: unseen entities, {len(seeds)} seeds)", fontsize=10)
         ax.legend(fontsize=7)
     for d in datasets:
-        axes[0][-1].plot(results[d]["losses"], label=d)
-    axes[0][-1].set_title("TXent training loss")
+        axes[0][-1].plot(runs[d][0]["losses"], label=d)
+    axes[0][-1].set_yscale("log")
+    axes[0][-1].set_title(f"TXent training loss (seed {seeds[0]})")
     axes[0][-1].set_xlabel("step")
     axes[0][-1].legend()
     fig.tight_layout()
     fig.savefig(ctx.plot_path("cbr_subg.png"), dpi=110)
     plt.close(fig)
-    summary = {d: {m: results[d][m]["hits@1"] for m in methods} for d in datasets}
-    return {"datasets": results, "hits@1": summary,
-            "cbr_beats_baselines": {d: bool(summary[d]["cbr_subg"] > max(summary[d]["random_cases"],
-                                                                     summary[d]["distance_heuristic"]))
-                                    for d in datasets}}
+    h1 = {d: {m: summary[d][m]["hits@1"]["mean"] for m in METHODS} for d in datasets}
+    return {"seeds": seeds, "summary": summary, "hits@1": h1,
+            "cbr_beats_baselines": {d: bool(h1[d]["cbr_subg"] > max(h1[d]["random_cases"], h1[d]["distance_heuristic"]))
+                                    for d in datasets},
+            "runs": runs}
 
 
 RECIPE = Recipe("cbr_subg", add_arguments, run,

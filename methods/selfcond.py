@@ -31,10 +31,13 @@ Where this follows / deviates from apple/ml-selfcond:
   ``torch.Generator`` for reproducibility) instead of Hugging Face ``generate``; it works for any module
   that maps ``(B, T)`` token ids to logits ``(B, T, V)`` or to an object with ``.logits``.
 
-The demo (:data:`RECIPE`, ``python -m methods selfcond``) trains a small character-level GPT-2 (random
-init, Monarch MLPs through :func:`layers.monarchify`) on Shakespeare, takes a theme's lines (lines with one
-of the theme's words vs lines without) as the concept, and reports the fraction of generations that contain
-a theme word, and their perplexity, as ``k`` grows, for expert units and for random units.
+The demo (:data:`RECIPE`, ``python -m methods selfcond``) trains a small GPT-2 (Hugging Face
+``GPT2LMHeadModel``, random init, Monarch MLPs through :func:`layers.monarchify`) on Shakespeare, with a
+2000-word vocabulary by default (concept words are single tokens, as with GPT-2's BPE) or characters
+(``--tokenizer char``). The concept is a theme: dialogue lines with one of the theme's words vs lines
+without. For ``k`` expert units and for ``k`` random units it reports the fraction of generated samples that
+contain a theme word, theme words per 100 words, the forced model's next-token probability mass on the
+theme words, and the perplexity of the samples under the unforced model.
 """
 from __future__ import annotations
 
@@ -372,6 +375,41 @@ def generated_perplexity(model: nn.Module, ids: Tensor, prompt_len: int) -> floa
 # ---------------------------------------------------------------------------------------------------------
 # the Shakespeare demo
 
+class WordTokenizer:
+    """Word-level vocabulary for the demo (a small private helper; :class:`methods.data.CharTokenizer` is
+    the shared character-level one): the ``size − 2`` most frequent lower-cased words and punctuation marks
+    of ``text`` plus ``"\\n"`` and ``"<unk>"``. Words are ``[a-z']+`` runs; ``decode`` joins them with spaces
+    and attaches punctuation to the previous word."""
+
+    TOKEN = re.compile(r"[a-z']+|[.,;:!?-]|\n")
+
+    def __init__(self, text: str, size: int = 2000):
+        from collections import Counter
+
+        if size < 3:
+            raise ValueError(f"size must be >= 3, got {size}")
+        counts = Counter(t for t in self.TOKEN.findall(text.lower()) if t != "\n")
+        self.words = ["\n", "<unk>"] + sorted(w for w, _ in counts.most_common(size - 2))
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str) -> Tensor:
+        unk = self.index["<unk>"]
+        return torch.tensor([self.index.get(t, unk) for t in self.TOKEN.findall(text.lower())], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            w = self.words[int(i)]
+            if out and w not in ".,;:!?\n" and not out[-1].endswith("\n"):
+                out.append(" ")
+            out.append(w)
+        return "".join(out)
+
+
 #: theme lexicons (lower-case whole words); a line shows the concept when it contains one of them
 THEMES = {
     "love": ("love", "loves", "loved", "lover", "lovers", "loving", "beloved"),
@@ -402,17 +440,21 @@ def concept_lines(text: str, words: Iterable[str], n_pos: int, n_neg: int, gener
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concept", default="love", choices=sorted(THEMES), help="theme whose lines form the concept")
+    p.add_argument("--tokenizer", default="word", choices=("word", "char"),
+                   help="word: 2000-word vocabulary (concept words are single tokens, as with GPT-2's BPE); "
+                        "char: methods.data.CharTokenizer")
+    p.add_argument("--vocab", type=int, default=2000, help="word vocabulary size")
     p.add_argument("--steps", type=int, default=600, help="LM training steps")
     p.add_argument("--n-layer", type=int, default=3)
     p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block", type=int, default=64, help="training context length (characters)")
+    p.add_argument("--block", type=int, default=64, help="training context length (tokens)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks of the MLP layers")
     p.add_argument("--sentences", type=int, default=300, help="positive (and negative) concept lines")
     p.add_argument("--ks", default="0,1,3,10,30,100,300", help="numbers of forced units")
-    p.add_argument("--samples", type=int, default=64, help="generations per k")
-    p.add_argument("--gen-len", type=int, default=60, help="generated characters per sample")
+    p.add_argument("--samples", type=int, default=100, help="generations per k")
+    p.add_argument("--gen-len", type=int, default=None, help="generated tokens per sample (default 20 words / 80 chars)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=10)
     p.add_argument("--random-draws", type=int, default=3, help="random-unit sets per k (control)")
@@ -421,10 +463,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _presence(texts: list[str], pat: re.Pattern) -> tuple[float, float]:
-    """Fraction of texts with at least one concept word, and concept words per 1000 characters."""
+    """Fraction of texts with at least one concept word, and concept words per 100 words of text."""
     hits = [len(pat.findall(t)) for t in texts]
-    chars = max(1, sum(len(t) for t in texts))
-    return sum(h > 0 for h in hits) / len(texts), 1000.0 * sum(hits) / chars
+    nwords = max(1, sum(len(re.findall(r"[A-Za-z']+", t)) for t in texts))
+    return sum(h > 0 for h in hits) / len(texts), 100.0 * sum(hits) / nwords
+
+
+@torch.no_grad()
+def concept_probability(model: nn.Module, ids: Tensor, concept_ids: Tensor, prompt_len: int) -> float:
+    """Mean next-token probability mass on the concept tokens over the generated positions of ``ids``
+    (under whatever forcing is active)."""
+    device = next(model.parameters()).device
+    probs = _logits(model(ids.to(device))).float().softmax(-1)[:, prompt_len - 1:-1]
+    return float(probs[..., concept_ids.to(device)].sum(-1).mean())
 
 
 def run(args: argparse.Namespace, ctx) -> dict:
@@ -438,12 +489,14 @@ def run(args: argparse.Namespace, ctx) -> dict:
     from methods.train import lm_batches, lm_eval_loss, lm_loss
 
     if args.quick:
-        args.steps, args.n_layer, args.n_embd, args.block = min(args.steps, 40), 2, 64, 48
-        args.sentences, args.samples, args.gen_len, args.random_draws = 60, 16, 30, 1
-        args.ks = "0,3,30"
+        args.steps, args.n_layer, args.n_embd, args.block = min(args.steps, 30), 2, 64, 32
+        args.sentences, args.samples, args.gen_len, args.random_draws = 60, 16, 12, 1
+        args.ks, args.vocab = "0,3,30", min(args.vocab, 500)
     ks = [int(k) for k in args.ks.split(",")]
-    text = load_shakespeare(max_chars=1_500_000 if args.quick else None)
-    tok = CharTokenizer(text)
+    text = load_shakespeare(max_chars=1_000_000 if args.quick else None)
+    tok = WordTokenizer(text, args.vocab) if args.tokenizer == "word" else CharTokenizer(text)
+    unit_name = "word" if args.tokenizer == "word" else "char"
+    gen_len = args.gen_len or (20 if args.tokenizer == "word" else 80)
     ids = tok.encode(text)
     split = int(0.95 * len(ids))
     train_ids, val_ids = ids[:split], ids[split:]
@@ -468,7 +521,8 @@ def run(args: argparse.Namespace, ctx) -> dict:
     torch.save(model.state_dict(), ctx.path("lm.pt"))
     val_loss = lm_eval_loss(model, val_ids, args.block, batches=4, batch_size=16, seed=args.seed)
     train_loss = sum(losses[-20:]) / len(losses[-20:]) if losses else float("nan")
-    ctx.log(f"[selfcond] LM: train loss {train_loss:.3f}, val loss {val_loss:.3f} (nats/char)")
+    ctx.log(f"[selfcond] LM ({args.tokenizer} tokens): train loss {train_loss:.3f}, val loss {val_loss:.3f} "
+            f"nats/{unit_name}")
 
     # concept sentences (dialogue lines with / without a theme word) and expertise
     words = THEMES[args.concept]
@@ -485,56 +539,66 @@ def run(args: argparse.Namespace, ctx) -> dict:
     for layer, _ in expertise.locate(order[:max(ks)]):
         kind = layer.split(".", 3)[-1]
         kinds[kind] = kinds.get(kind, 0) + 1
+    concept_ids = (torch.tensor([tok.index[w] for w in words if w in tok.index])
+                   if args.tokenizer == "word" else None)
 
-    # generation sweep
+    # generation sweep: the same sampling noise for every k (seeded per draw)
     prompt = tok.encode("\n").repeat(args.samples, 1)
     results = {"top": [], "random": []}
-    base_texts = None
+    base_texts = forced_texts = None
     for k in ctx.progress(ks, desc="generate"):
         for mode in ("top", "random"):
             draws = 1 if (mode == "top" or k == 0) else args.random_draws
-            pres, rate, ppl = [], [], []
+            rows = []
             for d in range(draws):
                 assignment = select_units(expertise, k, mode, generator=ctx.generator)
-                gen = torch.Generator().manual_seed(args.seed * 1000 + d)  # same sampling noise for every k
+                gen = torch.Generator().manual_seed(args.seed * 1000 + d)
                 with force_units(model, assignment):
-                    out = generate(model, prompt, args.gen_len, temperature=args.temperature, top_k=args.top_k,
+                    out = generate(model, prompt, gen_len, temperature=args.temperature, top_k=args.top_k,
                                    generator=gen)
+                    p_concept = (concept_probability(model, out, concept_ids, 1)
+                                 if concept_ids is not None and len(concept_ids) else float("nan"))
                 texts = [tok.decode(row[1:]) for row in out]
-                p_, r_ = _presence(texts, pat)
-                pres.append(p_)
-                rate.append(r_)
-                ppl.append(generated_perplexity(model, out, 1))
+                presence, rate = _presence(texts, pat)
+                rows.append((presence, rate, generated_perplexity(model, out, 1), p_concept))
                 if k == 0 and base_texts is None:
                     base_texts = texts
                 if mode == "top" and k == max(ks):
                     forced_texts = texts
-            mean = lambda xs: sum(xs) / len(xs)
-            results[mode].append({"k": k, "presence": mean(pres), "words_per_1000_chars": mean(rate),
-                                  "perplexity": mean(ppl), "presence_draws": pres})
-            ctx.log(f"[selfcond] k={k:4d} {mode:6s}: concept presence {mean(pres):.3f}, "
-                    f"{mean(rate):.2f} words/1000 chars, unforced-model perplexity {mean(ppl):.2f}")
+            mean = [sum(r[i] for r in rows) / len(rows) for i in range(4)]
+            results[mode].append({"k": k, "presence": mean[0], "concept_words_per_100_words": mean[1],
+                                  "perplexity": mean[2], "p_concept_next_token": mean[3],
+                                  "presence_draws": [r[0] for r in rows]})
+            ctx.log(f"[selfcond] k={k:4d} {mode:6s}: p(concept in sample) {mean[0]:.3f}, "
+                    f"{mean[1]:.2f} concept words/100 words, next-token p(concept) {mean[3]:.4f}, "
+                    f"unforced-model perplexity {mean[2]:.2f}")
 
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     xs = [max(k, 0.5) for k in ks]
     for mode, style in (("top", "o-"), ("random", "s--")):
-        axes[0].plot(xs, [r["presence"] for r in results[mode]], style, label=f"{mode} units")
-        axes[1].plot(xs, [r["perplexity"] for r in results[mode]], style, label=f"{mode} units")
-    for ax, title in ((axes[0], f"p('{args.concept}' word in generation)"), (axes[1], "perplexity (unforced model)")):
+        label = "expert units (top AP)" if mode == "top" else "random units"
+        axes[0].plot(xs, [r["presence"] for r in results[mode]], style, label=label)
+        axes[1].plot(xs, [r["perplexity"] for r in results[mode]], style, label=label)
+    for ax, title in ((axes[0], f"p('{args.concept}' word in a {gen_len}-{unit_name} sample)"),
+                      (axes[1], "perplexity of the samples (unforced model)")):
         ax.set_xscale("log")
         ax.set_xlabel("k forced units (0 plotted at 0.5)")
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.legend()
+    axes[1].set_yscale("log")
     axes[2].hist(expertise.ap.numpy(), bins=50)
     axes[2].set_yscale("log")
-    axes[2].set_title(f"unit AP for '{args.concept}' ({expertise.num_units} units)")
+    axes[2].set_title(f"unit AP for '{args.concept}' ({expertise.num_units} units)", fontsize=10)
     fig.tight_layout()
     fig.savefig(ctx.plot_path("selfcond.png"), dpi=110)
     plt.close(fig)
 
     top, rnd = results["top"], results["random"]
+    best_top = max(r["presence"] for r in top[1:]) if len(top) > 1 else top[0]["presence"]
+    best_rnd = max(r["presence"] for r in rnd[1:]) if len(rnd) > 1 else rnd[0]["presence"]
     return {
         "concept": args.concept,
+        "tokenizer": args.tokenizer,
         "lm_train_loss": train_loss,
         "lm_val_loss": val_loss,
         "num_units": expertise.num_units,
@@ -547,10 +611,9 @@ def run(args: argparse.Namespace, ctx) -> dict:
         "expert": top,
         "random": rnd,
         "presence_base": top[0]["presence"],
-        "presence_expert_max_k": top[-1]["presence"],
-        "presence_random_max_k": rnd[-1]["presence"],
-        "effect_appears": bool(max(r["presence"] for r in top[1:]) > top[0]["presence"]
-                               and max(r["presence"] for r in top[1:]) > max(r["presence"] for r in rnd[1:])),
+        "presence_expert_best": best_top,
+        "presence_random_best": best_rnd,
+        "effect_appears": bool(best_top > top[0]["presence"] and best_top > best_rnd),
         "sample_unforced": base_texts[:3],
         "sample_forced_max_k": forced_texts[:3],
     }

@@ -170,11 +170,13 @@ def test_quick_run(tmp_path):
 
     m = run_recipe("cbr_subg", ["--quick", "--threads", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert (tmp_path / "cbr_subg.png").exists() and set(saved["hits@1"]) == set(m["hits@1"])
-    for d, res in saved["datasets"].items():
+    assert (tmp_path / "cbr_subg.png").exists() and saved["hits@1"] == m["hits@1"] and saved["seeds"] == [0]
+    for d, runs in saved["runs"].items():
+        res = runs[0]
         for method in ("cbr_subg", "random_cases", "distance_heuristic", "chance"):
             h = [res[method][f"hits@{k}"] for k in (1, 3, 10)]
             assert all(0.0 <= v <= 1.0 for v in h) and h[0] <= h[1] <= h[2]
+            assert saved["summary"][d][method]["hits@1"]["mean"] == pytest.approx(h[0])
         assert res["test_entities_unseen_as_train_seeds"] is True
         assert math.isfinite(res["loss_first"]) and math.isfinite(res["loss_last"]) and res["loss_first"] > 0
         assert 0.0 <= res["answer_coverage_knn"] <= 1.0

@@ -183,6 +183,14 @@ def test_pipeline_on_hf_gpt2_with_conv1d_and_monarch(mlp):
     assert sc.generated_perplexity(model, base, 1) == pytest.approx(math.exp(float(nll)), rel=1e-5)
 
 
+def test_word_tokenizer():
+    tok = sc.WordTokenizer("The king, the KING! a queen\nthe end", size=6)
+    assert tok.vocab_size == 6 and tok.words[:2] == ["\n", "<unk>"]
+    ids = tok.encode("the king, the queen\n")
+    assert tok.decode(ids) == "the king, the <unk>\n"  # 'queen' is out of the 4 most frequent tokens
+    assert sc.theme_regex(sc.THEMES["royalty"]).search(tok.decode(ids))
+
+
 def test_bad_input():
     model = TinyLinearLM()
     with pytest.raises(ValueError, match="no unit layers"):
@@ -210,5 +218,6 @@ def test_quick_run(tmp_path):
         assert [r["k"] for r in saved[mode]] == saved["ks"]
         for r in saved[mode]:
             assert 0.0 <= r["presence"] <= 1.0 and math.isfinite(r["perplexity"]) and r["perplexity"] > 1
+            assert 0.0 < r["p_concept_next_token"] < 1.0 and r["concept_words_per_100_words"] >= 0
     assert saved["expert"][0]["presence"] == saved["random"][0]["presence"]  # k = 0 is the same unforced model
     assert 0.5 <= saved["ap_max"] <= 1.0 and isinstance(saved["effect_appears"], bool)
