@@ -14,15 +14,20 @@ this module's choices where the paper is not specific):
   Concrete / relaxed Bernoulli ``z̃_i = σ((logit ρ_i + log u − log(1−u)) / τ₁)`` with a straight-through
   hard ``z_i = 1[z̃_i > ½]`` (:func:`relaxed_bernoulli`). The KL term of (1) pulls ``ρ`` towards the sparse
   prior rate ``r₀`` (:func:`bernoulli_kl`). *Choice:* the candidate set is ``{z_i = 1} ∪ top-k(ρ)``, so it
-  always holds at least ``k`` elements (at test ``z_i = 1[ρ_i > ½]``).
+  always holds at least ``k`` elements. At test the candidates are the ``m = max(k, round(Σ_i ρ_i))``
+  elements of highest ``ρ`` (deterministic, the expected size of a sample: thresholding ``ρ > ½`` would
+  leave only the top-k once the prior pulls ``ρ`` towards ``r₀ < ½``, and stage 2 would have no choice).
 * **Stage 2, autoregressive selection** (conditionally dependent, on the candidates only): for
   ``t = 1..k`` every remaining candidate attends (a Set-Transformer MAB: multi-head attention, residual,
   LayerNorm) to the already selected set ``Q_{t−1}`` plus a learned seed, a head scores it from
   ``[MAB(h_i, Q_{t−1}), r]``, and one element is drawn from the softmax over the remaining candidates with
   a straight-through **Gumbel-softmax** (τ₂) during training, argmax at test, then masked out
   (:func:`autoregressive_select`): no element is picked twice and exactly ``k`` are picked.
-  The picked element enters the task network as ``e_t = Σ_i w_{t,i} z_i d_i`` with ``w_t`` the (hard,
-  straight-through) one-hot and ``z`` the straight-through stage-1 mask, so both stages get gradients.
+  The two stages are coupled as a product: stage 2 draws from ``π_t(i) ∝ z_i · exp(s_{t,i})``, i.e. its
+  logits are ``s_{t,i} + log z_i`` with ``z`` the straight-through stage-1 mask (forward ``log 1 = 0`` on
+  candidates, ``−∞`` elsewhere; backward ``∂/∂z̃_i``), so the task gradient reaches ``ρ`` through the
+  probability of selecting each element. The picked element enters the task network as
+  ``e_t = Σ_i w_{t,i} d_i`` with ``w_t`` the (hard, straight-through) one-hot.
   *Implementation note:* candidates are handled with masks on all ``n`` elements (batched), so the
   compute saving of scoring only the candidates is not realised here.
 
@@ -39,7 +44,7 @@ subsampler jointly with a copy of it for the same number of epochs: pixel select
 sklearn digits (``n = 64``; ``--dataset mnist`` for 784 MNIST pixels) and reconstruction of 1-D GP functions
 (``n = 100`` points) by a conditional neural process from the ``k`` selected points.
 Monarch layers: the hidden layers of the element encoder φ, the Q/K/V/O projections of the set attention,
-and the hidden layers of the task networks (DeepSets classifier, CNP encoder/decoder).
+and the hidden layers of the task networks (masked-pixel MLP classifier, CNP encoder/decoder).
 """
 from __future__ import annotations
 
@@ -65,7 +70,7 @@ __all__ = [
     "SetAttentionScorer",
     "SetSubsampler",
     "Subset",
-    "DeepSetClassifier",
+    "MaskedSetClassifier",
     "CNP",
     "image_to_set",
     "gp_functions",
@@ -264,8 +269,10 @@ class SetSubsampler(nn.Module):
 
     Defaults: ``hidden=64``, 4 attention heads, ``r0=0.3`` (prior candidate rate), ``tau1=0.5`` (relaxed
     Bernoulli), ``tau2=0.5`` (Gumbel-softmax). ``n`` is needed for ``"fixed"`` (one score per position).
-    ``forward(D, generator=None) -> Subset``; in ``train()`` mode samples are relaxed/straight-through,
-    in ``eval()`` mode selection is deterministic (stage 1 ``ρ > ½`` plus top-k, stage 2 argmax).
+    ``forward(D, generator=None, sample=None) -> Subset``. With ``sample`` (default: ``self.training``) the
+    selection is a hard sample with straight-through gradients (stage 1 ``z ~ Ber(ρ)``, stage 2 Gumbel-max
+    draws); without, it is deterministic (stage 1 the ``max(k, round(Σρ))`` highest ``ρ``, stage 2 argmax;
+    top-k for ``stage1``/``fixed``). The recipe evaluates both.
     """
 
     def __init__(self, d_in: int, k: int, mode: str = "sss", *, n: Optional[int] = None, hidden: int = 64,
@@ -289,8 +296,9 @@ class SetSubsampler(nn.Module):
                 raise ValueError(f"SetSubsampler: mode 'fixed' needs the set size n >= k, got n={n!r}")
             self.position_logits = nn.Parameter(torch.zeros(n))
 
-    def forward(self, d: Tensor, generator: Optional[torch.Generator] = None) -> Subset:
+    def forward(self, d: Tensor, generator: Optional[torch.Generator] = None, sample: Optional[bool] = None) -> Subset:
         _check_set(d, self.d_in, "SetSubsampler")
+        sample = self.training if sample is None else sample
         b, n, _ = d.shape
         if n < self.k:
             raise ValueError(f"SetSubsampler: the set has n={n} elements, fewer than k={self.k}")
@@ -306,27 +314,30 @@ class SetSubsampler(nn.Module):
                 raise ValueError(f"SetSubsampler: mode 'fixed' was built for n={self.n}, got a set of {n}")
             logits = self.position_logits.expand(b, n)
             index, w = autoregressive_select(lambda t, prev: logits, self.k, all_, tau=self.tau2,
-                                             training=self.training, generator=generator)
+                                             training=sample, generator=generator)
             return Subset(index, w, w @ d, zero, None, all_)
         logits, h, r = self.encoder(d)
         rho = torch.sigmoid(logits)
         if self.mode == "stage1":
             index, w = autoregressive_select(lambda t, prev: logits, self.k, all_, tau=self.tau2,
-                                             training=self.training, generator=generator)
+                                             training=sample, generator=generator)
             return Subset(index, w, w @ d, zero, rho, all_)
         # stage 1: candidates (always at least k: the top-k of rho are added)
-        if self.training:
-            z = relaxed_bernoulli(logits, self.tau1, hard=True, generator=generator)
-        else:
-            z = (logits > 0).to(d.dtype)
         top = F.one_hot(logits.topk(self.k, -1).indices, n).sum(1).bool()
-        candidates = (z.detach() > 0.5) | top
+        if sample:
+            z = relaxed_bernoulli(logits, self.tau1, hard=True, generator=generator)
+            candidates = (z.detach() > 0.5) | top
+        else:  # deterministic: the m most probable, m = max(k, round(Σ ρ)) (a sample's expected size)
+            m = rho.sum(-1).round().long().clamp(self.k, n)
+            rank = logits.argsort(-1, descending=True).argsort(-1)
+            candidates = rank < m[:, None]
+            z = candidates.to(d.dtype)
         z_st = candidates.to(d.dtype) - z.detach() + z  # forward: the candidate mask; backward: through z̃
+        log_z = torch.where(candidates, torch.log(z_st.clamp_min(1e-6)), torch.zeros_like(z_st))  # value 0
         kl = bernoulli_kl(rho, self.r0).mean()
-        # stage 2: autoregressive set-attention selection among the candidates
-        index, w = autoregressive_select(lambda t, prev: self.scorer(h, r, prev @ h), self.k, candidates,
-                                         tau=self.tau2, training=self.training, generator=generator)
-        w = w * z_st[:, None, :]
+        # stage 2: autoregressive set-attention selection among the candidates, π_t(i) ∝ z_i exp(s_t,i)
+        index, w = autoregressive_select(lambda t, prev: self.scorer(h, r, prev @ h) + log_z, self.k, candidates,
+                                         tau=self.tau2, training=sample, generator=generator)
         return Subset(index, w, w @ d, kl, rho, candidates)
 
 
@@ -335,18 +346,26 @@ class SetSubsampler(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-class DeepSetClassifier(nn.Module):
-    """``logits = ρ(mean_i φ(e_i))`` over a set ``E (B, k, d_in)`` of any size ``k``."""
+class MaskedSetClassifier(nn.Module):
+    """Classifier of a subset of an aligned set (pixels): the selected values are put back in place,
+    ``m = Σ_t w_t`` (the selection mask, ``(B, n)``), input ``[m ⊙ v, m]`` (``2n``) -> MLP -> logits.
 
-    def __init__(self, d_in: int, num_classes: int, hidden: int = 128, layer: str = "monarch", nblocks: int = 4):
+    ``forward(weights (B, k, n), values (B, n))``. Differentiable in ``weights`` (straight-through one-hot
+    rows), so the subsampler gets the task gradient. (A DeepSets classifier over the ``(row, col, value)``
+    elements learned far more slowly on 8×8 digits in our trials; any task network fits the method.)
+    """
+
+    def __init__(self, n: int, num_classes: int, hidden: int = 128, layer: str = "monarch", nblocks: int = 4):
         super().__init__()
-        self.d_in = d_in
-        self.phi = MLP(d_in, hidden, hidden, depth=2, layer=layer, nblocks=nblocks, activation=nn.GELU)
-        self.rho = MLP(hidden, hidden, num_classes, depth=2, layer=layer, nblocks=nblocks, activation=nn.GELU)
+        self.n = n
+        self.net = MLP(2 * n, hidden, num_classes, depth=2, layer=layer, nblocks=nblocks, activation=nn.GELU)
 
-    def forward(self, e: Tensor) -> Tensor:
-        _check_set(e, self.d_in, "DeepSetClassifier")
-        return self.rho(_per_element(self.phi, e).mean(1))
+    def forward(self, weights: Tensor, values: Tensor) -> Tensor:
+        if weights.dim() != 3 or weights.shape[-1] != self.n or values.shape != (weights.shape[0], self.n):
+            raise ValueError(f"MaskedSetClassifier: need weights (B, k, {self.n}) and values (B, {self.n}), got "
+                             f"{tuple(weights.shape)} and {tuple(values.shape)}")
+        m = weights.sum(1)
+        return self.net(torch.cat([m * values, m], -1))
 
 
 class CNP(nn.Module):
@@ -390,7 +409,7 @@ def image_to_set(images: Tensor) -> Tensor:
 
 
 def gp_functions(num: int, points: int = 100, *, generator: Optional[torch.Generator] = None,
-                 lengthscale=(0.3, 0.6)) -> Tensor:
+                 lengthscale=(0.5, 1.0)) -> Tensor:
     """``num`` samples of a GP with RBF kernel (unit variance, lengthscale ~ U(lengthscale)) on an even grid
     of ``points`` in [-2, 2]: sets ``(num, points, 2)`` of ``(x, f(x))``."""
     x = torch.linspace(-2, 2, points, dtype=torch.float64)
@@ -420,6 +439,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=15, help="joint training per method and k")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--fixed-lr", type=float, default=0.05, help="Adam step of the 'fixed' baseline's position logits")
     p.add_argument("--beta", type=float, default=0.1, help="weight of the sparse-prior KL")
     p.add_argument("--r0", type=float, default=0.3, help="prior candidate rate")
     p.add_argument("--tau", type=float, default=0.5, help="τ₁ = τ₂")
@@ -439,8 +459,13 @@ def _batches(n: int, bs: int, gen: torch.Generator):
 
 def _fit(sampler: Optional[SetSubsampler], task: nn.Module, sets: Tensor, targets: Tensor, loss_fn, *, epochs: int,
          args, gen: torch.Generator, k_range=None, progress=None) -> None:
-    params = list(task.parameters()) + (list(sampler.parameters()) if sampler is not None else [])
-    opt = torch.optim.Adam(params, lr=args.lr)
+    groups = [{"params": list(task.parameters())}]
+    if sampler is not None:
+        net = [p for name, p in sampler.named_parameters() if name != "position_logits"]
+        groups.append({"params": net})
+        if sampler.mode == "fixed":  # one free logit per position: a larger step than the networks'
+            groups.append({"params": [sampler.position_logits], "lr": args.fixed_lr})
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=args.lr)
     it = progress(range(epochs)) if progress else range(epochs)
     for _ in it:
         if sampler is not None:
@@ -451,41 +476,48 @@ def _fit(sampler: Optional[SetSubsampler], task: nn.Module, sets: Tensor, target
             if sampler is None:  # pre-training on random subsets of random size
                 k = int(torch.randint(k_range[0], k_range[1] + 1, (1,), generator=gen))
                 sel = torch.rand(d.shape[:2], generator=gen).topk(k, -1).indices
-                elements, kl = torch.gather(d, 1, sel[..., None].expand(-1, -1, d.shape[-1])), 0.0
+                weights, kl = F.one_hot(sel, d.shape[1]).to(d.dtype), 0.0
             else:
                 sub = sampler(d, generator=gen)
-                elements, kl = sub.elements, sub.kl
-            loss = loss_fn(task, elements, d, targets[idx] if targets is not None else None) + args.beta * kl
+                weights, kl = sub.weights, sub.kl
+            loss = loss_fn(task, weights, d, targets[idx] if targets is not None else None) + args.beta * kl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
 
 @torch.no_grad()
-def _evaluate(sampler: SetSubsampler, task: nn.Module, sets: Tensor, targets, metric_fn, gen, repeats: int = 1):
+def _evaluate(sampler: SetSubsampler, task: nn.Module, sets: Tensor, targets, metric_fn, gen, repeats: int = 5):
+    """Test metrics of hard samples (the paper's protocol; mean over ``repeats`` draws) and, for the learned
+    subsamplers, of the deterministic selection (suffix ``_greedy``)."""
     sampler.eval()
     task.eval()
-    vals = []
-    for _ in range(repeats if sampler.mode == "random" else 1):
+
+    def once(sample: bool) -> dict:
         outs = []
         for i in range(0, len(sets), 500):
             d = sets[i:i + 500]
-            sub = sampler(d, generator=gen)
+            sub = sampler(d, generator=gen, sample=sample)
             outs.append(metric_fn(task, sub, d, targets[i:i + 500] if targets is not None else None))
-        vals.append({k: sum(o[k] * o["n"] for o in outs) / sum(o["n"] for o in outs) for k in outs[0] if k != "n"})
-    return {k: sum(v[k] for v in vals) / len(vals) for k in vals[0]}
+        return {k: sum(o[k] * o["n"] for o in outs) / sum(o["n"] for o in outs) for k in outs[0] if k != "n"}
+
+    vals = [once(True) for _ in range(repeats)]
+    res = {k: sum(v[k] for v in vals) / len(vals) for k in vals[0]}
+    if sampler.mode != "random":
+        res.update({f"{k}_greedy": v for k, v in once(False).items()})
+    return res
 
 
-def _classify_loss(task, elements, d, y):
-    return F.cross_entropy(task(elements), y)
+def _classify_loss(task, weights, d, y):
+    return F.cross_entropy(task(weights, d[..., 2]), y)
 
 
 def _classify_metric(task, sub, d, y):
-    return {"accuracy": float((task(sub.elements).argmax(-1) == y).float().mean()), "n": len(d)}
+    return {"accuracy": float((task(sub.weights, d[..., 2]).argmax(-1) == y).float().mean()), "n": len(d)}
 
 
-def _function_loss(task, elements, d, _):
-    mu, sigma = task(elements, d[..., :1])
+def _function_loss(task, weights, d, _):
+    mu, sigma = task(weights @ d, d[..., :1])
     return CNP.nll(mu, sigma, d[..., 1])
 
 
@@ -512,11 +544,10 @@ def _compare(name: str, train_sets, train_y, test_sets, test_y, make_task, loss_
             task = copy.deepcopy(base)
             _fit(sampler, task, train_sets, train_y, loss_fn, epochs=args.epochs, args=args, gen=gen,
                  progress=lambda r: ctx.progress(r, desc=f"{name}: k={k} {mode}"))
-            m = _evaluate(sampler, task, test_sets, test_y, metric_fn, torch.Generator().manual_seed(seed + 7),
-                          repeats=5)
+            m = _evaluate(sampler, task, test_sets, test_y, metric_fn, torch.Generator().manual_seed(seed + 7))
             if mode == "sss":
                 with torch.no_grad():
-                    sub = sampler(test_sets[:500])
+                    sub = sampler(test_sets[:500], generator=torch.Generator().manual_seed(seed), sample=True)
                 m["candidates_per_set"] = float(sub.candidates.float().sum(-1).mean())
             res[k][mode] = m
             ctx.log(f"[sss] seed {seed} {name} k={k} {mode}: " + " ".join(f"{a}={v:.4f}" for a, v in m.items()))
@@ -548,15 +579,19 @@ def _plot(results: dict, path: str) -> None:
         agg = results[task]["summary"]
         ks = sorted(agg, key=int)
         n = results[task]["n"]
-        for mode in agg[ks[0]]:
-            mean = [agg[k][mode][metric]["mean"] for k in ks]
-            std = [agg[k][mode][metric]["std"] for k in ks]
-            ax.errorbar([int(k) / n for k in ks], mean, yerr=std, marker="o", capsize=3, label=mode)
+        for j, mode in enumerate(agg[ks[0]]):
+            for key, style, suffix in ((metric, "-", ""), (f"{metric}_greedy", ":", " (greedy)")):
+                if key not in agg[ks[0]][mode]:
+                    continue
+                mean = [agg[k][mode][key]["mean"] for k in ks]
+                std = [agg[k][mode][key]["std"] for k in ks]
+                ax.errorbar([int(k) / n for k in ks], mean, yerr=std, marker="o", ls=style, color=f"C{j}", capsize=3,
+                            label=mode + suffix)
         ax.set(xlabel=f"subsampling rate k/n (n={n})", ylabel=f"test {metric}",
                title=f"{task} ({results[task]['data']})")
         if metric == "mse":
             ax.set_yscale("log")
-        ax.legend()
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -580,13 +615,15 @@ def run(args: argparse.Namespace, ctx: RunContext) -> dict:
 
         split = load_image_dataset(args.dataset, seed=args.seed)
         xtr, ytr, xte, yte = split.x_train, split.y_train, split.x_test, split.y_test
-        if args.quick:
-            xtr, ytr, xte, yte = xtr[:400], ytr[:400], xte[:200], yte[:200]
+        if args.quick:  # the test split is ordered by class: subsample it at random
+            keep = torch.randperm(len(xte), generator=torch.Generator().manual_seed(args.seed))[:200]
+            xtr, ytr, xte, yte = xtr[:400], ytr[:400], xte[keep], yte[keep]
         sets_tr, sets_te = image_to_set(xtr), image_to_set(xte)
         ks = _ints(args.ks) if args.ks else ([2, 4, 8] if args.dataset == "digits" else [10, 20, 40])
         if args.quick:
             ks = ks[:1]
-        make = lambda: DeepSetClassifier(3, split.num_classes, args.task_hidden, args.layer, args.nblocks)
+        make = lambda: MaskedSetClassifier(sets_tr.shape[1], split.num_classes, args.task_hidden, args.layer,
+                                           args.nblocks)
         per_seed = [_compare("classify", sets_tr, ytr, sets_te, yte, make, _classify_loss, _classify_metric, ks,
                              modes, args, ctx, args.seed + s) for s in range(args.seeds)]
         results["classify"] = {"data": args.dataset, "n": sets_tr.shape[1], "metric": "accuracy",
