@@ -29,7 +29,10 @@ Where this follows / deviates from apple/ml-selfcond:
   that behaviour);
 * generation is our own loop (:func:`generate`, full recomputation, optional top-k/top-p, a
   ``torch.Generator`` for reproducibility) instead of Hugging Face ``generate``; it works for any module
-  that maps ``(B, T)`` token ids to logits ``(B, T, V)`` or to an object with ``.logits``.
+  that maps ``(B, T)`` token ids to logits ``(B, T, V)`` or to an object with ``.logits``;
+* the concept sentences come from the training text itself (the official ones from OneSec, 700 positive /
+  1000 negative); generation starts from a newline token (the official single example starts from EOS)
+  with top-k 10 at temperature 1, as in the official ``generate_batch.py`` sweep.
 
 The demo (:data:`RECIPE`, ``python -m methods selfcond``) trains a small GPT-2 (Hugging Face
 ``GPT2LMHeadModel``, random init, Monarch MLPs through :func:`layers.monarchify`) on Shakespeare, with a
@@ -43,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
@@ -444,7 +446,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="word: 2000-word vocabulary (concept words are single tokens, as with GPT-2's BPE); "
                         "char: methods.data.CharTokenizer")
     p.add_argument("--vocab", type=int, default=2000, help="word vocabulary size")
-    p.add_argument("--steps", type=int, default=600, help="LM training steps")
+    p.add_argument("--steps", type=int, default=2000, help="LM training steps")
     p.add_argument("--n-layer", type=int, default=3)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--block", type=int, default=64, help="training context length (tokens)")
