@@ -185,21 +185,27 @@ def seed_distances(num_nodes: int, edge_index: Tensor, seed_mask: Tensor, max_di
 
 
 def node_features(num_nodes: int, edge_index: Tensor, edge_type: Tensor, num_edge_types: int,
-                  seed_mask: Tensor, max_dist: int = 3) -> Tensor:
+                  seed_mask: Tensor, max_dist: int = 3, normalize: bool = True) -> Tensor:
     """Entity-agnostic node features ``(n, num_edge_types + max_dist + 1)``: a multi-hot of the relation
     types leaving the node (inverse edges included, so incoming relations count as their inverses) and a
-    one-hot of the capped distance to the nearest seed."""
+    one-hot of the capped distance to the nearest seed.
+
+    With ``normalize`` the relation bag is scaled to unit L2 norm (a deviation from the official raw
+    multi-hot): in dense KBs (Nations: up to 110 incident types per node) the raw bag makes the initial
+    embeddings and distances huge, and TXent at τ = 0.1 then sometimes collapses to identical embeddings."""
     if edge_index.dim() != 2 or edge_index.shape[0] != 2 or edge_type.shape != (edge_index.shape[1],):
         raise ValueError("edge_index must be (2, E) and edge_type (E,)")
     bag = torch.zeros(num_nodes, num_edge_types)
     if edge_index.numel():
         bag[edge_index[0], edge_type] = 1.0
+    if normalize:
+        bag = bag / bag.norm(dim=1, keepdim=True).clamp_min(1.0)
     dist = seed_distances(num_nodes, edge_index, seed_mask, max_dist)
     return torch.cat([bag, nn.functional.one_hot(dist, max_dist + 1).float()], dim=1)
 
 
 def build_graph(triples: Iterable[tuple], seeds: Sequence, answers: Iterable, rel2id: dict,
-                max_dist: int = 3) -> QueryGraph:
+                max_dist: int = 3, normalize_bag: bool = True) -> QueryGraph:
     """Tensors of a subgraph: seeds are always nodes; inverse edges are added (type ``r + R``)."""
     triples = sorted(set(triples), key=str)
     nodes = list(dict.fromkeys(list(seeds) + [e for h, _, t in triples for e in (h, t)]))
@@ -217,7 +223,7 @@ def build_graph(triples: Iterable[tuple], seeds: Sequence, answers: Iterable, re
     seed_mask[[index[s] for s in seeds]] = True
     answers = set(answers)
     answer_mask = torch.tensor([e in answers for e in nodes], dtype=torch.bool) & ~seed_mask
-    x = node_features(len(nodes), edge_index, edge_type, 2 * R, seed_mask, max_dist)
+    x = node_features(len(nodes), edge_index, edge_type, 2 * R, seed_mask, max_dist, normalize_bag)
     dist = x[:, 2 * R:].argmax(1)
     return QueryGraph(nodes, edge_index, edge_type, seed_mask, answer_mask, len(answers), x, dist)
 

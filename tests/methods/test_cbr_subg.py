@@ -54,7 +54,10 @@ def test_node_features_are_entity_agnostic_and_correct():
     R = len(REL2ID)
     # node b: leaves by r2 (to c, f) and by r1-inverse (to a); distance 1
     xb = g.x[idx["b"]]
-    assert xb[:2 * R].tolist() == [0, 1, 0, 1, 0, 0] and xb[2 * R:].tolist() == [0, 1, 0, 0]
+    torch.testing.assert_close(xb[:2 * R], torch.tensor([0, 1, 0, 1, 0, 0]) / math.sqrt(2))  # unit-norm bag
+    assert xb[2 * R:].tolist() == [0, 1, 0, 0]
+    raw = cb.build_graph(TOY, ["a"], {"c"}, REL2ID, normalize_bag=False)
+    assert raw.x[idx["b"], :2 * R].tolist() == [0, 1, 0, 1, 0, 0]
     assert g.x[idx["a"], 2 * R:].tolist() == [1, 0, 0, 0]
     assert g.x[idx["e"], 2 * R:].tolist() == [0, 0, 1, 0]
     assert g.x[idx["z"], 2 * R:].tolist() == [0, 0, 0, 1]  # unreachable from the seed: capped
