@@ -1,0 +1,60 @@
+"""Measure where the C++ ``cpu`` backend beats the torch reference on this CPU (the rule behind
+``monarch_kernels/cpu_dispatch.py``): both backends, side by side in one process, over token counts and
+shapes, forward and forward+backward; prints the ratio torch-time / cpu-time (> 1: the C++ kernels win).
+
+``python -m bench.cpu_dispatch [--budget 0.3]``
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import monarch_kernels as mk
+
+from .timing import device_name, median_time_us
+
+SHAPES = [(768, 3072, 4), (3072, 768, 4), (1024, 1024, 32), (2048, 2048, 16)]
+TOKENS = [1, 4, 16, 64, 256, 1024]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cpu_dispatch", description=__doc__)
+    p.add_argument("--budget", type=float, default=0.3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    args = p.parse_args(argv)
+    if mk.available_backends()["cpu"] != "available":
+        print(f"cpu backend unavailable: {mk.available_backends()['cpu']}", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
+    dev = torch.device("cpu")
+    print(f"{device_name(dev)} | {args.dtype} | ratio = torch time / cpu time (fwd, fwd+bwd)")
+    print("shape".ljust(22) + "".join(f"T={T}".rjust(14) for T in TOKENS))
+    for n_in, n_out, nb in SHAPES:
+        sh = mk.monarch_factor_shapes(n_in, n_out, nb)
+        w1 = (torch.randn(*sh.w1_shape) * sh.p ** -0.5).to(dtype)
+        w2 = (torch.randn(*sh.w2_shape) * sh.r ** -0.5).to(dtype)
+        cells = []
+        for T in TOKENS:
+            x = torch.randn(T, n_in).to(dtype)
+            ratio = []
+            for mode in ("fwd", "fwdbwd"):
+                t = {}
+                for b in ("torch", "cpu"):
+                    if mode == "fwd":
+                        fn = lambda b=b: mk.monarch_matmul(x, w1, w2, backend=b)
+                        with torch.no_grad():
+                            t[b] = median_time_us(fn, dev, budget_s=args.budget)
+                    else:
+                        leaves = [x.clone().requires_grad_(), w1.clone().requires_grad_(), w2.clone().requires_grad_()]
+                        fn = lambda b=b, lv=leaves: mk.monarch_matmul(*lv, backend=b).sum().backward()
+                        t[b] = median_time_us(fn, dev, budget_s=args.budget)
+                ratio.append(t["torch"] / t["cpu"])
+            cells.append(f"{ratio[0]:.2f}/{ratio[1]:.2f}")
+        print(f"{n_in}->{n_out} nb={nb}".ljust(22) + "".join(c.rjust(14) for c in cells), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
