@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -141,6 +142,40 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
+
+
+class WordTokenizer:
+    """Word-level vocabulary: the ``size − 2`` most frequent lower-cased words and punctuation marks
+    of ``text`` plus ``"\\n"`` and ``"<unk>"``. Words are ``[a-z']+`` runs; ``decode`` joins them with spaces
+    and attaches punctuation to the previous word."""
+
+    TOKEN = re.compile(r"[a-z']+|[.,;:!?-]|\n")
+
+    def __init__(self, text: str, size: int = 2000):
+        from collections import Counter
+
+        if size < 3:
+            raise ValueError(f"size must be >= 3, got {size}")
+        counts = Counter(t for t in self.TOKEN.findall(text.lower()) if t != "\n")
+        self.words = ["\n", "<unk>"] + sorted(w for w, _ in counts.most_common(size - 2))
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.words)
+
+    def encode(self, text: str) -> torch.Tensor:
+        unk = self.index["<unk>"]
+        return torch.tensor([self.index.get(t, unk) for t in self.TOKEN.findall(text.lower())], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        out = []
+        for i in ids:
+            w = self.words[int(i)]
+            if out and w not in ".,;:!?\n" and not out[-1].endswith("\n"):
+                out.append(" ")
+            out.append(w)
+        return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------- label/client splits

@@ -377,41 +377,6 @@ def generated_perplexity(model: nn.Module, ids: Tensor, prompt_len: int) -> floa
 # ---------------------------------------------------------------------------------------------------------
 # the Shakespeare demo
 
-class WordTokenizer:
-    """Word-level vocabulary for the demo (a small private helper; :class:`methods.data.CharTokenizer` is
-    the shared character-level one): the ``size − 2`` most frequent lower-cased words and punctuation marks
-    of ``text`` plus ``"\\n"`` and ``"<unk>"``. Words are ``[a-z']+`` runs; ``decode`` joins them with spaces
-    and attaches punctuation to the previous word."""
-
-    TOKEN = re.compile(r"[a-z']+|[.,;:!?-]|\n")
-
-    def __init__(self, text: str, size: int = 2000):
-        from collections import Counter
-
-        if size < 3:
-            raise ValueError(f"size must be >= 3, got {size}")
-        counts = Counter(t for t in self.TOKEN.findall(text.lower()) if t != "\n")
-        self.words = ["\n", "<unk>"] + sorted(w for w, _ in counts.most_common(size - 2))
-        self.index = {w: i for i, w in enumerate(self.words)}
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.words)
-
-    def encode(self, text: str) -> Tensor:
-        unk = self.index["<unk>"]
-        return torch.tensor([self.index.get(t, unk) for t in self.TOKEN.findall(text.lower())], dtype=torch.long)
-
-    def decode(self, ids) -> str:
-        out = []
-        for i in ids:
-            w = self.words[int(i)]
-            if out and w not in ".,;:!?\n" and not out[-1].endswith("\n"):
-                out.append(" ")
-            out.append(w)
-        return "".join(out)
-
-
 #: theme lexicons (lower-case whole words); a line shows the concept when it contains one of them
 THEMES = {
     "love": ("love", "loves", "loved", "lover", "lovers", "loving", "beloved"),
@@ -486,7 +451,7 @@ def run(args: argparse.Namespace, ctx) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from methods.data import CharTokenizer, load_shakespeare
+    from methods.data import CharTokenizer, WordTokenizer, load_shakespeare
     from methods.models import tiny_gpt2
     from methods.train import lm_batches, lm_eval_loss, lm_loss
 

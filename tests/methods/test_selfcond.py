@@ -8,6 +8,7 @@ from torch import nn
 
 from layers import MonarchLinear
 from methods import selfcond as sc
+from methods.data import WordTokenizer
 from methods.models import tiny_gpt2
 
 
@@ -184,7 +185,7 @@ def test_pipeline_on_hf_gpt2_with_conv1d_and_monarch(mlp):
 
 
 def test_word_tokenizer():
-    tok = sc.WordTokenizer("The king, the KING! a queen\nthe end", size=6)
+    tok = WordTokenizer("The king, the KING! a queen\nthe end", size=6)
     assert tok.vocab_size == 6 and tok.words[:2] == ["\n", "<unk>"]
     ids = tok.encode("the king, the queen\n")
     assert tok.decode(ids) == "the king, the <unk>\n"  # 'queen' is out of the 4 most frequent tokens
