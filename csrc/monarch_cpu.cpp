@@ -20,8 +20,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <deque>
-#include <mutex>
 #include <vector>
 
 namespace monarch_cpu {
@@ -106,38 +104,10 @@ void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T*
 // ------------------------------------------------------------------------------------------ helpers
 
 // Pack w (nb, rows, cols) into a dense tensor of accumulation precision, transposed to (nb, cols, rows) or
-// as is. Packed copies are cached (a few dozen entries) against the weight tensor itself and its version
-// counter, so repeated calls with unchanged weights (inference, small batches) skip the copy: an in-place
-// update bumps the version, and a freed weight expires its weak reference, so a stale copy is never used.
-struct PackEntry {
-  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
-  int64_t version;
-  bool transpose;
-  at::ScalarType acc;
-  at::Tensor packed;
-};
-
+// as is (a vectorised ATen copy). Not cached across calls: frameworks such as FSDP rewrite parameter storage
+// without bumping version counters, so no key short of the data itself proves a packed copy current.
 at::Tensor pack(const at::Tensor& w, at::ScalarType acc, bool transpose) {
-  static std::mutex mu;
-  static std::deque<PackEntry> cache;
-  constexpr size_t CAPACITY = 32;
-  const int64_t version = w.unsafeGetTensorImpl()->version_counter().current_version();
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    for (const auto& e : cache)
-      if (!e.owner.expired() && e.owner._unsafe_get_target() == w.unsafeGetTensorImpl() && e.version == version &&
-          e.transpose == transpose && e.acc == acc)
-        return e.packed;
-  }
-  at::Tensor packed = (transpose ? w.transpose(1, 2) : w).to(acc).contiguous();
-  if (packed.is_alias_of(w)) return packed;  // nothing was copied: nothing to cache
-  std::lock_guard<std::mutex> lock(mu);
-  cache.erase(std::remove_if(cache.begin(), cache.end(), [](const PackEntry& e) { return e.owner.expired(); }),
-              cache.end());
-  cache.push_front({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(w.getIntrusivePtr()), version,
-                    transpose, acc, packed});
-  if (cache.size() > CAPACITY) cache.pop_back();
-  return packed;
+  return (transpose ? w.transpose(1, 2) : w).to(acc).contiguous();
 }
 
 template <typename acc_t>
