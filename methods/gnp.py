@@ -267,7 +267,7 @@ def _train_one(method_cfg, split, y_noisy, args, seed, ctx: RunContext, desc: st
         "test_accuracy": test["accuracy"], "test_nll": test["nll"],
         "train_acc_noisy_labels": float((train_logits.argmax(-1) == y_noisy).float().mean()),
         "train_acc_clean_labels": float((train_logits.argmax(-1) == split.y_train).float().mean()),
-        "train_loss": float(loss_fn()), "grad_norm": gradient_norm(loss_fn, params), "hessian_lambda_max": lam,
+        "train_loss": loss_fn().item(), "grad_norm": gradient_norm(loss_fn, params), "hessian_lambda_max": lam,
         "hessian_trace": trace,
         "ms_per_step": step_ms, "curve": curve,
     }
