@@ -38,10 +38,12 @@ and what this module follows:
   ``U(-1,1)``, OOD ``U(-2.5, 2.5)``. The baseline is a feed-forward MLP ``x → y`` trained with MSE.
 
 The recipe (``python -m methods irem``) trains IREM (hidden 256, K = 10, truncated backprop, replay buffer,
-Adam 1e-3, 1500 iterations of 128 fresh + 128 replayed problems; λ = 1 for inverse and 10 for addition, chosen
+Adam 1e-3, 4000 iterations of 128 fresh + 128 replayed problems; λ = 1 for inverse and 10 for addition, chosen
 from {1, 10, 100} at this scale) and the feed-forward baseline (same MLP shape and iterations, MSE) on 5×5
-inverse and 4×4 addition with fresh samples every step, and reports the MSE at 5/10/20/40 steps and at the
-minimum-energy step, in distribution and out of distribution, with the energy along the trajectory.
+inverse (``--tasks inverse,addition`` adds 4×4 addition) with fresh samples every step, and reports the MSE at
+5/10/20/40 steps and at the minimum-energy step, in distribution and out of distribution, with the energy along
+the trajectory. (With 1500 iterations IREM was still behind the baseline out of distribution on inverse; the
+OOD advantage of more reasoning steps appeared with longer training.)
 """
 from __future__ import annotations
 
@@ -324,7 +326,7 @@ def evaluate_irem(energy: nn.Module, x: Tensor, target: Tensor, *, steps: int = 
 # --------------------------------------------------------------------------------------------------
 
 TASKS = ("inverse", "addition")
-#: λ per task, chosen from {1, 10, 100} at this small scale (5×5 inverse, 4×4 addition, 1500 iterations, K = 10)
+#: λ per task, chosen from {1, 10, 100} at this small scale (5×5 inverse, 4×4 addition, 1000-1500 iterations)
 DEFAULT_STEP_LR = {"inverse": 1.0, "addition": 10.0}
 
 
@@ -353,12 +355,12 @@ def make_task(name: str, n: int, size: int, *, ood: bool = False,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", default="inverse,addition", help=f"comma-separated subset of {TASKS}")
+    p.add_argument("--tasks", default="inverse", help=f"comma-separated subset of {TASKS}")
     p.add_argument("--size", type=int, default=None, help="matrix side (default: 5 for inverse, 4 for addition)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--nblocks", type=int, default=4)
     p.add_argument("--layer", default="monarch", choices=("monarch", "dense", "blockdiag"))
-    p.add_argument("--iters", type=int, default=1500, help="training iterations (IREM and the baseline)")
+    p.add_argument("--iters", type=int, default=4000, help="training iterations (IREM and the baseline)")
     p.add_argument("--batch-size", type=int, default=128, help="fresh problems per batch (IREM adds as many replayed)")
     p.add_argument("--steps", type=int, default=10, help="K, reasoning steps during training (official 10)")
     p.add_argument("--step-lr", type=float, default=None,
@@ -459,6 +461,7 @@ def _plot(results: dict, path: str) -> None:
 def run(args: argparse.Namespace, ctx: RunContext) -> dict:
     if args.quick:
         args.iters, args.hidden, args.test_size, args.eval_steps = min(args.iters, 100), 64, 200, 20
+        args.tasks = "inverse,addition"
         args.batch_size, args.steps = min(args.batch_size, 64), min(args.steps, 5)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
