@@ -355,7 +355,8 @@ def make_task(name: str, n: int, size: int, *, ood: bool = False,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", default="inverse", help=f"comma-separated subset of {TASKS}")
+    p.add_argument("--tasks", default=None,
+                   help=f"comma-separated subset of {TASKS} (default: inverse; with --quick both)")
     p.add_argument("--size", type=int, default=None, help="matrix side (default: 5 for inverse, 4 for addition)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--nblocks", type=int, default=4)
@@ -461,8 +462,9 @@ def _plot(results: dict, path: str) -> None:
 def run(args: argparse.Namespace, ctx: RunContext) -> dict:
     if args.quick:
         args.iters, args.hidden, args.test_size, args.eval_steps = min(args.iters, 100), 64, 200, 20
-        args.tasks = "inverse,addition"
         args.batch_size, args.steps = min(args.batch_size, 64), min(args.steps, 5)
+    if args.tasks is None:
+        args.tasks = "inverse,addition" if args.quick else "inverse"
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     for t in tasks:
         if t not in TASKS:
