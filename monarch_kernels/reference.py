@@ -43,9 +43,10 @@ def _stage1(x: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
 
 
 def _to_stage2(y: torch.Tensor, l: int, r: int) -> torch.Tensor:
-    """Stage-1 output ``y (k, T, q)`` -> stage-2 input ``z (l, T, r)`` (permutation P1)."""
+    """Stage-1 output ``y (k, T, q)`` -> stage-2 input ``z (l, T, r)`` (permutation P1), materialised:
+    the permuted view has batch stride 1, on which ``bmm`` falls off its fast path (≈ 50× slower on CPU)."""
     T = y.shape[1]
-    return y.transpose(0, 1).reshape(T, r, l).permute(2, 0, 1)
+    return y.transpose(0, 1).reshape(T, r, l).permute(2, 0, 1).contiguous()
 
 
 def _from_stage2(dz: torch.Tensor, k: int, q: int) -> torch.Tensor:
@@ -55,8 +56,9 @@ def _from_stage2(dz: torch.Tensor, k: int, q: int) -> torch.Tensor:
 
 
 def _out_grad_blocks(g: torch.Tensor, l: int, s: int) -> torch.Tensor:
-    """Output gradient ``g (T, n_out)`` -> ``(l, T, s)`` with ``[ll, t, ss] = g[t, ss·l + ll]`` (P2ᵀ)."""
-    return _pad_last(g, l * s).view(g.shape[0], s, l).permute(2, 0, 1)
+    """Output gradient ``g (T, n_out)`` -> ``(l, T, s)`` with ``[ll, t, ss] = g[t, ss·l + ll]`` (P2ᵀ),
+    materialised for the same reason as :func:`_to_stage2`."""
+    return _pad_last(g, l * s).reshape(g.shape[0], s, l).permute(2, 0, 1).contiguous()
 
 
 def _epilogue(out, bias, activation: str):
