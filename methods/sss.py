@@ -42,8 +42,9 @@ Baselines compared in the recipe (``mode`` of :class:`SetSubsampler`):
 Test protocol: hard samples from each subsampler (mean of 5 draws; the primary figures) and the
 deterministic selection (``*_greedy``); both are reported.
 
-The recipe (``python -m methods sss``) pre-trains each task network on random subsets (30 epochs, Adam 3e-3),
-then trains every subsampler jointly with a copy of it for the same number of epochs (10, Adam 1e-3, batch 32):
+The recipe (``python -m methods sss``) pre-trains each task network on random subsets (30 epochs, Adam 3e-3,
+batch 32), then trains every subsampler jointly with a copy of it for the same number of epochs (15, Adam 1e-3,
+batch 64):
 pixel selection for classification of sklearn digits (``n = 64``, k = 2/4/8; ``--dataset mnist`` for 784
 MNIST pixels) and reconstruction of 1-D GP functions (``n = 50`` grid points, k = 3/5/8) by a conditional
 neural process from the ``k`` selected points (Gaussian NLL on all ``n`` points; MSE reported).
@@ -443,8 +444,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nblocks", type=int, default=4)
     p.add_argument("--pretrain-epochs", type=int, default=30, help="task network on random subsets")
     p.add_argument("--pretrain-lr", type=float, default=3e-3)
-    p.add_argument("--epochs", type=int, default=10, help="joint training per method and k")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pretrain-batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=15, help="joint training per method and k")
+    p.add_argument("--batch-size", type=int, default=64, help="batch of the joint training")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam step of the joint training")
     p.add_argument("--fixed-lr", type=float, default=0.05, help="Adam step of the 'fixed' baseline's position logits")
     p.add_argument("--beta", type=float, default=0.1, help="weight of the sparse-prior KL")
@@ -466,7 +468,8 @@ def _batches(n: int, bs: int, gen: torch.Generator):
 
 
 def _fit(sampler: Optional[SetSubsampler], task: nn.Module, sets: Tensor, targets: Tensor, loss_fn, *, epochs: int,
-         args, gen: torch.Generator, k_range=None, progress=None, lr: Optional[float] = None) -> None:
+         args, gen: torch.Generator, k_range=None, progress=None, lr: Optional[float] = None,
+         batch_size: Optional[int] = None) -> None:
     groups = [{"params": list(task.parameters())}]
     if sampler is not None:
         net = [p for name, p in sampler.named_parameters() if name != "position_logits"]
@@ -479,7 +482,7 @@ def _fit(sampler: Optional[SetSubsampler], task: nn.Module, sets: Tensor, target
         if sampler is not None:
             sampler.train()
         task.train()
-        for idx in _batches(len(sets), args.batch_size, gen):
+        for idx in _batches(len(sets), batch_size or args.batch_size, gen):
             d = sets[idx]
             if sampler is None:  # pre-training on random subsets of random size
                 k = int(torch.randint(k_range[0], k_range[1] + 1, (1,), generator=gen))
@@ -540,7 +543,7 @@ def _compare(name: str, train_sets, train_y, test_sets, test_y, make_task, loss_
     torch.manual_seed(seed)
     base = make_task()
     _fit(None, base, train_sets, train_y, loss_fn, epochs=args.pretrain_epochs, args=args, gen=gen,
-         k_range=(min(ks), max(ks)), lr=args.pretrain_lr, progress=lambda r: ctx.progress(r, desc=f"{name}: pre-train on random subsets"))
+         k_range=(min(ks), max(ks)), lr=args.pretrain_lr, batch_size=args.pretrain_batch_size, progress=lambda r: ctx.progress(r, desc=f"{name}: pre-train on random subsets"))
     n, d_in = train_sets.shape[1:]
     res = {}
     for k in ks:
