@@ -260,7 +260,7 @@ class ReplayBuffer:
 
 
 def irem_train_step(energy: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, target: Tensor, *,
-                    steps: int = 5, step_lr: float = 10.0, grad_steps: int = 1,
+                    steps: int = 10, step_lr: float = 10.0, grad_steps: int = 1,
                     buffer: Optional[ReplayBuffer] = None, generator: Optional[torch.Generator] = None) -> dict:
     """One IREM update on fresh problems ``x (B, dim_x)`` with answers ``target (B, dim_y)``.
 
