@@ -18,7 +18,7 @@ import torch
 import monarch_kernels as mk
 
 from . import ops, report
-from .timing import copy_bandwidth_gbs, device_name
+from .timing import copy_bandwidth_gbs, device_name, pick_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -40,10 +40,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
-        return 2
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]

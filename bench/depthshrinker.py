@@ -33,7 +33,7 @@ from torch import nn
 from layers.depthshrinker import ShrinkableInvertedResidual, count_layers, depthshrink, set_removed
 from methods.depthshrinker import MobileNetV2Mini
 
-from .timing import device_name, median_time_us
+from .timing import device_name, median_time_us, pick_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: (C_in, C_out, t, k, stride, H) — MobileNetV2 (ImageNet, 224) blocks the paper merges first
@@ -177,10 +177,7 @@ def plot(rows: list, path: str, title: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda requested but CUDA is not available", file=sys.stderr)
-        return 2
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]

@@ -29,7 +29,7 @@ import monarch_kernels as mk
 from layers import MonarchLinear, monarchify
 
 from .fly_style import fly_monarch
-from .timing import device_name, median_time_us
+from .timing import device_name, median_time_us, pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]

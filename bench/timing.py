@@ -48,6 +48,15 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
+def pick_device(name: str | None) -> torch.device:
+    """The benchmark device: ``name`` if given (``cuda`` without CUDA raises ``SystemExit`` with a message),
+    else CUDA when available, else the CPU."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda requested but CUDA is not available")
+    return device
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

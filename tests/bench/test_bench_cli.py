@@ -1,6 +1,9 @@
 """The benchmark CLI runs, prints its table and writes results.json and a plot."""
 import json
 
+import pytest
+import torch
+
 from bench.__main__ import main
 from bench.ops import Problem
 
@@ -23,6 +26,12 @@ def test_cli_rejects_bad_arguments(capsys):
     assert main(["--shapes", "8:32", "--budget", "0.01"]) == 2
     assert "expected T:n_in:n_out:nblocks" in capsys.readouterr().err
     assert main(["--modes", "sideways"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_refuses_cuda_without_cuda():
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        main(["--device", "cuda", "--quick"])
 
 
 def test_problem_parse():
