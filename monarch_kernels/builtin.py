@@ -74,7 +74,7 @@ def _load_cuda():
 
 
 def _cpu_prefers(op: str, device: torch.device, dtype: torch.dtype, dims: tuple) -> bool:
-    """Whether ``auto`` takes the C++ kernels over the torch reference on CPU (see ``cpu_dispatch_table``)."""
+    """Whether ``auto`` takes the C++ kernels over the torch reference on CPU (the measured rule in ``cpu_dispatch.py``)."""
     from .cpu_dispatch import prefers_cpu_kernel
 
     return prefers_cpu_kernel(op, dtype, dims)
@@ -89,5 +89,5 @@ register_backend(Backend(
 register_backend(Backend(
     name="cuda", load=_load_cuda, supports=lambda device, dtype: device.type == "cuda" and dtype in _TRITON_DTYPES,
     priority=15,
-    description="compiled CUDA kernels: tensor-core (mma.sync) fused Monarch forward and backward",
+    description="compiled CUDA kernels: tensor-core (WMMA) block-diagonal GEMM, fused Monarch forward and dX",
 ))
