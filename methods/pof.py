@@ -95,7 +95,7 @@ def classifier_line_search(features: Tensor, targets: Tensor, weight: Tensor, bi
         grads = torch.autograd.grad(loss, [w] if b is None else [w, b])
     gw = grads[0].detach()
     gb = None if b is None else grads[1].detach()
-    loss0 = float(loss)
+    loss0 = loss.item()
 
     @torch.no_grad()
     def loss_at(eta: float) -> float:
@@ -257,7 +257,7 @@ def _evaluate(model: FeatureClassifier, split, y_train, args, seed) -> dict:
     lam, _ = top_eigenvalue(loss_fn, [w, b], iters=args.hessian_iters, tol=1e-6,
                             generator=torch.Generator().manual_seed(seed))
     return {"test_accuracy": test["accuracy"], "test_nll": test["nll"], "test_ece": test["ece"],
-            "train_loss": float(loss_fn()), "hessian_trace": classifier_hessian_trace(feats, w, b),
+            "train_loss": loss_fn().item(), "hessian_trace": classifier_hessian_trace(feats, w, b),
             "hessian_lambda_max": lam, "feature_norm": float(feats.norm(dim=1).mean())}
 
 
