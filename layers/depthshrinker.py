@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -546,7 +546,7 @@ def kg_questions(triples: Sequence[tuple], n_types: int, n_train: int, n_test: i
     shuffled = entities[:]
     rng.shuffle(shuffled)
     n_test_ent = max(1, int(round(test_entity_fraction * len(entities))))
-    test_ents, train_ents = set(shuffled[:n_test_ent]), set(shuffled[n_test_ent:])
+    train_ents = set(shuffled[n_test_ent:])
     rels = sorted(rel2id)
     candidates = [(r,) for r in rels] if 1 in hops else []
     if 2 in hops:

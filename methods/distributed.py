@@ -79,7 +79,7 @@ def init_distributed(device: str = "cpu", backend: Optional[str] = None) -> Dist
     if not isinstance(device, str) or device.split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"init_distributed: device must be 'cpu' or 'cuda[:i]', got {device!r}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ValueError("init_distributed: device='cuda' but torch.cuda.is_available() is False")

@@ -48,7 +48,6 @@ OOD advantage of more reasoning steps appeared with longer training.)
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 

@@ -35,7 +35,6 @@ methods.distributed`` runs under DDP/FSDP.
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 import time
 from typing import Optional

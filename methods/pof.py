@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 

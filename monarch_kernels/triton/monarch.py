@@ -25,7 +25,6 @@ where one launch streaming each factor once beats two); tests force each path.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import triton

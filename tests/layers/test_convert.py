@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch import nn
 
-import monarch_kernels as mk
 from conftest import rel_err
 from layers import BlockdiagLinear, MonarchLinear, densify, monarchify
 

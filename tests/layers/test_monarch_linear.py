@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-import monarch_kernels as mk
 from conftest import rel_err
 from helpers import blockdiag_dense
 from layers import BlockdiagLinear, MonarchLinear, from_fly_state_dict, to_fly_state_dict

@@ -10,7 +10,7 @@ from conftest import rel_err
 from layers import MonarchLinear
 from methods.irem import (EnergyMLP, ReplayBuffer, energy_descent, energy_grad, energy_step, irem_train_step,
                           make_task, min_energy_select)
-from monarch_kernels import available_backends, get_backend, use_backend
+from monarch_kernels import available_backends, use_backend
 from monarch_kernels.backends import get as get_backend_entry
 
 

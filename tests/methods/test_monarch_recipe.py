@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from layers import MonarchLinear, densify, monarchify
 from methods import monarch as M

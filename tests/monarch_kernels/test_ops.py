@@ -49,7 +49,6 @@ def test_square_blocks_are_P_L_Pt_R(b, B):
     M = P @ blockdiag_dense(w2) @ P.T @ blockdiag_dense(w1)
     assert rel_err(mk.monarch_to_dense(w1, w2), M) < 1e-12
     if b == B:  # entry formula M[s·m + l, k·m + p] = w2[l, s, k] · w1[k, l, p]
-        m = b
         E = torch.einsum("lsk,klp->slkp", w2, w1).reshape(n, n)
         assert rel_err(M, E) < 1e-12
 
