@@ -11,8 +11,10 @@
 //    (cache), so x is read once and out written once (the CPU analogue of the fused GPU kernel);
 //  * the permutations P1, P2 are folded into the scatter from a GEMM result tile into the next stage's
 //    input tile;
-//  * the micro-kernel keeps an MR x NR accumulator block in registers, and its inner loop runs over the
-//    contiguous N dimension so that the compiler vectorises it (-O3, -march=native unless portable);
+//  * the micro-kernel keeps an MR x NR accumulator block in registers and runs over the contiguous N
+//    dimension: for float on hosts with AVX-512 (built with -march=native) an intrinsics kernel with the A
+//    panel packed K-major and masked edges (~1.8x the portable kernel); otherwise a portable kernel the
+//    compiler vectorises (-O3);
 //  * weight gradients reduce over tokens into per-chunk accumulators summed at the end (deterministic).
 #include <torch/extension.h>
 
@@ -20,7 +22,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace monarch_cpu {
 
@@ -42,6 +49,18 @@ inline T activate(T v, int64_t act) {
     }
     default:
       return v;
+  }
+}
+
+// Calls f(std::integral_constant<int64_t, act>) so that `activate(v, decltype(tag)::value)` in f's loops is
+// resolved at compile time instead of switching per element.
+template <typename F>
+inline void with_activation(int64_t act, F&& f) {
+  switch (act) {
+    case RELU: f(std::integral_constant<int64_t, RELU>{}); break;
+    case GELU: f(std::integral_constant<int64_t, GELU>{}); break;
+    case GELU_TANH: f(std::integral_constant<int64_t, GELU_TANH>{}); break;
+    default: f(std::integral_constant<int64_t, NONE>{});
   }
 }
 
@@ -78,9 +97,72 @@ inline void micro_edge(int64_t mr, int64_t nr, int64_t K, const T* A, int64_t ld
   }
 }
 
+#if defined(__AVX512F__)
+// C[mr, nr] += Ap[K, MR]^T-panel * B[K, nr] for mr <= MR rows and nr <= 32 columns (two 16-float vectors,
+// masked at the edges). Ap holds MR consecutive rows of A packed K-major (Ap[kk*MR + r]), zero past mr.
+template <int MR>
+inline void micro_avx512(int64_t K, const float* Ap, const float* B, int64_t ldb, float* C, int64_t ldc, int mr, int nr) {
+  const __mmask16 m0 = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
+  const __mmask16 m1 = nr >= 32 ? __mmask16(0xFFFF) : nr > 16 ? __mmask16((1u << (nr - 16)) - 1) : __mmask16(0);
+  __m512 c0[MR], c1[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    c0[r] = r < mr ? _mm512_maskz_loadu_ps(m0, C + r * ldc) : _mm512_setzero_ps();
+    c1[r] = r < mr ? _mm512_maskz_loadu_ps(m1, C + r * ldc + 16) : _mm512_setzero_ps();
+  }
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, B + kk * ldb);
+    const __m512 b1 = _mm512_maskz_loadu_ps(m1, B + kk * ldb + 16);
+    const float* a = Ap + kk * MR;
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r]);
+      c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    if (r < mr) {
+      _mm512_mask_storeu_ps(C + r * ldc, m0, c0[r]);
+      _mm512_mask_storeu_ps(C + r * ldc + 16, m1, c1[r]);
+    }
+  }
+}
+
+// MR = 8 rows per panel (16 accumulators); 4 when M is small, where the zero rows of a taller panel would
+// cost more than the extra passes over B.
+template <int MR>
+void gemm_acc_avx512(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                     float* C, int64_t ldc) {
+  thread_local std::vector<float> panel;
+  panel.resize(K * MR);
+  float* Ap = panel.data();
+  for (int64_t n0 = 0; n0 < N; n0 += NC) {
+    const int64_t nc = std::min(NC, N - n0);
+    for (int64_t i = 0; i < M; i += MR) {
+      const int mr = int(std::min<int64_t>(MR, M - i));
+      for (int64_t kk = 0; kk < K; ++kk)
+        for (int r = 0; r < MR; ++r) Ap[kk * MR + r] = r < mr ? A[(i + r) * lda + kk] : 0.f;
+      for (int64_t j = 0; j < nc; j += 32)
+        micro_avx512<MR>(K, Ap, B + n0 + j, ldb, C + i * ldc + n0 + j, ldc, mr, int(std::min<int64_t>(32, nc - j)));
+    }
+  }
+}
+#endif
+
 // C[M,N] += A[M,K] * B[K,N], row-major with leading dimensions.
 template <typename T>
 void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (M >= 8)
+      gemm_acc_avx512<8>(M, N, K, A, lda, B, ldb, C, ldc);
+    else
+      gemm_acc_avx512<4>(M, N, K, A, lda, B, ldb, C, ldc);
+    return;
+  }
+#endif
   constexpr int MR = 4;
   constexpr int NR = 64 / sizeof(T) * 2;  // two 512-bit vectors (32 floats / 16 doubles)
   for (int64_t n0 = 0; n0 < N; n0 += NC) {
@@ -144,11 +226,14 @@ void load_out_grad_block(const scalar_t* g, int64_t st, int64_t sf, int64_t n, i
 
 struct Dims {
   int64_t k, q, p, l, s, r;
+  // P1 as a table (no integer division in the scatter loops): flat stage-1 index f = kk*q + qq = rr*l + ll
+  // -> position ll*r + rr in the stage-2 layout
+  std::vector<int64_t> to_stage2;
   Dims(const at::Tensor& w1, const at::Tensor& w2)
-      : k(w1.size(0)), q(w1.size(1)), p(w1.size(2)), l(w2.size(0)), s(w2.size(1)), r(w2.size(2)) {}
+      : k(w1.size(0)), q(w1.size(1)), p(w1.size(2)), l(w2.size(0)), s(w2.size(1)), r(w2.size(2)), to_stage2(k * q) {
+    for (int64_t f = 0; l > 0 && f < k * q; ++f) to_stage2[f] = (f % l) * r + f / l;
+  }
   int64_t n_mid() const { return k * q; }
-  // P1: flat stage-1 index f = kk*q + qq -> position in the stage-2 layout z[ll*r + rr], f = rr*l + ll
-  int64_t to_stage2(int64_t f) const { return (f % l) * r + f / l; }
 };
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -163,9 +248,11 @@ void stage1_block(const Dims& d, const at::Tensor& x, int64_t t0, int64_t m, int
   load_tile(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.size(1), t0, m, kk * d.p, d.p, xa);
   std::fill(ybuf, ybuf + m * d.q, acc_t(0));
   gemm_acc<acc_t>(m, d.q, d.p, xa, d.p, w1t + kk * d.p * d.q, d.q, ybuf, d.q);
-  for (int64_t qq = 0; qq < d.q; ++qq) {
-    const int64_t dst = d.to_stage2(kk * d.q + qq);
-    for (int64_t t = 0; t < m; ++t) z[(z_row0 + t) * d.n_mid() + dst] = ybuf[t * d.q + qq];
+  const int64_t* dst = d.to_stage2.data() + kk * d.q;
+  for (int64_t t = 0; t < m; ++t) {
+    acc_t* zr = z + (z_row0 + t) * d.n_mid();
+    const acc_t* yr = ybuf + t * d.q;
+    for (int64_t qq = 0; qq < d.q; ++qq) zr[dst[qq]] = yr[qq];
   }
 }
 
@@ -177,8 +264,11 @@ void stage2_adjoint_block(const Dims& d, const at::Tensor& g, int64_t t0, int64_
   load_out_grad_block(g.data_ptr<scalar_t>(), g.stride(0), g.stride(1), g.size(1), t0, m, d.l, ll, d.s, go);
   std::fill(dzbuf, dzbuf + m * d.r, acc_t(0));
   gemm_acc<acc_t>(m, d.r, d.s, go, d.s, w2p + ll * d.s * d.r, d.r, dzbuf, d.r);
-  for (int64_t rr = 0; rr < d.r; ++rr)
-    for (int64_t t = 0; t < m; ++t) dy[(dy_row0 + t) * d.n_mid() + rr * d.l + ll] = dzbuf[t * d.r + rr];
+  for (int64_t t = 0; t < m; ++t) {
+    acc_t* dyr = dy + (dy_row0 + t) * d.n_mid() + ll;
+    const acc_t* dzr = dzbuf + t * d.r;
+    for (int64_t rr = 0; rr < d.r; ++rr) dyr[rr * d.l] = dzr[rr];
+  }
 }
 
 template <typename acc_t>
@@ -214,12 +304,16 @@ at::Tensor monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tens
     auto stage2 = [&](const acc_t* z, int64_t z_row0, int64_t t0, int64_t m, int64_t ll, acc_t* obuf) {
       std::fill(obuf, obuf + m * d.s, acc_t(0));
       gemm_acc<acc_t>(m, d.s, d.r, z + z_row0 * n_mid + ll * d.r, n_mid, w2t + ll * d.r * d.s, d.s, obuf, d.s);
-      for (int64_t ss = 0; ss < d.s; ++ss) {
-        const int64_t c = ss * d.l + ll;
-        if (c >= n_out) break;
-        for (int64_t t = 0; t < m; ++t)
-          op[(t0 + t) * n_out + c] = static_cast<scalar_t>(activate<acc_t>(obuf[t * d.s + ss] + bvec[c], act));
-      }
+      const int64_t s_lim = std::min(d.s, cdiv(n_out - ll, d.l));  // outputs ss*l + ll < n_out
+      with_activation(act, [&](auto a) {
+        for (int64_t t = 0; t < m; ++t) {
+          scalar_t* orow = op + (t0 + t) * n_out + ll;
+          const acc_t* ob = obuf + t * d.s;
+          const acc_t* bv = bvec.data() + ll;
+          for (int64_t ss = 0; ss < s_lim; ++ss)
+            orow[ss * d.l] = static_cast<scalar_t>(activate<acc_t>(ob[ss] + bv[ss * d.l], decltype(a)::value));
+        }
+      });
     };
     if (few_tiles(T)) {
       std::vector<acc_t> z(T * n_mid);
@@ -415,11 +509,15 @@ at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w, const c10::op
         std::fill(ybuf.begin(), ybuf.begin() + m * q, acc_t(0));
         gemm_acc<acc_t>(m, q, p, xa.data(), p, wt + kk * p * q, q, ybuf.data(), q);
         const int64_t lim = std::min(q, n_out - kk * q);
-        for (int64_t t = 0; t < m; ++t)
-          for (int64_t qq = 0; qq < lim; ++qq) {
-            const int64_t c = kk * q + qq;
-            op[(t0 + t) * n_out + c] = static_cast<scalar_t>(activate<acc_t>(ybuf[t * q + qq] + bvec[c], act));
+        with_activation(act, [&](auto a) {
+          for (int64_t t = 0; t < m; ++t) {
+            scalar_t* orow = op + (t0 + t) * n_out + kk * q;
+            const acc_t* yr = ybuf.data() + t * q;
+            const acc_t* bv = bvec.data() + kk * q;
+            for (int64_t qq = 0; qq < lim; ++qq)
+              orow[qq] = static_cast<scalar_t>(activate<acc_t>(yr[qq] + bv[qq], decltype(a)::value));
           }
+        });
       }
     });
   });
