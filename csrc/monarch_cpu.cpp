@@ -5,7 +5,8 @@
 //
 // Design: every product is a sequence of small GEMMs C[M,N] += A[M,K] * B[K,N] on cache-resident tiles:
 //  * weights are packed once per call into accumulation precision (float for fp32/bf16/fp16, double for
-//    fp64), as (K, N) row-major blocks;
+//    fp64), as (K, N) row-major blocks; with few tokens they are used in place instead by a dot-product
+//    kernel (C += A Bᵀ), which streams them once without the transposed copy (BlockWeights);
 //  * the token dimension is cut into row tiles of TILE_M rows that are processed independently in
 //    parallel (at::parallel_for); within a tile the Monarch intermediate stays in a thread-local buffer
 //    (cache), so x is read once and out written once (the CPU analogue of the fused GPU kernel);
@@ -183,6 +184,83 @@ void gemm_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T*
   }
 }
 
+#if defined(__AVX512F__)
+// Per 128-bit lane L: [Σ_L a, Σ_L b, Σ_L c, Σ_L d] (four partial sums of each vector's lane L).
+inline __m512 lane_sums4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  return _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+}
+
+// The 16 horizontal sums of v[0..15], in order, in one vector (~45 shuffles/adds instead of 16 reductions).
+inline __m512 hsum16(const __m512* v) {
+  const __m512 u0 = lane_sums4(v[0], v[1], v[2], v[3]), u1 = lane_sums4(v[4], v[5], v[6], v[7]);
+  const __m512 u2 = lane_sums4(v[8], v[9], v[10], v[11]), u3 = lane_sums4(v[12], v[13], v[14], v[15]);
+  const __m512 w01 = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 w23 = _mm512_add_ps(_mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// C[mi, nj] += A[mi, K] B[nj, K]^T for mi <= MI rows of A and nj <= NJ rows of B (MI * NJ = 16 dot products,
+// vectorised over the contiguous K, masked tail), reduced together by hsum16.
+template <int MI, int NJ>
+inline void dot_block_avx512(int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                             int mi, int nj) {
+  static_assert(MI * NJ == 16, "16 accumulators");
+  __m512 acc[16];
+  for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mk = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
+    __m512 a[MI], b[NJ];
+#pragma GCC unroll 16
+    for (int j = 0; j < NJ; ++j) b[j] = j < nj ? _mm512_maskz_loadu_ps(mk, B + j * ldb + k) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int i = 0; i < MI; ++i) a[i] = i < mi ? _mm512_maskz_loadu_ps(mk, A + i * lda + k) : _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int i = 0; i < MI; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NJ; ++j) acc[i * NJ + j] = _mm512_fmadd_ps(a[i], b[j], acc[i * NJ + j]);
+  }
+  alignas(64) float sums[16];
+  _mm512_store_ps(sums, hsum16(acc));
+  for (int i = 0; i < mi; ++i)
+    for (int j = 0; j < nj; ++j) C[i * ldc + j] += sums[i * NJ + j];
+}
+#endif
+
+// C[M,N] += A[M,K] * B[N,K]^T, both operands row-major with contiguous K (dot products). Used with the weights
+// in place as B when there are few tokens: no transposed copy of the weights is made.
+template <typename T>
+void gemm_nt_acc(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    for (int64_t j = 0; j < N; j += 16) {
+      const int nj = int(std::min<int64_t>(16, N - j));
+      int64_t i = 0;
+      for (; i + 4 <= M; i += 4)  // 4 rows of A x 4 rows of B, four times: each B row is loaded once per 4 A rows
+        for (int64_t j4 = j; j4 < j + nj; j4 += 4)
+          dot_block_avx512<4, 4>(K, A + i * lda, lda, B + j4 * ldb, ldb, C + i * ldc + j4, ldc, 4,
+                                 int(std::min<int64_t>(4, j + nj - j4)));
+      for (; i < M; ++i)  // remaining rows: 1 x 16
+        dot_block_avx512<1, 16>(K, A + i * lda, lda, B + j * ldb, ldb, C + i * ldc + j, ldc, 1, nj);
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      const T* a = A + i * lda;
+      const T* b = B + j * ldb;
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < K; ++k) sum += a[k] * b[k];
+      C[i * ldc + j] += sum;
+    }
+}
+
 // ------------------------------------------------------------------------------------------ helpers
 
 // Pack w (nb, rows, cols) into a dense tensor of accumulation precision, transposed to (nb, cols, rows) or
@@ -196,6 +274,34 @@ template <typename acc_t>
 constexpr at::ScalarType acc_type() {
   return std::is_same_v<acc_t, double> ? at::kDouble : at::kFloat;
 }
+
+// Fewest tokens for which the weights are packed transposed for the register-blocked kernel (below: used in
+// place by the dot-product kernel; the copy would cost more than it saves).
+constexpr int64_t PACK_MIN_TOKENS = 64;
+
+// Weights w (nb, rows, cols) applied per block as C[M, rows] += A[M, cols] · w[b]ᵀ: packed transposed to
+// (nb, cols, rows) for gemm_acc, or, with few tokens, kept as (nb, rows, cols) for gemm_nt_acc (no copy for
+// fp32/fp64; converted to the accumulation type otherwise).
+template <typename acc_t>
+struct BlockWeights {
+  at::Tensor packed;
+  const acc_t* data;
+  int64_t rows, cols;
+  bool transposed;
+  BlockWeights(const at::Tensor& w, int64_t tokens)
+      : packed(pack(w, acc_type<acc_t>(), tokens >= PACK_MIN_TOKENS)),
+        data(packed.data_ptr<acc_t>()),
+        rows(w.size(1)),
+        cols(w.size(2)),
+        transposed(tokens >= PACK_MIN_TOKENS) {}
+  void apply(int64_t M, const acc_t* A, int64_t lda, int64_t b, acc_t* C, int64_t ldc) const {
+    const acc_t* w = data + b * rows * cols;
+    if (transposed)
+      gemm_acc<acc_t>(M, rows, cols, A, lda, w, rows, C, ldc);
+    else
+      gemm_nt_acc<acc_t>(M, rows, cols, A, lda, w, cols, C, ldc);
+  }
+};
 
 // Rows [t0, t0+m), columns [c0, c0+width) of a strided 2-D tensor into a dense (m, width) tile;
 // columns >= n read as 0 (implicit zero padding of ragged inputs).
@@ -243,11 +349,11 @@ inline bool few_tiles(int64_t T) { return cdiv(T, TILE_M) < at::get_num_threads(
 
 // Stage 1 for rows [t0, t0+m) and block kk: z[t, to_stage2(kk*q + qq)] = Σ_pp w1[kk,qq,pp] x[t, kk*p + pp].
 template <typename scalar_t, typename acc_t>
-void stage1_block(const Dims& d, const at::Tensor& x, int64_t t0, int64_t m, int64_t kk, const acc_t* w1t, acc_t* xa,
+void stage1_block(const Dims& d, const at::Tensor& x, int64_t t0, int64_t m, int64_t kk, const BlockWeights<acc_t>& w1, acc_t* xa,
                   acc_t* ybuf, acc_t* z, int64_t z_row0) {
   load_tile(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.size(1), t0, m, kk * d.p, d.p, xa);
   std::fill(ybuf, ybuf + m * d.q, acc_t(0));
-  gemm_acc<acc_t>(m, d.q, d.p, xa, d.p, w1t + kk * d.p * d.q, d.q, ybuf, d.q);
+  w1.apply(m, xa, d.p, kk, ybuf, d.q);
   const int64_t* dst = d.to_stage2.data() + kk * d.q;
   for (int64_t t = 0; t < m; ++t) {
     acc_t* zr = z + (z_row0 + t) * d.n_mid();
@@ -295,15 +401,12 @@ at::Tensor monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tens
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "monarch_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto bvec = bias_vec<acc_t>(bias, n_out);
-    const auto w1t_ = pack(w1, acc_type<acc_t>(), true);  // (k, p, q)
-    const auto w2t_ = pack(w2, acc_type<acc_t>(), true);  // (l, r, s)
-    const acc_t* w1t = w1t_.data_ptr<acc_t>();
-    const acc_t* w2t = w2t_.data_ptr<acc_t>();
+    const BlockWeights<acc_t> W1(w1, T), W2(w2, T);
     scalar_t* op = out.data_ptr<scalar_t>();
     // stage 2 of block ll for rows [t0, t0+m) of z (row z_row0 = first), epilogue and P2 scatter into out
     auto stage2 = [&](const acc_t* z, int64_t z_row0, int64_t t0, int64_t m, int64_t ll, acc_t* obuf) {
       std::fill(obuf, obuf + m * d.s, acc_t(0));
-      gemm_acc<acc_t>(m, d.s, d.r, z + z_row0 * n_mid + ll * d.r, n_mid, w2t + ll * d.r * d.s, d.s, obuf, d.s);
+      W2.apply(m, z + z_row0 * n_mid + ll * d.r, n_mid, ll, obuf, d.s);
       const int64_t s_lim = std::min(d.s, cdiv(n_out - ll, d.l));  // outputs ss*l + ll < n_out
       with_activation(act, [&](auto a) {
         for (int64_t t = 0; t < m; ++t) {
@@ -321,7 +424,7 @@ at::Tensor monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tens
         std::vector<acc_t> xa(TILE_M * d.p), ybuf(TILE_M * d.q);
         for (int64_t kk = b; kk < e; ++kk)
           for (int64_t t0 = 0; t0 < T; t0 += TILE_M)
-            stage1_block<scalar_t, acc_t>(d, x, t0, std::min(TILE_M, T - t0), kk, w1t, xa.data(), ybuf.data(),
+            stage1_block<scalar_t, acc_t>(d, x, t0, std::min(TILE_M, T - t0), kk, W1, xa.data(), ybuf.data(),
                                           z.data(), t0);
       });
       at::parallel_for(0, d.l, 1, [&](int64_t b, int64_t e) {
@@ -336,7 +439,7 @@ at::Tensor monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tens
       for (int64_t tile = begin; tile < end; ++tile) {  // the intermediate of a row tile never leaves cache
         const int64_t t0 = tile * TILE_M, m = std::min(TILE_M, T - t0);
         for (int64_t kk = 0; kk < d.k; ++kk)
-          stage1_block<scalar_t, acc_t>(d, x, t0, m, kk, w1t, xa.data(), ybuf.data(), z.data(), 0);
+          stage1_block<scalar_t, acc_t>(d, x, t0, m, kk, W1, xa.data(), ybuf.data(), z.data(), 0);
         for (int64_t ll = 0; ll < d.l; ++ll) stage2(z.data(), 0, t0, m, ll, obuf.data());
       }
     });
@@ -418,9 +521,8 @@ std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const
   if (T == 0) return {dw1, dw2};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "monarch_bwd_weight_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const auto w1t_ = pack(w1, acc_type<acc_t>(), true);
+    const BlockWeights<acc_t> W1(w1, T);
     const auto w2p_ = pack(w2, acc_type<acc_t>(), false);
-    const acc_t* w1t = w1t_.data_ptr<acc_t>();
     const acc_t* w2p = w2p_.data_ptr<acc_t>();
     // dw2[ll] += go_llᵀ z_ll and dw1[kk] += dy_kkᵀ x_kk over rows [t0, t0+m): transposed tiles feed the GEMM
     auto dw2_block = [&](const acc_t* go, const acc_t* z, int64_t m, int64_t ll, acc_t* goT, acc_t* a2) {
@@ -440,7 +542,7 @@ std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const
         std::vector<acc_t> xa(TILE_M * d.p), ybuf(TILE_M * d.q);
         for (int64_t kk = b; kk < e; ++kk)
           for (int64_t t0 = 0; t0 < T; t0 += TILE_M)
-            stage1_block<scalar_t, acc_t>(d, x, t0, std::min(TILE_M, T - t0), kk, w1t, xa.data(), ybuf.data(), z.data(), t0);
+            stage1_block<scalar_t, acc_t>(d, x, t0, std::min(TILE_M, T - t0), kk, W1, xa.data(), ybuf.data(), z.data(), t0);
       });
       at::parallel_for(0, d.l, 1, [&](int64_t b, int64_t e) {
         std::vector<acc_t> go(TILE_M * d.s), dz(TILE_M * d.r), goT(d.s * TILE_M);
@@ -471,7 +573,7 @@ std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const
         for (int64_t tile = ch * ntiles / nch; tile < (ch + 1) * ntiles / nch; ++tile) {
           const int64_t t0 = tile * TILE_M, m = std::min(TILE_M, T - t0);
           for (int64_t kk = 0; kk < d.k; ++kk)  // z recomputed, never saved
-            stage1_block<scalar_t, acc_t>(d, x, t0, m, kk, w1t, xa.data(), ybuf.data(), z.data(), 0);
+            stage1_block<scalar_t, acc_t>(d, x, t0, m, kk, W1, xa.data(), ybuf.data(), z.data(), 0);
           for (int64_t ll = 0; ll < d.l; ++ll) {
             stage2_adjoint_block<scalar_t, acc_t>(d, g, t0, m, ll, w2p, go.data(), dz.data(), dy.data(), 0);
             dw2_block(go.data(), z.data(), m, ll, goT.data(), acc2[ch].data());
@@ -497,8 +599,7 @@ at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w, const c10::op
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "blockdiag_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const auto bvec = bias_vec<acc_t>(bias, n_out);
-    const auto wt_ = pack(w, acc_type<acc_t>(), true);  // (k, p, q)
-    const acc_t* wt = wt_.data_ptr<acc_t>();
+    const BlockWeights<acc_t> W(w, T);
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t ntiles = cdiv(T, TILE_M);
     at::parallel_for(0, ntiles * kb, 1, [&](int64_t begin, int64_t end) {  // (row tile, block) pairs are independent
@@ -507,7 +608,7 @@ at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w, const c10::op
         const int64_t t0 = (job / kb) * TILE_M, kk = job % kb, m = std::min(TILE_M, T - t0);
         load_tile(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), x.size(1), t0, m, kk * p, p, xa.data());
         std::fill(ybuf.begin(), ybuf.begin() + m * q, acc_t(0));
-        gemm_acc<acc_t>(m, q, p, xa.data(), p, wt + kk * p * q, q, ybuf.data(), q);
+        W.apply(m, xa.data(), p, kk, ybuf.data(), q);
         const int64_t lim = std::min(q, n_out - kk * q);
         with_activation(act, [&](auto a) {
           for (int64_t t = 0; t < m; ++t) {

@@ -44,6 +44,29 @@ def test_monarch_ops_float64(s1, s2, T):
         assert rel_err(a, e) < 1e-12
 
 
+@pytest.mark.parametrize("T", [1, 6, 63, 64, 97])  # weights in place (dot-product kernel) below 64 tokens, packed from 64
+@pytest.mark.parametrize("s1,s2", SHAPES + [((4, 40, 36), (5, 33, 32))])  # the last: K tails and partial register blocks
+def test_monarch_ops_float32(s1, s2, T):
+    """float32 runs the AVX-512 kernels where the host has them (both the packed and the in-place weight paths)."""
+    sh = mk.MonarchShape.from_factors(s1, s2)
+    n_in, n_out = max(1, sh.n_in - 3), max(1, sh.n_out - 2)
+    x, g = torch.randn(T, n_in), torch.randn(T, n_out)
+    w1, w2, b = torch.randn(s1), torch.randn(s2), torch.randn(n_out)
+    expect = ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), n_out, "gelu_tanh")
+    assert rel_err(C.monarch_fwd(x, w1, w2, b, n_out, "gelu_tanh"), expect) < TOL[torch.float32]
+    assert rel_err(C.monarch_bwd_input(g, w1, w2, n_in), ref.monarch_bwd_input(_d(g), _d(w1), _d(w2), n_in)) < 1e-5
+    for a, e in zip(C.monarch_bwd_weight(x, g, w1, w2), ref.monarch_bwd_weight(_d(x), _d(g), _d(w1), _d(w2))):
+        assert rel_err(a, e) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("T", [3, 80])
+def test_blockdiag_ops_float32(T):
+    x, g = torch.randn(T, 70), torch.randn(T, 66)
+    w, b = torch.randn(4, 17, 18), torch.randn(66)
+    assert rel_err(C.blockdiag_fwd(x, w, b, 66, "relu"), ref.blockdiag_fwd(_d(x), _d(w), _d(b), 66, "relu")) < 1e-5
+    assert rel_err(C.blockdiag_wgrad(x, g, 4, 17, 18), ref.blockdiag_wgrad(_d(x), _d(g), 4, 17, 18)) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_monarch_low_precision(dtype):
     s1, s2 = SHAPES[0]
