@@ -277,7 +277,7 @@ constexpr at::ScalarType acc_type() {
 
 // Fewest tokens for which the weights are packed transposed for the register-blocked kernel (below: used in
 // place by the dot-product kernel; the copy would cost more than it saves).
-constexpr int64_t PACK_MIN_TOKENS = 64;
+constexpr int64_t PACK_MIN_TOKENS = 256;
 
 // Weights w (nb, rows, cols) applied per block as C[M, rows] += A[M, cols] · w[b]ᵀ: packed transposed to
 // (nb, cols, rows) for gemm_acc, or, with few tokens, kept as (nb, rows, cols) for gemm_nt_acc (no copy for
@@ -537,7 +537,12 @@ std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const
       gemm_acc<acc_t>(d.q, d.p, m, dyT, m, xa, d.p, a1 + kk * d.q * d.p, d.p);
     };
     if (few_tiles(T)) {  // full buffers for z and dy, then one parallel loop per factor over its blocks
-      std::vector<acc_t> z(T * n_mid), dy(T * n_mid), a1(w1.numel(), acc_t(0)), a2(w2.numel(), acc_t(0));
+      // each block of dw1/dw2 belongs to one job: accumulate straight into the zeroed outputs when they have
+      // the accumulation type (no partial buffers, no reduction pass over weight-sized memory)
+      constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+      std::vector<acc_t> z(T * n_mid), dy(T * n_mid), a1_(direct ? 0 : w1.numel(), acc_t(0)), a2_(direct ? 0 : w2.numel(), acc_t(0));
+      acc_t* a1 = direct ? reinterpret_cast<acc_t*>(dw1.data_ptr<scalar_t>()) : a1_.data();
+      acc_t* a2 = direct ? reinterpret_cast<acc_t*>(dw2.data_ptr<scalar_t>()) : a2_.data();
       at::parallel_for(0, d.k, 1, [&](int64_t b, int64_t e) {
         std::vector<acc_t> xa(TILE_M * d.p), ybuf(TILE_M * d.q);
         for (int64_t kk = b; kk < e; ++kk)
@@ -550,17 +555,19 @@ std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const
           for (int64_t t0 = 0; t0 < T; t0 += TILE_M) {
             const int64_t m = std::min(TILE_M, T - t0);
             stage2_adjoint_block<scalar_t, acc_t>(d, g, t0, m, ll, w2p, go.data(), dz.data(), dy.data(), t0);
-            dw2_block(go.data(), z.data() + t0 * n_mid, m, ll, goT.data(), a2.data());
+            dw2_block(go.data(), z.data() + t0 * n_mid, m, ll, goT.data(), a2);
           }
       });
       at::parallel_for(0, d.k, 1, [&](int64_t b, int64_t e) {
         std::vector<acc_t> dyT(d.q * TILE_M), xa(TILE_M * d.p);
         for (int64_t kk = b; kk < e; ++kk)
           for (int64_t t0 = 0; t0 < T; t0 += TILE_M)
-            dw1_block(dy.data() + t0 * n_mid, t0, std::min(TILE_M, T - t0), kk, dyT.data(), xa.data(), a1.data());
+            dw1_block(dy.data() + t0 * n_mid, t0, std::min(TILE_M, T - t0), kk, dyT.data(), xa.data(), a1);
       });
-      reduce_into<scalar_t, acc_t>({a1}, dw1);
-      reduce_into<scalar_t, acc_t>({a2}, dw2);
+      if constexpr (!direct) {
+        reduce_into<scalar_t, acc_t>({a1_}, dw1);
+        reduce_into<scalar_t, acc_t>({a2_}, dw2);
+      }
       return;
     }
     const int64_t ntiles = cdiv(T, TILE_M), nch = std::min<int64_t>(at::get_num_threads(), ntiles);

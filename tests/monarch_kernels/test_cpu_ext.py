@@ -44,7 +44,7 @@ def test_monarch_ops_float64(s1, s2, T):
         assert rel_err(a, e) < 1e-12
 
 
-@pytest.mark.parametrize("T", [1, 6, 63, 64, 97])  # weights in place (dot-product kernel) below 64 tokens, packed from 64
+@pytest.mark.parametrize("T", [1, 6, 97, 255, 256])  # weights in place (dot-product kernel) below 256 tokens, packed from 256
 @pytest.mark.parametrize("s1,s2", SHAPES + [((4, 40, 36), (5, 33, 32))])  # the last: K tails and partial register blocks
 def test_monarch_ops_float32(s1, s2, T):
     """float32 runs the AVX-512 kernels where the host has them (both the packed and the in-place weight paths)."""
@@ -67,10 +67,11 @@ def test_blockdiag_ops_float32(T):
     assert rel_err(C.blockdiag_wgrad(x, g, 4, 17, 18), ref.blockdiag_wgrad(_d(x), _d(g), 4, 17, 18)) < 1e-5
 
 
+@pytest.mark.parametrize("T", [5, 70])  # block-parallel schedule (fp32 partial sums) and row tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_monarch_low_precision(dtype):
+def test_monarch_low_precision(dtype, T):
     s1, s2 = SHAPES[0]
-    x, g = torch.randn(70, 47).to(dtype), torch.randn(70, 191).to(dtype)
+    x, g = torch.randn(T, 47).to(dtype), torch.randn(T, 191).to(dtype)
     w1, w2, b = torch.randn(s1).to(dtype), torch.randn(s2).to(dtype), torch.randn(191).to(dtype)
     out = C.monarch_fwd(x, w1, w2, b, 191, "relu")
     assert out.dtype == dtype
