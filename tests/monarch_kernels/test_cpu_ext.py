@@ -126,26 +126,28 @@ def test_backend_through_ops_api():
 
 
 def test_auto_dispatch_rule():
-    """The measured rule of monarch_kernels/cpu_dispatch.py: fp16 from 16 tokens; fp32/fp64 Monarch with blocks
-    <= 64 from 64 tokens and blocks <= 128 from 1024 tokens; never bf16, fp32 block-diagonal or complex."""
+    """The measured rule of monarch_kernels/cpu_dispatch.py: fp16 from 4 tokens; fp32 Monarch always, fp32
+    block-diagonal with blocks <= 64; fp64 Monarch with blocks <= 64, or <= 128 from 256 tokens; never bf16 or
+    complex."""
     x_small, x_big = torch.randn(4, 48), torch.randn(4096, 48)
     w1, w2 = torch.randn(4, 12, 12), torch.randn(4, 48, 12)
-    assert mk.resolve_backend("monarch", x_big[:64], w1, w2) == "cpu"
-    assert mk.resolve_backend("monarch", x_big.double(), w1.double(), w2.double()) == "cpu"
-    assert mk.resolve_backend("monarch", x_big[:63], w1, w2) == "torch"
-    assert mk.resolve_backend("monarch", x_small, w1, w2) == "torch"
-    assert mk.resolve_backend("monarch", x_small.half(), w1.half(), w2.half()) == "torch"
-    assert mk.resolve_backend("monarch", x_big[:16].half(), w1.half(), w2.half()) == "cpu"
+    assert mk.resolve_backend("monarch", x_big, w1, w2) == "cpu"
+    assert mk.resolve_backend("monarch", x_small[:1], w1, w2) == "cpu"
+    big_blocks = torch.randn(2, 256, 256), torch.randn(2, 256, 256)
+    assert mk.resolve_backend("monarch", torch.randn(8, 512), *big_blocks) == "cpu"
+    assert mk.resolve_backend("monarch", x_small.double(), w1.double(), w2.double()) == "cpu"
+    mid = [t.double() for t in (torch.randn(2, 128, 128), torch.randn(2, 128, 128))]
+    assert mk.resolve_backend("monarch", torch.randn(256, 256, dtype=torch.float64), *mid) == "cpu"
+    assert mk.resolve_backend("monarch", torch.randn(255, 256, dtype=torch.float64), *mid) == "torch"
+    big64 = [t.double() for t in big_blocks]
+    assert mk.resolve_backend("monarch", torch.randn(4096, 512, dtype=torch.float64), *big64) == "torch"
+    assert mk.resolve_backend("monarch", x_small[:3].half(), w1.half(), w2.half()) == "torch"
+    assert mk.resolve_backend("monarch", x_small.half(), w1.half(), w2.half()) == "cpu"
     assert mk.resolve_backend("monarch", x_big.bfloat16(), w1.bfloat16(), w2.bfloat16()) == "torch"
     assert mk.resolve_backend("monarch", x_big.to(torch.complex64), w1.to(torch.complex64), w2.to(torch.complex64)) == "torch"
-    mid_blocks = torch.randn(2, 128, 128), torch.randn(2, 128, 128)
-    assert mk.resolve_backend("monarch", torch.randn(1024, 256), *mid_blocks) == "cpu"
-    assert mk.resolve_backend("monarch", torch.randn(1023, 256), *mid_blocks) == "torch"
-    big_blocks = torch.randn(2, 256, 256), torch.randn(2, 256, 256)
-    assert mk.resolve_backend("monarch", torch.randn(4096, 512), *big_blocks) == "torch"
-    wb = torch.randn(4, 12, 12)
-    assert mk.resolve_backend("blockdiag", x_big, wb) == "torch"
-    assert mk.resolve_backend("blockdiag", x_big.half(), wb.half()) == "cpu"
+    assert mk.resolve_backend("blockdiag", x_big, torch.randn(4, 12, 12)) == "cpu"
+    assert mk.resolve_backend("blockdiag", torch.randn(64, 512), torch.randn(2, 256, 256)) == "torch"
+    assert mk.resolve_backend("blockdiag", torch.randn(64, 512).half(), torch.randn(2, 256, 256).half()) == "cpu"
 
 
 def test_weights_are_never_stale():
