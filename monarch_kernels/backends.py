@@ -66,12 +66,14 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+_BY_PRIORITY: list[Backend] = []  # the registry in ``auto``'s search order
 _current = AUTO
 
 
 def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend in the registry."""
     _REGISTRY[backend.name] = backend
+    _BY_PRIORITY[:] = sorted(_REGISTRY.values(), key=lambda b: -b.priority)
 
 
 def get(name: str) -> Backend:
@@ -133,7 +135,7 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requ
                 f"use backend='auto' or one of {sorted(n for n, s in available_backends().items() if s == 'available')}"
             )
         return name
-    for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+    for b in _BY_PRIORITY:
         if b.available and b.supports(device, dtype) and b.prefer(op, device, dtype, dims):
             return b.name
     raise BackendUnavailableError(f"no backend supports {dtype} tensors on {device}")

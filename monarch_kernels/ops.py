@@ -53,10 +53,12 @@ def _unflat(t2d: Tensor, lead: tuple) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(f"{_NS}::blockdiag_fwd", mutates_args=())
-def _blockdiag_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int, activation: str, backend: str) -> Tensor:
+def _blockdiag_fwd_impl(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int, activation: str, backend: str) -> Tensor:
     out = backends.impl(backend).blockdiag_fwd(_flat(x), w, bias, n_out, activation)
     return _unflat(out, x.shape[:-1])
+
+
+_blockdiag_fwd = torch.library.custom_op(f"{_NS}::blockdiag_fwd", mutates_args=())(_blockdiag_fwd_impl)
 
 
 @_blockdiag_fwd.register_fake
@@ -74,12 +76,14 @@ def _(x, g, k, q, p, backend):
     return x.new_empty(k, q, p)
 
 
-@torch.library.custom_op(f"{_NS}::monarch_fwd", mutates_args=())
-def _monarch_fwd(
+def _monarch_fwd_impl(
     x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], n_out: int, activation: str, backend: str
 ) -> Tensor:
     out = backends.impl(backend).monarch_fwd(_flat(x), w1, w2, bias, n_out, activation)
     return _unflat(out, x.shape[:-1])
+
+
+_monarch_fwd = torch.library.custom_op(f"{_NS}::monarch_fwd", mutates_args=())(_monarch_fwd_impl)
 
 
 @_monarch_fwd.register_fake
@@ -106,6 +110,23 @@ def _monarch_bwd_weight(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, backend: s
 @_monarch_bwd_weight.register_fake
 def _(x, g, w1, w2, backend):
     return w1.new_empty(w1.shape), w2.new_empty(w2.shape)
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _untracked_eager(*tensors: Optional[Tensor]) -> bool:
+    """Whether a forward call may run its implementation directly instead of through the custom op, with
+    identical results: eager mode (not compiling, no profiler, no dispatch/function mode, no functorch
+    transform), plain tensors, and nothing for autograd to record. Inference calls then skip the custom-op
+    dispatch, which costs more than the kernel itself for a few tokens."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad)) for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +304,8 @@ def blockdiag_linear(
     check_bias(fn, bias, x, n_out)
     act = _check_activation(fn, activation, x)
     name = backends.resolve("blockdiag", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, p), backend)
-    return _blockdiag_fwd(x, w, bias, n_out, act, name)
+    op = _blockdiag_fwd_impl if _untracked_eager(x, w, bias) else _blockdiag_fwd
+    return op(x, w, bias, n_out, act, name)
 
 
 def blockdiag_matmul(x: Tensor, w: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -325,9 +347,15 @@ def monarch_linear(
     check_same(fn, x, w1=w1)
     check_bias(fn, bias, x, n_out)
     act = _check_activation(fn, activation, x)
+    return _dispatch_monarch(x, w1, w2, bias, sh, n_out, act, backend)
+
+
+def _dispatch_monarch(x, w1, w2, bias, sh: MonarchShape, n_out: int, act: str, backend: Optional[str]) -> Tensor:
+    """Resolve the backend for validated arguments and run the forward op (directly when nothing tracks it)."""
     block = max(sh.p, sh.q, sh.r, sh.s)
     name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, block), backend)
-    return _monarch_fwd(x, w1, w2, bias, n_out, act, name)
+    op = _monarch_fwd_impl if _untracked_eager(x, w1, w2, bias) else _monarch_fwd
+    return op(x, w1, w2, bias, n_out, act, name)
 
 
 def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -346,7 +374,8 @@ def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: Optional[str] 
     check_tensor("x", x, fn)
     sh = check_monarch_factors(fn, w1, w2)
     check_input_width(fn, x, sh.n_in, False, f"w1 of shape {tuple(w1.shape)}")
-    return monarch_linear(x, w1, w2, backend=backend)
+    check_same(fn, x, w1=w1)
+    return _dispatch_monarch(x, w1, w2, None, sh, sh.n_out, "none", backend)
 
 
 def monarch_to_dense(w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -> Tensor:
