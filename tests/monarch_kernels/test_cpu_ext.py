@@ -127,9 +127,8 @@ def test_backend_through_ops_api():
 
 def test_auto_dispatch_rule():
     """The measured rule of monarch_kernels/cpu_dispatch.py: fp16 from 4 tokens; fp32 Monarch with blocks <= 1024
-    or fewer than 128 tokens, fp32
-    block-diagonal with blocks <= 64; fp64 Monarch with blocks <= 64, or <= 128 from 256 tokens; never bf16 or
-    complex."""
+    or fewer than 128 tokens; fp32 block-diagonal with blocks <= 64; fp64 Monarch with blocks <= 64, or <= 128
+    from 256 tokens; never bf16 or complex."""
     x_small, x_big = torch.randn(4, 48), torch.randn(4096, 48)
     w1, w2 = torch.randn(4, 12, 12), torch.randn(4, 48, 12)
     assert mk.resolve_backend("monarch", x_big, w1, w2) == "cpu"
