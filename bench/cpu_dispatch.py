@@ -2,7 +2,7 @@
 ``monarch_kernels/cpu_dispatch.py``): both backends, side by side in one process, over token counts and
 shapes, forward and forward+backward; prints the ratio torch-time / cpu-time (> 1: the C++ kernels win).
 
-``python -m bench.cpu_dispatch [--op monarch|blockdiag] [--dtype float32] [--budget 0.3]``
+``python -m bench.cpu_dispatch [--op monarch|blockdiag] [--dtype float32] [--shapes 2048:8192:4] [--budget 0.3]``
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--op", default="monarch", choices=["monarch", "blockdiag"])
     p.add_argument("--budget", type=float, default=0.3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
+    p.add_argument("--shapes", default=None, help="comma-separated n_in:n_out:nblocks (default: the built-in list)")
     args = p.parse_args(argv)
     if mk.available_backends()["cpu"] != "available":
         print(f"cpu backend unavailable: {mk.available_backends()['cpu']}", file=sys.stderr)
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
     fn = mk.monarch_matmul if args.op == "monarch" else mk.blockdiag_matmul
     print(f"{device_name(dev)} | {args.op} | {args.dtype} | ratio = torch time / cpu time (fwd, fwd+bwd)")
     print("shape".ljust(22) + "".join(f"T={T}".rjust(14) for T in TOKENS))
-    for n_in, n_out, nb in SHAPES:
+    shapes = [tuple(int(v) for v in sh.split(":")) for sh in args.shapes.split(",")] if args.shapes else SHAPES
+    for n_in, n_out, nb in shapes:
         ws = factors(args.op, n_in, n_out, nb, dtype)
         cells = []
         for T in TOKENS:

@@ -9,8 +9,8 @@ copies) around their own AVX-512 kernels, and with few tokens stream the weights
   2-60x from 4 tokens on;
 * float32 Monarch: the C++ kernels win or tie at every measured shape and token count with blocks up to 768
   (1.1-3x typical; 0.7-0.9x only for blocks of 768 at 64-256 tokens, within this machine's noise of parity);
-  with 2048-wide blocks (2048->8192 in 4 blocks) they win below 128 tokens and lose above (0.65-0.97x: a
-  block no longer fits in L2, and MKL's blocking beats the row tiles);
+  with 2048-wide blocks (2048<->8192 in 4 blocks) they win the forward below 32 tokens and lose from 64
+  (0.5-0.95x: a block no longer fits in L2, and MKL's blocking beats the row tiles);
 * float32 block-diagonal (one GEMM, nothing to fuse): only with blocks ≤ 64;
 * float64 Monarch: the portable (non-AVX-512) double kernels win with blocks ≤ 64, and with blocks ≤ 128 from
   256 tokens;
@@ -23,7 +23,7 @@ import torch
 #: fewest tokens for which fp16 calls go to the C++ kernels
 FP16_MIN_TOKENS = 4
 #: fp32 Monarch products go to the C++ kernels with blocks up to this size, or with fewer than FP32_BIG_BLOCK_TOKENS
-FP32_MAX_BLOCK, FP32_BIG_BLOCK_TOKENS = 1024, 128
+FP32_MAX_BLOCK, FP32_BIG_BLOCK_TOKENS = 1024, 32
 #: blocks this small (largest side) go to the C++ kernels in fp32 block-diagonal and fp64 Monarch products
 SMALL_BLOCK = 64
 #: fp64 Monarch products with blocks up to this size go to the C++ kernels from FP64_MID_TOKENS tokens

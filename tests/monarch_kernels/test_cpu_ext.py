@@ -127,7 +127,7 @@ def test_backend_through_ops_api():
 
 def test_auto_dispatch_rule():
     """The measured rule of monarch_kernels/cpu_dispatch.py: fp16 from 4 tokens; fp32 Monarch with blocks <= 1024
-    or fewer than 128 tokens; fp32 block-diagonal with blocks <= 64; fp64 Monarch with blocks <= 64, or <= 128
+    or fewer than 32 tokens; fp32 block-diagonal with blocks <= 64; fp64 Monarch with blocks <= 64, or <= 128
     from 256 tokens; never bf16 or complex."""
     x_small, x_big = torch.randn(4, 48), torch.randn(4096, 48)
     w1, w2 = torch.randn(4, 12, 12), torch.randn(4, 48, 12)
@@ -136,8 +136,8 @@ def test_auto_dispatch_rule():
     big_blocks = torch.randn(2, 256, 256), torch.randn(2, 256, 256)
     assert mk.resolve_backend("monarch", torch.randn(8, 512), *big_blocks) == "cpu"
     huge = torch.randn(1, 1025, 4), torch.randn(1, 4, 1025)  # blocks past L2: MKL's blocking wins with many tokens
-    assert mk.resolve_backend("monarch", torch.randn(127, 4), *huge) == "cpu"
-    assert mk.resolve_backend("monarch", torch.randn(128, 4), *huge) == "torch"
+    assert mk.resolve_backend("monarch", torch.randn(31, 4), *huge) == "cpu"
+    assert mk.resolve_backend("monarch", torch.randn(32, 4), *huge) == "torch"
     assert mk.resolve_backend("monarch", x_small.double(), w1.double(), w2.double()) == "cpu"
     mid = [t.double() for t in (torch.randn(2, 128, 128), torch.randn(2, 128, 128))]
     assert mk.resolve_backend("monarch", torch.randn(256, 256, dtype=torch.float64), *mid) == "cpu"
