@@ -497,14 +497,15 @@ at::Tensor monarch_bwd_input(const at::Tensor& g, const at::Tensor& w1, const at
   return dx;
 }
 
-// Sum per-chunk accumulators into a tensor of the output dtype.
+// Sum per-chunk accumulators into a tensor of the output dtype (added to what it holds if `accumulate`).
 template <typename scalar_t, typename acc_t>
-void reduce_into(const std::vector<std::vector<acc_t>>& parts, at::Tensor& out) {
+void reduce_into(const std::vector<std::vector<acc_t>>& parts, at::Tensor& out, bool accumulate) {
+  if (parts.empty()) return;
   scalar_t* o = out.data_ptr<scalar_t>();
   const int64_t n = out.numel();
   at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
-      acc_t sum = 0;
+      acc_t sum = accumulate ? static_cast<acc_t>(o[i]) : acc_t(0);
       for (const auto& part : parts) sum += part[i];
       o[i] = static_cast<scalar_t>(sum);
     }
@@ -565,14 +566,22 @@ std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const
             dw1_block(dy.data() + t0 * n_mid, t0, std::min(TILE_M, T - t0), kk, dyT.data(), xa.data(), a1);
       });
       if constexpr (!direct) {
-        reduce_into<scalar_t, acc_t>({a1_}, dw1);
-        reduce_into<scalar_t, acc_t>({a2_}, dw2);
+        reduce_into<scalar_t, acc_t>({a1_}, dw1, false);
+        reduce_into<scalar_t, acc_t>({a2_}, dw2, false);
       }
       return;
     }
     const int64_t ntiles = cdiv(T, TILE_M), nch = std::min<int64_t>(at::get_num_threads(), ntiles);
-    std::vector<std::vector<acc_t>> acc1(nch, std::vector<acc_t>(w1.numel(), acc_t(0)));
-    std::vector<std::vector<acc_t>> acc2(nch, std::vector<acc_t>(w2.numel(), acc_t(0)));
+    // chunk 0 accumulates straight into the zeroed outputs when they have the accumulation type; the other
+    // chunks into partial buffers, added at the end in chunk order (deterministic)
+    constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+    const int64_t first = direct ? 1 : 0;
+    std::vector<std::vector<acc_t>> acc1(nch - first, std::vector<acc_t>(w1.numel(), acc_t(0)));
+    std::vector<std::vector<acc_t>> acc2(nch - first, std::vector<acc_t>(w2.numel(), acc_t(0)));
+    auto part = [&](std::vector<std::vector<acc_t>>& parts, at::Tensor& out, int64_t ch) -> acc_t* {
+      if (direct && ch == 0) return reinterpret_cast<acc_t*>(out.data_ptr<scalar_t>());
+      return parts[ch - first].data();
+    };
     at::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
       std::vector<acc_t> xa(TILE_M * d.p), ybuf(TILE_M * d.q), z(TILE_M * n_mid), go(TILE_M * d.s), dz(TILE_M * d.r),
           dy(TILE_M * n_mid), goT(d.s * TILE_M), dyT(d.q * TILE_M);
@@ -583,13 +592,13 @@ std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const
             stage1_block<scalar_t, acc_t>(d, x, t0, m, kk, W1, xa.data(), ybuf.data(), z.data(), 0);
           for (int64_t ll = 0; ll < d.l; ++ll) {
             stage2_adjoint_block<scalar_t, acc_t>(d, g, t0, m, ll, w2p, go.data(), dz.data(), dy.data(), 0);
-            dw2_block(go.data(), z.data(), m, ll, goT.data(), acc2[ch].data());
+            dw2_block(go.data(), z.data(), m, ll, goT.data(), part(acc2, dw2, ch));
           }
-          for (int64_t kk = 0; kk < d.k; ++kk) dw1_block(dy.data(), t0, m, kk, dyT.data(), xa.data(), acc1[ch].data());
+          for (int64_t kk = 0; kk < d.k; ++kk) dw1_block(dy.data(), t0, m, kk, dyT.data(), xa.data(), part(acc1, dw1, ch));
         }
     });
-    reduce_into<scalar_t, acc_t>(acc1, dw1);
-    reduce_into<scalar_t, acc_t>(acc2, dw2);
+    reduce_into<scalar_t, acc_t>(acc1, dw1, direct);
+    reduce_into<scalar_t, acc_t>(acc2, dw2, direct);
   });
   return {dw1, dw2};
 }
@@ -657,7 +666,7 @@ at::Tensor blockdiag_wgrad(const at::Tensor& x, const at::Tensor& g, int64_t k, 
         }
       }
     });
-    reduce_into<scalar_t, acc_t>(parts, dw);
+    reduce_into<scalar_t, acc_t>(parts, dw, false);
   });
   return dw;
 }

@@ -164,3 +164,20 @@ def test_weights_are_never_stale():
     for _ in range(40):  # fresh weights, some at recycled addresses
         w1, w2 = torch.randn(4, 12, 12, dtype=torch.float64), torch.randn(4, 48, 12, dtype=torch.float64)
         assert rel_err(C.monarch_fwd(x, w1, w2, None, 192, "none"), ref.monarch_fwd(x, w1, w2, None, 192)) < 1e-12
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_weight_gradients_for_any_thread_count(threads, dtype):
+    """The row-tile schedule splits tokens into one chunk per thread: chunk 0 accumulates into the output
+    (fp32/fp64), the others into partial buffers added at the end."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        s1, s2 = SHAPES[3]
+        x, g = torch.randn(200, 31).to(dtype), torch.randn(200, 21).to(dtype)
+        w1, w2 = torch.randn(s1).to(dtype), torch.randn(s2).to(dtype)
+        for a, e in zip(C.monarch_bwd_weight(x, g, w1, w2), ref.monarch_bwd_weight(_d(x), _d(g), _d(w1), _d(w2))):
+            assert rel_err(a, e) < TOL[dtype]
+    finally:
+        torch.set_num_threads(previous)
