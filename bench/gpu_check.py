@@ -12,7 +12,8 @@
    vs two-kernel Triton forward);
 4. writes ``DIR/gpu_check.json`` and prints the tables last.
 
-``--smoke`` runs tiny shapes (on CPU through the Triton interpreter too) to test the script itself.
+``--smoke`` runs tiny shapes to test the script itself (on CPU, set ``TRITON_INTERPRET=1`` to include the Triton
+kernels through the interpreter; tests/bench/test_gpu_check_smoke.py does).
 """
 from __future__ import annotations
 
