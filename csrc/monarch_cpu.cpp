@@ -32,7 +32,8 @@
 
 namespace monarch_cpu {
 
-constexpr int64_t TILE_M = 32;  // token rows per tile
+constexpr int64_t TILE_M = 32;   // token rows per tile
+constexpr int64_t TILE_W = 256;  // most token rows per tile of the weight-gradient schedule
 constexpr int64_t NC = 256;     // N-blocking of the packed B operand (keeps a K x NC panel in L2)
 
 enum Act : int64_t { NONE = 0, RELU = 1, GELU = 2, GELU_TANH = 3 };
@@ -377,6 +378,21 @@ void stage2_adjoint_block(const Dims& d, const at::Tensor& g, int64_t t0, int64_
   }
 }
 
+// Adjoint of stage 1 for rows [t0, t0+m) and block kk, written into dx (T, n_in) of the output dtype:
+// dx[t0 + t, kk*p + pp] = Σ_qq dy[t, kk*q + qq] w1[kk, qq, pp] (columns past n_in dropped); dy points at the
+// tile's first row, w1p is w1 in accumulation precision, (k, q, p).
+template <typename scalar_t, typename acc_t>
+void stage1_adjoint_block(const Dims& d, const acc_t* dy, int64_t t0, int64_t m, int64_t kk, const acc_t* w1p,
+                          acc_t* dxb, scalar_t* dxp, int64_t n_in) {
+  std::fill(dxb, dxb + m * d.p, acc_t(0));
+  gemm_acc<acc_t>(m, d.p, d.q, dy + kk * d.q, d.n_mid(), w1p + kk * d.q * d.p, d.p, dxb, d.p);
+  const int64_t lim = std::min(d.p, n_in - kk * d.p);
+  for (int64_t t = 0; t < m; ++t) {
+    scalar_t* row = dxp + (t0 + t) * n_in + kk * d.p;
+    for (int64_t pp = 0; pp < lim; ++pp) row[pp] = static_cast<scalar_t>(dxb[t * d.p + pp]);
+  }
+}
+
 template <typename acc_t>
 std::vector<acc_t> bias_vec(const c10::optional<at::Tensor>& bias, int64_t n) {
   std::vector<acc_t> out(n, acc_t(0));
@@ -460,14 +476,6 @@ at::Tensor monarch_bwd_input(const at::Tensor& g, const at::Tensor& w1, const at
     const acc_t* w2p = w2p_.data_ptr<acc_t>();
     const acc_t* w1p = w1p_.data_ptr<acc_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
-    // dx[t, kk*p + pp] = Σ_qq dy[t, kk*q + qq] w1[kk, qq, pp] for rows [t0, t0+m) of dy (first row dy_row0)
-    auto stage1_adjoint = [&](const acc_t* dy, int64_t dy_row0, int64_t t0, int64_t m, int64_t kk, acc_t* dxb) {
-      std::fill(dxb, dxb + m * d.p, acc_t(0));
-      gemm_acc<acc_t>(m, d.p, d.q, dy + dy_row0 * n_mid + kk * d.q, n_mid, w1p + kk * d.q * d.p, d.p, dxb, d.p);
-      const int64_t lim = std::min(d.p, n_in - kk * d.p);
-      for (int64_t t = 0; t < m; ++t)
-        for (int64_t pp = 0; pp < lim; ++pp) dxp[(t0 + t) * n_in + kk * d.p + pp] = static_cast<scalar_t>(dxb[t * d.p + pp]);
-    };
     if (few_tiles(T)) {
       std::vector<acc_t> dy(T * n_mid);
       at::parallel_for(0, d.l, 1, [&](int64_t b, int64_t e) {
@@ -480,7 +488,9 @@ at::Tensor monarch_bwd_input(const at::Tensor& g, const at::Tensor& w1, const at
       at::parallel_for(0, d.k, 1, [&](int64_t b, int64_t e) {
         std::vector<acc_t> dxb(TILE_M * d.p);
         for (int64_t kk = b; kk < e; ++kk)
-          for (int64_t t0 = 0; t0 < T; t0 += TILE_M) stage1_adjoint(dy.data(), t0, t0, std::min(TILE_M, T - t0), kk, dxb.data());
+          for (int64_t t0 = 0; t0 < T; t0 += TILE_M)
+            stage1_adjoint_block<scalar_t, acc_t>(d, dy.data() + t0 * n_mid, t0, std::min(TILE_M, T - t0), kk, w1p,
+                                                  dxb.data(), dxp, n_in);
       });
       return;
     }
@@ -490,7 +500,8 @@ at::Tensor monarch_bwd_input(const at::Tensor& g, const at::Tensor& w1, const at
         const int64_t t0 = tile * TILE_M, m = std::min(TILE_M, T - t0);
         for (int64_t ll = 0; ll < d.l; ++ll)
           stage2_adjoint_block<scalar_t, acc_t>(d, g, t0, m, ll, w2p, go.data(), dz.data(), dy.data(), 0);
-        for (int64_t kk = 0; kk < d.k; ++kk) stage1_adjoint(dy.data(), 0, t0, m, kk, dxb.data());
+        for (int64_t kk = 0; kk < d.k; ++kk)
+          stage1_adjoint_block<scalar_t, acc_t>(d, dy.data(), t0, m, kk, w1p, dxb.data(), dxp, n_in);
       }
     });
   });
@@ -512,19 +523,24 @@ void reduce_into(const std::vector<std::vector<acc_t>>& parts, at::Tensor& out, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w1,
-                                                      const at::Tensor& w2) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "monarch_bwd_weight (cpu): x must be a 2-D CPU tensor");
+// Weight gradients (dw1, dw2) of ⟨g, M x⟩, and, when `dx` is given (row-tile schedule only), also the input
+// gradient dx = Mᵀ g from the same per-tile dy: one pass instead of monarch_bwd_input + monarch_bwd_weight,
+// which each recompute dy.
+void bwd_weight_into(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w1, const at::Tensor& w2,
+                     at::Tensor& dw1, at::Tensor& dw2, at::Tensor* dx) {
   const Dims d(w1, w2);
   const int64_t T = x.size(0), n_mid = d.n_mid();
-  auto dw1 = at::zeros(w1.sizes(), w1.options());
-  auto dw2 = at::zeros(w2.sizes(), w2.options());
-  if (T == 0) return {dw1, dw2};
+  if (T == 0) return;
+  TORCH_CHECK(dx == nullptr || !few_tiles(T), "bwd_weight_into: dx only in the row-tile schedule");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "monarch_bwd_weight_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const BlockWeights<acc_t> W1(w1, T);
     const auto w2p_ = pack(w2, acc_type<acc_t>(), false);
     const acc_t* w2p = w2p_.data_ptr<acc_t>();
+    const auto w1p_ = dx ? pack(w1, acc_type<acc_t>(), false) : at::Tensor();  // (k, q, p) for dx
+    const acc_t* w1p = dx ? w1p_.data_ptr<acc_t>() : nullptr;
+    scalar_t* dxp = dx ? dx->data_ptr<scalar_t>() : nullptr;
+    const int64_t n_in = dx ? dx->size(1) : 0;
     // dw2[ll] += go_llᵀ z_ll and dw1[kk] += dy_kkᵀ x_kk over rows [t0, t0+m): transposed tiles feed the GEMM
     auto dw2_block = [&](const acc_t* go, const acc_t* z, int64_t m, int64_t ll, acc_t* goT, acc_t* a2) {
       for (int64_t ss = 0; ss < d.s; ++ss)
@@ -571,7 +587,11 @@ std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const
       }
       return;
     }
-    const int64_t ntiles = cdiv(T, TILE_M), nch = std::min<int64_t>(at::get_num_threads(), ntiles);
+    // row tiles as tall as the thread count allows (up to TILE_W rows): every accumulation into a weight-sized
+    // dw block then carries K = tile rows of work, instead of re-reading and re-writing the block every 32 rows
+    const int64_t nthreads = at::get_num_threads();
+    const int64_t tm = std::clamp<int64_t>(cdiv(T, nthreads), TILE_M, TILE_W);
+    const int64_t ntiles = cdiv(T, tm), nch = std::min<int64_t>(nthreads, ntiles);
     // chunk 0 accumulates straight into the zeroed outputs when they have the accumulation type; the other
     // chunks into partial buffers, added at the end in chunk order (deterministic)
     constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
@@ -583,24 +603,51 @@ std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const
       return parts[ch - first].data();
     };
     at::parallel_for(0, nch, 1, [&](int64_t cb, int64_t ce) {
-      std::vector<acc_t> xa(TILE_M * d.p), ybuf(TILE_M * d.q), z(TILE_M * n_mid), go(TILE_M * d.s), dz(TILE_M * d.r),
-          dy(TILE_M * n_mid), goT(d.s * TILE_M), dyT(d.q * TILE_M);
+      std::vector<acc_t> xa(tm * d.p), ybuf(tm * d.q), z(tm * n_mid), go(tm * d.s), dz(tm * d.r), dy(tm * n_mid),
+          goT(d.s * tm), dyT(d.q * tm), dxb(dx ? tm * d.p : 0);
       for (int64_t ch = cb; ch < ce; ++ch)
         for (int64_t tile = ch * ntiles / nch; tile < (ch + 1) * ntiles / nch; ++tile) {
-          const int64_t t0 = tile * TILE_M, m = std::min(TILE_M, T - t0);
+          const int64_t t0 = tile * tm, m = std::min(tm, T - t0);
           for (int64_t kk = 0; kk < d.k; ++kk)  // z recomputed, never saved
             stage1_block<scalar_t, acc_t>(d, x, t0, m, kk, W1, xa.data(), ybuf.data(), z.data(), 0);
           for (int64_t ll = 0; ll < d.l; ++ll) {
             stage2_adjoint_block<scalar_t, acc_t>(d, g, t0, m, ll, w2p, go.data(), dz.data(), dy.data(), 0);
             dw2_block(go.data(), z.data(), m, ll, goT.data(), part(acc2, dw2, ch));
           }
-          for (int64_t kk = 0; kk < d.k; ++kk) dw1_block(dy.data(), t0, m, kk, dyT.data(), xa.data(), part(acc1, dw1, ch));
+          for (int64_t kk = 0; kk < d.k; ++kk) {
+            dw1_block(dy.data(), t0, m, kk, dyT.data(), xa.data(), part(acc1, dw1, ch));
+            if (dx) stage1_adjoint_block<scalar_t, acc_t>(d, dy.data(), t0, m, kk, w1p, dxb.data(), dxp, n_in);
+          }
         }
     });
     reduce_into<scalar_t, acc_t>(acc1, dw1, direct);
     reduce_into<scalar_t, acc_t>(acc2, dw2, direct);
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w1,
+                                                      const at::Tensor& w2) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "monarch_bwd_weight (cpu): x must be a 2-D CPU tensor");
+  auto dw1 = at::zeros(w1.sizes(), w1.options());
+  auto dw2 = at::zeros(w2.sizes(), w2.options());
+  bwd_weight_into(x, g, w1, w2, dw1, dw2, nullptr);
   return {dw1, dw2};
+}
+
+// (dx, dw1, dw2) together: with row tiles one pass sharing the recomputed intermediate and dy; with few tiles
+// (block-parallel schedules) the two separate kernels.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w1,
+                                                           const at::Tensor& w2, int64_t n_in) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "monarch_bwd (cpu): x must be a 2-D CPU tensor");
+  if (few_tiles(x.size(0))) {
+    auto [dw1, dw2] = monarch_bwd_weight(x, g, w1, w2);
+    return {monarch_bwd_input(g, w1, w2, n_in), dw1, dw2};
+  }
+  auto dx = at::empty({x.size(0), n_in}, g.options());
+  auto dw1 = at::zeros(w1.sizes(), w1.options());
+  auto dw2 = at::zeros(w2.sizes(), w2.options());
+  bwd_weight_into(x, g, w1, w2, dw1, dw2, &dx);
+  return {dx, dw1, dw2};
 }
 
 // ------------------------------------------------------------------------------------------ block-diagonal
@@ -679,4 +726,5 @@ TORCH_LIBRARY_IMPL(monarch_kernels_ext, CPU, m) {
   m.impl("monarch_fwd", &monarch_cpu::monarch_fwd);
   m.impl("monarch_bwd_input", &monarch_cpu::monarch_bwd_input);
   m.impl("monarch_bwd_weight", &monarch_cpu::monarch_bwd_weight);
+  m.impl("monarch_bwd", &monarch_cpu::monarch_bwd);
 }

@@ -9,6 +9,8 @@ TORCH_LIBRARY(monarch_kernels_ext, m) {
   m.def("monarch_fwd(Tensor x, Tensor w1, Tensor w2, Tensor? bias, int n_out, int act) -> Tensor");
   m.def("monarch_bwd_input(Tensor g, Tensor w1, Tensor w2, int n_in) -> Tensor");
   m.def("monarch_bwd_weight(Tensor x, Tensor g, Tensor w1, Tensor w2) -> (Tensor, Tensor)");
+  // (dx, dw1, dw2) in one pass; CPU kernel only (other devices compose monarch_bwd_input + monarch_bwd_weight)
+  m.def("monarch_bwd(Tensor x, Tensor g, Tensor w1, Tensor w2, int n_in) -> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -55,6 +55,10 @@ def _register_fakes() -> None:
     def _(x, g, w1, w2):
         return w1.new_empty(w1.shape), w2.new_empty(w2.shape)
 
+    @torch.library.register_fake(f"{lib}::monarch_bwd")
+    def _(x, g, w1, w2, n_in):
+        return g.new_empty(g.shape[0], n_in), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
+
 
 def _ops():
     load()
@@ -83,3 +87,10 @@ class Primitives:
     @staticmethod
     def monarch_bwd_weight(x, g, w1, w2):
         return tuple(_ops().monarch_bwd_weight(x, g, w1, w2))
+
+    @staticmethod
+    def monarch_bwd(x, g, w1, w2, n_in):
+        """(dx, dw1, dw2) in one pass on CPU; the CUDA kernels compose the two separate ones."""
+        if x.device.type == "cpu":
+            return tuple(_ops().monarch_bwd(x, g, w1, w2, n_in))
+        return (_ops().monarch_bwd_input(g, w1, w2, n_in), *_ops().monarch_bwd_weight(x, g, w1, w2))

@@ -2,7 +2,9 @@
 
 Five primitives are registered as ``torch.library`` custom ops (namespace ``monarch_kernels``), each with a
 fake (meta) implementation and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces
-through them and the backward of every op is written with the same ops (hence double backward works):
+through them and the backward of every op is written with the same ops (hence double backward works). A sixth
+op, ``monarch_bwd``, fuses ``monarch_bwd_input`` and ``monarch_bwd_weight`` for a first-order backward (no
+autograd formula of its own: a backward that must be differentiable runs the two ops):
 
 =====================  ===============================================  ==================================
 op                     math (per token, real case)                       backward uses
@@ -12,6 +14,7 @@ blockdiag_wgrad        ``dw = Σ_t BD-blocks of g xᵀ``                    bloc
 monarch_fwd            ``o = M x + b``, ``M = P2 BD(w2) P1 BD(w1)``      monarch_bwd_input, monarch_bwd_weight
 monarch_bwd_input      ``dx = Mᵀ g``                                     monarch_fwd, monarch_bwd_weight
 monarch_bwd_weight     ``(dw1, dw2) = ∇_(w1,w2) ⟨g, M x⟩``               monarch_fwd, monarch_bwd_input, itself
+monarch_bwd            both of the above in one call                     (first-order backward only)
 =====================  ===============================================  ==================================
 
 ``M`` is bilinear in ``(w1, w2)``, so the derivative of ``monarch_bwd_weight`` in direction ``(h1, h2)`` is
@@ -112,6 +115,25 @@ def _(x, g, w1, w2, backend):
     return w1.new_empty(w1.shape), w2.new_empty(w2.shape)
 
 
+@torch.library.custom_op(f"{_NS}::monarch_bwd", mutates_args=())
+def _monarch_bwd(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``monarch_bwd_input`` and ``monarch_bwd_weight`` in one call, for a first-order backward that needs both:
+    backends with a ``monarch_bwd`` primitive share the recomputed intermediate and ``dy``; the others run the
+    two primitives. No autograd formula: a backward that must itself be differentiable uses the two ops."""
+    impl = backends.impl(backend)
+    xf, gf = _flat(x), _flat(g)
+    if hasattr(impl, "monarch_bwd"):
+        dx, dw1, dw2 = impl.monarch_bwd(xf, gf, w1, w2, n_in)
+    else:
+        dx, (dw1, dw2) = impl.monarch_bwd_input(gf, w1, w2, n_in), impl.monarch_bwd_weight(xf, gf, w1, w2)
+    return _unflat(dx, g.shape[:-1]), dw1, dw2
+
+
+@_monarch_bwd.register_fake
+def _(x, g, w1, w2, n_in, backend):
+    return g.new_empty(*g.shape[:-1], n_in), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
+
+
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -200,10 +222,14 @@ def _backward_monarch_fwd(ctx, g):
         g = g * activations.grad(ctx.activation, pre)
     x, w1, w2 = x.conj(), w1.conj(), w2.conj()
     dx = dw1 = dw2 = db = None
-    if ctx.needs_input_grad[0]:
-        dx = _monarch_bwd_input(g, w1, w2, x.shape[-1], ctx.backend)
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        dw1, dw2 = _monarch_bwd_weight(x, g, w1, w2, ctx.backend)
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    if need_x and need_w and not torch.is_grad_enabled():  # first-order backward: one fused call
+        dx, dw1, dw2 = _monarch_bwd(x, g, w1, w2, x.shape[-1], ctx.backend)
+    else:
+        if need_x:
+            dx = _monarch_bwd_input(g, w1, w2, x.shape[-1], ctx.backend)
+        if need_w:
+            dw1, dw2 = _monarch_bwd_weight(x, g, w1, w2, ctx.backend)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = _flat(g).sum(0)
     return dx, dw1, dw2, db, None, None, None

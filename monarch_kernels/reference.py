@@ -18,6 +18,8 @@ Shapes (``T`` tokens):
 * ``monarch_bwd_input(g (T, n_out), w1, w2, n_in) -> (T, n_in)``: ``Mᵀ g``.
 * ``monarch_bwd_weight(x (T, n_in), g (T, n_out), w1, w2) -> (dw1, dw2)``: gradients of ``⟨g, M x⟩``;
   the stage-1 intermediate is recomputed, not saved.
+* ``monarch_bwd(x, g, w1, w2, n_in) -> (dx, dw1, dw2)``: both of the above, sharing ``dy = BD(w2)ᵀ P2ᵀ g``
+  (optional for a backend: :mod:`monarch_kernels.ops` composes the two when a backend lacks it).
 """
 from __future__ import annotations
 
@@ -100,3 +102,14 @@ def monarch_bwd_weight(x, g, w1, w2):
     dy = _from_stage2(torch.bmm(go, w2), sh.k, sh.q)  # (k, T, q)
     dw1 = torch.bmm(dy.transpose(1, 2), _blocks_in(x, sh.k, sh.p))
     return dw1, dw2
+
+
+def monarch_bwd(x, g, w1, w2, n_in: int):
+    sh = MonarchShape.from_factors(w1.shape, w2.shape)
+    go = _out_grad_blocks(g, sh.l, sh.s)  # (l, T, s)
+    z = _to_stage2(_stage1(x, w1), sh.l, sh.r)  # recomputed, not saved
+    dw2 = torch.bmm(go.transpose(1, 2), z)
+    dy = _from_stage2(torch.bmm(go, w2), sh.k, sh.q)  # (k, T, q), shared by dx and dw1
+    dw1 = torch.bmm(dy.transpose(1, 2), _blocks_in(x, sh.k, sh.p))
+    dx = torch.bmm(dy, w1).transpose(0, 1).reshape(g.shape[0], sh.n_in)[:, :n_in].contiguous()
+    return dx, dw1, dw2
