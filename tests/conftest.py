@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Without a GPU the Triton kernels run in Triton's CPU interpreter; the variable must be set before any
 # kernel module is imported.
@@ -22,6 +23,18 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     wide = torch.complex128 if expected.is_complex() else torch.float64
     a, e = actual.detach().to(wide), expected.detach().to(wide)
     return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+class OpLog(TorchDispatchMode):
+    """Records the name of every op dispatched while active (``names``), e.g. to see which custom ops ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.fixture(autouse=True)

@@ -3,23 +3,12 @@ intermediate and dy) equals the two separate primitives, on every CPU backend an
 a first-order backward that needs both, and the separate (differentiable) ops for create_graph=True."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import monarch_kernels as mk
 from monarch_kernels import reference as ref
-from conftest import rel_err
+from conftest import OpLog, rel_err
 
 SHAPES = [((4, 12, 12), (4, 48, 12)), ((4, 5, 8), (4, 6, 5)), ((4, 40, 36), (5, 33, 32))]
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("s1,s2", SHAPES)

@@ -1,21 +1,10 @@
 """Forward calls that nothing tracks run the backend directly; everything that observes ops still sees the
 custom op (dispatch modes, the profiler, autograd)."""
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import monarch_kernels as mk
 from monarch_kernels import ops
-from conftest import rel_err
-
-
-class OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
+from conftest import OpLog, rel_err
 
 
 def _factors(dtype=torch.float64):
