@@ -63,7 +63,9 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["monarch_kernels*", "layers*", "methods*", "bench*"]),
+    # the layers/ folder is the subpackage monarch_kernels.layers; methods/ and bench/ run from the checkout only
+    packages=find_packages(include=["monarch_kernels", "monarch_kernels.*"]) + ["monarch_kernels.layers"],
+    package_dir={"monarch_kernels.layers": "layers"},
     package_data={"monarch_kernels": ["py.typed"]},
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "safetensors"],
     extras_require={"triton": ["triton>=3.0"]},

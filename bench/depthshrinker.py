@@ -5,7 +5,7 @@ hits all variants alike; on CUDA with ``triton.testing.do_bench`` medians when t
 
 * ``model``: the recipe's MobileNetV2-mini (``methods.depthshrinker.MobileNetV2Mini``, random weights, random BN
   statistics, eval mode) at MNIST size — *original* (all activations), *removed* (activations of the chosen blocks
-  removed, still unmerged) and *merged* (:func:`layers.depthshrink`: each removed block is one dense conv).
+  removed, still unmerged) and *merged* (:func:`monarch_kernels.layers.depthshrink`: each removed block is one dense conv).
 * ``blocks``: single inverted residual blocks at MobileNetV2 ImageNet shapes (e.g. 24 ch, t = 6, 56×56), unmerged
   (activation removed) vs the merged conv.
 
@@ -30,7 +30,7 @@ import time
 import torch
 from torch import nn
 
-from layers.depthshrinker import ShrinkableInvertedResidual, count_layers, depthshrink, set_removed
+from monarch_kernels.layers.depthshrinker import ShrinkableInvertedResidual, count_layers, depthshrink, set_removed
 from methods.depthshrinker import MobileNetV2Mini
 
 from .timing import device_name, median_time_us, pick_device

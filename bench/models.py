@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import monarch_kernels as mk
-from layers import MonarchLinear, monarchify
+from monarch_kernels.layers import MonarchLinear, monarchify
 
 from .fly_style import fly_monarch
 from .timing import device_name, median_time_us, pick_device

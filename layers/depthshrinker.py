@@ -114,7 +114,7 @@ class ShrinkGate(nn.Module):
 # ------------------------------------------------------------------------------------------------ pointwise
 class PointwiseConv(nn.Module):
     """A 1×1 convolution, i.e. a linear map over the channel dim of ``(N, C, H, W)``: ``nn.Conv2d`` (``"dense"``)
-    or :class:`~layers.MonarchLinear` applied to the channels (``"monarch"``, via an NHWC view)."""
+    or :class:`~monarch_kernels.layers.MonarchLinear` applied to the channels (``"monarch"``, via an NHWC view)."""
 
     def __init__(self, in_channels: int, out_channels: int, kind: str = "dense", nblocks: int = 4, bias: bool = False):
         super().__init__()

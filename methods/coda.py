@@ -15,7 +15,7 @@ parameters context-independent. Adaptation to a new environment freezes θ_c and
 init) on **one** trajectory.
 
 Monarch parameterisation. The dynamics MLP is ``state → h → h → h → state`` (official: 2→64→64→64→2 with a
-learnable swish) whose hidden ``h → h`` layers are :class:`layers.MonarchLinear`. θ (and so each row of W)
+learnable swish) whose hidden ``h → h`` layers are :class:`monarch_kernels.layers.MonarchLinear`. θ (and so each row of W)
 covers the *Monarch factors* ``w1, w2`` (plus biases, the dense end layers and the swish slopes): the adapted
 factors of environment e are ``w = w_c + reshape(W ξ^e)`` and the layer is applied functionally with
 :func:`monarch_kernels.monarch_linear` on those factors, so W has as many rows as the Monarch network has
@@ -44,7 +44,7 @@ Deviations from the official code (documented, small-scale CPU budget):
 * ground truth from ``torchdiffeq`` dopri5 in float64 at rtol 1e-9 (official: scipy RK45 at default rtol 1e-3);
 * all environments run as one batch of per-environment weights (official: a "ghost" group-conv network);
 * the hypernetwork W is initialised like ``nn.Linear`` (as official), biases of θ_c at zero (official
-  ``init_weights(init_type="default")``), Monarch factors with :class:`layers.MonarchLinear`'s init.
+  ``init_weights(init_type="default")``), Monarch factors with :class:`monarch_kernels.layers.MonarchLinear`'s init.
 
 Lotka–Volterra (official ``data.py``/``train.py``/``adaptation.py``): ``dx/dt = αx − βxy``,
 ``dy/dt = δxy − γy``; α = γ = 0.5, β, δ ∈ {0.5, 0.75, 1.0} (9 training environments, 4 train / 32 test
@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layers import MonarchLinear
+from monarch_kernels.layers import MonarchLinear
 from monarch_kernels import monarch_linear
 
 from .recipe import Recipe, RunContext

@@ -1,12 +1,12 @@
 """DepthShrinker (Fu et al., ICML 2022): remove activations of inverted residual blocks, fine-tune, merge.
 
 The three stages of the paper, on offline MNIST (5000 images) or sklearn digits, over the layers in
-:mod:`layers.depthshrinker`:
+:mod:`monarch_kernels.layers.depthshrinker`:
 
 1. **Train** a small MobileNetV2-like net (:class:`MobileNetV2Mini`) with all activations.
 2. **Search** which block activations to remove: every block gets a score ``s`` (init 0) behind the hard
-   straight-through gate of :class:`layers.ShrinkGate`; before every step the ``⌊keep_ratio·N⌋`` smallest scores
-   are kept, the rest are linear (:func:`layers.update_search_flags`); weights and scores train jointly on the
+   straight-through gate of :class:`monarch_kernels.layers.ShrinkGate`; before every step the ``⌊keep_ratio·N⌋`` smallest scores
+   are kept, the rest are linear (:func:`monarch_kernels.layers.update_search_flags`); weights and scores train jointly on the
    task loss. Output: the keep/remove mask of the final scores.
 3. **Fine-tune** with the activations removed, starting again from the *trained* weights (the official code
    re-loads ``DS.PRETRAINED``; the search only supplies the mask), with self-distillation from the original net::
@@ -15,7 +15,7 @@ The three stages of the paper, on offline MNIST (5000 images) or sklearn digits,
 
    (KL instead of the official soft cross-entropy: same gradient, differs by the teacher entropy). Removed blocks
    get a ReLU6 after the residual sum (official ``ADD_FINAL_ACT='relu6'``, on in every released config).
-4. **Merge** each removed block into one dense ``Conv2d`` (:func:`layers.depthshrink`) — exact, unlike the official
+4. **Merge** each removed block into one dense ``Conv2d`` (:func:`monarch_kernels.layers.depthshrink`) — exact, unlike the official
    ``merge_block()`` which only swaps in a random conv to time it — and time the network before and after.
 
 Baseline (in the same run): a random mask removing the same number of activations, fine-tuned the same way;
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers.depthshrinker import (
+from monarch_kernels.layers.depthshrinker import (
     ShrinkableInvertedResidual,
     count_layers,
     depthshrink,

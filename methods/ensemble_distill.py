@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layers import BlockdiagLinear, MonarchLinear, StructuredLinear
+from monarch_kernels.layers import BlockdiagLinear, MonarchLinear, StructuredLinear
 
 from .data import load_digits
 from .models import MLP

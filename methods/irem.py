@@ -13,7 +13,7 @@ What the official code (yilundu/irem_code_release, ``train.py``/``models.py``) d
 and what this module follows:
 
 * **energy network**: an MLP on ``[y, x]`` with swish (SiLU) activations, ``(dy+dx) → h → h → h → 1``
-  (h = 512 there). Here the first and hidden layers are :class:`layers.MonarchLinear` (built through
+  (h = 512 there). Here the first and hidden layers are :class:`monarch_kernels.layers.MonarchLinear` (built through
   :class:`methods.models.MLP`), the scalar head is dense. Gradient descent on E with ``create_graph=True``
   therefore runs double backward through the Monarch ops.
 * **truncated backprop** (``grad_steps=1``, the official default): steps ``1..K−1`` compute ``∇_y E``
@@ -82,7 +82,7 @@ class EnergyMLP(nn.Module):
     """``E_θ(x, y) = MLP([y, x])``: ``(B, dim_x), (B, dim_y) -> (B,)``.
 
     ``depth`` hidden layers of width ``hidden`` with SiLU (swish) between them; the input and hidden
-    layers are ``layer`` (``"monarch"``: :class:`layers.MonarchLinear` with ``nblocks`` blocks), the
+    layers are ``layer`` (``"monarch"``: :class:`monarch_kernels.layers.MonarchLinear` with ``nblocks`` blocks), the
     scalar output layer is dense. Official: ``hidden=512, depth=3``.
     """
 

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from layers import BlockdiagLinear, MonarchLinear, monarchify
+from monarch_kernels.layers import BlockdiagLinear, MonarchLinear, monarchify
 
 LAYERS = ("dense", "monarch", "blockdiag")
 
@@ -50,7 +50,7 @@ class MLP(nn.Module):
 def tiny_gpt2(vocab_size: int, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 128,
               mlp: str = "dense", nblocks: int = 4, seed: Optional[int] = None) -> nn.Module:
     """A randomly initialised Hugging Face ``GPT2LMHeadModel`` at a tiny config; with ``mlp="monarch"`` (or
-    ``"blockdiag"``) its MLP ``Conv1D`` layers are replaced through :func:`layers.monarchify`."""
+    ``"blockdiag"``) its MLP ``Conv1D`` layers are replaced through :func:`monarch_kernels.layers.monarchify`."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as exc:

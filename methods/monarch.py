@@ -1,14 +1,14 @@
 """Monarch (Dao et al., ICML 2022, arXiv:2204.00595): the paper's three ways of using Monarch layers, at small scale.
 
 Every weight that the paper makes Monarch (the MLP / feed-forward weights of a transformer) is a
-:class:`layers.MonarchLinear`: ``W = P2 · BD(w2) · P1 · BD(w1)`` with ``nblocks`` blocks per factor, i.e.
+:class:`monarch_kernels.layers.MonarchLinear`: ``W = P2 · BD(w2) · P1 · BD(w1)`` with ``nblocks`` blocks per factor, i.e.
 ``w1 (nb, q, p)`` and ``w2 (nb, s, r)`` (``nb·p = in``, ``nb·s = out``; ``q = r = in/nb`` for the fly
 ``blkdiag1/blkdiag2`` shapes), ``2·(w1.numel() + w2.numel())`` FLOPs per token instead of ``2·in·out``.
 
 Modes (``--mode``; ``all`` runs the three, sharing the runs they have in common):
 
 1. ``sparse`` — **end-to-end sparse training** from scratch: a character-level GPT-2 (Hugging Face
-   ``GPT2LMHeadModel`` at a tiny config, MLPs made Monarch by :func:`layers.monarchify`) on Shakespeare and a
+   ``GPT2LMHeadModel`` at a tiny config, MLPs made Monarch by :func:`monarch_kernels.layers.monarchify`) on Shakespeare and a
    small ViT on MNIST, Monarch MLPs vs dense MLPs at the same steps, batches, schedule and seed: validation loss
    (and accuracy), parameters, forward FLOPs, measured time per training step.
 2. ``d2s`` — **dense-to-sparse fine-tuning**: the dense GPT pretrained on the plays is projected onto Monarch
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers import MonarchLinear, StructuredLinear, dense_view, densify, monarchify
+from monarch_kernels.layers import MonarchLinear, StructuredLinear, dense_view, densify, monarchify
 
 from .data import CharTokenizer, load_digits, load_mnist, shakespeare_plays
 from .distributed import DistEnv, cosine_lr, fit
@@ -88,7 +88,7 @@ class ViTBlock(nn.Module):
 class ViT(nn.Module):
     """A small Vision Transformer (Dosovitskiy et al.) for ``(B, C, H, W)`` images: non-overlapping
     ``patch×patch`` patches -> linear embedding, a class token, learned positions, ``depth`` pre-norm blocks
-    with MLP ``dim -> mlp_ratio·dim -> dim`` (the layers :func:`layers.monarchify` replaces, ``*.mlp.fc1/fc2``),
+    with MLP ``dim -> mlp_ratio·dim -> dim`` (the layers :func:`monarch_kernels.layers.monarchify` replaces, ``*.mlp.fc1/fc2``),
     LayerNorm and a linear head on the class token."""
 
     def __init__(self, image_size: int = 28, patch: int = 7, channels: int = 1, dim: int = 64, depth: int = 4,
@@ -126,7 +126,7 @@ def model_cost(model: nn.Module, tokens: int, causal: bool = False) -> dict:
 
     Linear-like layers: ``nn.Linear`` / GPT-2 ``Conv1D`` / the q,k,v projection of ``nn.MultiheadAttention``
     cost ``2·in·out`` per token, structured layers their
-    :meth:`~layers.StructuredLinear.flops_per_token` (``2·(w1.numel()+w2.numel())`` for Monarch). Attention
+    :meth:`~monarch_kernels.layers.StructuredLinear.flops_per_token` (``2·(w1.numel()+w2.numel())`` for Monarch). Attention
     scores and the weighted sum add ``2·2·T·d`` per token per ``nn.MultiheadAttention`` / GPT-2 attention
     (halved on average when ``causal``). Biases, norms and activations are not counted.
     """
@@ -182,7 +182,7 @@ def time_train_steps(models: dict, batch: tuple, loss_fn, reps: int = 5) -> dict
 def transfer_optimizer_state(old_model: nn.Module, old_opt: torch.optim.Optimizer, new_model: nn.Module,
                              new_opt: torch.optim.Optimizer) -> list[str]:
     """Copy per-parameter optimizer state (e.g. Adam moments and step) from ``old_opt`` to ``new_opt`` for every
-    parameter name present in both models with the same shape (after :func:`layers.densify` that is everything
+    parameter name present in both models with the same shape (after :func:`monarch_kernels.layers.densify` that is everything
     but the new dense weights, which start with fresh state). Returns the names carried over."""
     old = {n: p for n, p in old_model.named_parameters()}
     carried = []

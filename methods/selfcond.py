@@ -35,7 +35,7 @@ Where this follows / deviates from apple/ml-selfcond:
   with top-k 10 at temperature 1, as in the official ``generate_batch.py`` sweep.
 
 The demo (:data:`RECIPE`, ``python -m methods selfcond``) trains a small GPT-2 (Hugging Face
-``GPT2LMHeadModel``, random init, Monarch MLPs through :func:`layers.monarchify`) on Shakespeare, with a
+``GPT2LMHeadModel``, random init, Monarch MLPs through :func:`monarch_kernels.layers.monarchify`) on Shakespeare, with a
 2000-word vocabulary by default (concept words are single tokens, as with GPT-2's BPE) or characters
 (``--tokenizer char``). The concept is a theme: dialogue lines with one of the theme's words vs lines
 without. For ``k`` expert units and for ``k`` random units it reports the fraction of generated samples that
@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layers.structured import StructuredLinear
+from monarch_kernels.layers.structured import StructuredLinear
 from methods.recipe import Recipe
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ projects at or beyond ``C_y`` towards ``C_c'`` (``b ≥ 0``); a node lying on th
 (``d3² > d1² + d2²``) gets ``b < 0``, i.e. a *positive* ADM margin. The official code (Jaeyun-Song/TAM,
 ``models/tam.py``) does not clip this; ``TAM(clip_adm=True)`` clamps ``b ≥ 0`` so that every margin is ≤ 0.
 
-The backbone is a 2-layer GCN (:class:`GCN`) whose feature transforms are :class:`layers.MonarchLinear` (the
+The backbone is a 2-layer GCN (:class:`GCN`) whose feature transforms are :class:`monarch_kernels.layers.MonarchLinear` (the
 propagation ``D^{-1/2}(A + I)D^{-1/2}`` is PyTorch Geometric's ``gcn_norm`` inside a ``MessagePassing`` layer;
 with ``layer="dense"`` it equals ``torch_geometric.nn.GCNConv``).
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from conftest import rel_err
-from layers import BlockdiagLinear, MonarchLinear, densify, monarchify
+from monarch_kernels.layers import BlockdiagLinear, MonarchLinear, densify, monarchify
 
 
 class Conv1D(nn.Module):

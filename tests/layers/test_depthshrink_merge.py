@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layers import MonarchLinear
-from layers.depthshrinker import (
+from monarch_kernels.layers import MonarchLinear
+from monarch_kernels.layers.depthshrinker import (
     BiasMapConv2d,
     PointwiseConv,
     ShrinkableInvertedResidual,

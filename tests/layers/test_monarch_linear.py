@@ -7,7 +7,7 @@ from torch import nn
 
 from conftest import rel_err
 from helpers import blockdiag_dense
-from layers import BlockdiagLinear, MonarchLinear, from_fly_state_dict, to_fly_state_dict
+from monarch_kernels.layers import BlockdiagLinear, MonarchLinear, from_fly_state_dict, to_fly_state_dict
 
 
 @pytest.mark.parametrize("n_in,n_out,nb,w1,w2", [

@@ -75,7 +75,7 @@ def test_node_features_are_entity_agnostic_and_correct():
     h1 = model(g.x.double(), g.edge_index, g.edge_type)
     h2 = model(g2.x.double(), g2.edge_index, g2.edge_type)
     torch.testing.assert_close(h2[order], h1)
-    from layers import MonarchLinear
+    from monarch_kernels.layers import MonarchLinear
 
     assert isinstance(model.inp, MonarchLinear)
 

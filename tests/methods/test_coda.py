@@ -7,7 +7,7 @@ import torch
 from torchdiffeq import odeint
 
 from conftest import rel_err
-from layers import MonarchLinear
+from monarch_kernels.layers import MonarchLinear
 from methods import coda
 from methods.coda import (LV_ADAPT_PARAMS, LV_TRAIN_PARAMS, HyperMonarchDynamics, adapt_codes, code_l2,
                           forecast, group_lasso_rows, linear_r2, lotka_volterra_invariant, simulate_lotka_volterra)

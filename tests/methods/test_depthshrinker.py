@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from layers.depthshrinker import ShrinkableInvertedResidual, depthshrink, shrink_blocks
+from monarch_kernels.layers.depthshrinker import ShrinkableInvertedResidual, depthshrink, shrink_blocks
 from methods.depthshrinker import (
     QUICK_BLOCKS,
     MobileNetV2Mini,

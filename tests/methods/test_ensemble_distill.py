@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from layers import BlockdiagLinear, MonarchLinear
+from monarch_kernels.layers import BlockdiagLinear, MonarchLinear
 from methods.ensemble_distill import (
     BatchEnsemble,
     batch_ensemble_,

@@ -9,7 +9,7 @@ import torch
 import methods
 from methods import data, recipe, train
 from methods.models import MLP, linear
-from layers import MonarchLinear
+from monarch_kernels.layers import MonarchLinear
 
 
 def _fake_recipe_module(write_plot=True):

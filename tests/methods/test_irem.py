@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from layers import MonarchLinear
+from monarch_kernels.layers import MonarchLinear
 from methods.irem import (EnergyMLP, ReplayBuffer, energy_descent, energy_grad, energy_step, irem_train_step,
                           make_task, min_energy_select)
 from monarch_kernels import available_backends, use_backend

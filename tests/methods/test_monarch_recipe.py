@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from layers import MonarchLinear, densify, monarchify
+from monarch_kernels.layers import MonarchLinear, densify, monarchify
 from methods import monarch as M
 from methods.recipe import run_recipe
 

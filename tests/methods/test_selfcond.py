@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from layers import MonarchLinear
+from monarch_kernels.layers import MonarchLinear
 from methods import selfcond as sc
 from methods.data import WordTokenizer
 from methods.models import tiny_gpt2

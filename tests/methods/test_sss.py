@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import rel_err
-from layers import MonarchLinear
+from monarch_kernels.layers import MonarchLinear
 from methods.sss import (CNP, MODES, MaskedSetClassifier, SetEncoder, SetSubsampler, autoregressive_select,
                          bernoulli_kl, gp_functions, gumbel_softmax, image_to_set, relaxed_bernoulli)
 

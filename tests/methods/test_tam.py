@@ -116,7 +116,7 @@ def test_balanced_softmax_and_bad_input():
 def test_gcn_conv_equals_pyg_gcnconv_and_uses_monarch():
     from torch_geometric.nn import GCNConv
 
-    from layers import MonarchLinear
+    from monarch_kernels.layers import MonarchLinear
 
     x, ei, _, _ = tam.make_csbm(120, 4, 8, seed=4)
     conv = tam.MonarchGCNConv(8, 12, layer="dense")
