@@ -21,7 +21,7 @@ tokens (no padding). Also reported: parameters of the FFN and of the model, and 
 
 Examples::
 
-    python -m bench.convert_quality                       # nblocks 2 4 8, 200 distillation steps, seed 0
+    python -m bench.convert_quality                       # nblocks 4 2 8, 120 distillation steps, seed 0
     python -m bench.convert_quality --nblocks 4 --steps 50 --quick
     python -m bench.convert_quality --seeds 0 1 2 --out bench/out/convert_quality
 
@@ -216,14 +216,14 @@ def table(result: dict) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.convert_quality", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--nblocks", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--nblocks", type=int, nargs="+", default=[4, 2, 8])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--steps", type=int, default=200, help="distillation steps")
+    ap.add_argument("--steps", type=int, default=120, help="distillation steps")
     ap.add_argument("--lr", type=float, default=2e-4, help="distillation peak learning rate")
     ap.add_argument("--batch", type=int, default=16, help="windows per batch")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per window, [CLS] and [SEP] included")
-    ap.add_argument("--calib", type=int, default=512, help="calibration windows")
-    ap.add_argument("--eval", type=int, default=512, help="evaluation windows per domain")
+    ap.add_argument("--calib", type=int, default=256, help="calibration windows")
+    ap.add_argument("--eval", type=int, default=256, help="evaluation windows per domain")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="small run: 64 windows each, 20 steps")
     ap.add_argument("--no-progress", action="store_true")

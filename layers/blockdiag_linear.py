@@ -61,6 +61,7 @@ class BlockdiagLinear(StructuredLinear):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Default initialisation: ``weight ~ U(±1/√p)``, bias like ``nn.Linear``."""
         bound = 1.0 / math.sqrt(self.weight.shape[2])
         nn.init.uniform_(self.weight, -bound, bound)
         self._reset_bias()

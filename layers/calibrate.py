@@ -48,12 +48,17 @@ from monarch_kernels import monarch_factor_shapes, project
 #: default ridge ``δ`` (relative to the mean input energy ``mean(diag C)``)
 DAMPING = 0.01
 #: default number of alternating-least-squares sweeps for Monarch factors
-SWEEPS = 10
+SWEEPS = 5
 
 
 def call_model(model: nn.Module, batch: Any):
     """Run ``model`` on one batch: a mapping is passed as keyword arguments (``model(**batch)``, e.g. a
-    tokenizer's output), a tuple or list as positional arguments, anything else as the single argument."""
+    tokenizer's output), a tuple or list as positional arguments, anything else as the single argument.
+
+    Args:
+        model: the model to call.
+        batch: one batch of inputs.
+    """
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
@@ -65,11 +70,21 @@ def call_model(model: nn.Module, batch: Any):
 def input_second_moments(model: nn.Module, names: Iterable[str], batches: Iterable, *, progress: bool = False
                          ) -> dict[str, Tensor]:
     """Second moment ``C = X Xᵀ / T`` (float64, ``(in, in)``) of the inputs each named submodule receives while
-    ``model`` runs on ``batches`` in eval mode (its mode is restored afterwards).
+    ``model`` runs on ``batches`` in eval mode (its mode is restored afterwards), without gradients.
 
-    ``names``: module paths (``model.get_submodule``); ``batches``: iterable of model inputs (see
-    :func:`call_model`), read once. Every token position counts (padding included: calibrate on unpadded
-    batches for the cleanest statistics). Raises ``ValueError`` if a module received no input.
+    Every token position counts (padding included: calibrate on unpadded batches for the cleanest statistics).
+
+    Args:
+        model: the model to run.
+        names: module paths (as ``model.get_submodule`` takes them) whose inputs are recorded.
+        batches: iterable of model inputs (see :func:`call_model`), read once.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``{name: C}``.
+
+    Raises:
+        ValueError: a module received no input.
     """
     names = list(names)
     sums: dict[str, Tensor] = {}
@@ -103,7 +118,14 @@ def input_second_moments(model: nn.Module, names: Iterable[str], batches: Iterab
 
 
 def damped(second_moment: Tensor, size: int, damping: float) -> Tensor:
-    """``C`` zero-padded to ``size × size`` plus the ridge ``damping · mean(diag C) · I`` (float64)."""
+    """The damped second moment ``C_δ``: ``C`` zero-padded to ``size × size`` plus ``damping · mean(diag C) · I``
+    (float64).
+
+    Args:
+        second_moment: ``C (n, n)``.
+        size: padded size ``>= n``.
+        damping: ``δ > 0``.
+    """
     if damping <= 0:
         raise ValueError(f"damping must be > 0 (the ridge keeps the fit well posed), got {damping}")
     C = second_moment.double()
@@ -113,8 +135,14 @@ def damped(second_moment: Tensor, size: int, damping: float) -> Tensor:
 
 
 def output_error(approx: Tensor, weight: Tensor, second_moment: Tensor) -> float:
-    """Relative output error ``sqrt(tr(E C Eᵀ) / tr(W C Wᵀ))`` with ``E = approx − weight`` (both ``(out, in)``):
-    ``‖(M − W) X‖_F / ‖W X‖_F`` on the inputs whose second moment is ``C``."""
+    """Relative output error ``sqrt(tr(E C Eᵀ) / tr(W C Wᵀ))`` with ``E = approx − weight``: that is
+    ``‖(M − W) X‖_F / ‖W X‖_F`` on the inputs whose second moment is ``C``.
+
+    Args:
+        approx: ``M (out, in)``.
+        weight: ``W (out, in)``.
+        second_moment: ``C (in, in)``.
+    """
     C = second_moment.double()
     E, W = approx.detach().double() - weight.detach().double(), weight.detach().double()
     return float(((E @ C) * E).sum().clamp_min(0).sqrt() / ((W @ C) * W).sum().clamp_min(1e-300).sqrt())
@@ -143,11 +171,17 @@ def _solve_sym(G: Tensor, rhs: Tensor, *, left: bool) -> Tensor:
 def fit_monarch(weight: Tensor, second_moment: Tensor, nblocks: int, *, sweeps: int = SWEEPS,
                 damping: float = DAMPING) -> tuple[Tensor, Tensor]:
     """Monarch factors ``(w1, w2)`` in ``MonarchLinear(in, out, nblocks=nblocks)``'s layout that minimise the
-    damped output error on inputs with second moment ``second_moment`` (module docstring).
+    damped output error (module docstring). The fit runs in float64.
 
-    ``weight``: dense ``(out, in)``; ``second_moment``: ``(in, in)`` (:func:`input_second_moments`);
-    ``sweeps``: alternating-least-squares sweeps after the whitened start (0: the start only); ``damping``:
-    the ridge ``δ > 0``. Factors come back in ``weight``'s dtype and device; the fit runs in float64.
+    Args:
+        weight: dense ``(out, in)`` floating-point weight; the factors come back in its dtype and device.
+        second_moment: ``(in, in)`` input second moment (:func:`input_second_moments`).
+        nblocks: blocks per factor, ``1 <= nblocks <= min(in, out)``.
+        sweeps: alternating-least-squares sweeps after the whitened start (0: the start only).
+        damping: the ridge ``δ > 0``, relative to ``mean(diag C)``.
+
+    Returns:
+        ``(w1 (k, q, p), w2 (l, s, r))``.
     """
     _check(weight, second_moment, "fit_monarch")
     if not isinstance(sweeps, int) or sweeps < 0:
@@ -190,7 +224,14 @@ def fit_monarch(weight: Tensor, second_moment: Tensor, nblocks: int, *, sweeps: 
 
 def fit_blockdiag(weight: Tensor, second_moment: Tensor, nblocks: int, *, damping: float = DAMPING) -> Tensor:
     """Block-diagonal factor ``w (nblocks, ceil(out/nblocks), ceil(in/nblocks))`` (``BlockdiagLinear`` without
-    shuffle) minimising the damped output error: ``w[kk] = W_kk C_δ[:, kk] (C_δ[kk, kk])⁻¹`` per block."""
+    shuffle) minimising the damped output error: ``w[kk] = W_kk C_δ[:, kk] (C_δ[kk, kk])⁻¹`` per block.
+
+    Args:
+        weight: dense ``(out, in)`` floating-point weight; the factor comes back in its dtype and device.
+        second_moment: ``(in, in)`` input second moment.
+        nblocks: number of diagonal blocks, ``1 <= nblocks <= min(in, out)``.
+        damping: the ridge ``δ > 0``, relative to ``mean(diag C)``.
+    """
     _check(weight, second_moment, "fit_blockdiag")
     out_f, in_f = weight.shape
     if not isinstance(nblocks, int) or not 1 <= nblocks <= min(in_f, out_f):

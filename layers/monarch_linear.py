@@ -77,6 +77,7 @@ class MonarchLinear(StructuredLinear):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Default initialisation: ``w1 ~ U(±√(3/p))``, ``w2 ~ U(±1/√r)``, bias like ``nn.Linear``."""
         bound1 = math.sqrt(3.0 / self.shape.p)
         bound2 = 1.0 / math.sqrt(self.shape.r)
         nn.init.uniform_(self.w1, -bound1, bound1)
