@@ -1,4 +1,6 @@
 """Activation-aware fitting: optimality of the Monarch / block-diagonal fits, input statistics, monarchify(calibrate=)."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -145,10 +147,9 @@ def test_monarchify_calibrate_fits_real_activations():
     data = [torch.randn(64, 32, dtype=torch.float64) @ mix for _ in range(4)]
     test = torch.randn(256, 32, dtype=torch.float64) @ mix
     dense_out = model(test)
-    projected, calibrated = nn.Sequential(*[m for m in model]), model
-    import copy
-
-    projected = copy.deepcopy(model)
+    projected, calibrated = copy.deepcopy(model), model
+    blockdiag = monarchify(copy.deepcopy(model), nblocks=4, layer="blockdiag", calibrate=data)
+    assert all(c.error < p.error for c, p in zip(blockdiag.layers, monarchify(copy.deepcopy(model), nblocks=4, layer="blockdiag").layers))
     plan_p = monarchify(projected, nblocks=4)
     plan_c = monarchify(calibrated, nblocks=4, calibrate=data)
     assert [r.init for r in plan_c.layers] == ["calibrated", "calibrated"]
