@@ -11,8 +11,8 @@ process-wide default), then ``"auto"``. An explicitly requested backend that is 
 support the tensors' device or dtype, raises :class:`BackendUnavailableError`; nothing falls back silently.
 
 Under ``torch.compile`` the choice is made once, while the graph is traced, and baked into it as a
-constant: no guard is installed on the token count (with a dynamic batch the rules take their large-batch
-branch, see :func:`resolve`), on lazy loading or on the selection state. A compiled function therefore keeps
+constant: no guard is installed on the token count (the rules take their large-batch branch, see
+:func:`resolve`), on lazy loading or on the selection state. A compiled function therefore keeps
 the backend it was traced with; pass ``backend=`` (or ``MonarchLinear(..., backend=...)``) to pin one.
 """
 from __future__ import annotations
@@ -142,13 +142,13 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requ
     """The concrete backend name a call will use.
 
     ``op`` is ``"blockdiag"`` or ``"monarch"``; ``dims`` is ``(T, n_in, n_out, block)``. While
-    ``torch.compile`` traces, the choice is a trace-time constant: sizes that are symbolic (a batch marked
-    dynamic) are passed to the ``prefer`` rules as ``None``, meaning "any size"; the rules then take their
-    large-batch branch instead of guarding the graph on the size.
+    ``torch.compile`` traces, the choice is a trace-time constant that does not depend on the input's sizes
+    (they may be symbolic, and a rule comparing them would guard the graph on every threshold): ``T``,
+    ``n_in`` and ``n_out`` reach the ``prefer`` rules as ``None``, meaning "any size", and the rules take their
+    large-batch branch; ``block`` is a size of the weights (static).
     """
     if torch.compiler.is_compiling():
-        static = tuple(d if isinstance(d, int) else None for d in dims)
-        return _resolve_at_trace_time(op, device, dtype, static, requested)
+        return _resolve_at_trace_time(op, device, dtype, (None, None, None, int(dims[3])), requested)
     return _resolve(op, device, dtype, dims, requested)
 
 

@@ -36,8 +36,8 @@ FP64_MID_BLOCK, FP64_MID_TOKENS = 128, 256
 
 def prefers_cpu_kernel(op: str, dtype: torch.dtype, dims: tuple) -> bool:
     """``op`` is ``"monarch"`` or ``"blockdiag"``; ``dims = (T, n_in, n_out, block)`` with ``block`` the largest
-    block side of the factors. A size given as ``None`` (symbolic while ``torch.compile`` traces a dynamic
-    batch) counts as unbounded: the rule takes its large-batch branch instead of guarding on the size."""
+    block side of the factors. A size given as ``None`` (not consulted: ``torch.compile`` decides once per
+    graph, for any batch) counts as unbounded: the rule takes its large-batch branch."""
     tokens, block = (math.inf if d is None else d for d in (dims[0], dims[3]))
     if dtype == torch.float16:
         return tokens >= FP16_MIN_TOKENS
