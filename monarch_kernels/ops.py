@@ -61,21 +61,16 @@ def _unflat(t2d: Tensor, lead: tuple) -> Tensor:
     return t2d.contiguous().reshape(*lead, t2d.shape[-1])
 
 
-def _check_op_strings(fn: str, backend, activation="none", dtype: Optional[torch.dtype] = None) -> None:
+def _check_op_args(fn: str, backend, t: Tensor, activation="none") -> None:
+    """The string arguments of a custom op: a registered (already resolved) backend that supports ``t``'s
+    device and dtype, a known activation (real tensors only)."""
     if not isinstance(backend, str) or backend == backends.AUTO:
         raise ValueError(f"{fn}: backend must name a registered backend (already resolved), got {backend!r}")
-    backends.get(backend)
+    if not backends.get(backend).supports(t.device, t.dtype):
+        raise backends.BackendUnavailableError(f"{fn}: backend {backend!r} does not support {t.dtype} tensors on {t.device}")
     activations.canonical(activation, fn)
-    if activation != "none" and dtype is not None and dtype.is_complex:
-        raise TypeError(f"{fn}: activation {activation!r} needs real tensors, got {dtype}")
-
-
-def _backend(fn: str, name: str, t: Tensor):
-    """The primitives of backend ``name``, which must support ``t``'s device and dtype."""
-    b = backends.get(name)
-    if not b.supports(t.device, t.dtype):
-        raise backends.BackendUnavailableError(f"{fn}: backend {name!r} does not support {t.dtype} tensors on {t.device}")
-    return b.module()
+    if activation != "none" and t.is_complex():
+        raise TypeError(f"{fn}: activation {activation!r} needs real tensors, got {t.dtype}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,14 +88,13 @@ def _blockdiag_fwd_impl(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int
 def _check_blockdiag_fwd(x, w, bias, n_out, activation, backend):
     fn = f"{_NS}::blockdiag_fwd"
     check_blockdiag_op(fn, x, w, bias, n_out)
-    _check_op_strings(fn, backend, activation, x.dtype)
+    _check_op_args(fn, backend, x, activation)
 
 
 @torch.library.custom_op(f"{_NS}::blockdiag_fwd", mutates_args=())
 def _blockdiag_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int, activation: str, backend: str) -> Tensor:
     _check_blockdiag_fwd(x, w, bias, n_out, activation, backend)
-    out = _backend("blockdiag_fwd", backend, x).blockdiag_fwd(_flat(x), w, bias, n_out, activation)
-    return _unflat(out, x.shape[:-1])
+    return _blockdiag_fwd_impl(x, w, bias, n_out, activation, backend)
 
 
 @_blockdiag_fwd.register_fake
@@ -112,13 +106,13 @@ def _(x, w, bias, n_out, activation, backend):
 def _check_blockdiag_wgrad(x, g, k, q, p, backend):
     fn = f"{_NS}::blockdiag_wgrad"
     check_blockdiag_wgrad_op(fn, x, g, k, q, p)
-    _check_op_strings(fn, backend)
+    _check_op_args(fn, backend, x)
 
 
 @torch.library.custom_op(f"{_NS}::blockdiag_wgrad", mutates_args=())
 def _blockdiag_wgrad(x: Tensor, g: Tensor, k: int, q: int, p: int, backend: str) -> Tensor:
     _check_blockdiag_wgrad(x, g, k, q, p, backend)
-    return _backend("blockdiag_wgrad", backend, x).blockdiag_wgrad(_flat(x), _flat(g), k, q, p).contiguous()
+    return backends.impl(backend).blockdiag_wgrad(_flat(x), _flat(g), k, q, p).contiguous()
 
 
 @_blockdiag_wgrad.register_fake
@@ -137,7 +131,7 @@ def _monarch_fwd_impl(
 def _check_monarch_fwd(x, w1, w2, bias, n_out, activation, backend):
     fn = f"{_NS}::monarch_fwd"
     check_monarch_op(fn, w1, w2, x=x, bias=bias, n_out=n_out)
-    _check_op_strings(fn, backend, activation, x.dtype)
+    _check_op_args(fn, backend, x, activation)
 
 
 @torch.library.custom_op(f"{_NS}::monarch_fwd", mutates_args=())
@@ -145,8 +139,7 @@ def _monarch_fwd(
     x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], n_out: int, activation: str, backend: str
 ) -> Tensor:
     _check_monarch_fwd(x, w1, w2, bias, n_out, activation, backend)
-    out = _backend("monarch_fwd", backend, x).monarch_fwd(_flat(x), w1, w2, bias, n_out, activation)
-    return _unflat(out, x.shape[:-1])
+    return _monarch_fwd_impl(x, w1, w2, bias, n_out, activation, backend)
 
 
 @_monarch_fwd.register_fake
@@ -158,13 +151,13 @@ def _(x, w1, w2, bias, n_out, activation, backend):
 def _check_monarch_bwd_input(g, w1, w2, n_in, backend):
     fn = f"{_NS}::monarch_bwd_input"
     check_monarch_op(fn, w1, w2, g=g, n_in=n_in)
-    _check_op_strings(fn, backend)
+    _check_op_args(fn, backend, g)
 
 
 @torch.library.custom_op(f"{_NS}::monarch_bwd_input", mutates_args=())
 def _monarch_bwd_input(g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> Tensor:
     _check_monarch_bwd_input(g, w1, w2, n_in, backend)
-    out = _backend("monarch_bwd_input", backend, g).monarch_bwd_input(_flat(g), w1, w2, n_in)
+    out = backends.impl(backend).monarch_bwd_input(_flat(g), w1, w2, n_in)
     return _unflat(out, g.shape[:-1])
 
 
@@ -177,13 +170,13 @@ def _(g, w1, w2, n_in, backend):
 def _check_monarch_bwd_weight(x, g, w1, w2, backend):
     fn = f"{_NS}::monarch_bwd_weight"
     check_monarch_op(fn, w1, w2, x=x, g=g)
-    _check_op_strings(fn, backend)
+    _check_op_args(fn, backend, x)
 
 
 @torch.library.custom_op(f"{_NS}::monarch_bwd_weight", mutates_args=())
 def _monarch_bwd_weight(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     _check_monarch_bwd_weight(x, g, w1, w2, backend)
-    dw1, dw2 = _backend("monarch_bwd_weight", backend, x).monarch_bwd_weight(_flat(x), _flat(g), w1, w2)
+    dw1, dw2 = backends.impl(backend).monarch_bwd_weight(_flat(x), _flat(g), w1, w2)
     return dw1.contiguous(), dw2.contiguous()
 
 
@@ -196,7 +189,7 @@ def _(x, g, w1, w2, backend):
 def _check_monarch_bwd(x, g, w1, w2, n_in, backend):
     fn = f"{_NS}::monarch_bwd"
     check_monarch_op(fn, w1, w2, x=x, g=g, n_in=n_in)
-    _check_op_strings(fn, backend)
+    _check_op_args(fn, backend, x)
 
 
 @torch.library.custom_op(f"{_NS}::monarch_bwd", mutates_args=())
@@ -204,7 +197,7 @@ def _monarch_bwd(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backen
     """``(monarch_bwd_input(g, ...), *monarch_bwd_weight(x, g, ...))`` in one call: backends with a
     ``monarch_bwd`` primitive share the recomputed intermediate and ``dy``; the others run the two."""
     _check_monarch_bwd(x, g, w1, w2, n_in, backend)
-    impl = _backend("monarch_bwd", backend, x)
+    impl = backends.impl(backend)
     xf, gf = _flat(x), _flat(g)
     if hasattr(impl, "monarch_bwd"):
         dx, dw1, dw2 = impl.monarch_bwd(xf, gf, w1, w2, n_in)

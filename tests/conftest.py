@@ -65,6 +65,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _default_backend():
+    """Reset the process-wide default backend to ``auto`` after every test: a test that sets another one and
+    fails midway must not change what later tests run on."""
+    yield
+    import monarch_kernels as mk
+
+    if mk.get_backend() != "auto":
+        mk.set_backend("auto")
+
+
 def pytest_terminal_summary(terminalreporter):
     """The number of hypothesis examples per op and backend that tests/monarch_kernels/test_properties.py ran."""
     counts = getattr(sys.modules.get("test_properties"), "EXAMPLES", None)
