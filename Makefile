@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 
-.PHONY: setup build bench test clean cuda-build-check bench-regress
+.PHONY: setup build bench test clean cuda-build-check bench-regress mutants
 
 $(DEPS): requirements-dev.txt requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ test: build
 # CPU performance-regression suite (pytest-benchmark), separate from the unit tests
 bench-regress: build
 	$(PY) -m pytest bench/benchmarks --benchmark-only --benchmark-autosave $(TEST_ARGS)
+
+# Mutation check of the kernel tests (tests/mutation/mutants.py): each listed Triton and C++ mutant, applied alone
+# to a scratch copy of the tree, must make tests/monarch_kernels fail. Slow (a rebuild per C++ mutant); not in CI.
+mutants: build
+	$(PY) tests/mutation/run.py $(MUTANT_ARGS)
 
 clean:
 	rm -rf build *.egg-info monarch_kernels/_C*.so bench/out
