@@ -31,13 +31,19 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
+// The tile kernels index columns with 32-bit arithmetic.
+constexpr int64_t kMaxColumns = int64_t(1) << 31;
+
 Mat2 mat2(const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda() && t.dim() == 2, "monarch cuda kernels: expected a 2-D CUDA tensor");
+  TORCH_CHECK(t.size(1) < kMaxColumns, "monarch cuda kernels: at most 2^31 - 1 features, got ", t.size(1));
   return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
 }
 
 Mat3 mat3(const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda() && t.dim() == 3, "monarch cuda kernels: expected a 3-D CUDA weight");
+  TORCH_CHECK(t.size(0) * std::max(t.size(1), t.size(2)) < kMaxColumns,
+              "monarch cuda kernels: at most 2^31 - 1 features per factor, got weight of shape ", t.sizes());
   return {t.data_ptr(), t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1), t.stride(2)};
 }
 
