@@ -43,7 +43,8 @@ def decode_smem_bytes(dtype: torch.dtype, tokens: int, block: int) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _shared_memory_optin(index: int) -> int:
-    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+    # every CUDA device since Volta allows more; 48 KiB (the default) where torch does not report it
+    return getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 49152)
 
 
 def shared_memory_optin(device: torch.device) -> int:
