@@ -4,9 +4,12 @@
 decode-kernel time, its ratio to the floor max(weight bytes / HBM bandwidth, one launch) and the speedup over
 dense cuBLAS, for n = 2048, 4096, 8192, nblocks 4, 16, 64 and T = 1, 4, 16 (bf16, square layers).
 
-``python -m bench.cuda_decode --measure`` (on a GPU) times, in the same run, dense ``F.linear``, the ``cuda``
-backend (decode kernels) and the ``triton`` backend on the same data (forward, bf16; weights cold: L2 flushed
-between calls) and prints them next to the predictions; :func:`measure_rows` is what ``bench/gpu_check.py`` calls.
+``python -m bench.cuda_decode --measure`` (on a GPU) first checks every decode kernel against float64
+(:func:`check_rows`: forward with bias and each activation, dX, block-diagonal with plain and transposed
+weights; 1-64 tokens, bf16/fp16/fp32, ragged and 1-wide blocks; outputs poisoned with NaN), then times, in the
+same run, dense ``F.linear``, the ``cuda`` backend (decode kernels) and the ``triton`` backend on the same data
+(forward, bf16; weights cold: L2 flushed between calls) next to the predictions (:func:`measure_rows`). Both are
+cases of the one GPU check, ``bench/gpu_check.py``.
 """
 from __future__ import annotations
 
@@ -19,6 +22,58 @@ import monarch_kernels as mk
 from monarch_kernels import cuda_cost
 
 SIZES, NBLOCKS, TOKENS = (2048, 4096, 8192), (4, 16, 64), (1, 4, 16)
+#: (w1 shape, w2 shape) of the correctness cases: square 4 blocks, c = 1 (64 blocks), ragged rows (element loads),
+#: p = 1, q = 1, a GPT-2-like rectangular pair, 2048-wide blocks
+CHECK_FACTORS = [((4, 256, 256), (4, 256, 256)), ((64, 64, 64), (64, 64, 64)), ((4, 5, 8), (4, 6, 5)),
+                 ((4, 3, 1), (3, 2, 4)), ((8, 1, 4), (2, 3, 4)), ((4, 192, 192), (4, 768, 192)),
+                 ((2, 2048, 2048), (2, 2048, 2048))]
+CHECK_TOKENS = {torch.bfloat16: (1, 5, 16, 17, 33, 64), torch.float16: (1, 8, 40), torch.float32: (1, 7, 16)}
+#: per-element tolerance: max |error| / max |reference|
+ELEM_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _elem_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.double(), expected.double()
+    if a.shape != e.shape or torch.isnan(a).any():
+        return float("inf")
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def check_rows(device: torch.device) -> list[dict]:
+    """Every decode kernel against float64 on fresh random data (the ``cuda`` backend's primitives)."""
+    from monarch_kernels import reference as ref
+
+    prims = mk.backends.impl("cuda")
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    d = lambda t: t.double()
+    rows = []
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # fresh allocations are filled with NaN
+    try:
+        for s1, s2 in CHECK_FACTORS:
+            sh = mk.MonarchShape.from_factors(s1, s2)
+            for dtype, tokens in CHECK_TOKENS.items():
+                for T in tokens:
+                    rnd = lambda *s, sc=1.0: (torch.randn(*s, generator=gen) * sc).to(device, dtype)
+                    x, g, b = rnd(T, sh.n_in), rnd(T, sh.n_out), rnd(sh.n_out)
+                    w1, w2 = rnd(*s1, sc=sh.p ** -0.5), rnd(*s2, sc=sh.r ** -0.5)
+                    bb = rnd(sh.k * sh.q)
+                    err = {"fwd": max(_elem_err(prims.monarch_fwd(x, w1, w2, b, sh.n_out, act),
+                                                ref.monarch_fwd(d(x), d(w1), d(w2), d(b), sh.n_out, act))
+                                      for act in ("none", "relu", "gelu", "gelu_tanh")),
+                           "dx": _elem_err(prims.monarch_bwd_input(g, w1, w2, sh.n_in),
+                                           ref.monarch_bwd_input(d(g), d(w1), d(w2), sh.n_in)),
+                           "bd": _elem_err(prims.blockdiag_fwd(x, w1, bb, sh.k * sh.q, "relu"),
+                                           ref.blockdiag_fwd(d(x), d(w1), d(bb), sh.k * sh.q, "relu"))}
+                    wt = w1.transpose(1, 2).contiguous().transpose(1, 2)  # served as W_bᵀ in place
+                    err["bd_t"] = _elem_err(prims.blockdiag_fwd(x, wt, None, sh.k * sh.q, "none"),
+                                            ref.blockdiag_fwd(d(x), d(w1), None, sh.k * sh.q))
+                    rows.append({"w1": str(s1), "w2": str(s2), "dtype": str(dtype)[6:], "T": T,
+                                 **{k: f"{v:.1e}" for k, v in err.items()},
+                                 "ok": all(v < ELEM_TOL[dtype] for v in err.values())})
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    return rows
 
 
 def predicted_rows(sizes=SIZES, nblocks=NBLOCKS, tokens=TOKENS, dtype: str = "bfloat16") -> list[dict]:
@@ -87,8 +142,12 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("error: --measure needs a CUDA device", file=sys.stderr)
             return 2
+        checks = check_rows(torch.device("cuda"))
+        print()
+        print(format_rows(checks, "decode kernels vs float64 (max |error| / max |reference|)"))
         print()
         print(format_rows(measure_rows(torch.device("cuda")), f"measured on {torch.cuda.get_device_name()}, bf16 forward"))
+        return 0 if all(r["ok"] for r in checks) else 1
     return 0
 
 
