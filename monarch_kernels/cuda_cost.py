@@ -10,7 +10,7 @@ Monarch factor pair holds 2·n²/nblocks parameters against a dense layer's n²)
 4. stage 2 reads its weights from L2 once the prefetch has brought them (the DRAM has kept streaming through the
    barrier), or, without the prefetch (stage-2 weights larger than 60% of L2), from DRAM after another latency.
 
-Tensor-core (fp16/bf16, token rows padded to 16, 32 or 64) or FMA (fp32) time is a lower bound checked against
+Tensor-core (fp16/bf16, token rows padded to whole 16-row tiles) or FMA (fp32) time is a lower bound checked against
 the memory time. Back-to-back calls overlap the launch of one call with the previous kernel, so a call costs
 ``max(LAUNCH_US, kernel)``. Dense cuBLAS at T ≤ 64 is a weight stream too: ``max(LAUNCH_US, START_US +
 DRAM_LATENCY_US + n_in·n_out·itemsize / BW)`` (an optimistic dense baseline).
@@ -63,9 +63,8 @@ def _row_bytes(rows: int, cols: int, itemsize: int) -> int:
 
 
 def _token_rows(dtype: str, tokens: int) -> int:
-    if dtype == "float32":
-        return tokens
-    return 16 if tokens <= 16 else 32 if tokens <= 32 else 64
+    """Token rows the multiply actually runs: whole 16-row mma tiles for fp16/bf16, the tokens in fp32."""
+    return tokens if dtype == "float32" else -(-tokens // 16) * 16
 
 
 def decode_monarch(w1_shape: tuple, w2_shape: tuple, tokens: int, dtype: str = "bfloat16") -> Estimate:

@@ -26,10 +26,8 @@ DECODE_MAX_TOKENS = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 16}
 
 
 def _token_rows(dtype: torch.dtype, tokens: int) -> int:
-    """Token rows the kernel stages in shared memory (mma tiles of 16 rows for 16-bit types)."""
-    if dtype == torch.float32:
-        return 16
-    return 16 if tokens <= 16 else 32 if tokens <= 32 else 64
+    """Token rows the kernel stages in shared memory (whole 16-row mma tiles for 16-bit types, 16 in fp32)."""
+    return 16 if dtype == torch.float32 else -(-tokens // 16) * 16
 
 
 def decode_smem_bytes(dtype: torch.dtype, tokens: int, block: int) -> int:

@@ -10,7 +10,8 @@
 // * weights are read exactly once, as 16-byte streaming loads (LDG.E.128 with evict-first caching) issued in
 //   groups of 4 per thread before any is used; the few token rows of the block's input sit in shared memory;
 // * fp16/bf16 multiply on tensor cores (mma.sync m16n8k16, fp32 accumulation): weights are the B operand,
-//   tokens the A operand (16 rows, the unused ones never read back). Without `trans` a thread's 16-byte load
+//   tokens the A operand (16-row m-tiles, as many as the tokens need; rows past the tokens are never read
+//   back: an mma row depends on its own A row only). Without `trans` a thread's 16-byte load
 //   of a weight row holds the B fragments of two k16 steps once the reduction index is permuted the same way
 //   in A and B (the sum is order-free); with `trans` (weights used transposed, dX) the loaded 8 x 8 tiles are
 //   transposed in registers with movmatrix, and the thread's outputs come out as 8 contiguous columns;
@@ -146,9 +147,9 @@ struct FwdMma {
   float acc[MT][2][4];
 
   template <class Hook>
-  __device__ __forceinline__ void run(const StageParams& p, const T* w, int o0, int wk, int nwk, const T* xs, int,
-                                      Hook& hook) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, K = p.K;
+  __device__ __forceinline__ void run(const StageParams& p, const T* w, int o0, int wk, int nwk, const T* xs,
+                                      int tokens, Hook& hook) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, K = p.K, mt = (tokens + 15) >> 4;
     const int nch = (K + kChunk - 1) / kChunk;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -180,6 +181,7 @@ struct FwdMma {
         const int k = ch * kChunk + 8 * c;
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
+          if (m >= mt) break;  // m-tiles without tokens (warp-uniform)
           const uint4 xa = *reinterpret_cast<const uint4*>(xs + (16 * m + g) * p.pitch + k);
           const uint4 xb = *reinterpret_cast<const uint4*>(xs + (16 * m + g + 8) * p.pitch + k);
 #pragma unroll
@@ -193,12 +195,13 @@ struct FwdMma {
     }
   }
 
-  __device__ __forceinline__ void store(float* red, int rp, int col0) const {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  __device__ __forceinline__ void store(float* red, int rp, int col0, int tokens) const {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, mt = (tokens + 15) >> 4;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
+        if (m >= mt) break;
         const int col = col0 + 8 * j + 2 * c;
         *reinterpret_cast<float2*>(red + (16 * m + g) * rp + col) = make_float2(acc[m][j][0], acc[m][j][1]);
         *reinterpret_cast<float2*>(red + (16 * m + g + 8) * rp + col) = make_float2(acc[m][j][2], acc[m][j][3]);
@@ -217,9 +220,9 @@ struct TransMma {
   float acc[MT][4][4];
 
   template <class Hook>
-  __device__ __forceinline__ void run(const StageParams& p, const T* w, int o0, int wk, int nwk, const T* xs, int,
-                                      Hook& hook) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, K = p.K, n_o = p.n_o;
+  __device__ __forceinline__ void run(const StageParams& p, const T* w, int o0, int wk, int nwk, const T* xs,
+                                      int tokens, Hook& hook) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, K = p.K, n_o = p.n_o, mt = (tokens + 15) >> 4;
     const int nch = (K + kChunk - 1) / kChunk, col = o0 + 8 * c, ncol = n_o - col;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -244,6 +247,7 @@ struct TransMma {
         uint32_t a[MT][4];
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
+          if (m >= mt) break;
           const T* r0 = xs + (16 * m + g) * p.pitch + k;
           const T* r1 = xs + (16 * m + g + 8) * p.pitch + k;
           a[m][0] = lds32(r0);
@@ -255,18 +259,20 @@ struct TransMma {
         for (int j = 0; j < 4; ++j) {
           const uint32_t b0 = transpose8x8(word(u[i], j)), b1 = transpose8x8(word(v[i], j));
 #pragma unroll
-          for (int m = 0; m < MT; ++m) mma16816<T>(acc[m][j], a[m], b0, b1);
+          for (int m = 0; m < MT; ++m)
+            if (m < mt) mma16816<T>(acc[m][j], a[m], b0, b1);
         }
       }
     }
   }
 
-  __device__ __forceinline__ void store(float* red, int rp, int col0) const {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  __device__ __forceinline__ void store(float* red, int rp, int col0, int tokens) const {
+    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, mt = (tokens + 15) >> 4;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
+        if (m >= mt) break;
         const int col = col0 + 8 * c + 2 * j;
         *reinterpret_cast<float2*>(red + (16 * m + g) * rp + col) = make_float2(acc[m][j][0], acc[m][j][1]);
         *reinterpret_cast<float2*>(red + (16 * m + g + 8) * rp + col) = make_float2(acc[m][j][2], acc[m][j][3]);
@@ -336,7 +342,7 @@ struct FwdSimt {
       }
   }
 
-  __device__ __forceinline__ void store(float* red, int rp, int col0) const {
+  __device__ __forceinline__ void store(float* red, int rp, int col0, int) const {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
 #pragma unroll
     for (int t = 0; t < kTok; ++t)
@@ -349,7 +355,7 @@ struct FwdSimt {
 // fp32, weights W[k, o]: lane (g, c) owns row k0 + g of each 8-row chunk and columns o0 + 4c .. + 4; the eight
 // lanes of a column are summed with shuffles at the end.
 struct TransSimt {
-  static constexpr int kCols = 16, kChunk = 8, kGroup = 8, kTok = 16, kRedPad = 4, kPitchMod = 0;
+  static constexpr int kCols = 16, kChunk = 8, kGroup = 4, kTok = 16, kRedPad = 4, kPitchMod = 0;
   static constexpr bool kTrans = true;
   float acc[4][kTok];
 
@@ -396,7 +402,7 @@ struct TransSimt {
       }
   }
 
-  __device__ __forceinline__ void store(float* red, int rp, int col0) const {
+  __device__ __forceinline__ void store(float* red, int rp, int col0, int) const {
     const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
 #pragma unroll
     for (int t = 0; t < kTok; ++t)
@@ -450,7 +456,7 @@ __device__ void stage_input(const StageParams& p, int blk, int tokens, int kpad,
       }
     }
   } else {  // strided or gathered (P2ᵀ) input: element loads
-    constexpr int kElems = 4 * kBatch;
+    constexpr int kElems = 2 * kBatch;
     const int total = tokens * kpad;
     for (int base = threadIdx.x; base < total; base += kElems * kThreads) {
       T v[kElems];
@@ -495,11 +501,14 @@ __device__ __forceinline__ int log2_cols() {
   return Tile::kCols == 32 ? 5 : 4;
 }
 
-struct NoHook {
-  __device__ __forceinline__ void operator()() {}
-};
+// Token rows staged in shared memory: whole 16-row mma tiles for fp16/bf16, the fp32 tiles' fixed 16.
+template <class Tile>
+__host__ __device__ __forceinline__ int token_rows(int tokens) {
+  return Tile::kChunk == 32 || Tile::kCols == 32 ? (tokens + 15) / 16 * 16 : Tile::kTok;
+}
 
-// Prefetches into L2 the weights this CTA will read in the next stage (once, on its first call).
+// Prefetches into L2 the weights this CTA will read in the next stage (once, on its first call; nothing when
+// `next` is null). One hook type for both stages, so each stage loop is compiled once.
 template <class Tile, typename T>
 struct L2Prefetch {
   const StageParams* next;
@@ -515,22 +524,24 @@ struct L2Prefetch {
       const int blk = task / p.tiles, o_lo = (task - blk * p.tiles) << tile_log2;
       const int o_hi = min(o_lo + (1 << tile_log2), p.n_o);
       const char* base;
-      int nseg, seg_bytes, stride;
+      int64_t nseg, seg_bytes, stride;
       if (!Tile::kTrans) {  // rows o_lo .. o_hi of the block: one contiguous range
         base = w + (static_cast<int64_t>(blk) * s.rows + o_lo) * s.cols * sizeof(T);
         nseg = 1;
-        seg_bytes = (o_hi - o_lo) * static_cast<int>(s.cols) * static_cast<int>(sizeof(T));
+        seg_bytes = (o_hi - o_lo) * s.cols * static_cast<int64_t>(sizeof(T));
         stride = 0;
       } else {  // columns o_lo .. o_hi of every row of the block
         base = w + (static_cast<int64_t>(blk) * s.rows * s.cols + o_lo) * sizeof(T);
-        nseg = static_cast<int>(s.rows);
-        seg_bytes = (o_hi - o_lo) * static_cast<int>(sizeof(T));
-        stride = static_cast<int>(s.cols * sizeof(T));
+        nseg = s.rows;
+        seg_bytes = (o_hi - o_lo) * static_cast<int64_t>(sizeof(T));
+        stride = s.cols * static_cast<int64_t>(sizeof(T));
       }
-      const int lines = seg_bytes / 128 + 2;  // covers a misaligned start
-      for (int i = threadIdx.x; i < nseg * lines; i += kThreads) {
+      // 128-byte lines; one more covers a misaligned start. Counts stay below 2^31 (weights < 2^31 elements),
+      // so the per-line division is 32-bit.
+      const int lines = static_cast<int>(seg_bytes / 128) + 2, total = static_cast<int>(nseg) * lines;
+      for (int i = threadIdx.x; i < total; i += kThreads) {
         const int seg = i / lines, l = i - seg * lines;
-        prefetch_l2(base + static_cast<int64_t>(seg) * stride + min(l * 128, seg_bytes - 1));
+        prefetch_l2(base + seg * stride + min(static_cast<int64_t>(l) * 128, seg_bytes - 1));
       }
     }
     __syncwarp();  // reconverge before the warp's next mma/movmatrix
@@ -542,7 +553,7 @@ __device__ void run_stage(const StageParams& p, int tokens, T* xs, float* red, H
   const int warp = threadIdx.x >> 5, wr = warp & ((1 << p.wr_log2) - 1), wk = warp >> p.wr_log2;
   const int nwk = kWarps >> p.wr_log2, tile_log2 = log2_cols<Tile>() + p.wr_log2;
   const int kpad = (p.K + Tile::kChunk - 1) / Tile::kChunk * Tile::kChunk;
-  const int red_slice = Tile::kTok * p.red_pitch;
+  const int red_slice = token_rows<Tile>(tokens) * p.red_pitch;
   const int end = task_begin(p.tasks, blockIdx.x + 1);
   const T* w = static_cast<const T*>(p.s.w);
   const int block_numel = static_cast<int>(p.s.rows * p.s.cols);
@@ -559,7 +570,7 @@ __device__ void run_stage(const StageParams& p, int tokens, T* xs, float* red, H
     if (o0 < p.n_o) {  // warp-uniform
       Tile tile;
       tile.run(p, w + static_cast<int64_t>(blk) * block_numel, o0, wk, nwk, xs, tokens, hook);
-      tile.store(red + wk * red_slice, p.red_pitch, wr * Tile::kCols);
+      tile.store(red + wk * red_slice, p.red_pitch, wr * Tile::kCols, tokens);
     }
     __syncthreads();
     finish_task<T>(p, blk, o_tile0, tile_log2, nwk, red_slice, red, tokens);
@@ -577,8 +588,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   if (P.nstages == 2) {
     prefetch();  // CTAs without a stage-1 task
     cg::this_grid().sync();  // stage 1's scratch writes are visible to every CTA
-    NoHook none;
-    run_stage<Tile, T>(P.st[1], P.tokens, xs, red, none);
+    run_stage<Tile, T>(P.st[1], P.tokens, xs, red, prefetch);  // the hook is spent: no prefetch
   }
 }
 
@@ -611,7 +621,9 @@ int resident_ctas(const void* kernel, int device, int smem) {
   auto it = cache.find(key);
   if (it != cache.end()) return it->second;
   int n = 0;
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess ||
+  // the opt-in maximum, not `smem`: a later call with a smaller buffer must not lower the limit of a cached one
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, device_info(device).smem_optin) !=
+          cudaSuccess ||
       cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem) != cudaSuccess)
     n = 0;
   cudaGetLastError();  // a failed query leaves no sticky error behind
@@ -665,12 +677,12 @@ void schedule(StageParams& p, int ctas) {
   p.red_pitch = (Tile::kCols << p.wr_log2) + Tile::kRedPad;
 }
 
-// Largest partial-sum buffer over the warp layouts (bytes).
+// Largest partial-sum buffer over the warp layouts (bytes) for `rows` token rows.
 template <class Tile>
-int red_bytes() {
+int red_bytes(int rows) {
   int most = 0;
   for (int w = 0; w <= 3; ++w)
-    most = std::max(most, (kWarps >> w) * Tile::kTok * ((Tile::kCols << w) + Tile::kRedPad) * 4);
+    most = std::max(most, (kWarps >> w) * rows * ((Tile::kCols << w) + Tile::kRedPad) * 4);
   return most;
 }
 
@@ -691,8 +703,9 @@ struct Launch {
     }
     P.nstages = nstages;
     P.tokens = static_cast<int>(tokens);
-    P.xs_bytes = static_cast<int>(round_up(static_cast<int64_t>(Tile::kTok) * pitch * sizeof(T), 16));
-    smem = P.xs_bytes + red_bytes<Tile>();
+    const int rows = token_rows<Tile>(P.tokens);
+    P.xs_bytes = static_cast<int>(round_up(static_cast<int64_t>(rows) * pitch * sizeof(T), 16));
+    smem = P.xs_bytes + red_bytes<Tile>(rows);
     if (smem > dev.smem_optin) return false;
     const int per_sm = resident_ctas(reinterpret_cast<const void*>(&decode_kernel<Tile, T>), device, smem);
     if (per_sm < 1) return false;
@@ -729,15 +742,12 @@ auto with_kernel(DType dt, bool trans, int64_t tokens, Fn& fn) {
   switch (dt) {
     case DType::F32:
       return trans ? fn.template go<TransSimt, float>() : fn.template go<FwdSimt, float>();
-    case DType::F16:
+    case DType::F16:  // one 16-row m-tile up to 16 tokens (more CTAs per SM), else up to four (as many as needed)
       if (tokens <= 16) return trans ? fn.template go<TransMma<__half, 1>, __half>() : fn.template go<FwdMma<__half, 1>, __half>();
-      if (tokens <= 32) return trans ? fn.template go<TransMma<__half, 2>, __half>() : fn.template go<FwdMma<__half, 2>, __half>();
       return trans ? fn.template go<TransMma<__half, 4>, __half>() : fn.template go<FwdMma<__half, 4>, __half>();
     default:
       if (tokens <= 16)
         return trans ? fn.template go<TransMma<__nv_bfloat16, 1>, __nv_bfloat16>() : fn.template go<FwdMma<__nv_bfloat16, 1>, __nv_bfloat16>();
-      if (tokens <= 32)
-        return trans ? fn.template go<TransMma<__nv_bfloat16, 2>, __nv_bfloat16>() : fn.template go<FwdMma<__nv_bfloat16, 2>, __nv_bfloat16>();
       return trans ? fn.template go<TransMma<__nv_bfloat16, 4>, __nv_bfloat16>() : fn.template go<FwdMma<__nv_bfloat16, 4>, __nv_bfloat16>();
   }
 }
