@@ -416,6 +416,20 @@ register_estimator("triton", "two_kernel", _triton(_two_kernel_forward))
 register_estimator("triton", "fused", _triton(_fused_forward))
 
 
+def blockdiag_seconds(backend: str, tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",
+                      dev: Device = H100_SXM) -> float:
+    """Predicted time of a block-diagonal forward ``(T, k·p) -> (T, k·q)``: the Triton grouped kernel (one
+    launch) or the torch reference (one ``bmm`` and the copy that makes its output row-major); ``inf`` for a
+    backend without a model."""
+    if backend == "triton":
+        return bd_cost("blockdiag", tokens, k, q, p, dtype, dev).time(dev)
+    if backend == "torch":
+        out = rows_bytes(tokens, k * q, ITEMSIZE[dtype])
+        return Cost([_bmm("ref bmm", k, tokens, q, p, dtype, dev),
+                     _elementwise("ref output copy", [out], [out], dev)]).time(dev)
+    return math.inf
+
+
 def triton_path(problem: Problem) -> str:
     """The path ``auto`` takes for these factors (:func:`.triton.plan.choose_path`)."""
     sh = problem.shape

@@ -15,7 +15,8 @@ from typing import Callable
 
 from .rows import KernelRow
 
-#: part name -> ``fn(quick: bool, dtypes: tuple, progress) -> list[KernelRow]``
+#: part name -> ``fn(scope: str, dtypes: tuple, progress) -> list[KernelRow]`` with ``scope`` one of ``full``,
+#: ``quick`` (three shapes) or ``ci`` (one launch per kernel family)
 PARTS: dict[str, Callable[..., list[KernelRow]]] = {}
 
 
@@ -23,18 +24,22 @@ def register_part(name: str, fn: Callable[..., list[KernelRow]]) -> None:
     PARTS[name] = fn
 
 
-def _triton(quick: bool, dtypes: tuple, progress) -> list[KernelRow]:
+def _triton(scope: str, dtypes: tuple, progress) -> list[KernelRow]:
     from . import triton_part
     from .offline import offline_target_problem
 
     problem = offline_target_problem()
     if problem:
         return [KernelRow("triton", "-", "-", "-", error=f"skipped: {problem}")]
-    shapes = triton_part.QUICK_SHAPES if quick else triton_part.SHAPES
-    return triton_part.audit(triton_part.monarch_cases(shapes, dtypes), progress=progress)
+    if scope == "ci":
+        cases = triton_part.ci_cases()
+    else:
+        shapes = triton_part.QUICK_SHAPES if scope == "quick" else triton_part.SHAPES
+        cases = triton_part.monarch_cases(shapes, dtypes)
+    return triton_part.audit(cases, progress=progress)
 
 
-def _cuda(quick: bool, dtypes: tuple, progress) -> list[KernelRow]:
+def _cuda(scope: str, dtypes: tuple, progress) -> list[KernelRow]:
     from . import cuda_part
 
     return cuda_part.audit(progress=progress)

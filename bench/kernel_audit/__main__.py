@@ -1,4 +1,4 @@
-"""``python -m bench.kernel_audit [--parts triton,cuda] [--quick] [--model] [--out DIR]``
+"""``python -m bench.kernel_audit [--parts triton,cuda] [--scope full|quick|ci] [--model] [--out DIR]``
 
 Compiles every GPU kernel configuration the dispatcher can launch for sm_90 (no GPU needed) and prints the
 audit table; ``--model`` also prints the cost model's H100 predictions for the target shapes.
@@ -20,7 +20,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="triton,cuda", help="comma-separated audit parts")
     p.add_argument("--dtypes", default="bfloat16,float16,float32")
-    p.add_argument("--quick", action="store_true", help="three shapes (a CI-sized run)")
+    p.add_argument("--scope", default="full", choices=("full", "quick", "ci"),
+                   help="full: every benchmark shape; quick: three shapes; ci: one launch per kernel family")
     p.add_argument("--model", action="store_true", help="also print the cost-model predictions")
     p.add_argument("--out", default="bench/results/kernel_audit", help="directory for audit.json / audit.md")
     p.add_argument("--verbose", action="store_true", help="print each kernel as it compiles")
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
         if name not in PARTS:
             print(f"error: unknown part {name!r}; known: {sorted(PARTS)}", file=sys.stderr)
             return 2
-        rows += PARTS[name](args.quick, dtypes, progress)
+        rows += PARTS[name](args.scope, dtypes, progress)
     import triton
 
     meta = {"date": datetime.date.today().isoformat(), "triton": triton.__version__, "target": "sm_90 (offline)",

@@ -77,6 +77,29 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
     return cases
 
 
+def ci_cases() -> list[Case]:
+    """The CI subset: one launch of every kernel family in its default bf16 configuration (4096 wide with 64
+    blocks: two-kernel forward with bias + GELU, the fused backward; 1024 with 32 blocks: the fused square
+    forward), a handful of compiles."""
+    import torch
+
+    import monarch_kernels as mk
+    from monarch_kernels.triton import monarch as tmon
+
+    meta = lambda *s: torch.empty(*s, dtype=torch.bfloat16, device="meta")
+    sh = mk.monarch_factor_shapes(4096, 4096, 64)
+    sq = mk.monarch_factor_shapes(1024, 1024, 32)
+    x, g, b = meta(16384, 4096), meta(16384, 4096), meta(4096)
+    return [
+        Case("monarch fwd bias+gelu T=16384 4096 nb=64 bfloat16",
+             lambda: tmon.forward(x, meta(*sh.w1_shape), meta(*sh.w2_shape), b, 4096, "gelu")),
+        Case("monarch bwd T=16384 4096 nb=64 bfloat16",
+             lambda: tmon.backward(x, g, meta(*sh.w1_shape), meta(*sh.w2_shape), 4096)),
+        Case("monarch fwd path=fused T=16384 1024 nb=32 bfloat16",
+             lambda: tmon.forward(meta(16384, 1024), meta(*sq.w1_shape), meta(*sq.w2_shape), None, 1024)),
+    ]
+
+
 def _row_from_launch(launch: Launch) -> KernelRow:
     k = launch.kernel
     md = k.metadata

@@ -104,51 +104,49 @@ def _epilogue(acc, BIAS, kk, n, Q, N_OUT, OUT_A, OUT_B, OUT_MODE: tl.constexpr, 
 
 
 @triton.jit
-def _fwd_block(X, W, BIAS, kk, rm, m_ok, rn, NBLK, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B, OUT_A, OUT_B,
+def _fwd_block(X, W, BIAS, kk, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B, OUT_A, OUT_B,
                IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr, HAS_BIAS: tl.constexpr,
                ACT: tl.constexpr, ODTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Block ``kk``'s ``(BLOCK_M, BLOCK_N)`` output tile over the whole contraction (pipelined K loop), with
-    the epilogue applied. A group's overhang past the last block recomputes the last block (never stored),
-    so no load needs a scalar mask."""
-    kc = tl.minimum(kk, NBLK - 1)
+    the epilogue applied (groups divide the block count: no block index past the last)."""
     rk = tl.arange(0, BLOCK_K)
     wrow = _block_rows(rn, OUT_A, OUT_MODE, OUT_C)
     acc = tl.zeros((rm.shape[0], BLOCK_N), dtype=tl.float32)
     for k0 in range(0, P, BLOCK_K):
         kidx = k0 + rk
-        col = _in_cols(kc, kidx, P, IN_A, IN_B, IN_MODE)
+        col = _in_cols(kk, kidx, P, IN_A, IN_B, IN_MODE)
         a = _load(X + rm[:, None] * sxt + col[None, :] * sxf, m_ok[:, None] & ((kidx < P) & (col < N_IN))[None, :],
                   UPCAST)
-        b = _load(W + kc * swk + wrow[None, :] * swq + kidx[:, None] * swp, (rn < Q)[None, :] & (kidx < P)[:, None],
+        b = _load(W + kk * swk + wrow[None, :] * swq + kidx[:, None] * swp, (rn < Q)[None, :] & (kidx < P)[:, None],
                   UPCAST)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
     return _epilogue(acc, BIAS, kk, rn, Q, N_OUT, OUT_A, OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE)
 
 
 @triton.jit
-def _fwd_group(X, W, BIAS, KK, STEP, rm, m_ok, rn, NBLK, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B, OUT_A,
+def _fwd_group(X, W, BIAS, KK, STEP, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B, OUT_A,
                OUT_B, IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr, HAS_BIAS: tl.constexpr,
                ACT: tl.constexpr, ODTYPE: tl.constexpr, G: tl.constexpr, BLOCK_K: tl.constexpr,
                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Blocks ``KK, KK+STEP, ...`` (``G`` of them), interleaved: column ``n·G + g`` is block ``KK + g·STEP``'s
     column ``n`` (a ``tl.join`` tree; with ``STEP`` doubling per level the leaves come out in block order)."""
     if G == 1:
-        return _fwd_block(X, W, BIAS, KK, rm, m_ok, rn, NBLK, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B,
+        return _fwd_block(X, W, BIAS, KK, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B,
                           OUT_A, OUT_B, IN_MODE, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE, BLOCK_K, BLOCK_N, UPCAST,
                           PRECISION)
     else:
-        even = _fwd_group(X, W, BIAS, KK, STEP * 2, rm, m_ok, rn, NBLK, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp,
+        even = _fwd_group(X, W, BIAS, KK, STEP * 2, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp,
                           IN_A, IN_B, OUT_A, OUT_B, IN_MODE, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE, G // 2, BLOCK_K,
                           BLOCK_N, UPCAST, PRECISION)
-        odd = _fwd_group(X, W, BIAS, KK + STEP, STEP * 2, rm, m_ok, rn, NBLK, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq,
+        odd = _fwd_group(X, W, BIAS, KK + STEP, STEP * 2, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq,
                          swp, IN_A, IN_B, OUT_A, OUT_B, IN_MODE, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE, G // 2,
                          BLOCK_K, BLOCK_N, UPCAST, PRECISION)
         return tl.reshape(tl.join(even, odd), (rm.shape[0], BLOCK_N * G))
 
 
 @triton.jit
-def _gathered_group(a, W, BIAS, KK, STEP, rn, kidx, NBLK, Q, P, N_OUT, swk, swq, swp, OUT_A, OUT_B,
+def _gathered_group(a, W, BIAS, KK, STEP, rn, kidx, Q, P, N_OUT, swk, swq, swp, OUT_A, OUT_B,
                     OUT_MODE: tl.constexpr, OUT_C: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
                     EPILOGUE: tl.constexpr, ODTYPE: tl.constexpr, G: tl.constexpr, UPCAST: tl.constexpr,
                     PRECISION: tl.constexpr):
@@ -157,7 +155,7 @@ def _gathered_group(a, W, BIAS, KK, STEP, rn, kidx, NBLK, Q, P, N_OUT, swk, swq,
     (finished by the epilogue when ``EPILOGUE``, else fp32 partial sums)."""
     if G == 1:
         wrow = _block_rows(rn, OUT_A, OUT_MODE, OUT_C)
-        b = _load(W + tl.minimum(KK, NBLK - 1) * swk + wrow[None, :] * swq + kidx[:, None] * swp,
+        b = _load(W + KK * swk + wrow[None, :] * swq + kidx[:, None] * swp,
                   (rn < Q)[None, :] & (kidx < P)[:, None], UPCAST)
         out = tl.dot(a, b, input_precision=PRECISION)
         if EPILOGUE:
@@ -165,16 +163,16 @@ def _gathered_group(a, W, BIAS, KK, STEP, rn, kidx, NBLK, Q, P, N_OUT, swk, swq,
         return out
     else:
         even, odd = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
-        re = _gathered_group(even, W, BIAS, KK, STEP * 2, rn, kidx, NBLK, Q, P, N_OUT, swk, swq, swp, OUT_A, OUT_B,
+        re = _gathered_group(even, W, BIAS, KK, STEP * 2, rn, kidx, Q, P, N_OUT, swk, swq, swp, OUT_A, OUT_B,
                              OUT_MODE, OUT_C, HAS_BIAS, ACT, EPILOGUE, ODTYPE, G // 2, UPCAST, PRECISION)
-        ro = _gathered_group(odd, W, BIAS, KK + STEP, STEP * 2, rn, kidx, NBLK, Q, P, N_OUT, swk, swq, swp, OUT_A, OUT_B,
+        ro = _gathered_group(odd, W, BIAS, KK + STEP, STEP * 2, rn, kidx, Q, P, N_OUT, swk, swq, swp, OUT_A, OUT_B,
                              OUT_MODE, OUT_C, HAS_BIAS, ACT, EPILOGUE, ODTYPE, G // 2, UPCAST, PRECISION)
         return tl.reshape(tl.join(re, ro), (re.shape[0], re.shape[1] * 2))
 
 
 @triton.jit
-def _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, NBLK, IN_FULL: tl.constexpr,
-                   EVEN_GROUP: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, UPCAST: tl.constexpr):
+def _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP: tl.constexpr, UPCAST: tl.constexpr):
     """``x[t, j·B + kk0 + g]`` as a ``(BLOCK_M, BLOCK_K·GROUP)`` tile, column ``(j - k0)·GROUP + g``: runs of
     ``GROUP`` contiguous elements (the whole row segment when the group is every block, ``B = GROUP``)."""
     rkg = tl.arange(0, BLOCK_K * GROUP)
@@ -184,19 +182,17 @@ def _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, NBLK, IN_FULL:
     else:
         col = (k0 + rkg // GROUP) * IN_B + kk0 + rkg % GROUP
         ok = (k0 + rkg // GROUP < P) & (col < N_IN)
-        if not EVEN_GROUP:
-            ok = ok & (kk0 + rkg % GROUP < NBLK)
     return _load(X + rm[:, None] * sxt + col[None, :] * sxf, m_ok[:, None] & ok[None, :], UPCAST)
 
 
 @triton.jit
 def _bd_fwd_kernel(
     X, W, BIAS, Y,
-    T, N_IN, N_OUT, NBLK, Q, P,
+    T, N_IN, N_OUT, Q, P,
     sxt, sxf, swk, swq, swp, syt, syf,
     IN_A, IN_B, OUT_A, OUT_B,
     IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr,
-    IN_FULL: tl.constexpr, OUT_FULL: tl.constexpr, EVEN_GROUP: tl.constexpr, MULTI_K: tl.constexpr,
+    IN_FULL: tl.constexpr, OUT_FULL: tl.constexpr, MULTI_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
@@ -222,25 +218,23 @@ def _bd_fwd_kernel(
     else:
         col = _out_cols(kk, n, Q, OUT_A, OUT_B, OUT_MODE, OUT_C)
         ok = (n < Q) & (col < N_OUT)
-        if not EVEN_GROUP:
-            ok = ok & (kk < NBLK)
     if IN_MODE == 1 and MULTI_K:
         # gathered input, several K steps: one fp32 accumulator per block until the end
         acc = tl.zeros((BLOCK_M, BLOCK_N * GROUP), dtype=tl.float32)
         for k0 in range(0, P, BLOCK_K):
-            a = _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, NBLK, IN_FULL, EVEN_GROUP, BLOCK_K, GROUP,
+            a = _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL, BLOCK_K, GROUP,
                                UPCAST)
-            acc += _gathered_group(a, W, BIAS, kk0, 1, rn, k0 + tl.arange(0, BLOCK_K), NBLK, Q, P, N_OUT, swk, swq, swp,
+            acc += _gathered_group(a, W, BIAS, kk0, 1, rn, k0 + tl.arange(0, BLOCK_K), Q, P, N_OUT, swk, swq, swp,
                                    OUT_A, OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, False, Y.dtype.element_ty, GROUP,
                                    UPCAST, PRECISION)
         out = acc
     elif IN_MODE == 1:
-        a = _gathered_tile(X, rm, m_ok, 0, kk0, P, N_IN, sxt, sxf, IN_B, NBLK, IN_FULL, EVEN_GROUP, BLOCK_K, GROUP,
+        a = _gathered_tile(X, rm, m_ok, 0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL, BLOCK_K, GROUP,
                            UPCAST)
-        out = _gathered_group(a, W, BIAS, kk0, 1, rn, tl.arange(0, BLOCK_K), NBLK, Q, P, N_OUT, swk, swq, swp, OUT_A,
+        out = _gathered_group(a, W, BIAS, kk0, 1, rn, tl.arange(0, BLOCK_K), Q, P, N_OUT, swk, swq, swp, OUT_A,
                               OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, True, Y.dtype.element_ty, GROUP, UPCAST, PRECISION)
     else:
-        out = _fwd_group(X, W, BIAS, kk0, 1, rm, m_ok, rn, NBLK, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B,
+        out = _fwd_group(X, W, BIAS, kk0, 1, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B,
                          OUT_A, OUT_B, IN_MODE, OUT_MODE, OUT_C, HAS_BIAS, ACT, Y.dtype.element_ty, GROUP, BLOCK_K, BLOCK_N,
                          UPCAST, PRECISION)
     # out column n·GROUP + g = dot column n of block kk0 + g; with C > 1 reorder to (v, g, jj) runs
@@ -279,11 +273,11 @@ def bd_forward(
     lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm)
     _bd_fwd_kernel[lp.grid](
         x, w, bias if bias is not None else y, y,
-        T, x.shape[1], n_out, k, q, p,
+        T, x.shape[1], n_out, q, p,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
         lp.inp.a, lp.inp.b, lp.out.a, lp.out.b,
         IN_MODE=lp.inp.mode, OUT_MODE=lp.out.mode, OUT_C=lp.out.c, IN_FULL=lp.in_full, OUT_FULL=lp.out_full,
-        EVEN_GROUP=lp.even_group, MULTI_K=lp.multi_k, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation],
+        MULTI_K=lp.multi_k, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation],
         UPCAST=interpreting(), PRECISION=precision(x.dtype), **_common.launch_meta(lp.tile),
     )
     return y
@@ -293,25 +287,25 @@ def bd_forward(
 
 
 @triton.jit
-def _wgrad_group(gt, X, KK, STEP, rt, t_ok, rp, NBLK, P, N_X, sxt, sxf, G: tl.constexpr,
+def _wgrad_group(gt, X, KK, STEP, rt, t_ok, rp, P, N_X, sxt, sxf, G: tl.constexpr,
                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """``gᵀ x`` per block for a gathered ``gt (BLOCK_K, BLOCK_M·G)`` token-by-row tile (column ``i·G + g`` =
     block ``KK + g·STEP``'s row ``i``), split per block; result ``(BLOCK_M, BLOCK_N·G)`` interleaved."""
     if G == 1:
-        col = tl.minimum(KK, NBLK - 1) * P + rp
+        col = KK * P + rp
         xt = _load(X + rt[:, None] * sxt + col[None, :] * sxf, t_ok[:, None] & ((rp < P) & (col < N_X))[None, :], UPCAST)
         return tl.dot(tl.trans(gt), xt, input_precision=PRECISION)
     else:
         even, odd = tl.split(tl.reshape(gt, (gt.shape[0], gt.shape[1] // 2, 2)))
-        re = _wgrad_group(even, X, KK, STEP * 2, rt, t_ok, rp, NBLK, P, N_X, sxt, sxf, G // 2, UPCAST, PRECISION)
-        ro = _wgrad_group(odd, X, KK + STEP, STEP * 2, rt, t_ok, rp, NBLK, P, N_X, sxt, sxf, G // 2, UPCAST, PRECISION)
+        re = _wgrad_group(even, X, KK, STEP * 2, rt, t_ok, rp, P, N_X, sxt, sxf, G // 2, UPCAST, PRECISION)
+        ro = _wgrad_group(odd, X, KK + STEP, STEP * 2, rt, t_ok, rp, P, N_X, sxt, sxf, G // 2, UPCAST, PRECISION)
         return tl.reshape(tl.join(re, ro), (re.shape[0], re.shape[1] * 2))
 
 
 @triton.jit
 def _bd_wgrad_kernel(
     X, G_, DW,
-    T, N_X, N_G, NBLK, Q, P, ROWS_PER_SPLIT,
+    T, N_X, N_G, Q, P, ROWS_PER_SPLIT,
     sxt, sxf, sgt, sgf, sds, sdk, sdq, sdp,
     G_A, G_B,
     G_MODE: tl.constexpr, G_FULL: tl.constexpr,
@@ -334,7 +328,7 @@ def _bd_wgrad_kernel(
         g_ok = gcol < tl.minimum(N_G, Q * GROUP)
     else:
         gcol = _in_cols(kg, rq, Q, G_A, G_B, G_MODE)
-        g_ok = (rq < Q) & (gcol < N_G) & (kg < NBLK)
+        g_ok = (rq < Q) & (gcol < N_G)
     t_start = split.to(tl.int64) * ROWS_PER_SPLIT
     rt0 = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N * GROUP), dtype=tl.float32)
@@ -342,13 +336,13 @@ def _bd_wgrad_kernel(
         rt = t_start + t0 + rt0
         t_ok = (rt < T) & (t0 + rt0 < ROWS_PER_SPLIT)
         gt = _load(G_ + rt[:, None] * sgt + gcol[None, :] * sgf, t_ok[:, None] & g_ok[None, :], UPCAST)
-        acc += _wgrad_group(gt, X, kk0, 1, rt, t_ok, rp, NBLK, P, N_X, sxt, sxf, GROUP, UPCAST, PRECISION)
+        acc += _wgrad_group(gt, X, kk0, 1, rt, t_ok, rp, P, N_X, sxt, sxf, GROUP, UPCAST, PRECISION)
     # acc[i, n·GROUP + g] -> dw[kk0 + g, row i, col n]: one (GROUP, BLOCK_M, BLOCK_N) tile, contiguous in p
     acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N, GROUP)), (2, 0, 1))
     gi = tl.arange(0, GROUP)
     qi = (rem // tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)
     ptr = DW + split * sds + (kk0 + gi)[:, None, None] * sdk + qi[None, :, None] * sdq + rp[None, None, :] * sdp
-    ok = (kk0 + gi < NBLK)[:, None, None] & (qi < Q)[None, :, None] & (rp < P)[None, None, :]
+    ok = (qi < Q)[None, :, None] & (rp < P)[None, None, :]
     tl.store(ptr, acc3, mask=ok)
 
 
@@ -370,7 +364,7 @@ def bd_weight_grad(
     partial = _common.empty(lp.splits, k, q, p, device=x.device, dtype=torch.float32)
     _bd_wgrad_kernel[(lp.tiles, lp.splits)](
         x, g, partial,
-        T, x.shape[1], g.shape[1], k, q, p, lp.rows_per_split,
+        T, x.shape[1], g.shape[1], q, p, lp.rows_per_split,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), *partial.stride(),
         lp.g.a, lp.g.b, G_MODE=lp.g.mode, G_FULL=lp.g.mode == _plan.GROUPED and lp.g.group == k and lp.g.b == k,
         UPCAST=interpreting(), PRECISION=precision(x.dtype), **_common.launch_meta(lp.tile),

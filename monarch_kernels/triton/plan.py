@@ -177,7 +177,6 @@ class BDLaunch:
     grid: tuple
     in_full: bool  # gathered input group covers every block: whole contiguous row segments
     out_full: bool  # grouped output covers every block (C = 1): whole contiguous row segments
-    even_group: bool
     multi_k: bool  # gathered input over several K steps: fp32 accumulators until the end
 
 
@@ -188,6 +187,7 @@ def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, 
     if inp.mode == GROUPED and group > 1 and out.mode == SCATTERED:
         inp = Layout(SCATTERED, inp.a, inp.b, 1, 1)
         group = 1
+    assert k % group == 0 or group == 1, "groups > 1 exist only for power-of-two block counts"
     inp = Layout(inp.mode, inp.a, inp.b, inp.c, group)
     out = Layout(out.mode, out.a, out.b, out.c, group)
     tile = bd_tile(tokens, k, q, p, itemsize, group, acc_fp32=inp.mode == GROUPED and pow2(p) > 64)
@@ -196,7 +196,7 @@ def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, 
     return BDLaunch(tile, inp, out, grid,
                     in_full=inp.mode == GROUPED and group == k and inp.b == k,
                     out_full=out.mode == GROUPED and out.c == 1 and group == k and out.b == k,
-                    even_group=k % group == 0, multi_k=inp.mode == GROUPED and p > tile.block_k)
+                    multi_k=inp.mode == GROUPED and p > tile.block_k)
 
 
 @dataclass(frozen=True)
