@@ -35,7 +35,7 @@ from .timing import copy_bandwidth_gbs, device_name, median_time_us
 
 CHECK_SHAPES = [(4096, 768, 3072, 4), (4096, 3072, 768, 4), (2048, 1024, 1024, 32), (1024, 4096, 4096, 64),
                 (333, 1000, 3000, 4), (1, 2048, 2048, 16), (16, 4096, 4096, 64)]
-SMOKE_SHAPES = [(9, 48, 192, 4), (5, 30, 22, 4)]
+SMOKE_SHAPES = [(9, 48, 192, 4), (5, 30, 22, 4), (7, 256, 256, 16)]
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
@@ -52,6 +52,12 @@ def _poison_allocations():
     except ImportError:
         return
     _common.empty = lambda *shape, device, dtype: torch.full(shape, math.nan, device=device, dtype=dtype)
+
+
+def _fused_applies(sh) -> bool:
+    from monarch_kernels.triton import monarch as tmon
+
+    return tmon.path_applies(sh, "fused")
 
 
 def _variants(backend: str) -> list[tuple[str, dict]]:
@@ -89,7 +95,7 @@ def check_correctness(device, shapes, dtypes, backends) -> list[dict]:
             }
             for backend in backends:
                 for label, fns in _variants(backend):
-                    if label.endswith("fused") and sh.q % sh.l:
+                    if label.endswith("fused") and not _fused_applies(sh):
                         continue
                     errs = {
                         "fwd": _rel(fns["fwd"](x, w1, w2, b, n_out, "gelu"), want["fwd"]),
@@ -110,7 +116,7 @@ def time_paths(device, dtype, shapes, budget) -> list[dict]:
     rows = []
     for T, n_in, n_out, nb in shapes:
         sh = mk.monarch_factor_shapes(n_in, n_out, nb)
-        if sh.q % sh.l:
+        if not _fused_applies(sh):
             continue
         x = torch.randn(T, n_in, device=device, dtype=dtype)
         w1 = torch.randn(*sh.w1_shape, device=device, dtype=dtype)
@@ -166,7 +172,7 @@ def main(argv=None) -> int:
         rows = []
         for prob in problems:
             rows += ops.run_problem(prob, dtype, device, ["dense", "torch", *fast], ["fwd", "fwdbwd"], copy_gbs, budget)
-        path_rows = time_paths(device, dtype, [(8, 48, 192, 4)] if args.smoke else
+        path_rows = time_paths(device, dtype, [(8, 256, 256, 16)] if args.smoke else
                                [(16384, 768, 3072, 4), (16384, 4096, 4096, 64), (16384, 2048, 2048, 32)], budget)
         results.update(copy_gbs=copy_gbs, timing=[r.asdict() for r in rows], paths=path_rows)
         tables.append(_table(path_rows, "Triton forward: fused (D2) vs two-kernel (D0)"))

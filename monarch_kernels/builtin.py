@@ -49,11 +49,23 @@ register_backend(Backend(
     name="torch", load=lambda: reference, supports=lambda device, dtype: True, priority=0,
     description="pure PyTorch reference (two bmm + permutes); every device and dtype, float64 oracle",
 ))
+def _triton_prefers(op: str, device: torch.device, dtype: torch.dtype, dims: tuple) -> bool:
+    """Whether ``auto`` takes Triton on this call: on CUDA when the cost model predicts it faster than the torch
+    reference and the other available GPU backends (:mod:`monarch_kernels.gpu_dispatch`); never on CPU (the
+    interpreter is for tests)."""
+    if device.type != "cuda":
+        return False
+    from . import backends
+    from .gpu_dispatch import prefers
+
+    status = backends.available_backends()
+    others = [n for n in ("cuda",) if status.get(n) == "available" and backends.get(n).supports(device, dtype)]
+    return prefers("triton", op, dtype, dims, others)
+
+
 register_backend(Backend(
-    name="triton", load=_load_triton, supports=_triton_supports, priority=20,
-    # the interpreter is for testing: auto never picks it on CPU
-    prefer=lambda op, device, dtype, dims: device.type == "cuda",
-    description="Triton kernels: fused Monarch forward/dX/dW, permutations folded into loads and stores",
+    name="triton", load=_load_triton, supports=_triton_supports, priority=20, prefer=_triton_prefers,
+    description="Triton kernels: coalesced grouped permutations, fused square forward, fused backward",
 ))
 
 
