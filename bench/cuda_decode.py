@@ -1,8 +1,9 @@
 """Few-token (decode) Monarch products on the CUDA backend: predicted and, on a GPU, measured against dense.
 
-``python -m bench.cuda_decode`` prints the H100 predictions of ``monarch_kernels.cuda_cost`` (no GPU needed):
-decode-kernel time, its ratio to the floor max(weight bytes / HBM bandwidth, one launch) and the speedup over
-dense cuBLAS, for n = 2048, 4096, 8192, nblocks 4, 16, 64 and T = 1, 4, 16 (bf16, square layers).
+``python -m bench.cuda_decode`` prints the cost model's H100 predictions (``monarch_kernels.cost_model`` with the
+decode estimator of ``monarch_kernels.cuda_cost``; no GPU needed): decode-kernel time, its ratio to the floor
+max(weight bytes / HBM bandwidth, one launch), and dense cuBLAS and the Triton path priced the same way, for
+n = 2048, 4096, 8192, nblocks 4, 16, 64 and T = 1, 4, 16 (bf16 forward, square layers).
 
 ``python -m bench.cuda_decode --measure`` (on a GPU) first checks every decode kernel against float64
 (:func:`check_rows`: forward with bias and each activation, dX, block-diagonal with plain and transposed
@@ -19,6 +20,7 @@ import sys
 import torch
 
 import monarch_kernels as mk
+from monarch_kernels import cost_model as cm
 from monarch_kernels import cuda_cost
 
 SIZES, NBLOCKS, TOKENS = (2048, 4096, 8192), (4, 16, 64), (1, 4, 16)
@@ -80,14 +82,17 @@ def predicted_rows(sizes=SIZES, nblocks=NBLOCKS, tokens=TOKENS, dtype: str = "bf
     rows = []
     for n in sizes:
         for nb in nblocks:
-            sh = mk.monarch_factor_shapes(n, n, nb)
             for T in tokens:
-                est = cuda_cost.decode_monarch(sh.w1_shape, sh.w2_shape, T, dtype)
-                dense = cuda_cost.dense(n, n, T, dtype)
-                rows.append({"n": n, "nblocks": nb, "T": T, "weight_MB": round((est.hbm_bytes - T * 2 * n * 2) / 1e6, 2),
-                             "pred_us": round(est.time_us, 2), "floor_us": round(est.floor_us, 2),
-                             "pred_vs_floor": round(est.vs_floor, 2), "dense_pred_us": round(dense.time_us, 2),
-                             "pred_x_dense": round(dense.time_us / est.time_us, 2)})
+                pr = cm.Problem.linear(T, n, n, nb)
+                t = cm.estimate("cuda", "decode", "fwd", pr, dtype).time()
+                path = cm.triton_path(pr)
+                dense = cm.dense("fwd", pr, dtype).time()
+                triton = cm.estimate("triton", path, "fwd", pr, dtype).time()
+                floor = cuda_cost.floor_seconds(pr, dtype)
+                rows.append({"n": n, "nblocks": nb, "T": T, "floor_us": round(floor * 1e6, 2),
+                             "cuda_us": round(t * 1e6, 2), "vs_floor": round(t / floor, 2),
+                             "dense_us": round(dense * 1e6, 2), "x_dense": round(dense / t, 2),
+                             f"triton_{path}_us": round(triton * 1e6, 2), "x_triton": round(triton / t, 2)})
     return rows
 
 
@@ -111,15 +116,15 @@ def measure_rows(device: torch.device, budget_s: float = 0.05, sizes=SIZES, nblo
                     t = {"dense": median_time_us(lambda: torch.nn.functional.linear(x, dense_w), device, budget_s=budget_s)}
                     for b in impls:
                         t[b] = median_time_us(lambda b=b: mk.monarch_matmul(x, w1, w2, backend=b), device, budget_s=budget_s)
-                est = cuda_cost.decode_monarch(sh.w1_shape, sh.w2_shape, T)
+                pr = cm.Problem.linear(T, n, n, nb)
                 row = {"n": n, "nblocks": nb, "T": T, "auto": mk.resolve_backend("monarch", x, w1, w2),
                        "dense_us": round(t["dense"], 2)}
                 for b in impls:
                     row[f"{b}_us"] = round(t[b], 2)
                     row[f"{b}_x_dense"] = round(t["dense"] / t[b], 2)
                 if "cuda" in t:
-                    row["cuda_vs_floor"] = round(t["cuda"] / est.floor_us, 2)
-                row["pred_us"] = round(est.time_us, 2)
+                    row["cuda_vs_floor"] = round(t["cuda"] / (cuda_cost.floor_seconds(pr) * 1e6), 2)
+                row["cuda_pred_us"] = round(cm.estimate("cuda", "decode", "fwd", pr).time() * 1e6, 2)
                 rows.append(row)
     return rows
 
@@ -137,7 +142,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--measure", action="store_true", help="also time dense, cuda and triton on the GPU")
     args = p.parse_args(argv)
-    print(format_rows(predicted_rows(), "predicted H100 time, bf16 forward, square n x n (monarch_kernels.cuda_cost)"))
+    print(format_rows(predicted_rows(), "cost model (H100 SXM), bf16 forward, square n x n, MonarchLinear factors"))
     if args.measure:
         if not torch.cuda.is_available():
             print("error: --measure needs a CUDA device", file=sys.stderr)

@@ -1,15 +1,18 @@
 """When ``auto`` takes the compiled CUDA kernels (the ``cuda`` backend) on a GPU.
 
-Only the small-token ("decode") kernels of ``csrc/cuda/decode.cu`` are chosen: with T ≤ 64 tokens (16 in fp32) a
-Monarch or block-diagonal product is bound by reading the weights once (2·n²/nblocks elements for Monarch, against
-n² for a dense layer) and, at T ≈ 1, by launch latency. Those kernels run both Monarch stages in one cooperative
-launch, stream each weight once with 16-byte loads and keep the token rows in shared memory, so their cost is
-≈ max(weight bytes / HBM bandwidth, one launch) — the floor for any kernel (predicted per shape by
-``monarch_kernels.cuda_cost``; not yet measured on a GPU).
+Only the small-token ("decode") kernels of ``csrc/cuda/decode.cu`` are candidates: with T ≤ 64 tokens (16 in fp32)
+a Monarch or block-diagonal product is bound by reading the weights once and by launch latency, and those kernels
+run both Monarch stages in one cooperative launch, stream each weight once with 16-byte loads and keep the token
+rows in shared memory. Among the calls they can take, ``auto`` picks ``cuda`` where the cost model
+(:mod:`.cost_model`, with the decode estimator of :mod:`.cuda_cost`) predicts it faster than the other available GPU
+backends and the torch reference (:func:`.gpu_dispatch.prefers`) — e.g. one launch against the two of the Triton
+path at T ≤ 16. These are predictions: no GPU timing exists yet.
 
 Larger calls never go to ``cuda``: its tile kernels (``csrc/cuda/monarch_kernels.cu``: 64 x 64 WMMA tiles without
-``cp.async`` or a pipeline, and a fused Monarch kernel that recomputes stage 1 once per output tile) are predicted
-well below the Triton kernels and dense cuBLAS at large T. They stay callable with ``backend="cuda"``.
+``cp.async`` or a pipeline, 2-byte global accesses, and a fused Monarch kernel that recomputes stage 1 once per
+output tile) are predicted below the Triton kernels and dense cuBLAS at large T and are not priced; they stay
+callable with ``backend="cuda"``. Neither do symbolic token counts (``torch.compile`` with a dynamic batch):
+deciding on T would put a guard on it.
 
 The kernels' shared memory holds the padded token rows of one block's input plus the partial sums; a call whose
 largest block does not fit the device's per-block shared memory goes elsewhere (the C++ side makes the same check
@@ -18,8 +21,13 @@ exactly and falls back to the tile kernels).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
+
+from . import cost_model as cm
+from . import cuda_cost  # also registers the ("cuda", "decode") cost estimator
+from . import gpu_dispatch
 
 #: most tokens the decode kernels take, per dtype (fp16/bf16: tensor cores, 16 token rows per mma; fp32: CUDA cores)
 DECODE_MAX_TOKENS = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 16}
@@ -54,6 +62,18 @@ def prefers_cuda(op: str, device: torch.device, dtype: torch.dtype, dims: tuple)
     """``dims = (T, n_in, n_out, block)``, ``block`` the largest block side; ``op`` ``"monarch"`` or ``"blockdiag"``."""
     tokens, block = dims[0], dims[3]
     limit = DECODE_MAX_TOKENS.get(dtype)
-    if device.type != "cuda" or limit is None or not 1 <= tokens <= limit:
+    if device.type != "cuda" or limit is None or not isinstance(tokens, int) or not 1 <= tokens <= limit:
         return False
-    return decode_smem_bytes(dtype, tokens, block) <= shared_memory_optin(device)
+    if decode_smem_bytes(dtype, tokens, block) > shared_memory_optin(device):
+        return False
+    from . import backends
+
+    status = backends.available_backends()
+    others = [n for n in ("triton",) if status.get(n) == "available" and backends.get(n).supports(device, dtype)]
+    if op == "blockdiag":  # priced here: the cost model's block-diagonal prices know Triton and torch only
+        name = gpu_dispatch._DTYPES[dtype]
+        _, n_in, n_out, p = dims
+        k = math.ceil(n_in / p)
+        mine = cuda_cost.blockdiag_kernel(tokens, k, math.ceil(n_out / k), p, name).time(cm.H100_SXM)
+        return mine < min(gpu_dispatch.predicted_seconds(o, op, name, tuple(dims)) for o in [*others, "torch"])
+    return gpu_dispatch.prefers("cuda", op, dtype, tuple(dims), others)

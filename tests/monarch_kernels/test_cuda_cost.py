@@ -1,38 +1,56 @@
-"""The decode-kernel cost model's accounting (monarch_kernels.cuda_cost)."""
+"""The decode kernels' cost estimator (monarch_kernels.cuda_cost) inside the shared cost model."""
+import math
+
 import pytest
 
+from monarch_kernels import cost_model as cm
 from monarch_kernels import cuda_cost as cc
 
 
-def test_weight_bytes_are_both_factors_at_sector_granularity():
-    est = cc.decode_monarch((4, 1024, 1024), (4, 1024, 1024), 1)
-    assert est.hbm_bytes == 2 * 4 * 1024 * 1024 * 2 + (4096 + 4096) * 2
-    assert est.useful_flops == 2 * 2 * 4 * 1024 * 1024
-    assert est.executed_flops == 16 * est.useful_flops  # one token padded to the 16 rows of an mma tile
-    ragged = cc.decode_monarch((4, 5, 8), (4, 6, 5), 1)  # rows of 16 and 10 bytes still cost a 32-byte sector
-    assert ragged.hbm_bytes == 4 * 5 * 32 + 4 * 6 * 32 + (32 + 24) * 2
+def test_registered_and_priced_from_the_shared_device_model():
+    assert ("cuda", "decode") in cm.estimators()
+    pr = cm.Problem.linear(1, 4096, 4096, 4)
+    cost = cm.estimate("cuda", "decode", "fwd", pr)
+    (kern,) = cost.kernels
+    dev = cm.H100_SXM
+    weights = 2 * 4 * 1024 * 1024 * 2
+    assert kern.hbm_bytes == weights + 2 * 4096 * 2  # both factors once, x and the output once
+    assert kern.flops == 16 * kern.useful_flops == 16 * 2 * weights / 2  # one token padded to a 16-row mma tile
+    # one launch: the streaming time, the launch gap, the grid barrier and one L2 latency (stage 2 prefetched)
+    want = weights * 1.0 / (dev.hbm_bw * dev.mem_eff) + 2 * 4096 * 2 / (dev.hbm_bw * dev.mem_eff)
+    assert cost.time() == pytest.approx(want + dev.launch_s + cc.GRID_SYNC_S + cc.L2_LATENCY_S, rel=1e-9)
+    assert cost.launches == 1
 
 
-def test_floor_and_dense_baseline():
-    est = cc.decode_monarch((4, 2048, 2048), (4, 2048, 2048), 4)
-    assert est.floor_us == pytest.approx(2 * 4 * 2048 * 2048 * 2 / (cc.HBM_GBS * 1e3))
-    assert est.time_us >= est.floor_us
-    small = cc.decode_monarch((64, 32, 32), (64, 32, 32), 1)
-    assert small.floor_us == cc.LAUNCH_US and small.time_us >= cc.LAUNCH_US
-    d = cc.dense(8192, 8192, 16)
-    assert d.hbm_bytes == 8192 * 8192 * 2 + 16 * 2 * 8192 * 2
+def test_ragged_rows_cost_whole_sectors_and_dx_has_the_forward_bytes():
+    pr = cm.Problem(1, 32, 24, cm.MonarchShape.from_factors((4, 5, 8), (4, 6, 5)))
+    (kern,) = cm.estimate("cuda", "decode", "fwd", pr).kernels
+    assert kern.hbm_bytes == 4 * 5 * 32 + 4 * 6 * 32 + 2 * 32 + 2 * 32  # 16- and 10-byte rows: one sector each
+    (dx,) = cm.estimate("cuda", "decode", "bwd_input", pr).kernels
+    assert dx.hbm_bytes == kern.hbm_bytes and dx.name.endswith("dX")
 
 
-def test_stage2_prefetch_hides_the_second_dram_latency():
-    # same bytes; w2 under 60% of L2 is prefetched during stage 1, a w2 past it is read after the barrier
-    fits = cc.decode_monarch((4, 1024, 1024), (4, 1024, 1024), 1)
-    gap = fits.time_us - fits.floor_us
-    big = cc.decode_monarch((2, 4096, 4096), (2, 4096, 4096), 1)  # 64 MiB per factor
-    assert big.time_us - big.floor_us > gap
+def test_stage2_weights_past_l2_pay_a_dram_latency():
+    small = cc.decode_kernel(cm.Problem.linear(1, 4096, 4096, 4), "bfloat16", cm.H100_SXM)
+    big = cc.decode_kernel(cm.Problem.linear(1, 16384, 16384, 2), "bfloat16", cm.H100_SXM)  # 256 MiB factors
+    assert small.latency_s == cc.GRID_SYNC_S + cc.L2_LATENCY_S
+    assert big.latency_s == cc.GRID_SYNC_S + cc.DRAM_LATENCY_S
 
 
-def test_token_limits():
-    with pytest.raises(ValueError, match="1..16 tokens of float32"):
-        cc.decode_monarch((4, 64, 64), (4, 64, 64), 17, "float32")
-    with pytest.raises(ValueError):
-        cc.decode_monarch((4, 64, 64), (4, 64, 64), 0)
+def test_outside_the_decode_kernels_nothing_is_priced():
+    for problem, dtype in [(cm.Problem.linear(65, 1024, 1024, 4), "bfloat16"),
+                           (cm.Problem.linear(17, 1024, 1024, 4), "float32"),
+                           (cm.Problem.linear(64, 8192, 8192, 4), "bfloat16")]:  # 2048-wide rows x 64: no room
+        assert math.isinf(cm.estimate("cuda", "decode", "fwd", problem, dtype).time())
+    assert math.isinf(cm.estimate("cuda", "decode", "bwd_weight", cm.Problem.linear(4, 1024, 1024, 4)).time())
+
+
+def test_blockdiag_is_one_stage_without_barrier():
+    kern = cc.blockdiag_kernel(4, 4, 256, 256)
+    assert kern.latency_s == 0 and kern.hbm_bytes == 4 * 256 * 256 * 2 + 2 * 4 * 1024 * 2
+
+
+def test_floor():
+    pr = cm.Problem.linear(4, 8192, 8192, 4)
+    assert cc.floor_seconds(pr) == pytest.approx(2 * 4 * 2048 * 2048 * 2 / cm.H100_SXM.hbm_bw)
+    assert cc.floor_seconds(cm.Problem.linear(1, 1024, 1024, 32)) == cm.H100_SXM.launch_s

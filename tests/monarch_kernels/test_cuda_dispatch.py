@@ -5,7 +5,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import monarch_kernels as mk
-from monarch_kernels import backends, cuda_dispatch
+from monarch_kernels import backends, cuda_dispatch, gpu_dispatch
 
 H100_SMEM_OPTIN = 232448
 
@@ -26,22 +26,35 @@ def fake_gpu(monkeypatch):
     return make
 
 
-@pytest.mark.parametrize("dtype,limit", [(torch.bfloat16, 64), (torch.float16, 64), (torch.float32, 16)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n,nblocks", [(2048, 4), (4096, 64), (8192, 4)])
-def test_few_tokens_pick_cuda(fake_gpu, dtype, limit, n, nblocks):
+def test_few_tokens_pick_cuda(fake_gpu, dtype, n, nblocks):
     sh = mk.monarch_factor_shapes(n, n, nblocks)
     w1, w2 = fake_gpu(*sh.w1_shape, dtype=dtype), fake_gpu(*sh.w2_shape, dtype=dtype)
-    fits_all = max(sh.p, sh.q, sh.r, sh.s) <= 1024  # 64 rows of a 2048-wide bf16 block exceed 227 KiB
-    for tokens in (1, 4, 16, limit) if fits_all else (1, 4, 16):
-        x = fake_gpu(tokens, n, dtype=dtype)
-        assert mk.resolve_backend("monarch", x, w1, w2) == "cuda", tokens
-    x = fake_gpu(limit + 1, n, dtype=dtype)
-    assert mk.resolve_backend("monarch", x, w1, w2) != "cuda"
+    for tokens in (1, 4, 16):  # one launch against Triton's two: predicted faster at every such shape
+        assert mk.resolve_backend("monarch", fake_gpu(tokens, n, dtype=dtype), w1, w2) == "cuda", tokens
+    limit = cuda_dispatch.DECODE_MAX_TOKENS[dtype]
+    assert mk.resolve_backend("monarch", fake_gpu(limit + 1, n, dtype=dtype), w1, w2) != "cuda"
 
 
-def test_blockdiag_few_tokens_pick_cuda(fake_gpu):
+def test_the_rule_follows_the_cost_model(fake_gpu):
+    # 64 tokens of 2048 -> 2048 in 4 blocks: each CTA re-stages 64 input rows, so Triton is predicted faster
+    sh = mk.monarch_factor_shapes(2048, 2048, 4)
+    w1, w2 = fake_gpu(*sh.w1_shape, dtype=torch.bfloat16), fake_gpu(*sh.w2_shape, dtype=torch.bfloat16)
+    dims = (64, 2048, 2048, 512)
+    assert gpu_dispatch.fastest("monarch", torch.bfloat16, dims, ["cuda", "triton", "torch"]) == "triton"
+    assert mk.resolve_backend("monarch", fake_gpu(64, 2048, dtype=torch.bfloat16), w1, w2) == "triton"
+    dims = (64, 4096, 4096, 64)
+    assert gpu_dispatch.fastest("monarch", torch.bfloat16, dims, ["cuda", "triton", "torch"]) == "cuda"
+
+
+def test_blockdiag_follows_the_model(fake_gpu, monkeypatch):
     w = fake_gpu(4, 256, 512, dtype=torch.bfloat16)
-    assert mk.resolve_backend("blockdiag", fake_gpu(3, 2048, dtype=torch.bfloat16), w) == "cuda"
+    x = fake_gpu(3, 2048, dtype=torch.bfloat16)
+    # one decode stage and Triton's one grouped launch move the same bytes: a tie keeps the incumbent
+    assert mk.resolve_backend("blockdiag", x, w) == "triton"
+    monkeypatch.setattr(gpu_dispatch, "predicted_seconds", lambda *args: 1.0)  # every rival predicted at 1 s
+    assert mk.resolve_backend("blockdiag", x, w) == "cuda"
     assert mk.resolve_backend("blockdiag", fake_gpu(300, 2048, dtype=torch.bfloat16), w) != "cuda"
 
 
