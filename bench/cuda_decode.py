@@ -129,6 +129,16 @@ def measure_rows(device: torch.device, budget_s: float = 0.05, sizes=SIZES, nblo
     return rows
 
 
+def gpu_check_cases(ctx):
+    """Case provider of ``bench/gpu_check.py``: the decode kernels' correctness, then their timings (GPU only)."""
+    if ctx.device.type != "cuda" or getattr(ctx, "dry_run", False) or getattr(ctx, "smoke", False):
+        return
+    if mk.available_backends()["cuda"] != "available":
+        return
+    yield "cuda decode vs float64", lambda: check_rows(ctx.device)
+    yield "cuda decode timing (bf16 fwd)", lambda: measure_rows(ctx.device, budget_s=getattr(ctx, "budget_s", 0.05))
+
+
 def format_rows(rows: list[dict], title: str) -> str:
     keys = list(rows[0])
     widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
