@@ -57,7 +57,7 @@ def _split_ptx(ptx: str) -> dict[str, str]:
     """PTX text per ``.entry`` (kernel) name."""
     parts, name, buf = {}, None, []
     for line in ptx.splitlines():
-        m = re.match(r"\s*\.(?:visible\s+)?\.entry\s+(\S+?)\(", line)
+        m = re.match(r"\s*(?:\.visible\s+)?\.entry\s+(\S+?)\(", line)  # internal linkage: no .visible
         if m:
             if name:
                 parts[name] = "\n".join(buf)
