@@ -143,7 +143,7 @@ __device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_c
 template <typename T, int MT>
 struct FwdMma {
   static constexpr int kCols = 16, kChunk = 32, kGroup = 4, kTok = 16 * MT, kRedPad = 8, kPitchMod = 64;
-  static constexpr bool kTrans = false;
+  static constexpr bool kTrans = false, kMma = true;
   float acc[MT][2][4];
 
   template <class Hook>
@@ -216,7 +216,7 @@ struct FwdMma {
 template <typename T, int MT>
 struct TransMma {
   static constexpr int kCols = 32, kChunk = 16, kGroup = 4, kTok = 16 * MT, kRedPad = 4, kPitchMod = 16;
-  static constexpr bool kTrans = true;
+  static constexpr bool kTrans = true, kMma = true;
   float acc[MT][4][4];
 
   template <class Hook>
@@ -284,7 +284,7 @@ struct TransMma {
 // four lanes of a row are summed with shuffles at the end.
 struct FwdSimt {
   static constexpr int kCols = 16, kChunk = 16, kGroup = 4, kTok = 16, kRedPad = 8, kPitchMod = 0;
-  static constexpr bool kTrans = false;
+  static constexpr bool kTrans = false, kMma = false;
   float acc[2][kTok];
 
   template <class Hook>
@@ -356,7 +356,7 @@ struct FwdSimt {
 // lanes of a column are summed with shuffles at the end.
 struct TransSimt {
   static constexpr int kCols = 16, kChunk = 8, kGroup = 4, kTok = 16, kRedPad = 4, kPitchMod = 0;
-  static constexpr bool kTrans = true;
+  static constexpr bool kTrans = true, kMma = false;
   float acc[4][kTok];
 
   template <class Hook>
@@ -504,7 +504,7 @@ __device__ __forceinline__ int log2_cols() {
 // Token rows staged in shared memory: whole 16-row mma tiles for fp16/bf16, the fp32 tiles' fixed 16.
 template <class Tile>
 __host__ __device__ __forceinline__ int token_rows(int tokens) {
-  return Tile::kChunk == 32 || Tile::kCols == 32 ? (tokens + 15) / 16 * 16 : Tile::kTok;
+  return Tile::kMma ? (tokens + 15) / 16 * 16 : Tile::kTok;
 }
 
 // Prefetches into L2 the weights this CTA will read in the next stage (once, on its first call; nothing when
