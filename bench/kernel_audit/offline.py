@@ -20,12 +20,26 @@ from typing import Callable, Optional
 
 @dataclass
 class Launch:
-    """One intercepted launch: the compiled kernel and the grid the host asked for."""
+    """One intercepted launch: the compiled kernel (``None`` when only counting), the grid the host asked for
+    and a key that identifies the compiled specialisation (kernel, compile-time arguments, argument dtypes
+    and the integer properties Triton specialises on)."""
 
     kernel: object  # triton.compiler.CompiledKernel
     fn_name: str
     grid: tuple
     constexprs: dict = field(default_factory=dict)
+    key: tuple = ()
+
+
+def _spec(arg) -> str:
+    """How Triton specialises one launch argument (dtype of a tensor; an int's ``== 1`` / ``% 16 == 0``)."""
+    if hasattr(arg, "dtype"):
+        return str(arg.dtype)
+    if isinstance(arg, bool) or arg is None:
+        return repr(arg)
+    if isinstance(arg, int):
+        return "1" if arg == 1 else "d16" if arg % 16 == 0 else "i"
+    return type(arg).__name__
 
 
 def _fake_driver_class():
@@ -87,8 +101,10 @@ def offline_target_problem() -> Optional[str]:
 
 
 @contextlib.contextmanager
-def compile_only(capability: int = 90, on_launch: Optional[Callable[[Launch], None]] = None):
-    """Within the block, Triton compiles for ``sm_<capability>`` and every launch only compiles.
+def compile_only(capability: int = 90, on_launch: Optional[Callable[[Launch], None]] = None,
+                 count_only: bool = False):
+    """Within the block, Triton compiles for ``sm_<capability>`` and every launch only compiles (with
+    ``count_only``, not even that: launches are recorded with their compile key, nothing is built).
 
     Yields the list of :class:`Launch` records (also passed to ``on_launch`` as they happen).
     """
@@ -104,20 +120,19 @@ def compile_only(capability: int = 90, on_launch: Optional[Callable[[Launch], No
     original_run = jit.JITFunction.run
     original_autotune_run = autotuner.Autotuner.run
 
-    def record(fn, kernel, grid, kwargs):
-        if kernel is None:
-            return
+    def record(fn, kernel, grid, args, kwargs):
         constexprs = {k: v for k, v in kwargs.items() if k not in ("debug", "instrumentation_mode",
                                                                     "fpsan_homomorphic_casts")}
-        rec = Launch(kernel=kernel, fn_name=fn.__name__, grid=grid, constexprs=constexprs)
+        key = (fn.__name__, tuple(sorted((k, repr(v)) for k, v in constexprs.items())), tuple(map(_spec, args)))
+        rec = Launch(kernel=kernel, fn_name=fn.__name__, grid=grid, constexprs=constexprs, key=key)
         launches.append(rec)
         if on_launch is not None:
             on_launch(rec)
 
     def run(self, *args, grid, warmup, **kwargs):
-        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
-        if not warmup:
-            record(self, kernel, grid, kwargs)
+        kernel = None if count_only else original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if not warmup and (kernel is not None or count_only):
+            record(self, kernel, grid, args, kwargs)
         return kernel
 
     def autotune_run(self, *args, **kwargs):

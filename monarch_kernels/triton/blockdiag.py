@@ -334,7 +334,7 @@ def _bd_wgrad_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N * GROUP), dtype=tl.float32)
     for t0 in range(0, ROWS_PER_SPLIT, BLOCK_K):
         rt = t_start + t0 + rt0
-        t_ok = (rt < T) & (t0 + rt0 < ROWS_PER_SPLIT)
+        t_ok = rt < T  # splits are whole token steps: only the last is ragged
         gt = _load(G_ + rt[:, None] * sgt + gcol[None, :] * sgf, t_ok[:, None] & g_ok[None, :], UPCAST)
         acc += _wgrad_group(gt, X, kk0, 1, rt, t_ok, rp, P, N_X, sxt, sxf, GROUP, UPCAST, PRECISION)
     # acc[i, n·GROUP + g] -> dw[kk0 + g, row i, col n]: one (GROUP, BLOCK_M, BLOCK_N) tile, contiguous in p

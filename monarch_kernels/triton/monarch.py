@@ -237,7 +237,7 @@ def _dxw_kernel(
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     for t0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
         rt = t_start + t0 + rt0
-        t_ok = (rt < T) & (t0 + rt0 < ROWS_PER_SPLIT)
+        t_ok = rt < T  # splits are whole token steps: only the last is ragged
         dy = _load(DY + rt[:, None] * syt + (kk * Q + rq)[None, :] * syf, t_ok[:, None] & (rq < Q)[None, :], UPCAST)
         xt = _load(X + rt[:, None] * sxt + col[None, :] * sxf, t_ok[:, None] & x_ok[None, :], UPCAST)
         dx = tl.dot(dy, w, input_precision=PRECISION)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: contiguous bytes per permuted run the kernels aim for: a whole 32-byte sector (two 16-byte vectors), so no
-#: L2 transaction moves a half-used sector
-RUN_BYTES = 32
+#: contiguous bytes per permuted run: one 16-byte vector per thread (32-byte runs would fill whole sectors, but
+#: the twice larger group halves the row tile that fits in registers and doubles the weight re-reads)
+RUN_BYTES = 16
 #: share of the L2 a chunked two-kernel forward may fill with its intermediate
 L2_SHARE = 0.4
-#: register bytes of live result tiles per 8 warps (64 registers x 256 threads); 16 warps hold twice that
+#: register bytes of live result tiles per program (64 registers x 256 threads at 8 warps); fp32 accumulators
+#: that persist across a loop get half (kernel audit: beyond these, ptxas spills; 16 warps do not help, as
+#: they cap a thread at 128 registers)
 LIVE_BYTES = 64 * 1024
+ACC_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ def group_size(nblocks: int, run: int, itemsize: int) -> int:
     """Blocks per program so that a permuted run moves ``RUN_BYTES`` contiguous bytes.
 
     ``run`` is how many consecutive columns one block owns per permuted run (``C`` above). The group is the
-    smallest power of two ``G`` with ``G·run·itemsize ≥ 32``, but never more than the blocks there are
+    smallest power of two ``G`` with ``G·run·itemsize ≥ RUN_BYTES``, but never more than the blocks there are
     (rounded up to a power of two; with all blocks in one program whole rows are contiguous).
     """
     need = max(1, cdiv(RUN_BYTES, run * itemsize))
@@ -84,10 +87,7 @@ def _rows(tokens: int, limit: int) -> int:
     return max(16, min(limit, pow2(tokens)))
 
 
-def _warps(live_bytes: int, elems: int) -> int:
-    """16 warps when the live tiles exceed what 8 warps hold at 64 registers per thread, else 8 (4 for small)."""
-    if live_bytes > LIVE_BYTES:
-        return 16
+def _warps(elems: int) -> int:
     return 8 if elems >= 8192 else 4
 
 
@@ -95,29 +95,32 @@ def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int
     """Tile of the grouped block-diagonal kernel (:func:`.blockdiag.bd_forward`).
 
     ``n``/``k``: output/contraction size of one block. The ``group`` result tiles live together in
-    registers until the permuted store (fp32 when the gathered input forces one accumulator per block across
-    the K loop, else the output dtype), so the row tile shrinks as ``group · block_n`` grows (at most
-    ``2 · LIVE_BYTES``, on 16 warps).
+    registers until the permuted store (fp32 accumulators when a gathered input spans several K steps, else
+    the output dtype), so the row tile shrinks as ``group · block_n`` grows.
     """
     block_n = side(n, 128)
     block_k = side(k, 64)
+    budget = ACC_BYTES if acc_fp32 else LIVE_BYTES
     live = 4 if acc_fp32 else itemsize
     block_m = 128
-    while block_m > 16 and group * block_m * block_n * live > 2 * LIVE_BYTES:
+    while block_m > 16 and group * block_m * block_n * live > budget:
         block_m //= 2
     block_m = _rows(tokens, block_m)
-    return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n * live, group * block_m * block_n), 3)
+    return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n), 3)
 
 
 def wgrad_tile(nblocks: int, q: int, p: int, group: int) -> Tile:
     """Tile of the grouped weight-gradient kernel: ``(block_m = q-tile, block_n = p-tile, block_k = token
-    chunk)``; ``group`` fp32 accumulators of ``block_m × block_n`` stay live across the token loop."""
-    block_n = side(p, 64)
-    block_m = side(q, 64)
-    while block_m > 16 and group * block_m * block_n * 4 > 2 * LIVE_BYTES:
+    chunk)``; ``group`` fp32 accumulators of ``block_m × block_n`` stay live across the token loop (one plain
+    dot accumulator may take ``LIVE_BYTES``, interleaved groups ``ACC_BYTES``)."""
+    block_n = side(p, 128)
+    block_m = side(q, 128)
+    budget = LIVE_BYTES if group == 1 else ACC_BYTES
+    while block_m > 16 and group * block_m * block_n * 4 > budget:
         block_m //= 2
-    size = group * block_m * block_n
-    return Tile(block_m, block_n, 64, group, _warps(4 * size, size), 3)
+    while block_n > 16 and group * block_m * block_n * 4 > budget:
+        block_n //= 2
+    return Tile(block_m, block_n, 64, group, _warps(group * block_m * block_n), 3)
 
 
 def dxw_tile(q: int, p: int) -> Tile:
@@ -128,7 +131,7 @@ def dxw_tile(q: int, p: int) -> Tile:
     block_n = side(p, 64)
     while block_n > 16 and block_k * block_n * 4 > LIVE_BYTES:
         block_n //= 2
-    return Tile(64, block_n, block_k, 1, _warps(4 * block_k * block_n, block_k * block_n), 3)
+    return Tile(64, block_n, block_k, 1, _warps(block_k * block_n), 3)
 
 
 def split_count(rows: int, tiles: int, num_sms: int, min_rows: int = 256) -> int:
@@ -210,20 +213,25 @@ class WgradLaunch:
     rows_per_split: int
 
 
+def _splits(tokens: int, tiles: int, num_sms: int, step: int) -> tuple[int, int]:
+    """``(splits, rows per split)``: rows a multiple of the token step, so splits never overlap and only the
+    last one is ragged (and the row count does not change the kernel's integer specialisation)."""
+    rows = cdiv(cdiv(max(tokens, 1), split_count(tokens, tiles, num_sms)), step) * step
+    return cdiv(max(tokens, 1), rows), rows
+
+
 def wgrad_launch(tokens: int, k: int, q: int, p: int, itemsize: int, g_perm, num_sms: int) -> WgradLaunch:
     g = layout(g_perm, k, q, itemsize, gather=True)
     tile = wgrad_tile(k, q, p, g.group)
     tiles = cdiv(k, g.group) * cdiv(q, tile.block_m) * cdiv(p, tile.block_n)
-    splits = split_count(tokens, tiles, num_sms)
-    return WgradLaunch(tile, g, tiles, splits, cdiv(tokens, splits))
+    return WgradLaunch(tile, g, tiles, *_splits(tokens, tiles, num_sms, tile.block_k))
 
 
 def dxw_launch(tokens: int, k: int, q: int, p: int, num_sms: int) -> WgradLaunch:
     """The fused ``dx``/``dw1`` kernel of :func:`.monarch.backward` (grid ``(k · p-tiles, splits)``)."""
     tile = dxw_tile(q, p)
     tiles = k * cdiv(p, tile.block_n)
-    splits = split_count(tokens, tiles, num_sms)
-    return WgradLaunch(tile, Layout(), tiles, splits, cdiv(tokens, splits))
+    return WgradLaunch(tile, Layout(), tiles, *_splits(tokens, tiles, num_sms, tile.block_m))
 
 
 # ------------------------------------------------------------------------------------------ Monarch paths

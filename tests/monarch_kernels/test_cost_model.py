@@ -54,14 +54,15 @@ def test_scattered_store_costs_a_sector_per_element():
 
 
 def test_grouped_runs_half_sectors_in_l2_whole_in_hbm():
-    """64 blocks of 64 through P2 = (64, 64), bf16: group 16, 32-byte runs -> no waste anywhere; with fp32
-    and group 8 the runs are 32 bytes too."""
+    """64 blocks of 64 through P2 = (64, 64): group 8 in bf16 (4 in fp32), 16-byte runs: each run moves half
+    a sector through L2 (the partner group's program writes the other half), HBM sees every sector once."""
     for item, dtype in ((2, "bfloat16"), (4, "float32")):
         lp = plan.bd_launch(4096, 64, 64, 64, item, None, (64, 64))
-        assert lp.out.mode == plan.GROUPED and lp.out.group * item == 32
+        assert lp.out.mode == plan.GROUPED and lp.out.group * item == 16
         k = cm.bd_cost("bd", 4096, 64, 64, 64, dtype, DEV, out_perm=(64, 64))
-        once = 4096 * 4096 * item
-        assert k.hbm_bytes == 2 * once + 64 * 64 * 64 * item
+        once, w = 4096 * 4096 * item, 64 * 64 * 64 * item
+        assert k.hbm_bytes == 2 * once + w
+        assert k.l2_bytes == once + 2 * once + lp.grid[1] * w
 
 
 def test_useful_flops_and_paths():

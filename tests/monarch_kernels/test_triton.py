@@ -6,8 +6,7 @@ poisoned outputs.
 
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so the
 shapes are small; the interpreter sizes launches for a nominal 4-SM device (``_common.device_info``), so 600
-tokens already split every weight-gradient reduction three ways (200 rows each: not a multiple of the 64-row
-token step).
+tokens already split every weight-gradient reduction three ways (256, 256 and a ragged 88 rows).
 """
 import math
 
