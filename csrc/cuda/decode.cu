@@ -492,7 +492,7 @@ __device__ void finish_task(const StageParams& p, int blk, int o_tile0, int tile
     const unsigned idx = p.out_a ? (f % p.out_a) * p.out_b + f / p.out_a : f;
     if (idx >= s.out_cols) continue;
     if (bias) v += to_f(bias[idx]);
-    out[t * s.out_ts + idx] = from_f<T>(activate(v, s.act));
+    out[t * s.out_ts + idx] = activate_to<T>(v, s.act);
   }
 }
 

@@ -28,4 +28,12 @@ __device__ __forceinline__ float activate(float v, int act) {
   }
 }
 
+// The stored output act(v) for the fp32 pre-activation v (accumulator + bias). act(F.linear(...)) rounds the
+// linear output to T before the activation: an fp16 pre-activation past ±65504 is ±inf there, so gelu gives NaN
+// for it (not -0) and relu 0. Rounding first keeps that; without an activation the value is rounded once.
+template <typename T>
+__device__ __forceinline__ T activate_to(float v, int act) {
+  return from_f<T>(activate(act ? to_f(from_f<T>(v)) : v, act));
+}
+
 }  // namespace monarch_cuda

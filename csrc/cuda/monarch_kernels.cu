@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(THREADS) bd_fwd_kernel(Mat2 x, Mat3 w, const T
     if (col >= n_out) continue;
     float v = Cs[r * LDC + c];
     if (bias) v += to_f(bias[col]);
-    y[t * syt + col * syf] = from_f<T>(activate(v, act));
+    y[t * syt + col * syf] = activate_to<T>(v, act);
   }
 }
 
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(Mat2 x, Mat3 w1, Mat
     if (t >= x.rows || ss >= S || col >= n_out) continue;
     float v = Cs[r * LDC + c];
     if (bias) v += to_f(bias[col]);
-    out[t * n_out + col] = from_f<T>(activate(v, act));
+    out[t * n_out + col] = activate_to<T>(v, act);
   }
 }
 
