@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import monarch_kernels as mk
+from monarch_kernels import activations
 from monarch_kernels import reference as ref
 from conftest import rel_err
 
@@ -141,6 +142,21 @@ def test_decode_nan_and_inf_propagate_like_torch(act):
     finite = want.isfinite()
     assert elem_err(out[finite], want[finite]) < ELEM_TOL[torch.float32]
 
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("T", [3, 100])  # decode kernels; fused tile kernel (q % l == 0)
+def test_fp16_pre_activation_overflow_like_torch(act, T):
+    # act(F.linear(...)) rounds the linear output to fp16 before the activation: -65536 is -inf there and
+    # gelu(-inf) = NaN; odd stage-2 rows give -16 * 64 * 64 = -65536, even rows 4096 (all exact in fp16)
+    x = torch.ones(T, 256, device="cuda", dtype=torch.float16)
+    w1 = torch.ones(4, 64, 64, device="cuda", dtype=torch.float16)
+    w2 = torch.full((4, 64, 64), -16.0, device="cuda", dtype=torch.float16)
+    w2[:, ::2] = 1.0
+    out = C.monarch_fwd(x, w1, w2, None, 256, act)
+    want = activations.apply(act, ref.monarch_fwd(x, w1, w2, None, 256))
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    finite = want.isfinite()
+    assert torch.equal(out[finite], want[finite])
 
 def test_auto_takes_the_decode_kernels_for_few_tokens():
     x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
