@@ -359,6 +359,59 @@ class ShrinkableInvertedResidual(nn.Module):
                 f"stride={self.stride}, residual={self.use_residual}, padding={self.padding_mode!r}")
 
 
+# ------------------------------------------------------------------------------------------------ a network
+#: ``(expand ratio t, output channels c, stride s, kernel k)`` per block: MobileNetV2's pattern at toy width
+MBV2_MINI_BLOCKS = (
+    (1, 12, 1, 3),
+    (3, 16, 2, 3),
+    (3, 16, 1, 3),
+    (3, 24, 1, 5),
+    (3, 24, 1, 3),
+    (3, 32, 2, 3),
+    (3, 32, 1, 3),
+    (3, 32, 1, 3),
+)
+
+
+class MobileNetV2Mini(nn.Module):
+    """A small MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018)
+    made of :class:`ShrinkableInvertedResidual` blocks::
+
+        stem 3×3 (→ stem_channels, stride stem_stride) → BN → ReLU6 → blocks → 1×1 head → BN → ReLU6 → GAP → Linear
+
+    ``blocks``: ``(t, c, s, k)`` per block (default :data:`MBV2_MINI_BLOCKS`). ``pointwise="monarch"`` makes the
+    blocks' 1×1 convs ``MonarchLinear`` over channels with ``nblocks`` blocks. ``final_act``: ReLU6 after the sum of
+    a block whose activation is removed (official ``ADD_FINAL_ACT``). Input ``(N, in_channels, H, W)``, output
+    logits ``(N, num_classes)``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, blocks: Sequence = MBV2_MINI_BLOCKS,
+                 stem_channels: int = 12, stem_stride: int = 2, head_channels: int = 64, pointwise: str = "dense",
+                 nblocks: int = 4, final_act: bool = True):
+        super().__init__()
+        name = type(self).__name__
+        for arg, v in (("in_channels", in_channels), ("num_classes", num_classes), ("stem_channels", stem_channels),
+                       ("head_channels", head_channels)):
+            _check_positive_int(name, arg, v)
+        if stem_stride not in (1, 2):
+            raise ValueError(f"{name}: stem_stride must be 1 or 2, got {stem_stride!r}")
+        if not blocks or any(not isinstance(b, (tuple, list)) or len(b) != 4 for b in blocks):
+            raise ValueError(f"{name}: blocks must be a non-empty sequence of (t, c, s, k), got {blocks!r}")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, stem_stride, 1, bias=False),
+                                  nn.BatchNorm2d(stem_channels), nn.ReLU6())
+        layers, c_in = [], stem_channels
+        for t, c, s, k in blocks:
+            layers.append(ShrinkableInvertedResidual(c_in, c, s, t, k, pointwise=pointwise, nblocks=nblocks,
+                                                     final_act=nn.ReLU6() if final_act else None))
+            c_in = c
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Conv2d(c_in, head_channels, 1, bias=False), nn.BatchNorm2d(head_channels),
+                                  nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(head_channels, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
+
+
 # ------------------------------------------------------------------------------------------------ zero padding
 class BiasMapConv2d(nn.Module):
     """``conv(x) + bias_map``: a bias-free ``Conv2d`` plus a position-dependent bias ``(C_out, H_out, W_out)``,
@@ -634,7 +687,9 @@ def count_layers(model: nn.Module) -> dict:
 
 
 __all__ = [
+    "MBV2_MINI_BLOCKS",
     "BiasMapConv2d",
+    "MobileNetV2Mini",
     "PointwiseConv",
     "ShrinkGate",
     "ShrinkableInvertedResidual",

@@ -1,32 +1,36 @@
-"""DepthShrinker (Fu et al., ICML 2022): remove activations of inverted residual blocks, fine-tune, merge.
+"""DepthShrinker (Fu et al., "DepthShrinker: A New Compression Paradigm Towards Boosting Real-Hardware Efficiency of
+Compact Neural Networks", ICML 2022): remove the activations of whole inverted residual blocks, fine-tune, merge.
 
-The three stages of the paper, on offline MNIST (5000 images) or sklearn digits, over the layers in
-:mod:`monarch_kernels.layers.depthshrinker`:
+The paper's stages, on offline MNIST (5000 images) or sklearn digits, over :mod:`monarch_kernels.layers.depthshrinker`:
 
-1. **Train** a small MobileNetV2-like net (:class:`MobileNetV2Mini`) with all activations.
-2. **Search** which block activations to remove: every block gets a score ``s`` (init 0) behind the hard
-   straight-through gate of :class:`monarch_kernels.layers.ShrinkGate`; before every step the ``⌊keep_ratio·N⌋`` smallest scores
-   are kept, the rest are linear (:func:`monarch_kernels.layers.update_search_flags`); weights and scores train jointly on the
-   task loss. Output: the keep/remove mask of the final scores.
+1. **Train** a small MobileNetV2 (:class:`~monarch_kernels.layers.depthshrinker.MobileNetV2Mini`, Monarch 1×1
+   convs by default) with all activations.
+2. **Search** which ``R = N − ⌊keep_ratio·N⌋`` of the ``N`` block activations to remove (:func:`search_removal`).
+   Default ``"relax"``: each block's gate is a leaky ReLU6 ``σ(x) + s·(x − σ(x))`` whose slope ``s`` is learned
+   jointly with the weights, and after every step the slopes are projected onto the removal budget
+   ``{s ∈ [0, 1]^N : Σ s = R}`` (the convex hull of the masks removing ``R`` activations). The gradient
+   ``∂L/∂s = Σ (x − σ(x)) ∂L/∂y`` is the paper's; the budget is its top-k sparsity constraint made continuous.
+   ``"hard"`` is the paper's gate itself (official ``learnable_relu6_hard``): a hard top-k mask in the forward
+   pass, recomputed from the scores before every step. The mask is the top-``R`` of the final scores.
 3. **Fine-tune** with the activations removed, starting again from the *trained* weights (the official code
-   re-loads ``DS.PRETRAINED``; the search only supplies the mask), with self-distillation from the original net::
+   re-loads ``DS.PRETRAINED``; the search only supplies the mask), with self-distillation from the original net
+   (:func:`distillation_loss`, α = 0.7, T = 1, the official config). Removed blocks get a ReLU6 after the residual
+   sum (official ``ADD_FINAL_ACT='relu6'``).
+4. **Merge** each removed block into one dense ``Conv2d`` (:func:`monarch_kernels.layers.depthshrinker.depthshrink`)
+   — exact, unlike the official ``merge_block()`` which swaps in a random conv to time it — and report parameters
+   and latency before and after.
 
-       L = α T² KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α) CE(y, z_s),     α = 0.7, T = 1   (official config)
+Protocol (the baseline of the paper's ablation: a random mask removing as many activations): ``seeds``
+independent replicates. Replicate ``r`` trains its own original network, runs its own search, draws its own random
+mask, and fine-tunes the learned mask, the random mask and the all-kept network (control: the extra epochs alone)
+with the same data order and budget. Learned − random is reported per replicate and as mean ± sample std over
+the ``n`` replicates, before fine-tuning (BatchNorm statistics recomputed for the new mask, :func:`recalibrate_bn`,
+else every removal reads as chance) and after.
 
-   (KL instead of the official soft cross-entropy: same gradient, differs by the teacher entropy). Removed blocks
-   get a ReLU6 after the residual sum (official ``ADD_FINAL_ACT='relu6'``, on in every released config).
-4. **Merge** each removed block into one dense ``Conv2d`` (:func:`monarch_kernels.layers.depthshrink`) — exact, unlike the official
-   ``merge_block()`` which only swaps in a random conv to time it — and time the network before and after.
-
-Baseline (in the same run): a random mask removing the same number of activations, fine-tuned the same way;
-learned vs random is reported as mean ± std over ``--seeds`` fine-tuning seeds (each random seed draws its own mask;
-the learned mask comes from one search). Control: the original fine-tuned the same way with every activation kept,
-which separates the effect of removal from that of the extra epochs.
-
-Deviations from the official recipe (small-scale CPU reproduction): Adam + cosine decay instead of SGD-Nesterov
-for 180 epochs, no label smoothing / RandAugment / EMA, no latency term in the search loss (the official
-``LAT_COST_WEIGHT`` term looks sign-inverted, research/methods-a.md §1), no Gumbel ranking, candidates are the
-blocks only (not the stem/head activations, which would not make a block mergeable).
+Simplified against the official recipe (small-scale CPU reproduction): Adam + cosine decay instead of SGD-Nesterov
+for 180 epochs; no label smoothing, RandAugment or EMA; no latency term in the search loss (the official
+``LAT_COST_WEIGHT`` term looks sign-inverted); no Gumbel ranking; KL instead of the official soft cross-entropy
+(same gradient); candidates are the blocks only (not the stem/head activations, whose removal merges nothing).
 """
 from __future__ import annotations
 
@@ -41,10 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from monarch_kernels.layers.depthshrinker import (
-    ShrinkableInvertedResidual,
+    MBV2_MINI_BLOCKS,
+    MobileNetV2Mini,
     count_layers,
     depthshrink,
     gate_scores,
+    project_scores,
+    removal_count,
+    set_relaxed,
     set_removed,
     set_search,
     shrink_blocks,
@@ -56,47 +64,9 @@ from .data import load_image_dataset
 from .recipe import Recipe
 from .train import evaluate_classifier, minibatches, predict_logits
 
-#: (expand ratio t, output channels c, stride s, kernel k) per block — MobileNetV2's pattern at toy width
-MBV2_MINI_BLOCKS = (
-    (1, 12, 1, 3),
-    (3, 16, 2, 3),
-    (3, 16, 1, 3),
-    (3, 24, 1, 5),
-    (3, 24, 1, 3),
-    (3, 32, 2, 3),
-    (3, 32, 1, 3),
-    (3, 32, 1, 3),
-)
+#: the 4-block network of the quick setting
 QUICK_BLOCKS = ((1, 8, 1, 3), (3, 12, 2, 3), (3, 12, 1, 3), (3, 16, 2, 3))
-
-
-class MobileNetV2Mini(nn.Module):
-    """``stem 3×3 (→ stem_channels) → BN → ReLU6 → shrinkable IRBs → 1×1 head → BN → ReLU6 → GAP → Linear``.
-
-    ``blocks``: ``(t, c, s, k)`` per block. ``pointwise="monarch"`` makes the blocks' 1×1 convs ``MonarchLinear``
-    over channels. ``final_act``: ReLU6 after the sum of a block whose activation is removed (official
-    ``ADD_FINAL_ACT``). Input ``(N, in_channels, H, W)``, output logits ``(N, num_classes)``.
-    """
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, blocks: Sequence = MBV2_MINI_BLOCKS,
-                 stem_channels: int = 16, stem_stride: int = 2, head_channels: int = 96, pointwise: str = "dense",
-                 nblocks: int = 4, final_act: bool = True):
-        super().__init__()
-        if not blocks:
-            raise ValueError("MobileNetV2Mini: blocks must be a non-empty sequence of (t, c, s, k)")
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, stem_stride, 1, bias=False),
-                                  nn.BatchNorm2d(stem_channels), nn.ReLU6())
-        layers, c_in = [], stem_channels
-        for t, c, s, k in blocks:
-            layers.append(ShrinkableInvertedResidual(c_in, c, s, t, k, pointwise=pointwise, nblocks=nblocks,
-                                                     final_act=nn.ReLU6() if final_act else None))
-            c_in = c
-        self.blocks = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Conv2d(c_in, head_channels, 1, bias=False), nn.BatchNorm2d(head_channels),
-                                  nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(head_channels, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+SEARCH_METHODS = ("relax", "hard")
 
 
 # ------------------------------------------------------------------------------------------------ the API
@@ -120,17 +90,16 @@ def _cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_sche
 
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
-         generator: torch.Generator, loss_fn, before_step=None, epoch_end=None, param_groups=None, progress=None,
-         desc="") -> list:
-    """Adam + per-step cosine decay; ``loss_fn(model, xb, yb) -> loss``; ``before_step()`` runs before each step,
-    ``epoch_end()`` after each epoch."""
+         generator: torch.Generator, loss_fn, params=None, before_step=None, after_step=None, epoch_end=None,
+         progress=None, desc="") -> list:
+    """Adam on ``params`` (default: all) with per-step cosine decay; ``loss_fn(model, xb, yb) -> loss``;
+    ``before_step()`` runs before each step, ``after_step()`` after the optimizer step, ``epoch_end()`` after
+    each epoch."""
     device = next(model.parameters()).device
-    opt = torch.optim.Adam(param_groups if param_groups is not None else model.parameters(), lr=lr)
-    steps = epochs * math.ceil(len(x) / batch_size)
-    sched = _cosine(opt, max(steps, 1))
+    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
+    sched = _cosine(opt, max(epochs * math.ceil(len(x) / batch_size), 1))
     losses = []
-    it = progress(range(epochs), desc=desc) if progress else range(epochs)
-    for _ in it:
+    for _ in (progress(range(epochs), desc=desc) if progress else range(epochs)):
         model.train()
         for idx in minibatches(len(x), batch_size, generator):
             if before_step is not None:
@@ -140,38 +109,77 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, bat
             loss.backward()
             opt.step()
             sched.step()
+            if after_step is not None:
+                after_step()
             losses.append(float(loss.detach()))
         if epoch_end is not None:
             epoch_end()
     return losses
 
 
+def _cross_entropy(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(xb), yb)
+
+
 def search_removal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, keep_ratio: float, epochs: int,
-                   batch_size: int = 64, lr: float = 1e-3, score_lr: Optional[float] = None,
-                   score_init: float = 0.5, generator: torch.Generator, progress=None) -> tuple[torch.Tensor, list]:
-    """Stage 2: train a copy of ``model`` with searchable gates; returns (``removed`` flags from the final scores,
-    per-epoch score history ``[N]`` lists). Scores use ``score_lr`` (default ``lr``, as in the official code) and
-    start at ``score_init``. The official code starts at 0 with SGD; with Adam a score whose first step goes
-    below 0 is frozen at "keep" for good (the clamp passes no gradient there), so we start mid-range (0.5)."""
+                   method: str = "relax", batch_size: int = 64, lr: float = 1e-3, score_lr: float = 0.2,
+                   generator: torch.Generator, progress=None) -> tuple[torch.Tensor, list]:
+    """Stage 2 on a copy of ``model``: weights (Adam, ``lr``, cosine) and gate scores (plain SGD, ``score_lr``:
+    the scores' relative gradient sizes are the signal, which a per-coordinate Adam scaling would erase) train
+    jointly on the task loss. ``method="relax"``: relaxed gates, scores projected onto the removal budget after
+    every step; ``"hard"``: the paper's hard top-k gates, flags recomputed before every step. Every score starts
+    at ``R/N``. Returns (``removed`` flags: the ``R`` largest final scores, per-epoch score history ``[N]``)."""
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"search_removal: method must be one of {SEARCH_METHODS}, got {method!r}")
     net = copy.deepcopy(model)
-    with torch.no_grad():
-        for b in shrink_blocks(net):
-            b.gate.score.fill_(score_init)
-    set_search(net, keep_ratio)
+    set_relaxed(net, keep_ratio)  # all scores at R/N: the centre of the budget
+    if method == "hard":
+        set_search(net, keep_ratio)
     scores = [b.gate.score for b in shrink_blocks(net)]
     ids = {id(p) for p in scores}
-    groups = [{"params": [p for p in net.parameters() if id(p) not in ids]},
-              {"params": scores, "lr": score_lr if score_lr is not None else lr}]
+    score_opt = torch.optim.SGD(scores, lr=score_lr)
     history = [gate_scores(net).tolist()]
 
-    def loss_fn(m, xb, yb):
-        return F.cross_entropy(m(xb), yb)
+    def after_step():
+        score_opt.step()
+        score_opt.zero_grad(set_to_none=True)
+        if method == "relax":
+            project_scores(net, keep_ratio)
 
-    _fit(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator, loss_fn=loss_fn,
-         before_step=lambda: update_search_flags(net, keep_ratio),
-         epoch_end=lambda: history.append(gate_scores(net).tolist()), param_groups=groups, progress=progress,
-         desc="search")
+    _fit(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator, loss_fn=_cross_entropy,
+         params=[p for p in net.parameters() if id(p) not in ids],
+         before_step=(lambda: update_search_flags(net, keep_ratio)) if method == "hard" else None,
+         after_step=after_step, epoch_end=lambda: history.append(gate_scores(net).tolist()), progress=progress,
+         desc=f"search ({method})")
     return topk_keep(gate_scores(net), keep_ratio), history
+
+
+def cut_margin(scores: Sequence[float], removed: Sequence[bool]) -> float:
+    """Score gap at the cut: the smallest removed score minus the largest kept one (> 0 when the mask is the
+    strict top-k of the scores; near 0 when the cut is a coin toss)."""
+    s, r = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(removed, dtype=torch.bool)
+    if r.all() or not r.any():
+        return float("inf")
+    return float(s[r].min() - s[~r].max())
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> nn.Module:
+    """Recompute every BatchNorm's running mean and variance on ``x``: the plain average of the statistics of the
+    train-mode forward passes over ``x`` in batches of ``batch_size`` (no gradient), then switch to eval mode. Removing activations shifts every later layer's input
+    distribution; with the stale statistics any removal of several activations reads as chance accuracy."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: equal weight per batch
+    model.train()
+    device = next(model.parameters()).device
+    for i in range(0, len(x), batch_size):
+        model(x[i:i + batch_size].to(device))
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    return model.eval()
 
 
 def finetune_removed(original: nn.Module, removed: Sequence[bool], x: torch.Tensor, y: torch.Tensor, *, epochs: int,
@@ -197,6 +205,7 @@ def finetune_removed(original: nn.Module, removed: Sequence[bool], x: torch.Tens
 
 
 def random_removal(n_blocks: int, n_removed: int, generator: torch.Generator) -> torch.Tensor:
+    """``n_removed`` of ``n_blocks`` flags set, uniformly at random."""
     removed = torch.zeros(n_blocks, dtype=torch.bool)
     removed[torch.randperm(n_blocks, generator=generator)[:n_removed]] = True
     return removed
@@ -205,7 +214,7 @@ def random_removal(n_blocks: int, n_removed: int, generator: torch.Generator) ->
 @torch.no_grad()
 def paired_latency_ms(models: dict, x: torch.Tensor, *, rounds: int = 30, inner: int = 3) -> dict:
     """Median forward latency (ms) of each model on ``x``, measured interleaved (A, B, A, B, …) in one process so
-    that machine load hits every model alike. (Private helper: ``bench.timing`` is not importable from methods.)"""
+    that machine load hits every model alike."""
     for m in models.values():
         m.eval()
         m(x)
@@ -219,28 +228,33 @@ def paired_latency_ms(models: dict, x: torch.Tensor, *, rounds: int = 30, inner:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 # ------------------------------------------------------------------------------------------------ the recipe
 def add_arguments(p) -> None:
     p.add_argument("--dataset", default=None, choices=["mnist", "digits"], help="default mnist (digits with --quick)")
     p.add_argument("--epochs", type=int, default=None, help="stage-1 training epochs (default 10; quick 4)")
-    p.add_argument("--search-epochs", type=int, default=None, help="stage-2 search epochs (default 3; quick 1)")
+    p.add_argument("--search", default="relax", choices=SEARCH_METHODS, help="relaxed budget search or the paper's hard gate")
+    p.add_argument("--search-epochs", type=int, default=None, help="stage-2 search epochs (default 2; quick 2)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="stage-3 epochs (default 4; quick 2)")
     p.add_argument("--keep-ratio", type=float, default=0.5, help="fraction of block activations kept")
-    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds for learned vs random (default 3; quick 1)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--score-lr", type=float, default=None, help="search score LR (default: --lr, as official)")
-    p.add_argument("--score-init", type=float, default=0.5, help="initial search score (official: 0, see docs)")
+    p.add_argument("--seeds", type=int, default=None, help="independent replicates (default 3; quick 1)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate of every stage (default 5e-3; quick 1e-2)")
+    p.add_argument("--score-lr", type=float, default=0.2, help="search score LR (plain SGD)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--alpha", type=float, default=0.7, help="distillation weight α")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--pointwise", default="dense", choices=["dense", "monarch"],
+    p.add_argument("--pointwise", default="monarch", choices=["dense", "monarch"],
                    help="1×1 convs as nn.Conv2d or MonarchLinear over channels")
     p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks for --pointwise monarch")
     p.add_argument("--no-final-act", action="store_true", help="no ReLU6 after removed blocks (ADD_FINAL_ACT off)")
+    p.add_argument("--recal-images", type=int, default=1000, help="training images for BatchNorm recalibration")
     p.add_argument("--latency-batch", type=int, default=64)
 
 
-def _acc(model, split) -> float:
+def _acc(model: nn.Module, split) -> float:
     return evaluate_classifier(model, split.x_test, split.y_test)["accuracy"]
 
 
@@ -248,121 +262,114 @@ def _mean_std(v: list) -> tuple[float, float]:
     return float(statistics.mean(v)), float(statistics.stdev(v)) if len(v) > 1 else 0.0
 
 
-def run(args, ctx) -> dict:
-    quick = args.quick
-    dataset = args.dataset or ("digits" if quick else "mnist")
-    epochs = args.epochs if args.epochs is not None else (4 if quick else 10)
-    search_epochs = args.search_epochs if args.search_epochs is not None else (1 if quick else 3)
-    ft_epochs = args.finetune_epochs if args.finetune_epochs is not None else (2 if quick else 4)
-    seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
-    if not 0.0 <= args.keep_ratio < 1.0:
-        raise ValueError(f"--keep-ratio must be in [0, 1), got {args.keep_ratio}")
-    split = load_image_dataset(dataset, seed=args.seed)
-    device = ctx.device
-    big = split.input_shape[-1] >= 16
-    blocks = QUICK_BLOCKS if quick else MBV2_MINI_BLOCKS
-    torch.manual_seed(args.seed)
-    model = MobileNetV2Mini(split.input_shape[0], split.num_classes, blocks,
-                            stem_channels=8 if quick else 12, stem_stride=2 if big else 1,
-                            head_channels=32 if quick else 64, pointwise=args.pointwise, nblocks=args.nblocks,
-                            final_act=not args.no_final_act).to(device)
-    n_blocks = len(shrink_blocks(model))
-    n_removed = n_blocks - int(math.floor(args.keep_ratio * n_blocks + 1e-9))
-    ctx.log(f"[depthshrinker] {dataset}: {len(split.x_train)} train / {len(split.x_test)} test, {n_blocks} blocks, "
-            f"remove {n_removed}, pointwise={args.pointwise}")
+def _replicate(r: int, split, args, ctx, build, n_removed: int) -> dict:
+    """One independent replicate: train, search, then fine-tune the learned mask, a random mask and the all-kept
+    control with the same generator (same data order) and budget."""
+    base = 1000 * (100 * args.seed + r)
+    gen = lambda offset: torch.Generator().manual_seed(base + offset)  # noqa: E731
     xtr, ytr = split.x_train, split.y_train
-
-    def gen(offset: int) -> torch.Generator:
-        return torch.Generator().manual_seed(args.seed * 1000 + offset)
-
-    # stage 1: train the original network
-    ce = lambda m, xb, yb: F.cross_entropy(m(xb), yb)  # noqa: E731
-    train_losses = _fit(model, xtr, ytr, epochs=epochs, batch_size=args.batch_size, lr=args.lr, generator=gen(1),
-                        loss_fn=ce, progress=ctx.progress, desc="train")
+    torch.manual_seed(base)
+    model = build().to(ctx.device)
+    _fit(model, xtr, ytr, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, generator=gen(1),
+         loss_fn=_cross_entropy, progress=ctx.progress, desc="train")
     model.eval()
-    acc_original = _acc(model, split)
-    ctx.log(f"[depthshrinker] original accuracy {acc_original:.4f}")
-
-    # stage 2: search
-    learned, history = search_removal(model, xtr, ytr, keep_ratio=args.keep_ratio, epochs=search_epochs,
-                                      batch_size=args.batch_size, lr=args.lr, score_lr=args.score_lr,
-                                      score_init=args.score_init,
-                                      generator=gen(2), progress=ctx.progress)
-    ctx.log(f"[depthshrinker] learned mask (1 = removed): {learned.int().tolist()}, scores {history[-1]}")
-
-    # stage 3: fine-tune learned vs random masks, several seeds
-    results = {"learned": {"before": [], "after": []}, "random": {"before": [], "after": []}}
-    random_masks, finetuned = [], None
-    for s in range(seeds):
-        rmask = random_removal(n_blocks, n_removed, gen(100 + s))
-        random_masks.append(rmask.int().tolist())
-        for kind, mask in (("learned", learned), ("random", rmask)):
+    out = {"original": model, "acc_original": _acc(model, split)}
+    learned, history = search_removal(model, xtr, ytr, keep_ratio=args.keep_ratio, epochs=args.search_epochs,
+                                      method=args.search, batch_size=args.batch_size, lr=args.lr,
+                                      score_lr=args.score_lr, generator=gen(2), progress=ctx.progress)
+    n = len(learned)
+    masks = {"learned": learned, "random": random_removal(n, n_removed, gen(3)),
+             "control": torch.zeros(n, dtype=torch.bool)}
+    out.update(mask_learned=learned.int().tolist(), mask_random=masks["random"].int().tolist(),
+               score_history=history, cut_margin=cut_margin(history[-1], learned))
+    recal = split.x_train[: args.recal_images]
+    for kind, mask in masks.items():
+        if kind != "control":
             removed_only = copy.deepcopy(model)
             set_removed(removed_only, mask.tolist())
-            results[kind]["before"].append(_acc(removed_only, split))
-            ft = finetune_removed(model, mask.tolist(), xtr, ytr, epochs=ft_epochs, batch_size=args.batch_size,
-                                  lr=args.lr, alpha=args.alpha, temperature=args.temperature, generator=gen(200 + s),
-                                  progress=ctx.progress)
-            results[kind]["after"].append(_acc(ft, split))
-            if kind == "learned" and s == 0:
-                finetuned = ft
-        ctx.log(f"[depthshrinker] seed {s}: learned {results['learned']['before'][-1]:.4f} -> "
-                f"{results['learned']['after'][-1]:.4f}, random {rmask.int().tolist()} "
-                f"{results['random']['before'][-1]:.4f} -> {results['random']['after'][-1]:.4f}")
+            out[f"acc_{kind}_no_ft"] = _acc(recalibrate_bn(removed_only, recal), split)
+        ft = finetune_removed(model, mask.tolist(), xtr, ytr, epochs=args.finetune_epochs,
+                              batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
+                              temperature=args.temperature, generator=gen(4), progress=ctx.progress)
+        out[f"acc_{kind}_finetuned"], out[f"net_{kind}"] = _acc(ft, split), ft
+    ctx.log(f"[depthshrinker] replicate {r}: original {out['acc_original']:.4f}; learned {out['mask_learned']} "
+            f"(scores {[round(s, 3) for s in history[-1]]}, cut margin {out['cut_margin']:.3f}) "
+            f"{out['acc_learned_no_ft']:.4f} -> {out['acc_learned_finetuned']:.4f}; random {out['mask_random']} "
+            f"{out['acc_random_no_ft']:.4f} -> {out['acc_random_finetuned']:.4f}; "
+            f"all kept {out['acc_control_finetuned']:.4f}")
+    return out
 
-    # control: the original fine-tuned the same way with every activation kept (the extra epochs alone)
-    control = finetune_removed(model, [False] * n_blocks, xtr, ytr, epochs=ft_epochs, batch_size=args.batch_size,
-                               lr=args.lr, alpha=args.alpha, temperature=args.temperature, generator=gen(200),
-                               progress=ctx.progress)
-    acc_control = _acc(control, split)
-    ctx.log(f"[depthshrinker] control (all activations kept, same fine-tuning): {acc_control:.4f}")
 
-    # stage 4: merge the (seed-0) fine-tuned learned network
-    merged = depthshrink(finetuned)
+def run(args, ctx) -> dict:
+    quick = args.quick
+    for name, full, small in (("dataset", "mnist", "digits"), ("epochs", 10, 4), ("search_epochs", 2, 2),
+                              ("finetune_epochs", 4, 2), ("seeds", 3, 1), ("lr", 5e-3, 1e-2)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    if not 0.0 <= args.keep_ratio < 1.0:
+        raise ValueError(f"--keep-ratio must be in [0, 1), got {args.keep_ratio}")
+    split = load_image_dataset(args.dataset, seed=args.seed)
+    big = split.input_shape[-1] >= 16
+
+    def build() -> MobileNetV2Mini:
+        return MobileNetV2Mini(split.input_shape[0], split.num_classes, QUICK_BLOCKS if quick else MBV2_MINI_BLOCKS,
+                               stem_channels=8 if quick else 12, stem_stride=2 if big else 1,
+                               head_channels=32 if quick else 64, pointwise=args.pointwise, nblocks=args.nblocks,
+                               final_act=not args.no_final_act)
+
+    n_blocks = len(shrink_blocks(build()))
+    n_removed = removal_count(n_blocks, args.keep_ratio)
+    ctx.log(f"[depthshrinker] {args.dataset}: {len(split.x_train)} train / {len(split.x_test)} test, {n_blocks} "
+            f"blocks, remove {n_removed}, pointwise={args.pointwise}, search={args.search}, {args.seeds} replicates")
+    reps = [_replicate(r, split, args, ctx, build, n_removed) for r in range(args.seeds)]
+
+    # stage 4 on replicate 0: merge the fine-tuned learned and random networks, parameters and latency
+    r0 = reps[0]
+    merged = depthshrink(r0["net_learned"])
+    merged_random = depthshrink(r0["net_random"])
     with torch.no_grad():
-        z_ft = predict_logits(finetuned, split.x_test)
+        z_ft = predict_logits(r0["net_learned"], split.x_test)
         z_merged = predict_logits(merged, split.x_test)
-    merge_err = float((z_ft - z_merged).abs().max())
-    acc_merged = float((z_merged.argmax(-1) == split.y_test).float().mean())
-    xb = split.x_test[: args.latency_batch].to(device)
-    lat = paired_latency_ms({"original": model, "finetuned_unmerged": finetuned, "merged": merged}, xb,
-                            rounds=10 if quick else 40)
-    layers_before, layers_after = count_layers(finetuned), count_layers(merged)
-    params_before = sum(p.numel() for p in finetuned.parameters())
-    params_after = sum(p.numel() for p in merged.parameters())
-    ctx.log(f"[depthshrinker] merged: max |Δlogit| {merge_err:.2e}, conv layers {layers_before['conv']} -> "
-            f"{layers_after['conv']}, latency {lat['finetuned_unmerged']:.2f} -> {lat['merged']:.2f} ms")
+    xb = split.x_test[: args.latency_batch].to(ctx.device)
+    variants = {"original": r0["original"], "learned_unmerged": r0["net_learned"], "learned_merged": merged,
+                "random_merged": merged_random}
+    lat = paired_latency_ms(variants, xb, rounds=10 if quick else 20, inner=2)
+    ctx.log(f"[depthshrinker] merged: max |Δlogit| {float((z_ft - z_merged).abs().max()):.2e}, params "
+            f"{n_params(r0['net_learned'])} -> {n_params(merged)}, latency {lat['learned_unmerged']:.2f} -> "
+            f"{lat['learned_merged']:.2f} ms")
 
-    la, ra = results["learned"], results["random"]
     metrics = {
-        "dataset": dataset, "n_train": len(xtr), "n_test": len(split.x_test), "n_blocks": n_blocks,
-        "n_removed": n_removed, "keep_ratio": args.keep_ratio, "pointwise": args.pointwise, "seeds": seeds,
-        "acc_original": acc_original, "acc_original_same_finetuning": acc_control,
-        "learned_mask_removed": learned.int().tolist(), "search_scores": history[-1], "search_score_history": history,
-        "random_masks_removed": random_masks,
-        "acc_learned_removed_no_ft": la["before"], "acc_learned_finetuned": la["after"],
-        "acc_random_removed_no_ft": ra["before"], "acc_random_finetuned": ra["after"],
-        "acc_merged": acc_merged, "merge_max_abs_logit_diff": merge_err,
-        "conv_layers_before": layers_before["conv"], "conv_layers_after": layers_after["conv"],
-        "layers_before": layers_before, "layers_after": layers_after,
-        "params_before": params_before, "params_after": params_after,
-        "latency_device": str(device), "latency_threads": torch.get_num_threads(), "latency_dtype": "float32",
-        "latency_input_shape": list(xb.shape),
-        "latency_ms_original": lat["original"], "latency_ms_unmerged": lat["finetuned_unmerged"],
-        "latency_ms_merged": lat["merged"], "speedup_merged_vs_unmerged": lat["finetuned_unmerged"] / lat["merged"],
-        "speedup_merged_vs_original": lat["original"] / lat["merged"],
-        "train_loss_final": train_losses[-1],
+        "dataset": args.dataset, "n_train": len(split.x_train), "n_test": len(split.x_test), "n_blocks": n_blocks,
+        "n_removed": n_removed, "keep_ratio": args.keep_ratio, "pointwise": args.pointwise, "search": args.search,
+        "seeds": args.seeds,
     }
-    for kind, r in results.items():
-        for when in ("before", "after"):
-            m, sd = _mean_std(r[when])
-            tag = "no_ft" if when == "before" else "finetuned"
-            metrics[f"acc_{kind}_{tag}_mean"], metrics[f"acc_{kind}_{tag}_std"] = m, sd
-    metrics["finetuned_gap_to_original"] = acc_original - metrics["acc_learned_finetuned_mean"]
-    metrics["finetuned_gap_to_same_finetuning"] = acc_control - metrics["acc_learned_finetuned_mean"]
-    metrics["learned_minus_random_finetuned"] = metrics["acc_learned_finetuned_mean"] - metrics["acc_random_finetuned_mean"]
-    metrics["learned_minus_random_no_ft"] = metrics["acc_learned_no_ft_mean"] - metrics["acc_random_no_ft_mean"]
-    metrics["learned_beats_random"] = metrics["learned_minus_random_finetuned"] > 0
+    per_rep = ("acc_original", "mask_learned", "mask_random", "cut_margin", "acc_learned_no_ft",
+               "acc_random_no_ft", "acc_learned_finetuned", "acc_random_finetuned", "acc_control_finetuned")
+    for key in per_rep:
+        metrics[key] = [rep[key] for rep in reps]
+    metrics["search_scores"] = [rep["score_history"][-1] for rep in reps]
+    metrics["search_score_history"] = [rep["score_history"] for rep in reps]
+    for key in ("acc_original", "acc_learned_no_ft", "acc_random_no_ft", "acc_learned_finetuned",
+                "acc_random_finetuned", "acc_control_finetuned"):
+        metrics[f"{key}_mean"], metrics[f"{key}_std"] = _mean_std(metrics[key])
+    for when in ("no_ft", "finetuned"):
+        diff = [a - b for a, b in zip(metrics[f"acc_learned_{when}"], metrics[f"acc_random_{when}"])]
+        metrics[f"learned_minus_random_{when}"] = diff
+        metrics[f"learned_minus_random_{when}_mean"], metrics[f"learned_minus_random_{when}_std"] = _mean_std(diff)
+        metrics[f"learned_wins_{when}"] = sum(d > 0 for d in diff)
+    metrics["distinct_learned_masks"] = len({tuple(m) for m in metrics["mask_learned"]})
+    metrics["removal_frequency_per_block"] = [statistics.mean(col) for col in zip(*metrics["mask_learned"])]
+    metrics.update({
+        "acc_merged": float((z_merged.argmax(-1) == split.y_test).float().mean()),
+        "merge_max_abs_logit_diff": float((z_ft - z_merged).abs().max()),
+        "layers_unmerged": count_layers(r0["net_learned"]), "layers_merged": count_layers(merged),
+        "params": {k: n_params(m) for k, m in variants.items()},
+        "latency_ms": lat,
+        "latency_device": str(ctx.device), "latency_threads": torch.get_num_threads(), "latency_dtype": "float32",
+        "latency_input_shape": list(xb.shape),
+        "speedup_merged_vs_unmerged": lat["learned_unmerged"] / lat["learned_merged"],
+        "speedup_merged_vs_original": lat["original"] / lat["learned_merged"],
+    })
     _plot(metrics, ctx.plot_path("depthshrinker.png"))
     return metrics
 
@@ -373,34 +380,40 @@ def _plot(m: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    names = ["original", "orig.+FT\n(all acts)", "learned\nno FT", "learned\nFT", "random\nno FT", "random\nFT",
-             "merged"]
-    vals = [m["acc_original"], m["acc_original_same_finetuning"], m["acc_learned_no_ft_mean"],
-            m["acc_learned_finetuned_mean"], m["acc_random_no_ft_mean"], m["acc_random_finetuned_mean"], m["acc_merged"]]
-    errs = [0, 0, m["acc_learned_no_ft_std"], m["acc_learned_finetuned_std"], m["acc_random_no_ft_std"],
-            m["acc_random_finetuned_std"], 0]
-    bars = ax.bar(names, vals, yerr=errs, color=["k", "0.5", "C0", "C0", "C1", "C1", "C2"])
-    ax.bar_label(bars, labels=[f"{v:.3f}" for v in vals], fontsize=7)
-    ax.tick_params(axis="x", labelsize=7)
-    ax.set_ylim(0.0, 1.05)
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{m['dataset']}: remove {m['n_removed']}/{m['n_blocks']} activations ({m['seeds']} seeds)")
-    ax = axes[1]
-    hist = torch.tensor(m["search_score_history"])
-    for i in range(hist.shape[1]):
-        ax.plot(hist[:, i], label=f"block {i}" + (" (removed)" if m["learned_mask_removed"][i] else ""),
-                ls="-" if m["learned_mask_removed"][i] else "--")
-    ax.set_xlabel("search epoch")
-    ax.set_ylabel("score s (large = remove)")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    reps = range(m["seeds"])
+    for ax, when, title in ((axes[0], "no_ft", "removed, BN recalibrated (before fine-tuning)"),
+                            (axes[1], "finetuned", "after fine-tuning (same budget)")):
+        ax.plot(reps, m[f"acc_learned_{when}"], "o-", color="C0", label="learned mask")
+        ax.plot(reps, m[f"acc_random_{when}"], "o-", color="C1", label="random mask")
+        if when == "finetuned":
+            ax.plot(reps, m["acc_control_finetuned"], "s--", color="0.4", label="all kept, same fine-tuning")
+            ax.plot(reps, m["acc_original"], "k_", ms=14, label="original")
+        ax.set_xticks(list(reps))
+        ax.set_xlabel("replicate (own training, search, random mask)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{title}\nlearned − random {100 * m[f'learned_minus_random_{when}_mean']:+.2f} ± "
+                     f"{100 * m[f'learned_minus_random_{when}_std']:.2f} pts (n={m['seeds']})", fontsize=9)
+        ax.legend(fontsize=7)
     ax = axes[2]
-    ax.bar(["original", "unmerged\n(FT)", "merged"],
-           [m["latency_ms_original"], m["latency_ms_unmerged"], m["latency_ms_merged"]], color=["k", "C0", "C2"])
-    ax.set_ylabel(f"latency (ms), batch {m['latency_input_shape'][0]}, {m['latency_device']}")
-    ax.set_title(f"conv layers {m['conv_layers_before']} -> {m['conv_layers_after']}, "
-                 f"speedup {m['speedup_merged_vs_unmerged']:.2f}x")
+    n, width = m["n_blocks"], 0.8 / m["seeds"]
+    for r, (scores, mask) in enumerate(zip(m["search_scores"], m["mask_learned"])):
+        xs = [i + (r - (m["seeds"] - 1) / 2) * width for i in range(n)]
+        ax.bar(xs, scores, width, color=[f"C{r}" if k else "none" for k in mask], edgecolor=f"C{r}",
+               label=f"replicate {r}")
+    ax.set_xticks(range(n), [f"block {i}" for i in range(n)], fontsize=7)
+    ax.set_ylabel("final score s (1 = linear)")
+    ax.set_title(f"{m['dataset']}, search={m['search']}: remove {m['n_removed']} of {m['n_blocks']} (filled)\n"
+                 f"{m['distinct_learned_masks']} distinct mask(s) over {m['seeds']} searches", fontsize=9)
+    ax.legend(fontsize=7)
+    ax = axes[3]
+    names = list(m["latency_ms"])
+    bars = ax.bar([k.replace("_", "\n") for k in names], [m["latency_ms"][k] for k in names],
+                  color=["k", "C0", "C2", "C1"])
+    ax.bar_label(bars, labels=[f"{m['params'][k]:,} params" for k in names], fontsize=7)
+    ax.set_ylabel(f"latency (ms), batch {m['latency_input_shape'][0]}, {m['latency_device']}, "
+                  f"{m['latency_threads']} thread(s)", fontsize=8)
+    ax.set_title(f"replicate 0: merged vs unmerged {m['speedup_merged_vs_unmerged']:.2f}x", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
