@@ -8,7 +8,9 @@ from torch import nn
 
 from monarch_kernels.layers import MonarchLinear
 from monarch_kernels.layers.depthshrinker import (
+    MBV2_MINI_BLOCKS,
     BiasMapConv2d,
+    MobileNetV2Mini,
     PointwiseConv,
     ShrinkableInvertedResidual,
     ShrinkGate,
@@ -364,3 +366,17 @@ def test_relaxed_search_budget():
     assert projected.tolist() == sorted(projected.tolist(), reverse=True)  # order kept
     with pytest.raises(ValueError, match="keep_ratio"):
         removal_count(3, -0.1)
+
+
+def test_mobilenetv2_mini_shapes_and_bad_arguments():
+    torch.manual_seed(0)
+    net = MobileNetV2Mini(1, 10, pointwise="monarch")
+    assert len(shrink_blocks(net)) == len(MBV2_MINI_BLOCKS)
+    assert all(isinstance(b.pw2.linear, MonarchLinear) for b in shrink_blocks(net))
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="blocks"):
+        MobileNetV2Mini(blocks=[(3, 16, 1)])
+    with pytest.raises(ValueError, match="stem_stride"):
+        MobileNetV2Mini(stem_stride=3)
+    with pytest.raises(ValueError, match="num_classes"):
+        MobileNetV2Mini(num_classes=0)
