@@ -34,6 +34,7 @@ import copy
 import math
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -53,7 +54,7 @@ from monarch_kernels.layers.depthshrinker import (
 )
 
 from .data import load_image_dataset
-from .recipe import Recipe
+from .recipe import Recipe, option
 from .train import evaluate_classifier, minibatches, predict_logits
 
 #: (expand ratio t, output channels c, stride s, kernel k) per block — MobileNetV2's pattern at toy width
@@ -220,24 +221,35 @@ def paired_latency_ms(models: dict, x: torch.Tensor, *, rounds: int = 30, inner:
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
-def add_arguments(p) -> None:
-    p.add_argument("--dataset", default=None, choices=["mnist", "digits"], help="default mnist (digits with --quick)")
-    p.add_argument("--epochs", type=int, default=None, help="stage-1 training epochs (default 10; quick 4)")
-    p.add_argument("--search-epochs", type=int, default=None, help="stage-2 search epochs (default 3; quick 1)")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="stage-3 epochs (default 4; quick 2)")
-    p.add_argument("--keep-ratio", type=float, default=0.5, help="fraction of block activations kept")
-    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds for learned vs random (default 3; quick 1)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--score-lr", type=float, default=None, help="search score LR (default: --lr, as official)")
-    p.add_argument("--score-init", type=float, default=0.5, help="initial search score (official: 0, see docs)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--alpha", type=float, default=0.7, help="distillation weight α")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--pointwise", default="dense", choices=["dense", "monarch"],
-                   help="1×1 convs as nn.Conv2d or MonarchLinear over channels")
-    p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks for --pointwise monarch")
-    p.add_argument("--no-final-act", action="store_true", help="no ReLU6 after removed blocks (ADD_FINAL_ACT off)")
-    p.add_argument("--latency-batch", type=int, default=64)
+@dataclass(frozen=True)
+class Config:
+    dataset: str = option("mnist", "image dataset", choices=("mnist", "digits"))
+    epochs: int = option(10, "stage-1 training epochs")
+    search_epochs: int = option(3, "stage-2 search epochs")
+    finetune_epochs: int = option(4, "stage-3 epochs")
+    keep_ratio: float = option(0.5, "fraction of block activations kept")
+    seeds: int = option(3, "fine-tuning seeds for learned vs random")
+    lr: float = option(2e-3, "Adam learning rate")
+    score_lr: Optional[float] = option(None, "search score LR (default: --lr, as official)")
+    score_init: float = option(0.5, "initial search score (official: 0, see docs)")
+    batch_size: int = option(64, "mini-batch size")
+    alpha: float = option(0.7, "distillation weight α")
+    temperature: float = option(1.0, "distillation temperature")
+    pointwise: str = option("dense", "1×1 convs as nn.Conv2d or MonarchLinear over channels",
+                            choices=("dense", "monarch"))
+    nblocks: int = option(4, "Monarch blocks for --pointwise monarch")
+    final_act: bool = option(True, "ReLU6 after removed blocks (official ADD_FINAL_ACT)")
+    small_model: bool = option(False, "the 4-block model with narrow stem and head (QUICK_BLOCKS)")
+    latency_batch: int = option(64, "batch of the latency measurement")
+    latency_rounds: int = option(40, "rounds of the interleaved latency measurement")
+
+    def __post_init__(self):
+        if not 0.0 <= self.keep_ratio < 1.0:
+            raise ValueError(f"--keep-ratio must be in [0, 1), got {self.keep_ratio}")
+
+
+QUICK = {"dataset": "digits", "epochs": 4, "search_epochs": 1, "finetune_epochs": 2, "seeds": 1,
+         "small_model": True, "latency_rounds": 10}
 
 
 def _acc(model, split) -> float:
@@ -248,24 +260,19 @@ def _mean_std(v: list) -> tuple[float, float]:
     return float(statistics.mean(v)), float(statistics.stdev(v)) if len(v) > 1 else 0.0
 
 
-def run(args, ctx) -> dict:
-    quick = args.quick
-    dataset = args.dataset or ("digits" if quick else "mnist")
-    epochs = args.epochs if args.epochs is not None else (4 if quick else 10)
-    search_epochs = args.search_epochs if args.search_epochs is not None else (1 if quick else 3)
-    ft_epochs = args.finetune_epochs if args.finetune_epochs is not None else (2 if quick else 4)
-    seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
-    if not 0.0 <= args.keep_ratio < 1.0:
-        raise ValueError(f"--keep-ratio must be in [0, 1), got {args.keep_ratio}")
-    split = load_image_dataset(dataset, seed=args.seed)
+def run(args: Config, ctx) -> dict:
+    quick, seed = args.small_model, ctx.seed
+    dataset, epochs, search_epochs, ft_epochs, seeds = (args.dataset, args.epochs, args.search_epochs,
+                                                        args.finetune_epochs, args.seeds)
+    split = load_image_dataset(dataset, seed=seed)
     device = ctx.device
     big = split.input_shape[-1] >= 16
     blocks = QUICK_BLOCKS if quick else MBV2_MINI_BLOCKS
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     model = MobileNetV2Mini(split.input_shape[0], split.num_classes, blocks,
                             stem_channels=8 if quick else 12, stem_stride=2 if big else 1,
                             head_channels=32 if quick else 64, pointwise=args.pointwise, nblocks=args.nblocks,
-                            final_act=not args.no_final_act).to(device)
+                            final_act=args.final_act).to(device)
     n_blocks = len(shrink_blocks(model))
     n_removed = n_blocks - int(math.floor(args.keep_ratio * n_blocks + 1e-9))
     ctx.log(f"[depthshrinker] {dataset}: {len(split.x_train)} train / {len(split.x_test)} test, {n_blocks} blocks, "
@@ -273,7 +280,7 @@ def run(args, ctx) -> dict:
     xtr, ytr = split.x_train, split.y_train
 
     def gen(offset: int) -> torch.Generator:
-        return torch.Generator().manual_seed(args.seed * 1000 + offset)
+        return torch.Generator().manual_seed(seed * 1000 + offset)
 
     # stage 1: train the original network
     ce = lambda m, xb, yb: F.cross_entropy(m(xb), yb)  # noqa: E731
@@ -326,7 +333,7 @@ def run(args, ctx) -> dict:
     acc_merged = float((z_merged.argmax(-1) == split.y_test).float().mean())
     xb = split.x_test[: args.latency_batch].to(device)
     lat = paired_latency_ms({"original": model, "finetuned_unmerged": finetuned, "merged": merged}, xb,
-                            rounds=10 if quick else 40)
+                            rounds=args.latency_rounds)
     layers_before, layers_after = count_layers(finetuned), count_layers(merged)
     params_before = sum(p.numel() for p in finetuned.parameters())
     params_after = sum(p.numel() for p in merged.parameters())
@@ -406,6 +413,6 @@ def _plot(m: dict, path: str) -> None:
     plt.close(fig)
 
 
-RECIPE = Recipe("depthshrinker", add_arguments, run,
+RECIPE = Recipe("depthshrinker", Config, run, quick=QUICK, description=
                 "DepthShrinker: train a MobileNetV2-mini, search which block activations to remove, fine-tune with "
                 "distillation, merge the linear blocks into dense convs; learned vs random removal")
