@@ -55,6 +55,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .buffers import ReplayBuffer
 from .models import MLP
 from .recipe import Recipe, RunContext, option, seed_list
 from .report import Panel, aggregate, plot_curves
@@ -62,7 +63,6 @@ from .train import fit, step_batches
 
 __all__ = [
     "EnergyMLP",
-    "ReplayBuffer",
     "Trajectory",
     "energy_grad",
     "energy_step",
@@ -205,57 +205,6 @@ def min_energy_select(ys: Tensor, energies: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------
-# replay buffer of optimisation states
-# --------------------------------------------------------------------------------------------------
-
-
-class ReplayBuffer:
-    """FIFO ring of ``(x, y_state, target)`` rows (official ``ReplayBuffer``, capacity 10 000).
-
-    ``add`` writes rows at the ring pointer, overwriting the oldest once full; ``sample(n)`` draws ``n`` rows
-    uniformly *with replacement* using ``generator`` and returns copies.
-    """
-
-    def __init__(self, capacity: int = 10_000, generator: Optional[torch.Generator] = None):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"ReplayBuffer: capacity must be a positive int, got {capacity!r}")
-        self.capacity = capacity
-        self.generator = generator or torch.Generator().manual_seed(0)
-        self._data: Optional[list[Tensor]] = None
-        self._size = 0
-        self._next = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def add(self, x: Tensor, y: Tensor, target: Tensor) -> None:
-        rows = [t.detach() for t in (x, y, target)]
-        n = rows[0].shape[0]
-        if any(r.dim() != 2 or r.shape[0] != n for r in rows):
-            raise ValueError("ReplayBuffer.add: x, y, target must be 2-D with the same number of rows, got "
-                             f"{[tuple(r.shape) for r in rows]}")
-        if self._data is None:
-            self._data = [torch.empty(self.capacity, r.shape[1], dtype=r.dtype, device=r.device) for r in rows]
-        elif any(r.shape[1] != d.shape[1] for r, d in zip(rows, self._data)):
-            raise ValueError(f"ReplayBuffer.add: row widths {[r.shape[1] for r in rows]} differ from the stored "
-                             f"{[d.shape[1] for d in self._data]}")
-        if n > self.capacity:  # only the newest rows survive
-            rows = [r[-self.capacity:] for r in rows]
-            n = self.capacity
-        idx = (self._next + torch.arange(n)) % self.capacity
-        for d, r in zip(self._data, rows):
-            d[idx.to(d.device)] = r.to(d.dtype)
-        self._next = (self._next + n) % self.capacity
-        self._size = min(self._size + n, self.capacity)
-
-    def sample(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        if self._size == 0:
-            raise ValueError("ReplayBuffer.sample: the buffer is empty")
-        idx = torch.randint(0, self._size, (n,), generator=self.generator)
-        return tuple(d[idx.to(d.device)].clone() for d in self._data)
-
-
-# --------------------------------------------------------------------------------------------------
 # training and evaluation
 # --------------------------------------------------------------------------------------------------
 
@@ -274,7 +223,7 @@ def irem_train_step(energy: nn.Module, optimizer: torch.optim.Optimizer, x: Tens
     b = x.shape[0]
     y0 = torch.rand(target.shape, generator=generator).to(target) * 2 - 1
     if buffer is not None and len(buffer) >= b:
-        xr, yr, tr = buffer.sample(b)
+        xr, yr, tr = buffer.sample(b, replace=True)
         x, y0, target = torch.cat([x, xr.to(x)]), torch.cat([y0, yr.to(y0)]), torch.cat([target, tr.to(target)])
     traj = energy_descent(energy, x, y0, steps, step_lr, grad_steps=grad_steps, final_energy=False)
     per = (traj.y - target).pow(2).mean(-1)
@@ -391,7 +340,7 @@ def train_models(task: str, size: int, dim_x: int, dim_y: int, step_lr: float, c
     iterations, MSE), both on fresh problems every iteration."""
     energy = EnergyMLP(dim_x, dim_y, hidden=cfg.hidden, depth=3, layer=cfg.layer, nblocks=cfg.nblocks)
     opt = torch.optim.Adam(energy.parameters(), lr=cfg.lr)
-    buffer = ReplayBuffer(cfg.buffer, generator=gen) if cfg.replay else None
+    buffer = ReplayBuffer(cfg.buffer, gen) if cfg.replay else None
 
     def irem_step(m, batch):
         st = irem_train_step(m, opt, *batch, steps=cfg.steps, step_lr=step_lr, grad_steps=cfg.grad_steps,
@@ -403,8 +352,8 @@ def train_models(task: str, size: int, dim_x: int, dim_y: int, step_lr: float, c
     hist = fit(energy, opt, draw, epochs=cfg.iters, step=irem_step, progress=ctx.progress, desc=f"{task}: IREM")
     ff = MLP(dim_x, cfg.hidden, dim_y, depth=3, layer=cfg.layer, nblocks=cfg.nblocks, activation=nn.ReLU,
              dense_ends=False)
-    ff_hist = fit(ff, torch.optim.Adam(ff.parameters(), lr=cfg.lr), draw, epochs=cfg.iters,
-                  loss_fn=lambda m, x, y: (m(x) - y).pow(2).mean(), progress=ctx.progress, desc=f"{task}: feed-forward")
+    fit(ff, torch.optim.Adam(ff.parameters(), lr=cfg.lr), draw, epochs=cfg.iters,
+        loss_fn=lambda m, x, y: (m(x) - y).pow(2).mean(), progress=ctx.progress, desc=f"{task}: feed-forward")
     ctx.observe(iters=hist.epochs, hidden=energy.net.net[0].out_features)
     return energy, ff, hist.losses
 

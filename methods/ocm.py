@@ -2,7 +2,7 @@
 
 Online class-incremental learning: the tasks (disjoint class pairs) arrive as one stream, each sample is seen once
 in batches of 10, a single head covers all classes and no task id is given at test time. A reservoir buffer
-(:class:`ReservoirBuffer`) keeps a uniform sample of the stream. OCM learns the representation by maximising mutual
+(:class:`methods.buffers.ReplayBuffer`, ``policy="reservoir"``) keeps a uniform sample of the stream. OCM learns the representation by maximising mutual
 information with InfoNCE losses, and preserves old knowledge by maximising the MI between the current and the
 previous model's representations. Algorithm as in the official code (gydpku/OCM, ``test_mnist.py`` and
 ``InfoNCE/contrastive_learning.py``), with the deviations listed at the end.
@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .buffers import ReplayBuffer
 from .data import load_image_dataset
 from .models import MLP, linear
 from .recipe import Recipe, RunContext, option, seed_list
@@ -128,51 +129,6 @@ def random_resized_crop(x: Tensor, generator: torch.Generator, scale=(0.3, 1.0),
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def reservoir_slot(n_seen: int, capacity: int, draw: int) -> int:
-    """Slot for the next stream item given ``n_seen`` items before it (``-1``: discard). While the buffer is not
-    full the item goes to slot ``n_seen``; afterwards ``draw`` must be uniform in ``[0, n_seen]`` and the item
-    replaces slot ``draw`` if ``draw < capacity`` (probability ``capacity/(n_seen+1)``)."""
-    if n_seen < capacity:
-        return n_seen
-    if not 0 <= draw <= n_seen:
-        raise ValueError(f"draw must lie in [0, n_seen={n_seen}], got {draw}")
-    return draw if draw < capacity else -1
-
-
-class ReservoirBuffer:
-    """Reservoir sampling memory of ``capacity`` examples: after ``n`` stream items every item is in the buffer
-    with probability ``min(1, capacity/n)``, and the buffer never holds more than ``capacity``."""
-
-    def __init__(self, capacity: int, input_shape: Sequence[int], generator: torch.Generator,
-                 dtype: torch.dtype = torch.float32):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        self.capacity, self.generator = capacity, generator
-        self.x = torch.zeros(capacity, *input_shape, dtype=dtype)
-        self.y = torch.full((capacity,), -1, dtype=torch.long)
-        self.n_seen = 0
-
-    def __len__(self) -> int:
-        return min(self.n_seen, self.capacity)
-
-    def add(self, x: Tensor, y: Tensor) -> None:
-        if x.shape[1:] != self.x.shape[1:] or y.shape != (x.shape[0],):
-            raise ValueError(f"add: x must be (B, {', '.join(map(str, self.x.shape[1:]))}) and y (B,), got "
-                             f"{tuple(x.shape)} and {tuple(y.shape)}")
-        for xi, yi in zip(x, y):
-            draw = int(torch.randint(0, self.n_seen + 1, (1,), generator=self.generator)) \
-                if self.n_seen >= self.capacity else 0
-            slot = reservoir_slot(self.n_seen, self.capacity, draw)
-            if slot >= 0:
-                self.x[slot], self.y[slot] = xi, yi
-            self.n_seen += 1
-
-    def sample(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        """Up to ``batch_size`` distinct stored examples, uniformly at random."""
-        idx = torch.randperm(len(self), generator=self.generator)[:batch_size]
-        return self.x[idx], self.y[idx]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,7 +280,7 @@ def run_stream(method: str, split, tasks: Sequence[Sequence[int]], *, seed: int,
     num_classes = split.num_classes
     model = OCMNet(int(torch.tensor(split.input_shape).prod()), num_classes, hidden=hidden, layer=layer)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
-    buffer = ReservoirBuffer(buffer_size, split.input_shape, gen)
+    buffer = ReplayBuffer(buffer_size, gen, policy="reservoir")
     prev, seen = None, set()
     test_sets = [(split.x_test[torch.isin(split.y_test, torch.tensor(t))],
                   split.y_test[torch.isin(split.y_test, torch.tensor(t))]) for t in tasks]
@@ -339,7 +295,7 @@ def run_stream(method: str, split, tasks: Sequence[Sequence[int]], *, seed: int,
             seen.update(y.tolist())
             mem = None
             if len(buffer) and method != "finetune":
-                mem = buffer.sample(buffer_batch_size(len(seen), buffer_batch_cap))
+                mem = buffer.sample(buffer_batch_size(len(seen), buffer_batch_cap), replace=False)
             if method == "finetune":
                 loss = F.cross_entropy(model(x), y)
             elif method == "er":
@@ -359,7 +315,7 @@ def run_stream(method: str, split, tasks: Sequence[Sequence[int]], *, seed: int,
         model.eval()
         with torch.no_grad():
             acc.append([float((model(xt).argmax(1) == yt).float().mean()) for xt, yt in test_sets])
-            mx, my = buffer.x[: len(buffer)], buffer.y[: len(buffer)]
+            mx, my = buffer.stored()
             acc_ncm.append([float((ncm_predict(model, mx, my, xt) == yt).float().mean()) for xt, yt in test_sets])
         final_ncm = float((ncm_predict(model, mx, my, split.x_test) == split.y_test).float().mean())
         final = float((model(split.x_test).argmax(1) == split.y_test).float().mean())

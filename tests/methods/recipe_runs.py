@@ -20,7 +20,7 @@ def quick_run(name: str, tmp_path, *flags: str) -> tuple[dict, dict]:
 
     object.__setattr__(rec, "run", spy)
     try:
-        metrics = recipe.run_recipe(name, ["--quick", "--threads", "1", "--out", str(tmp_path), *flags])
+        recipe.run_recipe(name, ["--quick", "--threads", "1", "--out", str(tmp_path), *flags])
     finally:
         object.__setattr__(rec, "run", original)
     config = json.loads((tmp_path / "config.json").read_text())

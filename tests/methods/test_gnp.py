@@ -1,6 +1,5 @@
 """GNP (methods.gnp): the identities that define the update, BN handling, and the quick end-to-end run."""
 import copy
-import json
 import math
 
 import pytest

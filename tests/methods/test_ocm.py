@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from recipe_runs import quick_run
+from methods.buffers import ReplayBuffer, reservoir_slot
 from methods.ocm import (
     OCMNet,
-    ReservoirBuffer,
     forgetting,
     local_rotations,
     ocm_losses,
@@ -16,7 +16,6 @@ from methods.ocm import (
     positive_entropy,
     preservation_loss,
     random_resized_crop,
-    reservoir_slot,
     rotation_views,
     sup_nt_xent,
 )
@@ -91,20 +90,22 @@ def test_reservoir_buffer_size_bound_and_uniformity():
     n, cap, trials = 12, 4, 1500
     hits = torch.zeros(n)
     for _ in range(trials):
-        buf = ReservoirBuffer(cap, (1,), gen)
+        buf = ReplayBuffer(cap, gen, policy="reservoir")
         for i in range(0, n, 3):
             buf.add(torch.arange(i, i + 3, dtype=torch.float32)[:, None], torch.arange(i, i + 3))
             assert len(buf) == min(cap, i + 3) and len(buf) <= cap
-        kept = buf.y[: len(buf)]
-        assert len(set(kept.tolist())) == cap and torch.equal(buf.x[:, 0].long(), buf.y)  # pairs stay together
+        xs, kept = buf.stored()
+        assert len(set(kept.tolist())) == cap and torch.equal(xs[:, 0].long(), kept)  # pairs stay together
         hits[kept] += 1
     p = hits / trials
     sigma = math.sqrt(cap / n * (1 - cap / n) / trials)
     assert (p - cap / n).abs().max() < 5 * sigma
-    xs, ys = buf.sample(10)
+    xs, ys = buf.sample(10, replace=False)
     assert len(ys) == cap and len(set(ys.tolist())) == cap  # never more than stored, without replacement
-    with pytest.raises(ValueError, match="add: x must be"):
+    with pytest.raises(ValueError, match="row shapes"):
         buf.add(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="policy"):
+        ReplayBuffer(3, policy="lru")
 
 
 # ---------------------------------------------------------------------------------------------- losses
