@@ -5,8 +5,8 @@ The pipeline, for a query question ``q`` with seed (topic) entities ``S_q``:
 
 1. **Retrieve cases** (:func:`knn`): the ``K`` training questions most cosine-similar to ``q``. The paper
    embeds questions with RoBERTa, entity mentions masked, so similarity reflects the relational structure;
-   here a question's embedding is a one-hot of its (hidden) question type plus Gaussian noise, the same
-   simulation as the research brief's, so some retrieved cases have the wrong type.
+   here the retrieval is **simulated**: a question's embedding is a one-hot of its (hidden) question type plus
+   Gaussian noise, so some retrieved cases have the wrong type (the run reports the kNN type precision).
 2. **Adaptive subgraph** (:func:`find_chains`, :func:`follow_chains`, :func:`collect_subgraph`): for each
    case, the relation chains (length ≤ ``max_len``) that lead from its seed to one of its answers in the KB;
    their union is executed from ``S_q`` and every triple on a complete walk is kept
@@ -46,18 +46,21 @@ Monarch instead of ``nn.Linear``, and chain execution keeps every branch (the of
 """
 from __future__ import annotations
 
-import argparse
 import math
 import random as _random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch_geometric.nn import RGCNConv
 
-from methods.models import linear
-from methods.recipe import Recipe
+from .data import load_kg_triples
+from .models import linear
+from .recipe import Recipe, option, seed_list
+from .report import Panel, aggregate, format_mean_std, paired, plot_curves
+from .train import fit
 
 # ---------------------------------------------------------------------------------------------------------
 # knowledge base, relation chains, subgraphs
@@ -274,8 +277,6 @@ class CaseGNN(nn.Module):
     def __init__(self, in_features: int, num_relations: int, dim: int = 32, num_layers: int = 3,
                  nblocks: int = 4, dropout: float = 0.0, input_layer: str = "monarch"):
         super().__init__()
-        from torch_geometric.nn import RGCNConv
-
         self.inp = linear(in_features, dim, input_layer, nblocks)
         self.convs = nn.ModuleList(RGCNConv(dim, dim, num_relations, aggr="mean") for _ in range(num_layers))
         self.dropout = dropout
@@ -581,107 +582,115 @@ def kg_questions(triples: Sequence[tuple], n_types: int, n_train: int, n_test: i
 # the experiment
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--datasets", default="synthetic,umls,nations,kinships",
-                   help="comma list of synthetic, kinships, nations, umls")
-    p.add_argument("--n-seeds", type=int, default=3, help="replicates per dataset (seeds seed, seed+1, ...: "
-                   "fresh questions, kNN noise, init); mean ± std are reported")
-    p.add_argument("--types", type=int, default=10, help="question types (patterns / relation paths)")
-    p.add_argument("--train-per-type", type=int, default=30)
-    p.add_argument("--test-per-type", type=int, default=10)
-    p.add_argument("--k-collect", type=int, default=5, help="cases whose chains build the query subgraph")
-    p.add_argument("--k-train", type=int, default=5, help="cases matched per training query (from top k+5)")
-    p.add_argument("--k-eval", type=int, default=5, help="cases matched per test query")
-    p.add_argument("--noise", type=float, default=0.3, help="std of the simulated question-embedding noise")
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--layers", type=int, default=3)
-    p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks of the input projection")
-    p.add_argument("--tau", type=float, default=0.1, help="TXent temperature")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-answers", type=int, default=5, help="KG path questions: most answers per question")
+DATASETS = ("synthetic", "umls", "nations", "kinships")
+METHODS = ("cbr_subg", "random_cases", "distance_heuristic", "chance")
+KS = (1, 3, 10)
 
 
-def _prepare(dataset: str, args, rng: _random.Random):
-    from methods.data import load_kg_triples
+@dataclass(frozen=True)
+class Config:
+    datasets: tuple[str, ...] = option(DATASETS, "question sets", choices=DATASETS)
+    seeds: int = option(3, "replicates per dataset (seed, seed+1, ...: fresh questions, kNN noise, init)")
+    types: int = option(10, "question types (patterns / relation paths)")
+    train_per_type: int = option(30, "training questions per type")
+    test_per_type: int = option(10, "test questions per type")
+    k_collect: int = option(5, "cases whose chains build the query subgraph")
+    k_train: int = option(5, "cases matched per training query (from the top k+5)")
+    k_eval: int = option(5, "cases matched per test query")
+    noise: float = option(0.3, "std of the simulated question-embedding noise")
+    dim: int = option(32, "R-GCN width")
+    layers: int = option(3, "R-GCN layers")
+    nblocks: int = option(4, "Monarch blocks of the input projection")
+    tau: float = option(0.1, "TXent temperature")
+    lr: float = option(3e-3, "AdamW learning rate")
+    epochs: int = option(8, "training epochs")
+    batch_size: int = option(8, "queries per step")
+    max_answers: int = option(5, "KG path questions: most answers per question")
 
+
+QUICK = {"types": 4, "train_per_type": 12, "test_per_type": 5, "epochs": 3, "datasets": ("synthetic", "umls"),
+         "seeds": 1}
+
+
+def prepare_questions(dataset: str, cfg: Config, rng: _random.Random):
+    """``(train, test, rel2id, type names, max chain length)`` of one question set."""
     if dataset == "synthetic":
-        train, test, rel2id, names = synthetic_questions(args.types, args.train_per_type, args.test_per_type, rng)
-        max_len = 3
-    else:
-        d = load_kg_triples(dataset)
-        train, test, rel2id, names = kg_questions(d["train"] + d["valid"] + d["test"], args.types,
-                                                  args.train_per_type, args.test_per_type, rng,
-                                                  max_answers=args.max_answers)
-        max_len = 2
-    return train, test, rel2id, names, max_len
+        train, test, rel2id, names = synthetic_questions(cfg.types, cfg.train_per_type, cfg.test_per_type, rng)
+        return train, test, rel2id, names, 3
+    d = load_kg_triples(dataset)
+    train, test, rel2id, names = kg_questions(d["train"] + d["valid"] + d["test"], cfg.types, cfg.train_per_type,
+                                              cfg.test_per_type, rng, max_answers=cfg.max_answers)
+    return train, test, rel2id, names, 2
 
 
-def run_dataset(dataset: str, args, ctx, seed: int) -> dict:
-    """One replicate on one dataset: fresh questions, kNN noise, model init and training order from ``seed``."""
-    import time
+def train_matcher(train: list, graphs: dict, nn_train: Tensor, usable: list, rel2id: dict, cfg: Config,
+                  gen: torch.Generator, ctx) -> tuple[CaseGNN, list]:
+    """TXent training of the case matcher: each step embeds a mini-batch of training queries with ``k_train``
+    cases drawn from their top ``k_train + 5`` neighbours (those whose subgraph holds an answer)."""
+    k_pool, usable_set = cfg.k_train + 5, set(usable)
+    model = CaseGNN(graphs[train[0].qid].x.shape[1], 2 * len(rel2id), cfg.dim, cfg.layers, cfg.nblocks).to(ctx.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
 
-    cpu0 = time.process_time()
+    def batches(_epoch):
+        order = [usable[i] for i in torch.randperm(len(usable), generator=gen).tolist()]
+        for start in range(0, len(order), cfg.batch_size):
+            qs, cs = [], []
+            for i in order[start:start + cfg.batch_size]:
+                pool = [int(j) for j in nn_train[i, :k_pool] if int(j) in usable_set]
+                if pool:
+                    qs.append(graphs[train[i].qid])
+                    cs.append([graphs[train[pool[p]].qid]
+                               for p in torch.randperm(len(pool), generator=gen)[:cfg.k_train].tolist()])
+            if qs:
+                yield qs, cs
+
+    def loss_fn(m, qs, cs):
+        ds = match_batch(m, qs, cs, ctx.device)
+        return torch.stack([txent_loss(d, q.answer_mask.to(d.device), cfg.tau) for d, q in zip(ds, qs)]).mean()
+
+    hist = fit(model, opt, batches, epochs=cfg.epochs, loss_fn=loss_fn, clip_grad_norm=1.0, prepare=lambda b: b,
+               progress=ctx.progress, desc="train")
+    ctx.observe(epochs=hist.epochs, dim=model.inp.out_features)
+    return model, hist.losses
+
+
+def run_dataset(dataset: str, cfg: Config, ctx, seed: int) -> dict:
+    """One replicate on one dataset: fresh questions, kNN noise, model init and training order from ``seed``.
+    Test questions are scored by CBR-SUBG with its kNN cases, by the same model with random wrong-type cases, by a
+    distance-from-seed heuristic and by chance; ``*_covered`` restricts hits@1 to questions whose subgraph holds
+    an answer (random cases build smaller subgraphs that often miss the answer)."""
     rng = _random.Random(seed * 7919 + sum(map(ord, dataset)))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    train, test, rel2id, names, max_len = _prepare(dataset, args, rng)
+    train, test, rel2id, names, max_len = prepare_questions(dataset, cfg, rng)
+    ctx.observe(types=len(names))
+    if dataset == "synthetic":  # KG path types take all their groundings when they have fewer than asked
+        ctx.observe(train_per_type=max(Counter(q.qtype for q in train).values()),
+                    test_per_type=max(Counter(q.qtype for q in test).values()))
     chains_of = {q.qid: set().union(*(find_chains(q.kb, s, q.answers, max_len) for s in q.seeds)) for q in train}
-    emb_train = question_embeddings(train, len(names), args.noise, gen)
-    emb_test = question_embeddings(test, len(names), args.noise, gen)
-    k_pool = args.k_train + 5
-    nn_train = knn(emb_train, emb_train, max(k_pool, args.k_collect), exclude_self=True)
-    nn_test = knn(emb_test, emb_train, max(args.k_eval, args.k_collect))
-    knn_precision = float((torch.tensor([q.qtype for q in train])[nn_test[:, :args.k_eval]]
+    emb_train = question_embeddings(train, len(names), cfg.noise, gen)
+    emb_test = question_embeddings(test, len(names), cfg.noise, gen)
+    nn_train = knn(emb_train, emb_train, max(cfg.k_train + 5, cfg.k_collect), exclude_self=True)
+    nn_test = knn(emb_test, emb_train, max(cfg.k_eval, cfg.k_collect))
+    knn_precision = float((torch.tensor([q.qtype for q in train])[nn_test[:, :cfg.k_eval]]
                            == torch.tensor([q.qtype for q in test])[:, None]).float().mean())
-
-    graphs = {q.qid: collect_subgraph(q, [train[j] for j in nn_train[i, :args.k_collect]], chains_of, rel2id)
+    graphs = {q.qid: collect_subgraph(q, [train[j] for j in nn_train[i, :cfg.k_collect]], chains_of, rel2id)
               for i, q in enumerate(ctx.progress(train, desc=f"{dataset}: subgraphs"))}
     usable = [i for i, q in enumerate(train) if graphs[q.qid].answer_mask.any()]
     usable_set = set(usable)
-    in_features = train and graphs[train[0].qid].x.shape[1]
-    model = CaseGNN(in_features, 2 * len(rel2id), args.dim, args.layers, args.nblocks).to(ctx.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    losses = []
-    for _ in ctx.progress(range(args.epochs), desc=f"{dataset}: train"):
-        model.train()
-        order = [usable[i] for i in torch.randperm(len(usable), generator=gen).tolist()]
-        for start in range(0, len(order), args.batch_size):
-            qs, cs = [], []
-            for i in order[start:start + args.batch_size]:
-                pool = [int(j) for j in nn_train[i, :k_pool] if int(j) in usable_set]
-                if not pool:
-                    continue
-                pick = torch.randperm(len(pool), generator=gen)[:args.k_train].tolist()
-                qs.append(graphs[train[i].qid])
-                cs.append([graphs[train[pool[p]].qid] for p in pick])
-            if not qs:
-                continue
-            ds = match_batch(model, qs, cs, ctx.device)
-            loss = torch.stack([txent_loss(d, q.answer_mask.to(d.device), args.tau) for d, q in zip(ds, qs)]).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-
-    # evaluation: true kNN, random wrong-type cases, distance heuristic, chance
+    model, losses = train_matcher(train, graphs, nn_train, usable, rel2id, cfg, gen, ctx)
     model.eval()
-    ks = (1, 3, 10)
-    res = {m: {k: [] for k in ks} for m in ("cbr_subg", "random_cases", "distance_heuristic", "chance")}
-    coverage = {"knn": [], "random": []}
-    sizes = []
+    res = {m: {k: [] for k in KS} for m in METHODS}
+    coverage, sizes = {"knn": [], "random": []}, []
     train_types = torch.tensor([q.qtype for q in train])
     with torch.no_grad():
         for i, q in enumerate(ctx.progress(test, desc=f"{dataset}: test")):
-            cases = [train[int(j)] for j in nn_test[i, :args.k_collect]]
-            g = collect_subgraph(q, cases, chains_of, rel2id)
-            match = [graphs[train[int(j)].qid] for j in nn_test[i, :args.k_eval] if int(j) in usable_set]
+            g = collect_subgraph(q, [train[int(j)] for j in nn_test[i, :cfg.k_collect]], chains_of, rel2id)
+            match = [graphs[train[int(j)].qid] for j in nn_test[i, :cfg.k_eval] if int(j) in usable_set]
             wrong = (train_types != q.qtype).nonzero().flatten()
-            wrong = wrong[torch.randperm(len(wrong), generator=gen)[:max(args.k_collect, args.k_eval)]].tolist()
-            g_rand = collect_subgraph(q, [train[j] for j in wrong[:args.k_collect]], chains_of, rel2id)
-            match_rand = [graphs[train[j].qid] for j in wrong[:args.k_eval] if j in usable_set]
+            wrong = wrong[torch.randperm(len(wrong), generator=gen)[:max(cfg.k_collect, cfg.k_eval)]].tolist()
+            g_rand = collect_subgraph(q, [train[j] for j in wrong[:cfg.k_collect]], chains_of, rel2id)
+            match_rand = [graphs[train[j].qid] for j in wrong[:cfg.k_eval] if j in usable_set]
             coverage["knn"].append(float(g.answer_mask.any()))
             coverage["random"].append(float(g_rand.answer_mask.any()))
             sizes.append(g.num_nodes)
@@ -689,91 +698,54 @@ def run_dataset(dataset: str, args, ctx, seed: int) -> dict:
             s_model = -match_batch(model, [g], [match], ctx.device)[0].cpu() if match else torch.zeros(g.num_nodes)
             s_rand = (-match_batch(model, [g_rand], [match_rand], ctx.device)[0].cpu() if match_rand
                       else torch.zeros(g_rand.num_nodes))
-            s_heur = distance_heuristic_scores(g, match)
-            for k in ks:
+            for k in KS:
                 res["cbr_subg"][k].append(hits_at_k(s_model, g.answer_mask, k, cand))
                 res["random_cases"][k].append(hits_at_k(s_rand, g_rand.answer_mask, k, cand_r))
-                res["distance_heuristic"][k].append(hits_at_k(s_heur, g.answer_mask, k, cand))
+                res["distance_heuristic"][k].append(hits_at_k(distance_heuristic_scores(g, match), g.answer_mask, k,
+                                                              cand))
                 res["chance"][k].append(hits_at_k(torch.zeros(g.num_nodes), g.answer_mask, k, cand))
-    mean = lambda xs: sum(xs) / max(1, len(xs))
-    out = {m: {f"hits@{k}": mean(v[k]) for k in ks} for m, v in res.items()}
-    out.update({
-        "question_types": names,
-        "n_train": len(train), "n_train_usable": len(usable), "n_test": len(test),
-        "knn_type_precision": knn_precision,
-        "answer_coverage_knn": mean(coverage["knn"]), "answer_coverage_random_cases": mean(coverage["random"]),
-        "mean_subgraph_nodes": mean(sizes),
-        "test_entities_unseen_as_train_seeds": not ({s for q in test for s in q.seeds}
-                                                    & {s for q in train for s in q.seeds}),
-        "loss_first": losses[0] if losses else float("nan"), "loss_last": mean(losses[-10:]),
-        "losses": losses,
-        "cpu_time_s": time.process_time() - cpu0,
-    })
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+
+    def covered(method, cov):
+        return mean([h for h, c in zip(res[method][1], coverage[cov]) if c])
+
+    out = {m: {f"hits@{k}": mean(v[k]) for k in KS} for m, v in res.items()}
+    out["cbr_subg"]["hits@1_covered"] = covered("cbr_subg", "knn")
+    out["random_cases"]["hits@1_covered"] = covered("random_cases", "random")
+    out.update({"question_types": names, "n_train": len(train), "n_train_usable": len(usable), "n_test": len(test),
+                "knn_type_precision": knn_precision, "answer_coverage_knn": mean(coverage["knn"]),
+                "answer_coverage_random_cases": mean(coverage["random"]), "mean_subgraph_nodes": mean(sizes),
+                "test_entities_unseen_as_train_seeds": not ({s for q in test for s in q.seeds}
+                                                            & {s for q in train for s in q.seeds}),
+                "loss_first": losses[0] if losses else float("nan"), "loss_last": mean(losses[-10:]),
+                "losses": losses})
     ctx.log(f"[cbr_subg] {dataset} seed {seed}: hits@1 CBR-SUBG {out['cbr_subg']['hits@1']:.3f} | random cases "
             f"{out['random_cases']['hits@1']:.3f} | distance heuristic {out['distance_heuristic']['hits@1']:.3f} | "
-            f"chance {out['chance']['hits@1']:.3f} (coverage {out['answer_coverage_knn']:.2f}, "
-            f"{out['mean_subgraph_nodes']:.0f} nodes)")
+            f"chance {out['chance']['hits@1']:.3f} (coverage kNN {out['answer_coverage_knn']:.2f} / random "
+            f"{out['answer_coverage_random_cases']:.2f}, kNN type precision {knn_precision:.2f})")
     return out
 
 
-METHODS = ("cbr_subg", "random_cases", "distance_heuristic", "chance")
+def run(cfg: Config, ctx) -> dict:
+    seeds = seed_list(ctx.seed, cfg.seeds)
+    runs = {d: [run_dataset(d, cfg, ctx, s) for s in seeds] for d in cfg.datasets}
+    ctx.observe(datasets=list(runs), seeds=len(runs[cfg.datasets[0]]))
+    summary = {d: aggregate([{k: v for k, v in r.items() if k != "losses"} for r in rs]) for d, rs in runs.items()}
+    comparisons = {d: {f"cbr_subg_minus_{b}": paired([r["cbr_subg"]["hits@1"] for r in rs], [r[b]["hits@1"] for r in rs])
+                       for b in METHODS[1:]} for d, rs in runs.items()}
+    for d in cfg.datasets:
+        ctx.log(f"[cbr_subg] {d}, hits@1: " + " | ".join(f"{m} {format_mean_std(summary[d][m]['hits@1'])}"
+                                                         for m in METHODS))
+    plot_curves(ctx.plot_path("cbr_subg.png"), [
+        Panel(f"{d} (test: unseen entities, {len(seeds)} seeds)", kind="bar", ylim=(0, 1),
+              groups={m: {f"hits@{k}": summary[d][m][f"hits@{k}"] for k in KS} for m in METHODS})
+        for d in cfg.datasets] + [
+        Panel(f"TXent training loss (seed {seeds[0]})", {d: (range(len(rs[0]["losses"])), rs[0]["losses"])
+                                                         for d, rs in runs.items()}, xlabel="step", logy=True)])
+    return {"seeds": seeds, "summary": summary, "paired": comparisons,
+            "runs": {d: [{k: v for k, v in r.items() if k != "losses"} for r in rs] for d, rs in runs.items()}}
 
 
-def run(args: argparse.Namespace, ctx) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if args.quick:
-        args.types, args.train_per_type, args.test_per_type, args.epochs = 4, 12, 5, 3
-        args.datasets, args.n_seeds = "synthetic,umls", 1
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    bad = [d for d in datasets if d not in ("synthetic", "kinships", "nations", "umls")]
-    if bad:
-        raise ValueError(f"unknown datasets {bad}; expected synthetic, kinships, nations, umls")
-    if args.n_seeds < 1:
-        raise ValueError(f"--n-seeds must be >= 1, got {args.n_seeds}")
-    seeds = [args.seed + i for i in range(args.n_seeds)]
-    runs = {d: [run_dataset(d, args, ctx, s) for s in seeds] for d in datasets}
-
-    def stats(values):
-        t = torch.tensor(values, dtype=torch.float64)
-        return {"mean": float(t.mean()), "std": float(t.std()) if len(values) > 1 else 0.0, "per_seed": values}
-
-    summary = {d: {m: {f"hits@{k}": stats([r[m][f"hits@{k}"] for r in rs]) for k in (1, 3, 10)} for m in METHODS}
-               for d, rs in runs.items()}
-    for d in datasets:
-        line = " | ".join(f"{m} {summary[d][m]['hits@1']['mean']:.3f}±{summary[d][m]['hits@1']['std']:.3f}"
-                          for m in METHODS)
-        ctx.log(f"[cbr_subg] {d}, hits@1 over {len(seeds)} seed(s): {line}")
-
-    fig, axes = plt.subplots(1, len(datasets) + 1, figsize=(5 * (len(datasets) + 1), 4), squeeze=False)
-    for ax, d in zip(axes[0], datasets):
-        width = 0.2
-        for i, m in enumerate(METHODS):
-            mean = [summary[d][m][f"hits@{k}"]["mean"] for k in (1, 3, 10)]
-            std = [summary[d][m][f"hits@{k}"]["std"] for k in (1, 3, 10)]
-            ax.bar([x + (i - 1.5) * width for x in range(3)], mean, width, yerr=std, label=m, capsize=2)
-        ax.set_xticks(range(3), ["hits@1", "hits@3", "hits@10"])
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{d} (test: unseen entities, {len(seeds)} seeds)", fontsize=10)
-        ax.legend(fontsize=7)
-    for d in datasets:
-        axes[0][-1].plot(runs[d][0]["losses"], label=d)
-    axes[0][-1].set_yscale("log")
-    axes[0][-1].set_title(f"TXent training loss (seed {seeds[0]})")
-    axes[0][-1].set_xlabel("step")
-    axes[0][-1].legend()
-    fig.tight_layout()
-    fig.savefig(ctx.plot_path("cbr_subg.png"), dpi=110)
-    plt.close(fig)
-    h1 = {d: {m: summary[d][m]["hits@1"]["mean"] for m in METHODS} for d in datasets}
-    return {"seeds": seeds, "summary": summary, "hits@1": h1,
-            "cbr_beats_baselines": {d: bool(h1[d]["cbr_subg"] > max(h1[d]["random_cases"], h1[d]["distance_heuristic"]))
-                                    for d in datasets},
-            "runs": runs}
-
-
-RECIPE = Recipe("cbr_subg", add_arguments, run,
-                "CBR-SUBG (Das et al. 2022): kNN cases, adaptive subgraphs, R-GCN structural matching for KBQA")
+RECIPE = Recipe("cbr_subg", Config, run, quick=QUICK,
+                description="CBR-SUBG (Das et al. 2022): kNN cases, adaptive subgraphs, R-GCN structural matching "
+                            "for KBQA")

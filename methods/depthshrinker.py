@@ -20,25 +20,28 @@ The paper's stages, on offline MNIST (5000 images) or sklearn digits, over :mod:
    — exact, unlike the official ``merge_block()`` which swaps in a random conv to time it — and report parameters
    and latency before and after.
 
-Protocol (the baseline of the paper's ablation: a random mask removing as many activations): ``seeds``
-independent replicates. Replicate ``r`` trains its own original network, runs its own search, draws its own random
-mask, and fine-tunes the learned mask, the random mask and the all-kept network (control: the extra epochs alone)
-with the same data order and budget. Learned − random is reported per replicate and as mean ± sample std over
-the ``n`` replicates, before fine-tuning (BatchNorm statistics recomputed for the new mask, :func:`recalibrate_bn`,
-else every removal reads as chance) and after.
+Protocol. The paper compares the shrunk network with the original one (accuracy against measured latency); the
+search is checked against a random mask removing as many activations. ``seeds`` independent replicates: replicate
+``r`` trains its own original network, runs its own search, draws its own random mask, and fine-tunes the learned
+mask, the random mask and the all-kept network (control: the extra epochs alone) with the same data order and
+budget. Learned − random is reported per replicate and as mean ± sample std over the ``n`` replicates
+(:func:`methods.report.paired`), before fine-tuning (BatchNorm statistics recomputed for the new mask,
+:func:`recalibrate_bn`, else every removal of several activations reads as chance) and after. Stage 4 runs on the
+first replicate: parameters and latency of the original, the unmerged and merged learned network and the merged
+random network, timed interleaved in one process.
 
 Simplified against the official recipe (small-scale CPU reproduction): Adam + cosine decay instead of SGD-Nesterov
 for 180 epochs; no label smoothing, RandAugment or EMA; no latency term in the search loss (the official
-``LAT_COST_WEIGHT`` term looks sign-inverted); no Gumbel ranking; KL instead of the official soft cross-entropy
-(same gradient); candidates are the blocks only (not the stem/head activations, whose removal merges nothing).
+``LAT_COST_WEIGHT`` term looks sign-inverted); no Gumbel ranking; candidates are the blocks only (not the stem/head
+activations, whose removal merges nothing).
 """
 from __future__ import annotations
 
 import copy
 import math
 import statistics
-import time
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +64,18 @@ from monarch_kernels.layers.depthshrinker import (
 )
 
 from .data import load_image_dataset
-from .recipe import Recipe
-from .train import evaluate_classifier, minibatches, predict_logits
+from .recipe import Recipe, RunContext, option, seed_list
+from .report import Panel, format_mean_std, interleaved_times_ms, mean_std, paired, plot_curves
+from .train import (
+    History,
+    cosine_lr,
+    cross_entropy_loss,
+    epoch_batches,
+    evaluate_classifier,
+    fit,
+    predict_logits,
+    soft_cross_entropy,
+)
 
 #: the 4-block network of the quick setting
 QUICK_BLOCKS = ((1, 8, 1, 3), (3, 12, 2, 3), (3, 12, 1, 3), (3, 16, 2, 3))
@@ -72,59 +85,41 @@ SEARCH_METHODS = ("relax", "hard")
 # ------------------------------------------------------------------------------------------------ the API
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
                       alpha: float = 0.7, temperature: float = 1.0) -> torch.Tensor:
-    """``α T² KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α) CE(y, z_s)`` (DepthShrinker's self-distillation;
-    ``z (B, classes)``, ``y (B,)``)."""
+    """DepthShrinker's self-distillation loss, as the official ``DS.DISTILL`` code computes it::
+
+        L = α T² CE(softmax(z_t/T), log_softmax(z_s/T)) + (1 − α) CE(y, z_s)
+
+    (soft cross-entropy, :func:`methods.train.soft_cross_entropy`; teacher detached); ``z (B, classes)``,
+    ``y (B,)``."""
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(f"distillation_loss: student_logits and teacher_logits must both be (B, classes), got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise ValueError(f"distillation_loss: need 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}")
     T = temperature
-    kd = F.kl_div(F.log_softmax(student_logits / T, -1), F.log_softmax(teacher_logits.detach() / T, -1),
-                  reduction="batchmean", log_target=True)
+    kd = soft_cross_entropy(teacher_logits, student_logits, T)
     return alpha * T * T * kd + (1 - alpha) * F.cross_entropy(student_logits, target)
 
 
-def _cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total_steps) / total_steps)))
-
-
-def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
-         generator: torch.Generator, loss_fn, params=None, before_step=None, after_step=None, epoch_end=None,
-         progress=None, desc="") -> list:
-    """Adam on ``params`` (default: all) with per-step cosine decay; ``loss_fn(model, xb, yb) -> loss``;
-    ``before_step()`` runs before each step, ``after_step()`` after the optimizer step, ``epoch_end()`` after
-    each epoch."""
-    device = next(model.parameters()).device
+def train_adam(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
+               generator: torch.Generator, loss_fn=cross_entropy_loss, params=None, step=None, on_epoch_end=None,
+               progress=None, desc: str = "train") -> History:
+    """Every stage's optimisation: Adam on ``params`` (default: all) at ``lr`` cosine-decayed to 0 over the run
+    (:func:`methods.train.cosine_lr`), shuffled mini-batches of ``(x, y)`` drawn from ``generator``, through
+    :func:`methods.train.fit` (``loss_fn(model, xb, yb)``, or a custom ``step(model, batch, optimizer)``;
+    ``on_epoch_end(epoch)`` after every epoch)."""
     opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
-    sched = _cosine(opt, max(epochs * math.ceil(len(x) / batch_size), 1))
-    losses = []
-    for _ in (progress(range(epochs), desc=desc) if progress else range(epochs)):
-        model.train()
-        for idx in minibatches(len(x), batch_size, generator):
-            if before_step is not None:
-                before_step()
-            loss = loss_fn(model, x[idx].to(device), y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if after_step is not None:
-                after_step()
-            losses.append(float(loss.detach()))
-        if epoch_end is not None:
-            epoch_end()
-    return losses
-
-
-def _cross_entropy(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(xb), yb)
+    schedule = cosine_lr(lr, max(epochs * math.ceil(len(x) / batch_size), 1), min_ratio=0.0)
+    custom = None if step is None else (lambda m, batch: step(m, batch, opt))
+    return fit(model, opt, epoch_batches(x, y, batch_size=batch_size, generator=generator), epochs=epochs,
+               loss_fn=None if custom else loss_fn, step=custom, schedule=schedule, on_epoch_end=on_epoch_end,
+               progress=progress, desc=desc)
 
 
 def search_removal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, keep_ratio: float, epochs: int,
                    method: str = "relax", batch_size: int = 64, lr: float = 1e-3, score_lr: float = 0.2,
                    generator: torch.Generator, progress=None) -> tuple[torch.Tensor, list]:
-    """Stage 2 on a copy of ``model``: weights (Adam, ``lr``, cosine) and gate scores (plain SGD, ``score_lr``:
+    """Stage 2 on a copy of ``model``: weights (:func:`train_adam`) and gate scores (plain SGD at ``score_lr``:
     the scores' relative gradient sizes are the signal, which a per-coordinate Adam scaling would erase) train
     jointly on the task loss. ``method="relax"``: relaxed gates, scores projected onto the removal budget after
     every step; ``"hard"``: the paper's hard top-k gates, flags recomputed before every step. Every score starts
@@ -140,17 +135,25 @@ def search_removal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, keep_r
     score_opt = torch.optim.SGD(scores, lr=score_lr)
     history = [gate_scores(net).tolist()]
 
-    def after_step():
-        score_opt.step()
+    def step(m: nn.Module, batch, opt: torch.optim.Optimizer) -> torch.Tensor:
+        if method == "hard":
+            update_search_flags(m, keep_ratio)
+        loss = cross_entropy_loss(m, *batch)
+        opt.zero_grad(set_to_none=True)
         score_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        score_opt.step()
         if method == "relax":
-            project_scores(net, keep_ratio)
+            project_scores(m, keep_ratio)
+        return loss
 
-    _fit(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator, loss_fn=_cross_entropy,
-         params=[p for p in net.parameters() if id(p) not in ids],
-         before_step=(lambda: update_search_flags(net, keep_ratio)) if method == "hard" else None,
-         after_step=after_step, epoch_end=lambda: history.append(gate_scores(net).tolist()), progress=progress,
-         desc=f"search ({method})")
+    def record(_epoch: int) -> None:
+        history.append(gate_scores(net).tolist())
+
+    train_adam(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator,
+               params=[p for p in net.parameters() if id(p) not in ids], step=step, on_epoch_end=record,
+               progress=progress, desc=f"search ({method})")
     return topk_keep(gate_scores(net), keep_ratio), history
 
 
@@ -184,9 +187,10 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> 
 
 def finetune_removed(original: nn.Module, removed: Sequence[bool], x: torch.Tensor, y: torch.Tensor, *, epochs: int,
                      batch_size: int = 64, lr: float = 1e-3, alpha: float = 0.7, temperature: float = 1.0,
-                     generator: torch.Generator, progress=None) -> nn.Module:
-    """Stage 3: a copy of ``original`` with ``removed`` activations, fine-tuned with distillation from
-    ``original`` (frozen, eval mode)."""
+                     generator: torch.Generator, progress=None) -> tuple[nn.Module, History]:
+    """Stage 3: a copy of ``original`` with ``removed`` activations, fine-tuned (:func:`train_adam`) with
+    :func:`distillation_loss` from ``original`` (frozen, eval mode). Returns the student (eval mode) and its
+    training history."""
     teacher = copy.deepcopy(original).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -198,10 +202,9 @@ def finetune_removed(original: nn.Module, removed: Sequence[bool], x: torch.Tens
             zt = teacher(xb)
         return distillation_loss(m(xb), zt, yb, alpha, temperature)
 
-    if epochs > 0:
-        _fit(student, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator, loss_fn=loss_fn,
-             progress=progress, desc="finetune")
-    return student.eval()
+    hist = train_adam(student, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator,
+                      loss_fn=loss_fn, progress=progress, desc="finetune")
+    return student.eval(), hist
 
 
 def random_removal(n_blocks: int, n_removed: int, generator: torch.Generator) -> torch.Tensor:
@@ -211,214 +214,192 @@ def random_removal(n_blocks: int, n_removed: int, generator: torch.Generator) ->
     return removed
 
 
-@torch.no_grad()
-def paired_latency_ms(models: dict, x: torch.Tensor, *, rounds: int = 30, inner: int = 3) -> dict:
-    """Median forward latency (ms) of each model on ``x``, measured interleaved (A, B, A, B, …) in one process so
-    that machine load hits every model alike."""
-    for m in models.values():
-        m.eval()
-        m(x)
-    times = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, m in models.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                m(x)
-            times[k].append((time.perf_counter() - t0) / inner * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
-def add_arguments(p) -> None:
-    p.add_argument("--dataset", default=None, choices=["mnist", "digits"], help="default mnist (digits with --quick)")
-    p.add_argument("--epochs", type=int, default=None, help="stage-1 training epochs (default 10; quick 4)")
-    p.add_argument("--search", default="relax", choices=SEARCH_METHODS, help="relaxed budget search or the paper's hard gate")
-    p.add_argument("--search-epochs", type=int, default=None, help="stage-2 search epochs (default 2; quick 2)")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="stage-3 epochs (default 4; quick 2)")
-    p.add_argument("--keep-ratio", type=float, default=0.5, help="fraction of block activations kept")
-    p.add_argument("--seeds", type=int, default=None, help="independent replicates (default 3; quick 1)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate of every stage (default 5e-3; quick 1e-2)")
-    p.add_argument("--score-lr", type=float, default=0.2, help="search score LR (plain SGD)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--alpha", type=float, default=0.7, help="distillation weight α")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--pointwise", default="monarch", choices=["dense", "monarch"],
-                   help="1×1 convs as nn.Conv2d or MonarchLinear over channels")
-    p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks for --pointwise monarch")
-    p.add_argument("--no-final-act", action="store_true", help="no ReLU6 after removed blocks (ADD_FINAL_ACT off)")
-    p.add_argument("--recal-images", type=int, default=1000, help="training images for BatchNorm recalibration")
-    p.add_argument("--latency-batch", type=int, default=64)
+@dataclass(frozen=True)
+class Config:
+    dataset: str = option("mnist", "image dataset", choices=("mnist", "digits"))
+    small_model: bool = option(False, "the 4-block model with narrow stem and head (QUICK_BLOCKS)")
+    pointwise: str = option("monarch", "1×1 convs as MonarchLinear over channels or nn.Conv2d",
+                            choices=("monarch", "dense"))
+    nblocks: int = option(4, "Monarch blocks of the 1×1 convs")
+    final_act: bool = option(True, "ReLU6 after removed blocks (official ADD_FINAL_ACT)")
+    seeds: int = option(3, "independent replicates: own training, search, random mask and fine-tuning")
+    epochs: int = option(10, "stage-1 training epochs")
+    search: str = option("relax", "relaxed budget search or the paper's hard top-k gate", choices=SEARCH_METHODS)
+    search_epochs: int = option(2, "stage-2 search epochs")
+    score_lr: float = option(0.2, "search score learning rate (plain SGD)")
+    keep_ratio: float = option(0.5, "fraction of block activations kept")
+    finetune_epochs: int = option(4, "stage-3 epochs (same for learned, random and all-kept)")
+    lr: float = option(5e-3, "Adam learning rate of every stage (cosine-decayed to 0)")
+    batch_size: int = option(64, "mini-batch size")
+    alpha: float = option(0.7, "distillation weight α")
+    temperature: float = option(1.0, "distillation temperature T")
+    recal_images: int = option(1000, "training images for the BatchNorm recalibration before fine-tuning")
+    latency_batch: int = option(64, "batch of the latency measurement")
+    latency_rounds: int = option(20, "rounds of the interleaved latency measurement")
+
+    def __post_init__(self):
+        if not 0.0 <= self.keep_ratio < 1.0:
+            raise ValueError(f"--keep-ratio must be in [0, 1), got {self.keep_ratio}")
+        for name in ("seeds", "nblocks", "batch_size", "recal_images", "latency_batch", "latency_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+QUICK = {"dataset": "digits", "small_model": True, "seeds": 1, "epochs": 4, "finetune_epochs": 2, "lr": 1e-2,
+         "latency_rounds": 10}
 
 
 def _acc(model: nn.Module, split) -> float:
     return evaluate_classifier(model, split.x_test, split.y_test)["accuracy"]
 
 
-def _mean_std(v: list) -> tuple[float, float]:
-    return float(statistics.mean(v)), float(statistics.stdev(v)) if len(v) > 1 else 0.0
-
-
-def _replicate(r: int, split, args, ctx, build, n_removed: int) -> dict:
+def _replicate(seed: int, split, cfg: Config, ctx: RunContext, build, n_removed: int) -> dict:
     """One independent replicate: train, search, then fine-tune the learned mask, a random mask and the all-kept
     control with the same generator (same data order) and budget."""
-    base = 1000 * (100 * args.seed + r)
-    gen = lambda offset: torch.Generator().manual_seed(base + offset)  # noqa: E731
+    gen = lambda offset: torch.Generator().manual_seed(1000 * seed + offset)  # noqa: E731
     xtr, ytr = split.x_train, split.y_train
-    torch.manual_seed(base)
+    torch.manual_seed(1000 * seed)
     model = build().to(ctx.device)
-    _fit(model, xtr, ytr, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, generator=gen(1),
-         loss_fn=_cross_entropy, progress=ctx.progress, desc="train")
+    hist = train_adam(model, xtr, ytr, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, generator=gen(1),
+                      progress=ctx.progress, desc="train")
+    ctx.observe(epochs=hist.epochs, lr=hist.lrs[0], small_model=len(shrink_blocks(model)) == len(QUICK_BLOCKS))
     model.eval()
-    out = {"original": model, "acc_original": _acc(model, split)}
-    learned, history = search_removal(model, xtr, ytr, keep_ratio=args.keep_ratio, epochs=args.search_epochs,
-                                      method=args.search, batch_size=args.batch_size, lr=args.lr,
-                                      score_lr=args.score_lr, generator=gen(2), progress=ctx.progress)
+    out = {"seed": seed, "original": model, "acc_original": _acc(model, split)}
+    learned, history = search_removal(model, xtr, ytr, keep_ratio=cfg.keep_ratio, epochs=cfg.search_epochs,
+                                      method=cfg.search, batch_size=cfg.batch_size, lr=cfg.lr,
+                                      score_lr=cfg.score_lr, generator=gen(2), progress=ctx.progress)
+    ctx.observe(search_epochs=len(history) - 1)
     n = len(learned)
     masks = {"learned": learned, "random": random_removal(n, n_removed, gen(3)),
              "control": torch.zeros(n, dtype=torch.bool)}
     out.update(mask_learned=learned.int().tolist(), mask_random=masks["random"].int().tolist(),
-               score_history=history, cut_margin=cut_margin(history[-1], learned))
-    recal = split.x_train[: args.recal_images]
+               scores=history[-1], score_history=history, cut_margin=cut_margin(history[-1], learned))
+    recal = xtr[: cfg.recal_images]
     for kind, mask in masks.items():
         if kind != "control":
             removed_only = copy.deepcopy(model)
             set_removed(removed_only, mask.tolist())
             out[f"acc_{kind}_no_ft"] = _acc(recalibrate_bn(removed_only, recal), split)
-        ft = finetune_removed(model, mask.tolist(), xtr, ytr, epochs=args.finetune_epochs,
-                              batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
-                              temperature=args.temperature, generator=gen(4), progress=ctx.progress)
+        ft, ft_hist = finetune_removed(model, mask.tolist(), xtr, ytr, epochs=cfg.finetune_epochs,
+                                       batch_size=cfg.batch_size, lr=cfg.lr, alpha=cfg.alpha,
+                                       temperature=cfg.temperature, generator=gen(4), progress=ctx.progress)
+        ctx.observe(finetune_epochs=ft_hist.epochs)
         out[f"acc_{kind}_finetuned"], out[f"net_{kind}"] = _acc(ft, split), ft
-    ctx.log(f"[depthshrinker] replicate {r}: original {out['acc_original']:.4f}; learned {out['mask_learned']} "
-            f"(scores {[round(s, 3) for s in history[-1]]}, cut margin {out['cut_margin']:.3f}) "
+    ctx.log(f"[depthshrinker] seed {seed}: original {out['acc_original']:.4f}; learned {out['mask_learned']} "
+            f"(scores {[round(v, 3) for v in history[-1]]}, cut margin {out['cut_margin']:.3f}) "
             f"{out['acc_learned_no_ft']:.4f} -> {out['acc_learned_finetuned']:.4f}; random {out['mask_random']} "
             f"{out['acc_random_no_ft']:.4f} -> {out['acc_random_finetuned']:.4f}; "
             f"all kept {out['acc_control_finetuned']:.4f}")
     return out
 
 
-def run(args, ctx) -> dict:
-    quick = args.quick
-    for name, full, small in (("dataset", "mnist", "digits"), ("epochs", 10, 4), ("search_epochs", 2, 2),
-                              ("finetune_epochs", 4, 2), ("seeds", 3, 1), ("lr", 5e-3, 1e-2)):
-        if getattr(args, name) is None:
-            setattr(args, name, small if quick else full)
-    if not 0.0 <= args.keep_ratio < 1.0:
-        raise ValueError(f"--keep-ratio must be in [0, 1), got {args.keep_ratio}")
-    split = load_image_dataset(args.dataset, seed=args.seed)
-    big = split.input_shape[-1] >= 16
-
-    def build() -> MobileNetV2Mini:
-        return MobileNetV2Mini(split.input_shape[0], split.num_classes, QUICK_BLOCKS if quick else MBV2_MINI_BLOCKS,
-                               stem_channels=8 if quick else 12, stem_stride=2 if big else 1,
-                               head_channels=32 if quick else 64, pointwise=args.pointwise, nblocks=args.nblocks,
-                               final_act=not args.no_final_act)
-
-    n_blocks = len(shrink_blocks(build()))
-    n_removed = removal_count(n_blocks, args.keep_ratio)
-    ctx.log(f"[depthshrinker] {args.dataset}: {len(split.x_train)} train / {len(split.x_test)} test, {n_blocks} "
-            f"blocks, remove {n_removed}, pointwise={args.pointwise}, search={args.search}, {args.seeds} replicates")
-    reps = [_replicate(r, split, args, ctx, build, n_removed) for r in range(args.seeds)]
-
-    # stage 4 on replicate 0: merge the fine-tuned learned and random networks, parameters and latency
-    r0 = reps[0]
-    merged = depthshrink(r0["net_learned"])
-    merged_random = depthshrink(r0["net_random"])
-    with torch.no_grad():
-        z_ft = predict_logits(r0["net_learned"], split.x_test)
-        z_merged = predict_logits(merged, split.x_test)
-    xb = split.x_test[: args.latency_batch].to(ctx.device)
-    variants = {"original": r0["original"], "learned_unmerged": r0["net_learned"], "learned_merged": merged,
+def _merge_and_time(rep: dict, split, cfg: Config, ctx: RunContext) -> dict:
+    """Stage 4 on one replicate: merge its fine-tuned learned and random networks (exactness, layers, parameters)
+    and time original / learned unmerged / learned merged / random merged interleaved in one process."""
+    merged, merged_random = depthshrink(rep["net_learned"]), depthshrink(rep["net_random"])
+    z_ft, z_merged = predict_logits(rep["net_learned"], split.x_test), predict_logits(merged, split.x_test)
+    variants = {"original": rep["original"], "learned_unmerged": rep["net_learned"], "learned_merged": merged,
                 "random_merged": merged_random}
-    lat = paired_latency_ms(variants, xb, rounds=10 if quick else 20, inner=2)
-    ctx.log(f"[depthshrinker] merged: max |Δlogit| {float((z_ft - z_merged).abs().max()):.2e}, params "
-            f"{n_params(r0['net_learned'])} -> {n_params(merged)}, latency {lat['learned_unmerged']:.2f} -> "
-            f"{lat['learned_merged']:.2f} ms")
-
-    metrics = {
-        "dataset": args.dataset, "n_train": len(split.x_train), "n_test": len(split.x_test), "n_blocks": n_blocks,
-        "n_removed": n_removed, "keep_ratio": args.keep_ratio, "pointwise": args.pointwise, "search": args.search,
-        "seeds": args.seeds,
-    }
-    per_rep = ("acc_original", "mask_learned", "mask_random", "cut_margin", "acc_learned_no_ft",
-               "acc_random_no_ft", "acc_learned_finetuned", "acc_random_finetuned", "acc_control_finetuned")
-    for key in per_rep:
-        metrics[key] = [rep[key] for rep in reps]
-    metrics["search_scores"] = [rep["score_history"][-1] for rep in reps]
-    metrics["search_score_history"] = [rep["score_history"] for rep in reps]
-    for key in ("acc_original", "acc_learned_no_ft", "acc_random_no_ft", "acc_learned_finetuned",
-                "acc_random_finetuned", "acc_control_finetuned"):
-        metrics[f"{key}_mean"], metrics[f"{key}_std"] = _mean_std(metrics[key])
-    for when in ("no_ft", "finetuned"):
-        diff = [a - b for a, b in zip(metrics[f"acc_learned_{when}"], metrics[f"acc_random_{when}"])]
-        metrics[f"learned_minus_random_{when}"] = diff
-        metrics[f"learned_minus_random_{when}_mean"], metrics[f"learned_minus_random_{when}_std"] = _mean_std(diff)
-        metrics[f"learned_wins_{when}"] = sum(d > 0 for d in diff)
-    metrics["distinct_learned_masks"] = len({tuple(m) for m in metrics["mask_learned"]})
-    metrics["removal_frequency_per_block"] = [statistics.mean(col) for col in zip(*metrics["mask_learned"])]
-    metrics.update({
-        "acc_merged": float((z_merged.argmax(-1) == split.y_test).float().mean()),
+    xb = split.x_test[: cfg.latency_batch].to(ctx.device)
+    with torch.no_grad():
+        times = interleaved_times_ms({k: (lambda m=m: m(xb)) for k, m in variants.items()}, ctx.device,
+                                     rounds=cfg.latency_rounds, inner=2)
+    ctx.observe(latency_rounds=len(times["original"]))
+    lat = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "merge_seed": rep["seed"], "acc_merged": float((z_merged.argmax(-1) == split.y_test).float().mean()),
         "merge_max_abs_logit_diff": float((z_ft - z_merged).abs().max()),
-        "layers_unmerged": count_layers(r0["net_learned"]), "layers_merged": count_layers(merged),
-        "params": {k: n_params(m) for k, m in variants.items()},
-        "latency_ms": lat,
+        "layers_unmerged": count_layers(rep["net_learned"]), "layers_merged": count_layers(merged),
+        "params": {k: n_params(m) for k, m in variants.items()}, "latency_ms": lat, "latency_ms_rounds": times,
         "latency_device": str(ctx.device), "latency_threads": torch.get_num_threads(), "latency_dtype": "float32",
         "latency_input_shape": list(xb.shape),
         "speedup_merged_vs_unmerged": lat["learned_unmerged"] / lat["learned_merged"],
         "speedup_merged_vs_original": lat["original"] / lat["learned_merged"],
-    })
-    _plot(metrics, ctx.plot_path("depthshrinker.png"))
+    }
+
+
+def run(cfg: Config, ctx: RunContext) -> dict:
+    split = load_image_dataset(cfg.dataset, seed=ctx.seed)
+    ctx.observe(dataset="digits" if split.input_shape[-1] == 8 else "mnist")
+
+    def build() -> MobileNetV2Mini:
+        return MobileNetV2Mini(split.input_shape[0], split.num_classes,
+                               QUICK_BLOCKS if cfg.small_model else MBV2_MINI_BLOCKS,
+                               stem_channels=8 if cfg.small_model else 12,
+                               stem_stride=2 if split.input_shape[-1] >= 16 else 1,
+                               head_channels=32 if cfg.small_model else 64, pointwise=cfg.pointwise,
+                               nblocks=cfg.nblocks, final_act=cfg.final_act)
+
+    n_blocks = len(QUICK_BLOCKS if cfg.small_model else MBV2_MINI_BLOCKS)
+    n_removed = removal_count(n_blocks, cfg.keep_ratio)
+    ctx.log(f"[depthshrinker] {cfg.dataset}: {len(split.x_train)} train / {len(split.x_test)} test, {n_blocks} "
+            f"blocks, remove {n_removed}, pointwise={cfg.pointwise}, search={cfg.search}, {cfg.seeds} replicates")
+    reps = [_replicate(seed, split, cfg, ctx, build, n_removed) for seed in seed_list(ctx.seed, cfg.seeds)]
+    ctx.observe(seeds=len(reps))
+    keys = ("acc_original", "acc_learned_no_ft", "acc_random_no_ft", "acc_learned_finetuned", "acc_random_finetuned",
+            "acc_control_finetuned")
+    per_seed = [{k: v for k, v in r.items() if not k.startswith(("net_", "original"))} for r in reps]
+    summary = {k: mean_std([r[k] for r in reps]) for k in keys}
+    comparisons = {
+        "learned_minus_random_no_ft": paired(summary["acc_learned_no_ft"]["values"],
+                                             summary["acc_random_no_ft"]["values"]),
+        "learned_minus_random_finetuned": paired(summary["acc_learned_finetuned"]["values"],
+                                                 summary["acc_random_finetuned"]["values"]),
+        "learned_minus_all_kept_finetuned": paired(summary["acc_learned_finetuned"]["values"],
+                                                   summary["acc_control_finetuned"]["values"]),
+    }
+    masks = [tuple(r["mask_learned"]) for r in reps]
+    search = {"distinct_learned_masks": len(set(masks)), "cut_margin": mean_std([r["cut_margin"] for r in reps]),
+              "removal_frequency_per_block": [statistics.fmean(col) for col in zip(*masks)]}
+    merge = _merge_and_time(reps[0], split, cfg, ctx)
+    for k in keys:
+        ctx.log(f"[depthshrinker] {k}: {format_mean_std(summary[k], 4)}")
+    for k, c in comparisons.items():
+        ctx.log(f"[depthshrinker] {k}: {format_mean_std(c, 4)}, positive in {c['positive']} of {c['n']}")
+    ctx.log(f"[depthshrinker] merged (seed {merge['merge_seed']}): max |Δlogit| {merge['merge_max_abs_logit_diff']:.2e}, "
+            f"params {merge['params']['learned_unmerged']} -> {merge['params']['learned_merged']}, latency "
+            f"{merge['latency_ms']['learned_unmerged']:.2f} -> {merge['latency_ms']['learned_merged']:.2f} ms")
+    metrics = {"dataset": cfg.dataset, "n_train": len(split.x_train), "n_test": len(split.x_test),
+               "n_blocks": n_blocks, "n_removed": n_removed, "seeds": [r["seed"] for r in reps],
+               "per_seed": per_seed, "summary": summary, "paired": comparisons, "search": search, "merge": merge}
+    _plot(metrics, cfg, ctx.plot_path("depthshrinker.png"))
     return metrics
 
 
-def _plot(m: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
-    reps = range(m["seeds"])
-    for ax, when, title in ((axes[0], "no_ft", "removed, BN recalibrated (before fine-tuning)"),
-                            (axes[1], "finetuned", "after fine-tuning (same budget)")):
-        ax.plot(reps, m[f"acc_learned_{when}"], "o-", color="C0", label="learned mask")
-        ax.plot(reps, m[f"acc_random_{when}"], "o-", color="C1", label="random mask")
-        if when == "finetuned":
-            ax.plot(reps, m["acc_control_finetuned"], "s--", color="0.4", label="all kept, same fine-tuning")
-            ax.plot(reps, m["acc_original"], "k_", ms=14, label="original")
-        ax.set_xticks(list(reps))
-        ax.set_xlabel("replicate (own training, search, random mask)")
-        ax.set_ylabel("test accuracy")
-        ax.set_title(f"{title}\nlearned − random {100 * m[f'learned_minus_random_{when}_mean']:+.2f} ± "
-                     f"{100 * m[f'learned_minus_random_{when}_std']:.2f} pts (n={m['seeds']})", fontsize=9)
-        ax.legend(fontsize=7)
-    ax = axes[2]
-    n, width = m["n_blocks"], 0.8 / m["seeds"]
-    for r, (scores, mask) in enumerate(zip(m["search_scores"], m["mask_learned"])):
-        xs = [i + (r - (m["seeds"] - 1) / 2) * width for i in range(n)]
-        ax.bar(xs, scores, width, color=[f"C{r}" if k else "none" for k in mask], edgecolor=f"C{r}",
-               label=f"replicate {r}")
-    ax.set_xticks(range(n), [f"block {i}" for i in range(n)], fontsize=7)
-    ax.set_ylabel("final score s (1 = linear)")
-    ax.set_title(f"{m['dataset']}, search={m['search']}: remove {m['n_removed']} of {m['n_blocks']} (filled)\n"
-                 f"{m['distinct_learned_masks']} distinct mask(s) over {m['seeds']} searches", fontsize=9)
-    ax.legend(fontsize=7)
-    ax = axes[3]
-    names = list(m["latency_ms"])
-    bars = ax.bar([k.replace("_", "\n") for k in names], [m["latency_ms"][k] for k in names],
-                  color=["k", "C0", "C2", "C1"])
-    ax.bar_label(bars, labels=[f"{m['params'][k]:,} params" for k in names], fontsize=7)
-    ax.set_ylabel(f"latency (ms), batch {m['latency_input_shape'][0]}, {m['latency_device']}, "
-                  f"{m['latency_threads']} thread(s)", fontsize=8)
-    ax.set_title(f"replicate 0: merged vs unmerged {m['speedup_merged_vs_unmerged']:.2f}x", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _plot(m: dict, cfg: Config, path: str) -> None:
+    s, c, merge = m["summary"], m["paired"], m["merge"]
+    fmt = lambda k: format_mean_std(c[k], 2, 100)  # noqa: E731
+    after = ("acc_original", "acc_control_finetuned", "acc_learned_finetuned", "acc_random_finetuned")
+    low = min(min(s[k]["values"]) for k in after) - 0.02
+    blocks = list(range(m["n_blocks"]))
+    names = list(merge["latency_ms"])
+    plot_curves(path, [
+        Panel(f"removed, BN recalibrated (before fine-tuning)\nlearned − random {fmt('learned_minus_random_no_ft')} pts",
+              {"learned mask": s["acc_learned_no_ft"], "random mask": s["acc_random_no_ft"]}, kind="bar",
+              ylabel="test accuracy"),
+        Panel(f"after fine-tuning ({cfg.finetune_epochs} epochs each)\nlearned − random "
+              f"{fmt('learned_minus_random_finetuned')} pts",
+              {"original": s["acc_original"], "all kept": s["acc_control_finetuned"],
+               "learned mask": s["acc_learned_finetuned"], "random mask": s["acc_random_finetuned"]}, kind="bar",
+              ylabel="test accuracy", ylim=(low, 1.0)),
+        Panel(f"search={cfg.search}: final scores, {m['search']['distinct_learned_masks']} distinct mask(s) "
+              f"in {len(m['seeds'])}\n" + "; ".join("".join(map(str, r["mask_learned"])) for r in m["per_seed"]),
+              {f"seed {r['seed']}": (blocks, r["scores"]) for r in m["per_seed"]}, kind="line", markers=True,
+              xlabel="block (mask: 1 = removed)", ylabel="score s (1 = linear)"),
+        Panel(f"seed {merge['merge_seed']}: merged vs unmerged {merge['speedup_merged_vs_unmerged']:.2f}x "
+              f"(batch {merge['latency_input_shape'][0]}, {merge['latency_threads']} thread(s))",
+              {f"{k.replace('_', ' ')}\n{merge['params'][k]:,} p": merge["latency_ms_rounds"][k] for k in names},
+              kind="bar", ylabel="latency (ms), mean ± std over rounds"),
+    ], title=f"DepthShrinker on {m['dataset']}: remove {m['n_removed']} of {m['n_blocks']} block activations, "
+             f"{cfg.pointwise} 1×1 convs, n={len(m['seeds'])} replicates")
 
 
-RECIPE = Recipe("depthshrinker", add_arguments, run,
-                "DepthShrinker: train a MobileNetV2-mini, search which block activations to remove, fine-tune with "
-                "distillation, merge the linear blocks into dense convs; learned vs random removal")
+RECIPE = Recipe("depthshrinker", Config, run, quick=QUICK,
+                description="DepthShrinker: train a MobileNetV2-mini, search which block activations to remove, "
+                            "fine-tune with distillation, merge the linear blocks into dense convs; learned vs "
+                            "random removal")

@@ -4,7 +4,7 @@ A deep ensemble of ``M`` teachers is distilled into one student that is a **Batc
 network; at inference the members are **averaged in weight space** ("LatentBE") into a single plain network of the
 same cost as one member, and during training a **diversifying input perturbation** moves each batch to where the
 teachers disagree but the student's members still agree. Algorithm as in the official code
-(cs-giung/distill-latentbe, read for ``research/methods-a.md`` §3); this module is the PyTorch/Monarch version.
+(cs-giung/distill-latentbe); this module is the PyTorch/Monarch version.
 
 BatchEnsemble layer (:class:`BatchEnsemble`), for any wrapped ``nn.Linear``, ``nn.Conv2d``, :class:`MonarchLinear`
 or :class:`BlockdiagLinear` with shared ("slow") weight ``W`` and bias ``b`` and per-member ("fast") vectors
@@ -58,7 +58,9 @@ instead of SGD + cosine schedule, and weight decay applied only to the fast weig
 """
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -69,8 +71,10 @@ from monarch_kernels.layers import BlockdiagLinear, MonarchLinear, StructuredLin
 
 from .data import load_digits
 from .models import MLP
-from .recipe import Recipe, RunContext
-from .train import classification_metrics, make_optimizer, minibatches
+from .recipe import Recipe, RunContext, option, seed_list
+from .report import Panel, aggregate, paired, plot_curves
+from .train import (classification_metrics, cross_entropy_loss, epoch_batches, fit, make_optimizer,
+                    soft_cross_entropy)
 
 SUPPORTED = (nn.Linear, nn.Conv2d, MonarchLinear, BlockdiagLinear)
 
@@ -181,8 +185,6 @@ class BatchEnsemble(nn.Module):
     @torch.no_grad()
     def member_layer(self, m: int) -> nn.Module:
         """A plain copy of the layer computing member ``m``'s map (``W_m = diag(s_m) W diag(r_m)``)."""
-        import copy
-
         return fold_scales_(copy.deepcopy(self.layer), self.r[m].clone(), self.s[m].clone())
 
     @torch.no_grad()
@@ -266,17 +268,9 @@ def scale_fast_grads_(model: nn.Module, factor: Optional[float] = None) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Losses and the diversifying perturbation
 # ----------------------------------------------------------------------------------------------------------------
-def soft_cross_entropy(target_logits: Tensor, logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``mean_rows CE(softmax(target/T), log_softmax(logits/T))`` over the last dim (no ``T²``, target detached)."""
-    if target_logits.shape != logits.shape:
-        raise ValueError(f"soft_cross_entropy: target_logits {tuple(target_logits.shape)} and logits "
-                         f"{tuple(logits.shape)} must have the same shape (..., C)")
-    p = (target_logits.detach() / temperature).softmax(-1)
-    return -(p * (logits / temperature).log_softmax(-1)).sum(-1).mean()
-
-
 def member_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
-    """One-to-one KD: ``T²·mean_{m,b} CE(softmax(z_t^m/T), log_softmax(z_s^m/T))``; both ``(M, B, C)``."""
+    """One-to-one KD: ``T²·mean_{m,b} CE(softmax(z_t^m/T), log_softmax(z_s^m/T))`` (Hinton et al. 2015's loss,
+    :func:`methods.train.soft_cross_entropy`); both ``(M, B, C)``."""
     if student_logits.dim() != 3 or student_logits.shape != teacher_logits.shape:
         raise ValueError(f"member_kd_loss: student_logits and teacher_logits must both be (M, B, C), got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
@@ -342,79 +336,81 @@ def kl_to_ensemble(ensemble_probs: Tensor, logits: Tensor) -> float:
     return float((ensemble_probs * (ensemble_probs.clamp_min(1e-12).log() - logp)).sum(-1).mean())
 
 
-def _probs_metrics(probs: Tensor, y: Tensor) -> dict:
+def probs_metrics(probs: Tensor, ens_probs: Tensor, y: Tensor) -> dict:
+    """Accuracy, NLL, ECE of predicted probabilities and their KL from the ensemble's."""
     m = classification_metrics(probs.clamp_min(1e-12).log(), y)
+    m["kl_to_ensemble"] = kl_to_ensemble(ens_probs, probs.clamp_min(1e-12).log())
     return m
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Recipe
 # ----------------------------------------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--members", type=int, default=4, help="teachers = BE members")
-    p.add_argument("--teacher-hidden", type=int, default=256)
-    p.add_argument("--student-hidden", type=int, default=128)
-    p.add_argument("--layer", default="monarch", choices=["dense", "monarch", "blockdiag"],
-                   help="hidden layers of teachers and students")
-    p.add_argument("--teacher-epochs", type=int, default=40)
-    p.add_argument("--epochs", type=int, default=60, help="student epochs")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--fast-wd", type=float, default=5e-4, help="decay of the fast weights toward 1")
-    p.add_argument("--eps", type=float, nargs="+", default=[1 / 64, 1 / 16],
-                   help="RMS perturbation steps (one KD+avg+perturb variant each)")
-    p.add_argument("--noise", type=float, default=0.3, help="std of the Gaussian corruption of test inputs")
-    p.add_argument("--seeds", type=int, default=3)
+@dataclass(frozen=True)
+class Config:
+    members: int = option(4, "teachers = BE members")
+    teacher_hidden: int = option(256, "teacher MLP width")
+    student_hidden: int = option(128, "student MLP width")
+    layer: str = option("monarch", "hidden layers of teachers and students", choices=("dense", "monarch", "blockdiag"))
+    teacher_epochs: int = option(40, "teacher epochs")
+    epochs: int = option(60, "student epochs")
+    batch_size: int = option(64, "mini-batch size")
+    lr: float = option(1e-3, "Adam learning rate")
+    temperature: float = option(4.0, "KD temperature T")
+    fast_wd: float = option(5e-4, "decay of the fast weights toward 1")
+    eps: tuple[float, ...] = option((1 / 64, 1 / 16), "RMS perturbation steps (one KD+avg+perturb variant each)")
+    noise: float = option(0.3, "std of the Gaussian corruption of test inputs")
+    seeds: int = option(3, "number of seeds (seed, seed+1, ...)")
 
 
-def _train_teacher(split, hidden, layer, epochs, lr, bs, gen) -> nn.Module:
+QUICK = {"teacher_epochs": 5, "epochs": 5, "seeds": 1, "eps": (1 / 16,)}
+
+
+def train_teacher(split, cfg: Config, gen: torch.Generator) -> tuple[nn.Module, int]:
+    """One ensemble member: a Monarch MLP trained with cross-entropy (returns it in eval mode, and its epochs)."""
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-    model = MLP(split.x_train.shape[1], hidden, split.num_classes, depth=2, layer=layer)
-    opt = make_optimizer(model.parameters(), "adam", lr=lr)
-    for _ in range(epochs):
-        model.train()
-        for idx in minibatches(len(split.x_train), bs, gen):
-            loss = F.cross_entropy(model(split.x_train[idx]), split.y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model.eval()
+    model = MLP(split.x_train.shape[1], cfg.teacher_hidden, split.num_classes, depth=2, layer=cfg.layer)
+    hist = fit(model, make_optimizer(model.parameters(), "adam", lr=cfg.lr),
+               epoch_batches(split.x_train, split.y_train, batch_size=cfg.batch_size, generator=gen),
+               epochs=cfg.teacher_epochs, loss_fn=cross_entropy_loss)
+    return model.eval(), hist.epochs
 
 
-def _train_student(variant: str, split, teachers, args, gen, eps: float = 0.0, progress=None) -> tuple[nn.Module, dict]:
+def train_student(variant: str, split, teachers, cfg: Config, gen: torch.Generator, eps: float = 0.0,
+                  progress=None) -> tuple[nn.Module, dict]:
     """variant: 'kd' (plain student, ensemble KD) or 'be' (BE student, member KD, folded); eps > 0 adds the
     diversifying perturbation. Returns the deployed plain model and diagnostics."""
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
     M = len(teachers)
-    model = MLP(split.x_train.shape[1], args.student_hidden, split.num_classes, depth=2, layer=args.layer)
+    model = MLP(split.x_train.shape[1], cfg.student_hidden, split.num_classes, depth=2, layer=cfg.layer)
     if variant == "be":
         batch_ensemble_(model, M)
     fast = {id(p) for p in fast_parameters(model)}
-    opt = make_optimizer(model.parameters(), "adam", lr=args.lr)
+    opt = make_optimizer(model.parameters(), "adam", lr=cfg.lr)
     for p in teachers:
         p.requires_grad_(False)
-    for _ in range(args.epochs):
-        model.train()
-        for idx in minibatches(len(split.x_train), args.batch_size, gen):
-            xb = split.x_train[idx]
-            if eps > 0:
-                xb = diversifying_perturbation(xb, teachers, model, eps, random_pair(M, gen))
-            with torch.no_grad():
-                t = teacher_logits(teachers, xb)
-            if variant == "be":
-                loss = member_kd_loss(member_logits(model, xb, M), t, args.temperature)
-                loss = loss + args.fast_wd * fast_weight_decay(model)
-            else:
-                loss = ensemble_kd_loss(model(xb), t, args.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if variant == "be":
-                scale_fast_grads_(model)
-            opt.step()
-        if progress is not None:
-            progress.update(1)
-    diag = {}
+
+    def step(m, batch):
+        (xb,) = batch
+        if eps > 0:
+            xb = diversifying_perturbation(xb, teachers, m, eps, random_pair(M, gen))
+        with torch.no_grad():
+            t = teacher_logits(teachers, xb)
+        if variant == "be":
+            loss = member_kd_loss(member_logits(m, xb, M), t, cfg.temperature) + cfg.fast_wd * fast_weight_decay(m)
+        else:
+            loss = ensemble_kd_loss(m(xb), t, cfg.temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if variant == "be":
+            scale_fast_grads_(m)
+        opt.step()
+        return loss
+
+    hist = fit(model, None, epoch_batches(split.x_train, batch_size=cfg.batch_size, generator=gen),
+               epochs=cfg.epochs, step=step, on_epoch_end=lambda _e: progress.update(1) if progress else None)
+    diag = {"epochs": hist.epochs, "eps": eps, "hidden": model.net[0].layer.out_features if variant == "be"
+            else model.net[0].out_features}
     if variant == "be":
         model.eval()
         with torch.no_grad():
@@ -426,101 +422,61 @@ def _train_student(variant: str, split, teachers, args, gen, eps: float = 0.0, p
     return model.eval(), diag
 
 
-def _evaluate(model_probs: Tensor, ens_probs: Tensor, y: Tensor) -> dict:
-    m = _probs_metrics(model_probs, y)
-    m["kl_to_ensemble"] = kl_to_ensemble(ens_probs, model_probs.clamp_min(1e-12).log())
-    return m
-
-
-def run(args, ctx: RunContext) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    if args.quick:
-        args.teacher_epochs, args.epochs, args.seeds, args.eps = 5, 5, 1, [1 / 16]
-    eps_list = list(args.eps)
-    variants = ["kd", "kd+avg"] + [f"kd+avg+perturb(eps={e:.3g})" for e in eps_list]
-    conditions = ("clean", "noisy")
-    results = {v: {c: [] for c in conditions} for v in ["teachers(DE)", "be_ensemble(unfolded)"] + variants}
-    disagreement = {v: [] for v in variants[1:]}
-    bar = ctx.progress(total=args.seeds * (len(variants) * args.epochs), desc="ensemble_distill")
-    for si in range(args.seeds):
-        seed = args.seed + si
-        gen = torch.Generator().manual_seed(seed)
-        split = load_digits(seed).flat()
-        noise_gen = torch.Generator().manual_seed(10_000 + seed)
-        x_noisy = (split.x_test + args.noise * torch.randn(split.x_test.shape, generator=noise_gen)).clamp(0, 1)
-        tests = {"clean": split.x_test, "noisy": x_noisy}
-        teachers = [_train_teacher(split, args.teacher_hidden, args.layer, args.teacher_epochs, args.lr,
-                                   args.batch_size, gen) for _ in range(args.members)]
+def run_seed(seed: int, cfg: Config, ctx: RunContext, bar) -> dict:
+    """Teachers, then every student variant, evaluated on clean and Gaussian-corrupted test inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    split = load_digits(seed).flat()
+    noise_gen = torch.Generator().manual_seed(10_000 + seed)
+    x_noisy = (split.x_test + cfg.noise * torch.randn(split.x_test.shape, generator=noise_gen)).clamp(0, 1)
+    tests = {"clean": split.x_test, "noisy": x_noisy}
+    teachers, epochs = zip(*[train_teacher(split, cfg, gen) for _ in range(cfg.members)])
+    ctx.observe(teacher_epochs=epochs[0], members=len(teachers))
+    with torch.no_grad():
+        ens = {c: teacher_logits(teachers, x).softmax(-1).mean(0) for c, x in tests.items()}
+    res = {"teachers(DE)": {c: probs_metrics(ens[c], ens[c], split.y_test) for c in tests}}
+    perturbed = []
+    for v, variant, eps in [("kd", "kd", 0.0), ("kd+avg", "be", 0.0)] + [
+            (f"kd+avg+perturb(eps={e:.3g})", "be", e) for e in cfg.eps]:
+        model, diag = train_student(variant, split, teachers, cfg, gen, eps=eps, progress=bar)
+        ctx.observe(epochs=diag["epochs"], student_hidden=diag["hidden"])
         with torch.no_grad():
-            ens = {c: teacher_logits(teachers, x).softmax(-1).mean(0) for c, x in tests.items()}
-        for c in conditions:
-            results["teachers(DE)"][c].append(_evaluate(ens[c], ens[c], split.y_test))
-        for v in variants:
-            if v == "kd":
-                model, diag = _train_student("kd", split, teachers, args, gen, progress=bar)
-            else:
-                eps = eps_list[variants.index(v) - 2] if v.startswith("kd+avg+") else 0.0
-                model, diag = _train_student("be", split, teachers, args, gen, eps=eps, progress=bar)
-                disagreement[v].append(diag["member_disagreement"])
-            with torch.no_grad():
-                for c, x in tests.items():
-                    results[v][c].append(_evaluate(model(x).softmax(-1), ens[c], split.y_test))
-            if v == "kd+avg":  # the unfolded BE ensemble (M× inference cost) as a reference, clean inputs only
-                results["be_ensemble(unfolded)"]["clean"].append(
-                    _evaluate(diag["be_ensemble_probs"], ens["clean"], split.y_test))
-        ctx.log(f"seed {seed}: " + ", ".join(
-            f"{v} nll={results[v]['clean'][-1]['nll']:.3f}/{results[v]['noisy'][-1]['nll']:.3f}" for v in variants))
+            res[v] = {c: probs_metrics(model(x).softmax(-1), ens[c], split.y_test) for c, x in tests.items()}
+        if variant == "be":
+            res[v]["member_disagreement_before_fold"] = diag["member_disagreement"]
+        if diag["eps"] > 0:
+            perturbed.append(diag["eps"])
+        if v == "kd+avg":  # the unfolded BE ensemble (M× inference cost) as a reference, clean inputs only
+            res["be_ensemble(unfolded)"] = {"clean": probs_metrics(diag["be_ensemble_probs"], ens["clean"],
+                                                                   split.y_test)}
+    ctx.observe(eps=perturbed)
+    return res
+
+
+def run(cfg: Config, ctx: RunContext) -> dict:
+    variants = ["kd", "kd+avg"] + [f"kd+avg+perturb(eps={e:.3g})" for e in cfg.eps]
+    bar = ctx.progress(total=cfg.seeds * len(variants) * cfg.epochs, desc="ensemble_distill")
+    per_seed = []
+    for seed in seed_list(ctx.seed, cfg.seeds):
+        per_seed.append(run_seed(seed, cfg, ctx, bar))
+        ctx.log(f"seed {seed}: " + ", ".join(f"{v} nll={per_seed[-1][v]['clean']['nll']:.3f}/"
+                                              f"{per_seed[-1][v]['noisy']['nll']:.3f}" for v in variants))
     bar.close()
-
-    def agg(rows: list[dict]) -> dict:
-        if not rows:
-            return {}
-        out = {}
-        for k in rows[0]:
-            vals = np.array([r[k] for r in rows])
-            out[k] = {"mean": float(vals.mean()), "std": float(vals.std())}
-        return out
-
-    table = {v: {c: agg(results[v][c]) for c in conditions if results[v][c]} for v in results}
-    # effect checks (honest flags, not tuned): does averaging/perturbation lower NLL and KL vs plain KD?
-    effects = {}
-    best = min(variants[2:], key=lambda v: table[v]["noisy"]["nll"]["mean"]) if len(variants) > 2 else None
-    for c in conditions:
-        for metric in ("nll", "kl_to_ensemble"):
-            kd, avg = table["kd"][c][metric]["mean"], table["kd+avg"][c][metric]["mean"]
-            effects[f"{c}_{metric}_avg_lt_kd"] = avg < kd
-            if best is not None:
-                effects[f"{c}_{metric}_perturb_lt_avg"] = table[best][c][metric]["mean"] < avg
-    metrics = {
-        "dataset": "digits", "members": args.members, "seeds": args.seeds, "layer": args.layer,
-        "noise_std": args.noise, "eps": eps_list, "table": table,
-        "member_disagreement_before_fold": {v: float(np.mean(d)) for v, d in disagreement.items() if d},
-        "best_perturb_variant": best, "effects": effects,
-    }
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    ctx.observe(seeds=len(per_seed))
+    table = {v: aggregate([r[v] for r in per_seed]) for v in per_seed[0]}
+    # paired over seeds (same teachers): does averaging / the perturbation lower NLL and KL vs plain KD?
+    comparisons = {f"{a}_minus_{b}": {c: {k: paired([r[a][c][k] for r in per_seed], [r[b][c][k] for r in per_seed])
+                                          for k in ("nll", "kl_to_ensemble", "accuracy")} for c in ("clean", "noisy")}
+                   for a, b in [("kd+avg", "kd")] + [(v, "kd+avg") for v in variants[2:]]}
     names = ["teachers(DE)"] + variants
-    xpos = np.arange(len(names))
-    for ax, metric in zip(axes, ("accuracy", "nll", "kl_to_ensemble")):
-        for j, c in enumerate(conditions):
-            vals = [table[n][c][metric]["mean"] for n in names]
-            errs = [table[n][c][metric]["std"] for n in names]
-            ax.bar(xpos + (j - 0.5) * 0.38, vals, 0.38, yerr=errs, label=c)
-        ax.set_xticks(xpos, names, rotation=30, ha="right", fontsize=7)
-        ax.set_title(metric)
-        ax.legend()
-    fig.suptitle(f"ensemble distillation on digits ({args.members} teachers, {args.seeds} seeds, {args.layer} MLPs)")
-    fig.tight_layout()
-    fig.savefig(ctx.plot_path("ensemble_distill.png"), dpi=120)
-    plt.close(fig)
-    return metrics
+    plot_curves(ctx.plot_path("ensemble_distill.png"), [
+        Panel(k, kind="bar", groups={c: {n: table[n][c][k] for n in names} for c in ("clean", "noisy")})
+        for k in ("accuracy", "nll", "kl_to_ensemble")],
+        title=f"ensemble distillation on digits ({cfg.members} teachers, {cfg.seeds} seeds, {cfg.layer} MLPs)")
+    return {"dataset": "digits", "members": cfg.members, "seeds": seed_list(ctx.seed, cfg.seeds), "eps": list(cfg.eps),
+            "table": table, "paired": comparisons,
+            "per_seed": [{v: {c: r[v][c] for c in ("clean", "noisy") if c in r[v]} for v in r} for r in per_seed]}
 
 
-RECIPE = Recipe("ensemble_distill", add_arguments, run,
-                "Ensemble distillation into a BatchEnsemble student, latent weight averaging and diversifying "
-                "perturbation (Nam et al. 2022) on digits")
+RECIPE = Recipe("ensemble_distill", Config, run, quick=QUICK,
+                description="Ensemble distillation into a BatchEnsemble student, latent weight averaging and "
+                            "diversifying perturbation (Nam et al. 2022) on digits")

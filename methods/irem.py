@@ -47,7 +47,7 @@ OOD advantage of more reasoning steps appeared with longer training.)
 """
 from __future__ import annotations
 
-import argparse
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -55,12 +55,14 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .buffers import ReplayBuffer
 from .models import MLP
-from .recipe import Recipe, RunContext
+from .recipe import Recipe, RunContext, option, seed_list
+from .report import Panel, aggregate, plot_curves
+from .train import fit, step_batches
 
 __all__ = [
     "EnergyMLP",
-    "ReplayBuffer",
     "Trajectory",
     "energy_grad",
     "energy_step",
@@ -203,57 +205,6 @@ def min_energy_select(ys: Tensor, energies: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # --------------------------------------------------------------------------------------------------
-# replay buffer of optimisation states
-# --------------------------------------------------------------------------------------------------
-
-
-class ReplayBuffer:
-    """FIFO ring of ``(x, y_state, target)`` rows (official ``ReplayBuffer``, capacity 10 000).
-
-    ``add`` writes rows at the ring pointer, overwriting the oldest once full; ``sample(n)`` draws ``n`` rows
-    uniformly *with replacement* using ``generator`` and returns copies.
-    """
-
-    def __init__(self, capacity: int = 10_000, generator: Optional[torch.Generator] = None):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"ReplayBuffer: capacity must be a positive int, got {capacity!r}")
-        self.capacity = capacity
-        self.generator = generator or torch.Generator().manual_seed(0)
-        self._data: Optional[list[Tensor]] = None
-        self._size = 0
-        self._next = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def add(self, x: Tensor, y: Tensor, target: Tensor) -> None:
-        rows = [t.detach() for t in (x, y, target)]
-        n = rows[0].shape[0]
-        if any(r.dim() != 2 or r.shape[0] != n for r in rows):
-            raise ValueError("ReplayBuffer.add: x, y, target must be 2-D with the same number of rows, got "
-                             f"{[tuple(r.shape) for r in rows]}")
-        if self._data is None:
-            self._data = [torch.empty(self.capacity, r.shape[1], dtype=r.dtype, device=r.device) for r in rows]
-        elif any(r.shape[1] != d.shape[1] for r, d in zip(rows, self._data)):
-            raise ValueError(f"ReplayBuffer.add: row widths {[r.shape[1] for r in rows]} differ from the stored "
-                             f"{[d.shape[1] for d in self._data]}")
-        if n > self.capacity:  # only the newest rows survive
-            rows = [r[-self.capacity:] for r in rows]
-            n = self.capacity
-        idx = (self._next + torch.arange(n)) % self.capacity
-        for d, r in zip(self._data, rows):
-            d[idx.to(d.device)] = r.to(d.dtype)
-        self._next = (self._next + n) % self.capacity
-        self._size = min(self._size + n, self.capacity)
-
-    def sample(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        if self._size == 0:
-            raise ValueError("ReplayBuffer.sample: the buffer is empty")
-        idx = torch.randint(0, self._size, (n,), generator=self.generator)
-        return tuple(d[idx.to(d.device)].clone() for d in self._data)
-
-
-# --------------------------------------------------------------------------------------------------
 # training and evaluation
 # --------------------------------------------------------------------------------------------------
 
@@ -266,13 +217,13 @@ def irem_train_step(energy: nn.Module, optimizer: torch.optim.Optimizer, x: Tens
     Fresh problems start at ``y⁰ ~ U(-1, 1)``; when ``buffer`` holds ≥ B states, B replayed
     ``(x, y_state, y*)`` are appended and continue from ``y_state``. Loss ``mean_b mean_j (y^K − y*)²``,
     one optimizer step, then the whole batch is pushed into ``buffer`` with its new ``y^K``.
-    Returns ``{"loss", "loss_fresh", "energy_start", "energy_end"}``.
+    Returns ``{"loss", "loss_fresh", "energy_start", "energy_end", "steps"}`` (``steps``: the descent steps run).
     """
     _check_xy(x, target, None, None, "irem_train_step")
     b = x.shape[0]
     y0 = torch.rand(target.shape, generator=generator).to(target) * 2 - 1
     if buffer is not None and len(buffer) >= b:
-        xr, yr, tr = buffer.sample(b)
+        xr, yr, tr = buffer.sample(b, replace=True)
         x, y0, target = torch.cat([x, xr.to(x)]), torch.cat([y0, yr.to(y0)]), torch.cat([target, tr.to(target)])
     traj = energy_descent(energy, x, y0, steps, step_lr, grad_steps=grad_steps, final_energy=False)
     per = (traj.y - target).pow(2).mean(-1)
@@ -282,8 +233,9 @@ def irem_train_step(energy: nn.Module, optimizer: torch.optim.Optimizer, x: Tens
     optimizer.step()
     if buffer is not None:
         buffer.add(x, traj.y.detach(), target)
-    return {"loss": float(loss.detach()), "loss_fresh": float(per[:b].detach().mean()), "energy_start": float(traj.energies[0].mean()),
-            "energy_end": float(traj.energies[-2].mean()) if steps else float("nan")}
+    return {"loss": float(loss.detach()), "loss_fresh": float(per[:b].detach().mean()),
+            "energy_start": float(traj.energies[0].mean()),
+            "energy_end": float(traj.energies[-2].mean()) if steps else float("nan"), "steps": traj.ys.shape[0] - 1}
 
 
 @torch.no_grad()
@@ -353,133 +305,116 @@ def make_task(name: str, n: int, size: int, *, ood: bool = False,
 # --------------------------------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", default=None,
-                   help=f"comma-separated subset of {TASKS} (default: inverse; with --quick both)")
-    p.add_argument("--size", type=int, default=None, help="matrix side (default: 5 for inverse, 4 for addition)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--nblocks", type=int, default=4)
-    p.add_argument("--layer", default="monarch", choices=("monarch", "dense", "blockdiag"))
-    p.add_argument("--iters", type=int, default=4000, help="training iterations (IREM and the baseline)")
-    p.add_argument("--batch-size", type=int, default=128, help="fresh problems per batch (IREM adds as many replayed)")
-    p.add_argument("--steps", type=int, default=10, help="K, reasoning steps during training (official 10)")
-    p.add_argument("--step-lr", type=float, default=None,
-                   help="λ, step size of the energy descent (default: %s; official 100)" % DEFAULT_STEP_LR)
-    p.add_argument("--grad-steps", type=int, default=1, help="differentiable last steps (1: truncated; K: full)")
-    p.add_argument("--no-replay", action="store_true", help="train without the replay buffer")
-    p.add_argument("--buffer", type=int, default=10_000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--eval-steps", type=int, default=40)
+@dataclass(frozen=True)
+class Config:
+    tasks: tuple[str, ...] = option(("inverse",), "matrix tasks", choices=TASKS)
+    size: Optional[int] = option(None, "matrix side (default: 5 for inverse, 4 for addition)")
+    hidden: int = option(256, "energy MLP width (official 512)")
+    nblocks: int = option(4, "Monarch blocks")
+    layer: str = option("monarch", "hidden layers", choices=("monarch", "dense", "blockdiag"))
+    iters: int = option(4000, "training iterations (IREM and the baseline)")
+    batch_size: int = option(128, "fresh problems per batch (IREM adds as many replayed)")
+    steps: int = option(10, "K, reasoning steps during training (official 10)")
+    step_lr: Optional[float] = option(None, f"λ, step size of the energy descent (default: {DEFAULT_STEP_LR}; "
+                                            "official 100)")
+    grad_steps: int = option(1, "differentiable last steps (1: truncated; K: full)")
+    replay: bool = option(True, "replay buffer of optimisation states")
+    buffer: int = option(10_000, "replay buffer capacity")
+    lr: float = option(1e-3, "Adam learning rate")
+    test_size: int = option(1000, "test problems per split")
+    eval_steps: int = option(40, "reasoning steps at test time")
+    seeds: int = option(3, "number of seeds (seed, seed+1, ...)")
+
+    def __post_init__(self):
+        if not 0 <= self.grad_steps <= self.steps:
+            raise ValueError(f"--grad-steps must be in [0, --steps={self.steps}], got {self.grad_steps}")
 
 
-def _train_feedforward(dim_x: int, dim_y: int, args, ctx: RunContext, task: str, size: int) -> nn.Module:
-    net = MLP(dim_x, args.hidden, dim_y, depth=3, layer=args.layer, nblocks=args.nblocks, activation=nn.ReLU,
-              dense_ends=False)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    for _ in ctx.progress(range(args.iters), desc=f"{task}: feed-forward"):
-        x, y = make_task(task, args.batch_size, size, generator=ctx.generator)
-        loss = (net(x) - y).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return net
+QUICK = {"iters": 200, "hidden": 64, "test_size": 200, "eval_steps": 20, "batch_size": 64, "steps": 5,
+         "tasks": ("addition",), "seeds": 1}
 
 
-def _run_task(task: str, args, ctx: RunContext) -> dict:
-    size = args.size or (5 if task == "inverse" else 4)
+def train_models(task: str, size: int, dim_x: int, dim_y: int, step_lr: float, cfg: Config, ctx: RunContext,
+                 gen: torch.Generator) -> tuple[EnergyMLP, nn.Module, list]:
+    """IREM (truncated energy descent, replay buffer) and the feed-forward baseline (same MLP shape and
+    iterations, MSE), both on fresh problems every iteration."""
+    energy = EnergyMLP(dim_x, dim_y, hidden=cfg.hidden, depth=3, layer=cfg.layer, nblocks=cfg.nblocks)
+    opt = torch.optim.Adam(energy.parameters(), lr=cfg.lr)
+    buffer = ReplayBuffer(cfg.buffer, gen) if cfg.replay else None
+
+    def irem_step(m, batch):
+        st = irem_train_step(m, opt, *batch, steps=cfg.steps, step_lr=step_lr, grad_steps=cfg.grad_steps,
+                             buffer=buffer, generator=gen)
+        ctx.observe(batch_size=batch[0].shape[0], steps=st["steps"])
+        return st["loss_fresh"]
+
+    draw = step_batches(lambda: make_task(task, cfg.batch_size, size, generator=gen))
+    hist = fit(energy, opt, draw, epochs=cfg.iters, step=irem_step, progress=ctx.progress, desc=f"{task}: IREM")
+    ff = MLP(dim_x, cfg.hidden, dim_y, depth=3, layer=cfg.layer, nblocks=cfg.nblocks, activation=nn.ReLU,
+             dense_ends=False)
+    fit(ff, torch.optim.Adam(ff.parameters(), lr=cfg.lr), draw, epochs=cfg.iters,
+        loss_fn=lambda m, x, y: (m(x) - y).pow(2).mean(), progress=ctx.progress, desc=f"{task}: feed-forward")
+    ctx.observe(iters=hist.epochs, hidden=energy.net.net[0].out_features)
+    return energy, ff, hist.losses
+
+
+def run_task(task: str, cfg: Config, seed: int, gen: torch.Generator, ctx: RunContext) -> dict:
+    size = cfg.size or (5 if task == "inverse" else 4)
     x_probe, y_probe = make_task(task, 1, size, generator=torch.Generator().manual_seed(0))
     dim_x, dim_y = x_probe.shape[1], y_probe.shape[1]
-    test_gen = torch.Generator().manual_seed(10_000 + args.seed)
-    tests = {split: make_task(task, args.test_size, size, ood=split == "ood", generator=test_gen)
+    test_gen = torch.Generator().manual_seed(10_000 + seed)
+    tests = {split: make_task(task, cfg.test_size, size, ood=split == "ood", generator=test_gen)
              for split in ("id", "ood")}
-
-    step_lr = args.step_lr if args.step_lr is not None else DEFAULT_STEP_LR[task]
-    energy = EnergyMLP(dim_x, dim_y, hidden=args.hidden, depth=3, layer=args.layer, nblocks=args.nblocks)
-    opt = torch.optim.Adam(energy.parameters(), lr=args.lr)
-    buffer = None if args.no_replay else ReplayBuffer(args.buffer, generator=ctx.generator)
-    losses = []
-    for _ in ctx.progress(range(args.iters), desc=f"{task}: IREM"):
-        x, y = make_task(task, args.batch_size, size, generator=ctx.generator)
-        st = irem_train_step(energy, opt, x, y, steps=args.steps, step_lr=step_lr, grad_steps=args.grad_steps,
-                             buffer=buffer, generator=ctx.generator)
-        losses.append(st["loss_fresh"])
-    ff = _train_feedforward(dim_x, dim_y, args, ctx, task, size)
-
+    ctx.observe(test_size=len(tests["id"][0]))
+    step_lr = cfg.step_lr if cfg.step_lr is not None else DEFAULT_STEP_LR[task]
+    energy, ff, losses = train_models(task, size, dim_x, dim_y, step_lr, cfg, ctx, gen)
     out = {"dim_x": dim_x, "dim_y": dim_y, "size": size, "step_lr": step_lr,
-           "train_loss_fresh_last100": sum(losses[-100:]) / len(losses[-100:])}
-    report = tuple(t for t in (1, 5, 10, 20, 40, 80) if t <= args.eval_steps)
+           "train_loss_fresh_last100": statistics.fmean(losses[-100:])}
+    report = tuple(t for t in (1, 5, 10, 20, 40, 80) if t <= cfg.eval_steps)
     for split, (x, y) in tests.items():
-        ev = evaluate_irem(energy, x, y, steps=args.eval_steps, step_lr=step_lr, report_steps=report,
-                           generator=torch.Generator().manual_seed(20_000 + args.seed))
+        ev = evaluate_irem(energy, x, y, steps=cfg.eval_steps, step_lr=step_lr, report_steps=report,
+                           generator=torch.Generator().manual_seed(20_000 + seed))
+        ctx.observe(eval_steps=len(ev["mse_curve"]) - 1)
         with torch.no_grad():
             ff.eval()
             ff_mse = float((ff(x) - y).pow(2).mean())
         curve_e = ev["energy_curve"]
         out[split] = {
-            "irem_mse_at_step": ev["mse_at"],
-            "irem_mse_min_energy": ev["mse_min_energy"],
-            "irem_mean_min_energy_step": ev["mean_min_energy_step"],
-            "feedforward_mse": ff_mse,
-            "zero_predictor_mse": float(y.pow(2).mean()),
-            "energy_decrease_frac": ev["energy_decrease_frac"],
+            "irem_mse_at_step": ev["mse_at"], "irem_mse_min_energy": ev["mse_min_energy"],
+            "irem_mean_min_energy_step": ev["mean_min_energy_step"], "feedforward_mse": ff_mse,
+            "zero_predictor_mse": float(y.pow(2).mean()), "energy_decrease_frac": ev["energy_decrease_frac"],
             "energy_end_below_start_frac": ev["energy_end_below_start_frac"],
             "mean_energy_monotone": all(b <= a for a, b in zip(curve_e[:-1], curve_e[1:])),
-            "mse_curve": ev["mse_curve"],
-            "energy_curve": curve_e,
-        }
-        at = ev["mse_at"]
-        if args.steps in at and max(at) > args.steps:
-            out[split]["more_steps_help"] = at[max(at)] < at[args.steps]
+            "mse_curve": ev["mse_curve"], "energy_curve": curve_e}
     return out
 
 
-def _plot(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = list(results)
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7), squeeze=False)
-    for j, task in enumerate(tasks):
-        ax, axe = axes[0, j], axes[1, j]
-        for split, c in (("id", "C0"), ("ood", "C3")):
-            r = results[task][split]
-            ax.semilogy(r["mse_curve"], color=c, label=f"IREM {split}")
-            ax.axhline(r["feedforward_mse"], color=c, ls="--", label=f"feed-forward {split}")
-            axe.plot(r["energy_curve"], color=c, label=f"{split}")
-        ax.set(title=f"{task}: test MSE vs reasoning steps", xlabel="step", ylabel="MSE")
-        axe.set(title=f"{task}: mean energy along the trajectory", xlabel="step", ylabel="E(x, y^t)")
-        ax.legend(fontsize=7)
-        axe.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run(args: argparse.Namespace, ctx: RunContext) -> dict:
-    if args.quick:
-        args.iters, args.hidden, args.test_size, args.eval_steps = min(args.iters, 100), 64, 200, 20
-        args.batch_size, args.steps = min(args.batch_size, 64), min(args.steps, 5)
-    if args.tasks is None:
-        args.tasks = "inverse,addition" if args.quick else "inverse"
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for t in tasks:
-        if t not in TASKS:
-            raise ValueError(f"--tasks: unknown task {t!r}; expected a subset of {TASKS}")
-    if not 0 <= args.grad_steps <= args.steps:
-        raise ValueError(f"--grad-steps must be in [0, --steps={args.steps}], got {args.grad_steps}")
-    results = {}
-    for task in tasks:
-        results[task] = _run_task(task, args, ctx)
-        for split in ("id", "ood"):
-            r = results[task][split]
-            at = " ".join(f"{t}:{v:.4f}" for t, v in r["irem_mse_at_step"].items())
-            ctx.log(f"[irem] {task} {split}: IREM MSE at steps {at} | min-energy {r['irem_mse_min_energy']:.4f} | "
-                    f"feed-forward {r['feedforward_mse']:.4f} | energy decreases {r['energy_decrease_frac']:.2f}")
-    _plot(results, ctx.plot_path("irem_steps.png"))
-    return {"tasks": results, "layer": args.layer, "train_steps_K": args.steps, "iters": args.iters}
+def run(cfg: Config, ctx: RunContext) -> dict:
+    per_seed = []
+    for seed in seed_list(ctx.seed, cfg.seeds):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # problems, replay sampling and descent starts of this seed
+        per_seed.append({task: run_task(task, cfg, seed, gen, ctx) for task in cfg.tasks})
+        for task, r in per_seed[-1].items():
+            for split in ("id", "ood"):
+                at = " ".join(f"{t}:{v:.4f}" for t, v in r[split]["irem_mse_at_step"].items())
+                ctx.log(f"[irem] seed {seed} {task} {split}: IREM MSE at steps {at} | min-energy "
+                        f"{r[split]['irem_mse_min_energy']:.4f} | feed-forward {r[split]['feedforward_mse']:.4f} | "
+                        f"energy decreases {r[split]['energy_decrease_frac']:.2f}")
+    ctx.observe(seeds=len(per_seed), tasks=list(per_seed[0]))
+    summary = {t: {sp: aggregate([r[t][sp] for r in per_seed]) for sp in ("id", "ood")} for t in cfg.tasks}
+    first = per_seed[0]
+    plot_curves(ctx.plot_path("irem_steps.png"), [
+        Panel(f"{task}: test MSE vs reasoning steps (seed {ctx.seed})",
+              {f"IREM {sp}": (range(len(first[task][sp]["mse_curve"])), first[task][sp]["mse_curve"])
+               for sp in ("id", "ood")}, xlabel="step", ylabel="MSE", logy=True,
+              hline={f"feed-forward {sp}": first[task][sp]["feedforward_mse"] for sp in ("id", "ood")})
+        for task in cfg.tasks] + [
+        Panel(f"{task}: mean energy along the trajectory", {sp: (range(len(first[task][sp]["energy_curve"])),
+                                                                  first[task][sp]["energy_curve"]) for sp in ("id", "ood")},
+              xlabel="step", ylabel="E(x, y^t)") for task in cfg.tasks])
+    return {"seeds": seed_list(ctx.seed, cfg.seeds), "layer": cfg.layer, "train_steps_K": cfg.steps,
+            "summary": summary, "per_seed": per_seed}
 
 
-RECIPE = Recipe("irem", add_arguments, run, description=__doc__.splitlines()[0])
+RECIPE = Recipe("irem", Config, run, quick=QUICK, description=__doc__.splitlines()[0])

@@ -2,10 +2,10 @@
 
 Online class-incremental learning: the tasks (disjoint class pairs) arrive as one stream, each sample is seen once
 in batches of 10, a single head covers all classes and no task id is given at test time. A reservoir buffer
-(:class:`ReservoirBuffer`) keeps a uniform sample of the stream. OCM learns the representation by maximising mutual
+(:class:`methods.buffers.ReplayBuffer`, ``policy="reservoir"``) keeps a uniform sample of the stream. OCM learns the representation by maximising mutual
 information with InfoNCE losses, and preserves old knowledge by maximising the MI between the current and the
 previous model's representations. Algorithm as in the official code (gydpku/OCM, ``test_mnist.py`` and
-``InfoNCE/contrastive_learning.py``; ``research/methods-b.md`` §1), with the deviations listed at the end.
+``InfoNCE/contrastive_learning.py``), with the deviations listed at the end.
 
 Views (:func:`rotation_views`). Each image gives 16 views: 4 "local rotations" (split the image into its left and
 right halves and rotate none / the left / both / the right half by 180° in place) × 4 global rotations by
@@ -57,15 +57,19 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .buffers import ReplayBuffer
 from .data import load_image_dataset
 from .models import MLP, linear
-from .recipe import Recipe, RunContext
+from .recipe import Recipe, RunContext, option, seed_list
+from .report import Panel, aggregate, format_mean_std, paired, plot_curves
 
 N_VIEWS = 16
 
@@ -125,51 +129,6 @@ def random_resized_crop(x: Tensor, generator: torch.Generator, scale=(0.3, 1.0),
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
     grid = F.affine_grid(theta.to(x), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-
-
-def reservoir_slot(n_seen: int, capacity: int, draw: int) -> int:
-    """Slot for the next stream item given ``n_seen`` items before it (``-1``: discard). While the buffer is not
-    full the item goes to slot ``n_seen``; afterwards ``draw`` must be uniform in ``[0, n_seen]`` and the item
-    replaces slot ``draw`` if ``draw < capacity`` (probability ``capacity/(n_seen+1)``)."""
-    if n_seen < capacity:
-        return n_seen
-    if not 0 <= draw <= n_seen:
-        raise ValueError(f"draw must lie in [0, n_seen={n_seen}], got {draw}")
-    return draw if draw < capacity else -1
-
-
-class ReservoirBuffer:
-    """Reservoir sampling memory of ``capacity`` examples: after ``n`` stream items every item is in the buffer
-    with probability ``min(1, capacity/n)``, and the buffer never holds more than ``capacity``."""
-
-    def __init__(self, capacity: int, input_shape: Sequence[int], generator: torch.Generator,
-                 dtype: torch.dtype = torch.float32):
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
-        self.capacity, self.generator = capacity, generator
-        self.x = torch.zeros(capacity, *input_shape, dtype=dtype)
-        self.y = torch.full((capacity,), -1, dtype=torch.long)
-        self.n_seen = 0
-
-    def __len__(self) -> int:
-        return min(self.n_seen, self.capacity)
-
-    def add(self, x: Tensor, y: Tensor) -> None:
-        if x.shape[1:] != self.x.shape[1:] or y.shape != (x.shape[0],):
-            raise ValueError(f"add: x must be (B, {', '.join(map(str, self.x.shape[1:]))}) and y (B,), got "
-                             f"{tuple(x.shape)} and {tuple(y.shape)}")
-        for xi, yi in zip(x, y):
-            draw = int(torch.randint(0, self.n_seen + 1, (1,), generator=self.generator)) \
-                if self.n_seen >= self.capacity else 0
-            slot = reservoir_slot(self.n_seen, self.capacity, draw)
-            if slot >= 0:
-                self.x[slot], self.y[slot] = xi, yi
-            self.n_seen += 1
-
-    def sample(self, batch_size: int) -> tuple[Tensor, Tensor]:
-        """Up to ``batch_size`` distinct stored examples, uniformly at random."""
-        idx = torch.randperm(len(self), generator=self.generator)[:batch_size]
-        return self.x[idx], self.y[idx]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,8 +270,9 @@ def run_stream(method: str, split, tasks: Sequence[Sequence[int]], *, seed: int,
                stream_batch: int = 10, hidden: int = 400, layer: str = "monarch", lr: float = 1e-3,
                temperature: float = 0.07, max_per_task: Optional[int] = None, buffer_batch_cap: int = 64,
                crop_scale: tuple = (0.3, 1.0), progress=None) -> dict:
-    """One online class-incremental run; returns the accuracy matrix ``acc[t][j]`` (task ``j`` after task ``t``)
-    and the final accuracy on the whole test set."""
+    """One online class-incremental run; returns the accuracy matrix ``acc[t][j]`` (task ``j`` after task ``t``),
+    the final accuracy on the whole test set (classifier and NCM read-out), forgetting, and the ``settings`` the
+    model, buffer and stream were built with."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     gen = torch.Generator().manual_seed(seed)
@@ -320,7 +280,7 @@ def run_stream(method: str, split, tasks: Sequence[Sequence[int]], *, seed: int,
     num_classes = split.num_classes
     model = OCMNet(int(torch.tensor(split.input_shape).prod()), num_classes, hidden=hidden, layer=layer)
     opt = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
-    buffer = ReservoirBuffer(buffer_size, split.input_shape, gen)
+    buffer = ReplayBuffer(buffer_size, gen, policy="reservoir")
     prev, seen = None, set()
     test_sets = [(split.x_test[torch.isin(split.y_test, torch.tensor(t))],
                   split.y_test[torch.isin(split.y_test, torch.tensor(t))]) for t in tasks]
@@ -335,7 +295,7 @@ def run_stream(method: str, split, tasks: Sequence[Sequence[int]], *, seed: int,
             seen.update(y.tolist())
             mem = None
             if len(buffer) and method != "finetune":
-                mem = buffer.sample(buffer_batch_size(len(seen), buffer_batch_cap))
+                mem = buffer.sample(buffer_batch_size(len(seen), buffer_batch_cap), replace=False)
             if method == "finetune":
                 loss = F.cross_entropy(model(x), y)
             elif method == "er":
@@ -355,11 +315,13 @@ def run_stream(method: str, split, tasks: Sequence[Sequence[int]], *, seed: int,
         model.eval()
         with torch.no_grad():
             acc.append([float((model(xt).argmax(1) == yt).float().mean()) for xt, yt in test_sets])
-            mx, my = buffer.x[: len(buffer)], buffer.y[: len(buffer)]
+            mx, my = buffer.stored()
             acc_ncm.append([float((ncm_predict(model, mx, my, xt) == yt).float().mean()) for xt, yt in test_sets])
         final_ncm = float((ncm_predict(model, mx, my, split.x_test) == split.y_test).float().mean())
         final = float((model(split.x_test).argmax(1) == split.y_test).float().mean())
-    return {"acc_matrix": acc, "final_accuracy": final, "forgetting": forgetting(acc),
+    settings = {"buffer_size": buffer.capacity, "hidden": model.classifier.in_features, "stream_batch": stream_batch,
+                "buffer_batch": buffer_batch_cap, "max_per_task": max_per_task}
+    return {"settings": settings, "acc_matrix": acc, "final_accuracy": final, "forgetting": forgetting(acc),
             "acc_matrix_ncm": acc_ncm, "final_accuracy_ncm": final_ncm, "forgetting_ncm": forgetting(acc_ncm)}
 
 
@@ -375,100 +337,72 @@ def forgetting(acc: Sequence[Sequence[float]]) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # Recipe
 # ----------------------------------------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--dataset", default="mnist", choices=["mnist", "digits"])
-    p.add_argument("--tasks", type=int, default=5, help="class-incremental tasks (classes split evenly)")
-    p.add_argument("--buffer-size", type=int, default=1000, help="reservoir memory (official MNIST: 1000)")
-    p.add_argument("--stream-batch", type=int, default=10)
-    p.add_argument("--hidden", type=int, default=400)
-    p.add_argument("--layer", default="monarch", choices=["dense", "monarch", "blockdiag"])
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--temperature", type=float, default=0.07)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--buffer-batch", type=int, default=64, help="cap of the buffer batch min(cap, 7·classes seen)")
-    p.add_argument("--crop-scale", type=float, default=0.3, help="min area of the random resized crop")
-    p.add_argument("--max-per-task", type=int, default=None, help="cap on stream samples per task")
+@dataclass(frozen=True)
+class Config:
+    dataset: str = option("mnist", "image dataset", choices=("mnist", "digits"))
+    tasks: int = option(5, "class-incremental tasks (classes split evenly)")
+    buffer_size: int = option(1000, "reservoir memory (official MNIST: 1000)")
+    stream_batch: int = option(10, "incoming batch size")
+    hidden: int = option(400, "encoder width (official MNIST: 400)")
+    layer: str = option("monarch", "encoder and projection layers", choices=("dense", "monarch", "blockdiag"))
+    lr: float = option(1e-3, "Adam learning rate")
+    temperature: float = option(0.07, "InfoNCE temperature τ")
+    seeds: int = option(3, "number of seeds (seed, seed+1, ...)")
+    methods: tuple[str, ...] = option(METHODS, "methods to compare", choices=METHODS)
+    buffer_batch: int = option(64, "cap of the buffer batch min(cap, 7·classes seen)")
+    crop_scale: float = option(0.3, "min area of the random resized crop")
+    max_per_task: Optional[int] = option(None, "cap on stream samples per task")
 
 
-def run(args, ctx: RunContext) -> dict:
-    import matplotlib
+QUICK = {"dataset": "digits", "seeds": 1, "hidden": 128, "max_per_task": 40, "buffer_size": 100, "buffer_batch": 16}
+KEYS = ("final_accuracy", "forgetting", "old_tasks_accuracy", "last_task_accuracy", "final_accuracy_ncm",
+        "forgetting_ncm")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
 
-    if args.quick:
-        args.dataset, args.seeds, args.hidden, args.max_per_task = "digits", 1, 128, 40
-        args.buffer_size, args.buffer_batch = 100, 16
-    split = load_image_dataset(args.dataset, args.seed)
-    per = split.num_classes // args.tasks
+def run(cfg: Config, ctx: RunContext) -> dict:
+    split = load_image_dataset(cfg.dataset, ctx.seed)
+    per = split.num_classes // cfg.tasks
     if per < 1:
         raise ValueError(f"--tasks must be <= {split.num_classes}")
-    tasks = [list(range(t * per, (t + 1) * per)) for t in range(args.tasks)]
+    tasks = [list(range(t * per, (t + 1) * per)) for t in range(cfg.tasks)]
     n_steps = sum(math.ceil(min(int(torch.isin(split.y_train, torch.tensor(t)).sum()),
-                                args.max_per_task or 10**9) / args.stream_batch) for t in tasks)
-    bar = ctx.progress(total=n_steps * args.seeds * len(args.methods), desc="ocm")
-    runs = {m: [] for m in args.methods}
-    for si in range(args.seeds):
-        for m in args.methods:
-            r = run_stream(m, split, tasks, seed=args.seed + si, buffer_size=args.buffer_size,
-                           stream_batch=args.stream_batch, hidden=args.hidden, layer=args.layer, lr=args.lr,
-                           temperature=args.temperature, max_per_task=args.max_per_task,
-                           buffer_batch_cap=args.buffer_batch, crop_scale=(args.crop_scale, 1.0), progress=bar)
-            runs[m].append(r)
-            ctx.log(f"seed {args.seed + si} {m:11s} final acc {r['final_accuracy']:.3f} "
-                    f"forgetting {r['forgetting']:.3f} (NCM {r['final_accuracy_ncm']:.3f} / "
-                    f"{r['forgetting_ncm']:.3f})")
-    bar.close()
-    keys = ("final_accuracy", "forgetting", "old_tasks_accuracy", "last_task_accuracy", "final_accuracy_ncm",
-            "forgetting_ncm")
-    summary = {}
-    for m, rs in runs.items():
-        for r in rs:
-            r["old_tasks_accuracy"] = float(np.mean(r["acc_matrix"][-1][:-1]))
+                                cfg.max_per_task or 10**9) / cfg.stream_batch) for t in tasks)
+    bar = ctx.progress(total=n_steps * cfg.seeds * len(cfg.methods), desc="ocm")
+    runs = {m: [] for m in cfg.methods}
+    for seed in seed_list(ctx.seed, cfg.seeds):
+        for m in cfg.methods:
+            r = run_stream(m, split, tasks, seed=seed, buffer_size=cfg.buffer_size, stream_batch=cfg.stream_batch,
+                           hidden=cfg.hidden, layer=cfg.layer, lr=cfg.lr, temperature=cfg.temperature,
+                           max_per_task=cfg.max_per_task, buffer_batch_cap=cfg.buffer_batch,
+                           crop_scale=(cfg.crop_scale, 1.0), progress=bar)
+            r["old_tasks_accuracy"] = statistics.fmean(r["acc_matrix"][-1][:-1])
             r["last_task_accuracy"] = r["acc_matrix"][-1][-1]
-        summary[m] = {k: {"mean": float(np.mean([r[k] for r in rs])), "std": float(np.std([r[k] for r in rs]))}
-                      for k in keys}
-    effects = {}
-    if {"ocm", "er"} <= set(summary):
-        for k in ("final_accuracy", "old_tasks_accuracy", "final_accuracy_ncm"):
-            effects[f"ocm_{k}_gt_er"] = summary["ocm"][k]["mean"] > summary["er"][k]["mean"]
-        effects["ocm_forgetting_lt_er"] = summary["ocm"]["forgetting"]["mean"] < summary["er"]["forgetting"]["mean"]
-    if {"ocm", "ocm_no_pre"} <= set(summary):
-        effects["preservation_lowers_forgetting"] = (summary["ocm"]["forgetting"]["mean"]
-                                                     < summary["ocm_no_pre"]["forgetting"]["mean"])
-        effects["preservation_raises_accuracy"] = (summary["ocm"]["final_accuracy"]["mean"]
-                                                   > summary["ocm_no_pre"]["final_accuracy"]["mean"])
-    if {"er", "finetune"} <= set(summary):
-        effects["er_acc_gt_finetune"] = (summary["er"]["final_accuracy"]["mean"]
-                                         > summary["finetune"]["final_accuracy"]["mean"])
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m, rs in runs.items():
-        mat = np.array([r["acc_matrix"] for r in rs])  # seeds, t, j
-        seen_acc = [mat[:, t, : t + 1].mean() for t in range(len(tasks))]
-        axes[0].plot(range(1, len(tasks) + 1), seen_acc, marker="o", label=m)
-    axes[0].set_xlabel("tasks learned")
-    axes[0].set_ylabel("mean accuracy over seen tasks")
-    axes[0].legend()
-    names = list(summary)
-    for j, (k, label) in enumerate((("final_accuracy", "final accuracy"), ("final_accuracy_ncm", "final acc. (NCM)"),
-                                    ("forgetting", "forgetting"))):
-        axes[1].bar(np.arange(len(names)) + (j - 1) * 0.27, [summary[m][k]["mean"] for m in names], 0.27,
-                    yerr=[summary[m][k]["std"] for m in names], label=label)
-    axes[1].set_xticks(np.arange(len(names)), names)
-    axes[1].legend()
-    fig.suptitle(f"online class-incremental split {args.dataset} ({args.tasks} tasks, buffer {args.buffer_size}, "
-                 f"{args.seeds} seeds, {args.layer} MLP)")
-    fig.tight_layout()
-    fig.savefig(ctx.plot_path("ocm.png"), dpi=120)
-    plt.close(fig)
-    return {"dataset": args.dataset, "tasks": tasks, "buffer_size": args.buffer_size, "seeds": args.seeds,
-            "layer": args.layer, "summary": summary, "effects": effects,
-            "runs": runs}
+            runs[m].append(r)
+            ctx.observe(**r.pop("settings"), dataset=split.name)
+            ctx.log(f"seed {seed} {m:11s} final acc {r['final_accuracy']:.3f} forgetting {r['forgetting']:.3f} "
+                    f"(NCM {r['final_accuracy_ncm']:.3f} / {r['forgetting_ncm']:.3f})")
+    bar.close()
+    ctx.observe(seeds=len(runs[cfg.methods[0]]))
+    summary = {m: aggregate([{k: r[k] for k in KEYS} for r in rs]) for m, rs in runs.items()}
+    comparisons = {f"{a}_minus_{b}": {k: paired([r[k] for r in runs[a]], [r[k] for r in runs[b]]) for k in KEYS}
+                   for a, b in (("ocm", "er"), ("ocm", "ocm_no_pre"), ("er", "finetune")) if {a, b} <= set(runs)}
+    for m in runs:
+        ctx.log(f"{m:11s} final accuracy {format_mean_std(summary[m]['final_accuracy'])}")
+    seen_acc = {m: [statistics.fmean(statistics.fmean(r["acc_matrix"][t][: t + 1]) for r in rs)
+                    for t in range(len(tasks))] for m, rs in runs.items()}
+    plot_curves(ctx.plot_path("ocm.png"), [
+        Panel("mean accuracy over the tasks seen", {m: (range(1, len(tasks) + 1), v) for m, v in seen_acc.items()},
+              xlabel="tasks learned", ylabel="accuracy", markers=True),
+        Panel("at the end of the stream", kind="bar", groups={
+            label: {m: summary[m][k] for m in runs} for k, label in (("final_accuracy", "final accuracy"),
+                                                                   ("final_accuracy_ncm", "final acc. (NCM)"),
+                                                                   ("forgetting", "forgetting"))})],
+        title=f"online class-incremental split {cfg.dataset} ({cfg.tasks} tasks, buffer {cfg.buffer_size}, "
+              f"{cfg.seeds} seeds, {cfg.layer} MLP)")
+    return {"dataset": cfg.dataset, "tasks": tasks, "seeds": seed_list(ctx.seed, cfg.seeds), "summary": summary,
+            "paired": comparisons, "runs": runs}
 
 
-RECIPE = Recipe("ocm", add_arguments, run,
-                "OCM (Guo et al. 2022): online class-incremental learning with 16-view rotation pseudo-classes, "
-                "InfoNCE and MI preservation, vs fine-tuning and experience replay")
+RECIPE = Recipe("ocm", Config, run, quick=QUICK,
+                description="OCM (Guo et al. 2022): online class-incremental learning with 16-view rotation "
+                            "pseudo-classes, InfoNCE and MI preservation, vs fine-tuning and experience replay")

@@ -15,7 +15,7 @@ Quantiser (symmetric, per tensor, uniform; the paper's exact quantiser is [unver
 Weight tensors (``dim ≥ 2``: dense weights and Monarch factors ``w1, w2``) are quantised; biases stay FP32.
 
 Server side, two components (no official code exists; the details below are our reading of the paper and are
-marked [unverified] in ``../shared/research/methods-b.md`` §7):
+marked [unverified]):
 
 * **Progressive dequantiser** D = D_{b_{m−1}→32} ∘ … ∘ D_{b_1→b_2}: a chain of residual blocks
   ``x ↦ x + g_i(x)`` over fixed-size chunks of a weight tensor expressed in units of its quantisation step
@@ -50,10 +50,10 @@ deterministic per-(seed, round, client) generators, so both engines give the sam
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
+import statistics
 from dataclasses import dataclass
 from typing import Optional
 
@@ -65,7 +65,8 @@ from torch.func import functional_call
 
 from .data import dirichlet_split, load_image_dataset
 from .models import MLP
-from .recipe import Recipe, RunContext
+from .recipe import Recipe, RunContext, option, seed_list
+from .report import Panel, aggregate, curve_band, paired, plot_curves
 
 FP_BITS = 32
 METHODS = ("fedavg", "grouped", "deq", "swa", "prowd")
@@ -583,6 +584,13 @@ def _make_server(method: str, fed: Federation, seed: int, **server_kw) -> ProWDS
                        seed=seed, **server_kw)
 
 
+def _settings(server: ProWDServer, local_epochs: int, lr: float) -> dict:
+    """What an engine ran with: client model width, server buffer, dequantiser steps (read from the server) and
+    the local training settings it passed to every client."""
+    return {"hidden": server.model.net[0].out_features, "buffer": len(server.buffer_x),
+            "deq_steps": server.deq_steps, "local_epochs": local_epochs, "lr": lr}
+
+
 def run_inprocess(method: str, fed: Federation, rounds: int, *, seed: int = 0, local_epochs: int = 2,
                   lr: float = 1e-3, batch_size: int = 32, progress=None, **server_kw) -> dict:
     """The plain FL loop: every round every client trains locally from its payload, the server aggregates.
@@ -599,7 +607,7 @@ def run_inprocess(method: str, fed: Federation, rounds: int, *, seed: int = 0, l
             updates.append(ClientUpdate(st, len(x), b, cid))
         server.aggregate(updates)
         history.append(evaluate_groups(server, fed.test_x, fed.test_y))
-    return {"server": server, "history": history}
+    return {"server": server, "history": history, "settings": _settings(server, local_epochs, lr)}
 
 
 # ---- Flower ------------------------------------------------------------------------------------------------
@@ -719,142 +727,91 @@ def run_flower(method: str, fed: Federation, rounds: int, *, seed: int = 0, loca
                                                  "log_to_driver": False}})
     if len(strategy.history) != rounds:
         raise RuntimeError(f"Flower simulation finished {len(strategy.history)} of {rounds} rounds")
-    return {"server": server, "history": strategy.history}
+    return {"server": server, "history": strategy.history, "settings": _settings(server, local_epochs, lr)}
 
 
 # --------------------------------------------------------------------------------------------------
 # The experiment
 # --------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
-    p.add_argument("--engine", choices=("inprocess", "flower"), default="inprocess",
-                   help="run the federation in-process or on Flower (Ray simulation)")
-    p.add_argument("--flower-check", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run ProWD (first seed) on Flower and compare with the in-process run "
-                        "(default: on, off with --quick)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
-    p.add_argument("--clients", type=int, default=10)
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label split")
-    p.add_argument("--low-bits", type=int, default=2, help="bitwidth of the low-precision half of the clients")
-    p.add_argument("--low-fraction", type=float, default=0.5)
-    p.add_argument("--bit-chain", default="2,4,8,32", help="dequantiser chain (must contain --low-bits)")
-    p.add_argument("--rounds", type=int, default=None, help="FL rounds (default 25, quick 2)")
-    p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-3, help="local Adam learning rate")
-    p.add_argument("--hidden", type=int, default=128, help="client MLP width (Monarch hidden layer)")
-    p.add_argument("--buffer", type=int, default=100, help="server buffer size (distillation)")
-    p.add_argument("--deq-steps", type=int, default=10, help="dequantiser Adam steps per round")
-    p.add_argument("--kd-weight", type=float, default=1.0)
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
+@dataclass(frozen=True)
+class Config:
+    dataset: str = option("digits", "image dataset", choices=("digits", "mnist"))
+    engine: str = option("inprocess", "run the federation in-process or on Flower (Ray simulation)",
+                         choices=("inprocess", "flower"))
+    flower_check: bool = option(True, "also run ProWD (first seed) on Flower and compare with the in-process run")
+    methods: tuple[str, ...] = option(METHODS, "methods to compare", choices=METHODS)
+    clients: int = option(10, "number of clients")
+    alpha: float = option(0.5, "Dirichlet concentration of the label split")
+    low_bits: int = option(2, "bitwidth of the low-precision clients")
+    low_fraction: float = option(0.5, "share of low-precision clients")
+    bit_chain: tuple[int, ...] = option((2, 4, 8, 32), "dequantiser chain (must contain --low-bits)")
+    rounds: int = option(25, "FL rounds")
+    local_epochs: int = option(2, "local epochs per round")
+    lr: float = option(3e-3, "local Adam learning rate")
+    hidden: int = option(128, "client MLP width (Monarch hidden layer)")
+    buffer: int = option(100, "server buffer size (distillation)")
+    deq_steps: int = option(10, "dequantiser Adam steps per round")
+    kd_weight: float = option(1.0, "weight of the dequantiser's distillation term")
+    seeds: int = option(3, "number of seeds (seed, seed+1, ...)")
+
+    def __post_init__(self):
+        if self.low_bits not in self.bit_chain:
+            raise ValueError(f"--low-bits {self.low_bits} must be in --bit-chain {self.bit_chain}")
 
 
-def _plot(path, histories, low_bits):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (method, runs) in enumerate(histories.items()):
-        for j, b in enumerate((FP_BITS, low_bits)):
-            curves = np.array([[h[b] for h in run] for run in runs])
-            ax[j].plot(np.arange(1, curves.shape[1] + 1), curves.mean(0), label=METHOD_LABELS[method], color=f"C{i}")
-    for j, b in enumerate((FP_BITS, low_bits)):
-        ax[j].set_title(f"{'FP32' if b == FP_BITS else f'{b}-bit'} clients: test accuracy of their model")
-        ax[j].set_xlabel("round")
-        ax[j].set_ylabel("accuracy")
-        ax[j].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+QUICK = {"rounds": 4, "seeds": 1, "flower_check": False, "hidden": 64, "buffer": 30, "deq_steps": 2, "lr": 1e-2}
 
 
-def _mean_std(v):
-    return {"mean": float(np.mean(v)), "std": float(np.std(v)), "runs": [float(x) for x in v]}
-
-
-def run(args: argparse.Namespace, ctx: RunContext) -> dict:
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"--methods: unknown {bad}; expected a subset of {METHODS}")
-    rounds = args.rounds or (2 if args.quick else 25)
-    n_seeds = args.seeds or (1 if args.quick else 3)
-    flower_check = (not args.quick) if args.flower_check is None else args.flower_check
-    chain = tuple(int(b) for b in args.bit_chain.split(","))
-    hidden = min(args.hidden, 64) if args.quick else args.hidden
-    buffer = min(args.buffer, 30) if args.quick else args.buffer
-    server_kw = dict(bit_chain=chain, deq_steps=2 if args.quick else args.deq_steps, kd_weight=args.kd_weight)
-    train_kw = dict(local_epochs=1 if args.quick else args.local_epochs, lr=args.lr)
-    engine = run_flower if args.engine == "flower" else run_inprocess
-    histories: dict[str, list] = {m: [] for m in methods}
-    extra: dict[str, dict] = {m: {"mask_keep": [], "deq_loss": []} for m in methods}
-
-    def federation(seed):
-        return make_federation(args.dataset, args.clients, args.alpha, args.low_bits, args.low_fraction, buffer, seed,
-                               hidden)
-
-    for s in range(n_seeds):
-        seed = args.seed + s
-        fed = federation(seed)
-        if s == 0:
-            ctx.log(f"[prowd] {args.dataset}: {args.clients} clients (Dirichlet α={args.alpha}), bits "
-                    f"{fed.client_bits}, samples {[len(x) for x in fed.client_x]}; {rounds} rounds, "
-                    f"{n_seeds} seeds, engine {args.engine}")
-        for method in methods:
-            kw = {} if engine is run_flower else {"progress": ctx.progress}
-            res = engine(method, fed, rounds, seed=seed, **train_kw, **server_kw, **kw)
-            histories[method].append(res["history"])
-            for k in ("mask_keep", "deq_loss"):
-                if res["server"].stats[k]:
-                    extra[method][k].append(float(np.mean(res["server"].stats[k])))
-            last = res["history"][-1]
-            ctx.log(f"[prowd] seed {seed} {METHOD_LABELS[method]:10s} FP32 {last[FP_BITS]:.3f}  "
-                    f"{args.low_bits}-bit {last[args.low_bits]:.3f}")
-    lb = args.low_bits
-    k_last = min(5, rounds)
-    table = {}
-    for m in methods:
-        # accuracies averaged over the last k_last rounds (single rounds fluctuate under non-IID mixing)
-        fp = [float(np.mean([h[FP_BITS] for h in run[-k_last:]])) for run in histories[m]]
-        lo = [float(np.mean([h[lb] for h in run[-k_last:]])) for run in histories[m]]
-        row = {"fp32_acc": _mean_std(fp), f"{lb}bit_acc": _mean_std(lo),
-               "mean_acc": _mean_std([(a + b) / 2 for a, b in zip(fp, lo)]),
-               "gap_fp32_minus_low": _mean_std([a - b for a, b in zip(fp, lo)]),
-               "final_round_fp32_acc": _mean_std([run[-1][FP_BITS] for run in histories[m]]),
-               f"final_round_{lb}bit_acc": _mean_std([run[-1][lb] for run in histories[m]])}
-        if extra[m]["mask_keep"]:
-            row["swa_kept_fraction"] = float(np.mean(extra[m]["mask_keep"]))
-        if extra[m]["deq_loss"]:
-            row["dequantizer_loss"] = float(np.mean(extra[m]["deq_loss"]))
-        table[METHOD_LABELS[m]] = row
-    metrics = {"dataset": args.dataset, "engine": args.engine, "rounds": rounds, "seeds": n_seeds,
-               "clients": args.clients, "alpha": args.alpha, "low_bits": lb, "bit_chain": list(chain),
-               "hidden": hidden, "accuracy_over_last_rounds": k_last, "results": table}
-    if flower_check and args.engine == "inprocess" and "prowd" in methods:
-        fl = run_flower("prowd", federation(args.seed), rounds, seed=args.seed, **train_kw, **server_kw)
+def run(cfg: Config, ctx: RunContext) -> dict:
+    server_kw = dict(bit_chain=cfg.bit_chain, deq_steps=cfg.deq_steps, kd_weight=cfg.kd_weight)
+    train_kw = dict(local_epochs=cfg.local_epochs, lr=cfg.lr)
+    engine = run_flower if cfg.engine == "flower" else run_inprocess
+    lb, k_last = cfg.low_bits, min(5, cfg.rounds)
+    per_seed, histories = [], {m: [] for m in cfg.methods}
+    for seed in seed_list(ctx.seed, cfg.seeds):
+        fed = make_federation(cfg.dataset, cfg.clients, cfg.alpha, cfg.low_bits, cfg.low_fraction, cfg.buffer, seed,
+                              cfg.hidden)
+        ctx.log(f"[prowd] seed {seed}: {cfg.clients} clients (Dirichlet α={cfg.alpha}), bits {fed.client_bits}, "
+                f"samples {[len(x) for x in fed.client_x]}; {cfg.rounds} rounds, engine {cfg.engine}")
+        row = {}
+        for method in cfg.methods:
+            res = engine(method, fed, cfg.rounds, seed=seed, **train_kw, **server_kw,
+                         **({} if engine is run_flower else {"progress": ctx.progress}))
+            h = histories[method]
+            h.append(res["history"])
+            # accuracies averaged over the last k_last rounds (single rounds fluctuate under non-IID mixing)
+            fp, lo = (statistics.fmean(r[b] for r in res["history"][-k_last:]) for b in (FP_BITS, lb))
+            row[METHOD_LABELS[method]] = {"fp32_acc": fp, f"{lb}bit_acc": lo, "mean_acc": (fp + lo) / 2,
+                                          "final_round_fp32_acc": res["history"][-1][FP_BITS],
+                                          f"final_round_{lb}bit_acc": res["history"][-1][lb],
+                                          **{k: statistics.fmean(v) for k, v in res["server"].stats.items() if v}}
+            ctx.observe(rounds=len(res["history"]), **res["settings"])
+            ctx.log(f"[prowd] seed {seed} {METHOD_LABELS[method]:10s} FP32 {fp:.3f}  {lb}-bit {lo:.3f}")
+        per_seed.append(row)
+    ctx.observe(seeds=len(per_seed))
+    summary = {m: aggregate([r[m] for r in per_seed]) for m in per_seed[0]}
+    comparisons = {f"{a}_minus_{b}": {k: paired([r[a][k] for r in per_seed], [r[b][k] for r in per_seed])
+                                      for k in ("fp32_acc", f"{lb}bit_acc", "mean_acc")}
+                   for a, b in (("ProWD", "FedAvg"), ("ProWD", "GroupedAvg")) if {a, b} <= set(summary)}
+    metrics = {"dataset": cfg.dataset, "engine": cfg.engine, "seeds": seed_list(ctx.seed, cfg.seeds),
+               "accuracy_over_last_rounds": k_last, "summary": summary, "paired": comparisons, "per_seed": per_seed}
+    if cfg.flower_check and cfg.engine == "inprocess" and "prowd" in cfg.methods:
+        fed = make_federation(cfg.dataset, cfg.clients, cfg.alpha, cfg.low_bits, cfg.low_fraction, cfg.buffer,
+                              ctx.seed, cfg.hidden)
+        fl = run_flower("prowd", fed, cfg.rounds, seed=ctx.seed, **train_kw, **server_kw)
         ref = histories["prowd"][0]
         diff = max(abs(g[b] - r[b]) for g, r in zip(fl["history"], ref) for b in r)
-        metrics["flower_check"] = {"method": "ProWD", "seed": args.seed, "rounds_compared": len(fl["history"]),
-                                   "flower_final": {str(b): v for b, v in fl["history"][-1].items()},
-                                   "inprocess_final": {str(b): v for b, v in ref[-1].items()},
+        metrics["flower_check"] = {"method": "ProWD", "seed": ctx.seed, "rounds_compared": len(fl["history"]),
                                    "max_abs_accuracy_diff_all_rounds": diff}
-        ctx.log(f"[prowd] Flower check (ProWD, seed {args.seed}): max |Δacc| over rounds and groups = {diff:.4f}")
-    if "fedavg" in methods and "prowd" in methods:
-        fa, pw = table["FedAvg"], table["ProWD"]
-        metrics["claims"] = {
-            "prowd_mean_above_fedavg": pw["mean_acc"]["mean"] > fa["mean_acc"]["mean"],
-            "prowd_fp32_above_fedavg": pw["fp32_acc"]["mean"] > fa["fp32_acc"]["mean"]}
-        if "grouped" in methods:
-            ga = table["GroupedAvg"]
-            metrics["claims"].update({
-                "fedavg_fp32_below_grouped": fa["fp32_acc"]["mean"] < ga["fp32_acc"]["mean"],
-                "prowd_mean_above_grouped": pw["mean_acc"]["mean"] > ga["mean_acc"]["mean"],
-                "prowd_best_mean": pw["mean_acc"]["mean"] >= max(v["mean_acc"]["mean"] for v in table.values())})
-    _plot(ctx.plot_path("prowd.png"), histories, lb)
+        ctx.log(f"[prowd] Flower check (ProWD, seed {ctx.seed}): max |Δacc| over rounds and groups = {diff:.4f}")
+    ctx.observe(flower_check="flower_check" in metrics)
+    plot_curves(ctx.plot_path("prowd.png"), [
+        Panel(f"{'FP32' if b == FP_BITS else f'{b}-bit'} clients: test accuracy of their model",
+              {METHOD_LABELS[m]: curve_band([[r[b] for r in run] for run in runs]) for m, runs in histories.items()},
+              xlabel="round", ylabel="accuracy") for b in (FP_BITS, lb)])
     return metrics
 
 
-RECIPE = Recipe("prowd", add_arguments, run,
-                "ProWD: bitwidth-heterogeneous FL (QAT low-bit clients), progressive dequantiser + selective "
-                "weight aggregation vs FedAvg / GroupedAvg, on Flower or in-process")
+RECIPE = Recipe("prowd", Config, run, quick=QUICK,
+                description="ProWD: bitwidth-heterogeneous FL (QAT low-bit clients), progressive dequantiser + "
+                            "selective weight aggregation vs FedAvg / GroupedAvg, on Flower or in-process")

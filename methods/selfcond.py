@@ -44,35 +44,35 @@ theme words, and the perplexity of the samples under the unforced model.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import math
 import re
+import statistics
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
-from monarch_kernels.layers.structured import StructuredLinear
-from methods.recipe import Recipe
+from monarch_kernels.layers import StructuredLinear
+
+from .data import CharTokenizer, WordTokenizer, load_shakespeare
+from .models import tiny_gpt2
+from .recipe import Recipe, option
+from .report import Panel, plot_curves
+from .train import fit, lm_batches, lm_eval_loss, lm_loss, step_batches
 
 # ---------------------------------------------------------------------------------------------------------
 # units and hooks
 
 
-def _conv1d_type():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional for models without Conv1D
-        return ()
-    return (Conv1D,)
-
-
 def is_unit_layer(module: nn.Module) -> bool:
     """Whether ``module`` is a linear-like layer whose outputs are units: ``nn.Linear``, GPT-2 ``Conv1D``,
     or a structured linear layer from :mod:`layers` (``MonarchLinear``, ``BlockdiagLinear``)."""
-    return isinstance(module, (nn.Linear, StructuredLinear) + _conv1d_type())
+    return isinstance(module, (nn.Linear, StructuredLinear, Conv1D))
 
 
 def _out_features(module: nn.Module) -> int:
@@ -405,28 +405,33 @@ def concept_lines(text: str, words: Iterable[str], n_pos: int, n_neg: int, gener
     return pick(pos, n_pos), pick(neg, n_neg)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--concept", default="love", choices=sorted(THEMES), help="theme whose lines form the concept")
-    p.add_argument("--tokenizer", default="word", choices=("word", "char"),
-                   help="word: 2000-word vocabulary (concept words are single tokens, as with GPT-2's BPE); "
-                        "char: methods.data.CharTokenizer")
-    p.add_argument("--vocab", type=int, default=2000, help="word vocabulary size")
-    p.add_argument("--steps", type=int, default=2000, help="LM training steps")
-    p.add_argument("--n-layer", type=int, default=3)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--block", type=int, default=64, help="training context length (tokens)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks of the MLP layers")
-    p.add_argument("--sentences", type=int, default=300, help="positive (and negative) concept lines")
-    p.add_argument("--ks", default="0,1,3,10,30,100,300", help="numbers of forced units")
-    p.add_argument("--samples", type=int, default=100, help="generations per k")
-    p.add_argument("--gen-len", type=int, default=None, help="generated tokens per sample (default 20 words / 80 chars)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=10)
-    p.add_argument("--random-draws", type=int, default=3, help="random-unit sets per k (control)")
-    p.add_argument("--load-lm", default=None, help="state dict (lm.pt of an earlier run with the same model "
-                   "options) to load instead of training; every run saves its LM as lm.pt")
+@dataclass(frozen=True)
+class Config:
+    concept: str = option("love", "theme whose lines form the concept", choices=sorted(THEMES))
+    tokenizer: str = option("word", "word: a word vocabulary (concept words are single tokens, as with GPT-2's BPE); "
+                                    "char: methods.data.CharTokenizer", choices=("word", "char"))
+    vocab: int = option(2000, "word vocabulary size")
+    max_chars: Optional[int] = option(None, "Shakespeare text used (characters; default all)")
+    steps: int = option(2000, "LM training steps")
+    n_layer: int = option(3, "GPT-2 layers")
+    n_embd: int = option(128, "GPT-2 width")
+    block: int = option(64, "training context length (tokens)")
+    batch_size: int = option(32, "LM batch size")
+    lr: float = option(3e-3, "AdamW peak learning rate (one-cycle schedule)")
+    nblocks: int = option(4, "Monarch blocks of the MLP layers")
+    sentences: int = option(300, "positive (and negative) concept lines")
+    ks: tuple[int, ...] = option((0, 1, 3, 10, 30, 100, 300), "numbers of forced units")
+    samples: int = option(100, "generations per k")
+    gen_len: Optional[int] = option(None, "generated tokens per sample (default 20 words / 80 chars)")
+    temperature: float = option(1.0, "sampling temperature")
+    top_k: int = option(10, "top-k sampling")
+    random_draws: int = option(3, "random-unit sets per k (control)")
+    load_lm: Optional[str] = option(None, "state dict (lm.pt of an earlier run with the same model options) to load "
+                                          "instead of training; every run saves its LM as lm.pt")
+
+
+QUICK = {"steps": 30, "n_layer": 2, "n_embd": 64, "block": 32, "sentences": 60, "samples": 16, "gen_len": 12,
+         "random_draws": 1, "ks": (0, 3, 30), "vocab": 500, "max_chars": 1_000_000}
 
 
 def _presence(texts: list[str], pat: re.Pattern) -> tuple[float, float]:
@@ -445,146 +450,115 @@ def concept_probability(model: nn.Module, ids: Tensor, concept_ids: Tensor, prom
     return float(probs[..., concept_ids.to(device)].sum(-1).mean())
 
 
-def run(args: argparse.Namespace, ctx) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from methods.data import CharTokenizer, WordTokenizer, load_shakespeare
-    from methods.models import tiny_gpt2
-    from methods.train import lm_batches, lm_eval_loss, lm_loss
-
-    if args.quick:
-        args.steps, args.n_layer, args.n_embd, args.block = min(args.steps, 30), 2, 64, 32
-        args.sentences, args.samples, args.gen_len, args.random_draws = 60, 16, 12, 1
-        args.ks, args.vocab = "0,3,30", min(args.vocab, 500)
-    ks = [int(k) for k in args.ks.split(",")]
-    text = load_shakespeare(max_chars=1_000_000 if args.quick else None)
-    tok = WordTokenizer(text, args.vocab) if args.tokenizer == "word" else CharTokenizer(text)
-    unit_name = "word" if args.tokenizer == "word" else "char"
-    gen_len = args.gen_len or (20 if args.tokenizer == "word" else 80)
-    ids = tok.encode(text)
-    split = int(0.95 * len(ids))
-    train_ids, val_ids = ids[:split], ids[split:]
-
-    torch.manual_seed(args.seed)
-    model = tiny_gpt2(tok.vocab_size, n_layer=args.n_layer, n_embd=args.n_embd, n_head=4,
-                      n_positions=max(128, args.block), mlp="monarch", nblocks=args.nblocks).to(ctx.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
+def train_lm(cfg: Config, tok, train_ids: Tensor, ctx) -> tuple[nn.Module, list[float]]:
+    """A GPT-2 (Monarch MLPs) trained on the text (AdamW, one-cycle LR, gradient norm clipped at 1), or loaded
+    from ``cfg.load_lm``; saved as ``lm.pt`` in the run folder."""
+    torch.manual_seed(ctx.seed)
+    model = tiny_gpt2(tok.vocab_size, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=4,
+                      n_positions=max(128, cfg.block), mlp="monarch", nblocks=cfg.nblocks).to(ctx.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     losses = []
-    if args.load_lm:
-        model.load_state_dict(torch.load(args.load_lm, map_location=ctx.device, weights_only=True))
-    for _ in ctx.progress(range(0 if args.load_lm else args.steps), desc="train LM"):
-        xb, yb = lm_batches(train_ids, args.block, args.batch_size, ctx.generator)
-        loss = lm_loss(model, xb.to(ctx.device), yb.to(ctx.device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
+    if cfg.load_lm:
+        model.load_state_dict(torch.load(cfg.load_lm, map_location=ctx.device, weights_only=True))
+    else:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+        def draw():
+            xb, yb = lm_batches(train_ids, cfg.block, cfg.batch_size, ctx.generator)
+            ctx.observe(block=xb.shape[1])
+            return xb, yb
+
+        hist = fit(model, opt, step_batches(draw), epochs=cfg.steps, loss_fn=lm_loss, schedule=sched, clip_grad_norm=1.0, progress=ctx.progress,
+                   desc="train LM")
+        losses = hist.losses
+        ctx.observe(steps=hist.epochs)
+    ctx.observe(n_layer=len(model.transformer.h), n_embd=model.transformer.wte.embedding_dim)
     torch.save(model.state_dict(), ctx.path("lm.pt"))
-    val_loss = lm_eval_loss(model, val_ids, args.block, batches=4, batch_size=16, seed=args.seed)
-    train_loss = sum(losses[-20:]) / len(losses[-20:]) if losses else float("nan")
-    ctx.log(f"[selfcond] LM ({args.tokenizer} tokens): train loss {train_loss:.3f}, val loss {val_loss:.3f} "
-            f"nats/{unit_name}")
+    return model, losses
 
-    # concept sentences (dialogue lines with / without a theme word) and expertise
-    words = THEMES[args.concept]
-    pat = theme_regex(words)
-    pos, neg = concept_lines(text, words, args.sentences, args.sentences, ctx.generator)
-    sentences = [tok.encode("\n" + s) for s in pos + neg]
-    labels = torch.tensor([1] * len(pos) + [0] * len(neg))
-    layers = unit_layers(model)
-    responses = collect_responses(model, sentences, layers)
-    expertise = compute_expertise(responses, labels, layers)
-    order = expertise.ranking()
-    top_units = expertise.locate(order[:10])
-    kinds = {}
-    for layer, _ in expertise.locate(order[:max(ks)]):
-        kind = layer.split(".", 3)[-1]
-        kinds[kind] = kinds.get(kind, 0) + 1
-    concept_ids = (torch.tensor([tok.index[w] for w in words if w in tok.index])
-                   if args.tokenizer == "word" else None)
 
-    # generation sweep: the same sampling noise for every k (seeded per draw)
-    prompt = tok.encode("\n").repeat(args.samples, 1)
-    results = {"top": [], "random": []}
-    base_texts = forced_texts = None
-    for k in ctx.progress(ks, desc="generate"):
+def generation_sweep(model, tok, expertise: Expertise, pat: re.Pattern, concept_ids, cfg: Config, gen_len: int,
+                     ctx) -> tuple[dict, list, list]:
+    """For every k: generations with the k expert units forced (and with k random units, ``random_draws`` sets),
+    the same sampling noise for every k; returns the measures per mode and samples at k = 0 and k = max."""
+    prompt = tok.encode("\n").repeat(cfg.samples, 1)
+    results, base_texts, forced_texts = {"top": [], "random": []}, None, None
+    for k in ctx.progress(cfg.ks, desc="generate"):
         for mode in ("top", "random"):
-            draws = 1 if (mode == "top" or k == 0) else args.random_draws
             rows = []
-            for d in range(draws):
+            for d in range(1 if (mode == "top" or k == 0) else cfg.random_draws):
                 assignment = select_units(expertise, k, mode, generator=ctx.generator)
-                gen = torch.Generator().manual_seed(args.seed * 1000 + d)
+                gen = torch.Generator().manual_seed(ctx.seed * 1000 + d)
                 with force_units(model, assignment):
-                    out = generate(model, prompt, gen_len, temperature=args.temperature, top_k=args.top_k,
-                                   generator=gen)
+                    out = generate(model, prompt, gen_len, temperature=cfg.temperature, top_k=cfg.top_k, generator=gen)
+                if cfg.gen_len is not None:
+                    ctx.observe(gen_len=out.shape[1] - prompt.shape[1])
                     p_concept = (concept_probability(model, out, concept_ids, 1)
                                  if concept_ids is not None and len(concept_ids) else float("nan"))
                 texts = [tok.decode(row[1:]) for row in out]
-                presence, rate = _presence(texts, pat)
-                rows.append((presence, rate, generated_perplexity(model, out, 1), p_concept))
-                if k == 0 and base_texts is None:
-                    base_texts = texts
-                if mode == "top" and k == max(ks):
-                    forced_texts = texts
-            mean = [sum(r[i] for r in rows) / len(rows) for i in range(4)]
+                rows.append((*_presence(texts, pat), generated_perplexity(model, out, 1), p_concept))
+                base_texts = texts if k == 0 and base_texts is None else base_texts
+                forced_texts = texts if mode == "top" and k == max(cfg.ks) else forced_texts
+            mean = [statistics.fmean(r[i] for r in rows) for i in range(4)]
             results[mode].append({"k": k, "presence": mean[0], "concept_words_per_100_words": mean[1],
                                   "perplexity": mean[2], "p_concept_next_token": mean[3],
                                   "presence_draws": [r[0] for r in rows]})
-            ctx.log(f"[selfcond] k={k:4d} {mode:6s}: p(concept in sample) {mean[0]:.3f}, "
-                    f"{mean[1]:.2f} concept words/100 words, next-token p(concept) {mean[3]:.4f}, "
-                    f"unforced-model perplexity {mean[2]:.2f}")
+            ctx.log(f"[selfcond] k={k:4d} {mode:6s}: p(concept in sample) {mean[0]:.3f}, {mean[1]:.2f} concept "
+                    f"words/100 words, next-token p(concept) {mean[3]:.4f}, unforced-model perplexity {mean[2]:.2f}")
+    ctx.observe(samples=prompt.shape[0], random_draws=max(len(r["presence_draws"]) for r in results["random"]),
+                ks=[r["k"] for r in results["top"]])
+    return results, base_texts, forced_texts
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    xs = [max(k, 0.5) for k in ks]
-    for mode, style in (("top", "o-"), ("random", "s--")):
-        label = "expert units (top AP)" if mode == "top" else "random units"
-        axes[0].plot(xs, [r["presence"] for r in results[mode]], style, label=label)
-        axes[1].plot(xs, [r["perplexity"] for r in results[mode]], style, label=label)
-    for ax, title in ((axes[0], f"p('{args.concept}' word in a {gen_len}-{unit_name} sample)"),
-                      (axes[1], "perplexity of the samples (unforced model)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("k forced units (0 plotted at 0.5)")
-        ax.set_title(title, fontsize=10)
-        ax.legend()
-    axes[1].set_yscale("log")
-    axes[2].hist(expertise.ap.numpy(), bins=50)
-    axes[2].set_yscale("log")
-    axes[2].set_title(f"unit AP for '{args.concept}' ({expertise.num_units} units)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(ctx.plot_path("selfcond.png"), dpi=110)
-    plt.close(fig)
 
+def run(cfg: Config, ctx) -> dict:
+    text = load_shakespeare(max_chars=cfg.max_chars)
+    tok = WordTokenizer(text, cfg.vocab) if cfg.tokenizer == "word" else CharTokenizer(text)
+    unit_name = "word" if cfg.tokenizer == "word" else "char"
+    gen_len = cfg.gen_len or (20 if cfg.tokenizer == "word" else 80)
+    ids = tok.encode(text)
+    train_ids, val_ids = ids[:int(0.95 * len(ids))], ids[int(0.95 * len(ids)):]
+    ctx.observe(max_chars=len(text) if cfg.max_chars else None, vocab=tok.vocab_size if cfg.tokenizer == "word"
+                else cfg.vocab)
+    model, losses = train_lm(cfg, tok, train_ids, ctx)
+    val_loss = lm_eval_loss(model, val_ids, cfg.block, batches=4, batch_size=16, seed=ctx.seed)
+    train_loss = statistics.fmean(losses[-20:]) if losses else float("nan")
+    ctx.log(f"[selfcond] LM ({cfg.tokenizer} tokens): train loss {train_loss:.3f}, val loss {val_loss:.3f} "
+            f"nats/{unit_name}")
+    # concept sentences (dialogue lines with / without a theme word) and expertise
+    words, pat = THEMES[cfg.concept], theme_regex(THEMES[cfg.concept])
+    pos, neg = concept_lines(text, words, cfg.sentences, cfg.sentences, ctx.generator)
+    ctx.observe(sentences=len(pos))
+    layers = unit_layers(model)
+    responses = collect_responses(model, [tok.encode("\n" + s) for s in pos + neg], layers)
+    expertise = compute_expertise(responses, torch.tensor([1] * len(pos) + [0] * len(neg)), layers)
+    order = expertise.ranking()
+    kinds = Counter(layer.split(".", 3)[-1] for layer, _ in expertise.locate(order[:max(cfg.ks)]))
+    concept_ids = (torch.tensor([tok.index[w] for w in words if w in tok.index]) if cfg.tokenizer == "word" else None)
+    results, base_texts, forced_texts = generation_sweep(model, tok, expertise, pat, concept_ids, cfg, gen_len, ctx)
     top, rnd = results["top"], results["random"]
+    xs = [max(k, 0.5) for k in cfg.ks]
+    plot_curves(ctx.plot_path("selfcond.png"), [
+        Panel(f"p('{cfg.concept}' word in a {gen_len}-{unit_name} sample)",
+              {"expert units (top AP)": (xs, [r["presence"] for r in top]),
+               "random units": (xs, [r["presence"] for r in rnd])}, xlabel="k forced units (0 plotted at 0.5)",
+              logx=True, markers=True),
+        Panel("perplexity of the samples (unforced model)", {"expert units (top AP)": (xs, [r["perplexity"] for r in top]),
+                                                             "random units": (xs, [r["perplexity"] for r in rnd])},
+              xlabel="k forced units", logx=True, logy=True, markers=True),
+        Panel(f"unit AP for '{cfg.concept}' ({expertise.num_units} units)", {"AP": expertise.ap.tolist()},
+              kind="hist", logy=True)])
     best_top = max(r["presence"] for r in top[1:]) if len(top) > 1 else top[0]["presence"]
     best_rnd = max(r["presence"] for r in rnd[1:]) if len(rnd) > 1 else rnd[0]["presence"]
-    return {
-        "concept": args.concept,
-        "tokenizer": args.tokenizer,
-        "lm_train_loss": train_loss,
-        "lm_val_loss": val_loss,
-        "num_units": expertise.num_units,
-        "ap_max": float(expertise.ap.max()),
-        "ap_top10_mean": float(expertise.ap[order[:10]].mean()),
-        "ap_median": float(expertise.ap.median()),
-        "top10_units": [f"{layer}[{i}]" for layer, i in top_units],
-        f"top{max(ks)}_units_by_layer_kind": kinds,
-        "ks": ks,
-        "expert": top,
-        "random": rnd,
-        "presence_base": top[0]["presence"],
-        "presence_expert_best": best_top,
-        "presence_random_best": best_rnd,
-        "effect_appears": bool(best_top > top[0]["presence"] and best_top > best_rnd),
-        "sample_unforced": base_texts[:3],
-        "sample_forced_max_k": forced_texts[:3],
-    }
+    return {"concept": cfg.concept, "tokenizer": cfg.tokenizer, "seed": ctx.seed, "lm_train_loss": train_loss,
+            "lm_val_loss": val_loss, "uniform_loss": math.log(tok.vocab_size), "num_units": expertise.num_units,
+            "ap_max": float(expertise.ap.max()), "ap_top10_mean": float(expertise.ap[order[:10]].mean()),
+            "ap_median": float(expertise.ap.median()),
+            "top10_units": [f"{layer}[{i}]" for layer, i in expertise.locate(order[:10])],
+            f"top{max(cfg.ks)}_units_by_layer_kind": dict(kinds), "ks": list(cfg.ks), "expert": top, "random": rnd,
+            "presence_base": top[0]["presence"], "presence_expert_best": best_top, "presence_random_best": best_rnd,
+            "effect_appears": bool(best_top > top[0]["presence"] and best_top > best_rnd),
+            "sample_unforced": base_texts[:3], "sample_forced_max_k": forced_texts[:3]}
 
 
-RECIPE = Recipe("selfcond", add_arguments, run,
-                "Self-conditioning (Suau et al. 2022): find expert units by AP, force them to steer generation")
+RECIPE = Recipe("selfcond", Config, run, quick=QUICK,
+                description="Self-conditioning (Suau et al. 2022): find expert units by AP, force them to steer "
+                            "generation")

@@ -53,7 +53,6 @@ and the hidden layers of the task networks (masked-pixel MLP classifier, CNP enc
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 from dataclasses import dataclass
@@ -63,8 +62,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import load_image_dataset
 from .models import MLP, linear
-from .recipe import Recipe, RunContext
+from .recipe import Recipe, RunContext, option, seed_list
+from .report import Panel, aggregate, paired, plot_curves
+from .train import epoch_batches, fit
 
 __all__ = [
     "relaxed_bernoulli",
@@ -431,74 +433,75 @@ def gp_functions(num: int, points: int = 100, *, generator: Optional[torch.Gener
 # --------------------------------------------------------------------------------------------------
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", default="classify,function", help="comma-separated subset of classify,function")
-    p.add_argument("--dataset", default="digits", choices=("digits", "mnist"), help="images for --tasks classify")
-    p.add_argument("--ks", default=None, help="comma-separated pixel subset sizes for classify (default: digits 2,4,8; "
-                                             "mnist 10,20,40)")
-    p.add_argument("--function-ks", default=None, help="subset sizes for the function task (default 3,5,8)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
-    p.add_argument("--hidden", type=int, default=64, help="subsampler width")
-    p.add_argument("--task-hidden", type=int, default=128, help="task network width")
-    p.add_argument("--layer", default="monarch", choices=("monarch", "dense", "blockdiag"))
-    p.add_argument("--nblocks", type=int, default=4)
-    p.add_argument("--pretrain-epochs", type=int, default=30, help="task network on random subsets")
-    p.add_argument("--pretrain-lr", type=float, default=3e-3)
-    p.add_argument("--pretrain-batch-size", type=int, default=32)
-    p.add_argument("--epochs", type=int, default=15, help="joint training per method and k")
-    p.add_argument("--batch-size", type=int, default=64, help="batch of the joint training")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam step of the joint training")
-    p.add_argument("--fixed-lr", type=float, default=0.05, help="Adam step of the 'fixed' baseline's position logits")
-    p.add_argument("--beta", type=float, default=0.1, help="weight of the sparse-prior KL")
-    p.add_argument("--r0", type=float, default=0.3, help="prior candidate rate")
-    p.add_argument("--tau", type=float, default=0.5, help="τ₁ = τ₂")
-    p.add_argument("--functions", type=int, default=2000, help="GP training functions (plus 500 test)")
-    p.add_argument("--points", type=int, default=50, help="grid points per function (the set size n)")
-    p.add_argument("--seeds", type=int, default=1, help="repeat the comparison over this many seeds")
+@dataclass(frozen=True)
+class Config:
+    tasks: tuple[str, ...] = option(("classify", "function"), "which experiments", choices=("classify", "function"))
+    dataset: str = option("digits", "images of the classify task", choices=("digits", "mnist"))
+    ks: tuple[int, ...] = option((2, 4, 8), "pixel subset sizes of the classify task (for mnist e.g. 10 20 40)")
+    function_ks: tuple[int, ...] = option((3, 5, 8), "subset sizes of the function task")
+    modes: tuple[str, ...] = option(MODES, "subsamplers to compare", choices=MODES)
+    hidden: int = option(64, "subsampler width")
+    task_hidden: int = option(128, "task network width")
+    layer: str = option("monarch", "hidden layers", choices=("monarch", "dense", "blockdiag"))
+    nblocks: int = option(4, "Monarch blocks")
+    pretrain_epochs: int = option(30, "task network on random subsets")
+    pretrain_lr: float = option(3e-3, "Adam step of the pre-training")
+    pretrain_batch_size: int = option(32, "batch of the pre-training")
+    epochs: int = option(15, "joint training per method and k")
+    batch_size: int = option(64, "batch of the joint training")
+    lr: float = option(1e-3, "Adam step of the joint training")
+    fixed_lr: float = option(0.05, "Adam step of the 'fixed' baseline's position logits")
+    beta: float = option(0.1, "weight of the sparse-prior KL")
+    r0: float = option(0.3, "prior candidate rate")
+    tau: float = option(0.5, "τ₁ = τ₂")
+    functions: int = option(2000, "GP training functions")
+    test_functions: int = option(500, "GP test functions")
+    points: int = option(50, "grid points per function (the set size n)")
+    train_limit: Optional[int] = option(None, "use only the first N training images")
+    test_limit: Optional[int] = option(None, "use N test images drawn at random (the split is class-ordered)")
+    seeds: int = option(3, "number of seeds (seed, seed+1, ...)")
 
 
-def _ints(s: str) -> list[int]:
-    return [int(v) for v in s.split(",") if v.strip()]
+QUICK = {"pretrain_epochs": 10, "epochs": 3, "functions": 300, "test_functions": 100, "hidden": 32, "task_hidden": 64,
+         "train_limit": 400, "test_limit": 200, "ks": (8,), "function_ks": (3,), "seeds": 1}
 
 
-def _batches(n: int, bs: int, gen: torch.Generator):
-    order = torch.randperm(n, generator=gen)
-    for i in range(0, n, bs):
-        yield order[i:i + bs]
-
-
-def _fit(sampler: Optional[SetSubsampler], task: nn.Module, sets: Tensor, targets: Tensor, loss_fn, *, epochs: int,
-         args, gen: torch.Generator, k_range=None, progress=None, lr: Optional[float] = None,
-         batch_size: Optional[int] = None) -> None:
+def train_jointly(sampler: Optional[SetSubsampler], task: nn.Module, sets: Tensor, targets: Optional[Tensor], loss_fn,
+                  *, epochs: int, cfg: Config, gen: torch.Generator, k_range=None, lr: Optional[float] = None,
+                  batch_size: Optional[int] = None, progress=None, desc: str = "") -> int:
+    """Train ``task`` (and ``sampler``) end to end on eq. (1): task loss of the selected subset + β·KL. Without a
+    sampler: pre-training of the task network on random subsets of random size in ``k_range``. Returns the
+    number of epochs run."""
     groups = [{"params": list(task.parameters())}]
     if sampler is not None:
-        net = [p for name, p in sampler.named_parameters() if name != "position_logits"]
-        groups.append({"params": net})
+        groups.append({"params": [p for name, p in sampler.named_parameters() if name != "position_logits"]})
         if sampler.mode == "fixed":  # one free logit per position: a larger step than the networks'
-            groups.append({"params": [sampler.position_logits], "lr": args.fixed_lr})
-    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr or args.lr)
-    it = progress(range(epochs)) if progress else range(epochs)
-    for _ in it:
-        if sampler is not None:
-            sampler.train()
-        task.train()
-        for idx in _batches(len(sets), batch_size or args.batch_size, gen):
-            d = sets[idx]
-            if sampler is None:  # pre-training on random subsets of random size
-                k = int(torch.randint(k_range[0], k_range[1] + 1, (1,), generator=gen))
-                sel = torch.rand(d.shape[:2], generator=gen).topk(k, -1).indices
-                weights, kl = F.one_hot(sel, d.shape[1]).to(d.dtype), 0.0
-            else:
-                sub = sampler(d, generator=gen)
-                weights, kl = sub.weights, sub.kl
-            loss = loss_fn(task, weights, d, targets[idx] if targets is not None else None) + args.beta * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            groups.append({"params": [sampler.position_logits], "lr": cfg.fixed_lr})
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr or cfg.lr)
+
+    def step(_m, batch):
+        d, y = batch if targets is not None else (batch[0], None)
+        if sampler is None:
+            k = int(torch.randint(k_range[0], k_range[1] + 1, (1,), generator=gen))
+            sel = torch.rand(d.shape[:2], generator=gen).topk(k, -1).indices
+            weights, kl = F.one_hot(sel, d.shape[1]).to(d.dtype), 0.0
+        else:
+            sub = sampler(d, generator=gen)
+            weights, kl = sub.weights, sub.kl
+        loss = loss_fn(task, weights, d, y) + cfg.beta * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    both = nn.ModuleList([task] + ([sampler] if sampler is not None else []))
+    data = (sets,) if targets is None else (sets, targets)
+    return fit(both, opt, epoch_batches(*data, batch_size=batch_size or cfg.batch_size, generator=gen), epochs=epochs,
+               step=step, prepare=lambda b: b, progress=progress, desc=desc).epochs
 
 
 @torch.no_grad()
-def _evaluate(sampler: SetSubsampler, task: nn.Module, sets: Tensor, targets, metric_fn, gen, repeats: int = 5):
+def evaluate(sampler: SetSubsampler, task: nn.Module, sets: Tensor, targets, metric_fn, gen, repeats: int = 5):
     """Test metrics of hard samples (the paper's protocol; mean over ``repeats`` draws) and, for the learned
     subsamplers, of the deterministic selection (suffix ``_greedy``)."""
     sampler.eval()
@@ -537,130 +540,101 @@ def _function_metric(task, sub, d, _):
     return {"mse": float((mu - d[..., 1]).pow(2).mean()), "nll": float(CNP.nll(mu, sigma, d[..., 1])), "n": len(d)}
 
 
-def _compare(name: str, train_sets, train_y, test_sets, test_y, make_task, loss_fn, metric_fn, ks, modes, args, ctx,
-             seed: int) -> dict:
+def compare(name: str, train_sets, train_y, test_sets, test_y, make_task, loss_fn, metric_fn, ks, cfg: Config, ctx,
+            seed: int) -> dict:
+    """Pre-train one task network on random subsets, then for every k and subsampler train a copy of it jointly
+    with the subsampler and evaluate on the test sets."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     base = make_task()
-    _fit(None, base, train_sets, train_y, loss_fn, epochs=args.pretrain_epochs, args=args, gen=gen,
-         k_range=(min(ks), max(ks)), lr=args.pretrain_lr, batch_size=args.pretrain_batch_size, progress=lambda r: ctx.progress(r, desc=f"{name}: pre-train on random subsets"))
+    epochs = train_jointly(None, base, train_sets, train_y, loss_fn, epochs=cfg.pretrain_epochs, cfg=cfg, gen=gen,
+                           k_range=(min(ks), max(ks)), lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch_size,
+                           progress=ctx.progress, desc=f"{name}: pre-train on random subsets")
+    ctx.observe(pretrain_epochs=epochs, task_hidden=next(m for m in base.modules() if isinstance(m, nn.Linear))
+                .out_features)
     n, d_in = train_sets.shape[1:]
     res = {}
     for k in ks:
         res[k] = {}
-        for mode in modes:
+        for mode in cfg.modes:
             torch.manual_seed(seed * 1000 + k)
-            sampler = SetSubsampler(d_in, k, mode, n=n, hidden=args.hidden, r0=args.r0, tau1=args.tau, tau2=args.tau,
-                                    layer=args.layer, nblocks=args.nblocks)
+            sampler = SetSubsampler(d_in, k, mode, n=n, hidden=cfg.hidden, r0=cfg.r0, tau1=cfg.tau, tau2=cfg.tau,
+                                    layer=cfg.layer, nblocks=cfg.nblocks)
             task = copy.deepcopy(base)
-            _fit(sampler, task, train_sets, train_y, loss_fn, epochs=args.epochs, args=args, gen=gen,
-                 progress=lambda r: ctx.progress(r, desc=f"{name}: k={k} {mode}"))
-            m = _evaluate(sampler, task, test_sets, test_y, metric_fn, torch.Generator().manual_seed(seed + 7))
+            epochs = train_jointly(sampler, task, train_sets, train_y, loss_fn, epochs=cfg.epochs, cfg=cfg, gen=gen,
+                                   progress=ctx.progress, desc=f"{name}: k={k} {mode}")
+            ctx.observe(epochs=epochs)
+            m = evaluate(sampler, task, test_sets, test_y, metric_fn, torch.Generator().manual_seed(seed + 7))
             if mode == "sss":
                 with torch.no_grad():
                     sub = sampler(test_sets[:500], generator=torch.Generator().manual_seed(seed), sample=True)
                 m["candidates_per_set"] = float(sub.candidates.float().sum(-1).mean())
+                ctx.observe(hidden=sampler.encoder.psi.net[0].out_features)
             res[k][mode] = m
             ctx.log(f"[sss] seed {seed} {name} k={k} {mode}: " + " ".join(f"{a}={v:.4f}" for a, v in m.items()))
     return res
 
 
-def _aggregate(per_seed: list[dict]) -> dict:
-    out = {}
-    for k in per_seed[0]:
-        out[k] = {}
-        for mode in per_seed[0][k]:
-            out[k][mode] = {}
-            for metric in per_seed[0][k][mode]:
-                vals = torch.tensor([s[k][mode][metric] for s in per_seed], dtype=torch.float64)
-                out[k][mode][metric] = {"mean": float(vals.mean()),
-                                        "std": float(vals.std()) if len(vals) > 1 else 0.0}
-    return out
+def classify_data(cfg: Config, ctx):
+    split = load_image_dataset(cfg.dataset, seed=ctx.seed)
+    xtr, ytr, xte, yte = split.x_train[:cfg.train_limit], split.y_train[:cfg.train_limit], split.x_test, split.y_test
+    if cfg.test_limit is not None:  # the test split is ordered by class: subsample it at random
+        keep = torch.randperm(len(xte), generator=torch.Generator().manual_seed(ctx.seed))[:cfg.test_limit]
+        xte, yte = xte[keep], yte[keep]
+    ctx.observe(train_limit=len(xtr) if cfg.train_limit is not None else None,
+                test_limit=len(xte) if cfg.test_limit is not None else None)
+    return image_to_set(xtr), ytr, image_to_set(xte), yte, split.num_classes
 
 
-def _plot(results: dict, path: str) -> None:
-    import matplotlib
+def run(cfg: Config, ctx: RunContext) -> dict:
+    results, seeds = {}, seed_list(ctx.seed, cfg.seeds)
+    if "classify" in cfg.tasks:
+        sets_tr, ytr, sets_te, yte, classes = classify_data(cfg, ctx)
+        make = lambda: MaskedSetClassifier(sets_tr.shape[1], classes, cfg.task_hidden, cfg.layer, cfg.nblocks)  # noqa
+        per_seed = [compare("classify", sets_tr, ytr, sets_te, yte, make, _classify_loss, _classify_metric, cfg.ks,
+                            cfg, ctx, s) for s in seeds]
+        results["classify"] = {"data": cfg.dataset, "n": sets_tr.shape[1], "metric": "accuracy",
+                               "summary": aggregate_k(per_seed), "per_seed": per_seed}
+        ctx.observe(ks=list(per_seed[0]))
+    if "function" in cfg.tasks:
+        g = torch.Generator().manual_seed(ctx.seed)
+        train_f = gp_functions(cfg.functions, cfg.points, generator=g)
+        test_f = gp_functions(cfg.test_functions, cfg.points, generator=g)
+        ctx.observe(functions=len(train_f), test_functions=len(test_f))
+        make = lambda: CNP(cfg.task_hidden, cfg.layer, cfg.nblocks)  # noqa: E731
+        per_seed = [compare("function", train_f, None, test_f, None, make, _function_loss, _function_metric,
+                            cfg.function_ks, cfg, ctx, s) for s in seeds]
+        results["function"] = {"data": f"GP (RBF, lengthscale U(0.5, 1)) on {cfg.points} points", "n": cfg.points,
+                               "metric": "mse", "summary": aggregate_k(per_seed), "per_seed": per_seed}
+        ctx.observe(function_ks=list(per_seed[0]))
+    ctx.observe(seeds=len(per_seed))
+    plot_rates(results, ctx.plot_path("sss_rates.png"))
+    return {"results": results, "seeds": seeds, "modes": list(cfg.modes), "layer": cfg.layer,
+            "paired": {t: {k: {f"sss_minus_{b}": paired([s[k]["sss"][r["metric"]] for s in r["per_seed"]],
+                                                         [s[k][b][r["metric"]] for s in r["per_seed"]])
+                               for b in cfg.modes if b != "sss"} for k in r["per_seed"][0]}
+                       for t, r in results.items() if "sss" in cfg.modes}}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels = [(task, metric) for task, metric in (("classify", "accuracy"), ("function", "mse")) if task in results]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (task, metric) in zip(axes[0], panels):
-        agg = results[task]["summary"]
-        ks = sorted(agg, key=int)
-        n = results[task]["n"]
-        for j, mode in enumerate(agg[ks[0]]):
-            for key, style, suffix in ((metric, "-", ""), (f"{metric}_greedy", ":", " (greedy)")):
-                if key not in agg[ks[0]][mode]:
-                    continue
-                mean = [agg[k][mode][key]["mean"] for k in ks]
-                std = [agg[k][mode][key]["std"] for k in ks]
-                ax.errorbar([int(k) / n for k in ks], mean, yerr=std, marker="o", ls=style, color=f"C{j}", capsize=3,
-                            label=mode + suffix)
-        ax.set(xlabel=f"subsampling rate k/n (n={n})", ylabel=f"test {metric}",
-               title=f"{task} ({results[task]['data']})")
-        if metric == "mse":
-            ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def aggregate_k(per_seed: list[dict]) -> dict:
+    """:func:`methods.report.aggregate` per subset size ``k`` and subsampler."""
+    return {k: {mode: aggregate([s[k][mode] for s in per_seed]) for mode in per_seed[0][k]} for k in per_seed[0]}
 
 
-def run(args: argparse.Namespace, ctx: RunContext) -> dict:
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    for t in tasks:
-        if t not in ("classify", "function"):
-            raise ValueError(f"--tasks: unknown task {t!r}; expected classify and/or function")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in modes:
-        if m not in MODES:
-            raise ValueError(f"--modes: unknown mode {m!r}; expected a subset of {MODES}")
-    if args.quick:
-        args.pretrain_epochs, args.epochs, args.functions = min(args.pretrain_epochs, 3), min(args.epochs, 2), 300
-        args.hidden, args.task_hidden = 32, 64
-    results = {}
-    if "classify" in tasks:
-        from .data import load_image_dataset
-
-        split = load_image_dataset(args.dataset, seed=args.seed)
-        xtr, ytr, xte, yte = split.x_train, split.y_train, split.x_test, split.y_test
-        if args.quick:  # the test split is ordered by class: subsample it at random
-            keep = torch.randperm(len(xte), generator=torch.Generator().manual_seed(args.seed))[:200]
-            xtr, ytr, xte, yte = xtr[:400], ytr[:400], xte[keep], yte[keep]
-        sets_tr, sets_te = image_to_set(xtr), image_to_set(xte)
-        ks = _ints(args.ks) if args.ks else ([2, 4, 8] if args.dataset == "digits" else [10, 20, 40])
-        if args.quick:
-            ks = ks[:1]
-        make = lambda: MaskedSetClassifier(sets_tr.shape[1], split.num_classes, args.task_hidden, args.layer,
-                                           args.nblocks)
-        per_seed = [_compare("classify", sets_tr, ytr, sets_te, yte, make, _classify_loss, _classify_metric, ks,
-                             modes, args, ctx, args.seed + s) for s in range(args.seeds)]
-        results["classify"] = {"data": args.dataset, "n": sets_tr.shape[1], "metric": "accuracy",
-                               "summary": _aggregate(per_seed), "per_seed": per_seed}
-    if "function" in tasks:
-        g = torch.Generator().manual_seed(args.seed)
-        train_f = gp_functions(args.functions, args.points, generator=g)
-        test_f = gp_functions(500 if not args.quick else 100, args.points, generator=g)
-        ks = _ints(args.function_ks) if args.function_ks else [3, 5, 8]
-        if args.quick:
-            ks = ks[:1]
-        make = lambda: CNP(args.task_hidden, args.layer, args.nblocks)
-        per_seed = [_compare("function", train_f, None, test_f, None, make, _function_loss, _function_metric, ks,
-                             modes, args, ctx, args.seed + s) for s in range(args.seeds)]
-        results["function"] = {"data": f"GP (RBF, lengthscale U(0.5, 1)) on {args.points} points", "n": train_f.shape[1], "metric": "mse",
-                               "summary": _aggregate(per_seed), "per_seed": per_seed}
-    _plot(results, ctx.plot_path("sss_rates.png"))
-    verdict = {}
+def plot_rates(results: dict, path: str) -> None:
+    panels = []
     for task, r in results.items():
-        metric = r["metric"]
-        sign = 1 if metric == "accuracy" else -1
-        for k, row in r["summary"].items():
-            if {"sss", "random"} <= set(row):
-                best = max(row, key=lambda m: sign * row[m][metric]["mean"])
-                verdict[f"{task}_k{k}_best"] = best
-    return {"results": results, "best_method": verdict, "modes": modes, "layer": args.layer}
+        metric, ks = r["metric"], sorted(r["summary"], key=int)
+        series = {}
+        for mode in r["summary"][ks[0]]:
+            for key, suffix in ((metric, ""), (f"{metric}_greedy", " (greedy)")):
+                if key in r["summary"][ks[0]][mode]:
+                    stats = [r["summary"][k][mode][key] for k in ks]
+                    series[mode + suffix] = ([int(k) / r["n"] for k in ks], [s["mean"] for s in stats],
+                                             [s["std"] or 0.0 for s in stats])
+        panels.append(Panel(f"{task} ({r['data']})", series, xlabel=f"subsampling rate k/n (n={r['n']})",
+                            ylabel=f"test {metric}", logy=metric == "mse", markers=True))
+    plot_curves(path, panels, panel_size=(5.5, 4.0))
 
 
-RECIPE = Recipe("sss", add_arguments, run, description=__doc__.splitlines()[0])
+RECIPE = Recipe("sss", Config, run, quick=QUICK, description=__doc__.splitlines()[0])

@@ -1,11 +1,11 @@
 """DepthShrinker recipe: distillation loss, both searches' update rules, BN recalibration, fine-tuning with removed
 activations, merge, quick run."""
 import copy
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
+from recipe_runs import quick_run
 
 from methods.depthshrinker import (
     QUICK_BLOCKS,
@@ -42,9 +42,14 @@ def test_distillation_loss_identities():
     assert torch.allclose(distillation_loss(zs, zt, y, alpha=0.0), F.cross_entropy(zs, y))
     T = 2.0
     pt = F.softmax(zt / T, -1)
-    kl = (pt * (pt.log() - F.log_softmax(zs / T, -1))).sum(-1).mean()
-    assert torch.allclose(distillation_loss(zs, zt, y, alpha=1.0, temperature=T), T * T * kl)
-    assert distillation_loss(zt, zt, y, alpha=1.0).abs().item() < 1e-6
+    soft_ce = -(pt * F.log_softmax(zs / T, -1)).sum(-1).mean()  # the official soft cross-entropy
+    assert torch.allclose(distillation_loss(zs, zt, y, alpha=1.0, temperature=T), T * T * soft_ce)
+    entropy = -(pt * pt.log()).sum(-1).mean()  # at z_s = z_t only the teacher entropy is left
+    assert torch.allclose(distillation_loss(zt, zt, y, alpha=1.0, temperature=T), T * T * entropy)
+    zs.requires_grad_(True)
+    distillation_loss(zs, zt.requires_grad_(True), y, alpha=1.0).backward()
+    assert zt.grad is None  # the teacher is a constant
+    zs, zt = zs.detach(), zt.detach()
     mixed = distillation_loss(zs, zt, y, alpha=0.7)
     assert torch.allclose(mixed, 0.7 * distillation_loss(zs, zt, y, 1.0) + 0.3 * F.cross_entropy(zs, y))
     with pytest.raises(ValueError, match="student_logits"):
@@ -126,7 +131,8 @@ def test_finetune_removed_then_merge_is_exact():
     x, y = _tiny_data()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     mask = [True, False, True, True]
-    ft = finetune_removed(model, mask, x, y, epochs=1, batch_size=16, generator=torch.Generator().manual_seed(0))
+    ft, hist = finetune_removed(model, mask, x, y, epochs=1, batch_size=16, generator=torch.Generator().manual_seed(0))
+    assert hist.epochs == 1 and len(hist.losses) == 3
     assert [b.gate.mode for b in shrink_blocks(ft)] == ["remove", "keep", "remove", "remove"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # teacher untouched
     assert any(not torch.equal(before[k], v) for k, v in ft.state_dict().items())  # student trained
@@ -142,23 +148,21 @@ def test_random_removal_count():
 
 
 def test_quick_run(tmp_path):
-    from methods.recipe import run_recipe
-
-    m = run_recipe("depthshrinker", ["--quick", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["acc_original"] == m["acc_original"]
-    assert m["pointwise"] == "monarch" and m["search"] == "relax"
-    assert min(m["acc_original"]) > 0.5  # learns something (10 classes)
-    for key in ("acc_learned_no_ft", "acc_random_no_ft", "acc_learned_finetuned", "acc_random_finetuned",
-                "acc_control_finetuned"):
-        assert len(m[key]) == m["seeds"] and all(0.0 <= v <= 1.0 for v in m[key]), key
-    assert m["merge_max_abs_logit_diff"] <= 1e-4
-    assert abs(m["acc_merged"] - m["acc_learned_finetuned"][0]) <= 1 / m["n_test"] + 1e-9
-    assert m["layers_merged"]["conv"] < m["layers_unmerged"]["conv"]
-    assert all(v > 0 for v in m["latency_ms"].values())
-    assert m["params"]["learned_merged"] != m["params"]["learned_unmerged"]
-    for mask in m["mask_learned"] + m["mask_random"]:
-        assert sum(mask) == m["n_removed"]
-    for scores in m["search_scores"]:
-        assert abs(sum(scores) - m["n_removed"]) < 1e-5
-    assert any(p.suffix == ".png" for p in tmp_path.iterdir())
+    m, config = quick_run("depthshrinker", tmp_path)
+    assert config["config"]["pointwise"] == "monarch" and config["config"]["search"] == "relax"
+    s = m["summary"]
+    assert min(s["acc_original"]["values"]) > 0.5  # learns something (10 classes)
+    for key, v in s.items():
+        assert v["n"] == len(m["seeds"]) and all(0.0 <= a <= 1.0 for a in v["values"]), key
+    merge = m["merge"]
+    assert merge["merge_max_abs_logit_diff"] <= 1e-4
+    assert abs(merge["acc_merged"] - s["acc_learned_finetuned"]["values"][0]) <= 1 / m["n_test"] + 1e-9
+    assert merge["layers_merged"]["conv"] < merge["layers_unmerged"]["conv"]
+    assert all(v > 0 for v in merge["latency_ms"].values())
+    assert merge["params"]["learned_merged"] != merge["params"]["learned_unmerged"]
+    for r in m["per_seed"]:
+        assert sum(r["mask_learned"]) == sum(r["mask_random"]) == m["n_removed"]
+        assert abs(sum(r["scores"]) - m["n_removed"]) < 1e-5
+    d = m["paired"]["learned_minus_random_finetuned"]
+    assert d["values"] == [a - b for a, b in zip(s["acc_learned_finetuned"]["values"],
+                                                 s["acc_random_finetuned"]["values"])]

@@ -1,5 +1,4 @@
 """Self-conditioning: AP, max-over-tokens responses, forcing, and the three layer kinds."""
-import json
 import math
 
 import pytest
@@ -8,6 +7,7 @@ from torch import nn
 
 from monarch_kernels.layers import MonarchLinear
 from methods import selfcond as sc
+from recipe_runs import quick_run
 from methods.data import WordTokenizer
 from methods.models import tiny_gpt2
 
@@ -209,16 +209,14 @@ def test_bad_input():
 
 
 def test_quick_run(tmp_path):
-    from methods.recipe import run_recipe
-
-    m = run_recipe("selfcond", ["--quick", "--threads", "1", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert saved["ks"] == m["ks"] and (tmp_path / "selfcond.png").exists() and (tmp_path / "lm.pt").exists()
-    assert math.isfinite(saved["lm_train_loss"]) and math.isfinite(saved["lm_val_loss"])
+    m, cfg = quick_run("selfcond", tmp_path)
+    assert m["ks"] == [0, 3, 30] and (tmp_path / "lm.pt").exists()
+    assert math.isfinite(m["lm_train_loss"]) and m["lm_val_loss"] < m["uniform_loss"] - 1  # the LM learned (30 steps)
     for mode in ("expert", "random"):
-        assert [r["k"] for r in saved[mode]] == saved["ks"]
-        for r in saved[mode]:
+        assert [r["k"] for r in m[mode]] == m["ks"]
+        for r in m[mode]:
             assert 0.0 <= r["presence"] <= 1.0 and math.isfinite(r["perplexity"]) and r["perplexity"] > 1
             assert 0.0 < r["p_concept_next_token"] < 1.0 and r["concept_words_per_100_words"] >= 0
-    assert saved["expert"][0]["presence"] == saved["random"][0]["presence"]  # k = 0 is the same unforced model
-    assert 0.5 <= saved["ap_max"] <= 1.0 and isinstance(saved["effect_appears"], bool)
+    assert m["expert"][0]["presence"] == m["random"][0]["presence"]  # k = 0 is the same unforced model
+    # some units detect the concept far better than chance (AP of a random detector ≈ 0.5, the positive share)
+    assert 0.6 <= m["ap_max"] <= 1.0 and isinstance(m["effect_appears"], bool)
