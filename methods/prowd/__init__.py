@@ -26,6 +26,7 @@ marked [unverified]):
 
       L_rec = Σ_i ‖D_i(Q_{b_i}(w_k)/s) − Q_{b_{i+1}}(w_k)/s‖² + ‖D(Q_{b_1}(w_k)/s) − w_k/s‖²    (stage + end-to-end)
       L_kd  = KL( f(x; w_k) ‖ f(x; D(Q_{b_1}(w_k))) )   on a small server buffer x (100 samples by default)
+              (computed as the soft cross-entropy, which adds the teacher's entropy: the same gradient)
 
   (``Q_{b_1}`` of the chain input is stochastically rounded, as the low-bit uploads are; one FP client per
   Adam step, ``deq_steps`` steps per round.)

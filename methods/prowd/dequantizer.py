@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..models import MLP
+from ..train import soft_cross_entropy
 from .quantization import FP_BITS, _check_bits, is_quantized_param, quantize, quantized_step, stochastic_quantize
 from .client import forward_with
 
@@ -96,7 +97,9 @@ def dequantizer_loss(deq: ProgressiveDequantizer, model: nn.Module, fp_state: di
                      buffer_x: Optional[Tensor] = None, kd_weight: float = 1.0, temperature: float = 1.0,
                      generator: Optional[torch.Generator] = None) -> Tensor:
     """Reconstruction (each stage b_i → b_{i+1} and end to end, in units of the ``bits`` step ``s``) of an FP
-    client's weights from their ``bits``-bit quantisation, plus ``kd_weight`` × distillation on the buffer.
+    client's weights from their ``bits``-bit quantisation, plus ``kd_weight`` × distillation on the buffer:
+    ``T²·CE(softmax(f(x; w)/T), log_softmax(f(x; D(Q(w)))/T))`` (:func:`methods.train.soft_cross_entropy`, the
+    KL of the module docstring plus the teacher's entropy: the same gradient).
 
     The chain input is ``Q_bits(w)`` stochastically rounded with ``generator`` (as low-bit clients store their
     uploads; deterministic without one); the stage targets are the deterministic ``Q_{b_{i+1}}(w)``."""
@@ -114,6 +117,6 @@ def dequantizer_loss(deq: ProgressiveDequantizer, model: nn.Module, fp_state: di
         return rec
     student_state = {**{n: p.detach() for n, p in fp_state.items()}, **dict(zip(names, deq.unchunk(out, ws, scales)))}
     with torch.no_grad():
-        teacher = F.softmax(forward_with(model, {n: p.detach() for n, p in fp_state.items()}, buffer_x) / temperature, -1)
-    student = F.log_softmax(forward_with(model, student_state, buffer_x) / temperature, -1)
-    return rec + kd_weight * F.kl_div(student, teacher, reduction="batchmean") * temperature ** 2
+        teacher = forward_with(model, {n: p.detach() for n, p in fp_state.items()}, buffer_x)
+    student = forward_with(model, student_state, buffer_x)
+    return rec + kd_weight * soft_cross_entropy(teacher, student, temperature) * temperature ** 2
