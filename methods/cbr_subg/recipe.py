@@ -19,10 +19,7 @@ from .questions import kg_questions, synthetic_questions
 
 
 DATASETS = ("synthetic", "umls", "nations", "kinships")
-
-
 METHODS = ("cbr_subg", "random_cases", "distance_heuristic", "chance")
-
 
 KS = (1, 3, 10)
 

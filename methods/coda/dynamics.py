@@ -34,8 +34,6 @@ class _RootNet(nn.Module):
 
 
 MODES = ("coda", "shared", "independent")
-
-
 APPLY = ("dense", "factors")
 
 

@@ -33,8 +33,6 @@ class Config:
 
 
 QUICK = {"dataset": "digits", "seeds": 1, "hidden": 128, "max_per_task": 40, "buffer_size": 100, "buffer_batch": 16}
-
-
 KEYS = ("final_accuracy", "forgetting", "old_tasks_accuracy", "last_task_accuracy", "final_accuracy_ncm",
         "forgetting_ncm")
 

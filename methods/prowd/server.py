@@ -14,8 +14,6 @@ from .dequantizer import ProgressiveDequantizer, dequantizer_loss
 
 
 METHODS = ("fedavg", "grouped", "deq", "swa", "prowd")
-
-
 METHOD_LABELS = {"fedavg": "FedAvg", "grouped": "GroupedAvg", "deq": "DEQ only", "swa": "SWA only",
                  "prowd": "ProWD"}
 
