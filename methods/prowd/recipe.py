@@ -83,7 +83,8 @@ def run(cfg: Config, ctx: RunContext) -> dict:
         metrics["flower_check"] = {"method": "ProWD", "seed": ctx.seed, "rounds_compared": len(fl["history"]),
                                    "max_abs_accuracy_diff_all_rounds": diff}
         ctx.log(f"[prowd] Flower check (ProWD, seed {ctx.seed}): max |Δacc| over rounds and groups = {diff:.4f}")
-    ctx.observe(flower_check="flower_check" in metrics)
+    if cfg.engine == "inprocess" and "prowd" in cfg.methods:  # where the check applies, it ran or not as asked
+        ctx.observe(flower_check="flower_check" in metrics)
     plot_curves(ctx.plot_path("prowd.png"), [
         Panel(f"{'FP32' if b == FP_BITS else f'{b}-bit'} clients: test accuracy of their model",
               {METHOD_LABELS[m]: curve_band([[r[b] for r in run] for run in runs]) for m, runs in histories.items()},
