@@ -140,8 +140,9 @@ def generation_sweep(model, tok, expertise: Expertise, pat: re.Pattern, concept_
                                   "presence_draws": [r[0] for r in rows]})
             ctx.log(f"[selfcond] k={k:4d} {mode:6s}: p(concept in sample) {mean[0]:.3f}, {mean[1]:.2f} concept "
                     f"words/100 words, next-token p(concept) {mean[3]:.4f}, unforced-model perplexity {mean[2]:.2f}")
-    ctx.observe(samples=prompt.shape[0], random_draws=max(len(r["presence_draws"]) for r in results["random"]),
-                ks=[r["k"] for r in results["top"]])
+    ctx.observe(samples=prompt.shape[0], ks=[r["k"] for r in results["top"]])
+    if any(cfg.ks):  # random draws are taken for k > 0 only
+        ctx.observe(random_draws=max(len(r["presence_draws"]) for r in results["random"]))
     return results, base_texts, forced_texts
 
 
@@ -152,8 +153,11 @@ def run(cfg: Config, ctx) -> dict:
     gen_len = cfg.gen_len or (20 if cfg.tokenizer == "word" else 80)
     ids = tok.encode(text)
     train_ids, val_ids = ids[:int(0.95 * len(ids))], ids[int(0.95 * len(ids)):]
-    ctx.observe(max_chars=len(text) if cfg.max_chars else None, vocab=tok.vocab_size if cfg.tokenizer == "word"
-                else cfg.vocab)
+    # the text and the word vocabulary can be smaller than asked (the corpus is finite): observed when capped
+    if cfg.max_chars is not None and len(text) >= cfg.max_chars:
+        ctx.observe(max_chars=len(text))
+    if cfg.tokenizer == "word" and tok.vocab_size >= cfg.vocab:
+        ctx.observe(vocab=tok.vocab_size)
     model, losses = train_lm(cfg, tok, train_ids, ctx)
     val_loss = lm_eval_loss(model, val_ids, cfg.block, batches=4, batch_size=16, seed=ctx.seed)
     train_loss = statistics.fmean(losses[-20:]) if losses else float("nan")

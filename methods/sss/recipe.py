@@ -150,8 +150,10 @@ def classify_data(cfg: Config, ctx):
     if cfg.test_limit is not None:  # the test split is ordered by class: subsample it at random
         keep = torch.randperm(len(xte), generator=torch.Generator().manual_seed(ctx.seed))[:cfg.test_limit]
         xte, yte = xte[keep], yte[keep]
-    ctx.observe(train_limit=len(xtr) if cfg.train_limit is not None else None,
-                test_limit=len(xte) if cfg.test_limit is not None else None)
+    if cfg.train_limit is not None and len(split.x_train) >= cfg.train_limit:  # a cap beyond the data is no cap
+        ctx.observe(train_limit=len(xtr))
+    if cfg.test_limit is not None and len(split.x_test) >= cfg.test_limit:
+        ctx.observe(test_limit=len(xte))
     return image_to_set(xtr), ytr, image_to_set(xte), yte, split.num_classes
 
 

@@ -91,6 +91,8 @@ def test_bad_flags_and_values_are_rejected(fake, tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         recipe.run_recipe("fake", ["--epochs", "3", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--ks lists a value twice"):
+        recipe.run_recipe("fake", ["--ks", "2", "4,2", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--steps must be >= 0"):
         recipe.run_recipe("fake", ["--steps", "-1", "--out", str(tmp_path)])
     with pytest.raises(TypeError, match="QUICK names fields the config lacks"):
