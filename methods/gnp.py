@@ -1,4 +1,5 @@
-"""GNP (Zhao, Zhang & Hu, ICML 2022): penalising the gradient norm for better generalisation; SAM is α = 1.
+"""GNP (Zhao, Zhang & Hu, "Penalizing Gradient Norm for Efficiently Improving Generalization in Deep Learning",
+ICML 2022): penalising the gradient norm for better generalisation; SAM is α = 1.
 
 Objective and update (paper, eqs. for the penalised loss and its finite-difference gradient)::
 
