@@ -6,6 +6,7 @@ import importlib
 import importlib.metadata
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -156,8 +157,6 @@ class WordTokenizer:
     TOKEN = re.compile(r"[a-z']+|[.,;:!?-]|\n")
 
     def __init__(self, text: str, size: int = 2000):
-        from collections import Counter
-
         if size < 3:
             raise ValueError(f"size must be >= 3, got {size}")
         counts = Counter(t for t in self.TOKEN.findall(text.lower()) if t != "\n")

@@ -1,4 +1,5 @@
-"""GNP (Zhao, Zhang & Hu, ICML 2022): penalising the gradient norm for better generalisation; SAM is α = 1.
+"""GNP (Zhao, Zhang & Hu, "Penalizing Gradient Norm for Efficiently Improving Generalization in Deep Learning",
+ICML 2022): penalising the gradient norm for better generalisation; SAM is α = 1.
 
 Objective and update (paper, eqs. for the penalised loss and its finite-difference gradient)::
 
@@ -290,7 +291,8 @@ def run(cfg: Config, ctx: RunContext) -> dict:
             ctx.log(f"[gnp] seed {seed} {name:4s} test acc {res['test_accuracy']:.4f} |grad| {res['grad_norm']:.3g} "
                     f"lambda_max {res['hessian_lambda_max']:.3g} tr(H) {res['hessian_trace']:.3g} "
                     f"{res['ms_per_step']:.1f} ms/step")
-    ctx.observe(seeds=len(per_seed["sgd"]), epochs=len(per_seed["sgd"][0]["curve"]), hidden=per_seed["sgd"][0]["hidden"])
+    first = per_seed["sgd"][0]
+    ctx.observe(seeds=len(per_seed["sgd"]), epochs=len(first["curve"]), hidden=first["hidden"])
     summary = {name: aggregate([{k: r[k] for k in METRICS} for r in runs]) for name, runs in per_seed.items()}
     comparisons = {f"{a}_minus_{b}": {k: paired([r[k] for r in per_seed[a]], [r[k] for r in per_seed[b]])
                                       for k in ("test_accuracy", "hessian_lambda_max", "hessian_trace")}

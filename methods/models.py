@@ -49,9 +49,11 @@ class MLP(nn.Module):
 
 
 def tiny_gpt2(vocab_size: int, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4, n_positions: int = 128,
-              mlp: str = "dense", nblocks: int = 4, seed: Optional[int] = None) -> nn.Module:
-    """A randomly initialised Hugging Face ``GPT2LMHeadModel`` at a tiny config; with ``mlp="monarch"`` (or
-    ``"blockdiag"``) its MLP ``Conv1D`` layers are replaced through :func:`monarch_kernels.layers.monarchify`."""
+              mlp: str = "dense", nblocks: int = 4, seed: Optional[int] = None,
+              backend: Optional[str] = None) -> nn.Module:
+    """A randomly initialised Hugging Face ``GPT2LMHeadModel`` at a small config (no dropout); with
+    ``mlp="monarch"`` (or ``"blockdiag"``) its MLP ``Conv1D`` layers are replaced through
+    :func:`monarch_kernels.layers.monarchify` (``backend``: the structured layers' kernel backend, default auto)."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError as exc:
@@ -62,7 +64,8 @@ def tiny_gpt2(vocab_size: int, *, n_layer: int = 2, n_embd: int = 64, n_head: in
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
     if mlp != "dense":
-        monarchify(model, nblocks=nblocks, include=["*.mlp.c_fc", "*.mlp.c_proj"], layer=mlp)
+        monarchify(model, nblocks=nblocks, include=["**.mlp.c_fc", "**.mlp.c_proj"], layer=mlp, project=False,
+                   backend=backend)
     return model
 
 

@@ -1,4 +1,5 @@
-"""PoF (Sato et al., ICML 2022): post-training of the feature extractor against a perturbed last layer.
+"""PoF (Sato, Yamada, Tanaka, Inoue & Kawakami, "PoF: Post-Training of Feature Extractor for Improving
+Generalization", ICML 2022): post-training of the feature extractor against a perturbed last layer.
 
 The model is ``f(x) = W·φ_θ(x) + b``; the classifier ``w* = (W, b)`` is the last ``nn.Linear`` of an already
 trained network. Post-training keeps ``w*`` fixed and updates only the extractor ``θ``. One iteration:

@@ -205,6 +205,8 @@ def parse_config(recipe: Recipe, argv: list[str]) -> tuple[argparse.Namespace, A
     for k, v in flags.items():
         if isinstance(v, list):  # nargs="+" of comma lists: flatten to one tuple
             flags[k] = tuple(x for part in v for x in part)
+            if len(set(flags[k])) != len(flags[k]):
+                raise SystemExit(f"error: --{k.replace('_', '-')} lists a value twice: {_show(flags[k])}")
     common = argparse.Namespace(**{k: getattr(ns, k) for k in COMMON_FLAGS})
     return common, recipe.resolve(common.quick, **flags), sorted(flags)
 

@@ -1,4 +1,5 @@
-"""TAM: Topology-Aware Margin loss for class-imbalanced node classification (Song, Park, Yang, ICML 2022).
+"""TAM: Topology-Aware Margin loss for class-imbalanced node classification (Song, Park & Yang, "TAM:
+Topology-Aware Margin Loss for Class-Imbalanced Node Classification", ICML 2022).
 
 TAM adjusts the logits of the *labelled training nodes* by per-node, per-class margins computed from the local
 topology, without gradient (the margins are constants) and only after a warm-up. With ``N(v)`` the neighbours of

@@ -6,7 +6,8 @@ of a dataset via :func:`epoch_batches`, or a single freshly drawn batch for step
 
 * ``step(model, batch) -> loss`` takes over the whole update (zero_grad, backward, optimizer step) for recipes
   with their own update rule (SAM/GNP, distillation, PoF…); by default ``loss_fn(model, *batch)`` is minimised
-  with ``optimizer`` (gradient norm clipped at ``clip_grad_norm`` if given). With a custom ``step`` the
+  with ``optimizer`` (gradients clipped at norm ``clip_grad_norm`` or element-wise at ``clip_grad_value`` if
+  given). With a custom ``step`` the
   ``optimizer`` is optional (given, its learning rate is scheduled and recorded);
 * ``schedule``: a function ``step index -> learning rate`` set on every parameter group before each step (a pure
   function of the step, so a resumed run continues it exactly), or a ``torch.optim.lr_scheduler`` stepped after
@@ -58,7 +59,8 @@ def _model_device(model: nn.Module) -> torch.device:
 def fit(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], batches: Callable[[int], Iterable[Batch]], *,
         epochs: int, loss_fn: Optional[Callable[..., torch.Tensor]] = None,
         step: Optional[Callable[[nn.Module, Batch], Any]] = None, schedule: Optional[Schedule] = None,
-        clip_grad_norm: Optional[float] = None, evaluate: Optional[Callable[[nn.Module], dict]] = None,
+        clip_grad_norm: Optional[float] = None, clip_grad_value: Optional[float] = None,
+        evaluate: Optional[Callable[[nn.Module], dict]] = None,
         eval_every: int = 0, on_epoch_end: Optional[Callable[[int], None]] = None,
         prepare: Optional[Callable[[Batch], Batch]] = None, reduce: Optional[Callable[[Any], float]] = None,
         start_epoch: int = 0, start_step: Optional[int] = None, progress: Optional[Callable] = None,
@@ -87,6 +89,8 @@ def fit(model: nn.Module, optimizer: Optional[torch.optim.Optimizer], batches: C
         loss.backward()
         if clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(m.parameters(), clip_grad_norm)
+        if clip_grad_value is not None:
+            torch.nn.utils.clip_grad_value_(m.parameters(), clip_grad_value)
         optimizer.step()
         return loss
 

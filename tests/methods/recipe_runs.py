@@ -27,7 +27,7 @@ def quick_run(name: str, tmp_path, *flags: str) -> tuple[dict, dict]:
     assert config["config"] == json.loads(json.dumps(dataclasses.asdict(received["cfg"])))
     assert config["quick"] is True and config["recipe"] == name
     saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(rec.quick) <= set(saved["observed"]), f"quick settings not observed: {set(rec.quick) - set(saved['observed'])}"
+    assert set(rec.quick) <= set(saved["observed"]), f"not observed: {set(rec.quick) - set(saved['observed'])}"
     for k, v in saved["observed"].items():
         assert config["config"][k] == v, k
     assert any(p.suffix == ".png" for p in tmp_path.iterdir())

@@ -1,7 +1,10 @@
 """The shared recipe framework: config as data (quick overrides, user flags win, config.json = what ran), the one
 training loop, seed summaries, plots, timers, datasets."""
+import ast
 import dataclasses
+import inspect
 import json
+import pathlib
 import sys
 import types
 from dataclasses import dataclass
@@ -88,6 +91,8 @@ def test_bad_flags_and_values_are_rejected(fake, tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         recipe.run_recipe("fake", ["--epochs", "3", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--ks lists a value twice"):
+        recipe.run_recipe("fake", ["--ks", "2", "4,2", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="--steps must be >= 0"):
         recipe.run_recipe("fake", ["--steps", "-1", "--out", str(tmp_path)])
     with pytest.raises(TypeError, match="QUICK names fields the config lacks"):
@@ -297,3 +302,75 @@ def test_ece_and_linear_factory():
     assert isinstance(linear(2, 8, "monarch", nblocks=4), torch.nn.Linear)  # too small to structure
     with pytest.raises(ValueError, match="layer must be one of"):
         linear(8, 8, "butterfly")
+
+
+# ------------------------------------------------------------------------------------------- layout
+RECIPE_MODULES = [name for name in methods.RECIPES if name != "depthshrinker"]  # depthshrinker: its own branch
+ROOT = pathlib.Path(methods.__file__).parent
+
+
+def _module_files():
+    return sorted(p for p in ROOT.rglob("*.py"))
+
+
+def _module_name(path: pathlib.Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def test_methods_import_graph_has_no_cycle():
+    graph = {}
+    for path in _module_files():
+        name = _module_name(path)
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    mod = f"{base}.{node.module}" if node.module else base
+                else:
+                    mod = node.module or ""
+                if mod.startswith("methods"):
+                    deps.add(mod)
+                    deps.update(f"{mod}.{a.name}" for a in node.names)
+        graph[name] = deps
+    graph = {k: {d for d in v if d in graph and d != k} for k, v in graph.items()}
+    # a package's __init__ re-exporting its modules is not a cycle of the code: drop edges into a module's own package
+    graph = {k: {d for d in v if not k.startswith(d + ".")} for k, v in graph.items()}
+    state = {}
+
+    def visit(n, stack):
+        state[n] = 1
+        for d in graph[n]:
+            assert state.get(d) != 1, f"import cycle: {' -> '.join(stack + [n, d])}"
+            if d not in state:
+                visit(d, stack + [n])
+        state[n] = 2
+
+    for n in graph:
+        if n not in state:
+            visit(n, [])
+    assert "methods.tasks" in graph["methods.distributed"] and "methods.distributed" not in graph["methods.monarch"]
+
+
+@pytest.mark.parametrize("name", RECIPE_MODULES)
+def test_recipes_are_config_plus_a_short_run(name):
+    rec = recipe.load_recipe(name)
+    assert dataclasses.is_dataclass(rec.config) and rec.config.__dataclass_params__.frozen and rec.quick
+    module = sys.modules[rec.run.__module__]
+    lines = inspect.getsource(rec.run).count("\n")
+    assert lines <= 60, f"{name}: run has {lines} lines"
+    path = pathlib.Path(module.__file__)
+    if path.parent == ROOT:  # a single-module recipe stays short; larger ones are packages of library modules
+        assert len(path.read_text().splitlines()) <= 420, f"{name}: {path.name} is long, make it a package"
+
+
+def test_no_docstring_cites_files_outside_the_repository():
+    for path in _module_files():
+        if path.name == "depthshrinker.py":  # on its own branch
+            continue
+        text = path.read_text()
+        for bad in ("research/", "SPEC §", "../shared", "methods-a.md", "methods-b.md", "research note"):
+            assert bad not in text, f"{path.relative_to(ROOT.parent)} cites {bad!r}"

@@ -30,7 +30,8 @@ def test_quick_all_modes_writes_measured_metrics(tmp_path):
     for k in ("dense", "monarch"):
         assert m["sparse"]["vit"][k]["val_acc"] > 0.2  # 80 steps on digits: far above chance (0.1)
         assert m["sparse"]["gpt"][k]["val_loss"] < math.log(m["vocab_size"])  # below the uniform-prediction loss
-    assert m["sparse"]["gpt"]["monarch"]["monarch_backend_auto"] and not m["sparse"]["gpt"]["dense"]["monarch_backend_auto"]
+    gpt = m["sparse"]["gpt"]
+    assert gpt["monarch"]["monarch_backend_auto"] and not gpt["dense"]["monarch_backend_auto"]
     # 2. dense-to-sparse: projection of a trained model starts far below a random Monarch model
     d2s = m["d2s"]["runs"]
     assert set(d2s) == {"projected_monarch", "random_monarch", "pretrained_attn_random_monarch_mlp",

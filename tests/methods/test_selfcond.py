@@ -131,13 +131,13 @@ def test_forcing_sets_exactly_the_chosen_units_at_every_position(kind):
     ids = torch.randint(0, vocab, (3, 7), generator=torch.Generator().manual_seed(4))
     seen = {}
     hook = layers[target].register_forward_hook(lambda m, i, o: seen.__setitem__("y", o.detach().clone()))
-    base_logits = sc._logits(model(ids)).detach()
+    base_logits = sc.expertise._logits(model(ids)).detach()
     base = seen["y"]
     idx, vals = torch.tensor([1, 4, 6]), torch.tensor([2.5, -1.0, 7.0])
     hook.remove()
     with sc.force_units(model, {target: (idx, vals)}):
         hook = layers[target].register_forward_hook(lambda m, i, o: seen.__setitem__("y", o.detach().clone()))
-        forced_logits = sc._logits(model(ids)).detach()
+        forced_logits = sc.expertise._logits(model(ids)).detach()
         hook.remove()
     y = seen["y"]
     assert torch.equal(y[..., idx], vals.to(y.dtype).expand(3, 7, 3))  # every position
@@ -146,9 +146,9 @@ def test_forcing_sets_exactly_the_chosen_units_at_every_position(kind):
     torch.testing.assert_close(y[..., others], base[..., others], rtol=0, atol=0)  # nothing else in the layer
     assert not torch.allclose(forced_logits, base_logits)
     # hooks are gone after the context and k = 0 changes nothing
-    torch.testing.assert_close(sc._logits(model(ids)).detach(), base_logits, rtol=0, atol=0)
+    torch.testing.assert_close(sc.expertise._logits(model(ids)).detach(), base_logits, rtol=0, atol=0)
     with sc.force_units(model, {}):
-        torch.testing.assert_close(sc._logits(model(ids)).detach(), base_logits, rtol=0, atol=0)
+        torch.testing.assert_close(sc.expertise._logits(model(ids)).detach(), base_logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mlp", ["dense", "monarch"])
@@ -161,7 +161,7 @@ def test_pipeline_on_hf_gpt2_with_conv1d_and_monarch(mlp):
     sents = _sentences(20, 11, gen)
     labels = torch.tensor([1, 0] * 10)
     exp = sc.compute_expertise(sc.collect_responses(model, sents, layers), labels, layers)
-    assert exp.num_units == sum(sc._out_features(m) for m in layers.values())
+    assert exp.num_units == sum(sc.expertise._out_features(m) for m in layers.values())
     assert ((exp.ap >= 0) & (exp.ap <= 1)).all()
     top = sc.select_units(exp, 5)
     assert sum(len(i) for i, _ in top.values()) == 5
@@ -175,11 +175,11 @@ def test_pipeline_on_hf_gpt2_with_conv1d_and_monarch(mlp):
     greedy = sc.generate(model, prompt, 6, top_k=1, generator=g())
     manual = prompt.clone()
     for _ in range(6):
-        manual = torch.cat([manual, sc._logits(model(manual))[:, -1:].argmax(-1)], 1)
+        manual = torch.cat([manual, sc.expertise._logits(model(manual))[:, -1:].argmax(-1)], 1)
     assert torch.equal(greedy, manual)
     # perplexity of the generated part = exp(mean NLL) by hand
     with torch.no_grad():
-        logits = sc._logits(model(base)).float()
+        logits = sc.expertise._logits(model(base)).float()
     nll = -torch.log_softmax(logits[:, :-1], -1).gather(-1, base[:, 1:, None]).mean()
     assert sc.generated_perplexity(model, base, 1) == pytest.approx(math.exp(float(nll)), rel=1e-5)
 
