@@ -1,19 +1,28 @@
-"""One prepared GPU check: correctness of every backend against float64, then the timing sweep.
+"""One prepared GPU check: probes, correctness of every GPU kernel against float64, timings, cost-model predictions.
 
-``python -m bench.gpu_check --out DIR`` (what ``bench/gpu_check.sh`` runs on a lent H100/H200):
+``python3 -m bench.gpu_check --out DIR`` (what ``bench/gpu_check.sh`` runs on a lent H100/H200, with the machine's
+own python, CUDA torch and triton, no network) runs *case providers* in order; every case yields result rows that
+are printed and appended to ``DIR/gpu_check.jsonl`` as soon as they are measured, so a run cut short by a
+time limit still leaves its data. Providers (``--only`` / ``--skip`` select by name):
 
-1. prints the device, versions and ``available_backends()``;
-2. correctness, fresh random data per case, outputs poisoned with NaN: forward (bias + GELU epilogue),
-   dX and dW of every non-reference backend and every Triton path, in bf16/fp16/fp32, on ragged and
-   aligned shapes, against the float64 reference computed on the same device;
-3. timing (``triton.testing.do_bench`` medians): dense ``F.linear`` (cuBLAS), the torch reference (fly-style
-   two ``bmm`` + permutes) and every fast backend, forward and forward+backward, with GB/s, TFLOP/s, % of the
-   copy bandwidth measured in the same run and speedups vs dense and vs the reference; a path table (fused
-   vs two-kernel Triton forward);
-4. writes ``DIR/gpu_check.json`` and prints the tables last.
+* ``env``: device, versions, backends; ``probes``: copy bandwidth, an L2-resident read bandwidth (the cost
+  model's least certain constant) and a large cuBLAS GEMM (its dense rate);
+* ``correctness``: forward (bias; one case with GELU), fused backward and dX of the Triton backend against
+  the float64 reference on the same device, per element (``max |a − e| / max |e|``), outputs poisoned with NaN;
+* ``timing``: dense ``F.linear``, the torch reference and every fast backend, forward and forward+backward
+  (:func:`bench.ops.run_problem`), next to the cost model's prediction for the path ``auto`` takes;
+* ``paths``: fused vs two-kernel forward, and the two-kernel forward with and without its L2 token chunks;
+* ``mlp``: the GPT-2 MLP (``768 -> 3072 -> 768``, GELU) forward and training step, dense vs Monarch.
 
-``--smoke`` runs tiny shapes to test the script itself (on CPU, set ``TRITON_INTERPRET=1`` to include the Triton
-kernels through the interpreter; tests/bench/test_gpu_check_smoke.py does).
+Tile configurations are the launch plans' (``monarch_kernels/triton/plan.py``): nothing is autotuned unless
+``--autotune`` (times alternative row tiles of the block-diagonal kernel at one shape). The shapes are chosen so
+the whole run compiles at most :data:`MAX_COMPILES` Triton kernels; ``--dry-run`` (no GPU needed) runs every
+case on ``meta`` tensors with launches intercepted and prints how many distinct kernels it would compile
+(tests/bench/test_gpu_check_smoke.py checks the count). ``--smoke`` runs tiny shapes on the CPU through the
+Triton interpreter.
+
+Another backend adds its cases with :func:`register_provider` (a function ``ctx -> iterable of (name, fn)``
+where ``fn()`` returns one row dict or a list of them), e.g. the CUDA decode kernels of ``csrc/cuda``.
 """
 from __future__ import annotations
 
@@ -24,111 +33,404 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 
 import monarch_kernels as mk
+from monarch_kernels import cost_model as cm
 from monarch_kernels import reference as ref
 
-from . import ops, report
+from . import ops
 from .timing import copy_bandwidth_gbs, device_name, median_time_us
 
-CHECK_SHAPES = [(4096, 768, 3072, 4), (4096, 3072, 768, 4), (2048, 1024, 1024, 32), (1024, 4096, 4096, 64),
-                (333, 1000, 3000, 4), (1, 2048, 2048, 16), (16, 4096, 4096, 64)]
-SMOKE_SHAPES = [(9, 48, 192, 4), (5, 30, 22, 4)]
+#: the device run compiles at most this many Triton kernels (SPEC §5: the check fits one 10-minute call)
+MAX_COMPILES = 60
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+#: (T, n_in, n_out, nblocks): correctness in bf16 on each, fp16/fp32 on the first two
+CHECK_SHAPES = [(4096, 4096, 4096, 64), (4096, 1024, 1024, 32), (4096, 768, 3072, 4), (4096, 3072, 768, 4),
+                (2048, 2048, 2048, 32), (333, 1000, 3000, 4), (16, 4096, 4096, 64)]
+TIMING_SHAPES = ["16384:1024:1024:32", "16384:2048:2048:32", "16384:4096:4096:64", "65536:4096:4096:64",
+                 "16384:768:3072:4", "16384:3072:768:4", "16:4096:4096:64"]
+SMOKE_CHECK = [(9, 48, 192, 4)]
+SMOKE_TIMING = ["8:256:256:16"]
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _rel(a, b) -> float:
-    a, b = a.double(), b.double()
-    if not torch.isfinite(a).all():
+@dataclass
+class Context:
+    """What a case needs: the device, the mode, where rows go."""
+
+    device: torch.device
+    smoke: bool = False
+    dry_run: bool = False
+    autotune: bool = False
+    budget_s: float = 0.1
+    jsonl: Optional[str] = None
+    rows: list = field(default_factory=list)
+    started: float = field(default_factory=time.time)
+
+    def rand(self, *shape, dtype=torch.bfloat16, scale=1.0, gen=None) -> torch.Tensor:
+        t = torch.randn(*shape, generator=gen) * scale
+        return t.to(dtype=dtype).to(self.device)
+
+    def time_us(self, fn: Callable[[], object]) -> float:
+        if self.dry_run or self.smoke:
+            return _once(fn)
+        return median_time_us(fn, self.device, budget_s=self.budget_s)
+
+    def emit(self, case: str, row: dict) -> None:
+        row = {"case": case, "t_s": round(time.time() - self.started, 1), **row}
+        self.rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+        if self.jsonl:
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(row, default=str) + "\n")
+
+
+def _once(fn: Callable[[], object], *args, **kwargs) -> float:
+    """One call, wall time in µs: the smoke and dry runs check the script, not the numbers."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e6
+
+
+Provider = Callable[[Context], Iterable[tuple]]
+PROVIDERS: list[tuple[str, Provider, bool]] = []
+
+
+def register_provider(name: str, provider: Provider, needs_extension: bool = False) -> None:
+    """Add a case provider (run after the built-in ones, in registration order). ``needs_extension``: its
+    cases use the compiled ``monarch_kernels._C`` (the ``cuda`` backend); ``gpu_check.sh`` runs those in a
+    second process once the extension build it starts in the background has finished (``--after-build``)."""
+    PROVIDERS.append((name, provider, needs_extension))
+
+
+def element_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |a − e| / max |e|`` over the finite expected elements; ``inf`` if the non-finite positions differ
+    or an element was not written."""
+    if actual.device.type == "meta":  # dry run: nothing was computed
+        return math.nan
+    a, e = actual.double(), expected.double()
+    if a.shape != e.shape or not torch.equal(torch.isfinite(a), torch.isfinite(e)):
         return math.inf
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+    fin = torch.isfinite(e)
+    if not fin.any():
+        return 0.0
+    return ((a[fin] - e[fin]).abs().max() / e[fin].abs().max().clamp_min(1e-30)).item()
 
 
 def _poison_allocations():
-    try:
-        from monarch_kernels.triton import _common
-    except ImportError:
-        return
+    """Every buffer the Triton kernels allocate starts as NaN (an unwritten element fails the comparison)."""
+    from monarch_kernels.triton import _common
+
     _common.empty = lambda *shape, device, dtype: torch.full(shape, math.nan, device=device, dtype=dtype)
 
 
-def _variants(backend: str) -> list[tuple[str, dict]]:
-    """(label, module functions) for a backend; Triton contributes one variant per path."""
-    if backend != "triton":
-        mod = mk.backends.impl(backend)
-        return [(backend, {"fwd": mod.monarch_fwd, "dx": mod.monarch_bwd_input, "dw": mod.monarch_bwd_weight})]
-    from monarch_kernels.triton import monarch as tmon
-
-    out = []
-    for path in ("fused", "two_kernel"):
-        out.append((f"triton/{path}", {
-            "fwd": lambda x, w1, w2, b, n, a, p=path: tmon.forward(x, w1, w2, b, n, a, path=p),
-            "dx": lambda g, w1, w2, n, p=path: tmon.backward_input(g, w1, w2, n, path=p),
-            "dw": lambda x, g, w1, w2, p=path: tmon.backward_weight(x, g, w1, w2, path=p),
-        }))
-    return out
+# ------------------------------------------------------------------------------------------ providers
 
 
-def check_correctness(device, shapes, dtypes, backends) -> list[dict]:
-    rows = []
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    for T, n_in, n_out, nb in shapes:
+def env_cases(ctx: Context):
+    def run():
+        import triton
+
+        return {"device": device_name(ctx.device), "torch": torch.__version__, "triton": triton.__version__,
+                "python": platform.python_version(), "backends": mk.available_backends()}
+    yield "env", run
+
+
+def probe_cases(ctx: Context):
+    if ctx.dry_run:
+        return
+    big = (1 << 20) if ctx.smoke else (1 << 30)
+    yield "copy bandwidth", lambda: {"copy_GBps": _sig(copy_bandwidth_gbs(ctx.device, nbytes=big))}
+
+    def l2_read():
+        # a buffer that fits in L2, summed repeatedly without flushing: bytes read per second from L2
+        n = (1 << 18) if ctx.smoke else (16 << 20) // 2
+        buf = torch.ones(n, dtype=torch.bfloat16, device=ctx.device)
+        fn = lambda: buf.sum()
+        us = _no_flush_us(fn) if ctx.device.type == "cuda" else median_time_us(fn, ctx.device, budget_s=ctx.budget_s)
+        return {"l2_read_GBps": _sig(2 * n / (us * 1e-6) / 1e9), "bytes": 2 * n}
+    yield "L2 read bandwidth (16 MB, no flush)", l2_read
+
+    def gemm():
+        n = 256 if ctx.smoke else 8192
+        a, b = ctx.rand(n, n), ctx.rand(n, n)
+        us = ctx.time_us(lambda: a @ b)
+        return {"dense_TFLOPs": _sig(2 * n**3 / (us * 1e-6) / 1e12), "n": n, "dtype": "bfloat16"}
+    yield "dense GEMM rate", gemm
+
+
+def _sig(v: float) -> float:
+    """Four significant digits (a slow CPU smoke run measures small numbers that must not round to 0)."""
+    return float(f"{v:.4g}")
+
+
+def _no_flush_us(fn, reps: int = 200) -> float:
+    """Median of CUDA-event-timed repetitions without an L2 flush between them."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def correctness_cases(ctx: Context):
+    from monarch_kernels import triton as tb
+
+    shapes = SMOKE_CHECK if ctx.smoke else CHECK_SHAPES
+    gen = torch.Generator().manual_seed(1234)
+    for i, (T, n_in, n_out, nb) in enumerate(shapes):
         sh = mk.monarch_factor_shapes(n_in, n_out, nb)
+        dtypes = [torch.float32] if ctx.smoke else (
+            [torch.bfloat16, [torch.float16, torch.float32][i]] if i < 2 else [torch.bfloat16])
         for dtype in dtypes:
-            rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(device, dtype)
-            x, g = rnd(T, n_in), rnd(T, n_out)
-            w1, w2 = rnd(*sh.w1_shape, scale=sh.p ** -0.5), rnd(*sh.w2_shape, scale=sh.r ** -0.5)
-            b = rnd(n_out)
-            d = lambda t: t.double()
-            want = {
-                "fwd": ref.monarch_fwd(d(x), d(w1), d(w2), d(b), n_out, "gelu"),
-                "dx": ref.monarch_bwd_input(d(g), d(w1), d(w2), n_in),
-                "dw": ref.monarch_bwd_weight(d(x), d(g), d(w1), d(w2)),
-            }
-            for backend in backends:
-                for label, fns in _variants(backend):
-                    if label.endswith("fused") and sh.q % sh.l:
-                        continue
-                    errs = {
-                        "fwd": _rel(fns["fwd"](x, w1, w2, b, n_out, "gelu"), want["fwd"]),
-                        "dx": _rel(fns["dx"](g, w1, w2, n_in), want["dx"]),
-                    }
-                    dw1, dw2 = fns["dw"](x, g, w1, w2)
-                    errs["dw"] = max(_rel(dw1, want["dw"][0]), _rel(dw2, want["dw"][1]))
-                    ok = all(e < TOL[dtype] for e in errs.values())
-                    rows.append({"shape": f"T={T} {n_in}->{n_out} nb={nb}", "dtype": str(dtype)[6:], "impl": label,
-                                 **{k: f"{v:.1e}" for k, v in errs.items()}, "ok": ok})
-    return rows
+            def run(T=T, n_in=n_in, n_out=n_out, nb=nb, sh=sh, dtype=dtype):
+                r = lambda *s, scale=1.0: ctx.rand(*s, dtype=dtype, scale=scale, gen=gen)
+                x, g, b = r(T, n_in), r(T, n_out), r(n_out)
+                w1, w2 = r(*sh.w1_shape, scale=sh.p ** -0.5), r(*sh.w2_shape, scale=sh.r ** -0.5)
+                d = lambda t: t.double()
+                # bias and GELU on the GPT-2 shape; the others as the timings run them (no epilogue), so the
+                # timings reuse these compiles
+                epi = (n_in, n_out, nb) == (768, 3072, 4)
+                bias, act = (b, "gelu") if epi else (None, "none")
+                errs = {"fwd": element_error(tb.monarch_fwd(x, w1, w2, bias, n_out, act),
+                                             ref.monarch_fwd(d(x), d(w1), d(w2), d(b) if epi else None, n_out, act))}
+                dx, dw1, dw2 = tb.monarch_bwd(x, g, w1, w2, n_in)
+                r1, r2 = ref.monarch_bwd_weight(d(x), d(g), d(w1), d(w2))
+                dx_ref = ref.monarch_bwd_input(d(g), d(w1), d(w2), n_in)
+                errs.update(dx=element_error(dx, dx_ref), dw1=element_error(dw1, r1), dw2=element_error(dw2, r2))
+                if i == 0:  # dX alone (double backward): the stage-1 transpose kernel
+                    errs["dx_alone"] = element_error(tb.monarch_bwd_input(g, w1, w2, n_in), dx_ref)
+                ok = ctx.dry_run or all(e <= TOL[dtype] for e in errs.values())
+                return {"shape": f"T={T} {n_in}->{n_out} nb={nb}", "dtype": DTYPE_NAMES[dtype], "impl": "triton",
+                        "path": _path(sh),
+                        "epilogue": "bias+gelu" if epi else "none", **{k: f"{v:.1e}" for k, v in errs.items()},
+                        "ok": ok}
+            yield "correctness", run
 
 
-def time_paths(device, dtype, shapes, budget) -> list[dict]:
-    """Fused vs two-kernel Triton forward on the same data."""
+def _path(sh) -> str:
     from monarch_kernels.triton import monarch as tmon
 
-    rows = []
+    return tmon.choose_path(sh)
+
+
+def timing_cases(ctx: Context):
+    dtype = torch.float32 if ctx.smoke else torch.bfloat16
+    state = {}
+
+    def copy_gbs():
+        if "copy" not in state:
+            prior = [r.get("copy_GBps") for r in ctx.rows if "copy_GBps" in r]
+            state["copy"] = prior[0] if prior else (1.0 if ctx.dry_run else copy_bandwidth_gbs(ctx.device))
+        return state["copy"]
+
+    for text in (SMOKE_TIMING if ctx.smoke else TIMING_SHAPES):
+        def run(text=text):
+            prob = ops.Problem.parse(text)
+            impls = ["dense", "torch", *_fast_backends(ctx, dtype)]
+            timer = ops.median_time_us
+            if ctx.smoke or ctx.dry_run:
+                ops.median_time_us = _once
+            try:
+                rows = ops.run_problem(prob, dtype, ctx.device, impls, ["fwd", "fwdbwd"], copy_gbs(), ctx.budget_s)
+            finally:
+                ops.median_time_us = timer
+            pr = cm.Problem.linear(prob.tokens, prob.n_in, prob.n_out, prob.nblocks)
+            out = []
+            for r in rows:
+                row = r.asdict()
+                if r.impl == "triton":
+                    op = "fwd" if r.mode == "fwd" else "fwdbwd"
+                    row["path"] = cm.triton_path(pr)
+                    row["predicted_us"] = round(cm.estimate("triton", row["path"], op, pr, DTYPE_NAMES[dtype]).time()
+                                                * 1e6, 1)
+                    row["predicted_dense_us"] = round(cm.dense(op, pr, DTYPE_NAMES[dtype]).time() * 1e6, 1)
+                out.append(row)
+            return out
+        yield "timing", run
+
+
+def _fast_backends(ctx: Context, dtype) -> list[str]:
+    if ctx.dry_run:
+        return ["triton"]
+    return [n for n, s in mk.available_backends().items()
+            if s == "available" and n != "torch" and mk.backends.get(n).supports(ctx.device, dtype)]
+
+
+def path_cases(ctx: Context):
+    from monarch_kernels.triton import monarch as tmon
+    from monarch_kernels.triton import plan
+
+    dtype = torch.float32 if ctx.smoke else torch.bfloat16
+    shapes = [(8, 256, 256, 16)] if ctx.smoke else [(16384, 1024, 1024, 32), (16384, 4096, 4096, 64),
+                                                     (65536, 4096, 4096, 64), (16384, 768, 3072, 4)]
     for T, n_in, n_out, nb in shapes:
-        sh = mk.monarch_factor_shapes(n_in, n_out, nb)
-        if sh.q % sh.l:
+        def run(T=T, n_in=n_in, n_out=n_out, nb=nb):
+            sh = mk.monarch_factor_shapes(n_in, n_out, nb)
+            x, w1, w2 = ctx.rand(T, n_in, dtype=dtype), ctx.rand(*sh.w1_shape, dtype=dtype), ctx.rand(*sh.w2_shape,
+                                                                                                         dtype=dtype)
+            row = {"shape": f"T={T} {n_in}->{n_out} nb={nb}", "dtype": DTYPE_NAMES[dtype]}
+            for path in ("fused", "two_kernel"):
+                if tmon.path_applies(sh, path):
+                    row[f"{path}_us"] = round(ctx.time_us(lambda p=path: tmon.forward(x, w1, w2, None, n_out, path=p)), 1)
+            chunk = plan.chunk_tokens(T, sh.n_mid, x.element_size(), cm.H100_SXM.l2_bytes, 128)
+            if chunk < T:  # the same kernels without token chunks: is the intermediate really kept in L2?
+                saved = plan.chunk_tokens
+                plan.chunk_tokens = lambda tokens, *a: tokens
+                try:
+                    row["two_kernel_unchunked_us"] = round(ctx.time_us(
+                        lambda: tmon.forward(x, w1, w2, None, n_out, path="two_kernel")), 1)
+                finally:
+                    plan.chunk_tokens = saved
+                row["chunk_tokens"] = chunk
+            return row
+        yield "paths", run
+    if ctx.autotune and not ctx.smoke:
+        yield from _autotune_cases(ctx, dtype)
+
+
+def _autotune_cases(ctx: Context, dtype):
+    """Alternative row tiles / warps of the grouped block-diagonal kernel, 4096 wide with 64 blocks (extra
+    compiles: only with ``--autotune``)."""
+    from monarch_kernels.triton import monarch as tmon
+    from monarch_kernels.triton import plan
+
+    sh = mk.monarch_factor_shapes(4096, 4096, 64)
+    x, w1, w2 = ctx.rand(16384, 4096, dtype=dtype), ctx.rand(*sh.w1_shape, dtype=dtype), ctx.rand(*sh.w2_shape,
+                                                                                                 dtype=dtype)
+    default = plan.bd_tile
+    for block_m, warps in ((32, 4), (64, 8), (64, 16), (128, 16)):
+        def run(block_m=block_m, warps=warps):
+            def tile(tokens, nblocks, n, k, itemsize, group, acc_fp32):
+                t = default(tokens, nblocks, n, k, itemsize, group, acc_fp32)
+                return plan.Tile(block_m, t.block_n, t.block_k, t.group, warps, t.num_stages)
+            plan.bd_tile = tile
+            try:
+                us = ctx.time_us(lambda: tmon.forward(x, w1, w2, None, 4096, path="two_kernel"))
+            finally:
+                plan.bd_tile = default
+            return {"shape": "T=16384 4096 nb=64", "block_m": block_m, "num_warps": warps, "us": round(us, 1)}
+        yield "autotune", run
+
+
+def mlp_cases(ctx: Context):
+    """GPT-2 MLP ``fc2(gelu(fc1(x)))`` forward and training step: dense vs every fast backend (MonarchLinear
+    semantics through the functional API, GELU fused into fc1's epilogue)."""
+    dtype = torch.float32 if ctx.smoke else torch.bfloat16
+    T, d, nb = (8, 64, 4) if ctx.smoke else (16384, 768, 4)
+
+    def run():
+        s1, s2 = mk.monarch_factor_shapes(d, 4 * d, nb), mk.monarch_factor_shapes(4 * d, d, nb)
+        r = lambda *s: ctx.rand(*s, dtype=dtype, scale=0.05)
+        x, gy = r(T, d), r(T, d)
+        dense = [r(4 * d, d), r(4 * d), r(d, 4 * d), r(d)]
+        mon = [r(*s1.w1_shape), r(*s1.w2_shape), r(4 * d), r(*s2.w1_shape), r(*s2.w2_shape), r(d)]
+        variants = {"dense": (lambda p: F.linear(F.gelu(F.linear(x, p[0], p[1])), p[2], p[3]), dense)}
+        for b in _fast_backends(ctx, dtype) + ["torch"]:
+            variants[b] = (lambda p, b=b: mk.monarch_linear(
+                mk.monarch_linear(x, p[0], p[1], p[2], activation="gelu", backend=b), p[3], p[4], p[5], backend=b), mon)
+        row = {"shape": f"MLP T={T} {d}->{4 * d}->{d} nb={nb}", "dtype": DTYPE_NAMES[dtype]}
+        for name, (fn, params) in variants.items():
+            with torch.no_grad():
+                row[f"{name}_fwd_us"] = round(ctx.time_us(lambda: fn(params)), 1)
+            for p in params:
+                p.requires_grad_(True)
+            row[f"{name}_step_us"] = round(ctx.time_us(lambda: fn(params).backward(gy)), 1)
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        for name in variants:
+            if name != "dense" and not ctx.dry_run:
+                row[f"{name}_x_dense_fwd"] = round(row["dense_fwd_us"] / row[f"{name}_fwd_us"], 2)
+                row[f"{name}_x_dense_step"] = round(row["dense_step_us"] / row[f"{name}_step_us"], 2)
+        return row
+    yield "mlp", run
+
+
+for _name, _provider in (("env", env_cases), ("probes", probe_cases), ("correctness", correctness_cases),
+                         ("timing", timing_cases), ("paths", path_cases), ("mlp", mlp_cases)):
+    register_provider(_name, _provider)
+
+from .cuda_decode import gpu_check_cases as _cuda_decode_cases  # noqa: E402  (csrc/cuda decode kernels)
+
+register_provider("cuda_decode", _cuda_decode_cases, needs_extension=True)
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def run(ctx: Context, only: Optional[list[str]] = None, skip: Optional[list[str]] = None,
+        after_build: Optional[bool] = None) -> list[dict]:
+    """Run the providers in order (``after_build``: only those that need the extension, or only those that
+    do not; ``None``: all), emitting every row as it comes."""
+    for name, provider, needs_extension in PROVIDERS:
+        if (only and name not in only) or (skip and name in skip):
             continue
-        x = torch.randn(T, n_in, device=device, dtype=dtype)
-        w1 = torch.randn(*sh.w1_shape, device=device, dtype=dtype)
-        w2 = torch.randn(*sh.w2_shape, device=device, dtype=dtype)
-        t = {p: median_time_us(lambda p=p: tmon.forward(x, w1, w2, None, n_out, path=p), device, budget_s=budget)
-             for p in ("fused", "two_kernel")}
-        rows.append({"shape": f"T={T} {n_in}->{n_out} nb={nb}", "c": sh.q // sh.l, "fused_us": round(t["fused"], 1),
-                     "two_kernel_us": round(t["two_kernel"], 1), "fused_speedup": round(t["two_kernel"] / t["fused"], 2)})
-    return rows
+        if after_build is not None and needs_extension != after_build and name != "env":
+            continue
+        for case, fn in provider(ctx):
+            try:
+                result = fn()
+            except Exception as exc:  # one failing case must not lose the rest of the run
+                result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+            for row in result if isinstance(result, list) else [result]:
+                ctx.emit(case, row)
+    return ctx.rows
+
+
+@dataclass
+class DryRun:
+    """Kernels a run would compile, counted without compiling (``offline.compile_only(count_only=True)``)."""
+
+    keys: set = field(default_factory=set)
+
+
+def dry_run(only=None, skip=None) -> DryRun:
+    """Run every case on ``meta`` tensors, the Triton backend standing in for a CUDA device, launches
+    intercepted and counted by compile key; nothing is timed or compiled."""
+    from bench.kernel_audit.offline import compile_only
+    from bench.kernel_audit.triton_part import h100_host
+    from monarch_kernels import triton as tb
+
+    backend = mk.backends.get("triton")
+    saved = backend.supports, backend._module, backend._loaded, backend._error
+    backend.supports = lambda device, dtype: dtype in (torch.float16, torch.bfloat16, torch.float32)
+    backend._module, backend._loaded, backend._error = tb, True, None
+    ctx = Context(torch.device("meta"), dry_run=True)
+    result = DryRun()
+    randn = torch.randn  # random data of benchmark sizes would take minutes on a CPU: shapes only
+    torch.randn = lambda *shape, generator=None, **kw: torch.empty(*shape, device="meta", **kw)
+    try:
+        with h100_host(), compile_only(count_only=True, on_launch=lambda rec: result.keys.add(rec.key)):
+            run(ctx, only=only, skip=[*(skip or []), "env", "probes"])
+    finally:
+        torch.randn = randn
+        backend.supports, backend._module, backend._loaded, backend._error = saved
+    errors = [r for r in ctx.rows if "error" in r]
+    if errors:
+        raise RuntimeError(f"dry run: {len(errors)} cases failed, first: {errors[0]}")
+    return result
 
 
 def _table(rows: list[dict], title: str) -> str:
     if not rows:
         return f"{title}\n(none)"
-    keys = list(rows[0])
-    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ("case", "t_s")]
+    widths = {k: max(len(k), *(len(str(r.get(k, ""))) for r in rows)) for k in keys}
     lines = [title, "  ".join(k.ljust(widths[k]) for k in keys)]
-    lines += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys) for r in rows]
+    lines += ["  ".join(str(r.get(k, "")).ljust(widths[k]) for k in keys) for r in rows]
     return "\n".join(lines)
 
 
@@ -137,49 +439,36 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT", "bench/out/gpu"))
     p.add_argument("--smoke", action="store_true", help="tiny shapes; runs on CPU via the Triton interpreter")
-    p.add_argument("--skip-timing", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="count the kernels a device run compiles (no GPU)")
+    p.add_argument("--only", default="", help="comma-separated providers to run")
+    p.add_argument("--skip", default="", help="comma-separated providers to skip")
+    p.add_argument("--autotune", action="store_true", help="also time alternative tiles (extra compiles)")
+    p.add_argument("--before-build", action="store_true", help="only providers that do not need the extension")
+    p.add_argument("--after-build", action="store_true", help="only providers that need the extension")
     args = p.parse_args(argv)
+    only = [s for s in args.only.split(",") if s] or None
+    skip = [s for s in args.skip.split(",") if s] or None
+    if args.dry_run:
+        n = len(dry_run(only, skip).keys)
+        print(f"dry run: {n} distinct Triton kernels would be compiled (limit {MAX_COMPILES})")
+        return 0 if n <= MAX_COMPILES else 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
-        print("error: no CUDA device (use --smoke to test the script on CPU)", file=sys.stderr)
+        print("error: no CUDA device (use --smoke to test the script on CPU, --dry-run to count compiles)",
+              file=sys.stderr)
         return 2
-    started = time.time()
-    status = mk.available_backends()
-    fast = [n for n, s in status.items() if s == "available" and n != "torch"
-            and mk.backends.get(n).supports(device, torch.float32)]
-    print(f"device: {device_name(device)} | torch {torch.__version__} | python {platform.python_version()}")
-    print(f"backends: {status}")
-    _poison_allocations()
-
-    shapes = SMOKE_SHAPES if args.smoke else CHECK_SHAPES
-    dtypes = [torch.float32, torch.float16] if args.smoke else [torch.bfloat16, torch.float16, torch.float32]
-    checks = check_correctness(device, shapes, dtypes, fast)
-    print(f"correctness done in {time.time() - started:.0f} s")
-
-    results = {"device": device_name(device), "torch": torch.__version__, "backends": status, "checks": checks}
-    tables = [_table(checks, "correctness vs float64 reference (relative error; fwd has bias + GELU)")]
-    if not args.skip_timing:
-        dtype = torch.float32 if args.smoke else torch.bfloat16
-        copy_gbs = copy_bandwidth_gbs(device, nbytes=(1 << 20) if args.smoke else (1 << 30))
-        problems = [ops.Problem.parse(s) for s in (["8:48:192:4"] if args.smoke else ops.GPU_SHAPES)]
-        budget = 0.01 if args.smoke else 0.1
-        rows = []
-        for prob in problems:
-            rows += ops.run_problem(prob, dtype, device, ["dense", "torch", *fast], ["fwd", "fwdbwd"], copy_gbs, budget)
-        path_rows = time_paths(device, dtype, [(8, 48, 192, 4)] if args.smoke else
-                               [(16384, 768, 3072, 4), (16384, 4096, 4096, 64), (16384, 2048, 2048, 32)], budget)
-        results.update(copy_gbs=copy_gbs, timing=[r.asdict() for r in rows], paths=path_rows)
-        tables.append(_table(path_rows, "Triton forward: fused (D2) vs two-kernel (D0)"))
-        tables.append(report.format_table(rows, f"timing on {device_name(device)}, {str(dtype)[6:]}, "
-                                                f"copy bandwidth {copy_gbs:.0f} GB/s"))
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"total {time.time() - started:.0f} s; wrote {args.out}/gpu_check.json\n")
-    print("\n\n".join(tables))
-    failed = [c for c in checks if not c["ok"]]
+    ctx = Context(device, smoke=args.smoke, autotune=args.autotune, budget_s=0.01 if args.smoke else 0.1,
+                  jsonl=os.path.join(args.out, "gpu_check.jsonl"))
+    _poison_allocations()
+    phase = True if args.after_build else False if args.before_build else None
+    rows = run(ctx, only, skip, phase)
+    print(f"\ntotal {time.time() - ctx.started:.0f} s; rows in {ctx.jsonl}\n")
+    for case in dict.fromkeys(r["case"] for r in rows):
+        print(_table([r for r in rows if r["case"] == case], case) + "\n")
+    failed = [r for r in rows if r.get("ok") is False or "error" in r]
     if failed:
-        print(f"\nFAILED correctness checks: {len(failed)}")
+        print(f"FAILED: {len(failed)} rows (correctness or errors)")
     return 1 if failed else 0
 
 

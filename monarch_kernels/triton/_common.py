@@ -1,12 +1,12 @@
-"""Helpers shared by the Triton kernels: interpreter detection, tile sizes, launch configs."""
+"""Helpers shared by the Triton host code: interpreter detection, allocation, device description, launch options."""
 from __future__ import annotations
 
 import os
 
 import torch
-import triton
 
 from ..activations import CODES as ACT_CODES  # noqa: F401  (re-exported for the kernels' hosts)
+from .plan import DeviceInfo, Tile
 
 
 def empty(*shape, device, dtype) -> torch.Tensor:
@@ -19,25 +19,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def pow2(n: int, lo: int = 16) -> int:
-    """Smallest power of two ≥ max(n, lo) (tile sizes must be powers of two; GPU dots need ≥ 16)."""
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
-
-
 def precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: exact fp32 products for fp32 inputs (tf32 would cost ~3e-4 relative
     error), native tensor-core precision for fp16/bf16."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def num_sms(device: torch.device) -> int:
+def device_info(device: torch.device) -> DeviceInfo:
+    """SM count and L2 size the launch plans size themselves for (the CUDA device's own; a nominal
+    4-SM device in the interpreter, so that split reductions still have several splits)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+        props = torch.cuda.get_device_properties(device)
+        return DeviceInfo(num_sms=props.multi_processor_count,
+                          l2_bytes=getattr(props, "L2_cache_size", DeviceInfo.l2_bytes))
+    return DeviceInfo(num_sms=4, l2_bytes=DeviceInfo.l2_bytes)
 
 
-def split_count(rows: int, tiles: int, device: torch.device, min_rows: int = 256) -> int:
-    """Split-K factor for weight-gradient kernels: enough programs to fill the GPU (about 4 per SM), never
-    fewer than ``min_rows`` rows per split."""
-    want = max(1, (4 * num_sms(device)) // max(tiles, 1))
-    return max(1, min(want, triton.cdiv(max(rows, 1), min_rows)))
+def launch_meta(tile: Tile, names=("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP")) -> dict:
+    """Compile-time arguments ``names`` of ``tile`` plus warps and pipeline stages (the interpreter takes no
+    pipelining option)."""
+    meta = {k: v for k, v in tile.meta().items() if k in names or k.startswith("num_")}
+    if interpreting():
+        meta.pop("num_stages")
+    return meta

@@ -1,19 +1,27 @@
-"""Triton block-diagonal matmul, forward (with fused bias/activation) and weight gradient.
+"""Triton block-diagonal kernels with the Monarch permutations folded into coalesced loads and stores.
 
-Both kernels read and write through optional *view-transpose* permutations so that the Monarch
-permutations P1, P2 (and their transposes in backward) are folded into loads and stores — no copy kernels.
-A view-transpose with parameters ``(A, B)`` sends logical column ``f`` of a width-``A·B`` row to physical
-column ``(f mod A)·B + ⌊f / A⌋`` (view the row as ``(B, A)``, transpose to ``(A, B)``, flatten).
-
-Forward, logical shapes: ``x (T, k·p)``, ``w (k, q, p)``, ``y (T, k·q)``:
+Forward (:func:`bd_forward`), logical shapes ``x (T, k·p)``, ``w (k, q, p)``, ``y (T, k·q)``::
 
     y[t, kk·q + qq] = act( Σ_pp w[kk, qq, pp] · x[t, kk·p + pp] + bias[phys] )
 
-Physical widths ``N_IN`` and ``N_OUT`` mask ragged sizes: a load from a physical column ≥ ``N_IN`` reads 0
-(implicit zero padding), a store to a physical column ≥ ``N_OUT`` is dropped (truncation).
+Weight gradient (:func:`bd_weight_grad`): ``dw[kk, qq, pp] = Σ_t g[t, kk·q + qq] · x[t, kk·p + pp]``, split over
+``T`` into fp32 partials that the host sums (deterministic, no atomics).
 
-Weight gradient: ``dw[kk, qq, pp] = Σ_t g[t, kk·q + qq] · x[t, kk·p + pp]`` (both through optional gathers),
-split over ``T`` into fp32 partials that the host sums (deterministic, no atomics).
+Where the logical columns physically live is a *mode* per operand (``plan.py`` explains the layout rule):
+
+* ``NATURAL``: block ``kk``'s column ``j`` at ``kk·width + j``;
+* ``GROUPED``: a Monarch view-transpose aligned with the blocks. Output: dot column ``n`` of block ``kk`` is
+  block row ``(n mod C)·A + n div C`` and lands at ``(n div C)·B + kk·C + n mod C`` — ``A`` runs of ``C``
+  columns per block. Input (``C = 1``): block ``kk``'s contraction index ``j`` comes from ``j·B + kk``. A
+  program covers ``GROUP`` consecutive blocks and moves each run of ``GROUP·C`` columns as one vector:
+  results of the blocks are interleaved with ``tl.join`` (a gathered input tile is taken apart with
+  ``tl.split``) before one store (load), so every permuted access is ``≥ 16`` contiguous bytes;
+* ``SCATTERED``: any view-transpose ``f ↦ (f mod A)·B + f div A`` element by element (blocks not aligned
+  with the transpose; correct, not coalesced; never chosen for ``MonarchLinear`` layouts).
+
+Physical widths ``N_IN``/``N_OUT`` mask ragged sizes: a load past ``N_IN`` reads 0 (implicit zero padding), a
+store past ``N_OUT`` is dropped (truncation). Padded tile lanes multiply zeros by zeros, never a real input by a
+padded zero weight that is consumed afterwards, so ±inf inputs give exactly the reference's inf/NaN pattern.
 """
 from __future__ import annotations
 
@@ -24,20 +32,14 @@ import triton
 import triton.language as tl
 
 from . import _common
-from ._common import ACT_CODES, interpreting, pow2, precision, split_count
-
-
-@triton.jit
-def _view_transpose(f, A, B, ENABLED: tl.constexpr):
-    if ENABLED:
-        return (f % A) * B + f // A
-    return f
-
+from . import plan as _plan
+from ._common import ACT_CODES, interpreting, precision
 
 @triton.jit
 def _activation(v, ACT: tl.constexpr):
+    """Epilogue activation in fp32; NaN propagates exactly as in ``torch.relu`` / ``F.gelu``."""
     if ACT == 1:
-        v = tl.maximum(v, 0.0)
+        v = tl.where(v < 0.0, 0.0, v)  # not tl.maximum: its max.f32 maps NaN to 0
     elif ACT == 2:
         v = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
     elif ACT == 3:
@@ -48,56 +50,205 @@ def _activation(v, ACT: tl.constexpr):
     return v
 
 
-def _fwd_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
-        for bm, w, s in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4), (256, 8, 3))
-    ]
+@triton.jit
+def _in_cols(kk, j, WIDTH, A, B, MODE: tl.constexpr):
+    """Physical columns of block ``kk``'s logical input columns ``j`` (see the module docstring)."""
+    if MODE == 1:
+        return j * B + kk
+    elif MODE == 2:
+        f = kk * WIDTH + j
+        return (f % A) * B + f // A
+    else:
+        return kk * WIDTH + j
 
 
-@triton.autotune(configs=_fwd_configs(), key=["T_BUCKET", "Q", "P", "N_IN", "N_OUT", "IN_PERM", "OUT_PERM"])
+@triton.jit
+def _block_rows(n, A, MODE: tl.constexpr, C: tl.constexpr):
+    """Weight row (block output index) that dot column ``n`` computes."""
+    if MODE == 1:
+        return (n % C) * A + n // C
+    return n
+
+
+@triton.jit
+def _out_cols(kk, n, WIDTH, A, B, MODE: tl.constexpr, C: tl.constexpr):
+    """Physical output columns of dot columns ``n`` of block ``kk``."""
+    if MODE == 1:
+        return (n // C) * B + kk * C + n % C
+    elif MODE == 2:
+        f = kk * WIDTH + n
+        return (f % A) * B + f // A
+    else:
+        return kk * WIDTH + n
+
+
+@triton.jit
+def _load(ptr, mask, UPCAST: tl.constexpr):
+    v = tl.load(ptr, mask=mask, other=0.0)
+    if UPCAST:  # the interpreter's bf16 arithmetic is broken: compute in fp32 there
+        v = v.to(tl.float32)
+    return v
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+@triton.jit
+def _epilogue(acc, BIAS, kk, n, Q, N_OUT, OUT_A, OUT_B, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr,
+              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ODTYPE: tl.constexpr):
+    """Bias (indexed by the physical output column), activation, cast — on one block's dot columns ``n``."""
+    if HAS_BIAS:
+        col = _out_cols(kk, n, Q, OUT_A, OUT_B, OUT_MODE, OUT_C)
+        acc += _load(BIAS + col, (n < Q) & (col < N_OUT), True)[None, :]
+    return _activation(acc, ACT).to(ODTYPE)
+
+
+@triton.jit
+def _fwd_block(X, W, BIAS, kk, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B, OUT_A, OUT_B,
+               IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+               ACT: tl.constexpr, ODTYPE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Block ``kk``'s ``(BLOCK_M, BLOCK_N)`` output tile over the whole contraction (pipelined K loop), with
+    the epilogue applied (groups divide the block count: no block index past the last)."""
+    rk = tl.arange(0, BLOCK_K)
+    wrow = _block_rows(rn, OUT_A, OUT_MODE, OUT_C)
+    acc = tl.zeros((rm.shape[0], BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        kidx = k0 + rk
+        col = _in_cols(kk, kidx, P, IN_A, IN_B, IN_MODE)
+        a = _load(X + rm[:, None] * sxt + col[None, :] * sxf, m_ok[:, None] & ((kidx < P) & (col < N_IN))[None, :],
+                  UPCAST)
+        b = _load(W + kk * swk + wrow[None, :] * swq + kidx[:, None] * swp, (rn < Q)[None, :] & (kidx < P)[:, None],
+                  UPCAST)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return _epilogue(acc, BIAS, kk, rn, Q, N_OUT, OUT_A, OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE)
+
+
+@triton.jit
+def _fwd_group(X, W, BIAS, KK, STEP, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B, OUT_A,
+               OUT_B, IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr, HAS_BIAS: tl.constexpr,
+               ACT: tl.constexpr, ODTYPE: tl.constexpr, G: tl.constexpr, BLOCK_K: tl.constexpr,
+               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Blocks ``KK, KK+STEP, ...`` (``G`` of them), interleaved: column ``n·G + g`` is block ``KK + g·STEP``'s
+    column ``n`` (a ``tl.join`` tree; with ``STEP`` doubling per level the leaves come out in block order)."""
+    if G == 1:
+        return _fwd_block(X, W, BIAS, KK, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B,
+                          OUT_A, OUT_B, IN_MODE, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE, BLOCK_K, BLOCK_N, UPCAST,
+                          PRECISION)
+    else:
+        even = _fwd_group(X, W, BIAS, KK, STEP * 2, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp,
+                          IN_A, IN_B, OUT_A, OUT_B, IN_MODE, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE, G // 2, BLOCK_K,
+                          BLOCK_N, UPCAST, PRECISION)
+        odd = _fwd_group(X, W, BIAS, KK + STEP, STEP * 2, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq,
+                         swp, IN_A, IN_B, OUT_A, OUT_B, IN_MODE, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE, G // 2,
+                         BLOCK_K, BLOCK_N, UPCAST, PRECISION)
+        return tl.reshape(tl.join(even, odd), (rm.shape[0], BLOCK_N * G))
+
+
+@triton.jit
+def _gathered_group(a, W, BIAS, KK, STEP, rn, kidx, Q, P, N_OUT, swk, swq, swp, OUT_A, OUT_B,
+                    OUT_MODE: tl.constexpr, OUT_C: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                    EPILOGUE: tl.constexpr, ODTYPE: tl.constexpr, G: tl.constexpr, UPCAST: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """Per-block products of a gathered input tile ``a (BLOCK_M, BLOCK_K·G)`` (column ``j·G + g`` belongs to
+    block ``KK + g·STEP``), taken apart with a ``tl.split`` tree; result interleaved as in :func:`_fwd_group`
+    (finished by the epilogue when ``EPILOGUE``, else fp32 partial sums)."""
+    if G == 1:
+        wrow = _block_rows(rn, OUT_A, OUT_MODE, OUT_C)
+        b = _load(W + KK * swk + wrow[None, :] * swq + kidx[:, None] * swp,
+                  (rn < Q)[None, :] & (kidx < P)[:, None], UPCAST)
+        out = tl.dot(a, b, input_precision=PRECISION)
+        if EPILOGUE:
+            out = _epilogue(out, BIAS, KK, rn, Q, N_OUT, OUT_A, OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE)
+        return out
+    else:
+        even, odd = tl.split(tl.reshape(a, (a.shape[0], a.shape[1] // 2, 2)))
+        re = _gathered_group(even, W, BIAS, KK, STEP * 2, rn, kidx, Q, P, N_OUT, swk, swq, swp, OUT_A, OUT_B,
+                             OUT_MODE, OUT_C, HAS_BIAS, ACT, EPILOGUE, ODTYPE, G // 2, UPCAST, PRECISION)
+        ro = _gathered_group(odd, W, BIAS, KK + STEP, STEP * 2, rn, kidx, Q, P, N_OUT, swk, swq, swp, OUT_A, OUT_B,
+                             OUT_MODE, OUT_C, HAS_BIAS, ACT, EPILOGUE, ODTYPE, G // 2, UPCAST, PRECISION)
+        return tl.reshape(tl.join(re, ro), (re.shape[0], re.shape[1] * 2))
+
+
+@triton.jit
+def _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP: tl.constexpr, UPCAST: tl.constexpr):
+    """``x[t, j·B + kk0 + g]`` as a ``(BLOCK_M, BLOCK_K·GROUP)`` tile, column ``(j - k0)·GROUP + g``: runs of
+    ``GROUP`` contiguous elements (the whole row segment when the group is every block, ``B = GROUP``)."""
+    rkg = tl.arange(0, BLOCK_K * GROUP)
+    if IN_FULL:
+        col = k0 * GROUP + rkg
+        ok = col < tl.minimum(N_IN, P * GROUP)
+    else:
+        col = (k0 + rkg // GROUP) * IN_B + kk0 + rkg % GROUP
+        ok = (k0 + rkg // GROUP < P) & (col < N_IN)
+    return _load(X + rm[:, None] * sxt + col[None, :] * sxf, m_ok[:, None] & ok[None, :], UPCAST)
+
+
 @triton.jit
 def _bd_fwd_kernel(
     X, W, BIAS, Y,
     T, N_IN, N_OUT, Q, P,
-    stride_xt, stride_xf, stride_wk, stride_wq, stride_wp, stride_yt, stride_yf,
-    IN_A, IN_B, OUT_A, OUT_B, T_BUCKET,
-    IN_PERM: tl.constexpr, OUT_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    sxt, sxf, swk, swq, swp, syt, syf,
+    IN_A, IN_B, OUT_A, OUT_B,
+    IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr,
+    IN_FULL: tl.constexpr, OUT_FULL: tl.constexpr, MULTI_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)  # int64 row offsets: no 32-bit overflow on huge T·n
-    kk = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    tiles_n = tl.cdiv(Q, BLOCK_N)
+    kk0 = (tl.program_id(0) // tiles_n) * GROUP
+    pid_n = tl.program_id(0) % tiles_n
+    pid_m = tl.program_id(1).to(tl.int64)  # int64 row offsets: no 32-bit overflow on huge T·n
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     m_ok = rm < T
-    n_ok = rn < Q
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, P, BLOCK_K):
-        kidx = k0 + rk
-        col = _view_transpose(kk * P + kidx, IN_A, IN_B, IN_PERM)
-        a = tl.load(X + rm[:, None] * stride_xt + col[None, :] * stride_xf,
-                    mask=m_ok[:, None] & (kidx[None, :] < P) & (col[None, :] < N_IN), other=0.0)
-        b = tl.load(W + kk * stride_wk + rn[None, :] * stride_wq + kidx[:, None] * stride_wp,
-                    mask=n_ok[None, :] & (kidx[:, None] < P), other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    col_out = _view_transpose(kk * Q + rn, OUT_A, OUT_B, OUT_PERM)
-    out_ok = n_ok & (col_out < N_OUT)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + col_out, mask=out_ok, other=0.0).to(tl.float32)[None, :]
-    acc = _activation(acc, ACT)
-    tl.store(Y + rm[:, None] * stride_yt + col_out[None, :] * stride_yf, acc.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & out_ok[None, :])
+    idx = tl.arange(0, BLOCK_N * GROUP)
+    if OUT_MODE == 1 and OUT_C > 1 and GROUP > 1:  # runs of GROUP·C: block index between v and jj
+        g = (idx // OUT_C) % GROUP
+        n = pid_n * BLOCK_N + (idx // (OUT_C * GROUP)) * OUT_C + idx % OUT_C
+    else:
+        g = idx % GROUP
+        n = pid_n * BLOCK_N + idx // GROUP
+    kk = kk0 + g
+    if OUT_FULL:  # every block in the group and C = 1: column n·B + kk is one contiguous row segment
+        col = pid_n * BLOCK_N * GROUP + idx
+        ok = col < tl.minimum(N_OUT, Q * GROUP)
+    else:
+        col = _out_cols(kk, n, Q, OUT_A, OUT_B, OUT_MODE, OUT_C)
+        ok = (n < Q) & (col < N_OUT)
+    if IN_MODE == 1 and MULTI_K:
+        # gathered input, several K steps: one fp32 accumulator per block until the end
+        acc = tl.zeros((BLOCK_M, BLOCK_N * GROUP), dtype=tl.float32)
+        for k0 in range(0, P, BLOCK_K):
+            a = _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL, BLOCK_K, GROUP,
+                               UPCAST)
+            acc += _gathered_group(a, W, BIAS, kk0, 1, rn, k0 + tl.arange(0, BLOCK_K), Q, P, N_OUT, swk, swq, swp,
+                                   OUT_A, OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, False, Y.dtype.element_ty, GROUP,
+                                   UPCAST, PRECISION)
+        out = acc
+    elif IN_MODE == 1:
+        a = _gathered_tile(X, rm, m_ok, 0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL, BLOCK_K, GROUP,
+                           UPCAST)
+        out = _gathered_group(a, W, BIAS, kk0, 1, rn, tl.arange(0, BLOCK_K), Q, P, N_OUT, swk, swq, swp, OUT_A,
+                              OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, True, Y.dtype.element_ty, GROUP, UPCAST, PRECISION)
+    else:
+        out = _fwd_group(X, W, BIAS, kk0, 1, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B,
+                         OUT_A, OUT_B, IN_MODE, OUT_MODE, OUT_C, HAS_BIAS, ACT, Y.dtype.element_ty, GROUP, BLOCK_K, BLOCK_N,
+                         UPCAST, PRECISION)
+    # out column n·GROUP + g = dot column n of block kk0 + g; with C > 1 reorder to (v, g, jj) runs
+    if OUT_MODE == 1 and OUT_C > 1 and GROUP > 1:
+        out = tl.reshape(tl.permute(tl.reshape(out, (BLOCK_M, BLOCK_N // OUT_C, OUT_C, GROUP)), (0, 1, 3, 2)),
+                         (BLOCK_M, BLOCK_N * GROUP))
+    if IN_MODE == 1 and MULTI_K:
+        if HAS_BIAS:
+            out += _load(BIAS + col, ok, True)[None, :]
+        out = _activation(out, ACT).to(Y.dtype.element_ty)
+    tl.store(Y + rm[:, None] * syt + col[None, :] * syf, out, mask=m_ok[:, None] & ok[None, :])
 
 
-def blockdiag_forward(
+def bd_forward(
     x: torch.Tensor,
     w: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
@@ -106,105 +257,116 @@ def blockdiag_forward(
     *,
     in_perm: Optional[tuple[int, int]] = None,
     out_perm: Optional[tuple[int, int]] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``x (T, N_IN)`` physical, ``w (k, q, p)`` any strides -> ``(T, n_out)``; see the module docstring."""
+    """``x (T, N_IN)`` physical, ``w (k, q, p)`` any strides -> ``(T, n_out)`` (into ``out`` if given).
+
+    ``in_perm``/``out_perm`` ``(A, B)``: the view-transposes the input is read through and the output written
+    through (module docstring); the grouped layout is used whenever the blocks align with them.
+    """
     T = x.shape[0]
     k, q, p = w.shape
     n_out = k * q if n_out is None else n_out
-    y = _common.empty(T, n_out, device=x.device, dtype=x.dtype)
+    y = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if out is None else out
     if T == 0:
         return y
-    ia, ib = in_perm or (1, 1)
-    oa, ob = out_perm or (1, 1)
-    block_n = min(pow2(q), 128)
-    block_k = min(pow2(p), 64)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), k, triton.cdiv(q, block_n))
-    _bd_fwd_kernel[grid](
+    lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm)
+    _bd_fwd_kernel[lp.grid](
         x, w, bias if bias is not None else y, y,
         T, x.shape[1], n_out, q, p,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
-        ia, ib, oa, ob, triton.next_power_of_2(T),
-        IN_PERM=in_perm is not None, OUT_PERM=out_perm is not None, HAS_BIAS=bias is not None,
-        ACT=ACT_CODES[activation], BLOCK_N=block_n, BLOCK_K=block_k,
-        UPCAST=interpreting(), PRECISION=precision(x.dtype),
+        lp.inp.a, lp.inp.b, lp.out.a, lp.out.b,
+        IN_MODE=lp.inp.mode, OUT_MODE=lp.out.mode, OUT_C=lp.out.c, IN_FULL=lp.in_full, OUT_FULL=lp.out_full,
+        MULTI_K=lp.multi_k, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation],
+        UPCAST=interpreting(), PRECISION=precision(x.dtype), **_common.launch_meta(lp.tile),
     )
     return y
 
 
-def _wgrad_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_T": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=s)
-            for bt, w, s in ((32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3))]
+# ------------------------------------------------------------------------------------------------ weight grad
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["T_BUCKET", "Q", "P", "X_PERM", "G_PERM"])
+@triton.jit
+def _wgrad_group(gt, X, KK, STEP, rt, t_ok, rp, P, N_X, sxt, sxf, G: tl.constexpr,
+                 UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``gᵀ x`` per block for a gathered ``gt (BLOCK_K, BLOCK_M·G)`` token-by-row tile (column ``i·G + g`` =
+    block ``KK + g·STEP``'s row ``i``), split per block; result ``(BLOCK_M, BLOCK_N·G)`` interleaved."""
+    if G == 1:
+        col = KK * P + rp
+        xt = _load(X + rt[:, None] * sxt + col[None, :] * sxf, t_ok[:, None] & ((rp < P) & (col < N_X))[None, :], UPCAST)
+        return tl.dot(tl.trans(gt), xt, input_precision=PRECISION)
+    else:
+        even, odd = tl.split(tl.reshape(gt, (gt.shape[0], gt.shape[1] // 2, 2)))
+        re = _wgrad_group(even, X, KK, STEP * 2, rt, t_ok, rp, P, N_X, sxt, sxf, G // 2, UPCAST, PRECISION)
+        ro = _wgrad_group(odd, X, KK + STEP, STEP * 2, rt, t_ok, rp, P, N_X, sxt, sxf, G // 2, UPCAST, PRECISION)
+        return tl.reshape(tl.join(re, ro), (re.shape[0], re.shape[1] * 2))
+
+
 @triton.jit
 def _bd_wgrad_kernel(
-    X, G, DW,
+    X, G_, DW,
     T, N_X, N_G, Q, P, ROWS_PER_SPLIT,
-    stride_xt, stride_xf, stride_gt, stride_gf, stride_ds, stride_dk, stride_dq, stride_dp,
-    X_A, X_B, G_A, G_B, T_BUCKET,
-    X_PERM: tl.constexpr, G_PERM: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    sxt, sxf, sgt, sgf, sds, sdk, sdq, sdp,
+    G_A, G_B,
+    G_MODE: tl.constexpr, G_FULL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # dw[kk, qq, pp] over this program's token split; BLOCK_M = q-tile, BLOCK_N = p-tile, BLOCK_K = token step
     tile = tl.program_id(0)
     split = tl.program_id(1)
-    tiles_q = tl.cdiv(Q, BLOCK_Q)
-    tiles_p = tl.cdiv(P, BLOCK_P)
-    kk = tile // (tiles_q * tiles_p)
+    tiles_q = tl.cdiv(Q, BLOCK_M)
+    tiles_p = tl.cdiv(P, BLOCK_N)
+    kk0 = (tile // (tiles_q * tiles_p)) * GROUP
     rem = tile % (tiles_q * tiles_p)
-    rq = (rem // tiles_p) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    rp = (rem % tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
-    gcol = _view_transpose(kk * Q + rq, G_A, G_B, G_PERM)
-    xcol = _view_transpose(kk * P + rp, X_A, X_B, X_PERM)
-    g_ok = (rq < Q) & (gcol < N_G)
-    x_ok = (rp < P) & (xcol < N_X)
+    rqg = tl.arange(0, BLOCK_M * GROUP)
+    rq = (rem // tiles_p) * BLOCK_M + rqg // GROUP  # row of the g tile's column i·GROUP + g
+    kg = kk0 + rqg % GROUP
+    rp = (rem % tiles_p) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if G_FULL:  # the group is every block and B = GROUP: row i·GROUP + g of the tile is one contiguous segment
+        gcol = (rem // tiles_p) * BLOCK_M * GROUP + rqg
+        g_ok = gcol < tl.minimum(N_G, Q * GROUP)
+    else:
+        gcol = _in_cols(kg, rq, Q, G_A, G_B, G_MODE)
+        g_ok = (rq < Q) & (gcol < N_G)
     t_start = split.to(tl.int64) * ROWS_PER_SPLIT
-    acc = tl.zeros((BLOCK_Q, BLOCK_P), dtype=tl.float32)
-    for t0 in range(0, ROWS_PER_SPLIT, BLOCK_T):
-        rt = t_start + t0 + tl.arange(0, BLOCK_T)
-        t_ok = (rt < T) & (t0 + tl.arange(0, BLOCK_T) < ROWS_PER_SPLIT)
-        gt = tl.load(G + rt[None, :] * stride_gt + gcol[:, None] * stride_gf,
-                     mask=t_ok[None, :] & g_ok[:, None], other=0.0)  # (BLOCK_Q, BLOCK_T) = gᵀ
-        xt = tl.load(X + rt[:, None] * stride_xt + xcol[None, :] * stride_xf,
-                     mask=t_ok[:, None] & x_ok[None, :], other=0.0)  # (BLOCK_T, BLOCK_P)
-        if UPCAST:
-            gt = gt.to(tl.float32)
-            xt = xt.to(tl.float32)
-        acc = tl.dot(gt, xt, acc, input_precision=PRECISION)
-    tl.store(DW + split * stride_ds + kk * stride_dk + rq[:, None] * stride_dq + rp[None, :] * stride_dp, acc,
-             mask=(rq[:, None] < Q) & (rp[None, :] < P))
+    rt0 = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N * GROUP), dtype=tl.float32)
+    for t0 in range(0, ROWS_PER_SPLIT, BLOCK_K):
+        rt = t_start + t0 + rt0
+        t_ok = rt < T  # splits are whole token steps: only the last is ragged
+        gt = _load(G_ + rt[:, None] * sgt + gcol[None, :] * sgf, t_ok[:, None] & g_ok[None, :], UPCAST)
+        acc += _wgrad_group(gt, X, kk0, 1, rt, t_ok, rp, P, N_X, sxt, sxf, GROUP, UPCAST, PRECISION)
+    # acc[i, n·GROUP + g] -> dw[kk0 + g, row i, col n]: one (GROUP, BLOCK_M, BLOCK_N) tile, contiguous in p
+    acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N, GROUP)), (2, 0, 1))
+    gi = tl.arange(0, GROUP)
+    qi = (rem // tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ptr = DW + split * sds + (kk0 + gi)[:, None, None] * sdk + qi[None, :, None] * sdq + rp[None, None, :] * sdp
+    ok = (qi < Q)[None, :, None] & (rp < P)[None, None, :]
+    tl.store(ptr, acc3, mask=ok)
 
 
-def blockdiag_weight_grad(
+def bd_weight_grad(
     x: torch.Tensor,
     g: torch.Tensor,
     k: int,
     q: int,
     p: int,
     *,
-    x_perm: Optional[tuple[int, int]] = None,
     g_perm: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
-    """``dw (k, q, p)`` in ``x``'s dtype from ``x (T, N_X)`` and ``g (T, N_G)`` (physical widths)."""
+    """``dw (k, q, p)`` in ``x``'s dtype from ``x (T, N_X)`` (natural blocks) and ``g (T, N_G)`` read through
+    ``g_perm`` (grouped 16-byte gathers when the blocks align with it)."""
     T = x.shape[0]
     if T == 0:
         return torch.zeros(k, q, p, device=x.device, dtype=x.dtype)
-    block_q, block_p = min(pow2(q), 64), min(pow2(p), 64)
-    tiles = k * triton.cdiv(q, block_q) * triton.cdiv(p, block_p)
-    splits = split_count(T, tiles, x.device)
-    rows = triton.cdiv(T, splits)
-    partial = _common.empty(splits, k, q, p, device=x.device, dtype=torch.float32)
-    xa, xb = x_perm or (1, 1)
-    ga, gb = g_perm or (1, 1)
-    _bd_wgrad_kernel[(tiles, splits)](
+    lp = _plan.wgrad_launch(T, k, q, p, x.element_size(), g_perm, _common.device_info(x.device).num_sms)
+    partial = _common.empty(lp.splits, k, q, p, device=x.device, dtype=torch.float32)
+    _bd_wgrad_kernel[(lp.tiles, lp.splits)](
         x, g, partial,
-        T, x.shape[1], g.shape[1], q, p, rows,
+        T, x.shape[1], g.shape[1], q, p, lp.rows_per_split,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), *partial.stride(),
-        xa, xb, ga, gb, triton.next_power_of_2(T),
-        X_PERM=x_perm is not None, G_PERM=g_perm is not None, BLOCK_Q=block_q, BLOCK_P=block_p,
-        UPCAST=interpreting(), PRECISION=precision(x.dtype),
+        lp.g.a, lp.g.b, G_MODE=lp.g.mode, G_FULL=lp.g.mode == _plan.GROUPED and lp.g.group == k and lp.g.b == k,
+        UPCAST=interpreting(), PRECISION=precision(x.dtype), **_common.launch_meta(lp.tile),
     )
     return partial.sum(0).to(x.dtype)

@@ -1,30 +1,29 @@
-"""Triton Monarch product ``out = act(P2 · BD(w2) · P1 · BD(w1) · x + bias)``: forward, dX and dW.
+"""Triton Monarch product ``out = act(P2 · BD(w2) · P1 · BD(w1) · x + bias)``: forward, dX, dW, fused backward.
 
 Layout (fly): ``x (T, k·p)``, ``w1 (k, q, p)``, ``w2 (l, s, r)``, ``l·r = k·q``; ``out[t, ss·l + ll]``.
 
-Two paths:
+Forward paths (``path="auto"`` picks by shape, :func:`.plan.choose_path`):
 
-* **fused** (design D2 of research/monarch.md §5.3), when every stage-1 block feeds every stage-2 block with
-  the same rank ``c = q / l`` (``q mod l = 0``, the ``MonarchLinear`` layouts): stage-2 block ``ll`` reads
-  ``z[t, ll, kk·c + jj] = Σ_pp w1[kk, jj·l + ll, pp] · x[t, kk·p + pp]``, so one program owning
-  ``(BLOCK_M tokens, block ll, BLOCK_S outputs)`` runs a K-loop of back-to-back 2-D dots
+* **fused** (square, rank ``c = q / l = 1``; research/monarch.md §5.3 design D2): a program owns a row tile and
+  a group of 16 stage-2 blocks. Stage 1 computes only the outputs that group consumes (each exactly once, no
+  recompute): ``k`` dots ``X_kk @ W1[kk, ll0:ll0+16]ᵀ``, interleaved by a ``tl.join`` tree; P1 is a register
+  transpose (``tl.permute``, staged through shared memory by the compiler); a ``tl.split`` tree hands stage-2
+  block ``ll`` its ``Z_ll``; the 16 stage-2 results are joined back so that column ``ss·16 + j`` is output
+  column ``ss·l + ll0 + j``: P2 becomes 32-byte runs (whole rows when the group is every block). HBM traffic
+  is ``x + out``: the intermediate never leaves the chip; ``x`` is re-read ``l / 16`` times, from L2. Applies
+  while a row tile of the group's intermediate fits in registers (``k ≤ 64`` and power-of-two ``k, l ≥ 16``:
+  1024 wide with 32 blocks, 256 with 16).
+* **two_kernel** (design D0 with coalesced permutations), any shape: the grouped block-diagonal kernel of
+  :mod:`.blockdiag` twice, P1 folded into the first kernel's store and P2 (with bias and activation) into the
+  second's, each as ≥ 16-byte runs. Tokens go in chunks whose intermediate fits in a share of the L2
+  (:func:`.plan.chunk_tokens`), so the second kernel reads it back from L2 rather than HBM.
 
-      t_kk  = X[:, kk·p:(kk+1)·p] @ W1[kk, ll::l, :]ᵀ           (BLOCK_M × c, fp32, stays on chip)
-      acc  += t_kk @ W2[ll, s-tile, kk·c:(kk+1)·c]ᵀ             (BLOCK_M × BLOCK_S)
-
-  and stores ``acc`` straight to the permuted columns ``ss·l + ll``. HBM traffic is the minimum
-  ``x + out`` (+ weights from L2); the intermediate never leaves the chip. The dX kernel is the mirror
-  image, and the weight gradients are two split-T kernels that recompute ``t_kk`` instead of reading a
-  saved intermediate.
-* **two-kernel** (design D0), any shapes: the block-diagonal kernel of :mod:`.blockdiag` twice, with P1 and
-  P2 folded into the first kernel's store and the second kernel's store (and into loads in backward).
-
-``path="auto"`` takes the fused path when it applies and either the rank ``c`` fills a tensor-core tile
-(≥ 16) or there are few tokens (≤ ``SMALL_T``: the small-batch inference regime, bound by weight bytes,
-where one launch streaming each factor once beats two); tests force each path.
+Backward: ``backward`` (the backend's fused ``monarch_bwd``) computes ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` once (P2ᵀ as
+grouped 16-byte gathers, P1ᵀ as grouped stores) and shares it between ``dx`` and ``dw1``, which one kernel
+produces together (both read ``dy``; ``dw1`` reads ``x`` too), then recomputes ``z = P1 BD(w1) x`` once for
+``dw2 = Σ_t (P2ᵀ g)ᵀ z``. ``backward_input`` alone is ``dy`` then the stage-1 transpose.
 """
 from __future__ import annotations
-
 
 import torch
 import triton
@@ -32,107 +31,136 @@ import triton.language as tl
 
 from ..shapes import MonarchShape
 from . import _common
-from ._common import ACT_CODES, interpreting, pow2, precision, split_count
-from .blockdiag import _activation, blockdiag_forward, blockdiag_weight_grad
+from . import plan as _plan
+from ._common import ACT_CODES, interpreting, precision
+from .blockdiag import _activation, _load, bd_forward, bd_weight_grad
 
-PATHS = ("auto", "fused", "two_kernel")
-
-
-def fused_applies(sh: MonarchShape) -> bool:
-    return sh.q % sh.l == 0
+PATHS = _plan.PATHS
 
 
-#: up to this many tokens the fused kernels are weight-bandwidth bound, so a rank c < 16 (padded to a
-#: 16-wide tile) costs nothing that matters and one launch that streams each factor once wins
-SMALL_T = 256
+def _dims(sh: MonarchShape) -> tuple:
+    return sh.k, sh.q, sh.p, sh.l, sh.s, sh.r
 
 
-def choose_path(sh: MonarchShape, path: str, tokens: int = 0) -> str:
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "fused" and not fused_applies(sh):
-        raise ValueError(f"fused Monarch path needs q % l == 0, got w1 {sh.w1_shape}, w2 {sh.w2_shape}")
-    if path == "auto":
-        wide_rank = sh.q // sh.l >= 16 or tokens <= SMALL_T
-        return "fused" if fused_applies(sh) and wide_rank else "two_kernel"
-    return path
+def path_applies(sh: MonarchShape, path: str) -> bool:
+    return path in ("auto", "two_kernel") or (path == "fused" and _plan.fused_applies(*_dims(sh)))
 
 
-def _configs(name: str):
+def choose_path(sh: MonarchShape, path: str = "auto") -> str:
+    return _plan.choose_path(*_dims(sh), path=path)
+
+
+def _idtype(dtype: torch.dtype):
+    """Element type of an on-chip intermediate: the input dtype (fly rounds it the same way); fp32 in the
+    interpreter, whose bf16 arithmetic is broken."""
     if interpreting():
-        return [triton.Config({name: 32}, num_warps=4)]
-    return [triton.Config({name: bm}, num_warps=w, num_stages=s)
-            for bm, w, s in ((32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3), (16, 4, 4))]
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
-# ------------------------------------------------------------------------------------------------ forward
+# ------------------------------------------------------------------------------------ fused square forward
 
 
-@triton.autotune(configs=_configs("BLOCK_M"), key=["T_BUCKET", "K", "P", "L", "S", "C"])
+@triton.jit
+def _stage1_join(X, W1, KK, STEP, ll0, rm, m_ok, N_IN, P, sxt, sxf, s1k, s1q, s1p, G2: tl.constexpr,
+                 G: tl.constexpr, BLOCK_P: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                 IDTYPE: tl.constexpr):
+    """``Y[t, j·G + g] = Σ_pp x[t, kk·p + pp] · w1[kk, ll0 + j, pp]`` for blocks ``kk = KK + g·STEP``: the
+    stage-1 outputs that stage-2 blocks ``ll0 .. ll0+G2-1`` consume, interleaved by a ``tl.join`` tree."""
+    if G == 1:
+        pp = tl.arange(0, BLOCK_P)
+        col = KK * P + pp
+        a = _load(X + rm[:, None] * sxt + col[None, :] * sxf, m_ok[:, None] & ((pp < P) & (col < N_IN))[None, :], UPCAST)
+        b = _load(W1 + KK * s1k + (ll0 + tl.arange(0, G2))[None, :] * s1q + pp[:, None] * s1p, (pp < P)[:, None],
+                  UPCAST)
+        return tl.dot(a, b, input_precision=PRECISION).to(IDTYPE)
+    else:
+        even = _stage1_join(X, W1, KK, STEP * 2, ll0, rm, m_ok, N_IN, P, sxt, sxf, s1k, s1q, s1p, G2, G // 2, BLOCK_P,
+                            UPCAST, PRECISION, IDTYPE)
+        odd = _stage1_join(X, W1, KK + STEP, STEP * 2, ll0, rm, m_ok, N_IN, P, sxt, sxf, s1k, s1q, s1p, G2, G // 2,
+                           BLOCK_P, UPCAST, PRECISION, IDTYPE)
+        return tl.reshape(tl.join(even, odd), (rm.shape[0], G2 * G))
+
+
+@triton.jit
+def _stage2_split(z, W2, BIAS, LL, STEP, rs, N_OUT, S, s2l, s2s, s2r, L: tl.constexpr, K: tl.constexpr,
+                  G: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, UPCAST: tl.constexpr,
+                  PRECISION: tl.constexpr, ODTYPE: tl.constexpr):
+    """Stage 2 of blocks ``LL + g·STEP`` from ``z (BLOCK_M, K·G)`` (column ``kk·G + g`` = ``Z_(LL+g·STEP)[:, kk]``,
+    taken apart with ``tl.split``); epilogue applied; result column ``ss·G + g`` (``tl.join``)."""
+    if G == 1:
+        kk = tl.arange(0, K)
+        b = _load(W2 + LL * s2l + rs[None, :] * s2s + kk[:, None] * s2r, (rs < S)[None, :], UPCAST)
+        o = tl.dot(z, b, input_precision=PRECISION)
+        if HAS_BIAS:
+            col = rs * L + LL
+            o += _load(BIAS + col, (rs < S) & (col < N_OUT), True)[None, :]
+        return _activation(o, ACT).to(ODTYPE)
+    else:
+        even, odd = tl.split(tl.reshape(z, (z.shape[0], z.shape[1] // 2, 2)))
+        re = _stage2_split(even, W2, BIAS, LL, STEP * 2, rs, N_OUT, S, s2l, s2s, s2r, L, K, G // 2, HAS_BIAS, ACT,
+                           UPCAST, PRECISION, ODTYPE)
+        ro = _stage2_split(odd, W2, BIAS, LL + STEP, STEP * 2, rs, N_OUT, S, s2l, s2s, s2r, L, K, G // 2, HAS_BIAS,
+                           ACT, UPCAST, PRECISION, ODTYPE)
+        return tl.reshape(tl.join(re, ro), (re.shape[0], re.shape[1] * 2))
+
+
 @triton.jit
 def _fused_fwd_kernel(
     X, W1, W2, BIAS, OUT,
-    T, N_IN, N_OUT, K, P, L, S, C,
-    stride_xt, stride_xf, s1k, s1q, s1p, s2l, s2s, s2r, stride_ot, stride_of, T_BUCKET,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    T, N_IN, N_OUT, P, S,
+    sxt, sxf, s1k, s1q, s1p, s2l, s2s, s2r, sot, sof,
+    K: tl.constexpr, L: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, IDTYPE: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    ll = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rs = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    rc = tl.arange(0, BLOCK_C)
-    rp = tl.arange(0, BLOCK_P)
-    m_ok, s_ok, c_ok = rm < T, rs < S, rc < C
-    acc = tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32)
-    for kk in range(0, K):
-        t = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            pp = p0 + rp
-            col = kk * P + pp
-            a = tl.load(X + rm[:, None] * stride_xt + col[None, :] * stride_xf,
-                        mask=m_ok[:, None] & (pp[None, :] < P) & (col[None, :] < N_IN), other=0.0)
-            # b[pp, jj] = w1[kk, jj·l + ll, pp]
-            b = tl.load(W1 + kk * s1k + (rc[None, :] * L + ll) * s1q + pp[:, None] * s1p,
-                        mask=c_ok[None, :] & (pp[:, None] < P), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            t = tl.dot(a, b, t, input_precision=PRECISION)
-        # b2[jj, ss] = w2[ll, ss, kk·c + jj]
-        b2 = tl.load(W2 + ll * s2l + rs[None, :] * s2s + (kk * C + rc[:, None]) * s2r,
-                     mask=s_ok[None, :] & c_ok[:, None], other=0.0)
-        if UPCAST:
-            b2 = b2.to(tl.float32)
-        acc = tl.dot(t.to(b2.dtype), b2, acc, input_precision=PRECISION)
-    col_out = rs * L + ll
-    out_ok = s_ok & (col_out < N_OUT)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + col_out, mask=out_ok, other=0.0).to(tl.float32)[None, :]
-    acc = _activation(acc, ACT)
-    tl.store(OUT + rm[:, None] * stride_ot + col_out[None, :] * stride_of, acc.to(OUT.dtype.element_ty),
-             mask=m_ok[:, None] & out_ok[None, :])
+    # program: a row tile and stage-2 blocks ll0 .. ll0+GROUP-1 (design D2: each stage-1 output is computed
+    # by exactly one program; x is read L/GROUP times, from L2 after the first)
+    rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ll0 = tl.program_id(1) * GROUP
+    m_ok = rm < T
+    y = _stage1_join(X, W1, 0, 1, ll0, rm, m_ok, N_IN, P, sxt, sxf, s1k, s1q, s1p, GROUP, K, BLOCK_P, UPCAST,
+                     PRECISION, IDTYPE)
+    # P1 on chip: Y[t, j·K + kk] -> Z[t, kk·GROUP + j], so that the split tree over the last index gives Z_ll
+    z = tl.reshape(tl.permute(tl.reshape(y, (BLOCK_M, GROUP, K)), (0, 2, 1)), (BLOCK_M, K * GROUP))
+    o = _stage2_split(z, W2, BIAS, ll0, 1, tl.arange(0, BLOCK_S), N_OUT, S, s2l, s2s, s2r, L, K, GROUP, HAS_BIAS,
+                      ACT, UPCAST, PRECISION, OUT.dtype.element_ty)
+    # P2 in the store: result column ss·GROUP + j is output column ss·L + ll0 + j (runs of GROUP elements)
+    idx = tl.arange(0, BLOCK_S * GROUP)
+    if GROUP == L:
+        col = idx
+    else:
+        col = (idx // GROUP) * L + ll0 + idx % GROUP
+    tl.store(OUT + rm[:, None] * sot + col[None, :] * sof, o,
+             mask=m_ok[:, None] & ((idx // GROUP < S) & (col < N_OUT))[None, :])
 
 
-def _fused_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape):
+def _fused_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out):
     T = x.shape[0]
-    out = _common.empty(T, n_out, device=x.device, dtype=x.dtype)
-    if T == 0:
-        return out
-    c = sh.q // sh.l
-    block_s = min(pow2(sh.s), 128)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), sh.l, triton.cdiv(sh.s, block_s))
-    _fused_fwd_kernel[grid](
+    tile = _plan.fused_tile(T, sh.k, sh.l)
+    _fused_fwd_kernel[(triton.cdiv(T, tile.block_m), sh.l // tile.group)](
         x, w1, w2, bias if bias is not None else out, out,
-        T, x.shape[1], n_out, sh.k, sh.p, sh.l, sh.s, c,
+        T, x.shape[1], n_out, sh.p, sh.s,
         x.stride(0), x.stride(1), *w1.stride(), *w2.stride(), out.stride(0), out.stride(1),
-        triton.next_power_of_2(T),
-        HAS_BIAS=bias is not None, ACT=ACT_CODES[activation],
-        BLOCK_S=block_s, BLOCK_C=pow2(c), BLOCK_P=min(pow2(sh.p), 64),
-        UPCAST=interpreting(), PRECISION=precision(x.dtype),
+        K=sh.k, L=sh.l, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation],
+        BLOCK_P=_plan.pow2(sh.p), BLOCK_S=_plan.pow2(sh.s),
+        UPCAST=interpreting(), PRECISION=precision(x.dtype), IDTYPE=_idtype(x.dtype),
+        **_common.launch_meta(tile, ("BLOCK_M", "GROUP")),
     )
+    return out
+
+
+def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out):
+    T = x.shape[0]
+    info = _common.device_info(x.device)
+    chunk = _plan.chunk_tokens(T, sh.n_mid, x.element_size(), info.l2_bytes, 128)
+    z = _common.empty(min(chunk, T), sh.n_mid, device=x.device, dtype=x.dtype)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        # stage 1, P1 in the store: y[f] lands at z[(f mod l)·r + f div l]
+        zc = bd_forward(x[t0:t1], w1, out_perm=(sh.l, sh.r), out=z[: t1 - t0])
+        # stage 2 and epilogue, P2 in the store: o[f] lands at out[(f mod s)·l + f div s]
+        bd_forward(zc, w2, bias, n_out, activation, out_perm=(sh.s, sh.l), out=out[t0:t1])
     return out
 
 
@@ -140,221 +168,103 @@ def forward(x, w1, w2, bias=None, n_out=None, activation="none", *, path="auto")
     """``act(M x + bias)`` for ``x (T, n_in)``; ``n_out ≤ l·s`` truncates."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_out = sh.n_out if n_out is None else n_out
-    if choose_path(sh, path, x.shape[0]) == "fused":
-        return _fused_forward(x, w1, w2, bias, n_out, activation, sh)
-    # D0: stage 1 stores y[f] at z[(f mod l)·r + f div l] (P1), stage 2 stores o[f] at (f mod s)·l + f div s (P2)
-    z = blockdiag_forward(x, w1, out_perm=(sh.l, sh.r))
-    return blockdiag_forward(z, w2, bias, n_out, activation, out_perm=(sh.s, sh.l))
-
-
-# ------------------------------------------------------------------------------------------------ backward dX
-
-
-@triton.autotune(configs=_configs("BLOCK_M"), key=["T_BUCKET", "K", "P", "L", "S", "C"])
-@triton.jit
-def _fused_dx_kernel(
-    G, W1, W2, DX,
-    T, N_IN, N_OUT, K, P, L, S, C,
-    stride_gt, stride_gf, s1k, s1q, s1p, s2l, s2s, s2r, stride_dt, stride_df, T_BUCKET,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # mirror of the forward: dx[:, kk·p + pp] = Σ_ll (G_ll @ W2[ll][:, kk·c:(kk+1)·c]) @ W1[kk, ll::l, :]
-    pid_m = tl.program_id(0).to(tl.int64)
-    kk = tl.program_id(1)
-    pid_p = tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    rc = tl.arange(0, BLOCK_C)
-    rs = tl.arange(0, BLOCK_S)
-    m_ok, p_ok, c_ok = rm < T, rp < P, rc < C
-    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    for ll in range(0, L):
-        t = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            ss = s0 + rs
-            col = ss * L + ll  # gather through P2ᵀ
-            a = tl.load(G + rm[:, None] * stride_gt + col[None, :] * stride_gf,
-                        mask=m_ok[:, None] & (ss[None, :] < S) & (col[None, :] < N_OUT), other=0.0)
-            b = tl.load(W2 + ll * s2l + ss[:, None] * s2s + (kk * C + rc[None, :]) * s2r,
-                        mask=(ss[:, None] < S) & c_ok[None, :], other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            t = tl.dot(a, b, t, input_precision=PRECISION)
-        b1 = tl.load(W1 + kk * s1k + (rc[:, None] * L + ll) * s1q + rp[None, :] * s1p,
-                     mask=c_ok[:, None] & p_ok[None, :], other=0.0)
-        if UPCAST:
-            b1 = b1.to(tl.float32)
-        acc = tl.dot(t.to(b1.dtype), b1, acc, input_precision=PRECISION)
-    col_out = kk * P + rp
-    tl.store(DX + rm[:, None] * stride_dt + col_out[None, :] * stride_df, acc.to(DX.dtype.element_ty),
-             mask=m_ok[:, None] & p_ok[None, :] & (col_out[None, :] < N_IN))
+    out = _common.empty(x.shape[0], n_out, device=x.device, dtype=x.dtype)
+    chosen = choose_path(sh, path)
+    if x.shape[0] == 0:
+        return out
+    if chosen == "fused":
+        return _fused_forward(x, w1, w2, bias, n_out, activation, sh, out)
+    return _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh, out)
 
 
 def backward_input(g, w1, w2, n_in=None, *, path="auto"):
-    """``Mᵀ g`` for ``g (T, n_out)``, truncated to ``n_in`` columns."""
+    """``Mᵀ g`` for ``g (T, n_out)``, truncated to ``n_in`` columns: ``dy`` (P2ᵀ gathered, P1ᵀ scattered, both
+    grouped) then the stage-1 transpose. Every path runs these kernels (``path`` is validated)."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_in = sh.n_in if n_in is None else n_in
-    T = g.shape[0]
-    if choose_path(sh, path, T) == "two_kernel":
-        # dz[ll, rr] = Σ_ss w2[ll, ss, rr] g[ss·l + ll] (gather P2ᵀ), stored at dy[rr·l + ll] (P1ᵀ)
-        dy = blockdiag_forward(g, w2.transpose(1, 2), in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l))
-        return blockdiag_forward(dy, w1.transpose(1, 2), None, n_in)
-    dx = _common.empty(T, n_in, device=g.device, dtype=g.dtype)
-    if T == 0:
-        return dx
-    c = sh.q // sh.l
-    block_p = min(pow2(sh.p), 128)
-    grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), sh.k, triton.cdiv(sh.p, block_p))
-    _fused_dx_kernel[grid](
-        g, w1, w2, dx,
-        T, n_in, g.shape[1], sh.k, sh.p, sh.l, sh.s, c,
-        g.stride(0), g.stride(1), *w1.stride(), *w2.stride(), dx.stride(0), dx.stride(1),
-        triton.next_power_of_2(T),
-        BLOCK_S=min(pow2(sh.s), 64), BLOCK_C=pow2(c), BLOCK_P=block_p,
-        UPCAST=interpreting(), PRECISION=precision(g.dtype),
-    )
-    return dx
+    choose_path(sh, path)
+    return bd_forward(_dy(g, w2, sh), w1.transpose(1, 2), None, n_in)
 
 
-# ------------------------------------------------------------------------------------------------ backward dW
+# ------------------------------------------------------------------------------------------------ backward
 
 
-def _wgrad_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_T": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_T": bt}, num_warps=w, num_stages=s)
-            for bt, w, s in ((32, 4, 3), (64, 4, 3), (64, 8, 3))]
+def _dy(g, w2, sh: MonarchShape):
+    """``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` in stage-1 layout ``(T, k·q)``: P2ᵀ as grouped gathers, P1ᵀ as grouped stores."""
+    return bd_forward(g, w2.transpose(1, 2), in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l))
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["T_BUCKET", "K", "P", "L", "S", "C"])
-@triton.jit
-def _fused_dw2_kernel(
-    X, G, W1, DW2,
-    T, N_IN, N_OUT, K, P, L, S, C, ROWS_PER_SPLIT,
-    stride_xt, stride_xf, stride_gt, stride_gf, s1k, s1q, s1p, sds, sdl, sds_, sdr, T_BUCKET,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # dw2[ll, ss, kk·c + jj] = Σ_t g[t, ss·l + ll] · z[t, ll, kk·c + jj], z recomputed from x and w1
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    tiles_s = tl.cdiv(S, BLOCK_S)
-    ll = tile // (K * tiles_s)
-    kk = (tile // tiles_s) % K
-    rs = (tile % tiles_s) * BLOCK_S + tl.arange(0, BLOCK_S)
-    rc = tl.arange(0, BLOCK_C)
-    rp = tl.arange(0, BLOCK_P)
-    rt0 = tl.arange(0, BLOCK_T)
-    s_ok, c_ok = rs < S, rc < C
-    gcol = rs * L + ll
-    g_ok = s_ok & (gcol < N_OUT)
-    t_start = split.to(tl.int64) * ROWS_PER_SPLIT
-    acc = tl.zeros((BLOCK_S, BLOCK_C), dtype=tl.float32)
-    for t0 in range(0, ROWS_PER_SPLIT, BLOCK_T):
-        rt = t_start + t0 + rt0
-        t_ok = (rt < T) & (t0 + rt0 < ROWS_PER_SPLIT)
-        z = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            pp = p0 + rp
-            col = kk * P + pp
-            a = tl.load(X + rt[:, None] * stride_xt + col[None, :] * stride_xf,
-                        mask=t_ok[:, None] & (pp[None, :] < P) & (col[None, :] < N_IN), other=0.0)
-            b = tl.load(W1 + kk * s1k + (rc[None, :] * L + ll) * s1q + pp[:, None] * s1p,
-                        mask=c_ok[None, :] & (pp[:, None] < P), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            z = tl.dot(a, b, z, input_precision=PRECISION)
-        gt = tl.load(G + rt[None, :] * stride_gt + gcol[:, None] * stride_gf,
-                     mask=t_ok[None, :] & g_ok[:, None], other=0.0)  # (BLOCK_S, BLOCK_T)
-        if UPCAST:
-            gt = gt.to(tl.float32)
-        acc = tl.dot(gt, z.to(gt.dtype), acc, input_precision=PRECISION)
-    tl.store(DW2 + split * sds + ll * sdl + rs[:, None] * sds_ + (kk * C + rc[None, :]) * sdr, acc,
-             mask=s_ok[:, None] & c_ok[None, :])
+def _z(x, w1, sh: MonarchShape):
+    """``z = P1 BD(w1) x`` in stage-2 layout ``(T, l·r)``, recomputed instead of saved."""
+    return bd_forward(x, w1, out_perm=(sh.l, sh.r))
 
 
-@triton.autotune(configs=_wgrad_configs(), key=["T_BUCKET", "K", "P", "L", "S", "C"])
-@triton.jit
-def _fused_dw1_kernel(
-    X, G, W2, DW1,
-    T, N_IN, N_OUT, K, P, L, S, C, ROWS_PER_SPLIT,
-    stride_xt, stride_xf, stride_gt, stride_gf, s2l, s2s, s2r, sds, sdk, sdq, sdp, T_BUCKET,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    # dw1[kk, jj·l + ll, pp] = Σ_t dz[t, ll, kk·c + jj] · x[t, kk·p + pp], dz = G_ll @ W2[ll] recomputed
-    tile = tl.program_id(0)
-    split = tl.program_id(1)
-    tiles_p = tl.cdiv(P, BLOCK_P)
-    ll = tile // (K * tiles_p)
-    kk = (tile // tiles_p) % K
-    rp = (tile % tiles_p) * BLOCK_P + tl.arange(0, BLOCK_P)
-    rc = tl.arange(0, BLOCK_C)
-    rs = tl.arange(0, BLOCK_S)
-    rt0 = tl.arange(0, BLOCK_T)
-    p_ok, c_ok = rp < P, rc < C
-    xcol = kk * P + rp
-    x_ok = p_ok & (xcol < N_IN)
-    t_start = split.to(tl.int64) * ROWS_PER_SPLIT
-    acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
-    for t0 in range(0, ROWS_PER_SPLIT, BLOCK_T):
-        rt = t_start + t0 + rt0
-        t_ok = (rt < T) & (t0 + rt0 < ROWS_PER_SPLIT)
-        dzt = tl.zeros((BLOCK_C, BLOCK_T), dtype=tl.float32)  # dzᵀ
-        for s0 in range(0, S, BLOCK_S):
-            ss = s0 + rs
-            col = ss * L + ll
-            gt = tl.load(G + rt[None, :] * stride_gt + col[:, None] * stride_gf,
-                         mask=t_ok[None, :] & (ss[:, None] < S) & (col[:, None] < N_OUT), other=0.0)
-            w = tl.load(W2 + ll * s2l + ss[None, :] * s2s + (kk * C + rc[:, None]) * s2r,
-                        mask=(ss[None, :] < S) & c_ok[:, None], other=0.0)  # (BLOCK_C, BLOCK_S)
-            if UPCAST:
-                gt = gt.to(tl.float32)
-                w = w.to(tl.float32)
-            dzt = tl.dot(w, gt, dzt, input_precision=PRECISION)
-        xt = tl.load(X + rt[:, None] * stride_xt + xcol[None, :] * stride_xf,
-                     mask=t_ok[:, None] & x_ok[None, :], other=0.0)
-        if UPCAST:
-            xt = xt.to(tl.float32)
-        acc = tl.dot(dzt.to(xt.dtype), xt, acc, input_precision=PRECISION)
-    tl.store(DW1 + split * sds + kk * sdk + (rc[:, None] * L + ll) * sdq + rp[None, :] * sdp, acc,
-             mask=c_ok[:, None] & p_ok[None, :])
+def _dw2(z, g, sh: MonarchShape):
+    return bd_weight_grad(z, g, sh.l, sh.s, sh.r, g_perm=(sh.s, sh.l))
 
 
 def backward_weight(x, g, w1, w2, *, path="auto"):
-    """``(dw1, dw2)`` of ``⟨g, M x⟩`` for ``x (T, n_in)``, ``g (T, n_out)``; the intermediate is recomputed."""
+    """``(dw1, dw2)`` of ``⟨g, M x⟩`` for ``x (T, n_in)``, ``g (T, n_out)``; the intermediate is recomputed.
+    Every path runs the same grouped kernels (``path`` is validated for symmetry with the other calls)."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
-    T = x.shape[0]
-    if choose_path(sh, path, T) == "two_kernel":
-        z = blockdiag_forward(x, w1, out_perm=(sh.l, sh.r))  # recomputed stage-2 input, (T, l·r)
-        dw2 = blockdiag_weight_grad(z, g, sh.l, sh.s, sh.r, g_perm=(sh.s, sh.l))
-        dy = blockdiag_forward(g, w2.transpose(1, 2), in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l))
-        dw1 = blockdiag_weight_grad(x, dy, sh.k, sh.q, sh.p)
-        return dw1, dw2
-    if T == 0:
+    choose_path(sh, path)
+    if x.shape[0] == 0:
         return torch.zeros_like(w1), torch.zeros_like(w2)
-    c = sh.q // sh.l
-    block_s, block_p, block_c = min(pow2(sh.s), 64), min(pow2(sh.p), 64), pow2(c)
-    common = dict(UPCAST=interpreting(), PRECISION=precision(x.dtype), BLOCK_C=block_c)
-    tiles2 = sh.l * sh.k * triton.cdiv(sh.s, block_s)
-    splits2 = split_count(T, tiles2, x.device)
-    part2 = _common.empty(splits2, *w2.shape, device=x.device, dtype=torch.float32)
-    _fused_dw2_kernel[(tiles2, splits2)](
-        x, g, w1, part2,
-        T, x.shape[1], g.shape[1], sh.k, sh.p, sh.l, sh.s, c, triton.cdiv(T, splits2),
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1), *w1.stride(), *part2.stride(),
-        triton.next_power_of_2(T), BLOCK_S=block_s, BLOCK_P=block_p, **common,
+    dw1 = bd_weight_grad(x, _dy(g, w2, sh), sh.k, sh.q, sh.p)
+    return dw1, _dw2(_z(x, w1, sh), g, sh)
+
+
+@triton.jit
+def _dxw_kernel(
+    DY, X, W1, DX, DW1,
+    T, N_IN, Q, P, ROWS_PER_SPLIT,
+    syt, syf, sxt, sxf, s1k, s1q, s1p, sdt, sdf, sws, swk, swq, swp,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # program: block kk, p-tile of width BLOCK_N, one token split. Per token tile it reads dy_kk (all q) and
+    # x_kk once and uses them twice: dx_kk = dy_kk @ W1[kk] (stored) and dw1[kk] += dy_kkᵀ x_kk (accumulated)
+    tiles_p = tl.cdiv(P, BLOCK_N)
+    kk = tl.program_id(0) // tiles_p
+    rp = (tl.program_id(0) % tiles_p) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    rq = tl.arange(0, BLOCK_K)
+    col = kk * P + rp
+    x_ok = (rp < P) & (col < N_IN)
+    w = _load(W1 + kk * s1k + rq[:, None] * s1q + rp[None, :] * s1p, (rq < Q)[:, None] & (rp < P)[None, :], UPCAST)
+    t_start = split.to(tl.int64) * ROWS_PER_SPLIT
+    rt0 = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    for t0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
+        rt = t_start + t0 + rt0
+        t_ok = rt < T  # splits are whole token steps: only the last is ragged
+        dy = _load(DY + rt[:, None] * syt + (kk * Q + rq)[None, :] * syf, t_ok[:, None] & (rq < Q)[None, :], UPCAST)
+        xt = _load(X + rt[:, None] * sxt + col[None, :] * sxf, t_ok[:, None] & x_ok[None, :], UPCAST)
+        dx = tl.dot(dy, w, input_precision=PRECISION)
+        tl.store(DX + rt[:, None] * sdt + col[None, :] * sdf, dx.to(DX.dtype.element_ty), mask=t_ok[:, None] & x_ok[None, :])
+        acc = tl.dot(tl.trans(dy), xt, acc, input_precision=PRECISION)
+    tl.store(DW1 + split * sws + kk * swk + rq[:, None] * swq + rp[None, :] * swp, acc,
+             mask=(rq < Q)[:, None] & (rp < P)[None, :])
+
+
+def backward(x, g, w1, w2, n_in=None, *, path="auto"):
+    """``(dx, dw1, dw2)`` in one call: ``dy`` computed once and shared by ``dx`` and ``dw1`` (one kernel for
+    both), the intermediate recomputed once for ``dw2``."""
+    sh = MonarchShape.from_factors(w1.shape, w2.shape)
+    n_in = sh.n_in if n_in is None else n_in
+    choose_path(sh, path)
+    T = x.shape[0]
+    dx = _common.empty(T, n_in, device=x.device, dtype=x.dtype)
+    if T == 0:
+        return dx, torch.zeros_like(w1), torch.zeros_like(w2)
+    dy = _dy(g, w2, sh)
+    lp = _plan.dxw_launch(T, sh.k, sh.q, sh.p, _common.device_info(x.device).num_sms)
+    part1 = _common.empty(lp.splits, *w1.shape, device=x.device, dtype=torch.float32)
+    _dxw_kernel[(lp.tiles, lp.splits)](
+        dy, x, w1, dx, part1,
+        T, n_in, sh.q, sh.p, lp.rows_per_split,
+        dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), *w1.stride(), dx.stride(0), dx.stride(1), *part1.stride(),
+        UPCAST=interpreting(), PRECISION=precision(x.dtype),
+        **_common.launch_meta(lp.tile, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
     )
-    tiles1 = sh.l * sh.k * triton.cdiv(sh.p, block_p)
-    splits1 = split_count(T, tiles1, x.device)
-    part1 = _common.empty(splits1, *w1.shape, device=x.device, dtype=torch.float32)
-    _fused_dw1_kernel[(tiles1, splits1)](
-        x, g, w2, part1,
-        T, x.shape[1], g.shape[1], sh.k, sh.p, sh.l, sh.s, c, triton.cdiv(T, splits1),
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1), *w2.stride(), *part1.stride(),
-        triton.next_power_of_2(T), BLOCK_S=block_s, BLOCK_P=block_p, **common,
-    )
-    return part1.sum(0).to(w1.dtype), part2.sum(0).to(w2.dtype)
+    return dx, part1.sum(0).to(w1.dtype), _dw2(_z(x, w1, sh), g, sh)

@@ -1,16 +1,48 @@
-"""The prepared GPU check runs end to end on tiny shapes (Triton through the interpreter set by conftest), so a
-GPU task spends its device time on measurements, not on fixing the script."""
+"""The prepared GPU check without a GPU: a dry run counts the Triton kernels the device run would compile (the
+device call must fit: at most MAX_COMPILES), and a smoke run on tiny shapes (Triton through the interpreter set
+by conftest) writes its JSONL row by row, so a GPU task spends its device time on measurements, not on fixing
+the script."""
 import json
+import os
+import re
+import subprocess
+import sys
 
-from bench.gpu_check import main
+from bench import gpu_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_gpu_check_smoke(tmp_path, capsys):
-    assert main(["--smoke", "--out", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    assert "Triton forward: fused (D2) vs two-kernel (D0)" in out
-    data = json.loads((tmp_path / "gpu_check.json").read_text())
-    checks = data["checks"]
-    assert checks and all(c["ok"] for c in checks)
-    assert {c["impl"] for c in checks} >= {"triton/fused", "triton/two_kernel", "cpu"}
-    assert {r["impl"] for r in data["timing"]} >= {"dense", "torch", "triton", "cpu"}
+def test_dry_run_compiles_at_most_the_limit():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # count real compiles, not interpret
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry-run"], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600)
+    m = re.search(r"dry run: (\d+) distinct Triton kernels", res.stdout)
+    assert m, res.stdout[-2000:] + res.stderr[-2000:]
+    assert 10 <= int(m.group(1)) <= gpu_check.MAX_COMPILES, m.group(0)
+    assert res.returncode == 0
+
+
+def test_smoke_run_writes_every_row_as_measured(tmp_path, monkeypatch):
+    seen_on_disk = []
+
+    def probe(ctx):
+        # runs after every built-in provider: their rows must already be in the JSONL
+        def case():
+            seen_on_disk.append(sum(1 for _ in open(ctx.jsonl)))
+            return {"rows_before": seen_on_disk[-1]}
+        yield "probe", case
+
+    monkeypatch.setattr(gpu_check, "PROVIDERS", [*gpu_check.PROVIDERS, ("probe", probe, False)])
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--skip", "mlp"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    assert seen_on_disk == [len(lines) - 1]  # everything before the probe row was on disk already
+    cases = {r["case"] for r in lines}
+    assert {"env", "correctness", "timing", "paths", "copy bandwidth", "dense GEMM rate"} <= cases
+    checks = [r for r in lines if r["case"] == "correctness"]
+    assert checks and all(r["ok"] for r in checks), checks
+    timing = [r for r in lines if r["case"] == "timing"]
+    assert {r["impl"] for r in timing} >= {"dense", "torch", "triton"}
+    assert all("predicted_us" in r for r in timing if r["impl"] == "triton")
+    assert not [r for r in lines if "error" in r]

@@ -1,0 +1,150 @@
+"""Triton part of the audit: run the backend's host functions on ``meta`` tensors with compile-only
+launches (:mod:`.offline`) over the shapes, dtypes, ops and paths the dispatcher can take, and describe every
+distinct compiled kernel (:class:`~.rows.KernelRow`).
+
+The host functions choose tiles, groups and paths exactly as on a GPU (the device description they size
+themselves for is the H100's, see :func:`h100_host`), so the audit follows the kernels as they change.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from . import ptx as ptx_mod
+from . import sass
+from .offline import Launch, compile_only
+from .rows import KernelRow
+
+#: (T, n_in, n_out, nblocks): the benchmark shapes (bench/ops.py GPU_SHAPES), a ragged one, a decode one
+SHAPES = [(16384, 1024, 1024, 32), (16384, 2048, 2048, 32), (16384, 4096, 4096, 64), (16384, 768, 3072, 4),
+          (16384, 3072, 768, 4), (65536, 4096, 4096, 64), (333, 1000, 3000, 4), (16, 4096, 4096, 64)]
+QUICK_SHAPES = [(16384, 1024, 1024, 32), (16384, 4096, 4096, 64), (16384, 768, 3072, 4)]
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class Case:
+    label: str
+    run: Callable[[], None]
+
+
+@contextlib.contextmanager
+def h100_host():
+    """Host-side sizing as on an H100 SXM (132 SMs, 50 MB L2) although no GPU is present."""
+    from monarch_kernels.triton import _common
+
+    saved = _common.device_info
+    _common.device_info = lambda device: _common.DeviceInfo(num_sms=132, l2_bytes=50 * 2**20)
+    try:
+        yield
+    finally:
+        _common.device_info = saved
+
+
+def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
+    import torch
+
+    import monarch_kernels as mk
+    from monarch_kernels import triton as backend
+    from monarch_kernels.triton import monarch as tmon
+
+    cases = []
+    for T, n_in, n_out, nb in shapes:
+        sh = mk.monarch_factor_shapes(n_in, n_out, nb)
+        for dname in dtypes:
+            dtype = getattr(torch, dname)
+            meta = lambda *s: torch.empty(*s, dtype=dtype, device="meta")
+            x, g, b = meta(T, n_in), meta(T, n_out), meta(n_out)
+            w1, w2 = meta(*sh.w1_shape), meta(*sh.w2_shape)
+            tag = f"T={T} {n_in}->{n_out} nb={nb} {dname}"
+            paths = ["auto"] + [p for p in tmon.PATHS if p != "auto" and tmon.path_applies(sh, p)]
+            for path in paths:
+                cases.append(Case(f"monarch fwd bias+gelu path={path} {tag}",
+                                  lambda x=x, w1=w1, w2=w2, b=b, n=n_out, p=path: tmon.forward(x, w1, w2, b, n, "gelu", path=p)))
+                cases.append(Case(f"monarch fwd path={path} {tag}",
+                                  lambda x=x, w1=w1, w2=w2, n=n_out, p=path: tmon.forward(x, w1, w2, None, n, path=p)))
+                cases.append(Case(f"monarch bwd path={path} {tag}",
+                                  lambda x=x, g=g, w1=w1, w2=w2, n=n_in, p=path: tmon.backward(x, g, w1, w2, n, path=p)))
+                cases.append(Case(f"monarch bwd_input path={path} {tag}",
+                                  lambda g=g, w1=w1, w2=w2, n=n_in, p=path: tmon.backward_input(g, w1, w2, n, path=p)))
+                cases.append(Case(f"monarch bwd_weight path={path} {tag}",
+                                  lambda x=x, g=g, w1=w1, w2=w2, p=path: tmon.backward_weight(x, g, w1, w2, path=p)))
+            k, q, p = sh.w1_shape
+            cases.append(Case(f"blockdiag fwd+wgrad {tag}",
+                              lambda x=x, w=w1, T=T, k=k, q=q, p=p: (backend.blockdiag_fwd(x, w, None, k * q, "relu"),
+                                                                     backend.blockdiag_wgrad(x, meta(T, k * q), k, q, p))))
+    return cases
+
+
+def ci_cases() -> list[Case]:
+    """The CI subset: one launch of every kernel family in its default bf16 configuration (4096 wide with 64
+    blocks: two-kernel forward with bias + GELU, the fused backward; 1024 with 32 blocks: the fused square
+    forward), a handful of compiles."""
+    import torch
+
+    import monarch_kernels as mk
+    from monarch_kernels.triton import monarch as tmon
+
+    meta = lambda *s: torch.empty(*s, dtype=torch.bfloat16, device="meta")
+    sh = mk.monarch_factor_shapes(4096, 4096, 64)
+    sq = mk.monarch_factor_shapes(1024, 1024, 32)
+    x, g, b = meta(16384, 4096), meta(16384, 4096), meta(4096)
+    return [
+        Case("monarch fwd bias+gelu T=16384 4096 nb=64 bfloat16",
+             lambda: tmon.forward(x, meta(*sh.w1_shape), meta(*sh.w2_shape), b, 4096, "gelu")),
+        Case("monarch bwd T=16384 4096 nb=64 bfloat16",
+             lambda: tmon.backward(x, g, meta(*sh.w1_shape), meta(*sh.w2_shape), 4096)),
+        Case("monarch fwd path=fused T=16384 1024 nb=32 bfloat16",
+             lambda: tmon.forward(meta(16384, 1024), meta(*sq.w1_shape), meta(*sq.w2_shape), None, 1024)),
+    ]
+
+
+def _row_from_launch(launch: Launch) -> KernelRow:
+    k = launch.kernel
+    md = k.metadata
+    sig = k.src.signature
+    names = [n for n, t in sig.items() if t != "constexpr"]
+    first_ptr = next((t for t in sig.values() if isinstance(t, str) and t.startswith("*")), "?")
+    skip = {"UPCAST", "PRECISION"}
+    tiles = {n: v for n, v in launch.constexprs.items() if n.isupper() and n not in skip and isinstance(v, (int, bool))}
+    config = " ".join(f"{n}={int(v)}" for n, v in tiles.items()) + f" w{md.num_warps} s{md.num_stages}"
+    row = KernelRow(backend="triton", kernel=launch.fn_name, config=config, dtype=first_ptr.lstrip("*"))
+    summary = ptx_mod.analyse(k.asm["ptx"])
+    for p_idx, kinds in summary.widths().items():
+        name = names[p_idx] if p_idx < len(names) else f"param{p_idx}"
+        for kind, (lo, hi) in kinds.items():
+            text = "tma" if hi == 0 else (str(hi) if lo == hi else f"{lo}-{hi}")
+            (row.loads if kind == "load" else row.stores)[name] = text
+    usage = sass.resource_usage(k.asm["cubin"])
+    fn = usage.get(md.name) or next(iter(usage.values()), {})
+    row.registers = fn.get("REG", -1)
+    row.spill_bytes = max(fn.get("STACK", 0), fn.get("LOCAL", 0))  # stack frame: spills and local arrays
+    row.shared_bytes = max(md.shared, fn.get("SHARED", 0))
+    counts = sass.sass_summary(k.asm["cubin"])["counts"]
+    row.tensor_core = "wgmma" if counts.get("hgmma") else "mma" if counts.get("hmma") else "none"
+    if counts.get("stl") and row.spill_bytes <= 0:
+        row.spill_bytes = 1
+    return row
+
+
+def audit(cases: list[Case], capability: int = 90, progress: Callable[[str], None] = lambda s: None) -> list[KernelRow]:
+    """Compile every kernel the cases launch; one row per distinct compiled kernel, in first-seen order."""
+    rows: dict[str, KernelRow] = {}
+    for case in cases:
+        with h100_host(), compile_only(capability) as launches:
+            try:
+                case.run()
+                error = ""
+            except Exception as exc:  # a kernel that fails to compile is a finding, not a crash
+                error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        for launch in launches:
+            key = launch.kernel.hash
+            if key not in rows:
+                rows[key] = _row_from_launch(launch)
+                progress(f"{rows[key].kernel} {rows[key].config} {rows[key].dtype}")
+            rows[key].cases.append(case.label)
+        if error:
+            rows[f"error:{case.label}"] = KernelRow("triton", "?", case.label, "", error=error, cases=[case.label])
+            progress(f"FAILED {case.label}: {error}")
+    return list(rows.values())

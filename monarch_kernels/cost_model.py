@@ -1,0 +1,436 @@
+"""Roofline cost model of the GPU paths: FLOPs executed vs useful, HBM and L2 bytes, launches, predicted time.
+
+Pure arithmetic (no ``triton`` import), so GPU ``auto`` dispatch (:mod:`monarch_kernels.gpu_dispatch`) and the
+kernel audit (``python -m bench.kernel_audit --model``) share it. Every launch is priced as
+
+    t = max(HBM bytes / (copy bandwidth · mem_eff), L2 bytes / L2 bandwidth, FLOPs executed / FLOP rate) + gap
+
+and a call is the sum of its launches. Bytes are counted at 32-byte-sector granularity: a run of ``w``
+contiguous bytes costs ``ceil(w / 32)`` sectors, so a scattered 2-byte access costs a whole sector. HBM bytes are
+first touches (each tensor read or written once per launch, intermediates included unless the plan keeps them
+in L2); L2 bytes are everything the programs load and store, re-reads included.
+
+Estimators are registered per ``(backend, path)`` (:func:`register_estimator`); ``estimate(backend, path, op,
+problem, dtype)`` returns a :class:`Cost`, :func:`dense` prices cuBLAS ``F.linear`` at the same shape the same way.
+Ops: ``fwd``, ``bwd`` (dx, dw1, dw2), ``fwdbwd``, ``bwd_input``, ``bwd_weight``.
+
+Device constants (:data:`H100_SXM`), with their sources:
+
+* ``hbm_bw = 3.0 TB/s``: device-to-device copy bandwidth measured on an H100 SXM (SPEC §5; 3.35 TB/s nominal).
+* ``dense_flops`` bf16/fp16 ``790 TFLOP/s``: cuBLAS at large shapes, measured (SPEC §5; 989 dense peak). fp32:
+  PyTorch keeps fp32 matmuls in full precision by default (``allow_tf32`` off), i.e. FFMA: 67 TFLOP/s peak,
+  ``51`` assumed reachable (76%, as cuBLAS SGEMM typically reaches).
+* ``l2_bw = 7.5 TB/s`` (assumed, the least certain constant): NVIDIA publishes no H100 L2 bandwidth; the A100
+  whitepaper gives 5120 B/clk (7.2 TB/s at 1.41 GHz) and H100 has more L2 at a higher clock. 2.5x the copy
+  bandwidth is taken as a conservative value; ``bench/gpu_check.py`` measures it.
+* Triton kernel rates: ``wgmma`` kernels 600 TFLOP/s (61% of peak: Triton's own matmul tutorial reaches
+  60-70% on Hopper with large tiles, our K per block is short), ``mma.sync`` kernels 300 (Hopper issues the
+  warp-level MMA at about half the wgmma rate), fp32 ``ieee`` dots 40 (FFMA, 60% of 67).
+* ``mem_eff = 0.9``: share of the copy bandwidth a streaming kernel with 16-byte vector accesses and
+  software pipelining (``num_stages ≥ 2``) reaches; the sector rule already charges narrow accesses.
+* ``launch_s = 2 µs``: gap per dependent launch (drain of one grid, ramp of the next; the host-side launch
+  cost of ~5 µs per Triton call overlaps with the previous kernel when kernels run longer than that).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .shapes import MonarchShape, monarch_factor_shapes
+from .triton import plan as _plan
+
+SECTOR = 32
+ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+OPS = ("fwd", "bwd", "fwdbwd", "bwd_input", "bwd_weight")
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    hbm_bw: float
+    l2_bw: float
+    l2_bytes: int
+    num_sms: int
+    dense_flops: dict
+    triton_flops: dict
+    mem_eff: float
+    launch_s: float
+
+
+H100_SXM = Device(
+    name="H100 SXM",
+    hbm_bw=3.0e12,
+    l2_bw=7.5e12,
+    l2_bytes=50 * 2**20,
+    num_sms=132,
+    dense_flops={"bfloat16": 790e12, "float16": 790e12, "float32": 51e12},
+    triton_flops={"wgmma": 600e12, "mma": 300e12, "fma": 40e12},
+    mem_eff=0.9,
+    launch_s=2e-6,
+)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One launch: its work and traffic, and the rates it runs at."""
+
+    name: str
+    flops: float
+    useful_flops: float
+    hbm_bytes: float
+    l2_bytes: float
+    flop_rate: float
+    mem_eff: float = 1.0
+
+    def time(self, dev: Device) -> float:
+        return max(self.hbm_bytes / (dev.hbm_bw * self.mem_eff), self.l2_bytes / dev.l2_bw,
+                   self.flops / self.flop_rate) + dev.launch_s
+
+    def bound(self, dev: Device) -> str:
+        terms = {"HBM": self.hbm_bytes / (dev.hbm_bw * self.mem_eff), "L2": self.l2_bytes / dev.l2_bw,
+                 "FLOP": self.flops / self.flop_rate}
+        return max(terms, key=terms.get)
+
+
+@dataclass
+class Cost:
+    """A call: the sequence of launches it makes."""
+
+    kernels: list = field(default_factory=list)
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(self.kernels + other.kernels)
+
+    @property
+    def flops(self) -> float:
+        return sum(k.flops for k in self.kernels)
+
+    @property
+    def useful_flops(self) -> float:
+        return sum(k.useful_flops for k in self.kernels)
+
+    @property
+    def hbm_bytes(self) -> float:
+        return sum(k.hbm_bytes for k in self.kernels)
+
+    @property
+    def l2_bytes(self) -> float:
+        return sum(k.l2_bytes for k in self.kernels)
+
+    @property
+    def launches(self) -> int:
+        return len(self.kernels)
+
+    def time(self, dev: Device = H100_SXM) -> float:
+        return sum(k.time(dev) for k in self.kernels)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A Monarch layer call: ``tokens`` rows, ``n_in -> n_out`` features, factors ``w1 (k, q, p)``, ``w2 (l, s, r)``."""
+
+    tokens: int
+    n_in: int
+    n_out: int
+    shape: MonarchShape
+
+    @classmethod
+    def linear(cls, tokens: int, n_in: int, n_out: int, nblocks: int) -> "Problem":
+        """The factors ``MonarchLinear(n_in, n_out, nblocks)`` uses."""
+        return cls(tokens, n_in, n_out, monarch_factor_shapes(n_in, n_out, nblocks))
+
+    @property
+    def label(self) -> str:
+        return f"T={self.tokens} {self.n_in}->{self.n_out} w1{self.shape.w1_shape} w2{self.shape.w2_shape}"
+
+    def useful_fwd_flops(self) -> float:
+        sh = self.shape
+        return 2.0 * self.tokens * (sh.k * sh.q * sh.p + sh.l * sh.s * sh.r)
+
+
+def sectors(run_bytes: float, runs: float) -> float:
+    """Bytes moved by ``runs`` accesses of ``run_bytes`` contiguous bytes each, at sector granularity."""
+    return runs * math.ceil(run_bytes / SECTOR) * SECTOR
+
+
+def rows_bytes(rows: int, width: int, item: int) -> float:
+    """A ``rows × width`` row-major tensor read or written once (each row's run padded to whole sectors)."""
+    return sectors(width * item, rows)
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+Estimator = Callable[[str, Problem, str, Device], Cost]
+_ESTIMATORS: dict[tuple[str, str], Estimator] = {}
+
+
+def register_estimator(backend: str, path: str, fn: Estimator) -> None:
+    """Add (or replace) the cost estimator of ``backend``'s ``path`` (e.g. ``("cuda", "decode")``)."""
+    _ESTIMATORS[(backend, path)] = fn
+
+
+def estimators() -> list[tuple[str, str]]:
+    return sorted(_ESTIMATORS)
+
+
+def estimate(backend: str, path: str, op: str, problem: Problem, dtype: str = "bfloat16",
+             dev: Device = H100_SXM) -> Cost:
+    if op not in OPS:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    if (backend, path) not in _ESTIMATORS:
+        raise ValueError(f"no cost estimator for backend {backend!r} path {path!r}; known: {estimators()}")
+    return _ESTIMATORS[(backend, path)](op, problem, dtype, dev)
+
+
+# --------------------------------------------------------------------------------------------- dense cuBLAS
+
+
+def _gemm(name: str, m: int, n: int, k: int, dtype: str, dev: Device, a_bytes=None, b_bytes=None) -> Kernel:
+    item = ITEMSIZE[dtype]
+    flops = 2.0 * m * n * k
+    hbm = (rows_bytes(m, k, item) if a_bytes is None else a_bytes) + (rows_bytes(n, k, item) if b_bytes is None
+                                                                      else b_bytes) + rows_bytes(m, n, item)
+    return Kernel(name, flops, flops, hbm, hbm, dev.dense_flops[dtype])
+
+
+def dense(op: str, problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> Cost:
+    """``F.linear`` at the same shape: one GEMM forward; dX and dW GEMMs backward (cuBLAS, measured rate)."""
+    T, n_in, n_out = problem.tokens, problem.n_in, problem.n_out
+    fwd = Cost([_gemm("dense fwd", T, n_out, n_in, dtype, dev)])
+    dx = Cost([_gemm("dense dX", T, n_in, n_out, dtype, dev)])
+    dw = Cost([_gemm("dense dW", n_out, n_in, T, dtype, dev)])
+    return {"fwd": fwd, "bwd": dx + dw, "fwdbwd": fwd + dx + dw, "bwd_input": dx, "bwd_weight": dw}[op]
+
+
+# --------------------------------------------------------------------------------------------- torch reference
+
+
+def _elementwise(name: str, reads: list, writes: list, dev: Device) -> Kernel:
+    hbm = sum(reads) + sum(writes)
+    return Kernel(name, 0.0, 0.0, hbm, hbm, 1e30, 0.9)
+
+
+def _bmm(name: str, batch: int, m: int, n: int, k: int, dtype: str, dev: Device, useful: Optional[float] = None) -> Kernel:
+    """cuBLAS batched GEMM over ``batch`` blocks: operands once each (strided views, no copies)."""
+    item = ITEMSIZE[dtype]
+    flops = 2.0 * batch * m * n * k
+    hbm = batch * (rows_bytes(m, k, item) + rows_bytes(n, k, item) + rows_bytes(m, n, item))
+    return Kernel(name, flops, flops if useful is None else useful, hbm, hbm, dev.dense_flops[dtype], 0.9)
+
+
+def torch_reference(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
+    """:mod:`monarch_kernels.reference`: two ``bmm`` per product plus the permutation copies it materialises
+    (fly's formulation). Strided ``bmm`` operands are read at sector granularity of their block rows."""
+    sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
+    n_mid = sh.n_mid
+    copy = lambda name, width: _elementwise(name, [rows_bytes(T, width, item)], [rows_bytes(T, width, item)], dev)
+    fwd = Cost([_bmm("ref bmm1", sh.k, T, sh.q, sh.p, dtype, dev), copy("ref P1 copy", n_mid),
+                _bmm("ref bmm2", sh.l, T, sh.s, sh.r, dtype, dev), copy("ref P2 copy", sh.n_out)])
+    stage1 = Cost([_bmm("ref bmm1 (z)", sh.k, T, sh.q, sh.p, dtype, dev), copy("ref P1 copy", n_mid)])
+    go = Cost([copy("ref P2T copy", sh.n_out)])
+    dw2 = Cost([_bmm("ref dW2 bmm", sh.l, sh.s, sh.r, T, dtype, dev)])
+    dz = Cost([_bmm("ref dZ bmm", sh.l, T, sh.r, sh.s, dtype, dev)])
+    dw1 = Cost([_bmm("ref dW1 bmm", sh.k, sh.q, sh.p, T, dtype, dev)])
+    dx = Cost([_bmm("ref dX bmm", sh.k, T, sh.p, sh.q, dtype, dev), copy("ref dX copy", sh.n_in)])
+    bwd = go + stage1 + dw2 + dz + dw1 + dx
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd, "bwd_input": go + dz + dx,
+            "bwd_weight": go + stage1 + dw2 + dz + dw1}[op]
+
+
+register_estimator("torch", "reference", torch_reference)
+
+
+# --------------------------------------------------------------------------------------------- Triton
+
+
+def _tc_rate(dev: Device, tile: _plan.Tile, dtype: str) -> float:
+    """The tensor-core path Triton takes on sm_90 (kernel audit: ``wgmma`` when a warpgroup owns ≥ 64 rows)."""
+    if dtype == "float32":
+        return dev.triton_flops["fma"]
+    return dev.triton_flops["wgmma" if tile.block_m >= 64 and tile.num_warps % 4 == 0 else "mma"]
+
+
+def _run_bytes(lay: _plan.Layout, item: int, row_bytes: int, full: bool = False) -> int:
+    """Contiguous bytes per access run of an operand stored with layout ``lay`` (whole rows when natural or
+    when the group is every block)."""
+    if lay.mode == _plan.NATURAL or full:
+        return row_bytes
+    if lay.mode == _plan.SCATTERED:
+        return item
+    return lay.group * lay.c * item
+
+
+def _tensor_bytes(rows: int, row_bytes: int, run: int, hbm: bool) -> float:
+    """Bytes to move a ``rows × row_bytes`` tensor in runs of ``run`` bytes. L2 traffic counts a 32-byte sector
+    per run; HBM counts each sector once when runs are ≥ 16 bytes (the programs sharing a sector run side by
+    side: groups vary fastest in the grid) and a sector per run below that (scattered accesses: no reuse
+    assumed)."""
+    if hbm and run >= 16:
+        return sectors(row_bytes, rows)
+    return sectors(run, rows * row_bytes / run)
+
+
+def bd_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Device, *, in_perm=None,
+            out_perm=None, n_in: Optional[int] = None, n_out: Optional[int] = None, x_hbm: bool = True,
+            y_hbm: bool = True) -> Kernel:
+    """One :func:`.blockdiag.bd_forward` launch (grouped block-diagonal kernel), from its launch plan.
+
+    ``x_hbm``/``y_hbm``: whether the input is read from / the output written to HBM (False when the plan keeps
+    it in L2). Weights are read from HBM once and from L2 by every row tile.
+    """
+    item = ITEMSIZE[dtype]
+    lp = _plan.bd_launch(tokens, k, q, p, item, in_perm, out_perm)
+    t = lp.tile
+    n_in = k * p if n_in is None else n_in
+    n_out = k * q if n_out is None else n_out
+    tiles_n, tiles_m = _plan.cdiv(q, t.block_n), lp.grid[1]
+    programs = lp.grid[0] * lp.grid[1]
+    k_pad = _plan.cdiv(p, t.block_k) * t.block_k
+    flops = 2.0 * programs * t.group * t.block_m * t.block_n * k_pad
+    in_run = _run_bytes(lp.inp, item, n_in * item, lp.in_full)
+    out_run = _run_bytes(lp.out, item, n_out * item, lp.out_full)
+    w_bytes = k * q * p * item
+    hbm = w_bytes
+    hbm += _tensor_bytes(tokens, n_in * item, in_run, True) if x_hbm else 0.0
+    hbm += _tensor_bytes(tokens, n_out * item, out_run, True) if y_hbm else 0.0
+    # L2: every program loads its rows of its blocks' inputs (once per N tile) and its weight tile
+    l2 = (_tensor_bytes(tokens, n_in * item, in_run, False) * tiles_n + tiles_m * w_bytes
+          + _tensor_bytes(tokens, n_out * item, out_run, False))
+    return Kernel(name, flops, 2.0 * tokens * k * q * p, hbm, l2, _tc_rate(dev, t, dtype), dev.mem_eff)
+
+
+def wgrad_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Device, *, g_perm=None,
+               n_x: Optional[int] = None, n_g: Optional[int] = None) -> Cost:
+    """:func:`.blockdiag.bd_weight_grad`: the split-T kernel plus the host's fp32 partial sum and cast."""
+    item = ITEMSIZE[dtype]
+    lp = _plan.wgrad_launch(tokens, k, q, p, item, g_perm, dev.num_sms)
+    t = lp.tile
+    n_x = k * p if n_x is None else n_x
+    n_g = k * q if n_g is None else n_g
+    t_pad = lp.splits * _plan.cdiv(lp.rows_per_split, t.block_k) * t.block_k
+    flops = 2.0 * lp.tiles * t.group * t.block_m * t.block_n * t_pad
+    g_run = _run_bytes(lp.g, item, n_g * item)
+    g_hbm, g_l2 = _tensor_bytes(tokens, n_g * item, g_run, True), _tensor_bytes(tokens, n_g * item, g_run, False)
+    x_once = rows_bytes(tokens, n_x, item)
+    partial = lp.splits * k * q * p * 4
+    tiles_q, tiles_p = _plan.cdiv(q, t.block_m), _plan.cdiv(p, t.block_n)
+    l2 = g_l2 * tiles_p + x_once * tiles_q + partial
+    kern = Kernel(name, flops, 2.0 * tokens * k * q * p, g_hbm + x_once + partial, l2, _tc_rate(dev, t, dtype),
+                  dev.mem_eff)
+    reduce = _elementwise(name + " partial sum", [partial], [k * q * p * (4 + item)], dev)
+    return Cost([kern, reduce])
+
+
+def _two_kernel_forward(problem: Problem, dtype: str, dev: Device) -> Cost:
+    sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
+    chunk = _plan.chunk_tokens(T, sh.n_mid, item, dev.l2_bytes, 128)
+    resident = chunk * sh.n_mid * item <= _plan.L2_SHARE * dev.l2_bytes
+    cost = Cost()
+    for t0 in range(0, T, chunk):
+        tc = min(chunk, T - t0)
+        cost.kernels.append(bd_cost("stage 1 (P1 grouped store)", tc, sh.k, sh.q, sh.p, dtype, dev,
+                                    out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=not resident))
+        cost.kernels.append(bd_cost("stage 2 (P2 grouped store, epilogue)", tc, sh.l, sh.s, sh.r, dtype, dev,
+                                    out_perm=(sh.s, sh.l), n_out=problem.n_out, x_hbm=not resident))
+    if resident:  # the last chunk's intermediate is written back from L2 eventually
+        last = cost.kernels[-2]
+        cost.kernels[-2] = Kernel(last.name, last.flops, last.useful_flops,
+                                  last.hbm_bytes + rows_bytes(min(chunk, T), sh.n_mid, item), last.l2_bytes,
+                                  last.flop_rate, last.mem_eff)
+    return cost
+
+
+def _fused_forward(problem: Problem, dtype: str, dev: Device) -> Cost:
+    sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
+    t = _plan.fused_tile(T, sh.k, sh.l)
+    groups = sh.l // t.group
+    programs = _plan.cdiv(T, t.block_m) * groups
+    bp, bs = _plan.pow2(sh.p), _plan.pow2(sh.s)
+    flops = 2.0 * programs * t.block_m * (sh.k * bp * t.group + t.group * sh.k * bs)
+    x_once = rows_bytes(T, problem.n_in, item)
+    out_run = t.group * item if groups > 1 else problem.n_out * item
+    out_row = problem.n_out * item
+    w_bytes = (sh.k * sh.q * sh.p + sh.l * sh.s * sh.r) * item
+    hbm = x_once + _tensor_bytes(T, out_row, out_run, True) + w_bytes
+    l2 = x_once * groups + _plan.cdiv(T, t.block_m) * w_bytes + _tensor_bytes(T, out_row, out_run, False)
+    rate = dev.triton_flops["fma" if dtype == "float32" else "mma"]  # 4 warps, ≤ 64 rows: mma.sync (audit)
+    return Cost([Kernel("fused square forward", flops, problem.useful_fwd_flops(), hbm, l2, rate, dev.mem_eff)])
+
+
+def _backward(problem: Problem, dtype: str, dev: Device) -> Cost:
+    """:func:`.monarch.backward`: dy (grouped gather + store), dx & dw1 (one kernel), z recomputed, dw2."""
+    sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
+    dy = bd_cost("dy = P1T BD(w2)T P2T g", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l),
+                 out_perm=(sh.r, sh.l), n_in=problem.n_out)
+    lp = _plan.dxw_launch(T, sh.k, sh.q, sh.p, dev.num_sms)
+    t = lp.tile
+    t_pad = lp.splits * _plan.cdiv(lp.rows_per_split, t.block_m) * t.block_m
+    dxw_flops = 2.0 * 2 * lp.tiles * t.block_k * t.block_n * t_pad
+    dy_once, x_once = rows_bytes(T, sh.n_mid, item), rows_bytes(T, problem.n_in, item)
+    partial = lp.splits * sh.k * sh.q * sh.p * 4
+    tiles_p = _plan.cdiv(sh.p, t.block_n)
+    dxw = Kernel("dx & dw1 (shared dy)", dxw_flops, 2 * 2.0 * T * sh.k * sh.q * sh.p,
+                 dy_once + 2 * x_once + partial, dy_once * tiles_p + 2 * x_once + partial, _tc_rate(dev, t, dtype),
+                 dev.mem_eff)
+    red = _elementwise("dw1 partial sum", [partial], [sh.k * sh.q * sh.p * (4 + item)], dev)
+    z = bd_cost("z = P1 BD(w1) x (recomputed)", T, sh.k, sh.q, sh.p, dtype, dev, out_perm=(sh.l, sh.r),
+                n_in=problem.n_in)
+    dw2 = wgrad_cost("dw2 = (P2T g)T z", T, sh.l, sh.s, sh.r, dtype, dev, g_perm=(sh.s, sh.l), n_g=problem.n_out)
+    return Cost([dy, dxw, red, z]) + dw2
+
+
+def _bwd_input(problem: Problem, dtype: str, dev: Device) -> Cost:
+    sh, T = problem.shape, problem.tokens
+    dy = bd_cost("dy", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l),
+                 n_in=problem.n_out)
+    dx = bd_cost("dx = BD(w1)T dy", T, sh.k, sh.p, sh.q, dtype, dev, n_out=problem.n_in)
+    return Cost([dy, dx])
+
+
+def _bwd_weight(problem: Problem, dtype: str, dev: Device) -> Cost:
+    sh, T = problem.shape, problem.tokens
+    dy = bd_cost("dy", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l),
+                 n_in=problem.n_out)
+    z = bd_cost("z (recomputed)", T, sh.k, sh.q, sh.p, dtype, dev, out_perm=(sh.l, sh.r), n_in=problem.n_in)
+    return (Cost([dy]) + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in) + Cost([z])
+            + wgrad_cost("dw2", T, sh.l, sh.s, sh.r, dtype, dev, g_perm=(sh.s, sh.l), n_g=problem.n_out))
+
+
+def _triton(forward: Callable[[Problem, str, Device], Cost]) -> Estimator:
+    def est(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
+        if op == "fwd":
+            return forward(problem, dtype, dev)
+        if op == "bwd":
+            return _backward(problem, dtype, dev)
+        if op == "fwdbwd":
+            return forward(problem, dtype, dev) + _backward(problem, dtype, dev)
+        if op == "bwd_input":
+            return _bwd_input(problem, dtype, dev)
+        return _bwd_weight(problem, dtype, dev)
+
+    return est
+
+
+register_estimator("triton", "two_kernel", _triton(_two_kernel_forward))
+register_estimator("triton", "fused", _triton(_fused_forward))
+
+
+def blockdiag_seconds(backend: str, tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",
+                      dev: Device = H100_SXM) -> float:
+    """Predicted time of a block-diagonal forward ``(T, k·p) -> (T, k·q)``: the Triton grouped kernel (one
+    launch) or the torch reference (one ``bmm`` and the copy that makes its output row-major); ``inf`` for a
+    backend without a model."""
+    if backend == "triton":
+        return bd_cost("blockdiag", tokens, k, q, p, dtype, dev).time(dev)
+    if backend == "torch":
+        out = rows_bytes(tokens, k * q, ITEMSIZE[dtype])
+        return Cost([_bmm("ref bmm", k, tokens, q, p, dtype, dev),
+                     _elementwise("ref output copy", [out], [out], dev)]).time(dev)
+    return math.inf
+
+
+def triton_path(problem: Problem) -> str:
+    """The path ``auto`` takes for these factors (:func:`.triton.plan.choose_path`)."""
+    sh = problem.shape
+    return _plan.choose_path(sh.k, sh.q, sh.p, sh.l, sh.s, sh.r)

@@ -1,0 +1,74 @@
+"""When ``auto`` takes a GPU kernel backend over the torch reference on a CUDA device (the CUDA counterpart of
+:mod:`monarch_kernels.cpu_dispatch`).
+
+No GPU timings exist yet, so the rule is the cost model's (:mod:`monarch_kernels.cost_model`, H100 constants):
+a backend is preferred for a call when its predicted time is the lowest among the backends that have a cost
+estimator and can run the call, the torch reference included — so ``auto`` never takes a path the model
+predicts slower than the reference. Once ``bench/gpu_check.sh`` has measured a device, its side-by-side ratios
+replace the model here (as the CPU rule's constants came from measurements).
+
+The call's ``dims = (T, n_in, n_out, block)`` (see :func:`monarch_kernels.backends.resolve`) do not carry the
+factor shapes; the rule prices the ``MonarchLinear`` layout with the same block size,
+``nblocks = ceil(max(n_in, n_out) / block)``. Under ``torch.compile`` with a dynamic batch (``T`` not a plain
+int) it prices a large batch, so no guard on the token count enters the graph.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Iterable
+
+import torch
+
+from . import cost_model as cm
+
+#: ``T`` priced when the token count is symbolic (a compiled graph with a dynamic batch)
+SYMBOLIC_TOKENS = 16384
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def _problem(dims: tuple) -> cm.Problem:
+    tokens, n_in, n_out, block = dims
+    nblocks = max(1, min(math.ceil(max(n_in, n_out) / max(block, 1)), n_in, n_out))
+    return cm.Problem.linear(SYMBOLIC_TOKENS if tokens is None else max(tokens, 1), n_in, n_out, nblocks)
+
+
+def _path(backend: str, problem: cm.Problem) -> str:
+    if backend == "torch":
+        return "reference"
+    if backend == "triton":
+        return cm.triton_path(problem)
+    paths = [p for b, p in cm.estimators() if b == backend]
+    return paths[0] if paths else ""
+
+
+@lru_cache(maxsize=4096)
+def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple) -> float:
+    """The cost model's time for ``backend`` on a Monarch forward (``op == "monarch"``) or a block-diagonal
+    forward (``"blockdiag"``, ``dims[3]`` = input block) with these dims; ``inf`` without an estimator."""
+    tokens, n_in, n_out, block = dims
+    if op == "blockdiag":
+        k = math.ceil(n_in / block)
+        return cm.blockdiag_seconds(backend, SYMBOLIC_TOKENS if tokens is None else max(tokens, 1), k,
+                                    math.ceil(n_out / k), block, dtype)
+    problem = _problem(dims)
+    path = _path(backend, problem)
+    if (backend, path) not in cm.estimators():
+        return math.inf
+    return cm.estimate(backend, path, "fwd", problem, dtype).time()
+
+
+def fastest(op: str, dtype: torch.dtype, dims: tuple, candidates: Iterable[str]) -> str:
+    """The candidate with the lowest predicted time (the first listed on ties); ``torch`` when none is priced."""
+    name = _DTYPES.get(dtype)
+    if name is None:
+        return "torch"
+    key = (dims[0] if isinstance(dims[0], int) else None, *(int(d) for d in dims[1:]))
+    times = {c: predicted_seconds(c, op, name, key) for c in candidates}
+    best = min(times, key=times.get)
+    return best if math.isfinite(times[best]) else "torch"
+
+
+def prefers(backend: str, op: str, dtype: torch.dtype, dims: tuple, others: Iterable[str] = ()) -> bool:
+    """Whether ``auto`` should take ``backend`` over ``others`` (the torch reference is always compared)."""
+    return fastest(op, dtype, dims, [backend, *[o for o in others if o != backend], "torch"]) == backend

@@ -1,0 +1,293 @@
+"""Launch plans of the Triton kernels: tiles, block groups, warps, pipeline depth, token chunks, path choice.
+
+Pure arithmetic (no ``triton`` import), so that :mod:`monarch_kernels.cost_model` prices exactly the launches
+the host code in :mod:`.blockdiag` and :mod:`.monarch` makes. Tile configurations are chosen here by shape,
+once; nothing is autotuned per call.
+
+Coalescing rule. A Monarch permutation is a view-transpose: logical feature ``f = u·A + v`` (``v < A``) lives at
+physical column ``v·B + u``. A block of ``C·A`` consecutive logical features therefore occupies ``A`` runs of
+``C`` physically consecutive columns, and ``G`` consecutive blocks occupy runs of ``G·C``. A program that covers
+``G`` consecutive blocks, with ``G·C·itemsize ≥ 16`` bytes, can move every permuted element with 16-byte
+vector accesses (:func:`group_size`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: contiguous bytes per permuted run: one 16-byte vector per thread (32-byte runs would fill whole sectors, but
+#: the twice larger group halves the row tile that fits in registers and doubles the weight re-reads)
+RUN_BYTES = 16
+#: share of the L2 a chunked two-kernel forward may fill with its intermediate
+L2_SHARE = 0.4
+#: register bytes of live result tiles per program (64 registers x 256 threads at 8 warps); fp32 accumulators
+#: that persist across a loop get half (kernel audit: beyond these, ptxas spills; 16 warps do not help, as
+#: they cap a thread at 128 registers)
+LIVE_BYTES = 64 * 1024
+ACC_BYTES = 32 * 1024
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the plans size themselves for: SM count (grid filling) and L2 capacity (token chunks)."""
+
+    num_sms: int = 132
+    l2_bytes: int = 50 * 2**20
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    """Smallest power of two ≥ max(n, lo) (tile sizes are powers of two; GPU dots need ≥ 16)."""
+    return max(lo, 1 << max(int(n) - 1, 0).bit_length())
+
+
+def is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def group_size(nblocks: int, run: int, itemsize: int) -> int:
+    """Blocks per program so that a permuted run moves ``RUN_BYTES`` contiguous bytes.
+
+    ``run`` is how many consecutive columns one block owns per permuted run (``C`` above). The group is the
+    smallest power of two ``G`` with ``G·run·itemsize ≥ RUN_BYTES``, but never more than the blocks there are
+    (rounded up to a power of two; with all blocks in one program whole rows are contiguous).
+    """
+    need = max(1, cdiv(RUN_BYTES, run * itemsize))
+    return min(pow2(need, 1), pow2(nblocks, 1))
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One launch configuration: ``block_*`` tile sides, ``group`` blocks per program, warps, stages."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group: int
+    num_warps: int
+    num_stages: int
+
+    def meta(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k, GROUP=self.group,
+                    num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def side(n: int, cap: int) -> int:
+    """Tile side for a dimension of ``n``: the largest power of two in ``[16, cap]`` whose padding stays within
+    1/8 of the least padding possible, e.g. 192 -> 64 (three exact tiles) rather than 128 (a third wasted)."""
+    sides = [1 << i for i in range(4, cap.bit_length())]
+    least = min(cdiv(n, b) * b for b in sides)
+    return max(b for b in sides if cdiv(n, b) * b * 8 <= least * 9)
+
+
+def _rows(tokens: int, limit: int) -> int:
+    """Row tile: ``limit`` (≤ 128) but no larger than the token count needs (≥ 16 for tensor-core dots)."""
+    return max(16, min(limit, pow2(tokens)))
+
+
+def _warps(elems: int) -> int:
+    return 8 if elems >= 8192 else 4
+
+
+def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int, acc_fp32: bool) -> Tile:
+    """Tile of the grouped block-diagonal kernel (:func:`.blockdiag.bd_forward`).
+
+    ``n``/``k``: output/contraction size of one block. The ``group`` result tiles live together in
+    registers until the permuted store (fp32 accumulators when a gathered input spans several K steps, else
+    the output dtype), so the row tile shrinks as ``group · block_n`` grows.
+    """
+    block_n = side(n, 128)
+    block_k = side(k, 64)
+    budget = ACC_BYTES if acc_fp32 else LIVE_BYTES
+    live = 4 if acc_fp32 else itemsize
+    block_m = 128
+    while block_m > 16 and group * block_m * block_n * live > budget:
+        block_m //= 2
+    block_m = _rows(tokens, block_m)
+    return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n), 3)
+
+
+def wgrad_tile(nblocks: int, q: int, p: int, group: int) -> Tile:
+    """Tile of the grouped weight-gradient kernel: ``(block_m = q-tile, block_n = p-tile, block_k = token
+    chunk)``; ``group`` fp32 accumulators of ``block_m × block_n`` stay live across the token loop (one plain
+    dot accumulator may take ``LIVE_BYTES``, interleaved groups ``ACC_BYTES``)."""
+    block_n = side(p, 128)
+    block_m = side(q, 128)
+    budget = LIVE_BYTES if group == 1 else ACC_BYTES
+    while block_m > 16 and group * block_m * block_n * 4 > budget:
+        block_m //= 2
+    while block_n > 16 and group * block_m * block_n * 4 > budget:
+        block_n //= 2
+    return Tile(block_m, block_n, 64, group, _warps(group * block_m * block_n), 3)
+
+
+def dxw_tile(q: int, p: int) -> Tile:
+    """Tile of the fused ``dx``/``dw1`` kernel: a program owns block ``kk``'s ``p``-tile, the whole ``q``
+    (the dx contraction) and a token range; ``block_m`` = token tile, ``block_n`` = p-tile, ``block_k`` =
+    padded ``q``; the fp32 ``dw1`` tile ``block_k × block_n`` stays live."""
+    block_k = pow2(q)
+    block_n = side(p, 64)
+    while block_n > 16 and block_k * block_n * 4 > LIVE_BYTES:
+        block_n //= 2
+    return Tile(64, block_n, block_k, 1, _warps(block_k * block_n), 3)
+
+
+def split_count(rows: int, tiles: int, num_sms: int, min_rows: int = 256) -> int:
+    """Token splits of a weight-gradient reduction: about 4 programs per SM in all, never fewer than
+    ``min_rows`` tokens per split."""
+    want = max(1, (4 * num_sms) // max(tiles, 1))
+    return max(1, min(want, cdiv(max(rows, 1), min_rows)))
+
+
+# ------------------------------------------------------------------------------------------ block-diagonal launches
+
+NATURAL, GROUPED, SCATTERED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where an operand's logical block columns live: ``mode`` (NATURAL / GROUPED / SCATTERED, see
+    :mod:`.blockdiag`), the view-transpose ``(a, b)``, the run length ``c`` and the blocks per program."""
+
+    mode: int = NATURAL
+    a: int = 1
+    b: int = 1
+    c: int = 1
+    group: int = 1
+
+
+def layout(perm, nblocks: int, block: int, itemsize: int, gather: bool) -> Layout:
+    """Layout of blocks of width ``block`` read (``gather``) or written through the view-transpose ``perm``."""
+    if perm is None:
+        return Layout()
+    a, b = perm
+    if block % a == 0 and (not gather or block == a):
+        c = block // a
+        if grouped_ok(nblocks, c):  # runs of a non-power-of-two C ≥ 8 are ≥ 16 bytes already: one block each
+            return Layout(GROUPED, a, b, c, group_size(nblocks, c, itemsize) if is_pow2(c) else 1)
+    return Layout(SCATTERED, a, b, 1, 1)
+
+
+@dataclass(frozen=True)
+class BDLaunch:
+    """Everything :func:`.blockdiag.bd_forward` launches for ``x (T, ·)``, ``w (k, q, p)``."""
+
+    tile: Tile
+    inp: Layout
+    out: Layout
+    grid: tuple
+    in_full: bool  # gathered input group covers every block: whole contiguous row segments
+    out_full: bool  # grouped output covers every block (C = 1): whole contiguous row segments
+    multi_k: bool  # gathered input over several K steps: fp32 accumulators until the end
+
+
+def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, out_perm=None) -> BDLaunch:
+    inp = layout(in_perm, k, p, itemsize, gather=True)
+    out = layout(out_perm, k, q, itemsize, gather=False)
+    group = max(inp.group, out.group)
+    if inp.mode == GROUPED and group > 1 and out.mode == SCATTERED:
+        inp = Layout(SCATTERED, inp.a, inp.b, 1, 1)
+        group = 1
+    assert k % group == 0 or group == 1, "groups > 1 exist only for power-of-two block counts"
+    inp = Layout(inp.mode, inp.a, inp.b, inp.c, group)
+    out = Layout(out.mode, out.a, out.b, out.c, group)
+    tile = bd_tile(tokens, k, q, p, itemsize, group, acc_fp32=inp.mode == GROUPED and pow2(p) > 64)
+    # groups (and N tiles) vary fastest: programs whose runs share 32-byte sectors run side by side
+    grid = (cdiv(k, group) * cdiv(q, tile.block_n), cdiv(tokens, tile.block_m))
+    return BDLaunch(tile, inp, out, grid,
+                    in_full=inp.mode == GROUPED and group == k and inp.b == k,
+                    out_full=out.mode == GROUPED and out.c == 1 and group == k and out.b == k,
+                    multi_k=inp.mode == GROUPED and p > tile.block_k)
+
+
+@dataclass(frozen=True)
+class WgradLaunch:
+    """:func:`.blockdiag.bd_weight_grad`: tile, the gathered operand's layout, grid ``(tiles, splits)``."""
+
+    tile: Tile
+    g: Layout
+    tiles: int
+    splits: int
+    rows_per_split: int
+
+
+def _splits(tokens: int, tiles: int, num_sms: int, step: int) -> tuple[int, int]:
+    """``(splits, rows per split)``: rows a multiple of the token step, so splits never overlap and only the
+    last one is ragged (and the row count does not change the kernel's integer specialisation)."""
+    rows = cdiv(cdiv(max(tokens, 1), split_count(tokens, tiles, num_sms)), step) * step
+    return cdiv(max(tokens, 1), rows), rows
+
+
+def wgrad_launch(tokens: int, k: int, q: int, p: int, itemsize: int, g_perm, num_sms: int) -> WgradLaunch:
+    g = layout(g_perm, k, q, itemsize, gather=True)
+    tile = wgrad_tile(k, q, p, g.group)
+    tiles = cdiv(k, g.group) * cdiv(q, tile.block_m) * cdiv(p, tile.block_n)
+    return WgradLaunch(tile, g, tiles, *_splits(tokens, tiles, num_sms, tile.block_k))
+
+
+def dxw_launch(tokens: int, k: int, q: int, p: int, num_sms: int) -> WgradLaunch:
+    """The fused ``dx``/``dw1`` kernel of :func:`.monarch.backward` (grid ``(k · p-tiles, splits)``)."""
+    tile = dxw_tile(q, p)
+    tiles = k * cdiv(p, tile.block_n)
+    return WgradLaunch(tile, Layout(), tiles, *_splits(tokens, tiles, num_sms, tile.block_m))
+
+
+# ------------------------------------------------------------------------------------------ Monarch paths
+
+PATHS = ("auto", "fused", "two_kernel")
+#: largest stage-1 tile (rows x stage-2 group x k elements) the fused square kernel keeps in registers: 8K
+#: compiles without spills at 4 warps (kernel audit: 236 registers); 16K spilled
+FUSED_ELEMS = 8 * 1024
+#: stage-2 blocks per fused program (the stage-1 dots' N; ≥ 16 for tensor cores)
+FUSED_GROUP = 16
+#: rows per fused program (tensor-core minimum); each program reads its group's weights from L2
+FUSED_MIN_ROWS = 16
+
+
+def fused_applies(k: int, q: int, p: int, l: int, s: int, r: int) -> bool:
+    """The fused square kernel: rank ``c = q / l = 1`` (every stage-1 block sends one value to every stage-2
+    block), power-of-two block counts ``k, l ≥ 16`` (tensor-core dot sides), blocks ≤ 128 wide, and a 16-row
+    tile of ``FUSED_MIN_ROWS`` rows of the group's intermediate within :data:`FUSED_ELEMS`."""
+    return (q == l and r == k and is_pow2(k) and is_pow2(l) and k >= 16 and l >= 16 and max(p, s) <= 128
+            and FUSED_MIN_ROWS * min(l, FUSED_GROUP) * k <= FUSED_ELEMS)
+
+
+def fused_tile(tokens: int, k: int, l: int) -> Tile:
+    """Fused square kernel: ``group`` stage-2 blocks per program, as many rows as keep
+    ``block_m × group × k ≤ FUSED_ELEMS``; 4 warps."""
+    group = min(l, FUSED_GROUP)
+    block_m = 64
+    while block_m > FUSED_MIN_ROWS and block_m * group * k > FUSED_ELEMS:
+        block_m //= 2
+    return Tile(_rows(tokens, block_m), 0, 0, group, 4, 2)
+
+
+def choose_path(k: int, q: int, p: int, l: int, s: int, r: int, path: str = "auto") -> str:
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    fused_ok = fused_applies(k, q, p, l, s, r)
+    if path == "fused" and not fused_ok:
+        raise ValueError(
+            f"fused Monarch path needs square rank-1 factors (q == l, r == k, power-of-two block counts ≥ 16, "
+            f"16·min(l, {FUSED_GROUP})·k ≤ {FUSED_ELEMS}, blocks ≤ 128), got w1 {(k, q, p)}, w2 {(l, s, r)}")
+    if path == "auto":
+        return "fused" if fused_ok else "two_kernel"
+    return path
+
+
+def chunk_tokens(tokens: int, n_mid: int, itemsize: int, l2_bytes: int, block_m: int) -> int:
+    """Tokens per chunk of the two-kernel forward, so that one chunk's intermediate (``chunk × n_mid``) fills
+    at most ``L2_SHARE`` of the L2 and is read back by the second kernel before it is evicted; a multiple
+    of the row tile, at least one tile; ``tokens`` itself when everything fits."""
+    cap = int(L2_SHARE * l2_bytes) // max(n_mid * itemsize, 1)
+    cap = max(block_m, cap // block_m * block_m)
+    return tokens if cap >= tokens else cap
+
+
+def grouped_ok(nblocks: int, run: int) -> bool:
+    """Whether the grouped (vector) permutation layout applies: a power-of-two run, or one run already
+    ≥ 8 columns (then each block is its own group); power-of-two block counts for groups > 1."""
+    return run >= 8 or (is_pow2(run) and is_pow2(nblocks))
+

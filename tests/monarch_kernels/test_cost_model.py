@@ -1,0 +1,111 @@
+"""The cost model on hand-computed cases: sector accounting, the roofline time of a launch, dense cuBLAS, one
+grouped and one scattered block-diagonal launch, the estimator registry."""
+import math
+
+import pytest
+
+from monarch_kernels import cost_model as cm
+from monarch_kernels.shapes import MonarchShape
+from monarch_kernels.triton import plan
+
+DEV = cm.H100_SXM
+
+
+def test_sectors():
+    assert cm.sectors(2, 10) == 320  # ten scattered 2-byte accesses: ten whole sectors
+    assert cm.sectors(64, 3) == 192
+    assert cm.sectors(48, 1) == 64  # a 48-byte run touches two sectors
+    assert cm.rows_bytes(4, 24, 2) == 4 * 64
+
+
+def test_kernel_time_is_the_binding_term_plus_the_launch_gap():
+    k = cm.Kernel("k", flops=6e9, useful_flops=6e9, hbm_bytes=3e6, l2_bytes=15e6, flop_rate=1e15, mem_eff=0.5)
+    # HBM 3e6 / (3e12 · 0.5) = 2 µs, L2 15e6 / 7.5e12 = 2 µs, FLOPs 6e9 / 1e15 = 6 µs -> FLOP-bound
+    assert k.time(DEV) == pytest.approx(6e-6 + DEV.launch_s)
+    assert k.bound(DEV) == "FLOP"
+
+
+def test_dense_forward_hand_computed():
+    pr = cm.Problem.linear(1024, 1024, 1024, 4)
+    c = cm.dense("fwd", pr, "bfloat16")
+    flops = 2 * 1024**3
+    bytes_ = 3 * 1024 * 1024 * 2  # x, W, y once each
+    assert c.flops == flops and c.hbm_bytes == bytes_ and c.launches == 1
+    assert c.time(DEV) == pytest.approx(max(bytes_ / 3e12, flops / 790e12) + 2e-6)
+    assert cm.dense("fwdbwd", pr).flops == 3 * flops
+
+
+def test_natural_block_diagonal_launch_hand_computed():
+    """T=128, one 64x64 block, bf16: one 128x64 tile, every byte once."""
+    k = cm.bd_cost("bd", 128, 1, 64, 64, "bfloat16", DEV)
+    assert k.flops == k.useful_flops == 2 * 128 * 64 * 64
+    assert k.hbm_bytes == 128 * 64 * 2 * 2 + 64 * 64 * 2  # x + y + w
+    assert k.l2_bytes == k.hbm_bytes
+
+
+def test_scattered_store_costs_a_sector_per_element():
+    """w (4, 5, 8) written through P1 = view-transpose (4, 5): 5 rows per block do not align with 4 -> the
+    scattered layout, one 32-byte sector per 2-byte element, in HBM and L2."""
+    lp = plan.bd_launch(64, 4, 5, 8, 2, None, (4, 5))
+    assert lp.out.mode == plan.SCATTERED
+    k = cm.bd_cost("bd", 64, 4, 5, 8, "bfloat16", DEV, out_perm=(4, 5))
+    x, w = 64 * 32 * 2, 4 * 5 * 8 * 2
+    assert k.hbm_bytes == x + w + 64 * 20 * 32
+
+
+def test_grouped_runs_half_sectors_in_l2_whole_in_hbm():
+    """64 blocks of 64 through P2 = (64, 64): group 8 in bf16 (4 in fp32), 16-byte runs: each run moves half
+    a sector through L2 (the partner group's program writes the other half), HBM sees every sector once."""
+    for item, dtype in ((2, "bfloat16"), (4, "float32")):
+        lp = plan.bd_launch(4096, 64, 64, 64, item, None, (64, 64))
+        assert lp.out.mode == plan.GROUPED and lp.out.group * item == 16
+        k = cm.bd_cost("bd", 4096, 64, 64, 64, dtype, DEV, out_perm=(64, 64))
+        once, w = 4096 * 4096 * item, 64 * 64 * 64 * item
+        assert k.hbm_bytes == 2 * once + w
+        assert k.l2_bytes == once + 2 * once + lp.grid[1] * w
+
+
+def test_useful_flops_and_paths():
+    pr = cm.Problem.linear(16384, 4096, 4096, 64)
+    assert pr.useful_fwd_flops() == 2 * 16384 * 2 * 64 * 64 * 64
+    for path in ("fused", "two_kernel"):
+        c = cm.estimate("triton", path, "fwd", cm.Problem.linear(2048, 1024, 1024, 32))
+        assert c.useful_flops == cm.Problem.linear(2048, 1024, 1024, 32).useful_fwd_flops()
+        assert c.flops >= c.useful_flops
+    both = cm.estimate("triton", "two_kernel", "fwdbwd", pr)
+    parts = cm.estimate("triton", "two_kernel", "fwd", pr) + cm.estimate("triton", "two_kernel", "bwd", pr)
+    assert both.time() == pytest.approx(parts.time()) and both.launches == parts.launches
+
+
+def test_reference_pays_the_permutation_copies():
+    """The torch reference moves x, y, y (copy), z, o, o (copy), out: more HBM bytes than the two-kernel
+    path's x, z (in L2), out."""
+    pr = cm.Problem.linear(16384, 4096, 4096, 64)
+    ref = cm.estimate("torch", "reference", "fwd", pr)
+    assert ref.launches == 4
+    assert ref.hbm_bytes > 3 * cm.estimate("triton", "two_kernel", "fwd", pr).hbm_bytes
+
+
+def test_registry():
+    seen = []
+
+    def fake(op, problem, dtype, dev):
+        seen.append(op)
+        return cm.Cost([cm.Kernel("fake", 1.0, 1.0, 0.0, 0.0, 1.0)])
+
+    cm.register_estimator("test-backend", "decode", fake)
+    try:
+        c = cm.estimate("test-backend", "decode", "fwd", cm.Problem.linear(1, 64, 64, 4))
+        assert seen == ["fwd"] and c.launches == 1
+        with pytest.raises(ValueError, match="no cost estimator"):
+            cm.estimate("nope", "x", "fwd", cm.Problem.linear(1, 64, 64, 4))
+        with pytest.raises(ValueError, match="op must be one of"):
+            cm.estimate("test-backend", "decode", "backward", cm.Problem.linear(1, 64, 64, 4))
+    finally:
+        del cm._ESTIMATORS[("test-backend", "decode")]
+
+
+def test_problem_uses_monarch_linear_factors():
+    pr = cm.Problem.linear(8, 768, 3072, 4)
+    assert pr.shape == MonarchShape(4, 192, 192, 4, 768, 192)
+    assert not math.isnan(cm.estimate("triton", cm.triton_path(pr), "fwd", pr).time())
