@@ -12,7 +12,7 @@ With ``a_i = γ_i/√(var_i+ε)`` and ``c_i = β_i − a_i μ_i`` (BN folded) an
     K[o,i,u,v] = a3_o Σ_m W2[o,m] · a2_m Wdw[m,u,v] · a1_m W1[m,i]      (+1 at o == i, (u,v) = centre: the residual)
     b[o]       = a3_o Σ_m W2[o,m] (a2_m (c1_m Σ_uv Wdw[m,u,v] + bdw_m) + c2_m) + c3_o     (conv biases fold alike)
 
-Border pitfall (research/methods-a.md §1): an ordinary DW conv zero-pads ``BN1(PW1(x))``; the merged conv zero-pads
+Border pitfall: an ordinary DW conv zero-pads ``BN1(PW1(x))``; the merged conv zero-pads
 ``x``, which in the chain becomes ``c1 ≠ 0``. The two differ on the border ring. :class:`ShrinkableInvertedResidual`
 therefore uses *pad-first* by default: it pads the block input by ``k//2`` and runs the DW conv unpadded
 (LayerMerge's ``adjust_padding``), so :meth:`~ShrinkableInvertedResidual.merge` is exact everywhere. Blocks trained

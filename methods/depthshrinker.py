@@ -169,8 +169,9 @@ def cut_margin(scores: Sequence[float], removed: Sequence[bool]) -> float:
 @torch.no_grad()
 def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> nn.Module:
     """Recompute every BatchNorm's running mean and variance on ``x``: the plain average of the statistics of the
-    train-mode forward passes over ``x`` in batches of ``batch_size`` (no gradient), then switch to eval mode. Removing activations shifts every later layer's input
-    distribution; with the stale statistics any removal of several activations reads as chance accuracy."""
+    train-mode forward passes over ``x`` in batches of ``batch_size`` (no gradient), then switch to eval mode.
+    Removing activations shifts every later layer's input distribution; with the stale statistics any removal of
+    several activations reads as chance accuracy."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
