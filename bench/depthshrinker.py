@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -39,8 +38,7 @@ from monarch_kernels.layers.depthshrinker import (
     set_removed,
 )
 
-
-from .timing import device_name, median_time_us, pick_device
+from .timing import device_name, interleaved_times_ms, median_time_us, pick_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: (C_in, C_out, t, k, stride, H) — MobileNetV2 (ImageNet, 224) blocks the paper merges first
@@ -76,23 +74,16 @@ def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
 
 @torch.no_grad()
 def time_variants(variants: dict, x: torch.Tensor, device: torch.device, rounds: int) -> dict:
-    """``{variant: (median ms, min ms)}`` per forward. CPU: interleaved rounds (A, B, C, A, B, C, …);
-    CUDA: ``bench.timing.median_time_us`` per variant (min = median there)."""
+    """``{variant: (median ms, min ms)}`` per forward. CPU: interleaved rounds (A, B, C, A, B, C, …, after one
+    warm-up round; ``bench.timing.interleaved_times_ms``); CUDA: ``bench.timing.median_time_us`` per variant
+    (min = median there)."""
     if device.type == "cuda":
         out = {}
         for k, m in variants.items():
             ms = median_time_us(lambda m=m: m(x), device, budget_s=0.2) / 1e3
             out[k] = (ms, ms)
         return out
-    for _ in range(2):
-        for m in variants.values():
-            m(x)
-    times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, m in variants.items():
-            t0 = time.perf_counter()
-            m(x)
-            times[k].append((time.perf_counter() - t0) * 1e3)
+    times = interleaved_times_ms({k: (lambda m=m: m(x)) for k, m in variants.items()}, device, rounds=rounds)
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 

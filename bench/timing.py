@@ -1,12 +1,14 @@
-"""Timing helpers: the latency timer (one implementation, :func:`methods.report.median_time_us`: medians of many
-runs, CUDA-synchronised on GPU, wall-clock on CPU), memory bandwidth and device naming."""
+"""Timing helpers: the latency timers (one implementation each, in :mod:`methods.report`:
+:func:`~methods.report.median_time_us`, medians of many runs, CUDA-synchronised on GPU, wall-clock on CPU;
+:func:`~methods.report.interleaved_times_ms`, variants timed in alternation round by round), memory bandwidth and
+device naming."""
 from __future__ import annotations
 
 import torch
 
-from methods.report import median_time_us
+from methods.report import interleaved_times_ms, median_time_us
 
-__all__ = ["median_time_us", "copy_bandwidth_gbs", "pick_device", "device_name"]
+__all__ = ["median_time_us", "interleaved_times_ms", "copy_bandwidth_gbs", "pick_device", "device_name"]
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:
