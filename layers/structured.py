@@ -14,7 +14,9 @@ from monarch_kernels import available_backends
 def _warn_if_reference_only(device: torch.device) -> None:
     """Warn once per device type when no compiled backend can run there, so the layers fall back to the
     (correct but slower) PyTorch reference: usually an install that could not build the C++/CUDA extension."""
-    if device.type in _CHECKED_DEVICES or device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # first: under Dynamo the set lookup below would become a guard (a recompile)
+        return
+    if device.type in _CHECKED_DEVICES or device.type not in ("cpu", "cuda"):
         return
     _CHECKED_DEVICES.add(device.type)
     compiled = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
