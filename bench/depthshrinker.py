@@ -3,14 +3,15 @@
 Two measurements, each variant timed side by side in ONE process (on CPU interleaved round by round, so machine load
 hits all variants alike; on CUDA with ``triton.testing.do_bench`` medians when triton is there):
 
-* ``model``: the recipe's MobileNetV2-mini (``methods.depthshrinker.MobileNetV2Mini``, random weights, random BN
-  statistics, eval mode) at MNIST size — *original* (all activations), *removed* (activations of the chosen blocks
+* ``model``: the recipe's MobileNetV2-mini (:class:`monarch_kernels.layers.depthshrinker.MobileNetV2Mini`, random
+  weights, random BN statistics, eval mode) at MNIST size — *original* (all activations), *removed* (activations of the chosen blocks
   removed, still unmerged) and *merged* (:func:`monarch_kernels.layers.depthshrink`: each removed block is one dense conv).
 * ``blocks``: single inverted residual blocks at MobileNetV2 ImageNet shapes (e.g. 24 ch, t = 6, 56×56), unmerged
   (activation removed) vs the merged conv.
 
-Every row prints device, dtype, input shape, median latency, throughput (images/s) and the ratio to the unmerged
-variant. Examples::
+Every row prints device, dtype, input shape, parameters, median latency, throughput (images/s) and the ratio to
+the unmerged variant. The 1×1 convs are ``MonarchLinear`` by default (``--pointwise dense`` for ``nn.Conv2d``); a
+merged block is always one dense conv, so merging can add parameters while it removes layers. Examples::
 
     python -m bench.depthshrinker                     # CPU (or CUDA when available), float32
     python -m bench.depthshrinker --quick --threads 1
@@ -25,15 +26,19 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
-from monarch_kernels.layers.depthshrinker import ShrinkableInvertedResidual, count_layers, depthshrink, set_removed
-from methods.depthshrinker import MobileNetV2Mini
+from monarch_kernels.layers.depthshrinker import (
+    MobileNetV2Mini,
+    ShrinkableInvertedResidual,
+    count_layers,
+    depthshrink,
+    set_removed,
+)
 
-from .timing import device_name, median_time_us, pick_device
+from .timing import device_name, interleaved_times_ms, median_time_us, pick_device
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: (C_in, C_out, t, k, stride, H) — MobileNetV2 (ImageNet, 224) blocks the paper merges first
@@ -49,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", default=None, help="comma-separated batch sizes (default 1,64 on CPU, 1,256 on CUDA)")
     p.add_argument("--remove", default="1,1,1,1,1,0,0,0",
                    help="model: per-block removal flags (1 = remove) for the 8 MobileNetV2-mini blocks")
-    p.add_argument("--pointwise", default="dense", choices=["dense", "monarch"])
+    p.add_argument("--pointwise", default="monarch", choices=["dense", "monarch"])
     p.add_argument("--what", default="model,blocks", help="model and/or blocks")
     p.add_argument("--rounds", type=int, default=None, help="CPU: interleaved timing rounds")
     p.add_argument("--quick", action="store_true", help="fewer shapes and rounds")
@@ -69,23 +74,16 @@ def _randomize_bn(model: nn.Module, gen: torch.Generator) -> None:
 
 @torch.no_grad()
 def time_variants(variants: dict, x: torch.Tensor, device: torch.device, rounds: int) -> dict:
-    """``{variant: (median ms, min ms)}`` per forward. CPU: interleaved rounds (A, B, C, A, B, C, …);
-    CUDA: ``bench.timing.median_time_us`` per variant (min = median there)."""
+    """``{variant: (median ms, min ms)}`` per forward. CPU: interleaved rounds (A, B, C, A, B, C, …, after one
+    warm-up round; ``bench.timing.interleaved_times_ms``); CUDA: ``bench.timing.median_time_us`` per variant
+    (min = median there)."""
     if device.type == "cuda":
         out = {}
         for k, m in variants.items():
             ms = median_time_us(lambda m=m: m(x), device, budget_s=0.2) / 1e3
             out[k] = (ms, ms)
         return out
-    for _ in range(2):
-        for m in variants.values():
-            m(x)
-    times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for k, m in variants.items():
-            t0 = time.perf_counter()
-            m(x)
-            times[k].append((time.perf_counter() - t0) * 1e3)
+    times = interleaved_times_ms({k: (lambda m=m: m(x)) for k, m in variants.items()}, device, rounds=rounds)
     return {k: (statistics.median(v), min(v)) for k, v in times.items()}
 
 
@@ -133,17 +131,18 @@ def bench_blocks(args, device, dtype, batches, rounds, shapes) -> list:
         block = block.to(device, dtype).eval()
         block.gate.mode = "remove"
         conv = block.merge()
+        extra = {k: {"params": sum(p.numel() for p in m.parameters())} for k, m in (("unmerged", block), ("merged", conv))}
         for b in batches:
             x = torch.randn(b, cin, h, h, device=device, dtype=dtype)
             lat = time_variants({"unmerged": block, "merged": conv}, x, device, rounds)
-            rows += _rows("block", f"{cin}->{cout} t{t} k{k} s{s} {tuple(x.shape)}", lat, "unmerged", b, {})
+            rows += _rows("block", f"{cin}->{cout} t{t} k{k} s{s} {tuple(x.shape)}", lat, "unmerged", b, extra)
     return rows
 
 
 def format_table(rows: list, title: str) -> str:
-    head = ["what", "input / block", "variant", "median ms", "min ms", "images/s", "x vs unmerged", "x (min)"]
-    body = [[r["what"], r["shape"], r["variant"], f"{r['ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['images_per_s']:.0f}",
-             f"{r['x_vs_unmerged']:.2f}", f"{r['x_vs_unmerged_min']:.2f}"] for r in rows]
+    head = ["what", "input / block", "variant", "params", "median ms", "min ms", "images/s", "x vs unmerged", "x (min)"]
+    body = [[r["what"], r["shape"], r["variant"], f"{r['params']:,}", f"{r['ms']:.3f}", f"{r['min_ms']:.3f}",
+             f"{r['images_per_s']:.0f}", f"{r['x_vs_unmerged']:.2f}", f"{r['x_vs_unmerged_min']:.2f}"] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).rjust(w) if i >= 3 else str(c).ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 import monarch_kernels as mk
-from monarch_kernels.layers import MonarchLinear, monarchify
+from methods.models import tiny_gpt2
+from monarch_kernels.layers import MonarchLinear
 
 from .fly_style import fly_monarch
 from .timing import device_name, median_time_us, pick_device
@@ -92,15 +93,8 @@ def bench_mlp(widths, tokens, device, dtype, budget, nblocks=4) -> list[dict]:
 
 
 def gpt(n_layer, d, n_head, vocab, n_pos, mlp_kind, backend, device, dtype):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=n_pos, n_embd=d, n_layer=n_layer, n_head=n_head,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg)
-    if mlp_kind != "dense":
-        monarchify(model, nblocks=4, include=["**.mlp.c_fc", "**.mlp.c_proj"], backend=backend, project=False)
-    return model.to(device, dtype)
+    return tiny_gpt2(vocab, n_layer=n_layer, n_embd=d, n_head=n_head, n_positions=n_pos, mlp=mlp_kind, seed=0,
+                     backend=backend).to(device, dtype)
 
 
 def bench_gpt(cfgs, device, dtype, budget, compile_too: bool) -> list[dict]:

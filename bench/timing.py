@@ -1,43 +1,14 @@
-"""Timing helpers: medians of many runs, CUDA-synchronised on GPU, wall-clock on CPU."""
+"""Timing helpers: the latency timers (one implementation each, in :mod:`methods.report`:
+:func:`~methods.report.median_time_us`, medians of many runs, CUDA-synchronised on GPU, wall-clock on CPU;
+:func:`~methods.report.interleaved_times_ms`, variants timed in alternation round by round), memory bandwidth and
+device naming."""
 from __future__ import annotations
-
-import statistics
-import time
-from typing import Callable
 
 import torch
 
+from methods.report import interleaved_times_ms, median_time_us
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time_us(fn: Callable[[], object], device: torch.device, *, budget_s: float = 0.5,
-                   min_reps: int = 5, max_reps: int = 1000, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in microseconds.
-
-    On CUDA uses ``triton.testing.do_bench`` when available (L2 flushed between runs); otherwise repeats
-    ``fn`` until ``budget_s`` is spent (at least ``min_reps`` times) and takes the median of per-call times.
-    """
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-        except ImportError:
-            do_bench = None
-        if do_bench is not None:
-            return 1e3 * do_bench(fn, warmup=25, rep=max(int(budget_s * 1e3), 20), return_mode="median")
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    start = time.perf_counter()
-    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < budget_s):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e6 * statistics.median(times)
+__all__ = ["median_time_us", "interleaved_times_ms", "copy_bandwidth_gbs", "pick_device", "device_name"]
 
 
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 256 << 20) -> float:

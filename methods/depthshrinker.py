@@ -1,50 +1,61 @@
-"""DepthShrinker (Fu et al., ICML 2022): remove activations of inverted residual blocks, fine-tune, merge.
+"""DepthShrinker (Fu et al., "DepthShrinker: A New Compression Paradigm Towards Boosting Real-Hardware Efficiency of
+Compact Neural Networks", ICML 2022): remove the activations of whole inverted residual blocks, fine-tune, merge.
 
-The three stages of the paper, on offline MNIST (5000 images) or sklearn digits, over the layers in
-:mod:`monarch_kernels.layers.depthshrinker`:
+The paper's stages, on offline MNIST (5000 images) or sklearn digits, over :mod:`monarch_kernels.layers.depthshrinker`:
 
-1. **Train** a small MobileNetV2-like net (:class:`MobileNetV2Mini`) with all activations.
-2. **Search** which block activations to remove: every block gets a score ``s`` (init 0) behind the hard
-   straight-through gate of :class:`monarch_kernels.layers.ShrinkGate`; before every step the ``⌊keep_ratio·N⌋`` smallest scores
-   are kept, the rest are linear (:func:`monarch_kernels.layers.update_search_flags`); weights and scores train jointly on the
-   task loss. Output: the keep/remove mask of the final scores.
+1. **Train** a small MobileNetV2 (:class:`~monarch_kernels.layers.depthshrinker.MobileNetV2Mini`, Monarch 1×1
+   convs by default) with all activations.
+2. **Search** which ``R = N − ⌊keep_ratio·N⌋`` of the ``N`` block activations to remove (:func:`search_removal`).
+   Default ``"relax"``: each block's gate is a leaky ReLU6 ``σ(x) + s·(x − σ(x))`` whose slope ``s`` is learned
+   jointly with the weights, and after every step the slopes are projected onto the removal budget
+   ``{s ∈ [0, 1]^N : Σ s = R}`` (the convex hull of the masks removing ``R`` activations). The gradient
+   ``∂L/∂s = Σ (x − σ(x)) ∂L/∂y`` is the paper's; the budget is its top-k sparsity constraint made continuous.
+   ``"hard"`` is the paper's gate itself (official ``learnable_relu6_hard``): a hard top-k mask in the forward
+   pass, recomputed from the scores before every step. The mask is the top-``R`` of the final scores.
 3. **Fine-tune** with the activations removed, starting again from the *trained* weights (the official code
-   re-loads ``DS.PRETRAINED``; the search only supplies the mask), with self-distillation from the original net::
+   re-loads ``DS.PRETRAINED``; the search only supplies the mask), with self-distillation from the original net
+   (:func:`distillation_loss`, α = 0.7, T = 1, the official config). Removed blocks get a ReLU6 after the residual
+   sum (official ``ADD_FINAL_ACT='relu6'``).
+4. **Merge** each removed block into one dense ``Conv2d`` (:func:`monarch_kernels.layers.depthshrinker.depthshrink`)
+   — exact, unlike the official ``merge_block()`` which swaps in a random conv to time it — and report parameters
+   and latency before and after.
 
-       L = α T² KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α) CE(y, z_s),     α = 0.7, T = 1   (official config)
+Protocol. The paper compares the shrunk network with the original one (accuracy against measured latency); the
+search is checked against a random mask removing as many activations. ``seeds`` independent replicates: replicate
+``r`` trains its own original network, runs its own search, draws its own random mask, and fine-tunes the learned
+mask, the random mask and the all-kept network (control: the extra epochs alone) with the same data order and
+budget. Learned − random is reported per replicate and as mean ± sample std over the ``n`` replicates
+(:func:`methods.report.paired`), before fine-tuning (BatchNorm statistics recomputed for the new mask,
+:func:`recalibrate_bn`, else every removal of several activations reads as chance) and after. Stage 4 runs on the
+first replicate: parameters and latency of the original, the unmerged and merged learned network and the merged
+random network, timed interleaved in one process.
 
-   (KL instead of the official soft cross-entropy: same gradient, differs by the teacher entropy). Removed blocks
-   get a ReLU6 after the residual sum (official ``ADD_FINAL_ACT='relu6'``, on in every released config).
-4. **Merge** each removed block into one dense ``Conv2d`` (:func:`monarch_kernels.layers.depthshrink`) — exact, unlike the official
-   ``merge_block()`` which only swaps in a random conv to time it — and time the network before and after.
-
-Baseline (in the same run): a random mask removing the same number of activations, fine-tuned the same way;
-learned vs random is reported as mean ± std over ``--seeds`` fine-tuning seeds (each random seed draws its own mask;
-the learned mask comes from one search). Control: the original fine-tuned the same way with every activation kept,
-which separates the effect of removal from that of the extra epochs.
-
-Deviations from the official recipe (small-scale CPU reproduction): Adam + cosine decay instead of SGD-Nesterov
-for 180 epochs, no label smoothing / RandAugment / EMA, no latency term in the search loss (the official
-``LAT_COST_WEIGHT`` term looks sign-inverted, research/methods-a.md §1), no Gumbel ranking, candidates are the
-blocks only (not the stem/head activations, which would not make a block mergeable).
+Simplified against the official recipe (small-scale CPU reproduction): Adam + cosine decay instead of SGD-Nesterov
+for 180 epochs; no label smoothing, RandAugment or EMA; no latency term in the search loss (the official
+``LAT_COST_WEIGHT`` term looks sign-inverted); no Gumbel ranking; candidates are the blocks only (not the stem/head
+activations, whose removal merges nothing).
 """
 from __future__ import annotations
 
 import copy
 import math
 import statistics
-import time
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from monarch_kernels.layers.depthshrinker import (
-    ShrinkableInvertedResidual,
+    MBV2_MINI_BLOCKS,
+    MobileNetV2Mini,
     count_layers,
     depthshrink,
     gate_scores,
+    project_scores,
+    removal_count,
+    set_relaxed,
     set_removed,
     set_search,
     shrink_blocks,
@@ -53,132 +64,134 @@ from monarch_kernels.layers.depthshrinker import (
 )
 
 from .data import load_image_dataset
-from .recipe import Recipe
-from .train import evaluate_classifier, minibatches, predict_logits
-
-#: (expand ratio t, output channels c, stride s, kernel k) per block — MobileNetV2's pattern at toy width
-MBV2_MINI_BLOCKS = (
-    (1, 12, 1, 3),
-    (3, 16, 2, 3),
-    (3, 16, 1, 3),
-    (3, 24, 1, 5),
-    (3, 24, 1, 3),
-    (3, 32, 2, 3),
-    (3, 32, 1, 3),
-    (3, 32, 1, 3),
+from .recipe import Recipe, RunContext, option, seed_list
+from .report import Panel, format_mean_std, interleaved_times_ms, mean_std, paired, plot_curves
+from .train import (
+    History,
+    cosine_lr,
+    cross_entropy_loss,
+    epoch_batches,
+    evaluate_classifier,
+    fit,
+    predict_logits,
+    soft_cross_entropy,
 )
+
+#: the 4-block network of the quick setting
 QUICK_BLOCKS = ((1, 8, 1, 3), (3, 12, 2, 3), (3, 12, 1, 3), (3, 16, 2, 3))
-
-
-class MobileNetV2Mini(nn.Module):
-    """``stem 3×3 (→ stem_channels) → BN → ReLU6 → shrinkable IRBs → 1×1 head → BN → ReLU6 → GAP → Linear``.
-
-    ``blocks``: ``(t, c, s, k)`` per block. ``pointwise="monarch"`` makes the blocks' 1×1 convs ``MonarchLinear``
-    over channels. ``final_act``: ReLU6 after the sum of a block whose activation is removed (official
-    ``ADD_FINAL_ACT``). Input ``(N, in_channels, H, W)``, output logits ``(N, num_classes)``.
-    """
-
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, blocks: Sequence = MBV2_MINI_BLOCKS,
-                 stem_channels: int = 16, stem_stride: int = 2, head_channels: int = 96, pointwise: str = "dense",
-                 nblocks: int = 4, final_act: bool = True):
-        super().__init__()
-        if not blocks:
-            raise ValueError("MobileNetV2Mini: blocks must be a non-empty sequence of (t, c, s, k)")
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem_channels, 3, stem_stride, 1, bias=False),
-                                  nn.BatchNorm2d(stem_channels), nn.ReLU6())
-        layers, c_in = [], stem_channels
-        for t, c, s, k in blocks:
-            layers.append(ShrinkableInvertedResidual(c_in, c, s, t, k, pointwise=pointwise, nblocks=nblocks,
-                                                     final_act=nn.ReLU6() if final_act else None))
-            c_in = c
-        self.blocks = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Conv2d(c_in, head_channels, 1, bias=False), nn.BatchNorm2d(head_channels),
-                                  nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(head_channels, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.stem(x)))
+SEARCH_METHODS = ("relax", "hard")
 
 
 # ------------------------------------------------------------------------------------------------ the API
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor,
                       alpha: float = 0.7, temperature: float = 1.0) -> torch.Tensor:
-    """``α T² KL(softmax(z_t/T) ‖ softmax(z_s/T)) + (1 − α) CE(y, z_s)`` (DepthShrinker's self-distillation;
-    ``z (B, classes)``, ``y (B,)``)."""
+    """DepthShrinker's self-distillation loss, as the official ``DS.DISTILL`` code computes it::
+
+        L = α T² CE(softmax(z_t/T), log_softmax(z_s/T)) + (1 − α) CE(y, z_s)
+
+    (soft cross-entropy, :func:`methods.train.soft_cross_entropy`; teacher detached); ``z (B, classes)``,
+    ``y (B,)``."""
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
         raise ValueError(f"distillation_loss: student_logits and teacher_logits must both be (B, classes), got "
                          f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}")
     if not 0.0 <= alpha <= 1.0 or temperature <= 0:
         raise ValueError(f"distillation_loss: need 0 <= alpha <= 1 and temperature > 0, got {alpha}, {temperature}")
     T = temperature
-    kd = F.kl_div(F.log_softmax(student_logits / T, -1), F.log_softmax(teacher_logits.detach() / T, -1),
-                  reduction="batchmean", log_target=True)
+    kd = soft_cross_entropy(teacher_logits, student_logits, T)
     return alpha * T * T * kd + (1 - alpha) * F.cross_entropy(student_logits, target)
 
 
-def _cosine(opt: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total_steps) / total_steps)))
-
-
-def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
-         generator: torch.Generator, loss_fn, before_step=None, epoch_end=None, param_groups=None, progress=None,
-         desc="") -> list:
-    """Adam + per-step cosine decay; ``loss_fn(model, xb, yb) -> loss``; ``before_step()`` runs before each step,
-    ``epoch_end()`` after each epoch."""
-    device = next(model.parameters()).device
-    opt = torch.optim.Adam(param_groups if param_groups is not None else model.parameters(), lr=lr)
-    steps = epochs * math.ceil(len(x) / batch_size)
-    sched = _cosine(opt, max(steps, 1))
-    losses = []
-    it = progress(range(epochs), desc=desc) if progress else range(epochs)
-    for _ in it:
-        model.train()
-        for idx in minibatches(len(x), batch_size, generator):
-            if before_step is not None:
-                before_step()
-            loss = loss_fn(model, x[idx].to(device), y[idx].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        if epoch_end is not None:
-            epoch_end()
-    return losses
+def train_adam(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float,
+               generator: torch.Generator, loss_fn=cross_entropy_loss, params=None, step=None, on_epoch_end=None,
+               progress=None, desc: str = "train") -> History:
+    """Every stage's optimisation: Adam on ``params`` (default: all) at ``lr`` cosine-decayed to 0 over the run
+    (:func:`methods.train.cosine_lr`), shuffled mini-batches of ``(x, y)`` drawn from ``generator``, through
+    :func:`methods.train.fit` (``loss_fn(model, xb, yb)``, or a custom ``step(model, batch, optimizer)``;
+    ``on_epoch_end(epoch)`` after every epoch)."""
+    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=lr)
+    schedule = cosine_lr(lr, max(epochs * math.ceil(len(x) / batch_size), 1), min_ratio=0.0)
+    custom = None if step is None else (lambda m, batch: step(m, batch, opt))
+    return fit(model, opt, epoch_batches(x, y, batch_size=batch_size, generator=generator), epochs=epochs,
+               loss_fn=None if custom else loss_fn, step=custom, schedule=schedule, on_epoch_end=on_epoch_end,
+               progress=progress, desc=desc)
 
 
 def search_removal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, keep_ratio: float, epochs: int,
-                   batch_size: int = 64, lr: float = 1e-3, score_lr: Optional[float] = None,
-                   score_init: float = 0.5, generator: torch.Generator, progress=None) -> tuple[torch.Tensor, list]:
-    """Stage 2: train a copy of ``model`` with searchable gates; returns (``removed`` flags from the final scores,
-    per-epoch score history ``[N]`` lists). Scores use ``score_lr`` (default ``lr``, as in the official code) and
-    start at ``score_init``. The official code starts at 0 with SGD; with Adam a score whose first step goes
-    below 0 is frozen at "keep" for good (the clamp passes no gradient there), so we start mid-range (0.5)."""
+                   method: str = "relax", batch_size: int = 64, lr: float = 1e-3, score_lr: float = 0.2,
+                   generator: torch.Generator, progress=None) -> tuple[torch.Tensor, list]:
+    """Stage 2 on a copy of ``model``: weights (:func:`train_adam`) and gate scores (plain SGD at ``score_lr``:
+    the scores' relative gradient sizes are the signal, which a per-coordinate Adam scaling would erase) train
+    jointly on the task loss. ``method="relax"``: relaxed gates, scores projected onto the removal budget after
+    every step; ``"hard"``: the paper's hard top-k gates, flags recomputed before every step. Every score starts
+    at ``R/N``. Returns (``removed`` flags: the ``R`` largest final scores, per-epoch score history ``[N]``)."""
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"search_removal: method must be one of {SEARCH_METHODS}, got {method!r}")
     net = copy.deepcopy(model)
-    with torch.no_grad():
-        for b in shrink_blocks(net):
-            b.gate.score.fill_(score_init)
-    set_search(net, keep_ratio)
+    set_relaxed(net, keep_ratio)  # all scores at R/N: the centre of the budget
+    if method == "hard":
+        set_search(net, keep_ratio)
     scores = [b.gate.score for b in shrink_blocks(net)]
     ids = {id(p) for p in scores}
-    groups = [{"params": [p for p in net.parameters() if id(p) not in ids]},
-              {"params": scores, "lr": score_lr if score_lr is not None else lr}]
+    score_opt = torch.optim.SGD(scores, lr=score_lr)
     history = [gate_scores(net).tolist()]
 
-    def loss_fn(m, xb, yb):
-        return F.cross_entropy(m(xb), yb)
+    def step(m: nn.Module, batch, opt: torch.optim.Optimizer) -> torch.Tensor:
+        if method == "hard":
+            update_search_flags(m, keep_ratio)
+        loss = cross_entropy_loss(m, *batch)
+        opt.zero_grad(set_to_none=True)
+        score_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        score_opt.step()
+        if method == "relax":
+            project_scores(m, keep_ratio)
+        return loss
 
-    _fit(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator, loss_fn=loss_fn,
-         before_step=lambda: update_search_flags(net, keep_ratio),
-         epoch_end=lambda: history.append(gate_scores(net).tolist()), param_groups=groups, progress=progress,
-         desc="search")
+    def record(_epoch: int) -> None:
+        history.append(gate_scores(net).tolist())
+
+    train_adam(net, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator,
+               params=[p for p in net.parameters() if id(p) not in ids], step=step, on_epoch_end=record,
+               progress=progress, desc=f"search ({method})")
     return topk_keep(gate_scores(net), keep_ratio), history
+
+
+def cut_margin(scores: Sequence[float], removed: Sequence[bool]) -> float:
+    """Score gap at the cut: the smallest removed score minus the largest kept one (> 0 when the mask is the
+    strict top-k of the scores; near 0 when the cut is a coin toss)."""
+    s, r = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(removed, dtype=torch.bool)
+    if r.all() or not r.any():
+        return float("inf")
+    return float(s[r].min() - s[~r].max())
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> nn.Module:
+    """Recompute every BatchNorm's running mean and variance on ``x``: the plain average of the statistics of the
+    train-mode forward passes over ``x`` in batches of ``batch_size`` (no gradient), then switch to eval mode.
+    Removing activations shifts every later layer's input distribution; with the stale statistics any removal of
+    several activations reads as chance accuracy."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average: equal weight per batch
+    model.train()
+    device = next(model.parameters()).device
+    for i in range(0, len(x), batch_size):
+        model(x[i:i + batch_size].to(device))
+    for bn, m in zip(bns, momenta):
+        bn.momentum = m
+    return model.eval()
 
 
 def finetune_removed(original: nn.Module, removed: Sequence[bool], x: torch.Tensor, y: torch.Tensor, *, epochs: int,
                      batch_size: int = 64, lr: float = 1e-3, alpha: float = 0.7, temperature: float = 1.0,
-                     generator: torch.Generator, progress=None) -> nn.Module:
-    """Stage 3: a copy of ``original`` with ``removed`` activations, fine-tuned with distillation from
-    ``original`` (frozen, eval mode)."""
+                     generator: torch.Generator, progress=None) -> tuple[nn.Module, History]:
+    """Stage 3: a copy of ``original`` with ``removed`` activations, fine-tuned (:func:`train_adam`) with
+    :func:`distillation_loss` from ``original`` (frozen, eval mode). Returns the student (eval mode) and its
+    training history."""
     teacher = copy.deepcopy(original).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -190,222 +203,204 @@ def finetune_removed(original: nn.Module, removed: Sequence[bool], x: torch.Tens
             zt = teacher(xb)
         return distillation_loss(m(xb), zt, yb, alpha, temperature)
 
-    if epochs > 0:
-        _fit(student, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator, loss_fn=loss_fn,
-             progress=progress, desc="finetune")
-    return student.eval()
+    hist = train_adam(student, x, y, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator,
+                      loss_fn=loss_fn, progress=progress, desc="finetune")
+    return student.eval(), hist
 
 
 def random_removal(n_blocks: int, n_removed: int, generator: torch.Generator) -> torch.Tensor:
+    """``n_removed`` of ``n_blocks`` flags set, uniformly at random."""
     removed = torch.zeros(n_blocks, dtype=torch.bool)
     removed[torch.randperm(n_blocks, generator=generator)[:n_removed]] = True
     return removed
 
 
-@torch.no_grad()
-def paired_latency_ms(models: dict, x: torch.Tensor, *, rounds: int = 30, inner: int = 3) -> dict:
-    """Median forward latency (ms) of each model on ``x``, measured interleaved (A, B, A, B, …) in one process so
-    that machine load hits every model alike. (Private helper: ``bench.timing`` is not importable from methods.)"""
-    for m in models.values():
-        m.eval()
-        m(x)
-    times = {k: [] for k in models}
-    for _ in range(rounds):
-        for k, m in models.items():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                m(x)
-            times[k].append((time.perf_counter() - t0) / inner * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
-def add_arguments(p) -> None:
-    p.add_argument("--dataset", default=None, choices=["mnist", "digits"], help="default mnist (digits with --quick)")
-    p.add_argument("--epochs", type=int, default=None, help="stage-1 training epochs (default 10; quick 4)")
-    p.add_argument("--search-epochs", type=int, default=None, help="stage-2 search epochs (default 3; quick 1)")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="stage-3 epochs (default 4; quick 2)")
-    p.add_argument("--keep-ratio", type=float, default=0.5, help="fraction of block activations kept")
-    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds for learned vs random (default 3; quick 1)")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--score-lr", type=float, default=None, help="search score LR (default: --lr, as official)")
-    p.add_argument("--score-init", type=float, default=0.5, help="initial search score (official: 0, see docs)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--alpha", type=float, default=0.7, help="distillation weight α")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--pointwise", default="dense", choices=["dense", "monarch"],
-                   help="1×1 convs as nn.Conv2d or MonarchLinear over channels")
-    p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks for --pointwise monarch")
-    p.add_argument("--no-final-act", action="store_true", help="no ReLU6 after removed blocks (ADD_FINAL_ACT off)")
-    p.add_argument("--latency-batch", type=int, default=64)
+@dataclass(frozen=True)
+class Config:
+    dataset: str = option("mnist", "image dataset", choices=("mnist", "digits"))
+    small_model: bool = option(False, "the 4-block model with narrow stem and head (QUICK_BLOCKS)")
+    pointwise: str = option("monarch", "1×1 convs as MonarchLinear over channels or nn.Conv2d",
+                            choices=("monarch", "dense"))
+    nblocks: int = option(4, "Monarch blocks of the 1×1 convs")
+    final_act: bool = option(True, "ReLU6 after removed blocks (official ADD_FINAL_ACT)")
+    seeds: int = option(3, "independent replicates: own training, search, random mask and fine-tuning")
+    epochs: int = option(10, "stage-1 training epochs")
+    search: str = option("relax", "relaxed budget search or the paper's hard top-k gate", choices=SEARCH_METHODS)
+    search_epochs: int = option(2, "stage-2 search epochs")
+    score_lr: float = option(0.2, "search score learning rate (plain SGD)")
+    keep_ratio: float = option(0.5, "fraction of block activations kept")
+    finetune_epochs: int = option(4, "stage-3 epochs (same for learned, random and all-kept)")
+    lr: float = option(5e-3, "Adam learning rate of every stage (cosine-decayed to 0)")
+    batch_size: int = option(64, "mini-batch size")
+    alpha: float = option(0.7, "distillation weight α")
+    temperature: float = option(1.0, "distillation temperature T")
+    recal_images: int = option(1000, "training images for the BatchNorm recalibration before fine-tuning")
+    latency_batch: int = option(64, "batch of the latency measurement")
+    latency_rounds: int = option(20, "rounds of the interleaved latency measurement")
+
+    def __post_init__(self):
+        if not 0.0 <= self.keep_ratio < 1.0:
+            raise ValueError(f"--keep-ratio must be in [0, 1), got {self.keep_ratio}")
+        for name in ("seeds", "nblocks", "batch_size", "recal_images", "latency_batch", "latency_rounds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
-def _acc(model, split) -> float:
+QUICK = {"dataset": "digits", "small_model": True, "seeds": 1, "epochs": 4, "finetune_epochs": 2, "lr": 1e-2,
+         "latency_rounds": 10}
+
+
+def _acc(model: nn.Module, split) -> float:
     return evaluate_classifier(model, split.x_test, split.y_test)["accuracy"]
 
 
-def _mean_std(v: list) -> tuple[float, float]:
-    return float(statistics.mean(v)), float(statistics.stdev(v)) if len(v) > 1 else 0.0
-
-
-def run(args, ctx) -> dict:
-    quick = args.quick
-    dataset = args.dataset or ("digits" if quick else "mnist")
-    epochs = args.epochs if args.epochs is not None else (4 if quick else 10)
-    search_epochs = args.search_epochs if args.search_epochs is not None else (1 if quick else 3)
-    ft_epochs = args.finetune_epochs if args.finetune_epochs is not None else (2 if quick else 4)
-    seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
-    if not 0.0 <= args.keep_ratio < 1.0:
-        raise ValueError(f"--keep-ratio must be in [0, 1), got {args.keep_ratio}")
-    split = load_image_dataset(dataset, seed=args.seed)
-    device = ctx.device
-    big = split.input_shape[-1] >= 16
-    blocks = QUICK_BLOCKS if quick else MBV2_MINI_BLOCKS
-    torch.manual_seed(args.seed)
-    model = MobileNetV2Mini(split.input_shape[0], split.num_classes, blocks,
-                            stem_channels=8 if quick else 12, stem_stride=2 if big else 1,
-                            head_channels=32 if quick else 64, pointwise=args.pointwise, nblocks=args.nblocks,
-                            final_act=not args.no_final_act).to(device)
-    n_blocks = len(shrink_blocks(model))
-    n_removed = n_blocks - int(math.floor(args.keep_ratio * n_blocks + 1e-9))
-    ctx.log(f"[depthshrinker] {dataset}: {len(split.x_train)} train / {len(split.x_test)} test, {n_blocks} blocks, "
-            f"remove {n_removed}, pointwise={args.pointwise}")
+def _replicate(seed: int, split, cfg: Config, ctx: RunContext, build, n_removed: int) -> dict:
+    """One independent replicate: train, search, then fine-tune the learned mask, a random mask and the all-kept
+    control with the same generator (same data order) and budget."""
+    gen = lambda offset: torch.Generator().manual_seed(1000 * seed + offset)  # noqa: E731
     xtr, ytr = split.x_train, split.y_train
-
-    def gen(offset: int) -> torch.Generator:
-        return torch.Generator().manual_seed(args.seed * 1000 + offset)
-
-    # stage 1: train the original network
-    ce = lambda m, xb, yb: F.cross_entropy(m(xb), yb)  # noqa: E731
-    train_losses = _fit(model, xtr, ytr, epochs=epochs, batch_size=args.batch_size, lr=args.lr, generator=gen(1),
-                        loss_fn=ce, progress=ctx.progress, desc="train")
+    torch.manual_seed(1000 * seed)
+    model = build().to(ctx.device)
+    hist = train_adam(model, xtr, ytr, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, generator=gen(1),
+                      progress=ctx.progress, desc="train")
+    ctx.observe(epochs=hist.epochs, lr=hist.lrs[0], small_model=len(shrink_blocks(model)) == len(QUICK_BLOCKS))
     model.eval()
-    acc_original = _acc(model, split)
-    ctx.log(f"[depthshrinker] original accuracy {acc_original:.4f}")
-
-    # stage 2: search
-    learned, history = search_removal(model, xtr, ytr, keep_ratio=args.keep_ratio, epochs=search_epochs,
-                                      batch_size=args.batch_size, lr=args.lr, score_lr=args.score_lr,
-                                      score_init=args.score_init,
-                                      generator=gen(2), progress=ctx.progress)
-    ctx.log(f"[depthshrinker] learned mask (1 = removed): {learned.int().tolist()}, scores {history[-1]}")
-
-    # stage 3: fine-tune learned vs random masks, several seeds
-    results = {"learned": {"before": [], "after": []}, "random": {"before": [], "after": []}}
-    random_masks, finetuned = [], None
-    for s in range(seeds):
-        rmask = random_removal(n_blocks, n_removed, gen(100 + s))
-        random_masks.append(rmask.int().tolist())
-        for kind, mask in (("learned", learned), ("random", rmask)):
+    out = {"seed": seed, "original": model, "acc_original": _acc(model, split)}
+    learned, history = search_removal(model, xtr, ytr, keep_ratio=cfg.keep_ratio, epochs=cfg.search_epochs,
+                                      method=cfg.search, batch_size=cfg.batch_size, lr=cfg.lr,
+                                      score_lr=cfg.score_lr, generator=gen(2), progress=ctx.progress)
+    ctx.observe(search_epochs=len(history) - 1)
+    n = len(learned)
+    masks = {"learned": learned, "random": random_removal(n, n_removed, gen(3)),
+             "control": torch.zeros(n, dtype=torch.bool)}
+    out.update(mask_learned=learned.int().tolist(), mask_random=masks["random"].int().tolist(),
+               scores=history[-1], score_history=history, cut_margin=cut_margin(history[-1], learned))
+    recal = xtr[: cfg.recal_images]
+    for kind, mask in masks.items():
+        if kind != "control":
             removed_only = copy.deepcopy(model)
             set_removed(removed_only, mask.tolist())
-            results[kind]["before"].append(_acc(removed_only, split))
-            ft = finetune_removed(model, mask.tolist(), xtr, ytr, epochs=ft_epochs, batch_size=args.batch_size,
-                                  lr=args.lr, alpha=args.alpha, temperature=args.temperature, generator=gen(200 + s),
-                                  progress=ctx.progress)
-            results[kind]["after"].append(_acc(ft, split))
-            if kind == "learned" and s == 0:
-                finetuned = ft
-        ctx.log(f"[depthshrinker] seed {s}: learned {results['learned']['before'][-1]:.4f} -> "
-                f"{results['learned']['after'][-1]:.4f}, random {rmask.int().tolist()} "
-                f"{results['random']['before'][-1]:.4f} -> {results['random']['after'][-1]:.4f}")
+            out[f"acc_{kind}_no_ft"] = _acc(recalibrate_bn(removed_only, recal), split)
+        ft, ft_hist = finetune_removed(model, mask.tolist(), xtr, ytr, epochs=cfg.finetune_epochs,
+                                       batch_size=cfg.batch_size, lr=cfg.lr, alpha=cfg.alpha,
+                                       temperature=cfg.temperature, generator=gen(4), progress=ctx.progress)
+        ctx.observe(finetune_epochs=ft_hist.epochs)
+        out[f"acc_{kind}_finetuned"], out[f"net_{kind}"] = _acc(ft, split), ft
+    ctx.log(f"[depthshrinker] seed {seed}: original {out['acc_original']:.4f}; learned {out['mask_learned']} "
+            f"(scores {[round(v, 3) for v in history[-1]]}, cut margin {out['cut_margin']:.3f}) "
+            f"{out['acc_learned_no_ft']:.4f} -> {out['acc_learned_finetuned']:.4f}; random {out['mask_random']} "
+            f"{out['acc_random_no_ft']:.4f} -> {out['acc_random_finetuned']:.4f}; "
+            f"all kept {out['acc_control_finetuned']:.4f}")
+    return out
 
-    # control: the original fine-tuned the same way with every activation kept (the extra epochs alone)
-    control = finetune_removed(model, [False] * n_blocks, xtr, ytr, epochs=ft_epochs, batch_size=args.batch_size,
-                               lr=args.lr, alpha=args.alpha, temperature=args.temperature, generator=gen(200),
-                               progress=ctx.progress)
-    acc_control = _acc(control, split)
-    ctx.log(f"[depthshrinker] control (all activations kept, same fine-tuning): {acc_control:.4f}")
 
-    # stage 4: merge the (seed-0) fine-tuned learned network
-    merged = depthshrink(finetuned)
+def _merge_and_time(rep: dict, split, cfg: Config, ctx: RunContext) -> dict:
+    """Stage 4 on one replicate: merge its fine-tuned learned and random networks (exactness, layers, parameters)
+    and time original / learned unmerged / learned merged / random merged interleaved in one process."""
+    merged, merged_random = depthshrink(rep["net_learned"]), depthshrink(rep["net_random"])
+    z_ft, z_merged = predict_logits(rep["net_learned"], split.x_test), predict_logits(merged, split.x_test)
+    variants = {"original": rep["original"], "learned_unmerged": rep["net_learned"], "learned_merged": merged,
+                "random_merged": merged_random}
+    xb = split.x_test[: cfg.latency_batch].to(ctx.device)
     with torch.no_grad():
-        z_ft = predict_logits(finetuned, split.x_test)
-        z_merged = predict_logits(merged, split.x_test)
-    merge_err = float((z_ft - z_merged).abs().max())
-    acc_merged = float((z_merged.argmax(-1) == split.y_test).float().mean())
-    xb = split.x_test[: args.latency_batch].to(device)
-    lat = paired_latency_ms({"original": model, "finetuned_unmerged": finetuned, "merged": merged}, xb,
-                            rounds=10 if quick else 40)
-    layers_before, layers_after = count_layers(finetuned), count_layers(merged)
-    params_before = sum(p.numel() for p in finetuned.parameters())
-    params_after = sum(p.numel() for p in merged.parameters())
-    ctx.log(f"[depthshrinker] merged: max |Δlogit| {merge_err:.2e}, conv layers {layers_before['conv']} -> "
-            f"{layers_after['conv']}, latency {lat['finetuned_unmerged']:.2f} -> {lat['merged']:.2f} ms")
-
-    la, ra = results["learned"], results["random"]
-    metrics = {
-        "dataset": dataset, "n_train": len(xtr), "n_test": len(split.x_test), "n_blocks": n_blocks,
-        "n_removed": n_removed, "keep_ratio": args.keep_ratio, "pointwise": args.pointwise, "seeds": seeds,
-        "acc_original": acc_original, "acc_original_same_finetuning": acc_control,
-        "learned_mask_removed": learned.int().tolist(), "search_scores": history[-1], "search_score_history": history,
-        "random_masks_removed": random_masks,
-        "acc_learned_removed_no_ft": la["before"], "acc_learned_finetuned": la["after"],
-        "acc_random_removed_no_ft": ra["before"], "acc_random_finetuned": ra["after"],
-        "acc_merged": acc_merged, "merge_max_abs_logit_diff": merge_err,
-        "conv_layers_before": layers_before["conv"], "conv_layers_after": layers_after["conv"],
-        "layers_before": layers_before, "layers_after": layers_after,
-        "params_before": params_before, "params_after": params_after,
-        "latency_device": str(device), "latency_threads": torch.get_num_threads(), "latency_dtype": "float32",
+        times = interleaved_times_ms({k: (lambda m=m: m(xb)) for k, m in variants.items()}, ctx.device,
+                                     rounds=cfg.latency_rounds, inner=2)
+    ctx.observe(latency_rounds=len(times["original"]))
+    lat = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "merge_seed": rep["seed"], "acc_merged": float((z_merged.argmax(-1) == split.y_test).float().mean()),
+        "merge_max_abs_logit_diff": float((z_ft - z_merged).abs().max()),
+        "layers_unmerged": count_layers(rep["net_learned"]), "layers_merged": count_layers(merged),
+        "params": {k: n_params(m) for k, m in variants.items()}, "latency_ms": lat, "latency_ms_rounds": times,
+        "latency_device": str(ctx.device), "latency_threads": torch.get_num_threads(), "latency_dtype": "float32",
         "latency_input_shape": list(xb.shape),
-        "latency_ms_original": lat["original"], "latency_ms_unmerged": lat["finetuned_unmerged"],
-        "latency_ms_merged": lat["merged"], "speedup_merged_vs_unmerged": lat["finetuned_unmerged"] / lat["merged"],
-        "speedup_merged_vs_original": lat["original"] / lat["merged"],
-        "train_loss_final": train_losses[-1],
+        "speedup_merged_vs_unmerged": lat["learned_unmerged"] / lat["learned_merged"],
+        "speedup_merged_vs_original": lat["original"] / lat["learned_merged"],
     }
-    for kind, r in results.items():
-        for when in ("before", "after"):
-            m, sd = _mean_std(r[when])
-            tag = "no_ft" if when == "before" else "finetuned"
-            metrics[f"acc_{kind}_{tag}_mean"], metrics[f"acc_{kind}_{tag}_std"] = m, sd
-    metrics["finetuned_gap_to_original"] = acc_original - metrics["acc_learned_finetuned_mean"]
-    metrics["finetuned_gap_to_same_finetuning"] = acc_control - metrics["acc_learned_finetuned_mean"]
-    metrics["learned_minus_random_finetuned"] = metrics["acc_learned_finetuned_mean"] - metrics["acc_random_finetuned_mean"]
-    metrics["learned_minus_random_no_ft"] = metrics["acc_learned_no_ft_mean"] - metrics["acc_random_no_ft_mean"]
-    metrics["learned_beats_random"] = metrics["learned_minus_random_finetuned"] > 0
-    _plot(metrics, ctx.plot_path("depthshrinker.png"))
+
+
+def run(cfg: Config, ctx: RunContext) -> dict:
+    split = load_image_dataset(cfg.dataset, seed=ctx.seed)
+    ctx.observe(dataset="digits" if split.input_shape[-1] == 8 else "mnist")
+
+    def build() -> MobileNetV2Mini:
+        return MobileNetV2Mini(split.input_shape[0], split.num_classes,
+                               QUICK_BLOCKS if cfg.small_model else MBV2_MINI_BLOCKS,
+                               stem_channels=8 if cfg.small_model else 12,
+                               stem_stride=2 if split.input_shape[-1] >= 16 else 1,
+                               head_channels=32 if cfg.small_model else 64, pointwise=cfg.pointwise,
+                               nblocks=cfg.nblocks, final_act=cfg.final_act)
+
+    n_blocks = len(QUICK_BLOCKS if cfg.small_model else MBV2_MINI_BLOCKS)
+    n_removed = removal_count(n_blocks, cfg.keep_ratio)
+    ctx.log(f"[depthshrinker] {cfg.dataset}: {len(split.x_train)} train / {len(split.x_test)} test, {n_blocks} "
+            f"blocks, remove {n_removed}, pointwise={cfg.pointwise}, search={cfg.search}, {cfg.seeds} replicates")
+    reps = [_replicate(seed, split, cfg, ctx, build, n_removed) for seed in seed_list(ctx.seed, cfg.seeds)]
+    ctx.observe(seeds=len(reps))
+    keys = ("acc_original", "acc_learned_no_ft", "acc_random_no_ft", "acc_learned_finetuned", "acc_random_finetuned",
+            "acc_control_finetuned")
+    per_seed = [{k: v for k, v in r.items() if not k.startswith(("net_", "original"))} for r in reps]
+    summary = {k: mean_std([r[k] for r in reps]) for k in keys}
+    comparisons = {
+        "learned_minus_random_no_ft": paired(summary["acc_learned_no_ft"]["values"],
+                                             summary["acc_random_no_ft"]["values"]),
+        "learned_minus_random_finetuned": paired(summary["acc_learned_finetuned"]["values"],
+                                                 summary["acc_random_finetuned"]["values"]),
+        "learned_minus_all_kept_finetuned": paired(summary["acc_learned_finetuned"]["values"],
+                                                   summary["acc_control_finetuned"]["values"]),
+    }
+    masks = [tuple(r["mask_learned"]) for r in reps]
+    search = {"distinct_learned_masks": len(set(masks)), "cut_margin": mean_std([r["cut_margin"] for r in reps]),
+              "removal_frequency_per_block": [statistics.fmean(col) for col in zip(*masks)]}
+    merge = _merge_and_time(reps[0], split, cfg, ctx)
+    for k in keys:
+        ctx.log(f"[depthshrinker] {k}: {format_mean_std(summary[k], 4)}")
+    for k, c in comparisons.items():
+        ctx.log(f"[depthshrinker] {k}: {format_mean_std(c, 4)}, positive in {c['positive']} of {c['n']}")
+    ctx.log(f"[depthshrinker] merged (seed {merge['merge_seed']}): max |Δlogit| {merge['merge_max_abs_logit_diff']:.2e}, "
+            f"params {merge['params']['learned_unmerged']} -> {merge['params']['learned_merged']}, latency "
+            f"{merge['latency_ms']['learned_unmerged']:.2f} -> {merge['latency_ms']['learned_merged']:.2f} ms")
+    metrics = {"dataset": cfg.dataset, "n_train": len(split.x_train), "n_test": len(split.x_test),
+               "n_blocks": n_blocks, "n_removed": n_removed, "seeds": [r["seed"] for r in reps],
+               "per_seed": per_seed, "summary": summary, "paired": comparisons, "search": search, "merge": merge}
+    _plot(metrics, cfg, ctx.plot_path("depthshrinker.png"))
     return metrics
 
 
-def _plot(m: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ax = axes[0]
-    names = ["original", "orig.+FT\n(all acts)", "learned\nno FT", "learned\nFT", "random\nno FT", "random\nFT",
-             "merged"]
-    vals = [m["acc_original"], m["acc_original_same_finetuning"], m["acc_learned_no_ft_mean"],
-            m["acc_learned_finetuned_mean"], m["acc_random_no_ft_mean"], m["acc_random_finetuned_mean"], m["acc_merged"]]
-    errs = [0, 0, m["acc_learned_no_ft_std"], m["acc_learned_finetuned_std"], m["acc_random_no_ft_std"],
-            m["acc_random_finetuned_std"], 0]
-    bars = ax.bar(names, vals, yerr=errs, color=["k", "0.5", "C0", "C0", "C1", "C1", "C2"])
-    ax.bar_label(bars, labels=[f"{v:.3f}" for v in vals], fontsize=7)
-    ax.tick_params(axis="x", labelsize=7)
-    ax.set_ylim(0.0, 1.05)
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{m['dataset']}: remove {m['n_removed']}/{m['n_blocks']} activations ({m['seeds']} seeds)")
-    ax = axes[1]
-    hist = torch.tensor(m["search_score_history"])
-    for i in range(hist.shape[1]):
-        ax.plot(hist[:, i], label=f"block {i}" + (" (removed)" if m["learned_mask_removed"][i] else ""),
-                ls="-" if m["learned_mask_removed"][i] else "--")
-    ax.set_xlabel("search epoch")
-    ax.set_ylabel("score s (large = remove)")
-    ax.legend(fontsize=7)
-    ax = axes[2]
-    ax.bar(["original", "unmerged\n(FT)", "merged"],
-           [m["latency_ms_original"], m["latency_ms_unmerged"], m["latency_ms_merged"]], color=["k", "C0", "C2"])
-    ax.set_ylabel(f"latency (ms), batch {m['latency_input_shape'][0]}, {m['latency_device']}")
-    ax.set_title(f"conv layers {m['conv_layers_before']} -> {m['conv_layers_after']}, "
-                 f"speedup {m['speedup_merged_vs_unmerged']:.2f}x")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def _plot(m: dict, cfg: Config, path: str) -> None:
+    s, c, merge = m["summary"], m["paired"], m["merge"]
+    fmt = lambda k: format_mean_std(c[k], 2, 100)  # noqa: E731
+    after = ("acc_original", "acc_control_finetuned", "acc_learned_finetuned", "acc_random_finetuned")
+    low = min(min(s[k]["values"]) for k in after) - 0.02
+    blocks = list(range(m["n_blocks"]))
+    names = list(merge["latency_ms"])
+    plot_curves(path, [
+        Panel(f"removed, BN recalibrated (before fine-tuning)\nlearned − random {fmt('learned_minus_random_no_ft')} pts",
+              {"learned mask": s["acc_learned_no_ft"], "random mask": s["acc_random_no_ft"]}, kind="bar",
+              ylabel="test accuracy"),
+        Panel(f"after fine-tuning ({cfg.finetune_epochs} epochs each)\nlearned − random "
+              f"{fmt('learned_minus_random_finetuned')} pts",
+              {"original": s["acc_original"], "all kept": s["acc_control_finetuned"],
+               "learned mask": s["acc_learned_finetuned"], "random mask": s["acc_random_finetuned"]}, kind="bar",
+              ylabel="test accuracy", ylim=(low, 1.0)),
+        Panel(f"search={cfg.search}: final scores, {m['search']['distinct_learned_masks']} distinct mask(s) "
+              f"in {len(m['seeds'])}\n" + "; ".join("".join(map(str, r["mask_learned"])) for r in m["per_seed"]),
+              {f"seed {r['seed']}": (blocks, r["scores"]) for r in m["per_seed"]}, kind="line", markers=True,
+              xlabel="block (mask: 1 = removed)", ylabel="score s (1 = linear)"),
+        Panel(f"seed {merge['merge_seed']}: merged vs unmerged {merge['speedup_merged_vs_unmerged']:.2f}x "
+              f"(batch {merge['latency_input_shape'][0]}, {merge['latency_threads']} thread(s))",
+              {f"{k.replace('_', ' ')}\n{merge['params'][k]:,} p": merge["latency_ms_rounds"][k] for k in names},
+              kind="bar", ylabel="latency (ms), mean ± std over rounds"),
+    ], title=f"DepthShrinker on {m['dataset']}: remove {m['n_removed']} of {m['n_blocks']} block activations, "
+             f"{cfg.pointwise} 1×1 convs, n={len(m['seeds'])} replicates")
 
 
-RECIPE = Recipe("depthshrinker", add_arguments, run,
-                "DepthShrinker: train a MobileNetV2-mini, search which block activations to remove, fine-tune with "
-                "distillation, merge the linear blocks into dense convs; learned vs random removal")
+RECIPE = Recipe("depthshrinker", Config, run, quick=QUICK,
+                description="DepthShrinker: train a MobileNetV2-mini, search which block activations to remove, "
+                            "fine-tune with distillation, merge the linear blocks into dense convs; learned vs "
+                            "random removal")

@@ -1,5 +1,6 @@
 """Training beyond one process: DDP / FSDP wrapping, global-batch sharding, exact-resume checkpoints, and one
-step-based training loop (:func:`fit`) shared by the single-process recipe and the ``torchrun`` entry point.
+``torchrun`` entry point that trains the Monarch recipe's tasks (:mod:`methods.tasks`) with the one training
+loop, :func:`methods.train.fit` (this module supplies its batch-sharding, loss-averaging and checkpoint hooks).
 
 Run the Monarch recipe's models under ``torchrun`` (gloo on CPU, NCCL on CUDA)::
 
@@ -29,11 +30,9 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 import os
 import random
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -41,6 +40,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .recipe import seed_everything
+from .tasks import SIZES, TASKS, make_task
+from .train import cosine_lr, fit, step_batches
 
 CHECKPOINT_FORMAT = "monarch-kernels/train-checkpoint-v1"
 STRATEGIES = ("none", "ddp", "fsdp")
@@ -130,11 +136,7 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: str = "ddp",
     if not env.distributed or strategy == "none":
         return model
     if strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
-
     for unit in (units or default_fsdp_units)(model):
         fully_shard(unit)
     fully_shard(model)
@@ -202,8 +204,6 @@ def set_rng_state(state: dict, generators: Optional[dict] = None) -> None:
 def save_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, env: DistEnv,
                     generators: Optional[dict] = None, extra: Optional[dict] = None) -> None:
     """Write a full checkpoint (collective: call on every rank; rank 0 writes ``path`` atomically)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
         obj = {"format": CHECKPOINT_FORMAT, "step": int(step), "world_size": env.world_size, "model": msd,
@@ -219,8 +219,6 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
                     generators: Optional[dict] = None) -> dict:
     """Restore model, optimizer and RNG states from ``path`` (read with ``weights_only=True`` on every rank,
     so it must be visible to every node). Returns the checkpoint's ``{"step": int, "extra": dict}``."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
     if not os.path.isfile(path):
         raise ValueError(f"load_checkpoint: no checkpoint file at {path!r}")
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -239,72 +237,15 @@ def latest_checkpoint(folder: str) -> Optional[str]:
     return max(found)[1] if found else None
 
 
-# --------------------------------------------------------------------------------------------- training loop
-def cosine_lr(base_lr: float, total_steps: int, warmup: int = 0, min_ratio: float = 0.1) -> Callable[[int], float]:
-    """Linear warm-up for ``warmup`` steps, then cosine decay to ``min_ratio · base_lr`` at ``total_steps``."""
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return base_lr * (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-    return lr_at
-
-
-def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batch_fn: Callable[[torch.Generator], tuple],
-        loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor], *, steps: int,
-        data_generator: torch.Generator, env: Optional[DistEnv] = None, start_step: int = 0,
-        lr_schedule: Optional[Callable[[int], float]] = None, ckpt_dir: Optional[str] = None, save_every: int = 0,
-        eval_fn: Optional[Callable[[nn.Module], dict]] = None, eval_every: int = 0,
-        progress: Optional[Callable] = None, desc: str = "train") -> dict:
-    """Train steps ``start_step .. steps-1``; the one step loop of the recipe and of the ``torchrun`` entry point.
-
-    Each step: ``xb, yb = batch_fn(data_generator)`` (the *global* batch, identical on every rank), keep this
-    rank's slice (:func:`shard_batch`), set the learning rate ``lr_schedule(step)``, ``loss_fn(model, xb, yb)``,
-    backward, ``optimizer.step()``. With ``ckpt_dir`` and ``save_every`` a checkpoint ``step_<n>.pt`` is written
-    after every ``save_every``-th step (n = number of steps done). Returns ``{"steps": [...], "losses": [...]
-    (global-batch losses), "step_times": [...] (seconds, wall clock of each step), "evals": [(step, dict)]}``.
-    """
-    env = env or DistEnv()
-    if not isinstance(steps, int) or steps < start_step or start_step < 0:
-        raise ValueError(f"fit: need 0 <= start_step <= steps, got start_step={start_step}, steps={steps}")
-    gens = {"data": data_generator}
-    hist = {"steps": [], "losses": [], "step_times": [], "evals": []}
-    rng = range(start_step, steps)
-    it = progress(rng, total=len(rng), desc=desc) if progress else rng
-    sync = torch.cuda.synchronize if env.device.type == "cuda" else (lambda: None)
-    model.train()
-    for step in it:
-        sync()
-        t0 = time.perf_counter()
-        xb, yb = shard_batch(batch_fn(data_generator), env)
-        if lr_schedule is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_schedule(step)
-        loss = loss_fn(model, xb, yb)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        sync()
-        hist["step_times"].append(time.perf_counter() - t0)
-        hist["losses"].append(mean_across(loss, env))
-        hist["steps"].append(step)
-        if eval_fn is not None and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
-            hist["evals"].append((step + 1, eval_fn(model)))
-            model.train()
-        if ckpt_dir and save_every and (step + 1) % save_every == 0:
-            save_checkpoint(os.path.join(ckpt_dir, f"step_{step + 1}.pt"), model, optimizer, step + 1, env, gens)
-    return hist
-
-
 # --------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m methods.distributed",
                                 description="Train the Monarch recipe's models (char GPT-2 on Shakespeare, ViT on "
                                             "MNIST) in one process or under torchrun with DDP/FSDP, with exact resume.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--task", choices=("gpt", "vit"), default="gpt")
+    p.add_argument("--task", choices=TASKS, default="gpt")
     p.add_argument("--data", choices=("mnist", "digits"), default=None, help="vit only: dataset (default mnist)")
-    p.add_argument("--size", choices=("tiny", "small", "large"), default="small",
+    p.add_argument("--size", choices=SIZES, default="small",
                    help="model size (tiny: tests; small: the recipe's default; large: the FSDP example)")
     p.add_argument("--mlp", choices=("dense", "monarch"), default="monarch")
     p.add_argument("--nblocks", type=int, default=4)
@@ -325,14 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    from . import monarch  # the recipe defines the tasks and models
-    from .recipe import seed_everything
-
     if args.threads:
         torch.set_num_threads(args.threads)
     env = init_distributed(args.device)
     try:
-        task = monarch.make_task(args.task, args.size, seed=args.seed, dataset=args.data)
+        task = make_task(args.task, args.size, seed=args.seed, dataset=args.data)
         cfg = task.train_config(global_batch=args.global_batch, lr=args.lr, warmup=args.warmup, steps=args.steps)
         seed_everything(args.seed)  # same seed on every rank: identical init, identical global batches
         model = wrap_model(task.build(args.mlp, args.nblocks, seed=args.seed), env, args.strategy)
@@ -344,22 +282,29 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if resume:
             start = load_checkpoint(resume, model, opt, env, {"data": gen})["step"]
         batch = cfg["global_batch"]
-        hist = fit(model, opt, lambda g: task.batch(g, batch), task.loss, steps=args.steps, data_generator=gen,
-                   env=env, start_step=start, lr_schedule=cosine_lr(cfg["lr"], args.steps, cfg["warmup"]),
-                   ckpt_dir=ckpt_dir, save_every=args.save_every,
-                   eval_fn=task.evaluate if args.eval_every else None, eval_every=args.eval_every)
+
+        def checkpoint(step: int) -> None:  # one step per epoch: epoch index = step index
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save_checkpoint(os.path.join(ckpt_dir, f"step_{step + 1}.pt"), model, opt, step + 1, env,
+                                {"data": gen})
+
+        hist = fit(model, opt, step_batches(lambda: task.batch(gen, batch)), epochs=args.steps, loss_fn=task.loss,
+                   schedule=cosine_lr(cfg["lr"], args.steps, cfg["warmup"]), start_epoch=start,
+                   prepare=lambda b: shard_batch(b, env), reduce=lambda loss: mean_across(loss, env),
+                   evaluate=task.evaluate if args.eval_every else None, eval_every=args.eval_every,
+                   on_epoch_end=checkpoint)
         final = task.evaluate(model)
         metrics = {"task": args.task, "size": args.size, "mlp": args.mlp, "strategy": args.strategy if env.distributed
                    else "none", "world_size": env.world_size, "backend": env.backend, "device": str(env.device),
                    "global_batch": batch, "start_step": start, "steps": args.steps, "resumed_from": resume,
-                   "losses": hist["losses"], "step_times_s": hist["step_times"], "evals": hist["evals"],
+                   "losses": hist.losses, "step_times_s": hist.step_times, "evals": hist.evals,
                    "final": final, "params": sum(p.numel() for p in unwrap(model).parameters())}
         if env.is_main:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=1)
             print(f"[distributed] rank0/{env.world_size} {args.task}-{args.mlp} steps {start}..{args.steps} "
-                  f"loss {hist['losses'][-1] if hist['losses'] else float('nan'):.4f} final {final}", flush=True)
+                  f"loss {hist.losses[-1] if hist.losses else float('nan'):.4f} final {final}", flush=True)
         return metrics
     finally:
         cleanup(env)

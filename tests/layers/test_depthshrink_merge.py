@@ -8,14 +8,20 @@ from torch import nn
 
 from monarch_kernels.layers import MonarchLinear
 from monarch_kernels.layers.depthshrinker import (
+    MBV2_MINI_BLOCKS,
     BiasMapConv2d,
+    MobileNetV2Mini,
     PointwiseConv,
     ShrinkableInvertedResidual,
     ShrinkGate,
     compose_convs,
     count_layers,
     depthshrink,
+    capped_simplex_projection,
     merge_zero_padded,
+    project_scores,
+    removal_count,
+    set_relaxed,
     set_removed,
     set_search,
     shrink_blocks,
@@ -162,6 +168,15 @@ def test_gate_straight_through_values_and_score_gradient():
     g.score.grad = None
     g(x).sum().backward()
     assert g.score.grad.item() == 0
+    g.mode = "relax"  # the learned slope: value σ + clamp(s)(x − σ), the same score gradient
+    for s in (0.0, 0.3, 1.0):
+        with torch.no_grad():
+            g.score.fill_(s)
+        g.score.grad = None
+        y = g(x)
+        assert torch.allclose(y, F.relu6(x) + s * (x - F.relu6(x)))
+        y.sum().backward()
+        assert torch.allclose(g.score.grad, (x - F.relu6(x)).sum())
     g.mode = "keep"
     assert torch.equal(g(x), F.relu6(x))
     g.mode = "remove"
@@ -175,8 +190,55 @@ def test_gate_straight_through_values_and_score_gradient():
 def test_gate_mode_survives_state_dict():
     a, b = ShrinkGate(), ShrinkGate()
     a.mode = "remove"
-    b.load_state_dict(a.state_dict())
-    assert b.mode == "remove"
+    a.slope = 0.25
+    state = a.state_dict()
+    assert all(torch.is_tensor(v) for v in state.values())  # tensors only (safetensors, weights_only)
+    b.load_state_dict(state)
+    assert b.mode == "remove" and b.slope == 0.25 and not b.is_linear
+    state["mode_code"] = torch.tensor(9, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="mode_code"):
+        b.load_state_dict(state)
+    with pytest.raises(ValueError, match="slope"):
+        b.slope = 1.5
+
+
+def test_safetensors_round_trip_every_gate_mode(tmp_path):
+    """Regression (issue 18, D10): a network of shrinkable blocks saves to safetensors and loads back with the
+    same gate modes, slopes, search flags and scores, giving identical outputs; ``torch.load(weights_only=True)``
+    works too."""
+    st = pytest.importorskip("safetensors.torch")
+
+    def build():
+        torch.manual_seed(0)
+        return TinyNet()
+
+    net = build()
+    randomize_bn(net, torch.Generator().manual_seed(1))
+    g0, g1, g2 = (b.gate for b in shrink_blocks(net))
+    g0.mode, g0.slope = "remove", 0.5  # a DECAY_SLOPE ramp midway
+    g1.mode = "search"
+    g1.removed.fill_(True)
+    g2.mode = "relax"
+    with torch.no_grad():
+        for g, s in zip((g0, g1, g2), (0.1, 0.4, 0.7)):
+            g.score.fill_(s)
+    net.eval()
+    x = torch.randn(2, 1, 9, 9)
+    with torch.no_grad():
+        y = net(x)
+    st.save_model(net, str(tmp_path / "net.safetensors"))
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    for load in (lambda m: st.load_model(m, str(tmp_path / "net.safetensors")),
+                 lambda m: m.load_state_dict(torch.load(tmp_path / "net.pt", weights_only=True))):
+        fresh = build()
+        assert [b.gate.mode for b in shrink_blocks(fresh)] == ["keep"] * 3
+        load(fresh)
+        fresh.eval()
+        assert [b.gate.mode for b in shrink_blocks(fresh)] == ["remove", "search", "relax"]
+        assert [b.gate.slope for b in shrink_blocks(fresh)] == [0.5, 1.0, 1.0]
+        assert [bool(b.gate.removed) for b in shrink_blocks(fresh)] == [False, True, False]
+        with torch.no_grad():
+            assert torch.equal(fresh(x), y)
 
 
 def test_topk_keep_smallest_scores():
@@ -245,3 +307,76 @@ def test_merge_requires_removed_activation_and_bad_input():
     b.gate.mode = "remove"
     with pytest.raises(ValueError, match="input_size"):
         merge_zero_padded(b, (5,))
+
+
+def test_relaxed_block_interpolates_kept_and_removed():
+    """A ``"relax"`` gate at slope 0 is the kept block, at 1 the removed block with its final activation."""
+    torch.manual_seed(0)
+    b = ShrinkableInvertedResidual(8, 8, 1, 4, 3, final_act=nn.ReLU6())
+    randomize_bn(b, torch.Generator().manual_seed(0))
+    b.eval()
+    x = torch.randn(2, 8, 6, 7) * 3
+    with torch.no_grad():
+        outs = {}
+        for mode in ("keep", "remove"):
+            b.gate.mode = mode
+            outs[mode] = b(x)
+        assert (outs["keep"] - outs["remove"]).abs().max() > 1e-2
+        b.gate.mode = "relax"
+        for s, ref in ((0.0, outs["keep"]), (1.0, outs["remove"])):
+            b.gate.score.fill_(s)
+            assert torch.allclose(b(x), ref, atol=1e-6)
+        b.gate.score.fill_(0.5)
+        mid = b(x)
+    assert not torch.allclose(mid, outs["keep"]) and not torch.allclose(mid, outs["remove"])
+
+
+def test_capped_simplex_projection_is_the_euclidean_projection():
+    g = torch.Generator().manual_seed(0)
+    for n, total in ((1, 1), (5, 2), (8, 4), (8, 0), (8, 8), (7, 2.5)):
+        v = torch.randn(n, generator=g, dtype=torch.float64) * 2
+        a = capped_simplex_projection(v, total)
+        assert a.min() >= 0 and a.max() <= 1 and abs(float(a.sum()) - total) < 1e-9
+        # no feasible point is closer to v: random feasible points, and the 0/1 vectors with `total` ones
+        for _ in range(200):
+            b = capped_simplex_projection(torch.randn(n, generator=g, dtype=torch.float64) * 3, total)
+            assert (a - v).norm() <= (b - v).norm() + 1e-9
+    feasible = torch.tensor([0.2, 0.9, 0.4, 0.5], dtype=torch.float64)
+    assert torch.allclose(capped_simplex_projection(feasible, 2.0), feasible)  # already inside: unchanged
+    assert torch.allclose(capped_simplex_projection(torch.tensor([2.0, 0.5, -1.0]), 1),
+                          torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), atol=1e-12)
+    with pytest.raises(ValueError, match="total"):
+        capped_simplex_projection(torch.zeros(3), 4)
+    with pytest.raises(ValueError, match="finite"):
+        capped_simplex_projection(torch.tensor([0.0, float("nan")]), 1)
+
+
+def test_relaxed_search_budget():
+    net = TinyNet()
+    assert removal_count(3, 1 / 3) == 2 == int(topk_keep(torch.zeros(3), 1 / 3).sum())
+    scores = set_relaxed(net, 1 / 3)
+    assert [b.gate.mode for b in shrink_blocks(net)] == ["relax"] * 3
+    assert torch.allclose(scores, torch.full((3,), 2 / 3))
+    with torch.no_grad():
+        for b, s in zip(shrink_blocks(net), (1.7, 0.2, -0.4)):
+            b.gate.score.fill_(s)
+    projected = project_scores(net, 1 / 3)
+    assert torch.allclose(projected.float(), torch.stack([b.gate.score.detach() for b in shrink_blocks(net)]))
+    assert abs(float(projected.sum()) - 2) < 1e-9 and projected.min() >= 0 and projected.max() <= 1
+    assert projected.tolist() == sorted(projected.tolist(), reverse=True)  # order kept
+    with pytest.raises(ValueError, match="keep_ratio"):
+        removal_count(3, -0.1)
+
+
+def test_mobilenetv2_mini_shapes_and_bad_arguments():
+    torch.manual_seed(0)
+    net = MobileNetV2Mini(1, 10, pointwise="monarch")
+    assert len(shrink_blocks(net)) == len(MBV2_MINI_BLOCKS)
+    assert all(isinstance(b.pw2.linear, MonarchLinear) for b in shrink_blocks(net))
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="blocks"):
+        MobileNetV2Mini(blocks=[(3, 16, 1)])
+    with pytest.raises(ValueError, match="stem_stride"):
+        MobileNetV2Mini(stem_stride=3)
+    with pytest.raises(ValueError, match="num_classes"):
+        MobileNetV2Mini(num_classes=0)

@@ -1,5 +1,4 @@
 """CoDA: hypernetwork identities, regularisers, LV simulator, teacher forcing, adaptation of ξ alone."""
-import json
 
 import numpy as np
 import pytest
@@ -9,6 +8,7 @@ from torchdiffeq import odeint
 from conftest import rel_err
 from monarch_kernels.layers import MonarchLinear
 from methods import coda
+from recipe_runs import quick_run
 from methods.coda import (LV_ADAPT_PARAMS, LV_TRAIN_PARAMS, HyperMonarchDynamics, adapt_codes, code_l2,
                           forecast, group_lasso_rows, linear_r2, lotka_volterra_invariant, simulate_lotka_volterra)
 
@@ -126,7 +126,8 @@ def test_adaptation_updates_only_the_contexts():
     y, t = simulate_lotka_volterra(LV_ADAPT_PARAMS[:2], 1)
     before = {n: p.detach().clone() for n, p in m.named_parameters()}
     flags = {n: p.requires_grad for n, p in m.named_parameters()}
-    codes, losses = adapt_codes(m, y, t, iters=5, lr=1e-2)
+    codes, hist = adapt_codes(m, y, t, iters=5, lr=1e-2)
+    losses = hist.losses
     assert codes.shape == (2, 2) and codes.abs().sum() > 0 and len(losses) == 5
     for n, p in m.named_parameters():
         assert torch.equal(p, before[n]), n  # θ_c, W and the training contexts untouched
@@ -145,7 +146,7 @@ def test_training_step_moves_codes_and_hypernet():
     m = _model(n_env=2).float()
     y, t = simulate_lotka_volterra(LV_TRAIN_PARAMS[:2], 2)
     W0 = m.hyper.weight.detach().clone()
-    losses = coda.train_dynamics(m, y, t, iters=3)
+    losses = coda.train_dynamics(m, y, t, iters=3).losses
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert m.codes.abs().sum() > 0 and not torch.equal(W0, m.hyper.weight)
 
@@ -164,14 +165,18 @@ def test_linear_r2_and_bad_input():
 
 
 def test_quick_run(tmp_path):
-    from methods.recipe import run_recipe
-
-    m = run_recipe("coda", ["--quick", "--out", str(tmp_path), "--threads", "1"])
-    saved = json.loads((tmp_path / "metrics.json").read_text())
+    m, cfg = quick_run("coda", tmp_path)
+    r = m["per_seed"][0]
     for key in ("shared (ERM)", "per-env from scratch", "CoDA"):
-        assert np.isfinite(saved["in_domain_mse"][key]) and saved["in_domain_mse"][key] > 0
+        assert np.isfinite(r["in_domain_mse"][key]) and r["in_domain_mse"][key] > 0
     for key in ("CoDA (ξ only)", "per-env from scratch (1 traj)", "shared (ERM), no adaptation"):
-        assert np.isfinite(saved["adaptation_mse"][key])
-    assert len(saved["context_r2_beta_delta"]) == 2 and np.isfinite(saved["context_r2_mean"])
-    assert len(saved["adapted_codes"]) == len(LV_ADAPT_PARAMS)
-    assert m["wall_time_s"] < 60 and (tmp_path / "coda.png").exists()
+        assert np.isfinite(r["adaptation_mse"][key])
+    # learned dynamics: every model forecasts far better than holding the initial state
+    held = r["in_domain_mse"]["initial state held"]
+    assert max(r["in_domain_mse"][k] for k in ("shared (ERM)", "per-env from scratch", "CoDA")) < held / 5
+    # the paper's ordering already at 40 iterations: CoDA < ERM in distribution; ξ-only adaptation < ERM
+    assert r["in_domain_mse"]["CoDA"] < r["in_domain_mse"]["shared (ERM)"]
+    assert r["adaptation_mse"]["CoDA (ξ only)"] < r["adaptation_mse"]["shared (ERM), no adaptation"]
+    assert set(r["context_r2"]) == {"beta", "delta"} and np.isfinite(m["summary"]["context_r2"]["beta"]["mean"])
+    assert len(r["diagnostics"]["adapted_codes"]) == len(LV_ADAPT_PARAMS)
+    assert m["summary"]["in_domain_mse"]["CoDA"]["n"] == 1

@@ -129,22 +129,3 @@ def test_shard_batch_partitions_the_global_batch_and_validates():
         D.wrap_model(nn.Linear(2, 2), D.DistEnv(), "zero3")
     with pytest.raises(ValueError, match="device must be"):
         D.init_distributed("tpu")
-
-
-def test_cosine_schedule_and_fit_use_the_step_index():
-    lr = D.cosine_lr(1.0, total_steps=10, warmup=2, min_ratio=0.1)
-    assert lr(0) == 0.5 and lr(1) == 1.0 and lr(2) == 1.0 and abs(lr(10) - 0.1) < 1e-12
-    assert abs(lr(6) - (0.1 + 0.9 * 0.5)) < 1e-12  # half-way through the decay
-    seen = []
-    m = nn.Linear(2, 1)
-    opt = torch.optim.SGD(m.parameters(), lr=123.0)
-
-    def loss_fn(model, xb, yb):
-        seen.append(opt.param_groups[0]["lr"])
-        return (model(xb).squeeze(-1) - yb).pow(2).mean()
-
-    hist = D.fit(m, opt, lambda g: (torch.randn(4, 2, generator=g), torch.zeros(4)), loss_fn, steps=5, start_step=2,
-                 data_generator=torch.Generator().manual_seed(0), lr_schedule=lambda s: 0.01 * s)
-    assert hist["steps"] == [2, 3, 4] and seen == [0.02, 0.03, 0.04] and len(hist["step_times"]) == 3
-    with pytest.raises(ValueError, match="start_step"):
-        D.fit(m, opt, None, None, steps=1, start_step=2, data_generator=torch.Generator())

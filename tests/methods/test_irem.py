@@ -1,6 +1,5 @@
 """IREM: energy-descent step, gradients through the inner steps (double backward through Monarch layers),
 truncation, replay buffer, min-energy selection, and the quick end-to-end run."""
-import json
 import math
 
 import pytest
@@ -8,7 +7,9 @@ import torch
 
 from conftest import rel_err
 from monarch_kernels.layers import MonarchLinear
-from methods.irem import (EnergyMLP, ReplayBuffer, energy_descent, energy_grad, energy_step, irem_train_step,
+from recipe_runs import quick_run
+from methods.buffers import ReplayBuffer
+from methods.irem import (EnergyMLP, energy_descent, energy_grad, energy_step, irem_train_step,
                           make_task, min_energy_select)
 from monarch_kernels import available_backends, use_backend
 from monarch_kernels.backends import get as get_backend_entry
@@ -155,21 +156,21 @@ def test_energy_descent_records_energies_of_each_iterate():
 
 
 def test_replay_buffer_is_a_fifo_ring():
-    buf = ReplayBuffer(5, generator=torch.Generator().manual_seed(0))
+    buf = ReplayBuffer(5, torch.Generator().manual_seed(0))
     rows = lambda a, b: (torch.arange(a, b, dtype=torch.float32)[:, None].repeat(1, 2),) * 3
     buf.add(*rows(0, 3))
     assert len(buf) == 3
     buf.add(*rows(3, 7))  # wraps: positions 0, 1 now hold rows 5, 6
     assert len(buf) == 5
-    assert buf._data[0][:, 0].tolist() == [5, 6, 2, 3, 4]
-    x, y, t = buf.sample(200)
+    assert buf.data[0][:, 0].tolist() == [5, 6, 2, 3, 4]
+    x, y, t = buf.sample(200, replace=True)
     assert set(x[:, 0].tolist()) == {2.0, 3.0, 4.0, 5.0, 6.0}  # uniform over what is stored
     assert torch.equal(x, y) and torch.equal(y, t)  # rows stay aligned
     x[:] = -1
-    assert buf._data[0].min() >= 0  # samples are copies
+    assert buf.data[0].min() >= 0  # samples are copies
     with pytest.raises(ValueError, match="empty"):
-        ReplayBuffer(3).sample(1)
-    with pytest.raises(ValueError, match="widths"):
+        ReplayBuffer(3).sample(1, replace=True)
+    with pytest.raises(ValueError, match="row shapes"):
         buf.add(torch.zeros(1, 3), torch.zeros(1, 2), torch.zeros(1, 2))
 
 
@@ -177,13 +178,13 @@ def test_train_step_replays_stored_states():
     torch.manual_seed(0)
     e = EnergyMLP(25, 25, hidden=16, nblocks=4)
     opt = torch.optim.Adam(e.parameters(), 1e-3)
-    buf = ReplayBuffer(100, generator=torch.Generator().manual_seed(0))
+    buf = ReplayBuffer(100, torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(0)
     x, y = make_task("inverse", 8, 5, generator=gen)
     irem_train_step(e, opt, x, y, steps=2, step_lr=1.0, buffer=buf, generator=gen)
     assert len(buf) == 8  # fresh only (buffer had < B)
-    stored = buf._data[1][:8].clone()
-    assert stored.abs().max() > 0 and torch.equal(buf._data[2][:8], y)
+    stored = buf.data[1][:8].clone()
+    assert stored.abs().max() > 0 and torch.equal(buf.data[2][:8], y)
     irem_train_step(e, opt, x, y, steps=2, step_lr=1.0, buffer=buf, generator=gen)
     assert len(buf) == 24  # B fresh + B replayed pushed back
 
@@ -224,17 +225,14 @@ def test_tasks_are_the_official_ones():
 
 
 def test_quick_run(tmp_path):
-    from methods.recipe import run_recipe
-
-    m = run_recipe("irem", ["--quick", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(saved["tasks"]) == {"inverse", "addition"}
-    for task in ("inverse", "addition"):
-        for split in ("id", "ood"):
-            r = saved["tasks"][task][split]
-            assert set(r["irem_mse_at_step"]) >= {"5", "10", "20"}
-            vals = list(r["irem_mse_at_step"].values()) + [r["feedforward_mse"], r["irem_mse_min_energy"]]
-            assert all(math.isfinite(v) and v >= 0 for v in vals)
-            assert 0 <= r["energy_decrease_frac"] <= 1
-            assert r["irem_mse_min_energy"] == m["tasks"][task][split]["irem_mse_min_energy"]
-    assert (tmp_path / "irem_steps.png").exists()
+    m, cfg = quick_run("irem", tmp_path)
+    assert set(m["per_seed"][0]) == {"addition"} and m["seeds"] == [0]
+    for split in ("id", "ood"):
+        r = m["per_seed"][0]["addition"][split]
+        assert set(r["irem_mse_at_step"]) >= {"5", "10", "20"}
+        vals = list(r["irem_mse_at_step"].values()) + [r["feedforward_mse"], r["irem_mse_min_energy"]]
+        assert all(math.isfinite(v) and v >= 0 for v in vals)
+        assert r["energy_decrease_frac"] > 0.9  # reasoning steps descend the learned energy
+        # it learned: after K = 5 steps the answer is far better than the zero predictor
+        assert r["irem_mse_at_step"]["5"] < 0.7 * r["zero_predictor_mse"]
+        assert m["summary"]["addition"][split]["irem_mse_min_energy"]["mean"] == r["irem_mse_min_energy"]

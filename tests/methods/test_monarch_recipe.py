@@ -1,6 +1,5 @@
 """methods.monarch: the quick end-to-end run of all three modes, and the identities the recipe relies on."""
 import copy
-import json
 import math
 
 import pytest
@@ -8,12 +7,15 @@ import torch
 
 from monarch_kernels.layers import MonarchLinear, densify, monarchify
 from methods import monarch as M
+from methods import tasks
+from methods.models import ViT
 from methods.recipe import run_recipe
+from recipe_runs import quick_run
 
 
 def test_quick_all_modes_writes_measured_metrics(tmp_path):
-    m = run_recipe("monarch", ["--quick", "--threads", "1", "--out", str(tmp_path)])
-    assert json.loads((tmp_path / "metrics.json").read_text())["mode"] == "all"
+    m, cfg = quick_run("monarch", tmp_path)
+    assert m["mode"] == "all" and cfg["config"]["size"] == "tiny"
     assert {p.split("/")[-1] for p in m["plots"]} == {"sparse_training.png", "dense_to_sparse.png",
                                                       "reverse_sparsification.png"}
     # 1. sparse training: both models trained and measured, Monarch smaller and cheaper by construction
@@ -25,11 +27,11 @@ def test_quick_all_modes_writes_measured_metrics(tmp_path):
         assert s["params"] < d["params"] and s["forward_flops_per_sample"] < d["forward_flops_per_sample"]
         assert s["monarch_weight_params"] < s["monarch_weight_params_if_dense"] and d["monarch_weight_params"] == 0
         assert m["sparse"][task]["monarch_vs_dense"]["param_ratio"] == pytest.approx(s["params"] / d["params"])
-    for r in m["sparse"]["vit"].values():
-        if "val_acc" in r:
-            assert 0.0 <= r["val_acc"] <= 1.0
-    # the trained models learned something: below the uniform-prediction loss
-    assert m["sparse"]["gpt"]["dense"]["val_loss"] < math.log(m["vocab_size"])
+    for k in ("dense", "monarch"):
+        assert m["sparse"]["vit"][k]["val_acc"] > 0.2  # 80 steps on digits: far above chance (0.1)
+        assert m["sparse"]["gpt"][k]["val_loss"] < math.log(m["vocab_size"])  # below the uniform-prediction loss
+    gpt = m["sparse"]["gpt"]
+    assert gpt["monarch"]["monarch_backend_auto"] and not gpt["dense"]["monarch_backend_auto"]
     # 2. dense-to-sparse: projection of a trained model starts far below a random Monarch model
     d2s = m["d2s"]["runs"]
     assert set(d2s) == {"projected_monarch", "random_monarch", "pretrained_attn_random_monarch_mlp",
@@ -68,16 +70,16 @@ def test_project_after_densify_recovers_a_monarch_model():
     assert len(names) == 4 and not any(isinstance(m, MonarchLinear) for m in dense.modules())
     assert (dense(x).logits - ref).abs().max() < 1e-10
     again = copy.deepcopy(dense)
-    assert monarchify(again, nblocks=4, include=M.GPT_MLP, project=True) == names
+    assert monarchify(again, nblocks=4, include=tasks.GPT_MLP, project=True) == names
     assert (again(x).logits - ref).abs().max() < 1e-8
     err = M.projection_errors(dense, again)
     assert err["trained_mean"] < 1e-8 and err["gaussian_mean"] > 0.5  # Gaussian weights are far from Monarch
 
 
 def test_model_cost_counts_monarch_factors_and_dense_layers():
-    vit = M.ViT(image_size=8, patch=2, dim=16, depth=2, heads=2, mlp_ratio=4)
+    vit = ViT(image_size=8, patch=2, dim=16, depth=2, heads=2, mlp_ratio=4)
     dense_cost = M.model_cost(vit, vit.tokens)
-    replaced = monarchify(vit, nblocks=4, include=M.VIT_MLP)
+    replaced = monarchify(vit, nblocks=4, include=tasks.VIT_MLP)
     assert replaced == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
     cost = M.model_cost(vit, vit.tokens)
     layers = [m for m in vit.modules() if isinstance(m, MonarchLinear)]
@@ -98,23 +100,23 @@ def test_model_cost_counts_monarch_factors_and_dense_layers():
 
 
 def test_vit_shapes_and_bad_input():
-    vit = M.ViT(image_size=8, patch=2, dim=16, depth=1, heads=2)
+    vit = ViT(image_size=8, patch=2, dim=16, depth=1, heads=2)
     assert vit(torch.rand(5, 1, 8, 8)).shape == (5, 10) and vit.tokens == 17
     with pytest.raises(ValueError, match=r"\(B, 1, 8, 8\)"):
         vit(torch.rand(5, 64))
     with pytest.raises(ValueError, match="divisible by patch"):
-        M.ViT(image_size=8, patch=3)
+        ViT(image_size=8, patch=3)
     with pytest.raises(ValueError, match="name must be 'gpt' or 'vit'"):
-        M.make_task("bert")
+        tasks.make_task("bert")
     with pytest.raises(ValueError, match="dataset must be one of"):
-        M.ImageTask("tiny", dataset="cifar")
+        tasks.ImageTask("tiny", dataset="cifar")
 
 
 def test_transfer_optimizer_state_after_densify_keeps_unchanged_parameters():
-    model = M.ViT(image_size=8, patch=2, dim=16, depth=1, heads=2)
-    monarchify(model, nblocks=4, include=M.VIT_MLP)
+    model = ViT(image_size=8, patch=2, dim=16, depth=1, heads=2)
+    monarchify(model, nblocks=4, include=tasks.VIT_MLP)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    M.ImageTask.loss(model, torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])).backward()
+    tasks.ImageTask.loss(model, torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])).backward()
     opt.step()
     dense = copy.deepcopy(model)
     densify(dense)
@@ -137,7 +139,7 @@ def test_bad_switch_is_rejected(tmp_path):
 
 
 def test_model_cost_of_dense_vit_counts_every_projection():
-    vit = M.ViT(image_size=8, patch=2, dim=16, depth=1, heads=2, mlp_ratio=4, num_classes=10)
+    vit = ViT(image_size=8, patch=2, dim=16, depth=1, heads=2, mlp_ratio=4, num_classes=10)
     # patch embedding 4→16, qkv 16→48, out 16→16, MLP 16→64→16, head 16→10
     assert M.model_cost(vit, vit.tokens)["linear_flops_per_token"] == 2 * (4 * 16 + 16 * 48 + 16 * 16 + 2 * 16 * 64
                                                                            + 16 * 10)
