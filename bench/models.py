@@ -1,7 +1,8 @@
 """Layer and model benchmarks: where users feel the speed (issue: small batch, real models).
 
 ``python -m bench.models [--quick] [--device cuda] [--dtype bfloat16] [--out DIR]`` measures, side by side in
-one process, dense vs Monarch (every available backend, plus the fly-style anchor):
+one process, dense vs Monarch (every available backend; ``torch``, the two-``bmm`` reference, is the baseline
+the others are compared with):
 
 1. **MLP** ``d -> 4d -> d`` with GELU (GPT-2-small width 768 and a wider 2048): forward and training step
    (forward + backward) time and tokens/s;
@@ -9,7 +10,8 @@ one process, dense vs Monarch (every available backend, plus the fly-style ancho
    MLPs through ``monarchify``): training-step tokens/s, eager and ``torch.compile``, and generation tokens/s
    (greedy decoding with the KV cache: the small-batch regime);
 3. **saved activations** per layer: bytes autograd keeps for backward (``saved_tensors_hooks``), dense vs
-   this library (recomputes the intermediate) vs fly-style (saves it).
+   Monarch (the stage-1 intermediate is recomputed in backward, not saved: the layer saves what ``nn.Linear``
+   saves, its input).
 """
 from __future__ import annotations
 
@@ -28,40 +30,26 @@ import monarch_kernels as mk
 from methods.models import tiny_gpt2
 from monarch_kernels.layers import MonarchLinear
 
-from .fly_style import fly_monarch
 from .timing import device_name, median_time_us, pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class FlyStyleLinear(nn.Module):
-    """``MonarchLinear``'s parameters run through the fly-style anchor (no bias fusion, saved intermediate)."""
-
-    def __init__(self, layer: MonarchLinear):
-        super().__init__()
-        self.inner = layer
-
-    def forward(self, x):
-        return fly_monarch(x, self.inner.w1, self.inner.w2) + self.inner.bias
-
-
 def mlp(d: int, variant: str, nblocks: int, device, dtype) -> nn.Module:
-    """``Linear(d, 4d) -> GELU -> Linear(4d, d)`` with dense, Monarch (backend ``variant``) or fly-style layers."""
+    """``Linear(d, 4d) -> GELU -> Linear(4d, d)`` with dense or Monarch (backend ``variant``) layers."""
     if variant == "dense":
         layers = [nn.Linear(d, 4 * d), nn.Linear(4 * d, d)]
     else:
-        backend = None if variant in ("auto", "fly") else variant
+        backend = None if variant == "auto" else variant
         layers = [MonarchLinear(d, 4 * d, nblocks=nblocks, backend=backend),
                   MonarchLinear(4 * d, d, nblocks=nblocks, backend=backend)]
-        if variant == "fly":
-            layers = [FlyStyleLinear(m) for m in layers]
     return nn.Sequential(layers[0], nn.GELU(), layers[1]).to(device, dtype)
 
 
 def variants(device: torch.device, dtype: torch.dtype) -> list[str]:
     names = [n for n, s in mk.available_backends().items()
              if s == "available" and mk.backends.get(n).supports(device, dtype)]
-    return ["dense", "fly", *names]
+    return ["dense", *names]
 
 
 def _step(model, x):
@@ -105,8 +93,6 @@ def bench_gpt(cfgs, device, dtype, budget, compile_too: bool) -> list[dict]:
         ids = torch.randint(0, vocab, (batch, seq), device=device)
         base = {}
         for v in variants(device, dtype):
-            if v == "fly":
-                continue  # fly-style is a layer-level anchor; the model rows compare backends
             model = gpt(n_layer, d, n_head, vocab, seq + gen_tokens, "dense" if v == "dense" else "monarch",
                         None if v in ("dense", "auto") else v, device, dtype)
 
@@ -161,7 +147,7 @@ def count_saved_bytes(params):
 def bench_memory(widths, tokens, device, dtype) -> list[dict]:
     rows = []
     for d in widths:
-        for v in ("dense", "fly", "torch"):
+        for v in ("dense", "torch"):
             torch.manual_seed(0)
             layer = mlp(d, v, 4, device, dtype)[0]  # the d -> 4d layer
             x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)

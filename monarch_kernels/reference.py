@@ -1,9 +1,24 @@
 """Pure-PyTorch reference implementation of the primitive kernels (the ``torch`` backend).
 
-Every backend implements the same five primitives on 2-D inputs ``(T, features)``; the custom ops in
-:mod:`monarch_kernels.ops` flatten leading dims and add autograd on top. The reference is always
-available, supports float64 (it is the test oracle) and complex dtypes, and follows fly's two-``bmm``
-formulation: strided views feed ``torch.bmm`` directly; the two permutations are the only copies.
+Every backend implements the same primitives on 2-D inputs ``(T, features)``; the custom ops in
+:mod:`monarch_kernels.ops` flatten leading dims and add autograd on top. The reference is always available,
+supports float64 (it is the test oracle) and complex dtypes, and is the fallback on every device, so it is
+written for speed with ``torch.bmm`` alone (the two-``bmm`` formulation of Dao et al., "Monarch: Expressive
+Structured Matrices for Efficient and Accurate Training", ICML 2022, §3):
+
+* **Token-major buffers, block-major views.** Each stage is one batched GEMM over blocks, ``(b, T, ·)``.
+  Its output is allocated token-major, ``(T, b, ·)``, and ``bmm`` writes into the transposed *view*
+  (``out=``): every block's rows then have stride ``b·width`` and unit column stride, which BLAS takes as a
+  leading dimension, so the stage-1 output lands directly in the natural ``(T, k·q)`` order and no copy is
+  needed to undo the batching.
+* **One copy per permutation, and only there.** ``P1`` views the natural ``(T, k·q)`` stage-1 output as
+  ``(T, r, l)`` and swaps the last two dims: one ``contiguous()`` makes ``(T, l, r)``, whose ``(l, T, r)``
+  view feeds stage 2 with unit column stride (a view of the unpermuted data would have column stride ``l``,
+  which BLAS cannot take, and ``bmm`` would copy anyway). ``P2`` reads the token-major ``(T, l, s)``
+  stage-2 output through a ``(T, s, l)`` view in one copy, fused with the bias add.
+* **Backward.** The same two tricks in reverse: ``P2ᵀ`` and ``P1ᵀ`` are one copy each; the gradients of
+  both stages come from ``bmm`` on views (``dw = gᵀ z`` reads transposed views, which BLAS takes as
+  transposed operands).
 
 Shapes (``T`` tokens):
 
@@ -18,8 +33,9 @@ Shapes (``T`` tokens):
 * ``monarch_bwd_input(g (T, n_out), w1, w2, n_in) -> (T, n_in)``: ``Mᵀ g``.
 * ``monarch_bwd_weight(x (T, n_in), g (T, n_out), w1, w2) -> (dw1, dw2)``: gradients of ``⟨g, M x⟩``;
   the stage-1 intermediate is recomputed, not saved.
-* ``monarch_bwd(x, g, w1, w2, n_in) -> (dx, dw1, dw2)``: both of the above, sharing ``dy = BD(w2)ᵀ P2ᵀ g``
-  (optional for a backend: :mod:`monarch_kernels.ops` composes the two when a backend lacks it).
+* ``monarch_bwd(x, g, w1, w2, n_in) -> (dx, dw1, dw2)``: both of the above, sharing the recomputed intermediate
+  and ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` (optional for a backend: :mod:`monarch_kernels.ops` composes the two when a
+  backend lacks it).
 """
 from __future__ import annotations
 
@@ -27,7 +43,6 @@ import torch
 import torch.nn.functional as F
 
 from . import activations
-from .shapes import MonarchShape
 
 
 def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -36,31 +51,40 @@ def _pad_last(t: torch.Tensor, width: int) -> torch.Tensor:
 
 def _blocks_in(x: torch.Tensor, k: int, p: int) -> torch.Tensor:
     """``(T, n_in)`` -> ``(k, T, p)`` view (zero-padded to ``k·p`` first if needed)."""
-    return _pad_last(x, k * p).view(x.shape[0], k, p).transpose(0, 1)
+    return _pad_last(x, k * p).reshape(x.shape[0], k, p).transpose(0, 1)
 
 
-def _stage1(x: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
-    """``BD(w1) x`` then ``P1``: returns ``z (l, T, r)`` with ``z[ll, t, rr] = y[t, rr·l + ll]``."""
-    return torch.bmm(_blocks_in(x, w1.shape[0], w1.shape[2]), w1.transpose(1, 2))
+def _stage1(x: torch.Tensor, w1: torch.Tensor, l: int, r: int) -> torch.Tensor:
+    """``P1 · BD(w1) x``: ``z (l, T, r)``, a view of a token-major ``(T, l, r)`` tensor, with
+    ``z[ll, t, rr] = y[t, rr·l + ll]``."""
+    T = x.shape[0]
+    k, q, p = w1.shape
+    y = x.new_empty(T, k, q)  # natural order: row t is the k·q stage-1 outputs of token t
+    torch.bmm(_blocks_in(x, k, p), w1.transpose(1, 2), out=y.transpose(0, 1))
+    return y.view(T, r, l).transpose(1, 2).contiguous().transpose(0, 1)  # P1: the one copy
 
 
-def _to_stage2(y: torch.Tensor, l: int, r: int) -> torch.Tensor:
-    """Stage-1 output ``y (k, T, q)`` -> stage-2 input ``z (l, T, r)`` (permutation P1), materialised:
-    the permuted view has batch stride 1, on which ``bmm`` falls off its fast path (≈ 50× slower on CPU)."""
-    T = y.shape[1]
-    return y.transpose(0, 1).reshape(T, r, l).permute(2, 0, 1).contiguous()
+def _stage2(z: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """``BD(w2) z`` for ``z (l, T, r)``: token-major ``(T, l, s)`` (block order, before ``P2``)."""
+    l, s, _ = w2.shape
+    o = z.new_empty(z.shape[1], l, s)
+    torch.bmm(z, w2.transpose(1, 2), out=o.transpose(0, 1))
+    return o
 
 
-def _from_stage2(dz: torch.Tensor, k: int, q: int) -> torch.Tensor:
-    """Inverse of :func:`_to_stage2`: ``dz (l, T, r)`` -> ``(k, T, q)`` (permutation P1ᵀ)."""
-    T = dz.shape[1]
-    return dz.permute(1, 2, 0).reshape(T, k, q).transpose(0, 1)
-
-
-def _out_grad_blocks(g: torch.Tensor, l: int, s: int) -> torch.Tensor:
-    """Output gradient ``g (T, n_out)`` -> ``(l, T, s)`` with ``[ll, t, ss] = g[t, ss·l + ll]`` (P2ᵀ),
-    materialised for the same reason as :func:`_to_stage2`."""
-    return _pad_last(g, l * s).reshape(g.shape[0], s, l).permute(2, 0, 1).contiguous()
+def _permute_out(o: torch.Tensor, bias, n_out: int) -> torch.Tensor:
+    """``P2`` and the bias: ``(T, l, s)`` block order -> ``(T, n_out)`` with ``out[t, ss·l + ll] = o[t, ll, ss]``,
+    in one copy (the bias add writes the permuted view) unless the output is truncated."""
+    T, l, s = o.shape
+    if n_out == l * s:
+        out = o.new_empty(T, s, l)
+        if bias is None:
+            out.copy_(o.transpose(1, 2))
+        else:
+            torch.add(o.transpose(1, 2), bias.reshape(s, l), out=out)
+        return out.view(T, n_out)
+    out = o.transpose(1, 2).reshape(T, l * s)[:, :n_out]
+    return out + bias if bias is not None else out.contiguous()
 
 
 def _epilogue(out, bias, activation: str):
@@ -70,46 +94,63 @@ def _epilogue(out, bias, activation: str):
 
 def blockdiag_fwd(x, w, bias, n_out: int, activation: str = "none"):
     k, q, p = w.shape
-    y = torch.bmm(_blocks_in(x, k, p), w.transpose(1, 2))  # (k, T, q)
-    return _epilogue(y.transpose(0, 1).reshape(x.shape[0], k * q)[:, :n_out], bias, activation)
+    T = x.shape[0]
+    y = x.new_empty(T, k, q)  # natural order straight from bmm (out= a transposed view)
+    torch.bmm(_blocks_in(x, k, p), w.transpose(1, 2), out=y.transpose(0, 1))
+    y = y.view(T, k * q)
+    return _epilogue(y if n_out == k * q else y[:, :n_out], bias, activation)
 
 
 def blockdiag_wgrad(x, g, k: int, q: int, p: int):
-    gk = _pad_last(g, k * q).view(g.shape[0], k, q).transpose(0, 1)  # (k, T, q)
+    gk = _pad_last(g, k * q).reshape(g.shape[0], k, q).transpose(0, 1)  # (k, T, q)
     return torch.bmm(gk.transpose(1, 2), _blocks_in(x, k, p))
 
 
 def monarch_fwd(x, w1, w2, bias, n_out: int, activation: str = "none"):
-    sh = MonarchShape.from_factors(w1.shape, w2.shape)
-    z = _to_stage2(_stage1(x, w1), sh.l, sh.r)
-    o = torch.bmm(z, w2.transpose(1, 2))  # (l, T, s)
-    out = o.permute(1, 2, 0).reshape(x.shape[0], sh.n_out)[:, :n_out]  # out[t, ss·l + ll]
-    return _epilogue(out, bias, activation)
+    l, _, r = w2.shape
+    pre = _permute_out(_stage2(_stage1(x, w1, l, r), w2), bias, n_out)
+    return _activate_(activation, pre)  # in place: pre is this call's own fresh tensor
+
+
+def _activate_(activation: str, t: torch.Tensor) -> torch.Tensor:
+    if activation == "none":
+        return t
+    if activation == "relu":
+        return t.relu_()
+    return torch.ops.aten.gelu_(t, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def _backward(x, g, w1, w2, n_in: int, want_dx: bool, want_dw: bool):
+    """The shared body of the backward primitives: ``(dx, dw1, dw2)``, ``None`` for what is not wanted."""
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    T = g.shape[0]
+    # P2ᵀ: (l, T, s) view of a token-major (T, l, s) copy
+    go = _pad_last(g, l * s).reshape(T, s, l).transpose(1, 2).contiguous().transpose(0, 1)
+    dw1 = dw2 = dx = None
+    if want_dw:
+        dw2 = torch.bmm(go.transpose(1, 2), _stage1(x, w1, l, r))  # the intermediate, recomputed
+    dz = g.new_empty(T, l, r)
+    torch.bmm(go, w2, out=dz.transpose(0, 1))
+    dy = dz.transpose(1, 2).reshape(T, k, q).transpose(0, 1)  # P1ᵀ: one copy into natural order; (k, T, q) view
+    if want_dw:
+        dw1 = torch.bmm(dy.transpose(1, 2), _blocks_in(x, k, p))
+    if want_dx:
+        dxb = g.new_empty(T, k, p)
+        torch.bmm(dy, w1, out=dxb.transpose(0, 1))
+        dx = dxb.view(T, k * p)
+        dx = dx if n_in == k * p else dx[:, :n_in].contiguous()
+    return dx, dw1, dw2
 
 
 def monarch_bwd_input(g, w1, w2, n_in: int):
-    sh = MonarchShape.from_factors(w1.shape, w2.shape)
-    dz = torch.bmm(_out_grad_blocks(g, sh.l, sh.s), w2)  # (l, T, r)
-    dx = torch.bmm(_from_stage2(dz, sh.k, sh.q), w1)  # (k, T, p)
-    return dx.transpose(0, 1).reshape(g.shape[0], sh.n_in)[:, :n_in].contiguous()
+    return _backward(None, g, w1, w2, n_in, True, False)[0]
 
 
 def monarch_bwd_weight(x, g, w1, w2):
-    sh = MonarchShape.from_factors(w1.shape, w2.shape)
-    go = _out_grad_blocks(g, sh.l, sh.s)  # (l, T, s)
-    z = _to_stage2(_stage1(x, w1), sh.l, sh.r)  # recomputed, not saved
-    dw2 = torch.bmm(go.transpose(1, 2), z)
-    dy = _from_stage2(torch.bmm(go, w2), sh.k, sh.q)  # (k, T, q)
-    dw1 = torch.bmm(dy.transpose(1, 2), _blocks_in(x, sh.k, sh.p))
+    _, dw1, dw2 = _backward(x, g, w1, w2, x.shape[1], False, True)
     return dw1, dw2
 
 
 def monarch_bwd(x, g, w1, w2, n_in: int):
-    sh = MonarchShape.from_factors(w1.shape, w2.shape)
-    go = _out_grad_blocks(g, sh.l, sh.s)  # (l, T, s)
-    z = _to_stage2(_stage1(x, w1), sh.l, sh.r)  # recomputed, not saved
-    dw2 = torch.bmm(go.transpose(1, 2), z)
-    dy = _from_stage2(torch.bmm(go, w2), sh.k, sh.q)  # (k, T, q), shared by dx and dw1
-    dw1 = torch.bmm(dy.transpose(1, 2), _blocks_in(x, sh.k, sh.p))
-    dx = torch.bmm(dy, w1).transpose(0, 1).reshape(g.shape[0], sh.n_in)[:, :n_in].contiguous()
-    return dx, dw1, dw2
+    return _backward(x, g, w1, w2, n_in, True, True)
