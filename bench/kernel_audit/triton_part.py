@@ -71,9 +71,10 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
                 cases.append(Case(f"monarch bwd_weight path={path} {tag}",
                                   lambda x=x, g=g, w1=w1, w2=w2, p=path: tmon.backward_weight(x, g, w1, w2, path=p)))
             k, q, p = sh.w1_shape
+            gy = meta(T, k * q)
             cases.append(Case(f"blockdiag fwd+wgrad {tag}",
-                              lambda x=x, w=w1, T=T, k=k, q=q, p=p: (backend.blockdiag_fwd(x, w, None, k * q, "relu"),
-                                                                     backend.blockdiag_wgrad(x, meta(T, k * q), k, q, p))))
+                              lambda x=x, w=w1, gy=gy, k=k, q=q, p=p: (backend.blockdiag_fwd(x, w, None, k * q, "relu"),
+                                                                       backend.blockdiag_wgrad(x, gy, k, q, p))))
     return cases
 
 

@@ -155,9 +155,13 @@ def _gathered_group(a, W, BIAS, KK, STEP, rn, kidx, Q, P, N_OUT, swk, swq, swp, 
     (finished by the epilogue when ``EPILOGUE``, else fp32 partial sums)."""
     if G == 1:
         wrow = _block_rows(rn, OUT_A, OUT_MODE, OUT_C)
-        b = _load(W + KK * swk + wrow[None, :] * swq + kidx[:, None] * swp,
-                  (rn < Q)[None, :] & (kidx < P)[:, None], UPCAST)
-        out = tl.dot(a, b, input_precision=PRECISION)
+        out = tl.zeros((a.shape[0], rn.shape[0]), dtype=tl.float32)
+        # one trip (the tile holds this K step): the loop keeps each block's weight load next to its dot, where
+        # straight-line code let the compiler hoist every block's weights at once (registers spilled)
+        for _ in range(0, tl.minimum(P, 1)):
+            b = _load(W + KK * swk + wrow[None, :] * swq + kidx[:, None] * swp,
+                      (rn < Q)[None, :] & (kidx < P)[:, None], UPCAST)
+            out = tl.dot(a, b, out, input_precision=PRECISION)
         if EPILOGUE:
             out = _epilogue(out, BIAS, KK, rn, Q, N_OUT, OUT_A, OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE)
         return out
@@ -270,7 +274,7 @@ def bd_forward(
     y = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if out is None else out
     if T == 0:
         return y
-    lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm)
+    lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm, activation != "none")
     _bd_fwd_kernel[lp.grid](
         x, w, bias if bias is not None else y, y,
         T, x.shape[1], n_out, q, p,
