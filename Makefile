@@ -13,7 +13,7 @@ HAVE_CUDA_TORCH := $(shell $(PYTHON) -c "import torch, sys; sys.exit(0 if torch.
 HAVE_GPU        := $(shell nvidia-smi -L 2>/dev/null | grep -q GPU && echo 1)
 NO_TORCH_REQS   := $(VENV)/requirements-without-torch.txt
 
-.PHONY: setup build bench test clean cuda-build-check bench-regress
+.PHONY: setup build bench test clean cuda-build-check bench-regress mutants
 
 $(DEPS): requirements-dev.txt requirements-nodeps.txt
 ifeq ($(HAVE_CUDA_TORCH),1)
@@ -47,6 +47,11 @@ test: build
 # CPU performance-regression suite (pytest-benchmark), separate from the unit tests
 bench-regress: build
 	$(PY) -m pytest bench/benchmarks --benchmark-only --benchmark-autosave $(TEST_ARGS)
+
+# Mutation check of the kernel tests (tests/mutation/mutants.py): each listed Triton and C++ mutant, applied alone
+# to a scratch copy of the tree, must make tests/monarch_kernels fail. Slow (a rebuild per C++ mutant); not in CI.
+mutants: build
+	$(PY) tests/mutation/run.py $(MUTANT_ARGS)
 
 clean:
 	rm -rf build *.egg-info monarch_kernels/_C*.so bench/out

@@ -1,19 +1,36 @@
-"""Build script: pure-Python packages plus the optional ``monarch_kernels._C`` extension from ``csrc/``.
+"""Build script: the packages (metadata in ``pyproject.toml``) plus the optional ``monarch_kernels._C`` extension
+from ``csrc/``.
 
 The extension is built when torch is importable at build time (install with ``--no-build-isolation`` so the
 environment's torch is used) and a C++ compiler works; CUDA sources are added when torch has CUDA and
-``nvcc`` is found. Without a compiler, or with ``MONARCH_KERNELS_NO_EXT=1``, the install is pure Python and
-the ``cpu``/``cuda`` backends report themselves unavailable with the reason. ``-march=native`` is used for
-the CPU kernels unless ``MONARCH_KERNELS_PORTABLE=1``.
+``nvcc`` is found. When it cannot be built the install is pure Python: this script prints a warning with the
+reason and the fix (shown by ``pip install -v``; the layers warn again once at run time), the ``cpu``/``cuda``
+backends report themselves unavailable with the reason, and ``MONARCH_KERNELS_REQUIRE_EXT=1`` turns the warning
+into a build error. ``MONARCH_KERNELS_NO_EXT=1`` skips the extension on purpose (no warning).
+``-march=native`` is used for the CPU kernels unless ``MONARCH_KERNELS_PORTABLE=1``.
 """
 import glob
 import os
 import shutil
 import sys
+import warnings
 
 from setuptools import find_packages, setup
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+def skip_extension(reason: str):
+    """Report loudly that the install is pure Python (or fail with MONARCH_KERNELS_REQUIRE_EXT=1)."""
+    message = (
+        f"monarch-kernels: NOT building the C++/CUDA kernels: {reason}. The install is pure Python: every op runs "
+        "on the (slower) PyTorch reference backend. Fix: install torch and a C++ compiler first, then "
+        "`pip install --no-build-isolation monarch-kernels` (or `pip install --no-build-isolation -e .` in a "
+        "checkout), so that the build sees the environment's torch."
+    )
+    if os.environ.get("MONARCH_KERNELS_REQUIRE_EXT") == "1":
+        raise SystemExit(message)
+    bar = "!" * 100
+    print(f"\n{bar}\n{message}\n{bar}\n", file=sys.stderr)
+    warnings.warn(message, stacklevel=2)
+    return [], {}
 
 
 def extension_modules():
@@ -21,16 +38,14 @@ def extension_modules():
         return [], {}
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp:
-        return [], {}
+        return skip_extension("no csrc/*.cpp sources in this source tree")
     try:
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("monarch-kernels: torch not importable at build time; skipping the C++/CUDA extension", file=sys.stderr)
-        return [], {}
+        return skip_extension("torch is not importable at build time (an isolated build environment?)")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        print("monarch-kernels: no C++ compiler found; skipping the C++/CUDA extension", file=sys.stderr)
-        return [], {}
+        return skip_extension(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) found")
     cxx = ["-O3", "-fopenmp"]  # the C++ standard is set by torch.utils.cpp_extension
     if os.environ.get("MONARCH_KERNELS_PORTABLE") != "1":
         cxx.append("-march=native")  # the CPU micro-kernel relies on the host's vector width
@@ -56,19 +71,12 @@ def extension_modules():
 
 ext_modules, cmdclass = extension_modules()
 
+# Metadata (name, version, dependencies, extras) lives in pyproject.toml; this call adds the package layout and the
+# extension. The layers/ folder is the subpackage monarch_kernels.layers; methods/ and bench/ run from the checkout.
 setup(
-    name="monarch-kernels",
-    version="0.1.0",
-    description="Triton and C++/CUDA kernels for Monarch and block-diagonal matrices, drop-in layers and recipes",
-    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
-    # the layers/ folder is the subpackage monarch_kernels.layers; methods/ and bench/ run from the checkout only
     packages=find_packages(include=["monarch_kernels", "monarch_kernels.*"]) + ["monarch_kernels.layers"],
     package_dir={"monarch_kernels.layers": "layers"},
-    package_data={"monarch_kernels": ["py.typed"]},
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "safetensors"],
-    extras_require={"triton": ["triton>=3.0"]},
+    package_data={"monarch_kernels": ["py.typed"], "monarch_kernels.layers": ["py.typed"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

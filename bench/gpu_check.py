@@ -363,6 +363,10 @@ for _name, _provider in (("env", env_cases), ("probes", probe_cases), ("correctn
                          ("timing", timing_cases), ("paths", path_cases), ("mlp", mlp_cases)):
     register_provider(_name, _provider)
 
+from .cuda_decode import gpu_check_cases as _cuda_decode_cases  # noqa: E402  (csrc/cuda decode kernels)
+
+register_provider("cuda_decode", _cuda_decode_cases, needs_extension=True)
+
 
 # ------------------------------------------------------------------------------------------ running
 

@@ -99,7 +99,7 @@ def gpt(n_layer, d, n_head, vocab, n_pos, mlp_kind, backend, device, dtype):
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
     if mlp_kind != "dense":
-        monarchify(model, nblocks=4, include=["*.mlp.c_fc", "*.mlp.c_proj"], backend=backend)
+        monarchify(model, nblocks=4, include=["**.mlp.c_fc", "**.mlp.c_proj"], backend=backend, project=False)
     return model.to(device, dtype)
 
 

@@ -42,7 +42,7 @@ template <typename T>
 inline T activate(T v, int64_t act) {
   switch (act) {
     case RELU:
-      return v > T(0) ? v : T(0);
+      return v < T(0) ? T(0) : v;  // NaN stays NaN, as in torch.relu
     case GELU:
       return T(0.5) * v * (T(1) + std::erf(v * T(0.70710678118654752)));
     case GELU_TANH: {

@@ -1,6 +1,26 @@
-"""Drop-in ``nn.Module`` layers built on :mod:`monarch_kernels`."""
+"""Drop-in ``nn.Module`` layers built on :mod:`monarch_kernels` (installed as ``monarch_kernels.layers``).
+
+* :class:`MonarchLinear`, :class:`BlockdiagLinear`: ``nn.Linear`` replacements (``from_dense``/``from_linear``
+  project a dense weight, ``to_linear`` goes back);
+* :func:`monarchify` / :func:`densify`: convert a whole model by module-path patterns
+  (:mod:`~monarch_kernels.layers.patterns`), optionally fitted to real activations
+  (:mod:`~monarch_kernels.layers.calibrate`), then :func:`distill` towards the dense model;
+* :func:`from_pretrained` (:mod:`~monarch_kernels.layers.hf`): reload a monarchified Hugging Face model;
+* DepthShrinker blocks and merges (:mod:`~monarch_kernels.layers.depthshrinker`).
+"""
 from .blockdiag_linear import BlockdiagLinear
-from .convert import densify, dense_view, from_fly_state_dict, monarchify, to_fly_state_dict
+from .convert import (
+    Conversion,
+    LayerConversion,
+    dense_view,
+    densify,
+    from_fly_state_dict,
+    monarchify,
+    restructure,
+    to_fly_state_dict,
+)
+from .distill import distill
+from .hf import from_pretrained
 from .monarch_linear import MonarchLinear
 from .structured import StructuredLinear
 from .depthshrinker import (
@@ -21,12 +41,17 @@ from .depthshrinker import (
 
 __all__ = [
     "BlockdiagLinear",
+    "Conversion",
+    "LayerConversion",
     "MonarchLinear",
     "StructuredLinear",
     "dense_view",
     "densify",
+    "distill",
     "from_fly_state_dict",
+    "from_pretrained",
     "monarchify",
+    "restructure",
     "to_fly_state_dict",
     "BiasMapConv2d",
     "PointwiseConv",

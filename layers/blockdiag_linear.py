@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from monarch_kernels import blockdiag_linear
 
-from .structured import StructuredLinear
+from .calibrate import fit_blockdiag
+from .structured import StructuredLinear, _check_dense
 
 
 class BlockdiagLinear(StructuredLinear):
@@ -24,6 +25,16 @@ class BlockdiagLinear(StructuredLinear):
     ``(Sx)[cc·nblocks + g] = x[g·p + cc]`` over the zero-padded input (fly's ``'(group c) -> (c group)'``).
     Parameter name and layout match fly's ``BlockdiagLinear.weight``. Init ``U(±1/√p)``: output variance
     equals ``nn.Linear``'s default.
+
+    Args:
+        in_features: input width (any positive int; padded to ``nblocks·ceil(in/nblocks)`` inside the op).
+        out_features: output width (any positive int).
+        bias: whether the layer has a learnable ``bias (out_features,)`` (default ``True``).
+        nblocks: number of diagonal blocks, ``1 <= nblocks <= min(in_features, out_features)`` (default 4).
+        shuffle: apply the channel shuffle ``S`` to the input first (default ``False``).
+        backend: kernel backend of every forward call, or ``None`` (default) for the process-wide choice.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
     """
 
     def __init__(
@@ -50,6 +61,7 @@ class BlockdiagLinear(StructuredLinear):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Default initialisation: ``weight ~ U(±1/√p)``, bias like ``nn.Linear``."""
         bound = 1.0 / math.sqrt(self.weight.shape[2])
         nn.init.uniform_(self.weight, -bound, bound)
         self._reset_bias()
@@ -75,7 +87,45 @@ class BlockdiagLinear(StructuredLinear):
             x = self._shuffle(x)
         return blockdiag_linear(x, weights[0], bias, out_features=self.out_features, backend=self.backend)
 
+    @classmethod
+    def from_dense(
+        cls,
+        weight: Tensor,
+        bias: Optional[Tensor] = None,
+        nblocks: int = 4,
+        *,
+        second_moment: Optional[Tensor] = None,
+        backend: Optional[str] = None,
+    ) -> "BlockdiagLinear":
+        """The block-diagonal layer (no shuffle) closest to a dense ``y = x Wᵀ + bias``.
+
+        Without ``second_moment``: the diagonal blocks of the zero-padded ``W`` (the Frobenius-optimal choice).
+        With it: the per-block regression that minimises the output error on inputs of that second moment
+        (:func:`monarch_kernels.layers.calibrate.fit_blockdiag`).
+
+        Args:
+            weight: dense ``(out_features, in_features)`` floating-point weight (device and dtype are kept).
+            bias: optional ``(out_features,)`` bias, copied.
+            nblocks: number of diagonal blocks.
+            second_moment: optional ``(in_features, in_features)`` input second moment ``X Xᵀ / T``.
+            backend: kernel backend of the new layer.
+        """
+        out_f, in_f = _check_dense(weight, bias, "BlockdiagLinear.from_dense")
+        layer = cls(in_f, out_f, bias is not None, nblocks, backend=backend, device=weight.device, dtype=weight.dtype)
+        k, q, p = layer.weight.shape
+        if second_moment is None:
+            padded = F.pad(weight.detach(), (0, k * p - in_f, 0, k * q - out_f))
+            blocks = padded.view(k, q, k, p).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+        else:
+            blocks = fit_blockdiag(weight, second_moment, nblocks)
+        with torch.no_grad():
+            layer.weight.copy_(blocks)
+            if bias is not None:
+                layer.bias.copy_(bias.detach())
+        return layer
+
     def dense_weight(self) -> Tensor:
+        """The equivalent dense ``(out_features, in_features)`` weight (differentiable)."""
         eye = torch.eye(self.in_features, device=self.weight.device, dtype=self.weight.dtype)
         if self.shuffle:
             eye = self._shuffle(eye)

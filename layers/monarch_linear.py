@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from monarch_kernels import monarch_factor_shapes, monarch_linear, project
 
-from .structured import StructuredLinear
+from .calibrate import fit_monarch
+from .structured import StructuredLinear, _check_dense
 
 #: fly's parameter names for the two factors (``src/models/layers/monarch_linear.py``)
 FLY_KEYS = {"blkdiag1": "w1", "blkdiag2": "w2"}
@@ -30,6 +31,30 @@ class MonarchLinear(StructuredLinear):
     ``U(±1/√in_features)`` like ``nn.Linear`` (fly uses ``out_features``).
 
     Checkpoints written by fly (keys ``blkdiag1``/``blkdiag2``) load directly with ``load_state_dict``.
+
+    Args:
+        in_features: input width ``n_in`` (any positive int).
+        out_features: output width ``n_out`` (any positive int).
+        bias: whether the layer has a learnable ``bias (out_features,)`` (default ``True``).
+        nblocks: blocks per factor, ``1 <= nblocks <= min(in_features, out_features)`` (default 4): the layer has
+            about ``(n_in + n_out)·max(n_in, n_out)/nblocks`` weights instead of ``n_in·n_out``.
+        backend: kernel backend of every forward call (``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``) or
+            ``None`` (default) for the process-wide choice, ``"auto"`` unless set with
+            :func:`monarch_kernels.use_backend`.
+        device: device of the parameters.
+        dtype: dtype of the parameters.
+
+    Attributes:
+        w1: ``(k, q, p)`` first block-diagonal factor (fly's ``blkdiag1``).
+        w2: ``(l, s, r)`` second block-diagonal factor (fly's ``blkdiag2``).
+        bias: ``(out_features,)`` or ``None``.
+        shape: the :class:`monarch_kernels.MonarchShape` of the factors.
+
+    Example::
+
+        layer = MonarchLinear(768, 3072, nblocks=4)           # 0.31x the weights of nn.Linear(768, 3072)
+        y = layer(torch.randn(8, 128, 768))                   # (8, 128, 3072)
+        layer = MonarchLinear.from_linear(nn.Linear(768, 3072), nblocks=4)   # projection of a dense layer
     """
 
     def __init__(
@@ -52,6 +77,7 @@ class MonarchLinear(StructuredLinear):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Default initialisation: ``w1 ~ U(±√(3/p))``, ``w2 ~ U(±1/√r)``, bias like ``nn.Linear``."""
         bound1 = math.sqrt(3.0 / self.shape.p)
         bound2 = 1.0 / math.sqrt(self.shape.r)
         nn.init.uniform_(self.w1, -bound1, bound1)
@@ -74,23 +100,44 @@ class MonarchLinear(StructuredLinear):
         return monarch_linear(x, w1, w2, bias, out_features=self.out_features, backend=self.backend)
 
     def dense_weight(self) -> Tensor:
+        """The equivalent dense ``(out_features, in_features)`` weight ``M`` (differentiable)."""
         eye = torch.eye(self.in_features, device=self.w1.device, dtype=self.w1.dtype)
         return monarch_linear(eye, self.w1, self.w2, out_features=self.out_features, backend=self.backend).T
 
     @classmethod
     def from_dense(
-        cls, weight: Tensor, bias: Optional[Tensor] = None, nblocks: int = 4, *, backend: Optional[str] = None
+        cls,
+        weight: Tensor,
+        bias: Optional[Tensor] = None,
+        nblocks: int = 4,
+        *,
+        second_moment: Optional[Tensor] = None,
+        backend: Optional[str] = None,
     ) -> "MonarchLinear":
-        """Project a dense ``(out, in)`` weight onto Monarch factors (Frobenius-optimal when ``nblocks``
-        divides both sizes; otherwise optimal for the zero-padded weight, whose padding rows and columns the
-        factors also fit)."""
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(f"MonarchLinear.from_dense: weight must be a 2-D (out, in) tensor, got {weight!r:.60}")
-        out_f, in_f = weight.shape
+        """The Monarch layer closest to a dense ``y = x Wᵀ + bias``.
+
+        Without ``second_moment``: the Frobenius-optimal projection (:func:`monarch_kernels.project`; optimal
+        for the zero-padded weight when ``nblocks`` does not divide the sizes). With it: the activation-aware
+        fit that minimises the output error on inputs of that second moment
+        (:func:`monarch_kernels.layers.calibrate.fit_monarch`).
+
+        Args:
+            weight: dense ``(out_features, in_features)`` floating-point weight (device and dtype are kept).
+            bias: optional ``(out_features,)`` bias, copied.
+            nblocks: number of blocks of each factor, ``1 <= nblocks <= min(in_features, out_features)``.
+            second_moment: optional ``(in_features, in_features)`` input second moment ``X Xᵀ / T``
+                (:func:`monarch_kernels.layers.calibrate.input_second_moments`).
+            backend: kernel backend of the new layer (see :class:`MonarchLinear`).
+        """
+        fn = "MonarchLinear.from_dense"
+        out_f, in_f = _check_dense(weight, bias, fn)
         layer = cls(in_f, out_f, bias is not None, nblocks, backend=backend, device=weight.device, dtype=weight.dtype)
         sh = layer.shape
-        padded = F.pad(weight.detach(), (0, sh.n_in - in_f, 0, sh.n_out - out_f))
-        w1, w2 = project(padded, w1_shape=sh.w1_shape, w2_shape=sh.w2_shape)
+        if second_moment is None:
+            padded = F.pad(weight.detach(), (0, sh.n_in - in_f, 0, sh.n_out - out_f))
+            w1, w2 = project(padded, w1_shape=sh.w1_shape, w2_shape=sh.w2_shape)
+        else:
+            w1, w2 = fit_monarch(weight, second_moment, nblocks)
         with torch.no_grad():
             layer.w1.copy_(w1)
             layer.w2.copy_(w2)
@@ -100,7 +147,13 @@ class MonarchLinear(StructuredLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, nblocks: int = 4, *, backend: Optional[str] = None) -> "MonarchLinear":
-        """Dense-to-sparse: the Monarch layer closest (Frobenius) to ``linear``'s weight, same bias."""
+        """Dense-to-sparse: the Monarch layer closest (Frobenius) to ``linear``'s weight, same bias.
+
+        Args:
+            linear: the ``nn.Linear`` to project (left unchanged).
+            nblocks: number of blocks of each factor.
+            backend: kernel backend of the new layer.
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"MonarchLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         return cls.from_dense(linear.weight, linear.bias, nblocks, backend=backend)

@@ -2,10 +2,53 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from monarch_kernels import available_backends
+
+
+def _warn_if_reference_only(device: torch.device) -> None:
+    """Warn once per device type when no compiled backend can run there, so the layers fall back to the
+    (correct but slower) PyTorch reference: usually an install that could not build the C++/CUDA extension."""
+    if device.type in _CHECKED_DEVICES or device.type not in ("cpu", "cuda") or torch.compiler.is_compiling():
+        return
+    _CHECKED_DEVICES.add(device.type)
+    compiled = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    status = available_backends()
+    if any(status.get(name) == "available" for name in compiled):
+        return
+    reasons = "; ".join(f"{name}: {status.get(name, 'not registered')}" for name in compiled)
+    warnings.warn(
+        f"monarch_kernels: no compiled kernels for {device.type} tensors ({reasons}); Monarch and block-diagonal "
+        "layers run on the PyTorch reference backend (correct, slower). To build the C++ extension, reinstall "
+        "with a C++ compiler and the environment's torch visible to the build: "
+        "pip install --no-build-isolation monarch-kernels (or -e . in a checkout)",
+        RuntimeWarning, stacklevel=3,
+    )
+
+
+_CHECKED_DEVICES: set = set()
+
+
+def _check_dense(weight, bias, fn: str) -> tuple[int, int]:
+    """Validate a dense ``(out, in)`` floating-point weight and optional ``(out,)`` bias; returns ``(out, in)``."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{fn}: weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{fn}: weight must be a floating-point tensor (float16/bfloat16/float32/float64), got {weight.dtype}")
+    if bias is not None:
+        if not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],):
+            shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__
+            raise ValueError(f"{fn}: bias must be a ({weight.shape[0]},) tensor (out_features,), got {shape}")
+        if not bias.is_floating_point():
+            raise TypeError(f"{fn}: bias must be a floating-point tensor, got {bias.dtype}")
+    return weight.shape[0], weight.shape[1]
 
 
 class StructuredLinear(nn.Module):
@@ -16,10 +59,24 @@ class StructuredLinear(nn.Module):
     ``bias`` (initialised like ``nn.Linear``), the ``backend`` used by every forward call, autocast
     handling (inputs and weights are cast to the autocast dtype, bf16 is never forced to fp16), reverse
     sparsification (:meth:`to_linear`) and parameter/FLOP accounting.
+
+    Args:
+        in_features: input width (a positive int).
+        out_features: output width (a positive int).
+        bias: whether the layer has a learnable ``bias (out_features,)``.
+        backend: kernel backend of every forward call (``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``), or
+            ``None`` for the process-wide choice (:func:`monarch_kernels.use_backend`, ``"auto"`` by default).
+        factory: ``{"device": ..., "dtype": ...}`` for the parameters.
+
+    Attributes:
+        dense_type: the dense module class this layer stands for (``nn.Linear`` unless it was converted from
+            another class, e.g. a GPT-2 ``Conv1D`` by :func:`monarch_kernels.layers.monarchify`);
+            :func:`monarch_kernels.layers.densify` restores that class. Not part of the state dict.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, backend: Optional[str], factory: dict):
         super().__init__()
+        self.dense_type: type = nn.Linear
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{type(self).__name__}: {name} must be a positive int, got {value!r}")
@@ -55,6 +112,9 @@ class StructuredLinear(nn.Module):
 
     # -- shared behaviour ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        """``x (..., in_features)`` -> ``(..., out_features)``: ``x Wᵀ + bias`` with the structured ``W``."""
+        if self.backend != "torch":
+            _warn_if_reference_only(x.device)
         weights, bias = self._weights(), self.bias
         if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
             dtype = torch.get_autocast_dtype(x.device.type)

@@ -61,5 +61,5 @@ def tiny_gpt2(vocab_size: int, *, n_layer: int = 2, n_embd: int = 64, n_head: in
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(cfg)
     if mlp != "dense":
-        monarchify(model, nblocks=nblocks, include=["*.mlp.c_fc", "*.mlp.c_proj"], layer=mlp)
+        monarchify(model, nblocks=nblocks, include=["**.mlp.c_fc", "**.mlp.c_proj"], layer=mlp, project=False)
     return model

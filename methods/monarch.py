@@ -53,8 +53,8 @@ from .train import evaluate_classifier, lm_batches, lm_eval_loss, lm_loss
 
 MODES = ("sparse", "d2s", "reverse", "all")
 #: the weights the paper makes Monarch: the transformer MLPs
-GPT_MLP = ["*.mlp.c_fc", "*.mlp.c_proj"]
-VIT_MLP = ["*.mlp.fc1", "*.mlp.fc2"]
+GPT_MLP = ["**.mlp.c_fc", "**.mlp.c_proj"]
+VIT_MLP = ["**.mlp.fc1", "**.mlp.fc2"]
 #: poems kept out of the pretraining text; the Sonnets are the fine-tuning ("downstream") text
 POEMS = ("sonnets", "lovers_complaint", "passionate_pilgrim", "phoenix_and_the_turtle", "rape_of_lucrece")
 FINETUNE_TEXT = "sonnets"
@@ -309,7 +309,7 @@ class ImageTask:
         c = self.cfg
         model = ViT(image_size=self.image_size, patch=self.patch, dim=c["dim"], depth=c["depth"], heads=c["heads"])
         if mlp != "dense":
-            monarchify(model, nblocks=nblocks, include=VIT_MLP, layer=mlp)
+            monarchify(model, nblocks=nblocks, include=VIT_MLP, layer=mlp, project=False)
         return model
 
     def batch(self, gen: torch.Generator, batch_size: int) -> tuple:

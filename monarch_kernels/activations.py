@@ -1,12 +1,13 @@
 """Activations that kernels can fuse into their epilogue: ``none``, ``relu``, ``gelu`` (erf), ``gelu_tanh``.
 
-``apply(name, pre)`` and ``grad(name, pre)`` (the elementwise derivative ``act'(pre)``) are plain torch, so
-the backward ``g · act'(pre)`` stays differentiable for double backward. ``CODES`` maps names to the integer
-the Triton/CUDA epilogues switch on.
+``apply(name, pre)`` is the activation and ``backward(name, pre, g)`` the vector-Jacobian product
+``g · act'(pre)``; both are plain torch (ATen's own ``threshold_backward`` / ``gelu_backward``, which are
+differentiable again), so a fused call propagates NaN/Inf and derivatives exactly as the unfused
+``act(F.linear(...))`` would, and double backward works. ``CODES`` maps names to the integer the
+Triton/C++/CUDA epilogues switch on.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -14,11 +15,14 @@ import torch.nn.functional as F
 
 CODES = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 
+#: ``approximate=`` argument of ``F.gelu`` / ``aten.gelu_backward`` per activation
+_GELU_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
 
 def canonical(name: Optional[str], fn: str) -> str:
     if name is None:
         return "none"
-    if name not in CODES:
+    if not isinstance(name, str) or name not in CODES:
         raise ValueError(f"{fn}: activation must be None or one of {sorted(CODES)}, got {name!r}")
     return name
 
@@ -28,22 +32,24 @@ def apply(name: str, pre: torch.Tensor) -> torch.Tensor:
         return pre
     if name == "relu":
         return F.relu(pre)
-    if name == "gelu":
-        return F.gelu(pre)
-    return F.gelu(pre, approximate="tanh")
+    return F.gelu(pre, approximate=_GELU_APPROXIMATE[name])
 
 
-def grad(name: str, pre: torch.Tensor) -> torch.Tensor:
-    """``act'(pre)`` (at 0 the ReLU derivative is taken as 0, as in PyTorch)."""
+def backward(name: str, pre: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``g · act'(pre)`` in ``g``'s dtype, evaluated in float32 for float16/bfloat16 storage.
+
+    In the storage dtype the tails go wrong: fp16 ``gelu_tanh'`` at ``pre = 1000`` overflows ``pre³`` into
+    ``inf · 0 = NaN`` and ``gelu'(-4) = -3.4e-4`` rounds to 0. ReLU's derivative at 0 is 0 and at NaN passes
+    ``g`` through (``pre <= 0`` is false), as ``torch.relu``'s backward does.
+    """
+    if name == "none":
+        return g
+    wide = torch.float32 if pre.dtype in (torch.float16, torch.bfloat16) else pre.dtype
+    gw, pw = g.to(wide), pre.to(wide)
     if name == "relu":
-        return (pre > 0).to(pre.dtype)
-    if name == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(pre * (1.0 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * pre * pre) * (1.0 / math.sqrt(2.0 * math.pi))
-        return cdf + pre * pdf
-    if name == "gelu_tanh":
-        c = math.sqrt(2.0 / math.pi)
-        inner = c * (pre + 0.044715 * pre ** 3)
-        th = torch.tanh(inner)
-        return 0.5 * (1.0 + th) + 0.5 * pre * (1.0 - th * th) * c * (1.0 + 3 * 0.044715 * pre * pre)
-    raise ValueError(f"no derivative for activation {name!r}")
+        out = torch.ops.aten.threshold_backward(gw, pw, 0)
+    elif name in _GELU_APPROXIMATE:
+        out = torch.ops.aten.gelu_backward(gw, pw, approximate=_GELU_APPROXIMATE[name])
+    else:
+        raise ValueError(f"no derivative for activation {name!r}")
+    return out.to(g.dtype)

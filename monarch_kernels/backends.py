@@ -5,13 +5,20 @@ A *backend* implements the five primitives of :mod:`monarch_kernels.reference` (
 dtypes. Backends register themselves here; the ops in :mod:`monarch_kernels.ops` resolve a backend name once
 per call (``"auto"`` picks per device, dtype and shape) and pass the concrete name into the custom op.
 
-Selection, most specific first: the ``backend=`` argument of a call, then :func:`use_backend` /
-:func:`set_backend`, then ``"auto"``. An explicitly requested backend that is not available, or does not
+Selection, most specific first: the ``backend=`` argument of a call, then :func:`use_backend` (a
+``contextvars`` value: it applies to the current thread or asyncio task only), then :func:`set_backend` (the
+process-wide default), then ``"auto"``. An explicitly requested backend that is not available, or does not
 support the tensors' device or dtype, raises :class:`BackendUnavailableError`; nothing falls back silently.
+
+Under ``torch.compile`` the choice is made once, while the graph is traced, and baked into it as a
+constant: no guard is installed on the token count (the rules take their large-batch branch, see
+:func:`resolve`), on lazy loading or on the selection state. A compiled function therefore keeps
+the backend it was traced with; pass ``backend=`` (or ``MonarchLinear(..., backend=...)``) to pin one.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -67,7 +74,8 @@ class Backend:
 
 _REGISTRY: dict[str, Backend] = {}
 _BY_PRIORITY: list[Backend] = []  # the registry in ``auto``'s search order
-_current = AUTO
+_default = AUTO  # set_backend: the process-wide default
+_override: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("monarch_kernels_backend", default=None)
 
 
 def register_backend(backend: Backend) -> None:
@@ -94,38 +102,58 @@ def available_backends() -> dict[str, str]:
     return status
 
 
-def set_backend(name: str) -> None:
-    """Set the process-wide default backend (``"auto"`` restores automatic choice)."""
-    global _current
+def _check_name(name) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name != AUTO:
         get(name)
-    _current = name
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the process-wide default backend (``"auto"`` restores automatic choice).
+
+    A :func:`use_backend` block in effect in the calling thread or task still takes precedence there.
+    """
+    global _default
+    _default = _check_name(name)
 
 
 def get_backend() -> str:
-    """The process-wide default backend name (``"auto"`` unless changed)."""
-    return _current
+    """The backend name in effect for the calling thread or task: the innermost :func:`use_backend`, else
+    the process-wide default of :func:`set_backend` (``"auto"`` unless changed)."""
+    name = _override.get()
+    return _default if name is None else name
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager: run the enclosed calls with backend ``name``."""
-    previous = get_backend()
-    set_backend(name)
+    """Context manager: run the enclosed calls of this thread (or asyncio task) with backend ``name``.
+
+    Other threads keep their own choice (threads start from the :func:`set_backend` default)."""
+    token = _override.set(_check_name(name))
     try:
         yield
     finally:
-        set_backend(previous)
+        _override.reset(token)
 
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str] = None) -> str:
     """The concrete backend name a call will use.
 
-    ``op`` is ``"blockdiag"`` or ``"monarch"``; ``dims`` is ``(T, n_in, n_out, block)``.
+    ``op`` is ``"blockdiag"`` or ``"monarch"``; ``dims`` is ``(T, n_in, n_out, block)``. While
+    ``torch.compile`` traces, the choice is a trace-time constant that does not depend on the input's sizes
+    (they may be symbolic, and a rule comparing them would guard the graph on every threshold): ``T``,
+    ``n_in`` and ``n_out`` reach the ``prefer`` rules as ``None``, meaning "any size", and the rules take their
+    large-batch branch; ``block`` is a size of the weights (static).
     """
-    name = requested if requested is not None else _current
-    if not isinstance(name, str):
-        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if torch.compiler.is_compiling():
+        return _resolve_at_trace_time(op, device, dtype, (None, None, None, int(dims[3])), requested)
+    return _resolve(op, device, dtype, dims, requested)
+
+
+def _resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str]) -> str:
+    name = get_backend() if requested is None else _check_name(requested)
     if name != AUTO:
         b = get(name)
         b.module()  # raises BackendUnavailableError with the reason
@@ -139,6 +167,13 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requ
         if b.available and b.supports(device, dtype) and b.prefer(op, device, dtype, dims):
             return b.name
     raise BackendUnavailableError(f"no backend supports {dtype} tensors on {device}")
+
+
+# Dynamo evaluates this once per trace and keeps the result as a constant (no guards): it cannot trace a
+# ContextVar, and tracing the registry would guard on lazy loading and on the shape rules.
+@torch.compiler.assume_constant_result
+def _resolve_at_trace_time(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str]) -> str:
+    return _resolve(op, device, dtype, dims, requested)
 
 
 def impl(name: str):

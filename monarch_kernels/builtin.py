@@ -5,6 +5,7 @@ name      devices / dtypes            implementation
 ========  ==========================  ===============================================================
 torch     any / any                   :mod:`monarch_kernels.reference` (bmm + permutes), the oracle
 triton    CUDA / fp16, bf16, fp32     :mod:`monarch_kernels.triton` (CPU too under TRITON_INTERPRET=1)
+cuda      CUDA / fp16, bf16, fp32     ``csrc/cuda`` via :mod:`monarch_kernels.ext`; auto: few tokens only
 ========  ==========================  ===============================================================
 
 ``auto`` tries backends by descending priority and takes the first that is available, supports the
@@ -97,9 +98,17 @@ register_backend(Backend(
     prefer=_cpu_prefers, priority=10,
     description="compiled C++ kernels: row tiles with the intermediate in cache, register-blocked micro-kernel",
 ))
-# below triton until GPU timings say otherwise (bench/gpu_check.py times both side by side)
+def _cuda_prefers(op: str, device: torch.device, dtype: torch.dtype, dims: tuple) -> bool:
+    """Whether ``auto`` takes the CUDA kernels: the few-token decode path only (rule in ``cuda_dispatch.py``)."""
+    from .cuda_dispatch import prefers_cuda
+
+    return prefers_cuda(op, device, dtype, dims)
+
+
+# above triton, but preferred only for the few-token calls its decode kernels serve (T <= 64; fp32 T <= 16)
 register_backend(Backend(
     name="cuda", load=_load_cuda, supports=lambda device, dtype: device.type == "cuda" and dtype in _TRITON_DTYPES,
-    priority=15,
-    description="compiled CUDA kernels: tensor-core (WMMA) block-diagonal GEMM, fused Monarch forward and dX",
+    prefer=_cuda_prefers, priority=25,
+    description="compiled CUDA kernels: one-launch small-token (decode) Monarch/block-diagonal kernels streaming "
+                "the weights once; tile kernels (WMMA) for larger calls when asked for explicitly",
 ))

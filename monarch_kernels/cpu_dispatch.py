@@ -19,6 +19,8 @@ copies) around their own AVX-512 kernels, and with few tokens stream the weights
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 #: fewest tokens for which fp16 calls go to the C++ kernels
@@ -34,8 +36,9 @@ FP64_MID_BLOCK, FP64_MID_TOKENS = 128, 256
 
 def prefers_cpu_kernel(op: str, dtype: torch.dtype, dims: tuple) -> bool:
     """``op`` is ``"monarch"`` or ``"blockdiag"``; ``dims = (T, n_in, n_out, block)`` with ``block`` the largest
-    block side of the factors."""
-    tokens, block = dims[0], dims[3]
+    block side of the factors. A size given as ``None`` (not consulted: ``torch.compile`` decides once per
+    graph, for any batch) counts as unbounded: the rule takes its large-batch branch."""
+    tokens, block = (math.inf if d is None else d for d in (dims[0], dims[3]))
     if dtype == torch.float16:
         return tokens >= FP16_MIN_TOKENS
     if dtype == torch.float32:

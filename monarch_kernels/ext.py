@@ -1,12 +1,15 @@
 """The compiled extension (``monarch_kernels._C``, sources in ``csrc/``) as the ``cpu`` and ``cuda`` backends.
 
-The extension registers its kernels as ``torch.ops.monarch_kernels_ext.*`` through ``TORCH_LIBRARY``; this
-module adds fake (meta) implementations for them and adapts them to the five backend primitives.
+The extension registers its kernels as ``torch.ops.monarch_kernels_ext.*`` through ``TORCH_LIBRARY``, with
+argument checks and autograd in C++ (``csrc/ops.cpp``); this module adds fake (meta) implementations for them,
+which run the same checks as the C++ ones (through :mod:`monarch_kernels.shapes`), and adapts them to the five
+backend primitives.
 """
 from __future__ import annotations
 
 import torch
 
+from . import shapes
 from .activations import CODES
 
 _loaded = None
@@ -32,31 +35,72 @@ def built_with_cuda() -> bool:
     return bool(load().with_cuda)
 
 
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_2d(fn: str, **tensors) -> None:
+    """The compiled ops take 2-D token inputs of a real floating dtype (the factors must match it)."""
+    for name, t in tensors.items():
+        shapes.check_tensor(name, t, fn)
+        if t.dim() != 2:
+            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}; expected (tokens, n)")
+        if t.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype}; the compiled kernels take float16, bfloat16, "
+                            "float32 or float64")
+
+
+def _check_act(fn: str, act) -> None:
+    if act not in CODES.values() or isinstance(act, bool):
+        raise ValueError(f"{fn}: act={act!r} must be an activation code {dict((v, k) for k, v in CODES.items())}")
+
+
 def _register_fakes() -> None:
+    """Fake implementations with the C++ ops' checks (the compiled checks run at the BackendSelect key, below
+    the Python key at which fake tensors are handled)."""
     lib = "monarch_kernels_ext"
 
     @torch.library.register_fake(f"{lib}::blockdiag_fwd")
     def _(x, w, bias, n_out, act):
+        fn = f"{lib}::blockdiag_fwd"
+        _check_2d(fn, x=x)
+        shapes.check_blockdiag_op(fn, x, w, bias, n_out)
+        _check_act(fn, act)
         return x.new_empty(x.shape[0], n_out)
 
     @torch.library.register_fake(f"{lib}::blockdiag_wgrad")
     def _(x, g, k, q, p):
+        fn = f"{lib}::blockdiag_wgrad"
+        _check_2d(fn, x=x, g=g)
+        shapes.check_blockdiag_wgrad_op(fn, x, g, k, q, p)
         return x.new_empty(k, q, p)
 
     @torch.library.register_fake(f"{lib}::monarch_fwd")
     def _(x, w1, w2, bias, n_out, act):
+        fn = f"{lib}::monarch_fwd"
+        _check_2d(fn, x=x)
+        shapes.check_monarch_op(fn, w1, w2, x=x, bias=bias, n_out=n_out)
+        _check_act(fn, act)
         return x.new_empty(x.shape[0], n_out)
 
     @torch.library.register_fake(f"{lib}::monarch_bwd_input")
     def _(g, w1, w2, n_in):
+        fn = f"{lib}::monarch_bwd_input"
+        _check_2d(fn, g=g)
+        shapes.check_monarch_op(fn, w1, w2, g=g, n_in=n_in)
         return g.new_empty(g.shape[0], n_in)
 
     @torch.library.register_fake(f"{lib}::monarch_bwd_weight")
     def _(x, g, w1, w2):
+        fn = f"{lib}::monarch_bwd_weight"
+        _check_2d(fn, x=x, g=g)
+        shapes.check_monarch_op(fn, w1, w2, x=x, g=g)
         return w1.new_empty(w1.shape), w2.new_empty(w2.shape)
 
     @torch.library.register_fake(f"{lib}::monarch_bwd")
     def _(x, g, w1, w2, n_in):
+        fn = f"{lib}::monarch_bwd"
+        _check_2d(fn, x=x, g=g)
+        shapes.check_monarch_op(fn, w1, w2, x=x, g=g, n_in=n_in)
         return g.new_empty(g.shape[0], n_in), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
 
 

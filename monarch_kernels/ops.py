@@ -1,29 +1,34 @@
 """The single front door: validated, dispatching, differentiable block-diagonal and Monarch products.
 
-Five primitives are registered as ``torch.library`` custom ops (namespace ``monarch_kernels``), each with a
-fake (meta) implementation and a registered autograd formula, so ``torch.compile(fullgraph=True)`` traces
-through them and the backward of every op is written with the same ops (hence double backward works). A sixth
-op, ``monarch_bwd``, fuses ``monarch_bwd_input`` and ``monarch_bwd_weight`` for a first-order backward (no
-autograd formula of its own: a backward that must be differentiable runs the two ops):
+Six primitives are registered as ``torch.library`` custom ops (namespace ``monarch_kernels``), each with a
+fake (meta) implementation, argument validation (shapes, dtypes, devices, bias length, ``n_out``/``n_in``)
+in the op body and in the fake, a vmap rule and a registered autograd formula written with the same ops, so
+``torch.compile(fullgraph=True)`` traces through them and every derivative order works:
 
 =====================  ===============================================  ==================================
 op                     math (per token, real case)                       backward uses
 =====================  ===============================================  ==================================
-blockdiag_fwd          ``y = BD(w) x + b``                               blockdiag_fwd (wᵀ), blockdiag_wgrad
+blockdiag_fwd          ``y = act(BD(w) x + b)``                          blockdiag_fwd (wᵀ), blockdiag_wgrad
 blockdiag_wgrad        ``dw = Σ_t BD-blocks of g xᵀ``                    blockdiag_fwd
-monarch_fwd            ``o = M x + b``, ``M = P2 BD(w2) P1 BD(w1)``      monarch_bwd_input, monarch_bwd_weight
+monarch_fwd            ``o = act(M x + b)``, ``M = P2 BD(w2) P1 BD(w1)``  monarch_bwd(_input, _weight)
 monarch_bwd_input      ``dx = Mᵀ g``                                     monarch_fwd, monarch_bwd_weight
 monarch_bwd_weight     ``(dw1, dw2) = ∇_(w1,w2) ⟨g, M x⟩``               monarch_fwd, monarch_bwd_input, itself
-monarch_bwd            both of the above in one call                     (first-order backward only)
+monarch_bwd            ``(dx, dw1, dw2)``: both of the above in one call  the formulas of both
 =====================  ===============================================  ==================================
 
-``M`` is bilinear in ``(w1, w2)``, so the derivative of ``monarch_bwd_weight`` in direction ``(h1, h2)`` is
-``⟨g, M(h1, w2) x⟩ + ⟨g, M(w1, h2) x⟩``, which the ops above express exactly. Complex tensors follow
-PyTorch's conjugate convention (gradients are taken with conjugated partners).
+``monarch_bwd`` serves a first-order backward that needs ``dx`` and the weight gradients (backends with a
+fused kernel share the recomputed intermediate); a backward that must itself be differentiated runs the two
+separate ops. ``M`` is bilinear in ``(w1, w2)``, so the derivative of ``monarch_bwd_weight`` in direction
+``(h1, h2)`` is ``⟨g, M(h1, w2) x⟩ + ⟨g, M(w1, h2) x⟩``, which the ops above express exactly. Complex tensors
+follow PyTorch's conjugate convention (gradients are taken with conjugated partners).
+
+``torch.library``'s autograd registration does not support ``torch.func`` transforms (its generated
+``autograd.Function`` has no ``setup_context``); under ``torch.func.grad``/``vjp``/``jacrev``/``vmap`` the
+same setup and backward functions run through an equivalent ``autograd.Function`` (:func:`_call`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -32,9 +37,12 @@ from . import activations, backends
 from .shapes import (
     MonarchShape,
     check_bias,
+    check_blockdiag_op,
+    check_blockdiag_wgrad_op,
     check_factor,
     check_input_width,
     check_monarch_factors,
+    check_monarch_op,
     check_out_features,
     check_same,
     check_tensor,
@@ -48,11 +56,27 @@ def _flat(t: Tensor) -> Tensor:
 
 
 def _unflat(t2d: Tensor, lead: tuple) -> Tensor:
-    return t2d.reshape(*lead, t2d.shape[-1])
+    """``(T, n)`` -> ``(*lead, n)``, contiguous: every op returns contiguous tensors, as its fake does (a
+    backend may return a transposed layout, e.g. the reference's bias epilogue when ``q = 1``)."""
+    return t2d.contiguous().reshape(*lead, t2d.shape[-1])
+
+
+def _check_op_args(fn: str, backend, t: Tensor, activation="none") -> None:
+    """The string arguments of a custom op: a registered (already resolved) backend that supports ``t``'s
+    device and dtype, a known activation (real tensors only)."""
+    if not isinstance(backend, str) or backend == backends.AUTO:
+        raise ValueError(f"{fn}: backend must name a registered backend (already resolved), got {backend!r}")
+    if not backends.get(backend).supports(t.device, t.dtype):
+        raise backends.BackendUnavailableError(f"{fn}: backend {backend!r} does not support {t.dtype} tensors on {t.device}")
+    activations.canonical(activation, fn)
+    if activation != "none" and t.is_complex():
+        raise TypeError(f"{fn}: activation {activation!r} needs real tensors, got {t.dtype}")
 
 
 # --------------------------------------------------------------------------------------------------
-# custom ops: inputs of any leading shape; the backend sees 2-D (T, features) tensors
+# custom ops: inputs of any leading shape; the backend sees 2-D (T, features) tensors. The *_impl
+# functions skip validation: the public functions below validate first and call them directly when
+# nothing observes the call (see _untracked_eager).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -61,21 +85,39 @@ def _blockdiag_fwd_impl(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int
     return _unflat(out, x.shape[:-1])
 
 
-_blockdiag_fwd = torch.library.custom_op(f"{_NS}::blockdiag_fwd", mutates_args=())(_blockdiag_fwd_impl)
+def _check_blockdiag_fwd(x, w, bias, n_out, activation, backend):
+    fn = f"{_NS}::blockdiag_fwd"
+    check_blockdiag_op(fn, x, w, bias, n_out)
+    _check_op_args(fn, backend, x, activation)
+
+
+@torch.library.custom_op(f"{_NS}::blockdiag_fwd", mutates_args=())
+def _blockdiag_fwd(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int, activation: str, backend: str) -> Tensor:
+    _check_blockdiag_fwd(x, w, bias, n_out, activation, backend)
+    return _blockdiag_fwd_impl(x, w, bias, n_out, activation, backend)
 
 
 @_blockdiag_fwd.register_fake
 def _(x, w, bias, n_out, activation, backend):
+    _check_blockdiag_fwd(x, w, bias, n_out, activation, backend)
     return x.new_empty(*x.shape[:-1], n_out)
+
+
+def _check_blockdiag_wgrad(x, g, k, q, p, backend):
+    fn = f"{_NS}::blockdiag_wgrad"
+    check_blockdiag_wgrad_op(fn, x, g, k, q, p)
+    _check_op_args(fn, backend, x)
 
 
 @torch.library.custom_op(f"{_NS}::blockdiag_wgrad", mutates_args=())
 def _blockdiag_wgrad(x: Tensor, g: Tensor, k: int, q: int, p: int, backend: str) -> Tensor:
-    return backends.impl(backend).blockdiag_wgrad(_flat(x), _flat(g), k, q, p)
+    _check_blockdiag_wgrad(x, g, k, q, p, backend)
+    return backends.impl(backend).blockdiag_wgrad(_flat(x), _flat(g), k, q, p).contiguous()
 
 
 @_blockdiag_wgrad.register_fake
 def _(x, g, k, q, p, backend):
+    _check_blockdiag_wgrad(x, g, k, q, p, backend)
     return x.new_empty(k, q, p)
 
 
@@ -86,51 +128,87 @@ def _monarch_fwd_impl(
     return _unflat(out, x.shape[:-1])
 
 
-_monarch_fwd = torch.library.custom_op(f"{_NS}::monarch_fwd", mutates_args=())(_monarch_fwd_impl)
+def _check_monarch_fwd(x, w1, w2, bias, n_out, activation, backend):
+    fn = f"{_NS}::monarch_fwd"
+    check_monarch_op(fn, w1, w2, x=x, bias=bias, n_out=n_out)
+    _check_op_args(fn, backend, x, activation)
+
+
+@torch.library.custom_op(f"{_NS}::monarch_fwd", mutates_args=())
+def _monarch_fwd(
+    x: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], n_out: int, activation: str, backend: str
+) -> Tensor:
+    _check_monarch_fwd(x, w1, w2, bias, n_out, activation, backend)
+    return _monarch_fwd_impl(x, w1, w2, bias, n_out, activation, backend)
 
 
 @_monarch_fwd.register_fake
 def _(x, w1, w2, bias, n_out, activation, backend):
+    _check_monarch_fwd(x, w1, w2, bias, n_out, activation, backend)
     return x.new_empty(*x.shape[:-1], n_out)
+
+
+def _check_monarch_bwd_input(g, w1, w2, n_in, backend):
+    fn = f"{_NS}::monarch_bwd_input"
+    check_monarch_op(fn, w1, w2, g=g, n_in=n_in)
+    _check_op_args(fn, backend, g)
 
 
 @torch.library.custom_op(f"{_NS}::monarch_bwd_input", mutates_args=())
 def _monarch_bwd_input(g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> Tensor:
+    _check_monarch_bwd_input(g, w1, w2, n_in, backend)
     out = backends.impl(backend).monarch_bwd_input(_flat(g), w1, w2, n_in)
     return _unflat(out, g.shape[:-1])
 
 
 @_monarch_bwd_input.register_fake
 def _(g, w1, w2, n_in, backend):
+    _check_monarch_bwd_input(g, w1, w2, n_in, backend)
     return g.new_empty(*g.shape[:-1], n_in)
+
+
+def _check_monarch_bwd_weight(x, g, w1, w2, backend):
+    fn = f"{_NS}::monarch_bwd_weight"
+    check_monarch_op(fn, w1, w2, x=x, g=g)
+    _check_op_args(fn, backend, x)
 
 
 @torch.library.custom_op(f"{_NS}::monarch_bwd_weight", mutates_args=())
 def _monarch_bwd_weight(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    return backends.impl(backend).monarch_bwd_weight(_flat(x), _flat(g), w1, w2)
+    _check_monarch_bwd_weight(x, g, w1, w2, backend)
+    dw1, dw2 = backends.impl(backend).monarch_bwd_weight(_flat(x), _flat(g), w1, w2)
+    return dw1.contiguous(), dw2.contiguous()
 
 
 @_monarch_bwd_weight.register_fake
 def _(x, g, w1, w2, backend):
+    _check_monarch_bwd_weight(x, g, w1, w2, backend)
     return w1.new_empty(w1.shape), w2.new_empty(w2.shape)
+
+
+def _check_monarch_bwd(x, g, w1, w2, n_in, backend):
+    fn = f"{_NS}::monarch_bwd"
+    check_monarch_op(fn, w1, w2, x=x, g=g, n_in=n_in)
+    _check_op_args(fn, backend, x)
 
 
 @torch.library.custom_op(f"{_NS}::monarch_bwd", mutates_args=())
 def _monarch_bwd(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``monarch_bwd_input`` and ``monarch_bwd_weight`` in one call, for a first-order backward that needs both:
-    backends with a ``monarch_bwd`` primitive share the recomputed intermediate and ``dy``; the others run the
-    two primitives. No autograd formula: a backward that must itself be differentiable uses the two ops."""
+    """``(monarch_bwd_input(g, ...), *monarch_bwd_weight(x, g, ...))`` in one call: backends with a
+    ``monarch_bwd`` primitive share the recomputed intermediate and ``dy``; the others run the two."""
+    _check_monarch_bwd(x, g, w1, w2, n_in, backend)
     impl = backends.impl(backend)
     xf, gf = _flat(x), _flat(g)
     if hasattr(impl, "monarch_bwd"):
         dx, dw1, dw2 = impl.monarch_bwd(xf, gf, w1, w2, n_in)
     else:
         dx, (dw1, dw2) = impl.monarch_bwd_input(gf, w1, w2, n_in), impl.monarch_bwd_weight(xf, gf, w1, w2)
-    return _unflat(dx, g.shape[:-1]), dw1, dw2
+    return _unflat(dx, g.shape[:-1]), dw1.contiguous(), dw2.contiguous()
 
 
 @_monarch_bwd.register_fake
 def _(x, g, w1, w2, n_in, backend):
+    _check_monarch_bwd(x, g, w1, w2, n_in, backend)
     return g.new_empty(*g.shape[:-1], n_in), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
 
 
@@ -156,11 +234,12 @@ def _untracked_eager(*tensors: Optional[Tensor]) -> bool:
 #
 # Each backward is the real-case formula evaluated at the *conjugated* saved tensors with the upstream
 # gradient as is; that is PyTorch's convention ``grad = Jᴴ h`` for complex inputs and a no-op for real ones.
+# Backward functions call the ops through _call, so they also work under torch.func transforms.
 # --------------------------------------------------------------------------------------------------
 
 
 def _saved(ctx):
-    return [t.conj() for t in ctx.saved_tensors]
+    return [t.conj() if t is not None else None for t in ctx.saved_tensors]
 
 
 def _setup_blockdiag_fwd(ctx, inputs, output):
@@ -172,21 +251,18 @@ def _setup_blockdiag_fwd(ctx, inputs, output):
 def _backward_blockdiag_fwd(ctx, g):
     x, w, bias = ctx.saved_tensors
     if ctx.activation != "none":  # recompute the pre-activation instead of saving it
-        pre = _blockdiag_fwd(x, w, bias, ctx.n_out, "none", ctx.backend)
-        g = g * activations.grad(ctx.activation, pre)
+        pre = _call(_blockdiag_fwd, x, w, bias, ctx.n_out, "none", ctx.backend)
+        g = activations.backward(ctx.activation, pre, g)
     x, w = x.conj(), w.conj()
     k, q, p = w.shape
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dx = _blockdiag_fwd(g, w.transpose(1, 2), None, x.shape[-1], "none", ctx.backend)
+        dx = _call(_blockdiag_fwd, g, w.transpose(1, 2), None, x.shape[-1], "none", ctx.backend)
     if ctx.needs_input_grad[1]:
-        dw = _blockdiag_wgrad(x, g, k, q, p, ctx.backend)
+        dw = _call(_blockdiag_wgrad, x, g, k, q, p, ctx.backend)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = _flat(g).sum(0)
     return dx, dw, db, None, None, None
-
-
-_blockdiag_fwd.register_autograd(_backward_blockdiag_fwd, setup_context=_setup_blockdiag_fwd)
 
 
 def _setup_blockdiag_wgrad(ctx, inputs, output):
@@ -200,13 +276,10 @@ def _backward_blockdiag_wgrad(ctx, h):
     x, g = _saved(ctx)
     dx = dg = None
     if ctx.needs_input_grad[0]:
-        dx = _blockdiag_fwd(g, h.transpose(1, 2), None, x.shape[-1], "none", ctx.backend)
+        dx = _call(_blockdiag_fwd, g, h.transpose(1, 2), None, x.shape[-1], "none", ctx.backend)
     if ctx.needs_input_grad[1]:
-        dg = _blockdiag_fwd(x, h, None, g.shape[-1], "none", ctx.backend)
+        dg = _call(_blockdiag_fwd, x, h, None, g.shape[-1], "none", ctx.backend)
     return dx, dg, None, None, None, None
-
-
-_blockdiag_wgrad.register_autograd(_backward_blockdiag_wgrad, setup_context=_setup_blockdiag_wgrad)
 
 
 def _setup_monarch_fwd(ctx, inputs, output):
@@ -218,24 +291,59 @@ def _setup_monarch_fwd(ctx, inputs, output):
 def _backward_monarch_fwd(ctx, g):
     x, w1, w2, bias = ctx.saved_tensors
     if ctx.activation != "none":  # recompute the pre-activation instead of saving it
-        pre = _monarch_fwd(x, w1, w2, bias, ctx.n_out, "none", ctx.backend)
-        g = g * activations.grad(ctx.activation, pre)
+        pre = _call(_monarch_fwd, x, w1, w2, bias, ctx.n_out, "none", ctx.backend)
+        g = activations.backward(ctx.activation, pre, g)
     x, w1, w2 = x.conj(), w1.conj(), w2.conj()
     dx = dw1 = dw2 = db = None
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     if need_x and need_w and not torch.is_grad_enabled():  # first-order backward: one fused call
-        dx, dw1, dw2 = _monarch_bwd(x, g, w1, w2, x.shape[-1], ctx.backend)
+        dx, dw1, dw2 = _call(_monarch_bwd, x, g, w1, w2, x.shape[-1], ctx.backend)
     else:
         if need_x:
-            dx = _monarch_bwd_input(g, w1, w2, x.shape[-1], ctx.backend)
+            dx = _call(_monarch_bwd_input, g, w1, w2, x.shape[-1], ctx.backend)
         if need_w:
-            dw1, dw2 = _monarch_bwd_weight(x, g, w1, w2, ctx.backend)
+            dw1, dw2 = _call(_monarch_bwd_weight, x, g, w1, w2, ctx.backend)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = _flat(g).sum(0)
     return dx, dw1, dw2, db, None, None, None
 
 
-_monarch_fwd.register_autograd(_backward_monarch_fwd, setup_context=_setup_monarch_fwd)
+def _vjp_bwd_input(g, w1, w2, h, need_g: bool, need_w: bool, backend: str):
+    """Cotangents ``(dg, dw1, dw2)`` of ``a = Mᵀ g`` for the cotangent ``h`` of ``a`` (conjugated partners):
+    ``⟨h, a⟩ = ⟨g, M h⟩``, so ``d/dg = M h`` and ``d/dw = ∇_w ⟨g, M h⟩``."""
+    dg = dw1 = dw2 = None
+    if h is None:
+        return dg, dw1, dw2
+    if need_g:
+        dg = _call(_monarch_fwd, h, w1, w2, None, g.shape[-1], "none", backend)
+    if need_w:
+        dw1, dw2 = _call(_monarch_bwd_weight, h, g, w1, w2, backend)
+    return dg, dw1, dw2
+
+
+def _vjp_bwd_weight(x, g, w1, w2, h1, h2, needs: tuple, backend: str):
+    """Cotangents ``(dx, dg, dw1, dw2)`` of ``(dw1, dw2) = ∇ ⟨g, M(w1, w2) x⟩`` for cotangents ``(h1, h2)``:
+    the pairing is ``⟨g, M(h1, w2) x⟩ + ⟨g, M(w1, h2) x⟩``; ``needs`` flags ``(x, g, w1, w2)``."""
+    n_in, n_out = x.shape[-1], g.shape[-1]
+    pairs = []  # (stage-1, stage-2) factors of each term of the directional derivative
+    if h1 is not None:
+        pairs.append((h1, w2))
+    if h2 is not None:
+        pairs.append((w1, h2))
+    dx = dg = dw1 = dw2 = None
+    if needs[0] and pairs:
+        dx = sum(_call(_monarch_bwd_input, g, a, c, n_in, backend) for a, c in pairs)
+    if needs[1] and pairs:
+        dg = sum(_call(_monarch_fwd, x, a, c, None, n_out, "none", backend) for a, c in pairs)
+    if needs[2] and h2 is not None:
+        dw1 = _call(_monarch_bwd_weight, x, g, w1, h2, backend)[0]
+    if needs[3] and h1 is not None:
+        dw2 = _call(_monarch_bwd_weight, x, g, h1, w2, backend)[1]
+    return dx, dg, dw1, dw2
+
+
+def _add(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    return b if a is None else a if b is None else a + b
 
 
 def _setup_monarch_bwd_input(ctx, inputs, output):
@@ -245,17 +353,10 @@ def _setup_monarch_bwd_input(ctx, inputs, output):
 
 
 def _backward_monarch_bwd_input(ctx, h):
-    # a = Mᵀ g  =>  ⟨h, a⟩ = ⟨g, M h⟩: d/dg = M h, d/dw = ∇_w ⟨g, M h⟩.
     g, w1, w2 = _saved(ctx)
-    dg = dw1 = dw2 = None
-    if ctx.needs_input_grad[0]:
-        dg = _monarch_fwd(h, w1, w2, None, g.shape[-1], "none", ctx.backend)
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        dw1, dw2 = _monarch_bwd_weight(h, g, w1, w2, ctx.backend)
+    need = ctx.needs_input_grad
+    dg, dw1, dw2 = _vjp_bwd_input(g, w1, w2, h, need[0], need[1] or need[2], ctx.backend)
     return dg, dw1, dw2, None, None
-
-
-_monarch_bwd_input.register_autograd(_backward_monarch_bwd_input, setup_context=_setup_monarch_bwd_input)
 
 
 def _setup_monarch_bwd_weight(ctx, inputs, output):
@@ -265,27 +366,88 @@ def _setup_monarch_bwd_weight(ctx, inputs, output):
 
 
 def _backward_monarch_bwd_weight(ctx, h1, h2):
-    # (dw1, dw2) = ∇ ⟨g, M(w1, w2) x⟩; paired with (h1, h2) it is ⟨g, M(h1, w2) x⟩ + ⟨g, M(w1, h2) x⟩.
     x, g, w1, w2 = _saved(ctx)
-    n_in, n_out, b = x.shape[-1], g.shape[-1], ctx.backend
-    pairs = []  # (stage-1, stage-2) factors of each term of the directional derivative
-    if h1 is not None:
-        pairs.append((h1, w2))
-    if h2 is not None:
-        pairs.append((w1, h2))
-    dx = dg = dw1 = dw2 = None
-    if ctx.needs_input_grad[0] and pairs:
-        dx = sum(_monarch_bwd_input(g, a, c, n_in, b) for a, c in pairs)
-    if ctx.needs_input_grad[1] and pairs:
-        dg = sum(_monarch_fwd(x, a, c, None, n_out, "none", b) for a, c in pairs)
-    if ctx.needs_input_grad[2] and h2 is not None:
-        dw1 = _monarch_bwd_weight(x, g, w1, h2, b)[0]
-    if ctx.needs_input_grad[3] and h1 is not None:
-        dw2 = _monarch_bwd_weight(x, g, h1, w2, b)[1]
-    return dx, dg, dw1, dw2, None
+    return (*_vjp_bwd_weight(x, g, w1, w2, h1, h2, ctx.needs_input_grad[:4], ctx.backend), None)
 
 
-_monarch_bwd_weight.register_autograd(_backward_monarch_bwd_weight, setup_context=_setup_monarch_bwd_weight)
+def _setup_monarch_bwd(ctx, inputs, output):
+    x, g, w1, w2, n_in, backend = inputs
+    ctx.save_for_backward(x, g, w1, w2)
+    ctx.backend = backend
+
+
+def _backward_monarch_bwd(ctx, hx, h1, h2):
+    # the op is (monarch_bwd_input(g, w1, w2), *monarch_bwd_weight(x, g, w1, w2)): the sum of both pullbacks
+    x, g, w1, w2 = _saved(ctx)
+    need = ctx.needs_input_grad
+    dg_a, dw1_a, dw2_a = _vjp_bwd_input(g, w1, w2, hx, need[1], need[2] or need[3], ctx.backend)
+    dx, dg_b, dw1_b, dw2_b = _vjp_bwd_weight(x, g, w1, w2, h1, h2, need[:4], ctx.backend)
+    dw1, dw2 = _add(dw1_a, dw1_b), _add(dw2_a, dw2_b)
+    return dx, _add(dg_a, dg_b), dw1 if need[2] else None, dw2 if need[3] else None, None, None
+
+
+# --------------------------------------------------------------------------------------------------
+# registration: autograd (torch.library and torch.func), vmap
+# --------------------------------------------------------------------------------------------------
+
+#: token-parallel ops and the argument whose leading dims may absorb a vmapped dimension
+_TOKEN_ARG = {"blockdiag_fwd": 0, "monarch_fwd": 0, "monarch_bwd_input": 0}
+_FUNC_FUNCTIONS: dict = {}  # custom op -> its autograd.Function for torch.func transforms
+
+
+def _call(op, *args):
+    """Run custom op ``op``; under a ``torch.func`` transform through its ``autograd.Function`` twin."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        return _FUNC_FUNCTIONS[op].apply(*args)
+    return op(*args)
+
+
+def _vmap_rule(op, name: str) -> Callable:
+    """vmap of ``op``: token-parallel ops fold the vmapped dim of their token input into its leading dims;
+    any other batching (of weights, or of the reductions over tokens) runs one call per batch element."""
+    token_arg = _TOKEN_ARG.get(name)
+
+    def rule(info, in_dims, *args):
+        batched = [i for i, d in enumerate(in_dims) if d is not None]
+        if batched == [token_arg]:
+            args = list(args)
+            args[token_arg] = args[token_arg].movedim(in_dims[token_arg], 0)
+            return op(*args), 0
+        outs = [op(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
+                for i in range(info.batch_size)]
+        if isinstance(outs[0], tuple):
+            return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+        return torch.stack(outs), 0
+
+    return rule
+
+
+def _functorch_function(op, name: str, setup_context: Callable, backward: Callable) -> type:
+    def forward(*args):
+        return op(*args)
+
+    def setup(ctx, inputs, output):
+        ctx.set_materialize_grads(False)  # unused outputs arrive as None, as in the custom-op formula
+        setup_context(ctx, inputs, output)
+
+    return type(f"{name}_function", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward), "generate_vmap_rule": True,
+    })
+
+
+for _op, _setup, _backward in (
+    (_blockdiag_fwd, _setup_blockdiag_fwd, _backward_blockdiag_fwd),
+    (_blockdiag_wgrad, _setup_blockdiag_wgrad, _backward_blockdiag_wgrad),
+    (_monarch_fwd, _setup_monarch_fwd, _backward_monarch_fwd),
+    (_monarch_bwd_input, _setup_monarch_bwd_input, _backward_monarch_bwd_input),
+    (_monarch_bwd_weight, _setup_monarch_bwd_weight, _backward_monarch_bwd_weight),
+    (_monarch_bwd, _setup_monarch_bwd, _backward_monarch_bwd),
+):
+    _name = _op._name.split("::")[-1]
+    _op.register_autograd(_backward, setup_context=_setup)
+    _op.register_vmap(_vmap_rule(_op, _name))
+    _FUNC_FUNCTIONS[_op] = _functorch_function(_op, _name, _setup, _backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,8 +492,9 @@ def blockdiag_linear(
     check_bias(fn, bias, x, n_out)
     act = _check_activation(fn, activation, x)
     name = backends.resolve("blockdiag", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, p), backend)
-    op = _blockdiag_fwd_impl if _untracked_eager(x, w, bias) else _blockdiag_fwd
-    return op(x, w, bias, n_out, act, name)
+    if _untracked_eager(x, w, bias):
+        return _blockdiag_fwd_impl(x, w, bias, n_out, act, name)
+    return _call(_blockdiag_fwd, x, w, bias, n_out, act, name)
 
 
 def blockdiag_matmul(x: Tensor, w: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -380,8 +543,9 @@ def _dispatch_monarch(x, w1, w2, bias, sh: MonarchShape, n_out: int, act: str, b
     """Resolve the backend for validated arguments and run the forward op (directly when nothing tracks it)."""
     block = max(sh.p, sh.q, sh.r, sh.s)
     name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, block), backend)
-    op = _monarch_fwd_impl if _untracked_eager(x, w1, w2, bias) else _monarch_fwd
-    return op(x, w1, w2, bias, n_out, act, name)
+    if _untracked_eager(x, w1, w2, bias):
+        return _monarch_fwd_impl(x, w1, w2, bias, n_out, act, name)
+    return _call(_monarch_fwd, x, w1, w2, bias, n_out, act, name)
 
 
 def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -412,14 +576,23 @@ def monarch_to_dense(w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -
 
 
 def resolve_backend(op: str, x: Tensor, *factors: Tensor, backend: Optional[str] = None) -> str:
-    """The backend a call of ``op`` (``"blockdiag"`` or ``"monarch"``) with these arguments would use."""
+    """The backend a call of ``op`` with these arguments would use: ``op="blockdiag"`` with one factor
+    ``w (k, q, p)``, or ``op="monarch"`` with two factors ``w1 (k, q, p)``, ``w2 (l, s, r)``."""
+    fn = "resolve_backend"
     if op not in ("blockdiag", "monarch"):
-        raise ValueError(f"op must be 'blockdiag' or 'monarch', got {op!r}")
-    check_tensor("x", x, "resolve_backend")
+        raise ValueError(f"{fn}: op must be 'blockdiag' or 'monarch', got {op!r}")
+    check_tensor("x", x, fn)
+    want = 1 if op == "blockdiag" else 2
+    if len(factors) != want:
+        names = "w (k, q, p)" if want == 1 else "w1 (k, q, p), w2 (l, s, r)"
+        raise ValueError(f"{fn}: op {op!r} takes {want} factor{'s' if want > 1 else ''} ({names}), got {len(factors)}")
+    if x.dim() < 1:
+        raise ValueError(f"{fn}: x must have at least 1 dimension (..., n_in), got a 0-d tensor")
     if op == "blockdiag":
         (w,) = factors
+        check_factor("w", w, fn)
         dims = (_tokens(x), x.shape[-1], w.shape[0] * w.shape[1], w.shape[2])
     else:
-        sh = MonarchShape.from_factors(factors[0].shape, factors[1].shape)
+        sh = check_monarch_factors(fn, *factors)
         dims = (_tokens(x), x.shape[-1], sh.n_out, max(sh.p, sh.q, sh.r, sh.s))
     return backends.resolve(op, x.device, x.dtype, dims, backend)

@@ -50,7 +50,8 @@ def project(
     ``in`` and ``out`` divisible by ``nblocks``) or explicit ``w1_shape = (k, q, p)`` and
     ``w2_shape = (l, s, r)`` with ``k·p = in``, ``l·s = out``, ``l·r = k·q``. The result satisfies
     ``monarch_to_dense(w1, w2) ≈ weight`` and no Monarch pair of those shapes is closer in Frobenius norm.
-    Works for real and complex ``weight``; half-precision input is projected in float32.
+    Works for real and complex ``weight``; half-precision input is projected in float32. A ``weight`` with
+    NaN or Inf entries raises ``ValueError``.
     """
     fn = "project"
     if not isinstance(weight, torch.Tensor):
@@ -59,6 +60,9 @@ def project(
         raise ValueError(f"{fn}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if not (weight.is_floating_point() or weight.is_complex()):
         raise TypeError(f"{fn}: weight must be floating or complex, got {weight.dtype}")
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        raise ValueError(f"{fn}: weight has {bad} NaN or Inf entries; the projection (an SVD) needs finite values")
     n_out, n_in = weight.shape
     if (nblocks is None) == (w1_shape is None and w2_shape is None):
         raise ValueError(f"{fn}: give either nblocks or both w1_shape and w2_shape")

@@ -121,12 +121,16 @@ def check_factor(name: str, w, fn: str) -> None:
 def check_same(fn: str, x: torch.Tensor, **weights) -> None:
     """All tensors share ``x``'s dtype and device."""
     for name, w in weights.items():
-        if w is None:
-            continue
-        if w.dtype != x.dtype:
-            raise TypeError(f"{fn}: {name} has dtype {w.dtype} but x has dtype {x.dtype}; they must match")
-        if w.device != x.device:
-            raise ValueError(f"{fn}: {name} is on {w.device} but x is on {x.device}; they must match")
+        if w is not None:
+            check_like(fn, name, w, "x", x)
+
+
+def check_like(fn: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """``t`` has ``ref``'s dtype and device."""
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{fn}: {name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+    if t.device != ref.device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but {ref_name} is on {ref.device}; they must match")
 
 
 def check_input_width(fn: str, x: torch.Tensor, full: int, allow_partial: bool, what: str) -> None:
@@ -181,3 +185,80 @@ def check_monarch_factors(fn: str, w1, w2) -> MonarchShape:
     if w1.device != w2.device:
         raise ValueError(f"{fn}: w2 is on {w2.device} but w1 is on {w1.device}; they must match")
     return shape
+
+
+# ------------------------------------------------------------------------------------------------------
+# Arguments of the raw ops (the torch.library custom ops of ops.py and the compiled ops of ext.py). The
+# public functions check with friendlier messages first; these run in every op body and fake
+# implementation, so they stay O(1): shapes, dtypes and devices only, never tensor data.
+# ------------------------------------------------------------------------------------------------------
+
+
+def check_size(fn: str, name: str, value, lo: int, hi: int) -> int:
+    """An ``int`` argument in ``[lo, hi]`` (a ``SymInt`` while tracing with dynamic shapes)."""
+    if not isinstance(value, (int, torch.SymInt)) or isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{fn}: {name}={value} must lie in [{lo}, {hi}]")
+    return value
+
+
+def check_features(fn: str, name: str, t, width: int) -> None:
+    """``t`` is a tensor of shape ``(..., n)`` with ``1 ≤ n ≤ width`` (narrower inputs act as zero-padded)."""
+    check_tensor(name, t, fn)
+    if t.dim() < 1 or not 1 <= t.shape[-1] <= width:
+        raise ValueError(f"{fn}: {name} has shape {_fmt(t.shape)}; expected (..., n) with 1 <= n <= {width}")
+
+
+def check_same_tokens(fn: str, x: torch.Tensor, g: torch.Tensor) -> None:
+    """``x (..., n_in)`` and ``g (..., n_out)`` share their leading (token) dimensions."""
+    if x.shape[:-1] != g.shape[:-1]:
+        raise ValueError(
+            f"{fn}: x of shape {_fmt(x.shape)} and g of shape {_fmt(g.shape)} must have the same leading "
+            f"dimensions (one gradient row per input row)"
+        )
+
+
+def check_blockdiag_op(fn: str, x, w, bias, n_out) -> None:
+    """``blockdiag_fwd``: ``x (..., ≤ k·p)``, ``w (k, q, p)``, ``n_out ∈ [1, k·q]``, ``bias (n_out,)`` or None."""
+    check_factor("w", w, fn)
+    k, q, p = w.shape
+    check_features(fn, "x", x, k * p)
+    check_like(fn, "x", x, "w", w)
+    check_size(fn, "n_out", n_out, 1, k * q)
+    check_bias(fn, bias, x, n_out)
+
+
+def check_blockdiag_wgrad_op(fn: str, x, g, k, q, p) -> None:
+    """``blockdiag_wgrad``: ``x (..., ≤ k·p)``, ``g (..., ≤ k·q)`` with the same leading dimensions."""
+    for name, value in (("k", k), ("q", q), ("p", p)):
+        check_size(fn, name, value, 1, 2**62)
+    check_features(fn, "x", x, k * p)
+    check_features(fn, "g", g, k * q)
+    check_like(fn, "g", g, "x", x)
+    check_same_tokens(fn, x, g)
+
+
+def check_monarch_op(fn: str, w1, w2, *, x=None, g=None, bias=None, n_out=None, n_in=None) -> MonarchShape:
+    """Monarch ops: factors ``w1 (k, q, p)``, ``w2 (l, s, r)`` with ``l·r = k·q``; then whichever of
+    ``x (..., ≤ k·p)``, ``g (..., ≤ l·s)`` (same leading dims as ``x``), ``n_out ∈ [1, l·s]`` with
+    ``bias (n_out,)``, ``n_in ∈ [1, k·p]`` the op takes, all of ``w1``'s dtype and device."""
+    sh = check_monarch_factors(fn, w1, w2)
+    if x is not None:
+        check_features(fn, "x", x, sh.n_in)
+        check_like(fn, "x", x, "w1", w1)
+    if g is not None:
+        check_features(fn, "g", g, sh.n_out)
+        check_like(fn, "g", g, "w1", w1)
+        if x is not None:
+            check_same_tokens(fn, x, g)
+    if n_out is not None:
+        check_size(fn, "n_out", n_out, 1, sh.n_out)
+        if bias is not None:
+            check_tensor("bias", bias, fn)
+            if bias.shape != (n_out,):
+                raise ValueError(f"{fn}: bias has shape {_fmt(bias.shape)}, expected ({n_out},)")
+            check_like(fn, "bias", bias, "w1", w1)
+    if n_in is not None:
+        check_size(fn, "n_in", n_in, 1, sh.n_in)
+    return sh

@@ -1,5 +1,7 @@
+import math
 import os
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -18,11 +20,31 @@ RTOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bf
         torch.complex128: 1e-12, torch.complex64: 1e-5}
 
 
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """‖actual − expected‖ / ‖expected‖ computed in float64 (complex128 for complex)."""
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale: Optional[float] = None) -> float:
+    """Per-element error relative to the output scale: ``max_i |actual_i − expected_i| / scale`` over the
+    finite entries of ``expected``, in float64 (complex128 for complex); ``scale`` defaults to
+    ``max_i |expected_i|``.
+
+    One wrong element shows at full size (a global norm would dilute it by the square root of the element
+    count). Non-finite entries of ``expected`` must be matched exactly (NaN by NaN, ±Inf by the same
+    infinity), and ``actual`` must not be non-finite anywhere else; otherwise the error is ``inf``. The
+    shapes must be equal (no broadcasting).
+    """
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
     wide = torch.complex128 if expected.is_complex() else torch.float64
     a, e = actual.detach().to(wide), expected.detach().to(wide)
-    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+    finite = torch.isfinite(e)
+    if not finite.all() or not torch.isfinite(a).all():
+        same_nan = torch.isnan(a) == torch.isnan(e)
+        same_inf = torch.where(torch.isinf(e), a == e, ~torch.isinf(a))
+        if not (same_nan & same_inf).all():
+            return math.inf
+        a, e = a[finite], e[finite]
+    if e.numel() == 0:
+        return 0.0
+    if scale is None:
+        scale = e.abs().max().item()
+    return (a - e).abs().max().item() / max(scale, 1e-300)
 
 
 class OpLog(TorchDispatchMode):
@@ -41,3 +63,26 @@ class OpLog(TorchDispatchMode):
 def _seed():
     torch.manual_seed(1234)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _default_backend():
+    """Reset the process-wide default backend to ``auto`` after every test: a test that sets another one and
+    fails midway must not change what later tests run on."""
+    yield
+    import monarch_kernels as mk
+
+    if mk.get_backend() != "auto":
+        mk.set_backend("auto")
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The number of hypothesis examples per op and backend that tests/monarch_kernels/test_properties.py ran."""
+    counts = getattr(sys.modules.get("test_properties"), "EXAMPLES", None)
+    if not counts:
+        return
+    backends = sorted({b for _, b in counts})
+    terminalreporter.write_sep("-", "hypothesis examples per op and backend")
+    terminalreporter.write_line(f"{'op':<20}" + "".join(f"{b:>10}" for b in backends))
+    for op in sorted({o for o, _ in counts}):
+        terminalreporter.write_line(f"{op:<20}" + "".join(f"{counts[(op, b)]:>10}" for b in backends))

@@ -6,6 +6,10 @@ tensor-core instructions (``HGMMA``/``HMMA``) and global access widths from the 
 global access goes through from the PTX (:mod:`.ptx`; CUDA kernels pass pointers inside structs, so the
 operand is named by its parameter position and C++ type, e.g. ``p0:Mat2``).
 
+``calls`` counts ``CALL`` instructions in the SASS (64-bit division and other out-of-line helpers end up there);
+``weights(ld.cs)`` is the width of the evict-first streaming loads (``__ldcs``), which the decode kernels use for
+their weights and nothing else.
+
 Extend here (e.g. extra nvcc flags such as ``-gencode=arch=compute_90a,code=sm_90a`` for wgmma sources, or
 per-config template instances): :func:`audit` is registered as the ``cuda`` part in :mod:`bench.kernel_audit`.
 """
@@ -53,7 +57,7 @@ def _split_ptx(ptx: str) -> dict[str, str]:
     """PTX text per ``.entry`` (kernel) name."""
     parts, name, buf = {}, None, []
     for line in ptx.splitlines():
-        m = re.match(r"\s*\.(?:visible\s+)?\.entry\s+(\S+?)\(", line)
+        m = re.match(r"\s*(?:\.visible\s+)?\.entry\s+(\S+?)\(", line)  # internal linkage: no .visible
         if m:
             if name:
                 parts[name] = "\n".join(buf)
@@ -87,20 +91,23 @@ def audit(extra_flags: tuple = (), progress=lambda s: None) -> list[KernelRow]:
     rows = []
     for src in sources():
         with tempfile.TemporaryDirectory() as tmp:
-            cubin, ptxf = os.path.join(tmp, "k.cubin"), os.path.join(tmp, "k.ptx")
-            base = ["nvcc", *NVCC_FLAGS, *extra_flags, src]
-            res = subprocess.run(base + ["-cubin", "-o", cubin], capture_output=True, text=True)
+            cubin = os.path.join(tmp, "k.cubin")
+            # one compilation keeps its own PTX: a second nvcc run would mangle anonymous namespaces differently
+            base = ["nvcc", *NVCC_FLAGS, *extra_flags, src, "-cubin", "-o", cubin, "-keep", "-keep-dir", tmp]
+            res = subprocess.run(base, capture_output=True, text=True)
             if res.returncode != 0:
                 rows.append(KernelRow("cuda", os.path.basename(src), "-", "-", error=res.stderr.strip()[-300:]))
                 continue
-            subprocess.run(base + ["-ptx", "-o", ptxf], capture_output=True, text=True, check=True)
             data = open(cubin, "rb").read()
             usage = sass.resource_usage(data)
             per_sass = _sass_per_function(cubin)
-            per_ptx = _split_ptx(open(ptxf).read())
+            per_ptx = {}
+            for ptxf in glob.glob(os.path.join(tmp, "*.ptx")):
+                per_ptx.update(_split_ptx(open(ptxf).read()))
             pretty = _demangle(list(usage))
             for fn, res_usage in usage.items():
-                name = pretty.get(fn, fn)
+                # "(anonymous namespace)::" would end the name at its parenthesis
+                name = re.sub(r"^void ", "", pretty.get(fn, fn).replace("(anonymous namespace)::", ""))
                 types = re.search(r"\((.*)\)", name)
                 params = [t.strip() for t in types.group(1).split(",")] if types else []
                 row = KernelRow("cuda", name.split("(")[0], os.path.basename(src), "",
@@ -111,7 +118,13 @@ def audit(extra_flags: tuple = (), progress=lambda s: None) -> list[KernelRow]:
                 row.dtype = tpl.group(1) if tpl else ""
                 code = per_sass.get(fn, "")
                 row.tensor_core = "wgmma" if "HGMMA" in code else "mma" if re.search(r"\bHMMA\b", code) else "none"
+                row.calls = len(re.findall(r"\bCALL\b", code))
                 if fn in per_ptx:
+                    streamed = [ptx_mod._access_bytes(op, line) for line in ptx_mod._instructions(per_ptx[fn])
+                                for op in [line.split()[0]] if op.startswith("ld.global.cs")]
+                    if streamed:  # evict-first streaming loads: the weights of the decode kernels
+                        lo, hi = min(streamed), max(streamed)
+                        row.loads["weights(ld.cs)"] = str(hi) if lo == hi else f"{lo}-{hi}"
                     summary = ptx_mod.analyse(per_ptx[fn], pointers_only=False)
                     for idx, kinds in summary.widths().items():
                         label = f"p{idx}:{params[idx]}" if idx < len(params) else f"p{idx}"

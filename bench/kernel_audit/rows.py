@@ -28,6 +28,7 @@ class KernelRow:
     stores: dict = field(default_factory=dict)
     cases: list = field(default_factory=list)
     error: str = ""
+    calls: int = -1  # CALL instructions in the SASS (-1: not counted)
 
     @property
     def ok(self) -> bool:
@@ -42,14 +43,15 @@ def _fmt_access(d: dict) -> str:
 
 
 HEADER = ["backend", "kernel", "config", "dtype", "regs", "spill B", "smem B", "tensor core", "loads (B/thread)",
-          "stores (B/thread)", "cases"]
+          "stores (B/thread)", "calls", "cases"]
 
 
 def _cells(r: KernelRow) -> list[str]:
     if r.error:
-        return [r.backend, r.kernel, r.config, r.dtype, "ERROR", "", "", "", r.error[:60], "", str(len(r.cases))]
+        return [r.backend, r.kernel, r.config, r.dtype, "ERROR", "", "", "", r.error[:60], "", "", str(len(r.cases))]
     return [r.backend, r.kernel, r.config, r.dtype, str(r.registers), str(r.spill_bytes), str(r.shared_bytes),
-            r.tensor_core, _fmt_access(r.loads), _fmt_access(r.stores), str(len(r.cases))]
+            r.tensor_core, _fmt_access(r.loads), _fmt_access(r.stores), "-" if r.calls < 0 else str(r.calls),
+            str(len(r.cases))]
 
 
 def format_table(rows: list[KernelRow]) -> str:

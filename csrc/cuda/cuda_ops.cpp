@@ -1,7 +1,9 @@
 // torch binding of the CUDA kernels (compiled only in a CUDA build): the CUDA implementations of the
-// monarch_kernels_ext ops. Fused kernels serve fp16/bf16 Monarch products whose blocks route evenly
-// (q % l == 0); everything else takes the two-kernel path (the block-diagonal kernel with P1/P2 folded
-// into its loads and stores). Weight gradients recompute the intermediate and reduce fp32 split-T partials.
+// monarch_kernels_ext ops. Up to decode_max_tokens() tokens (64 for fp16/bf16, 16 for fp32) the forward, dX and
+// block-diagonal products run on the decode kernels (decode.cu: one launch, weights streamed once). Larger
+// calls take the tile kernels (monarch_kernels.cu): fused kernels for fp16/bf16 Monarch products whose blocks
+// route evenly (q % l == 0), otherwise the two-kernel path (the block-diagonal kernel with P1/P2 folded into
+// its loads and stores). Weight gradients recompute the intermediate and reduce fp32 split-T partials.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
@@ -9,10 +11,12 @@
 
 #include <algorithm>
 
+#include "decode.cuh"
 #include "monarch_kernels.cuh"
 
 namespace {
 
+using monarch_cuda::DecodeStage;
 using monarch_cuda::DType;
 using monarch_cuda::Mat2;
 using monarch_cuda::Mat3;
@@ -27,13 +31,19 @@ DType dtype_of(const at::Tensor& t) {
   }
 }
 
+// The tile kernels index columns with 32-bit arithmetic.
+constexpr int64_t kMaxColumns = int64_t(1) << 31;
+
 Mat2 mat2(const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda() && t.dim() == 2, "monarch cuda kernels: expected a 2-D CUDA tensor");
+  TORCH_CHECK(t.size(1) < kMaxColumns, "monarch cuda kernels: at most 2^31 - 1 features, got ", t.size(1));
   return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
 }
 
 Mat3 mat3(const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda() && t.dim() == 3, "monarch cuda kernels: expected a 3-D CUDA weight");
+  TORCH_CHECK(t.size(0) * std::max(t.size(1), t.size(2)) < kMaxColumns,
+              "monarch cuda kernels: at most 2^31 - 1 features per factor, got weight of shape ", t.sizes());
   return {t.data_ptr(), t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1), t.stride(2)};
 }
 
@@ -51,10 +61,74 @@ const void* bias_ptr(const c10::optional<at::Tensor>& bias, at::Tensor& keep) {
   return keep.data_ptr();
 }
 
+// ------------------------------------------------------------------------------------ decode (few tokens)
+
+bool few_tokens(const at::Tensor& x) {
+  return x.size(0) >= 1 && x.size(0) <= monarch_cuda::decode_max_tokens(dtype_of(x));
+}
+
+// Runs 1 or 2 decode stages when the kernels take them (false: the caller uses the tile kernels).
+bool run_decode(const at::Tensor& x, const DecodeStage* st, int n) {
+  const int dev = x.device().index();
+  if (!monarch_cuda::decode_supported(dtype_of(x), x.size(0), st, n, dev)) return false;
+  check(monarch_cuda::decode_run(dtype_of(x), x.size(0), st, n, dev, stream()), "decode");
+  return true;
+}
+
+// The decode stage reading `in` with the input (t, b, j) at column b*in_bs + j*in_js and writing `out` at
+// column (f % out_a)*out_b + f / out_a of flat output f (f when out_a == 0); `w` is (nblk, rows, cols) contiguous.
+DecodeStage decode_stage(const at::Tensor& w, bool trans, const at::Tensor& in, int64_t in_bs, int64_t in_js,
+                         at::Tensor& out, int64_t out_a, int64_t out_b, const void* bias, int64_t act) {
+  return DecodeStage{w.data_ptr(), w.size(0), w.size(1), w.size(2), trans, in.data_ptr(), in.stride(0),
+                     in.stride(1), in_bs, in_js, in.size(1), out.data_ptr(), out.stride(0), out_a, out_b,
+                     out.size(1), bias, static_cast<int>(act)};
+}
+
+// Y = blockdiag(X, W) with optional permutations on the decode kernels; W may be a transposed view of a
+// contiguous tensor (then served as such, without a copy). An input permutation must be a strided gather
+// (in_p.a == the block's input width).
+bool decode_bd(const at::Tensor& x, const at::Tensor& w, const void* bias, int64_t act, Perm in_p, Perm out_p,
+               at::Tensor& y) {
+  if (!few_tokens(x)) return false;
+  const int64_t p = w.size(2);
+  if (in_p.on && in_p.a != p) return false;
+  const bool trans = !w.is_contiguous() && w.transpose(1, 2).is_contiguous();
+  const at::Tensor ws = trans ? w.transpose(1, 2) : w.contiguous();
+  const DecodeStage st = decode_stage(ws, trans, x, in_p.on ? 1 : p, in_p.on ? in_p.b : 1, y, out_p.on ? out_p.a : 0,
+                                      out_p.b, bias, act);
+  return run_decode(x, &st, 1);
+}
+
+// out = act(P2 BD(w2) P1 BD(w1) x + bias): stage 1 writes the intermediate in stage 2's order (P1) to z.
+bool decode_monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const void* bias,
+                        int64_t act, at::Tensor& out) {
+  if (!few_tokens(x)) return false;
+  const int64_t l = w2.size(0), s = w2.size(1), r = w2.size(2), N = l * r;
+  const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
+  auto z = at::empty({x.size(0), N}, x.options());
+  const DecodeStage st[2] = {decode_stage(w1c, false, x, w1.size(2), 1, z, l, r, nullptr, 0),
+                             decode_stage(w2c, false, z, r, 1, out, s, l, bias, act)};
+  return run_decode(x, st, 2);
+}
+
+// dx = BD(w1)ᵀ P1ᵀ BD(w2)ᵀ P2ᵀ g: stage A gathers g through P2ᵀ and writes dy in flat (P1ᵀ) order.
+bool decode_monarch_dx(const at::Tensor& g, const at::Tensor& w1, const at::Tensor& w2, at::Tensor& dx) {
+  if (!few_tokens(g)) return false;
+  const int64_t l = w2.size(0), r = w2.size(2), N = l * r;
+  const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
+  auto dy = at::empty({g.size(0), N}, g.options());
+  const DecodeStage st[2] = {decode_stage(w2c, true, g, 1, l, dy, r, l, nullptr, 0),
+                             decode_stage(w1c, true, dy, w1.size(1), 1, dx, 0, 0, nullptr, 0)};
+  return run_decode(g, st, 2);
+}
+
+// ------------------------------------------------------------------------------------ tile kernels
+
 // Y = blockdiag(X, W) with optional permutations, into a fresh (T, n_out) tensor.
 at::Tensor bd(const at::Tensor& x, const at::Tensor& w, const void* bias, int64_t n_out, int64_t act, Perm in_p,
               Perm out_p) {
   auto y = at::empty({x.size(0), n_out}, x.options());
+  if (decode_bd(x, w, bias, act, in_p, out_p, y)) return y;
   check(monarch_cuda::blockdiag_forward(dtype_of(x), mat2(x), mat3(w), bias, y.data_ptr(), n_out, y.stride(0),
                                         y.stride(1), in_p, out_p, static_cast<int>(act), stream()),
         "blockdiag_forward");
@@ -100,6 +174,10 @@ at::Tensor monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tens
   const int64_t l = w2.size(0), s = w2.size(1), r = w2.size(2);
   at::Tensor keep;
   const void* b = bias_ptr(bias, keep);
+  if (few_tokens(x)) {
+    auto out = at::empty({x.size(0), n_out}, x.options());
+    if (decode_monarch_fwd(x, w1, w2, b, act, out)) return out;
+  }
   if (fused_ok(x, w1, w2)) {
     auto out = at::empty({x.size(0), n_out}, x.options());
     check(monarch_cuda::monarch_fused_forward(dtype_of(x), mat2(x), mat3(w1), mat3(w2), b, out.data_ptr(), n_out,
@@ -119,6 +197,10 @@ at::Tensor stage2_adjoint(const at::Tensor& g, const at::Tensor& w2) {
 
 at::Tensor monarch_bwd_input(const at::Tensor& g, const at::Tensor& w1, const at::Tensor& w2, int64_t n_in) {
   const c10::cuda::CUDAGuard guard(g.device());
+  if (few_tokens(g)) {
+    auto dx = at::empty({g.size(0), n_in}, g.options());
+    if (decode_monarch_dx(g, w1, w2, dx)) return dx;
+  }
   if (fused_ok(g, w1, w2)) {
     auto dx = at::empty({g.size(0), n_in}, g.options());
     check(monarch_cuda::monarch_fused_dx(dtype_of(g), mat2(g), mat3(w1), mat3(w2), dx.data_ptr(), n_in, stream()),

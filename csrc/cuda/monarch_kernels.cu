@@ -6,14 +6,21 @@
 // each) for fp16/bf16, a 4 x 8 register micro-tile per thread for fp32 — and staging the result through
 // shared memory for the epilogue (bias, activation, permuted scatter, dtype conversion).
 //
-// The fused Monarch kernels chain two such GEMMs per stage-1 block: the 64 x 64 stage-1 tile goes from the
-// fragments to shared memory (rounded to the input dtype) and is the A operand of the stage-2 GEMM, so the
-// intermediate never touches global memory.
+// The fused Monarch kernels chain two such GEMMs per stage-1 block: the 64 x CT stage-1 tile (CT = the rank
+// c = q / l rounded up to the 16-wide tensor-core tile, at most 64 at a time) goes from the fragments to shared
+// memory (rounded to the input dtype) and is the A operand of the stage-2 GEMM, so the intermediate never
+// touches global memory.
+//
+// These kernels are for large token counts and are never chosen by `auto` (monarch_kernels/cuda_dispatch.py
+// says why); the few-token products run on decode.cu. Column indices and the permutations use 32-bit unsigned
+// arithmetic (the torch binding checks that every column count is below 2^31); row offsets are 64-bit.
 #include "monarch_kernels.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
+
+#include "epilogue.cuh"
 
 namespace monarch_cuda {
 namespace {
@@ -23,26 +30,11 @@ using namespace nvcuda;
 constexpr int BM = 64, BN = 64, BK = 32, THREADS = 128;
 constexpr int LDA = BK + 8;   // shared-memory row pitch of operand tiles (elements; multiple of 8 for WMMA)
 constexpr int LDC = BN + 4;   // pitch of the fp32 staging tile (multiple of 4 for WMMA stores)
-constexpr int CT = 64;        // chunk of the per-block rank c processed at once by the fused kernels
-constexpr int LDT = CT + 8;   // pitch of the stage-1 tile and of the stage-2 B tile
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-__device__ __forceinline__ int64_t vt(int64_t f, const Perm& pm) { return pm.on ? (f % pm.a) * pm.b + f / pm.a : f; }
-
-__device__ __forceinline__ float activate(float v, int act) {
-  switch (act) {
-    case 1: return fmaxf(v, 0.f);
-    case 2: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f));
-    case 3: return 0.5f * v * (1.f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
-    default: return v;
-  }
+// Column f under the view-transpose pm (32-bit: columns and permutation factors are below 2^31).
+__device__ __forceinline__ int64_t vt(int64_t f, const Perm& pm) {
+  if (!pm.on) return f;
+  const unsigned u = static_cast<unsigned>(f), a = static_cast<unsigned>(pm.a), b = static_cast<unsigned>(pm.b);
+  return static_cast<int64_t>((u % a) * b + u / a);
 }
 
 template <typename T>
@@ -52,31 +44,31 @@ __device__ __forceinline__ T load_el(const void* base, int64_t off) {
 
 // ------------------------------------------------------------------------------------ tile MMA policies
 
-// Tensor cores: warp w owns rows (w/2)*32.., cols (w%2)*32.. of the 64 x 64 tile, as 2 x 2 fragments.
-template <typename T>
+// Tensor cores: warp w owns rows 16w .. 16w + 16 of the 64 x N tile, as N / 16 fragments.
+template <typename T, int N = BN>
 struct WmmaAcc {
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[2][2];
+  static constexpr int NF = N / 16;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[NF];
   __device__ void zero() {
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(f[i][j], 0.f);
+    for (int j = 0; j < NF; ++j) wmma::fill_fragment(f[j], 0.f);
   }
-  // acc += A[64 x K] * B^T where As is (64, lda) row-major and Bs holds B^T as (64 = N, ldb) rows
+  // acc += A[64 x K] * B^T where As is (64, lda) row-major and Bs holds B^T as (N, ldb) rows
   __device__ void mma(const T* As, int lda, const T* Bs, int ldb, int K) {
-    const int w = threadIdx.x / 32, wm = w / 2, wn = w % 2;
+    const int w = threadIdx.x / 32;
     for (int kk = 0; kk < K; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * lda + kk, lda);
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], Bs + (wn * 32 + j * 16) * ldb + kk, ldb);
-      for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(f[i][j], a[i], b[j], f[i][j]);
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+      wmma::load_matrix_sync(a, As + w * 16 * lda + kk, lda);
+      for (int j = 0; j < NF; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+        wmma::load_matrix_sync(b, Bs + j * 16 * ldb + kk, ldb);
+        wmma::mma_sync(f[j], a, b, f[j]);
+      }
     }
   }
   __device__ void store(float* Cs) {
-    const int w = threadIdx.x / 32, wm = w / 2, wn = w % 2;
-    for (int i = 0; i < 2; ++i)
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, f[i][j], LDC, wmma::mem_row_major);
+    const int w = threadIdx.x / 32;
+    for (int j = 0; j < NF; ++j)
+      wmma::store_matrix_sync(Cs + w * 16 * LDC + j * 16, f[j], LDC, wmma::mem_row_major);
   }
 };
 
@@ -142,7 +134,7 @@ __global__ void __launch_bounds__(THREADS) bd_fwd_kernel(Mat2 x, Mat3 w, const T
     if (col >= n_out) continue;
     float v = Cs[r * LDC + c];
     if (bias) v += to_f(bias[col]);
-    y[t * syt + col * syf] = from_f<T>(activate(v, act));
+    y[t * syt + col * syf] = activate_to<T>(v, act);
   }
 }
 
@@ -154,9 +146,9 @@ __global__ void __launch_bounds__(THREADS) bd_wgrad_kernel(Mat2 x, Mat2 g, int64
   __shared__ __align__(32) T As[BM * LDA];  // As[n][tt] = G[t, col_g(n)]   (M = q side)
   __shared__ __align__(32) T Bs[BN * LDA];  // Bs[j][tt] = X[t, col_x(j)]   (N = p side)
   __shared__ __align__(32) float Cs[BM * LDC];
-  const int64_t tiles_q = (q + BM - 1) / BM, tiles_p = (p + BN - 1) / BN;
-  const int64_t kk = blockIdx.x / (tiles_q * tiles_p), rem = blockIdx.x % (tiles_q * tiles_p);
-  const int64_t n0 = (rem / tiles_p) * BM, j0 = (rem % tiles_p) * BN;
+  const unsigned tiles_q = static_cast<unsigned>((q + BM - 1) / BM), tiles_p = static_cast<unsigned>((p + BN - 1) / BN);
+  const unsigned kk = blockIdx.x / (tiles_q * tiles_p), rem = blockIdx.x % (tiles_q * tiles_p);
+  const int64_t n0 = static_cast<int64_t>(rem / tiles_p) * BM, j0 = static_cast<int64_t>(rem % tiles_p) * BN;
   const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * rows_per_split;
   const int64_t t_end = x.rows < t_begin + rows_per_split ? x.rows : t_begin + rows_per_split;
   typename AccFor<T>::type acc;
@@ -186,37 +178,43 @@ __global__ void __launch_bounds__(THREADS) bd_wgrad_kernel(Mat2 x, Mat2 g, int64
 
 // ------------------------------------------------------------------------------------ fused Monarch (16-bit)
 
-// Round the fp32 stage-1 tile (Cs) to T into Ts (64 x CT, pitch LDT).
-template <typename T>
+// Round the fp32 stage-1 tile (Cs) to T into Ts (64 x CT, pitch CT + 8).
+template <typename T, int CT>
 __device__ void stage_tile(const float* Cs, T* Ts) {
+  constexpr int LDT = CT + 8;
   for (int e = threadIdx.x; e < BM * CT; e += THREADS) {
     const int r = e / CT, c = e % CT;
     Ts[r * LDT + c] = from_f<T>(Cs[r * LDC + c]);
   }
 }
 
-template <typename T>
+template <typename T, int CT>
 __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(Mat2 x, Mat3 w1, Mat3 w2, const T* __restrict__ bias,
                                                             T* __restrict__ out, int64_t n_out, int act) {
+  constexpr int LDT = CT + 8;  // pitch of the stage-1 tile and of the stage-2 B tile
   __shared__ __align__(32) T As[BM * LDA];
   __shared__ __align__(32) T Bs[CT * LDA];
   __shared__ __align__(32) T Ts[BM * LDT];
   __shared__ __align__(32) T B2s[BN * LDT];
   __shared__ __align__(32) float Cs[BM * LDC];
-  const int64_t K = w1.n0, Q = w1.n1, P = w1.n2, L = w2.n0, S = w2.n1, C = Q / L;
+  const int64_t K = w1.n0, Q = w1.n1, P = w1.n2, L = w2.n0, S = w2.n1;
+  const int64_t C = static_cast<unsigned>(Q) / static_cast<unsigned>(L);  // rank c (32-bit division)
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM, ll = blockIdx.y, s0 = static_cast<int64_t>(blockIdx.z) * BN;
   WmmaAcc<T> acc2;
   acc2.zero();
   for (int64_t kk = 0; kk < K; ++kk) {
     for (int64_t c0 = 0; c0 < C; c0 += CT) {
-      WmmaAcc<T> acc1;  // t = X_kk W1[kk, (c0..)*l + ll, :]^T
+      WmmaAcc<T, CT> acc1;  // t = X_kk W1[kk, (c0..)*l + ll, :]^T
       acc1.zero();
       for (int64_t j0 = 0; j0 < P; j0 += BK) {
         for (int e = threadIdx.x; e < BM * BK; e += THREADS) {
           const int r = e / BK, c = e % BK;
           const int64_t t = m0 + r, j = j0 + c, col = kk * P + j;
           As[r * LDA + c] = (t < x.rows && j < P && col < x.cols) ? load_el<T>(x.ptr, t * x.s0 + col * x.s1) : from_f<T>(0.f);
-          const int64_t cc = c0 + r;
+        }
+        for (int e = threadIdx.x; e < CT * BK; e += THREADS) {
+          const int r = e / BK, c = e % BK;
+          const int64_t j = j0 + c, cc = c0 + r;
           Bs[r * LDA + c] = (cc < C && j < P) ? load_el<T>(w1.ptr, kk * w1.s0 + (cc * L + ll) * w1.s1 + j * w1.s2) : from_f<T>(0.f);
         }
         __syncthreads();
@@ -230,7 +228,7 @@ __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(Mat2 x, Mat3 w1, Mat
         B2s[n * LDT + c] = (ss < S && cc < C) ? load_el<T>(w2.ptr, ll * w2.s0 + ss * w2.s1 + (kk * C + cc) * w2.s2) : from_f<T>(0.f);
       }
       __syncthreads();
-      stage_tile<T>(Cs, Ts);
+      stage_tile<T, CT>(Cs, Ts);
       __syncthreads();
       acc2.mma(Ts, LDT, B2s, LDT, CT);
       __syncthreads();
@@ -244,31 +242,36 @@ __global__ void __launch_bounds__(THREADS) fused_fwd_kernel(Mat2 x, Mat3 w1, Mat
     if (t >= x.rows || ss >= S || col >= n_out) continue;
     float v = Cs[r * LDC + c];
     if (bias) v += to_f(bias[col]);
-    out[t * n_out + col] = from_f<T>(activate(v, act));
+    out[t * n_out + col] = activate_to<T>(v, act);
   }
 }
 
-template <typename T>
+template <typename T, int CT>
 __global__ void __launch_bounds__(THREADS) fused_dx_kernel(Mat2 g, Mat3 w1, Mat3 w2, T* __restrict__ dx, int64_t n_in) {
+  constexpr int LDT = CT + 8;  // pitch of the stage-1 tile and of the stage-2 B tile
   __shared__ __align__(32) T As[BM * LDA];
   __shared__ __align__(32) T Bs[CT * LDA];
   __shared__ __align__(32) T Ts[BM * LDT];
   __shared__ __align__(32) T B2s[BN * LDT];
   __shared__ __align__(32) float Cs[BM * LDC];
-  const int64_t Q = w1.n1, P = w1.n2, L = w2.n0, S = w2.n1, C = Q / L;
+  const int64_t Q = w1.n1, P = w1.n2, L = w2.n0, S = w2.n1;
+  const int64_t C = static_cast<unsigned>(Q) / static_cast<unsigned>(L);  // rank c (32-bit division)
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * BM, kk = blockIdx.y, p0 = static_cast<int64_t>(blockIdx.z) * BN;
   WmmaAcc<T> acc2;
   acc2.zero();
   for (int64_t ll = 0; ll < L; ++ll) {
     for (int64_t c0 = 0; c0 < C; c0 += CT) {
-      WmmaAcc<T> acc1;  // t = G_ll W2[ll][:, kk*C + c0 ..]
+      WmmaAcc<T, CT> acc1;  // t = G_ll W2[ll][:, kk*C + c0 ..]
       acc1.zero();
       for (int64_t j0 = 0; j0 < S; j0 += BK) {
         for (int e = threadIdx.x; e < BM * BK; e += THREADS) {
           const int r = e / BK, c = e % BK;
           const int64_t t = m0 + r, ss = j0 + c, col = ss * L + ll;  // gather through P2^T
           As[r * LDA + c] = (t < g.rows && ss < S && col < g.cols) ? load_el<T>(g.ptr, t * g.s0 + col * g.s1) : from_f<T>(0.f);
-          const int64_t cc = c0 + r;
+        }
+        for (int e = threadIdx.x; e < CT * BK; e += THREADS) {
+          const int r = e / BK, c = e % BK;
+          const int64_t ss = j0 + c, cc = c0 + r;
           Bs[r * LDA + c] = (cc < C && ss < S) ? load_el<T>(w2.ptr, ll * w2.s0 + ss * w2.s1 + (kk * C + cc) * w2.s2) : from_f<T>(0.f);
         }
         __syncthreads();
@@ -282,7 +285,7 @@ __global__ void __launch_bounds__(THREADS) fused_dx_kernel(Mat2 g, Mat3 w1, Mat3
         B2s[n * LDT + c] = (pp < P && cc < C) ? load_el<T>(w1.ptr, kk * w1.s0 + (cc * L + ll) * w1.s1 + pp * w1.s2) : from_f<T>(0.f);
       }
       __syncthreads();
-      stage_tile<T>(Cs, Ts);
+      stage_tile<T, CT>(Cs, Ts);
       __syncthreads();
       acc2.mma(Ts, LDT, B2s, LDT, CT);
       __syncthreads();
@@ -341,18 +344,43 @@ cudaError_t blockdiag_weight_grad(DType dt, Mat2 x, Mat2 g, int64_t k, int64_t q
   return cudaGetLastError();
 }
 
+// The stage-1 tile width for rank c: c rounded up to the 16-wide tensor-core tile, at most 64 at a time.
+int rank_tile(int64_t c) { return c <= 16 ? 16 : c <= 32 ? 32 : 64; }
+
+template <typename T, int CT>
+void launch_fused_fwd(dim3 grid, cudaStream_t stream, Mat2 x, Mat3 w1, Mat3 w2, const void* bias, void* out,
+                      int64_t n_out, int act) {
+  fused_fwd_kernel<T, CT><<<grid, THREADS, 0, stream>>>(x, w1, w2, static_cast<const T*>(bias), static_cast<T*>(out),
+                                                        n_out, act);
+}
+
+template <typename T>
+void fused_fwd_for_rank(int ct, dim3 grid, cudaStream_t stream, Mat2 x, Mat3 w1, Mat3 w2, const void* bias,
+                        void* out, int64_t n_out, int act) {
+  if (ct == 16) launch_fused_fwd<T, 16>(grid, stream, x, w1, w2, bias, out, n_out, act);
+  else if (ct == 32) launch_fused_fwd<T, 32>(grid, stream, x, w1, w2, bias, out, n_out, act);
+  else launch_fused_fwd<T, 64>(grid, stream, x, w1, w2, bias, out, n_out, act);
+}
+
+template <typename T>
+void fused_dx_for_rank(int ct, dim3 grid, cudaStream_t stream, Mat2 g, Mat3 w1, Mat3 w2, void* dx, int64_t n_in) {
+  T* d = static_cast<T*>(dx);
+  if (ct == 16) fused_dx_kernel<T, 16><<<grid, THREADS, 0, stream>>>(g, w1, w2, d, n_in);
+  else if (ct == 32) fused_dx_kernel<T, 32><<<grid, THREADS, 0, stream>>>(g, w1, w2, d, n_in);
+  else fused_dx_kernel<T, 64><<<grid, THREADS, 0, stream>>>(g, w1, w2, d, n_in);
+}
+
 cudaError_t monarch_fused_forward(DType dt, Mat2 x, Mat3 w1, Mat3 w2, const void* bias, void* out, int64_t n_out,
                                   int act, cudaStream_t stream) {
   if (x.rows == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(cdiv(x.rows, BM)), static_cast<unsigned>(w2.n0), static_cast<unsigned>(cdiv(w2.n1, BN)));
+  const int ct = rank_tile(w1.n1 / w2.n0);
   switch (dt) {
     case DType::F16:
-      fused_fwd_kernel<__half><<<grid, THREADS, 0, stream>>>(x, w1, w2, static_cast<const __half*>(bias),
-                                                             static_cast<__half*>(out), n_out, act);
+      fused_fwd_for_rank<__half>(ct, grid, stream, x, w1, w2, bias, out, n_out, act);
       break;
     case DType::BF16:
-      fused_fwd_kernel<__nv_bfloat16><<<grid, THREADS, 0, stream>>>(x, w1, w2, static_cast<const __nv_bfloat16*>(bias),
-                                                                    static_cast<__nv_bfloat16*>(out), n_out, act);
+      fused_fwd_for_rank<__nv_bfloat16>(ct, grid, stream, x, w1, w2, bias, out, n_out, act);
       break;
     default:
       return cudaErrorInvalidValue;  // fp32 takes the two-kernel path
@@ -363,12 +391,13 @@ cudaError_t monarch_fused_forward(DType dt, Mat2 x, Mat3 w1, Mat3 w2, const void
 cudaError_t monarch_fused_dx(DType dt, Mat2 g, Mat3 w1, Mat3 w2, void* dx, int64_t n_in, cudaStream_t stream) {
   if (g.rows == 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(cdiv(g.rows, BM)), static_cast<unsigned>(w1.n0), static_cast<unsigned>(cdiv(w1.n2, BN)));
+  const int ct = rank_tile(w1.n1 / w2.n0);
   switch (dt) {
     case DType::F16:
-      fused_dx_kernel<__half><<<grid, THREADS, 0, stream>>>(g, w1, w2, static_cast<__half*>(dx), n_in);
+      fused_dx_for_rank<__half>(ct, grid, stream, g, w1, w2, dx, n_in);
       break;
     case DType::BF16:
-      fused_dx_kernel<__nv_bfloat16><<<grid, THREADS, 0, stream>>>(g, w1, w2, static_cast<__nv_bfloat16*>(dx), n_in);
+      fused_dx_for_rank<__nv_bfloat16>(ct, grid, stream, g, w1, w2, dx, n_in);
       break;
     default:
       return cudaErrorInvalidValue;

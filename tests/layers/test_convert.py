@@ -1,4 +1,8 @@
-"""monarchify / densify on models built from plain torch modules, and drop-in training."""
+"""monarchify / densify on models built from plain torch modules: selection rules, safety skips, dry-run plans,
+errors, projection by default, type-restoring densify, and drop-in training."""
+import copy
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -50,28 +54,179 @@ def test_monarchify_projection_keeps_outputs_and_densify_undoes():
     _monarch_structured_(model, 4)
     x = torch.randn(5, 8, dtype=torch.float64)
     before = model(x)
-    names = monarchify(model, nblocks=4, include=["mlp.*", "c_fc"], project=True)
+    names = monarchify(model, nblocks=4, include=["mlp.*", "c_fc"])  # projection is the default
     assert names == ["mlp.0", "mlp.2", "c_fc"]
     assert all(isinstance(model.get_submodule(n), MonarchLinear) for n in names)
+    assert [r.init for r in names.layers] == ["projected"] * 3 and all(r.error < 1e-12 for r in names.layers)
     assert isinstance(model.embed, nn.Linear) and isinstance(model.head, nn.Linear)
     assert rel_err(model(x), before) < 1e-12
     assert densify(model) == names
-    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+    assert [type(model.get_submodule(n)) for n in names] == [nn.Linear, nn.Linear, Conv1D]  # original classes
+    assert model.c_fc.weight.shape == (32, 48)  # Conv1D stores (in, out)
     assert rel_err(model(x), before) < 1e-12
+
+
+def test_project_false_reinitialises():
+    model = Tiny().double()
+    _monarch_structured_(model, 4)
+    x = torch.randn(5, 8, dtype=torch.float64)
+    before = model(x)
+    conv = monarchify(model, nblocks=4, include=["mlp.*", "c_fc"], project=False)
+    assert [r.init for r in conv.layers] == ["random"] * 3 and all(r.error is None for r in conv.layers)
+    assert rel_err(model(x), before) > 0.1
 
 
 def test_monarchify_filters_and_threshold():
     model = Tiny()
-    assert monarchify(model, nblocks=4, exclude=["head", "embed"], min_features=33) == []  # all have min 32
+    with pytest.raises(ValueError, match=r"nothing to convert \(.*mlp.0: min\(in, out\) = 32 < min_features = 33"):
+        monarchify(model, nblocks=4, exclude=["head", "embed"], min_features=33)
     assert monarchify(model, nblocks=4, exclude=["head", "embed"], min_features=32) == ["mlp.0", "mlp.2", "c_fc"]
     model = Tiny()
     names = monarchify(model, nblocks=4, exclude="head", layer="blockdiag")
-    assert names == ["embed", "mlp.0", "mlp.2", "c_fc"]
+    assert names == ["embed", "mlp.0", "mlp.2", "c_fc"] and names.skipped == {"head": "excluded"}
     assert isinstance(model.embed, BlockdiagLinear)
     with pytest.raises(ValueError, match="layer must be 'monarch' or 'blockdiag'"):
         monarchify(model, layer="butterfly")
-    with pytest.raises(TypeError, match="glob pattern"):
+    with pytest.raises(TypeError, match="module-path pattern"):
         monarchify(Tiny(), include=[3])
+    with pytest.raises(ValueError, match="nblocks must be a positive int"):
+        monarchify(Tiny(), nblocks=0)
+
+
+def test_patterns_that_match_nothing_raise():
+    with pytest.raises(ValueError, match=r"include pattern 'mlp.9' matches no dense layer.*dense layers: embed, mlp.0"):
+        monarchify(Tiny(), include=["mlp.*", "mlp.9"])
+    with pytest.raises(ValueError, match="exclude pattern 'haed' matches no dense layer"):
+        monarchify(Tiny(), exclude="haed")
+    with pytest.raises(ValueError, match="has no nn.Linear or Conv1D layer"):
+        monarchify(nn.Sequential(nn.ReLU()))
+
+
+def test_nblocks_that_does_not_fit():
+    model = Tiny()  # head is 48 -> 3
+    with pytest.raises(ValueError, match=r"nblocks=4 does not fit head \(48 -> 3\)"):
+        monarchify(model, nblocks=4, include=["head"])  # named: an error
+    conv = monarchify(model, nblocks=4)  # matched by the default wildcard: skipped and reported
+    assert conv.skipped == {"head": "nblocks=4 > min(in, out) = 3"}
+    with pytest.raises(ValueError, match=r"nothing to convert \(embed: nblocks=16 > min\(in, out\) = 8"):
+        monarchify(Tiny(), nblocks=16, include="e*")
+
+
+class Layer(nn.Module):
+    """A BERT-like layer: the attention output and the FFN output are both called ``output.dense``."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.attention = nn.Module()
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(d, d)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(d, 2 * d)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        h = x + self.attention.output.dense(x)
+        return h + self.output.dense(torch.relu(self.intermediate.dense(h)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, n=3, d=16, vocab=20):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(Layer(d) for _ in range(n))
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied, as in GPT-2 / BERT MLM heads
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.encoder.layer:
+            h = layer(h)
+        return self.lm_head(h)
+
+
+def test_star_stays_in_one_segment_and_double_star_crosses():
+    assert monarchify(Encoder(), include="encoder.layer.*.output.dense", dry_run=True) == [
+        f"encoder.layer.{i}.output.dense" for i in range(3)]
+    both = monarchify(Encoder(), include="**.output.dense", dry_run=True)
+    assert len(both) == 6 and "encoder.layer.0.attention.output.dense" in both
+    assert monarchify(Encoder(), include="encoder.layer.1.**", dry_run=True) == [
+        "encoder.layer.1.attention.output.dense", "encoder.layer.1.intermediate.dense", "encoder.layer.1.output.dense"]
+    with pytest.raises(ValueError, match=r"include pattern '\*.output.dense' matches no dense layer"):
+        monarchify(Encoder(), include="*.output.dense")
+
+
+def test_tied_output_head_is_skipped_unless_named():
+    model = Encoder()
+    with pytest.warns(UserWarning, match=r"unsafe.*lm_head \(output head.*weight tied to embed"):
+        conv = monarchify(model, nblocks=4)
+    assert "lm_head" not in conv and conv.skipped["lm_head"].startswith("output head")
+    assert model.lm_head.weight is model.embed.weight and len(conv) == 9
+    named = Encoder()
+    with pytest.warns(UserWarning, match="converting named layers although unsafe: lm_head"):
+        assert monarchify(named, nblocks=4, include=["lm_head"]) == ["lm_head"]
+    assert isinstance(named.lm_head, MonarchLinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # excluding the head explicitly: no warning
+        monarchify(Encoder(), nblocks=4, exclude="lm_head")
+
+
+def test_shared_module_is_replaced_everywhere_when_named():
+    shared = nn.Linear(16, 16)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(16, 16))
+    with pytest.warns(UserWarning, match=r"0 \(module shared with 2\)"):
+        assert monarchify(copy.deepcopy(model), nblocks=4) == ["3"]
+    with pytest.warns(UserWarning, match="converting named layers although unsafe"):
+        monarchify(model, nblocks=4, include=["0", "3"])
+    assert isinstance(model[0], MonarchLinear) and model[0] is model[2]
+
+
+def test_transformer_encoder_layer_parents_that_read_weight_are_skipped():
+    """Reliability D9: MultiheadAttention reads out_proj.weight and TransformerEncoderLayer's inference fast path
+    reads linear1/linear2.weight; converting them crashed forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+                          nn.Linear(32, 32)).eval()
+    x = torch.randn(2, 5, 32)
+    with pytest.warns(UserWarning, match=r"0.self_attn.out_proj \(MultiheadAttention reads self.out_proj.weight"):
+        conv = monarchify(model, nblocks=4)
+    assert conv == ["1"]
+    assert set(conv.skipped) == {"0.self_attn.out_proj", "0.linear1", "0.linear2"}
+    assert "TransformerEncoderLayer reads self.linear1.weight directly" in conv.skipped["0.linear1"]
+    assert model(x).shape == (2, 5, 32) and model.train()(x).shape == (2, 5, 32)
+    with pytest.raises(ValueError, match="nothing to convert.*out_proj: MultiheadAttention reads"):
+        monarchify(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True))
+
+
+def test_dry_run_plan_matches_the_conversion():
+    model = Encoder()
+    before = [id(m) for m in model.modules()]
+    plan = monarchify(model, nblocks=4, include="encoder.layer.*.*.dense", dry_run=True)
+    assert [id(m) for m in model.modules()] == before and plan.dry_run  # untouched
+    assert plan == [f"encoder.layer.{i}.{n}.dense" for i in range(3) for n in ("intermediate", "output")]
+    done = monarchify(model, nblocks=4, include="encoder.layer.*.*.dense")
+    for row, name in zip(plan.layers, done):
+        layer = model.get_submodule(name)
+        assert row.name == name and (row.in_features, row.out_features) == (layer.in_features, layer.out_features)
+        assert row.new_params == sum(p.numel() for p in layer.parameters())
+        assert row.params == row.in_features * row.out_features + row.out_features
+        assert row.new_flops == layer.flops_per_token() and row.flops == layer.dense_flops_per_token()
+        assert row.error is None
+    assert done.params == plan.params and done.flops == plan.flops
+    text = str(done)
+    assert "encoder.layer.0.intermediate.dense  Linear 16->32  monarch/4" in text
+    assert f"total (6 converted)" in text and "skipped" not in text
+    assert "total (6 would convert)" in str(plan)
+
+
+def test_verbose_prints_the_table(capsys):
+    monarchify(Tiny(), nblocks=4, include="mlp.*", verbose=True)
+    out = capsys.readouterr().out
+    assert "mlp.0" in out and "total (2 converted)" in out
 
 
 def test_blockdiag_projection_keeps_diagonal_blocks():
@@ -127,7 +282,8 @@ def test_drop_in_transformer_trains():
             return self.out(self.block(self.emb(s) + self.pos)).reshape(-1, vocab)
 
     model = LM()
-    names = monarchify(model, nblocks=4, include=["block.linear1", "block.linear2"])
+    with pytest.warns(UserWarning, match="converting named layers although unsafe: block.linear1"):
+        names = monarchify(model, nblocks=4, include=["block.linear1", "block.linear2"])  # train mode only
     assert names == ["block.linear1", "block.linear2"]
     losses = _train(model, seq, target, steps=80)
     assert losses[-1] < 0.5 * losses[0]

@@ -129,6 +129,23 @@ def test_wrong_input_width_and_bad_constructor():
         MonarchLinear(32, 64)(torch.ones(2, 32, dtype=torch.long))
 
 
+def test_from_dense_rejects_bad_weights_clearly():
+    """Reliability D8 (layers part): an int weight used to fail with 'only floating point tensors can require
+    gradients'."""
+    for cls in (MonarchLinear, BlockdiagLinear):
+        name = cls.__name__
+        with pytest.raises(TypeError, match=f"{name}.from_dense: weight must be a floating-point tensor.*torch.int64"):
+            cls.from_dense(torch.ones(8, 8, dtype=torch.long), nblocks=2)
+        with pytest.raises(ValueError, match=f"{name}.from_dense: weight must be a 2-D"):
+            cls.from_dense(torch.ones(8), nblocks=2)
+        with pytest.raises(TypeError, match=f"{name}.from_dense: weight must be a torch.Tensor"):
+            cls.from_dense([[1.0]], nblocks=1)
+        with pytest.raises(ValueError, match=r"bias must be a \(8,\) tensor"):
+            cls.from_dense(torch.ones(8, 4), torch.ones(4), nblocks=2)
+        with pytest.raises(TypeError, match="bias must be a floating-point tensor"):
+            cls.from_dense(torch.ones(8, 4), torch.ones(8, dtype=torch.long), nblocks=2)
+
+
 def test_backend_is_honoured():
     layer = MonarchLinear(16, 16, nblocks=4, backend="nope")
     with pytest.raises(ValueError, match="unknown backend 'nope'"):

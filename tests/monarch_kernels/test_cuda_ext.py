@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import monarch_kernels as mk
+from monarch_kernels import activations
 from monarch_kernels import reference as ref
 from conftest import rel_err
 
@@ -58,3 +59,109 @@ def test_strided_input():
     w2 = (torch.randn(4, 768, 192, device="cuda") / 14).bfloat16()
     out = C.monarch_fwd(x, w1, w2, None, 3072, "none")
     assert rel_err(out, ref.monarch_fwd(x.double(), w1.double(), w2.double(), None, 3072)) < TOL[torch.bfloat16]
+
+
+# ------------------------------------------------------------------------------------ decode kernels (few tokens)
+# decode.cu serves forward, dX and block-diagonal products with T <= 64 tokens (fp32: 16); compared per element
+# (max-abs error relative to the output's scale) with float64 on fresh random data, outputs poisoned with NaN.
+ELEM_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DECODE_TOKENS = {torch.bfloat16: [1, 5, 16, 17, 33, 64], torch.float16: [1, 8, 40], torch.float32: [1, 7, 16]}
+# square (nblocks 4: reductions of several chunks and warps), c = 1 (n = 4096 in 64 blocks), ragged (p = 8, r = 5:
+# element loads), p = 1, q = 1, a rectangular GPT-2-like pair, and 2048-wide blocks (the longest reductions)
+DECODE_SHAPES = [((4, 256, 256), (4, 256, 256)), ((64, 64, 64), (64, 64, 64)), ((4, 5, 8), (4, 6, 5)),
+                 ((4, 3, 1), (3, 2, 4)), ((8, 1, 4), (2, 3, 4)), ((4, 192, 192), (4, 768, 192)),
+                 ((2, 2048, 2048), (2, 2048, 2048))]
+
+
+def elem_err(actual, expected):
+    a, e = actual.double(), expected.double()
+    assert a.shape == e.shape
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def decode_case(s1, s2, dtype, T):
+    sh = mk.MonarchShape.from_factors(s1, s2)
+    mkr = lambda *s, sc=1.0: (torch.randn(*s, device="cuda") * sc).to(dtype)
+    return sh, mkr(T, sh.n_in), mkr(T, sh.n_out), mkr(sh.n_out), mkr(*s1, sc=sh.p ** -0.5), mkr(*s2, sc=sh.r ** -0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("s1,s2", DECODE_SHAPES)
+def test_decode_monarch_forward_and_dx(s1, s2, dtype):
+    for T in DECODE_TOKENS[dtype]:
+        sh, x, g, b, w1, w2 = decode_case(s1, s2, dtype, T)
+        d = lambda t: t.double()
+        for act in ("none", "relu", "gelu", "gelu_tanh"):
+            out = C.monarch_fwd(x, w1, w2, b, sh.n_out, act)
+            assert elem_err(out, ref.monarch_fwd(d(x), d(w1), d(w2), d(b), sh.n_out, act)) < ELEM_TOL[dtype], (T, act)
+        # truncated input and output widths (the kernels' column bounds)
+        out = C.monarch_fwd(x[:, : sh.n_in - 1], w1, w2, b[:-1], sh.n_out - 1, "none")
+        want = ref.monarch_fwd(d(x[:, : sh.n_in - 1]), d(w1), d(w2), d(b[:-1]), sh.n_out - 1)
+        assert elem_err(out, want) < ELEM_TOL[dtype], T
+        dx = C.monarch_bwd_input(g, w1, w2, sh.n_in)
+        assert elem_err(dx, ref.monarch_bwd_input(d(g), d(w1), d(w2), sh.n_in)) < ELEM_TOL[dtype], T
+        for a, e in zip(C.monarch_bwd_weight(x, g, w1, w2), ref.monarch_bwd_weight(d(x), d(g), d(w1), d(w2))):
+            assert rel_err(a, e) < TOL[dtype], T
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_strided_and_transposed_operands(dtype):
+    w1 = (torch.randn(4, 192, 192, device="cuda") / 14).to(dtype)
+    w2 = (torch.randn(4, 768, 192, device="cuda") / 14).to(dtype)
+    big, gbig = torch.randn(5, 2 * 768, device="cuda").to(dtype), torch.randn(3072, 5, device="cuda").to(dtype)
+    x, g = big[:, ::2], gbig.t()  # strided columns / a transposed view: the element-load staging path
+    d = lambda t: t.double()
+    assert elem_err(C.monarch_fwd(x, w1, w2, None, 3072, "none"), ref.monarch_fwd(d(x), d(w1), d(w2), None, 3072)) \
+        < ELEM_TOL[dtype]
+    assert elem_err(C.monarch_bwd_input(g, w1, w2, 768), ref.monarch_bwd_input(d(g), d(w1), d(w2), 768)) < ELEM_TOL[dtype]
+    # non-contiguous weights are served (copied) too
+    w2t = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    assert elem_err(C.monarch_fwd(x, w1, w2t, None, 3072, "none"), ref.monarch_fwd(d(x), d(w1), d(w2), None, 3072)) \
+        < ELEM_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("T", [1, 16])
+def test_decode_blockdiag_plain_and_transposed_weight(dtype, T):
+    x, b = torch.randn(T, 250, device="cuda").to(dtype), torch.randn(190, device="cuda").to(dtype)
+    w = (torch.randn(4, 48, 64, device="cuda") / 8).to(dtype)
+    d = lambda t: t.double()
+    assert elem_err(C.blockdiag_fwd(x, w, b, 190, "relu"), ref.blockdiag_fwd(d(x), d(w), d(b), 190, "relu")) \
+        < ELEM_TOL[dtype]
+    wt = (torch.randn(4, 64, 48, device="cuda") / 8).to(dtype).transpose(1, 2)  # served in place (W_bᵀ x)
+    assert elem_err(C.blockdiag_fwd(x, wt, None, 190, "none"), ref.blockdiag_fwd(d(x), d(wt), None, 190)) < ELEM_TOL[dtype]
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu", "gelu_tanh"])
+def test_decode_nan_and_inf_propagate_like_torch(act):
+    sh, x, g, b, w1, w2 = decode_case((4, 64, 64), (4, 64, 64), torch.float32, 3)
+    x[0, 5], x[1, 70], b[9] = float("nan"), float("inf"), float("-inf")
+    out = C.monarch_fwd(x, w1, w2, b, sh.n_out, act)
+    want = ref.monarch_fwd(x.double(), w1.double(), w2.double(), b.double(), sh.n_out, act)
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    finite = want.isfinite()
+    assert elem_err(out[finite], want[finite]) < ELEM_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("T", [3, 100])  # decode kernels; fused tile kernel (q % l == 0)
+def test_fp16_pre_activation_overflow_like_torch(act, T):
+    # act(F.linear(...)) rounds the linear output to fp16 before the activation: -65536 is -inf there and
+    # gelu(-inf) = NaN; odd stage-2 rows give -16 * 64 * 64 = -65536, even rows 4096 (all exact in fp16)
+    x = torch.ones(T, 256, device="cuda", dtype=torch.float16)
+    w1 = torch.ones(4, 64, 64, device="cuda", dtype=torch.float16)
+    w2 = torch.full((4, 64, 64), -16.0, device="cuda", dtype=torch.float16)
+    w2[:, ::2] = 1.0
+    out = C.monarch_fwd(x, w1, w2, None, 256, act)
+    want = activations.apply(act, ref.monarch_fwd(x, w1, w2, None, 256))
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    finite = want.isfinite()
+    assert torch.equal(out[finite], want[finite])
+
+def test_auto_takes_the_decode_kernels_for_few_tokens():
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    w1 = torch.randn(4, 256, 256, device="cuda", dtype=torch.bfloat16) / 16
+    w2 = torch.randn(4, 256, 256, device="cuda", dtype=torch.bfloat16) / 16
+    assert mk.resolve_backend("monarch", x, w1, w2) == "cuda"
+    got = mk.monarch_matmul(x, w1, w2)
+    assert elem_err(got, ref.monarch_fwd(x.double(), w1.double(), w2.double(), None, 1024)) < ELEM_TOL[torch.bfloat16]

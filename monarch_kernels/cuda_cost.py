@@ -1,0 +1,124 @@
+"""Cost estimator of the CUDA decode kernels (``csrc/cuda/decode.cu``), registered in :mod:`.cost_model` as
+``("cuda", "decode")``.
+
+A few-token product reads each weight once, so its time is set by HBM bytes and latencies (Dao et al.,
+"Monarch: Expressive Structured Matrices for Efficient and Accurate Training", ICML 2022, §3: a factor pair holds
+2·n²/nblocks parameters, a dense layer n²). The decode kernel is one cooperative launch priced like every other
+launch of the cost model — ``max(HBM bytes / (bandwidth · mem_eff), L2 bytes / L2 bandwidth, FLOPs / rate)``
+plus the launch gap — and, on top, the latency the launch itself adds (:class:`CooperativeKernel`):
+
+* the grid-wide barrier between the stages (``GRID_SYNC_S``);
+* the stage-2 weights' first bytes: one L2 latency when they were prefetched into L2 during stage 1 (weights up
+  to ``PREFETCH_SHARE`` of L2, as the kernel decides), else one DRAM latency after the barrier.
+
+Bytes: both factors once at 32-byte-sector granularity, the input and output once; L2 also carries the
+``T × N`` scratch (written and read once) and each task's staged input rows. FLOPs executed: token rows padded
+to whole 16-row ``mma.sync`` tiles (fp16/bf16, the model's ``mma`` rate) or exact (fp32, FMA rate).
+
+Only the forward and dX products run the decode kernels; the weight gradients at few tokens run decode stages
+plus the tile kernels, which are not priced (``inf``), and neither is a call past the decode kernels' token or
+shared-memory limits (:mod:`.cuda_dispatch`) — so the model never has ``auto`` take ``cuda`` there.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from . import cost_model as cm
+
+#: grid-wide barrier of a cooperative launch, DRAM and L2 first-byte latency (s; typical H100 figures, assumed)
+GRID_SYNC_S, DRAM_LATENCY_S, L2_LATENCY_S = 1.0e-6, 0.8e-6, 0.3e-6
+#: share of L2 the stage-2 prefetch may fill (decode.cu: Launch::plan)
+PREFETCH_SHARE = 0.6
+#: most tokens per dtype, and the widest block whose staged rows fit the H100's 227 KiB of shared memory
+MAX_TOKENS = {"bfloat16": 64, "float16": 64, "float32": 16}
+SMEM_OPTIN = 232448
+
+
+@dataclass(frozen=True)
+class CooperativeKernel(cm.Kernel):
+    """A launch whose critical path adds ``latency_s`` to the cost model's time (barriers, dependent reads)."""
+
+    latency_s: float = 0.0
+
+    def time(self, dev: cm.Device) -> float:
+        return super().time(dev) + self.latency_s
+
+
+def token_rows(dtype: str, tokens: int) -> int:
+    """Token rows the multiply runs: whole 16-row mma tiles for fp16/bf16, the tokens themselves in fp32."""
+    return tokens if dtype == "float32" else -(-tokens // 16) * 16
+
+
+def smem_bytes(dtype: str, tokens: int, block: int) -> int:
+    """Upper bound of the kernels' dynamic shared memory with blocks whose sides are ≤ ``block``: staged rows
+    (16-row tiles, fp32: 16 rows) x padded width, plus the largest partial-sum buffer (1152 bytes per row)."""
+    rows = 16 if dtype == "float32" else token_rows(dtype, tokens)
+    return rows * ((-(-block // 64) * 64 + 32) * cm.ITEMSIZE[dtype] + 1152)
+
+
+def supported(problem: cm.Problem, dtype: str, smem_optin: int = SMEM_OPTIN) -> bool:
+    sh = problem.shape
+    limit = MAX_TOKENS.get(dtype, 0)
+    return 1 <= problem.tokens <= limit and smem_bytes(dtype, problem.tokens, max(sh.p, sh.q, sh.r, sh.s)) <= smem_optin
+
+
+def _unpriced(name: str) -> cm.Cost:
+    return cm.Cost([cm.Kernel(name + " (not priced)", 0.0, 0.0, math.inf, math.inf, 1.0)])
+
+
+def _launch(name: str, tokens: int, n_in: int, n_out: int, stages: list, dtype: str, dev: cm.Device,
+            latency_s: float, useful: float) -> CooperativeKernel:
+    """One decode launch over ``stages`` = [(nblk, rows, cols), ...] (each weight read once)."""
+    item = cm.ITEMSIZE[dtype]
+    weights = sum(nblk * cm.rows_bytes(rows, cols, item) for nblk, rows, cols in stages)
+    io = cm.rows_bytes(tokens, n_in, item) + cm.rows_bytes(tokens, n_out, item)
+    mids = [nblk * rows for nblk, rows, _ in stages[:-1]]
+    scratch = sum(2 * cm.rows_bytes(tokens, m, item) for m in mids)
+    # each task stages its block's T x K input from L2; at most two resident CTAs per SM take one task each
+    tasks = sum(min(2 * dev.num_sms, -(-nblk * rows // 16)) for nblk, rows, _ in stages)
+    staged = tasks * tokens * max(max(rows, cols) for _, rows, cols in stages) * item
+    executed = 2.0 * token_rows(dtype, tokens) * sum(nblk * rows * cols for nblk, rows, cols in stages)
+    rate = dev.triton_flops["fma" if dtype == "float32" else "mma"]
+    return CooperativeKernel(name, executed, useful, weights + io, weights + io + scratch + staged, rate,
+                             dev.mem_eff, latency_s)
+
+
+def decode_kernel(problem: cm.Problem, dtype: str, dev: cm.Device, transposed: bool = False) -> CooperativeKernel:
+    """The one launch of a forward (or, ``transposed``, dX) product on ``problem.tokens`` rows."""
+    sh, item = problem.shape, cm.ITEMSIZE[dtype]
+    stages = [(sh.k, sh.q, sh.p), (sh.l, sh.s, sh.r)]
+    if transposed:
+        stages = stages[::-1]
+    nblk, rows, cols = stages[1]  # the factor stage 2 reads: prefetched into L2 when it fits
+    latency = GRID_SYNC_S + (L2_LATENCY_S if nblk * rows * cols * item <= PREFETCH_SHARE * dev.l2_bytes
+                             else DRAM_LATENCY_S)
+    n_in, n_out = (problem.n_out, problem.n_in) if transposed else (problem.n_in, problem.n_out)
+    return _launch("cuda decode dX" if transposed else "cuda decode forward", problem.tokens, n_in, n_out, stages,
+                   dtype, dev, latency, problem.useful_fwd_flops())
+
+
+def blockdiag_kernel(tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",
+                     dev: cm.Device = cm.H100_SXM) -> CooperativeKernel:
+    """A block-diagonal product ``(T, k·p) -> (T, k·q)`` on the decode kernels: one stage, no barrier."""
+    return _launch("cuda decode block-diagonal", tokens, k * p, k * q, [(k, q, p)], dtype, dev, 0.0,
+                   2.0 * tokens * k * q * p)
+
+
+def decode_estimator(op: str, problem: cm.Problem, dtype: str, dev: cm.Device) -> cm.Cost:
+    if not supported(problem, dtype):
+        return _unpriced("cuda tile kernels")
+    if op == "fwd":
+        return cm.Cost([decode_kernel(problem, dtype, dev)])
+    if op == "bwd_input":
+        return cm.Cost([decode_kernel(problem, dtype, dev, transposed=True)])
+    return _unpriced("cuda weight gradients")
+
+
+def floor_seconds(problem: cm.Problem, dtype: str = "bfloat16", dev: cm.Device = cm.H100_SXM) -> float:
+    """max(weight bytes / HBM bandwidth, one launch): no kernel can beat it."""
+    sh, item = problem.shape, cm.ITEMSIZE[dtype]
+    return max((sh.k * sh.q * sh.p + sh.l * sh.s * sh.r) * item / dev.hbm_bw, dev.launch_s)
+
+
+cm.register_estimator("cuda", "decode", decode_estimator)

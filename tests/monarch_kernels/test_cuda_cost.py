@@ -1,0 +1,56 @@
+"""The decode kernels' cost estimator (monarch_kernels.cuda_cost) inside the shared cost model."""
+import math
+
+import pytest
+
+from monarch_kernels import cost_model as cm
+from monarch_kernels import cuda_cost as cc
+
+
+def test_registered_and_priced_from_the_shared_device_model():
+    assert ("cuda", "decode") in cm.estimators()
+    pr = cm.Problem.linear(1, 4096, 4096, 4)
+    cost = cm.estimate("cuda", "decode", "fwd", pr)
+    (kern,) = cost.kernels
+    dev = cm.H100_SXM
+    weights = 2 * 4 * 1024 * 1024 * 2
+    assert kern.hbm_bytes == weights + 2 * 4096 * 2  # both factors once, x and the output once
+    assert kern.flops == 16 * kern.useful_flops == 16 * 2 * weights / 2  # one token padded to a 16-row mma tile
+    # one launch: the streaming time, the launch gap, the grid barrier and one L2 latency (stage 2 prefetched)
+    want = weights * 1.0 / (dev.hbm_bw * dev.mem_eff) + 2 * 4096 * 2 / (dev.hbm_bw * dev.mem_eff)
+    assert cost.time() == pytest.approx(want + dev.launch_s + cc.GRID_SYNC_S + cc.L2_LATENCY_S, rel=1e-9)
+    assert cost.launches == 1
+
+
+def test_ragged_rows_cost_whole_sectors_and_dx_has_the_forward_bytes():
+    pr = cm.Problem(1, 32, 24, cm.MonarchShape.from_factors((4, 5, 8), (4, 6, 5)))
+    (kern,) = cm.estimate("cuda", "decode", "fwd", pr).kernels
+    assert kern.hbm_bytes == 4 * 5 * 32 + 4 * 6 * 32 + 2 * 32 + 2 * 32  # 16- and 10-byte rows: one sector each
+    (dx,) = cm.estimate("cuda", "decode", "bwd_input", pr).kernels
+    assert dx.hbm_bytes == kern.hbm_bytes and dx.name.endswith("dX")
+
+
+def test_stage2_weights_past_l2_pay_a_dram_latency():
+    small = cc.decode_kernel(cm.Problem.linear(1, 4096, 4096, 4), "bfloat16", cm.H100_SXM)
+    big = cc.decode_kernel(cm.Problem.linear(1, 16384, 16384, 2), "bfloat16", cm.H100_SXM)  # 256 MiB factors
+    assert small.latency_s == cc.GRID_SYNC_S + cc.L2_LATENCY_S
+    assert big.latency_s == cc.GRID_SYNC_S + cc.DRAM_LATENCY_S
+
+
+def test_outside_the_decode_kernels_nothing_is_priced():
+    for problem, dtype in [(cm.Problem.linear(65, 1024, 1024, 4), "bfloat16"),
+                           (cm.Problem.linear(17, 1024, 1024, 4), "float32"),
+                           (cm.Problem.linear(64, 8192, 8192, 4), "bfloat16")]:  # 2048-wide rows x 64: no room
+        assert math.isinf(cm.estimate("cuda", "decode", "fwd", problem, dtype).time())
+    assert math.isinf(cm.estimate("cuda", "decode", "bwd_weight", cm.Problem.linear(4, 1024, 1024, 4)).time())
+
+
+def test_blockdiag_is_one_stage_without_barrier():
+    kern = cc.blockdiag_kernel(4, 4, 256, 256)
+    assert kern.latency_s == 0 and kern.hbm_bytes == 4 * 256 * 256 * 2 + 2 * 4 * 1024 * 2
+
+
+def test_floor():
+    pr = cm.Problem.linear(4, 8192, 8192, 4)
+    assert cc.floor_seconds(pr) == pytest.approx(2 * 4 * 2048 * 2048 * 2 / cm.H100_SXM.hbm_bw)
+    assert cc.floor_seconds(cm.Problem.linear(1, 1024, 1024, 32)) == cm.H100_SXM.launch_s

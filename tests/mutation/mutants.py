@@ -1,0 +1,99 @@
+"""The fixed list of kernel mutations that the test suite must kill (``make mutants`` runs them).
+
+Each mutant is data: the file, an exact snippet that must occur exactly once in it, its replacement and the
+bug it models. When the kernels are rewritten the list is re-targeted by editing snippets here; the runner
+refuses a snippet that no longer matches (or matches twice) instead of silently skipping the mutant.
+"""
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    snippet: str
+    replacement: str
+    models: str
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the extension must be rebuilt to run this mutant."""
+        return self.path.startswith("csrc/")
+
+
+TRITON_BD = "monarch_kernels/triton/blockdiag.py"
+TRITON_MON = "monarch_kernels/triton/monarch.py"
+CPU = "csrc/monarch_cpu.cpp"
+
+MUTANTS = [
+    # ---------------------------------------------------------------------------------------- Triton
+    Mutant("triton-drop-last-k-chunk", TRITON_BD,
+           "    for k0 in range(0, P, BLOCK_K):",
+           "    for k0 in range(0, P - 1, BLOCK_K):",
+           "the K loop of the block-diagonal forward skips its last chunk (visible at p = 1)"),
+    Mutant("triton-overlapping-split-mask", TRITON_BD,
+           "        t_ok = (rt < T) & (t0 + tl.arange(0, BLOCK_T) < ROWS_PER_SPLIT)",
+           "        t_ok = rt < T",
+           "split-T weight gradient: a split also reads the first rows of the next split (counted twice)"),
+    Mutant("triton-first-split-only", TRITON_BD,
+           "    return partial.sum(0).to(x.dtype)",
+           "    return partial[0].to(x.dtype)",
+           "split-T weight gradient: only the first split's partial sum is returned"),
+    Mutant("triton-ragged-input-unmasked", TRITON_BD,
+           "mask=m_ok[:, None] & (kidx[None, :] < P) & (col[None, :] < N_IN), other=0.0)",
+           "mask=m_ok[:, None] & (kidx[None, :] < P), other=0.0)",
+           "a ragged input (n_in < k·p) reads past the end of its row instead of zero padding"),
+    Mutant("triton-fused-p2-store", TRITON_MON,
+           "    col_out = rs * L + ll\n    out_ok = s_ok & (col_out < N_OUT)",
+           "    col_out = ll * S + rs\n    out_ok = s_ok & (col_out < N_OUT)",
+           "fused forward stores block-major instead of through the permutation P2"),
+    Mutant("triton-fused-bias-unpermuted", TRITON_MON,
+           "        acc += tl.load(BIAS + col_out, mask=out_ok, other=0.0).to(tl.float32)[None, :]",
+           "        acc += tl.load(BIAS + rs, mask=out_ok, other=0.0).to(tl.float32)[None, :]",
+           "fused forward adds the bias in block order instead of output order"),
+    Mutant("triton-two-kernel-p1", TRITON_MON,
+           "    z = blockdiag_forward(x, w1, out_perm=(sh.l, sh.r))\n    return",
+           "    z = blockdiag_forward(x, w1, out_perm=(sh.r, sh.l))\n    return",
+           "two-kernel forward applies the transpose of P1"),
+    Mutant("triton-fused-dx-store-unmasked", TRITON_MON,
+           "             mask=m_ok[:, None] & p_ok[None, :] & (col_out[None, :] < N_IN))",
+           "             mask=m_ok[:, None] & p_ok[None, :])",
+           "fused dX writes the padded columns past n_in into the next row"),
+    # ---------------------------------------------------------------------------------------- C++ CPU
+    Mutant("cpu-relu-drops-nan", CPU,
+           "      return v < T(0) ? T(0) : v;",
+           "      return v > T(0) ? v : T(0);",
+           "fused ReLU maps NaN to 0 (defect D2)"),
+    Mutant("cpu-gelu-tanh-constant", CPU,
+           "      const T inner = T(0.79788456080286536) * (v + T(0.044715) * v * v * v);",
+           "      const T inner = T(0.79788456080286536) * (v + T(0.05) * v * v * v);",
+           "wrong cubic coefficient in the tanh-GELU epilogue"),
+    Mutant("cpu-bias-short-copy", CPU,
+           "    std::copy(src, src + n, out.begin());",
+           "    std::copy(src, src + n - 1, out.begin());",
+           "the last bias entry is dropped"),
+    Mutant("cpu-p1-table", CPU,
+           "    for (int64_t f = 0; l > 0 && f < k * q; ++f) to_stage2[f] = (f % l) * r + f / l;",
+           "    for (int64_t f = 0; l > 0 && f < k * q; ++f) to_stage2[f] = (f / l) * r + f % l;",
+           "the permutation P1 scatters to the wrong stage-2 positions"),
+    Mutant("cpu-micro-edge-short-k", CPU,
+           "    for (int64_t kk = 0; kk < K; ++kk) {\n      const T a = A[r * lda + kk];",
+           "    for (int64_t kk = 0; kk + 1 < K; ++kk) {\n      const T a = A[r * lda + kk];",
+           "the portable edge micro-kernel drops the last term of the contraction"),
+    Mutant("cpu-dot-tail-unmasked", CPU,
+           "    const __mmask16 mk = K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);",
+           "    const __mmask16 mk = __mmask16(0xFFFF);",
+           "AVX-512 dot-product kernel reads past K in its last vector (no tail mask)"),
+    Mutant("cpu-wgrad-chunk-drops-last-tile", CPU,
+           "        for (int64_t tile = ch * ntiles / nch; tile < (ch + 1) * ntiles / nch; ++tile) {\n          const int64_t t0 = tile * tm",
+           "        for (int64_t tile = ch * ntiles / nch; tile + 1 < (ch + 1) * ntiles / nch; ++tile) {\n          const int64_t t0 = tile * tm",
+           "Monarch weight gradient: each token chunk skips its last row tile"),
+    Mutant("cpu-reduce-skips-last-part", CPU,
+           "      for (const auto& part : parts) sum += part[i];",
+           "      for (size_t c = 0; c + 1 < parts.size(); ++c) sum += parts[c][i];",
+           "the deterministic reduction of per-chunk weight-gradient partials drops the last chunk"),
+    Mutant("cpu-dx-ragged-unclamped", CPU,
+           "  const int64_t lim = std::min(d.p, n_in - kk * d.p);\n  for (int64_t t = 0; t < m; ++t) {\n    scalar_t* row = dxp",
+           "  const int64_t lim = d.p;\n  for (int64_t t = 0; t < m; ++t) {\n    scalar_t* row = dxp",
+           "dX writes the padded columns past n_in into the next row (and past the end of the buffer)"),
+]
