@@ -91,8 +91,10 @@ def _rows(tokens: int, limit: int) -> int:
     return max(16, min(limit, pow2(tokens)))
 
 
-def _warps(elems: int) -> int:
-    return 8 if elems >= 8192 else 4
+def _warps(elems: int, block_m: int = 64) -> int:
+    """8 warps for large tiles; 4 for small ones and for row tiles under 64 (a warpgroup MMA needs 64 rows;
+    8 warps on a 16-row tile left an 8-byte stack frame, kernel audit)."""
+    return 8 if elems >= 8192 and block_m >= 64 else 4
 
 
 def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int, acc_fp32: bool,
@@ -120,12 +122,15 @@ def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int
             block_m //= 2
         return block_m
 
-    # L2 traffic per token ∝ input re-reads (one per N tile) + weight re-reads (one per row tile): n / block_m
+    # L2 traffic per token ∝ input re-reads (one per N tile) + weight re-reads (one per row tile): n / block_m;
+    # on a tie the taller tile (a warpgroup MMA takes 64 rows; 32 x 64 with 8 blocks spilled at 4 warps)
     widest = side(n, 128)
     block_n = min((b for b in (widest, widest // 2, widest // 4) if b >= 16),
-                  key=lambda b: (cdiv(n, b) + n / rows_for(b), -b))
+                  key=lambda b: (cdiv(n, b) + n / rows_for(b), -rows_for(b), -b))
     block_m = _rows(tokens, rows_for(block_n))
-    return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n), 3)
+    if acc_fp32:  # a gathered tile per K step sits beside the accumulators: half the step
+        block_k = side(k, 32)
+    return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n, block_m), 3)
 
 
 def wgrad_tile(nblocks: int, q: int, p: int, group: int) -> Tile:
@@ -151,7 +156,8 @@ def dxw_tile(q: int, p: int) -> Tile:
     block_n = side(p, 64)
     while block_n > 16 and block_k * block_n * 4 > DOT_BYTES // 2:  # the W1 tile and dy tile sit beside it
         block_n //= 2
-    return Tile(64, block_n, block_k, 1, _warps(block_k * block_n), 3)
+    block_m = 64 if block_k <= 128 else 32  # the (token × q) dy tile: 256-wide q spilled at 64 rows
+    return Tile(block_m, block_n, block_k, 1, _warps(block_k * block_n), 3)
 
 
 def split_count(rows: int, tiles: int, num_sms: int, min_rows: int = 256) -> int:
