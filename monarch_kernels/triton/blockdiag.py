@@ -83,6 +83,16 @@ def _out_cols(kk, n, WIDTH, A, B, MODE: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _finish(v, ACT: tl.constexpr, ODTYPE: tl.constexpr):
+    """fp32 pre-activation ``v`` -> output: rounded to ``ODTYPE`` first, then activated in fp32 and rounded
+    again, exactly as ``act(F.linear(...))`` in torch (an fp16 pre-activation that overflows to -inf gives
+    ``gelu(-inf) = NaN`` there too)."""
+    if ACT != 0:
+        v = _activation(v.to(ODTYPE).to(tl.float32), ACT)
+    return v.to(ODTYPE)
+
+
+@triton.jit
 def _load(ptr, mask, UPCAST: tl.constexpr):
     v = tl.load(ptr, mask=mask, other=0.0)
     if UPCAST:  # the interpreter's bf16 arithmetic is broken: compute in fp32 there
@@ -100,7 +110,7 @@ def _epilogue(acc, BIAS, kk, n, Q, N_OUT, OUT_A, OUT_B, OUT_MODE: tl.constexpr, 
     if HAS_BIAS:
         col = _out_cols(kk, n, Q, OUT_A, OUT_B, OUT_MODE, OUT_C)
         acc += _load(BIAS + col, (n < Q) & (col < N_OUT), True)[None, :]
-    return _activation(acc, ACT).to(ODTYPE)
+    return _finish(acc, ACT, ODTYPE)
 
 
 @triton.jit
@@ -219,6 +229,11 @@ def _bd_fwd_kernel(
     if OUT_FULL:  # every block in the group and C = 1: column n·B + kk is one contiguous row segment
         col = pid_n * BLOCK_N * GROUP + idx
         ok = col < tl.minimum(N_OUT, Q * GROUP)
+    elif OUT_MODE == 1 and OUT_C > 1 and GROUP > 1:
+        # = _out_cols(kk, n, ...) written so the compiler sees runs of GROUP·C contiguous columns
+        v = pid_n * (BLOCK_N // OUT_C) + idx // (OUT_C * GROUP)
+        col = v * OUT_B + kk0 * OUT_C + idx % (OUT_C * GROUP)
+        ok = (v < OUT_A) & (col < N_OUT)  # n < Q, as Q = C·A
     else:
         col = _out_cols(kk, n, Q, OUT_A, OUT_B, OUT_MODE, OUT_C)
         ok = (n < Q) & (col < N_OUT)
@@ -248,7 +263,7 @@ def _bd_fwd_kernel(
     if IN_MODE == 1 and MULTI_K:
         if HAS_BIAS:
             out += _load(BIAS + col, ok, True)[None, :]
-        out = _activation(out, ACT).to(Y.dtype.element_ty)
+        out = _finish(out, ACT, Y.dtype.element_ty)
     tl.store(Y + rm[:, None] * syt + col[None, :] * syf, out, mask=m_ok[:, None] & ok[None, :])
 
 
