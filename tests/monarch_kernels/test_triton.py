@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import monarch_kernels as mk
+from monarch_kernels import activations
 from monarch_kernels import reference as ref
 
 pytest.importorskip("triton")
@@ -81,6 +82,7 @@ SHAPES = {
     "p = 1 and s = 1 blocks": ((3, 2, 1), (2, 1, 3)),
     "q = 1 and l = 1": ((4, 1, 3), (1, 5, 4)),
     "one block each": ((1, 6, 9), (1, 7, 6)),
+    "gathered P2ᵀ over 5 K steps (s = 80)": ((4, 4, 3), (8, 80, 2)),
 }
 
 
@@ -96,7 +98,8 @@ def test_forward_every_layout_fp32(name):
 #: every backward layout (the kernels do not depend on the forward path: the fused-square shapes would add only
 #: time); "q % l != 0" and "one block each" are covered by the dX/dW test below and the forward tests
 BACKWARD_SHAPES = ["grouped C=1 runs, ragged p", "grouped C=2 (in-register transpose)", "C=12 runs, whole-row P2 (l=4)",
-                   "C=3 scattered P1, non-pow2 blocks", "p = 1 and s = 1 blocks", "q = 1 and l = 1"]
+                   "C=3 scattered P1, non-pow2 blocks", "p = 1 and s = 1 blocks", "q = 1 and l = 1",
+                   "gathered P2ᵀ over 5 K steps (s = 80)"]
 
 
 @pytest.mark.parametrize("name", BACKWARD_SHAPES)
@@ -158,6 +161,41 @@ def test_nan_and_inf_inputs_propagate_like_reference(name, act):
     assert torch.isnan(expect).any() and torch.isinf(expect).any() or act in ("relu",)
     for path in _paths(sh):
         assert_close(tmon.forward(x, w1, w2, b, n_out, act, path=path), expect, torch.float32, f"{path} {act}")
+
+
+def test_gathered_input_over_several_k_steps_is_planned():
+    """The dy kernel of the "s = 80" shape gathers P2ᵀ g in groups of 4 of the 8 blocks (not whole rows) and
+    accumulates 5 K steps in fp32 (the multi-K path with its deferred epilogue): what the backward tests reach."""
+    lp = plan.bd_launch(600, 8, 2, 80, 4, (80, 8), (2, 8))
+    assert lp.inp.mode == plan.GROUPED and lp.multi_k and not lp.in_full and lp.tile.group == 4
+    assert plan.cdiv(80, lp.tile.block_k) == 5
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("what", ["blockdiag", "two_kernel", "fused"])
+def test_fp16_pre_activation_overflow_like_torch(what, act):
+    """Regression: act(F.linear(...)) rounds the pre-activation to fp16 before the activation, so -65536 is
+    -inf there and gelu(-inf) = NaN; the epilogue activated the fp32 value (finite -0.0) instead. Odd output
+    rows give -65536, even rows small exact values."""
+    T = 3
+    if what == "blockdiag":
+        x = torch.ones(T, 64, dtype=torch.float16, device=DEVICE)
+        w = torch.ones(1, 4, 64, dtype=torch.float16, device=DEVICE)
+        w[:, 1::2] = -1024.0
+        out = tbd.bd_forward(x, w, None, 4, act)
+        pre = ref.blockdiag_fwd(x, w, None, 4)
+    else:
+        nb, width, big = (4, 64, -16.0) if what == "two_kernel" else (16, 16, -256.0)
+        x = torch.ones(T, nb * width, dtype=torch.float16, device=DEVICE)
+        w1 = torch.ones(nb, width, width, dtype=torch.float16, device=DEVICE)
+        w2 = torch.full((nb, width, width), big, dtype=torch.float16, device=DEVICE)
+        w2[:, ::2] = 1.0
+        out = tmon.forward(x, w1, w2, None, nb * width, act, path=what)
+        pre = ref.monarch_fwd(x, w1, w2, None, nb * width)
+    assert torch.isneginf(pre).any()
+    want = activations.apply(act, pre)
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    assert torch.equal(out[want.isfinite()], want[want.isfinite()])
 
 
 def test_relu_keeps_nan_and_inf_in_the_epilogue():
