@@ -192,7 +192,7 @@ def _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL: tl.co
     rkg = tl.arange(0, BLOCK_K * GROUP)
     if IN_FULL:
         col = k0 * GROUP + rkg
-        ok = col < tl.minimum(N_IN, P * GROUP)
+        ok = (col < N_IN) & (col < P * GROUP)  # two bounds, not a minimum: each keeps its divisibility
     else:
         col = (k0 + rkg // GROUP) * IN_B + kk0 + rkg % GROUP
         ok = (k0 + rkg // GROUP < P) & (col < N_IN)
@@ -228,7 +228,7 @@ def _bd_fwd_kernel(
     kk = kk0 + g
     if OUT_FULL:  # every block in the group and C = 1: column n·B + kk is one contiguous row segment
         col = pid_n * BLOCK_N * GROUP + idx
-        ok = col < tl.minimum(N_OUT, Q * GROUP)
+        ok = (col < N_OUT) & (col < Q * GROUP)  # (a minimum hid it: 2-byte stores, kernel audit)
     elif OUT_MODE == 1 and OUT_C > 1 and GROUP > 1:
         # = _out_cols(kk, n, ...) written so the compiler sees runs of GROUP·C contiguous columns
         v = pid_n * (BLOCK_N // OUT_C) + idx // (OUT_C * GROUP)
@@ -344,7 +344,7 @@ def _bd_wgrad_kernel(
     rp = (rem % tiles_p) * BLOCK_N + tl.arange(0, BLOCK_N)
     if G_FULL:  # the group is every block and B = GROUP: row i·GROUP + g of the tile is one contiguous segment
         gcol = (rem // tiles_p) * BLOCK_M * GROUP + rqg
-        g_ok = gcol < tl.minimum(N_G, Q * GROUP)
+        g_ok = (gcol < N_G) & (gcol < Q * GROUP)
     else:
         gcol = _in_cols(kg, rq, Q, G_A, G_B, G_MODE)
         g_ok = (rq < Q) & (gcol < N_G)

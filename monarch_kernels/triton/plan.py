@@ -128,6 +128,8 @@ def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int
     block_n = min((b for b in (widest, widest // 2, widest // 4) if b >= 16),
                   key=lambda b: (cdiv(n, b) + n / rows_for(b), -rows_for(b), -b))
     block_m = _rows(tokens, rows_for(block_n))
+    if block_m < 32 and group > 1:  # few tokens: 16 rows x 64 x 8 interleaved blocks spilled 16 B (kernel audit)
+        block_n = min(block_n, 32)
     if acc_fp32:  # a gathered tile per K step sits beside the accumulators: half the step
         block_k = side(k, 32)
     return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n, block_m), 3)
