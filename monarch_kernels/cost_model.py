@@ -134,11 +134,12 @@ class Problem:
     n_in: int
     n_out: int
     shape: MonarchShape
+    activation: str = "none"  # fused into the forward's epilogue
 
     @classmethod
-    def linear(cls, tokens: int, n_in: int, n_out: int, nblocks: int) -> "Problem":
+    def linear(cls, tokens: int, n_in: int, n_out: int, nblocks: int, activation: str = "none") -> "Problem":
         """The factors ``MonarchLinear(n_in, n_out, nblocks)`` uses."""
-        return cls(tokens, n_in, n_out, monarch_factor_shapes(n_in, n_out, nblocks))
+        return cls(tokens, n_in, n_out, monarch_factor_shapes(n_in, n_out, nblocks), activation)
 
     @property
     def label(self) -> str:
@@ -273,14 +274,14 @@ def _tensor_bytes(rows: int, row_bytes: int, run: int, hbm: bool) -> float:
 
 def bd_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Device, *, in_perm=None,
             out_perm=None, n_in: Optional[int] = None, n_out: Optional[int] = None, x_hbm: bool = True,
-            y_hbm: bool = True) -> Kernel:
+            y_hbm: bool = True, activation: bool = False) -> Kernel:
     """One :func:`.blockdiag.bd_forward` launch (grouped block-diagonal kernel), from its launch plan.
 
     ``x_hbm``/``y_hbm``: whether the input is read from / the output written to HBM (False when the plan keeps
     it in L2). Weights are read from HBM once and from L2 by every row tile.
     """
     item = ITEMSIZE[dtype]
-    lp = _plan.bd_launch(tokens, k, q, p, item, in_perm, out_perm)
+    lp = _plan.bd_launch(tokens, k, q, p, item, in_perm, out_perm, activation)
     t = lp.tile
     n_in = k * p if n_in is None else n_in
     n_out = k * q if n_out is None else n_out
@@ -332,7 +333,8 @@ def _two_kernel_forward(problem: Problem, dtype: str, dev: Device) -> Cost:
         cost.kernels.append(bd_cost("stage 1 (P1 grouped store)", tc, sh.k, sh.q, sh.p, dtype, dev,
                                     out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=not resident))
         cost.kernels.append(bd_cost("stage 2 (P2 grouped store, epilogue)", tc, sh.l, sh.s, sh.r, dtype, dev,
-                                    out_perm=(sh.s, sh.l), n_out=problem.n_out, x_hbm=not resident))
+                                    out_perm=(sh.s, sh.l), n_out=problem.n_out, x_hbm=not resident,
+                                    activation=problem.activation != "none"))
     if resident:  # the last chunk's intermediate is written back from L2 eventually
         last = cost.kernels[-2]
         cost.kernels[-2] = Kernel(last.name, last.flops, last.useful_flops,

@@ -86,7 +86,7 @@ def mlp_rows(d: int = 768, nb: int = 4, T: int = 16384, dtype: str = "bfloat16",
     current ``activations.grad`` runs about ten unfused torch ops there: see bench/RESULTS.md).
     """
     item = cm.ITEMSIZE[dtype]
-    fc1, fc2 = cm.Problem.linear(T, d, 4 * d, nb), cm.Problem.linear(T, 4 * d, d, nb)
+    fc1, fc2 = cm.Problem.linear(T, d, 4 * d, nb, activation="gelu"), cm.Problem.linear(T, 4 * d, d, nb)
     act = cm.rows_bytes(T, 4 * d, item)
     gelu_fwd = cm.Cost([cm.Kernel("gelu", 0, 0, 2 * act, 2 * act, 1e30, 0.9)])
     gelu_bwd = cm.Cost([cm.Kernel("gelu backward", 0, 0, 3 * act, 3 * act, 1e30, 0.9)])

@@ -71,16 +71,18 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
                 cases.append(Case(f"monarch bwd_weight path={path} {tag}",
                                   lambda x=x, g=g, w1=w1, w2=w2, p=path: tmon.backward_weight(x, g, w1, w2, path=p)))
             k, q, p = sh.w1_shape
+            gy = meta(T, k * q)
             cases.append(Case(f"blockdiag fwd+wgrad {tag}",
-                              lambda x=x, w=w1, T=T, k=k, q=q, p=p: (backend.blockdiag_fwd(x, w, None, k * q, "relu"),
-                                                                     backend.blockdiag_wgrad(x, meta(T, k * q), k, q, p))))
+                              lambda x=x, w=w1, gy=gy, k=k, q=q, p=p: (backend.blockdiag_fwd(x, w, None, k * q, "relu"),
+                                                                       backend.blockdiag_wgrad(x, gy, k, q, p))))
     return cases
 
 
 def ci_cases() -> list[Case]:
     """The CI subset: one launch of every kernel family in its default bf16 configuration (4096 wide with 64
-    blocks: two-kernel forward with bias + GELU, the fused backward; 1024 with 32 blocks: the fused square
-    forward), a handful of compiles."""
+    blocks: two-kernel forward with bias + GELU, the fused backward, and a 16-token forward; 1024 with 32
+    blocks: the fused square forward; 768 -> 3072 with 4 blocks: whole-row permuted runs and the gathered
+    multi-K dy), about fifteen compiles."""
     import torch
 
     import monarch_kernels as mk
@@ -89,6 +91,7 @@ def ci_cases() -> list[Case]:
     meta = lambda *s: torch.empty(*s, dtype=torch.bfloat16, device="meta")
     sh = mk.monarch_factor_shapes(4096, 4096, 64)
     sq = mk.monarch_factor_shapes(1024, 1024, 32)
+    s4 = mk.monarch_factor_shapes(768, 3072, 4)
     x, g, b = meta(16384, 4096), meta(16384, 4096), meta(4096)
     return [
         Case("monarch fwd bias+gelu T=16384 4096 nb=64 bfloat16",
@@ -97,6 +100,14 @@ def ci_cases() -> list[Case]:
              lambda: tmon.backward(x, g, meta(*sh.w1_shape), meta(*sh.w2_shape), 4096)),
         Case("monarch fwd path=fused T=16384 1024 nb=32 bfloat16",
              lambda: tmon.forward(meta(16384, 1024), meta(*sq.w1_shape), meta(*sq.w2_shape), None, 1024)),
+        # every block in one group (whole-row permuted runs, the *_FULL layouts) and the gathered multi-K dy
+        Case("monarch fwd bias+gelu T=16384 768->3072 nb=4 bfloat16",
+             lambda: tmon.forward(meta(16384, 768), meta(*s4.w1_shape), meta(*s4.w2_shape), meta(3072), 3072, "gelu")),
+        Case("monarch bwd T=16384 768->3072 nb=4 bfloat16",
+             lambda: tmon.backward(meta(16384, 768), meta(16384, 3072), meta(*s4.w1_shape), meta(*s4.w2_shape), 768)),
+        # few tokens: 16-row tiles
+        Case("monarch fwd T=16 4096 nb=64 bfloat16",
+             lambda: tmon.forward(meta(16, 4096), meta(*sh.w1_shape), meta(*sh.w2_shape), None, 4096)),
     ]
 
 

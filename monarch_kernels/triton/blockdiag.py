@@ -83,6 +83,16 @@ def _out_cols(kk, n, WIDTH, A, B, MODE: tl.constexpr, C: tl.constexpr):
 
 
 @triton.jit
+def _finish(v, ACT: tl.constexpr, ODTYPE: tl.constexpr):
+    """fp32 pre-activation ``v`` -> output: rounded to ``ODTYPE`` first, then activated in fp32 and rounded
+    again, exactly as ``act(F.linear(...))`` in torch (an fp16 pre-activation that overflows to -inf gives
+    ``gelu(-inf) = NaN`` there too)."""
+    if ACT != 0:
+        v = _activation(v.to(ODTYPE).to(tl.float32), ACT)
+    return v.to(ODTYPE)
+
+
+@triton.jit
 def _load(ptr, mask, UPCAST: tl.constexpr):
     v = tl.load(ptr, mask=mask, other=0.0)
     if UPCAST:  # the interpreter's bf16 arithmetic is broken: compute in fp32 there
@@ -100,7 +110,7 @@ def _epilogue(acc, BIAS, kk, n, Q, N_OUT, OUT_A, OUT_B, OUT_MODE: tl.constexpr, 
     if HAS_BIAS:
         col = _out_cols(kk, n, Q, OUT_A, OUT_B, OUT_MODE, OUT_C)
         acc += _load(BIAS + col, (n < Q) & (col < N_OUT), True)[None, :]
-    return _activation(acc, ACT).to(ODTYPE)
+    return _finish(acc, ACT, ODTYPE)
 
 
 @triton.jit
@@ -155,9 +165,13 @@ def _gathered_group(a, W, BIAS, KK, STEP, rn, kidx, Q, P, N_OUT, swk, swq, swp, 
     (finished by the epilogue when ``EPILOGUE``, else fp32 partial sums)."""
     if G == 1:
         wrow = _block_rows(rn, OUT_A, OUT_MODE, OUT_C)
-        b = _load(W + KK * swk + wrow[None, :] * swq + kidx[:, None] * swp,
-                  (rn < Q)[None, :] & (kidx < P)[:, None], UPCAST)
-        out = tl.dot(a, b, input_precision=PRECISION)
+        out = tl.zeros((a.shape[0], rn.shape[0]), dtype=tl.float32)
+        # one trip (the tile holds this K step): the loop keeps each block's weight load next to its dot, where
+        # straight-line code let the compiler hoist every block's weights at once (registers spilled)
+        for _ in range(0, tl.minimum(P, 1)):
+            b = _load(W + KK * swk + wrow[None, :] * swq + kidx[:, None] * swp,
+                      (rn < Q)[None, :] & (kidx < P)[:, None], UPCAST)
+            out = tl.dot(a, b, out, input_precision=PRECISION)
         if EPILOGUE:
             out = _epilogue(out, BIAS, KK, rn, Q, N_OUT, OUT_A, OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, ODTYPE)
         return out
@@ -178,7 +192,7 @@ def _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL: tl.co
     rkg = tl.arange(0, BLOCK_K * GROUP)
     if IN_FULL:
         col = k0 * GROUP + rkg
-        ok = col < tl.minimum(N_IN, P * GROUP)
+        ok = (col < N_IN) & (col < P * GROUP)  # two bounds, not a minimum: each keeps its divisibility
     else:
         col = (k0 + rkg // GROUP) * IN_B + kk0 + rkg % GROUP
         ok = (k0 + rkg // GROUP < P) & (col < N_IN)
@@ -214,7 +228,12 @@ def _bd_fwd_kernel(
     kk = kk0 + g
     if OUT_FULL:  # every block in the group and C = 1: column n·B + kk is one contiguous row segment
         col = pid_n * BLOCK_N * GROUP + idx
-        ok = col < tl.minimum(N_OUT, Q * GROUP)
+        ok = (col < N_OUT) & (col < Q * GROUP)  # (a minimum hid it: 2-byte stores, kernel audit)
+    elif OUT_MODE == 1 and OUT_C > 1 and GROUP > 1:
+        # = _out_cols(kk, n, ...) written so the compiler sees runs of GROUP·C contiguous columns
+        v = pid_n * (BLOCK_N // OUT_C) + idx // (OUT_C * GROUP)
+        col = v * OUT_B + kk0 * OUT_C + idx % (OUT_C * GROUP)
+        ok = (v < OUT_A) & (col < N_OUT)  # n < Q, as Q = C·A
     else:
         col = _out_cols(kk, n, Q, OUT_A, OUT_B, OUT_MODE, OUT_C)
         ok = (n < Q) & (col < N_OUT)
@@ -244,7 +263,7 @@ def _bd_fwd_kernel(
     if IN_MODE == 1 and MULTI_K:
         if HAS_BIAS:
             out += _load(BIAS + col, ok, True)[None, :]
-        out = _activation(out, ACT).to(Y.dtype.element_ty)
+        out = _finish(out, ACT, Y.dtype.element_ty)
     tl.store(Y + rm[:, None] * syt + col[None, :] * syf, out, mask=m_ok[:, None] & ok[None, :])
 
 
@@ -270,7 +289,7 @@ def bd_forward(
     y = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if out is None else out
     if T == 0:
         return y
-    lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm)
+    lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm, activation != "none")
     _bd_fwd_kernel[lp.grid](
         x, w, bias if bias is not None else y, y,
         T, x.shape[1], n_out, q, p,
@@ -325,7 +344,7 @@ def _bd_wgrad_kernel(
     rp = (rem % tiles_p) * BLOCK_N + tl.arange(0, BLOCK_N)
     if G_FULL:  # the group is every block and B = GROUP: row i·GROUP + g of the tile is one contiguous segment
         gcol = (rem // tiles_p) * BLOCK_M * GROUP + rqg
-        g_ok = gcol < tl.minimum(N_G, Q * GROUP)
+        g_ok = (gcol < N_G) & (gcol < Q * GROUP)
     else:
         gcol = _in_cols(kg, rq, Q, G_A, G_B, G_MODE)
         g_ok = (rq < Q) & (gcol < N_G)

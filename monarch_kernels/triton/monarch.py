@@ -33,7 +33,7 @@ from ..shapes import MonarchShape
 from . import _common
 from . import plan as _plan
 from ._common import ACT_CODES, interpreting, precision
-from .blockdiag import _activation, _load, bd_forward, bd_weight_grad
+from .blockdiag import _finish, _load, bd_forward, bd_weight_grad
 
 PATHS = _plan.PATHS
 
@@ -95,7 +95,7 @@ def _stage2_split(z, W2, BIAS, LL, STEP, rs, N_OUT, S, s2l, s2s, s2r, L: tl.cons
         if HAS_BIAS:
             col = rs * L + LL
             o += _load(BIAS + col, (rs < S) & (col < N_OUT), True)[None, :]
-        return _activation(o, ACT).to(ODTYPE)
+        return _finish(o, ACT, ODTYPE)
     else:
         even, odd = tl.split(tl.reshape(z, (z.shape[0], z.shape[1] // 2, 2)))
         re = _stage2_split(even, W2, BIAS, LL, STEP * 2, rs, N_OUT, S, s2l, s2s, s2r, L, K, G // 2, HAS_BIAS, ACT,

@@ -19,11 +19,15 @@ from dataclasses import dataclass
 RUN_BYTES = 16
 #: share of the L2 a chunked two-kernel forward may fill with its intermediate
 L2_SHARE = 0.4
-#: register bytes of live result tiles per program (64 registers x 256 threads at 8 warps); fp32 accumulators
-#: that persist across a loop get half (kernel audit: beyond these, ptxas spills; 16 warps do not help, as
-#: they cap a thread at 128 registers)
-LIVE_BYTES = 64 * 1024
-ACC_BYTES = 32 * 1024
+#: Register budgets of one program (8 warps), from the kernel audit (triton 3.6 and 3.9, sm_90): interleaved
+#: bf16 result tiles plus twice the fp32 accumulator of the block being computed may take ``LIVE_BYTES``
+#: (8 blocks x 64 x 64: 64 + 32 KB, 183 registers; 4 x 64 x 128: 64 + 64 KB spilled), a third less with a
+#: GELU epilogue or a gathered input (spilled at the full budget); one fp32 dot accumulator ``DOT_BYTES``
+#: (128 x 128 fp32 spilled next to its operand tiles); interleaved fp32 accumulators that persist across a
+#: loop ``ACC_BYTES`` (32 KB spilled). 16 warps do not help: they cap a thread at 128 registers.
+LIVE_BYTES = 96 * 1024
+DOT_BYTES = 32 * 1024
+ACC_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -87,26 +91,48 @@ def _rows(tokens: int, limit: int) -> int:
     return max(16, min(limit, pow2(tokens)))
 
 
-def _warps(elems: int) -> int:
-    return 8 if elems >= 8192 else 4
+def _warps(elems: int, block_m: int = 64) -> int:
+    """8 warps for large tiles; 4 for small ones and for row tiles under 64 (a warpgroup MMA needs 64 rows;
+    8 warps on a 16-row tile left an 8-byte stack frame, kernel audit)."""
+    return 8 if elems >= 8192 and block_m >= 64 else 4
 
 
-def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int, acc_fp32: bool) -> Tile:
+def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int, acc_fp32: bool,
+            tight: bool = False) -> Tile:
     """Tile of the grouped block-diagonal kernel (:func:`.blockdiag.bd_forward`).
 
     ``n``/``k``: output/contraction size of one block. The ``group`` result tiles live together in
     registers until the permuted store (fp32 accumulators when a gathered input spans several K steps, else
-    the output dtype), so the row tile shrinks as ``group · block_n`` grows.
+    the output dtype), so the row tile shrinks as ``group · block_n`` grows; ``tight`` (an activation
+    epilogue or a gathered input) halves the budget.
     """
-    block_n = side(n, 128)
     block_k = side(k, 64)
-    budget = ACC_BYTES if acc_fp32 else LIVE_BYTES
-    live = 4 if acc_fp32 else itemsize
-    block_m = 128
-    while block_m > 16 and group * block_m * block_n * live > budget:
-        block_m //= 2
-    block_m = _rows(tokens, block_m)
-    return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n), 3)
+    def fits(block_m: int, block_n: int) -> bool:
+        acc = block_m * block_n * 4
+        if acc > DOT_BYTES:
+            return False
+        if acc_fp32:
+            return group * acc <= ACC_BYTES
+        budget = LIVE_BYTES * 2 // 3 if tight and group > 1 else LIVE_BYTES
+        return group * block_m * block_n * itemsize + 2 * acc <= budget
+
+    def rows_for(block_n: int) -> int:
+        block_m = 128
+        while block_m > 16 and not fits(block_m, block_n):
+            block_m //= 2
+        return block_m
+
+    # L2 traffic per token ∝ input re-reads (one per N tile) + weight re-reads (one per row tile): n / block_m;
+    # on a tie the taller tile (a warpgroup MMA takes 64 rows; 32 x 64 with 8 blocks spilled at 4 warps)
+    widest = side(n, 128)
+    block_n = min((b for b in (widest, widest // 2, widest // 4) if b >= 16),
+                  key=lambda b: (cdiv(n, b) + n / rows_for(b), -rows_for(b), -b))
+    block_m = _rows(tokens, rows_for(block_n))
+    if block_m < 32 and group > 1:  # few tokens: 16 rows x 64 x 8 interleaved blocks spilled 16 B (kernel audit)
+        block_n = min(block_n, 32)
+    if acc_fp32:  # a gathered tile per K step sits beside the accumulators: half the step
+        block_k = side(k, 32)
+    return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n, block_m), 3)
 
 
 def wgrad_tile(nblocks: int, q: int, p: int, group: int) -> Tile:
@@ -115,12 +141,13 @@ def wgrad_tile(nblocks: int, q: int, p: int, group: int) -> Tile:
     dot accumulator may take ``LIVE_BYTES``, interleaved groups ``ACC_BYTES``)."""
     block_n = side(p, 128)
     block_m = side(q, 128)
-    budget = LIVE_BYTES if group == 1 else ACC_BYTES
+    budget = DOT_BYTES if group == 1 else ACC_BYTES
     while block_m > 16 and group * block_m * block_n * 4 > budget:
         block_m //= 2
     while block_n > 16 and group * block_m * block_n * 4 > budget:
         block_n //= 2
-    return Tile(block_m, block_n, 64, group, _warps(group * block_m * block_n), 3)
+    # interleaved groups also hold a gathered token tile and one input tile per block: half the token step
+    return Tile(block_m, block_n, 64 if group == 1 else 32, group, _warps(group * block_m * block_n), 3)
 
 
 def dxw_tile(q: int, p: int) -> Tile:
@@ -129,9 +156,10 @@ def dxw_tile(q: int, p: int) -> Tile:
     padded ``q``; the fp32 ``dw1`` tile ``block_k × block_n`` stays live."""
     block_k = pow2(q)
     block_n = side(p, 64)
-    while block_n > 16 and block_k * block_n * 4 > LIVE_BYTES:
+    while block_n > 16 and block_k * block_n * 4 > DOT_BYTES // 2:  # the W1 tile and dy tile sit beside it
         block_n //= 2
-    return Tile(64, block_n, block_k, 1, _warps(block_k * block_n), 3)
+    block_m = 64 if block_k <= 128 else 32  # the (token × q) dy tile: 256-wide q spilled at 64 rows
+    return Tile(block_m, block_n, block_k, 1, _warps(block_k * block_n), 3)
 
 
 def split_count(rows: int, tiles: int, num_sms: int, min_rows: int = 256) -> int:
@@ -183,7 +211,8 @@ class BDLaunch:
     multi_k: bool  # gathered input over several K steps: fp32 accumulators until the end
 
 
-def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, out_perm=None) -> BDLaunch:
+def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, out_perm=None,
+              activation: bool = False) -> BDLaunch:
     inp = layout(in_perm, k, p, itemsize, gather=True)
     out = layout(out_perm, k, q, itemsize, gather=False)
     group = max(inp.group, out.group)
@@ -193,7 +222,8 @@ def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, 
     assert k % group == 0 or group == 1, "groups > 1 exist only for power-of-two block counts"
     inp = Layout(inp.mode, inp.a, inp.b, inp.c, group)
     out = Layout(out.mode, out.a, out.b, out.c, group)
-    tile = bd_tile(tokens, k, q, p, itemsize, group, acc_fp32=inp.mode == GROUPED and pow2(p) > 64)
+    tile = bd_tile(tokens, k, q, p, itemsize, group, acc_fp32=inp.mode == GROUPED and pow2(p) > 64,
+                   tight=activation or inp.mode == GROUPED)
     # groups (and N tiles) vary fastest: programs whose runs share 32-byte sectors run side by side
     grid = (cdiv(k, group) * cdiv(q, tile.block_n), cdiv(tokens, tile.block_m))
     return BDLaunch(tile, inp, out, grid,

@@ -21,11 +21,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 BACKENDS = [b for b in ("torch", "cpu", "triton") if mk.available_backends()[b] == "available"]
 HAS_CPU = "cpu" in BACKENDS
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="cpu extension not built")
-TRITON_NAN = pytest.mark.xfail(strict=True, reason="D2/D3: fixed by the Triton rewrite (branch gpu-triton)")
-
-
-def _backend_params(triton_mark=None):
-    return [pytest.param(b, marks=triton_mark) if b == "triton" and triton_mark else b for b in BACKENDS]
 
 
 # ------------------------------------------------------------------------------------------------ D1
@@ -69,7 +64,7 @@ def test_half_precision_activation_derivative_in_the_tails(act, approximate, dty
 # ------------------------------------------------------------------------------------------------ D2
 
 
-@pytest.mark.parametrize("backend", _backend_params(TRITON_NAN))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", ["monarch", "blockdiag"])
 def test_fused_relu_keeps_nan(backend, op):
     """D2: the fused ReLU epilogue mapped NaN to 0 on `cpu` and `triton`; unfused relu(F.linear(...)) keeps it."""

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import monarch_kernels as mk
+from monarch_kernels import activations
 from monarch_kernels import reference as ref
 
 pytest.importorskip("triton")
@@ -81,6 +82,7 @@ SHAPES = {
     "p = 1 and s = 1 blocks": ((3, 2, 1), (2, 1, 3)),
     "q = 1 and l = 1": ((4, 1, 3), (1, 5, 4)),
     "one block each": ((1, 6, 9), (1, 7, 6)),
+    "gathered P2ᵀ over 5 K steps (s = 80)": ((4, 4, 3), (8, 80, 2)),
 }
 
 
@@ -93,8 +95,11 @@ def test_forward_every_layout_fp32(name):
         assert_close(tmon.forward(x, w1, w2, b, n_out, "gelu", path=path), expect, torch.float32, f"{name} {path}")
 
 
-#: the backward kernels do not depend on the forward path: the fused-square shapes add nothing but time here
-BACKWARD_SHAPES = [n for n in SHAPES if not n.startswith("fused")]
+#: every backward layout (the kernels do not depend on the forward path: the fused-square shapes would add only
+#: time); "q % l != 0" and "one block each" are covered by the dX/dW test below and the forward tests
+BACKWARD_SHAPES = ["grouped C=1 runs, ragged p", "grouped C=2 (in-register transpose)", "C=12 runs, whole-row P2 (l=4)",
+                   "C=3 scattered P1, non-pow2 blocks", "p = 1 and s = 1 blocks", "q = 1 and l = 1",
+                   "gathered P2ᵀ over 5 K steps (s = 80)"]
 
 
 @pytest.mark.parametrize("name", BACKWARD_SHAPES)
@@ -110,8 +115,7 @@ def test_fused_backward_every_layout_fp32(name):
     assert_close(dw2, dw2_ref, torch.float32, f"{name} dw2")
 
 
-@pytest.mark.parametrize("name", ["grouped C=1 runs, ragged p", "C=12 runs, whole-row P2 (l=4)",
-                                  "q % l != 0 (scattered P1)"])
+@pytest.mark.parametrize("name", ["one block each", "q % l != 0 (scattered P1)"])
 def test_backward_input_and_weight_fp32(name):
     s1, s2 = SHAPES[name]
     sh, n_in, n_out, x, w1, w2, _, g = _data(s1, s2, 300, torch.float32, seed=2)
@@ -124,8 +128,7 @@ def test_backward_input_and_weight_fp32(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("name", ["fused square, group = all 16", "grouped C=2 (in-register transpose)",
-                                  "C=12 runs, whole-row P2 (l=4)"])
+@pytest.mark.parametrize("name", ["fused square, group = all 16", "C=12 runs, whole-row P2 (l=4)"])
 def test_half_precision(dtype, name):
     s1, s2 = SHAPES[name]
     sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 33, dtype, seed=3)
@@ -144,8 +147,7 @@ def test_half_precision(dtype, name):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy on inf·w sums
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "gelu_tanh"])
-@pytest.mark.parametrize("name", ["fused square, group = all 16", "grouped C=1 runs, ragged p",
-                                  "C=3 scattered P1, non-pow2 blocks"])
+@pytest.mark.parametrize("name", ["fused square, group = all 16", "grouped C=2 (in-register transpose)"])
 def test_nan_and_inf_inputs_propagate_like_reference(name, act):
     """Regression (#18 D2, D3): ReLU kept NaN -> 0 and the fused path turned ±inf into NaN through padded lanes.
     The non-finite pattern of every output must be the reference's, and the finite part must match."""
@@ -159,6 +161,41 @@ def test_nan_and_inf_inputs_propagate_like_reference(name, act):
     assert torch.isnan(expect).any() and torch.isinf(expect).any() or act in ("relu",)
     for path in _paths(sh):
         assert_close(tmon.forward(x, w1, w2, b, n_out, act, path=path), expect, torch.float32, f"{path} {act}")
+
+
+def test_gathered_input_over_several_k_steps_is_planned():
+    """The dy kernel of the "s = 80" shape gathers P2ᵀ g in groups of 4 of the 8 blocks (not whole rows) and
+    accumulates 5 K steps in fp32 (the multi-K path with its deferred epilogue): what the backward tests reach."""
+    lp = plan.bd_launch(600, 8, 2, 80, 4, (80, 8), (2, 8))
+    assert lp.inp.mode == plan.GROUPED and lp.multi_k and not lp.in_full and lp.tile.group == 4
+    assert plan.cdiv(80, lp.tile.block_k) == 5
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("what", ["blockdiag", "two_kernel", "fused"])
+def test_fp16_pre_activation_overflow_like_torch(what, act):
+    """Regression: act(F.linear(...)) rounds the pre-activation to fp16 before the activation, so -65536 is
+    -inf there and gelu(-inf) = NaN; the epilogue activated the fp32 value (finite -0.0) instead. Odd output
+    rows give -65536, even rows small exact values."""
+    T = 3
+    if what == "blockdiag":
+        x = torch.ones(T, 64, dtype=torch.float16, device=DEVICE)
+        w = torch.ones(1, 4, 64, dtype=torch.float16, device=DEVICE)
+        w[:, 1::2] = -1024.0
+        out = tbd.bd_forward(x, w, None, 4, act)
+        pre = ref.blockdiag_fwd(x, w, None, 4)
+    else:
+        nb, width, big = (4, 64, -16.0) if what == "two_kernel" else (16, 16, -256.0)
+        x = torch.ones(T, nb * width, dtype=torch.float16, device=DEVICE)
+        w1 = torch.ones(nb, width, width, dtype=torch.float16, device=DEVICE)
+        w2 = torch.full((nb, width, width), big, dtype=torch.float16, device=DEVICE)
+        w2[:, ::2] = 1.0
+        out = tmon.forward(x, w1, w2, None, nb * width, act, path=what)
+        pre = ref.monarch_fwd(x, w1, w2, None, nb * width)
+    assert torch.isneginf(pre).any()
+    want = activations.apply(act, pre)
+    assert torch.equal(out.isnan(), want.isnan()) and torch.equal(out.isinf(), want.isinf())
+    assert torch.equal(out[want.isfinite()], want[want.isfinite()])
 
 
 def test_relu_keeps_nan_and_inf_in_the_epilogue():
@@ -184,14 +221,14 @@ def test_blockdiag_epilogues_and_split_wgrad(act):
 
 
 def test_grouped_gather_and_scatter_layouts_directly():
-    """bd_forward through a P2ᵀ-style gather and a P1ᵀ-style scatter (8 blocks: group 8 in fp32) equals the
-    same product through explicit index permutations."""
+    """bd_forward through a P2ᵀ-style gather and a P1ᵀ-style scatter (8 blocks: groups of 4 in fp32, two
+    groups) equals the same product through explicit index permutations."""
     g_ = torch.Generator().manual_seed(5)
     k, q, p = 8, 6, 5
     x = torch.randn(70, k * p, generator=g_).to(DEVICE)
     w = torch.randn(k, q, p, generator=g_).to(DEVICE)
     lp = plan.bd_launch(70, k, q, p, 4, (p, k), (q, k))
-    assert lp.inp.mode == plan.GROUPED and lp.out.mode == plan.GROUPED and lp.tile.group == 8
+    assert lp.inp.mode == plan.GROUPED and lp.out.mode == plan.GROUPED and lp.tile.group == 4
     vt = lambda f, a, b: (f % a) * b + f // a  # logical column f lives at physical column vt(f)
     cols_in = torch.tensor([vt(f, p, k) for f in range(k * p)])
     cols_out = torch.tensor([vt(f, q, k) for f in range(k * q)])
