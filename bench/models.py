@@ -10,8 +10,8 @@ the others are compared with):
    MLPs through ``monarchify``): training-step tokens/s, eager and ``torch.compile``, and generation tokens/s
    (greedy decoding with the KV cache: the small-batch regime);
 3. **saved activations** per layer: bytes autograd keeps for backward (``saved_tensors_hooks``), dense vs
-   Monarch (the stage-1 intermediate is recomputed in backward, not saved: the layer saves what ``nn.Linear``
-   saves, its input).
+   Monarch per backend, eager: the compiled backends recompute the stage-1 intermediate (the layer saves what
+   ``nn.Linear`` saves, its input); the ``torch`` reference keeps it, as fly's Function does.
 """
 from __future__ import annotations
 
@@ -147,14 +147,13 @@ def count_saved_bytes(params):
 def bench_memory(widths, tokens, device, dtype) -> list[dict]:
     rows = []
     for d in widths:
-        for v in ("dense", "torch"):
+        for v in variants(device, dtype):
             torch.manual_seed(0)
             layer = mlp(d, v, 4, device, dtype)[0]  # the d -> 4d layer
             x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
             with count_saved_bytes(list(layer.parameters())) as saved:
                 layer(x)
-            rows.append({"bench": "saved_activations", "shape": f"{d}->{4 * d} T={tokens}",
-                         "impl": "monarch (this library)" if v == "torch" else v,
+            rows.append({"bench": "saved_activations", "shape": f"{d}->{4 * d} T={tokens}", "impl": v,
                          "saved_MiB": saved[0] / 2**20, "x_input_bytes": saved[0] / x.numel() / x.element_size()})
     return rows
 

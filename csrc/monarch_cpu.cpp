@@ -373,15 +373,29 @@ at::Tensor view_of(acc_t* p, int64_t m, int64_t n, int64_t ld) {
 
 inline c10::string_view gelu_approximation(int64_t act) { return act == GELU_TANH ? "tanh" : "none"; }
 
-// v[t, j] = act(v[t, j] + bias[j]) in place for t < m, j < n (bias may be null).
-template <typename acc_t>
-void bias_act_rows(acc_t* v, int64_t ld, int64_t m, int64_t n, const acc_t* bias, int64_t act) {
+// v[t, j] += bias[j] (bias may be null), then, with an activation and a storage dtype narrower than the
+// accumulator, v rounded to the storage dtype: act(F.linear(...)) activates the stored pre-activation, so an
+// fp16 pre-activation beyond ±65504 is ±inf there (and gelu(-inf) is NaN), not a finite fp32 value.
+template <typename scalar_t, typename acc_t>
+void bias_round_rows(acc_t* v, int64_t ld, int64_t m, int64_t n, const acc_t* bias, int64_t act) {
   if (bias)
     for (int64_t t = 0; t < m; ++t) {
       acc_t* row = v + t * ld;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
     }
+  if constexpr (!std::is_same_v<scalar_t, acc_t>)
+    if (act != NONE)
+      for (int64_t t = 0; t < m; ++t) {
+        acc_t* row = v + t * ld;
+        for (int64_t j = 0; j < n; ++j) row[j] = static_cast<acc_t>(static_cast<scalar_t>(row[j]));
+      }
+}
+
+// v[t, j] = act(v[t, j] + bias[j]) in place for t < m, j < n (bias may be null; pre-activation rounded to scalar_t).
+template <typename scalar_t, typename acc_t>
+void bias_act_rows(acc_t* v, int64_t ld, int64_t m, int64_t n, const acc_t* bias, int64_t act) {
+  bias_round_rows<scalar_t, acc_t>(v, ld, m, n, bias, act);
   if (act == RELU) {
     for (int64_t t = 0; t < m; ++t) {
       acc_t* row = v + t * ld;
@@ -396,16 +410,11 @@ void bias_act_rows(acc_t* v, int64_t ld, int64_t m, int64_t n, const acc_t* bias
 
 // g[t, j] = g[t, j] · act'(pre[t, j] + bias[j]) in place (the vector-Jacobian product of the activation): ReLU
 // passes g where pre > 0 or pre is NaN (as torch's threshold_backward), GELU uses ATen's gelu_backward. pre is
-// overwritten with the biased pre-activation.
-template <typename acc_t>
+// overwritten with the biased pre-activation, rounded to scalar_t as the forward activated it.
+template <typename scalar_t, typename acc_t>
 void act_backward_rows(acc_t* g, int64_t ldg, acc_t* pre, int64_t ldp, int64_t m, int64_t n, const acc_t* bias,
                        int64_t act) {
-  if (bias)
-    for (int64_t t = 0; t < m; ++t) {
-      acc_t* row = pre + t * ldp;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) row[j] += bias[j];
-    }
+  bias_round_rows<scalar_t, acc_t>(pre, ldp, m, n, bias, act);
   if (act == RELU) {
     for (int64_t t = 0; t < m; ++t)
       for (int64_t j = 0; j < n; ++j)
@@ -580,10 +589,10 @@ at::Tensor monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tens
       if (out_direct) {
         acc_t* dst = reinterpret_cast<acc_t*>(op) + t0 * n_out;
         transpose_rows(m, d.l, d.s, O, no, dst, n_out);
-        bias_act_rows(dst, n_out, m, n_out, bp, act);
+        bias_act_rows<scalar_t, acc_t>(dst, n_out, m, n_out, bp, act);
       } else {
         transpose_rows(m, d.l, d.s, O, no, tmp, no);
-        bias_act_rows(tmp, no, m, n_out, bp, act);
+        bias_act_rows<scalar_t, acc_t>(tmp, no, m, n_out, bp, act);
         store_rows(tmp, no, m, n_out, op + t0 * n_out, n_out);
       }
     };
@@ -658,7 +667,7 @@ struct Backward {
         for (int64_t t = 0; t < m; ++t) std::copy(G + t * ldg, G + t * ldg + no, gbuf + t * no);
         G = gbuf, ldg = no;
       }
-      act_backward_rows(gbuf, no, P, no, m, n_out, bias, act);  // columns past n_out stay 0
+      act_backward_rows<scalar_t, acc_t>(gbuf, no, P, no, m, n_out, bias, act);  // columns past n_out stay 0
     }
     if (want_db)
       for (int64_t t = 0; t < m; ++t) {
@@ -850,6 +859,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> monarch_bwd(const at::Tensor& x, 
   return {dx, dw1, dw2};
 }
 
+// (dx, dw1, dw2, db) of ⟨g, act(M x + bias)⟩ in one pass: per row tile the intermediate once and the
+// pre-activation from one stage-2 GEMM (no separate forward); db is Σ_t g·act'(pre), also without a bias.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> monarch_bwd_act(
+    const at::Tensor& x, const at::Tensor& g, const at::Tensor& w1, const at::Tensor& w2,
+    const c10::optional<at::Tensor>& bias, int64_t n_in, int64_t act) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "monarch_bwd_act (cpu): x must be a 2-D CPU tensor");
+  const int64_t T = x.size(0);
+  auto dx = at::empty({T, n_in}, g.options());
+  if (T == 0)
+    return {dx, at::zeros(w1.sizes(), w1.options()), at::zeros(w2.sizes(), w2.options()),
+            at::zeros({g.size(1)}, g.options())};
+  auto dw1 = at::empty(w1.sizes(), w1.options());
+  auto dw2 = at::empty(w2.sizes(), w2.options());
+  auto db = at::empty({g.size(1)}, g.options());
+  backward_into(&x, g, w1, w2, bias, act, &dx, &dw1, &dw2, &db);
+  return {dx, dw1, dw2, db};
+}
+
 // ------------------------------------------------------------------------------------------ block-diagonal
 
 at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
@@ -878,10 +905,10 @@ at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w, const c10::op
         if (out_direct) {
           acc_t* dst = reinterpret_cast<acc_t*>(op) + t0 * n_out + kk * q;
           W.apply(m, X + kk * p, ldx, kk, dst, n_out);
-          bias_act_rows(dst, n_out, m, lim, bp ? bp + kk * q : nullptr, act);
+          bias_act_rows<scalar_t, acc_t>(dst, n_out, m, lim, bp ? bp + kk * q : nullptr, act);
         } else {
           W.apply(m, X + kk * p, ldx, kk, yb, q);
-          bias_act_rows(yb, q, m, lim, bp ? bp + kk * q : nullptr, act);
+          bias_act_rows<scalar_t, acc_t>(yb, q, m, lim, bp ? bp + kk * q : nullptr, act);
           store_rows(yb, q, m, lim, op + t0 * n_out + kk * q, n_out);
         }
       }
@@ -939,4 +966,5 @@ TORCH_LIBRARY_IMPL(monarch_kernels_ext, CPU, m) {
   m.impl("monarch_bwd_input", &monarch_cpu::monarch_bwd_input);
   m.impl("monarch_bwd_weight", &monarch_cpu::monarch_bwd_weight);
   m.impl("monarch_bwd", &monarch_cpu::monarch_bwd);
+  m.impl("monarch_bwd_act", &monarch_cpu::monarch_bwd_act);
 }

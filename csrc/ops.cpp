@@ -4,7 +4,8 @@
 //
 // Every op passes, in order:
 //  * an Autograd-key kernel (a torch::autograd::Function) whose backward is written with the same ops, so any
-//    derivative order works (the formulas of monarch_kernels/ops.py, real dtypes only);
+//    derivative order works (the formulas of monarch_kernels/ops.py, real dtypes only); monarch_bwd_act, the
+//    first-order backward with an activation, instead refuses to be differentiated;
 //  * a BackendSelect-key kernel that validates the arguments (shapes, dtypes, devices, bias length, n_out,
 //    n_in, activation code) and raises ValueError/TypeError naming the argument before any kernel runs.
 //    BackendSelect is in every call's key set (inference mode included) right above the device kernels;
@@ -165,6 +166,8 @@ using MonarchBwdInputSig = Tensor(const Tensor&, const Tensor&, const Tensor&, i
 using MonarchBwdWeightSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
 using MonarchBwdSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                          int64_t);
+using MonarchBwdActSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                    const Tensor&, const OptTensor&, int64_t, int64_t);
 
 const auto& blockdiag_fwd_op() {
   static const auto h = handle<BlockdiagFwdSig>("monarch_kernels_ext::blockdiag_fwd");
@@ -188,6 +191,10 @@ const auto& monarch_bwd_weight_op() {
 }
 const auto& monarch_bwd_op() {
   static const auto h = handle<MonarchBwdSig>("monarch_kernels_ext::monarch_bwd");
+  return h;
+}
+const auto& monarch_bwd_act_op() {
+  static const auto h = handle<MonarchBwdActSig>("monarch_kernels_ext::monarch_bwd_act");
   return h;
 }
 
@@ -231,6 +238,17 @@ std::tuple<Tensor, Tensor, Tensor> monarch_bwd_checked(c10::DispatchKeySet ks, c
   validate_monarch_bwd_weight(fn, x, g, w1, w2);
   check_range(fn, "n_in", n_in, 1, w1.size(0) * w1.size(2));
   return monarch_bwd_op().redispatch(ks & kBelowBackendSelect, x, g, w1, w2, n_in);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> monarch_bwd_act_checked(c10::DispatchKeySet ks, const Tensor& x,
+                                                                   const Tensor& g, const Tensor& w1, const Tensor& w2,
+                                                                   const OptTensor& bias, int64_t n_in, int64_t act) {
+  const char* fn = "monarch_kernels_ext::monarch_bwd_act";
+  validate_monarch_bwd_weight(fn, x, g, w1, w2);
+  check_range(fn, "n_in", n_in, 1, w1.size(0) * w1.size(2));
+  check_bias(fn, bias, g.size(1), x);
+  check_act(fn, act);
+  return monarch_bwd_act_op().redispatch(ks & kBelowBackendSelect, x, g, w1, w2, bias, n_in, act);
 }
 
 // ------------------------------------------------------------------------------------------ Autograd
@@ -341,8 +359,14 @@ struct MonarchFwd : public torch::autograd::Function<MonarchFwd> {
     const int64_t n_out = ctx->saved_data["n_out"].toInt(), act = ctx->saved_data["act"].toInt();
     Tensor g = grads[0], dx, dw1, dw2, db;
     if (g.defined()) {
-      if (act != NONE) g = act_backward(act, monarch_fwd_op().call(x, w1, w2, as_opt(bias), n_out, NONE), g);
       const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+      if (act != NONE && need_x && need_w && !at::GradMode::is_enabled() && x.device().is_cpu()) {
+        // first-order backward with an activation on CPU: one pass, the pre-activation from one stage-2 GEMM
+        std::tie(dx, dw1, dw2, db) = monarch_bwd_act_op().call(x, g, w1, w2, as_opt(bias), x.size(1), act);
+        if (!(bias.defined() && ctx->needs_input_grad(3))) db = Tensor();
+        return {dx, dw1, dw2, db, Tensor(), Tensor()};
+      }
+      if (act != NONE) g = act_backward(act, monarch_fwd_op().call(x, w1, w2, as_opt(bias), n_out, NONE), g);
       if (need_x && need_w && !at::GradMode::is_enabled()) {  // first-order backward: one fused call
         std::tie(dx, dw1, dw2) = monarch_bwd_op().call(x, g, w1, w2, x.size(1));
       } else {
@@ -443,6 +467,17 @@ std::tuple<Tensor, Tensor> monarch_bwd_weight_autograd(const Tensor& x, const Te
   return monarch_bwd_weight_op().call(x, g, w1, w2);
 }
 
+// monarch_bwd_act serves first-order backwards only: differentiating it is an error that names the ops to use.
+std::tuple<Tensor, Tensor, Tensor, Tensor> monarch_bwd_act_autograd(const Tensor& x, const Tensor& g, const Tensor& w1,
+                                                                    const Tensor& w2, const OptTensor& bias,
+                                                                    int64_t n_in, int64_t act) {
+  TORCH_CHECK(!any_requires_grad({&x, &g, &w1, &w2, bias ? &*bias : nullptr}),
+              "monarch_kernels_ext::monarch_bwd_act is a first-order backward kernel and is not differentiable; "
+              "for higher derivatives use monarch_fwd, monarch_bwd_input and monarch_bwd_weight");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return monarch_bwd_act_op().call(x, g, w1, w2, bias, n_in, act);
+}
+
 std::tuple<Tensor, Tensor, Tensor> monarch_bwd_autograd(const Tensor& x, const Tensor& g, const Tensor& w1,
                                                         const Tensor& w2, int64_t n_in) {
   if (any_requires_grad({&x, &g, &w1, &w2})) {
@@ -464,6 +499,9 @@ TORCH_LIBRARY(monarch_kernels_ext, m) {
   m.def("monarch_bwd_weight(Tensor x, Tensor g, Tensor w1, Tensor w2) -> (Tensor, Tensor)");
   // (dx, dw1, dw2) in one pass; CPU kernel only (other devices compose monarch_bwd_input + monarch_bwd_weight)
   m.def("monarch_bwd(Tensor x, Tensor g, Tensor w1, Tensor w2, int n_in) -> (Tensor, Tensor, Tensor)");
+  // (dx, dw1, dw2, db) of <g, act(M x + bias)> in one pass (first order only); CPU kernel only
+  m.def("monarch_bwd_act(Tensor x, Tensor g, Tensor w1, Tensor w2, Tensor? bias, int n_in, int act) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(monarch_kernels_ext, BackendSelect, m) {
@@ -473,6 +511,7 @@ TORCH_LIBRARY_IMPL(monarch_kernels_ext, BackendSelect, m) {
   m.impl("monarch_bwd_input", TORCH_FN(monarch_ops::monarch_bwd_input_checked));
   m.impl("monarch_bwd_weight", TORCH_FN(monarch_ops::monarch_bwd_weight_checked));
   m.impl("monarch_bwd", TORCH_FN(monarch_ops::monarch_bwd_checked));
+  m.impl("monarch_bwd_act", TORCH_FN(monarch_ops::monarch_bwd_act_checked));
 }
 
 TORCH_LIBRARY_IMPL(monarch_kernels_ext, Autograd, m) {
@@ -482,6 +521,7 @@ TORCH_LIBRARY_IMPL(monarch_kernels_ext, Autograd, m) {
   m.impl("monarch_bwd_input", TORCH_FN(monarch_ops::monarch_bwd_input_autograd));
   m.impl("monarch_bwd_weight", TORCH_FN(monarch_ops::monarch_bwd_weight_autograd));
   m.impl("monarch_bwd", TORCH_FN(monarch_ops::monarch_bwd_autograd));
+  m.impl("monarch_bwd_act", TORCH_FN(monarch_ops::monarch_bwd_act_autograd));
 }
 
 #ifndef MONARCH_KERNELS_NO_PYTHON_MODULE

@@ -2,14 +2,14 @@
 
 The extension registers its kernels as ``torch.ops.monarch_kernels_ext.*`` through ``TORCH_LIBRARY``, with
 argument checks and autograd in C++ (``csrc/ops.cpp``); this module adds fake (meta) implementations for them,
-which run the same checks as the C++ ones (through :mod:`monarch_kernels.shapes`), and adapts them to the five
-backend primitives.
+which run the same checks as the C++ ones (through :mod:`monarch_kernels.shapes`), and adapts them to the
+backend primitives (plus ``monarch_bwd_act``, the first-order backward with a fused activation).
 """
 from __future__ import annotations
 
 import torch
 
-from . import shapes
+from . import activations, shapes
 from .activations import CODES
 
 _loaded = None
@@ -103,6 +103,15 @@ def _register_fakes() -> None:
         shapes.check_monarch_op(fn, w1, w2, x=x, g=g, n_in=n_in)
         return g.new_empty(g.shape[0], n_in), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
 
+    @torch.library.register_fake(f"{lib}::monarch_bwd_act")
+    def _(x, g, w1, w2, bias, n_in, act):
+        fn = f"{lib}::monarch_bwd_act"
+        _check_2d(fn, x=x, g=g)
+        shapes.check_monarch_op(fn, w1, w2, x=x, g=g, n_in=n_in, bias=bias, n_out=g.shape[1])
+        _check_act(fn, act)
+        return (g.new_empty(g.shape[0], n_in), w1.new_empty(w1.shape), w2.new_empty(w2.shape),
+                g.new_empty(g.shape[1]))
+
 
 def _ops():
     load()
@@ -138,3 +147,14 @@ class Primitives:
         if x.device.type == "cpu":
             return tuple(_ops().monarch_bwd(x, g, w1, w2, n_in))
         return (_ops().monarch_bwd_input(g, w1, w2, n_in), *_ops().monarch_bwd_weight(x, g, w1, w2))
+
+    @staticmethod
+    def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None):
+        """(dx, dw1, dw2, db) of ``⟨g, act(M x + bias)⟩`` (``db`` also without a bias; dx computed even when not
+        wanted): on CPU one pass that gets the pre-activation from one stage-2 GEMM per row tile; the CUDA
+        kernels recompute it with a forward. The compiled backends keep no intermediate (``z`` is None)."""
+        if activation != "none":
+            if x.device.type == "cpu":
+                return tuple(_ops().monarch_bwd_act(x, g, w1, w2, bias, n_in, CODES[activation]))
+            g = activations.backward(activation, _ops().monarch_fwd(x, w1, w2, bias, g.shape[1], 0), g)
+        return (*Primitives.monarch_bwd(x, g, w1, w2, n_in), g.sum(0))

@@ -22,6 +22,15 @@ separate ops. ``M`` is bilinear in ``(w1, w2)``, so the derivative of ``monarch_
 ``(h1, h2)`` is ``⟨g, M(h1, w2) x⟩ + ⟨g, M(w1, h2) x⟩``, which the ops above express exactly. Complex tensors
 follow PyTorch's conjugate convention (gradients are taken with conjugated partners).
 
+Eager calls skip the custom-op dispatch (:func:`_route`): an untracked forward runs the backend directly, a
+tracked one runs inside a plain ``autograd.Function`` with the same formulas, whose first-order backward calls the
+implementations directly too. On that route a backend with ``monarch_fwd_saving`` (the torch reference) keeps the
+stage-1 intermediate for its first-order backward, as fly's ``BlockdiagButterflyMultiply`` does (``T·k·q`` more
+elements of activation memory, one ``bmm`` and one copy fewer); the compiled backends, and every backend through
+the custom op (``torch.compile``, profiler, dispatch modes), save only the inputs and recompute. A first-order
+backward with an activation runs the backend's ``monarch_bwd_epilogue`` (C++: one pass that gets the
+pre-activation from one stage-2 GEMM per row tile) instead of a forward followed by the backward.
+
 ``torch.library``'s autograd registration does not support ``torch.func`` transforms (its generated
 ``autograd.Function`` has no ``setup_context``); under ``torch.func.grad``/``vjp``/``jacrev``/``vmap`` the
 same setup and backward functions run through an equivalent ``autograd.Function`` (:func:`_call`).
@@ -75,8 +84,8 @@ def _check_op_args(fn: str, backend, t: Tensor, activation="none") -> None:
 
 # --------------------------------------------------------------------------------------------------
 # custom ops: inputs of any leading shape; the backend sees 2-D (T, features) tensors. The *_impl
-# functions skip validation: the public functions below validate first and call them directly when
-# nothing observes the call (see _untracked_eager).
+# functions skip validation: the public functions below validate first and call them directly in eager
+# mode (see _route).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -109,10 +118,14 @@ def _check_blockdiag_wgrad(x, g, k, q, p, backend):
     _check_op_args(fn, backend, x)
 
 
+def _blockdiag_wgrad_impl(x: Tensor, g: Tensor, k: int, q: int, p: int, backend: str) -> Tensor:
+    return backends.impl(backend).blockdiag_wgrad(_flat(x), _flat(g), k, q, p).contiguous()
+
+
 @torch.library.custom_op(f"{_NS}::blockdiag_wgrad", mutates_args=())
 def _blockdiag_wgrad(x: Tensor, g: Tensor, k: int, q: int, p: int, backend: str) -> Tensor:
     _check_blockdiag_wgrad(x, g, k, q, p, backend)
-    return backends.impl(backend).blockdiag_wgrad(_flat(x), _flat(g), k, q, p).contiguous()
+    return _blockdiag_wgrad_impl(x, g, k, q, p, backend)
 
 
 @_blockdiag_wgrad.register_fake
@@ -154,11 +167,14 @@ def _check_monarch_bwd_input(g, w1, w2, n_in, backend):
     _check_op_args(fn, backend, g)
 
 
+def _monarch_bwd_input_impl(g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> Tensor:
+    return _unflat(backends.impl(backend).monarch_bwd_input(_flat(g), w1, w2, n_in), g.shape[:-1])
+
+
 @torch.library.custom_op(f"{_NS}::monarch_bwd_input", mutates_args=())
 def _monarch_bwd_input(g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> Tensor:
     _check_monarch_bwd_input(g, w1, w2, n_in, backend)
-    out = backends.impl(backend).monarch_bwd_input(_flat(g), w1, w2, n_in)
-    return _unflat(out, g.shape[:-1])
+    return _monarch_bwd_input_impl(g, w1, w2, n_in, backend)
 
 
 @_monarch_bwd_input.register_fake
@@ -173,11 +189,15 @@ def _check_monarch_bwd_weight(x, g, w1, w2, backend):
     _check_op_args(fn, backend, x)
 
 
+def _monarch_bwd_weight_impl(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    dw1, dw2 = backends.impl(backend).monarch_bwd_weight(_flat(x), _flat(g), w1, w2)
+    return dw1.contiguous(), dw2.contiguous()
+
+
 @torch.library.custom_op(f"{_NS}::monarch_bwd_weight", mutates_args=())
 def _monarch_bwd_weight(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     _check_monarch_bwd_weight(x, g, w1, w2, backend)
-    dw1, dw2 = backends.impl(backend).monarch_bwd_weight(_flat(x), _flat(g), w1, w2)
-    return dw1.contiguous(), dw2.contiguous()
+    return _monarch_bwd_weight_impl(x, g, w1, w2, backend)
 
 
 @_monarch_bwd_weight.register_fake
@@ -192,11 +212,7 @@ def _check_monarch_bwd(x, g, w1, w2, n_in, backend):
     _check_op_args(fn, backend, x)
 
 
-@torch.library.custom_op(f"{_NS}::monarch_bwd", mutates_args=())
-def _monarch_bwd(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``(monarch_bwd_input(g, ...), *monarch_bwd_weight(x, g, ...))`` in one call: backends with a
-    ``monarch_bwd`` primitive share the recomputed intermediate and ``dy``; the others run the two."""
-    _check_monarch_bwd(x, g, w1, w2, n_in, backend)
+def _monarch_bwd_impl(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.impl(backend)
     xf, gf = _flat(x), _flat(g)
     if hasattr(impl, "monarch_bwd"):
@@ -204,6 +220,14 @@ def _monarch_bwd(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backen
     else:
         dx, (dw1, dw2) = impl.monarch_bwd_input(gf, w1, w2, n_in), impl.monarch_bwd_weight(xf, gf, w1, w2)
     return _unflat(dx, g.shape[:-1]), dw1.contiguous(), dw2.contiguous()
+
+
+@torch.library.custom_op(f"{_NS}::monarch_bwd", mutates_args=())
+def _monarch_bwd(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``(monarch_bwd_input(g, ...), *monarch_bwd_weight(x, g, ...))`` in one call: backends with a
+    ``monarch_bwd`` primitive share the recomputed intermediate and ``dy``; the others run the two."""
+    _check_monarch_bwd(x, g, w1, w2, n_in, backend)
+    return _monarch_bwd_impl(x, g, w1, w2, n_in, backend)
 
 
 @_monarch_bwd.register_fake
@@ -215,18 +239,25 @@ def _(x, g, w1, w2, n_in, backend):
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _untracked_eager(*tensors: Optional[Tensor]) -> bool:
-    """Whether a forward call may run its implementation directly instead of through the custom op, with
-    identical results: eager mode (not compiling, no profiler, no dispatch/function mode, no functorch
-    transform), plain tensors, and nothing for autograd to record. Inference calls then skip the custom-op
-    dispatch, which costs more than the kernel itself for a few tokens."""
+DIRECT, FUNCTION, OP = "direct", "function", "op"
+
+
+def _route(*tensors: Optional[Tensor]) -> str:
+    """How a forward call runs, with identical results on every route. In eager mode (not compiling, no
+    profiler, no dispatch/function mode, no functorch transform) on plain tensors the custom-op dispatch,
+    which costs more than the kernel itself for a few tokens, is skipped: ``DIRECT`` runs the implementation
+    when autograd has nothing to record, ``FUNCTION`` runs it inside a plain ``autograd.Function`` with the
+    op's formulas (:class:`_MonarchFwdEager`, :class:`_BlockdiagFwdEager`) when it has. Everything else goes
+    through the custom op (``OP``), which the compiler, the profiler and dispatch modes observe."""
     if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
-        return False
+        return OP
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._functorch.peek_interpreter_stack() is not None):
-        return False
-    grad = torch.is_grad_enabled()
-    return all(t is None or (type(t) in _PLAIN_TENSORS and not (grad and t.requires_grad)) for t in tensors)
+        return OP
+    if not all(t is None or type(t) in _PLAIN_TENSORS for t in tensors):
+        return OP
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return FUNCTION if tracked else DIRECT
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,17 +280,22 @@ def _setup_blockdiag_fwd(ctx, inputs, output):
 
 
 def _backward_blockdiag_fwd(ctx, g):
-    x, w, bias = ctx.saved_tensors
+    return _blockdiag_fwd_grads(ctx, *ctx.saved_tensors, g, _call)
+
+
+def _blockdiag_fwd_grads(ctx, x, w, bias, g, call):
+    """Gradients of ``blockdiag_fwd`` for the cotangent ``g``; ``call(op, *args)`` runs the ops (through
+    :func:`_call`, differentiable, or :func:`_direct_call`)."""
     if ctx.activation != "none":  # recompute the pre-activation instead of saving it
-        pre = _call(_blockdiag_fwd, x, w, bias, ctx.n_out, "none", ctx.backend)
+        pre = call(_blockdiag_fwd, x, w, bias, ctx.n_out, "none", ctx.backend)
         g = activations.backward(ctx.activation, pre, g)
     x, w = x.conj(), w.conj()
     k, q, p = w.shape
     dx = dw = db = None
     if ctx.needs_input_grad[0]:
-        dx = _call(_blockdiag_fwd, g, w.transpose(1, 2), None, x.shape[-1], "none", ctx.backend)
+        dx = call(_blockdiag_fwd, g, w.transpose(1, 2), None, x.shape[-1], "none", ctx.backend)
     if ctx.needs_input_grad[1]:
-        dw = _call(_blockdiag_wgrad, x, g, k, q, p, ctx.backend)
+        dw = call(_blockdiag_wgrad, x, g, k, q, p, ctx.backend)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         db = _flat(g).sum(0)
     return dx, dw, db, None, None, None
@@ -284,25 +320,30 @@ def _backward_blockdiag_wgrad(ctx, h):
 
 def _setup_monarch_fwd(ctx, inputs, output):
     x, w1, w2, bias, n_out, activation, backend = inputs
-    ctx.save_for_backward(x, w1, w2, bias)  # the stage-1 intermediate is recomputed in backward, never saved
+    ctx.save_for_backward(x, w1, w2, bias)  # the stage-1 intermediate is recomputed in backward, not saved
     ctx.backend, ctx.has_bias, ctx.n_out, ctx.activation = backend, bias is not None, n_out, activation
 
 
 def _backward_monarch_fwd(ctx, g):
-    x, w1, w2, bias = ctx.saved_tensors
+    return _monarch_fwd_grads(ctx, *ctx.saved_tensors, g, _call)
+
+
+def _monarch_fwd_grads(ctx, x, w1, w2, bias, g, call):
+    """Gradients of ``monarch_fwd`` for the cotangent ``g``; ``call(op, *args)`` runs the ops (through
+    :func:`_call`, differentiable, or :func:`_direct_call`)."""
     if ctx.activation != "none":  # recompute the pre-activation instead of saving it
-        pre = _call(_monarch_fwd, x, w1, w2, bias, ctx.n_out, "none", ctx.backend)
+        pre = call(_monarch_fwd, x, w1, w2, bias, ctx.n_out, "none", ctx.backend)
         g = activations.backward(ctx.activation, pre, g)
     x, w1, w2 = x.conj(), w1.conj(), w2.conj()
     dx = dw1 = dw2 = db = None
     need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
     if need_x and need_w and not torch.is_grad_enabled():  # first-order backward: one fused call
-        dx, dw1, dw2 = _call(_monarch_bwd, x, g, w1, w2, x.shape[-1], ctx.backend)
+        dx, dw1, dw2 = call(_monarch_bwd, x, g, w1, w2, x.shape[-1], ctx.backend)
     else:
         if need_x:
-            dx = _call(_monarch_bwd_input, g, w1, w2, x.shape[-1], ctx.backend)
+            dx = call(_monarch_bwd_input, g, w1, w2, x.shape[-1], ctx.backend)
         if need_w:
-            dw1, dw2 = _call(_monarch_bwd_weight, x, g, w1, w2, ctx.backend)
+            dw1, dw2 = call(_monarch_bwd_weight, x, g, w1, w2, ctx.backend)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         db = _flat(g).sum(0)
     return dx, dw1, dw2, db, None, None, None
@@ -451,6 +492,78 @@ for _op, _setup, _backward in (
 
 
 # --------------------------------------------------------------------------------------------------
+# eager autograd without the custom-op dispatch (route FUNCTION)
+# --------------------------------------------------------------------------------------------------
+
+_IMPLS = {  # custom op -> its implementation without validation (same arguments)
+    _blockdiag_fwd: _blockdiag_fwd_impl,
+    _blockdiag_wgrad: _blockdiag_wgrad_impl,
+    _monarch_fwd: _monarch_fwd_impl,
+    _monarch_bwd_input: _monarch_bwd_input_impl,
+    _monarch_bwd_weight: _monarch_bwd_weight_impl,
+    _monarch_bwd: _monarch_bwd_impl,
+}
+
+
+def _direct_call(op, *args):
+    """Run ``op``'s implementation directly: for first-order eager backwards, whose arguments the forward
+    validated and whose results nothing records."""
+    return _IMPLS[op](*args)
+
+
+class _BlockdiagFwdEager(torch.autograd.Function):
+    """``blockdiag_fwd`` for eager calls that autograd records: the op's formula (:func:`_blockdiag_fwd_grads`)
+    without the custom-op dispatch. A first-order backward runs the implementations directly; a backward
+    with ``create_graph=True`` runs the ops, so it is differentiable again."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, n_out, activation, backend):
+        ctx.save_for_backward(x, w, bias)
+        ctx.backend, ctx.has_bias, ctx.n_out, ctx.activation = backend, bias is not None, n_out, activation
+        return _blockdiag_fwd_impl(x, w, bias, n_out, activation, backend)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _blockdiag_fwd_grads(ctx, *ctx.saved_tensors, g, _call if torch.is_grad_enabled() else _direct_call)
+
+
+class _MonarchFwdEager(torch.autograd.Function):
+    """``monarch_fwd`` for eager calls that autograd records (see :class:`_BlockdiagFwdEager`). A backend with
+    ``monarch_fwd_saving`` (the torch reference) keeps the stage-1 intermediate for its first-order backward;
+    the others save what the custom op saves. A first-order backward that needs the weight gradients runs the
+    backend's ``monarch_bwd_epilogue`` when it has one and there is an intermediate or an activation to handle:
+    one pass with the activation's derivative and the bias gradient, no separate forward for the
+    pre-activation."""
+
+    @staticmethod
+    def forward(ctx, x, w1, w2, bias, n_out, activation, backend):
+        saving = getattr(backends.impl(backend), "monarch_fwd_saving", None)
+        if saving is None:
+            out, z = _monarch_fwd_impl(x, w1, w2, bias, n_out, activation, backend), None
+        else:
+            out, z = saving(_flat(x), w1, w2, bias, n_out, activation)
+            out = _unflat(out, x.shape[:-1])
+        ctx.save_for_backward(x, w1, w2, bias, z)
+        ctx.backend, ctx.has_bias, ctx.n_out, ctx.activation = backend, bias is not None, n_out, activation
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w1, w2, bias, z = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the differentiable formula (z is a constant here)
+            return _monarch_fwd_grads(ctx, x, w1, w2, bias, g, _call)
+        impl, need = backends.impl(ctx.backend), ctx.needs_input_grad
+        epilogue = getattr(impl, "monarch_bwd_epilogue", None)
+        if epilogue is None or not (need[1] or need[2]) or (z is None and ctx.activation == "none"):
+            return _monarch_fwd_grads(ctx, x, w1, w2, bias, g, _direct_call)
+        z = None if z is None else z.conj()  # the real-case formula at conjugated partners, like x and w
+        dx, dw1, dw2, db = epilogue(_flat(x.conj()), _flat(g), w1.conj(), w2.conj(), bias, x.shape[-1],
+                                    ctx.activation, need[0], z)
+        return (None if dx is None or not need[0] else _unflat(dx, x.shape[:-1]), dw1 if need[1] else None,
+                dw2 if need[2] else None, db if ctx.has_bias and need[3] else None, None, None, None)
+
+
+# --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
 
@@ -492,8 +605,11 @@ def blockdiag_linear(
     check_bias(fn, bias, x, n_out)
     act = _check_activation(fn, activation, x)
     name = backends.resolve("blockdiag", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, p), backend)
-    if _untracked_eager(x, w, bias):
+    route = _route(x, w, bias)
+    if route == DIRECT:
         return _blockdiag_fwd_impl(x, w, bias, n_out, act, name)
+    if route == FUNCTION:
+        return _BlockdiagFwdEager.apply(x, w, bias, n_out, act, name)
     return _call(_blockdiag_fwd, x, w, bias, n_out, act, name)
 
 
@@ -540,11 +656,14 @@ def monarch_linear(
 
 
 def _dispatch_monarch(x, w1, w2, bias, sh: MonarchShape, n_out: int, act: str, backend: Optional[str]) -> Tensor:
-    """Resolve the backend for validated arguments and run the forward op (directly when nothing tracks it)."""
+    """Resolve the backend for validated arguments and run the forward op (on the route :func:`_route` picks)."""
     block = max(sh.p, sh.q, sh.r, sh.s)
     name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, block), backend)
-    if _untracked_eager(x, w1, w2, bias):
+    route = _route(x, w1, w2, bias)
+    if route == DIRECT:
         return _monarch_fwd_impl(x, w1, w2, bias, n_out, act, name)
+    if route == FUNCTION:
+        return _MonarchFwdEager.apply(x, w1, w2, bias, n_out, act, name)
     return _call(_monarch_fwd, x, w1, w2, bias, n_out, act, name)
 
 

@@ -32,10 +32,19 @@ Shapes (``T`` tokens):
   ``(r, l)`` and transposes, and ``P2`` views the ``l·s`` stage-2 outputs as ``(l, s)`` and transposes.
 * ``monarch_bwd_input(g (T, n_out), w1, w2, n_in) -> (T, n_in)``: ``Mᵀ g``.
 * ``monarch_bwd_weight(x (T, n_in), g (T, n_out), w1, w2) -> (dw1, dw2)``: gradients of ``⟨g, M x⟩``;
-  the stage-1 intermediate is recomputed, not saved.
+  the stage-1 intermediate is recomputed.
 * ``monarch_bwd(x, g, w1, w2, n_in) -> (dx, dw1, dw2)``: both of the above, sharing the recomputed intermediate
   and ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` (optional for a backend: :mod:`monarch_kernels.ops` composes the two when a
   backend lacks it).
+
+Optional, for the first-order backward of eager training calls (:mod:`monarch_kernels.ops`):
+
+* ``monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None) -> (dx | None, dw1, dw2, db)``:
+  the backward of ``act(M x + bias)`` including the activation's derivative and the bias gradient;
+* ``monarch_fwd_saving(x, w1, w2, bias, n_out, activation) -> (out, z)``: the forward that also hands the
+  stage-1 intermediate to ``monarch_bwd_epilogue``. The reference trades ``T·k·q`` elements of activation memory
+  for one ``bmm`` and one copy fewer in backward, as fly's ``BlockdiagButterflyMultiply`` does (the
+  pre-activation is not kept: stage 2 recomputes it from ``z``).
 """
 from __future__ import annotations
 
@@ -112,6 +121,27 @@ def monarch_fwd(x, w1, w2, bias, n_out: int, activation: str = "none"):
     return _activate_(activation, pre)  # in place: pre is this call's own fresh tensor
 
 
+def monarch_fwd_saving(x, w1, w2, bias, n_out: int, activation: str = "none"):
+    """:func:`monarch_fwd` that also returns the stage-1 intermediate ``z`` (the ``(l, T, r)`` view stage 2
+    read) for :func:`monarch_bwd_epilogue`: ``(out, z)``. Keeping ``z`` costs ``T·k·q`` elements of activation
+    memory and saves the backward one ``bmm`` and one copy (fly's choice; the compiled backends recompute it)."""
+    l, _, r = w2.shape
+    z = _stage1(x, w1, l, r)
+    return _activate_(activation, _permute_out(_stage2(z, w2), bias, n_out)), z
+
+
+def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in: int, activation: str, want_dx: bool, z=None):
+    """First-order backward of ``out = act(M x + bias)`` with the weight gradients: ``(dx | None, dw1, dw2, db)``,
+    ``db = Σ_t g·act'(pre)`` (also without a bias). ``z``: the intermediate :func:`monarch_fwd_saving` kept (conjugated
+    like ``x``), else recomputed; an activation's pre-activation comes from ``z`` through stage 2 alone."""
+    l, _, r = w2.shape
+    z = _stage1(x, w1, l, r) if z is None else z
+    if activation != "none":
+        g = activations.backward(activation, _permute_out(_stage2(z, w2), bias, g.shape[1]), g)
+    dx, dw1, dw2 = _backward(x, g, w1, w2, n_in, want_dx, True, z)
+    return dx, dw1, dw2, g.sum(0)
+
+
 def _activate_(activation: str, t: torch.Tensor) -> torch.Tensor:
     if activation == "none":
         return t
@@ -120,8 +150,9 @@ def _activate_(activation: str, t: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten.gelu_(t, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
-def _backward(x, g, w1, w2, n_in: int, want_dx: bool, want_dw: bool):
-    """The shared body of the backward primitives: ``(dx, dw1, dw2)``, ``None`` for what is not wanted."""
+def _backward(x, g, w1, w2, n_in: int, want_dx: bool, want_dw: bool, z=None):
+    """The shared body of the backward primitives: ``(dx, dw1, dw2)``, ``None`` for what is not wanted;
+    ``z``: the stage-1 intermediate from :func:`monarch_fwd_saving` (conjugated like ``x``), else recomputed."""
     k, q, p = w1.shape
     l, s, r = w2.shape
     T = g.shape[0]
@@ -129,10 +160,12 @@ def _backward(x, g, w1, w2, n_in: int, want_dx: bool, want_dw: bool):
     go = _pad_last(g, l * s).reshape(T, s, l).transpose(1, 2).contiguous().transpose(0, 1)
     dw1 = dw2 = dx = None
     if want_dw:
-        dw2 = torch.bmm(go.transpose(1, 2), _stage1(x, w1, l, r))  # the intermediate, recomputed
+        dw2 = torch.bmm(go.transpose(1, 2), _stage1(x, w1, l, r) if z is None else z)
     dz = g.new_empty(T, l, r)
     torch.bmm(go, w2, out=dz.transpose(0, 1))
-    dy = dz.transpose(1, 2).reshape(T, k, q).transpose(0, 1)  # P1ᵀ: one copy into natural order; (k, T, q) view
+    # P1ᵀ: one explicit copy into natural order, then a (k, T, q) view with unit column stride. (A reshape
+    # instead would be a view when r = k and l = q, whose column stride l makes every later bmm copy it.)
+    dy = dz.transpose(1, 2).contiguous().view(T, k, q).transpose(0, 1)
     if want_dw:
         dw1 = torch.bmm(dy.transpose(1, 2), _blocks_in(x, k, p))
     if want_dx:

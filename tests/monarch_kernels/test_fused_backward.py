@@ -49,11 +49,12 @@ def test_cpu_fused_backward_matches_float64(s1, s2, dtype, T):
 
 
 @pytest.mark.parametrize("backend", [b for b in ("torch", "cpu") if mk.available_backends()[b] == "available"])
-def test_autograd_uses_the_fused_op_for_first_order_only(backend):
+def test_autograd_uses_the_fused_op_for_first_order_only(backend, monkeypatch):
     w1, w2 = torch.randn(4, 8, 6, dtype=torch.float64), torch.randn(4, 8, 8, dtype=torch.float64)
     w1.requires_grad_()
     x = torch.randn(300, 24, dtype=torch.float64, requires_grad=True)
-    out = mk.monarch_linear(x, w1, w2, activation="gelu", backend=backend)
+    with OpLog():  # the forward through the custom op (as compiled graphs run it)
+        out = mk.monarch_linear(x, w1, w2, activation="gelu", backend=backend)
     with OpLog() as log:
         gx, gw1 = torch.autograd.grad(out.square().sum(), (x, w1))
     assert "monarch_kernels.monarch_bwd.default" in log.names
@@ -63,4 +64,19 @@ def test_autograd_uses_the_fused_op_for_first_order_only(backend):
     with OpLog() as log:
         hx, hw1 = torch.autograd.grad(out.square().sum(), (x, w1), create_graph=True)
     assert "monarch_kernels.monarch_bwd.default" not in log.names
+    assert "monarch_kernels.monarch_bwd_input.default" in log.names
     assert rel_err(gx, hx.detach()) < 1e-12 and rel_err(gw1, hw1.detach()) < 1e-12
+    # an eager forward (no custom op): its first-order backward is one call of the backend's fused epilogue (the
+    # activation's derivative included), which the reference hands its saved intermediate
+    impl, calls = mk.backends.impl(backend), []
+    fused = impl.monarch_bwd_epilogue
+
+    def counted(*args):
+        calls.append(args[-1])
+        return fused(*args)
+
+    monkeypatch.setattr(impl, "monarch_bwd_epilogue", counted)
+    out = mk.monarch_linear(x, w1, w2, activation="gelu", backend=backend)
+    kx, kw1 = torch.autograd.grad(out.square().sum(), (x, w1))
+    assert len(calls) == 1 and (calls[0] is not None) == (backend == "torch")
+    assert rel_err(gx, kx) < 1e-12 and rel_err(gw1, kw1) < 1e-12
