@@ -5,8 +5,9 @@ Rows (``T`` tokens, square ``n -> n`` with ``b`` blocks, factors ``(b, n/b, n/b)
 paper's implementation was compared (issue 19): large token counts at 1024-4096 wide, a GPT-2-MLP-like 768-wide
 layer with 4 blocks, and the small calls T = 16 and T = 1 where per-call overhead dominates.
 
-Variants are timed round-robin (one call of each per round, ``--rounds`` rounds after warm-up) and each cell is
-the median of that variant's rounds, so that the shared machine's noise falls on all variants alike. A forward is
+Variants are timed round-robin (one call of each per round, in an order that rotates every round, ``--rounds``
+rounds after warm-up) and each cell is the median of that variant's rounds, so that the shared machine's noise
+and the allocator's state fall on all variants alike. A forward is
 ``monarch_matmul(x, w1, w2)`` under ``no_grad``; a forward+backward is the same call on leaves that require grad
 followed by ``out.backward(g)``.
 
@@ -48,15 +49,18 @@ def load_baseline(spec: str) -> Callable:
 
 
 def round_robin_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, float]:
-    """Median wall time in µs of each function, timed one call of each per round (interleaved)."""
+    """Median wall time in µs of each function, timed one call of each per round (interleaved). The order
+    rotates from round to round: a call's time depends on what ran just before it (the allocator hands the
+    previous call's freed buffers, or fresh pages that fault on first touch, to the next one)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
+    for i in range(rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t0)
     return {k: 1e6 * statistics.median(v) for k, v in times.items()}
 

@@ -39,7 +39,7 @@ Shapes (``T`` tokens):
 
 Optional, for the first-order backward of eager training calls (:mod:`monarch_kernels.ops`):
 
-* ``monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None) -> (dx | None, dw1, dw2, db)``:
+* ``monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None) -> (dx | None, dw1, dw2, db | None)``:
   the backward of ``act(M x + bias)`` including the activation's derivative and the bias gradient;
 * ``monarch_fwd_saving(x, w1, w2, bias, n_out, activation) -> (out, z)``: the forward that also hands the
   stage-1 intermediate to ``monarch_bwd_epilogue``. The reference trades ``T·k·q`` elements of activation memory
@@ -132,14 +132,14 @@ def monarch_fwd_saving(x, w1, w2, bias, n_out: int, activation: str = "none"):
 
 def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in: int, activation: str, want_dx: bool, z=None):
     """First-order backward of ``out = act(M x + bias)`` with the weight gradients: ``(dx | None, dw1, dw2, db)``,
-    ``db = Σ_t g·act'(pre)`` (also without a bias). ``z``: the intermediate :func:`monarch_fwd_saving` kept (conjugated
+    ``db = Σ_t g·act'(pre)`` (``None`` without a bias). ``z``: the intermediate :func:`monarch_fwd_saving` kept (conjugated
     like ``x``), else recomputed; an activation's pre-activation comes from ``z`` through stage 2 alone."""
     l, _, r = w2.shape
     z = _stage1(x, w1, l, r) if z is None else z
     if activation != "none":
         g = activations.backward(activation, _permute_out(_stage2(z, w2), bias, g.shape[1]), g)
     dx, dw1, dw2 = _backward(x, g, w1, w2, n_in, want_dx, True, z)
-    return dx, dw1, dw2, g.sum(0)
+    return dx, dw1, dw2, None if bias is None else g.sum(0)
 
 
 def _activate_(activation: str, t: torch.Tensor) -> torch.Tensor:
