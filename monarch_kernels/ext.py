@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import activations, shapes
+from . import shapes
 from .activations import CODES
 
 _loaded = None
@@ -150,11 +150,9 @@ class Primitives:
 
     @staticmethod
     def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None):
-        """(dx, dw1, dw2, db) of ``⟨g, act(M x + bias)⟩`` (``db`` also without a bias on CPU, else None without
-        one; dx computed even when not wanted): on CPU one pass that gets the pre-activation from one stage-2 GEMM per row tile; the CUDA
-        kernels recompute it with a forward. The compiled backends keep no intermediate (``z`` is None)."""
-        if activation != "none":
-            if x.device.type == "cpu":
-                return tuple(_ops().monarch_bwd_act(x, g, w1, w2, bias, n_in, CODES[activation]))
-            g = activations.backward(activation, _ops().monarch_fwd(x, w1, w2, bias, g.shape[1], 0), g)
-        return (*Primitives.monarch_bwd(x, g, w1, w2, n_in), None if bias is None else g.sum(0))
+        """(dx, dw1, dw2, db) of ``⟨g, act(M x + bias)⟩`` on CPU with an activation: one pass that gets the
+        pre-activation from one stage-2 GEMM per row tile (dx and db computed even when not wanted). None
+        otherwise (no such kernel on CUDA): the caller composes it. The compiled backends keep no intermediate."""
+        if x.device.type != "cpu" or activation == "none":
+            return None
+        return tuple(_ops().monarch_bwd_act(x, g, w1, w2, bias, n_in, CODES[activation]))

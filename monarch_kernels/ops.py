@@ -1,9 +1,9 @@
 """The single front door: validated, dispatching, differentiable block-diagonal and Monarch products.
 
-Six primitives are registered as ``torch.library`` custom ops (namespace ``monarch_kernels``), each with a
-fake (meta) implementation, argument validation (shapes, dtypes, devices, bias length, ``n_out``/``n_in``)
-in the op body and in the fake, a vmap rule and a registered autograd formula written with the same ops, so
-``torch.compile(fullgraph=True)`` traces through them and every derivative order works:
+Seven primitives are registered as ``torch.library`` custom ops (namespace ``monarch_kernels``), each with a
+fake (meta) implementation and argument validation (shapes, dtypes, devices, bias length, ``n_out``/``n_in``)
+in the op body and in the fake; the first six also have a vmap rule and a registered autograd formula written
+with the same ops, so ``torch.compile(fullgraph=True)`` traces through them and every derivative order works:
 
 =====================  ===============================================  ==================================
 op                     math (per token, real case)                       backward uses
@@ -14,11 +14,13 @@ monarch_fwd            ``o = act(M x + b)``, ``M = P2 BD(w2) P1 BD(w1)``  monarc
 monarch_bwd_input      ``dx = Mᵀ g``                                     monarch_fwd, monarch_bwd_weight
 monarch_bwd_weight     ``(dw1, dw2) = ∇_(w1,w2) ⟨g, M x⟩``               monarch_fwd, monarch_bwd_input, itself
 monarch_bwd            ``(dx, dw1, dw2)``: both of the above in one call  the formulas of both
+monarch_bwd_epilogue   ``(dx, dw1, dw2, db)`` of ``act(M x + b)``       (first order only: not differentiable)
 =====================  ===============================================  ==================================
 
 ``monarch_bwd`` serves a first-order backward that needs ``dx`` and the weight gradients (backends with a
-fused kernel share the recomputed intermediate); a backward that must itself be differentiated runs the two
-separate ops. ``M`` is bilinear in ``(w1, w2)``, so the derivative of ``monarch_bwd_weight`` in direction
+fused kernel share the recomputed intermediate), ``monarch_bwd_epilogue`` one with a fused activation that needs
+the weight gradients (the C++ backend gets the pre-activation inside its one-pass backward instead of running a
+forward first); a backward that must itself be differentiated runs the separate ops. ``M`` is bilinear in ``(w1, w2)``, so the derivative of ``monarch_bwd_weight`` in direction
 ``(h1, h2)`` is ``⟨g, M(h1, w2) x⟩ + ⟨g, M(w1, h2) x⟩``, which the ops above express exactly. Complex tensors
 follow PyTorch's conjugate convention (gradients are taken with conjugated partners).
 
@@ -236,6 +238,58 @@ def _(x, g, w1, w2, n_in, backend):
     return g.new_empty(*g.shape[:-1], n_in), w1.new_empty(w1.shape), w2.new_empty(w2.shape)
 
 
+def _monarch_bwd_epilogue_impl(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], n_in: int,
+                               activation: str, backend: str, want_dx: bool = True, z: Optional[Tensor] = None):
+    """``(dx | None, dw1, dw2, db)`` of ``⟨g, act(M x + bias)⟩`` (``db`` zeros without a bias) through the backend's
+    ``monarch_bwd_epilogue`` (one pass on CPU; the reference reuses ``z``, its saved intermediate) where it has
+    one for these tensors, else composed: a forward for the pre-activation, the activation's derivative, the
+    fused backward."""
+    impl = backends.impl(backend)
+    xf, gf = _flat(x), _flat(g)
+    fused = getattr(impl, "monarch_bwd_epilogue", None)
+    out = None if fused is None else fused(xf, gf, w1, w2, bias, n_in, activation, want_dx, z)
+    if out is not None:
+        dx, dw1, dw2, db = out
+    else:
+        if activation != "none":
+            gf = activations.backward(activation, impl.monarch_fwd(xf, w1, w2, bias, gf.shape[1], "none"), gf)
+        dx, dw1, dw2 = _monarch_bwd_impl(xf, gf, w1, w2, n_in, backend)
+        db = gf.sum(0) if bias is not None else None
+    dx = _unflat(dx, g.shape[:-1]) if want_dx else None
+    return dx, dw1.contiguous(), dw2.contiguous(), gf.new_zeros(gf.shape[1]) if bias is None else db
+
+
+def _check_monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, backend):
+    fn = f"{_NS}::monarch_bwd_epilogue"
+    check_monarch_op(fn, w1, w2, x=x, g=g, n_in=n_in, bias=bias, n_out=g.shape[-1])
+    _check_op_args(fn, backend, x, activation)
+
+
+@torch.library.custom_op(f"{_NS}::monarch_bwd_epilogue", mutates_args=())
+def _monarch_bwd_epilogue(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], n_in: int,
+                          activation: str, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The first-order backward of ``act(M x + bias)``: ``(dx, dw1, dw2, db)`` (``db`` zeros without a bias), the
+    pre-activation recomputed inside the backend's pass instead of by a separate forward. Not differentiable: a
+    backward that must itself be differentiated runs ``monarch_fwd``, ``monarch_bwd_input``, ``monarch_bwd_weight``."""
+    _check_monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, backend)
+    return _monarch_bwd_epilogue_impl(x, g, w1, w2, bias, n_in, activation, backend)
+
+
+@_monarch_bwd_epilogue.register_fake
+def _(x, g, w1, w2, bias, n_in, activation, backend):
+    _check_monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, backend)
+    return (g.new_empty(*g.shape[:-1], n_in), w1.new_empty(w1.shape), w2.new_empty(w2.shape),
+            g.new_empty(g.shape[-1]))
+
+
+def _backward_monarch_bwd_epilogue(ctx, *grads):
+    raise RuntimeError(f"{_NS}::monarch_bwd_epilogue is a first-order backward and is not differentiable; "
+                       "differentiate monarch_fwd, monarch_bwd_input and monarch_bwd_weight instead")
+
+
+_monarch_bwd_epilogue.register_autograd(_backward_monarch_bwd_epilogue)
+
+
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -331,6 +385,12 @@ def _backward_monarch_fwd(ctx, g):
 def _monarch_fwd_grads(ctx, x, w1, w2, bias, g, call):
     """Gradients of ``monarch_fwd`` for the cotangent ``g``; ``call(op, *args)`` runs the ops (through
     :func:`_call`, differentiable, or :func:`_direct_call`)."""
+    need = ctx.needs_input_grad
+    if ctx.activation != "none" and (need[1] or need[2]) and not torch.is_grad_enabled():
+        # first-order with an activation: one epilogue call recomputes the pre-activation inside its pass
+        dx, dw1, dw2, db = call(_monarch_bwd_epilogue, x, g, w1, w2, bias, x.shape[-1], ctx.activation, ctx.backend)
+        return (dx if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None,
+                db if ctx.has_bias and need[3] else None, None, None, None)
     if ctx.activation != "none":  # recompute the pre-activation instead of saving it
         pre = call(_monarch_fwd, x, w1, w2, bias, ctx.n_out, "none", ctx.backend)
         g = activations.backward(ctx.activation, pre, g)
@@ -502,6 +562,7 @@ _IMPLS = {  # custom op -> its implementation without validation (same arguments
     _monarch_bwd_input: _monarch_bwd_input_impl,
     _monarch_bwd_weight: _monarch_bwd_weight_impl,
     _monarch_bwd: _monarch_bwd_impl,
+    _monarch_bwd_epilogue: _monarch_bwd_epilogue_impl,
 }
 
 
@@ -529,11 +590,9 @@ class _BlockdiagFwdEager(torch.autograd.Function):
 
 class _MonarchFwdEager(torch.autograd.Function):
     """``monarch_fwd`` for eager calls that autograd records (see :class:`_BlockdiagFwdEager`). A backend with
-    ``monarch_fwd_saving`` (the torch reference) keeps the stage-1 intermediate for its first-order backward;
-    the others save what the custom op saves. A first-order backward that needs the weight gradients runs the
-    backend's ``monarch_bwd_epilogue`` when it has one and there is an intermediate or an activation to handle:
-    one pass with the activation's derivative and the bias gradient, no separate forward for the
-    pre-activation."""
+    ``monarch_fwd_saving`` (the torch reference) keeps the stage-1 intermediate and hands it to its first-order
+    backward (``monarch_bwd_epilogue``) when that needs the weight gradients; the others save what the custom op
+    saves and run its formula."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, bias, n_out, activation, backend):
@@ -552,15 +611,14 @@ class _MonarchFwdEager(torch.autograd.Function):
         x, w1, w2, bias, z = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the differentiable formula (z is a constant here)
             return _monarch_fwd_grads(ctx, x, w1, w2, bias, g, _call)
-        impl, need = backends.impl(ctx.backend), ctx.needs_input_grad
-        epilogue = getattr(impl, "monarch_bwd_epilogue", None)
-        if epilogue is None or not (need[1] or need[2]) or (z is None and ctx.activation == "none"):
+        need = ctx.needs_input_grad
+        if z is None or not (need[1] or need[2]):
             return _monarch_fwd_grads(ctx, x, w1, w2, bias, g, _direct_call)
-        z = None if z is None else z.conj()  # the real-case formula at conjugated partners, like x and w
-        dx, dw1, dw2, db = epilogue(_flat(x.conj()), _flat(g), w1.conj(), w2.conj(), bias, x.shape[-1],
-                                    ctx.activation, need[0], z)
-        return (None if dx is None or not need[0] else _unflat(dx, x.shape[:-1]), dw1 if need[1] else None,
-                dw2 if need[2] else None, db if ctx.has_bias and need[3] else None, None, None, None)
+        # the real-case formula at conjugated partners (z too), as in _monarch_fwd_grads
+        dx, dw1, dw2, db = _monarch_bwd_epilogue_impl(x.conj(), g, w1.conj(), w2.conj(), bias, x.shape[-1],
+                                                      ctx.activation, ctx.backend, need[0], z.conj())
+        return (dx, dw1 if need[1] else None, dw2 if need[2] else None, db if ctx.has_bias and need[3] else None,
+                None, None, None)
 
 
 # --------------------------------------------------------------------------------------------------

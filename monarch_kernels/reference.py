@@ -40,7 +40,8 @@ Shapes (``T`` tokens):
 Optional, for the first-order backward of eager training calls (:mod:`monarch_kernels.ops`):
 
 * ``monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None) -> (dx | None, dw1, dw2, db | None)``:
-  the backward of ``act(M x + bias)`` including the activation's derivative and the bias gradient;
+  the backward of ``act(M x + bias)`` including the activation's derivative and the bias gradient (``None``
+  instead of the tuple where the backend has no such kernel for these tensors: the caller composes it);
 * ``monarch_fwd_saving(x, w1, w2, bias, n_out, activation) -> (out, z)``: the forward that also hands the
   stage-1 intermediate to ``monarch_bwd_epilogue``. The reference trades ``T·k·q`` elements of activation memory
   for one ``bmm`` and one copy fewer in backward, as fly's ``BlockdiagButterflyMultiply`` does (the

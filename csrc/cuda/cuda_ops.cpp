@@ -40,10 +40,17 @@ Mat2 mat2(const at::Tensor& t) {
   return {t.data_ptr(), t.size(0), t.size(1), t.stride(0), t.stride(1)};
 }
 
+// The tile kernels launch one grid row (grid.y) per block and one grid layer (grid.z) per 64 output rows of a
+// block; CUDA allows at most 65535 of each.
+constexpr int64_t kMaxGridYZ = 65535;
+
 Mat3 mat3(const at::Tensor& t) {
   TORCH_CHECK(t.is_cuda() && t.dim() == 3, "monarch cuda kernels: expected a 3-D CUDA weight");
   TORCH_CHECK(t.size(0) * std::max(t.size(1), t.size(2)) < kMaxColumns,
               "monarch cuda kernels: at most 2^31 - 1 features per factor, got weight of shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(0) <= kMaxGridYZ && (std::max(t.size(1), t.size(2)) + 63) / 64 <= kMaxGridYZ,
+                    "monarch cuda tile kernels: at most 65535 blocks and 4194240 rows per block, got a weight of "
+                    "shape ", t.sizes(), "; use backend='triton' or 'torch' for it");
   return {t.data_ptr(), t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1), t.stride(2)};
 }
 

@@ -53,17 +53,18 @@ def test_autograd_uses_the_fused_op_for_first_order_only(backend, monkeypatch):
     w1, w2 = torch.randn(4, 8, 6, dtype=torch.float64), torch.randn(4, 8, 8, dtype=torch.float64)
     w1.requires_grad_()
     x = torch.randn(300, 24, dtype=torch.float64, requires_grad=True)
-    with OpLog():  # the forward through the custom op (as compiled graphs run it)
-        out = mk.monarch_linear(x, w1, w2, activation="gelu", backend=backend)
-    with OpLog() as log:
-        gx, gw1 = torch.autograd.grad(out.square().sum(), (x, w1))
-    assert "monarch_kernels.monarch_bwd.default" in log.names
-    assert "monarch_kernels.monarch_bwd_input.default" not in log.names
+    for act, fused in (("none", "monarch_bwd"), ("gelu", "monarch_bwd_epilogue")):
+        with OpLog():  # the forward through the custom op (as compiled graphs run it)
+            out = mk.monarch_linear(x, w1, w2, activation=act, backend=backend)
+        with OpLog() as log:
+            gx, gw1 = torch.autograd.grad(out.square().sum(), (x, w1))
+        ran = {n for n in log.names if n.startswith("monarch_kernels.")}
+        assert ran == {f"monarch_kernels.{fused}.default"}  # one call; with gelu no forward for the pre-activation
     # the same gradients through the separate, differentiable ops (create_graph=True)
     out = mk.monarch_linear(x, w1, w2, activation="gelu", backend=backend)
     with OpLog() as log:
         hx, hw1 = torch.autograd.grad(out.square().sum(), (x, w1), create_graph=True)
-    assert "monarch_kernels.monarch_bwd.default" not in log.names
+    assert "monarch_kernels.monarch_bwd_epilogue.default" not in log.names
     assert "monarch_kernels.monarch_bwd_input.default" in log.names
     assert rel_err(gx, hx.detach()) < 1e-12 and rel_err(gw1, hw1.detach()) < 1e-12
     # an eager forward (no custom op): its first-order backward is one call of the backend's fused epilogue (the
