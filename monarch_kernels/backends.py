@@ -169,9 +169,17 @@ def _resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, req
     raise BackendUnavailableError(f"no backend supports {dtype} tensors on {device}")
 
 
+def _assume_constant_result(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without its import of ``torch._dynamo``, which would double the
+    time of ``import monarch_kernels`` (about 1.1 s): the decorator only sets this attribute, which Dynamo reads
+    when it traces a call of ``fn`` (``tests/monarch_kernels/test_compile_dynamic.py`` checks both)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Dynamo evaluates this once per trace and keeps the result as a constant (no guards): it cannot trace a
 # ContextVar, and tracing the registry would guard on lazy loading and on the shape rules.
-@torch.compiler.assume_constant_result
+@_assume_constant_result
 def _resolve_at_trace_time(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str]) -> str:
     return _resolve(op, device, dtype, dims, requested)
 

@@ -63,11 +63,13 @@ def test_compiled_calls_take_the_large_batch_branch_of_the_cpu_rule():
 
 def test_compiling_before_any_backend_is_loaded():
     """The first call of a fresh process may be a compiled one: resolving the backend then loads it at trace
-    time without Dynamo tracing the loader (on main this was a graph break in register_fake), one graph."""
+    time without Dynamo tracing the loader (on main this was a graph break in register_fake), one graph. The
+    import does not load Dynamo (1.1 s); the backend choice is still a trace-time constant when it comes later."""
     code = (
-        "import torch\n"
-        "from torch._dynamo.testing import CompileCounterWithBackend\n"
+        "import sys, torch\n"
         "from monarch_kernels.layers import MonarchLinear\n"
+        "assert 'torch._dynamo' not in sys.modules, 'import monarch_kernels loaded torch._dynamo'\n"
+        "from torch._dynamo.testing import CompileCounterWithBackend\n"
         "layer = MonarchLinear(256, 256, nblocks=2)\n"
         "counter = CompileCounterWithBackend('aot_eager')\n"
         "compiled = torch.compile(layer, backend=counter, fullgraph=True)\n"
@@ -81,3 +83,19 @@ def test_compiling_before_any_backend_is_loaded():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "graphs 1" in res.stdout
+
+
+def test_trace_time_resolution_is_marked_as_torch_marks_it():
+    """backends._assume_constant_result stands in for torch.compiler.assume_constant_result (which imports Dynamo):
+    both must leave a function with the same attributes, or Dynamo would trace the registry and guard on it."""
+    from monarch_kernels import backends
+
+    def ours():
+        return 1
+
+    def torchs():
+        return 1
+
+    backends._assume_constant_result(ours)
+    torch.compiler.assume_constant_result(torchs)
+    assert vars(ours) == vars(torchs) and vars(ours)
