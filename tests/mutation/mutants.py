@@ -120,4 +120,12 @@ MUTANTS = [
            "        const int64_t lim = std::min(d.p, n_in - kk * d.p);\n        if (lim > 0) store_rows(dxb",
            "        const int64_t lim = d.p;\n        if (lim > 0) store_rows(dxb",
            "dX writes the padded columns past n_in into the next row (and past the end of the buffer)"),
+    Mutant("cpu-pre-activation-unrounded", CPU,
+           "        for (int64_t j = 0; j < n; ++j) row[j] = static_cast<acc_t>(static_cast<scalar_t>(row[j]));",
+           "        for (int64_t j = 0; j < n; ++j) row[j] = row[j];",
+           "fp16/bf16 epilogues activate the fp32 pre-activation, not the stored one (fp16 overflow: no NaN from gelu)"),
+    Mutant("cpu-act-backward-drops-bias", CPU,
+           "act_backward_rows<scalar_t, acc_t>(gbuf, no, P, no, m, n_out, bias, act);",
+           "act_backward_rows<scalar_t, acc_t>(gbuf, no, P, no, m, n_out, nullptr, act);",
+           "the one-pass backward with an activation differentiates at the pre-activation without the bias"),
 ]
