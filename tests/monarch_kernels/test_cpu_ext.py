@@ -127,8 +127,8 @@ def test_backend_through_ops_api():
 
 def test_auto_dispatch_rule():
     """The measured rule of monarch_kernels/cpu_dispatch.py: fp16 from 4 tokens; fp32 with blocks <= 64; fp32
-    Monarch with blocks <= 1024 below 64 or from 1024 tokens, larger blocks below 32 tokens; fp64 Monarch with
-    blocks <= 64, or <= 128 from 256 tokens; never bf16 or complex."""
+    Monarch with blocks <= 1024 below 64 tokens, with blocks <= 128 also from 1024 tokens, larger blocks below 32
+    tokens; fp64 Monarch with blocks <= 64, or <= 128 from 256 tokens; never bf16 or complex."""
     x_small, x_big = torch.randn(4, 48), torch.randn(4096, 48)
     w1, w2 = torch.randn(4, 12, 12), torch.randn(4, 48, 12)
     assert mk.resolve_backend("monarch", x_big, w1, w2) == "cpu"
@@ -137,7 +137,11 @@ def test_auto_dispatch_rule():
     assert mk.resolve_backend("monarch", torch.randn(63, 512), *big_blocks) == "cpu"
     assert mk.resolve_backend("monarch", torch.randn(64, 512), *big_blocks) == "torch"
     assert mk.resolve_backend("monarch", torch.randn(1023, 512), *big_blocks) == "torch"
-    assert mk.resolve_backend("monarch", torch.randn(1024, 512), *big_blocks) == "cpu"
+    assert mk.resolve_backend("monarch", torch.randn(4096, 512), *big_blocks) == "torch"
+    blocks128 = torch.randn(4, 128, 128), torch.randn(4, 128, 128)
+    assert mk.resolve_backend("monarch", torch.randn(1023, 512), *blocks128) == "torch"
+    assert mk.resolve_backend("monarch", torch.randn(1024, 512), *blocks128) == "cpu"
+    assert mk.resolve_backend("monarch", torch.randn(63, 512), *blocks128) == "cpu"
     huge = torch.randn(1, 1025, 4), torch.randn(1, 4, 1025)  # blocks past L2: MKL's blocking wins with many tokens
     assert mk.resolve_backend("monarch", torch.randn(31, 4), *huge) == "cpu"
     assert mk.resolve_backend("monarch", torch.randn(32, 4), *huge) == "torch"
