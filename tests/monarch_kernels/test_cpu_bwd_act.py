@@ -125,6 +125,9 @@ def test_cpp_autograd_key_uses_it_for_first_order():
     for a, e in zip((dx, dw1, db), (want[0], want[1], want[3])):
         assert rel_err(a, e) < 1e-12
     assert torch.autograd.gradgradcheck(fn, (x[:3].detach().requires_grad_(), w1, bias))
+    # the first layer of a network: x needs no gradient, the weights do
+    dw1, db = torch.autograd.grad(fn(x.detach(), w1, bias), (w1, bias), g)
+    assert rel_err(dw1, want[1]) < 1e-12 and rel_err(db, want[3]) < 1e-12
 
 
 @pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
