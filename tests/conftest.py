@@ -59,6 +59,16 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture
+def poisoned_allocations():
+    """Deterministic mode for the test: torch then fills every fresh allocation (``at::empty`` included) with NaN,
+    so a kernel that leaves an output element unwritten fails the comparison."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)

@@ -20,12 +20,7 @@ TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
 SHAPES = [((4, 12, 12), (4, 48, 12)), ((5, 5, 7), (5, 6, 5)), ((4, 2, 2), (4, 5, 2))]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_allocations():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # fills uninitialised memory (at::empty) with NaN
-    yield
-    torch.use_deterministic_algorithms(previous)
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 
 def expected(x, g, w1, w2, bias, n_in, act):

@@ -18,12 +18,7 @@ SHAPES = [((4, 12, 12), (4, 48, 12)), ((4, 12, 48), (4, 12, 12)), ((5, 5, 7), (5
           ((4, 2, 2), (4, 5, 2))]  # the last: MonarchLinear(6, 18, nblocks=4), a fully padded input block
 
 
-@pytest.fixture(autouse=True)
-def poisoned_allocations():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)  # fills uninitialised memory (at::empty) with NaN
-    yield
-    torch.use_deterministic_algorithms(previous)
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")
 
 
 def _d(t):
