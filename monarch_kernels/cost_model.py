@@ -274,14 +274,16 @@ def _tensor_bytes(rows: int, row_bytes: int, run: int, hbm: bool) -> float:
 
 def bd_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Device, *, in_perm=None,
             out_perm=None, n_in: Optional[int] = None, n_out: Optional[int] = None, x_hbm: bool = True,
-            y_hbm: bool = True, activation: bool = False) -> Kernel:
+            y_hbm: bool = True, activation: bool = False, x_token_major: bool = False,
+            y_token_major: bool = False) -> Kernel:
     """One :func:`.blockdiag.bd_forward` launch (grouped block-diagonal kernel), from its launch plan.
 
     ``x_hbm``/``y_hbm``: whether the input is read from / the output written to HBM (False when the plan keeps
-    it in L2). Weights are read from HBM once and from L2 by every row tile.
+    it in L2). ``*_token_major``: the tensor is stored transposed (token stride 1), so every access is a run
+    of the row tile's tokens. Weights are read from HBM once and from L2 by every row tile.
     """
     item = ITEMSIZE[dtype]
-    lp = _plan.bd_launch(tokens, k, q, p, item, in_perm, out_perm, activation)
+    lp = _plan.bd_launch(tokens, k, q, p, item, in_perm, out_perm, activation, x_token_major, y_token_major)
     t = lp.tile
     n_in = k * p if n_in is None else n_in
     n_out = k * q if n_out is None else n_out
@@ -289,8 +291,8 @@ def bd_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Dev
     programs = lp.grid[0] * lp.grid[1]
     k_pad = _plan.cdiv(p, t.block_k) * t.block_k
     flops = 2.0 * programs * t.group * t.block_m * t.block_n * k_pad
-    in_run = _run_bytes(lp.inp, item, n_in * item, lp.in_full)
-    out_run = _run_bytes(lp.out, item, n_out * item, lp.out_full)
+    in_run = t.block_m * item if x_token_major else _run_bytes(lp.inp, item, n_in * item, lp.in_full)
+    out_run = t.block_m * item if y_token_major else _run_bytes(lp.out, item, n_out * item, lp.out_full)
     w_bytes = k * q * p * item
     hbm = w_bytes
     hbm += _tensor_bytes(tokens, n_in * item, in_run, True) if x_hbm else 0.0
@@ -330,11 +332,12 @@ def _two_kernel_forward(problem: Problem, dtype: str, dev: Device) -> Cost:
     cost = Cost()
     for t0 in range(0, T, chunk):
         tc = min(chunk, T - t0)
-        cost.kernels.append(bd_cost("stage 1 (P1 grouped store)", tc, sh.k, sh.q, sh.p, dtype, dev,
-                                    out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=not resident))
+        cost.kernels.append(bd_cost("stage 1 (P1 in a token-major store)", tc, sh.k, sh.q, sh.p, dtype, dev,
+                                    out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=not resident,
+                                    y_token_major=True))
         cost.kernels.append(bd_cost("stage 2 (P2 grouped store, epilogue)", tc, sh.l, sh.s, sh.r, dtype, dev,
                                     out_perm=(sh.s, sh.l), n_out=problem.n_out, x_hbm=not resident,
-                                    activation=problem.activation != "none"))
+                                    activation=problem.activation != "none", x_token_major=True))
     if resident:  # the last chunk's intermediate is written back from L2 eventually
         last = cost.kernels[-2]
         cost.kernels[-2] = Kernel(last.name, last.flops, last.useful_flops,
@@ -364,7 +367,7 @@ def _backward(problem: Problem, dtype: str, dev: Device) -> Cost:
     """:func:`.monarch.backward`: dy (grouped gather + store), dx & dw1 (one kernel), z recomputed, dw2."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
     dy = bd_cost("dy = P1T BD(w2)T P2T g", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l),
-                 out_perm=(sh.r, sh.l), n_in=problem.n_out)
+                 out_perm=(sh.r, sh.l), n_in=problem.n_out, y_token_major=True)
     lp = _plan.dxw_launch(T, sh.k, sh.q, sh.p, dev.num_sms)
     t = lp.tile
     t_pad = lp.splits * _plan.cdiv(lp.rows_per_split, t.block_m) * t.block_m
@@ -377,7 +380,7 @@ def _backward(problem: Problem, dtype: str, dev: Device) -> Cost:
                  dev.mem_eff)
     red = _elementwise("dw1 partial sum", [partial], [sh.k * sh.q * sh.p * (4 + item)], dev)
     z = bd_cost("z = P1 BD(w1) x (recomputed)", T, sh.k, sh.q, sh.p, dtype, dev, out_perm=(sh.l, sh.r),
-                n_in=problem.n_in)
+                n_in=problem.n_in, y_token_major=True)
     dw2 = wgrad_cost("dw2 = (P2T g)T z", T, sh.l, sh.s, sh.r, dtype, dev, g_perm=(sh.s, sh.l), n_g=problem.n_out)
     return Cost([dy, dxw, red, z]) + dw2
 
@@ -385,16 +388,17 @@ def _backward(problem: Problem, dtype: str, dev: Device) -> Cost:
 def _bwd_input(problem: Problem, dtype: str, dev: Device) -> Cost:
     sh, T = problem.shape, problem.tokens
     dy = bd_cost("dy", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l),
-                 n_in=problem.n_out)
-    dx = bd_cost("dx = BD(w1)T dy", T, sh.k, sh.p, sh.q, dtype, dev, n_out=problem.n_in)
+                 n_in=problem.n_out, y_token_major=True)
+    dx = bd_cost("dx = BD(w1)T dy", T, sh.k, sh.p, sh.q, dtype, dev, n_out=problem.n_in, x_token_major=True)
     return Cost([dy, dx])
 
 
 def _bwd_weight(problem: Problem, dtype: str, dev: Device) -> Cost:
     sh, T = problem.shape, problem.tokens
     dy = bd_cost("dy", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l),
-                 n_in=problem.n_out)
-    z = bd_cost("z (recomputed)", T, sh.k, sh.q, sh.p, dtype, dev, out_perm=(sh.l, sh.r), n_in=problem.n_in)
+                 n_in=problem.n_out, y_token_major=True)
+    z = bd_cost("z (recomputed)", T, sh.k, sh.q, sh.p, dtype, dev, out_perm=(sh.l, sh.r), n_in=problem.n_in,
+                y_token_major=True)
     return (Cost([dy]) + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in) + Cost([z])
             + wgrad_cost("dw2", T, sh.l, sh.s, sh.r, dtype, dev, g_perm=(sh.s, sh.l), n_g=problem.n_out))
 

@@ -14,6 +14,20 @@ def empty(*shape, device, dtype) -> torch.Tensor:
     return torch.empty(*shape, device=device, dtype=dtype)
 
 
+def empty_token_major(tokens: int, n: int, *, device, dtype) -> torch.Tensor:
+    """A ``(tokens, n)`` buffer stored transposed (token stride 1; column stride ``tokens`` rounded up to 16
+    elements so every column starts 16-byte aligned): the layout of the intermediates that one kernel writes
+    through a Monarch permutation and the next reads (``dy``, ``z``). Every column access is then a run of
+    the row tile's tokens, coalesced whatever the column order (:func:`.plan.layout`)."""
+    ld = -(-max(tokens, 1) // 16) * 16
+    return empty(n, ld, device=device, dtype=dtype).t()[:tokens]
+
+
+def is_token_major(t: torch.Tensor) -> bool:
+    """Whether a 2-D tensor is stored token-major (transposed): token stride 1 over several columns."""
+    return t.dim() == 2 and t.shape[1] > 1 and t.stride(0) == 1
+
+
 def interpreting() -> bool:
     """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before import)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

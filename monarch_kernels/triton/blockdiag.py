@@ -281,7 +281,8 @@ def bd_forward(
     """``x (T, N_IN)`` physical, ``w (k, q, p)`` any strides -> ``(T, n_out)`` (into ``out`` if given).
 
     ``in_perm``/``out_perm`` ``(A, B)``: the view-transposes the input is read through and the output written
-    through (module docstring); the grouped layout is used whenever the blocks align with them.
+    through (module docstring); the grouped layout is used whenever the blocks align with them, and no block
+    group is formed for an operand stored token-major (its accesses are runs of tokens already).
     """
     T = x.shape[0]
     k, q, p = w.shape
@@ -289,7 +290,8 @@ def bd_forward(
     y = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if out is None else out
     if T == 0:
         return y
-    lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm, activation != "none")
+    lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm, activation != "none",
+                         _common.is_token_major(x), _common.is_token_major(y))
     _bd_fwd_kernel[lp.grid](
         x, w, bias if bias is not None else y, y,
         T, x.shape[1], n_out, q, p,

@@ -13,13 +13,16 @@ Forward paths (``path="auto"`` picks by shape, :func:`.plan.choose_path`):
   is ``x + out``: the intermediate never leaves the chip; ``x`` is re-read ``l / 16`` times, from L2. Applies
   while a row tile of the group's intermediate fits in registers (``k ≤ 64`` and power-of-two ``k, l ≥ 16``:
   1024 wide with 32 blocks, 256 with 16).
-* **two_kernel** (design D0 with coalesced permutations), any shape: the grouped block-diagonal kernel of
+* **two_kernel** (design D0 with coalesced permutations), any shape: the block-diagonal kernel of
   :mod:`.blockdiag` twice, P1 folded into the first kernel's store and P2 (with bias and activation) into the
-  second's, each as ≥ 16-byte runs. Tokens go in chunks whose intermediate fits in a share of the L2
+  second's. The intermediate is stored token-major (transposed, :func:`._common.empty_token_major`): the P1
+  store writes every column as a run of the row tile's tokens, so stage 1 needs no block group (a 128-row
+  tile, weights re-read half as often) and every sector is whole; the P2 store into the row-major output
+  uses ≥ 16-byte runs of grouped blocks. Tokens go in chunks whose intermediate fits in a share of the L2
   (:func:`.plan.chunk_tokens`), so the second kernel reads it back from L2 rather than HBM.
 
 Backward: ``backward`` (the backend's fused ``monarch_bwd``) computes ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` once (P2ᵀ as
-grouped 16-byte gathers, P1ᵀ as grouped stores) and shares it between ``dx`` and ``dw1``, which one kernel
+grouped 16-byte gathers, P1ᵀ in a token-major store) and shares it between ``dx`` and ``dw1``, which one kernel
 produces together (both read ``dy``; ``dw1`` reads ``x`` too), then recomputes ``z = P1 BD(w1) x`` once for
 ``dw2 = Σ_t (P2ᵀ g)ᵀ z``. ``backward_input`` alone is ``dy`` then the stage-1 transpose.
 """
@@ -154,10 +157,10 @@ def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, ou
     T = x.shape[0]
     info = _common.device_info(x.device)
     chunk = _plan.chunk_tokens(T, sh.n_mid, x.element_size(), info.l2_bytes, 128)
-    z = _common.empty(min(chunk, T), sh.n_mid, device=x.device, dtype=x.dtype)
+    z = _common.empty_token_major(min(chunk, T), sh.n_mid, device=x.device, dtype=x.dtype)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        # stage 1, P1 in the store: y[f] lands at z[(f mod l)·r + f div l]
+        # stage 1, P1 in the store: y[f] lands at z[(f mod l)·r + f div l], token-major (runs of tokens)
         zc = bd_forward(x[t0:t1], w1, out_perm=(sh.l, sh.r), out=z[: t1 - t0])
         # stage 2 and epilogue, P2 in the store: o[f] lands at out[(f mod s)·l + f div s]
         bd_forward(zc, w2, bias, n_out, activation, out_perm=(sh.s, sh.l), out=out[t0:t1])
@@ -190,13 +193,16 @@ def backward_input(g, w1, w2, n_in=None, *, path="auto"):
 
 
 def _dy(g, w2, sh: MonarchShape):
-    """``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` in stage-1 layout ``(T, k·q)``: P2ᵀ as grouped gathers, P1ᵀ as grouped stores."""
-    return bd_forward(g, w2.transpose(1, 2), in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l))
+    """``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` in stage-1 layout ``(T, k·q)``, stored token-major: P2ᵀ as grouped gathers,
+    P1ᵀ in the store as runs of tokens."""
+    dy = _common.empty_token_major(g.shape[0], sh.k * sh.q, device=g.device, dtype=g.dtype)
+    return bd_forward(g, w2.transpose(1, 2), in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l), out=dy)
 
 
 def _z(x, w1, sh: MonarchShape):
-    """``z = P1 BD(w1) x`` in stage-2 layout ``(T, l·r)``, recomputed instead of saved."""
-    return bd_forward(x, w1, out_perm=(sh.l, sh.r))
+    """``z = P1 BD(w1) x`` in stage-2 layout ``(T, l·r)``, stored token-major, recomputed instead of saved."""
+    z = _common.empty_token_major(x.shape[0], sh.n_mid, device=x.device, dtype=x.dtype)
+    return bd_forward(x, w1, out_perm=(sh.l, sh.r), out=z)
 
 
 def _dw2(z, g, sh: MonarchShape):

@@ -186,15 +186,20 @@ class Layout:
     group: int = 1
 
 
-def layout(perm, nblocks: int, block: int, itemsize: int, gather: bool) -> Layout:
-    """Layout of blocks of width ``block`` read (``gather``) or written through the view-transpose ``perm``."""
+def layout(perm, nblocks: int, block: int, itemsize: int, gather: bool, token_major: bool = False) -> Layout:
+    """Layout of blocks of width ``block`` read (``gather``) or written through the view-transpose ``perm``.
+
+    ``token_major``: the tensor's token stride is 1 (a transposed buffer, e.g. the two-kernel intermediate):
+    every column is a run of the row tile's tokens, so the permuted access is coalesced along the tokens
+    whatever the column order and no block group is needed (group 1)."""
     if perm is None:
         return Layout()
     a, b = perm
     if block % a == 0 and (not gather or block == a):
         c = block // a
         if grouped_ok(nblocks, c):  # runs of a non-power-of-two C ≥ 8 are ≥ 16 bytes already: one block each
-            return Layout(GROUPED, a, b, c, group_size(nblocks, c, itemsize) if is_pow2(c) else 1)
+            group = 1 if token_major or not is_pow2(c) else group_size(nblocks, c, itemsize)
+            return Layout(GROUPED, a, b, c, group)
     return Layout(SCATTERED, a, b, 1, 1)
 
 
@@ -212,9 +217,10 @@ class BDLaunch:
 
 
 def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, out_perm=None,
-              activation: bool = False) -> BDLaunch:
-    inp = layout(in_perm, k, p, itemsize, gather=True)
-    out = layout(out_perm, k, q, itemsize, gather=False)
+              activation: bool = False, in_token_major: bool = False, out_token_major: bool = False) -> BDLaunch:
+    """``*_token_major``: the input / output tensor has token stride 1 (see :func:`layout`)."""
+    inp = layout(in_perm, k, p, itemsize, gather=True, token_major=in_token_major)
+    out = layout(out_perm, k, q, itemsize, gather=False, token_major=out_token_major)
     group = max(inp.group, out.group)
     if inp.mode == GROUPED and group > 1 and out.mode == SCATTERED:
         inp = Layout(SCATTERED, inp.a, inp.b, 1, 1)

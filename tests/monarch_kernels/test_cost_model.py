@@ -65,6 +65,23 @@ def test_grouped_runs_half_sectors_in_l2_whole_in_hbm():
         assert k.l2_bytes == once + 2 * once + lp.grid[1] * w
 
 
+def test_token_major_store_moves_whole_sectors_without_groups():
+    """The same P1 store into a token-major buffer (the two-kernel intermediate): no block group, a 128-row
+    tile (weights re-read half as often as with groups of 8 at 64 rows), and every run a whole row tile of
+    tokens, so L2 moves each output byte once instead of twice."""
+    lp = plan.bd_launch(4096, 64, 64, 64, 2, None, (64, 64), out_token_major=True)
+    assert lp.tile.group == 1 and lp.tile.block_m == 128
+    k = cm.bd_cost("bd", 4096, 64, 64, 64, "bfloat16", DEV, out_perm=(64, 64), y_token_major=True)
+    once, w = 4096 * 4096 * 2, 64 * 64 * 64 * 2
+    assert k.hbm_bytes == 2 * once + w
+    assert k.l2_bytes == 2 * once + (4096 // 128) * w
+    grouped = cm.bd_cost("bd", 4096, 64, 64, 64, "bfloat16", DEV, out_perm=(64, 64))
+    assert grouped.l2_bytes - k.l2_bytes == once + (4096 // 64 - 4096 // 128) * w
+    # the stage that reads it back prices the token-major input by the same rule
+    r = cm.bd_cost("bd", 4096, 64, 64, 64, "bfloat16", DEV, x_token_major=True)
+    assert r.l2_bytes == cm.bd_cost("bd", 4096, 64, 64, 64, "bfloat16", DEV).l2_bytes
+
+
 def test_useful_flops_and_paths():
     pr = cm.Problem.linear(16384, 4096, 4096, 64)
     assert pr.useful_fwd_flops() == 2 * 16384 * 2 * 64 * 64 * 64

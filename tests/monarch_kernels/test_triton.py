@@ -238,6 +238,63 @@ def test_grouped_gather_and_scatter_layouts_directly():
     assert_close(tbd.bd_forward(x, w, in_perm=(p, k), out_perm=(q, k)), expect, torch.float32, "grouped")
 
 
+@pytest.mark.parametrize("p", [5, 80])  # one K step / a gathered input over several K steps
+def test_token_major_operands(p):
+    """Operands stored token-major (token stride 1, as the two-kernel intermediate, ``dy`` and ``z``): a
+    gathered token-major input and a permuted token-major output need no block group (plan: group 1, whole
+    row tile per run), and give the same values as through explicit index permutations; the buffer helper
+    aligns every column to 16 bytes."""
+    g_ = torch.Generator().manual_seed(7)
+    k, q, T = 8, 6, 70
+    xt = _common.empty_token_major(T, k * p, device=DEVICE, dtype=torch.float32)
+    assert _common.is_token_major(xt) and xt.stride(1) % 16 == 0 and xt.stride(1) >= T
+    xt.copy_(torch.randn(T, k * p, generator=g_))
+    w = torch.randn(k, q, p, generator=g_).to(DEVICE)
+    lp = plan.bd_launch(T, k, q, p, 4, (p, k), (q, k), in_token_major=True, out_token_major=True)
+    assert lp.inp.mode == plan.GROUPED and lp.out.mode == plan.GROUPED and lp.tile.group == 1
+    assert lp.multi_k == (p == 80)
+    assert plan.bd_launch(T, k, q, p, 4, (p, k), (q, k)).tile.group > 1  # row-major: groups for ≥ 16-byte runs
+    vt = lambda f, a, b: (f % a) * b + f // a
+    cols_in = torch.tensor([vt(f, p, k) for f in range(k * p)])
+    cols_out = torch.tensor([vt(f, q, k) for f in range(k * q)])
+    expect = torch.empty(T, k * q, dtype=torch.float64)
+    expect[:, cols_out] = ref.blockdiag_fwd(_d(xt)[:, cols_in], _d(w), None, k * q)
+    out = _common.empty_token_major(T, k * q, device=DEVICE, dtype=torch.float32)
+    assert tbd.bd_forward(xt, w, in_perm=(p, k), out_perm=(q, k), out=out) is out
+    assert_close(out, expect, torch.float32, "token-major in and out")
+    assert_close(tbd.bd_forward(xt.contiguous(), w, in_perm=(p, k), out_perm=(q, k)), expect, torch.float32,
+                 "row-major")
+
+
+def test_intermediates_are_token_major():
+    """The two-kernel stage 1, the backward's dy and z write token-major buffers: their P1 / P1ᵀ stores take
+    no block group, so stage 1 gets the full 128-row tile at 4096 wide with 64 blocks (the row-major store
+    needed groups of 8 blocks for 16-byte runs and 64 rows)."""
+    sh = mk.monarch_factor_shapes(4096, 4096, 64)
+    row_major = plan.bd_launch(16384, sh.k, sh.q, sh.p, 2, None, (sh.l, sh.r))
+    token_major = plan.bd_launch(16384, sh.k, sh.q, sh.p, 2, None, (sh.l, sh.r), out_token_major=True)
+    assert (row_major.tile.group, row_major.tile.block_m) == (8, 64)
+    assert (token_major.tile.group, token_major.tile.block_m) == (1, 128)
+    s1, s2 = SHAPES["grouped C=1 runs, ragged p"]
+    sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 33, torch.float32)
+    seen = []
+    real = tmon.bd_forward
+
+    def spy(inp, w, *args, out=None, **kw):
+        y = real(inp, w, *args, out=out, **kw)
+        seen.append((_common.is_token_major(inp), _common.is_token_major(y)))
+        return y
+
+    try:
+        tmon.bd_forward = spy
+        tmon.forward(x, w1, w2, b, n_out, path="two_kernel")
+        tmon.backward(x, g, w1, w2, n_in)
+    finally:
+        tmon.bd_forward = real
+    # forward: stage 1 writes z token-major, stage 2 reads it; backward: dy and z written token-major
+    assert seen == [(False, True), (True, False), (False, True), (False, True)]
+
+
 def test_strided_inputs_and_weights():
     s1, s2 = SHAPES["grouped C=1 runs, ragged p"]
     sh, n_in, n_out, _, w1, w2, b, _ = _data(s1, s2, 9, torch.float32, ragged=False)
