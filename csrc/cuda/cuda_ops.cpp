@@ -60,6 +60,21 @@ void check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "monarch cuda kernel ", what, " failed: ", cudaGetErrorString(err));
 }
 
+// Called on entry of every op: an error left pending by an earlier, unrelated operation (asynchronous launch
+// failures surface at a later API call) would otherwise come back from this op's launch check and be reported
+// as this kernel's failure. A real error is peeked, not cleared (it stays for whoever owns it) and raised as
+// what it is; cudaErrorNotReady, which a stream or event query leaves behind without anything having failed, is
+// cleared (as c10's own stream query does).
+void check_no_pending_error() {
+  const cudaError_t err = cudaPeekAtLastError();
+  if (err == cudaErrorNotReady) {
+    (void)cudaGetLastError();
+    return;
+  }
+  TORCH_CHECK(err == cudaSuccess, "monarch cuda kernels: a CUDA error from an earlier operation is pending (not "
+              "raised by this op): ", cudaGetErrorString(err));
+}
+
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 const void* bias_ptr(const c10::optional<at::Tensor>& bias, at::Tensor& keep) {
@@ -74,21 +89,31 @@ bool few_tokens(const at::Tensor& x) {
   return x.size(0) >= 1 && x.size(0) <= monarch_cuda::decode_max_tokens(dtype_of(x));
 }
 
-// Runs 1 or 2 decode stages when the kernels take them (false: the caller uses the tile kernels).
-bool run_decode(const at::Tensor& x, const DecodeStage* st, int n) {
-  const int dev = x.device().index();
-  if (!monarch_cuda::decode_supported(dtype_of(x), x.size(0), st, n, dev)) return false;
-  check(monarch_cuda::decode_run(dtype_of(x), x.size(0), st, n, dev, stream()), "decode");
-  return true;
+bool decode_supported(const at::Tensor& x, const DecodeStage* st, int n) {
+  return monarch_cuda::decode_supported(dtype_of(x), x.size(0), st, n, x.device().index());
 }
+
+void run_decode(const at::Tensor& x, const DecodeStage* st, int n) {
+  check(monarch_cuda::decode_run(dtype_of(x), x.size(0), st, n, x.device().index(), stream()), "decode");
+}
+
+// A row-major (T, cols) operand of a decode stage: base pointer, token stride, column stride, columns. A
+// buffer that does not exist yet is described with a null pointer (supplied once the stages are known to run,
+// so nothing is allocated for a call the decode kernels decline).
+struct Rows {
+  void* ptr;
+  int64_t ts, fs, cols;
+};
+
+Rows rows(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.size(1)}; }
+Rows unallocated(int64_t cols) { return {nullptr, cols, 1, cols}; }
 
 // The decode stage reading `in` with the input (t, b, j) at column b*in_bs + j*in_js and writing `out` at
 // column (f % out_a)*out_b + f / out_a of flat output f (f when out_a == 0); `w` is (nblk, rows, cols) contiguous.
-DecodeStage decode_stage(const at::Tensor& w, bool trans, const at::Tensor& in, int64_t in_bs, int64_t in_js,
-                         at::Tensor& out, int64_t out_a, int64_t out_b, const void* bias, int64_t act) {
-  return DecodeStage{w.data_ptr(), w.size(0), w.size(1), w.size(2), trans, in.data_ptr(), in.stride(0),
-                     in.stride(1), in_bs, in_js, in.size(1), out.data_ptr(), out.stride(0), out_a, out_b,
-                     out.size(1), bias, static_cast<int>(act)};
+DecodeStage decode_stage(const at::Tensor& w, bool trans, Rows in, int64_t in_bs, int64_t in_js, Rows out,
+                         int64_t out_a, int64_t out_b, const void* bias, int64_t act) {
+  return DecodeStage{w.data_ptr(), w.size(0), w.size(1), w.size(2), trans, in.ptr, in.ts, in.fs, in_bs, in_js,
+                     in.cols, out.ptr, out.ts, out_a, out_b, out.cols, bias, static_cast<int>(act)};
 }
 
 // Y = blockdiag(X, W) with optional permutations on the decode kernels; W may be a transposed view of a
@@ -101,32 +126,45 @@ bool decode_bd(const at::Tensor& x, const at::Tensor& w, const void* bias, int64
   if (in_p.on && in_p.a != p) return false;
   const bool trans = !w.is_contiguous() && w.transpose(1, 2).is_contiguous();
   const at::Tensor ws = trans ? w.transpose(1, 2) : w.contiguous();
-  const DecodeStage st = decode_stage(ws, trans, x, in_p.on ? 1 : p, in_p.on ? in_p.b : 1, y, out_p.on ? out_p.a : 0,
-                                      out_p.b, bias, act);
-  return run_decode(x, &st, 1);
+  const DecodeStage st = decode_stage(ws, trans, rows(x), in_p.on ? 1 : p, in_p.on ? in_p.b : 1, rows(y),
+                                      out_p.on ? out_p.a : 0, out_p.b, bias, act);
+  if (!decode_supported(x, &st, 1)) return false;
+  run_decode(x, &st, 1);
+  return true;
+}
+
+// Two stages through a (T, N) scratch: checks that the decode kernels take them, then allocates the scratch
+// and the (T, n_out) result, fills in their pointers and runs; an undefined tensor when declined.
+at::Tensor decode_two_stages(const at::Tensor& in, DecodeStage (&st)[2], int64_t N, int64_t n_out) {
+  if (!decode_supported(in, st, 2)) return at::Tensor();
+  auto scratch = at::empty({in.size(0), N}, in.options());
+  auto out = at::empty({in.size(0), n_out}, in.options());
+  st[0].out = scratch.data_ptr();
+  st[1].in = scratch.data_ptr();
+  st[1].out = out.data_ptr();
+  run_decode(in, st, 2);
+  return out;
 }
 
 // out = act(P2 BD(w2) P1 BD(w1) x + bias): stage 1 writes the intermediate in stage 2's order (P1) to z.
-bool decode_monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const void* bias,
-                        int64_t act, at::Tensor& out) {
-  if (!few_tokens(x)) return false;
+at::Tensor decode_monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const void* bias,
+                              int64_t act, int64_t n_out) {
+  if (!few_tokens(x)) return at::Tensor();
   const int64_t l = w2.size(0), s = w2.size(1), r = w2.size(2), N = l * r;
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
-  auto z = at::empty({x.size(0), N}, x.options());
-  const DecodeStage st[2] = {decode_stage(w1c, false, x, w1.size(2), 1, z, l, r, nullptr, 0),
-                             decode_stage(w2c, false, z, r, 1, out, s, l, bias, act)};
-  return run_decode(x, st, 2);
+  DecodeStage st[2] = {decode_stage(w1c, false, rows(x), w1.size(2), 1, unallocated(N), l, r, nullptr, 0),
+                       decode_stage(w2c, false, unallocated(N), r, 1, unallocated(n_out), s, l, bias, act)};
+  return decode_two_stages(x, st, N, n_out);
 }
 
 // dx = BD(w1)ᵀ P1ᵀ BD(w2)ᵀ P2ᵀ g: stage A gathers g through P2ᵀ and writes dy in flat (P1ᵀ) order.
-bool decode_monarch_dx(const at::Tensor& g, const at::Tensor& w1, const at::Tensor& w2, at::Tensor& dx) {
-  if (!few_tokens(g)) return false;
+at::Tensor decode_monarch_dx(const at::Tensor& g, const at::Tensor& w1, const at::Tensor& w2, int64_t n_in) {
+  if (!few_tokens(g)) return at::Tensor();
   const int64_t l = w2.size(0), r = w2.size(2), N = l * r;
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
-  auto dy = at::empty({g.size(0), N}, g.options());
-  const DecodeStage st[2] = {decode_stage(w2c, true, g, 1, l, dy, r, l, nullptr, 0),
-                             decode_stage(w1c, true, dy, w1.size(1), 1, dx, 0, 0, nullptr, 0)};
-  return run_decode(g, st, 2);
+  DecodeStage st[2] = {decode_stage(w2c, true, rows(g), 1, l, unallocated(N), r, l, nullptr, 0),
+                       decode_stage(w1c, true, unallocated(N), w1.size(1), 1, unallocated(n_in), 0, 0, nullptr, 0)};
+  return decode_two_stages(g, st, N, n_in);
 }
 
 // ------------------------------------------------------------------------------------ tile kernels
@@ -166,25 +204,25 @@ bool fused_ok(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2) {
 at::Tensor blockdiag_fwd(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                          int64_t n_out, int64_t act) {
   const c10::cuda::CUDAGuard guard(x.device());
+  check_no_pending_error();
   at::Tensor keep;
   return bd(x, w, bias_ptr(bias, keep), n_out, act, Perm{}, Perm{});
 }
 
 at::Tensor blockdiag_wgrad(const at::Tensor& x, const at::Tensor& g, int64_t k, int64_t q, int64_t p) {
   const c10::cuda::CUDAGuard guard(x.device());
+  check_no_pending_error();
   return wgrad(x, g, k, q, p, Perm{}, Perm{});
 }
 
 at::Tensor monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                        const c10::optional<at::Tensor>& bias, int64_t n_out, int64_t act) {
   const c10::cuda::CUDAGuard guard(x.device());
+  check_no_pending_error();
   const int64_t l = w2.size(0), s = w2.size(1), r = w2.size(2);
   at::Tensor keep;
   const void* b = bias_ptr(bias, keep);
-  if (few_tokens(x)) {
-    auto out = at::empty({x.size(0), n_out}, x.options());
-    if (decode_monarch_fwd(x, w1, w2, b, act, out)) return out;
-  }
+  if (auto out = decode_monarch_fwd(x, w1, w2, b, act, n_out); out.defined()) return out;
   if (fused_ok(x, w1, w2)) {
     auto out = at::empty({x.size(0), n_out}, x.options());
     check(monarch_cuda::monarch_fused_forward(dtype_of(x), mat2(x), mat3(w1), mat3(w2), b, out.data_ptr(), n_out,
@@ -204,10 +242,8 @@ at::Tensor stage2_adjoint(const at::Tensor& g, const at::Tensor& w2) {
 
 at::Tensor monarch_bwd_input(const at::Tensor& g, const at::Tensor& w1, const at::Tensor& w2, int64_t n_in) {
   const c10::cuda::CUDAGuard guard(g.device());
-  if (few_tokens(g)) {
-    auto dx = at::empty({g.size(0), n_in}, g.options());
-    if (decode_monarch_dx(g, w1, w2, dx)) return dx;
-  }
+  check_no_pending_error();
+  if (auto dx = decode_monarch_dx(g, w1, w2, n_in); dx.defined()) return dx;
   if (fused_ok(g, w1, w2)) {
     auto dx = at::empty({g.size(0), n_in}, g.options());
     check(monarch_cuda::monarch_fused_dx(dtype_of(g), mat2(g), mat3(w1), mat3(w2), dx.data_ptr(), n_in, stream()),
@@ -220,6 +256,7 @@ at::Tensor monarch_bwd_input(const at::Tensor& g, const at::Tensor& w1, const at
 std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const at::Tensor& g, const at::Tensor& w1,
                                                       const at::Tensor& w2) {
   const c10::cuda::CUDAGuard guard(x.device());
+  check_no_pending_error();
   const int64_t k = w1.size(0), q = w1.size(1), p = w1.size(2), l = w2.size(0), s = w2.size(1), r = w2.size(2);
   const auto z = bd(x, w1, nullptr, l * r, 0, Perm{}, perm(l, r));  // recomputed stage-2 input
   auto dw2 = wgrad(z, g, l, s, r, Perm{}, perm(s, l));

@@ -137,6 +137,41 @@ __device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_c
 // wk, wk + nwk, ... (kChunk wide each), then writes its fp32 partial sums to red[token][col0 + ...].
 // Lane = 4·g + c (g = groupID, c = thread in group, as in the PTX mma fragment tables).
 
+// Weights W[o, k] (k contiguous), streamed by the lane (g, c) of a warp tile: rows o0 + g and o0 + 8 + g (zeros
+// past n_o), kLaneK elements (16 bytes) at k = chunk·kChunk + kLaneK·c of each chunk wk, wk + nwk, ... . Every
+// group of kGroup chunks is loaded before `hook` runs and before any is used; then use(k, v) runs per chunk that
+// exists, v[j] holding row j's 16 bytes. Shared by the row-major tiles (tensor-core and fp32).
+template <int kChunk, int kGroup, int kLaneK, typename T, class Hook, class Use>
+__device__ __forceinline__ void stream_weight_rows(const StageParams& p, const T* w, int o0, int wk, int nwk,
+                                                   Hook& hook, Use&& use) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, K = p.K;
+  const int nch = (K + kChunk - 1) / kChunk;
+  const T* wrow[2];
+  bool row_ok[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const int o = o0 + 8 * j + g;
+    row_ok[j] = o < p.n_o;
+    wrow[j] = w + (row_ok[j] ? o : 0) * K;
+  }
+  for (int base = wk; base < nch; base += nwk * kGroup) {
+    uint4 v[kGroup][2];
+#pragma unroll
+    for (int i = 0; i < kGroup; ++i) {
+      const int k = (base + i * nwk) * kChunk + kLaneK * c;
+#pragma unroll
+      for (int j = 0; j < 2; ++j) v[i][j] = load_weights16(wrow[j] + k, row_ok[j] ? K - k : 0, p.w_vec);
+    }
+    hook();
+#pragma unroll
+    for (int i = 0; i < kGroup; ++i) {
+      const int ch = base + i * nwk;
+      if (ch >= nch) break;  // warp-uniform
+      use(ch * kChunk + kLaneK * c, v[i]);
+    }
+  }
+}
+
 // fp16/bf16, weights W[o, k] (k contiguous): outputs o0 + 8j + g for n-tile j. A 16-byte load holds W[o, k0 + 8c
 // .. + 8); physical k0 + 8c + 4s + {0,1} is mma step s's logical k 2c + {0,1}, + {2,3} its 2c + 8 + {0,1},
 // and the token rows are read with the same mapping, so one 16-byte load feeds two mma steps.
@@ -149,50 +184,27 @@ struct FwdMma {
   template <class Hook>
   __device__ __forceinline__ void run(const StageParams& p, const T* w, int o0, int wk, int nwk, const T* xs,
                                       int tokens, Hook& hook) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, K = p.K, mt = (tokens + 15) >> 4;
-    const int nch = (K + kChunk - 1) / kChunk;
+    const int lane = threadIdx.x & 31, g = lane >> 2, mt = (tokens + 15) >> 4;
 #pragma unroll
     for (int m = 0; m < MT; ++m)
 #pragma unroll
       for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[m][j][e] = 0.f;
-    const T* wrow[2];
-    bool row_ok[2];
+    stream_weight_rows<kChunk, kGroup, 8>(p, w, o0, wk, nwk, hook, [&](int k, const uint4 (&v)[2]) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int o = o0 + 8 * j + g;
-      row_ok[j] = o < p.n_o;
-      wrow[j] = w + (row_ok[j] ? o : 0) * K;
-    }
-    for (int base = wk; base < nch; base += nwk * kGroup) {
-      uint4 v[kGroup][2];
+      for (int m = 0; m < MT; ++m) {
+        if (m >= mt) break;  // m-tiles without tokens (warp-uniform)
+        const uint4 xa = *reinterpret_cast<const uint4*>(xs + (16 * m + g) * p.pitch + k);
+        const uint4 xb = *reinterpret_cast<const uint4*>(xs + (16 * m + g + 8) * p.pitch + k);
 #pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int k = (base + i * nwk) * kChunk + 8 * c;
+        for (int s = 0; s < 2; ++s) {
+          const uint32_t a[4] = {word(xa, 2 * s), word(xb, 2 * s), word(xa, 2 * s + 1), word(xb, 2 * s + 1)};
 #pragma unroll
-        for (int j = 0; j < 2; ++j) v[i][j] = load_weights16(wrow[j] + k, row_ok[j] ? K - k : 0, p.w_vec);
-      }
-      hook();
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int ch = base + i * nwk;
-        if (ch >= nch) break;  // warp-uniform
-        const int k = ch * kChunk + 8 * c;
-#pragma unroll
-        for (int m = 0; m < MT; ++m) {
-          if (m >= mt) break;  // m-tiles without tokens (warp-uniform)
-          const uint4 xa = *reinterpret_cast<const uint4*>(xs + (16 * m + g) * p.pitch + k);
-          const uint4 xb = *reinterpret_cast<const uint4*>(xs + (16 * m + g + 8) * p.pitch + k);
-#pragma unroll
-          for (int s = 0; s < 2; ++s) {
-            const uint32_t a[4] = {word(xa, 2 * s), word(xb, 2 * s), word(xa, 2 * s + 1), word(xb, 2 * s + 1)};
-#pragma unroll
-            for (int j = 0; j < 2; ++j) mma16816<T>(acc[m][j], a, word(v[i][j], 2 * s), word(v[i][j], 2 * s + 1));
-          }
+          for (int j = 0; j < 2; ++j) mma16816<T>(acc[m][j], a, word(v[j], 2 * s), word(v[j], 2 * s + 1));
         }
       }
-    }
+    });
   }
 
   __device__ __forceinline__ void store(float* red, int rp, int col0, int tokens) const {
@@ -290,49 +302,25 @@ struct FwdSimt {
   template <class Hook>
   __device__ __forceinline__ void run(const StageParams& p, const float* w, int o0, int wk, int nwk, const float* xs,
                                       int tokens, Hook& hook) {
-    const int lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3, K = p.K;
-    const int nch = (K + kChunk - 1) / kChunk;
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
       for (int t = 0; t < kTok; ++t) acc[j][t] = 0.f;
-    const float* wrow[2];
-    bool row_ok[2];
+    stream_weight_rows<kChunk, kGroup, 4>(p, w, o0, wk, nwk, hook, [&](int k, const uint4 (&v)[2]) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int o = o0 + 8 * j + g;
-      row_ok[j] = o < p.n_o;
-      wrow[j] = w + (row_ok[j] ? o : 0) * K;
-    }
-    for (int base = wk; base < nch; base += nwk * kGroup) {
-      uint4 v[kGroup][2];
+      for (int t = 0; t < kTok; ++t) {
+        if (t >= tokens) break;
+        const float4 x = *reinterpret_cast<const float4*>(xs + t * p.pitch + k);
 #pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int k = (base + i * nwk) * kChunk + 4 * c;
-#pragma unroll
-        for (int j = 0; j < 2; ++j) v[i][j] = load_weights16(wrow[j] + k, row_ok[j] ? K - k : 0, p.w_vec);
-      }
-      hook();
-#pragma unroll
-      for (int i = 0; i < kGroup; ++i) {
-        const int ch = base + i * nwk;
-        if (ch >= nch) break;
-        const int k = ch * kChunk + 4 * c;
-#pragma unroll
-        for (int t = 0; t < kTok; ++t) {
-          if (t >= tokens) break;
-          const float4 x = *reinterpret_cast<const float4*>(xs + t * p.pitch + k);
-#pragma unroll
-          for (int j = 0; j < 2; ++j) {
-            float s = acc[j][t];
-            s = fmaf(__uint_as_float(v[i][j].x), x.x, s);
-            s = fmaf(__uint_as_float(v[i][j].y), x.y, s);
-            s = fmaf(__uint_as_float(v[i][j].z), x.z, s);
-            acc[j][t] = fmaf(__uint_as_float(v[i][j].w), x.w, s);
-          }
+        for (int j = 0; j < 2; ++j) {
+          float s = acc[j][t];
+          s = fmaf(__uint_as_float(v[j].x), x.x, s);
+          s = fmaf(__uint_as_float(v[j].y), x.y, s);
+          s = fmaf(__uint_as_float(v[j].z), x.z, s);
+          acc[j][t] = fmaf(__uint_as_float(v[j].w), x.w, s);
         }
       }
-    }
+    });
 #pragma unroll
     for (int j = 0; j < 2; ++j)
 #pragma unroll
