@@ -313,7 +313,7 @@ def wgrad_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: 
     n_g = k * q if n_g is None else n_g
     t_pad = lp.splits * _plan.cdiv(lp.rows_per_split, t.block_k) * t.block_k
     flops = 2.0 * lp.tiles * t.group * t.block_m * t.block_n * t_pad
-    g_run = _run_bytes(lp.g, item, n_g * item)
+    g_run = t.block_m * t.group * item if lp.g_full else _run_bytes(lp.g, item, n_g * item)
     g_hbm, g_l2 = _tensor_bytes(tokens, n_g * item, g_run, True), _tensor_bytes(tokens, n_g * item, g_run, False)
     x_once = rows_bytes(tokens, n_x, item)
     partial = lp.splits * k * q * p * 4
@@ -363,26 +363,51 @@ def _fused_forward(problem: Problem, dtype: str, dev: Device) -> Cost:
     return Cost([Kernel("fused square forward", flops, problem.useful_fwd_flops(), hbm, l2, rate, dev.mem_eff)])
 
 
-def _backward(problem: Problem, dtype: str, dev: Device) -> Cost:
-    """:func:`.monarch.backward`: dy (grouped gather + store), dx & dw1 (one kernel), z recomputed, dw2."""
+def _dxw_fused(problem: Problem, dtype: str, dev: Device) -> Cost:
+    """The fused ``dx``/``dw1`` kernel of :func:`.triton.monarch.backward` (one read of ``dy`` for both) and the
+    host's sum of its fp32 split-T partials."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
-    dy = bd_cost("dy = P1T BD(w2)T P2T g", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l),
-                 out_perm=(sh.r, sh.l), n_in=problem.n_out, y_token_major=True)
     lp = _plan.dxw_launch(T, sh.k, sh.q, sh.p, dev.num_sms)
     t = lp.tile
     t_pad = lp.splits * _plan.cdiv(lp.rows_per_split, t.block_m) * t.block_m
-    dxw_flops = 2.0 * 2 * lp.tiles * t.block_k * t.block_n * t_pad
+    flops = 2.0 * 2 * lp.tiles * t.block_k * t.block_n * t_pad
     dy_once, x_once = rows_bytes(T, sh.n_mid, item), rows_bytes(T, problem.n_in, item)
     partial = lp.splits * sh.k * sh.q * sh.p * 4
     tiles_p = _plan.cdiv(sh.p, t.block_n)
-    dxw = Kernel("dx & dw1 (shared dy)", dxw_flops, 2 * 2.0 * T * sh.k * sh.q * sh.p,
+    dxw = Kernel("dx & dw1 (shared dy)", flops, 2 * 2.0 * T * sh.k * sh.q * sh.p,
                  dy_once + 2 * x_once + partial, dy_once * tiles_p + 2 * x_once + partial, _tc_rate(dev, t, dtype),
                  dev.mem_eff)
     red = _elementwise("dw1 partial sum", [partial], [sh.k * sh.q * sh.p * (4 + item)], dev)
+    return Cost([dxw, red])
+
+
+def _dxw_separate(problem: Problem, dtype: str, dev: Device) -> Cost:
+    """``dx = BD(w1)ᵀ dy`` (block-diagonal kernel, token-major ``dy``) and ``dw1`` (weight-gradient kernel),
+    each with its own tiles: ``dy`` is read twice, but neither product is held to the other's tile."""
+    sh, T = problem.shape, problem.tokens
+    dx = bd_cost("dx = BD(w1)T dy", T, sh.k, sh.p, sh.q, dtype, dev, n_out=problem.n_in, x_token_major=True)
+    return Cost([dx]) + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in)
+
+
+def dxw_fused(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> bool:
+    """Whether :func:`.triton.monarch.backward` computes ``dx`` and ``dw1`` in one kernel: when that is predicted
+    no slower than the two separate kernels. The fused kernel holds the whole (padded) ``q`` contraction next to
+    an fp32 ``dw1`` tile, so wide ``q`` leaves it narrow p-tiles that re-read ``dy`` (e.g. GPT-2's fc2,
+    ``q = 192`` padded to 256: 16-wide p-tiles, ``dy`` read 48 times); square Monarch blocks of ≤ 64 keep it."""
+    return _dxw_fused(problem, dtype, dev).time(dev) <= _dxw_separate(problem, dtype, dev).time(dev)
+
+
+def _backward(problem: Problem, dtype: str, dev: Device) -> Cost:
+    """:func:`.monarch.backward`: dy (grouped gather, token-major store), dx & dw1 (one kernel or two, whichever
+    :func:`dxw_fused` picks), z recomputed, dw2."""
+    sh, T = problem.shape, problem.tokens
+    dy = bd_cost("dy = P1T BD(w2)T P2T g", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l),
+                 out_perm=(sh.r, sh.l), n_in=problem.n_out, y_token_major=True)
+    dxw = (_dxw_fused if dxw_fused(problem, dtype, dev) else _dxw_separate)(problem, dtype, dev)
     z = bd_cost("z = P1 BD(w1) x (recomputed)", T, sh.k, sh.q, sh.p, dtype, dev, out_perm=(sh.l, sh.r),
                 n_in=problem.n_in, y_token_major=True)
     dw2 = wgrad_cost("dw2 = (P2T g)T z", T, sh.l, sh.s, sh.r, dtype, dev, g_perm=(sh.s, sh.l), n_g=problem.n_out)
-    return Cost([dy, dxw, red, z]) + dw2
+    return Cost([dy]) + dxw + Cost([z]) + dw2
 
 
 def _bwd_input(problem: Problem, dtype: str, dev: Device) -> Cost:

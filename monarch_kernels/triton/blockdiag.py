@@ -387,7 +387,7 @@ def bd_weight_grad(
         x, g, partial,
         T, x.shape[1], g.shape[1], q, p, lp.rows_per_split,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), *partial.stride(),
-        lp.g.a, lp.g.b, G_MODE=lp.g.mode, G_FULL=lp.g.mode == _plan.GROUPED and lp.g.group == k and lp.g.b == k,
+        lp.g.a, lp.g.b, G_MODE=lp.g.mode, G_FULL=lp.g_full,
         UPCAST=interpreting(), PRECISION=precision(x.dtype), **_common.launch_meta(lp.tile),
     )
     return partial.sum(0).to(x.dtype)

@@ -23,8 +23,9 @@ Forward paths (``path="auto"`` picks by shape, :func:`.plan.choose_path`):
 
 Backward: ``backward`` (the backend's fused ``monarch_bwd``) computes ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` once (P2ᵀ as
 grouped 16-byte gathers, P1ᵀ in a token-major store) and shares it between ``dx`` and ``dw1``, which one kernel
-produces together (both read ``dy``; ``dw1`` reads ``x`` too), then recomputes ``z = P1 BD(w1) x`` once for
-``dw2 = Σ_t (P2ᵀ g)ᵀ z``. ``backward_input`` alone is ``dy`` then the stage-1 transpose.
+produces together (both read ``dy``; ``dw1`` reads ``x`` too) — or, where that kernel's whole-``q`` tile is
+narrow and the cost model predicts two kernels faster, the block-diagonal and weight-gradient kernels — then
+recomputes ``z = P1 BD(w1) x`` once for ``dw2 = Σ_t (P2ᵀ g)ᵀ z``. ``backward_input`` alone is ``dy`` then the stage-1 transpose.
 """
 from __future__ import annotations
 
@@ -253,17 +254,36 @@ def _dxw_kernel(
              mask=(rq < Q)[:, None] & (rp < P)[None, :])
 
 
-def backward(x, g, w1, w2, n_in=None, *, path="auto"):
-    """``(dx, dw1, dw2)`` in one call: ``dy`` computed once and shared by ``dx`` and ``dw1`` (one kernel for
-    both), the intermediate recomputed once for ``dw2``."""
+DXW = ("auto", "fused", "separate")
+
+
+def _dxw_fused(T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: torch.dtype) -> bool:
+    """The cost model's choice between the fused dx/dw1 kernel and two separate ones (see
+    :func:`monarch_kernels.cost_model.dxw_fused`), priced for this call's shape and dtype."""
+    from .. import cost_model as cm  # imported here: cost_model imports this package's plan module
+
+    name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
+    return cm.dxw_fused(cm.Problem(max(T, 1), n_in, n_out, sh), name)
+
+
+def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto"):
+    """``(dx, dw1, dw2)`` in one call: ``dy`` computed once (token-major) and shared by ``dx`` and ``dw1`` —
+    one kernel for both, or two with their own tiles when the cost model predicts that faster (``dxw``:
+    ``"auto"``, ``"fused"`` or ``"separate"``) — and the intermediate recomputed once for ``dw2``."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_in = sh.n_in if n_in is None else n_in
     choose_path(sh, path)
+    if dxw not in DXW:
+        raise ValueError(f"dxw must be one of {DXW}, got {dxw!r}")
     T = x.shape[0]
-    dx = _common.empty(T, n_in, device=x.device, dtype=x.dtype)
     if T == 0:
-        return dx, torch.zeros_like(w1), torch.zeros_like(w2)
+        return _common.empty(T, n_in, device=x.device, dtype=x.dtype), torch.zeros_like(w1), torch.zeros_like(w2)
     dy = _dy(g, w2, sh)
+    if dxw == "separate" or (dxw == "auto" and not _dxw_fused(T, n_in, g.shape[1], sh, x.dtype)):
+        dx = bd_forward(dy, w1.transpose(1, 2), None, n_in)
+        dw1 = bd_weight_grad(x, dy, sh.k, sh.q, sh.p)
+        return dx, dw1, _dw2(_z(x, w1, sh), g, sh)
+    dx = _common.empty(T, n_in, device=x.device, dtype=x.dtype)
     lp = _plan.dxw_launch(T, sh.k, sh.q, sh.p, _common.device_info(x.device).num_sms)
     part1 = _common.empty(lp.splits, *w1.shape, device=x.device, dtype=torch.float32)
     _dxw_kernel[(lp.tiles, lp.splits)](

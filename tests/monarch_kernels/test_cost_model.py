@@ -82,6 +82,23 @@ def test_token_major_store_moves_whole_sectors_without_groups():
     assert r.l2_bytes == cm.bd_cost("bd", 4096, 64, 64, 64, "bfloat16", DEV).l2_bytes
 
 
+def test_weight_gradient_tile_and_whole_row_gather():
+    """dw2 of GPT-2's fc1 (4 blocks of 768 x 192, P2ᵀ-gathered g covering every block): the tile minimising
+    (q-tiles · p-tiles) · (block_m + block_n) within the 16 KB of interleaved accumulators is 32 x 32 (16 x 64
+    moves 20% more); the gathered rows of a tile are one contiguous run (G_FULL), priced as whole sectors."""
+    T, k, q, p = 4096, 4, 768, 192
+    lp = plan.wgrad_launch(T, k, q, p, 2, (q, k), DEV.num_sms)
+    assert lp.g_full and (lp.tile.block_m, lp.tile.block_n, lp.tile.group) == (32, 32, 4)
+    assert lp.tiles * (32 + 32) < (q // 16) * (p // 64) * (16 + 64)
+    kern = cm.wgrad_cost("dw2", T, k, q, p, "bfloat16", DEV, g_perm=(q, k), n_g=k * q).kernels[0]
+    g_once, x_once = T * k * q * 2, T * k * p * 2
+    partial = lp.splits * k * q * p * 4
+    assert kern.l2_bytes == g_once * (p // 32) + x_once * (q // 32) + partial
+    assert kern.hbm_bytes == g_once + x_once + partial
+    # a natural gradient keeps the largest tile that fits one plain accumulator
+    assert (plan.wgrad_tile(64, 64, 64, 1).block_m, plan.wgrad_tile(64, 64, 64, 1).block_n) == (64, 64)
+
+
 def test_useful_flops_and_paths():
     pr = cm.Problem.linear(16384, 4096, 4096, 64)
     assert pr.useful_fwd_flops() == 2 * 16384 * 2 * 64 * 64 * 64

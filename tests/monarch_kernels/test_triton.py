@@ -102,14 +102,16 @@ BACKWARD_SHAPES = ["grouped C=1 runs, ragged p", "grouped C=2 (in-register trans
                    "gathered P2ᵀ over 5 K steps (s = 80)"]
 
 
+@pytest.mark.parametrize("dxw", ["fused", "separate"])
 @pytest.mark.parametrize("name", BACKWARD_SHAPES)
-def test_fused_backward_every_layout_fp32(name):
-    """``backward`` (dx, dw1, dw2 sharing dy) with 600 tokens: every weight-gradient reduction split three ways."""
+def test_fused_backward_every_layout_fp32(name, dxw):
+    """``backward`` (dx, dw1, dw2 sharing dy; dx and dw1 from one kernel or two) with 600 tokens: every
+    weight-gradient reduction split three ways."""
     s1, s2 = SHAPES[name]
     sh, n_in, n_out, x, w1, w2, _, g = _data(s1, s2, 600, torch.float32, seed=1)
     dx_ref = ref.monarch_bwd_input(_d(g), _d(w1), _d(w2), n_in)
     dw1_ref, dw2_ref = ref.monarch_bwd_weight(_d(x), _d(g), _d(w1), _d(w2))
-    dx, dw1, dw2 = tmon.backward(x, g, w1, w2, n_in)
+    dx, dw1, dw2 = tmon.backward(x, g, w1, w2, n_in, dxw=dxw)
     assert_close(dx, dx_ref, torch.float32, f"{name} dx")
     assert_close(dw1, dw1_ref, torch.float32, f"{name} dw1")
     assert_close(dw2, dw2_ref, torch.float32, f"{name} dw2")
@@ -347,6 +349,22 @@ def test_backend_through_ops_api_with_autograd():
         results[backend] = (out, *first, *grads, *gg)
     for a, c in zip(results["triton"], results["torch"]):
         assert_close(a, c.detach(), torch.float32)
+
+
+def test_dx_dw1_split_follows_the_cost_model():
+    """``dxw="auto"`` takes the fused dx/dw1 kernel where the cost model predicts it no slower (square Monarch,
+    blocks ≤ 64) and two kernels where its whole-q tile is narrow (GPT-2's fc2: q = 192 padded to 256, 16-wide
+    p-tiles); a bad ``dxw`` is refused."""
+    from monarch_kernels import cost_model as cm
+
+    assert cm.dxw_fused(cm.Problem.linear(16384, 4096, 4096, 64))
+    assert not cm.dxw_fused(cm.Problem.linear(16384, 3072, 768, 4))
+    sh = mk.monarch_factor_shapes(3072, 768, 4)
+    assert not tmon._dxw_fused(16384, 3072, 768, sh, torch.bfloat16)
+    s1, s2 = SHAPES["grouped C=1 runs, ragged p"]
+    _, n_in, _, x, w1, w2, _, g = _data(s1, s2, 5, torch.float32)
+    with pytest.raises(ValueError, match="dxw must be one of"):
+        tmon.backward(x, g, w1, w2, n_in, dxw="both")
 
 
 def test_path_choice_and_validation():
