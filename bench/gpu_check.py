@@ -11,7 +11,9 @@ time limit still leaves its data. Providers (``--only`` / ``--skip`` select by n
   the float64 reference on the same device, per element (``max |a − e| / max |e|``), outputs poisoned with NaN;
 * ``timing``: dense ``F.linear``, the torch reference and every fast backend, forward and forward+backward
   (:func:`bench.ops.run_problem`), next to the cost model's prediction for the path ``auto`` takes;
-* ``paths``: fused vs two-kernel forward, and the two-kernel forward with and without its L2 token chunks;
+* ``paths``: fused vs two-kernel forward, the two-kernel forward with and without its L2 token chunks and
+  with a row-major instead of the token-major intermediate; the backward with dx/dw1 fused or as two kernels
+  next to the cost model's pick;
 * ``mlp``: the GPT-2 MLP (``768 -> 3072 -> 768``, GELU) forward and training step, dense vs Monarch.
 
 Tile configurations are the launch plans' (``monarch_kernels/triton/plan.py``): nothing is autotuned unless
@@ -270,6 +272,7 @@ def _fast_backends(ctx: Context, dtype) -> list[str]:
 
 
 def path_cases(ctx: Context):
+    from monarch_kernels.triton import _common
     from monarch_kernels.triton import monarch as tmon
     from monarch_kernels.triton import plan
 
@@ -295,8 +298,31 @@ def path_cases(ctx: Context):
                 finally:
                     plan.chunk_tokens = saved
                 row["chunk_tokens"] = chunk
+            # the previous layout: a row-major intermediate (P1 as grouped 16-byte runs, smaller stage-1 tiles)
+            saved_tm = _common.empty_token_major
+            _common.empty_token_major = lambda tokens, n, *, device, dtype: _common.empty(tokens, n, device=device,
+                                                                                            dtype=dtype)
+            try:
+                row["two_kernel_row_major_z_us"] = round(ctx.time_us(
+                    lambda: tmon.forward(x, w1, w2, None, n_out, path="two_kernel")), 1)
+            finally:
+                _common.empty_token_major = saved_tm
             return row
         yield "paths", run
+    # backward: dx and dw1 from the fused kernel or from two, next to the cost model's choice
+    bshapes = [(8, 256, 256, 16)] if ctx.smoke else [(16384, 4096, 4096, 64), (16384, 768, 3072, 4),
+                                                      (16384, 3072, 768, 4)]
+    for T, n_in, n_out, nb in bshapes:
+        def run_bwd(T=T, n_in=n_in, n_out=n_out, nb=nb):
+            sh = mk.monarch_factor_shapes(n_in, n_out, nb)
+            x, g = ctx.rand(T, n_in, dtype=dtype), ctx.rand(T, n_out, dtype=dtype)
+            w1, w2 = ctx.rand(*sh.w1_shape, dtype=dtype), ctx.rand(*sh.w2_shape, dtype=dtype)
+            row = {"shape": f"T={T} {n_in}->{n_out} nb={nb}", "dtype": DTYPE_NAMES[dtype],
+                   "model_picks": "fused" if tmon._dxw_fused(T, n_in, n_out, sh, dtype) else "separate"}
+            for dxw in ("fused", "separate"):
+                row[f"bwd_{dxw}_dxw_us"] = round(ctx.time_us(lambda d=dxw: tmon.backward(x, g, w1, w2, n_in, dxw=d)), 1)
+            return row
+        yield "paths", run_bwd
     if ctx.autotune and not ctx.smoke:
         yield from _autotune_cases(ctx, dtype)
 
@@ -313,8 +339,8 @@ def _autotune_cases(ctx: Context, dtype):
     default = plan.bd_tile
     for block_m, warps in ((32, 4), (64, 8), (64, 16), (128, 16)):
         def run(block_m=block_m, warps=warps):
-            def tile(tokens, nblocks, n, k, itemsize, group, acc_fp32):
-                t = default(tokens, nblocks, n, k, itemsize, group, acc_fp32)
+            def tile(tokens, nblocks, n, k, itemsize, group, acc_fp32, **kw):
+                t = default(tokens, nblocks, n, k, itemsize, group, acc_fp32, **kw)
                 return plan.Tile(block_m, t.block_n, t.block_k, t.group, warps, t.num_stages)
             plan.bd_tile = tile
             try:

@@ -45,4 +45,7 @@ def test_smoke_run_writes_every_row_as_measured(tmp_path, monkeypatch):
     timing = [r for r in lines if r["case"] == "timing"]
     assert {r["impl"] for r in timing} >= {"dense", "torch", "triton"}
     assert all("predicted_us" in r for r in timing if r["impl"] == "triton")
+    paths = [r for r in lines if r["case"] == "paths"]
+    assert any("two_kernel_row_major_z_us" in r for r in paths)  # token-major vs row-major intermediate
+    assert any({"bwd_fused_dxw_us", "bwd_separate_dxw_us", "model_picks"} <= set(r) for r in paths)
     assert not [r for r in lines if "error" in r]
