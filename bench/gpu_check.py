@@ -423,9 +423,10 @@ class DryRun:
     keys: set = field(default_factory=set)
 
 
-def dry_run(only=None, skip=None) -> DryRun:
+def dry_run(only=None, skip=None, autotune: bool = False) -> DryRun:
     """Run every case on ``meta`` tensors, the Triton backend standing in for a CUDA device, launches
-    intercepted and counted by compile key; nothing is timed or compiled."""
+    intercepted and counted by compile key; nothing is timed or compiled (``autotune``: the ``--autotune``
+    cases too)."""
     from bench.kernel_audit.offline import compile_only
     from bench.kernel_audit.triton_part import h100_host
     from monarch_kernels import triton as tb
@@ -434,7 +435,7 @@ def dry_run(only=None, skip=None) -> DryRun:
     saved = backend.supports, backend._module, backend._loaded, backend._error
     backend.supports = lambda device, dtype: dtype in (torch.float16, torch.bfloat16, torch.float32)
     backend._module, backend._loaded, backend._error = tb, True, None
-    ctx = Context(torch.device("meta"), dry_run=True)
+    ctx = Context(torch.device("meta"), dry_run=True, autotune=autotune)
     result = DryRun()
     randn = torch.randn  # random data of benchmark sizes would take minutes on a CPU: shapes only
     torch.randn = lambda *shape, generator=None, **kw: torch.empty(*shape, device="meta", **kw)
@@ -475,7 +476,7 @@ def main(argv=None) -> int:
     only = [s for s in args.only.split(",") if s] or None
     skip = [s for s in args.skip.split(",") if s] or None
     if args.dry_run:
-        n = len(dry_run(only, skip).keys)
+        n = len(dry_run(only, skip, args.autotune).keys)
         print(f"dry run: {n} distinct Triton kernels would be compiled (limit {MAX_COMPILES})")
         return 0 if n <= MAX_COMPILES else 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -22,6 +22,11 @@ def test_dry_run_compiles_at_most_the_limit():
     assert m, res.stdout[-2000:] + res.stderr[-2000:]
     assert 10 <= int(m.group(1)) <= gpu_check.MAX_COMPILES, m.group(0)
     assert res.returncode == 0
+    # --autotune's alternative tiles (behind the flag, beyond the limit) run through the same plans
+    res = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--dry-run", "--autotune", "--only", "paths"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stdout.count('"case": "autotune"') == 4
 
 
 def test_smoke_run_writes_every_row_as_measured(tmp_path, monkeypatch):
