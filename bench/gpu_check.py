@@ -11,9 +11,9 @@ time limit still leaves its data. Providers (``--only`` / ``--skip`` select by n
   the float64 reference on the same device, per element (``max |a − e| / max |e|``), outputs poisoned with NaN;
 * ``timing``: dense ``F.linear``, the torch reference and every fast backend, forward and forward+backward
   (:func:`bench.ops.run_problem`), next to the cost model's prediction for the path ``auto`` takes;
-* ``paths``: fused vs two-kernel forward, the two-kernel forward with and without its L2 token chunks and
-  with a row-major instead of the token-major intermediate; the backward with dx/dw1 fused or as two kernels
-  next to the cost model's pick;
+* ``paths``: fused vs two-kernel forward, the two-kernel forward with and without its L2 token chunks, with a
+  row-major instead of the token-major intermediate and (4096/64) with 32-byte P2 runs; the backward with
+  dx/dw1 fused or as two kernels next to the cost model's pick;
 * ``mlp``: the GPT-2 MLP (``768 -> 3072 -> 768``, GELU) forward and training step, dense vs Monarch.
 
 Tile configurations are the launch plans' (``monarch_kernels/triton/plan.py``): nothing is autotuned unless
@@ -298,6 +298,18 @@ def path_cases(ctx: Context):
                 finally:
                     plan.chunk_tokens = saved
                 row["chunk_tokens"] = chunk
+            if nb == 64 and not ctx.smoke:
+                # stage 2 with 32-byte P2 runs (groups of 16 blocks, 64 x 64 tiles): the model's ≈ 5x dense at
+                # 4096/64, but the joined 64 x 1024 tile spills ~100 B in the kernel audit; is that harmless?
+                saved_rb = plan.RUN_BYTES, plan.LIVE_BYTES
+                plan.RUN_BYTES, plan.LIVE_BYTES = 32, 160 * 1024
+                try:
+                    row["two_kernel_p2_32byte_runs_us"] = round(ctx.time_us(
+                        lambda: tmon.forward(x, w1, w2, None, n_out, path="two_kernel")), 1)
+                    row["two_kernel_p2_32byte_runs_predicted_us"] = round(cm.estimate(
+                        "triton", "two_kernel", "fwd", cm.Problem.linear(T, n_in, n_out, nb)).time() * 1e6, 1)
+                finally:
+                    plan.RUN_BYTES, plan.LIVE_BYTES = saved_rb
             # the previous layout: a row-major intermediate (P1 as grouped 16-byte runs, smaller stage-1 tiles)
             saved_tm = _common.empty_token_major
             _common.empty_token_major = lambda tokens, n, *, device, dtype: _common.empty(tokens, n, device=device,
