@@ -222,7 +222,10 @@ def _bmm(name: str, batch: int, m: int, n: int, k: int, dtype: str, dev: Device,
 
 def torch_reference(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
     """:mod:`monarch_kernels.reference`: two ``bmm`` per product plus the permutation copies it materialises
-    (fly's formulation). Strided ``bmm`` operands are read at sector granularity of their block rows."""
+    (fly's formulation). Strided ``bmm`` operands are read at sector granularity of their block rows. A
+    standalone backward (``bwd``, ``bwd_weight``) recomputes the stage-1 intermediate; a training step
+    (``fwdbwd``) does not: eager autograd keeps the forward's intermediate for the backward
+    (``reference.monarch_fwd_saving``, fly's trade of activation memory)."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
     n_mid = sh.n_mid
     copy = lambda name, width: _elementwise(name, [rows_bytes(T, width, item)], [rows_bytes(T, width, item)], dev)
@@ -235,7 +238,7 @@ def torch_reference(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
     dw1 = Cost([_bmm("ref dW1 bmm", sh.k, sh.q, sh.p, T, dtype, dev)])
     dx = Cost([_bmm("ref dX bmm", sh.k, T, sh.p, sh.q, dtype, dev), copy("ref dX copy", sh.n_in)])
     bwd = go + stage1 + dw2 + dz + dw1 + dx
-    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + bwd, "bwd_input": go + dz + dx,
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + go + dw2 + dz + dw1 + dx, "bwd_input": go + dz + dx,
             "bwd_weight": go + stage1 + dw2 + dz + dw1}[op]
 
 

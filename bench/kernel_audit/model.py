@@ -102,8 +102,9 @@ def mlp_rows(d: int = 768, nb: int = 4, T: int = 16384, dtype: str = "bfloat16",
             mon = (mon + cm.estimate("triton", cm.triton_path(fc2), "bwd", fc2, dtype, dev)
                    + cm.estimate("triton", cm.triton_path(fc1), "fwd", fc1, dtype, dev) + gelu_bwd
                    + cm.estimate("triton", cm.triton_path(fc1), "bwd", fc1, dtype, dev))
-            ref = (ref + cm.estimate("torch", "reference", "bwd", fc2, dtype, dev) + gelu_bwd
-                   + cm.estimate("torch", "reference", "bwd", fc1, dtype, dev))
+            # the reference's training step keeps each layer's intermediate (no stage-1 recompute)
+            ref = (cm.estimate("torch", "reference", "fwdbwd", fc1, dtype, dev) + gelu_fwd + gelu_bwd
+                   + cm.estimate("torch", "reference", "fwdbwd", fc2, dtype, dev))
         t, td, tr = mon.time(dev), dense.time(dev), ref.time(dev)
         rows.append(ModelRow(f"GPT-2 MLP {d}->{4 * d}->{d}/{nb} {'fwd' if op == 'fwd' else 'train step'}", T, op,
                              "+".join(sorted({cm.triton_path(fc1), cm.triton_path(fc2)})), round(t * 1e6, 1),

@@ -120,6 +120,18 @@ def test_reference_pays_the_permutation_copies():
     assert ref.hbm_bytes > 3 * cm.estimate("triton", "two_kernel", "fwd", pr).hbm_bytes
 
 
+def test_reference_training_step_keeps_its_intermediate():
+    """Eager training with the reference keeps the forward's stage-1 intermediate (monarch_fwd_saving), so its
+    training step is the forward plus a backward without the stage-1 bmm and P1 copy that a standalone
+    backward (which gets only x) pays."""
+    pr = cm.Problem.linear(4096, 1024, 1024, 32)
+    est = lambda op: cm.estimate("torch", "reference", op, pr)
+    step, fwd, bwd = est("fwdbwd"), est("fwd"), est("bwd")
+    assert step.launches == fwd.launches + bwd.launches - 2
+    assert {k.name for k in bwd.kernels} - {k.name for k in step.kernels} == {"ref bmm1 (z)"}
+    assert step.time() < fwd.time() + bwd.time()
+
+
 def test_registry():
     seen = []
 
