@@ -332,7 +332,8 @@ def path_cases(ctx: Context):
             row = {"shape": f"T={T} {n_in}->{n_out} nb={nb}", "dtype": DTYPE_NAMES[dtype],
                    "model_picks": "fused" if tmon._dxw_fused(T, n_in, n_out, sh, dtype) else "separate"}
             for dxw in ("fused", "separate"):
-                row[f"bwd_{dxw}_dxw_us"] = round(ctx.time_us(lambda d=dxw: tmon.backward(x, g, w1, w2, n_in, dxw=d)), 1)
+                row[f"bwd_{dxw}_dxw_us"] = round(ctx.time_us(
+                    lambda d=dxw: tmon.backward(x, g, w1, w2, n_in, dxw=d)), 1)
             return row
         yield "paths", run_bwd
     if ctx.autotune and not ctx.smoke:

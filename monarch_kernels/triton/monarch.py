@@ -25,7 +25,8 @@ Backward: ``backward`` (the backend's fused ``monarch_bwd``) computes ``dy = P1�
 grouped 16-byte gathers, P1ᵀ in a token-major store) and shares it between ``dx`` and ``dw1``, which one kernel
 produces together (both read ``dy``; ``dw1`` reads ``x`` too) — or, where that kernel's whole-``q`` tile is
 narrow and the cost model predicts two kernels faster, the block-diagonal and weight-gradient kernels — then
-recomputes ``z = P1 BD(w1) x`` once for ``dw2 = Σ_t (P2ᵀ g)ᵀ z``. ``backward_input`` alone is ``dy`` then the stage-1 transpose.
+recomputes ``z = P1 BD(w1) x`` once for ``dw2 = Σ_t (P2ᵀ g)ᵀ z``. ``backward_input`` alone is ``dy`` then the
+stage-1 transpose.
 """
 from __future__ import annotations
 
