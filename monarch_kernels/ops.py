@@ -239,15 +239,16 @@ def _(x, g, w1, w2, n_in, backend):
 
 
 def _monarch_bwd_epilogue_impl(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], n_in: int,
-                               activation: str, backend: str, want_dx: bool = True, z: Optional[Tensor] = None):
-    """``(dx | None, dw1, dw2, db)`` of ``⟨g, act(M x + bias)⟩`` (``db`` zeros without a bias) through the backend's
-    ``monarch_bwd_epilogue`` (one pass on CPU; the reference reuses ``z``, its saved intermediate) where it has
-    one for these tensors, else composed: a forward for the pre-activation, the activation's derivative, the
-    fused backward."""
+                               activation: str, backend: str, want_dx: bool = True, z: Optional[Tensor] = None,
+                               want_dw: bool = True):
+    """``(dx | None, dw1 | None, dw2 | None, db)`` of ``⟨g, act(M x + bias)⟩`` (``db`` zeros without a bias)
+    through the backend's ``monarch_bwd_epilogue`` (one pass on CPU; the reference reuses ``z``, its saved
+    intermediate) where it has one for these tensors, else composed: a forward for the pre-activation, the
+    activation's derivative, the fused backward. The weight gradients are ``None`` unless ``want_dw``."""
     impl = backends.impl(backend)
     xf, gf = _flat(x), _flat(g)
     fused = getattr(impl, "monarch_bwd_epilogue", None)
-    out = None if fused is None else fused(xf, gf, w1, w2, bias, n_in, activation, want_dx, z)
+    out = None if fused is None else fused(xf, gf, w1, w2, bias, n_in, activation, want_dx, z, want_dw)
     if out is not None:
         dx, dw1, dw2, db = out
     else:
@@ -256,7 +257,8 @@ def _monarch_bwd_epilogue_impl(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, bia
         dx, dw1, dw2 = _monarch_bwd_impl(xf, gf, w1, w2, n_in, backend)
         db = gf.sum(0) if bias is not None else None
     dx = _unflat(dx, g.shape[:-1]) if want_dx else None
-    return dx, dw1.contiguous(), dw2.contiguous(), gf.new_zeros(gf.shape[1]) if bias is None else db
+    dw1, dw2 = (dw1.contiguous(), dw2.contiguous()) if want_dw else (None, None)
+    return dx, dw1, dw2, gf.new_zeros(gf.shape[1]) if bias is None else db
 
 
 def _check_monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, backend):
@@ -612,11 +614,14 @@ class _MonarchFwdEager(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph: the differentiable formula (z is a constant here)
             return _monarch_fwd_grads(ctx, x, w1, w2, bias, g, _call)
         need = ctx.needs_input_grad
-        if z is None or not (need[1] or need[2]):
+        want_dw = need[1] or need[2]
+        # the saved z pays when weight gradients need it, or (frozen weights) to get an activation's
+        # pre-activation from stage 2 alone; dx alone without an activation needs no z
+        if z is None or not (want_dw or ctx.activation != "none"):
             return _monarch_fwd_grads(ctx, x, w1, w2, bias, g, _direct_call)
         # the real-case formula at conjugated partners (z too), as in _monarch_fwd_grads
         dx, dw1, dw2, db = _monarch_bwd_epilogue_impl(x.conj(), g, w1.conj(), w2.conj(), bias, x.shape[-1],
-                                                      ctx.activation, ctx.backend, need[0], z.conj())
+                                                      ctx.activation, ctx.backend, need[0], z.conj(), want_dw)
         return (dx, dw1 if need[1] else None, dw2 if need[2] else None, db if ctx.has_bias and need[3] else None,
                 None, None, None)
 

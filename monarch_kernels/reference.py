@@ -39,9 +39,10 @@ Shapes (``T`` tokens):
 
 Optional, for the first-order backward of eager training calls (:mod:`monarch_kernels.ops`):
 
-* ``monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None) -> (dx | None, dw1, dw2, db | None)``:
-  the backward of ``act(M x + bias)`` including the activation's derivative and the bias gradient (``None``
-  instead of the tuple where the backend has no such kernel for these tensors: the caller composes it);
+* ``monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True)
+  -> (dx | None, dw1 | None, dw2 | None, db | None)``: the backward of ``act(M x + bias)`` including the
+  activation's derivative and the bias gradient (``None`` instead of the tuple where the backend has no such
+  kernel for these tensors: the caller composes it; a backend may return weight gradients it was not asked for);
 * ``monarch_fwd_saving(x, w1, w2, bias, n_out, activation) -> (out, z)``: the forward that also hands the
   stage-1 intermediate to ``monarch_bwd_epilogue``. The reference trades ``T·k·q`` elements of activation memory
   for one ``bmm`` and one copy fewer in backward, as fly's ``BlockdiagButterflyMultiply`` does (the
@@ -131,15 +132,18 @@ def monarch_fwd_saving(x, w1, w2, bias, n_out: int, activation: str = "none"):
     return _activate_(activation, _permute_out(_stage2(z, w2), bias, n_out)), z
 
 
-def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in: int, activation: str, want_dx: bool, z=None):
-    """First-order backward of ``out = act(M x + bias)`` with the weight gradients: ``(dx | None, dw1, dw2, db)``,
-    ``db = Σ_t g·act'(pre)`` (``None`` without a bias). ``z``: the intermediate :func:`monarch_fwd_saving` kept (conjugated
-    like ``x``), else recomputed; an activation's pre-activation comes from ``z`` through stage 2 alone."""
+def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in: int, activation: str, want_dx: bool, z=None,
+                         want_dw: bool = True):
+    """First-order backward of ``out = act(M x + bias)``: ``(dx | None, dw1 | None, dw2 | None, db)``,
+    ``db = Σ_t g·act'(pre)`` (``None`` without a bias). ``z``: the intermediate :func:`monarch_fwd_saving` kept
+    (conjugated like ``x``), else recomputed; an activation's pre-activation comes from ``z`` through stage 2
+    alone, so with frozen weights (``want_dw`` false) the saved ``z`` spares the whole stage-1 recompute."""
     l, _, r = w2.shape
-    z = _stage1(x, w1, l, r) if z is None else z
+    if z is None and (want_dw or activation != "none"):
+        z = _stage1(x, w1, l, r)
     if activation != "none":
         g = activations.backward(activation, _permute_out(_stage2(z, w2), bias, g.shape[1]), g)
-    dx, dw1, dw2 = _backward(x, g, w1, w2, n_in, want_dx, True, z)
+    dx, dw1, dw2 = _backward(x, g, w1, w2, n_in, want_dx, want_dw, z)
     return dx, dw1, dw2, None if bias is None else g.sum(0)
 
 

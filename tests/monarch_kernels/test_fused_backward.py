@@ -72,9 +72,10 @@ def test_autograd_uses_the_fused_op_for_first_order_only(backend, monkeypatch):
     impl, calls = mk.backends.impl(backend), []
     fused = impl.monarch_bwd_epilogue
 
-    def counted(*args):
-        calls.append(args[-1])
-        return fused(*args)
+    def counted(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True):
+        calls.append(z)
+        assert want_dw  # w1 needs its gradient
+        return fused(x, g, w1, w2, bias, n_in, activation, want_dx, z, want_dw)
 
     monkeypatch.setattr(impl, "monarch_bwd_epilogue", counted)
     out = mk.monarch_linear(x, w1, w2, activation="gelu", backend=backend)

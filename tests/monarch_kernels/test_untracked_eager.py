@@ -122,3 +122,33 @@ def test_torch_backend_keeps_the_intermediate_only_on_the_eager_route():
     with OpLog(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         mk.monarch_linear(x, w1, w2, activation="gelu", backend="torch")
     assert sorted(saved) == sorted([x.numel(), w1.numel(), w2.numel()])
+
+
+def test_frozen_weights_take_the_pre_activation_from_the_saved_intermediate():
+    """Only dx wanted (frozen weights) with an activation: the reference's backward gets the pre-activation from
+    its saved z through stage 2 alone (3 bmm: stage 2, dz, dx) instead of re-running the whole forward (4), and
+    computes no weight gradient; the gradient equals the one through the custom op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountBmm(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket is torch.ops.aten.bmm
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(6)
+    w1, w2 = _factors()
+    bias = torch.randn(32, dtype=torch.float64)
+    for act, want in (("gelu", 3), ("none", 2)):
+        x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+        out = mk.monarch_linear(x, w1, w2, bias, activation=act, backend="torch")
+        g = torch.randn_like(out)
+        with CountBmm() as count:
+            (dx,) = torch.autograd.grad(out, [x], g)
+        assert count.n == want, (act, count.n)
+        with OpLog():
+            ref_out = mk.monarch_linear(x, w1, w2, bias, activation=act, backend="torch")
+        assert rel_err(dx, torch.autograd.grad(ref_out, [x], g)[0]) <= 1e-12
