@@ -38,8 +38,9 @@ class Backend:
     ``load`` returns the module holding the primitives, or raises ``ImportError``/``RuntimeError`` with the
     reason it is unavailable (called lazily, once). ``supports(device, dtype)`` says whether it can run
     tensors of that kind; ``prefer(op, device, dtype, dims)`` whether ``auto`` should choose it for a call
-    (``dims`` are the problem sizes ``(T, n_in, n_out, block)``); ``priority`` orders the ``auto`` search
-    (higher first).
+    (``dims`` are the problem sizes ``(T, n_in, n_out, block)``); ``prefer_training``, same arguments, the rule
+    for a call whose gradients autograd will want (forward and backward both run on the backend), ``prefer``
+    when ``None``; ``priority`` orders the ``auto`` search (higher first).
     """
 
     name: str
@@ -47,6 +48,7 @@ class Backend:
     supports: Callable[[torch.device, torch.dtype], bool]
     prefer: Callable[[str, torch.device, torch.dtype, tuple], bool] = lambda *a: True
     priority: int = 0
+    prefer_training: Optional[Callable[[str, torch.device, torch.dtype, tuple], bool]] = None
     description: str = ""
     _module: object = field(default=None, repr=False)
     _error: Optional[str] = field(default=None, repr=False)
@@ -138,21 +140,25 @@ def use_backend(name: str):
         _override.reset(token)
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str] = None) -> str:
+def resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str] = None,
+            training: bool = False) -> str:
     """The concrete backend name a call will use.
 
-    ``op`` is ``"blockdiag"`` or ``"monarch"``; ``dims`` is ``(T, n_in, n_out, block)``. While
+    ``op`` is ``"blockdiag"`` or ``"monarch"``; ``dims`` is ``(T, n_in, n_out, block)``; ``training``: autograd
+    records the call (its backward will run on the same backend), so ``auto`` asks each backend's
+    ``prefer_training`` rule. While
     ``torch.compile`` traces, the choice is a trace-time constant that does not depend on the input's sizes
     (they may be symbolic, and a rule comparing them would guard the graph on every threshold): ``T``,
     ``n_in`` and ``n_out`` reach the ``prefer`` rules as ``None``, meaning "any size", and the rules take their
     large-batch branch; ``block`` is a size of the weights (static).
     """
     if torch.compiler.is_compiling():
-        return _resolve_at_trace_time(op, device, dtype, (None, None, None, int(dims[3])), requested)
-    return _resolve(op, device, dtype, dims, requested)
+        return _resolve_at_trace_time(op, device, dtype, (None, None, None, int(dims[3])), requested, training)
+    return _resolve(op, device, dtype, dims, requested, training)
 
 
-def _resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str]) -> str:
+def _resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str],
+             training: bool = False) -> str:
     name = get_backend() if requested is None else _check_name(requested)
     if name != AUTO:
         b = get(name)
@@ -164,7 +170,8 @@ def _resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, req
             )
         return name
     for b in _BY_PRIORITY:
-        if b.available and b.supports(device, dtype) and b.prefer(op, device, dtype, dims):
+        rule = b.prefer_training if training and b.prefer_training is not None else b.prefer
+        if b.available and b.supports(device, dtype) and rule(op, device, dtype, dims):
             return b.name
     raise BackendUnavailableError(f"no backend supports {dtype} tensors on {device}")
 
@@ -180,8 +187,9 @@ def _assume_constant_result(fn: Callable) -> Callable:
 # Dynamo evaluates this once per trace and keeps the result as a constant (no guards): it cannot trace a
 # ContextVar, and tracing the registry would guard on lazy loading and on the shape rules.
 @_assume_constant_result
-def _resolve_at_trace_time(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str]) -> str:
-    return _resolve(op, device, dtype, dims, requested)
+def _resolve_at_trace_time(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str],
+                           training: bool = False) -> str:
+    return _resolve(op, device, dtype, dims, requested, training)
 
 
 def impl(name: str):

@@ -49,10 +49,10 @@ register_backend(Backend(
     name="torch", load=lambda: reference, supports=lambda device, dtype: True, priority=0,
     description="pure PyTorch reference (two bmm + permutes); every device and dtype, float64 oracle",
 ))
-def _triton_prefers(op: str, device: torch.device, dtype: torch.dtype, dims: tuple) -> bool:
+def _triton_prefers(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, training: bool = False) -> bool:
     """Whether ``auto`` takes Triton on this call: on CUDA when the cost model predicts it faster than the torch
-    reference and the other available GPU backends (:mod:`monarch_kernels.gpu_dispatch`); never on CPU (the
-    interpreter is for tests)."""
+    reference and the other available GPU backends (:mod:`monarch_kernels.gpu_dispatch`) — for a training call
+    by forward plus backward; never on CPU (the interpreter is for tests)."""
     if device.type != "cuda":
         return False
     from . import backends
@@ -60,11 +60,16 @@ def _triton_prefers(op: str, device: torch.device, dtype: torch.dtype, dims: tup
 
     status = backends.available_backends()
     others = [n for n in ("cuda",) if status.get(n) == "available" and backends.get(n).supports(device, dtype)]
-    return prefers("triton", op, dtype, dims, others)
+    return prefers("triton", op, dtype, dims, others, training)
+
+
+def _triton_prefers_training(op: str, device: torch.device, dtype: torch.dtype, dims: tuple) -> bool:
+    return _triton_prefers(op, device, dtype, dims, training=True)
 
 
 register_backend(Backend(
     name="triton", load=_load_triton, supports=_triton_supports, priority=20, prefer=_triton_prefers,
+    prefer_training=_triton_prefers_training,
     description="Triton kernels: coalesced grouped permutations, fused square forward, fused backward",
 ))
 

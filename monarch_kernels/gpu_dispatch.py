@@ -43,9 +43,10 @@ def _path(backend: str, problem: cm.Problem) -> str:
 
 
 @lru_cache(maxsize=4096)
-def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple) -> float:
-    """The cost model's time for ``backend`` on a Monarch forward (``op == "monarch"``) or a block-diagonal
-    forward (``"blockdiag"``, ``dims[3]`` = input block) with these dims; ``inf`` without an estimator."""
+def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple, training: bool = False) -> float:
+    """The cost model's time for ``backend`` on a Monarch forward (``op == "monarch"``; with ``training`` a
+    forward plus its backward) or a block-diagonal forward (``"blockdiag"``, ``dims[3]`` = input block; the
+    model prices its forward only, for training calls too) with these dims; ``inf`` without an estimator."""
     tokens, n_in, n_out, block = dims
     if op == "blockdiag":
         k = math.ceil(n_in / block)
@@ -55,20 +56,22 @@ def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple) -> float:
     path = _path(backend, problem)
     if (backend, path) not in cm.estimators():
         return math.inf
-    return cm.estimate(backend, path, "fwd", problem, dtype).time()
+    return cm.estimate(backend, path, "fwdbwd" if training else "fwd", problem, dtype).time()
 
 
-def fastest(op: str, dtype: torch.dtype, dims: tuple, candidates: Iterable[str]) -> str:
+def fastest(op: str, dtype: torch.dtype, dims: tuple, candidates: Iterable[str], training: bool = False) -> str:
     """The candidate with the lowest predicted time (the first listed on ties); ``torch`` when none is priced."""
     name = _DTYPES.get(dtype)
     if name is None:
         return "torch"
     key = (dims[0] if isinstance(dims[0], int) else None, *(int(d) for d in dims[1:]))
-    times = {c: predicted_seconds(c, op, name, key) for c in candidates}
+    times = {c: predicted_seconds(c, op, name, key, training) for c in candidates}
     best = min(times, key=times.get)
     return best if math.isfinite(times[best]) else "torch"
 
 
-def prefers(backend: str, op: str, dtype: torch.dtype, dims: tuple, others: Iterable[str] = ()) -> bool:
-    """Whether ``auto`` should take ``backend`` over ``others`` (the torch reference is always compared)."""
-    return fastest(op, dtype, dims, [backend, *[o for o in others if o != backend], "torch"]) == backend
+def prefers(backend: str, op: str, dtype: torch.dtype, dims: tuple, others: Iterable[str] = (),
+            training: bool = False) -> bool:
+    """Whether ``auto`` should take ``backend`` over ``others`` (the torch reference is always compared); with
+    ``training`` by the forward-plus-backward prices (a backend that wins the forward can lose the step)."""
+    return fastest(op, dtype, dims, [backend, *[o for o in others if o != backend], "torch"], training) == backend

@@ -312,8 +312,12 @@ def _route(*tensors: Optional[Tensor]) -> str:
         return OP
     if not all(t is None or type(t) in _PLAIN_TENSORS for t in tensors):
         return OP
-    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return FUNCTION if tracked else DIRECT
+    return FUNCTION if _training(*tensors) else DIRECT
+
+
+def _training(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records a call on these tensors (its backward will run on the backend chosen now)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -667,7 +671,8 @@ def blockdiag_linear(
     check_same(fn, x, w=w)
     check_bias(fn, bias, x, n_out)
     act = _check_activation(fn, activation, x)
-    name = backends.resolve("blockdiag", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, p), backend)
+    name = backends.resolve("blockdiag", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, p), backend,
+                            _training(x, w, bias))
     route = _route(x, w, bias)
     if route == DIRECT:
         return _blockdiag_fwd_impl(x, w, bias, n_out, act, name)
@@ -721,7 +726,8 @@ def monarch_linear(
 def _dispatch_monarch(x, w1, w2, bias, sh: MonarchShape, n_out: int, act: str, backend: Optional[str]) -> Tensor:
     """Resolve the backend for validated arguments and run the forward op (on the route :func:`_route` picks)."""
     block = max(sh.p, sh.q, sh.r, sh.s)
-    name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, block), backend)
+    name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, block), backend,
+                            _training(x, w1, w2, bias))
     route = _route(x, w1, w2, bias)
     if route == DIRECT:
         return _monarch_fwd_impl(x, w1, w2, bias, n_out, act, name)
@@ -759,7 +765,8 @@ def monarch_to_dense(w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -
 
 def resolve_backend(op: str, x: Tensor, *factors: Tensor, backend: Optional[str] = None) -> str:
     """The backend a call of ``op`` with these arguments would use: ``op="blockdiag"`` with one factor
-    ``w (k, q, p)``, or ``op="monarch"`` with two factors ``w1 (k, q, p)``, ``w2 (l, s, r)``."""
+    ``w (k, q, p)``, or ``op="monarch"`` with two factors ``w1 (k, q, p)``, ``w2 (l, s, r)`` (a training call,
+    i.e. one autograd records, when any of them requires grad and grad mode is on)."""
     fn = "resolve_backend"
     if op not in ("blockdiag", "monarch"):
         raise ValueError(f"{fn}: op must be 'blockdiag' or 'monarch', got {op!r}")
@@ -777,4 +784,4 @@ def resolve_backend(op: str, x: Tensor, *factors: Tensor, backend: Optional[str]
     else:
         sh = check_monarch_factors(fn, *factors)
         dims = (_tokens(x), x.shape[-1], sh.n_out, max(sh.p, sh.q, sh.r, sh.s))
-    return backends.resolve(op, x.device, x.dtype, dims, backend)
+    return backends.resolve(op, x.device, x.dtype, dims, backend, _training(x, *factors))

@@ -77,3 +77,15 @@ def test_smem_bound_grows_with_tokens_and_block():
     assert small == 16 * ((1024 + 32) * 2 + 1152)
     assert cuda_dispatch.decode_smem_bytes(torch.bfloat16, 17, 1024) == 2 * small
     assert cuda_dispatch.decode_smem_bytes(torch.float32, 1, 1024) == 16 * ((1024 + 32) * 4 + 1152)
+
+
+def test_auto_prices_a_training_call_as_a_training_step(fake_gpu):
+    """The same fake-GPU call resolves to Triton for inference and to the reference when autograd records it
+    (the cost model predicts Triton's forward faster and its forward+backward slower at this shape)."""
+    s1, s2 = mk.monarch_factor_shapes(768, 3072, 4).w1_shape, mk.monarch_factor_shapes(768, 3072, 4).w2_shape
+    w1, w2 = fake_gpu(*s1, dtype=torch.bfloat16), fake_gpu(*s2, dtype=torch.bfloat16)
+    x = fake_gpu(4096, 768, dtype=torch.bfloat16)
+    assert mk.resolve_backend("monarch", x, w1, w2) == "triton"
+    assert mk.resolve_backend("monarch", x, w1.requires_grad_(), w2) == "torch"
+    with torch.no_grad():
+        assert mk.resolve_backend("monarch", x, w1, w2) == "triton"

@@ -41,3 +41,16 @@ def test_a_faster_registered_backend_takes_over():
 
 def test_auto_never_takes_the_interpreter():
     assert not _triton_prefers("monarch", torch.device("cpu"), torch.float32, (64, 64, 64, 8))
+
+
+def test_training_calls_are_priced_by_forward_and_backward():
+    """GPT-2's fc1 with 4 blocks at 4096 tokens: Triton is predicted to win the forward but lose the training
+    step to the torch reference (which keeps its intermediate); ``auto`` follows the call's kind."""
+    dims = (4096, 768, 3072, 768)
+    assert gd.prefers("triton", "monarch", torch.bfloat16, dims)
+    assert not gd.prefers("triton", "monarch", torch.bfloat16, dims, training=True)
+    assert gd.predicted_seconds("triton", "monarch", "bfloat16", dims, True) > gd.predicted_seconds(
+        "triton", "monarch", "bfloat16", dims)
+    # 4096 wide with 64 blocks: Triton wins both
+    square = (4096, 4096, 4096, 64)
+    assert gd.prefers("triton", "monarch", torch.bfloat16, square, training=True)
