@@ -321,7 +321,7 @@ def path_cases(ctx: Context):
                 _common.empty_token_major = saved_tm
             return row
         yield "paths", run
-    # backward: dx and dw1 from the fused kernel or from two, next to the cost model's choice
+    # backward: dx and dw1 from the fused kernel or from two, g as given or token-major, next to the model's choices
     bshapes = [(8, 256, 256, 16)] if ctx.smoke else [(16384, 4096, 4096, 64), (16384, 768, 3072, 4),
                                                       (16384, 3072, 768, 4)]
     for T, n_in, n_out, nb in bshapes:
@@ -330,10 +330,16 @@ def path_cases(ctx: Context):
             x, g = ctx.rand(T, n_in, dtype=dtype), ctx.rand(T, n_out, dtype=dtype)
             w1, w2 = ctx.rand(*sh.w1_shape, dtype=dtype), ctx.rand(*sh.w2_shape, dtype=dtype)
             row = {"shape": f"T={T} {n_in}->{n_out} nb={nb}", "dtype": DTYPE_NAMES[dtype],
-                   "model_picks": "fused" if tmon._dxw_fused(T, n_in, n_out, sh, dtype) else "separate"}
+                   "model_picks": "fused" if tmon._model_says("dxw_fused", T, n_in, n_out, sh, dtype) else "separate"}
             for dxw in ("fused", "separate"):
                 row[f"bwd_{dxw}_dxw_us"] = round(ctx.time_us(
                     lambda d=dxw: tmon.backward(x, g, w1, w2, n_in, dxw=d)), 1)
+            # g read by dy and dw2 as given (grouped gathers) or copied token-major first (plain tiles)
+            row["model_picks_g"] = ("token_major" if tmon._model_says("g_token_major", T, n_in, n_out, sh, dtype)
+                                    else "row_major")
+            for layout in ("row_major", "token_major"):
+                row[f"bwd_g_{layout}_us"] = round(ctx.time_us(
+                    lambda lay=layout: tmon.backward(x, g, w1, w2, n_in, g_layout=lay)), 1)
             return row
         yield "paths", run_bwd
     if ctx.autotune and not ctx.smoke:

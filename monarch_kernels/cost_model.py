@@ -12,7 +12,8 @@ in L2); L2 bytes are everything the programs load and store, re-reads included.
 
 Estimators are registered per ``(backend, path)`` (:func:`register_estimator`); ``estimate(backend, path, op,
 problem, dtype)`` returns a :class:`Cost`, :func:`dense` prices cuBLAS ``F.linear`` at the same shape the same way.
-Ops: ``fwd``, ``bwd`` (dx, dw1, dw2), ``fwdbwd``, ``bwd_input``, ``bwd_weight``.
+Ops: ``fwd``, ``bwd`` (dx, dw1, dw2 from ``x`` and ``g`` alone), ``fwdbwd`` (an eager training step: the
+forward, and the backward with what the forward kept), ``bwd_input``, ``bwd_weight``.
 
 Device constants (:data:`H100_SXM`), with their sources:
 
@@ -225,7 +226,8 @@ def torch_reference(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
     (fly's formulation). Strided ``bmm`` operands are read at sector granularity of their block rows. A
     standalone backward (``bwd``, ``bwd_weight``) recomputes the stage-1 intermediate; a training step
     (``fwdbwd``) does not: eager autograd keeps the forward's intermediate for the backward
-    (``reference.monarch_fwd_saving``, fly's trade of activation memory)."""
+    (``reference.monarch_fwd_saving``, fly's trade of activation memory), and with an activation gets the
+    pre-activation from it (stage-2 ``bmm`` and P2 copy, ``reference.monarch_bwd_epilogue``)."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
     n_mid = sh.n_mid
     copy = lambda name, width: _elementwise(name, [rows_bytes(T, width, item)], [rows_bytes(T, width, item)], dev)
@@ -238,7 +240,9 @@ def torch_reference(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
     dw1 = Cost([_bmm("ref dW1 bmm", sh.k, sh.q, sh.p, T, dtype, dev)])
     dx = Cost([_bmm("ref dX bmm", sh.k, T, sh.p, sh.q, dtype, dev), copy("ref dX copy", sh.n_in)])
     bwd = go + stage1 + dw2 + dz + dw1 + dx
-    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + go + dw2 + dz + dw1 + dx, "bwd_input": go + dz + dx,
+    pre = (Cost([_bmm("ref bmm2 (pre-activation)", sh.l, T, sh.s, sh.r, dtype, dev), copy("ref P2 copy", sh.n_out)])
+           if problem.activation != "none" else Cost())
+    return {"fwd": fwd, "bwd": bwd, "fwdbwd": fwd + pre + go + dw2 + dz + dw1 + dx, "bwd_input": go + dz + dx,
             "bwd_weight": go + stage1 + dw2 + dz + dw1}[op]
 
 
@@ -307,16 +311,22 @@ def bd_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Dev
 
 
 def wgrad_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Device, *, g_perm=None,
-               n_x: Optional[int] = None, n_g: Optional[int] = None) -> Cost:
-    """:func:`.blockdiag.bd_weight_grad`: the split-T kernel plus the host's fp32 partial sum and cast."""
+               n_x: Optional[int] = None, n_g: Optional[int] = None, g_token_major: bool = False) -> Cost:
+    """:func:`.blockdiag.bd_weight_grad`: the split-T kernel plus the host's fp32 partial sum and cast.
+    ``g_token_major``: the gradient is stored token-major (each column a run of the token step)."""
     item = ITEMSIZE[dtype]
-    lp = _plan.wgrad_launch(tokens, k, q, p, item, g_perm, dev.num_sms)
+    lp = _plan.wgrad_launch(tokens, k, q, p, item, g_perm, dev.num_sms, g_token_major)
     t = lp.tile
     n_x = k * p if n_x is None else n_x
     n_g = k * q if n_g is None else n_g
     t_pad = lp.splits * _plan.cdiv(lp.rows_per_split, t.block_k) * t.block_k
     flops = 2.0 * lp.tiles * t.group * t.block_m * t.block_n * t_pad
-    g_run = t.block_m * t.group * item if lp.g_full else _run_bytes(lp.g, item, n_g * item)
+    if g_token_major:
+        g_run = t.block_k * item
+    elif lp.g_full:
+        g_run = t.block_m * t.group * item
+    else:
+        g_run = _run_bytes(lp.g, item, n_g * item)
     g_hbm, g_l2 = _tensor_bytes(tokens, n_g * item, g_run, True), _tensor_bytes(tokens, n_g * item, g_run, False)
     x_once = rows_bytes(tokens, n_x, item)
     partial = lp.splits * k * q * p * 4
@@ -328,7 +338,9 @@ def wgrad_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: 
     return Cost([kern, reduce])
 
 
-def _two_kernel_forward(problem: Problem, dtype: str, dev: Device) -> Cost:
+def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep_z: bool = False) -> Cost:
+    """Stage 1 and stage 2 per L2-sized token chunk: the intermediate goes from one to the other through L2;
+    ``keep_z`` (:func:`.triton.monarch.forward_saving`): every chunk's intermediate also reaches HBM, kept."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
     chunk = _plan.chunk_tokens(T, sh.n_mid, item, dev.l2_bytes, 128)
     resident = chunk * sh.n_mid * item <= _plan.L2_SHARE * dev.l2_bytes
@@ -336,12 +348,12 @@ def _two_kernel_forward(problem: Problem, dtype: str, dev: Device) -> Cost:
     for t0 in range(0, T, chunk):
         tc = min(chunk, T - t0)
         cost.kernels.append(bd_cost("stage 1 (P1 in a token-major store)", tc, sh.k, sh.q, sh.p, dtype, dev,
-                                    out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=not resident,
+                                    out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=keep_z or not resident,
                                     y_token_major=True))
         cost.kernels.append(bd_cost("stage 2 (P2 grouped store, epilogue)", tc, sh.l, sh.s, sh.r, dtype, dev,
                                     out_perm=(sh.s, sh.l), n_out=problem.n_out, x_hbm=not resident,
                                     activation=problem.activation != "none", x_token_major=True))
-    if resident:  # the last chunk's intermediate is written back from L2 eventually
+    if resident and not keep_z:  # the last chunk's intermediate is written back from L2 eventually
         last = cost.kernels[-2]
         cost.kernels[-2] = Kernel(last.name, last.flops, last.useful_flops,
                                   last.hbm_bytes + rows_bytes(min(chunk, T), sh.n_mid, item), last.l2_bytes,
@@ -400,45 +412,96 @@ def dxw_fused(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM)
     return _dxw_fused(problem, dtype, dev).time(dev) <= _dxw_separate(problem, dtype, dev).time(dev)
 
 
-def _backward(problem: Problem, dtype: str, dev: Device) -> Cost:
-    """:func:`.monarch.backward`: dy (grouped gather, token-major store), dx & dw1 (one kernel or two, whichever
-    :func:`dxw_fused` picks), z recomputed, dw2."""
+def _dy(problem: Problem, dtype: str, dev: Device, g_token_major: bool = False) -> Kernel:
     sh, T = problem.shape, problem.tokens
-    dy = bd_cost("dy = P1T BD(w2)T P2T g", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l),
-                 out_perm=(sh.r, sh.l), n_in=problem.n_out, y_token_major=True)
+    return bd_cost("dy = P1T BD(w2)T P2T g", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l),
+                   out_perm=(sh.r, sh.l), n_in=problem.n_out, x_token_major=g_token_major, y_token_major=True)
+
+
+def _token_major_copy(name: str, tokens: int, n: int, dtype: str, dev: Device) -> Kernel:
+    """:func:`.token_major.to_token_major`: one read of the row-major tensor, one write of the token-major copy
+    (16-byte vectors on both sides, kernel audit)."""
+    item = ITEMSIZE[dtype]
+    moved = rows_bytes(tokens, n, item) + sectors(tokens * item, n)
+    return Kernel(name, 0.0, 0.0, moved, moved, 1e30, dev.mem_eff)
+
+
+def _g_readers(problem: Problem, dtype: str, dev: Device, g_token_major: bool) -> Cost:
+    """The backward's two readers of ``g`` through P2ᵀ, ``dy`` and ``dw2``, with ``g`` as given (row-major:
+    grouped gathers) or first copied token-major (plain tiles for both)."""
+    sh, T = problem.shape, problem.tokens
+    dw2 = wgrad_cost("dw2 = (P2T g)T z", T, sh.l, sh.s, sh.r, dtype, dev, g_perm=(sh.s, sh.l), n_g=problem.n_out,
+                     g_token_major=g_token_major)
+    copy = [_token_major_copy("g -> token-major", T, problem.n_out, dtype, dev)] if g_token_major else []
+    return Cost(copy + [_dy(problem, dtype, dev, g_token_major)]) + dw2
+
+
+def g_token_major(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> bool:
+    """Whether :func:`.triton.monarch.backward` (and ``backward_weight``) copy ``g`` token-major before ``dy``
+    and ``dw2`` read it: when the copy plus both kernels on plain tiles is predicted faster than both on the
+    grouped gathers of the row-major ``g``. It pays where the groups' interleaved fp32 accumulators cap the
+    tiles (GPT-2's fc1: 4 blocks of 768 × 192, 32 × 32 tiles), not at square Monarch shapes, whose 16-byte
+    grouped gathers cost less than a copy of ``g``."""
+    return (_g_readers(problem, dtype, dev, True).time(dev)
+            < _g_readers(problem, dtype, dev, False).time(dev))
+
+
+def _z(problem: Problem, dtype: str, dev: Device) -> Kernel:
+    sh, T = problem.shape, problem.tokens
+    return bd_cost("z = P1 BD(w1) x (recomputed)", T, sh.k, sh.q, sh.p, dtype, dev, out_perm=(sh.l, sh.r),
+                   n_in=problem.n_in, y_token_major=True)
+
+
+def _pre_activation(problem: Problem, dtype: str, dev: Device) -> Kernel:
+    """Stage 2 of a token-major ``z`` without the epilogue: the pre-activation an activation's derivative needs
+    (:func:`.triton.monarch.backward_epilogue`)."""
+    sh, T = problem.shape, problem.tokens
+    return bd_cost("pre-activation = P2 BD(w2) z + bias", T, sh.l, sh.s, sh.r, dtype, dev, out_perm=(sh.s, sh.l),
+                   n_out=problem.n_out, x_token_major=True)
+
+
+def _backward(problem: Problem, dtype: str, dev: Device, z_saved: bool = False) -> Cost:
+    """:func:`.monarch.backward`: dy (P2ᵀ gather, token-major store; ``g`` copied token-major first where
+    :func:`g_token_major` says), dx & dw1 (one kernel or two, whichever :func:`dxw_fused` picks), z
+    recomputed unless ``z_saved``, dw2."""
     dxw = (_dxw_fused if dxw_fused(problem, dtype, dev) else _dxw_separate)(problem, dtype, dev)
-    z = bd_cost("z = P1 BD(w1) x (recomputed)", T, sh.k, sh.q, sh.p, dtype, dev, out_perm=(sh.l, sh.r),
-                n_in=problem.n_in, y_token_major=True)
-    dw2 = wgrad_cost("dw2 = (P2T g)T z", T, sh.l, sh.s, sh.r, dtype, dev, g_perm=(sh.s, sh.l), n_g=problem.n_out)
-    return Cost([dy]) + dxw + Cost([z]) + dw2
+    z = Cost() if z_saved else Cost([_z(problem, dtype, dev)])
+    return _g_readers(problem, dtype, dev, g_token_major(problem, dtype, dev)) + dxw + z
 
 
 def _bwd_input(problem: Problem, dtype: str, dev: Device) -> Cost:
     sh, T = problem.shape, problem.tokens
-    dy = bd_cost("dy", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l),
-                 n_in=problem.n_out, y_token_major=True)
     dx = bd_cost("dx = BD(w1)T dy", T, sh.k, sh.p, sh.q, dtype, dev, n_out=problem.n_in, x_token_major=True)
-    return Cost([dy, dx])
+    return Cost([_dy(problem, dtype, dev), dx])
 
 
 def _bwd_weight(problem: Problem, dtype: str, dev: Device) -> Cost:
     sh, T = problem.shape, problem.tokens
-    dy = bd_cost("dy", T, sh.l, sh.r, sh.s, dtype, dev, in_perm=(sh.s, sh.l), out_perm=(sh.r, sh.l),
-                 n_in=problem.n_out, y_token_major=True)
-    z = bd_cost("z (recomputed)", T, sh.k, sh.q, sh.p, dtype, dev, out_perm=(sh.l, sh.r), n_in=problem.n_in,
-                y_token_major=True)
-    return (Cost([dy]) + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in) + Cost([z])
-            + wgrad_cost("dw2", T, sh.l, sh.s, sh.r, dtype, dev, g_perm=(sh.s, sh.l), n_g=problem.n_out))
+    return (_g_readers(problem, dtype, dev, g_token_major(problem, dtype, dev))
+            + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in) + Cost([_z(problem, dtype, dev)]))
 
 
-def _triton(forward: Callable[[Problem, str, Device], Cost]) -> Estimator:
+def _training_step(problem: Problem, dtype: str, dev: Device, forward: Callable[..., Cost], keeps_z: bool) -> Cost:
+    """An eager training call (:class:`monarch_kernels.ops._MonarchFwdEager`): the forward, keeping ``z`` where
+    the path has it (two-kernel: :func:`.triton.monarch.forward_saving`), and the first-order backward
+    (:func:`.triton.monarch.backward_epilogue`): with an activation, the pre-activation as stage 2 of ``z``
+    (computed once there when not kept), then dx, dw1, dw2 on that ``z``. The activation's derivative itself
+    (an elementwise pass) is left to the caller, as for dense and the reference."""
+    act = problem.activation != "none"
+    fwd = forward(problem, dtype, dev, keep_z=True) if keeps_z else forward(problem, dtype, dev)
+    z = Cost([_z(problem, dtype, dev)]) if act and not keeps_z else Cost()
+    pre = Cost([_pre_activation(problem, dtype, dev)]) if act else Cost()
+    return fwd + z + pre + _backward(problem, dtype, dev, z_saved=keeps_z or act)
+
+
+def _triton(forward: Callable[..., Cost], keeps_z: bool) -> Estimator:
     def est(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
         if op == "fwd":
             return forward(problem, dtype, dev)
         if op == "bwd":
             return _backward(problem, dtype, dev)
         if op == "fwdbwd":
-            return forward(problem, dtype, dev) + _backward(problem, dtype, dev)
+            return _training_step(problem, dtype, dev, forward, keeps_z)
         if op == "bwd_input":
             return _bwd_input(problem, dtype, dev)
         return _bwd_weight(problem, dtype, dev)
@@ -446,8 +509,8 @@ def _triton(forward: Callable[[Problem, str, Device], Cost]) -> Estimator:
     return est
 
 
-register_estimator("triton", "two_kernel", _triton(_two_kernel_forward))
-register_estimator("triton", "fused", _triton(_fused_forward))
+register_estimator("triton", "two_kernel", _triton(_two_kernel_forward, keeps_z=True))
+register_estimator("triton", "fused", _triton(_fused_forward, keeps_z=False))
 
 
 def blockdiag_seconds(backend: str, tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",

@@ -153,7 +153,7 @@ class Primitives:
         """(dx, dw1, dw2, db) of ``⟨g, act(M x + bias)⟩`` on CPU with an activation: one pass that gets the
         pre-activation from one stage-2 GEMM per row tile (dx, db and the weight gradients computed even when not
         wanted). None
-        otherwise (no such kernel on CUDA): the caller composes it. The compiled backends keep no intermediate."""
+        otherwise (no such kernel on CUDA): the caller composes it. The C++/CUDA backends keep no intermediate."""
         if x.device.type != "cpu" or activation == "none":
             return None
         return tuple(_ops().monarch_bwd_act(x, g, w1, w2, bias, n_in, CODES[activation]))

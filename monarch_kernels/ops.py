@@ -26,9 +26,9 @@ follow PyTorch's conjugate convention (gradients are taken with conjugated partn
 
 Eager calls skip the custom-op dispatch (:func:`_route`): an untracked forward runs the backend directly, a
 tracked one runs inside a plain ``autograd.Function`` with the same formulas, whose first-order backward calls the
-implementations directly too. On that route a backend with ``monarch_fwd_saving`` (the torch reference) keeps the
-stage-1 intermediate for its first-order backward, as fly's ``BlockdiagButterflyMultiply`` does (``T·k·q`` more
-elements of activation memory, one ``bmm`` and one copy fewer); the compiled backends, and every backend through
+implementations directly too. On that route a backend with ``monarch_fwd_saving`` (the torch reference; Triton on its two-kernel path) keeps
+the stage-1 intermediate for its first-order backward, as fly's ``BlockdiagButterflyMultiply`` does (``T·k·q``
+more elements of activation memory, no stage-1 recompute); the C++/CUDA backends, and every backend through
 the custom op (``torch.compile``, profiler, dispatch modes), save only the inputs and recompute. A first-order
 backward with an activation runs the backend's ``monarch_bwd_epilogue`` (C++: one pass that gets the
 pre-activation from one stage-2 GEMM per row tile) instead of a forward followed by the backward.
@@ -596,8 +596,9 @@ class _BlockdiagFwdEager(torch.autograd.Function):
 
 class _MonarchFwdEager(torch.autograd.Function):
     """``monarch_fwd`` for eager calls that autograd records (see :class:`_BlockdiagFwdEager`). A backend with
-    ``monarch_fwd_saving`` (the torch reference) keeps the stage-1 intermediate and hands it to its first-order
-    backward (``monarch_bwd_epilogue``) when that needs the weight gradients; the others save what the custom op
+    ``monarch_fwd_saving`` (the torch reference, Triton) keeps the stage-1 intermediate and hands it to its
+    first-order backward (``monarch_bwd_epilogue``) when that needs the weight gradients or an activation's
+    pre-activation; the others (and a saving forward that kept nothing, ``z = None``) save what the custom op
     saves and run its formula."""
 
     @staticmethod

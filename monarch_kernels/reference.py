@@ -43,8 +43,9 @@ Optional, for the first-order backward of eager training calls (:mod:`monarch_ke
   -> (dx | None, dw1 | None, dw2 | None, db | None)``: the backward of ``act(M x + bias)`` including the
   activation's derivative and the bias gradient (``None`` instead of the tuple where the backend has no such
   kernel for these tensors: the caller composes it; a backend may return weight gradients it was not asked for);
-* ``monarch_fwd_saving(x, w1, w2, bias, n_out, activation) -> (out, z)``: the forward that also hands the
-  stage-1 intermediate to ``monarch_bwd_epilogue``. The reference trades ``T·k·q`` elements of activation memory
+* ``monarch_fwd_saving(x, w1, w2, bias, n_out, activation) -> (out, z | None)``: the forward that also hands the
+  stage-1 intermediate (in the backend's own layout; ``None`` when it keeps none for this call) to
+  ``monarch_bwd_epilogue``. The reference trades ``T·k·q`` elements of activation memory
   for one ``bmm`` and one copy fewer in backward, as fly's ``BlockdiagButterflyMultiply`` does (the
   pre-activation is not kept: stage 2 recomputes it from ``z``).
 """
@@ -126,7 +127,7 @@ def monarch_fwd(x, w1, w2, bias, n_out: int, activation: str = "none"):
 def monarch_fwd_saving(x, w1, w2, bias, n_out: int, activation: str = "none"):
     """:func:`monarch_fwd` that also returns the stage-1 intermediate ``z`` (the ``(l, T, r)`` view stage 2
     read) for :func:`monarch_bwd_epilogue`: ``(out, z)``. Keeping ``z`` costs ``T·k·q`` elements of activation
-    memory and saves the backward one ``bmm`` and one copy (fly's choice; the compiled backends recompute it)."""
+    memory and saves the backward one ``bmm`` and one copy (fly's choice; Triton's two-kernel path keeps its own, the C++/CUDA backends recompute it)."""
     l, _, r = w2.shape
     z = _stage1(x, w1, l, r)
     return _activate_(activation, _permute_out(_stage2(z, w2), bias, n_out)), z

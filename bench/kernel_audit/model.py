@@ -81,9 +81,10 @@ def mlp_rows(d: int = 768, nb: int = 4, T: int = 16384, dtype: str = "bfloat16",
 
     Both sides pay the same activation work: dense ``F.gelu`` (one elementwise pass forward: read + write the
     ``T × 4d`` pre-activation, one backward: read ``g`` and the pre-activation, write ``g'``); Monarch fuses the
-    forward GELU into fc1's epilogue and, in backward, recomputes the pre-activation with an fc1 forward (what
-    ``monarch_kernels.ops`` does) and is charged one fused elementwise pass for ``g · gelu'(pre)`` (the
-    current ``activations.grad`` runs about ten unfused torch ops there: see bench/RESULTS.md).
+    forward GELU into fc1's epilogue and, in backward, recomputes the pre-activation as stage 2 of fc1's kept
+    intermediate (what ``monarch_kernels.ops`` does in eager training) and is charged one fused elementwise
+    pass for ``g · gelu'(pre)`` (the current ``activations.grad`` runs about ten unfused torch ops there: see
+    bench/RESULTS.md).
     """
     item = cm.ITEMSIZE[dtype]
     fc1, fc2 = cm.Problem.linear(T, d, 4 * d, nb, activation="gelu"), cm.Problem.linear(T, 4 * d, d, nb)
@@ -99,9 +100,10 @@ def mlp_rows(d: int = 768, nb: int = 4, T: int = 16384, dtype: str = "bfloat16",
                + cm.estimate("torch", "reference", "fwd", fc2, dtype, dev))
         if op == "fwdbwd":
             dense = dense + cm.dense("bwd", fc2, dtype, dev) + gelu_bwd + cm.dense("bwd", fc1, dtype, dev)
-            mon = (mon + cm.estimate("triton", cm.triton_path(fc2), "bwd", fc2, dtype, dev)
-                   + cm.estimate("triton", cm.triton_path(fc1), "fwd", fc1, dtype, dev) + gelu_bwd
-                   + cm.estimate("triton", cm.triton_path(fc1), "bwd", fc1, dtype, dev))
+            # eager training steps: each layer's forward keeps its intermediate, fc1's backward gets the
+            # pre-activation from it through stage 2 (cm._training_step)
+            mon = (cm.estimate("triton", cm.triton_path(fc1), "fwdbwd", fc1, dtype, dev) + gelu_bwd
+                   + cm.estimate("triton", cm.triton_path(fc2), "fwdbwd", fc2, dtype, dev))
             # the reference's training step keeps each layer's intermediate (no stage-1 recompute)
             ref = (cm.estimate("torch", "reference", "fwdbwd", fc1, dtype, dev) + gelu_fwd + gelu_bwd
                    + cm.estimate("torch", "reference", "fwdbwd", fc2, dtype, dev))

@@ -31,6 +31,12 @@ def monarch_fwd(x, w1, w2, bias, n_out, activation="none"):
     return forward(x, w1, w2, _bias(bias), n_out, activation)
 
 
+def monarch_fwd_saving(x, w1, w2, bias, n_out, activation="none"):
+    from .monarch import forward_saving
+
+    return forward_saving(x, w1, w2, _bias(bias), n_out, activation)
+
+
 def monarch_bwd_input(g, w1, w2, n_in):
     from .monarch import backward_input
 
@@ -47,3 +53,9 @@ def monarch_bwd(x, g, w1, w2, n_in):
     from .monarch import backward
 
     return backward(x, g, w1, w2, n_in)
+
+
+def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True):
+    from .monarch import backward_epilogue
+
+    return backward_epilogue(x, g, w1, w2, _bias(bias), n_in, activation, want_dx, z, want_dw)

@@ -377,11 +377,12 @@ def bd_weight_grad(
     g_perm: Optional[tuple[int, int]] = None,
 ) -> torch.Tensor:
     """``dw (k, q, p)`` in ``x``'s dtype from ``x (T, N_X)`` (natural blocks) and ``g (T, N_G)`` read through
-    ``g_perm`` (grouped 16-byte gathers when the blocks align with it)."""
+    ``g_perm`` (grouped 16-byte gathers when the blocks align with it; no group when ``g`` is token-major)."""
     T = x.shape[0]
     if T == 0:
         return torch.zeros(k, q, p, device=x.device, dtype=x.dtype)
-    lp = _plan.wgrad_launch(T, k, q, p, x.element_size(), g_perm, _common.device_info(x.device).num_sms)
+    lp = _plan.wgrad_launch(T, k, q, p, x.element_size(), g_perm, _common.device_info(x.device).num_sms,
+                            _common.is_token_major(g))
     partial = _common.empty(lp.splits, k, q, p, device=x.device, dtype=torch.float32)
     _bd_wgrad_kernel[(lp.tiles, lp.splits)](
         x, g, partial,

@@ -25,8 +25,10 @@ Backward: ``backward`` (the backend's fused ``monarch_bwd``) computes ``dy = P1�
 grouped 16-byte gathers, P1ᵀ in a token-major store) and shares it between ``dx`` and ``dw1``, which one kernel
 produces together (both read ``dy``; ``dw1`` reads ``x`` too) — or, where that kernel's whole-``q`` tile is
 narrow and the cost model predicts two kernels faster, the block-diagonal and weight-gradient kernels — then
-recomputes ``z = P1 BD(w1) x`` once for ``dw2 = Σ_t (P2ᵀ g)ᵀ z``. ``backward_input`` alone is ``dy`` then the
-stage-1 transpose.
+recomputes ``z = P1 BD(w1) x`` once for ``dw2 = Σ_t (P2ᵀ g)ᵀ z``. ``dy`` and ``dw2`` both read ``g`` through
+P2ᵀ; where the cost model predicts it faster (few wide blocks: their grouped gathers keep interleaved fp32
+accumulators that cap the tiles), ``g`` is first copied token-major (:mod:`.token_major`) and both take plain
+tiles. ``backward_input`` alone is ``dy`` then the stage-1 transpose.
 """
 from __future__ import annotations
 
@@ -36,11 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import activations
 from ..shapes import MonarchShape
 from . import _common
 from . import plan as _plan
 from ._common import ACT_CODES, interpreting, precision
 from .blockdiag import _finish, _load, bd_forward, bd_weight_grad
+from .token_major import to_token_major
 
 PATHS = _plan.PATHS
 
@@ -157,18 +161,37 @@ def _fused_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out):
     return out
 
 
-def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out):
+def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out, keep_z: bool = False):
+    """``(out, z | None)``: ``z`` is the whole token-major intermediate when ``keep_z``, else one chunk's
+    buffer is reused and nothing is returned."""
     T = x.shape[0]
     info = _common.device_info(x.device)
     chunk = _plan.chunk_tokens(T, sh.n_mid, x.element_size(), info.l2_bytes, 128)
-    z = _common.empty_token_major(min(chunk, T), sh.n_mid, device=x.device, dtype=x.dtype)
+    z = _common.empty_token_major(T if keep_z else min(chunk, T), sh.n_mid, device=x.device, dtype=x.dtype)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        # stage 1, P1 in the store: y[f] lands at z[(f mod l)·r + f div l], token-major (runs of tokens)
-        zc = bd_forward(x[t0:t1], w1, out_perm=(sh.l, sh.r), out=z[: t1 - t0])
+        # stage 1, P1 in the store: y[f] lands at z[(f mod l)·r + f div l], token-major (runs of tokens);
+        # a kept z's chunks start at multiples of the 128-row tile, so their columns stay 16-byte aligned
+        zc = bd_forward(x[t0:t1], w1, out_perm=(sh.l, sh.r), out=z[t0:t1] if keep_z else z[: t1 - t0])
         # stage 2 and epilogue, P2 in the store: o[f] lands at out[(f mod s)·l + f div s]
         bd_forward(zc, w2, bias, n_out, activation, out_perm=(sh.s, sh.l), out=out[t0:t1])
-    return out
+    return out, (z if keep_z else None)
+
+
+def forward_saving(x, w1, w2, bias=None, n_out=None, activation="none", *, path="auto"):
+    """``(out, z)``: :func:`forward` that also keeps the two-kernel path's stage-1 intermediate ``z``
+    (token-major ``(T, l·r)``, ``T·k·q`` elements of activation memory) for :func:`backward_epilogue`, which
+    then recomputes nothing; ``z`` is ``None`` on the fused square path, whose intermediate never leaves the
+    chip."""
+    sh = MonarchShape.from_factors(w1.shape, w2.shape)
+    n_out = sh.n_out if n_out is None else n_out
+    out = _common.empty(x.shape[0], n_out, device=x.device, dtype=x.dtype)
+    chosen = choose_path(sh, path)
+    if x.shape[0] == 0:
+        return out, None
+    if chosen == "fused":
+        return _fused_forward(x, w1, w2, bias, n_out, activation, sh, out), None
+    return _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh, out, keep_z=True)
 
 
 def forward(x, w1, w2, bias=None, n_out=None, activation="none", *, path="auto"):
@@ -181,7 +204,7 @@ def forward(x, w1, w2, bias=None, n_out=None, activation="none", *, path="auto")
         return out
     if chosen == "fused":
         return _fused_forward(x, w1, w2, bias, n_out, activation, sh, out)
-    return _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh, out)
+    return _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh, out)[0]
 
 
 def backward_input(g, w1, w2, n_in=None, *, path="auto"):
@@ -213,15 +236,17 @@ def _dw2(z, g, sh: MonarchShape):
     return bd_weight_grad(z, g, sh.l, sh.s, sh.r, g_perm=(sh.s, sh.l))
 
 
-def backward_weight(x, g, w1, w2, *, path="auto"):
-    """``(dw1, dw2)`` of ``⟨g, M x⟩`` for ``x (T, n_in)``, ``g (T, n_out)``; the intermediate is recomputed.
-    Every path runs the same grouped kernels (``path`` is validated for symmetry with the other calls)."""
+def backward_weight(x, g, w1, w2, *, path="auto", g_layout="auto", z=None):
+    """``(dw1, dw2)`` of ``⟨g, M x⟩`` for ``x (T, n_in)``, ``g (T, n_out)``; the intermediate is ``z`` (from
+    :func:`forward_saving` or :func:`_z`) or recomputed. Every path runs the same grouped kernels (``path`` is
+    validated for symmetry with the other calls); ``g_layout`` as in :func:`backward`."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     choose_path(sh, path)
+    g = _g_for_readers(g, x.shape[1], sh, g_layout)
     if x.shape[0] == 0:
         return torch.zeros_like(w1), torch.zeros_like(w2)
     dw1 = bd_weight_grad(x, _dy(g, w2, sh), sh.k, sh.q, sh.p)
-    return dw1, _dw2(_z(x, w1, sh), g, sh)
+    return dw1, _dw2(_z(x, w1, sh) if z is None else z, g, sh)
 
 
 @triton.jit
@@ -258,40 +283,56 @@ def _dxw_kernel(
 
 
 DXW = ("auto", "fused", "separate")
+G_LAYOUTS = ("auto", "row_major", "token_major")
 
 
-def _dxw_fused(T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: torch.dtype) -> bool:
-    """The cost model's choice between the fused dx/dw1 kernel and two separate ones (see
-    :func:`monarch_kernels.cost_model.dxw_fused`), priced for this call's shape and dtype (about 0.1 ms of
-    arithmetic, so remembered per shape)."""
+def _model_says(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: torch.dtype) -> bool:
+    """The cost model's answer to ``question`` (``"dxw_fused"``: :func:`monarch_kernels.cost_model.dxw_fused`;
+    ``"g_token_major"``: :func:`monarch_kernels.cost_model.g_token_major`) for this call's shape and dtype
+    (about 0.1 ms of arithmetic, so remembered per shape)."""
     name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
-    return _dxw_fused_cached(max(T, 1), n_in, n_out, sh, name)
+    return _model_says_cached(question, max(T, 1), n_in, n_out, sh, name)
 
 
 @functools.lru_cache(maxsize=1024)
-def _dxw_fused_cached(T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: str) -> bool:
+def _model_says_cached(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: str) -> bool:
     from .. import cost_model as cm  # imported here: cost_model imports this package's plan module
 
-    return cm.dxw_fused(cm.Problem(T, n_in, n_out, sh), dtype)
+    return getattr(cm, question)(cm.Problem(T, n_in, n_out, sh), dtype)
 
 
-def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto"):
+def _g_for_readers(g, n_in: int, sh: MonarchShape, g_layout: str):
+    """``g`` as ``dy`` and ``dw2`` read it: copied token-major (:func:`.token_major.to_token_major`) when
+    ``g_layout`` asks or (``"auto"``) the cost model predicts the copy pays for itself, else as given."""
+    if g_layout not in G_LAYOUTS:
+        raise ValueError(f"g_layout must be one of {G_LAYOUTS}, got {g_layout!r}")
+    if g_layout == "token_major" or (g_layout == "auto" and g.shape[0] > 0
+                                     and _model_says("g_token_major", g.shape[0], n_in, g.shape[1], sh, g.dtype)):
+        return to_token_major(g)
+    return g
+
+
+def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto", z=None):
     """``(dx, dw1, dw2)`` in one call: ``dy`` computed once (token-major) and shared by ``dx`` and ``dw1`` —
     one kernel for both, or two with their own tiles when the cost model predicts that faster (``dxw``:
-    ``"auto"``, ``"fused"`` or ``"separate"``) — and the intermediate recomputed once for ``dw2``."""
+    ``"auto"``, ``"fused"`` or ``"separate"``) — and the intermediate ``z`` (from :func:`forward_saving`)
+    or, without it, recomputed once for ``dw2``. ``g`` is
+    read through P2ᵀ by ``dy`` and ``dw2``; ``g_layout="token_major"`` copies it token-major first
+    (``"auto"``: where the cost model predicts that faster, ``"row_major"``: never)."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_in = sh.n_in if n_in is None else n_in
     choose_path(sh, path)
     if dxw not in DXW:
         raise ValueError(f"dxw must be one of {DXW}, got {dxw!r}")
+    g = _g_for_readers(g, n_in, sh, g_layout)
     T = x.shape[0]
     if T == 0:
         return _common.empty(T, n_in, device=x.device, dtype=x.dtype), torch.zeros_like(w1), torch.zeros_like(w2)
     dy = _dy(g, w2, sh)
-    if dxw == "separate" or (dxw == "auto" and not _dxw_fused(T, n_in, g.shape[1], sh, x.dtype)):
+    if dxw == "separate" or (dxw == "auto" and not _model_says("dxw_fused", T, n_in, g.shape[1], sh, x.dtype)):
         dx = bd_forward(dy, w1.transpose(1, 2), None, n_in)
         dw1 = bd_weight_grad(x, dy, sh.k, sh.q, sh.p)
-        return dx, dw1, _dw2(_z(x, w1, sh), g, sh)
+        return dx, dw1, _dw2(_z(x, w1, sh) if z is None else z, g, sh)
     dx = _common.empty(T, n_in, device=x.device, dtype=x.dtype)
     lp = _plan.dxw_launch(T, sh.k, sh.q, sh.p, _common.device_info(x.device).num_sms)
     part1 = _common.empty(lp.splits, *w1.shape, device=x.device, dtype=torch.float32)
@@ -302,4 +343,23 @@ def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto"):
         UPCAST=interpreting(), PRECISION=precision(x.dtype),
         **_common.launch_meta(lp.tile, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
     )
-    return dx, part1.sum(0).to(w1.dtype), _dw2(_z(x, w1, sh), g, sh)
+    return dx, part1.sum(0).to(w1.dtype), _dw2(_z(x, w1, sh) if z is None else z, g, sh)
+
+
+def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True):
+    """First-order backward of ``out = act(M x + bias)``: ``(dx | None, dw1 | None, dw2 | None, db | None)``,
+    ``db = Σ_t g·act'(pre)`` (``None`` without a bias). ``z``: the intermediate :func:`forward_saving` kept,
+    else computed once here and shared: an activation's pre-activation is stage 2 of ``z`` (no epilogue) and
+    ``dw2`` reads the same ``z``, where composing a forward with :func:`backward` would run stage 1 twice."""
+    sh = MonarchShape.from_factors(w1.shape, w2.shape)
+    if z is None and (want_dw or activation != "none"):
+        z = _z(x, w1, sh)
+    if activation != "none":
+        pre = bd_forward(z, w2, bias, g.shape[1], "none", out_perm=(sh.s, sh.l))
+        g = activations.backward(activation, pre, g)
+    db = None if bias is None else g.sum(0)
+    if not want_dw:
+        return (backward_input(g, w1, w2, n_in) if want_dx else None), None, None, db
+    if not want_dx:
+        return (None, *backward_weight(x, g, w1, w2, z=z), db)
+    return (*backward(x, g, w1, w2, n_in, z=z), db)

@@ -259,8 +259,10 @@ def _splits(tokens: int, tiles: int, num_sms: int, step: int) -> tuple[int, int]
     return cdiv(max(tokens, 1), rows), rows
 
 
-def wgrad_launch(tokens: int, k: int, q: int, p: int, itemsize: int, g_perm, num_sms: int) -> WgradLaunch:
-    g = layout(g_perm, k, q, itemsize, gather=True)
+def wgrad_launch(tokens: int, k: int, q: int, p: int, itemsize: int, g_perm, num_sms: int,
+                 g_token_major: bool = False) -> WgradLaunch:
+    """``g_token_major``: the gradient is stored token-major (runs of tokens, no block group, see :func:`layout`)."""
+    g = layout(g_perm, k, q, itemsize, gather=True, token_major=g_token_major)
     tile = wgrad_tile(k, q, p, g.group)
     tiles = cdiv(k, g.group) * cdiv(q, tile.block_m) * cdiv(p, tile.block_n)
     return WgradLaunch(tile, g, tiles, *_splits(tokens, tiles, num_sms, tile.block_k),
@@ -272,6 +274,11 @@ def dxw_launch(tokens: int, k: int, q: int, p: int, num_sms: int) -> WgradLaunch
     tile = dxw_tile(q, p)
     tiles = k * cdiv(p, tile.block_n)
     return WgradLaunch(tile, Layout(), tiles, *_splits(tokens, tiles, num_sms, tile.block_m))
+
+
+#: :func:`.token_major.to_token_major`: 64 tokens x 64 features per program (8 KB of bf16 through shared
+#: memory between the row-major load and the token-major store), 4 warps
+COPY_TILE = Tile(64, 64, 0, 1, 4, 1)
 
 
 # ------------------------------------------------------------------------------------------ Monarch paths

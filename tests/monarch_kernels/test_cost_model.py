@@ -99,6 +99,31 @@ def test_weight_gradient_tile_and_whole_row_gather():
     assert (plan.wgrad_tile(64, 64, 64, 1).block_m, plan.wgrad_tile(64, 64, 64, 1).block_n) == (64, 64)
 
 
+def test_token_major_gradient_takes_plain_weight_gradient_tiles():
+    """The same dw2 with ``g`` copied token-major first: no block group, so one plain accumulator of up to
+    32 KB (128 x 64 here: 6 x 3 tiles instead of 24 x 6), every gradient column a run of the token step
+    (whole sectors); the copy reads ``g`` once and writes it once, and the model takes it for fc1-like
+    shapes, not for square Monarch (whose 16-byte grouped gathers cost less than a copy of g)."""
+    T, k, q, p = 4096, 4, 768, 192
+    lp = plan.wgrad_launch(T, k, q, p, 2, (q, k), DEV.num_sms, g_token_major=True)
+    assert lp.g.group == 1 and (lp.tile.block_m, lp.tile.block_n) == (128, 64)
+    kern = cm.wgrad_cost("dw2", T, k, q, p, "bfloat16", DEV, g_perm=(q, k), n_g=k * q, g_token_major=True).kernels[0]
+    g_once, x_once = T * k * q * 2, T * k * p * 2
+    partial = lp.splits * k * q * p * 4
+    assert kern.l2_bytes == g_once * (p // 64) + x_once * (q // 128) + partial
+    assert kern.hbm_bytes == g_once + x_once + partial
+    copy = cm._token_major_copy("copy", 1000, 24, "bfloat16", DEV)
+    assert copy.hbm_bytes == 1000 * 64 + 24 * 2016  # 48-byte rows -> 2 sectors; 2000-byte columns -> 63
+    fc1 = cm.Problem.linear(16384, 768, 3072, 4)
+    readers = cm._g_readers(fc1, "bfloat16", DEV, True)
+    assert [kk.name for kk in readers.kernels][:2] == ["g -> token-major", "dy = P1T BD(w2)T P2T g"]
+    assert cm.g_token_major(fc1) and not cm.g_token_major(cm.Problem.linear(16384, 4096, 4096, 64))
+    # the backward prices what it runs: the cheaper of the two, and the choice moves it
+    bwd = cm.estimate("triton", "two_kernel", "bwd", fc1)
+    assert "g -> token-major" in {kk.name for kk in bwd.kernels}
+    assert readers.time() < cm._g_readers(fc1, "bfloat16", DEV, False).time()
+
+
 def test_useful_flops_and_paths():
     pr = cm.Problem.linear(16384, 4096, 4096, 64)
     assert pr.useful_fwd_flops() == 2 * 16384 * 2 * 64 * 64 * 64
@@ -106,9 +131,34 @@ def test_useful_flops_and_paths():
         c = cm.estimate("triton", path, "fwd", cm.Problem.linear(2048, 1024, 1024, 32))
         assert c.useful_flops == cm.Problem.linear(2048, 1024, 1024, 32).useful_fwd_flops()
         assert c.flops >= c.useful_flops
-    both = cm.estimate("triton", "two_kernel", "fwdbwd", pr)
-    parts = cm.estimate("triton", "two_kernel", "fwd", pr) + cm.estimate("triton", "two_kernel", "bwd", pr)
-    assert both.time() == pytest.approx(parts.time()) and both.launches == parts.launches
+
+
+def test_training_step_prices_what_the_eager_backward_runs():
+    """``fwdbwd`` is an eager training step: on the two-kernel path the forward keeps z (every chunk's
+    intermediate also written to HBM: the whole z instead of the last chunk's write-back) and the backward
+    recomputes no stage 1; with an activation the pre-activation is stage 2 of z (one more launch). The fused
+    square path keeps nothing: without an activation its step is forward + standalone backward, with one the
+    backward computes z once for the pre-activation and dw2."""
+    pr = cm.Problem.linear(16384, 4096, 4096, 64)
+    est = lambda op, p=pr, path="two_kernel": cm.estimate("triton", path, op, p)
+    step, fwd, bwd = est("fwdbwd"), est("fwd"), est("bwd")
+    recompute = "z = P1 BD(w1) x (recomputed)"
+    assert [k.name for k in step.kernels] == [k.name for k in fwd.kernels] + [k.name for k in bwd.kernels
+                                                                              if k.name != recompute]
+    chunk = plan.chunk_tokens(16384, 4096, 2, DEV.l2_bytes, 128)
+    z_total, z_chunk = 16384 * 4096 * 2, chunk * 4096 * 2
+    kept = cm._two_kernel_forward(pr, "bfloat16", DEV, keep_z=True)
+    assert kept.hbm_bytes - fwd.hbm_bytes == pytest.approx(z_total - z_chunk)
+    assert step.time() < fwd.time() + bwd.time()
+    gelu = cm.Problem.linear(16384, 4096, 4096, 64, activation="gelu")
+    names = [k.name for k in est("fwdbwd", gelu).kernels]
+    assert names.count("pre-activation = P2 BD(w2) z + bias") == 1 and recompute not in names
+    sq = cm.Problem.linear(4096, 1024, 1024, 32)
+    fused = lambda op, p=sq: est(op, p, "fused")
+    assert fused("fwdbwd").time() == pytest.approx(fused("fwd").time() + fused("bwd").time())
+    sq_gelu = cm.Problem.linear(4096, 1024, 1024, 32, activation="gelu")
+    names = [k.name for k in fused("fwdbwd", sq_gelu).kernels]
+    assert names.count(recompute) == 1 and names.index(recompute) < names.index("pre-activation = P2 BD(w2) z + bias")
 
 
 def test_reference_pays_the_permutation_copies():
@@ -130,6 +180,11 @@ def test_reference_training_step_keeps_its_intermediate():
     assert step.launches == fwd.launches + bwd.launches - 2
     assert {k.name for k in bwd.kernels} - {k.name for k in step.kernels} == {"ref bmm1 (z)"}
     assert step.time() < fwd.time() + bwd.time()
+    # with an activation its backward gets the pre-activation from z: one more bmm and P2 copy
+    gelu = cm.Problem.linear(4096, 1024, 1024, 32, activation="gelu")
+    act_step = cm.estimate("torch", "reference", "fwdbwd", gelu)
+    assert act_step.launches == step.launches + 2
+    assert {k.name for k in act_step.kernels} - {k.name for k in step.kernels} == {"ref bmm2 (pre-activation)"}
 
 
 def test_registry():

@@ -117,6 +117,77 @@ def test_fused_backward_every_layout_fp32(name, dxw):
     assert_close(dw2, dw2_ref, torch.float32, f"{name} dw2")
 
 
+@pytest.mark.parametrize("name", BACKWARD_SHAPES + ["one block each"])
+def test_backward_with_token_major_gradient_fp32(name):
+    """``g_layout="token_major"``: ``g`` copied token-major before ``dy`` and ``dw2`` read it through P2ᵀ
+    (group-1 plans for both), same values as the reference, in ``backward`` and ``backward_weight``."""
+    s1, s2 = SHAPES[name]
+    sh, n_in, n_out, x, w1, w2, _, g = _data(s1, s2, 600, torch.float32, seed=3)
+    dx_ref = ref.monarch_bwd_input(_d(g), _d(w1), _d(w2), n_in)
+    dw1_ref, dw2_ref = ref.monarch_bwd_weight(_d(x), _d(g), _d(w1), _d(w2))
+    dx, dw1, dw2 = tmon.backward(x, g, w1, w2, n_in, g_layout="token_major")
+    assert_close(dx, dx_ref, torch.float32, f"{name} dx")
+    assert_close(dw1, dw1_ref, torch.float32, f"{name} dw1")
+    assert_close(dw2, dw2_ref, torch.float32, f"{name} dw2")
+    dw1, dw2 = tmon.backward_weight(x, g, w1, w2, g_layout="token_major")
+    assert_close(dw1, dw1_ref, torch.float32, f"{name} backward_weight dw1")
+    assert_close(dw2, dw2_ref, torch.float32, f"{name} backward_weight dw2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_major_copy(dtype):
+    """:func:`.token_major.to_token_major` over ragged tiles (70 x 77 with 64 x 64 tiles), from a strided
+    view, with NaN/±inf passed through bit for bit; a token-major input is returned as is; bad ranks refused."""
+    from monarch_kernels.triton import token_major as ttm
+
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(70, 154, generator=gen).to(DEVICE, dtype)
+    base[3, 8], base[69, 76], base[0, 150] = math.nan, math.inf, -math.inf
+    src = base[:, ::2]  # feature stride 2
+    out = ttm.to_token_major(src)
+    assert _common.is_token_major(out) and out.shape == src.shape and out.stride(1) % 16 == 0
+    assert torch.equal(out.isnan(), src.isnan()) and torch.equal(out.nan_to_num(), src.nan_to_num())
+    assert ttm.to_token_major(out) is out
+    assert ttm.to_token_major(src[:0]).shape == (0, 77)
+    with pytest.raises(ValueError, match="2-D"):
+        ttm.to_token_major(base[0])
+
+
+def test_gradient_layout_follows_the_cost_model():
+    """``g_layout="auto"`` copies ``g`` token-major exactly when the cost model says so (GPT-2's fc1 and fc2:
+    yes; square Monarch: no), ``"row_major"`` never, ``"token_major"`` always; a bad value is refused."""
+    sh4 = mk.monarch_factor_shapes(768, 3072, 4)
+    assert tmon._model_says("g_token_major", 16384, 768, 3072, sh4, torch.bfloat16)
+    assert not tmon._model_says("g_token_major", 16384, 4096, 4096, mk.monarch_factor_shapes(4096, 4096, 64),
+                                torch.bfloat16)
+    s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
+    sh, n_in, n_out, x, w1, w2, _, g = _data(s1, s2, 40, torch.float32)
+    copies = []
+    real_copy, real_says = tmon.to_token_major, tmon._model_says
+    try:
+        tmon.to_token_major = lambda t: copies.append(t) or real_copy(t)
+        for says in (True, False):
+            tmon._model_says = lambda q, *a, says=says: says if q == "g_token_major" else real_says(q, *a)
+            for layout, want in (("auto", says), ("row_major", False), ("token_major", True)):
+                copies.clear()
+                tmon.backward(x, g, w1, w2, n_in, g_layout=layout)
+                tmon.backward_weight(x, g, w1, w2, g_layout=layout)
+                assert len(copies) == 2 * want and all(c is g for c in copies), (says, layout)
+    finally:
+        tmon.to_token_major, tmon._model_says = real_copy, real_says
+    # the weight-gradient kernel is planned for the token-major g (no block group)
+    plans, real_plan = [], plan.wgrad_launch
+    try:
+        tbd._plan.wgrad_launch = lambda *a: plans.append(real_plan(*a)) or plans[-1]
+        tmon.backward(x, g, w1, w2, n_in, g_layout="token_major", dxw="separate")
+    finally:
+        tbd._plan.wgrad_launch = real_plan
+    assert [lp.g.group for lp in plans] == [1, 1]  # dw1 (natural) and dw2 (token-major g)
+    assert plan.wgrad_launch(40, *s2, 4, (s2[1], s2[0]), 4).g.group == 4  # row-major g: all 4 blocks grouped
+    with pytest.raises(ValueError, match="g_layout must be one of"):
+        tmon.backward(x, g, w1, w2, n_in, g_layout="transposed")
+
+
 @pytest.mark.parametrize("name", ["one block each", "q % l != 0 (scattered P1)"])
 def test_backward_input_and_weight_fp32(name):
     s1, s2 = SHAPES[name]
@@ -297,6 +368,62 @@ def test_intermediates_are_token_major():
     assert seen == [(False, True), (True, False), (False, True), (False, True)]
 
 
+def test_forward_saving_keeps_the_intermediate_across_chunks(monkeypatch):
+    """``forward_saving`` on the two-kernel path with a small L2 (128-token chunks, 300 tokens: three chunks,
+    the last ragged): the same output as ``forward`` and the whole token-major intermediate, equal to a
+    recomputed one; on the fused square path nothing is kept. ``backward_epilogue`` with that ``z`` (every
+    want_dx / want_dw combination, GELU and bias) matches the float64 reference and recomputes no stage 1."""
+    monkeypatch.setattr(_common, "device_info", lambda device: plan.DeviceInfo(num_sms=4, l2_bytes=64 * 1024))
+    s1, s2 = SHAPES["grouped C=1 runs, ragged p"]
+    sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 300, torch.float32, seed=4)
+    assert plan.chunk_tokens(300, sh.n_mid, 4, 64 * 1024, 128) == 128
+    out, z = tmon.forward_saving(x, w1, w2, b, n_out, "gelu")
+    assert torch.equal(out, tmon.forward(x, w1, w2, b, n_out, "gelu"))
+    assert _common.is_token_major(z) and z.shape == (300, sh.n_mid)
+    assert torch.equal(z, tmon._z(x, w1, sh))
+    fs1, fs2 = SHAPES["fused square, group = all 16"]
+    fx = torch.randn(20, 128, device=DEVICE)
+    fout, fz = tmon.forward_saving(fx, torch.randn(*fs1, device=DEVICE), torch.randn(*fs2, device=DEVICE))
+    assert fz is None and fout.shape == (20, 128)
+    expect = ref.monarch_bwd_epilogue(_d(x), _d(g), _d(w1), _d(w2), _d(b), n_in, "gelu", True)
+    recomputed = []
+    real_z = tmon._z
+    monkeypatch.setattr(tmon, "_z", lambda *a: recomputed.append(1) or real_z(*a))
+    for want_dx, want_dw in ((True, True), (False, True), (True, False)):
+        got = tmon.backward_epilogue(x, g, w1, w2, b, n_in, "gelu", want_dx, z, want_dw)
+        for a, e, name in zip(got, expect, ("dx", "dw1", "dw2", "db")):
+            wanted = want_dx if name == "dx" else want_dw if name != "db" else True
+            if wanted:
+                assert_close(a, e, torch.float32, f"{name} want_dx={want_dx} want_dw={want_dw}")
+            else:
+                assert a is None, name
+    assert not recomputed
+    # without a saved z: stage 1 once, shared by the pre-activation and dw2
+    got = tmon.backward_epilogue(x, g, w1, w2, None, n_in, "relu", True)
+    assert len(recomputed) == 1 and got[3] is None
+    expect = ref.monarch_bwd_epilogue(_d(x), _d(g), _d(w1), _d(w2), None, n_in, "relu", True)
+    for a, e, name in zip(got[:3], expect[:3], ("dx", "dw1", "dw2")):
+        assert_close(a, e, torch.float32, f"{name} recomputed z")
+
+
+def test_training_through_ops_keeps_the_intermediate(monkeypatch):
+    """An eager training call on the triton backend runs ``forward_saving`` and hands its ``z`` to the
+    first-order backward: no stage-1 recompute, gradients as the float64 reference's."""
+    s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
+    sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 50, torch.float32, seed=5)
+    recomputed = []
+    real_z = tmon._z
+    monkeypatch.setattr(tmon, "_z", lambda *a: recomputed.append(1) or real_z(*a))
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, b)]
+    mk.monarch_linear(leaves[0], leaves[1], leaves[2], leaves[3], out_features=n_out, activation="gelu",
+                      backend="triton").backward(g)
+    assert not recomputed
+    dleaves = [t.double().requires_grad_() for t in (x, w1, w2, b)]
+    mk.monarch_linear(*dleaves, out_features=n_out, activation="gelu", backend="torch").backward(g.double())
+    for a, e, name in zip(leaves, dleaves, ("x", "w1", "w2", "bias")):
+        assert_close(a.grad, e.grad, torch.float32, f"d{name}")
+
+
 def test_strided_inputs_and_weights():
     s1, s2 = SHAPES["grouped C=1 runs, ragged p"]
     sh, n_in, n_out, _, w1, w2, b, _ = _data(s1, s2, 9, torch.float32, ragged=False)
@@ -360,7 +487,7 @@ def test_dx_dw1_split_follows_the_cost_model():
     assert cm.dxw_fused(cm.Problem.linear(16384, 4096, 4096, 64))
     assert not cm.dxw_fused(cm.Problem.linear(16384, 3072, 768, 4))
     sh = mk.monarch_factor_shapes(3072, 768, 4)
-    assert not tmon._dxw_fused(16384, 3072, 768, sh, torch.bfloat16)
+    assert not tmon._model_says("dxw_fused", 16384, 3072, 768, sh, torch.bfloat16)
     s1, s2 = SHAPES["grouped C=1 runs, ragged p"]
     _, n_in, _, x, w1, w2, _, g = _data(s1, s2, 5, torch.float32)
     with pytest.raises(ValueError, match="dxw must be one of"):
