@@ -206,8 +206,15 @@ def correctness_cases(ctx: Context):
                 # timings reuse these compiles
                 epi = (n_in, n_out, nb) == (768, 3072, 4)
                 bias, act = (b, "gelu") if epi else (None, "none")
-                errs = {"fwd": element_error(tb.monarch_fwd(x, w1, w2, bias, n_out, act),
-                                             ref.monarch_fwd(d(x), d(w1), d(w2), d(b) if epi else None, n_out, act))}
+                fwd_ref = ref.monarch_fwd(d(x), d(w1), d(w2), d(b) if epi else None, n_out, act)
+                errs = {"fwd": element_error(tb.monarch_fwd(x, w1, w2, bias, n_out, act), fwd_ref)}
+                if epi:  # eager training: the forward keeps z and the pre-activation, the backward uses them
+                    out_s, z, pre = tb.monarch_fwd_saving(x, w1, w2, bias, n_out, act)
+                    got = tb.monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, act, True, z, True, pre)
+                    want = ref.monarch_bwd_epilogue(d(x), d(g), d(w1), d(w2), d(b), n_in, act, True)
+                    errs["fwd_saving"] = element_error(out_s, fwd_ref)
+                    errs.update({f"train_{k}": element_error(a, e) for k, a, e in zip(("dx", "dw1", "dw2", "db"),
+                                                                                      got, want)})
                 dx, dw1, dw2 = tb.monarch_bwd(x, g, w1, w2, n_in)
                 r1, r2 = ref.monarch_bwd_weight(d(x), d(g), d(w1), d(w2))
                 dx_ref = ref.monarch_bwd_input(d(g), d(w1), d(w2), n_in)

@@ -282,12 +282,13 @@ def _tensor_bytes(rows: int, row_bytes: int, run: int, hbm: bool) -> float:
 def bd_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Device, *, in_perm=None,
             out_perm=None, n_in: Optional[int] = None, n_out: Optional[int] = None, x_hbm: bool = True,
             y_hbm: bool = True, activation: bool = False, x_token_major: bool = False,
-            y_token_major: bool = False) -> Kernel:
+            y_token_major: bool = False, pre_out: bool = False) -> Kernel:
     """One :func:`.blockdiag.bd_forward` launch (grouped block-diagonal kernel), from its launch plan.
 
     ``x_hbm``/``y_hbm``: whether the input is read from / the output written to HBM (False when the plan keeps
     it in L2). ``*_token_major``: the tensor is stored transposed (token stride 1), so every access is a run
-    of the row tile's tokens. Weights are read from HBM once and from L2 by every row tile.
+    of the row tile's tokens. Weights are read from HBM once and from L2 by every row tile. ``pre_out``: the
+    pre-activation is stored too, the output's bytes once more.
     """
     item = ITEMSIZE[dtype]
     lp = _plan.bd_launch(tokens, k, q, p, item, in_perm, out_perm, activation, x_token_major, y_token_major)
@@ -303,10 +304,11 @@ def bd_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Dev
     w_bytes = k * q * p * item
     hbm = w_bytes
     hbm += _tensor_bytes(tokens, n_in * item, in_run, True) if x_hbm else 0.0
-    hbm += _tensor_bytes(tokens, n_out * item, out_run, True) if y_hbm else 0.0
+    stores = 2 if pre_out else 1
+    hbm += stores * _tensor_bytes(tokens, n_out * item, out_run, True) if y_hbm else 0.0
     # L2: every program loads its rows of its blocks' inputs (once per N tile) and its weight tile
     l2 = (_tensor_bytes(tokens, n_in * item, in_run, False) * tiles_n + tiles_m * w_bytes
-          + _tensor_bytes(tokens, n_out * item, out_run, False))
+          + stores * _tensor_bytes(tokens, n_out * item, out_run, False))
     return Kernel(name, flops, 2.0 * tokens * k * q * p, hbm, l2, _tc_rate(dev, t, dtype), dev.mem_eff)
 
 
@@ -338,9 +340,10 @@ def wgrad_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: 
     return Cost([kern, reduce])
 
 
-def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep_z: bool = False) -> Cost:
+def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False) -> Cost:
     """Stage 1 and stage 2 per L2-sized token chunk: the intermediate goes from one to the other through L2;
-    ``keep_z`` (:func:`.triton.monarch.forward_saving`): every chunk's intermediate also reaches HBM, kept."""
+    ``keep`` (:func:`.triton.monarch.forward_saving`): every chunk's intermediate also reaches HBM, kept, and
+    with an activation stage 2 stores the pre-activation too."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
     chunk = _plan.chunk_tokens(T, sh.n_mid, item, dev.l2_bytes, 128)
     resident = chunk * sh.n_mid * item <= _plan.L2_SHARE * dev.l2_bytes
@@ -348,12 +351,13 @@ def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep_z: bool 
     for t0 in range(0, T, chunk):
         tc = min(chunk, T - t0)
         cost.kernels.append(bd_cost("stage 1 (P1 in a token-major store)", tc, sh.k, sh.q, sh.p, dtype, dev,
-                                    out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=keep_z or not resident,
+                                    out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=keep or not resident,
                                     y_token_major=True))
         cost.kernels.append(bd_cost("stage 2 (P2 grouped store, epilogue)", tc, sh.l, sh.s, sh.r, dtype, dev,
                                     out_perm=(sh.s, sh.l), n_out=problem.n_out, x_hbm=not resident,
-                                    activation=problem.activation != "none", x_token_major=True))
-    if resident and not keep_z:  # the last chunk's intermediate is written back from L2 eventually
+                                    activation=problem.activation != "none", x_token_major=True,
+                                    pre_out=keep and problem.activation != "none"))
+    if resident and not keep:  # the last chunk's intermediate is written back from L2 eventually
         last = cost.kernels[-2]
         cost.kernels[-2] = Kernel(last.name, last.flops, last.useful_flops,
                                   last.hbm_bytes + rows_bytes(min(chunk, T), sh.n_mid, item), last.l2_bytes,
@@ -482,15 +486,17 @@ def _bwd_weight(problem: Problem, dtype: str, dev: Device) -> Cost:
 
 
 def _training_step(problem: Problem, dtype: str, dev: Device, forward: Callable[..., Cost], keeps_z: bool) -> Cost:
-    """An eager training call (:class:`monarch_kernels.ops._MonarchFwdEager`): the forward, keeping ``z`` where
-    the path has it (two-kernel: :func:`.triton.monarch.forward_saving`), and the first-order backward
-    (:func:`.triton.monarch.backward_epilogue`): with an activation, the pre-activation as stage 2 of ``z``
-    (computed once there when not kept), then dx, dw1, dw2 on that ``z``. The activation's derivative itself
-    (an elementwise pass) is left to the caller, as for dense and the reference."""
+    """An eager training call (:class:`monarch_kernels.ops._MonarchFwdEager`): the forward, keeping ``z`` and
+    an activation's pre-activation where the path has them (two-kernel: :func:`.triton.monarch.forward_saving`),
+    and the first-order backward (:func:`.triton.monarch.backward_epilogue`): without kept tensors and with an
+    activation, ``z`` once and the pre-activation as its stage 2; then dx, dw1, dw2 on that ``z``. The
+    activation's derivative itself (an elementwise pass) is left to the caller, as for dense and the
+    reference."""
     act = problem.activation != "none"
-    fwd = forward(problem, dtype, dev, keep_z=True) if keeps_z else forward(problem, dtype, dev)
-    z = Cost([_z(problem, dtype, dev)]) if act and not keeps_z else Cost()
-    pre = Cost([_pre_activation(problem, dtype, dev)]) if act else Cost()
+    fwd = forward(problem, dtype, dev, keep=True) if keeps_z else forward(problem, dtype, dev)
+    recompute = act and not keeps_z
+    z = Cost([_z(problem, dtype, dev)]) if recompute else Cost()
+    pre = Cost([_pre_activation(problem, dtype, dev)]) if recompute else Cost()
     return fwd + z + pre + _backward(problem, dtype, dev, z_saved=keeps_z or act)
 
 

@@ -149,7 +149,7 @@ class Primitives:
         return (_ops().monarch_bwd_input(g, w1, w2, n_in), *_ops().monarch_bwd_weight(x, g, w1, w2))
 
     @staticmethod
-    def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True):
+    def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True, pre=None):
         """(dx, dw1, dw2, db) of ``⟨g, act(M x + bias)⟩`` on CPU with an activation: one pass that gets the
         pre-activation from one stage-2 GEMM per row tile (dx, db and the weight gradients computed even when not
         wanted). None

@@ -26,10 +26,12 @@ follow PyTorch's conjugate convention (gradients are taken with conjugated partn
 
 Eager calls skip the custom-op dispatch (:func:`_route`): an untracked forward runs the backend directly, a
 tracked one runs inside a plain ``autograd.Function`` with the same formulas, whose first-order backward calls the
-implementations directly too. On that route a backend with ``monarch_fwd_saving`` (the torch reference; Triton on its two-kernel path) keeps
-the stage-1 intermediate for its first-order backward, as fly's ``BlockdiagButterflyMultiply`` does (``T·k·q``
-more elements of activation memory, no stage-1 recompute); the C++/CUDA backends, and every backend through
-the custom op (``torch.compile``, profiler, dispatch modes), save only the inputs and recompute. A first-order
+implementations directly too. On that route a backend with ``monarch_fwd_saving`` (the torch reference; Triton
+on its two-kernel path) keeps the stage-1 intermediate for its first-order backward, as fly's
+``BlockdiagButterflyMultiply`` does (``T·k·q`` more elements of activation memory, no stage-1 recompute), and
+Triton with an activation the pre-activation too (``T·n_out``, as ``nn.GELU`` keeps its input); the C++/CUDA
+backends, and every backend through the custom op (``torch.compile``, profiler, dispatch modes), save only the
+inputs and recompute. A first-order
 backward with an activation runs the backend's ``monarch_bwd_epilogue`` (C++: one pass that gets the
 pre-activation from one stage-2 GEMM per row tile) instead of a forward followed by the backward.
 
@@ -240,20 +242,23 @@ def _(x, g, w1, w2, n_in, backend):
 
 def _monarch_bwd_epilogue_impl(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, bias: Optional[Tensor], n_in: int,
                                activation: str, backend: str, want_dx: bool = True, z: Optional[Tensor] = None,
-                               want_dw: bool = True):
+                               want_dw: bool = True, pre: Optional[Tensor] = None):
     """``(dx | None, dw1 | None, dw2 | None, db)`` of ``⟨g, act(M x + bias)⟩`` (``db`` zeros without a bias)
-    through the backend's ``monarch_bwd_epilogue`` (one pass on CPU; the reference reuses ``z``, its saved
-    intermediate) where it has one for these tensors, else composed: a forward for the pre-activation, the
-    activation's derivative, the fused backward. The weight gradients are ``None`` unless ``want_dw``."""
+    through the backend's ``monarch_bwd_epilogue`` (one pass on CPU; the reference and Triton reuse ``z``, and
+    Triton ``pre``, what their saving forwards kept) where it has one for these tensors, else composed: a
+    forward for the pre-activation (unless ``pre`` is given), the activation's derivative, the fused backward.
+    The weight gradients are ``None`` unless ``want_dw``."""
     impl = backends.impl(backend)
     xf, gf = _flat(x), _flat(g)
     fused = getattr(impl, "monarch_bwd_epilogue", None)
-    out = None if fused is None else fused(xf, gf, w1, w2, bias, n_in, activation, want_dx, z, want_dw)
+    out = None if fused is None else fused(xf, gf, w1, w2, bias, n_in, activation, want_dx, z, want_dw, pre)
     if out is not None:
         dx, dw1, dw2, db = out
     else:
         if activation != "none":
-            gf = activations.backward(activation, impl.monarch_fwd(xf, w1, w2, bias, gf.shape[1], "none"), gf)
+            if pre is None:
+                pre = impl.monarch_fwd(xf, w1, w2, bias, gf.shape[1], "none")
+            gf = activations.backward(activation, pre, gf)
         dx, dw1, dw2 = _monarch_bwd_impl(xf, gf, w1, w2, n_in, backend)
         db = gf.sum(0) if bias is not None else None
     dx = _unflat(dx, g.shape[:-1]) if want_dx else None
@@ -598,35 +603,37 @@ class _MonarchFwdEager(torch.autograd.Function):
     """``monarch_fwd`` for eager calls that autograd records (see :class:`_BlockdiagFwdEager`). A backend with
     ``monarch_fwd_saving`` (the torch reference, Triton) keeps the stage-1 intermediate and hands it to its
     first-order backward (``monarch_bwd_epilogue``) when that needs the weight gradients or an activation's
-    pre-activation; the others (and a saving forward that kept nothing, ``z = None``) save what the custom op
-    saves and run its formula."""
+    pre-activation (which it may have kept too); the others (and a saving forward that kept nothing) save
+    what the custom op saves and run its formula."""
 
     @staticmethod
     def forward(ctx, x, w1, w2, bias, n_out, activation, backend):
         saving = getattr(backends.impl(backend), "monarch_fwd_saving", None)
         if saving is None:
-            out, z = _monarch_fwd_impl(x, w1, w2, bias, n_out, activation, backend), None
+            out, z, pre = _monarch_fwd_impl(x, w1, w2, bias, n_out, activation, backend), None, None
         else:
-            out, z = saving(_flat(x), w1, w2, bias, n_out, activation)
+            out, z, pre = saving(_flat(x), w1, w2, bias, n_out, activation)
             out = _unflat(out, x.shape[:-1])
-        ctx.save_for_backward(x, w1, w2, bias, z)
+        ctx.save_for_backward(x, w1, w2, bias, z, pre)
         ctx.backend, ctx.has_bias, ctx.n_out, ctx.activation = backend, bias is not None, n_out, activation
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x, w1, w2, bias, z = ctx.saved_tensors
+        x, w1, w2, bias, z, pre = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: the differentiable formula (z is a constant here)
             return _monarch_fwd_grads(ctx, x, w1, w2, bias, g, _call)
         need = ctx.needs_input_grad
         want_dw = need[1] or need[2]
         # the saved z pays when weight gradients need it, or (frozen weights) to get an activation's
-        # pre-activation from stage 2 alone; dx alone without an activation needs no z
-        if z is None or not (want_dw or ctx.activation != "none"):
+        # pre-activation from stage 2 alone (a saved pre-activation, from nothing); dx alone without an
+        # activation needs neither
+        if (z is None and pre is None) or not (want_dw or ctx.activation != "none"):
             return _monarch_fwd_grads(ctx, x, w1, w2, bias, g, _direct_call)
-        # the real-case formula at conjugated partners (z too), as in _monarch_fwd_grads
+        # the real-case formula at conjugated partners (z too; pre is real: activations need real tensors)
         dx, dw1, dw2, db = _monarch_bwd_epilogue_impl(x.conj(), g, w1.conj(), w2.conj(), bias, x.shape[-1],
-                                                      ctx.activation, ctx.backend, need[0], z.conj(), want_dw)
+                                                      ctx.activation, ctx.backend, need[0],
+                                                      None if z is None else z.conj(), want_dw, pre)
         return (dx, dw1 if need[1] else None, dw2 if need[2] else None, db if ctx.has_bias and need[3] else None,
                 None, None, None)
 

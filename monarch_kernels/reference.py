@@ -39,15 +39,16 @@ Shapes (``T`` tokens):
 
 Optional, for the first-order backward of eager training calls (:mod:`monarch_kernels.ops`):
 
-* ``monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True)
+* ``monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True, pre=None)
   -> (dx | None, dw1 | None, dw2 | None, db | None)``: the backward of ``act(M x + bias)`` including the
   activation's derivative and the bias gradient (``None`` instead of the tuple where the backend has no such
   kernel for these tensors: the caller composes it; a backend may return weight gradients it was not asked for);
-* ``monarch_fwd_saving(x, w1, w2, bias, n_out, activation) -> (out, z | None)``: the forward that also hands the
-  stage-1 intermediate (in the backend's own layout; ``None`` when it keeps none for this call) to
-  ``monarch_bwd_epilogue``. The reference trades ``T·k·q`` elements of activation memory
-  for one ``bmm`` and one copy fewer in backward, as fly's ``BlockdiagButterflyMultiply`` does (the
-  pre-activation is not kept: stage 2 recomputes it from ``z``).
+  ``z``/``pre``: what ``monarch_fwd_saving`` kept, else recomputed;
+* ``monarch_fwd_saving(x, w1, w2, bias, n_out, activation) -> (out, z | None, pre | None)``: the forward that
+  also hands the stage-1 intermediate ``z`` (in the backend's own layout) and, with an activation, the
+  pre-activation ``(T, n_out)`` to ``monarch_bwd_epilogue`` (``None`` for what it keeps none of). The
+  reference keeps ``z`` only: ``T·k·q`` elements of activation memory for one ``bmm`` and one copy fewer in
+  backward, as fly's ``BlockdiagButterflyMultiply`` does (its pre-activation is recomputed from ``z``).
 """
 from __future__ import annotations
 
@@ -126,24 +127,28 @@ def monarch_fwd(x, w1, w2, bias, n_out: int, activation: str = "none"):
 
 def monarch_fwd_saving(x, w1, w2, bias, n_out: int, activation: str = "none"):
     """:func:`monarch_fwd` that also returns the stage-1 intermediate ``z`` (the ``(l, T, r)`` view stage 2
-    read) for :func:`monarch_bwd_epilogue`: ``(out, z)``. Keeping ``z`` costs ``T·k·q`` elements of activation
-    memory and saves the backward one ``bmm`` and one copy (fly's choice; Triton's two-kernel path keeps its own, the C++/CUDA backends recompute it)."""
+    read) for :func:`monarch_bwd_epilogue`: ``(out, z, None)`` (no pre-activation kept). Keeping ``z`` costs
+    ``T·k·q`` elements of activation memory and saves the backward one ``bmm`` and one copy (fly's choice;
+    Triton's two-kernel path keeps its own, the C++/CUDA backends recompute it)."""
     l, _, r = w2.shape
     z = _stage1(x, w1, l, r)
-    return _activate_(activation, _permute_out(_stage2(z, w2), bias, n_out)), z
+    return _activate_(activation, _permute_out(_stage2(z, w2), bias, n_out)), z, None
 
 
 def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in: int, activation: str, want_dx: bool, z=None,
-                         want_dw: bool = True):
+                         want_dw: bool = True, pre=None):
     """First-order backward of ``out = act(M x + bias)``: ``(dx | None, dw1 | None, dw2 | None, db)``,
     ``db = Σ_t g·act'(pre)`` (``None`` without a bias). ``z``: the intermediate :func:`monarch_fwd_saving` kept
-    (conjugated like ``x``), else recomputed; an activation's pre-activation comes from ``z`` through stage 2
-    alone, so with frozen weights (``want_dw`` false) the saved ``z`` spares the whole stage-1 recompute."""
+    (conjugated like ``x``), else recomputed; an activation's pre-activation is ``pre`` when given, else
+    comes from ``z`` through stage 2 alone, so with frozen weights (``want_dw`` false) the saved ``z`` spares
+    the whole stage-1 recompute."""
     l, _, r = w2.shape
-    if z is None and (want_dw or activation != "none"):
+    if z is None and (want_dw or (activation != "none" and pre is None)):
         z = _stage1(x, w1, l, r)
     if activation != "none":
-        g = activations.backward(activation, _permute_out(_stage2(z, w2), bias, g.shape[1]), g)
+        if pre is None:
+            pre = _permute_out(_stage2(z, w2), bias, g.shape[1])
+        g = activations.backward(activation, pre, g)
     dx, dw1, dw2 = _backward(x, g, w1, w2, n_in, want_dx, want_dw, z)
     return dx, dw1, dw2, None if bias is None else g.sum(0)
 

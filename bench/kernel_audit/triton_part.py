@@ -64,6 +64,9 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
                                   lambda x=x, w1=w1, w2=w2, b=b, n=n_out, p=path: tmon.forward(x, w1, w2, b, n, "gelu", path=p)))
                 cases.append(Case(f"monarch fwd path={path} {tag}",
                                   lambda x=x, w1=w1, w2=w2, n=n_out, p=path: tmon.forward(x, w1, w2, None, n, path=p)))
+                cases.append(Case(f"monarch fwd_saving bias+gelu path={path} {tag}",
+                                  lambda x=x, w1=w1, w2=w2, b=b, n=n_out, p=path: tmon.forward_saving(x, w1, w2, b, n, "gelu",
+                                                                                                      path=p)))
                 cases.append(Case(f"monarch bwd path={path} {tag}",
                                   lambda x=x, g=g, w1=w1, w2=w2, n=n_in, p=path: tmon.backward(x, g, w1, w2, n, path=p)))
                 cases.append(Case(f"monarch bwd_input path={path} {tag}",
@@ -104,6 +107,10 @@ def ci_cases() -> list[Case]:
         # then the gathered multi-K dy and dw2 on plain tiles
         Case("monarch fwd bias+gelu T=16384 768->3072 nb=4 bfloat16",
              lambda: tmon.forward(meta(16384, 768), meta(*s4.w1_shape), meta(*s4.w2_shape), meta(3072), 3072, "gelu")),
+        # eager training: stage 2 also stores the pre-activation (the GELU epilogue's tight budget, one more store)
+        Case("monarch fwd_saving bias+gelu T=16384 768->3072 nb=4 bfloat16",
+             lambda: tmon.forward_saving(meta(16384, 768), meta(*s4.w1_shape), meta(*s4.w2_shape), meta(3072), 3072,
+                                         "gelu")),
         Case("monarch bwd T=16384 768->3072 nb=4 bfloat16",
              lambda: tmon.backward(meta(16384, 768), meta(16384, 3072), meta(*s4.w1_shape), meta(*s4.w2_shape), 768)),
         # few tokens: 16-row tiles

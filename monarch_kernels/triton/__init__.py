@@ -55,7 +55,7 @@ def monarch_bwd(x, g, w1, w2, n_in):
     return backward(x, g, w1, w2, n_in)
 
 
-def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True):
+def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True, pre=None):
     from .monarch import backward_epilogue
 
-    return backward_epilogue(x, g, w1, w2, _bias(bias), n_in, activation, want_dx, z, want_dw)
+    return backward_epilogue(x, g, w1, w2, _bias(bias), n_in, activation, want_dx, z, want_dw, pre)

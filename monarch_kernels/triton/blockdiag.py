@@ -201,16 +201,20 @@ def _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL: tl.co
 
 @triton.jit
 def _bd_fwd_kernel(
-    X, W, BIAS, Y,
+    X, W, BIAS, Y, PRE,
     T, N_IN, N_OUT, Q, P,
     sxt, sxf, swk, swq, swp, syt, syf,
     IN_A, IN_B, OUT_A, OUT_B,
     IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr,
     IN_FULL: tl.constexpr, OUT_FULL: tl.constexpr, MULTI_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # SAVE_PRE: the blocks' epilogues stop at the rounded pre-activation, which is stored to PRE (same layout
+    # as Y); the activation is then applied to the whole interleaved tile (identical values: _finish rounds
+    # the pre-activation before activating it too)
+    BLOCK_ACT: tl.constexpr = ACT * (1 - SAVE_PRE)
     tiles_n = tl.cdiv(Q, BLOCK_N)
     kk0 = (tl.program_id(0) // tiles_n) * GROUP
     pid_n = tl.program_id(0) % tiles_n
@@ -244,18 +248,19 @@ def _bd_fwd_kernel(
             a = _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL, BLOCK_K, GROUP,
                                UPCAST)
             acc += _gathered_group(a, W, BIAS, kk0, 1, rn, k0 + tl.arange(0, BLOCK_K), Q, P, N_OUT, swk, swq, swp,
-                                   OUT_A, OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, False, Y.dtype.element_ty, GROUP,
+                                   OUT_A, OUT_B, OUT_MODE, OUT_C, HAS_BIAS, BLOCK_ACT, False, Y.dtype.element_ty, GROUP,
                                    UPCAST, PRECISION)
         out = acc
     elif IN_MODE == 1:
         a = _gathered_tile(X, rm, m_ok, 0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL, BLOCK_K, GROUP,
                            UPCAST)
         out = _gathered_group(a, W, BIAS, kk0, 1, rn, tl.arange(0, BLOCK_K), Q, P, N_OUT, swk, swq, swp, OUT_A,
-                              OUT_B, OUT_MODE, OUT_C, HAS_BIAS, ACT, True, Y.dtype.element_ty, GROUP, UPCAST, PRECISION)
+                              OUT_B, OUT_MODE, OUT_C, HAS_BIAS, BLOCK_ACT, True, Y.dtype.element_ty, GROUP, UPCAST,
+                              PRECISION)
     else:
         out = _fwd_group(X, W, BIAS, kk0, 1, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, swq, swp, IN_A, IN_B,
-                         OUT_A, OUT_B, IN_MODE, OUT_MODE, OUT_C, HAS_BIAS, ACT, Y.dtype.element_ty, GROUP, BLOCK_K, BLOCK_N,
-                         UPCAST, PRECISION)
+                         OUT_A, OUT_B, IN_MODE, OUT_MODE, OUT_C, HAS_BIAS, BLOCK_ACT, Y.dtype.element_ty, GROUP,
+                         BLOCK_K, BLOCK_N, UPCAST, PRECISION)
     # out column n·GROUP + g = dot column n of block kk0 + g; with C > 1 reorder to (v, g, jj) runs
     if OUT_MODE == 1 and OUT_C > 1 and GROUP > 1:
         out = tl.reshape(tl.permute(tl.reshape(out, (BLOCK_M, BLOCK_N // OUT_C, OUT_C, GROUP)), (0, 1, 3, 2)),
@@ -263,7 +268,10 @@ def _bd_fwd_kernel(
     if IN_MODE == 1 and MULTI_K:
         if HAS_BIAS:
             out += _load(BIAS + col, ok, True)[None, :]
-        out = _finish(out, ACT, Y.dtype.element_ty)
+        out = _finish(out, BLOCK_ACT, Y.dtype.element_ty)
+    if SAVE_PRE:
+        tl.store(PRE + rm[:, None] * syt + col[None, :] * syf, out, mask=m_ok[:, None] & ok[None, :])
+        out = _activation(out.to(tl.float32), ACT).to(Y.dtype.element_ty)
     tl.store(Y + rm[:, None] * syt + col[None, :] * syf, out, mask=m_ok[:, None] & ok[None, :])
 
 
@@ -277,28 +285,38 @@ def bd_forward(
     in_perm: Optional[tuple[int, int]] = None,
     out_perm: Optional[tuple[int, int]] = None,
     out: Optional[torch.Tensor] = None,
+    pre_out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``x (T, N_IN)`` physical, ``w (k, q, p)`` any strides -> ``(T, n_out)`` (into ``out`` if given).
 
     ``in_perm``/``out_perm`` ``(A, B)``: the view-transposes the input is read through and the output written
     through (module docstring); the grouped layout is used whenever the blocks align with them, and no block
     group is formed for an operand stored token-major (its accesses are runs of tokens already).
+    ``pre_out``: also store the pre-activation ``BD(w) x + bias`` there (an activation's backward needs it;
+    same shape and strides as the output).
     """
     T = x.shape[0]
     k, q, p = w.shape
     n_out = k * q if n_out is None else n_out
     y = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if out is None else out
+    if pre_out is not None:
+        if activation == "none":
+            raise ValueError("bd_forward: pre_out is only written with an activation (it would equal the output)")
+        if pre_out.shape != y.shape or pre_out.stride() != y.stride() or pre_out.dtype != y.dtype:
+            raise ValueError(f"bd_forward: pre_out must match the output: shape {tuple(y.shape)}, strides "
+                             f"{y.stride()}, {y.dtype}; got {tuple(pre_out.shape)}, {pre_out.stride()}, "
+                             f"{pre_out.dtype}")
     if T == 0:
         return y
     lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm, activation != "none",
                          _common.is_token_major(x), _common.is_token_major(y))
     _bd_fwd_kernel[lp.grid](
-        x, w, bias if bias is not None else y, y,
+        x, w, bias if bias is not None else y, y, y if pre_out is None else pre_out,
         T, x.shape[1], n_out, q, p,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
         lp.inp.a, lp.inp.b, lp.out.a, lp.out.b,
         IN_MODE=lp.inp.mode, OUT_MODE=lp.out.mode, OUT_C=lp.out.c, IN_FULL=lp.in_full, OUT_FULL=lp.out_full,
-        MULTI_K=lp.multi_k, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation],
+        MULTI_K=lp.multi_k, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], SAVE_PRE=pre_out is not None,
         UPCAST=interpreting(), PRECISION=precision(x.dtype), **_common.launch_meta(lp.tile),
     )
     return y

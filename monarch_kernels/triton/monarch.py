@@ -161,37 +161,41 @@ def _fused_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out):
     return out
 
 
-def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out, keep_z: bool = False):
-    """``(out, z | None)``: ``z`` is the whole token-major intermediate when ``keep_z``, else one chunk's
-    buffer is reused and nothing is returned."""
+def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out, keep: bool = False):
+    """``(out, z | None, pre | None)``: with ``keep``, the whole token-major intermediate ``z`` and, with an
+    activation, the pre-activation (stage 2 stores it beside the output); else one chunk's buffer is reused
+    and nothing is kept."""
     T = x.shape[0]
     info = _common.device_info(x.device)
     chunk = _plan.chunk_tokens(T, sh.n_mid, x.element_size(), info.l2_bytes, 128)
-    z = _common.empty_token_major(T if keep_z else min(chunk, T), sh.n_mid, device=x.device, dtype=x.dtype)
+    z = _common.empty_token_major(T if keep else min(chunk, T), sh.n_mid, device=x.device, dtype=x.dtype)
+    pre = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if keep and activation != "none" else None
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         # stage 1, P1 in the store: y[f] lands at z[(f mod l)·r + f div l], token-major (runs of tokens);
         # a kept z's chunks start at multiples of the 128-row tile, so their columns stay 16-byte aligned
-        zc = bd_forward(x[t0:t1], w1, out_perm=(sh.l, sh.r), out=z[t0:t1] if keep_z else z[: t1 - t0])
+        zc = bd_forward(x[t0:t1], w1, out_perm=(sh.l, sh.r), out=z[t0:t1] if keep else z[: t1 - t0])
         # stage 2 and epilogue, P2 in the store: o[f] lands at out[(f mod s)·l + f div s]
-        bd_forward(zc, w2, bias, n_out, activation, out_perm=(sh.s, sh.l), out=out[t0:t1])
-    return out, (z if keep_z else None)
+        bd_forward(zc, w2, bias, n_out, activation, out_perm=(sh.s, sh.l), out=out[t0:t1],
+                   pre_out=None if pre is None else pre[t0:t1])
+    return out, (z if keep else None), pre
 
 
 def forward_saving(x, w1, w2, bias=None, n_out=None, activation="none", *, path="auto"):
-    """``(out, z)``: :func:`forward` that also keeps the two-kernel path's stage-1 intermediate ``z``
-    (token-major ``(T, l·r)``, ``T·k·q`` elements of activation memory) for :func:`backward_epilogue`, which
-    then recomputes nothing; ``z`` is ``None`` on the fused square path, whose intermediate never leaves the
-    chip."""
+    """``(out, z, pre)``: :func:`forward` that also keeps, on the two-kernel path, the stage-1 intermediate
+    ``z`` (token-major ``(T, l·r)``: ``T·k·q`` elements) and, with an activation, the pre-activation
+    ``(T, n_out)`` (stored by stage 2 beside the output: an L2-bound kernel's extra write) for
+    :func:`backward_epilogue`, which then recomputes nothing; ``(out, None, None)`` on the fused square path,
+    whose intermediate never leaves the chip, and for no tokens."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_out = sh.n_out if n_out is None else n_out
     out = _common.empty(x.shape[0], n_out, device=x.device, dtype=x.dtype)
     chosen = choose_path(sh, path)
     if x.shape[0] == 0:
-        return out, None
+        return out, None, None
     if chosen == "fused":
-        return _fused_forward(x, w1, w2, bias, n_out, activation, sh, out), None
-    return _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh, out, keep_z=True)
+        return _fused_forward(x, w1, w2, bias, n_out, activation, sh, out), None, None
+    return _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh, out, keep=True)
 
 
 def forward(x, w1, w2, bias=None, n_out=None, activation="none", *, path="auto"):
@@ -346,16 +350,18 @@ def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto
     return dx, part1.sum(0).to(w1.dtype), _dw2(_z(x, w1, sh) if z is None else z, g, sh)
 
 
-def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True):
+def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True, pre=None):
     """First-order backward of ``out = act(M x + bias)``: ``(dx | None, dw1 | None, dw2 | None, db | None)``,
-    ``db = Σ_t g·act'(pre)`` (``None`` without a bias). ``z``: the intermediate :func:`forward_saving` kept,
-    else computed once here and shared: an activation's pre-activation is stage 2 of ``z`` (no epilogue) and
-    ``dw2`` reads the same ``z``, where composing a forward with :func:`backward` would run stage 1 twice."""
+    ``db = Σ_t g·act'(pre)`` (``None`` without a bias). ``z``, ``pre``: what :func:`forward_saving` kept;
+    without them ``z`` is computed once here and shared: an activation's pre-activation is stage 2 of ``z``
+    (no epilogue) and ``dw2`` reads the same ``z``, where composing a forward with :func:`backward` would run
+    stage 1 twice."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
-    if z is None and (want_dw or activation != "none"):
+    if z is None and (want_dw or (activation != "none" and pre is None)):
         z = _z(x, w1, sh)
     if activation != "none":
-        pre = bd_forward(z, w2, bias, g.shape[1], "none", out_perm=(sh.s, sh.l))
+        if pre is None:
+            pre = bd_forward(z, w2, bias, g.shape[1], "none", out_perm=(sh.s, sh.l))
         g = activations.backward(activation, pre, g)
     db = None if bias is None else g.sum(0)
     if not want_dw:

@@ -80,8 +80,9 @@ def permuted_operands(row: dict) -> set:
     cfg, name = row["config"], row["kernel"]
     if name == "_fused_fwd_kernel":
         return {"OUT"}  # P2 folded into the store
-    if name == "_bd_fwd_kernel":
-        return {op for op, flag in (("X", "IN_MODE=1"), ("Y", "OUT_MODE=1")) if flag in cfg}
+    if name == "_bd_fwd_kernel":  # the pre-activation (SAVE_PRE) goes through the output's permuted store
+        ops = {op for op, flag in (("X", "IN_MODE=1"), ("Y", "OUT_MODE=1")) if flag in cfg}
+        return ops | ({"PRE"} if "Y" in ops and "SAVE_PRE=1" in cfg else set())
     if name == "_bd_wgrad_kernel":
         return {"G_"} if "G_MODE=1" in cfg else set()
     return set()

@@ -135,10 +135,10 @@ def test_useful_flops_and_paths():
 
 def test_training_step_prices_what_the_eager_backward_runs():
     """``fwdbwd`` is an eager training step: on the two-kernel path the forward keeps z (every chunk's
-    intermediate also written to HBM: the whole z instead of the last chunk's write-back) and the backward
-    recomputes no stage 1; with an activation the pre-activation is stage 2 of z (one more launch). The fused
-    square path keeps nothing: without an activation its step is forward + standalone backward, with one the
-    backward computes z once for the pre-activation and dw2."""
+    intermediate also written to HBM: the whole z instead of the last chunk's write-back) and, with an
+    activation, the pre-activation (stage 2 stores the output's bytes twice), and the backward recomputes
+    neither. The fused square path keeps nothing: without an activation its step is forward + standalone
+    backward, with one the backward computes z once for the pre-activation (its stage 2) and dw2."""
     pr = cm.Problem.linear(16384, 4096, 4096, 64)
     est = lambda op, p=pr, path="two_kernel": cm.estimate("triton", path, op, p)
     step, fwd, bwd = est("fwdbwd"), est("fwd"), est("bwd")
@@ -147,12 +147,17 @@ def test_training_step_prices_what_the_eager_backward_runs():
                                                                               if k.name != recompute]
     chunk = plan.chunk_tokens(16384, 4096, 2, DEV.l2_bytes, 128)
     z_total, z_chunk = 16384 * 4096 * 2, chunk * 4096 * 2
-    kept = cm._two_kernel_forward(pr, "bfloat16", DEV, keep_z=True)
+    kept = cm._two_kernel_forward(pr, "bfloat16", DEV, keep=True)
     assert kept.hbm_bytes - fwd.hbm_bytes == pytest.approx(z_total - z_chunk)
     assert step.time() < fwd.time() + bwd.time()
     gelu = cm.Problem.linear(16384, 4096, 4096, 64, activation="gelu")
     names = [k.name for k in est("fwdbwd", gelu).kernels]
-    assert names.count("pre-activation = P2 BD(w2) z + bias") == 1 and recompute not in names
+    assert "pre-activation = P2 BD(w2) z + bias" not in names and recompute not in names
+    stage2 = lambda c: [k for k in c.kernels if k.name.startswith("stage 2")]
+    kept_gelu = cm._two_kernel_forward(gelu, "bfloat16", DEV, keep=True)
+    extra = sum(k.hbm_bytes for k in stage2(kept_gelu)) - sum(k.hbm_bytes for k in stage2(cm._two_kernel_forward(
+        gelu, "bfloat16", DEV)))
+    assert extra == pytest.approx(16384 * 4096 * 2)  # the pre-activation, written once
     sq = cm.Problem.linear(4096, 1024, 1024, 32)
     fused = lambda op, p=sq: est(op, p, "fused")
     assert fused("fwdbwd").time() == pytest.approx(fused("fwd").time() + fused("bwd").time())

@@ -72,10 +72,10 @@ def test_autograd_uses_the_fused_op_for_first_order_only(backend, monkeypatch):
     impl, calls = mk.backends.impl(backend), []
     fused = impl.monarch_bwd_epilogue
 
-    def counted(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True):
+    def counted(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True, pre=None):
         calls.append(z)
-        assert want_dw  # w1 needs its gradient
-        return fused(x, g, w1, w2, bias, n_in, activation, want_dx, z, want_dw)
+        assert want_dw and pre is None  # w1 needs its gradient; the reference keeps no pre-activation
+        return fused(x, g, w1, w2, bias, n_in, activation, want_dx, z, want_dw, pre)
 
     monkeypatch.setattr(impl, "monarch_bwd_epilogue", counted)
     out = mk.monarch_linear(x, w1, w2, activation="gelu", backend=backend)

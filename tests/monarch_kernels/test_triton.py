@@ -293,6 +293,33 @@ def test_blockdiag_epilogues_and_split_wgrad(act):
                  "wgrad")
 
 
+@pytest.mark.parametrize("layout", ["natural", "grouped C=2 store", "gathered over 5 K steps"])
+def test_pre_activation_stored_beside_the_output(layout):
+    """``bd_forward(..., pre_out=)``: the pre-activation (bias included) lands in ``pre_out`` through the same
+    permuted store, the output is its activation; refused without an activation or with another layout."""
+    g_ = torch.Generator().manual_seed(9)
+    k, q, p = {"natural": (4, 7, 8), "grouped C=2 store": (4, 8, 8), "gathered over 5 K steps": (8, 2, 80)}[layout]
+    in_perm = (p, k) if layout.startswith("gathered") else None
+    out_perm = (q // 2, 2 * k) if layout.startswith("grouped") else None
+    lp = plan.bd_launch(70, k, q, p, 4, in_perm, out_perm, True)
+    assert (lp.out.mode, lp.out.c, lp.inp.mode, lp.multi_k) == {
+        "natural": (plan.NATURAL, 1, plan.NATURAL, False), "grouped C=2 store": (plan.GROUPED, 2, plan.NATURAL, False),
+        "gathered over 5 K steps": (plan.NATURAL, 1, plan.GROUPED, True)}[layout]
+    x = torch.randn(70, k * p, generator=g_).to(DEVICE)
+    w = torch.randn(k, q, p, generator=g_).to(DEVICE)
+    b = torch.randn(k * q, generator=g_).to(DEVICE)
+    pre = torch.full((70, k * q), math.nan, device=DEVICE)
+    out = tbd.bd_forward(x, w, b, activation="gelu", in_perm=in_perm, out_perm=out_perm, pre_out=pre)
+    plain = tbd.bd_forward(x, w, b, in_perm=in_perm, out_perm=out_perm)
+    assert not pre.isnan().any()
+    assert_close(pre, plain, torch.float32, f"{layout} pre")
+    assert_close(out, activations.apply("gelu", plain), torch.float32, f"{layout} out")
+    with pytest.raises(ValueError, match="only written with an activation"):
+        tbd.bd_forward(x, w, b, in_perm=in_perm, out_perm=out_perm, pre_out=pre)
+    with pytest.raises(ValueError, match="pre_out must match the output"):
+        tbd.bd_forward(x, w, b, activation="relu", pre_out=pre.t().contiguous().t())
+
+
 def test_grouped_gather_and_scatter_layouts_directly():
     """bd_forward through a P2ᵀ-style gather and a P1ᵀ-style scatter (8 blocks: groups of 4 in fp32, two
     groups) equals the same product through explicit index permutations."""
@@ -370,34 +397,41 @@ def test_intermediates_are_token_major():
 
 def test_forward_saving_keeps_the_intermediate_across_chunks(monkeypatch):
     """``forward_saving`` on the two-kernel path with a small L2 (128-token chunks, 300 tokens: three chunks,
-    the last ragged): the same output as ``forward`` and the whole token-major intermediate, equal to a
-    recomputed one; on the fused square path nothing is kept. ``backward_epilogue`` with that ``z`` (every
-    want_dx / want_dw combination, GELU and bias) matches the float64 reference and recomputes no stage 1."""
+    the last ragged): the same output as ``forward``, the whole token-major intermediate (equal to a
+    recomputed one) and the pre-activation (stage 2 without the activation); without an activation no
+    pre-activation, and on the fused square path nothing is kept. ``backward_epilogue`` with what was kept
+    (every want_dx / want_dw combination, GELU and bias) matches the float64 reference and recomputes no
+    stage 1 and no stage 2."""
     monkeypatch.setattr(_common, "device_info", lambda device: plan.DeviceInfo(num_sms=4, l2_bytes=64 * 1024))
     s1, s2 = SHAPES["grouped C=1 runs, ragged p"]
     sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 300, torch.float32, seed=4)
     assert plan.chunk_tokens(300, sh.n_mid, 4, 64 * 1024, 128) == 128
-    out, z = tmon.forward_saving(x, w1, w2, b, n_out, "gelu")
+    out, z, pre = tmon.forward_saving(x, w1, w2, b, n_out, "gelu")
     assert torch.equal(out, tmon.forward(x, w1, w2, b, n_out, "gelu"))
     assert _common.is_token_major(z) and z.shape == (300, sh.n_mid)
     assert torch.equal(z, tmon._z(x, w1, sh))
+    assert_close(pre, ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), n_out), torch.float32, "pre-activation")
+    assert_close(out, activations.apply("gelu", pre), torch.float32, "out = act(pre)")
+    assert tmon.forward_saving(x, w1, w2, b, n_out)[2] is None
     fs1, fs2 = SHAPES["fused square, group = all 16"]
     fx = torch.randn(20, 128, device=DEVICE)
-    fout, fz = tmon.forward_saving(fx, torch.randn(*fs1, device=DEVICE), torch.randn(*fs2, device=DEVICE))
-    assert fz is None and fout.shape == (20, 128)
+    fout, fz, fpre = tmon.forward_saving(fx, torch.randn(*fs1, device=DEVICE), torch.randn(*fs2, device=DEVICE),
+                                         activation="relu")
+    assert fz is None and fpre is None and fout.shape == (20, 128)
     expect = ref.monarch_bwd_epilogue(_d(x), _d(g), _d(w1), _d(w2), _d(b), n_in, "gelu", True)
-    recomputed = []
-    real_z = tmon._z
+    recomputed, stage2 = [], []
+    real_z, real_bd = tmon._z, tmon.bd_forward
     monkeypatch.setattr(tmon, "_z", lambda *a: recomputed.append(1) or real_z(*a))
-    for want_dx, want_dw in ((True, True), (False, True), (True, False)):
-        got = tmon.backward_epilogue(x, g, w1, w2, b, n_in, "gelu", want_dx, z, want_dw)
+    monkeypatch.setattr(tmon, "bd_forward", lambda inp, w, *a, **kw: (stage2.append(w is w2), real_bd(inp, w, *a, **kw))[1])
+    for want_dx, want_dw, zz in ((True, True, z), (False, True, z), (True, False, z), (True, False, None)):
+        got = tmon.backward_epilogue(x, g, w1, w2, b, n_in, "gelu", want_dx, zz, want_dw, pre)
         for a, e, name in zip(got, expect, ("dx", "dw1", "dw2", "db")):
             wanted = want_dx if name == "dx" else want_dw if name != "db" else True
             if wanted:
                 assert_close(a, e, torch.float32, f"{name} want_dx={want_dx} want_dw={want_dw}")
             else:
                 assert a is None, name
-    assert not recomputed
+    assert not recomputed and not any(stage2)
     # without a saved z: stage 1 once, shared by the pre-activation and dw2
     got = tmon.backward_epilogue(x, g, w1, w2, None, n_in, "relu", True)
     assert len(recomputed) == 1 and got[3] is None
