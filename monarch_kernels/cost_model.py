@@ -236,9 +236,10 @@ def torch_reference(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
     stage1 = Cost([_bmm("ref bmm1 (z)", sh.k, T, sh.q, sh.p, dtype, dev), copy("ref P1 copy", n_mid)])
     go = Cost([copy("ref P2T copy", sh.n_out)])
     dw2 = Cost([_bmm("ref dW2 bmm", sh.l, sh.s, sh.r, T, dtype, dev)])
-    dz = Cost([_bmm("ref dZ bmm", sh.l, T, sh.r, sh.s, dtype, dev)])
+    # dZ straight into natural order (out= a transposed view), then P1ᵀ: one copy of the stage-1 width
+    dz = Cost([_bmm("ref dZ bmm", sh.l, T, sh.r, sh.s, dtype, dev), copy("ref P1T copy", n_mid)])
     dw1 = Cost([_bmm("ref dW1 bmm", sh.k, sh.q, sh.p, T, dtype, dev)])
-    dx = Cost([_bmm("ref dX bmm", sh.k, T, sh.p, sh.q, dtype, dev), copy("ref dX copy", sh.n_in)])
+    dx = Cost([_bmm("ref dX bmm", sh.k, T, sh.p, sh.q, dtype, dev)])  # natural order from bmm: no copy
     bwd = go + stage1 + dw2 + dz + dw1 + dx
     pre = (Cost([_bmm("ref bmm2 (pre-activation)", sh.l, T, sh.s, sh.r, dtype, dev), copy("ref P2 copy", sh.n_out)])
            if problem.activation != "none" else Cost())
@@ -519,18 +520,33 @@ register_estimator("triton", "two_kernel", _triton(_two_kernel_forward, keeps_z=
 register_estimator("triton", "fused", _triton(_fused_forward, keeps_z=False))
 
 
-def blockdiag_seconds(backend: str, tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",
-                      dev: Device = H100_SXM) -> float:
-    """Predicted time of a block-diagonal forward ``(T, k·p) -> (T, k·q)``: the Triton grouped kernel (one
-    launch) or the torch reference (one ``bmm`` and the copy that makes its output row-major); ``inf`` for a
-    backend without a model."""
+def blockdiag_cost(backend: str, tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",
+                   dev: Device = H100_SXM, training: bool = False) -> Optional[Cost]:
+    """A block-diagonal forward ``(T, k·p) -> (T, k·q)`` and, with ``training``, its backward (``dx = BD(w)ᵀ g``
+    and ``dw``, as :mod:`monarch_kernels.ops` runs them): the Triton grouped kernel, the same kernel on the
+    transposed weights and the weight-gradient kernel; or the torch reference, one ``bmm`` per product writing
+    natural order through a transposed ``out=`` view (no copy at full width). ``None`` for a backend without
+    a model."""
     if backend == "triton":
-        return bd_cost("blockdiag", tokens, k, q, p, dtype, dev).time(dev)
+        cost = Cost([bd_cost("blockdiag", tokens, k, q, p, dtype, dev)])
+        if training:
+            cost = (cost + Cost([bd_cost("blockdiag dx", tokens, k, p, q, dtype, dev)])
+                    + wgrad_cost("blockdiag dw", tokens, k, q, p, dtype, dev))
+        return cost
     if backend == "torch":
-        out = rows_bytes(tokens, k * q, ITEMSIZE[dtype])
-        return Cost([_bmm("ref bmm", k, tokens, q, p, dtype, dev),
-                     _elementwise("ref output copy", [out], [out], dev)]).time(dev)
-    return math.inf
+        cost = Cost([_bmm("ref bmm", k, tokens, q, p, dtype, dev)])
+        if training:
+            cost = cost + Cost([_bmm("ref dx bmm", k, tokens, p, q, dtype, dev),
+                                _bmm("ref dw bmm", k, q, p, tokens, dtype, dev)])
+        return cost
+    return None
+
+
+def blockdiag_seconds(backend: str, tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",
+                      dev: Device = H100_SXM, training: bool = False) -> float:
+    """:func:`blockdiag_cost`'s predicted time; ``inf`` for a backend without a model."""
+    cost = blockdiag_cost(backend, tokens, k, q, p, dtype, dev, training)
+    return math.inf if cost is None else cost.time(dev)
 
 
 def triton_path(problem: Problem) -> str:

@@ -44,14 +44,15 @@ def _path(backend: str, problem: cm.Problem) -> str:
 
 @lru_cache(maxsize=4096)
 def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple, training: bool = False) -> float:
-    """The cost model's time for ``backend`` on a Monarch forward (``op == "monarch"``; with ``training`` a
-    forward plus its backward) or a block-diagonal forward (``"blockdiag"``, ``dims[3]`` = input block; the
-    model prices its forward only, for training calls too) with these dims; ``inf`` without an estimator."""
+    """The cost model's time for ``backend`` on a Monarch forward (``op == "monarch"``) or a block-diagonal
+    forward (``"blockdiag"``, ``dims[3]`` = input block) with these dims, with ``training`` plus its backward
+    (an activation's pre-activation recompute is not priced: ``dims`` do not carry it); ``inf`` without an
+    estimator."""
     tokens, n_in, n_out, block = dims
     if op == "blockdiag":
         k = math.ceil(n_in / block)
         return cm.blockdiag_seconds(backend, SYMBOLIC_TOKENS if tokens is None else max(tokens, 1), k,
-                                    math.ceil(n_out / k), block, dtype)
+                                    math.ceil(n_out / k), block, dtype, training=training)
     problem = _problem(dims)
     path = _path(backend, problem)
     if (backend, path) not in cm.estimators():

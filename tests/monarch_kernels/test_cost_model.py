@@ -168,11 +168,16 @@ def test_training_step_prices_what_the_eager_backward_runs():
 
 def test_reference_pays_the_permutation_copies():
     """The torch reference moves x, y, y (copy), z, o, o (copy), out: more HBM bytes than the two-kernel
-    path's x, z (in L2), out."""
+    path's x, z (in L2), out. Its backward copies twice, P2ᵀ of g (output width) and P1ᵀ of dz (stage-1
+    width: 768 for GPT-2's fc2, not its 3072-wide input), and its bmm write natural order without copies."""
     pr = cm.Problem.linear(16384, 4096, 4096, 64)
     ref = cm.estimate("torch", "reference", "fwd", pr)
     assert ref.launches == 4
     assert ref.hbm_bytes > 3 * cm.estimate("triton", "two_kernel", "fwd", pr).hbm_bytes
+    fc2 = cm.Problem.linear(1024, 3072, 768, 4)
+    bwd = {k.name: k for k in cm.estimate("torch", "reference", "bwd_input", fc2).kernels}
+    assert list(bwd) == ["ref P2T copy", "ref dZ bmm", "ref P1T copy", "ref dX bmm"]
+    assert bwd["ref P1T copy"].hbm_bytes == 2 * 1024 * 768 * 2 == bwd["ref P2T copy"].hbm_bytes
 
 
 def test_reference_training_step_keeps_its_intermediate():

@@ -39,6 +39,21 @@ def test_a_faster_registered_backend_takes_over():
         gd.predicted_seconds.cache_clear()
 
 
+def test_blockdiag_training_calls_are_priced_by_forward_and_backward():
+    """A block-diagonal call with 4 blocks of 1024 at 16 tokens: the forward is weight-bound on both sides (a
+    tie keeps Triton, listed first), but the training step adds dx (the grouped kernel on transposed weights)
+    and dw (the split-T weight-gradient kernel with its fp32 partial sum), which lose to two cuBLAS ``bmm``."""
+    dims = (16, 4096, 4096, 1024)
+    assert gd.prefers("triton", "blockdiag", torch.bfloat16, dims)
+    assert not gd.prefers("triton", "blockdiag", torch.bfloat16, dims, training=True)
+    step = cm.blockdiag_cost("triton", 16, 4, 1024, 1024, training=True)
+    assert [k.name for k in step.kernels] == ["blockdiag", "blockdiag dx", "blockdiag dw", "blockdiag dw partial sum"]
+    ref = cm.blockdiag_cost("torch", 16, 4, 1024, 1024, training=True)
+    assert [k.name for k in ref.kernels] == ["ref bmm", "ref dx bmm", "ref dw bmm"]  # no copies at full width
+    assert cm.blockdiag_cost("cuda", 16, 4, 1024, 1024) is None
+    assert math.isinf(cm.blockdiag_seconds("cuda", 16, 4, 1024, 1024))
+
+
 def test_auto_never_takes_the_interpreter():
     assert not _triton_prefers("monarch", torch.device("cpu"), torch.float32, (64, 64, 64, 8))
 
