@@ -110,10 +110,16 @@ def _cuda_prefers(op: str, device: torch.device, dtype: torch.dtype, dims: tuple
     return prefers_cuda(op, device, dtype, dims)
 
 
+def _cuda_prefers_training(op: str, device: torch.device, dtype: torch.dtype, dims: tuple) -> bool:
+    from .cuda_dispatch import prefers_cuda
+
+    return prefers_cuda(op, device, dtype, dims, training=True)
+
+
 # above triton, but preferred only for the few-token calls its decode kernels serve (T <= 64; fp32 T <= 16)
 register_backend(Backend(
     name="cuda", load=_load_cuda, supports=lambda device, dtype: device.type == "cuda" and dtype in _TRITON_DTYPES,
-    prefer=_cuda_prefers, priority=25,
+    prefer=_cuda_prefers, prefer_training=_cuda_prefers_training, priority=25,
     description="compiled CUDA kernels: one-launch small-token (decode) Monarch/block-diagonal kernels streaming "
                 "the weights once; tile kernels (WMMA) for larger calls when asked for explicitly",
 ))

@@ -58,8 +58,10 @@ def shared_memory_optin(device: torch.device) -> int:
     return _shared_memory_optin(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def prefers_cuda(op: str, device: torch.device, dtype: torch.dtype, dims: tuple) -> bool:
-    """``dims = (T, n_in, n_out, block)``, ``block`` the largest block side; ``op`` ``"monarch"`` or ``"blockdiag"``."""
+def prefers_cuda(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, training: bool = False) -> bool:
+    """``dims = (T, n_in, n_out, block)``, ``block`` the largest block side; ``op`` ``"monarch"`` or ``"blockdiag"``.
+    ``training``: autograd records the call, so its backward runs here too; the weight gradients at few tokens
+    (decode stages plus the tile kernels) are not priced, so the model never takes ``cuda`` for such a call."""
     tokens, block = dims[0], dims[3]
     limit = DECODE_MAX_TOKENS.get(dtype)
     if device.type != "cuda" or limit is None or not isinstance(tokens, int) or not 1 <= tokens <= limit:
@@ -71,9 +73,11 @@ def prefers_cuda(op: str, device: torch.device, dtype: torch.dtype, dims: tuple)
     status = backends.available_backends()
     others = [n for n in ("triton",) if status.get(n) == "available" and backends.get(n).supports(device, dtype)]
     if op == "blockdiag":  # priced here: the cost model's block-diagonal prices know Triton and torch only
+        if training:  # the block-diagonal weight gradient on this backend is not priced
+            return False
         name = gpu_dispatch._DTYPES[dtype]
         _, n_in, n_out, p = dims
         k = math.ceil(n_in / p)
         mine = cuda_cost.blockdiag_kernel(tokens, k, math.ceil(n_out / k), p, name).time(cm.H100_SXM)
         return mine < min(gpu_dispatch.predicted_seconds(o, op, name, tuple(dims)) for o in [*others, "torch"])
-    return gpu_dispatch.prefers("cuda", op, dtype, tuple(dims), others)
+    return gpu_dispatch.prefers("cuda", op, dtype, tuple(dims), others, training)

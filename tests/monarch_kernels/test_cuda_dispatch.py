@@ -89,3 +89,17 @@ def test_auto_prices_a_training_call_as_a_training_step(fake_gpu):
     assert mk.resolve_backend("monarch", x, w1.requires_grad_(), w2) == "torch"
     with torch.no_grad():
         assert mk.resolve_backend("monarch", x, w1, w2) == "triton"
+
+
+def test_few_token_training_calls_avoid_the_unpriced_cuda_backward(fake_gpu):
+    """At 4 tokens ``auto`` takes the decode kernels for inference, but a call autograd records would run the
+    CUDA weight gradients too, which the cost model does not price: it goes to a priced backend instead."""
+    sh = mk.monarch_factor_shapes(4096, 4096, 64)
+    w1, w2 = fake_gpu(*sh.w1_shape, dtype=torch.bfloat16), fake_gpu(*sh.w2_shape, dtype=torch.bfloat16)
+    x = fake_gpu(4, 4096, dtype=torch.bfloat16)
+    assert mk.resolve_backend("monarch", x, w1, w2) == "cuda"
+    assert mk.resolve_backend("monarch", x, w1.requires_grad_(), w2) in ("triton", "torch")
+    w = fake_gpu(4, 256, 512, dtype=torch.bfloat16)
+    xb = fake_gpu(3, 2048, dtype=torch.bfloat16)
+    assert not cuda_dispatch.prefers_cuda("blockdiag", xb.device, torch.bfloat16, (3, 2048, 1024, 512), training=True)
+    assert mk.resolve_backend("blockdiag", xb.requires_grad_(), w) != "cuda"
