@@ -279,7 +279,6 @@ def _fast_backends(ctx: Context, dtype) -> list[str]:
 
 
 def path_cases(ctx: Context):
-    from monarch_kernels.triton import _common
     from monarch_kernels.triton import monarch as tmon
     from monarch_kernels.triton import plan
 
@@ -295,7 +294,8 @@ def path_cases(ctx: Context):
             for path in ("fused", "two_kernel"):
                 if tmon.path_applies(sh, path):
                     row[f"{path}_us"] = round(ctx.time_us(lambda p=path: tmon.forward(x, w1, w2, None, n_out, path=p)), 1)
-            chunk = plan.chunk_tokens(T, sh.n_mid, x.element_size(), cm.H100_SXM.l2_bytes, 128)
+            chunk = plan.chunk_tokens(T, sh.n_mid, x.element_size(), cm.H100_SXM.l2_bytes, 128,
+                                      2 if plan.PAIR_STAGES else 1)
             if chunk < T:  # the same kernels without token chunks: is the intermediate really kept in L2?
                 saved = plan.chunk_tokens
                 plan.chunk_tokens = lambda tokens, *a: tokens
@@ -317,15 +317,16 @@ def path_cases(ctx: Context):
                         "triton", "two_kernel", "fwd", cm.Problem.linear(T, n_in, n_out, nb)).time() * 1e6, 1)
                 finally:
                     plan.RUN_BYTES, plan.LIVE_BYTES = saved_rb
-            # the previous layout: a row-major intermediate (P1 as grouped 16-byte runs, smaller stage-1 tiles)
-            saved_tm = _common.empty_token_major
-            _common.empty_token_major = lambda tokens, n, *, device, dtype: _common.empty(tokens, n, device=device,
-                                                                                            dtype=dtype)
+            # stage 1 of each chunk in its own launch, not beside the previous chunk's stage 2 (do the HBM-bound
+            # and L2-bound programs overlap in one grid, as the model assumes?)
+            plan.PAIR_STAGES = False
             try:
-                row["two_kernel_row_major_z_us"] = round(ctx.time_us(
+                row["two_kernel_unpaired_us"] = round(ctx.time_us(
                     lambda: tmon.forward(x, w1, w2, None, n_out, path="two_kernel")), 1)
+                row["two_kernel_unpaired_predicted_us"] = round(cm.estimate(
+                    "triton", "two_kernel", "fwd", cm.Problem.linear(T, n_in, n_out, nb)).time() * 1e6, 1)
             finally:
-                _common.empty_token_major = saved_tm
+                plan.PAIR_STAGES = True
             return row
         yield "paths", run
     # backward: dx and dw1 from the fused kernel or from two, g as given or token-major, next to the model's choices

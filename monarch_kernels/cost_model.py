@@ -341,29 +341,47 @@ def wgrad_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: 
     return Cost([kern, reduce])
 
 
+def paired(name: str, first: Kernel, second: Kernel) -> Kernel:
+    """Two independent launches run as one grid (:func:`.blockdiag.bd_forward_pair`): their programs share the
+    GPU, so the launch is bound by the sum of their HBM bytes, of their L2 bytes or of their arithmetic time,
+    whichever is largest — an HBM-bound and an L2-bound launch overlap — plus one launch gap."""
+    flop_s = first.flops / first.flop_rate + second.flops / second.flop_rate
+    flops = first.flops + second.flops
+    return Kernel(name, flops, first.useful_flops + second.useful_flops, first.hbm_bytes + second.hbm_bytes,
+                  first.l2_bytes + second.l2_bytes, flops / flop_s if flop_s > 0 else 1e30,
+                  min(first.mem_eff, second.mem_eff))
+
+
 def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False) -> Cost:
     """Stage 1 and stage 2 per L2-sized token chunk: the intermediate goes from one to the other through L2;
-    ``keep`` (:func:`.triton.monarch.forward_saving`): every chunk's intermediate also reaches HBM, kept, and
-    with an activation stage 2 stores the pre-activation too."""
+    with :data:`.plan.PAIR_STAGES` stage 1 of each chunk runs in one launch with stage 2 of the previous one
+    (:func:`paired`; two chunks' intermediates in L2). ``keep`` (:func:`.triton.monarch.forward_saving`):
+    every chunk's intermediate also reaches HBM, kept, and with an activation stage 2 stores the
+    pre-activation too."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
-    chunk = _plan.chunk_tokens(T, sh.n_mid, item, dev.l2_bytes, 128)
-    resident = chunk * sh.n_mid * item <= _plan.L2_SHARE * dev.l2_bytes
-    cost = Cost()
+    pair = _plan.PAIR_STAGES
+    chunk = _plan.chunk_tokens(T, sh.n_mid, item, dev.l2_bytes, 128, 2 if pair else 1)
+    live = 2 if pair and chunk < T else 1
+    resident = live * chunk * sh.n_mid * item <= _plan.L2_SHARE * dev.l2_bytes
+    first, second = [], []
     for t0 in range(0, T, chunk):
         tc = min(chunk, T - t0)
-        cost.kernels.append(bd_cost("stage 1 (P1 in a token-major store)", tc, sh.k, sh.q, sh.p, dtype, dev,
-                                    out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=keep or not resident,
-                                    y_token_major=True))
-        cost.kernels.append(bd_cost("stage 2 (P2 grouped store, epilogue)", tc, sh.l, sh.s, sh.r, dtype, dev,
-                                    out_perm=(sh.s, sh.l), n_out=problem.n_out, x_hbm=not resident,
-                                    activation=problem.activation != "none", x_token_major=True,
-                                    pre_out=keep and problem.activation != "none"))
+        first.append(bd_cost("stage 1 (P1 in a token-major store)", tc, sh.k, sh.q, sh.p, dtype, dev,
+                             out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=keep or not resident,
+                             y_token_major=True))
+        second.append(bd_cost("stage 2 (P2 grouped store, epilogue)", tc, sh.l, sh.s, sh.r, dtype, dev,
+                              out_perm=(sh.s, sh.l), n_out=problem.n_out, x_hbm=not resident,
+                              activation=problem.activation != "none", x_token_major=True,
+                              pre_out=keep and problem.activation != "none"))
     if resident and not keep:  # the last chunk's intermediate is written back from L2 eventually
-        last = cost.kernels[-2]
-        cost.kernels[-2] = Kernel(last.name, last.flops, last.useful_flops,
-                                  last.hbm_bytes + rows_bytes(min(chunk, T), sh.n_mid, item), last.l2_bytes,
-                                  last.flop_rate, last.mem_eff)
-    return cost
+        last = first[-1]
+        first[-1] = Kernel(last.name, last.flops, last.useful_flops,
+                           last.hbm_bytes + rows_bytes(min(chunk, T), sh.n_mid, item), last.l2_bytes,
+                           last.flop_rate, last.mem_eff)
+    if live == 1:
+        return Cost([k for pair_ in zip(first, second) for k in pair_])
+    return Cost([first[0]] + [paired("stage 1 beside the previous chunk's stage 2", a, b)
+                              for a, b in zip(first[1:], second)] + [second[-1]])
 
 
 def _fused_forward(problem: Problem, dtype: str, dev: Device) -> Cost:

@@ -25,6 +25,7 @@ padded zero weight that is consumed afterwards, so ±inf inputs give exactly the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -200,7 +201,8 @@ def _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL: tl.co
 
 
 @triton.jit
-def _bd_fwd_kernel(
+def _bd_fwd_tile(
+    pid0, pid1,
     X, W, BIAS, Y, PRE,
     T, N_IN, N_OUT, Q, P,
     sxt, sxf, swk, swq, swp, syt, syf,
@@ -211,14 +213,16 @@ def _bd_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One program of the block-diagonal forward: block group and N tile ``pid0``, row tile ``pid1`` (the
+    grid of :func:`_bd_fwd_kernel`; :func:`_bd_pair_kernel` runs two such grids in one launch)."""
     # SAVE_PRE: the blocks' epilogues stop at the rounded pre-activation, which is stored to PRE (same layout
     # as Y); the activation is then applied to the whole interleaved tile (identical values: _finish rounds
     # the pre-activation before activating it too)
     BLOCK_ACT: tl.constexpr = ACT * (1 - SAVE_PRE)
     tiles_n = tl.cdiv(Q, BLOCK_N)
-    kk0 = (tl.program_id(0) // tiles_n) * GROUP
-    pid_n = tl.program_id(0) % tiles_n
-    pid_m = tl.program_id(1).to(tl.int64)  # int64 row offsets: no 32-bit overflow on huge T·n
+    kk0 = (pid0 // tiles_n) * GROUP
+    pid_n = pid0 % tiles_n
+    pid_m = pid1.to(tl.int64)  # int64 row offsets: no 32-bit overflow on huge T·n
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < T
@@ -275,6 +279,102 @@ def _bd_fwd_kernel(
     tl.store(Y + rm[:, None] * syt + col[None, :] * syf, out, mask=m_ok[:, None] & ok[None, :])
 
 
+@triton.jit
+def _bd_fwd_kernel(
+    X, W, BIAS, Y, PRE,
+    T, N_IN, N_OUT, Q, P,
+    sxt, sxf, swk, swq, swp, syt, syf,
+    IN_A, IN_B, OUT_A, OUT_B,
+    IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr,
+    IN_FULL: tl.constexpr, OUT_FULL: tl.constexpr, MULTI_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    _bd_fwd_tile(tl.program_id(0), tl.program_id(1), X, W, BIAS, Y, PRE, T, N_IN, N_OUT, Q, P,
+                 sxt, sxf, swk, swq, swp, syt, syf, IN_A, IN_B, OUT_A, OUT_B,
+                 IN_MODE, OUT_MODE, OUT_C, IN_FULL, OUT_FULL, MULTI_K, HAS_BIAS, ACT, SAVE_PRE,
+                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP, UPCAST, PRECISION)
+
+
+@triton.jit
+def _bd_pair_kernel(
+    X, W, BIAS, Y, PRE,
+    T, N_IN, N_OUT, Q, P,
+    sxt, sxf, swk, swq, swp, syt, syf,
+    IN_A, IN_B, OUT_A, OUT_B,
+    X2, W2, BIAS2, Y2, PRE2,
+    T2, N_IN2, N_OUT2, Q2, P2,
+    sxt2, sxf2, swk2, swq2, swp2, syt2, syf2,
+    IN_A2, IN_B2, OUT_A2, OUT_B2,
+    GRID0, GRID0_2, N_FIRST, N_SECOND,
+    IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr,
+    IN_FULL: tl.constexpr, OUT_FULL: tl.constexpr, MULTI_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    IN_MODE2: tl.constexpr, OUT_MODE2: tl.constexpr, OUT_C2: tl.constexpr,
+    IN_FULL2: tl.constexpr, OUT_FULL2: tl.constexpr, MULTI_K2: tl.constexpr,
+    HAS_BIAS2: tl.constexpr, ACT2: tl.constexpr, SAVE_PRE2: tl.constexpr,
+    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr, GROUP2: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    # two independent block-diagonal launches as one grid of N_FIRST + N_SECOND programs, interleaved in
+    # proportion: program p belongs to the second when floor((p+1)·N2 / N) > floor(p·N2 / N), and is then its
+    # program floor(p·N2 / N) (else the first's p − that). The block scheduler issues programs in order, so
+    # both kinds run side by side and their different limits (HBM, L2) overlap
+    pid = tl.program_id(0).to(tl.int64)
+    total = N_FIRST + N_SECOND
+    before = pid * N_SECOND // total
+    if (pid + 1) * N_SECOND // total > before:
+        _bd_fwd_tile(before % GRID0_2, before // GRID0_2, X2, W2, BIAS2, Y2, PRE2, T2, N_IN2, N_OUT2, Q2, P2,
+                     sxt2, sxf2, swk2, swq2, swp2, syt2, syf2, IN_A2, IN_B2, OUT_A2, OUT_B2,
+                     IN_MODE2, OUT_MODE2, OUT_C2, IN_FULL2, OUT_FULL2, MULTI_K2, HAS_BIAS2, ACT2, SAVE_PRE2,
+                     BLOCK_M2, BLOCK_N2, BLOCK_K2, GROUP2, UPCAST, PRECISION)
+    else:
+        first = pid - before
+        _bd_fwd_tile(first % GRID0, first // GRID0, X, W, BIAS, Y, PRE, T, N_IN, N_OUT, Q, P,
+                     sxt, sxf, swk, swq, swp, syt, syf, IN_A, IN_B, OUT_A, OUT_B,
+                     IN_MODE, OUT_MODE, OUT_C, IN_FULL, OUT_FULL, MULTI_K, HAS_BIAS, ACT, SAVE_PRE,
+                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP, UPCAST, PRECISION)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """One resolved :func:`bd_forward` call: its plan, runtime arguments and compile-time arguments."""
+
+    lp: _plan.BDLaunch
+    args: tuple
+    meta: dict
+
+
+def _prepare(x, w, bias, n_out, activation, in_perm, out_perm, out, pre_out):
+    """``(y, launch | None)``: the output buffer and what to launch (``None`` for no tokens)."""
+    T = x.shape[0]
+    k, q, p = w.shape
+    n_out = k * q if n_out is None else n_out
+    y = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if out is None else out
+    if pre_out is not None:
+        if activation == "none":
+            raise ValueError("bd_forward: pre_out is only written with an activation (it would equal the output)")
+        if pre_out.shape != y.shape or pre_out.stride() != y.stride() or pre_out.dtype != y.dtype:
+            raise ValueError(f"bd_forward: pre_out must match the output: shape {tuple(y.shape)}, strides "
+                             f"{y.stride()}, {y.dtype}; got {tuple(pre_out.shape)}, {pre_out.stride()}, "
+                             f"{pre_out.dtype}")
+    if T == 0:
+        return y, None
+    lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm, activation != "none",
+                         _common.is_token_major(x), _common.is_token_major(y))
+    args = (x, w, bias if bias is not None else y, y, y if pre_out is None else pre_out,
+            T, x.shape[1], n_out, q, p,
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
+            lp.inp.a, lp.inp.b, lp.out.a, lp.out.b)
+    meta = dict(IN_MODE=lp.inp.mode, OUT_MODE=lp.out.mode, OUT_C=lp.out.c, IN_FULL=lp.in_full,
+                OUT_FULL=lp.out_full, MULTI_K=lp.multi_k, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation],
+                SAVE_PRE=pre_out is not None,
+                **{k: v for k, v in lp.tile.meta().items() if not k.startswith("num_")})
+    return y, _Launch(lp, args, meta)
+
+
 def bd_forward(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -295,31 +395,42 @@ def bd_forward(
     ``pre_out``: also store the pre-activation ``BD(w) x + bias`` there (an activation's backward needs it;
     same shape and strides as the output).
     """
-    T = x.shape[0]
-    k, q, p = w.shape
-    n_out = k * q if n_out is None else n_out
-    y = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if out is None else out
-    if pre_out is not None:
-        if activation == "none":
-            raise ValueError("bd_forward: pre_out is only written with an activation (it would equal the output)")
-        if pre_out.shape != y.shape or pre_out.stride() != y.stride() or pre_out.dtype != y.dtype:
-            raise ValueError(f"bd_forward: pre_out must match the output: shape {tuple(y.shape)}, strides "
-                             f"{y.stride()}, {y.dtype}; got {tuple(pre_out.shape)}, {pre_out.stride()}, "
-                             f"{pre_out.dtype}")
-    if T == 0:
-        return y
-    lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm, activation != "none",
-                         _common.is_token_major(x), _common.is_token_major(y))
-    _bd_fwd_kernel[lp.grid](
-        x, w, bias if bias is not None else y, y, y if pre_out is None else pre_out,
-        T, x.shape[1], n_out, q, p,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
-        lp.inp.a, lp.inp.b, lp.out.a, lp.out.b,
-        IN_MODE=lp.inp.mode, OUT_MODE=lp.out.mode, OUT_C=lp.out.c, IN_FULL=lp.in_full, OUT_FULL=lp.out_full,
-        MULTI_K=lp.multi_k, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], SAVE_PRE=pre_out is not None,
-        UPCAST=interpreting(), PRECISION=precision(x.dtype), **_common.launch_meta(lp.tile),
-    )
+    y, launch = _prepare(x, w, bias, n_out, activation, in_perm, out_perm, out, pre_out)
+    if launch is not None:
+        _bd_fwd_kernel[launch.lp.grid](*launch.args, **launch.meta, UPCAST=interpreting(),
+                                       PRECISION=precision(x.dtype), **_common.launch_meta(launch.lp.tile, ()))
     return y
+
+
+def bd_forward_pair(first: dict, second: dict) -> tuple:
+    """Two independent :func:`bd_forward` calls (keyword arguments ``x``, ``w`` and optionally ``bias``,
+    ``n_out``, ``activation``, ``in_perm``, ``out_perm``, ``out``, ``pre_out``) in one launch
+    (:func:`_bd_pair_kernel`); they must not read what the other writes. Returns both outputs. One launch
+    instead of two saves a launch gap, and when one call is bound by HBM and the other by L2 (the two-kernel
+    Monarch forward's stage 1 of one token chunk and stage 2 of the previous one) their programs share the
+    GPU and the two limits overlap (:func:`monarch_kernels.cost_model.paired`)."""
+    keys = ("x", "w", "bias", "n_out", "activation", "in_perm", "out_perm", "out", "pre_out")
+    defaults = dict(bias=None, n_out=None, activation="none", in_perm=None, out_perm=None, out=None, pre_out=None)
+    a, b = ({**defaults, **call} for call in (first, second))
+    for call in (a, b):
+        if set(call) - set(keys) or call["x"].dtype != a["x"].dtype:
+            raise ValueError(f"bd_forward_pair: each call takes {keys} and one dtype; got {sorted(call)}")
+    ya, la = _prepare(*(a[k] for k in keys))
+    yb, lb = _prepare(*(b[k] for k in keys))
+    if la is None or lb is None:  # one has no tokens: the other alone
+        for launch in (la, lb):
+            if launch is not None:
+                _bd_fwd_kernel[launch.lp.grid](*launch.args, **launch.meta, UPCAST=interpreting(),
+                                               PRECISION=precision(a["x"].dtype),
+                                               **_common.launch_meta(launch.lp.tile, ()))
+        return ya, yb
+    n_a, n_b = la.lp.grid[0] * la.lp.grid[1], lb.lp.grid[0] * lb.lp.grid[1]
+    tile = _plan.pair_tile(la.lp.tile, lb.lp.tile)
+    meta = {**la.meta, **{k + "2": v for k, v in lb.meta.items()}}
+    _bd_pair_kernel[(n_a + n_b,)](*la.args, *lb.args, la.lp.grid[0], lb.lp.grid[0], n_a, n_b, **meta,
+                                  UPCAST=interpreting(), PRECISION=precision(a["x"].dtype),
+                                  **_common.launch_meta(tile, ()))
+    return ya, yb
 
 
 # ------------------------------------------------------------------------------------------------ weight grad

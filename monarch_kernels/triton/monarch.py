@@ -19,7 +19,9 @@ Forward paths (``path="auto"`` picks by shape, :func:`.plan.choose_path`):
   store writes every column as a run of the row tile's tokens, so stage 1 needs no block group (a 128-row
   tile, weights re-read half as often) and every sector is whole; the P2 store into the row-major output
   uses ≥ 16-byte runs of grouped blocks. Tokens go in chunks whose intermediate fits in a share of the L2
-  (:func:`.plan.chunk_tokens`), so the second kernel reads it back from L2 rather than HBM.
+  (:func:`.plan.chunk_tokens`), so the second kernel reads it back from L2 rather than HBM; stage 1 of each
+  chunk runs in one launch with stage 2 of the previous chunk (:func:`.blockdiag.bd_forward_pair`, two
+  intermediate buffers), so the HBM-bound stage 1 and the L2-bound stage 2 overlap.
 
 Backward: ``backward`` (the backend's fused ``monarch_bwd``) computes ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` once (P2ᵀ as
 grouped 16-byte gathers, P1ᵀ in a token-major store) and shares it between ``dx`` and ``dw1``, which one kernel
@@ -43,7 +45,7 @@ from ..shapes import MonarchShape
 from . import _common
 from . import plan as _plan
 from ._common import ACT_CODES, interpreting, precision
-from .blockdiag import _finish, _load, bd_forward, bd_weight_grad
+from .blockdiag import _finish, _load, bd_forward, bd_forward_pair, bd_weight_grad
 from .token_major import to_token_major
 
 PATHS = _plan.PATHS
@@ -167,17 +169,35 @@ def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, ou
     and nothing is kept."""
     T = x.shape[0]
     info = _common.device_info(x.device)
-    chunk = _plan.chunk_tokens(T, sh.n_mid, x.element_size(), info.l2_bytes, 128)
-    z = _common.empty_token_major(T if keep else min(chunk, T), sh.n_mid, device=x.device, dtype=x.dtype)
+    pair = _plan.PAIR_STAGES
+    chunk = _plan.chunk_tokens(T, sh.n_mid, x.element_size(), info.l2_bytes, 128, 2 if pair else 1)
+    buffers = 1 if keep or chunk >= T else (2 if pair else 1)
+    z = _common.empty_token_major(T if keep else buffers * chunk, sh.n_mid, device=x.device, dtype=x.dtype)
     pre = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if keep and activation != "none" else None
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        # stage 1, P1 in the store: y[f] lands at z[(f mod l)·r + f div l], token-major (runs of tokens);
-        # a kept z's chunks start at multiples of the 128-row tile, so their columns stay 16-byte aligned
-        zc = bd_forward(x[t0:t1], w1, out_perm=(sh.l, sh.r), out=z[t0:t1] if keep else z[: t1 - t0])
-        # stage 2 and epilogue, P2 in the store: o[f] lands at out[(f mod s)·l + f div s]
-        bd_forward(zc, w2, bias, n_out, activation, out_perm=(sh.s, sh.l), out=out[t0:t1],
-                   pre_out=None if pre is None else pre[t0:t1])
+    # chunk i: stage 1, P1 in the store (y[f] lands at z[(f mod l)·r + f div l], token-major runs of tokens),
+    # then stage 2 and the epilogue, P2 in the store (o[f] lands at out[(f mod s)·l + f div s]). A kept z's
+    # chunks (and the buffers) start at multiples of the 128-row tile: every column stays 16-byte aligned
+    starts = list(range(0, T, chunk))
+
+    def stage1(i):
+        t0, t1 = starts[i], min(T, starts[i] + chunk)
+        zc = z[t0:t1] if keep else z[(i % buffers) * chunk:][: t1 - t0]
+        return dict(x=x[t0:t1], w=w1, out_perm=(sh.l, sh.r), out=zc)
+
+    def stage2(i, zc):
+        t0, t1 = starts[i], min(T, starts[i] + chunk)
+        return dict(x=zc, w=w2, bias=bias, n_out=n_out, activation=activation, out_perm=(sh.s, sh.l),
+                    out=out[t0:t1], pre_out=None if pre is None else pre[t0:t1])
+
+    if not pair or len(starts) == 1:
+        for i in range(len(starts)):
+            bd_forward(**stage2(i, bd_forward(**stage1(i))))
+        return out, (z if keep else None), pre
+    # paired: launch i runs stage 1 of chunk i beside stage 2 of chunk i - 1 (two buffers in L2)
+    zc = bd_forward(**stage1(0))
+    for i in range(1, len(starts)):
+        zc, _ = bd_forward_pair(stage1(i), stage2(i - 1, zc))
+    bd_forward(**stage2(len(starts) - 1, zc))
     return out, (z if keep else None), pre
 
 

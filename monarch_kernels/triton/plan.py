@@ -17,8 +17,11 @@ from dataclasses import dataclass
 #: contiguous bytes per permuted run: one 16-byte vector per thread (32-byte runs would fill whole sectors, but
 #: the twice larger group halves the row tile that fits in registers and doubles the weight re-reads)
 RUN_BYTES = 16
-#: share of the L2 a chunked two-kernel forward may fill with its intermediate
+#: share of the L2 a chunked two-kernel forward may fill with its intermediate (both chunks' when paired)
 L2_SHARE = 0.4
+#: two-kernel forward: run stage 1 of each token chunk in one launch with stage 2 of the previous chunk
+#: (:func:`.blockdiag.bd_forward_pair`), so that HBM-bound and L2-bound programs share the GPU
+PAIR_STAGES = True
 #: Register budgets of one program (8 warps), from the kernel audit (triton 3.6 and 3.9, sm_90): interleaved
 #: bf16 result tiles plus twice the fp32 accumulator of the block being computed may take ``LIVE_BYTES``
 #: (8 blocks x 64 x 64: 64 + 32 KB, 183 registers; 4 x 64 x 128: 64 + 64 KB spilled), a third less with a
@@ -293,6 +296,12 @@ FUSED_GROUP = 16
 FUSED_MIN_ROWS = 16
 
 
+def pair_tile(first: Tile, second: Tile) -> Tile:
+    """Launch options of two grids run as one (:func:`.blockdiag.bd_forward_pair`): the larger warp count
+    and pipeline depth (each program keeps its own tile sides)."""
+    return Tile(0, 0, 0, 1, max(first.num_warps, second.num_warps), max(first.num_stages, second.num_stages))
+
+
 def fused_applies(k: int, q: int, p: int, l: int, s: int, r: int) -> bool:
     """The fused square kernel: rank ``c = q / l = 1`` (every stage-1 block sends one value to every stage-2
     block), power-of-two block counts ``k, l ≥ 16`` (tensor-core dot sides), blocks ≤ 128 wide, and a 16-row
@@ -324,11 +333,14 @@ def choose_path(k: int, q: int, p: int, l: int, s: int, r: int, path: str = "aut
     return path
 
 
-def chunk_tokens(tokens: int, n_mid: int, itemsize: int, l2_bytes: int, block_m: int) -> int:
-    """Tokens per chunk of the two-kernel forward, so that one chunk's intermediate (``chunk × n_mid``) fills
-    at most ``L2_SHARE`` of the L2 and is read back by the second kernel before it is evicted; a multiple
-    of the row tile, at least one tile; ``tokens`` itself when everything fits."""
-    cap = int(L2_SHARE * l2_bytes) // max(n_mid * itemsize, 1)
+def chunk_tokens(tokens: int, n_mid: int, itemsize: int, l2_bytes: int, block_m: int, buffers: int = 1) -> int:
+    """Tokens per chunk of the two-kernel forward, so that ``buffers`` chunks' intermediates (``chunk ×
+    n_mid`` each: two when stage 1 of one chunk runs beside stage 2 of the previous) fill at most ``L2_SHARE``
+    of the L2 and are read back by the second kernel before they are evicted; a multiple of the row tile, at
+    least one tile; ``tokens`` itself when everything fits in one chunk."""
+    if buffers > 1 and chunk_tokens(tokens, n_mid, itemsize, l2_bytes, block_m) == tokens:
+        return tokens
+    cap = int(L2_SHARE * l2_bytes) // max(buffers * n_mid * itemsize, 1)
     cap = max(block_m, cap // block_m * block_m)
     return tokens if cap >= tokens else cap
 

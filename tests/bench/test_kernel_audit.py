@@ -80,9 +80,14 @@ def permuted_operands(row: dict) -> set:
     cfg, name = row["config"], row["kernel"]
     if name == "_fused_fwd_kernel":
         return {"OUT"}  # P2 folded into the store
-    if name == "_bd_fwd_kernel":  # the pre-activation (SAVE_PRE) goes through the output's permuted store
-        ops = {op for op, flag in (("X", "IN_MODE=1"), ("Y", "OUT_MODE=1")) if flag in cfg}
-        return ops | ({"PRE"} if "Y" in ops and "SAVE_PRE=1" in cfg else set())
+    if name in ("_bd_fwd_kernel", "_bd_pair_kernel"):
+        # the pre-activation (SAVE_PRE) goes through the output's permuted store; the pair kernel has a second
+        # call's operands with the suffix 2
+        ops = set()
+        for sfx in ("", "2") if name == "_bd_pair_kernel" else ("",):
+            mine = {op + sfx for op, flag in (("X", "IN_MODE"), ("Y", "OUT_MODE")) if f"{flag}{sfx}=1" in cfg}
+            ops |= mine | ({"PRE" + sfx} if "Y" + sfx in mine and f"SAVE_PRE{sfx}=1" in cfg else set())
+        return ops
     if name == "_bd_wgrad_kernel":
         return {"G_"} if "G_MODE=1" in cfg else set()
     return set()
@@ -94,7 +99,7 @@ COPY = "_token_major_copy_kernel"
 
 def test_ci_configs_compile_for_sm90(ci_audit):
     names = {r["kernel"] for r in ci_audit}
-    assert {"_bd_fwd_kernel", "_dxw_kernel", "_bd_wgrad_kernel", "_fused_fwd_kernel", COPY} <= names
+    assert {"_bd_fwd_kernel", "_bd_pair_kernel", "_dxw_kernel", "_bd_wgrad_kernel", "_fused_fwd_kernel", COPY} <= names
     assert all(not r["error"] for r in ci_audit), [r["error"] for r in ci_audit if r["error"]]
 
 

@@ -124,6 +124,31 @@ def test_token_major_gradient_takes_plain_weight_gradient_tiles():
     assert readers.time() < cm._g_readers(fc1, "bfloat16", DEV, False).time()
 
 
+def test_paired_stages_overlap_hbm_and_l2(monkeypatch):
+    """One launch for two grids is bound by the larger of their summed terms: an HBM-bound and an L2-bound
+    launch of 10 µs each take 10 µs + one gap together, not 20 µs + two. The two-kernel forward pairs stage 1
+    of each chunk with stage 2 of the previous one: chunks sized for two intermediates in L2, chunks + 1
+    launches, the first stage 1 and the last stage 2 alone; without pairing, two launches per chunk."""
+    hbm = cm.Kernel("hbm", 0.0, 0.0, 10e-6 * DEV.hbm_bw, 0.0, 1.0)
+    l2 = cm.Kernel("l2", 2.0, 2.0, 0.0, 10e-6 * DEV.l2_bw, 1e6)
+    both = cm.paired("both", hbm, l2)
+    assert both.time(DEV) == pytest.approx(10e-6 + DEV.launch_s)
+    assert both.flops / both.flop_rate == pytest.approx(2e-6)
+    pr = cm.Problem.linear(16384, 4096, 4096, 64)
+    chunk = plan.chunk_tokens(16384, 4096, 2, DEV.l2_bytes, 128, 2)
+    assert 2 * chunk * 4096 * 2 <= plan.L2_SHARE * DEV.l2_bytes < 2 * (chunk + 128) * 4096 * 2
+    fwd = cm.estimate("triton", "two_kernel", "fwd", pr)
+    chunks = -(-16384 // chunk)
+    names = [k.name for k in fwd.kernels]
+    assert len(names) == chunks + 1 and names[0].startswith("stage 1") and names[-1].startswith("stage 2")
+    assert all(n.startswith("stage 1 beside") for n in names[1:-1])
+    monkeypatch.setattr(plan, "PAIR_STAGES", False)
+    apart = cm.estimate("triton", "two_kernel", "fwd", pr)
+    assert apart.launches == 2 * -(-16384 // plan.chunk_tokens(16384, 4096, 2, DEV.l2_bytes, 128))
+    assert fwd.time() < apart.time()
+    assert fwd.useful_flops == apart.useful_flops
+
+
 def test_useful_flops_and_paths():
     pr = cm.Problem.linear(16384, 4096, 4096, 64)
     assert pr.useful_fwd_flops() == 2 * 16384 * 2 * 64 * 64 * 64
@@ -145,7 +170,7 @@ def test_training_step_prices_what_the_eager_backward_runs():
     recompute = "z = P1 BD(w1) x (recomputed)"
     assert [k.name for k in step.kernels] == [k.name for k in fwd.kernels] + [k.name for k in bwd.kernels
                                                                               if k.name != recompute]
-    chunk = plan.chunk_tokens(16384, 4096, 2, DEV.l2_bytes, 128)
+    chunk = plan.chunk_tokens(16384, 4096, 2, DEV.l2_bytes, 128, 2)  # two chunks live: stages paired
     z_total, z_chunk = 16384 * 4096 * 2, chunk * 4096 * 2
     kept = cm._two_kernel_forward(pr, "bfloat16", DEV, keep=True)
     assert kept.hbm_bytes - fwd.hbm_bytes == pytest.approx(z_total - z_chunk)
@@ -153,11 +178,9 @@ def test_training_step_prices_what_the_eager_backward_runs():
     gelu = cm.Problem.linear(16384, 4096, 4096, 64, activation="gelu")
     names = [k.name for k in est("fwdbwd", gelu).kernels]
     assert "pre-activation = P2 BD(w2) z + bias" not in names and recompute not in names
-    stage2 = lambda c: [k for k in c.kernels if k.name.startswith("stage 2")]
     kept_gelu = cm._two_kernel_forward(gelu, "bfloat16", DEV, keep=True)
-    extra = sum(k.hbm_bytes for k in stage2(kept_gelu)) - sum(k.hbm_bytes for k in stage2(cm._two_kernel_forward(
-        gelu, "bfloat16", DEV)))
-    assert extra == pytest.approx(16384 * 4096 * 2)  # the pre-activation, written once
+    extra = kept_gelu.hbm_bytes - cm._two_kernel_forward(gelu, "bfloat16", DEV).hbm_bytes
+    assert extra == pytest.approx(z_total - z_chunk + 16384 * 4096 * 2)  # z, and the pre-activation once
     sq = cm.Problem.linear(4096, 1024, 1024, 32)
     fused = lambda op, p=sq: est(op, p, "fused")
     assert fused("fwdbwd").time() == pytest.approx(fused("fwd").time() + fused("bwd").time())

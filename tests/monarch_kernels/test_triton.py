@@ -320,6 +320,53 @@ def test_pre_activation_stored_beside_the_output(layout):
         tbd.bd_forward(x, w, b, activation="relu", pre_out=pre.t().contiguous().t())
 
 
+def test_paired_launch_equals_two_launches():
+    """``bd_forward_pair`` runs two unrelated calls (a grouped P1 store into a token-major buffer; a gathered
+    multi-K input with bias, GELU and a kept pre-activation) as one interleaved grid: every element as the
+    separate launches give it, bit for bit; a call with no tokens leaves the other alone; bad arguments are
+    refused."""
+    g_ = torch.Generator().manual_seed(13)
+    rnd = lambda *s: torch.randn(*s, generator=g_).to(DEVICE)
+    xa, wa = rnd(70, 8 * 5), rnd(8, 8, 5)
+    xb, wb, bb = rnd(33, 8 * 80), rnd(8, 2, 80), rnd(16)
+    first = dict(x=xa, w=wa, out_perm=(8, 8), out=_common.empty_token_major(70, 64, device=DEVICE,
+                                                                              dtype=torch.float32))
+    pre = torch.full((33, 16), math.nan, device=DEVICE)
+    second = dict(x=xb, w=wb, bias=bb, activation="gelu", in_perm=(80, 8), pre_out=pre)
+    ya, yb = tbd.bd_forward_pair(first, second)
+    assert ya is first["out"] and not ya.isnan().any() and not yb.isnan().any()
+    assert torch.equal(ya, tbd.bd_forward(xa, wa, out_perm=(8, 8)))
+    assert torch.equal(yb, tbd.bd_forward(xb, wb, bb, activation="gelu", in_perm=(80, 8)))
+    assert torch.equal(pre, tbd.bd_forward(xb, wb, bb, in_perm=(80, 8)))
+    assert_close(yb, ref.blockdiag_fwd(_d(xb)[:, torch.tensor([(f % 80) * 8 + f // 80 for f in range(640)])],
+                                       _d(wb), _d(bb), 16, "gelu"), torch.float32, "second vs reference")
+    ya0, yb0 = tbd.bd_forward_pair(dict(x=xa[:0], w=wa), dict(x=xb, w=wb, in_perm=(80, 8)))
+    assert ya0.shape == (0, 64) and torch.equal(yb0, tbd.bd_forward(xb, wb, in_perm=(80, 8)))
+    with pytest.raises(ValueError, match="bd_forward_pair"):
+        tbd.bd_forward_pair(dict(x=xa, w=wa, perm=(8, 8)), second)
+    with pytest.raises(ValueError, match="bd_forward_pair"):
+        tbd.bd_forward_pair(first, dict(x=xb.double(), w=wb.double()))
+
+
+@pytest.mark.parametrize("pair", [True, False])
+def test_two_kernel_forward_pairs_stages_across_chunks(monkeypatch, pair):
+    """With 128-token chunks (a small L2) and 300 tokens, the forward runs stage 1 of chunk 0, then stage 1
+    of chunk i beside stage 2 of chunk i - 1 (two launches paired), then stage 2 of the last chunk — through
+    two intermediate buffers — or, unpaired, two launches per chunk; both as the float64 reference."""
+    monkeypatch.setattr(_common, "device_info", lambda device: plan.DeviceInfo(num_sms=4, l2_bytes=64 * 1024))
+    monkeypatch.setattr(plan, "PAIR_STAGES", pair)
+    s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
+    sh, n_in, n_out, x, w1, w2, b, _ = _data(s1, s2, 300, torch.float32, seed=6)
+    assert plan.chunk_tokens(300, sh.n_mid, 4, 64 * 1024, 128, 2) == 128
+    pairs, singles = [], []
+    real_pair, real_single = tmon.bd_forward_pair, tmon.bd_forward
+    monkeypatch.setattr(tmon, "bd_forward_pair", lambda a, b_: pairs.append(1) or real_pair(a, b_))
+    monkeypatch.setattr(tmon, "bd_forward", lambda *a, **kw: singles.append(1) or real_single(*a, **kw))
+    out = tmon.forward(x, w1, w2, b, n_out, "gelu", path="two_kernel")
+    assert (len(pairs), len(singles)) == ((2, 2) if pair else (0, 6))
+    assert_close(out, ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), n_out, "gelu"), torch.float32, "paired")
+
+
 def test_grouped_gather_and_scatter_layouts_directly():
     """bd_forward through a P2ᵀ-style gather and a P1ᵀ-style scatter (8 blocks: groups of 4 in fp32, two
     groups) equals the same product through explicit index permutations."""
@@ -380,9 +427,9 @@ def test_intermediates_are_token_major():
     seen = []
     real = tmon.bd_forward
 
-    def spy(inp, w, *args, out=None, **kw):
-        y = real(inp, w, *args, out=out, **kw)
-        seen.append((_common.is_token_major(inp), _common.is_token_major(y)))
+    def spy(x, w, *args, out=None, **kw):
+        y = real(x, w, *args, out=out, **kw)
+        seen.append((_common.is_token_major(x), _common.is_token_major(y)))
         return y
 
     try:
