@@ -348,15 +348,20 @@ def test_paired_launch_equals_two_launches():
         tbd.bd_forward_pair(first, dict(x=xb.double(), w=wb.double()))
 
 
-@pytest.mark.parametrize("pair", [True, False])
-def test_two_kernel_forward_pairs_stages_across_chunks(monkeypatch, pair):
+@pytest.mark.parametrize("pair,dtype,x_layout", [(True, torch.float32, "rows"), (False, torch.float32, "rows"),
+                                                  (True, torch.bfloat16, "rows"), (True, torch.float32, "columns")])
+def test_two_kernel_forward_pairs_stages_across_chunks(monkeypatch, pair, dtype, x_layout):
     """With 128-token chunks (a small L2) and 300 tokens, the forward runs stage 1 of chunk 0, then stage 1
     of chunk i beside stage 2 of chunk i - 1 (two launches paired), then stage 2 of the last chunk — through
-    two intermediate buffers — or, unpaired, two launches per chunk; both as the float64 reference."""
+    two intermediate buffers — or, unpaired, two launches per chunk; both as the float64 reference, in bf16
+    too and from a column-major (token-major) input."""
     monkeypatch.setattr(_common, "device_info", lambda device: plan.DeviceInfo(num_sms=4, l2_bytes=64 * 1024))
     monkeypatch.setattr(plan, "PAIR_STAGES", pair)
     s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
-    sh, n_in, n_out, x, w1, w2, b, _ = _data(s1, s2, 300, torch.float32, seed=6)
+    sh, n_in, n_out, x, w1, w2, b, _ = _data(s1, s2, 300, dtype, seed=6)
+    if x_layout == "columns":
+        x = x.t().contiguous().t()
+        assert _common.is_token_major(x)
     assert plan.chunk_tokens(300, sh.n_mid, 4, 64 * 1024, 128, 2) == 128
     pairs, singles = [], []
     real_pair, real_single = tmon.bd_forward_pair, tmon.bd_forward
@@ -364,7 +369,7 @@ def test_two_kernel_forward_pairs_stages_across_chunks(monkeypatch, pair):
     monkeypatch.setattr(tmon, "bd_forward", lambda *a, **kw: singles.append(1) or real_single(*a, **kw))
     out = tmon.forward(x, w1, w2, b, n_out, "gelu", path="two_kernel")
     assert (len(pairs), len(singles)) == ((2, 2) if pair else (0, 6))
-    assert_close(out, ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), n_out, "gelu"), torch.float32, "paired")
+    assert_close(out, ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), n_out, "gelu"), dtype, "paired")
 
 
 def test_grouped_gather_and_scatter_layouts_directly():
