@@ -340,9 +340,9 @@ def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto
     """``(dx, dw1, dw2)`` in one call: ``dy`` computed once (token-major) and shared by ``dx`` and ``dw1`` —
     one kernel for both, or two with their own tiles when the cost model predicts that faster (``dxw``:
     ``"auto"``, ``"fused"`` or ``"separate"``) — and the intermediate ``z`` (from :func:`forward_saving`)
-    or, without it, recomputed once for ``dw2``. ``g`` is
-    read through P2ᵀ by ``dy`` and ``dw2``; ``g_layout="token_major"`` copies it token-major first
-    (``"auto"``: where the cost model predicts that faster, ``"row_major"``: never)."""
+    or, without it, recomputed once for ``dw2``. ``g`` is read through P2ᵀ by ``dy`` and ``dw2``;
+    ``g_layout="token_major"`` copies it token-major first (``"auto"``: where the cost model predicts that
+    faster, ``"row_major"``: never)."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_in = sh.n_in if n_in is None else n_in
     choose_path(sh, path)
@@ -353,10 +353,9 @@ def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto
     if T == 0:
         return _common.empty(T, n_in, device=x.device, dtype=x.dtype), torch.zeros_like(w1), torch.zeros_like(w2)
     dy = _dy(g, w2, sh)
+    dw2 = _dw2(_z(x, w1, sh) if z is None else z, g, sh)
     if dxw == "separate" or (dxw == "auto" and not _model_says("dxw_fused", T, n_in, g.shape[1], sh, x.dtype)):
-        dx = bd_forward(dy, w1.transpose(1, 2), None, n_in)
-        dw1 = bd_weight_grad(x, dy, sh.k, sh.q, sh.p)
-        return dx, dw1, _dw2(_z(x, w1, sh) if z is None else z, g, sh)
+        return bd_forward(dy, w1.transpose(1, 2), None, n_in), bd_weight_grad(x, dy, sh.k, sh.q, sh.p), dw2
     dx = _common.empty(T, n_in, device=x.device, dtype=x.dtype)
     lp = _plan.dxw_launch(T, sh.k, sh.q, sh.p, _common.device_info(x.device).num_sms)
     part1 = _common.empty(lp.splits, *w1.shape, device=x.device, dtype=torch.float32)
@@ -367,7 +366,7 @@ def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto
         UPCAST=interpreting(), PRECISION=precision(x.dtype),
         **_common.launch_meta(lp.tile, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
     )
-    return dx, part1.sum(0).to(w1.dtype), _dw2(_z(x, w1, sh) if z is None else z, g, sh)
+    return dx, part1.sum(0).to(w1.dtype), dw2
 
 
 def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True, pre=None):
