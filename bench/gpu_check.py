@@ -219,6 +219,11 @@ def correctness_cases(ctx: Context):
                 r1, r2 = ref.monarch_bwd_weight(d(x), d(g), d(w1), d(w2))
                 dx_ref = ref.monarch_bwd_input(d(g), d(w1), d(w2), n_in)
                 errs.update(dx=element_error(dx, dx_ref), dw1=element_error(dw1, r1), dw2=element_error(dw2, r2))
+                if _path(sh) == "fused" and dtype == torch.bfloat16:  # eager training: the kept z feeds dw2
+                    # (the configuration the bf16 training timing compiles anyway)
+                    _, z, _ = tb.monarch_fwd_saving(x, w1, w2, None, n_out, "none")
+                    errs["train_dw2"] = element_error(
+                        tb.monarch_bwd_epilogue(x, g, w1, w2, None, n_in, "none", False, z, True)[2], r2)
                 if i == 0:  # dX alone (double backward): the stage-1 transpose kernel
                     errs["dx_alone"] = element_error(tb.monarch_bwd_input(g, w1, w2, n_in), dx_ref)
                 ok = ctx.dry_run or all(e <= TOL[dtype] for e in errs.values())

@@ -384,7 +384,9 @@ def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = 
                               for a, b in zip(first[1:], second)] + [second[-1]])
 
 
-def _fused_forward(problem: Problem, dtype: str, dev: Device) -> Cost:
+def _fused_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False) -> Cost:
+    """The fused square kernel: ``x`` read ``l / group`` times (from L2 after the first), the output through the
+    P2 store; ``keep``: the stage-1 intermediate is stored too (token-major runs of the row tile)."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
     t = _plan.fused_tile(T, sh.k, sh.l)
     groups = sh.l // t.group
@@ -395,8 +397,10 @@ def _fused_forward(problem: Problem, dtype: str, dev: Device) -> Cost:
     out_run = t.group * item if groups > 1 else problem.n_out * item
     out_row = problem.n_out * item
     w_bytes = (sh.k * sh.q * sh.p + sh.l * sh.s * sh.r) * item
-    hbm = x_once + _tensor_bytes(T, out_row, out_run, True) + w_bytes
-    l2 = x_once * groups + _plan.cdiv(T, t.block_m) * w_bytes + _tensor_bytes(T, out_row, out_run, False)
+    z_kept = sectors(t.block_m * item, _plan.cdiv(T, t.block_m) * sh.n_mid) if keep else 0.0
+    hbm = x_once + _tensor_bytes(T, out_row, out_run, True) + w_bytes + z_kept
+    l2 = (x_once * groups + _plan.cdiv(T, t.block_m) * w_bytes + _tensor_bytes(T, out_row, out_run, False)
+          + z_kept)
     rate = dev.triton_flops["fma" if dtype == "float32" else "mma"]  # 4 warps, ≤ 64 rows: mma.sync (audit)
     return Cost([Kernel("fused square forward", flops, problem.useful_fwd_flops(), hbm, l2, rate, dev.mem_eff)])
 
@@ -504,29 +508,25 @@ def _bwd_weight(problem: Problem, dtype: str, dev: Device) -> Cost:
             + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in) + Cost([_z(problem, dtype, dev)]))
 
 
-def _training_step(problem: Problem, dtype: str, dev: Device, forward: Callable[..., Cost], keeps_z: bool) -> Cost:
-    """An eager training call (:class:`monarch_kernels.ops._MonarchFwdEager`): the forward, keeping ``z`` and
-    an activation's pre-activation where the path has them (two-kernel: :func:`.triton.monarch.forward_saving`),
-    and the first-order backward (:func:`.triton.monarch.backward_epilogue`): without kept tensors and with an
-    activation, ``z`` once and the pre-activation as its stage 2; then dx, dw1, dw2 on that ``z``. The
-    activation's derivative itself (an elementwise pass) is left to the caller, as for dense and the
-    reference."""
-    act = problem.activation != "none"
-    fwd = forward(problem, dtype, dev, keep=True) if keeps_z else forward(problem, dtype, dev)
-    recompute = act and not keeps_z
-    z = Cost([_z(problem, dtype, dev)]) if recompute else Cost()
-    pre = Cost([_pre_activation(problem, dtype, dev)]) if recompute else Cost()
-    return fwd + z + pre + _backward(problem, dtype, dev, z_saved=keeps_z or act)
+def _training_step(problem: Problem, dtype: str, dev: Device, forward: Callable[..., Cost],
+                   keeps_pre: bool) -> Cost:
+    """An eager training call (:class:`monarch_kernels.ops._MonarchFwdEager`): the forward keeping ``z``
+    (:func:`.triton.monarch.forward_saving`) and, where the path can (``keeps_pre``: two-kernel), an
+    activation's pre-activation; then the first-order backward (:func:`.triton.monarch.backward_epilogue`): the
+    pre-activation as stage 2 of ``z`` when not kept, and dx, dw1, dw2 on that ``z``. The activation's
+    derivative itself (an elementwise pass) is left to the caller, as for dense and the reference."""
+    pre = Cost([_pre_activation(problem, dtype, dev)]) if problem.activation != "none" and not keeps_pre else Cost()
+    return forward(problem, dtype, dev, keep=True) + pre + _backward(problem, dtype, dev, z_saved=True)
 
 
-def _triton(forward: Callable[..., Cost], keeps_z: bool) -> Estimator:
+def _triton(forward: Callable[..., Cost], keeps_pre: bool) -> Estimator:
     def est(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
         if op == "fwd":
             return forward(problem, dtype, dev)
         if op == "bwd":
             return _backward(problem, dtype, dev)
         if op == "fwdbwd":
-            return _training_step(problem, dtype, dev, forward, keeps_z)
+            return _training_step(problem, dtype, dev, forward, keeps_pre)
         if op == "bwd_input":
             return _bwd_input(problem, dtype, dev)
         return _bwd_weight(problem, dtype, dev)
@@ -534,8 +534,8 @@ def _triton(forward: Callable[..., Cost], keeps_z: bool) -> Estimator:
     return est
 
 
-register_estimator("triton", "two_kernel", _triton(_two_kernel_forward, keeps_z=True))
-register_estimator("triton", "fused", _triton(_fused_forward, keeps_z=False))
+register_estimator("triton", "two_kernel", _triton(_two_kernel_forward, keeps_pre=True))
+register_estimator("triton", "fused", _triton(_fused_forward, keeps_pre=False))
 
 
 def blockdiag_cost(backend: str, tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",

@@ -26,10 +26,10 @@ follow PyTorch's conjugate convention (gradients are taken with conjugated partn
 
 Eager calls skip the custom-op dispatch (:func:`_route`): an untracked forward runs the backend directly, a
 tracked one runs inside a plain ``autograd.Function`` with the same formulas, whose first-order backward calls the
-implementations directly too. On that route a backend with ``monarch_fwd_saving`` (the torch reference; Triton
-on its two-kernel path) keeps the stage-1 intermediate for its first-order backward, as fly's
-``BlockdiagButterflyMultiply`` does (``T·k·q`` more elements of activation memory, no stage-1 recompute), and
-Triton with an activation the pre-activation too (``T·n_out``, as ``nn.GELU`` keeps its input); the C++/CUDA
+implementations directly too. On that route a backend with ``monarch_fwd_saving`` (the torch reference,
+Triton) keeps the stage-1 intermediate for its first-order backward, as fly's ``BlockdiagButterflyMultiply``
+does (``T·k·q`` more elements of activation memory, no stage-1 recompute), and Triton's two-kernel path with
+an activation the pre-activation too (``T·n_out``, as ``nn.GELU`` keeps its input); the C++/CUDA
 backends, and every backend through the custom op (``torch.compile``, profiler, dispatch modes), save only the
 inputs and recompute. A first-order
 backward with an activation runs the backend's ``monarch_bwd_epilogue`` (C++: one pass that gets the

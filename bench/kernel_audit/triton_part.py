@@ -103,6 +103,9 @@ def ci_cases() -> list[Case]:
              lambda: tmon.backward(x, g, meta(*sh.w1_shape), meta(*sh.w2_shape), 4096)),
         Case("monarch fwd path=fused T=16384 1024 nb=32 bfloat16",
              lambda: tmon.forward(meta(16384, 1024), meta(*sq.w1_shape), meta(*sq.w2_shape), None, 1024)),
+        Case("monarch fwd_saving bias+gelu path=fused T=16384 1024 nb=32 bfloat16",  # the kept z's store
+             lambda: tmon.forward_saving(meta(16384, 1024), meta(*sq.w1_shape), meta(*sq.w2_shape), meta(1024), 1024,
+                                         "gelu")),
         # every block in one group (whole-row permuted runs, the *_FULL layouts); backward: g copied token-major,
         # then the gathered multi-K dy and dw2 on plain tiles
         Case("monarch fwd bias+gelu T=16384 768->3072 nb=4 bfloat16",

@@ -120,11 +120,11 @@ def _stage2_split(z, W2, BIAS, LL, STEP, rs, N_OUT, S, s2l, s2s, s2r, L: tl.cons
 
 @triton.jit
 def _fused_fwd_kernel(
-    X, W1, W2, BIAS, OUT,
+    X, W1, W2, BIAS, OUT, Z,
     T, N_IN, N_OUT, P, S,
-    sxt, sxf, s1k, s1q, s1p, s2l, s2s, s2r, sot, sof,
+    sxt, sxf, s1k, s1q, s1p, s2l, s2s, s2r, sot, sof, szt, szf,
     K: tl.constexpr, L: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    KEEP_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, IDTYPE: tl.constexpr,
 ):
     # program: a row tile and stage-2 blocks ll0 .. ll0+GROUP-1 (design D2: each stage-1 output is computed
@@ -134,6 +134,9 @@ def _fused_fwd_kernel(
     m_ok = rm < T
     y = _stage1_join(X, W1, 0, 1, ll0, rm, m_ok, N_IN, P, sxt, sxf, s1k, s1q, s1p, GROUP, K, BLOCK_P, UPCAST,
                      PRECISION, IDTYPE)
+    if KEEP_Z:  # Y[t, j·K + kk] is the two-kernel intermediate's column (ll0 + j)·K + kk: one contiguous range
+        zc = ll0 * K + tl.arange(0, GROUP * K)
+        tl.store(Z + rm[:, None] * szt + zc[None, :] * szf, y, mask=m_ok[:, None])
     # P1 on chip: Y[t, j·K + kk] -> Z[t, kk·GROUP + j], so that the split tree over the last index gives Z_ll
     z = tl.reshape(tl.permute(tl.reshape(y, (BLOCK_M, GROUP, K)), (0, 2, 1)), (BLOCK_M, K * GROUP))
     o = _stage2_split(z, W2, BIAS, ll0, 1, tl.arange(0, BLOCK_S), N_OUT, S, s2l, s2s, s2r, L, K, GROUP, HAS_BIAS,
@@ -148,14 +151,18 @@ def _fused_fwd_kernel(
              mask=m_ok[:, None] & ((idx // GROUP < S) & (col < N_OUT))[None, :])
 
 
-def _fused_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out):
+def _fused_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out, z=None):
+    """The fused square forward into ``out``; with ``z`` (a token-major ``(T, l·r)`` buffer) each program also
+    stores the stage-1 outputs it computed there: the two-kernel path's intermediate, for the backward."""
     T = x.shape[0]
     tile = _plan.fused_tile(T, sh.k, sh.l)
+    zb = out if z is None else z
     _fused_fwd_kernel[(triton.cdiv(T, tile.block_m), sh.l // tile.group)](
-        x, w1, w2, bias if bias is not None else out, out,
+        x, w1, w2, bias if bias is not None else out, out, zb,
         T, x.shape[1], n_out, sh.p, sh.s,
-        x.stride(0), x.stride(1), *w1.stride(), *w2.stride(), out.stride(0), out.stride(1),
-        K=sh.k, L=sh.l, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation],
+        x.stride(0), x.stride(1), *w1.stride(), *w2.stride(), out.stride(0), out.stride(1), zb.stride(0),
+        zb.stride(1),
+        K=sh.k, L=sh.l, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], KEEP_Z=z is not None,
         BLOCK_P=_plan.pow2(sh.p), BLOCK_S=_plan.pow2(sh.s),
         UPCAST=interpreting(), PRECISION=precision(x.dtype), IDTYPE=_idtype(x.dtype),
         **_common.launch_meta(tile, ("BLOCK_M", "GROUP")),
@@ -202,11 +209,11 @@ def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, ou
 
 
 def forward_saving(x, w1, w2, bias=None, n_out=None, activation="none", *, path="auto"):
-    """``(out, z, pre)``: :func:`forward` that also keeps, on the two-kernel path, the stage-1 intermediate
-    ``z`` (token-major ``(T, l·r)``: ``T·k·q`` elements) and, with an activation, the pre-activation
-    ``(T, n_out)`` (stored by stage 2 beside the output: an L2-bound kernel's extra write) for
-    :func:`backward_epilogue`, which then recomputes nothing; ``(out, None, None)`` on the fused square path,
-    whose intermediate never leaves the chip, and for no tokens."""
+    """``(out, z, pre)``: :func:`forward` that also keeps the stage-1 intermediate ``z`` (token-major
+    ``(T, l·r)``: ``T·k·q`` elements; the fused square path stores the part each program computed) and, on the
+    two-kernel path with an activation, the pre-activation ``(T, n_out)`` (stored by stage 2 beside the output:
+    an L2-bound kernel's extra write) for :func:`backward_epilogue`, which then recomputes nothing (the fused
+    path's pre-activation: stage 2 of ``z``); ``(out, None, None)`` for no tokens."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_out = sh.n_out if n_out is None else n_out
     out = _common.empty(x.shape[0], n_out, device=x.device, dtype=x.dtype)
@@ -214,7 +221,8 @@ def forward_saving(x, w1, w2, bias=None, n_out=None, activation="none", *, path=
     if x.shape[0] == 0:
         return out, None, None
     if chosen == "fused":
-        return _fused_forward(x, w1, w2, bias, n_out, activation, sh, out), None, None
+        z = _common.empty_token_major(x.shape[0], sh.n_mid, device=x.device, dtype=x.dtype)
+        return _fused_forward(x, w1, w2, bias, n_out, activation, sh, out, z), z, None
     return _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh, out, keep=True)
 
 

@@ -78,8 +78,8 @@ def ci_audit(tmp_path_factory):
 def permuted_operands(row: dict) -> set:
     """The operands a row's kernel reads or writes through a Monarch permutation (from its configuration)."""
     cfg, name = row["config"], row["kernel"]
-    if name == "_fused_fwd_kernel":
-        return {"OUT"}  # P2 folded into the store
+    if name == "_fused_fwd_kernel":  # P2 folded into the store; a kept intermediate goes out in P1 order
+        return {"OUT", "Z"} if "KEEP_Z=1" in cfg else {"OUT"}
     if name in ("_bd_fwd_kernel", "_bd_pair_kernel"):
         # the pre-activation (SAVE_PRE) goes through the output's permuted store; the pair kernel has a second
         # call's operands with the suffix 2

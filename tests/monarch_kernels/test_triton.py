@@ -465,11 +465,14 @@ def test_forward_saving_keeps_the_intermediate_across_chunks(monkeypatch):
     assert_close(pre, ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), n_out), torch.float32, "pre-activation")
     assert_close(out, activations.apply("gelu", pre), torch.float32, "out = act(pre)")
     assert tmon.forward_saving(x, w1, w2, b, n_out)[2] is None
-    fs1, fs2 = SHAPES["fused square, group = all 16"]
-    fx = torch.randn(20, 128, device=DEVICE)
-    fout, fz, fpre = tmon.forward_saving(fx, torch.randn(*fs1, device=DEVICE), torch.randn(*fs2, device=DEVICE),
-                                         activation="relu")
-    assert fz is None and fpre is None and fout.shape == (20, 128)
+    for name in ("fused square, group = all 16", "fused square, group 16 of 32"):  # one and two groups
+        fs1, fs2 = SHAPES[name]
+        fsh = mk.MonarchShape.from_factors(fs1, fs2)
+        fx, fw1, fw2 = (torch.randn(*s, device=DEVICE) for s in ((20, fsh.n_in), fs1, fs2))
+        fout, fz, fpre = tmon.forward_saving(fx, fw1, fw2, activation="relu")
+        assert fpre is None and _common.is_token_major(fz) and fz.shape == (20, fsh.n_mid)
+        assert torch.equal(fout, tmon.forward(fx, fw1, fw2, activation="relu", path="fused"))
+        assert_close(fz, tmon._z(fx, fw1, fsh), torch.float32, f"{name}: kept z")
     expect = ref.monarch_bwd_epilogue(_d(x), _d(g), _d(w1), _d(w2), _d(b), n_in, "gelu", True)
     recomputed, stage2 = [], []
     real_z, real_bd = tmon._z, tmon.bd_forward
