@@ -29,6 +29,7 @@ where ``fn()`` returns one row dict or a list of them), e.g. the CUDA decode ker
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -283,6 +284,19 @@ def _fast_backends(ctx: Context, dtype) -> list[str]:
             if s == "available" and n != "torch" and mk.backends.get(n).supports(ctx.device, dtype)]
 
 
+@contextlib.contextmanager
+def _patched(module, **values):
+    """``module``'s attributes set to ``values`` for the block (a plan variant), restored afterwards."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
 def path_cases(ctx: Context):
     from monarch_kernels.triton import monarch as tmon
     from monarch_kernels.triton import plan
@@ -301,37 +315,25 @@ def path_cases(ctx: Context):
                     row[f"{path}_us"] = round(ctx.time_us(lambda p=path: tmon.forward(x, w1, w2, None, n_out, path=p)), 1)
             chunk = plan.chunk_tokens(T, sh.n_mid, x.element_size(), cm.H100_SXM.l2_bytes, 128,
                                       2 if plan.PAIR_STAGES else 1)
-            if chunk < T:  # the same kernels without token chunks: is the intermediate really kept in L2?
-                saved = plan.chunk_tokens
-                plan.chunk_tokens = lambda tokens, *a: tokens
-                try:
-                    row["two_kernel_unchunked_us"] = round(ctx.time_us(
+            def variant(name: str, predicted: bool = True, **plan_values):
+                """``two_kernel_<name>_us`` with the plan patched (and the model's price of that plan)."""
+                with _patched(plan, **plan_values):
+                    row[f"two_kernel_{name}_us"] = round(ctx.time_us(
                         lambda: tmon.forward(x, w1, w2, None, n_out, path="two_kernel")), 1)
-                finally:
-                    plan.chunk_tokens = saved
+                    if predicted:
+                        row[f"two_kernel_{name}_predicted_us"] = round(cm.estimate(
+                            "triton", "two_kernel", "fwd", cm.Problem.linear(T, n_in, n_out, nb)).time() * 1e6, 1)
+
+            if chunk < T:  # the same kernels without token chunks: is the intermediate really kept in L2?
+                variant("unchunked", predicted=False, chunk_tokens=lambda tokens, *a: tokens)
                 row["chunk_tokens"] = chunk
             if nb == 64 and not ctx.smoke:
                 # stage 2 with 32-byte P2 runs (groups of 16 blocks, 64 x 64 tiles): the model's ≈ 5x dense at
                 # 4096/64, but the joined 64 x 1024 tile spills ~100 B in the kernel audit; is that harmless?
-                saved_rb = plan.RUN_BYTES, plan.LIVE_BYTES
-                plan.RUN_BYTES, plan.LIVE_BYTES = 32, 160 * 1024
-                try:
-                    row["two_kernel_p2_32byte_runs_us"] = round(ctx.time_us(
-                        lambda: tmon.forward(x, w1, w2, None, n_out, path="two_kernel")), 1)
-                    row["two_kernel_p2_32byte_runs_predicted_us"] = round(cm.estimate(
-                        "triton", "two_kernel", "fwd", cm.Problem.linear(T, n_in, n_out, nb)).time() * 1e6, 1)
-                finally:
-                    plan.RUN_BYTES, plan.LIVE_BYTES = saved_rb
+                variant("p2_32byte_runs", RUN_BYTES=32, LIVE_BYTES=160 * 1024)
             # stage 1 of each chunk in its own launch, not beside the previous chunk's stage 2 (do the HBM-bound
             # and L2-bound programs overlap in one grid, as the model assumes?)
-            plan.PAIR_STAGES = False
-            try:
-                row["two_kernel_unpaired_us"] = round(ctx.time_us(
-                    lambda: tmon.forward(x, w1, w2, None, n_out, path="two_kernel")), 1)
-                row["two_kernel_unpaired_predicted_us"] = round(cm.estimate(
-                    "triton", "two_kernel", "fwd", cm.Problem.linear(T, n_in, n_out, nb)).time() * 1e6, 1)
-            finally:
-                plan.PAIR_STAGES = True
+            variant("unpaired", PAIR_STAGES=False)
             return row
         yield "paths", run
     # backward: dx and dw1 from the fused kernel or from two, g as given or token-major, next to the model's choices
