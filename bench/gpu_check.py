@@ -7,6 +7,8 @@ time limit still leaves its data. Providers (``--only`` / ``--skip`` select by n
 
 * ``env``: device, versions, backends; ``probes``: copy bandwidth, an L2-resident read bandwidth (the cost
   model's least certain constant) and a large cuBLAS GEMM (its dense rate);
+* ``chain``: the chained (one-launch) two-kernel forward first, in a child process with a time limit, against
+  the same forward as separate launches; if it fails or hangs the rest of the run uses separate launches;
 * ``correctness``: forward (bias; one case with GELU), fused backward and dX of the Triton backend against
   the float64 reference on the same device, per element (``max |a − e| / max |e|``), outputs poisoned with NaN;
 * ``timing``: dense ``F.linear``, the torch reference and every fast backend, forward and forward+backward
@@ -34,6 +36,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -188,6 +191,77 @@ def _no_flush_us(fn, reps: int = 200) -> float:
     return sorted(times)[len(times) // 2]
 
 
+#: the chained forward runs first in a child process with this time limit (s): if its in-kernel waits never
+#: resolved on the device, the child is killed and the rest of the run takes separate launches, not a hang
+CHAIN_PROBE_S = 120
+#: (T, n_in, n_out, nblocks): the chained forward's probe (the first correctness case's forward, so its compile
+#: is reused); the smoke run's, with a 64 KB L2 so that it has several chunks
+CHAIN_SHAPE, SMOKE_CHAIN_SHAPE = (4096, 4096, 4096, 64), (300, 48, 192, 4)
+
+
+def chain_probe(smoke: bool = False, dry_run: bool = False) -> dict:
+    """One chained two-kernel forward (``plan.ONE_LAUNCH``: token chunks ordered by in-kernel waits) against
+    the same forward as separate launches, bit for bit, and against float64; its counters at the end (every
+    chunk's stage-1 and stage-2 tiles counted, no dependency found missing)."""
+    from monarch_kernels.triton import _common
+    from monarch_kernels.triton import blockdiag as tbd
+    from monarch_kernels.triton import monarch as tmon
+    from monarch_kernels.triton import plan
+
+    T, n_in, n_out, nb = SMOKE_CHAIN_SHAPE if smoke else CHAIN_SHAPE
+    dtype = torch.float32 if smoke else torch.bfloat16
+    device = torch.device("meta" if dry_run else "cuda" if torch.cuda.is_available() else "cpu")
+    sh = mk.monarch_factor_shapes(n_in, n_out, nb)
+    gen = torch.Generator().manual_seed(7)
+    rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=gen) * scale).to(device, dtype)
+    x, w1, w2 = rnd(T, n_in), rnd(*sh.w1_shape, scale=sh.p ** -0.5), rnd(*sh.w2_shape, scale=sh.r ** -0.5)
+    counters = []
+    real = tbd.chain_counters
+    small_l2 = {"device_info": lambda dev: plan.DeviceInfo(num_sms=4, l2_bytes=64 * 1024)} if smoke else {}
+    with _patched(tbd, chain_counters=lambda n, dev: counters.append(real(n, dev)) or counters[-1]), \
+            _patched(_common, **small_l2):
+        chained = tmon.forward(x, w1, w2, None, n_out, path="two_kernel")
+        with _patched(plan, ONE_LAUNCH=False):
+            separate = tmon.forward(x, w1, w2, None, n_out, path="two_kernel")
+    row = {"shape": f"T={T} {n_in}->{n_out} nb={nb}", "dtype": DTYPE_NAMES[dtype], "launches": len(counters)}
+    if dry_run:
+        return {**row, "ok": True}
+    c = counters[0].tolist() if counters else []
+    chunks = (len(c) - 2) // 2
+    row.update(chunks=chunks, counters=c, chain_vs_separate=f"{element_error(chained, separate):.1e}",
+               chain_vs_float64=f"{element_error(chained, ref.monarch_fwd(x.double(), w1.double(), w2.double(), None, n_out)):.1e}")
+    per_chunk = c[1:1 + chunks] + c[1 + chunks:1 + 2 * chunks]
+    row["ok"] = (len(counters) == 1 and chunks > 1 and torch.equal(chained, separate) and c[-1] == 0
+                 and c[0] == chunks * (c[1] + c[1 + chunks]) and len(set(c[1:1 + chunks])) == 1
+                 and len(set(c[1 + chunks:1 + 2 * chunks])) == 1 and min(per_chunk) > 0)
+    return row
+
+
+def chain_cases(ctx: Context):
+    """:func:`chain_probe` before anything else runs the chained forward: on a GPU in a child process that is
+    killed after :data:`CHAIN_PROBE_S` seconds; if it fails or hangs, ``plan.ONE_LAUNCH`` is switched off for
+    the rest of this run (and the row says so), so one stuck kernel does not cost the whole device call."""
+    def run():
+        if ctx.dry_run or ctx.smoke or ctx.device.type != "cuda":
+            return chain_probe(ctx.smoke, ctx.dry_run)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        try:
+            res = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--chain-probe"], capture_output=True,
+                                 text=True, cwd=root, timeout=CHAIN_PROBE_S)
+            last = (res.stdout.strip().splitlines() or [""])[-1]
+            row = json.loads(last) if res.returncode == 0 and last.startswith("{") else {
+                "ok": False, "failure": f"exit {res.returncode}: {(res.stdout + res.stderr)[-400:]}"}
+        except subprocess.TimeoutExpired:
+            row = {"ok": False, "failure": f"no result within {CHAIN_PROBE_S} s (waits never resolved?)"}
+        if not row.get("ok"):
+            from monarch_kernels.triton import plan
+
+            plan.ONE_LAUNCH = False
+            row["rest_of_run"] = "plan.ONE_LAUNCH = False (separate launches)"
+        return row
+    yield "chain", run
+
+
 def correctness_cases(ctx: Context):
     from monarch_kernels import triton as tb
 
@@ -331,6 +405,10 @@ def path_cases(ctx: Context):
                 # stage 2 with 32-byte P2 runs (groups of 16 blocks, 64 x 64 tiles): the model's ≈ 5x dense at
                 # 4096/64, but the joined 64 x 1024 tile spills ~100 B in the kernel audit; is that harmless?
                 variant("p2_32byte_runs", RUN_BYTES=32, LIVE_BYTES=160 * 1024)
+            if chunk < T:
+                # the chunked schedule as chunks + 1 launches instead of one (in-kernel waits: does dropping the
+                # launch gaps save what the model says, or do the waiting programs cost it back?)
+                variant("separate_launches", ONE_LAUNCH=False)
             # stage 1 of each chunk in its own launch, not beside the previous chunk's stage 2 (do the HBM-bound
             # and L2-bound programs overlap in one grid, as the model assumes?)
             variant("unpaired", PAIR_STAGES=False)
@@ -419,7 +497,8 @@ def mlp_cases(ctx: Context):
     yield "mlp", run
 
 
-for _name, _provider in (("env", env_cases), ("probes", probe_cases), ("correctness", correctness_cases),
+for _name, _provider in (("env", env_cases), ("probes", probe_cases), ("chain", chain_cases),
+                         ("correctness", correctness_cases),
                          ("timing", timing_cases), ("paths", path_cases), ("mlp", mlp_cases)):
     register_provider(_name, _provider)
 
@@ -506,7 +585,12 @@ def main(argv=None) -> int:
     p.add_argument("--autotune", action="store_true", help="also time alternative tiles (extra compiles)")
     p.add_argument("--before-build", action="store_true", help="only providers that do not need the extension")
     p.add_argument("--after-build", action="store_true", help="only providers that need the extension")
+    p.add_argument("--chain-probe", action="store_true", help=argparse.SUPPRESS)  # chain_cases' child process
     args = p.parse_args(argv)
+    if args.chain_probe:
+        _poison_allocations()
+        print(json.dumps(chain_probe()))
+        return 0
     only = [s for s in args.only.split(",") if s] or None
     skip = [s for s in args.skip.split(",") if s] or None
     if args.dry_run:

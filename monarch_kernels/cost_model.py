@@ -352,10 +352,31 @@ def paired(name: str, first: Kernel, second: Kernel) -> Kernel:
                   min(first.mem_eff, second.mem_eff))
 
 
+@dataclass(frozen=True)
+class Chained(Kernel):
+    """One launch that runs ``steps`` (each priced as a launch of its own) one after another, ordered by
+    in-kernel waits instead of launch boundaries (:func:`.triton.blockdiag.bd_forward_chain`): the steps'
+    times without their launch gaps, plus one gap. The fields sum the steps' work."""
+
+    steps: tuple = ()
+
+    def time(self, dev: Device) -> float:
+        return sum(step.time(dev) - dev.launch_s for step in self.steps) + dev.launch_s
+
+
+def chained(name: str, steps: list) -> Kernel:
+    flop_s = sum(s.flops / s.flop_rate for s in steps)
+    flops = sum(s.flops for s in steps)
+    return Chained(name, flops, sum(s.useful_flops for s in steps), sum(s.hbm_bytes for s in steps),
+                   sum(s.l2_bytes for s in steps), flops / flop_s if flop_s > 0 else 1e30,
+                   min(s.mem_eff for s in steps), tuple(steps))
+
+
 def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False) -> Cost:
     """Stage 1 and stage 2 per L2-sized token chunk: the intermediate goes from one to the other through L2;
     with :data:`.plan.PAIR_STAGES` stage 1 of each chunk runs in one launch with stage 2 of the previous one
-    (:func:`paired`; two chunks' intermediates in L2). ``keep`` (:func:`.triton.monarch.forward_saving`):
+    (:func:`paired`; two chunks' intermediates in L2), and with :data:`.plan.ONE_LAUNCH` that schedule is one
+    launch (:class:`Chained`) after a counter reset. ``keep`` (:func:`.triton.monarch.forward_saving`):
     every chunk's intermediate also reaches HBM, kept, and with an activation stage 2 stores the
     pre-activation too."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
@@ -380,8 +401,13 @@ def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = 
                            last.flop_rate, last.mem_eff)
     if live == 1:
         return Cost([k for pair_ in zip(first, second) for k in pair_])
-    return Cost([first[0]] + [paired("stage 1 beside the previous chunk's stage 2", a, b)
-                              for a, b in zip(first[1:], second)] + [second[-1]])
+    steps = ([first[0]] + [paired("stage 1 beside the previous chunk's stage 2", a, b)
+                           for a, b in zip(first[1:], second)] + [second[-1]])
+    if not _plan.ONE_LAUNCH:
+        return Cost(steps)
+    counters = 4 * (2 + 2 * len(first))  # zeroed before the launch: one more (tiny) launch
+    return Cost([_elementwise("chain counters reset", [], [counters], dev),
+                 chained(f"{len(first)} chunks' stages in one launch", steps)])
 
 
 def _fused_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False) -> Cost:

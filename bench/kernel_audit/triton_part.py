@@ -81,6 +81,20 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
     return cases
 
 
+def _one_launch_off(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with :data:`monarch_kernels.triton.plan.ONE_LAUNCH` off (the chunked forward's separate,
+    paired launches)."""
+    from monarch_kernels.triton import plan
+
+    def run():
+        saved, plan.ONE_LAUNCH = plan.ONE_LAUNCH, False
+        try:
+            return fn()
+        finally:
+            plan.ONE_LAUNCH = saved
+    return run
+
+
 def ci_cases() -> list[Case]:
     """The CI subset: one launch of every kernel family in its default bf16 configuration (4096 wide with 64
     blocks: two-kernel forward with bias + GELU, the fused backward, and a 16-token forward; 1024 with 32
@@ -116,6 +130,9 @@ def ci_cases() -> list[Case]:
                                          "gelu")),
         Case("monarch bwd T=16384 768->3072 nb=4 bfloat16",
              lambda: tmon.backward(meta(16384, 768), meta(16384, 3072), meta(*s4.w1_shape), meta(*s4.w2_shape), 768)),
+        # the chunked schedule as separate launches (plan.ONE_LAUNCH off: the paired kernel, gpu_check's A/B)
+        Case("monarch fwd bias+gelu separate launches T=16384 4096 nb=64 bfloat16",
+             _one_launch_off(lambda: tmon.forward(x, meta(*sh.w1_shape), meta(*sh.w2_shape), b, 4096, "gelu"))),
         # few tokens: 16-row tiles
         Case("monarch fwd T=16 4096 nb=64 bfloat16",
              lambda: tmon.forward(meta(16, 4096), meta(*sh.w1_shape), meta(*sh.w2_shape), None, 4096)),

@@ -433,6 +433,150 @@ def bd_forward_pair(first: dict, second: dict) -> tuple:
     return ya, yb
 
 
+# ------------------------------------------------------------------------------------------------ chained stages
+
+
+@triton.jit
+def _wait_for(COUNT, target, FAILED, SPIN: tl.constexpr):
+    """Acquire: hold this program until ``*COUNT ≥ target``. On a GPU every thread spins on a volatile load,
+    then one acquire load orders the program's later reads after the releases it counted (``bar.sync`` passes
+    that order to every thread). The interpreter runs programs one at a time in launch order, which is ticket
+    order here, so the count must be complete already; where it is not, ``*FAILED`` counts it (the host
+    raises): a schedule whose ticket order is not a valid execution order fails there instead of hanging."""
+    if SPIN:
+        while tl.load(COUNT, volatile=True) < target:
+            pass
+        tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+    else:
+        tl.atomic_add(FAILED, (tl.load(COUNT) < target).to(tl.int32))
+
+
+@triton.jit
+def _signal(COUNT):
+    """Release: count this program's tile done once every thread has issued its stores (``bar.sync``, then one
+    cumulative release add by one thread)."""
+    tl.debug_barrier()
+    tl.atomic_add(COUNT, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _bd_chain_kernel(
+    X, W, BIAS, Y, PRE,
+    T, N_IN, N_OUT, Q, P,
+    sxt, sxf, swk, swq, swp, syt, syf,
+    IN_A, IN_B, OUT_A, OUT_B,
+    X2, W2, BIAS2, Y2, PRE2,
+    T2, N_IN2, N_OUT2, Q2, P2,
+    sxt2, sxf2, swk2, swq2, swp2, syt2, syf2,
+    IN_A2, IN_B2, OUT_A2, OUT_B2,
+    COUNTERS, T_ALL, CHUNK, NCHUNK, BUFFERS, GRID0, GRID0_2, N_FIRST, N_SECOND,
+    IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr,
+    IN_FULL: tl.constexpr, OUT_FULL: tl.constexpr, MULTI_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    IN_MODE2: tl.constexpr, OUT_MODE2: tl.constexpr, OUT_C2: tl.constexpr,
+    IN_FULL2: tl.constexpr, OUT_FULL2: tl.constexpr, MULTI_K2: tl.constexpr,
+    HAS_BIAS2: tl.constexpr, ACT2: tl.constexpr, SAVE_PRE2: tl.constexpr,
+    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, BLOCK_K2: tl.constexpr, GROUP2: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, SPIN: tl.constexpr,
+):
+    # The paired two-kernel schedule of NCHUNK token chunks as one grid of NCHUNK·(N_FIRST + N_SECOND)
+    # programs. Each program takes a ticket (the order programs start in, whatever the scheduler does) and
+    # the ticket picks its work: tickets [0, N_FIRST) stage 1 of chunk 0; then, per chunk c, N_FIRST +
+    # N_SECOND tickets of stage 2 of chunk c interleaved in proportion with stage 1 of chunk c + 1 (as
+    # _bd_pair_kernel); the last chunk's stage 2 alone. Stage 2 of chunk c waits for every stage-1 tile of
+    # chunk c; stage 1 of chunk c waits for stage 2 of chunk c - BUFFERS, which read the intermediate slot it
+    # overwrites. Both have smaller tickets, so they started before: no program waits on one that cannot run.
+    # COUNTERS: [0] tickets, [1 + c] stage-1 tiles of chunk c done, [1 + NCHUNK + c] its stage-2 tiles done,
+    # [1 + 2·NCHUNK] dependencies found missing (interpreter).
+    ticket = tl.atomic_add(COUNTERS, 1, sem="relaxed", scope="gpu").to(tl.int64)
+    failed = COUNTERS + 1 + 2 * NCHUNK
+    per = N_FIRST + N_SECOND
+    phase0 = ticket < N_FIRST
+    rest = tl.maximum(ticket - N_FIRST, 0)
+    c = rest // per
+    j = rest % per
+    before = j * N_SECOND // per
+    last = c == NCHUNK - 1
+    if (not phase0) & (last | ((j + 1) * N_SECOND // per > before)):
+        prog = tl.where(last, j, before)
+        t0 = c * CHUNK
+        _wait_for(COUNTERS + 1 + c, N_FIRST, failed, SPIN)
+        _bd_fwd_tile(prog % GRID0_2, prog // GRID0_2, X2 + (c % BUFFERS) * CHUNK * sxt2, W2, BIAS2,
+                     Y2 + t0 * syt2, PRE2 + t0 * syt2, tl.minimum(CHUNK, T_ALL - t0), N_IN2, N_OUT2, Q2, P2,
+                     sxt2, sxf2, swk2, swq2, swp2, syt2, syf2, IN_A2, IN_B2, OUT_A2, OUT_B2,
+                     IN_MODE2, OUT_MODE2, OUT_C2, IN_FULL2, OUT_FULL2, MULTI_K2, HAS_BIAS2, ACT2, SAVE_PRE2,
+                     BLOCK_M2, BLOCK_N2, BLOCK_K2, GROUP2, UPCAST, PRECISION)
+        _signal(COUNTERS + 1 + NCHUNK + c)
+    else:
+        c1 = tl.where(phase0, 0, c + 1)
+        prog = tl.where(phase0, ticket, j - before)
+        t0 = c1 * CHUNK
+        if c1 >= BUFFERS:
+            _wait_for(COUNTERS + 1 + NCHUNK + c1 - BUFFERS, N_SECOND, failed, SPIN)
+        _bd_fwd_tile(prog % GRID0, prog // GRID0, X + t0 * sxt, W, BIAS, Y + (c1 % BUFFERS) * CHUNK * syt, PRE,
+                     tl.minimum(CHUNK, T_ALL - t0), N_IN, N_OUT, Q, P,
+                     sxt, sxf, swk, swq, swp, syt, syf, IN_A, IN_B, OUT_A, OUT_B,
+                     IN_MODE, OUT_MODE, OUT_C, IN_FULL, OUT_FULL, MULTI_K, HAS_BIAS, ACT, SAVE_PRE,
+                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP, UPCAST, PRECISION)
+        _signal(COUNTERS + 1 + c1)
+
+
+def chain_counters(nchunks: int, device) -> torch.Tensor:
+    """Zeroed dependency counters of one :func:`bd_forward_chain` launch (layout in :func:`_bd_chain_kernel`);
+    one place, so tests can inspect them."""
+    return torch.zeros(2 + 2 * nchunks, dtype=torch.int32, device=device)
+
+
+def bd_forward_chain(first: dict, second: dict, *, chunk: int, buffers: int) -> None:
+    """Two dependent :func:`bd_forward` calls over token chunks, as one launch (:func:`_bd_chain_kernel`).
+
+    ``first`` (keyword arguments of :func:`bd_forward`; ``out`` required) maps ``x (T, ·)`` to the intermediate:
+    chunk ``c`` (tokens ``[c·chunk, (c+1)·chunk)``) goes to rows ``(c mod buffers)·chunk`` onwards of
+    ``first["out"]`` (``buffers ≥`` the chunk count: every chunk its own rows, the whole intermediate kept).
+    ``second`` reads those rows (``second["x"]`` must be ``first["out"]``) and writes rows ``c·chunk`` onwards of
+    its ``out (T, ·)`` (and ``pre_out``). The schedule is :func:`bd_forward_pair`'s — stage 1 of chunk 0, then
+    stage 1 of chunk c + 1 beside stage 2 of chunk c, then the last stage 2 — with the launch gaps between the
+    steps replaced by in-kernel waits on per-chunk counters (cost model: one launch plus a counter reset
+    instead of ``chunks + 1`` launches)."""
+    keys = ("x", "w", "bias", "n_out", "activation", "in_perm", "out_perm", "out", "pre_out")
+    defaults = dict(bias=None, n_out=None, activation="none", in_perm=None, out_perm=None, out=None, pre_out=None)
+    a, b = ({**defaults, **call} for call in (first, second))
+    for call in (a, b):
+        if set(call) - set(keys) or call["x"].dtype != a["x"].dtype:
+            raise ValueError(f"bd_forward_chain: each call takes {keys} and one dtype; got {sorted(call)}")
+    z, T = a["out"], a["x"].shape[0]
+    nchunks = _plan.cdiv(T, chunk) if chunk > 0 else 0
+    if z is None or b["x"] is not z or b["out"] is None or b["out"].shape[0] != T or chunk < 1 or buffers < 1:
+        raise ValueError("bd_forward_chain: first['out'] must be the buffer second['x'] reads, second['out'] "
+                         f"must have the input's {T} rows, chunk and buffers ≥ 1; got chunk={chunk}, "
+                         f"buffers={buffers}")
+    if z.shape[0] < min(buffers, nchunks) * chunk and z.shape[0] < T:
+        raise ValueError(f"bd_forward_chain: the intermediate has {z.shape[0]} rows, {buffers} slots of "
+                         f"{chunk} tokens need {min(buffers, nchunks) * chunk}")
+    if T == 0:
+        return
+    rows = min(chunk, T)
+    sub = lambda t: None if t is None else t[:rows]
+    _, la = _prepare(a["x"][:rows], a["w"], a["bias"], a["n_out"], a["activation"], a["in_perm"], a["out_perm"],
+                     z[:rows], None)
+    _, lb = _prepare(z[:rows], b["w"], b["bias"], b["n_out"], b["activation"], b["in_perm"], b["out_perm"],
+                     b["out"][:rows], sub(b["pre_out"]))
+    if a["pre_out"] is not None:
+        raise ValueError("bd_forward_chain: the first call cannot keep a pre-activation")
+    n_a, n_b = la.lp.grid[0] * la.lp.grid[1], lb.lp.grid[0] * lb.lp.grid[1]
+    counters = chain_counters(nchunks, a["x"].device)
+    meta = {**la.meta, **{k + "2": v for k, v in lb.meta.items()}}
+    _bd_chain_kernel[(nchunks * (n_a + n_b),)](
+        *la.args, *lb.args, counters, T, chunk, nchunks, min(buffers, nchunks), la.lp.grid[0], lb.lp.grid[0],
+        n_a, n_b, **meta, UPCAST=interpreting(), PRECISION=precision(a["x"].dtype), SPIN=not interpreting(),
+        **_common.launch_meta(_plan.pair_tile(la.lp.tile, lb.lp.tile), ()))
+    if interpreting() and counters[-1].item():
+        raise RuntimeError(f"bd_forward_chain: {counters[-1].item()} programs found a dependency unfinished in "
+                           "launch order (the schedule would deadlock or race on a GPU)")
+
+
 # ------------------------------------------------------------------------------------------------ weight grad
 
 

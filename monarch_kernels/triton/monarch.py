@@ -21,7 +21,9 @@ Forward paths (``path="auto"`` picks by shape, :func:`.plan.choose_path`):
   uses ≥ 16-byte runs of grouped blocks. Tokens go in chunks whose intermediate fits in a share of the L2
   (:func:`.plan.chunk_tokens`), so the second kernel reads it back from L2 rather than HBM; stage 1 of each
   chunk runs in one launch with stage 2 of the previous chunk (:func:`.blockdiag.bd_forward_pair`, two
-  intermediate buffers), so the HBM-bound stage 1 and the L2-bound stage 2 overlap.
+  intermediate buffers), so the HBM-bound stage 1 and the L2-bound stage 2 overlap; with several chunks that
+  whole schedule is one launch (:func:`.blockdiag.bd_forward_chain`: programs take tickets and wait on
+  per-chunk counters instead of launch boundaries, :data:`.plan.ONE_LAUNCH`).
 
 Backward: ``backward`` (the backend's fused ``monarch_bwd``) computes ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` once (P2ᵀ as
 grouped 16-byte gathers, P1ᵀ in a token-major store) and shares it between ``dx`` and ``dw1``, which one kernel
@@ -45,7 +47,7 @@ from ..shapes import MonarchShape
 from . import _common
 from . import plan as _plan
 from ._common import ACT_CODES, interpreting, precision
-from .blockdiag import _finish, _load, bd_forward, bd_forward_pair, bd_weight_grad
+from .blockdiag import _finish, _load, bd_forward, bd_forward_chain, bd_forward_pair, bd_weight_grad
 from .token_major import to_token_major
 
 PATHS = _plan.PATHS
@@ -199,6 +201,11 @@ def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, ou
     if not pair or len(starts) == 1:
         for i in range(len(starts)):
             bd_forward(**stage2(i, bd_forward(**stage1(i))))
+        return out, (z if keep else None), pre
+    if _plan.ONE_LAUNCH:  # the paired schedule below as one launch, its steps ordered by in-kernel waits
+        bd_forward_chain(dict(x=x, w=w1, out_perm=(sh.l, sh.r), out=z),
+                         dict(x=z, w=w2, bias=bias, n_out=n_out, activation=activation, out_perm=(sh.s, sh.l),
+                              out=out, pre_out=pre), chunk=chunk, buffers=len(starts) if keep else buffers)
         return out, (z if keep else None), pre
     # paired: launch i runs stage 1 of chunk i beside stage 2 of chunk i - 1 (two buffers in L2)
     zc = bd_forward(**stage1(0))

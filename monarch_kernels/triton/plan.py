@@ -22,6 +22,9 @@ L2_SHARE = 0.4
 #: two-kernel forward: run stage 1 of each token chunk in one launch with stage 2 of the previous chunk
 #: (:func:`.blockdiag.bd_forward_pair`), so that HBM-bound and L2-bound programs share the GPU
 PAIR_STAGES = True
+#: paired two-kernel forward over several chunks: the whole schedule as one launch whose programs wait on
+#: per-chunk counters (:func:`.blockdiag.bd_forward_chain`) instead of ``chunks + 1`` launches
+ONE_LAUNCH = True
 #: Register budgets of one program (8 warps), from the kernel audit (triton 3.6 and 3.9, sm_90): interleaved
 #: bf16 result tiles plus twice the fp32 accumulator of the block being computed may take ``LIVE_BYTES``
 #: (8 blocks x 64 x 64: 64 + 32 KB, 183 registers; 4 x 64 x 128: 64 + 64 KB spilled), a third less with a

@@ -44,7 +44,9 @@ def test_smoke_run_writes_every_row_as_measured(tmp_path, monkeypatch):
     lines = [json.loads(line) for line in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
     assert seen_on_disk == [len(lines) - 1]  # everything before the probe row was on disk already
     cases = {r["case"] for r in lines}
-    assert {"env", "correctness", "timing", "paths", "copy bandwidth", "dense GEMM rate"} <= cases
+    assert {"env", "chain", "correctness", "timing", "paths", "copy bandwidth", "dense GEMM rate"} <= cases
+    chain = [r for r in lines if r["case"] == "chain"]
+    assert len(chain) == 1 and chain[0]["ok"] and chain[0]["chunks"] == 3 and chain[0]["launches"] == 1, chain
     checks = [r for r in lines if r["case"] == "correctness"]
     assert checks and all(r["ok"] for r in checks), checks
     timing = [r for r in lines if r["case"] == "timing"]
@@ -55,3 +57,29 @@ def test_smoke_run_writes_every_row_as_measured(tmp_path, monkeypatch):
     assert any({"bwd_fused_dxw_us", "bwd_separate_dxw_us", "model_picks", "bwd_g_row_major_us", "bwd_g_token_major_us",
                 "model_picks_g"} <= set(r) for r in paths)
     assert not [r for r in lines if "error" in r]
+
+
+def test_chain_probe_failure_switches_the_rest_of_the_run_to_separate_launches(monkeypatch):
+    """On a GPU the chained forward first runs in a child process with a time limit; a child that hangs (or
+    fails) leaves a failed row and ``plan.ONE_LAUNCH`` off, so the remaining cases still run."""
+    import torch
+
+    from monarch_kernels.triton import plan
+
+    monkeypatch.setattr(plan, "ONE_LAUNCH", True)
+    calls = []
+
+    def hang(cmd, **kw):
+        calls.append(cmd)
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", hang)
+    ctx = gpu_check.Context(torch.device("cuda"))
+    (name, case), = list(gpu_check.chain_cases(ctx))
+    row = case()
+    assert name == "chain" and row["ok"] is False and "no result within" in row["failure"]
+    assert plan.ONE_LAUNCH is False and calls and "--chain-probe" in calls[0]
+    monkeypatch.setattr(plan, "ONE_LAUNCH", True)
+    monkeypatch.setattr(gpu_check.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 0, '{"ok": true, "chunks": 4}\n', ""))
+    assert case() == {"ok": True, "chunks": 4} and plan.ONE_LAUNCH is True

@@ -80,11 +80,11 @@ def permuted_operands(row: dict) -> set:
     cfg, name = row["config"], row["kernel"]
     if name == "_fused_fwd_kernel":  # P2 folded into the store; a kept intermediate goes out in P1 order
         return {"OUT", "Z"} if "KEEP_Z=1" in cfg else {"OUT"}
-    if name in ("_bd_fwd_kernel", "_bd_pair_kernel"):
-        # the pre-activation (SAVE_PRE) goes through the output's permuted store; the pair kernel has a second
-        # call's operands with the suffix 2
+    if name in ("_bd_fwd_kernel", "_bd_pair_kernel", "_bd_chain_kernel"):
+        # the pre-activation (SAVE_PRE) goes through the output's permuted store; the pair and chain kernels
+        # have a second call's operands with the suffix 2
         ops = set()
-        for sfx in ("", "2") if name == "_bd_pair_kernel" else ("",):
+        for sfx in ("", "2") if name != "_bd_fwd_kernel" else ("",):
             mine = {op + sfx for op, flag in (("X", "IN_MODE"), ("Y", "OUT_MODE")) if f"{flag}{sfx}=1" in cfg}
             ops |= mine | ({"PRE" + sfx} if "Y" + sfx in mine and f"SAVE_PRE{sfx}=1" in cfg else set())
         return ops
@@ -99,7 +99,8 @@ COPY = "_token_major_copy_kernel"
 
 def test_ci_configs_compile_for_sm90(ci_audit):
     names = {r["kernel"] for r in ci_audit}
-    assert {"_bd_fwd_kernel", "_bd_pair_kernel", "_dxw_kernel", "_bd_wgrad_kernel", "_fused_fwd_kernel", COPY} <= names
+    assert {"_bd_fwd_kernel", "_bd_pair_kernel", "_bd_chain_kernel", "_dxw_kernel", "_bd_wgrad_kernel",
+            "_fused_fwd_kernel", COPY} <= names
     assert all(not r["error"] for r in ci_audit), [r["error"] for r in ci_audit if r["error"]]
 
 

@@ -137,6 +137,7 @@ def test_paired_stages_overlap_hbm_and_l2(monkeypatch):
     pr = cm.Problem.linear(16384, 4096, 4096, 64)
     chunk = plan.chunk_tokens(16384, 4096, 2, DEV.l2_bytes, 128, 2)
     assert 2 * chunk * 4096 * 2 <= plan.L2_SHARE * DEV.l2_bytes < 2 * (chunk + 128) * 4096 * 2
+    monkeypatch.setattr(plan, "ONE_LAUNCH", False)
     fwd = cm.estimate("triton", "two_kernel", "fwd", pr)
     chunks = -(-16384 // chunk)
     names = [k.name for k in fwd.kernels]
@@ -147,6 +148,33 @@ def test_paired_stages_overlap_hbm_and_l2(monkeypatch):
     assert apart.launches == 2 * -(-16384 // plan.chunk_tokens(16384, 4096, 2, DEV.l2_bytes, 128))
     assert fwd.time() < apart.time()
     assert fwd.useful_flops == apart.useful_flops
+
+
+def test_chained_launch_drops_the_gaps_between_its_steps(monkeypatch):
+    """``Chained``: steps of 10 µs (HBM-bound) and 4 µs (L2-bound) in one launch take 14 µs + one gap, not
+    14 µs + two. The chunked two-kernel forward with ``ONE_LAUNCH`` is a counter reset plus one launch whose
+    steps are exactly the separate schedule's launches: the same bytes and FLOPs, ``chunks`` gaps fewer, one
+    tiny launch more; with one chunk there is nothing to chain."""
+    a = cm.Kernel("a", 0.0, 0.0, 10e-6 * DEV.hbm_bw, 0.0, 1.0)
+    b = cm.Kernel("b", 0.0, 0.0, 0.0, 4e-6 * DEV.l2_bw, 1.0)
+    both = cm.chained("a then b", [a, b])
+    assert both.time(DEV) == pytest.approx(14e-6 + DEV.launch_s)
+    assert (both.hbm_bytes, both.l2_bytes) == (a.hbm_bytes, b.l2_bytes)
+    pr = cm.Problem.linear(16384, 4096, 4096, 64)
+    chained = cm.estimate("triton", "two_kernel", "fwd", pr)
+    monkeypatch.setattr(plan, "ONE_LAUNCH", False)
+    apart = cm.estimate("triton", "two_kernel", "fwd", pr)
+    assert [k.name for k in chained.kernels] == ["chain counters reset", f"{apart.launches - 1} chunks' stages in one launch"]
+    assert list(chained.kernels[1].steps) == apart.kernels
+    reset = chained.kernels[0]
+    assert reset.hbm_bytes == 4 * (2 + 2 * (apart.launches - 1)) and reset.flops == 0
+    assert chained.time() == pytest.approx(apart.time() - (apart.launches - 2) * DEV.launch_s + reset.time(DEV)
+                                           - DEV.launch_s)
+    for field in ("flops", "useful_flops", "hbm_bytes"):
+        assert getattr(chained, field) == pytest.approx(getattr(apart, field) + getattr(reset, field))
+    small = cm.Problem.linear(1024, 4096, 4096, 64)  # one chunk: two plain launches either way
+    monkeypatch.setattr(plan, "ONE_LAUNCH", True)
+    assert [k.name[:7] for k in cm.estimate("triton", "two_kernel", "fwd", small).kernels] == ["stage 1", "stage 2"]
 
 
 def test_useful_flops_and_paths():

@@ -348,28 +348,88 @@ def test_paired_launch_equals_two_launches():
         tbd.bd_forward_pair(first, dict(x=xb.double(), w=wb.double()))
 
 
-@pytest.mark.parametrize("pair,dtype,x_layout", [(True, torch.float32, "rows"), (False, torch.float32, "rows"),
-                                                  (True, torch.bfloat16, "rows"), (True, torch.float32, "columns")])
-def test_two_kernel_forward_pairs_stages_across_chunks(monkeypatch, pair, dtype, x_layout):
+@pytest.mark.parametrize("schedule,dtype,x_layout", [("chain", torch.float32, "rows"), ("pair", torch.float32, "rows"),
+                                                      ("unpaired", torch.float32, "rows"),
+                                                      ("chain", torch.bfloat16, "rows"),
+                                                      ("chain", torch.float32, "columns")])
+def test_two_kernel_forward_pairs_stages_across_chunks(monkeypatch, schedule, dtype, x_layout):
     """With 128-token chunks (a small L2) and 300 tokens, the forward runs stage 1 of chunk 0, then stage 1
-    of chunk i beside stage 2 of chunk i - 1 (two launches paired), then stage 2 of the last chunk — through
-    two intermediate buffers — or, unpaired, two launches per chunk; both as the float64 reference, in bf16
-    too and from a column-major (token-major) input."""
+    of chunk i beside stage 2 of chunk i - 1, then stage 2 of the last chunk, through two intermediate
+    buffers: as one chained launch (``chain``), as four launches (two of them paired), or, unpaired, two
+    launches per chunk; all as the float64 reference, in bf16 too and from a column-major (token-major)
+    input."""
     monkeypatch.setattr(_common, "device_info", lambda device: plan.DeviceInfo(num_sms=4, l2_bytes=64 * 1024))
-    monkeypatch.setattr(plan, "PAIR_STAGES", pair)
+    monkeypatch.setattr(plan, "PAIR_STAGES", schedule != "unpaired")
+    monkeypatch.setattr(plan, "ONE_LAUNCH", schedule == "chain")
     s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
     sh, n_in, n_out, x, w1, w2, b, _ = _data(s1, s2, 300, dtype, seed=6)
     if x_layout == "columns":
         x = x.t().contiguous().t()
         assert _common.is_token_major(x)
     assert plan.chunk_tokens(300, sh.n_mid, 4, 64 * 1024, 128, 2) == 128
-    pairs, singles = [], []
-    real_pair, real_single = tmon.bd_forward_pair, tmon.bd_forward
-    monkeypatch.setattr(tmon, "bd_forward_pair", lambda a, b_: pairs.append(1) or real_pair(a, b_))
-    monkeypatch.setattr(tmon, "bd_forward", lambda *a, **kw: singles.append(1) or real_single(*a, **kw))
+    calls = {"chain": [], "pair": [], "single": []}
+    for name, attr in (("chain", "bd_forward_chain"), ("pair", "bd_forward_pair"), ("single", "bd_forward")):
+        real = getattr(tmon, attr)
+        monkeypatch.setattr(tmon, attr, lambda *a, real=real, seen=calls[name], **kw: seen.append(1) or real(*a, **kw))
     out = tmon.forward(x, w1, w2, b, n_out, "gelu", path="two_kernel")
-    assert (len(pairs), len(singles)) == ((2, 2) if pair else (0, 6))
-    assert_close(out, ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), n_out, "gelu"), dtype, "paired")
+    want = {"chain": (1, 0, 0), "pair": (0, 2, 2), "unpaired": (0, 0, 6)}[schedule]
+    assert tuple(len(calls[k]) for k in ("chain", "pair", "single")) == want
+    assert_close(out, ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), n_out, "gelu"), dtype, schedule)
+
+
+def test_chained_launch_equals_separate_launches(monkeypatch):
+    """``bd_forward_chain`` over 300 tokens in 128-token chunks (three, the last ragged): every element as the
+    paired launches give it, bit for bit, through two reused slots and with every chunk kept (with a kept
+    pre-activation); each counter ends at its stage's program count, and no program found a dependency
+    unfinished in launch order. One slot cannot serve a paired schedule (stage 1 of chunk c + 1 would
+    overwrite what stage 2 of chunk c, beside it, still reads): the interpreter's in-order check reports it.
+    Bad arguments are refused."""
+    g_ = torch.Generator().manual_seed(21)
+    rnd = lambda *s: torch.randn(*s, generator=g_).to(DEVICE)
+    T, chunk, (k, q, p), (l, s, r) = 300, 128, (4, 12, 6), (4, 10, 12)
+    x, w1, w2, bias = rnd(T, k * p), rnd(k, q, p), rnd(l, s, r), rnd(l * s)
+    n_mid = k * q
+    seen = []
+    real = tbd.chain_counters
+    monkeypatch.setattr(tbd, "chain_counters", lambda n, device: seen.append(real(n, device)) or seen[-1])
+
+    def run(buffers, keep_pre):
+        z = _common.empty_token_major(buffers * chunk if buffers < 3 else T, n_mid, device=DEVICE,
+                                      dtype=torch.float32)
+        out = torch.full((T, l * s), math.nan, device=DEVICE)
+        pre = torch.full((T, l * s), math.nan, device=DEVICE) if keep_pre else None
+        tbd.bd_forward_chain(dict(x=x, w=w1, out_perm=(l, r), out=z),
+                             dict(x=z, w=w2, bias=bias, activation="gelu", out_perm=(s, l), out=out, pre_out=pre),
+                             chunk=chunk, buffers=buffers)
+        return z, out, pre
+
+    want_z = tbd.bd_forward(x, w1, out_perm=(l, r), out=_common.empty_token_major(T, n_mid, device=DEVICE,
+                                                                                  dtype=torch.float32))
+    want_out = tbd.bd_forward(want_z, w2, bias, activation="gelu", out_perm=(s, l))
+    want_pre = tbd.bd_forward(want_z, w2, bias, out_perm=(s, l))
+    for buffers, keep_pre in ((2, False), (3, True)):
+        z, out, pre = run(buffers, keep_pre)
+        assert torch.equal(out, want_out), buffers
+        if buffers == 3:
+            assert torch.equal(z, want_z) and torch.equal(pre, want_pre)
+        n1 = _plan_programs(128, k, q, p, (l, r), token_major_out=True)
+        n2 = _plan_programs(128, l, s, r, (s, l), token_major_in=True, activation=True)
+        assert seen[-1].tolist() == [3 * (n1 + n2), n1, n1, n1, n2, n2, n2, 0]
+    assert_close(want_out, ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(bias), None, "gelu"), torch.float32,
+                 "chained vs reference")
+    with pytest.raises(RuntimeError, match="dependency unfinished"):
+        run(1, False)
+    z = _common.empty_token_major(2 * chunk, n_mid, device=DEVICE, dtype=torch.float32)
+    out = torch.empty(T, l * s, device=DEVICE)
+    with pytest.raises(ValueError, match="bd_forward_chain"):  # stage 2 must read what stage 1 writes
+        tbd.bd_forward_chain(dict(x=x, w=w1, out=z), dict(x=z.clone(), w=w2, out=out), chunk=chunk, buffers=2)
+    with pytest.raises(ValueError, match="bd_forward_chain"):  # two slots of 128 tokens do not fit in 100 rows
+        tbd.bd_forward_chain(dict(x=x, w=w1, out=z[:100]), dict(x=z[:100], w=w2, out=out), chunk=chunk, buffers=2)
+
+
+def _plan_programs(tokens, k, q, p, out_perm, token_major_in=False, token_major_out=False, activation=False):
+    lp = plan.bd_launch(tokens, k, q, p, 4, None, out_perm, activation, token_major_in, token_major_out)
+    return lp.grid[0] * lp.grid[1]
 
 
 def test_grouped_gather_and_scatter_layouts_directly():
