@@ -414,7 +414,8 @@ def path_cases(ctx: Context):
             variant("unpaired", PAIR_STAGES=False)
             return row
         yield "paths", run
-    # backward: dx and dw1 from the fused kernel or from two, g as given or token-major, next to the model's choices
+    # backward: dx and dw1 from the fused kernel, from two or from cuBLAS; g as given, token-major or read by cuBLAS;
+    # next to the model's picks
     bshapes = [(8, 256, 256, 16)] if ctx.smoke else [(16384, 4096, 4096, 64), (16384, 768, 3072, 4),
                                                       (16384, 3072, 768, 4)]
     for T, n_in, n_out, nb in bshapes:
@@ -423,14 +424,15 @@ def path_cases(ctx: Context):
             x, g = ctx.rand(T, n_in, dtype=dtype), ctx.rand(T, n_out, dtype=dtype)
             w1, w2 = ctx.rand(*sh.w1_shape, dtype=dtype), ctx.rand(*sh.w2_shape, dtype=dtype)
             row = {"shape": f"T={T} {n_in}->{n_out} nb={nb}", "dtype": DTYPE_NAMES[dtype],
-                   "model_picks": "fused" if tmon._model_says("dxw_fused", T, n_in, n_out, sh, dtype) else "separate"}
-            for dxw in ("fused", "separate"):
+                   "model_picks": tmon._model_choice("dxw_choice", T, n_in, n_out, sh, dtype)}
+            # dx and dw1: one Triton kernel, two, or two cuBLAS batched GEMMs on strided views
+            for dxw in ("fused", "separate", "bmm"):
                 row[f"bwd_{dxw}_dxw_us"] = round(ctx.time_us(
                     lambda d=dxw: tmon.backward(x, g, w1, w2, n_in, dxw=d)), 1)
-            # g read by dy and dw2 as given (grouped gathers) or copied token-major first (plain tiles)
-            row["model_picks_g"] = ("token_major" if tmon._model_says("g_token_major", T, n_in, n_out, sh, dtype)
-                                    else "row_major")
-            for layout in ("row_major", "token_major"):
+            # g read by dy and dw2 as given (grouped gathers), copied token-major first (plain Triton tiles), or
+            # copied and read by cuBLAS
+            row["model_picks_g"] = tmon._model_choice("g_readers", T, n_in, n_out, sh, dtype)
+            for layout in ("row_major", "token_major", "bmm"):
                 row[f"bwd_g_{layout}_us"] = round(ctx.time_us(
                     lambda lay=layout: tmon.backward(x, g, w1, w2, n_in, g_layout=lay)), 1)
             return row

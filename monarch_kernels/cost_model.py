@@ -457,12 +457,35 @@ def _dxw_separate(problem: Problem, dtype: str, dev: Device) -> Cost:
     return Cost([dx]) + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in)
 
 
-def dxw_fused(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> bool:
-    """Whether :func:`.triton.monarch.backward` computes ``dx`` and ``dw1`` in one kernel: when that is predicted
-    no slower than the two separate kernels. The fused kernel holds the whole (padded) ``q`` contraction next to
-    an fp32 ``dw1`` tile, so wide ``q`` leaves it narrow p-tiles that re-read ``dy`` (e.g. GPT-2's fc2,
-    ``q = 192`` padded to 256: 16-wide p-tiles, ``dy`` read 48 times); square Monarch blocks of ≤ 64 keep it."""
-    return _dxw_fused(problem, dtype, dev).time(dev) <= _dxw_separate(problem, dtype, dev).time(dev)
+def _dxw_bmm(problem: Problem, dtype: str, dev: Device) -> Cost:
+    """``dx`` and ``dw1`` as two cuBLAS batched GEMMs (``torch.bmm``) on strided views of the token-major ``dy``,
+    the weights and ``x``/``dx`` (every operand has a unit stride in one matrix dimension: no copies)."""
+    sh, T = problem.shape, problem.tokens
+    return Cost([_bmm("dx = BD(w1)T dy (cuBLAS)", sh.k, T, sh.p, sh.q, dtype, dev),
+                 _bmm("dw1 (cuBLAS)", sh.k, sh.q, sh.p, T, dtype, dev)])
+
+
+#: how :func:`.triton.monarch.backward` computes ``dx`` and ``dw1`` from ``dy``
+DXW = ("fused", "separate", "bmm")
+_DXW = {"fused": _dxw_fused, "separate": _dxw_separate, "bmm": _dxw_bmm}
+
+
+def bmm_applies(problem: Problem, side: str) -> bool:
+    """Whether the cuBLAS views exist: ``side="g"`` (``dy`` and ``dw2`` read ``g``) needs ``n_out = l·s``,
+    ``side="x"`` (``dx`` and ``dw1``) needs ``n_in = k·p`` (a ragged width is not a whole number of blocks)."""
+    sh = problem.shape
+    return problem.n_out == sh.l * sh.s if side == "g" else problem.n_in == sh.k * sh.p
+
+
+def dxw_choice(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> str:
+    """How :func:`.triton.monarch.backward` computes ``dx`` and ``dw1`` (:data:`DXW`), the fastest predicted: one
+    Triton kernel for both (one read of ``dy``; it holds the whole padded ``q`` contraction next to an fp32
+    ``dw1`` tile, so wide ``q`` leaves it narrow p-tiles that re-read ``dy``, e.g. GPT-2's fc2, ``q = 192``
+    padded to 256: 16-wide p-tiles, ``dy`` read 48 times), the block-diagonal and weight-gradient kernels, or
+    two cuBLAS batched GEMMs (each operand read once; they win where the Triton tiles are narrow). Ties go to
+    the first."""
+    options = [d for d in DXW if d != "bmm" or bmm_applies(problem, "x")]
+    return min(options, key=lambda d: _DXW[d](problem, dtype, dev).time(dev))
 
 
 def _dy(problem: Problem, dtype: str, dev: Device, g_token_major: bool = False) -> Kernel:
@@ -479,24 +502,31 @@ def _token_major_copy(name: str, tokens: int, n: int, dtype: str, dev: Device) -
     return Kernel(name, 0.0, 0.0, moved, moved, 1e30, dev.mem_eff)
 
 
-def _g_readers(problem: Problem, dtype: str, dev: Device, g_token_major: bool) -> Cost:
-    """The backward's two readers of ``g`` through P2ᵀ, ``dy`` and ``dw2``, with ``g`` as given (row-major:
-    grouped gathers) or first copied token-major (plain tiles for both)."""
+#: how ``dy`` and ``dw2`` read ``g`` through P2ᵀ: grouped gathers of the row-major ``g``, plain Triton tiles on a
+#: token-major copy, or cuBLAS batched GEMMs on strided views of that copy
+G_READERS = ("grouped", "token_major", "bmm")
+
+
+def _g_readers(problem: Problem, dtype: str, dev: Device, how: str) -> Cost:
+    """The backward's two readers of ``g`` through P2ᵀ, ``dy`` and ``dw2``, as :data:`G_READERS` says."""
     sh, T = problem.shape, problem.tokens
+    copy = [] if how == "grouped" else [_token_major_copy("g -> token-major", T, problem.n_out, dtype, dev)]
+    if how == "bmm":
+        return Cost(copy + [_bmm("dy = P1T BD(w2)T P2T g (cuBLAS)", sh.l, T, sh.r, sh.s, dtype, dev),
+                            _bmm("dw2 = (P2T g)T z (cuBLAS)", sh.l, sh.s, sh.r, T, dtype, dev)])
     dw2 = wgrad_cost("dw2 = (P2T g)T z", T, sh.l, sh.s, sh.r, dtype, dev, g_perm=(sh.s, sh.l), n_g=problem.n_out,
-                     g_token_major=g_token_major)
-    copy = [_token_major_copy("g -> token-major", T, problem.n_out, dtype, dev)] if g_token_major else []
-    return Cost(copy + [_dy(problem, dtype, dev, g_token_major)]) + dw2
+                     g_token_major=how == "token_major")
+    return Cost(copy + [_dy(problem, dtype, dev, how == "token_major")]) + dw2
 
 
-def g_token_major(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> bool:
-    """Whether :func:`.triton.monarch.backward` (and ``backward_weight``) copy ``g`` token-major before ``dy``
-    and ``dw2`` read it: when the copy plus both kernels on plain tiles is predicted faster than both on the
-    grouped gathers of the row-major ``g``. It pays where the groups' interleaved fp32 accumulators cap the
-    tiles (GPT-2's fc1: 4 blocks of 768 × 192, 32 × 32 tiles), not at square Monarch shapes, whose 16-byte
-    grouped gathers cost less than a copy of ``g``."""
-    return (_g_readers(problem, dtype, dev, True).time(dev)
-            < _g_readers(problem, dtype, dev, False).time(dev))
+def g_readers(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> str:
+    """How :func:`.triton.monarch.backward` (and ``backward_weight``) read ``g`` (:data:`G_READERS`), the fastest
+    predicted. The copy pays where the groups' interleaved fp32 accumulators cap the grouped tiles (GPT-2's fc1:
+    4 blocks of 768 × 192, 32 × 32 tiles), and on the copy cuBLAS reads each operand once where the Triton
+    tiles re-read them from L2; square Monarch shapes keep the 16-byte grouped gathers, cheaper than a copy of
+    ``g``. Ties go to the first."""
+    options = [h for h in G_READERS if h != "bmm" or bmm_applies(problem, "g")]
+    return min(options, key=lambda h: _g_readers(problem, dtype, dev, h).time(dev))
 
 
 def _z(problem: Problem, dtype: str, dev: Device) -> Kernel:
@@ -514,12 +544,11 @@ def _pre_activation(problem: Problem, dtype: str, dev: Device) -> Kernel:
 
 
 def _backward(problem: Problem, dtype: str, dev: Device, z_saved: bool = False) -> Cost:
-    """:func:`.monarch.backward`: dy (P2ᵀ gather, token-major store; ``g`` copied token-major first where
-    :func:`g_token_major` says), dx & dw1 (one kernel or two, whichever :func:`dxw_fused` picks), z
-    recomputed unless ``z_saved``, dw2."""
-    dxw = (_dxw_fused if dxw_fused(problem, dtype, dev) else _dxw_separate)(problem, dtype, dev)
+    """:func:`.monarch.backward`: dy and dw2 as :func:`g_readers` picks, dx & dw1 as :func:`dxw_choice` picks,
+    z recomputed unless ``z_saved``."""
+    dxw = _DXW[dxw_choice(problem, dtype, dev)](problem, dtype, dev)
     z = Cost() if z_saved else Cost([_z(problem, dtype, dev)])
-    return _g_readers(problem, dtype, dev, g_token_major(problem, dtype, dev)) + dxw + z
+    return _g_readers(problem, dtype, dev, g_readers(problem, dtype, dev)) + dxw + z
 
 
 def _bwd_input(problem: Problem, dtype: str, dev: Device) -> Cost:
@@ -530,7 +559,7 @@ def _bwd_input(problem: Problem, dtype: str, dev: Device) -> Cost:
 
 def _bwd_weight(problem: Problem, dtype: str, dev: Device) -> Cost:
     sh, T = problem.shape, problem.tokens
-    return (_g_readers(problem, dtype, dev, g_token_major(problem, dtype, dev))
+    return (_g_readers(problem, dtype, dev, g_readers(problem, dtype, dev))
             + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in) + Cost([_z(problem, dtype, dev)]))
 
 

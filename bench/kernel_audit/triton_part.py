@@ -121,7 +121,7 @@ def ci_cases() -> list[Case]:
              lambda: tmon.forward_saving(meta(16384, 1024), meta(*sq.w1_shape), meta(*sq.w2_shape), meta(1024), 1024,
                                          "gelu")),
         # every block in one group (whole-row permuted runs, the *_FULL layouts); backward: g copied token-major,
-        # then the gathered multi-K dy and dw2 on plain tiles
+        # then (on the Triton tiles, not the cuBLAS views auto takes here) dy and dw2 on plain tiles
         Case("monarch fwd bias+gelu T=16384 768->3072 nb=4 bfloat16",
              lambda: tmon.forward(meta(16384, 768), meta(*s4.w1_shape), meta(*s4.w2_shape), meta(3072), 3072, "gelu")),
         # eager training: stage 2 also stores the pre-activation (the GELU epilogue's tight budget, one more store)
@@ -129,7 +129,8 @@ def ci_cases() -> list[Case]:
              lambda: tmon.forward_saving(meta(16384, 768), meta(*s4.w1_shape), meta(*s4.w2_shape), meta(3072), 3072,
                                          "gelu")),
         Case("monarch bwd T=16384 768->3072 nb=4 bfloat16",
-             lambda: tmon.backward(meta(16384, 768), meta(16384, 3072), meta(*s4.w1_shape), meta(*s4.w2_shape), 768)),
+             lambda: tmon.backward(meta(16384, 768), meta(16384, 3072), meta(*s4.w1_shape), meta(*s4.w2_shape), 768,
+                                   g_layout="token_major", dxw="separate")),
         # the chunked schedule as separate launches (plan.ONE_LAUNCH off: the paired kernel, gpu_check's A/B)
         Case("monarch fwd bias+gelu separate launches T=16384 4096 nb=64 bfloat16",
              _one_launch_off(lambda: tmon.forward(x, meta(*sh.w1_shape), meta(*sh.w2_shape), b, 4096, "gelu"))),

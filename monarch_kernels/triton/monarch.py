@@ -32,7 +32,10 @@ narrow and the cost model predicts two kernels faster, the block-diagonal and we
 recomputes ``z = P1 BD(w1) x`` once for ``dw2 = Σ_t (P2ᵀ g)ᵀ z``. ``dy`` and ``dw2`` both read ``g`` through
 P2ᵀ; where the cost model predicts it faster (few wide blocks: their grouped gathers keep interleaved fp32
 accumulators that cap the tiles), ``g`` is first copied token-major (:mod:`.token_major`) and both take plain
-tiles. ``backward_input`` alone is ``dy`` then the stage-1 transpose.
+tiles. On the token-major layouts every block GEMM of the backward is a plain strided batched GEMM, so where the
+cost model predicts cuBLAS faster than the Triton tiles (few wide blocks, e.g. GPT-2's 4-block layers: cuBLAS
+reads each operand once where the capped tiles re-read them from L2) ``dy``/``dw2`` and ``dx``/``dw1`` run as
+``torch.bmm`` on strided views, no copies. ``backward_input`` alone is ``dy`` then the stage-1 transpose.
 """
 from __future__ import annotations
 
@@ -275,17 +278,45 @@ def _dw2(z, g, sh: MonarchShape):
     return bd_weight_grad(z, g, sh.l, sh.s, sh.r, g_perm=(sh.s, sh.l))
 
 
+# The backward's block GEMMs as cuBLAS batched GEMMs (torch.bmm) where every operand is a strided view with a unit
+# stride in one of its two matrix dimensions (no copy): g and dy token-major, z token-major, x and dx row-major.
+# Block ll of P2ᵀ g is g[:, ss·l + ll] (ss = 0..s-1); dz[ll, rr] lands at dy column rr·l + ll (P1ᵀ); block kk of
+# dy / x / dx is columns kk·q.. / kk·p.. of the natural order.
+
+
+def _bmm_dy(g, w2, sh: MonarchShape):
+    """``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` from a token-major ``g (T, l·s)``, into a token-major ``dy (T, k·q)``."""
+    dy = _common.empty_token_major(g.shape[0], sh.k * sh.q, device=g.device, dtype=g.dtype)
+    torch.bmm(g.unflatten(1, (sh.s, sh.l)).permute(2, 0, 1), w2, out=dy.unflatten(1, (sh.r, sh.l)).permute(2, 0, 1))
+    return dy
+
+
+def _bmm_dw2(z, g, sh: MonarchShape):
+    """``dw2[ll] = (P2ᵀ g)_llᵀ z_ll`` from a token-major ``g (T, l·s)`` and the stage-2-ordered ``z (T, l·r)``."""
+    return torch.bmm(g.unflatten(1, (sh.s, sh.l)).permute(2, 1, 0), z.unflatten(1, (sh.l, sh.r)).permute(1, 0, 2))
+
+
+def _bmm_dxw(dy, x, w1, sh: MonarchShape):
+    """``(dx, dw1)``: ``dx_kk = dy_kk W1[kk]`` into a row-major ``(T, k·p)`` and ``dw1[kk] = dy_kkᵀ x_kk``."""
+    dx = _common.empty(x.shape[0], sh.k * sh.p, device=x.device, dtype=x.dtype)
+    dyb = dy.unflatten(1, (sh.k, sh.q))
+    torch.bmm(dyb.permute(1, 0, 2), w1, out=dx.unflatten(1, (sh.k, sh.p)).permute(1, 0, 2))
+    return dx, torch.bmm(dyb.permute(1, 2, 0), x.unflatten(1, (sh.k, sh.p)).permute(1, 0, 2))
+
+
 def backward_weight(x, g, w1, w2, *, path="auto", g_layout="auto", z=None):
     """``(dw1, dw2)`` of ``⟨g, M x⟩`` for ``x (T, n_in)``, ``g (T, n_out)``; the intermediate is ``z`` (from
     :func:`forward_saving` or :func:`_z`) or recomputed. Every path runs the same grouped kernels (``path`` is
     validated for symmetry with the other calls); ``g_layout`` as in :func:`backward`."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     choose_path(sh, path)
-    g = _g_for_readers(g, x.shape[1], sh, g_layout)
+    g, how = _g_for_readers(g, x.shape[1], sh, g_layout)
     if x.shape[0] == 0:
         return torch.zeros_like(w1), torch.zeros_like(w2)
-    dw1 = bd_weight_grad(x, _dy(g, w2, sh), sh.k, sh.q, sh.p)
-    return dw1, _dw2(_z(x, w1, sh) if z is None else z, g, sh)
+    z = _z(x, w1, sh) if z is None else z
+    if how == "bmm":
+        return bd_weight_grad(x, _bmm_dy(g, w2, sh), sh.k, sh.q, sh.p), _bmm_dw2(z, g, sh)
+    return bd_weight_grad(x, _dy(g, w2, sh), sh.k, sh.q, sh.p), _dw2(z, g, sh)
 
 
 @triton.jit
@@ -321,55 +352,73 @@ def _dxw_kernel(
              mask=(rq < Q)[:, None] & (rp < P)[None, :])
 
 
-DXW = ("auto", "fused", "separate")
-G_LAYOUTS = ("auto", "row_major", "token_major")
+DXW = ("auto", "fused", "separate", "bmm")
+G_LAYOUTS = ("auto", "row_major", "token_major", "bmm")
+_G_READERS = {"row_major": "grouped", "token_major": "token_major", "bmm": "bmm"}
 
 
-def _model_says(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: torch.dtype) -> bool:
-    """The cost model's answer to ``question`` (``"dxw_fused"``: :func:`monarch_kernels.cost_model.dxw_fused`;
-    ``"g_token_major"``: :func:`monarch_kernels.cost_model.g_token_major`) for this call's shape and dtype
-    (about 0.1 ms of arithmetic, so remembered per shape)."""
+def _model_choice(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: torch.dtype) -> str:
+    """The cost model's pick (``"dxw_choice"``: :func:`monarch_kernels.cost_model.dxw_choice`; ``"g_readers"``:
+    :func:`monarch_kernels.cost_model.g_readers`) for this call's shape and dtype (about 0.1 ms of arithmetic,
+    so remembered per shape)."""
     name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
-    return _model_says_cached(question, max(T, 1), n_in, n_out, sh, name)
+    return _model_choice_cached(question, max(T, 1), n_in, n_out, sh, name)
 
 
 @functools.lru_cache(maxsize=1024)
-def _model_says_cached(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: str) -> bool:
+def _model_choice_cached(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: str) -> str:
     from .. import cost_model as cm  # imported here: cost_model imports this package's plan module
 
     return getattr(cm, question)(cm.Problem(T, n_in, n_out, sh), dtype)
 
 
+def _check_bmm(what: str, width: int, blocks: int, name: str) -> None:
+    if width != blocks:
+        raise ValueError(f"{what}='bmm' needs whole blocks: {name} = {width} columns, the factors need {blocks}")
+
+
 def _g_for_readers(g, n_in: int, sh: MonarchShape, g_layout: str):
-    """``g`` as ``dy`` and ``dw2`` read it: copied token-major (:func:`.token_major.to_token_major`) when
-    ``g_layout`` asks or (``"auto"``) the cost model predicts the copy pays for itself, else as given."""
+    """``(g, how)``: ``g`` as ``dy`` and ``dw2`` read it and how they read it (:data:`.cost_model.G_READERS`):
+    ``"grouped"`` gathers of ``g`` as given, or ``"token_major"`` / ``"bmm"`` (Triton tiles / cuBLAS) on a
+    token-major copy (:func:`.token_major.to_token_major`); ``g_layout="auto"`` takes the cost model's pick."""
     if g_layout not in G_LAYOUTS:
         raise ValueError(f"g_layout must be one of {G_LAYOUTS}, got {g_layout!r}")
-    if g_layout == "token_major" or (g_layout == "auto" and g.shape[0] > 0
-                                     and _model_says("g_token_major", g.shape[0], n_in, g.shape[1], sh, g.dtype)):
-        return to_token_major(g)
-    return g
+    if g_layout == "auto":
+        how = (_model_choice("g_readers", g.shape[0], n_in, g.shape[1], sh, g.dtype) if g.shape[0] > 0
+               else "grouped")
+    else:
+        how = _G_READERS[g_layout]
+        if how == "bmm":
+            _check_bmm("g_layout", g.shape[1], sh.l * sh.s, "g")
+    return (g if how == "grouped" else to_token_major(g)), how
 
 
 def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto", z=None):
     """``(dx, dw1, dw2)`` in one call: ``dy`` computed once (token-major) and shared by ``dx`` and ``dw1`` —
-    one kernel for both, or two with their own tiles when the cost model predicts that faster (``dxw``:
-    ``"auto"``, ``"fused"`` or ``"separate"``) — and the intermediate ``z`` (from :func:`forward_saving`)
-    or, without it, recomputed once for ``dw2``. ``g`` is read through P2ᵀ by ``dy`` and ``dw2``;
-    ``g_layout="token_major"`` copies it token-major first (``"auto"``: where the cost model predicts that
-    faster, ``"row_major"``: never)."""
+    one kernel for both (``dxw="fused"``), the block-diagonal and weight-gradient kernels with their own tiles
+    (``"separate"``) or two cuBLAS batched GEMMs on strided views (``"bmm"``; needs ``n_in = k·p``); ``"auto"``:
+    the cost model's pick — and the intermediate ``z`` (from :func:`forward_saving`) or, without it,
+    recomputed once for ``dw2``. ``g`` is read through P2ᵀ by ``dy`` and ``dw2``: as given (``g_layout=
+    "row_major"``: grouped gathers), or copied token-major first and read by Triton tiles (``"token_major"``)
+    or cuBLAS (``"bmm"``; needs ``n_out = l·s``); ``"auto"``: the cost model's pick."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_in = sh.n_in if n_in is None else n_in
     choose_path(sh, path)
     if dxw not in DXW:
         raise ValueError(f"dxw must be one of {DXW}, got {dxw!r}")
-    g = _g_for_readers(g, n_in, sh, g_layout)
+    if dxw == "bmm":
+        _check_bmm("dxw", n_in, sh.k * sh.p, "n_in")
+    g, how = _g_for_readers(g, n_in, sh, g_layout)
     T = x.shape[0]
     if T == 0:
         return _common.empty(T, n_in, device=x.device, dtype=x.dtype), torch.zeros_like(w1), torch.zeros_like(w2)
-    dy = _dy(g, w2, sh)
-    dw2 = _dw2(_z(x, w1, sh) if z is None else z, g, sh)
-    if dxw == "separate" or (dxw == "auto" and not _model_says("dxw_fused", T, n_in, g.shape[1], sh, x.dtype)):
+    z = _z(x, w1, sh) if z is None else z
+    dy, dw2 = (_bmm_dy(g, w2, sh), _bmm_dw2(z, g, sh)) if how == "bmm" else (_dy(g, w2, sh), _dw2(z, g, sh))
+    if dxw == "auto":
+        dxw = _model_choice("dxw_choice", T, n_in, g.shape[1], sh, x.dtype)
+    if dxw == "bmm":
+        return (*_bmm_dxw(dy, x, w1, sh), dw2)
+    if dxw == "separate":
         return bd_forward(dy, w1.transpose(1, 2), None, n_in), bd_weight_grad(x, dy, sh.k, sh.q, sh.p), dw2
     dx = _common.empty(T, n_in, device=x.device, dtype=x.dtype)
     lp = _plan.dxw_launch(T, sh.k, sh.q, sh.p, _common.device_info(x.device).num_sms)

@@ -5,7 +5,7 @@ The backward reads the output gradient ``g`` through the Monarch permutation P2�
 interleaved blocks whose fp32 accumulators cap their tiles (4 blocks of 768 × 192 in GPT-2's fc1: 32 × 32
 tiles, the weights re-read every 32 tokens). Read token-major, every column is a run of tokens and both take
 plain tiles; where the cost model predicts the copy (one read and one write of ``g``) cheaper than the L2
-traffic it saves, :func:`.monarch.backward` makes it first (:func:`monarch_kernels.cost_model.g_token_major`).
+traffic it saves, :func:`.monarch.backward` makes it first (:func:`monarch_kernels.cost_model.g_readers`).
 
 A program moves a ``BLOCK_T × BLOCK_N`` tile: loaded along the features (16-byte vectors of the row-major
 source), stored along the tokens (16-byte vectors of the token-major destination); the compiler converts the

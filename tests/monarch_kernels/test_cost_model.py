@@ -115,13 +115,40 @@ def test_token_major_gradient_takes_plain_weight_gradient_tiles():
     copy = cm._token_major_copy("copy", 1000, 24, "bfloat16", DEV)
     assert copy.hbm_bytes == 1000 * 64 + 24 * 2016  # 48-byte rows -> 2 sectors; 2000-byte columns -> 63
     fc1 = cm.Problem.linear(16384, 768, 3072, 4)
-    readers = cm._g_readers(fc1, "bfloat16", DEV, True)
+    readers = cm._g_readers(fc1, "bfloat16", DEV, "token_major")
     assert [kk.name for kk in readers.kernels][:2] == ["g -> token-major", "dy = P1T BD(w2)T P2T g"]
-    assert cm.g_token_major(fc1) and not cm.g_token_major(cm.Problem.linear(16384, 4096, 4096, 64))
-    # the backward prices what it runs: the cheaper of the two, and the choice moves it
-    bwd = cm.estimate("triton", "two_kernel", "bwd", fc1)
-    assert "g -> token-major" in {kk.name for kk in bwd.kernels}
-    assert readers.time() < cm._g_readers(fc1, "bfloat16", DEV, False).time()
+    assert readers.time() < cm._g_readers(fc1, "bfloat16", DEV, "grouped").time()
+    assert cm.g_readers(cm.Problem.linear(16384, 4096, 4096, 64)) == "grouped"
+
+
+def test_backward_gemms_on_cublas_where_the_model_says():
+    """On the token-major copy of ``g``, ``dy`` and ``dw2`` as cuBLAS batched GEMMs are priced with every
+    operand read once (``_bmm``: the copy plus l GEMMs of T x s x r and s x r x T); at GPT-2's fc1 and fc2
+    that beats the Triton tiles (capped by four interleaved blocks), at square Monarch shapes the grouped
+    gathers stay. ``dx``/``dw1`` likewise (``dxw_choice``: fused kernel at 4096/64, cuBLAS at fc2). A ragged
+    width has no block views, so cuBLAS is never priced there; the backward prices the picks."""
+    T, item = 16384, 2
+    fc1, fc2 = cm.Problem.linear(T, 768, 3072, 4), cm.Problem.linear(T, 3072, 768, 4)
+    sq = cm.Problem.linear(T, 4096, 4096, 64)
+    readers = cm._g_readers(fc1, "bfloat16", DEV, "bmm")
+    assert [kk.name for kk in readers.kernels] == ["g -> token-major", "dy = P1T BD(w2)T P2T g (cuBLAS)",
+                                                   "dw2 = (P2T g)T z (cuBLAS)"]
+    dy = readers.kernels[1]
+    assert dy.flops == 2.0 * 4 * T * 192 * 768  # l blocks of (T x s) @ (s x r)
+    assert dy.hbm_bytes == 4 * (T * 768 + 192 * 768 + T * 192) * item
+    assert cm.g_readers(fc1) == cm.g_readers(fc2) == "bmm" and cm.g_readers(sq) == "grouped"
+    assert cm.dxw_choice(fc2) == "bmm" and cm.dxw_choice(sq) == "fused"
+    for pr in (fc1, fc2, sq):
+        for how in cm.G_READERS:
+            assert cm._g_readers(pr, "bfloat16", DEV, cm.g_readers(pr)).time() <= \
+                cm._g_readers(pr, "bfloat16", DEV, how).time()
+        for how in cm.DXW:
+            assert cm._DXW[cm.dxw_choice(pr)](pr, "bfloat16", DEV).time() <= cm._DXW[how](pr, "bfloat16", DEV).time()
+    ragged = cm.Problem(T, 3071, 767, fc2.shape)
+    assert not cm.bmm_applies(ragged, "g") and not cm.bmm_applies(ragged, "x")
+    assert cm.g_readers(ragged) != "bmm" and cm.dxw_choice(ragged) != "bmm"
+    names = {kk.name for kk in cm.estimate("triton", "two_kernel", "bwd", fc2).kernels}
+    assert {"dy = P1T BD(w2)T P2T g (cuBLAS)", "dx = BD(w1)T dy (cuBLAS)", "dw1 (cuBLAS)"} <= names
 
 
 def test_paired_stages_overlap_hbm_and_l2(monkeypatch):

@@ -59,11 +59,13 @@ def test_auto_never_takes_the_interpreter():
 
 
 def test_training_calls_are_priced_by_forward_and_backward():
-    """GPT-2's fc1 with 4 blocks at 4096 tokens: Triton is predicted to win the forward but lose the training
-    step to the torch reference (which keeps its intermediate); ``auto`` follows the call's kind."""
-    dims = (4096, 768, 3072, 768)
-    assert gd.prefers("triton", "monarch", torch.bfloat16, dims)
-    assert not gd.prefers("triton", "monarch", torch.bfloat16, dims, training=True)
+    """2048 wide with 4 blocks of 512 at 2048 tokens: the torch reference is predicted to win the forward (one
+    ``bmm`` per stage against Triton's tiles, capped by four interleaved blocks) but to lose the training step
+    (Triton's backward runs its block GEMMs as cuBLAS ``bmm`` on strided views, without the reference's
+    permutation copies); ``auto`` follows the call's kind."""
+    dims = (2048, 2048, 2048, 512)
+    assert not gd.prefers("triton", "monarch", torch.bfloat16, dims)
+    assert gd.prefers("triton", "monarch", torch.bfloat16, dims, training=True)
     assert gd.predicted_seconds("triton", "monarch", "bfloat16", dims, True) > gd.predicted_seconds(
         "triton", "monarch", "bfloat16", dims)
     # 4096 wide with 64 blocks: Triton wins both

@@ -154,27 +154,36 @@ def test_token_major_copy(dtype):
 
 
 def test_gradient_layout_follows_the_cost_model():
-    """``g_layout="auto"`` copies ``g`` token-major exactly when the cost model says so (GPT-2's fc1 and fc2:
-    yes; square Monarch: no), ``"row_major"`` never, ``"token_major"`` always; a bad value is refused."""
+    """``g_layout="auto"`` reads ``g`` as the cost model picks (GPT-2's fc1 and fc2: a token-major copy read by
+    cuBLAS; square Monarch: grouped gathers of ``g`` as given), ``"row_major"`` never copies, ``"token_major"``
+    and ``"bmm"`` always; a bad value is refused, and so is ``"bmm"`` on a ragged ``g``."""
     sh4 = mk.monarch_factor_shapes(768, 3072, 4)
-    assert tmon._model_says("g_token_major", 16384, 768, 3072, sh4, torch.bfloat16)
-    assert not tmon._model_says("g_token_major", 16384, 4096, 4096, mk.monarch_factor_shapes(4096, 4096, 64),
-                                torch.bfloat16)
+    assert tmon._model_choice("g_readers", 16384, 768, 3072, sh4, torch.bfloat16) == "bmm"
+    assert tmon._model_choice("g_readers", 16384, 4096, 4096, mk.monarch_factor_shapes(4096, 4096, 64),
+                              torch.bfloat16) == "grouped"
     s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
-    sh, n_in, n_out, x, w1, w2, _, g = _data(s1, s2, 40, torch.float32)
-    copies = []
-    real_copy, real_says = tmon.to_token_major, tmon._model_says
+    sh, n_in, n_out, x, w1, w2, _, g = _data(s1, s2, 40, torch.float32, ragged=False)
+    copies, gemms = [], []
+    real_copy, real_choice, real_bmm = tmon.to_token_major, tmon._model_choice, tmon._bmm_dy
     try:
         tmon.to_token_major = lambda t: copies.append(t) or real_copy(t)
-        for says in (True, False):
-            tmon._model_says = lambda q, *a, says=says: says if q == "g_token_major" else real_says(q, *a)
-            for layout, want in (("auto", says), ("row_major", False), ("token_major", True)):
+        tmon._bmm_dy = lambda *a: gemms.append(1) or real_bmm(*a)
+        for picks in ("grouped", "token_major", "bmm"):
+            tmon._model_choice = lambda q, *a, picks=picks: picks if q == "g_readers" else real_choice(q, *a)
+            for layout, want in (("auto", picks), ("row_major", "grouped"), ("token_major", "token_major"),
+                                 ("bmm", "bmm")):
                 copies.clear()
+                gemms.clear()
                 tmon.backward(x, g, w1, w2, n_in, g_layout=layout)
                 tmon.backward_weight(x, g, w1, w2, g_layout=layout)
-                assert len(copies) == 2 * want and all(c is g for c in copies), (says, layout)
+                assert len(copies) == 2 * (want != "grouped") and all(c is g for c in copies), (picks, layout)
+                assert len(gemms) == 2 * (want == "bmm"), (picks, layout)
     finally:
-        tmon.to_token_major, tmon._model_says = real_copy, real_says
+        tmon.to_token_major, tmon._model_choice, tmon._bmm_dy = real_copy, real_choice, real_bmm
+    with pytest.raises(ValueError, match="g_layout must be one of"):
+        tmon.backward(x, g, w1, w2, n_in, g_layout="columns")
+    with pytest.raises(ValueError, match="g_layout='bmm' needs whole blocks"):
+        tmon.backward(x, g[:, :-1], w1, w2, n_in, g_layout="bmm")
     # the weight-gradient kernel is planned for the token-major g (no block group)
     plans, real_plan = [], plan.wgrad_launch
     try:
@@ -628,19 +637,45 @@ def test_backend_through_ops_api_with_autograd():
 
 
 def test_dx_dw1_split_follows_the_cost_model():
-    """``dxw="auto"`` takes the fused dx/dw1 kernel where the cost model predicts it no slower (square Monarch,
-    blocks ≤ 64) and two kernels where its whole-q tile is narrow (GPT-2's fc2: q = 192 padded to 256, 16-wide
-    p-tiles); a bad ``dxw`` is refused."""
+    """``dxw="auto"`` takes the fused dx/dw1 kernel where the cost model predicts it fastest (square Monarch,
+    blocks ≤ 64) and cuBLAS where its whole-q tile is narrow (GPT-2's fc2: q = 192 padded to 256, 16-wide
+    p-tiles); a bad ``dxw`` is refused, and so is ``"bmm"`` with a ragged ``n_in``."""
     from monarch_kernels import cost_model as cm
 
-    assert cm.dxw_fused(cm.Problem.linear(16384, 4096, 4096, 64))
-    assert not cm.dxw_fused(cm.Problem.linear(16384, 3072, 768, 4))
+    assert cm.dxw_choice(cm.Problem.linear(16384, 4096, 4096, 64)) == "fused"
     sh = mk.monarch_factor_shapes(3072, 768, 4)
-    assert not tmon._model_says("dxw_fused", 16384, 3072, 768, sh, torch.bfloat16)
+    assert tmon._model_choice("dxw_choice", 16384, 3072, 768, sh, torch.bfloat16) == "bmm"
     s1, s2 = SHAPES["grouped C=1 runs, ragged p"]
     _, n_in, _, x, w1, w2, _, g = _data(s1, s2, 5, torch.float32)
     with pytest.raises(ValueError, match="dxw must be one of"):
         tmon.backward(x, g, w1, w2, n_in, dxw="both")
+    with pytest.raises(ValueError, match="dxw='bmm' needs whole blocks"):
+        tmon.backward(x, g, w1, w2, n_in, dxw="bmm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["C=12 runs, whole-row P2 (l=4)", "grouped C=1 runs, ragged p"])
+def test_backward_on_cublas_views(dtype, name):
+    """``dy``/``dw2`` (``g_layout="bmm"``) and ``dx``/``dw1`` (``dxw="bmm"``) as batched GEMMs on strided views
+    of the token-major ``g``, ``dy``, ``z`` and of ``x``, ``dx``: every combination against the float64
+    reference, per element, over 300 tokens, NaN in one token of ``g`` propagating as the reference's, from a
+    strided ``x``; ``backward_weight`` too. The intermediate buffers are poisoned (fixture): every element
+    written."""
+    s1, s2 = SHAPES[name]
+    sh, n_in, n_out, x, w1, w2, _, g = _data(s1, s2, 300, dtype, ragged=False, seed=9)
+    x = x.t().contiguous().t()  # column-major x
+    g = g.clone()
+    g[17, 3] = math.nan
+    want_dx = ref.monarch_bwd_input(_d(g), _d(w1), _d(w2), n_in)
+    want_dw = ref.monarch_bwd_weight(_d(x), _d(g), _d(w1), _d(w2))
+    for g_layout in ("bmm", "token_major"):
+        for dxw in ("bmm", "fused"):
+            dx, dw1, dw2 = tmon.backward(x, g, w1, w2, n_in, g_layout=g_layout, dxw=dxw)
+            for what, got, want in (("dx", dx, want_dx), ("dw1", dw1, want_dw[0]), ("dw2", dw2, want_dw[1])):
+                assert got.dtype == dtype
+                assert_close(got, want, dtype, f"{name} {g_layout}/{dxw} {what}")
+    for got, want in zip(tmon.backward_weight(x, g, w1, w2, g_layout="bmm"), want_dw):
+        assert_close(got, want, dtype, f"{name} backward_weight bmm")
 
 
 def test_path_choice_and_validation():
