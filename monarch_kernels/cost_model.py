@@ -507,10 +507,13 @@ def _token_major_copy(name: str, tokens: int, n: int, dtype: str, dev: Device) -
 G_READERS = ("grouped", "token_major", "bmm")
 
 
-def _g_readers(problem: Problem, dtype: str, dev: Device, how: str) -> Cost:
-    """The backward's two readers of ``g`` through P2ᵀ, ``dy`` and ``dw2``, as :data:`G_READERS` says."""
+def _g_readers(problem: Problem, dtype: str, dev: Device, how: str, arrives_token_major: bool = False) -> Cost:
+    """The backward's two readers of ``g`` through P2ᵀ, ``dy`` and ``dw2``, as :data:`G_READERS` says;
+    ``arrives_token_major``: ``g`` is written token-major by the pass that makes it (an activation's
+    derivative, :func:`.triton.token_major.activation_grad_token_major`), so no copy."""
     sh, T = problem.shape, problem.tokens
-    copy = [] if how == "grouped" else [_token_major_copy("g -> token-major", T, problem.n_out, dtype, dev)]
+    copy = ([] if how == "grouped" or arrives_token_major
+            else [_token_major_copy("g -> token-major", T, problem.n_out, dtype, dev)])
     if how == "bmm":
         return Cost(copy + [_bmm("dy = P1T BD(w2)T P2T g (cuBLAS)", sh.l, T, sh.r, sh.s, dtype, dev),
                             _bmm("dw2 = (P2T g)T z (cuBLAS)", sh.l, sh.s, sh.r, T, dtype, dev)])
@@ -543,12 +546,13 @@ def _pre_activation(problem: Problem, dtype: str, dev: Device) -> Kernel:
                    n_out=problem.n_out, x_token_major=True)
 
 
-def _backward(problem: Problem, dtype: str, dev: Device, z_saved: bool = False) -> Cost:
+def _backward(problem: Problem, dtype: str, dev: Device, z_saved: bool = False, after_activation: bool = False) -> Cost:
     """:func:`.monarch.backward`: dy and dw2 as :func:`g_readers` picks, dx & dw1 as :func:`dxw_choice` picks,
-    z recomputed unless ``z_saved``."""
+    z recomputed unless ``z_saved``; ``after_activation``: ``g`` comes from an activation's derivative, whose
+    pass writes it token-major when the readers want that (:func:`.triton.monarch.backward_epilogue`)."""
     dxw = _DXW[dxw_choice(problem, dtype, dev)](problem, dtype, dev)
     z = Cost() if z_saved else Cost([_z(problem, dtype, dev)])
-    return _g_readers(problem, dtype, dev, g_readers(problem, dtype, dev)) + dxw + z
+    return _g_readers(problem, dtype, dev, g_readers(problem, dtype, dev), after_activation) + dxw + z
 
 
 def _bwd_input(problem: Problem, dtype: str, dev: Device) -> Cost:
@@ -569,9 +573,11 @@ def _training_step(problem: Problem, dtype: str, dev: Device, forward: Callable[
     (:func:`.triton.monarch.forward_saving`) and, where the path can (``keeps_pre``: two-kernel), an
     activation's pre-activation; then the first-order backward (:func:`.triton.monarch.backward_epilogue`): the
     pre-activation as stage 2 of ``z`` when not kept, and dx, dw1, dw2 on that ``z``. The activation's
-    derivative itself (an elementwise pass) is left to the caller, as for dense and the reference."""
-    pre = Cost([_pre_activation(problem, dtype, dev)]) if problem.activation != "none" and not keeps_pre else Cost()
-    return forward(problem, dtype, dev, keep=True) + pre + _backward(problem, dtype, dev, z_saved=True)
+    derivative itself (an elementwise pass) is left to the caller, as for dense and the reference; where the
+    backward reads ``g`` token-major that pass writes it so, and the copy of ``g`` is not charged."""
+    act = problem.activation != "none"
+    pre = Cost([_pre_activation(problem, dtype, dev)]) if act and not keeps_pre else Cost()
+    return forward(problem, dtype, dev, keep=True) + pre + _backward(problem, dtype, dev, True, act)
 
 
 def _triton(forward: Callable[..., Cost], keeps_pre: bool) -> Estimator:

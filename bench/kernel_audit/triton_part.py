@@ -67,6 +67,9 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
                 cases.append(Case(f"monarch fwd_saving bias+gelu path={path} {tag}",
                                   lambda x=x, w1=w1, w2=w2, b=b, n=n_out, p=path: tmon.forward_saving(x, w1, w2, b, n, "gelu",
                                                                                                       path=p)))
+                cases.append(Case(f"monarch bwd_epilogue bias+gelu path={path} {tag}",
+                                  lambda x=x, g=g, w1=w1, w2=w2, b=b, n=n_in, p=path: tmon.backward_epilogue(
+                                      x, g, w1, w2, b, n, "gelu", True)))
                 cases.append(Case(f"monarch bwd path={path} {tag}",
                                   lambda x=x, g=g, w1=w1, w2=w2, n=n_in, p=path: tmon.backward(x, g, w1, w2, n, path=p)))
                 cases.append(Case(f"monarch bwd_input path={path} {tag}",
@@ -128,6 +131,10 @@ def ci_cases() -> list[Case]:
         Case("monarch fwd_saving bias+gelu T=16384 768->3072 nb=4 bfloat16",
              lambda: tmon.forward_saving(meta(16384, 768), meta(*s4.w1_shape), meta(*s4.w2_shape), meta(3072), 3072,
                                          "gelu")),
+        # training backward after a GELU: g·gelu'(pre) written token-major by the derivative's pass
+        Case("monarch bwd_epilogue bias+gelu T=16384 768->3072 nb=4 bfloat16",
+             lambda: tmon.backward_epilogue(meta(16384, 768), meta(16384, 3072), meta(*s4.w1_shape),
+                                            meta(*s4.w2_shape), meta(3072), 768, "gelu", True)),
         Case("monarch bwd T=16384 768->3072 nb=4 bfloat16",
              lambda: tmon.backward(meta(16384, 768), meta(16384, 3072), meta(*s4.w1_shape), meta(*s4.w2_shape), 768,
                                    g_layout="token_major", dxw="separate")),

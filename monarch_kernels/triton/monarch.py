@@ -51,7 +51,7 @@ from . import _common
 from . import plan as _plan
 from ._common import ACT_CODES, interpreting, precision
 from .blockdiag import _finish, _load, bd_forward, bd_forward_chain, bd_forward_pair, bd_weight_grad
-from .token_major import to_token_major
+from .token_major import activation_grad_token_major, to_token_major
 
 PATHS = _plan.PATHS
 
@@ -435,7 +435,9 @@ def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto
 
 def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True, pre=None):
     """First-order backward of ``out = act(M x + bias)``: ``(dx | None, dw1 | None, dw2 | None, db | None)``,
-    ``db = Σ_t g·act'(pre)`` (``None`` without a bias). ``z``, ``pre``: what :func:`forward_saving` kept;
+    ``db = Σ_t g·act'(pre)`` (``None`` without a bias); where ``dy`` and ``dw2`` read a token-major ``g``
+    (:func:`monarch_kernels.cost_model.g_readers`), ``g·act'(pre)`` is written token-major by the derivative's
+    own pass (:func:`.token_major.activation_grad_token_major`). ``z``, ``pre``: what :func:`forward_saving` kept;
     without them ``z`` is computed once here and shared: an activation's pre-activation is stage 2 of ``z``
     (no epilogue) and ``dw2`` reads the same ``z``, where composing a forward with :func:`backward` would run
     stage 1 twice."""
@@ -445,7 +447,12 @@ def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, wan
     if activation != "none":
         if pre is None:
             pre = bd_forward(z, w2, bias, g.shape[1], "none", out_perm=(sh.s, sh.l))
-        g = activations.backward(activation, pre, g)
+        # where the readers of g take a token-major copy, the derivative's pass writes it so (no copy)
+        if want_dw and g.shape[0] > 0 and _model_choice("g_readers", g.shape[0], x.shape[1], g.shape[1], sh,
+                                                       g.dtype) != "grouped":
+            g = activation_grad_token_major(activation, pre, g)
+        else:
+            g = activations.backward(activation, pre, g)
     db = None if bias is None else g.sum(0)
     if not want_dw:
         return (backward_input(g, w1, w2, n_in) if want_dx else None), None, None, db

@@ -10,6 +10,10 @@ traffic it saves, :func:`.monarch.backward` makes it first (:func:`monarch_kerne
 A program moves a ``BLOCK_T × BLOCK_N`` tile: loaded along the features (16-byte vectors of the row-major
 source), stored along the tokens (16-byte vectors of the token-major destination); the compiler converts the
 register layout between the two through shared memory.
+
+:func:`activation_grad_token_major` is the same copy with an activation's derivative on the way: the first-order
+backward of ``act(M x + b)`` computes ``g · act'(pre)`` elementwise anyway (:func:`..activations.backward`), so
+where ``g`` is to be copied token-major, that pass writes it token-major and the copy disappears.
 """
 from __future__ import annotations
 
@@ -28,6 +32,50 @@ def _token_major_copy_kernel(X, Y, T, N, sxt, sxf, syt, syf, BLOCK_T: tl.constex
     ok = (rt < T)[:, None] & (rn < N)[None, :]
     v = tl.load(X + rt[:, None] * sxt + rn[None, :] * sxf, mask=ok)
     tl.store(Y + rt[:, None] * syt + rn[None, :] * syf, v, mask=ok)
+
+
+@triton.jit
+def _activation_grad_kernel(PRE, G, Y, T, N, spt, spf, sgt, sgf, syt, syf, ACT: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    # g · act'(pre) in fp32, rounded to Y's dtype: the formulas of aten's threshold_backward / gelu_backward
+    rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (rt < T)[:, None] & (rn < N)[None, :]
+    x = tl.load(PRE + rt[:, None] * spt + rn[None, :] * spf, mask=ok).to(tl.float32)
+    g = tl.load(G + rt[:, None] * sgt + rn[None, :] * sgf, mask=ok).to(tl.float32)
+    if ACT == 1:  # relu: 0 where pre <= 0, g elsewhere (NaN pre passes g)
+        d = tl.where(x <= 0.0, 0.0, g)
+    elif ACT == 2:  # gelu (erf): cdf + x · pdf
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)
+        d = g * (cdf + x * pdf)
+    else:  # gelu_tanh: 0.5 (1 + tanh u) + 0.5 x (1 - tanh² u) u', u = √(2/π) (x + 0.044715 x³)
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        e = tl.exp(-2.0 * tl.abs(inner))  # tanh via exp(-2|u|) ≤ 1: no overflow
+        th = tl.where(inner >= 0, (1.0 - e) / (1.0 + e), -(1.0 - e) / (1.0 + e))
+        right = 0.5 * x * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+        d = g * (0.5 * (1.0 + th) + right)
+    tl.store(Y + rt[:, None] * syt + rn[None, :] * syf, d.to(Y.dtype.element_ty), mask=ok)
+
+
+def activation_grad_token_major(name: str, pre: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``g · act'(pre)`` (as :func:`..activations.backward`: fp32 arithmetic, ``g``'s dtype) for ``pre``, ``g``
+    ``(T, n)`` of any strides, stored token-major: one read of each, one write, no separate copy."""
+    if name not in ("relu", "gelu", "gelu_tanh"):
+        raise ValueError(f"activation_grad_token_major: activation must be relu, gelu or gelu_tanh, got {name!r}")
+    if g.dim() != 2 or pre.shape != g.shape:
+        raise ValueError(f"activation_grad_token_major: pre and g must be 2-D (T, n) of one shape, got "
+                         f"{tuple(pre.shape)} and {tuple(g.shape)}")
+    T, n = g.shape
+    y = _common.empty_token_major(T, n, device=g.device, dtype=g.dtype)
+    if T == 0 or n == 0:
+        return y
+    tile = _plan.COPY_TILE
+    _activation_grad_kernel[(triton.cdiv(T, tile.block_m), triton.cdiv(n, tile.block_n))](
+        pre, g, y, T, n, pre.stride(0), pre.stride(1), g.stride(0), g.stride(1), y.stride(0), y.stride(1),
+        ACT=_common.ACT_CODES[name], BLOCK_T=tile.block_m, BLOCK_N=tile.block_n, **_common.launch_meta(tile, ()),
+    )
+    return y
 
 
 def to_token_major(x: torch.Tensor) -> torch.Tensor:

@@ -93,21 +93,22 @@ def permuted_operands(row: dict) -> set:
     return set()
 
 
-#: the one kernel without a matmul: the token-major copy of g (GPT-2-like backward)
-COPY = "_token_major_copy_kernel"
+#: the kernels without a matmul: the token-major copy of g and the activation derivative written token-major
+#: (GPT-2-like backward)
+COPY, ACT_GRAD = "_token_major_copy_kernel", "_activation_grad_kernel"
 
 
 def test_ci_configs_compile_for_sm90(ci_audit):
     names = {r["kernel"] for r in ci_audit}
     assert {"_bd_fwd_kernel", "_bd_pair_kernel", "_bd_chain_kernel", "_dxw_kernel", "_bd_wgrad_kernel",
-            "_fused_fwd_kernel", COPY} <= names
+            "_fused_fwd_kernel", COPY, ACT_GRAD} <= names
     assert all(not r["error"] for r in ci_audit), [r["error"] for r in ci_audit if r["error"]]
 
 
 def test_ci_configs_no_spills_and_tensor_cores(ci_audit):
     for r in ci_audit:
         assert r["spill_bytes"] == 0, (r["kernel"], r["config"], r["spill_bytes"])
-        if r["kernel"] != COPY:
+        if r["kernel"] not in (COPY, ACT_GRAD):
             assert r["tensor_core"] in ("wgmma", "mma"), (r["kernel"], r["config"])
 
 
@@ -116,6 +117,9 @@ def test_ci_token_major_copy_moves_16_bytes_each_way(ci_audit):
     compiler converts the register layout through shared memory)."""
     rows = [r for r in ci_audit if r["kernel"] == COPY]
     assert rows and all(r["loads"] == {"X": "16"} and r["stores"] == {"Y": "16"} for r in rows), rows
+    # the same for g·act'(pre): both inputs row-major, the result token-major
+    rows = [r for r in ci_audit if r["kernel"] == ACT_GRAD]
+    assert rows and all(r["loads"] == {"PRE": "16", "G": "16"} and r["stores"] == {"Y": "16"} for r in rows), rows
 
 
 def test_ci_permuted_accesses_are_16_bytes(ci_audit):

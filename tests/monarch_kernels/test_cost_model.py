@@ -1,5 +1,6 @@
 """The cost model on hand-computed cases: sector accounting, the roofline time of a launch, dense cuBLAS, one
 grouped and one scattered block-diagonal launch, the estimator registry."""
+import dataclasses
 import math
 
 import pytest
@@ -149,6 +150,11 @@ def test_backward_gemms_on_cublas_where_the_model_says():
     assert cm.g_readers(ragged) != "bmm" and cm.dxw_choice(ragged) != "bmm"
     names = {kk.name for kk in cm.estimate("triton", "two_kernel", "bwd", fc2).kernels}
     assert {"dy = P1T BD(w2)T P2T g (cuBLAS)", "dx = BD(w1)T dy (cuBLAS)", "dw1 (cuBLAS)"} <= names
+    # a training step after an activation: the derivative's pass writes g token-major, so no copy is charged
+    steps = {act: cm.estimate("triton", "two_kernel", "fwdbwd", dataclasses.replace(fc1, activation=act))
+             for act in ("none", "gelu")}
+    copies = {act: [kk for kk in st.kernels if kk.name == "g -> token-major"] for act, st in steps.items()}
+    assert len(copies["none"]) == 1 and copies["gelu"] == []
 
 
 def test_paired_stages_overlap_hbm_and_l2(monkeypatch):

@@ -153,6 +153,60 @@ def test_token_major_copy(dtype):
         ttm.to_token_major(base[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_activation_gradient_written_token_major(dtype):
+    """:func:`.token_major.activation_grad_token_major` is ``activations.backward`` (fp32 arithmetic, the
+    storage dtype out) stored token-major, per element within the dtype's tolerance and with the same
+    NaN/±inf positions, over ragged 64 x 64 tiles (70 x 77) from strided ``pre`` and ``g``, through NaN / ±inf
+    pre-activations, a zero (ReLU's kink), a large one (tanh saturated) and an infinite gradient; every element
+    written (poisoned buffer); bad arguments refused."""
+    from monarch_kernels.triton import token_major as ttm
+
+    gen = torch.Generator().manual_seed(12)
+    pre = (torch.randn(70, 154, generator=gen) * 3).to(DEVICE, dtype)[:, ::2]
+    g = torch.randn(77, 70, generator=gen).to(DEVICE, dtype).t()
+    big = 60000.0 if dtype == torch.float16 else 1000.0
+    for (t, f), v in {(3, 8): math.nan, (69, 76): math.inf, (0, 50): -math.inf, (5, 5): 0.0, (9, 1): big,
+                      (10, 2): -big}.items():
+        pre[t, f] = v
+    g[20, 20] = math.inf
+    for name in ("relu", "gelu", "gelu_tanh"):
+        got = ttm.activation_grad_token_major(name, pre, g)
+        assert _common.is_token_major(got) and got.dtype == dtype
+        assert_close(got, activations.backward(name, pre.double(), g.double()), dtype, name)
+    assert ttm.activation_grad_token_major("gelu", pre[:0], g[:0]).shape == (0, 77)
+    with pytest.raises(ValueError, match="relu, gelu or gelu_tanh"):
+        ttm.activation_grad_token_major("none", pre, g)
+    with pytest.raises(ValueError, match="one shape"):
+        ttm.activation_grad_token_major("gelu", pre[:, 1:], g)
+
+
+def test_activation_backward_writes_g_token_major_for_its_readers(monkeypatch):
+    """With an activation, ``backward_epilogue`` has the derivative's pass write ``g · act'(pre)`` token-major
+    when the cost model has ``dy``/``dw2`` read a token-major ``g`` (then nothing is copied), and calls the
+    plain derivative otherwise (then the readers copy it if they want); gradients as the float64 reference
+    either way."""
+    s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
+    sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 40, torch.float32, ragged=False, seed=3)
+    want = ref.monarch_bwd_epilogue(_d(x), _d(g), _d(w1), _d(w2), _d(b), n_in, "gelu", True)
+    real_choice = tmon._model_choice
+    seen = {"fused": 0, "copy": 0}
+    real_fused, real_copy = tmon.activation_grad_token_major, tmon.to_token_major
+    monkeypatch.setattr(tmon, "activation_grad_token_major",
+                        lambda *a: seen.__setitem__("fused", seen["fused"] + 1) or real_fused(*a))
+    monkeypatch.setattr(tmon, "to_token_major",
+                        lambda t: seen.__setitem__("copy", seen["copy"] + (not _common.is_token_major(t)))
+                        or real_copy(t))
+    for picks, fused in (("bmm", 1), ("token_major", 1), ("grouped", 0)):
+        monkeypatch.setattr(tmon, "_model_choice", lambda q, *a, picks=picks: picks if q == "g_readers"
+                            else real_choice(q, *a))
+        seen.update(fused=0, copy=0)
+        got = tmon.backward_epilogue(x, g, w1, w2, b, n_in, "gelu", True)
+        assert (seen["fused"], seen["copy"]) == (fused, 0), picks
+        for what, a, e in zip(("dx", "dw1", "dw2", "db"), got, want):
+            assert_close(a, e, torch.float32, f"{picks} {what}")
+
+
 def test_gradient_layout_follows_the_cost_model():
     """``g_layout="auto"`` reads ``g`` as the cost model picks (GPT-2's fc1 and fc2: a token-major copy read by
     cuBLAS; square Monarch: grouped gathers of ``g`` as given), ``"row_major"`` never copies, ``"token_major"``
