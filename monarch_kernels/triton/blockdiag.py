@@ -446,7 +446,10 @@ def _wait_for(COUNT, target, FAILED, SPIN: tl.constexpr):
     if SPIN:
         while tl.load(COUNT, volatile=True) < target:
             pass
-        tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu")
+        # the acquire: a loop that runs once, on an RMW whose result is used (an unused one is dropped by some
+        # Triton versions: 3.6 emitted no acquire at all)
+        while tl.atomic_add(COUNT, 0, sem="acquire", scope="gpu") < target:
+            pass
         tl.debug_barrier()
     else:
         tl.atomic_add(FAILED, (tl.load(COUNT) < target).to(tl.int32))

@@ -131,3 +131,38 @@ def test_ci_permuted_accesses_are_16_bytes(ci_audit):
                     assert r[kind][operand] in ("16", "tma"), (r["kernel"], r["config"], kind, operand, r[kind])
                     checked += 1
     assert checked >= 5  # P1 and P2 stores, the P2ᵀ gather and P1ᵀ store of dy, the gathered g of dw2, fused P2
+
+
+CHAIN_PTX_PROBE = r"""
+import re, sys, torch
+import monarch_kernels as mk
+from monarch_kernels.triton import monarch as tmon
+from bench.kernel_audit.offline import compile_only
+from bench.kernel_audit.triton_part import h100_host
+sh = mk.monarch_factor_shapes(4096, 4096, 64)
+meta = lambda *s: torch.empty(*s, dtype=torch.bfloat16, device="meta")
+seen = []
+with h100_host(), compile_only(on_launch=seen.append):
+    tmon.forward(meta(4096, 4096), meta(*sh.w1_shape), meta(*sh.w2_shape), None, 4096)
+ptx = [r.kernel.asm["ptx"] for r in seen if r.fn_name.endswith("_bd_chain_kernel")][0]
+count = lambda pat: len(re.findall(pat, ptx))
+print(count(r"atom\.global\.gpu\.relaxed\.add"), count(r"ld\.volatile\.global"),
+      count(r"ld\.global\.gpu\.acquire|atom\.global\.gpu\.acquire"),
+      count(r"(red|atom)\.global\.gpu\.release\.add"), count(r"bar\.sync"))
+"""
+
+
+def test_chained_forward_orders_its_memory_accesses():
+    """The one-launch forward's waits and signals survive compilation for sm_90 (triton 3.6 once dropped an
+    acquire whose result was unused): one relaxed ticket add; per wait a volatile spin and an acquire; per
+    finished tile a release add; barriers around them."""
+    probe = subprocess.run([sys.executable, "-c", "from bench.kernel_audit.offline import offline_target_problem as p;"
+                            "print(p() or '')"], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=120)
+    if probe.returncode != 0 or probe.stdout.strip():
+        pytest.skip(f"the installed triton cannot target CUDA offline: {(probe.stdout + probe.stderr).strip()[-300:]}")
+    res = subprocess.run([sys.executable, "-c", CHAIN_PTX_PROBE], capture_output=True, text=True, env=_env(),
+                         cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    ticket, spins, acquires, releases, barriers = map(int, res.stdout.split()[-5:])
+    assert (ticket, spins, acquires, releases) == (1, 2, 2, 2), res.stdout
+    assert barriers >= 4
