@@ -68,14 +68,18 @@ def activation_grad_token_major(name: str, pre: torch.Tensor, g: torch.Tensor) -
                          f"{tuple(pre.shape)} and {tuple(g.shape)}")
     T, n = g.shape
     y = _common.empty_token_major(T, n, device=g.device, dtype=g.dtype)
-    if T == 0 or n == 0:
-        return y
-    tile = _plan.COPY_TILE
-    _activation_grad_kernel[(triton.cdiv(T, tile.block_m), triton.cdiv(n, tile.block_n))](
-        pre, g, y, T, n, pre.stride(0), pre.stride(1), g.stride(0), g.stride(1), y.stride(0), y.stride(1),
-        ACT=_common.ACT_CODES[name], BLOCK_T=tile.block_m, BLOCK_N=tile.block_n, **_common.launch_meta(tile, ()),
-    )
+    if T and n:
+        grid, meta = _tiles(T, n)
+        _activation_grad_kernel[grid](pre, g, y, T, n, *pre.stride(), *g.stride(), *y.stride(),
+                                      ACT=_common.ACT_CODES[name], **meta)
     return y
+
+
+def _tiles(T: int, n: int) -> tuple:
+    """Grid and compile-time arguments of the two kernels above over a ``(T, n)`` tensor (:data:`.plan.COPY_TILE`)."""
+    tile = _plan.COPY_TILE
+    return ((triton.cdiv(T, tile.block_m), triton.cdiv(n, tile.block_n)),
+            dict(BLOCK_T=tile.block_m, BLOCK_N=tile.block_n, **_common.launch_meta(tile, ())))
 
 
 def to_token_major(x: torch.Tensor) -> torch.Tensor:
@@ -87,11 +91,7 @@ def to_token_major(x: torch.Tensor) -> torch.Tensor:
         return x
     T, n = x.shape
     y = _common.empty_token_major(T, n, device=x.device, dtype=x.dtype)
-    if T == 0 or n == 0:
-        return y
-    tile = _plan.COPY_TILE
-    _token_major_copy_kernel[(triton.cdiv(T, tile.block_m), triton.cdiv(n, tile.block_n))](
-        x, y, T, n, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-        BLOCK_T=tile.block_m, BLOCK_N=tile.block_n, **_common.launch_meta(tile, ()),
-    )
+    if T and n:
+        grid, meta = _tiles(T, n)
+        _token_major_copy_kernel[grid](x, y, T, n, *x.stride(), *y.stride(), **meta)
     return y
