@@ -402,6 +402,21 @@ def bd_forward(
     return y
 
 
+#: the keyword arguments of one :func:`bd_forward` call in :func:`bd_forward_pair` / :func:`bd_forward_chain`
+_CALL_KEYS = ("x", "w", "bias", "n_out", "activation", "in_perm", "out_perm", "out", "pre_out")
+_CALL_DEFAULTS = dict(bias=None, n_out=None, activation="none", in_perm=None, out_perm=None, out=None, pre_out=None)
+
+
+def _two_calls(fn: str, first: dict, second: dict) -> tuple:
+    """Two :func:`bd_forward` keyword-argument dicts with the defaults filled in; ``ValueError`` (naming ``fn``)
+    for an unknown key or two dtypes."""
+    a, b = ({**_CALL_DEFAULTS, **call} for call in (first, second))
+    for call in (a, b):
+        if set(call) - set(_CALL_KEYS) or call["x"].dtype != a["x"].dtype:
+            raise ValueError(f"{fn}: each call takes {_CALL_KEYS} and one dtype; got {sorted(call)}")
+    return a, b
+
+
 def bd_forward_pair(first: dict, second: dict) -> tuple:
     """Two independent :func:`bd_forward` calls (keyword arguments ``x``, ``w`` and optionally ``bias``,
     ``n_out``, ``activation``, ``in_perm``, ``out_perm``, ``out``, ``pre_out``) in one launch
@@ -409,14 +424,9 @@ def bd_forward_pair(first: dict, second: dict) -> tuple:
     instead of two saves a launch gap, and when one call is bound by HBM and the other by L2 (the two-kernel
     Monarch forward's stage 1 of one token chunk and stage 2 of the previous one) their programs share the
     GPU and the two limits overlap (:func:`monarch_kernels.cost_model.paired`)."""
-    keys = ("x", "w", "bias", "n_out", "activation", "in_perm", "out_perm", "out", "pre_out")
-    defaults = dict(bias=None, n_out=None, activation="none", in_perm=None, out_perm=None, out=None, pre_out=None)
-    a, b = ({**defaults, **call} for call in (first, second))
-    for call in (a, b):
-        if set(call) - set(keys) or call["x"].dtype != a["x"].dtype:
-            raise ValueError(f"bd_forward_pair: each call takes {keys} and one dtype; got {sorted(call)}")
-    ya, la = _prepare(*(a[k] for k in keys))
-    yb, lb = _prepare(*(b[k] for k in keys))
+    a, b = _two_calls("bd_forward_pair", first, second)
+    ya, la = _prepare(*(a[k] for k in _CALL_KEYS))
+    yb, lb = _prepare(*(b[k] for k in _CALL_KEYS))
     if la is None or lb is None:  # one has no tokens: the other alone
         for launch in (la, lb):
             if launch is not None:
@@ -543,12 +553,9 @@ def bd_forward_chain(first: dict, second: dict, *, chunk: int, buffers: int) -> 
     stage 1 of chunk c + 1 beside stage 2 of chunk c, then the last stage 2 — with the launch gaps between the
     steps replaced by in-kernel waits on per-chunk counters (cost model: one launch plus a counter reset
     instead of ``chunks + 1`` launches)."""
-    keys = ("x", "w", "bias", "n_out", "activation", "in_perm", "out_perm", "out", "pre_out")
-    defaults = dict(bias=None, n_out=None, activation="none", in_perm=None, out_perm=None, out=None, pre_out=None)
-    a, b = ({**defaults, **call} for call in (first, second))
-    for call in (a, b):
-        if set(call) - set(keys) or call["x"].dtype != a["x"].dtype:
-            raise ValueError(f"bd_forward_chain: each call takes {keys} and one dtype; got {sorted(call)}")
+    a, b = _two_calls("bd_forward_chain", first, second)
+    if a["pre_out"] is not None:
+        raise ValueError("bd_forward_chain: the first call cannot keep a pre-activation")
     z, T = a["out"], a["x"].shape[0]
     nchunks = _plan.cdiv(T, chunk) if chunk > 0 else 0
     if z is None or b["x"] is not z or b["out"] is None or b["out"].shape[0] != T or chunk < 1 or buffers < 1:
@@ -566,8 +573,6 @@ def bd_forward_chain(first: dict, second: dict, *, chunk: int, buffers: int) -> 
                      z[:rows], None)
     _, lb = _prepare(z[:rows], b["w"], b["bias"], b["n_out"], b["activation"], b["in_perm"], b["out_perm"],
                      b["out"][:rows], sub(b["pre_out"]))
-    if a["pre_out"] is not None:
-        raise ValueError("bd_forward_chain: the first call cannot keep a pre-activation")
     n_a, n_b = la.lp.grid[0] * la.lp.grid[1], lb.lp.grid[0] * lb.lp.grid[1]
     counters = chain_counters(nchunks, a["x"].device)
     meta = {**la.meta, **{k + "2": v for k, v in lb.meta.items()}}
