@@ -27,6 +27,24 @@ import torch
 AUTO = "auto"
 
 
+class Dims(tuple):
+    """A call's problem sizes ``(T, n_in, n_out, block)`` — a 4-tuple, as the ``prefer`` rules unpack it — with
+    the activation fused into its epilogue as the attribute ``activation`` (``"none"``, ``"relu"``, ``"gelu"``,
+    ``"gelu_tanh"``): rules that price the call (:mod:`.gpu_dispatch`) read it, the others need not."""
+
+    activation: str
+
+    def __new__(cls, sizes, activation: str = "none"):
+        dims = super().__new__(cls, sizes)
+        dims.activation = activation
+        return dims
+
+
+def activation_of(dims: tuple) -> str:
+    """The fused activation a ``prefer`` rule's ``dims`` carry (``"none"`` for a plain tuple)."""
+    return getattr(dims, "activation", "none")
+
+
 class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call (not built, not installed, wrong device/dtype)."""
 
@@ -38,7 +56,8 @@ class Backend:
     ``load`` returns the module holding the primitives, or raises ``ImportError``/``RuntimeError`` with the
     reason it is unavailable (called lazily, once). ``supports(device, dtype)`` says whether it can run
     tensors of that kind; ``prefer(op, device, dtype, dims)`` whether ``auto`` should choose it for a call
-    (``dims`` are the problem sizes ``(T, n_in, n_out, block)``); ``prefer_training``, same arguments, the rule
+    (``dims`` are the problem sizes ``(T, n_in, n_out, block)``, a :class:`Dims` that also carries the fused
+    activation); ``prefer_training``, same arguments, the rule
     for a call whose gradients autograd will want (forward and backward both run on the backend), ``prefer``
     when ``None``; ``priority`` orders the ``auto`` search (higher first).
     """
@@ -141,24 +160,26 @@ def use_backend(name: str):
 
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str] = None,
-            training: bool = False) -> str:
+            training: bool = False, activation: str = "none") -> str:
     """The concrete backend name a call will use.
 
     ``op`` is ``"blockdiag"`` or ``"monarch"``; ``dims`` is ``(T, n_in, n_out, block)``; ``training``: autograd
     records the call (its backward will run on the same backend), so ``auto`` asks each backend's
-    ``prefer_training`` rule. While
+    ``prefer_training`` rule; ``activation``: fused into the call's epilogue (the rules receive it as
+    ``dims.activation``, :class:`Dims`). While
     ``torch.compile`` traces, the choice is a trace-time constant that does not depend on the input's sizes
     (they may be symbolic, and a rule comparing them would guard the graph on every threshold): ``T``,
     ``n_in`` and ``n_out`` reach the ``prefer`` rules as ``None``, meaning "any size", and the rules take their
     large-batch branch; ``block`` is a size of the weights (static).
     """
     if torch.compiler.is_compiling():
-        return _resolve_at_trace_time(op, device, dtype, (None, None, None, int(dims[3])), requested, training)
-    return _resolve(op, device, dtype, dims, requested, training)
+        return _resolve_at_trace_time(op, device, dtype, (None, None, None, int(dims[3])), requested, training,
+                                      activation)
+    return _resolve(op, device, dtype, dims, requested, training, activation)
 
 
 def _resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str],
-             training: bool = False) -> str:
+             training: bool = False, activation: str = "none") -> str:
     name = get_backend() if requested is None else _check_name(requested)
     if name != AUTO:
         b = get(name)
@@ -169,6 +190,7 @@ def _resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, req
                 f"use backend='auto' or one of {sorted(n for n, s in available_backends().items() if s == 'available')}"
             )
         return name
+    dims = Dims(dims, activation)
     for b in _BY_PRIORITY:
         rule = b.prefer_training if training and b.prefer_training is not None else b.prefer
         if b.available and b.supports(device, dtype) and rule(op, device, dtype, dims):
@@ -188,8 +210,8 @@ def _assume_constant_result(fn: Callable) -> Callable:
 # ContextVar, and tracing the registry would guard on lazy loading and on the shape rules.
 @_assume_constant_result
 def _resolve_at_trace_time(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str],
-                           training: bool = False) -> str:
-    return _resolve(op, device, dtype, dims, requested, training)
+                           training: bool = False, activation: str = "none") -> str:
+    return _resolve(op, device, dtype, dims, requested, training, activation)
 
 
 def impl(name: str):

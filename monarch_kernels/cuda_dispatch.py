@@ -80,4 +80,4 @@ def prefers_cuda(op: str, device: torch.device, dtype: torch.dtype, dims: tuple,
         k = math.ceil(n_in / p)
         mine = cuda_cost.blockdiag_kernel(tokens, k, math.ceil(n_out / k), p, name).time(cm.H100_SXM)
         return mine < min(gpu_dispatch.predicted_seconds(o, op, name, tuple(dims)) for o in [*others, "torch"])
-    return gpu_dispatch.prefers("cuda", op, dtype, tuple(dims), others, training)
+    return gpu_dispatch.prefers("cuda", op, dtype, dims, others, training)

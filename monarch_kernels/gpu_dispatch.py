@@ -7,13 +7,15 @@ estimator and can run the call, the torch reference included — so ``auto`` nev
 predicts slower than the reference. Once ``bench/gpu_check.sh`` has measured a device, its side-by-side ratios
 replace the model here (as the CPU rule's constants came from measurements).
 
-The call's ``dims = (T, n_in, n_out, block)`` (see :func:`monarch_kernels.backends.resolve`) do not carry the
-factor shapes; the rule prices the ``MonarchLinear`` layout with the same block size,
+The call's ``dims = (T, n_in, n_out, block)`` (see :func:`monarch_kernels.backends.resolve`) carry the fused
+activation (:class:`monarch_kernels.backends.Dims`: the reference pays extra passes for it, the Triton kernels
+fuse it) but not the factor shapes; the rule prices the ``MonarchLinear`` layout with the same block size,
 ``nblocks = ceil(max(n_in, n_out) / block)``. Under ``torch.compile`` with a dynamic batch (``T`` not a plain
 int) it prices a large batch, so no guard on the token count enters the graph.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import lru_cache
 from typing import Iterable
@@ -21,16 +23,18 @@ from typing import Iterable
 import torch
 
 from . import cost_model as cm
+from .backends import activation_of
 
 #: ``T`` priced when the token count is symbolic (a compiled graph with a dynamic batch)
 SYMBOLIC_TOKENS = 16384
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def _problem(dims: tuple) -> cm.Problem:
+def _problem(dims: tuple, activation: str) -> cm.Problem:
     tokens, n_in, n_out, block = dims
     nblocks = max(1, min(math.ceil(max(n_in, n_out) / max(block, 1)), n_in, n_out))
-    return cm.Problem.linear(SYMBOLIC_TOKENS if tokens is None else max(tokens, 1), n_in, n_out, nblocks)
+    problem = cm.Problem.linear(SYMBOLIC_TOKENS if tokens is None else max(tokens, 1), n_in, n_out, nblocks)
+    return dataclasses.replace(problem, activation=activation)
 
 
 def _path(backend: str, problem: cm.Problem) -> str:
@@ -43,17 +47,17 @@ def _path(backend: str, problem: cm.Problem) -> str:
 
 
 @lru_cache(maxsize=4096)
-def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple, training: bool = False) -> float:
-    """The cost model's time for ``backend`` on a Monarch forward (``op == "monarch"``) or a block-diagonal
-    forward (``"blockdiag"``, ``dims[3]`` = input block) with these dims, with ``training`` plus its backward
-    (an activation's pre-activation recompute is not priced: ``dims`` do not carry it); ``inf`` without an
-    estimator."""
+def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple, training: bool = False,
+                      activation: str = "none") -> float:
+    """The cost model's time for ``backend`` on a Monarch forward (``op == "monarch"``) with ``activation`` fused
+    into its epilogue, or a block-diagonal forward (``"blockdiag"``, ``dims[3]`` = input block; its prices
+    have no activation) with these dims, with ``training`` plus its backward; ``inf`` without an estimator."""
     tokens, n_in, n_out, block = dims
     if op == "blockdiag":
         k = math.ceil(n_in / block)
         return cm.blockdiag_seconds(backend, SYMBOLIC_TOKENS if tokens is None else max(tokens, 1), k,
                                     math.ceil(n_out / k), block, dtype, training=training)
-    problem = _problem(dims)
+    problem = _problem(dims, activation)
     path = _path(backend, problem)
     if (backend, path) not in cm.estimators():
         return math.inf
@@ -66,7 +70,8 @@ def fastest(op: str, dtype: torch.dtype, dims: tuple, candidates: Iterable[str],
     if name is None:
         return "torch"
     key = (dims[0] if isinstance(dims[0], int) else None, *(int(d) for d in dims[1:]))
-    times = {c: predicted_seconds(c, op, name, key, training) for c in candidates}
+    act = activation_of(dims)
+    times = {c: predicted_seconds(c, op, name, key, training, act) for c in candidates}
     best = min(times, key=times.get)
     return best if math.isfinite(times[best]) else "torch"
 

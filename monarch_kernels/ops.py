@@ -680,7 +680,7 @@ def blockdiag_linear(
     check_bias(fn, bias, x, n_out)
     act = _check_activation(fn, activation, x)
     name = backends.resolve("blockdiag", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, p), backend,
-                            _training(x, w, bias))
+                            _training(x, w, bias), act)
     route = _route(x, w, bias)
     if route == DIRECT:
         return _blockdiag_fwd_impl(x, w, bias, n_out, act, name)
@@ -735,7 +735,7 @@ def _dispatch_monarch(x, w1, w2, bias, sh: MonarchShape, n_out: int, act: str, b
     """Resolve the backend for validated arguments and run the forward op (on the route :func:`_route` picks)."""
     block = max(sh.p, sh.q, sh.r, sh.s)
     name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, block), backend,
-                            _training(x, w1, w2, bias))
+                            _training(x, w1, w2, bias), act)
     route = _route(x, w1, w2, bias)
     if route == DIRECT:
         return _monarch_fwd_impl(x, w1, w2, bias, n_out, act, name)
@@ -771,10 +771,12 @@ def monarch_to_dense(w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -
     return monarch_matmul(eye, w1, w2, backend=backend).transpose(0, 1)
 
 
-def resolve_backend(op: str, x: Tensor, *factors: Tensor, backend: Optional[str] = None) -> str:
+def resolve_backend(op: str, x: Tensor, *factors: Tensor, backend: Optional[str] = None,
+                    activation: Optional[str] = None) -> str:
     """The backend a call of ``op`` with these arguments would use: ``op="blockdiag"`` with one factor
     ``w (k, q, p)``, or ``op="monarch"`` with two factors ``w1 (k, q, p)``, ``w2 (l, s, r)`` (a training call,
-    i.e. one autograd records, when any of them requires grad and grad mode is on)."""
+    i.e. one autograd records, when any of them requires grad and grad mode is on), with ``activation`` fused
+    into its epilogue as in :func:`monarch_linear`."""
     fn = "resolve_backend"
     if op not in ("blockdiag", "monarch"):
         raise ValueError(f"{fn}: op must be 'blockdiag' or 'monarch', got {op!r}")
@@ -785,6 +787,7 @@ def resolve_backend(op: str, x: Tensor, *factors: Tensor, backend: Optional[str]
         raise ValueError(f"{fn}: op {op!r} takes {want} factor{'s' if want > 1 else ''} ({names}), got {len(factors)}")
     if x.dim() < 1:
         raise ValueError(f"{fn}: x must have at least 1 dimension (..., n_in), got a 0-d tensor")
+    act = _check_activation(fn, activation, x)
     if op == "blockdiag":
         (w,) = factors
         check_factor("w", w, fn)
@@ -792,4 +795,4 @@ def resolve_backend(op: str, x: Tensor, *factors: Tensor, backend: Optional[str]
     else:
         sh = check_monarch_factors(fn, *factors)
         dims = (_tokens(x), x.shape[-1], sh.n_out, max(sh.p, sh.q, sh.r, sh.s))
-    return backends.resolve(op, x.device, x.dtype, dims, backend, _training(x, *factors))
+    return backends.resolve(op, x.device, x.dtype, dims, backend, _training(x, *factors), act)

@@ -1,8 +1,10 @@
 """The CUDA ``auto`` rule: the cost model's fastest backend, the torch reference always in the comparison."""
 import math
 
+import pytest
 import torch
 
+import monarch_kernels as mk
 from monarch_kernels import cost_model as cm
 from monarch_kernels import gpu_dispatch as gd
 from monarch_kernels.builtin import _triton_prefers
@@ -71,3 +73,43 @@ def test_training_calls_are_priced_by_forward_and_backward():
     # 4096 wide with 64 blocks: Triton wins both
     square = (4096, 4096, 4096, 64)
     assert gd.prefers("triton", "monarch", torch.bfloat16, square, training=True)
+
+
+def test_a_fused_activation_is_priced():
+    """The activation fused into a call reaches the rule (``backends.Dims``): 2048 wide with 2 blocks of 1024 at
+    2048 tokens, a training call without one stays on the reference, with a fused GELU (which the reference
+    applies and differentiates in extra passes) it goes to Triton; the prices are the cost model's for that
+    activation. A plain tuple carries none."""
+    import dataclasses
+
+    from monarch_kernels import backends
+
+    sh = mk.monarch_factor_shapes(2048, 2048, 2)
+    dims = (2048, 2048, 2048, max(sh.p, sh.q, sh.r, sh.s))
+    assert not gd.prefers("triton", "monarch", torch.bfloat16, dims, training=True)
+    gelu = backends.Dims(dims, "gelu")
+    assert gelu == dims and gelu.activation == "gelu" and backends.activation_of(dims) == "none"
+    assert gd.prefers("triton", "monarch", torch.bfloat16, gelu, training=True)
+    problem = dataclasses.replace(cm.Problem.linear(2048, 2048, 2048, 2), activation="gelu")
+    for backend, path in (("torch", "reference"), ("triton", cm.triton_path(problem))):
+        assert gd.predicted_seconds(backend, "monarch", "bfloat16", dims, True, "gelu") == pytest.approx(
+            cm.estimate(backend, path, "fwdbwd", problem, "bfloat16").time())
+
+
+def test_ops_pass_their_activation_to_the_dispatcher(monkeypatch):
+    """``monarch_linear``, ``blockdiag_linear`` and ``resolve_backend`` hand the fused activation to the rules;
+    an unknown one is refused by ``resolve_backend`` as by the ops."""
+    from monarch_kernels import backends
+
+    seen = []
+    real = backends._resolve
+    monkeypatch.setattr(backends, "_resolve", lambda *a: seen.append(a[-1]) or real(*a))
+    sh = mk.monarch_factor_shapes(64, 64, 4)
+    x, w1, w2 = torch.randn(5, 64), torch.randn(*sh.w1_shape), torch.randn(*sh.w2_shape)
+    mk.monarch_linear(x, w1, w2, activation="gelu")
+    mk.blockdiag_linear(x, w1, activation="relu")
+    mk.monarch_linear(x, w1, w2)
+    assert mk.resolve_backend("monarch", x, w1, w2, activation="gelu_tanh") in ("torch", "cpu")
+    assert seen == ["gelu", "relu", "none", "gelu_tanh"]
+    with pytest.raises(ValueError, match="activation"):
+        mk.resolve_backend("monarch", x, w1, w2, activation="swish")
