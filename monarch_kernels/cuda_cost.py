@@ -5,11 +5,14 @@ A few-token product reads each weight once, so its time is set by HBM bytes and 
 "Monarch: Expressive Structured Matrices for Efficient and Accurate Training", ICML 2022, §3: a factor pair holds
 2·n²/nblocks parameters, a dense layer n²). The decode kernel is one cooperative launch priced like every other
 launch of the cost model — ``max(HBM bytes / (bandwidth · mem_eff), L2 bytes / L2 bandwidth, FLOPs / rate)``
-plus the launch gap — and, on top, the latency the launch itself adds (:class:`CooperativeKernel`):
+plus the launch gap — except that its two stages are ordered by a grid-wide barrier (:class:`CooperativeKernel`):
 
-* the grid-wide barrier between the stages (``GRID_SYNC_S``);
-* the stage-2 weights' first bytes: one L2 latency when they were prefetched into L2 during stage 1 (weights up
-  to ``PREFETCH_SHARE`` of L2, as the kernel decides), else one DRAM latency after the barrier.
+* each thread prefetches its share of the stage-2 weights into L2 only after issuing its last stage-1 weight
+  loads (weights up to ``PREFETCH_SHARE`` of L2, as the kernel decides), so stage 1's bytes stream first and the
+  barrier (``GRID_SYNC_S``) resolves while stage 2's bytes stream: the launch takes the longer of all its bytes
+  and of stage 1's bytes plus the barrier, then one L2 latency for stage 2's first (prefetched) bytes;
+* stage-2 weights too large to prefetch are read after the barrier: stage 1's bytes, the barrier, one DRAM
+  latency and stage 2's bytes in series.
 
 Bytes: both factors once at 32-byte-sector granularity, the input and output once; L2 also carries the
 ``T × N`` scratch (written and read once) and each task's staged input rows. FLOPs executed: token rows padded
@@ -37,12 +40,15 @@ SMEM_OPTIN = 232448
 
 @dataclass(frozen=True)
 class CooperativeKernel(cm.Kernel):
-    """A launch whose critical path adds ``latency_s`` to the cost model's time (barriers, dependent reads)."""
+    """A launch with a dependent path inside it: it takes the longer of its streams (the cost model's terms)
+    and ``critical_s`` (e.g. stage 1's bytes, then the grid barrier), plus ``latency_s`` (the first bytes
+    stage 2 reads after the barrier), plus the launch gap."""
 
+    critical_s: float = 0.0
     latency_s: float = 0.0
 
     def time(self, dev: cm.Device) -> float:
-        return super().time(dev) + self.latency_s
+        return max(super().time(dev) - dev.launch_s, self.critical_s) + dev.launch_s + self.latency_s
 
 
 def token_rows(dtype: str, tokens: int) -> int:
@@ -67,12 +73,18 @@ def _unpriced(name: str) -> cm.Cost:
     return cm.Cost([cm.Kernel(name + " (not priced)", 0.0, 0.0, math.inf, math.inf, 1.0)])
 
 
+def _stream_s(nbytes: float, dev: cm.Device) -> float:
+    return nbytes / (dev.hbm_bw * dev.mem_eff)
+
+
 def _launch(name: str, tokens: int, n_in: int, n_out: int, stages: list, dtype: str, dev: cm.Device,
-            latency_s: float, useful: float) -> CooperativeKernel:
-    """One decode launch over ``stages`` = [(nblk, rows, cols), ...] (each weight read once)."""
+            useful: float) -> CooperativeKernel:
+    """One decode launch over ``stages`` = [(nblk, rows, cols), ...] (each weight read once; a grid barrier
+    between consecutive stages, see the module docstring)."""
     item = cm.ITEMSIZE[dtype]
-    weights = sum(nblk * cm.rows_bytes(rows, cols, item) for nblk, rows, cols in stages)
-    io = cm.rows_bytes(tokens, n_in, item) + cm.rows_bytes(tokens, n_out, item)
+    weights = [nblk * cm.rows_bytes(rows, cols, item) for nblk, rows, cols in stages]
+    x_bytes, y_bytes = cm.rows_bytes(tokens, n_in, item), cm.rows_bytes(tokens, n_out, item)
+    io = x_bytes + y_bytes
     mids = [nblk * rows for nblk, rows, _ in stages[:-1]]
     scratch = sum(2 * cm.rows_bytes(tokens, m, item) for m in mids)
     # each task stages its block's T x K input from L2; at most two resident CTAs per SM take one task each
@@ -80,28 +92,32 @@ def _launch(name: str, tokens: int, n_in: int, n_out: int, stages: list, dtype: 
     staged = tasks * tokens * max(max(rows, cols) for _, rows, cols in stages) * item
     executed = 2.0 * token_rows(dtype, tokens) * sum(nblk * rows * cols for nblk, rows, cols in stages)
     rate = dev.triton_flops["fma" if dtype == "float32" else "mma"]
-    return CooperativeKernel(name, executed, useful, weights + io, weights + io + scratch + staged, rate,
-                             dev.mem_eff, latency_s)
+    critical = latency = 0.0
+    if len(stages) == 2:
+        first = _stream_s(weights[0] + x_bytes, dev) + GRID_SYNC_S
+        if weights[1] <= PREFETCH_SHARE * dev.l2_bytes:  # streamed during the barrier, read from L2 after it
+            critical, latency = first, L2_LATENCY_S
+        else:  # read after the barrier, from DRAM
+            critical = first + DRAM_LATENCY_S + _stream_s(weights[1] + y_bytes, dev)
+    return CooperativeKernel(name, executed, useful, sum(weights) + io, sum(weights) + io + scratch + staged, rate,
+                             dev.mem_eff, critical, latency)
 
 
 def decode_kernel(problem: cm.Problem, dtype: str, dev: cm.Device, transposed: bool = False) -> CooperativeKernel:
     """The one launch of a forward (or, ``transposed``, dX) product on ``problem.tokens`` rows."""
-    sh, item = problem.shape, cm.ITEMSIZE[dtype]
+    sh = problem.shape
     stages = [(sh.k, sh.q, sh.p), (sh.l, sh.s, sh.r)]
     if transposed:
         stages = stages[::-1]
-    nblk, rows, cols = stages[1]  # the factor stage 2 reads: prefetched into L2 when it fits
-    latency = GRID_SYNC_S + (L2_LATENCY_S if nblk * rows * cols * item <= PREFETCH_SHARE * dev.l2_bytes
-                             else DRAM_LATENCY_S)
     n_in, n_out = (problem.n_out, problem.n_in) if transposed else (problem.n_in, problem.n_out)
     return _launch("cuda decode dX" if transposed else "cuda decode forward", problem.tokens, n_in, n_out, stages,
-                   dtype, dev, latency, problem.useful_fwd_flops())
+                   dtype, dev, problem.useful_fwd_flops())
 
 
 def blockdiag_kernel(tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",
                      dev: cm.Device = cm.H100_SXM) -> CooperativeKernel:
     """A block-diagonal product ``(T, k·p) -> (T, k·q)`` on the decode kernels: one stage, no barrier."""
-    return _launch("cuda decode block-diagonal", tokens, k * p, k * q, [(k, q, p)], dtype, dev, 0.0,
+    return _launch("cuda decode block-diagonal", tokens, k * p, k * q, [(k, q, p)], dtype, dev,
                    2.0 * tokens * k * q * p)
 
 

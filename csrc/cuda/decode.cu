@@ -19,8 +19,10 @@
 // * P1 and P2 are folded into the epilogue's output index (the stage-1 result goes to an L2-resident T x N
 //   scratch in stage 2's input order, so stage 2 stages contiguous rows); P2ᵀ of the dX product is folded
 //   into the input staging (a strided gather of T x s elements);
-// * while stage 1 runs, each CTA prefetches the stage-2 weight rows it will read into L2 (evict-last), so
-//   the barrier and stage 2 do not wait for a second DRAM round trip.
+// * each thread prefetches its share of the stage-2 weight rows its CTA will read into L2 (evict-last) right
+//   after issuing its last stage-1 weight loads: the memory system streams stage 1's weights first, so the
+//   grid barrier waits for those alone, and stage 2's weights arrive while the barrier resolves (no second
+//   DRAM round trip after it).
 //
 // Index arithmetic is 32-bit inside a block (decode_supported() checks the ranges); per-token row offsets
 // are 64-bit. No 64-bit division anywhere on the device.
@@ -58,7 +60,7 @@ struct StageParams {
 struct Params {
   StageParams st[2];
   int nstages, tokens;
-  bool prefetch;  // prefetch stage 2's weights into L2 during stage 1
+  bool prefetch;  // prefetch stage 2's weights into L2 at the end of stage 1
   int xs_bytes;   // offset of the partial-sum buffer in dynamic shared memory
 };
 
@@ -139,7 +141,7 @@ __device__ __forceinline__ uint32_t lds32(const void* p) { return *reinterpret_c
 
 // Weights W[o, k] (k contiguous), streamed by the lane (g, c) of a warp tile: rows o0 + g and o0 + 8 + g (zeros
 // past n_o), kLaneK elements (16 bytes) at k = chunk·kChunk + kLaneK·c of each chunk wk, wk + nwk, ... . Every
-// group of kGroup chunks is loaded before `hook` runs and before any is used; then use(k, v) runs per chunk that
+// group of kGroup chunks is loaded before `hook(last group?)` runs and before any is used; then use(k, v) runs per chunk that
 // exists, v[j] holding row j's 16 bytes. Shared by the row-major tiles (tensor-core and fp32).
 template <int kChunk, int kGroup, int kLaneK, typename T, class Hook, class Use>
 __device__ __forceinline__ void stream_weight_rows(const StageParams& p, const T* w, int o0, int wk, int nwk,
@@ -162,7 +164,7 @@ __device__ __forceinline__ void stream_weight_rows(const StageParams& p, const T
 #pragma unroll
       for (int j = 0; j < 2; ++j) v[i][j] = load_weights16(wrow[j] + k, row_ok[j] ? K - k : 0, p.w_vec);
     }
-    hook();
+    hook(base + nwk * kGroup >= nch);
 #pragma unroll
     for (int i = 0; i < kGroup; ++i) {
       const int ch = base + i * nwk;
@@ -250,7 +252,7 @@ struct TransMma {
         u[i] = load_weights16(w + r0 * n_o + col, r0 < K ? ncol : 0, p.w_vec);
         v[i] = load_weights16(w + r1 * n_o + col, r1 < K ? ncol : 0, p.w_vec);
       }
-      hook();
+      hook(base + nwk * kGroup >= nch);
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
         const int ch = base + i * nwk;
@@ -363,7 +365,7 @@ struct TransSimt {
         const int r = (base + i * nwk) * kChunk + g;
         v[i] = load_weights16(w + r * n_o + col, r < K ? ncol : 0, p.w_vec);
       }
-      hook();
+      hook(base + nwk * kGroup >= nch);
 #pragma unroll
       for (int i = 0; i < kGroup; ++i) {
         const int ch = base + i * nwk;
@@ -495,13 +497,16 @@ __host__ __device__ __forceinline__ int token_rows(int tokens) {
   return Tile::kMma ? (tokens + 15) / 16 * 16 : Tile::kTok;
 }
 
-// Prefetches into L2 the weights this CTA will read in the next stage (once, on its first call; nothing when
-// `next` is null). One hook type for both stages, so each stage loop is compiled once.
+// Prefetches into L2 this thread's share of the weights its CTA will read in the next stage: once, on the first
+// call that is `armed` (the CTA's last task of the stage) and at a warp's `last_group` of weight loads, so the
+// stage's own weights are requested first; nothing when `next` is null. One hook type for both stages, so each
+// stage loop is compiled once.
 template <class Tile, typename T>
 struct L2Prefetch {
   const StageParams* next;
-  __device__ void operator()() {
-    if (next == nullptr) return;
+  bool armed;
+  __device__ void operator()(bool last_group = true) {
+    if (next == nullptr || !armed || !last_group) return;
     const StageParams& p = *next;
     next = nullptr;
     const DecodeStage& s = p.s;
@@ -555,6 +560,7 @@ __device__ void run_stage(const StageParams& p, int tokens, T* xs, float* red, H
       staged = blk;
     }
     const int o0 = o_tile0 + wr * Tile::kCols;
+    hook.armed = task + 1 == end;  // prefetch after the CTA's last weight loads of this stage
     if (o0 < p.n_o) {  // warp-uniform
       Tile tile;
       tile.run(p, w + static_cast<int64_t>(blk) * block_numel, o0, wk, nwk, xs, tokens, hook);
@@ -571,10 +577,11 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   extern __shared__ __align__(16) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);
   float* red = reinterpret_cast<float*>(smem + P.xs_bytes);
-  L2Prefetch<Tile, T> prefetch{P.nstages == 2 && P.prefetch ? &P.st[1] : nullptr};
+  L2Prefetch<Tile, T> prefetch{P.nstages == 2 && P.prefetch ? &P.st[1] : nullptr, false};
   run_stage<Tile, T>(P.st[0], P.tokens, xs, red, prefetch);
   if (P.nstages == 2) {
-    prefetch();  // CTAs without a stage-1 task
+    prefetch.armed = true;
+    prefetch();  // threads whose warp had no stage-1 weights to load
     cg::this_grid().sync();  // stage 1's scratch writes are visible to every CTA
     run_stage<Tile, T>(P.st[1], P.tokens, xs, red, prefetch);  // the hook is spent: no prefetch
   }

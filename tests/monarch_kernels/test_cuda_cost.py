@@ -16,10 +16,29 @@ def test_registered_and_priced_from_the_shared_device_model():
     weights = 2 * 4 * 1024 * 1024 * 2
     assert kern.hbm_bytes == weights + 2 * 4096 * 2  # both factors once, x and the output once
     assert kern.flops == 16 * kern.useful_flops == 16 * 2 * weights / 2  # one token padded to a 16-row mma tile
-    # one launch: the streaming time, the launch gap, the grid barrier and one L2 latency (stage 2 prefetched)
-    want = weights * 1.0 / (dev.hbm_bw * dev.mem_eff) + 2 * 4096 * 2 / (dev.hbm_bw * dev.mem_eff)
-    assert cost.time() == pytest.approx(want + dev.launch_s + cc.GRID_SYNC_S + cc.L2_LATENCY_S, rel=1e-9)
+    # one launch: the gap, then all bytes streamed (stage 1's bytes and the barrier take less), then the
+    # first prefetched stage-2 bytes from L2
+    stream = (weights + 2 * 4096 * 2) / (dev.hbm_bw * dev.mem_eff)
+    first = (weights / 2 + 4096 * 2) / (dev.hbm_bw * dev.mem_eff)
+    assert first + cc.GRID_SYNC_S < stream
+    assert cost.time() == pytest.approx(dev.launch_s + stream + cc.L2_LATENCY_S, rel=1e-9)
     assert cost.launches == 1
+
+
+def test_the_barrier_overlaps_the_stage2_stream_and_is_on_the_path_when_longer():
+    dev = cm.H100_SXM
+    pr = cm.Problem.linear(1, 2048, 2048, 4)  # 2 MiB per factor: stage 1's 0.78 us + 1 us barrier > 1.55 us
+    (kern,) = cm.estimate("cuda", "decode", "fwd", pr).kernels
+    w1 = 4 * 512 * 512 * 2
+    first = (w1 + 2048 * 2) / (dev.hbm_bw * dev.mem_eff) + cc.GRID_SYNC_S
+    stream = (2 * w1 + 2 * 2048 * 2) / (dev.hbm_bw * dev.mem_eff)
+    assert stream < first
+    assert kern.time(dev) == pytest.approx(dev.launch_s + first + cc.L2_LATENCY_S, rel=1e-9)
+    # the barrier added in series to the whole stream (stage-2 prefetch interleaved with stage 1) is slower
+    assert kern.time(dev) < dev.launch_s + stream + cc.GRID_SYNC_S + cc.L2_LATENCY_S
+    # dX runs the stages the other way round: the same bytes, the other factor first
+    (dx,) = cm.estimate("cuda", "decode", "bwd_input", pr).kernels
+    assert dx.time(dev) == pytest.approx(kern.time(dev), rel=1e-9)
 
 
 def test_ragged_rows_cost_whole_sectors_and_dx_has_the_forward_bytes():
@@ -30,11 +49,16 @@ def test_ragged_rows_cost_whole_sectors_and_dx_has_the_forward_bytes():
     assert dx.hbm_bytes == kern.hbm_bytes and dx.name.endswith("dX")
 
 
-def test_stage2_weights_past_l2_pay_a_dram_latency():
-    small = cc.decode_kernel(cm.Problem.linear(1, 4096, 4096, 4), "bfloat16", cm.H100_SXM)
-    big = cc.decode_kernel(cm.Problem.linear(1, 16384, 16384, 2), "bfloat16", cm.H100_SXM)  # 256 MiB factors
-    assert small.latency_s == cc.GRID_SYNC_S + cc.L2_LATENCY_S
-    assert big.latency_s == cc.GRID_SYNC_S + cc.DRAM_LATENCY_S
+def test_stage2_weights_past_l2_are_read_after_the_barrier():
+    dev = cm.H100_SXM
+    small = cc.decode_kernel(cm.Problem.linear(1, 4096, 4096, 4), "bfloat16", dev)
+    big = cc.decode_kernel(cm.Problem.linear(1, 16384, 16384, 2), "bfloat16", dev)  # 256 MiB factors
+    assert small.latency_s == cc.L2_LATENCY_S
+    w = 2 * 8192 * 8192 * 2  # one factor
+    stage1, stage2 = (w + 16384 * 2) / (dev.hbm_bw * dev.mem_eff), (w + 16384 * 2) / (dev.hbm_bw * dev.mem_eff)
+    assert big.latency_s == 0
+    assert big.critical_s == pytest.approx(stage1 + cc.GRID_SYNC_S + cc.DRAM_LATENCY_S + stage2, rel=1e-9)
+    assert big.time(dev) == pytest.approx(dev.launch_s + big.critical_s, rel=1e-9)
 
 
 def test_outside_the_decode_kernels_nothing_is_priced():
@@ -47,7 +71,7 @@ def test_outside_the_decode_kernels_nothing_is_priced():
 
 def test_blockdiag_is_one_stage_without_barrier():
     kern = cc.blockdiag_kernel(4, 4, 256, 256)
-    assert kern.latency_s == 0 and kern.hbm_bytes == 4 * 256 * 256 * 2 + 2 * 4 * 1024 * 2
+    assert kern.latency_s == kern.critical_s == 0 and kern.hbm_bytes == 4 * 256 * 256 * 2 + 2 * 4 * 1024 * 2
 
 
 def test_floor():
