@@ -70,8 +70,12 @@ def _flat(t: Tensor) -> Tensor:
 
 def _unflat(t2d: Tensor, lead: tuple) -> Tensor:
     """``(T, n)`` -> ``(*lead, n)``, contiguous: every op returns contiguous tensors, as its fake does (a
-    backend may return a transposed layout, e.g. the reference's bias epilogue when ``q = 1``)."""
-    return t2d.contiguous().reshape(*lead, t2d.shape[-1])
+    backend may return a transposed layout, e.g. the reference's bias epilogue when ``q = 1``). Never a view:
+    autograd refuses in-place ops (``nn.ReLU(inplace=True)`` after the layer) on an output of a custom
+    function that is a view of a tensor made inside it; ``detach`` gives the same memory as a tensor of its
+    own (the ops' implementations run below autograd: nothing to detach from)."""
+    out = t2d.contiguous().reshape(*lead, t2d.shape[-1])
+    return out.detach() if out._is_view() else out
 
 
 def _check_op_args(fn: str, backend, t: Tensor, activation="none") -> None:

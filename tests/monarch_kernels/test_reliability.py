@@ -2,6 +2,7 @@
 activation derivatives, thread-local backend choice, validated raw ops (Python custom ops and compiled ops),
 autograd on every op including ``torch.func``, and clear errors for bad arguments."""
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -317,3 +318,43 @@ def test_project_rejects_non_finite_weights(bad):
     W[2, 5] = bad
     with pytest.raises(ValueError, match="weight has 1 NaN or Inf entries"):
         mk.project(W, 2)
+
+
+# ------------------------------------------------------------------- in-place ops on the outputs
+
+
+def _forward_calls(backend):
+    torch.manual_seed(3)
+    w1, w2, w = torch.randn(4, 6, 5), torch.randn(4, 7, 6), torch.randn(4, 6, 5)
+    bias = torch.randn(26)
+    return {
+        "monarch_linear": ((w1, w2, bias), lambda x, a, b, c: mk.monarch_linear(x, a, b, c, out_features=26,
+                                                                                 activation="gelu", backend=backend)),
+        "monarch_matmul": ((w1, w2), lambda x, a, b: mk.monarch_matmul(x, a, b, backend=backend)),
+        "blockdiag_linear": ((w, bias[:24]), lambda x, a, c: mk.blockdiag_linear(x, a, c, backend=backend)),
+        "blockdiag_matmul": ((w,), lambda x, a: mk.blockdiag_matmul(x, a, backend=backend)),
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["monarch_linear", "monarch_matmul", "blockdiag_linear", "blockdiag_matmul"])
+@pytest.mark.parametrize("lead", [(3,), (2, 3)])
+@pytest.mark.parametrize("route", ["eager", "op"])
+def test_outputs_take_in_place_ops_with_autograd(backend, name, lead, route):
+    """``nn.ReLU(inplace=True)`` after a layer: the output of a recorded call is not a view, so autograd accepts
+    the in-place op (on the eager ``autograd.Function`` route and on the custom-op route, which the profiler
+    forces) and the gradients equal those of the out-of-place op."""
+    factors, call = _forward_calls(backend)[name]
+    x = torch.randn(*lead, 20)
+    grads = []
+    for inplace in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, *factors)]
+        ctx = torch.profiler.profile() if route == "op" else contextlib.nullcontext()
+        with ctx:
+            y = call(*leaves)
+            assert y.is_contiguous() and not y._is_view()
+            out = F.relu(y, inplace=inplace)
+            torch.autograd.backward(out, torch.ones_like(out))
+        grads.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
