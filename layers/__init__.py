@@ -1,20 +1,23 @@
 """Drop-in ``nn.Module`` layers built on :mod:`monarch_kernels` (installed as ``monarch_kernels.layers``).
 
 * :class:`MonarchLinear`, :class:`BlockdiagLinear`: ``nn.Linear`` replacements (``from_dense``/``from_linear``
-  project a dense weight, ``to_linear`` goes back);
+  project a dense weight, ``to_linear``/``to_dense`` go back), optionally with a fused activation;
 * :func:`monarchify` / :func:`densify`: convert a whole model by module-path patterns
   (:mod:`~monarch_kernels.layers.patterns`), optionally fitted to real activations
   (:mod:`~monarch_kernels.layers.calibrate`), then :func:`distill` towards the dense model;
+  :func:`fuse_activations` folds ``nn.ReLU``/``nn.GELU`` after them into the kernels' epilogue;
 * :func:`from_pretrained` (:mod:`~monarch_kernels.layers.hf`): reload a monarchified Hugging Face model;
 * DepthShrinker blocks and merges (:mod:`~monarch_kernels.layers.depthshrinker`).
 """
 from .blockdiag_linear import BlockdiagLinear
 from .convert import (
     Conversion,
+    FusedActivation,
     LayerConversion,
     dense_view,
     densify,
     from_fly_state_dict,
+    fuse_activations,
     monarchify,
     restructure,
     to_fly_state_dict,
@@ -42,6 +45,7 @@ from .depthshrinker import (
 __all__ = [
     "BlockdiagLinear",
     "Conversion",
+    "FusedActivation",
     "LayerConversion",
     "MonarchLinear",
     "StructuredLinear",
@@ -50,6 +54,7 @@ __all__ = [
     "distill",
     "from_fly_state_dict",
     "from_pretrained",
+    "fuse_activations",
     "monarchify",
     "restructure",
     "to_fly_state_dict",

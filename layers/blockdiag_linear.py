@@ -32,6 +32,9 @@ class BlockdiagLinear(StructuredLinear):
         bias: whether the layer has a learnable ``bias (out_features,)`` (default ``True``).
         nblocks: number of diagonal blocks, ``1 <= nblocks <= min(in_features, out_features)`` (default 4).
         shuffle: apply the channel shuffle ``S`` to the input first (default ``False``).
+        activation: ``None`` (default), ``"relu"``, ``"gelu"`` or ``"gelu_tanh"``, fused into the kernels'
+            epilogue: ``act(x Wᵀ + bias)`` in one pass, as ``nn.ReLU()`` / ``nn.GELU()`` /
+            ``nn.GELU(approximate="tanh")`` after the layer would compute it.
         backend: kernel backend of every forward call, or ``None`` (default) for the process-wide choice.
         device: device of the parameters.
         dtype: dtype of the parameters.
@@ -45,12 +48,13 @@ class BlockdiagLinear(StructuredLinear):
         nblocks: int = 4,
         shuffle: bool = False,
         *,
+        activation: Optional[str] = None,
         backend: Optional[str] = None,
         device=None,
         dtype=None,
     ):
         factory = {"device": device, "dtype": dtype}
-        super().__init__(in_features, out_features, bias, backend, factory)
+        super().__init__(in_features, out_features, bias, backend, factory, activation)
         if not isinstance(nblocks, int) or not 1 <= nblocks <= min(in_features, out_features):
             raise ValueError(
                 f"BlockdiagLinear: nblocks must be an int in [1, {min(in_features, out_features)}], got {nblocks!r}"
@@ -85,7 +89,8 @@ class BlockdiagLinear(StructuredLinear):
             )
         if self.shuffle:
             x = self._shuffle(x)
-        return blockdiag_linear(x, weights[0], bias, out_features=self.out_features, backend=self.backend)
+        return blockdiag_linear(x, weights[0], bias, out_features=self.out_features, activation=self.activation,
+                                backend=self.backend)
 
     @classmethod
     def from_dense(
@@ -95,6 +100,7 @@ class BlockdiagLinear(StructuredLinear):
         nblocks: int = 4,
         *,
         second_moment: Optional[Tensor] = None,
+        activation: Optional[str] = None,
         backend: Optional[str] = None,
     ) -> "BlockdiagLinear":
         """The block-diagonal layer (no shuffle) closest to a dense ``y = x Wᵀ + bias``.
@@ -108,10 +114,12 @@ class BlockdiagLinear(StructuredLinear):
             bias: optional ``(out_features,)`` bias, copied.
             nblocks: number of diagonal blocks.
             second_moment: optional ``(in_features, in_features)`` input second moment ``X Xᵀ / T``.
+            activation: activation fused into the new layer (see the class), default none.
             backend: kernel backend of the new layer.
         """
         out_f, in_f = _check_dense(weight, bias, "BlockdiagLinear.from_dense")
-        layer = cls(in_f, out_f, bias is not None, nblocks, backend=backend, device=weight.device, dtype=weight.dtype)
+        layer = cls(in_f, out_f, bias is not None, nblocks, activation=activation, backend=backend,
+                    device=weight.device, dtype=weight.dtype)
         k, q, p = layer.weight.shape
         if second_moment is None:
             padded = F.pad(weight.detach(), (0, k * p - in_f, 0, k * q - out_f))
@@ -135,4 +143,5 @@ class BlockdiagLinear(StructuredLinear):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, nblocks={self.nblocks}, "
             f"shuffle={self.shuffle}, bias={self.bias is not None}, params={self.param_fraction:.3f}x dense"
+            + (f", activation={self.activation!r}" if self.activation != "none" else "")
         )

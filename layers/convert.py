@@ -15,6 +15,9 @@ Which layers ``monarchify`` converts (module paths and patterns: :mod:`monarch_k
      ``nn.MultiheadAttention.out_proj`` and, on its inference fast path, ``nn.TransformerEncoderLayer.linear1``):
      found by reading the source of the parent's classes (torch's and transformers' base classes excepted).
 
+:func:`fuse_activations` then folds the ``nn.ReLU``/``nn.GELU`` that follow converted layers in ``nn.Sequential``
+containers into the layers (their kernels apply it in the epilogue).
+
 Every matched layer that is not converted is listed with its reason in the returned :class:`Conversion`
 (``.skipped``); unsafe skips are also reported with a ``UserWarning``. A pattern that matches no dense layer,
 or a selection with nothing left to convert, raises ``ValueError``.
@@ -35,7 +38,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from monarch_kernels import monarch_factor_shapes
+from monarch_kernels import activations, monarch_factor_shapes
 
 from .blockdiag_linear import BlockdiagLinear
 from .calibrate import input_second_moments, output_error
@@ -465,7 +468,9 @@ def densify(model: nn.Module) -> list[str]:
     """Reverse sparsification in place: every ``MonarchLinear``/``BlockdiagLinear`` becomes the dense module
     computing the same map, of the class it was converted from (``dense_type``: ``nn.Linear``, or a GPT-2
     ``Conv1D`` with its weight stored transposed again), so that a densified Hugging Face model saves and loads
-    as the original architecture. Removes the layers from ``config.monarch``.
+    as the original architecture. Removes the layers from ``config.monarch``. A layer with an ``activation``
+    becomes the dense module followed by the activation's module: back in its old slot where
+    :func:`fuse_activations` folded it (a :class:`FusedActivation` there), else as ``nn.Sequential(dense, act)``.
 
     Args:
         model: the model (modified in place).
@@ -482,7 +487,15 @@ def densify(model: nn.Module) -> list[str]:
         with torch.no_grad():
             dense = dense_module(structured.dense_type, structured.dense_weight(), structured.bias)
         for path in paths[id(structured)]:
-            _replace(model, path, dense)
+            if structured.activation == "none":
+                _replace(model, path, dense)
+                continue
+            placeholder = _next_sibling(model, path)
+            if isinstance(placeholder, FusedActivation):  # put back what fuse_activations folded
+                _replace(model, path, dense)
+                _replace(model, _next_sibling_path(model, path), placeholder.activation)
+            else:
+                _replace(model, path, nn.Sequential(dense, activations.module(structured.activation)))
     config = getattr(model, "config", None)
     record = getattr(config, "monarch", None) if config is not None else None
     if record:
@@ -492,6 +505,76 @@ def densify(model: nn.Module) -> list[str]:
         else:
             del config.monarch
     return names
+
+
+class FusedActivation(nn.Identity):
+    """What :func:`fuse_activations` leaves where it folded an activation module into the structured layer
+    before it: an identity that keeps the original module, so that :func:`densify` can put it back (and the
+    container's indices and state-dict keys stay as they were).
+
+    Args:
+        activation: the activation module that was folded (kept as the child ``activation``).
+    """
+
+    def __init__(self, activation: nn.Module):
+        super().__init__()
+        self.activation = activation
+
+
+def fuse_activations(model: nn.Module) -> list[str]:
+    """Fold, in place, each ``nn.ReLU`` / ``nn.GELU`` (either approximation; exactly these classes) that directly
+    follows a ``MonarchLinear``/``BlockdiagLinear`` in an ``nn.Sequential`` into that layer's ``activation``:
+    the kernels then apply it in their epilogue (one pass instead of two over the output, and the backward's
+    fused paths) and the activation's slot holds a :class:`FusedActivation` (an identity). The map computed
+    is unchanged. Only ``nn.Sequential`` order says that an activation is applied to a layer's output, so
+    activations called from a custom ``forward`` (e.g. Hugging Face GPT-2's MLP) are left alone. Skipped:
+    layers that already have an activation and layers reachable under more than one path (their other uses
+    would change). Forward hooks on a folded activation module no longer run. The fusion is not recorded in
+    ``config.monarch``: a model rebuilt from a checkpoint (:func:`restructure`) runs the activation module
+    again, computing the same map. :func:`densify` undoes it.
+
+    Args:
+        model: the model (modified in place).
+
+    Returns:
+        The paths of the layers that took an activation.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse_activations: model must be an nn.Module, got {type(model).__name__}")
+    paths = _all_paths(model)
+    fused = []
+    for name, seq in list(model.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules)
+        for key, nxt in zip(keys, keys[1:]):
+            layer, act = seq._modules[key], seq._modules[nxt]
+            kind = activations.of_module(act) if act is not None else None
+            if (kind is None or not isinstance(layer, StructuredLinear) or layer.activation != "none"
+                    or len(paths[id(layer)]) > 1):
+                continue
+            layer.activation = kind
+            setattr(seq, nxt, FusedActivation(act))
+            fused.append(f"{name}.{key}" if name else key)
+    return fused
+
+
+def _next_sibling(model: nn.Module, path: str) -> Optional[nn.Module]:
+    """The module after ``path`` in its parent, when the parent is an ``nn.Sequential``."""
+    nxt = _next_sibling_path(model, path)
+    return model.get_submodule(nxt) if nxt is not None else None
+
+
+def _next_sibling_path(model: nn.Module, path: str) -> Optional[str]:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential):
+        return None
+    keys = list(parent._modules)
+    i = keys.index(child)
+    if i + 1 >= len(keys):
+        return None
+    return f"{parent_name}.{keys[i + 1]}" if parent_name else keys[i + 1]
 
 
 def from_fly_state_dict(state_dict: dict) -> dict:

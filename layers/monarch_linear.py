@@ -38,6 +38,9 @@ class MonarchLinear(StructuredLinear):
         bias: whether the layer has a learnable ``bias (out_features,)`` (default ``True``).
         nblocks: blocks per factor, ``1 <= nblocks <= min(in_features, out_features)`` (default 4): the layer has
             about ``(n_in + n_out)·max(n_in, n_out)/nblocks`` weights instead of ``n_in·n_out``.
+        activation: ``None`` (default), ``"relu"``, ``"gelu"`` or ``"gelu_tanh"``, fused into the kernels'
+            epilogue: ``act(x Wᵀ + bias)`` in one pass, as ``nn.ReLU()`` / ``nn.GELU()`` /
+            ``nn.GELU(approximate="tanh")`` after the layer would compute it.
         backend: kernel backend of every forward call (``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``) or
             ``None`` (default) for the process-wide choice, ``"auto"`` unless set with
             :func:`monarch_kernels.use_backend`.
@@ -55,6 +58,7 @@ class MonarchLinear(StructuredLinear):
         layer = MonarchLinear(768, 3072, nblocks=4)           # 0.31x the weights of nn.Linear(768, 3072)
         y = layer(torch.randn(8, 128, 768))                   # (8, 128, 3072)
         layer = MonarchLinear.from_linear(nn.Linear(768, 3072), nblocks=4)   # projection of a dense layer
+        fc1 = MonarchLinear(768, 3072, nblocks=4, activation="gelu")   # GELU in the kernels' epilogue
     """
 
     def __init__(
@@ -64,12 +68,13 @@ class MonarchLinear(StructuredLinear):
         bias: bool = True,
         nblocks: int = 4,
         *,
+        activation: Optional[str] = None,
         backend: Optional[str] = None,
         device=None,
         dtype=None,
     ):
         factory = {"device": device, "dtype": dtype}
-        super().__init__(in_features, out_features, bias, backend, factory)
+        super().__init__(in_features, out_features, bias, backend, factory, activation)
         self.shape = monarch_factor_shapes(in_features, out_features, nblocks)
         self.nblocks = nblocks
         self.w1 = nn.Parameter(torch.empty(self.shape.w1_shape, **factory))
@@ -97,7 +102,8 @@ class MonarchLinear(StructuredLinear):
                 f"MonarchLinear: input has last dimension {x.shape[-1]}, expected (..., {self.in_features})"
             )
         w1, w2 = weights
-        return monarch_linear(x, w1, w2, bias, out_features=self.out_features, backend=self.backend)
+        return monarch_linear(x, w1, w2, bias, out_features=self.out_features, activation=self.activation,
+                              backend=self.backend)
 
     def dense_weight(self) -> Tensor:
         """The equivalent dense ``(out_features, in_features)`` weight ``M`` (differentiable)."""
@@ -112,6 +118,7 @@ class MonarchLinear(StructuredLinear):
         nblocks: int = 4,
         *,
         second_moment: Optional[Tensor] = None,
+        activation: Optional[str] = None,
         backend: Optional[str] = None,
     ) -> "MonarchLinear":
         """The Monarch layer closest to a dense ``y = x Wᵀ + bias``.
@@ -127,11 +134,13 @@ class MonarchLinear(StructuredLinear):
             nblocks: number of blocks of each factor, ``1 <= nblocks <= min(in_features, out_features)``.
             second_moment: optional ``(in_features, in_features)`` input second moment ``X Xᵀ / T``
                 (:func:`monarch_kernels.layers.calibrate.input_second_moments`).
+            activation: activation fused into the new layer (see the class), default none.
             backend: kernel backend of the new layer (see :class:`MonarchLinear`).
         """
         fn = "MonarchLinear.from_dense"
         out_f, in_f = _check_dense(weight, bias, fn)
-        layer = cls(in_f, out_f, bias is not None, nblocks, backend=backend, device=weight.device, dtype=weight.dtype)
+        layer = cls(in_f, out_f, bias is not None, nblocks, activation=activation, backend=backend,
+                    device=weight.device, dtype=weight.dtype)
         sh = layer.shape
         if second_moment is None:
             padded = F.pad(weight.detach(), (0, sh.n_in - in_f, 0, sh.n_out - out_f))
@@ -146,17 +155,19 @@ class MonarchLinear(StructuredLinear):
         return layer
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, nblocks: int = 4, *, backend: Optional[str] = None) -> "MonarchLinear":
+    def from_linear(cls, linear: nn.Linear, nblocks: int = 4, *, activation: Optional[str] = None,
+                    backend: Optional[str] = None) -> "MonarchLinear":
         """Dense-to-sparse: the Monarch layer closest (Frobenius) to ``linear``'s weight, same bias.
 
         Args:
             linear: the ``nn.Linear`` to project (left unchanged).
             nblocks: number of blocks of each factor.
+            activation: activation fused into the new layer (see the class), default none.
             backend: kernel backend of the new layer.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"MonarchLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        return cls.from_dense(linear.weight, linear.bias, nblocks, backend=backend)
+        return cls.from_dense(linear.weight, linear.bias, nblocks, activation=activation, backend=backend)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for fly, ours in FLY_KEYS.items():
@@ -169,4 +180,5 @@ class MonarchLinear(StructuredLinear):
             f"in_features={self.in_features}, out_features={self.out_features}, nblocks={self.nblocks}, "
             f"bias={self.bias is not None}, w1={tuple(self.w1.shape)}, w2={tuple(self.w2.shape)}, "
             f"params={self.param_fraction:.3f}x dense"
+            + (f", activation={self.activation!r}" if self.activation != "none" else "")
         )

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from monarch_kernels import available_backends
+from monarch_kernels import activations, available_backends
 
 
 def _warn_if_reference_only(device: torch.device) -> None:
@@ -60,7 +60,8 @@ class StructuredLinear(nn.Module):
     (their number of weight entries). The base holds ``in_features``, ``out_features``, the optional
     ``bias`` (initialised like ``nn.Linear``), the ``backend`` used by every forward call, autocast
     handling (inputs and weights are cast to the autocast dtype, bf16 is never forced to fp16), reverse
-    sparsification (:meth:`to_linear`) and parameter/FLOP accounting.
+    sparsification (:meth:`to_linear`, :meth:`to_dense`), an optional activation fused into the kernels'
+    epilogue (``y = act(x Wᵀ + bias)``) and parameter/FLOP accounting.
 
     Args:
         in_features: input width (a positive int).
@@ -69,6 +70,9 @@ class StructuredLinear(nn.Module):
         backend: kernel backend of every forward call (``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"``), or
             ``None`` for the process-wide choice (:func:`monarch_kernels.use_backend`, ``"auto"`` by default).
         factory: ``{"device": ..., "dtype": ...}`` for the parameters.
+        activation: ``None`` (default), ``"relu"``, ``"gelu"`` or ``"gelu_tanh"``: applied to the output inside
+            the op (the kernels' epilogue; the backward recomputes or keeps the pre-activation), exactly as
+            ``nn.ReLU()`` / ``nn.GELU()`` / ``nn.GELU(approximate="tanh")`` after the layer would.
 
     Attributes:
         dense_type: the dense module class this layer stands for (``nn.Linear`` unless it was converted from
@@ -76,7 +80,8 @@ class StructuredLinear(nn.Module):
             :func:`monarch_kernels.layers.densify` restores that class. Not part of the state dict.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, backend: Optional[str], factory: dict):
+    def __init__(self, in_features: int, out_features: int, bias: bool, backend: Optional[str], factory: dict,
+                 activation: Optional[str] = None):
         super().__init__()
         self.dense_type: type = nn.Linear
         for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -87,6 +92,7 @@ class StructuredLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backend
+        self.activation = activations.canonical(activation, type(self).__name__)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
@@ -103,7 +109,8 @@ class StructuredLinear(nn.Module):
         raise NotImplementedError
 
     def dense_weight(self) -> Tensor:
-        """The equivalent dense ``(out_features, in_features)`` weight (differentiable)."""
+        """The equivalent dense ``(out_features, in_features)`` weight (differentiable; the map before any
+        fused activation)."""
         raise NotImplementedError
 
     def _forward(self, x: Tensor, weights: tuple, bias: Optional[Tensor]) -> Tensor:
@@ -114,7 +121,8 @@ class StructuredLinear(nn.Module):
 
     # -- shared behaviour ------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """``x (..., in_features)`` -> ``(..., out_features)``: ``x Wᵀ + bias`` with the structured ``W``."""
+        """``x (..., in_features)`` -> ``(..., out_features)``: ``act(x Wᵀ + bias)`` with the structured ``W``
+        (``act`` the identity unless the layer has an ``activation``)."""
         if self.backend != "torch":
             _warn_if_reference_only(x.device)
         weights, bias = self._weights(), self.bias
@@ -138,9 +146,8 @@ class StructuredLinear(nn.Module):
         """FLOPs per token of the dense ``nn.Linear`` this layer replaces."""
         return 2 * self.in_features * self.out_features
 
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """Reverse sparsification: an ``nn.Linear`` computing exactly the same map."""
+    def _linear(self) -> nn.Linear:
+        """The ``nn.Linear`` of the weight and bias (the map before any activation)."""
         w = self.dense_weight()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=w.device, dtype=w.dtype)
@@ -148,3 +155,21 @@ class StructuredLinear(nn.Module):
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """Reverse sparsification: an ``nn.Linear`` computing exactly the same map (a layer with a fused
+        activation has no such ``nn.Linear``: :meth:`to_dense`)."""
+        if self.activation != "none":
+            raise ValueError(
+                f"{type(self).__name__}.to_linear: the layer applies activation {self.activation!r}, which an "
+                "nn.Linear cannot; use to_dense() (nn.Sequential(nn.Linear, the activation))")
+        return self._linear()
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        """Reverse sparsification including the fused activation: :meth:`to_linear`'s ``nn.Linear``, followed in
+        an ``nn.Sequential`` by the activation's module when the layer has one."""
+        if self.activation == "none":
+            return self._linear()
+        return nn.Sequential(self._linear(), activations.module(self.activation))

@@ -27,6 +27,25 @@ def canonical(name: Optional[str], fn: str) -> str:
     return name
 
 
+def module(name: str) -> torch.nn.Module:
+    """The ``torch.nn`` module computing activation ``name`` (``nn.Identity`` for ``"none"``)."""
+    if name == "none":
+        return torch.nn.Identity()
+    if name == "relu":
+        return torch.nn.ReLU()
+    return torch.nn.GELU(approximate=_GELU_APPROXIMATE[name])
+
+
+def of_module(mod: torch.nn.Module) -> Optional[str]:
+    """The fusable activation a module computes (``nn.ReLU``, ``nn.GELU`` of either approximation, exactly those
+    classes), or ``None``."""
+    if type(mod) is torch.nn.ReLU:
+        return "relu"
+    if type(mod) is torch.nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(mod.approximate)
+    return None
+
+
 def apply(name: str, pre: torch.Tensor) -> torch.Tensor:
     if name == "none":
         return pre
