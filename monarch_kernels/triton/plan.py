@@ -27,10 +27,13 @@ PAIR_STAGES = True
 ONE_LAUNCH = True
 #: Register budgets of one program (8 warps), from the kernel audit (triton 3.6 and 3.9, sm_90): interleaved
 #: bf16 result tiles plus twice the fp32 accumulator of the block being computed may take ``LIVE_BYTES``
-#: (8 blocks x 64 x 64: 64 + 32 KB, 183 registers; 4 x 64 x 128: 64 + 64 KB spilled), a third less with a
-#: GELU epilogue or a gathered input (spilled at the full budget); one fp32 dot accumulator ``DOT_BYTES``
-#: (128 x 128 fp32 spilled next to its operand tiles); interleaved fp32 accumulators that persist across a
-#: loop ``ACC_BYTES`` (32 KB spilled). 16 warps do not help: they cap a thread at 128 registers.
+#: (8 blocks x 64 x 64: 64 + 32 KB, 183 registers; 4 x 64 x 128: 64 + 64 KB spilled), a third less with an
+#: activation epilogue (4 x 128 x 64 with GELU spilled 56 B at 255 registers) or a gathered input (a 16-bit
+#: one with a token-major output takes the full budget: 8 x 64 x 64, 200 registers; fp32 4 x 64 x 64 spilled
+#: 424 B); one fp32 dot accumulator ``DOT_BYTES`` (128 x 128 fp32 spilled next to its operand tiles);
+#: interleaved fp32 accumulators that persist across a loop ``ACC_BYTES`` (32 KB spilled), twice that for
+#: the weight-gradient kernel's 16-row q-tiles at 8 warps (:func:`wgrad_tile`). 16 warps do not help: they
+#: cap a thread at 128 registers.
 LIVE_BYTES = 96 * 1024
 DOT_BYTES = 32 * 1024
 ACC_BYTES = 16 * 1024
@@ -110,7 +113,7 @@ def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int
     ``n``/``k``: output/contraction size of one block. The ``group`` result tiles live together in
     registers until the permuted store (fp32 accumulators when a gathered input spans several K steps, else
     the output dtype), so the row tile shrinks as ``group · block_n`` grows; ``tight`` (an activation
-    epilogue or a gathered input) halves the budget.
+    epilogue, or a gathered input unless it is 16-bit with a token-major output) takes a third off the budget.
     """
     block_k = side(k, 64)
     def fits(block_m: int, block_n: int) -> bool:
@@ -152,10 +155,20 @@ def wgrad_tile(nblocks: int, q: int, p: int, group: int) -> Tile:
     768 × 192 (GPT-2's fc1 ``dw2``) that is 32 × 32, not 16 × 64 (20% less traffic)."""
     budget = DOT_BYTES if group == 1 else ACC_BYTES
     sides_of = lambda n: [1 << i for i in range(4, side(n, 128).bit_length())]
-    fits = [(m, n) for m in sides_of(q) for n in sides_of(p) if group * m * n * 4 <= budget]
-    block_m, block_n = min(fits, key=lambda mn: (cdiv(q, mn[0]) * cdiv(p, mn[1]) * (mn[0] + mn[1]), -mn[1]))
+
+    def fits(m: int, n: int) -> bool:
+        # a 16-row q-tile keeps the gathered token tile (token step x 16·group) small: twice the interleaved
+        # budget at 8 warps (8 blocks x 16 x 64: 196 registers on triton 3.9, 204 on 3.6; 8 x 32 x 32 spilled
+        # 216 B, 8 x 16 x 64 at 4 warps 128 B)
+        acc = group * m * n * 4
+        return acc <= budget or (group > 1 and m == 16 and acc <= 2 * ACC_BYTES)
+
+    block_m, block_n = min(((m, n) for m in sides_of(q) for n in sides_of(p) if fits(m, n)),
+                           key=lambda mn: (cdiv(q, mn[0]) * cdiv(p, mn[1]) * (mn[0] + mn[1]), -mn[1]))
+    wide = group > 1 and group * block_m * block_n * 4 > ACC_BYTES
     # interleaved groups also hold a gathered token tile and one input tile per block: half the token step
-    return Tile(block_m, block_n, 64 if group == 1 else 32, group, _warps(group * block_m * block_n), 3)
+    return Tile(block_m, block_n, 64 if group == 1 else 32, group,
+                8 if wide else _warps(group * block_m * block_n), 3)
 
 
 def dxw_tile(q: int, p: int) -> Tile:
@@ -237,7 +250,8 @@ def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, 
     inp = Layout(inp.mode, inp.a, inp.b, inp.c, group)
     out = Layout(out.mode, out.a, out.b, out.c, group)
     tile = bd_tile(tokens, k, q, p, itemsize, group, acc_fp32=inp.mode == GROUPED and pow2(p) > 64,
-                   tight=activation or inp.mode == GROUPED)
+                   tight=activation or (inp.mode == GROUPED and (itemsize > 2 or (out.mode == GROUPED
+                                                                         and not out_token_major))))
     # groups (and N tiles) vary fastest: programs whose runs share 32-byte sectors run side by side
     grid = (cdiv(k, group) * cdiv(q, tile.block_n), cdiv(tokens, tile.block_m))
     return BDLaunch(tile, inp, out, grid,

@@ -732,6 +732,27 @@ def test_backward_on_cublas_views(dtype, name):
         assert_close(got, want, dtype, f"{name} backward_weight bmm")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_on_the_widest_half_precision_tiles(dtype):
+    """Square 512 -> 512 in 8 blocks of 64 read ``g`` through P2ᵀ in groups of all 8 blocks: ``dy`` takes the
+    full register budget (a gathered 16-bit input with a token-major output: 64 x 64 per block) and ``dw2``
+    the weight-gradient kernel's widest interleaved tile (16 x 64 per block, 8 warps). Both against the float64
+    reference per element, over a ragged 200 tokens split across programs, NaN in one token of ``g``."""
+    s1 = s2 = (8, 64, 64)
+    sh, n_in, n_out, x, w1, w2, _, g = _data(s1, s2, 200, dtype, ragged=False, seed=13)
+    dy_plan = plan.bd_launch(200, sh.l, sh.r, sh.s, 2, (sh.s, sh.l), (sh.r, sh.l), out_token_major=True)
+    assert (dy_plan.tile.block_m, dy_plan.tile.block_n, dy_plan.tile.group) == (64, 64, 8)
+    dw2_plan = plan.wgrad_launch(200, sh.l, sh.s, sh.r, 2, (sh.s, sh.l), 132)
+    assert (dw2_plan.tile.block_m, dw2_plan.tile.block_n, dw2_plan.tile.num_warps) == (16, 64, 8)
+    g = g.clone()
+    g[31, 5] = math.nan
+    want_dw = ref.monarch_bwd_weight(_d(x), _d(g), _d(w1), _d(w2))
+    dx, dw1, dw2 = tmon.backward(x, g, w1, w2, n_in, g_layout="row_major")
+    assert_close(dx, ref.monarch_bwd_input(_d(g), _d(w1), _d(w2), n_in), dtype, "dx")
+    assert_close(dw1, want_dw[0], dtype, "dw1")
+    assert_close(dw2, want_dw[1], dtype, "dw2")
+
+
 def test_path_choice_and_validation():
     sh = mk.MonarchShape.from_factors((4, 5, 8), (4, 6, 5))
     with pytest.raises(ValueError, match="fused Monarch path needs"):
