@@ -165,10 +165,9 @@ def wgrad_tile(nblocks: int, q: int, p: int, group: int) -> Tile:
 
     block_m, block_n = min(((m, n) for m in sides_of(q) for n in sides_of(p) if fits(m, n)),
                            key=lambda mn: (cdiv(q, mn[0]) * cdiv(p, mn[1]) * (mn[0] + mn[1]), -mn[1]))
-    wide = group > 1 and group * block_m * block_n * 4 > ACC_BYTES
     # interleaved groups also hold a gathered token tile and one input tile per block: half the token step
-    return Tile(block_m, block_n, 64 if group == 1 else 32, group,
-                8 if wide else _warps(group * block_m * block_n), 3)
+    # (the widest tiles, 8192 accumulators, get the 8 warps they need)
+    return Tile(block_m, block_n, 64 if group == 1 else 32, group, _warps(group * block_m * block_n), 3)
 
 
 def dxw_tile(q: int, p: int) -> Tile:
