@@ -37,6 +37,10 @@ ONE_LAUNCH = True
 LIVE_BYTES = 96 * 1024
 DOT_BYTES = 32 * 1024
 ACC_BYTES = 16 * 1024
+#: a 16-bit program with one block (no interleaved results, one K loop) of whole 16-byte vectors may hold a
+#: 128 x 128 fp32 accumulator: 110-179 registers (a GELU epilogue and a token-major input: 162; triton 3.9 and
+#: 3.6, kernel audit)
+SINGLE_DOT_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -116,8 +120,14 @@ def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int
     epilogue, or a gathered input unless it is 16-bit with a token-major output) takes a third off the budget.
     """
     block_k = side(k, 64)
+    # one block per program (16-bit, blocks of whole 16-byte vectors: unaligned ones load element by element
+    # and need the registers, 56 B spilled at 128 x 128 for 250/750-wide blocks)
+    single = group == 1 and not acc_fp32 and itemsize == 2 and n % 8 == 0 and k % 8 == 0
+
     def fits(block_m: int, block_n: int) -> bool:
         acc = block_m * block_n * 4
+        if single:
+            return acc <= SINGLE_DOT_BYTES
         if acc > DOT_BYTES:
             return False
         if acc_fp32:
@@ -132,10 +142,14 @@ def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int
         return block_m
 
     # L2 traffic per token ∝ input re-reads (one per N tile) + weight re-reads (one per row tile): n / block_m;
-    # on a tie the taller tile (a warpgroup MMA takes 64 rows; 32 x 64 with 8 blocks spilled at 4 warps)
+    # on a tie the taller tile (a warpgroup MMA takes 64 rows; 32 x 64 with 8 blocks spilled at 4 warps). One
+    # block per program may pad its columns by up to a third where that saves re-reads (192 -> two 128-wide
+    # tiles: the input read twice, not three times; the kernels stay memory-bound at these widths)
     widest = side(n, 128)
-    block_n = min((b for b in (widest, widest // 2, widest // 4) if b >= 16),
-                  key=lambda b: (cdiv(n, b) + n / rows_for(b), -rows_for(b), -b))
+    options = {b for b in (widest, widest // 2, widest // 4) if b >= 16}
+    if single:
+        options |= {b for b in (16, 32, 64, 128) if cdiv(n, b) * b * 3 <= n * 4}
+    block_n = min(options, key=lambda b: (cdiv(n, b) + n / rows_for(b), -rows_for(b), -b))
     block_m = _rows(tokens, rows_for(block_n))
     if block_m < 32 and group > 1:  # few tokens: 16 rows x 64 x 8 interleaved blocks spilled 16 B (kernel audit)
         block_n = min(block_n, 32)

@@ -44,6 +44,27 @@ def test_natural_block_diagonal_launch_hand_computed():
     assert k.l2_bytes == k.hbm_bytes
 
 
+def test_single_block_programs_take_wide_padded_tiles():
+    """One block per program, 16-bit: a 128 x 128 fp32 accumulator fits (SINGLE_DOT_BYTES), and a 192-wide block
+    is covered by two 128-wide tiles (a third padded) rather than three 64-wide ones, because the input is then
+    read twice instead of three times: GPT-2 fc2's stage 1 (4 blocks 768 -> 192, token-major P1 store). fp32
+    and interleaved groups keep their budgets and the 1/8 padding rule."""
+    T, k, q, p = 16384, 4, 192, 768
+    lp = plan.bd_launch(T, k, q, p, 2, None, (k, q), out_token_major=True)
+    assert lp.tile.group == 1 and (lp.tile.block_m, lp.tile.block_n) == (128, 128)
+    kern = cm.bd_cost("stage 1", T, k, q, p, "bfloat16", DEV, out_perm=(k, q), y_token_major=True)
+    x_once, w = T * k * p * 2, k * q * p * 2
+    assert kern.flops == 2 * T * k * 256 * p  # 192 padded to 256
+    assert kern.l2_bytes == x_once * 2 + (T // 128) * w + T * k * q * 2
+    fp32 = plan.bd_launch(T, k, q, p, 4, None, (k, q), out_token_major=True)
+    assert fp32.tile.block_n == 64 and fp32.tile.block_m * fp32.tile.block_n * 4 <= plan.DOT_BYTES
+    grouped = plan.bd_launch(T, 4, 768, 192, 2, None, (768, 4))  # fc1's stage 2: P2 interleaves 4 blocks
+    assert grouped.tile.group == 4 and grouped.tile.block_n == 64
+    # padding up to a third: 96 in one 128-wide tile; 80 (128 would pad 60%) in three 32-wide ones
+    assert plan.bd_launch(T, k, 96, p, 2, None, (k, 96), out_token_major=True).tile.block_n == 128
+    assert plan.bd_launch(T, k, 80, p, 2, None, (k, 80), out_token_major=True).tile.block_n == 32
+
+
 def test_scattered_store_costs_a_sector_per_element():
     """w (4, 5, 8) written through P1 = view-transpose (4, 5): 5 rows per block do not align with 4 -> the
     scattered layout, one 32-byte sector per 2-byte element, in HBM and L2."""

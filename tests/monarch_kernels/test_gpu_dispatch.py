@@ -61,11 +61,11 @@ def test_auto_never_takes_the_interpreter():
 
 
 def test_training_calls_are_priced_by_forward_and_backward():
-    """2048 wide with 4 blocks of 512 at 2048 tokens: the torch reference is predicted to win the forward (one
+    """2048 wide with 4 blocks of 512 at 8192 tokens: the torch reference is predicted to win the forward (one
     ``bmm`` per stage against Triton's tiles, capped by four interleaved blocks) but to lose the training step
     (Triton's backward runs its block GEMMs as cuBLAS ``bmm`` on strided views, without the reference's
     permutation copies); ``auto`` follows the call's kind."""
-    dims = (2048, 2048, 2048, 512)
+    dims = (8192, 2048, 2048, 512)
     assert not gd.prefers("triton", "monarch", torch.bfloat16, dims)
     assert gd.prefers("triton", "monarch", torch.bfloat16, dims, training=True)
     assert gd.predicted_seconds("triton", "monarch", "bfloat16", dims, True) > gd.predicted_seconds(

@@ -753,6 +753,24 @@ def test_backward_on_the_widest_half_precision_tiles(dtype):
     assert_close(dw2, want_dw[1], dtype, "dw2")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_padded_wide_single_block_tiles(dtype):
+    """Stage 1 with 192-wide blocks written token-major takes 128 x 128 tiles (192 padded to 256: the padded
+    columns must be neither stored nor mixed in), as GPT-2's 4-block layers do: forward with bias and GELU and
+    the backward against the float64 reference per element, over a ragged 200 tokens."""
+    s1, s2 = (4, 192, 24), (4, 40, 192)
+    sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 200, dtype, ragged=True, seed=17)
+    lp = plan.bd_launch(200, sh.k, sh.q, sh.p, 2, None, (sh.l, sh.r), out_token_major=True)
+    assert (lp.tile.block_m, lp.tile.block_n, lp.tile.group) == (128, 128, 1)
+    assert_close(tmon.forward(x, w1, w2, b, n_out, "gelu", path="two_kernel"),
+                 ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), n_out, "gelu"), dtype, "forward")
+    want_dw = ref.monarch_bwd_weight(_d(x), _d(g), _d(w1), _d(w2))
+    dx, dw1, dw2 = tmon.backward(x, g, w1, w2, n_in, g_layout="row_major", dxw="separate")
+    assert_close(dx, ref.monarch_bwd_input(_d(g), _d(w1), _d(w2), n_in), dtype, "dx")
+    assert_close(dw1, want_dw[0], dtype, "dw1")
+    assert_close(dw2, want_dw[1], dtype, "dw2")
+
+
 def test_path_choice_and_validation():
     sh = mk.MonarchShape.from_factors((4, 5, 8), (4, 6, 5))
     with pytest.raises(ValueError, match="fused Monarch path needs"):
