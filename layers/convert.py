@@ -490,10 +490,11 @@ def densify(model: nn.Module) -> list[str]:
             if structured.activation == "none":
                 _replace(model, path, dense)
                 continue
-            placeholder = _next_sibling(model, path)
+            nxt = _next_sibling_path(model, path)
+            placeholder = model.get_submodule(nxt) if nxt is not None else None
             if isinstance(placeholder, FusedActivation):  # put back what fuse_activations folded
                 _replace(model, path, dense)
-                _replace(model, _next_sibling_path(model, path), placeholder.activation)
+                _replace(model, nxt, placeholder.activation)
             else:
                 _replace(model, path, nn.Sequential(dense, activations.module(structured.activation)))
     config = getattr(model, "config", None)
@@ -559,13 +560,8 @@ def fuse_activations(model: nn.Module) -> list[str]:
     return fused
 
 
-def _next_sibling(model: nn.Module, path: str) -> Optional[nn.Module]:
-    """The module after ``path`` in its parent, when the parent is an ``nn.Sequential``."""
-    nxt = _next_sibling_path(model, path)
-    return model.get_submodule(nxt) if nxt is not None else None
-
-
 def _next_sibling_path(model: nn.Module, path: str) -> Optional[str]:
+    """The path of the module after ``path`` in its parent, when the parent is an ``nn.Sequential``."""
     parent_name, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if not isinstance(parent, nn.Sequential):
