@@ -11,8 +11,9 @@ plus the launch gap — except that its two stages are ordered by a grid-wide ba
   loads (weights up to ``PREFETCH_SHARE`` of L2, as the kernel decides), so stage 1's bytes stream first and the
   barrier (``GRID_SYNC_S``) resolves while stage 2's bytes stream: the launch takes the longer of all its bytes
   and of stage 1's bytes plus the barrier, then one L2 latency for stage 2's first (prefetched) bytes;
-* stage-2 weights too large to prefetch are read after the barrier: stage 1's bytes, the barrier, one DRAM
-  latency and stage 2's bytes in series.
+* of a stage-2 factor larger than that share, the kernel prefetches the first part of every task (the share
+  of L2 over the factor's bytes); the rest is read after the barrier: stage 1's bytes, the barrier, one DRAM
+  latency and the rest's bytes in series, beside the stream of all bytes.
 
 Bytes: both factors once at 32-byte-sector granularity, the input and output once; L2 also carries the
 ``T × N`` scratch (written and read once) and each task's staged input rows. FLOPs executed: token rows padded
@@ -31,7 +32,7 @@ from . import cost_model as cm
 
 #: grid-wide barrier of a cooperative launch, DRAM and L2 first-byte latency (s; typical H100 figures, assumed)
 GRID_SYNC_S, DRAM_LATENCY_S, L2_LATENCY_S = 1.0e-6, 0.8e-6, 0.3e-6
-#: share of L2 the stage-2 prefetch may fill (decode.cu: Launch::plan)
+#: share of L2 the stage-2 prefetch may fill (decode.cu: Launch::plan; a larger factor is prefetched in part)
 PREFETCH_SHARE = 0.6
 #: most tokens per dtype, and the widest block whose staged rows fit the H100's 227 KiB of shared memory
 MAX_TOKENS = {"bfloat16": 64, "float16": 64, "float32": 16}
@@ -95,10 +96,11 @@ def _launch(name: str, tokens: int, n_in: int, n_out: int, stages: list, dtype: 
     critical = latency = 0.0
     if len(stages) == 2:
         first = _stream_s(weights[0] + x_bytes, dev) + GRID_SYNC_S
-        if weights[1] <= PREFETCH_SHARE * dev.l2_bytes:  # streamed during the barrier, read from L2 after it
+        share = min(1.0, PREFETCH_SHARE * dev.l2_bytes / weights[1])
+        if share == 1.0:  # streamed during the barrier, read from L2 after it
             critical, latency = first, L2_LATENCY_S
-        else:  # read after the barrier, from DRAM
-            critical = first + DRAM_LATENCY_S + _stream_s(weights[1] + y_bytes, dev)
+        else:  # the part not prefetched is read after the barrier, from DRAM
+            critical = first + DRAM_LATENCY_S + _stream_s((1.0 - share) * weights[1] + y_bytes, dev)
     return CooperativeKernel(name, executed, useful, sum(weights) + io, sum(weights) + io + scratch + staged, rate,
                              dev.mem_eff, critical, latency)
 

@@ -22,7 +22,7 @@
 // * each thread prefetches its share of the stage-2 weight rows its CTA will read into L2 (evict-last) right
 //   after issuing its last stage-1 weight loads: the memory system streams stage 1's weights first, so the
 //   grid barrier waits for those alone, and stage 2's weights arrive while the barrier resolves (no second
-//   DRAM round trip after it).
+//   DRAM round trip after it). A factor past 60% of L2 is prefetched in part: the first part of every task.
 //
 // Index arithmetic is 32-bit inside a block (decode_supported() checks the ranges); per-token row offsets
 // are 64-bit. No 64-bit division anywhere on the device.
@@ -60,7 +60,7 @@ struct StageParams {
 struct Params {
   StageParams st[2];
   int nstages, tokens;
-  bool prefetch;  // prefetch stage 2's weights into L2 at the end of stage 1
+  int prefetch_share;  // share of each stage-2 task's weights prefetched into L2 at the end of stage 1, in 1/1024
   int xs_bytes;   // offset of the partial-sum buffer in dynamic shared memory
 };
 
@@ -497,13 +497,15 @@ __host__ __device__ __forceinline__ int token_rows(int tokens) {
   return Tile::kMma ? (tokens + 15) / 16 * 16 : Tile::kTok;
 }
 
-// Prefetches into L2 this thread's share of the weights its CTA will read in the next stage: once, on the first
+// Prefetches into L2 this thread's share of the weights its CTA will read in the next stage (the first `share`
+// / 1024 of each task's rows or columns: all of them when the factor fits the L2 budget): once, on the first
 // call that is `armed` (the CTA's last task of the stage) and at a warp's `last_group` of weight loads, so the
 // stage's own weights are requested first; nothing when `next` is null. One hook type for both stages, so each
 // stage loop is compiled once.
 template <class Tile, typename T>
 struct L2Prefetch {
   const StageParams* next;
+  int share;
   bool armed;
   __device__ void operator()(bool last_group = true) {
     if (next == nullptr || !armed || !last_group) return;
@@ -531,7 +533,13 @@ struct L2Prefetch {
       }
       // 128-byte lines; one more covers a misaligned start. Counts stay below 2^31 (weights < 2^31 elements),
       // so the per-line division is 32-bit.
-      const int lines = static_cast<int>(seg_bytes / 128) + 2, total = static_cast<int>(nseg) * lines;
+      int lines = static_cast<int>(seg_bytes / 128) + 2, segs = static_cast<int>(nseg);
+      if (segs == 1) {
+        lines = (lines * share + 1023) >> 10;  // the first part of the range
+      } else {
+        segs = (segs * share + 1023) >> 10;  // the first rows
+      }
+      const int total = segs * lines;
       for (int i = threadIdx.x; i < total; i += kThreads) {
         const int seg = i / lines, l = i - seg * lines;
         prefetch_l2(base + seg * stride + min(static_cast<int64_t>(l) * 128, seg_bytes - 1));
@@ -577,7 +585,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
   extern __shared__ __align__(16) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);
   float* red = reinterpret_cast<float*>(smem + P.xs_bytes);
-  L2Prefetch<Tile, T> prefetch{P.nstages == 2 && P.prefetch ? &P.st[1] : nullptr, false};
+  L2Prefetch<Tile, T> prefetch{P.nstages == 2 && P.prefetch_share > 0 ? &P.st[1] : nullptr, P.prefetch_share, false};
   run_stage<Tile, T>(P.st[0], P.tokens, xs, red, prefetch);
   if (P.nstages == 2) {
     prefetch.armed = true;
@@ -712,7 +720,8 @@ struct Launch {
     }
     ctas = std::min(slots, most);
     const int64_t next_bytes = nstages == 2 ? st[1].nblk * st[1].rows * st[1].cols * static_cast<int64_t>(sizeof(T)) : 0;
-    P.prefetch = nstages == 2 && next_bytes <= static_cast<int64_t>(dev.l2_bytes) * 3 / 5;
+    const int64_t budget = static_cast<int64_t>(dev.l2_bytes) * 3 / 5;  // what stage 2 may keep in L2
+    P.prefetch_share = nstages < 2 ? 0 : next_bytes <= budget ? 1024 : static_cast<int>(budget * 1024 / next_bytes);
     return true;
   }
 

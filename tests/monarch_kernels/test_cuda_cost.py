@@ -49,16 +49,28 @@ def test_ragged_rows_cost_whole_sectors_and_dx_has_the_forward_bytes():
     assert dx.hbm_bytes == kern.hbm_bytes and dx.name.endswith("dX")
 
 
-def test_stage2_weights_past_l2_are_read_after_the_barrier():
+def test_stage2_weights_past_l2_are_prefetched_in_part():
+    """A second factor past 60% of L2 is prefetched in part (that share of its bytes); the rest is read after
+    the barrier, in series with stage 1 and one DRAM latency. The prefetched part (30 MB) streams for longer
+    than the barrier and the latency take, so the stream of all bytes stays the longer path: 256 MiB factors
+    (12% prefetched) and 8192 with 4 blocks (33.5 MB, 94%)."""
     dev = cm.H100_SXM
     small = cc.decode_kernel(cm.Problem.linear(1, 4096, 4096, 4), "bfloat16", dev)
-    big = cc.decode_kernel(cm.Problem.linear(1, 16384, 16384, 2), "bfloat16", dev)  # 256 MiB factors
     assert small.latency_s == cc.L2_LATENCY_S
+    big = cc.decode_kernel(cm.Problem.linear(1, 16384, 16384, 2), "bfloat16", dev)  # 256 MiB factors
     w = 2 * 8192 * 8192 * 2  # one factor
-    stage1, stage2 = (w + 16384 * 2) / (dev.hbm_bw * dev.mem_eff), (w + 16384 * 2) / (dev.hbm_bw * dev.mem_eff)
+    share = cc.PREFETCH_SHARE * dev.l2_bytes / w
+    bw = dev.hbm_bw * dev.mem_eff
+    stage1, rest = (w + 16384 * 2) / bw, ((1 - share) * w + 16384 * 2) / bw
     assert big.latency_s == 0
-    assert big.critical_s == pytest.approx(stage1 + cc.GRID_SYNC_S + cc.DRAM_LATENCY_S + stage2, rel=1e-9)
-    assert big.time(dev) == pytest.approx(dev.launch_s + big.critical_s, rel=1e-9)
+    assert big.critical_s == pytest.approx(stage1 + cc.GRID_SYNC_S + cc.DRAM_LATENCY_S + rest, rel=1e-9)
+    assert big.time(dev) == pytest.approx(dev.launch_s + (2 * w + 2 * 16384 * 2) / bw, rel=1e-9)
+    assert big.critical_s < big.time(dev) - dev.launch_s
+    mid = cc.decode_kernel(cm.Problem.linear(1, 8192, 8192, 4), "bfloat16", dev)
+    w = 4 * 2048 * 2048 * 2
+    stream = (2 * w + 2 * 8192 * 2) / bw
+    assert 0.9 < cc.PREFETCH_SHARE * dev.l2_bytes / w < 1 and mid.critical_s < stream
+    assert mid.time(dev) == pytest.approx(dev.launch_s + stream, rel=1e-9)
 
 
 def test_outside_the_decode_kernels_nothing_is_priced():
