@@ -104,7 +104,7 @@ def test_fuse_activations_keeps_the_map_and_the_keys_and_densify_restores_the_mo
     x = torch.randn(9, 32)
     before, keys = model(x), list(model.state_dict())
     fused = fuse_activations(model)
-    assert fused == ["0", "3", "2.0"] or sorted(fused) == ["0", "2.0", "3"]
+    assert sorted(fused) == ["0", "2.0", "3"]
     assert [model[0].activation, model[2][0].activation, model[3].activation] == ["gelu", "relu", "gelu_tanh"]
     assert isinstance(model[1], FusedActivation) and isinstance(model[4], FusedActivation)
     assert type(model[5]) is nn.ReLU and model[6].activation == "none"  # nothing to fold into
