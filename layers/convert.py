@@ -15,8 +15,9 @@ Which layers ``monarchify`` converts (module paths and patterns: :mod:`monarch_k
      ``nn.MultiheadAttention.out_proj`` and, on its inference fast path, ``nn.TransformerEncoderLayer.linear1``):
      found by reading the source of the parent's classes (torch's and transformers' base classes excepted).
 
-:func:`fuse_activations` then folds the ``nn.ReLU``/``nn.GELU`` that follow converted layers in ``nn.Sequential``
-containers into the layers (their kernels apply it in the epilogue).
+:func:`fuse_activations` then folds the activation modules applied directly to converted layers' outputs (in
+``nn.Sequential`` order or a traceable ``forward``'s dataflow) into the layers (their kernels apply it in the
+epilogue).
 
 Every matched layer that is not converted is listed with its reason in the returned :class:`Conversion`
 (``.skipped``); unsafe skips are also reported with a ``UserWarning``. A pattern that matches no dense layer,
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
+import torch.fx
 from torch import nn
 
 from monarch_kernels import activations, monarch_factor_shapes
@@ -470,7 +472,8 @@ def densify(model: nn.Module) -> list[str]:
     ``Conv1D`` with its weight stored transposed again), so that a densified Hugging Face model saves and loads
     as the original architecture. Removes the layers from ``config.monarch``. A layer with an ``activation``
     becomes the dense module followed by the activation's module: back in its old slot where
-    :func:`fuse_activations` folded it (a :class:`FusedActivation` there), else as ``nn.Sequential(dense, act)``.
+    :func:`fuse_activations` folded it (the :class:`FusedActivation` beside it), else as
+    ``nn.Sequential(dense, act)``.
 
     Args:
         model: the model (modified in place).
@@ -490,11 +493,10 @@ def densify(model: nn.Module) -> list[str]:
             if structured.activation == "none":
                 _replace(model, path, dense)
                 continue
-            nxt = _next_sibling_path(model, path)
-            placeholder = model.get_submodule(nxt) if nxt is not None else None
-            if isinstance(placeholder, FusedActivation):  # put back what fuse_activations folded
+            slot = _folded_slot(model, path)
+            if slot is not None:  # put back what fuse_activations folded
                 _replace(model, path, dense)
-                _replace(model, nxt, placeholder.activation)
+                _replace(model, slot, model.get_submodule(slot).activation)
             else:
                 _replace(model, path, nn.Sequential(dense, activations.module(structured.activation)))
     config = getattr(model, "config", None)
@@ -510,29 +512,85 @@ def densify(model: nn.Module) -> list[str]:
 
 class FusedActivation(nn.Identity):
     """What :func:`fuse_activations` leaves where it folded an activation module into the structured layer
-    before it: an identity that keeps the original module, so that :func:`densify` can put it back (and the
-    container's indices and state-dict keys stay as they were).
+    beside it: an identity that keeps the original module, so that :func:`densify` can put it back (and the
+    parent's attributes, indices and state-dict keys stay as they were).
 
     Args:
         activation: the activation module that was folded (kept as the child ``activation``).
+        into: the attribute name, in the same parent, of the layer that now applies it.
     """
 
-    def __init__(self, activation: nn.Module):
+    def __init__(self, activation: nn.Module, into: str):
         super().__init__()
         self.activation = activation
+        self.into = into
+
+    def extra_repr(self) -> str:
+        return f"into={self.into!r}"
+
+
+#: Hugging Face ``transformers.activations`` classes a kernel epilogue computes, by class name
+_HF_ACTIVATIONS = {"NewGELUActivation": "gelu_tanh", "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh"}
+
+
+def _activation_kind(module: nn.Module) -> Optional[str]:
+    """The fused activation ``module`` computes: ``nn.ReLU``, ``nn.GELU`` (exactly those classes), Hugging Face's
+    tanh GELUs and its erf ``GELUActivation`` (when it calls ``F.gelu``), else ``None``."""
+    kind = activations.of_module(module)
+    if kind is not None or not type(module).__module__.startswith("transformers."):
+        return kind
+    name = type(module).__name__
+    if name == "GELUActivation" and getattr(module, "act", None) is torch.nn.functional.gelu:
+        return "gelu"
+    return _HF_ACTIVATIONS.get(name)
+
+
+class _ChildCalls(torch.fx.Tracer):
+    """Traces a module's own ``forward`` only: every child module is one ``call_module`` node."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _layer_then_activation(parent: nn.Module) -> list[tuple[str, str]]:
+    """``(layer, activation)`` child names of ``parent`` where the structured layer's output feeds only that
+    activation module, both called once in the parent's ``forward`` (``nn.Sequential`` order, or the dataflow of
+    a ``forward`` that ``torch.fx`` can trace; none for one it cannot)."""
+    children = parent._modules
+    if not any(isinstance(m, StructuredLinear) for m in children.values()):
+        return []
+    if isinstance(parent, nn.Sequential):
+        keys = list(children)
+        return list(zip(keys, keys[1:]))
+    try:
+        graph = _ChildCalls().trace(parent)
+    except Exception:  # control flow on values, unsupported calls: nothing proven, nothing fused
+        return []
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+    count = {t: sum(1 for n in calls if n.target == t) for t in {n.target for n in calls}}
+    pairs = []
+    for node in calls:
+        users = list(node.users)
+        if (node.target in children and count[node.target] == 1 and len(users) == 1
+                and users[0].op == "call_module" and users[0].target in children and count[users[0].target] == 1
+                and users[0].args == (node,) and not users[0].kwargs):
+            pairs.append((node.target, users[0].target))
+    return pairs
 
 
 def fuse_activations(model: nn.Module) -> list[str]:
-    """Fold, in place, each ``nn.ReLU`` / ``nn.GELU`` (either approximation; exactly these classes) that directly
-    follows a ``MonarchLinear``/``BlockdiagLinear`` in an ``nn.Sequential`` into that layer's ``activation``:
-    the kernels then apply it in their epilogue (one pass instead of two over the output, and the backward's
-    fused paths) and the activation's slot holds a :class:`FusedActivation` (an identity). The map computed
-    is unchanged. Only ``nn.Sequential`` order says that an activation is applied to a layer's output, so
-    activations called from a custom ``forward`` (e.g. Hugging Face GPT-2's MLP) are left alone. Skipped:
-    layers that already have an activation and layers reachable under more than one path (their other uses
-    would change). Forward hooks on a folded activation module no longer run. The fusion is not recorded in
-    ``config.monarch``: a model rebuilt from a checkpoint (:func:`restructure`) runs the activation module
-    again, computing the same map. :func:`densify` undoes it.
+    """Fold, in place, each activation module applied directly to a ``MonarchLinear``/``BlockdiagLinear``'s
+    output into that layer's ``activation``: the kernels then apply it in their epilogue (one pass instead of two
+    over the output, and the backward's fused paths) and the activation's slot holds a :class:`FusedActivation`
+    (an identity). Which pairs: a structured layer and the next module of an ``nn.Sequential``, or, in any
+    other parent, a layer whose output feeds only one activation module, both called once in the parent's
+    ``forward``, as ``torch.fx`` traces it (e.g. Hugging Face GPT-2's MLP: ``act(c_fc(h))``; a ``forward`` that
+    cannot be traced is left alone). Activations: ``nn.ReLU``, ``nn.GELU`` (exactly these classes), Hugging
+    Face's ``GELUActivation`` and tanh GELUs (``gelu_new``). The map is the same up to rounding (the epilogue
+    computes in fp32). Skipped: layers that already have an activation and layers reachable under more than one
+    path (their other uses would change). Forward hooks on a folded activation module no longer run. The
+    fusion is not recorded in ``config.monarch``: a model rebuilt from a checkpoint (:func:`restructure`) runs
+    the activation module again. :func:`densify` undoes it.
 
     Args:
         model: the model (modified in place).
@@ -544,33 +602,27 @@ def fuse_activations(model: nn.Module) -> list[str]:
         raise TypeError(f"fuse_activations: model must be an nn.Module, got {type(model).__name__}")
     paths = _all_paths(model)
     fused = []
-    for name, seq in list(model.named_modules()):
-        if not isinstance(seq, nn.Sequential):
-            continue
-        keys = list(seq._modules)
-        for key, nxt in zip(keys, keys[1:]):
-            layer, act = seq._modules[key], seq._modules[nxt]
-            kind = activations.of_module(act) if act is not None else None
+    for name, parent in list(model.named_modules()):
+        for layer_name, act_name in _layer_then_activation(parent):
+            layer, act = parent._modules[layer_name], parent._modules[act_name]
+            kind = _activation_kind(act) if act is not None else None
             if (kind is None or not isinstance(layer, StructuredLinear) or layer.activation != "none"
                     or len(paths[id(layer)]) > 1):
                 continue
             layer.activation = kind
-            setattr(seq, nxt, FusedActivation(act))
-            fused.append(f"{name}.{key}" if name else key)
+            setattr(parent, act_name, FusedActivation(act, layer_name))
+            fused.append(f"{name}.{layer_name}" if name else layer_name)
     return fused
 
 
-def _next_sibling_path(model: nn.Module, path: str) -> Optional[str]:
-    """The path of the module after ``path`` in its parent, when the parent is an ``nn.Sequential``."""
+def _folded_slot(model: nn.Module, path: str) -> Optional[str]:
+    """The path of the :class:`FusedActivation` that :func:`fuse_activations` left for the layer at ``path``."""
     parent_name, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    if not isinstance(parent, nn.Sequential):
-        return None
-    keys = list(parent._modules)
-    i = keys.index(child)
-    if i + 1 >= len(keys):
-        return None
-    return f"{parent_name}.{keys[i + 1]}" if parent_name else keys[i + 1]
+    for key, module in parent._modules.items():
+        if isinstance(module, FusedActivation) and module.into == child:
+            return f"{parent_name}.{key}" if parent_name else key
+    return None
 
 
 def from_fly_state_dict(state_dict: dict) -> dict:

@@ -118,27 +118,70 @@ def test_fuse_activations_keeps_the_map_and_the_keys_and_densify_restores_the_mo
     assert rel_err(model(x), before) < 1e-5
 
 
-def test_fuse_activations_leaves_shared_layers_custom_forwards_and_subclasses_alone():
+def test_fuse_activations_follows_the_dataflow_of_custom_forwards():
+    """A custom ``forward`` that applies the activation to the layer's output alone is fused (torch.fx trace of
+    the parent); a residual use of the layer's output, a layer shared by two paths, an ``nn.GELU`` subclass and
+    an untraceable ``forward`` are left alone; densify restores the activations."""
     class GeluSubclass(nn.GELU):
         pass
 
     class Block(nn.Module):  # the order lives in forward, not in the module tree
         def __init__(self):
             super().__init__()
-            self.fc, self.act = MonarchLinear(16, 16, nblocks=4), nn.GELU()
+            self.fc, self.act = MonarchLinear(16, 16, nblocks=4), nn.GELU(approximate="tanh")
 
         def forward(self, x):
             return self.act(self.fc(x))
 
+    class Residual(Block):
+        def forward(self, x):
+            h = self.fc(x)
+            return self.act(h) + h  # the pre-activation is used again: no fusion
+
+    class Branchy(Block):
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on values: fx cannot trace it
+                return self.act(self.fc(x))
+            return self.fc(x)
+
     shared = MonarchLinear(16, 16, nblocks=4)
-    model = nn.Sequential(shared, nn.ReLU(), shared, MonarchLinear(16, 16, nblocks=4), GeluSubclass(), Block())
+    model = nn.Sequential(shared, nn.ReLU(), shared, MonarchLinear(16, 16, nblocks=4), GeluSubclass(), Block(),
+                          Residual(), Branchy())
     x = torch.randn(4, 16)
     before = model(x)
-    assert fuse_activations(model) == []
-    assert shared.activation == "none" and type(model[1]) is nn.ReLU and model[5].fc.activation == "none"
-    assert torch.equal(model(x), before)
+    assert fuse_activations(model) == ["5.fc"]
+    assert model[5].fc.activation == "gelu_tanh" and isinstance(model[5].act, FusedActivation)
+    assert model[5].act.into == "fc" and "into='fc'" in repr(model[5].act)
+    assert shared.activation == "none" and type(model[1]) is nn.ReLU and type(model[4]) is GeluSubclass
+    assert model[6].fc.activation == "none" and model[7].fc.activation == "none"
+    assert rel_err(model(x), before) < 1e-6
+    densify(model)
+    assert type(model[5].act) is nn.GELU and model[5].act.approximate == "tanh" and type(model[5].fc) is nn.Linear
+    assert rel_err(model(x), before) < 1e-5
     with pytest.raises(TypeError, match="model"):
         fuse_activations("not a model")
+
+
+def test_fuse_activations_in_hugging_face_gpt2():
+    """GPT-2's MLP (``act(c_fc(h))`` in its forward, ``gelu_new`` = the tanh GELU): after monarchify, each
+    ``c_fc`` takes the activation; the logits and the state-dict keys do not change; densify gives back
+    ``Conv1D`` and ``NewGELUActivation``."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(4)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    monarchify(model, nblocks=4, include=["**.mlp.*"])
+    ids = torch.randint(0, 64, (2, 10))
+    before, keys = model(ids).logits, list(model.state_dict())
+    assert fuse_activations(model) == ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]
+    assert model.transformer.h[0].mlp.c_fc.activation == "gelu_tanh"
+    assert list(model.state_dict()) == keys
+    assert rel_err(model(ids).logits, before) < 1e-5
+    densify(model)
+    mlp = model.transformer.h[1].mlp
+    assert type(mlp.act).__name__ == "NewGELUActivation" and type(mlp.c_fc).__name__ == "Conv1D"
+    assert rel_err(model(ids).logits, before) < 1e-5
 
 
 def test_densify_of_a_layer_built_with_an_activation():
