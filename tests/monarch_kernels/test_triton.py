@@ -570,14 +570,18 @@ def test_intermediates_are_token_major():
     assert seen == [(False, True), (True, False), (False, True), (False, True)]
 
 
-def test_forward_saving_keeps_the_intermediate_across_chunks(monkeypatch):
+@pytest.mark.parametrize("schedule", ["chain", "pair", "unpaired"])
+def test_forward_saving_keeps_the_intermediate_across_chunks(monkeypatch, schedule):
     """``forward_saving`` on the two-kernel path with a small L2 (128-token chunks, 300 tokens: three chunks,
-    the last ragged): the same output as ``forward``, the whole token-major intermediate (equal to a
+    the last ragged), under each forward schedule (one chained launch, paired launches, two launches per
+    chunk): the same output as ``forward``, the whole token-major intermediate (equal to a
     recomputed one) and the pre-activation (stage 2 without the activation); without an activation no
     pre-activation, and on the fused square path nothing is kept. ``backward_epilogue`` with what was kept
     (every want_dx / want_dw combination, GELU and bias) matches the float64 reference and recomputes no
     stage 1 and no stage 2."""
     monkeypatch.setattr(_common, "device_info", lambda device: plan.DeviceInfo(num_sms=4, l2_bytes=64 * 1024))
+    monkeypatch.setattr(plan, "PAIR_STAGES", schedule != "unpaired")
+    monkeypatch.setattr(plan, "ONE_LAUNCH", schedule == "chain")
     s1, s2 = SHAPES["grouped C=1 runs, ragged p"]
     sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 300, torch.float32, seed=4)
     assert plan.chunk_tokens(300, sh.n_mid, 4, 64 * 1024, 128) == 128
