@@ -1,0 +1,270 @@
+"""Where the GPU time goes, for one short device call after ``bench/gpu_check.sh`` measured a gap to the model.
+
+``python3 -m bench.gpu_profile --out DIR`` (``bash bench/gpu_profile.sh`` on a lent GPU) prints, row by row
+(and appends to ``DIR/gpu_profile.jsonl``):
+
+* ``host``: microseconds of host time per call (``N`` calls back to back at 16 tokens, where the device work is
+  a few µs, then one synchronise): the Python dispatch, planning and launch cost that every call pays;
+* ``kernels``: per-kernel device time from ``torch.profiler`` (CUDA activity) for the main forward and
+  backward paths, so that a slow path is split into its kernels and host gaps (wall time per call beside the
+  summed kernel time);
+* ``sweep``: the block-diagonal kernel alone (``bd_forward``) at 65536 tokens of 4096 features, 64 blocks —
+  plain and with a permuted (grouped) output — over row tiles, warps and pipeline depths, timed with CUDA
+  events over back-to-back launches (each launch moves ≥ 1 GB, far above any host cost), as achieved GB/s of
+  its compulsory bytes next to the plan's own tile.
+
+``--ncu-target`` runs only a few launches of the plan's stage-1 and fused kernels (for ``ncu``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import monarch_kernels as mk
+
+#: ``--smoke``: tiny shapes on the CPU through the Triton interpreter (tests the script, not the numbers)
+SMOKE = False
+
+
+def device() -> str:
+    return "cpu" if SMOKE else "cuda"
+
+
+def sync() -> None:
+    if not SMOKE:
+        sync()
+
+
+def size(full: int, small: int) -> int:
+    return small if SMOKE else full
+
+
+def emit(section: str, row: dict, path: str | None) -> None:
+    row = {"section": section, **row}
+    print(json.dumps(row), flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def rand(*shape, dtype=torch.bfloat16, scale=1.0):
+    return (torch.randn(*shape, device=device()) * scale).to(dtype)
+
+
+def factors(T, n_in, n_out, nb, dtype=torch.bfloat16):
+    sh = mk.monarch_factor_shapes(n_in, n_out, nb)
+    return rand(T, n_in, dtype=dtype), rand(*sh.w1_shape, dtype=dtype, scale=sh.p ** -0.5), \
+        rand(*sh.w2_shape, dtype=dtype, scale=sh.r ** -0.5)
+
+
+def host_us(fn: Callable[[], object], n: int = 200) -> float:
+    n = size(n, 3)
+    for _ in range(5):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def host_section(jsonl):
+    from monarch_kernels.triton import monarch as tmon
+
+    n = size(4096, 256)
+    x, w1, w2 = factors(16, n, n, 64 if not SMOKE else 16)
+    dense_w = rand(n, n)
+    cases = {"dense F.linear": lambda: F.linear(x, dense_w),
+             "triton tmon.forward (kernel module)": lambda: tmon.forward(x, w1, w2, None, n),
+             "triton mk.monarch_linear": lambda: mk.monarch_linear(x, w1, w2, backend="triton"),
+             "torch mk.monarch_linear": lambda: mk.monarch_linear(x, w1, w2, backend="torch"),
+             "auto mk.monarch_linear": lambda: mk.monarch_linear(x, w1, w2),
+             "cuda mk.monarch_linear": lambda: mk.monarch_linear(x, w1, w2, backend="cuda")}
+    if not SMOKE:  # the device time alone: the triton forward replayed from a CUDA graph
+        try:
+            fwd = cases["triton tmon.forward (kernel module)"]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fwd()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fwd()
+            cases["triton tmon.forward, CUDA graph replay"] = graph.replay
+        except Exception as e:  # noqa: BLE001
+            emit("host", {"case": "graph capture", "error": repr(e)[:300]}, jsonl)
+    for name, fn in cases.items():
+        try:
+            emit("host", {"case": name, "T": 16, "shape": f"{n}/{w1.shape[0]} bf16", "us_per_call": round(host_us(fn), 1)},
+                 jsonl)
+        except Exception as e:  # noqa: BLE001
+            emit("host", {"case": name, "error": repr(e)[:300]}, jsonl)
+
+
+def profile_kernels(name: str, fn: Callable[[], object], jsonl, reps: int = 5) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU if SMOKE else ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        sync()
+    wall = (time.perf_counter() - t0) / reps * 1e6
+    total = 0.0
+    rows = []
+    for ev in prof.key_averages():
+        dev = getattr(ev, "self_device_time_total", None)
+        if dev is None:
+            dev = ev.self_cuda_time_total
+        if dev <= 0:
+            continue
+        total += dev / reps
+        rows.append((dev / reps, ev.count / reps, ev.key))
+    emit("kernels", {"case": name, "wall_us_per_call": round(wall, 1), "device_us_per_call": round(total, 1)},
+         jsonl)
+    for dev, count, key in sorted(rows, reverse=True)[:8]:
+        emit("kernels", {"case": name, "kernel": key[:90], "calls": count, "us_per_call": round(dev, 1)}, jsonl)
+
+
+def kernels_section(jsonl):
+    from monarch_kernels.triton import monarch as tmon
+    from monarch_kernels.triton import plan
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def patched(**values):
+        saved = {k: getattr(plan, k) for k in values}
+        for k, v in values.items():
+            setattr(plan, k, v)
+        try:
+            yield
+        finally:
+            for k, v in saved.items():
+                setattr(plan, k, v)
+
+    T, n, nb = size(16384, 8), size(4096, 256), size(64, 16)
+    x, w1, w2 = factors(T, n, n, nb)
+    dense_w = rand(n, n)
+    g = rand(T, n)
+    cases = [
+        ("dense fwd 16384 4096", lambda: F.linear(x, dense_w), {}),
+        ("torch ref fwd 16384 4096/64", lambda: mk.monarch_linear(x, w1, w2, backend="torch"), {}),
+        ("triton fwd 16384 4096/64 (plan)", lambda: tmon.forward(x, w1, w2), {}),
+        ("triton fwd 16384 4096/64 unchunked", lambda: tmon.forward(x, w1, w2, path="two_kernel"),
+         dict(chunk_tokens=lambda tokens, *a: tokens)),
+        ("triton fwd 16384 4096/64 separate launches",
+         lambda: tmon.forward(x, w1, w2, path="two_kernel"), dict(ONE_LAUNCH=False)),
+        ("triton bwd 16384 4096/64", lambda: tmon.backward(x, g, w1, w2), {}),
+    ]
+    x2, v1, v2 = factors(T, size(1024, 64), size(1024, 64), size(32, 8))
+    cases.append(("triton fwd 16384 1024/32 (plan)", lambda: tmon.forward(x2, v1, v2), {}))
+    x3, u1, u2 = factors(T, size(768, 48), size(3072, 192), 4)
+    b3 = rand(u2.shape[0] * u2.shape[1])
+    cases.append(("triton fwd 16384 768->3072/4 bias+gelu",
+                  lambda: tmon.forward(x3, u1, u2, b3, activation="gelu_tanh"), {}))
+    cases.append(("torch ref fwd 16384 768->3072/4",
+                  lambda: mk.monarch_linear(x3, u1, u2, b3, activation="gelu_tanh", backend="torch"), {}))
+    for name, fn, plan_values in cases:
+        try:
+            with patched(**plan_values):
+                profile_kernels(name, fn, jsonl)
+        except Exception as e:  # noqa: BLE001
+            emit("kernels", {"case": name, "error": repr(e)[:300]}, jsonl)
+
+
+def sweep_section(jsonl):
+    from monarch_kernels.triton import blockdiag as tbd
+    from monarch_kernels.triton import plan
+
+    T, n, nb = size(65536, 16), size(4096, 256), size(64, 16)
+    x = rand(T, n)
+    w = rand(nb, n // nb, n // nb, scale=(n // nb) ** -0.5)
+    y = torch.empty(T, n, device=device(), dtype=torch.bfloat16)
+    nbytes = 2 * T * n * 2
+    real_tile = plan.bd_tile
+    for layout_name, kw in (("plain", {}), ("permuted out", dict(out_perm=(nb, n // nb)))):
+        chosen = plan.bd_launch(T, nb, n // nb, n // nb, 2, None, kw.get("out_perm")).tile
+        variants = [None] + [(bm, wp, st) for bm in (64, 128) for wp in (4, 8) for st in (2, 4)]
+        for v in variants:
+            def tile(*a, v=v, **k):
+                t = real_tile(*a, **k)
+                if v is None:
+                    return t
+                return plan.Tile(v[0], t.block_n, t.block_k, t.group, v[1], v[2])
+            plan.bd_tile = tile
+            try:
+                fn = lambda: tbd.bd_forward(x, w, out=y, **kw)
+                fn()
+                sync()
+                times = []
+                for _ in range(size(3, 1)):
+                    t0 = time.perf_counter()
+                    for _ in range(size(10, 1)):
+                        fn()
+                    sync()  # each launch moves >= 1 GB: host time per launch is far below device time
+                    times.append((time.perf_counter() - t0) / size(10, 1) * 1e6)
+                us = sorted(times)[len(times) // 2]
+                t = tile(T, nb, n // nb, n // nb, 2, chosen.group, False)
+                emit("sweep", {"layout": layout_name, "tile": "plan" if v is None else "variant",
+                               "block_m": t.block_m, "block_n": t.block_n, "block_k": t.block_k, "group": t.group,
+                               "warps": t.num_warps, "stages": t.num_stages, "us": round(us, 1),
+                               "GBps": round(nbytes / us / 1e3)}, jsonl)
+            except Exception as e:  # noqa: BLE001
+                emit("sweep", {"layout": layout_name, "variant": str(v), "error": repr(e)[:300]}, jsonl)
+            finally:
+                plan.bd_tile = real_tile
+
+
+def ncu_target():
+    from monarch_kernels.triton import monarch as tmon
+    from monarch_kernels.triton import plan
+
+    plan.ONE_LAUNCH = False
+    plan.PAIR_STAGES = False
+    plan.chunk_tokens = lambda tokens, *a: tokens
+    x, w1, w2 = factors(16384, 4096, 4096, 64)
+    x2, v1, v2 = factors(16384, 1024, 1024, 32)
+    for _ in range(3):
+        tmon.forward(x, w1, w2, None, 4096, path="two_kernel")
+        tmon.forward(x2, v1, v2, None, 1024, path="fused")
+    sync()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench/out/gpu")
+    p.add_argument("--only", default="host,kernels,sweep")
+    p.add_argument("--ncu-target", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    args = p.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
+    if args.ncu_target:
+        ncu_target()
+        return
+    os.makedirs(args.out, exist_ok=True)
+    jsonl = os.path.join(args.out, "gpu_profile.jsonl")
+    sections = {"host": host_section, "kernels": kernels_section, "sweep": sweep_section}
+    for name in args.only.split(","):
+        t0 = time.time()
+        try:
+            sections[name](jsonl)
+        except Exception as e:  # noqa: BLE001
+            emit(name, {"error": repr(e)[:300]}, jsonl)
+        print(f"== {name}: {time.time() - t0:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
