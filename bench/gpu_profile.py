@@ -38,7 +38,7 @@ def device() -> str:
 
 def sync() -> None:
     if not SMOKE:
-        sync()
+        torch.cuda.synchronize()
 
 
 def size(full: int, small: int) -> int:
