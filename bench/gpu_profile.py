@@ -8,6 +8,11 @@
 * ``kernels``: per-kernel device time from ``torch.profiler`` (CUDA activity) for the main forward and
   backward paths, so that a slow path is split into its kernels and host gaps (wall time per call beside the
   summed kernel time);
+* ``paths``: device time of every forward (fused, two-kernel with each stage-2 store) and backward variant
+  (``dxw`` x ``g_layout``) at the target shapes, beside the torch reference, dense cuBLAS and the cost model's
+  picks and prediction (:func:`monarch_kernels.cost_model.device_for` the device);
+* ``tiles``: the token-major stages and the transposing copy over tiles, warps and pipeline depths;
+* ``decode``: the CUDA decode kernel, Triton and dense cuBLAS replayed from CUDA graphs (device time alone);
 * ``sweep``: the block-diagonal kernel alone (``bd_forward``) at 65536 tokens of 4096 features, 64 blocks —
   plain and with a permuted (grouped) output — over row tiles, warps and pipeline depths, timed with CUDA
   events over back-to-back launches (each launch moves ≥ 1 GB, far above any host cost), as achieved GB/s of
@@ -137,6 +142,181 @@ def profile_kernels(name: str, fn: Callable[[], object], jsonl, reps: int = 5) -
         emit("kernels", {"case": name, "kernel": key[:90], "calls": count, "us_per_call": round(dev, 1)}, jsonl)
 
 
+def device_us(fn: Callable[[], object], reps: int = 5) -> float:
+    """Summed kernel time per call (torch.profiler, CUDA activity): the device's share, whatever the host costs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU if SMOKE else ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        sync()
+    total = 0.0
+    for ev in prof.key_averages():
+        dev = getattr(ev, "self_device_time_total", None)
+        total += max(dev if dev is not None else ev.self_cuda_time_total, 0.0)
+    return total / reps
+
+
+PATH_SHAPES = [(16384, 4096, 4096, 64, "none"), (16384, 1024, 1024, 32, "none"), (16384, 2048, 2048, 32, "none"),
+               (16384, 768, 3072, 4, "gelu_tanh"), (16384, 3072, 768, 4, "none")]
+SMOKE_PATH_SHAPES = [(8, 256, 256, 16, "none"), (8, 48, 192, 4, "gelu_tanh")]
+
+
+def paths_section(jsonl):
+    """Device time of each forward and backward variant next to the cost model's pick (H200 constants)."""
+    from monarch_kernels import cost_model as cm
+    from monarch_kernels import reference as ref
+    from monarch_kernels.triton import monarch as tmon
+
+    dev = cm.device_for(torch.cuda.get_device_name() if not SMOKE else "")
+    real_choice = tmon._model_choice
+    for T, n_in, n_out, nb, act in SMOKE_PATH_SHAPES if SMOKE else PATH_SHAPES:
+        sh = mk.monarch_factor_shapes(n_in, n_out, nb)
+        x, w1, w2 = factors(T, n_in, n_out, nb)
+        b, g = rand(n_out), rand(T, n_out)
+        pr = cm.Problem.linear(T, n_in, n_out, nb, act)
+        row = {"shape": f"T={T} {n_in}->{n_out} nb={nb} {act}", "model_path": cm.triton_path(pr, dev=dev),
+               "model_store": cm.stage2_store(pr, dev=dev),
+               "model_fwd_us": round(cm.estimate("triton", cm.triton_path(pr, dev=dev), "fwd", pr, dev=dev)
+                                     .time(dev) * 1e6, 1),
+               "dense_us": round(device_us(lambda wd=rand(n_out, n_in): F.linear(x, wd)), 1),
+               "torch_us": round(device_us(lambda: mk.monarch_linear(x, w1, w2, b, activation=act,
+                                                                     backend="torch")), 1),
+               "auto_us": round(device_us(lambda: tmon.forward(x, w1, w2, b, activation=act)), 1)}
+        for store in ("grouped", "token_major"):
+            tmon._model_choice = lambda q, *a, store=store, **k: (store if q.startswith("stage2_store")
+                                                                 else real_choice(q, *a, **k))
+            try:
+                row[f"two_kernel_{store}_us"] = round(device_us(
+                    lambda: tmon.forward(x, w1, w2, b, activation=act, path="two_kernel")), 1)
+            finally:
+                tmon._model_choice = real_choice
+        if tmon.path_applies(sh, "fused"):
+            row["fused_us"] = round(device_us(lambda: tmon.forward(x, w1, w2, b, activation=act, path="fused")), 1)
+        emit("paths", row, jsonl)
+        if not SMOKE and (n_in, n_out, nb) not in ((4096, 4096, 64), (768, 3072, 4)):  # backward: two shapes
+            continue
+        brow = {"shape": row["shape"], "model_dxw": tmon._model_choice("dxw_choice", T, n_in, n_out, sh, x.dtype),
+                "model_g": tmon._model_choice("g_readers", T, n_in, n_out, sh, x.dtype),
+                "model_bwd_us": round(cm.estimate("triton", "two_kernel", "bwd", pr, dev=dev).time(dev) * 1e6, 1),
+                "torch_bwd_us": round(device_us(lambda: ref.monarch_bwd(x, g, w1, w2, n_in)), 1),
+                "auto_bwd_us": round(device_us(lambda: tmon.backward(x, g, w1, w2)), 1)}
+        for dxw in ("fused", "separate", "bmm"):
+            for lay in ("row_major", "token_major", "bmm"):
+                try:
+                    brow[f"bwd_{dxw}_{lay}_us"] = round(device_us(
+                        lambda: tmon.backward(x, g, w1, w2, dxw=dxw, g_layout=lay)), 1)
+                except ValueError:  # bmm needs whole blocks
+                    pass
+        emit("paths", brow, jsonl)
+
+
+def tiles_section(jsonl):
+    """The token-major stages (row-major -> token-major with P1; token-major -> token-major with P2) and the
+    transposing copy at 65536 x 4096/64 over tiles, warps and pipeline depths: achieved GB/s of their bytes."""
+    from monarch_kernels.triton import blockdiag as tbd
+    from monarch_kernels.triton import plan
+    from monarch_kernels.triton import token_major as ttm
+    from monarch_kernels.triton import _common
+
+    T, n, nb = size(65536, 16), size(4096, 256), size(64, 16)
+    x = rand(T, n)
+    w = rand(nb, n // nb, n // nb, scale=(n // nb) ** -0.5)
+    zt = _common.empty_token_major(T, n, device=device(), dtype=torch.bfloat16)
+    yt = _common.empty_token_major(T, n, device=device(), dtype=torch.bfloat16)
+    y = torch.empty(T, n, device=device(), dtype=torch.bfloat16)
+    nbytes = 2 * T * n * 2
+    real_tile, real_copy = plan.bd_tile, plan.COPY_TILE
+    cases = {"stage1 row->token-major P1": lambda: tbd.bd_forward(x, w, out_perm=(nb, n // nb), out=zt),
+             "stage2 token-major->token-major P2": lambda: tbd.bd_forward(zt, w, out_perm=(n // nb, nb), out=yt)}
+    for name, fn in cases.items():
+        for v in [None] + [(bm, wp, st) for bm in (64, 128) for wp in (4, 8) for st in (2, 3)]:
+            def tile(*a, v=v, **k):
+                t = real_tile(*a, **k)
+                return t if v is None else plan.Tile(v[0], t.block_n, t.block_k, t.group, v[1], v[2])
+            plan.bd_tile = tile
+            plan.bd_launch.cache_clear()
+            try:
+                emit("tiles", {"kernel": name, "variant": "plan" if v is None else str(v), "us": round(
+                    us := events_us(fn), 1), "GBps": round(nbytes / us / 1e3)}, jsonl)
+            except Exception as e:  # noqa: BLE001
+                emit("tiles", {"kernel": name, "variant": str(v), "error": repr(e)[:300]}, jsonl)
+            finally:
+                plan.bd_tile = real_tile
+                plan.bd_launch.cache_clear()
+    for bt, bn, wp in [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (128, 32, 4)]:
+        plan.COPY_TILE = plan.Tile(bt, bn, 0, 1, wp, 1)
+        try:
+            emit("tiles", {"kernel": "copy token-major -> row-major", "variant": f"{bt}x{bn} w{wp}",
+                           "us": round(us := events_us(lambda: ttm.copy_into(yt, y)), 1),
+                           "GBps": round(nbytes / us / 1e3)}, jsonl)
+        except Exception as e:  # noqa: BLE001
+            emit("tiles", {"kernel": "copy", "variant": f"{bt}x{bn}", "error": repr(e)[:300]}, jsonl)
+        finally:
+            plan.COPY_TILE = real_copy
+
+
+def events_us(fn: Callable[[], object], launches: int = 10) -> float:
+    """Median over three rounds of ``launches`` back-to-back calls (each moving >= 1 GB: the host keeps ahead)."""
+    fn()
+    sync()
+    times = []
+    for _ in range(size(3, 1)):
+        t0 = time.perf_counter()
+        for _ in range(size(launches, 1)):
+            fn()
+        sync()
+        times.append((time.perf_counter() - t0) / size(launches, 1) * 1e6)
+    return sorted(times)[len(times) // 2]
+
+
+def decode_section(jsonl):
+    """The CUDA decode kernel and dense cuBLAS replayed from CUDA graphs (device time without the host's),
+    T = 1, 4, 16, n = 2048 / 4096 / 8192, 4 and 64 blocks."""
+    for n in (2048, 4096, 8192):
+        for nb in (4, 64):
+            for T in (1, 4, 16):
+                x, w1, w2 = factors(T, n, n, nb)
+                wd = rand(n, n)
+                row = {"n": n, "nblocks": nb, "T": T}
+                for name, fn in (("dense", lambda: F.linear(x, wd)),
+                                 ("cuda", lambda: mk.monarch_linear(x, w1, w2, backend="cuda")),
+                                 ("triton", lambda: mk.monarch_linear(x, w1, w2, backend="triton"))):
+                    try:
+                        row[f"{name}_graph_us"] = round(graph_us(fn), 2)
+                    except Exception as e:  # noqa: BLE001
+                        row[f"{name}_error"] = repr(e)[:200]
+                if "cuda_graph_us" in row:
+                    row["cuda_x_dense"] = round(row["dense_graph_us"] / row["cuda_graph_us"], 2)
+                emit("decode", row, jsonl)
+
+
+def graph_us(fn: Callable[[], object], replays: int = 200) -> float:
+    """Mean time of one ``fn`` replayed from a CUDA graph of 20 calls (rotating nothing: decode weights are
+    small enough to stay in the 60 MB L2 only at n = 2048 with 64 blocks)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(20):
+            fn()
+    graph.replay()
+    sync()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays // 20):
+        graph.replay()
+    end.record()
+    sync()
+    return start.elapsed_time(end) * 1e3 / replays
+
+
 def kernels_section(jsonl):
     from monarch_kernels.triton import monarch as tmon
     from monarch_kernels.triton import plan
@@ -245,7 +425,7 @@ def ncu_target():
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench/out/gpu")
-    p.add_argument("--only", default="host,kernels,sweep")
+    p.add_argument("--only", default="paths,tiles,host")
     p.add_argument("--ncu-target", action="store_true")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     args = p.parse_args()
@@ -256,7 +436,8 @@ def main():
         return
     os.makedirs(args.out, exist_ok=True)
     jsonl = os.path.join(args.out, "gpu_profile.jsonl")
-    sections = {"host": host_section, "kernels": kernels_section, "sweep": sweep_section}
+    sections = {"host": host_section, "kernels": kernels_section, "sweep": sweep_section, "paths": paths_section,
+                "tiles": tiles_section, "decode": decode_section}
     for name in args.only.split(","):
         t0 = time.time()
         try:

@@ -29,13 +29,30 @@ Device constants (:data:`H100_SXM`), with their sources:
   warp-level MMA at about half the wgmma rate), fp32 ``ieee`` dots 40 (FFMA, 60% of 67).
 * ``mem_eff = 0.9``: share of the copy bandwidth a streaming kernel with 16-byte vector accesses and
   software pipelining (``num_stages ≥ 2``) reaches; the sector rule already charges narrow accesses.
+* ``interleaved_eff = 0.3``: share of ``mem_eff`` a block-diagonal launch reaches when an operand is stored or
+  gathered row-major in interleaved groups of blocks (group > 1: the 16-byte P1/P2 runs of :mod:`.triton.plan`).
+  Measured on an H200 (2026-11-30, ``bench/gpu_profile.py``): stage 2's grouped P2 store 1.02 TB/s under ncu
+  (half of every store sector unused, 180 registers, one program per SM), the grouped-output kernel alone at
+  65536 x 4096/64 1.08-1.38 TB/s against 3.26-3.77 TB/s for the same kernel with plain tiles: 0.29-0.37.
+  The gathered-input side shares the ``tl.join``/``tl.split`` tree and its registers and is taken as equal.
+* ``fused_eff = 0.1``: share of ``mem_eff`` the fused square forward reaches. Measured on an H200 (2026-11-30):
+  16384 x 1024/32 bf16 in 168-174 µs for 67 MB of compulsory traffic (0.4 TB/s); ncu: 216 registers, 4 warps,
+  2 programs per SM (12.5% occupancy), DRAM 11% busy, 69% of the stall cycles waiting on global loads — bound
+  by latency, not by any of the model's three terms.
+* ``bmm_eff = (0.44, 0.69)``: share of the copy bandwidth cuBLAS batched GEMMs over Monarch blocks reach, for
+  blocks narrower than 128 (either output or contraction side) and wider ones. Measured on an H200 (2026-11-30,
+  torch.profiler, 16384 tokens): 64 x 64 blocks (4096/64) 1.85 TB/s, GPT-2's 192 x 192 and 768 x 192 blocks
+  2.9 TB/s, of 4.25 (short contractions keep too few bytes in flight per tile).
+* ``permute_copy_eff = 0.25``: share of the copy bandwidth the torch reference's permutation copies
+  (``.contiguous()`` of a transposed 3-D view) reach: measured on the H200 0.92 TB/s (4096/64's P1/P2) and
+  1.33 TB/s (GPT-2 fc1's P2), of 4.25.
 * ``launch_s = 2 µs``: gap per dependent launch (drain of one grid, ramp of the next; the host-side launch
   cost of ~5 µs per Triton call overlaps with the previous kernel when kernels run longer than that).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Optional
 
 from .shapes import MonarchShape, monarch_factor_shapes
@@ -57,6 +74,10 @@ class Device:
     triton_flops: dict
     mem_eff: float
     launch_s: float
+    interleaved_eff: float = 1.0
+    fused_eff: float = 1.0
+    bmm_eff: tuple = (0.9, 0.9)
+    permute_copy_eff: float = 0.9
 
 
 H100_SXM = Device(
@@ -69,7 +90,21 @@ H100_SXM = Device(
     triton_flops={"wgmma": 600e12, "mma": 300e12, "fma": 40e12},
     mem_eff=0.9,
     launch_s=2e-6,
+    interleaved_eff=0.3,
+    fused_eff=0.1,
+    bmm_eff=(0.44, 0.69),
+    permute_copy_eff=0.25,
 )
+#: the H200 lent for device checks, with its measured constants (2026-11-30: copy 4247 GB/s; cuBLAS bf16 at
+#: 16384 x 4096 x 4096 786 TFLOP/s of device time; 60 MB of L2; its L2 rate scaled with the copy rate); the
+#: Triton rates and the efficiencies as on the H100 (the same SMs)
+H200 = replace(H100_SXM, name="H200", hbm_bw=4.25e12, l2_bw=H100_SXM.l2_bw * 4.25 / 3.0, l2_bytes=60 * 2**20,
+               dense_flops={"bfloat16": 780e12, "float16": 780e12, "float32": 51e12})
+
+
+def device_for(name: str) -> Device:
+    """The constants to price a GPU by name: :data:`H200` for an H200, :data:`H100_SXM` otherwise."""
+    return H200 if "H200" in name else H100_SXM
 
 
 @dataclass(frozen=True)
@@ -208,9 +243,9 @@ def dense(op: str, problem: Problem, dtype: str = "bfloat16", dev: Device = H100
 # --------------------------------------------------------------------------------------------- torch reference
 
 
-def _elementwise(name: str, reads: list, writes: list, dev: Device) -> Kernel:
+def _elementwise(name: str, reads: list, writes: list, dev: Device, eff: float = 0.9) -> Kernel:
     hbm = sum(reads) + sum(writes)
-    return Kernel(name, 0.0, 0.0, hbm, hbm, 1e30, 0.9)
+    return Kernel(name, 0.0, 0.0, hbm, hbm, 1e30, eff)
 
 
 def _bmm(name: str, batch: int, m: int, n: int, k: int, dtype: str, dev: Device, useful: Optional[float] = None) -> Kernel:
@@ -218,7 +253,8 @@ def _bmm(name: str, batch: int, m: int, n: int, k: int, dtype: str, dev: Device,
     item = ITEMSIZE[dtype]
     flops = 2.0 * batch * m * n * k
     hbm = batch * (rows_bytes(m, k, item) + rows_bytes(n, k, item) + rows_bytes(m, n, item))
-    return Kernel(name, flops, flops if useful is None else useful, hbm, hbm, dev.dense_flops[dtype], 0.9)
+    eff = dev.bmm_eff[0 if min(n, k) < 128 else 1]
+    return Kernel(name, flops, flops if useful is None else useful, hbm, hbm, dev.dense_flops[dtype], eff)
 
 
 def torch_reference(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
@@ -230,7 +266,8 @@ def torch_reference(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
     pre-activation from it (stage-2 ``bmm`` and P2 copy, ``reference.monarch_bwd_epilogue``)."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
     n_mid = sh.n_mid
-    copy = lambda name, width: _elementwise(name, [rows_bytes(T, width, item)], [rows_bytes(T, width, item)], dev)
+    copy = lambda name, width: _elementwise(name, [rows_bytes(T, width, item)], [rows_bytes(T, width, item)], dev,
+                                            dev.permute_copy_eff)
     fwd = Cost([_bmm("ref bmm1", sh.k, T, sh.q, sh.p, dtype, dev), copy("ref P1 copy", n_mid),
                 _bmm("ref bmm2", sh.l, T, sh.s, sh.r, dtype, dev), copy("ref P2 copy", sh.n_out)])
     stage1 = Cost([_bmm("ref bmm1 (z)", sh.k, T, sh.q, sh.p, dtype, dev), copy("ref P1 copy", n_mid)])
@@ -310,7 +347,10 @@ def bd_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Dev
     # L2: every program loads its rows of its blocks' inputs (once per N tile) and its weight tile
     l2 = (_tensor_bytes(tokens, n_in * item, in_run, False) * tiles_n + tiles_m * w_bytes
           + stores * _tensor_bytes(tokens, n_out * item, out_run, False))
-    return Kernel(name, flops, 2.0 * tokens * k * q * p, hbm, l2, _tc_rate(dev, t, dtype), dev.mem_eff)
+    interleaved = ((lp.out.mode == _plan.GROUPED and lp.out.group > 1 and not y_token_major)
+                   or (lp.inp.mode == _plan.GROUPED and lp.inp.group > 1 and not x_token_major))
+    return Kernel(name, flops, 2.0 * tokens * k * q * p, hbm, l2, _tc_rate(dev, t, dtype),
+                  dev.mem_eff * (dev.interleaved_eff if interleaved else 1.0))
 
 
 def wgrad_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Device, *, g_perm=None,
@@ -335,8 +375,9 @@ def wgrad_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: 
     partial = lp.splits * k * q * p * 4
     tiles_q, tiles_p = _plan.cdiv(q, t.block_m), _plan.cdiv(p, t.block_n)
     l2 = g_l2 * tiles_p + x_once * tiles_q + partial
+    interleaved = lp.g.mode == _plan.GROUPED and lp.g.group > 1 and not g_token_major
     kern = Kernel(name, flops, 2.0 * tokens * k * q * p, g_hbm + x_once + partial, l2, _tc_rate(dev, t, dtype),
-                  dev.mem_eff)
+                  dev.mem_eff * (dev.interleaved_eff if interleaved else 1.0))
     reduce = _elementwise(name + " partial sum", [partial], [k * q * p * (4 + item)], dev)
     return Cost([kern, reduce])
 
@@ -372,8 +413,10 @@ def chained(name: str, steps: list) -> Kernel:
                    min(s.mem_eff for s in steps), tuple(steps))
 
 
-def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False) -> Cost:
-    """Stage 1 and stage 2 per L2-sized token chunk: the intermediate goes from one to the other through L2;
+def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False, store: str = "auto") -> Cost:
+    """Stage 1 and stage 2; ``store`` (:data:`.plan.STAGE2_STORES`, ``"auto"``: :func:`stage2_store`) how stage 2
+    writes the output: grouped runs, or token-major and then a transposing copy. With :data:`.plan.CHUNK_IN_L2`, per L2-sized token chunk: the intermediate goes
+    from one to the other through L2;
     with :data:`.plan.PAIR_STAGES` stage 1 of each chunk runs in one launch with stage 2 of the previous one
     (:func:`paired`; two chunks' intermediates in L2), and with :data:`.plan.ONE_LAUNCH` that schedule is one
     launch (:class:`Chained`) after a counter reset. ``keep`` (:func:`.triton.monarch.forward_saving`):
@@ -381,7 +424,14 @@ def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = 
     pre-activation too."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
     pair = _plan.PAIR_STAGES
-    chunk = _plan.chunk_tokens(T, sh.n_mid, item, dev.l2_bytes, 128, 2 if pair else 1)
+    chunk = _plan.forward_chunk(T, sh.n_mid, item, dev.l2_bytes)
+    keeps_pre = keep and problem.activation != "none"
+    stores = _plan.stage2_stores(chunk, T, keeps_pre)
+    if store == "auto":
+        store = stage2_store(problem, dtype, dev, keep)
+    if store not in stores:
+        raise ValueError(f"stage-2 store must be one of {stores} here, got {store!r}")
+    token_major = store == "token_major"
     live = 2 if pair and chunk < T else 1
     resident = live * chunk * sh.n_mid * item <= _plan.L2_SHARE * dev.l2_bytes
     first, second = [], []
@@ -390,17 +440,19 @@ def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = 
         first.append(bd_cost("stage 1 (P1 in a token-major store)", tc, sh.k, sh.q, sh.p, dtype, dev,
                              out_perm=(sh.l, sh.r), n_in=problem.n_in, y_hbm=keep or not resident,
                              y_token_major=True))
-        second.append(bd_cost("stage 2 (P2 grouped store, epilogue)", tc, sh.l, sh.s, sh.r, dtype, dev,
+        second.append(bd_cost("stage 2 (P2 in a token-major store, epilogue)" if token_major else
+                              "stage 2 (P2 grouped store, epilogue)", tc, sh.l, sh.s, sh.r, dtype, dev,
                               out_perm=(sh.s, sh.l), n_out=problem.n_out, x_hbm=not resident,
                               activation=problem.activation != "none", x_token_major=True,
-                              pre_out=keep and problem.activation != "none"))
+                              y_token_major=token_major, pre_out=keeps_pre))
     if resident and not keep:  # the last chunk's intermediate is written back from L2 eventually
         last = first[-1]
         first[-1] = Kernel(last.name, last.flops, last.useful_flops,
                            last.hbm_bytes + rows_bytes(min(chunk, T), sh.n_mid, item), last.l2_bytes,
                            last.flop_rate, last.mem_eff)
     if live == 1:
-        return Cost([k for pair_ in zip(first, second) for k in pair_])
+        copy = [_token_major_copy("transpose into the row-major output", T, problem.n_out, dtype, dev)]
+        return Cost([k for pair_ in zip(first, second) for k in pair_] + (copy if token_major else []))
     steps = ([first[0]] + [paired("stage 1 beside the previous chunk's stage 2", a, b)
                            for a, b in zip(first[1:], second)] + [second[-1]])
     if not _plan.ONE_LAUNCH:
@@ -408,6 +460,16 @@ def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = 
     counters = 4 * (2 + 2 * len(first))  # zeroed before the launch: one more (tiny) launch
     return Cost([_elementwise("chain counters reset", [], [counters], dev),
                  chained(f"{len(first)} chunks' stages in one launch", steps)])
+
+
+def stage2_store(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM, keep: bool = False) -> str:
+    """How the two-kernel forward's second stage writes its output (:data:`.plan.STAGE2_STORES`), the faster
+    predicted of those that apply: a token-major store plus a transposing copy moves the output three times,
+    the grouped store once but at :attr:`Device.interleaved_eff` of the bandwidth. Ties go to the first."""
+    sh, T = problem.shape, problem.tokens
+    chunk = _plan.forward_chunk(T, sh.n_mid, ITEMSIZE[dtype], dev.l2_bytes)
+    options = _plan.stage2_stores(chunk, T, keep and problem.activation != "none")
+    return min(options, key=lambda o: _two_kernel_forward(problem, dtype, dev, keep, o).time(dev))
 
 
 def _fused_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False) -> Cost:
@@ -428,7 +490,8 @@ def _fused_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False
     l2 = (x_once * groups + _plan.cdiv(T, t.block_m) * w_bytes + _tensor_bytes(T, out_row, out_run, False)
           + z_kept)
     rate = dev.triton_flops["fma" if dtype == "float32" else "mma"]  # 4 warps, ≤ 64 rows: mma.sync (audit)
-    return Cost([Kernel("fused square forward", flops, problem.useful_fwd_flops(), hbm, l2, rate, dev.mem_eff)])
+    return Cost([Kernel("fused square forward", flops, problem.useful_fwd_flops(), hbm, l2, rate,
+                        dev.mem_eff * dev.fused_eff)])
 
 
 def _dxw_fused(problem: Problem, dtype: str, dev: Device) -> Cost:
@@ -628,7 +691,11 @@ def blockdiag_seconds(backend: str, tokens: int, k: int, q: int, p: int, dtype: 
     return math.inf if cost is None else cost.time(dev)
 
 
-def triton_path(problem: Problem) -> str:
-    """The path ``auto`` takes for these factors (:func:`.triton.plan.choose_path`)."""
+def triton_path(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> str:
+    """The forward path ``auto`` takes (:func:`.triton.monarch.choose_path`): the fused square kernel where it
+    applies and is predicted faster than the two-kernel path (it is latency-bound: :attr:`Device.fused_eff`),
+    else the two-kernel path."""
     sh = problem.shape
-    return _plan.choose_path(sh.k, sh.q, sh.p, sh.l, sh.s, sh.r)
+    if _plan.choose_path(sh.k, sh.q, sh.p, sh.l, sh.s, sh.r) != "fused":
+        return "two_kernel"
+    return min(("fused", "two_kernel"), key=lambda p: estimate("triton", p, "fwd", problem, dtype, dev).time(dev))

@@ -2,7 +2,8 @@
 
 Layout (fly): ``x (T, k·p)``, ``w1 (k, q, p)``, ``w2 (l, s, r)``, ``l·r = k·q``; ``out[t, ss·l + ll]``.
 
-Forward paths (``path="auto"`` picks by shape, :func:`.plan.choose_path`):
+Forward paths (``path="auto"``: the fused one where it applies and the cost model predicts it faster, else the
+two-kernel one, :func:`choose_path`):
 
 * **fused** (square, rank ``c = q / l = 1``; research/monarch.md §5.3 design D2): a program owns a row tile and
   a group of 16 stage-2 blocks. Stage 1 computes only the outputs that group consumes (each exactly once, no
@@ -17,13 +18,18 @@ Forward paths (``path="auto"`` picks by shape, :func:`.plan.choose_path`):
   :mod:`.blockdiag` twice, P1 folded into the first kernel's store and P2 (with bias and activation) into the
   second's. The intermediate is stored token-major (transposed, :func:`._common.empty_token_major`): the P1
   store writes every column as a run of the row tile's tokens, so stage 1 needs no block group (a 128-row
-  tile, weights re-read half as often) and every sector is whole; the P2 store into the row-major output
-  uses ≥ 16-byte runs of grouped blocks. Tokens go in chunks whose intermediate fits in a share of the L2
-  (:func:`.plan.chunk_tokens`), so the second kernel reads it back from L2 rather than HBM; stage 1 of each
-  chunk runs in one launch with stage 2 of the previous chunk (:func:`.blockdiag.bd_forward_pair`, two
-  intermediate buffers), so the HBM-bound stage 1 and the L2-bound stage 2 overlap; with several chunks that
-  whole schedule is one launch (:func:`.blockdiag.bd_forward_chain`: programs take tickets and wait on
-  per-chunk counters instead of launch boundaries, :data:`.plan.ONE_LAUNCH`).
+  tile, weights re-read half as often) and every sector is whole. Where the cost model predicts it faster
+  (:func:`monarch_kernels.cost_model.stage2_store`) the second kernel stores token-major too, so P2 is a permutation of whole token runs, and one transposing
+  copy (:func:`.token_major.copy_into`) writes the row-major output: two more passes over the output, but
+  every kernel stores full sectors (measured on an H200, the grouped P2 store — 16-byte runs of 8 interleaved
+  blocks — wasted half of each store sector and ran at 1.0-1.4 TB/s). Otherwise (a pre-activation kept for
+  the backward, or chunks) the P2 store into the row-major output uses ≥ 16-byte runs of grouped blocks.
+  With :data:`.plan.CHUNK_IN_L2` (off: measured slower) tokens go in chunks whose intermediate fits in a
+  share of the L2 (:func:`.plan.chunk_tokens`), so the second kernel reads it back from L2 rather than HBM;
+  stage 1 of each chunk runs in one launch with stage 2 of the previous chunk
+  (:func:`.blockdiag.bd_forward_pair`, two intermediate buffers), and with several chunks that whole schedule
+  is one launch (:func:`.blockdiag.bd_forward_chain`: programs take tickets and wait on per-chunk counters
+  instead of launch boundaries, :data:`.plan.ONE_LAUNCH`).
 
 Backward: ``backward`` (the backend's fused ``monarch_bwd``) computes ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` once (P2ᵀ as
 grouped 16-byte gathers, P1ᵀ in a token-major store) and shares it between ``dx`` and ``dw1``, which one kernel
@@ -51,7 +57,7 @@ from . import _common
 from . import plan as _plan
 from ._common import ACT_CODES, interpreting, precision
 from .blockdiag import _finish, _load, bd_forward, bd_forward_chain, bd_forward_pair, bd_weight_grad
-from .token_major import activation_grad_token_major, to_token_major
+from .token_major import activation_grad_token_major, copy_into, to_token_major
 
 PATHS = _plan.PATHS
 
@@ -64,8 +70,13 @@ def path_applies(sh: MonarchShape, path: str) -> bool:
     return path in ("auto", "two_kernel") or (path == "fused" and _plan.fused_applies(*_dims(sh)))
 
 
-def choose_path(sh: MonarchShape, path: str = "auto") -> str:
-    return _plan.choose_path(*_dims(sh), path=path)
+def choose_path(sh: MonarchShape, path: str = "auto", x=None, activation: str = "none") -> str:
+    """``path`` validated; ``"auto"``: the two-kernel path, or the fused one where it applies and the cost model
+    predicts it faster for ``x``'s token count and dtype (:func:`monarch_kernels.cost_model.triton_path`)."""
+    chosen = _plan.choose_path(*_dims(sh), path=path)
+    if path == "auto" and chosen == "fused" and x is not None:
+        chosen = _model_choice("triton_path", x.shape[0], sh.n_in, sh.n_out, sh, x.dtype, activation)
+    return chosen
 
 
 def _idtype(dtype: torch.dtype):
@@ -178,11 +189,11 @@ def _fused_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out, z=
 def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out, keep: bool = False):
     """``(out, z | None, pre | None)``: with ``keep``, the whole token-major intermediate ``z`` and, with an
     activation, the pre-activation (stage 2 stores it beside the output); else one chunk's buffer is reused
-    and nothing is kept."""
+    and nothing is kept. Stage 2's store: :data:`.plan.STAGE2_STORES`, the cost model's pick."""
     T = x.shape[0]
     info = _common.device_info(x.device)
     pair = _plan.PAIR_STAGES
-    chunk = _plan.chunk_tokens(T, sh.n_mid, x.element_size(), info.l2_bytes, 128, 2 if pair else 1)
+    chunk = _plan.forward_chunk(T, sh.n_mid, x.element_size(), info.l2_bytes)
     buffers = 1 if keep or chunk >= T else (2 if pair else 1)
     z = _common.empty_token_major(T if keep else buffers * chunk, sh.n_mid, device=x.device, dtype=x.dtype)
     pre = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if keep and activation != "none" else None
@@ -201,6 +212,14 @@ def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, ou
         return dict(x=zc, w=w2, bias=bias, n_out=n_out, activation=activation, out_perm=(sh.s, sh.l),
                     out=out[t0:t1], pre_out=None if pre is None else pre[t0:t1])
 
+    stores = _plan.stage2_stores(chunk, T, pre is not None)
+    if len(stores) > 1 and _model_choice("stage2_store_saving" if keep else "stage2_store", T, x.shape[1], n_out,
+                                         sh, x.dtype, activation) == "token_major":
+        # P2 as a permutation of token runs, then one transposing pass into the row-major output
+        yt = _common.empty_token_major(T, n_out, device=x.device, dtype=x.dtype)
+        bd_forward(**{**stage2(0, bd_forward(**stage1(0))), "out": yt})
+        copy_into(yt, out)
+        return out, (z if keep else None), pre
     if not pair or len(starts) == 1:
         for i in range(len(starts)):
             bd_forward(**stage2(i, bd_forward(**stage1(i))))
@@ -227,7 +246,7 @@ def forward_saving(x, w1, w2, bias=None, n_out=None, activation="none", *, path=
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_out = sh.n_out if n_out is None else n_out
     out = _common.empty(x.shape[0], n_out, device=x.device, dtype=x.dtype)
-    chosen = choose_path(sh, path)
+    chosen = choose_path(sh, path, x, activation)
     if x.shape[0] == 0:
         return out, None, None
     if chosen == "fused":
@@ -241,7 +260,7 @@ def forward(x, w1, w2, bias=None, n_out=None, activation="none", *, path="auto")
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     n_out = sh.n_out if n_out is None else n_out
     out = _common.empty(x.shape[0], n_out, device=x.device, dtype=x.dtype)
-    chosen = choose_path(sh, path)
+    chosen = choose_path(sh, path, x, activation)
     if x.shape[0] == 0:
         return out
     if chosen == "fused":
@@ -357,19 +376,25 @@ G_LAYOUTS = ("auto", "row_major", "token_major", "bmm")
 _G_READERS = {"row_major": "grouped", "token_major": "token_major", "bmm": "bmm"}
 
 
-def _model_choice(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: torch.dtype) -> str:
+def _model_choice(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: torch.dtype,
+                  activation: str = "none") -> str:
     """The cost model's pick (``"dxw_choice"``: :func:`monarch_kernels.cost_model.dxw_choice`; ``"g_readers"``:
-    :func:`monarch_kernels.cost_model.g_readers`) for this call's shape and dtype (about 0.1 ms of arithmetic,
-    so remembered per shape)."""
+    :func:`monarch_kernels.cost_model.g_readers`; ``"stage2_store"`` / ``"stage2_store_saving"``:
+    :func:`monarch_kernels.cost_model.stage2_store` without / with the intermediate kept) for this call's shape
+    and dtype (about 0.1 ms of arithmetic, so remembered per shape)."""
     name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
-    return _model_choice_cached(question, max(T, 1), n_in, n_out, sh, name)
+    return _model_choice_cached(question, max(T, 1), n_in, n_out, sh, name, activation)
 
 
 @functools.lru_cache(maxsize=1024)
-def _model_choice_cached(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: str) -> str:
+def _model_choice_cached(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: str,
+                         activation: str) -> str:
     from .. import cost_model as cm  # imported here: cost_model imports this package's plan module
 
-    return getattr(cm, question)(cm.Problem(T, n_in, n_out, sh), dtype)
+    problem = cm.Problem(T, n_in, n_out, sh, activation)
+    if question.startswith("stage2_store"):
+        return cm.stage2_store(problem, dtype, keep=question.endswith("_saving"))
+    return getattr(cm, question)(problem, dtype)
 
 
 def _check_bmm(what: str, width: int, blocks: int, name: str) -> None:

@@ -12,6 +12,7 @@ vector accesses (:func:`group_size`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 #: contiguous bytes per permuted run: one 16-byte vector per thread (32-byte runs would fill whole sectors, but
@@ -22,6 +23,11 @@ L2_SHARE = 0.4
 #: two-kernel forward: run stage 1 of each token chunk in one launch with stage 2 of the previous chunk
 #: (:func:`.blockdiag.bd_forward_pair`), so that HBM-bound and L2-bound programs share the GPU
 PAIR_STAGES = True
+#: two-kernel forward: cut the tokens into chunks whose intermediate stays in L2 between the stages
+#: (:func:`forward_chunk`). Off: measured on an H200 (2026-11-30, 16384 x 4096/64 bf16) the unchunked forward's
+#: two launches took 337 µs of device time, the chained chunks 631 µs and the paired chunks as separate launches
+#: 505 µs; the intermediate's HBM round trip is not what bounds the forward (its second stage's store is)
+CHUNK_IN_L2 = False
 #: paired two-kernel forward over several chunks: the whole schedule as one launch whose programs wait on
 #: per-chunk counters (:func:`.blockdiag.bd_forward_chain`) instead of ``chunks + 1`` launches
 ONE_LAUNCH = True
@@ -40,6 +46,32 @@ ACC_BYTES = 16 * 1024
 #: a 16-bit program with one block (no interleaved results, one K loop) of whole 16-byte vectors may hold a
 #: 128 x 128 fp32 accumulator: 110-231 registers, 0 spills (kernel audit, triton 3.9 and 3.6)
 SINGLE_DOT_BYTES = 64 * 1024
+
+
+def _memo(fn):
+    """Memoise a launch plan by its arguments and the module's current settings (every upper-case constant and
+    the tile functions, so that a test or benchmark that patches one gets fresh plans). Plans are pure
+    arithmetic, but at 10-15 µs each they were a measurable part of a call's host time (H200, 2026-11-30:
+    ~300 µs of host time per Triton forward)."""
+    cache: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        g = globals()
+        key = (args, tuple(sorted(kwargs.items())),
+               tuple(v for k, v in g.items() if k.isupper() and isinstance(v, (int, float, bool))),
+               g["bd_tile"], g["wgrad_tile"], g["dxw_tile"])
+        try:
+            return cache[key]
+        except KeyError:
+            pass
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = result = fn(*args, **kwargs)
+        return result
+
+    wrapper.cache_clear = cache.clear
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -249,6 +281,7 @@ class BDLaunch:
     multi_k: bool  # gathered input over several K steps: fp32 accumulators until the end
 
 
+@_memo
 def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, out_perm=None,
               activation: bool = False, in_token_major: bool = False, out_token_major: bool = False) -> BDLaunch:
     """``*_token_major``: the input / output tensor has token stride 1 (see :func:`layout`)."""
@@ -291,6 +324,7 @@ def _splits(tokens: int, tiles: int, num_sms: int, step: int) -> tuple[int, int]
     return cdiv(max(tokens, 1), rows), rows
 
 
+@_memo
 def wgrad_launch(tokens: int, k: int, q: int, p: int, itemsize: int, g_perm, num_sms: int,
                  g_token_major: bool = False) -> WgradLaunch:
     """``g_token_major``: the gradient is stored token-major (runs of tokens, no block group, see :func:`layout`)."""
@@ -301,6 +335,7 @@ def wgrad_launch(tokens: int, k: int, q: int, p: int, itemsize: int, g_perm, num
                        g_full=g.mode == GROUPED and g.group == k and g.b == k)
 
 
+@_memo
 def dxw_launch(tokens: int, k: int, q: int, p: int, num_sms: int) -> WgradLaunch:
     """The fused ``dx``/``dw1`` kernel of :func:`.monarch.backward` (grid ``(k · p-tiles, splits)``)."""
     tile = dxw_tile(q, p)
@@ -372,6 +407,28 @@ def chunk_tokens(tokens: int, n_mid: int, itemsize: int, l2_bytes: int, block_m:
     cap = int(L2_SHARE * l2_bytes) // max(buffers * n_mid * itemsize, 1)
     cap = max(block_m, cap // block_m * block_m)
     return tokens if cap >= tokens else cap
+
+
+def forward_chunk(tokens: int, n_mid: int, itemsize: int, l2_bytes: int) -> int:
+    """Tokens per chunk of the two-kernel forward (``tokens``: one chunk) under :data:`CHUNK_IN_L2` and
+    :data:`PAIR_STAGES`."""
+    if not CHUNK_IN_L2:
+        return tokens
+    return chunk_tokens(tokens, n_mid, itemsize, l2_bytes, 128, 2 if PAIR_STAGES else 1)
+
+
+#: how the two-kernel forward's second stage writes its P2-permuted output: ``"grouped"``, 16-byte runs of 8
+#: interleaved blocks stored into the row-major output; ``"token_major"``, a token-major store (P2 then
+#: permutes whole runs of tokens: full 32-byte sectors) and one transposing copy into the output. The cost
+#: model picks (:func:`monarch_kernels.cost_model.stage2_store`): measured on an H200 the grouped store wasted
+#: half of every store sector (ncu) and ran at 1.0-1.4 TB/s, 180 registers and one program per SM
+STAGE2_STORES = ("grouped", "token_major")
+
+
+def stage2_stores(chunk: int, tokens: int, keeps_pre: bool) -> tuple:
+    """The :data:`STAGE2_STORES` that apply: the token-major store needs one chunk and no pre-activation kept
+    beside the output (that would need its own copy)."""
+    return STAGE2_STORES if chunk >= tokens and not keeps_pre else STAGE2_STORES[:1]
 
 
 def grouped_ok(nblocks: int, run: int) -> bool:

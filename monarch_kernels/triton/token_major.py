@@ -1,4 +1,4 @@
-"""Copy of a row-major ``(T, n)`` tensor into a token-major buffer (:func:`._common.empty_token_major`).
+"""Copies between row-major ``(T, n)`` tensors and token-major buffers (:func:`._common.empty_token_major`).
 
 The backward reads the output gradient ``g`` through the Monarch permutation P2ᵀ twice (for ``dy`` and for
 ``dw2``). Read row-major, a block's columns are runs of ``c`` elements, so both kernels need groups of
@@ -95,3 +95,16 @@ def to_token_major(x: torch.Tensor) -> torch.Tensor:
         grid, meta = _tiles(T, n)
         _token_major_copy_kernel[grid](x, y, T, n, *x.stride(), *y.stride(), **meta)
     return y
+
+
+def copy_into(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[:] = src`` for 2-D tensors of one shape and dtype, any strides (a token-major result into a
+    row-major output): one read, one write, 16-byte vectors on both sides. Returns ``out``."""
+    if src.dim() != 2 or src.shape != out.shape or src.dtype != out.dtype:
+        raise ValueError(f"copy_into: src and out must be 2-D of one shape and dtype, got {tuple(src.shape)} "
+                         f"{src.dtype} and {tuple(out.shape)} {out.dtype}")
+    T, n = src.shape
+    if T and n:
+        grid, meta = _tiles(T, n)
+        _token_major_copy_kernel[grid](src, out, T, n, *src.stride(), *out.stride(), **meta)
+    return out

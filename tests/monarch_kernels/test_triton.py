@@ -209,12 +209,13 @@ def test_activation_backward_writes_g_token_major_for_its_readers(monkeypatch):
 
 def test_gradient_layout_follows_the_cost_model():
     """``g_layout="auto"`` reads ``g`` as the cost model picks (GPT-2's fc1 and fc2: a token-major copy read by
-    cuBLAS; square Monarch: grouped gathers of ``g`` as given), ``"row_major"`` never copies, ``"token_major"``
-    and ``"bmm"`` always; a bad value is refused, and so is ``"bmm"`` on a ragged ``g``."""
+    cuBLAS; square Monarch: a token-major copy read by Triton tiles, since the grouped gathers of ``g`` as given
+    run at the interleaved kernels' measured third of the bandwidth), ``"row_major"`` never copies,
+    ``"token_major"`` and ``"bmm"`` always; a bad value is refused, and so is ``"bmm"`` on a ragged ``g``."""
     sh4 = mk.monarch_factor_shapes(768, 3072, 4)
     assert tmon._model_choice("g_readers", 16384, 768, 3072, sh4, torch.bfloat16) == "bmm"
     assert tmon._model_choice("g_readers", 16384, 4096, 4096, mk.monarch_factor_shapes(4096, 4096, 64),
-                              torch.bfloat16) == "grouped"
+                              torch.bfloat16) == "token_major"
     s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
     sh, n_in, n_out, x, w1, w2, _, g = _data(s1, s2, 40, torch.float32, ragged=False)
     copies, gemms = [], []
@@ -422,6 +423,7 @@ def test_two_kernel_forward_pairs_stages_across_chunks(monkeypatch, schedule, dt
     launches per chunk; all as the float64 reference, in bf16 too and from a column-major (token-major)
     input."""
     monkeypatch.setattr(_common, "device_info", lambda device: plan.DeviceInfo(num_sms=4, l2_bytes=64 * 1024))
+    monkeypatch.setattr(plan, "CHUNK_IN_L2", True)
     monkeypatch.setattr(plan, "PAIR_STAGES", schedule != "unpaired")
     monkeypatch.setattr(plan, "ONE_LAUNCH", schedule == "chain")
     s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
@@ -580,6 +582,7 @@ def test_forward_saving_keeps_the_intermediate_across_chunks(monkeypatch, schedu
     (every want_dx / want_dw combination, GELU and bias) matches the float64 reference and recomputes no
     stage 1 and no stage 2."""
     monkeypatch.setattr(_common, "device_info", lambda device: plan.DeviceInfo(num_sms=4, l2_bytes=64 * 1024))
+    monkeypatch.setattr(plan, "CHUNK_IN_L2", True)
     monkeypatch.setattr(plan, "PAIR_STAGES", schedule != "unpaired")
     monkeypatch.setattr(plan, "ONE_LAUNCH", schedule == "chain")
     s1, s2 = SHAPES["grouped C=1 runs, ragged p"]
