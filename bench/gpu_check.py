@@ -12,10 +12,13 @@ time limit still leaves its data. Providers (``--only`` / ``--skip`` select by n
 * ``correctness``: forward (bias; one case with GELU), fused backward and dX of the Triton backend against
   the float64 reference on the same device, per element (``max |a − e| / max |e|``), outputs poisoned with NaN;
 * ``timing``: dense ``F.linear``, the torch reference and every fast backend, forward and forward+backward
-  (:func:`bench.ops.run_problem`), next to the cost model's prediction for the path ``auto`` takes;
-* ``paths``: fused vs two-kernel forward, the two-kernel forward with and without its L2 token chunks, with a
-  row-major instead of the token-major intermediate and (4096/64) with 32-byte P2 runs; the backward with
-  dx/dw1 fused or as two kernels next to the cost model's pick;
+  (:func:`bench.ops.run_problem`), wall time (``us``, which waits for the host: ~300 µs per Triton forward on
+  an H200) and kernel time alone (``device_us``, ``torch.profiler``), next to the cost model's prediction for
+  the path ``auto`` takes (the device's constants, :func:`monarch_kernels.cost_model.device_for`);
+* ``paths``: fused vs two-kernel forward, the two-kernel forward with each stage-2 store (grouped, token-major
+  plus a transposing copy) and with L2 token chunks (the chained schedule), each beside the model's price; the
+  backward with dx/dw1 fused, as two kernels or on cuBLAS and with ``g`` as given, token-major or read by
+  cuBLAS, next to the cost model's picks; wall and device times;
 * ``mlp``: the GPT-2 MLP (``768 -> 3072 -> 768``, GELU) forward and training step, dense vs Monarch.
 
 Tile configurations are the launch plans' (``monarch_kernels/triton/plan.py``): nothing is autotuned unless
@@ -50,7 +53,7 @@ from monarch_kernels import cost_model as cm
 from monarch_kernels import reference as ref
 
 from . import ops
-from .timing import copy_bandwidth_gbs, device_name, median_time_us
+from .timing import copy_bandwidth_gbs, device_name, device_time_us, median_time_us
 
 #: the device run compiles at most this many Triton kernels (SPEC §5: the check fits one 10-minute call)
 MAX_COMPILES = 60
@@ -86,6 +89,13 @@ class Context:
         if self.dry_run or self.smoke:
             return _once(fn)
         return median_time_us(fn, self.device, budget_s=self.budget_s)
+
+    def device_us(self, fn: Callable[[], object]) -> float:
+        """Kernel time alone (:func:`bench.timing.device_time_us`); the smoke and dry runs call ``fn`` once (nan)."""
+        if self.dry_run or self.smoke:
+            fn()
+            return math.nan
+        return device_time_us(fn)
 
     def emit(self, case: str, row: dict) -> None:
         row = {"case": case, "t_s": round(time.time() - self.started, 1), **row}
@@ -200,7 +210,8 @@ CHAIN_SHAPE, SMOKE_CHAIN_SHAPE = (4096, 4096, 4096, 64), (300, 48, 192, 4)
 
 
 def chain_probe(smoke: bool = False, dry_run: bool = False) -> dict:
-    """One chained two-kernel forward (``plan.ONE_LAUNCH``: token chunks ordered by in-kernel waits) against
+    """One chained two-kernel forward (``plan.CHUNK_IN_L2`` on, ``plan.ONE_LAUNCH``: token chunks ordered by
+    in-kernel waits) against
     the same forward as separate launches, bit for bit, and against float64; its counters at the end (every
     chunk's stage-1 and stage-2 tiles counted, no dependency found missing)."""
     from monarch_kernels.triton import _common
@@ -219,7 +230,7 @@ def chain_probe(smoke: bool = False, dry_run: bool = False) -> dict:
     real = tbd.chain_counters
     small_l2 = {"device_info": lambda dev: plan.DeviceInfo(num_sms=4, l2_bytes=64 * 1024)} if smoke else {}
     with _patched(tbd, chain_counters=lambda n, dev: counters.append(real(n, dev)) or counters[-1]), \
-            _patched(_common, **small_l2):
+            _patched(_common, **small_l2), _patched(plan, CHUNK_IN_L2=True):
         chained = tmon.forward(x, w1, w2, None, n_out, path="two_kernel")
         with _patched(plan, ONE_LAUNCH=False):
             separate = tmon.forward(x, w1, w2, None, n_out, path="two_kernel")
@@ -337,15 +348,16 @@ def timing_cases(ctx: Context):
             finally:
                 ops.median_time_us = timer
             pr = cm.Problem.linear(prob.tokens, prob.n_in, prob.n_out, prob.nblocks)
+            dev = cm.device_for(device_name(ctx.device))
             out = []
             for r in rows:
                 row = r.asdict()
                 if r.impl == "triton":
                     op = "fwd" if r.mode == "fwd" else "fwdbwd"
-                    row["path"] = cm.triton_path(pr)
-                    row["predicted_us"] = round(cm.estimate("triton", row["path"], op, pr, DTYPE_NAMES[dtype]).time()
-                                                * 1e6, 1)
-                    row["predicted_dense_us"] = round(cm.dense(op, pr, DTYPE_NAMES[dtype]).time() * 1e6, 1)
+                    row["path"] = cm.triton_path(pr, DTYPE_NAMES[dtype], dev)
+                    row["predicted_us"] = round(cm.estimate("triton", row["path"], op, pr, DTYPE_NAMES[dtype],
+                                                            dev).time(dev) * 1e6, 1)
+                    row["predicted_dense_us"] = round(cm.dense(op, pr, DTYPE_NAMES[dtype], dev).time(dev) * 1e6, 1)
                 out.append(row)
             return out
         yield "timing", run
@@ -386,32 +398,35 @@ def path_cases(ctx: Context):
             row = {"shape": f"T={T} {n_in}->{n_out} nb={nb}", "dtype": DTYPE_NAMES[dtype]}
             for path in ("fused", "two_kernel"):
                 if tmon.path_applies(sh, path):
-                    row[f"{path}_us"] = round(ctx.time_us(lambda p=path: tmon.forward(x, w1, w2, None, n_out, path=p)), 1)
-            chunk = plan.chunk_tokens(T, sh.n_mid, x.element_size(), cm.H100_SXM.l2_bytes, 128,
-                                      2 if plan.PAIR_STAGES else 1)
-            def variant(name: str, predicted: bool = True, **plan_values):
-                """``two_kernel_<name>_us`` with the plan patched (and the model's price of that plan)."""
-                with _patched(plan, **plan_values):
-                    row[f"two_kernel_{name}_us"] = round(ctx.time_us(
-                        lambda: tmon.forward(x, w1, w2, None, n_out, path="two_kernel")), 1)
-                    if predicted:
-                        row[f"two_kernel_{name}_predicted_us"] = round(cm.estimate(
-                            "triton", "two_kernel", "fwd", cm.Problem.linear(T, n_in, n_out, nb)).time() * 1e6, 1)
+                    fn = lambda p=path: tmon.forward(x, w1, w2, None, n_out, path=p)
+                    row[f"{path}_us"] = round(ctx.time_us(fn), 1)
+                    row[f"{path}_device_us"] = round(ctx.device_us(fn), 1)
+            dev = cm.device_for(device_name(ctx.device))
+            pr = cm.Problem.linear(T, n_in, n_out, nb)
+            real_choice = tmon._model_choice
 
-            if chunk < T:  # the same kernels without token chunks: is the intermediate really kept in L2?
-                variant("unchunked", predicted=False, chunk_tokens=lambda tokens, *a: tokens)
-                row["chunk_tokens"] = chunk
-            if nb == 64 and not ctx.smoke:
-                # stage 2 with 32-byte P2 runs (groups of 16 blocks, 64 x 64 tiles): the model's ≈ 5x dense at
-                # 4096/64, but the joined 64 x 1024 tile spills ~100 B in the kernel audit; is that harmless?
-                variant("p2_32byte_runs", RUN_BYTES=32, LIVE_BYTES=160 * 1024)
-            if chunk < T:
-                # the chunked schedule as chunks + 1 launches instead of one (in-kernel waits: does dropping the
-                # launch gaps save what the model says, or do the waiting programs cost it back?)
-                variant("separate_launches", ONE_LAUNCH=False)
-            # stage 1 of each chunk in its own launch, not beside the previous chunk's stage 2 (do the HBM-bound
-            # and L2-bound programs overlap in one grid, as the model assumes?)
-            variant("unpaired", PAIR_STAGES=False)
+            def variant(name: str, store: str = "auto", **plan_values):
+                """``two_kernel_<name>_us`` (wall) and ``_device_us`` with the stage-2 store forced and the plan
+                patched, beside the cost model's price of that plan (``_predicted_us``)."""
+                if store != "auto":
+                    tmon._model_choice = lambda q, *a, **k: store if q.startswith("stage2_store") else real_choice(q, *a, **k)
+                try:
+                    with _patched(plan, **plan_values):
+                        fn = lambda: tmon.forward(x, w1, w2, None, n_out, path="two_kernel")
+                        row[f"two_kernel_{name}_us"] = round(ctx.time_us(fn), 1)
+                        row[f"two_kernel_{name}_device_us"] = round(ctx.device_us(fn), 1)
+                        cost = (cm.estimate("triton", "two_kernel", "fwd", pr, DTYPE_NAMES[dtype], dev)
+                                if store == "auto" else cm._two_kernel_forward(pr, DTYPE_NAMES[dtype], dev, False,
+                                                                               store))
+                        row[f"two_kernel_{name}_predicted_us"] = round(cost.time(dev) * 1e6, 1)
+                finally:
+                    tmon._model_choice = real_choice
+
+            row["model_store"] = cm.stage2_store(pr, DTYPE_NAMES[dtype], dev)
+            for store in plan.stage2_stores(T, T, False):
+                variant(f"{store}_store", store)
+            if nb == 64:  # the chained schedule of L2-sized token chunks (off by default: 1.9x the device time
+                variant("chunked", CHUNK_IN_L2=True)  # on an H200 at 16384 x 4096/64; the compile limit: here only)
             return row
         yield "paths", run
     # backward: dx and dw1 from the fused kernel, from two or from cuBLAS; g as given, token-major or read by cuBLAS;
@@ -427,14 +442,16 @@ def path_cases(ctx: Context):
                    "model_picks": tmon._model_choice("dxw_choice", T, n_in, n_out, sh, dtype)}
             # dx and dw1: one Triton kernel, two, or two cuBLAS batched GEMMs on strided views
             for dxw in ("fused", "separate", "bmm"):
-                row[f"bwd_{dxw}_dxw_us"] = round(ctx.time_us(
-                    lambda d=dxw: tmon.backward(x, g, w1, w2, n_in, dxw=d)), 1)
+                fn = lambda d=dxw: tmon.backward(x, g, w1, w2, n_in, dxw=d)
+                row[f"bwd_{dxw}_dxw_us"] = round(ctx.time_us(fn), 1)
+                row[f"bwd_{dxw}_dxw_device_us"] = round(ctx.device_us(fn), 1)
             # g read by dy and dw2 as given (grouped gathers), copied token-major first (plain Triton tiles), or
             # copied and read by cuBLAS
             row["model_picks_g"] = tmon._model_choice("g_readers", T, n_in, n_out, sh, dtype)
             for layout in ("row_major", "token_major", "bmm"):
-                row[f"bwd_g_{layout}_us"] = round(ctx.time_us(
-                    lambda lay=layout: tmon.backward(x, g, w1, w2, n_in, g_layout=lay)), 1)
+                fn = lambda lay=layout: tmon.backward(x, g, w1, w2, n_in, g_layout=lay)
+                row[f"bwd_g_{layout}_us"] = round(ctx.time_us(fn), 1)
+                row[f"bwd_g_{layout}_device_us"] = round(ctx.device_us(fn), 1)
             return row
         yield "paths", run_bwd
     if ctx.autotune and not ctx.smoke:
@@ -485,16 +502,19 @@ def mlp_cases(ctx: Context):
         for name, (fn, params) in variants.items():
             with torch.no_grad():
                 row[f"{name}_fwd_us"] = round(ctx.time_us(lambda: fn(params)), 1)
+                row[f"{name}_fwd_device_us"] = round(ctx.device_us(lambda: fn(params)), 1)
             for p in params:
                 p.requires_grad_(True)
             row[f"{name}_step_us"] = round(ctx.time_us(lambda: fn(params).backward(gy)), 1)
+            row[f"{name}_step_device_us"] = round(ctx.device_us(lambda: fn(params).backward(gy)), 1)
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
         for name in variants:
             if name != "dense" and not ctx.dry_run:
-                row[f"{name}_x_dense_fwd"] = round(row["dense_fwd_us"] / row[f"{name}_fwd_us"], 2)
-                row[f"{name}_x_dense_step"] = round(row["dense_step_us"] / row[f"{name}_step_us"], 2)
+                for what in ("fwd", "step", "fwd_device", "step_device"):
+                    if not ctx.smoke:
+                        row[f"{name}_x_dense_{what}"] = round(row[f"dense_{what}_us"] / row[f"{name}_{what}_us"], 2)
         return row
     yield "mlp", run
 

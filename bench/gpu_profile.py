@@ -142,21 +142,14 @@ def profile_kernels(name: str, fn: Callable[[], object], jsonl, reps: int = 5) -
         emit("kernels", {"case": name, "kernel": key[:90], "calls": count, "us_per_call": round(dev, 1)}, jsonl)
 
 
-def device_us(fn: Callable[[], object], reps: int = 5) -> float:
-    """Summed kernel time per call (torch.profiler, CUDA activity): the device's share, whatever the host costs."""
-    from torch.profiler import ProfilerActivity, profile
+def device_us(fn: Callable[[], object]) -> float:
+    """:func:`bench.timing.device_time_us` on the GPU; the smoke run only calls ``fn`` (0.0)."""
+    if SMOKE:
+        fn()
+        return 0.0
+    from .timing import device_time_us
 
-    fn()
-    sync()
-    with profile(activities=[ProfilerActivity.CPU if SMOKE else ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        sync()
-    total = 0.0
-    for ev in prof.key_averages():
-        dev = getattr(ev, "self_device_time_total", None)
-        total += max(dev if dev is not None else ev.self_cuda_time_total, 0.0)
-    return total / reps
+    return device_time_us(fn)
 
 
 PATH_SHAPES = [(16384, 4096, 4096, 64, "none"), (16384, 1024, 1024, 32, "none"), (16384, 2048, 2048, 32, "none"),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import monarch_kernels as mk
 
-from .timing import median_time_us
+from .timing import device_time_us, median_time_us
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class Row:
     pct_copy_bw: float
     speedup_vs_dense: float = float("nan")
     speedup_vs_torch: float = float("nan")
+    device_us: float = float("nan")  # kernel time alone (CUDA): ``us`` also waits for the host
 
     def asdict(self):
         return asdict(self)
@@ -107,21 +108,27 @@ def run_problem(prob: Problem, dtype: torch.dtype, device: torch.device, impls: 
             weights, flops_fwd, n_w = [w1, w2], 2 * prob.tokens * monarch_numel, monarch_numel
             fwd = lambda b=impl: mk.monarch_linear(x, w1, w2, out_features=prob.n_out, backend=b)
         for mode in modes:
+            kernels = float("nan")
             if mode == "fwd":
                 with torch.no_grad():
                     us = median_time_us(fwd, device, budget_s=budget_s)
+                    if device.type == "cuda":
+                        kernels = device_time_us(fwd)
                 flops, nbytes = flops_fwd, elt * (prob.tokens * (prob.n_in + prob.n_out) + n_w)
             else:
                 for t in [x, *weights]:
                     t.requires_grad_(True)
-                us = median_time_us(_grad_step(fwd, [x, *weights], gy), device, budget_s=budget_s)
+                step = _grad_step(fwd, [x, *weights], gy)
+                us = median_time_us(step, device, budget_s=budget_s)
+                if device.type == "cuda":
+                    kernels = device_time_us(step)
                 for t in [x, *weights]:
                     t.requires_grad_(False)
                     t.grad = None
                 flops, nbytes = 3 * flops_fwd, elt * (prob.tokens * (3 * prob.n_in + 2 * prob.n_out) + 3 * n_w)
             gbs = nbytes / (us * 1e-6) / 1e9
             rows.append(Row(prob.label, str(dtype).replace("torch.", ""), impl, mode, us, gbs,
-                            flops / (us * 1e-6) / 1e12, 100 * gbs / copy_gbs))
+                            flops / (us * 1e-6) / 1e12, 100 * gbs / copy_gbs, device_us=kernels))
     for r in rows:
         dense = next((d for d in rows if d.impl == "dense" and d.mode == r.mode), None)
         ref = next((d for d in rows if d.impl == "torch" and d.mode == r.mode), None)

@@ -64,6 +64,10 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
                                   lambda x=x, w1=w1, w2=w2, b=b, n=n_out, p=path: tmon.forward(x, w1, w2, b, n, "gelu", path=p)))
                 cases.append(Case(f"monarch fwd path={path} {tag}",
                                   lambda x=x, w1=w1, w2=w2, n=n_out, p=path: tmon.forward(x, w1, w2, None, n, path=p)))
+                if path == "two_kernel":  # the selectable chunked schedule (plan.CHUNK_IN_L2, off by default)
+                    cases.append(Case(f"monarch fwd chunked path={path} {tag}", _with_plan(
+                        lambda x=x, w1=w1, w2=w2, n=n_out: tmon.forward(x, w1, w2, None, n, path="two_kernel"),
+                        CHUNK_IN_L2=True)))
                 cases.append(Case(f"monarch fwd_saving bias+gelu path={path} {tag}",
                                   lambda x=x, w1=w1, w2=w2, b=b, n=n_out, p=path: tmon.forward_saving(x, w1, w2, b, n, "gelu",
                                                                                                       path=p)))
@@ -84,24 +88,28 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
     return cases
 
 
-def _one_launch_off(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` run with :data:`monarch_kernels.triton.plan.ONE_LAUNCH` off (the chunked forward's separate,
-    paired launches)."""
+def _with_plan(fn: Callable[[], object], **values) -> Callable[[], object]:
+    """``fn`` run with :mod:`monarch_kernels.triton.plan` settings ``values`` (e.g. ``CHUNK_IN_L2=True``: the
+    chunked forward's chained kernel, or with ``ONE_LAUNCH=False`` its separate, paired launches)."""
     from monarch_kernels.triton import plan
 
     def run():
-        saved, plan.ONE_LAUNCH = plan.ONE_LAUNCH, False
+        saved = {k: getattr(plan, k) for k in values}
+        for k, v in values.items():
+            setattr(plan, k, v)
         try:
             return fn()
         finally:
-            plan.ONE_LAUNCH = saved
+            for k, v in saved.items():
+                setattr(plan, k, v)
     return run
 
 
 def ci_cases() -> list[Case]:
     """The CI subset: one launch of every kernel family in its default bf16 configuration (4096 wide with 64
-    blocks: two-kernel forward with bias + GELU, the fused backward, and a 16-token forward; 1024 with 32
-    blocks: the fused square forward; 768 -> 3072 with 4 blocks: whole-row permuted runs and the gathered
+    blocks: two-kernel forward with bias + GELU (the token-major stage 2 and its transposing copy), the chunked
+    schedule chained and paired, the fused backward, and a 16-token forward; 1024 with 32 blocks: the fused
+    square forward; 768 -> 3072 with 4 blocks: whole-row permuted runs and the gathered
     multi-K dy), about fifteen compiles."""
     import torch
 
@@ -119,10 +127,10 @@ def ci_cases() -> list[Case]:
         Case("monarch bwd T=16384 4096 nb=64 bfloat16",
              lambda: tmon.backward(x, g, meta(*sh.w1_shape), meta(*sh.w2_shape), 4096)),
         Case("monarch fwd path=fused T=16384 1024 nb=32 bfloat16",
-             lambda: tmon.forward(meta(16384, 1024), meta(*sq.w1_shape), meta(*sq.w2_shape), None, 1024)),
+             lambda: tmon.forward(meta(16384, 1024), meta(*sq.w1_shape), meta(*sq.w2_shape), None, 1024, path="fused")),
         Case("monarch fwd_saving bias+gelu path=fused T=16384 1024 nb=32 bfloat16",  # the kept z's store
              lambda: tmon.forward_saving(meta(16384, 1024), meta(*sq.w1_shape), meta(*sq.w2_shape), meta(1024), 1024,
-                                         "gelu")),
+                                         "gelu", path="fused")),
         # every block in one group (whole-row permuted runs, the *_FULL layouts); backward: g copied token-major,
         # then (on the Triton tiles, not the cuBLAS views auto takes here) dy and dw2 on plain tiles
         Case("monarch fwd bias+gelu T=16384 768->3072 nb=4 bfloat16",
@@ -138,9 +146,13 @@ def ci_cases() -> list[Case]:
         Case("monarch bwd T=16384 768->3072 nb=4 bfloat16",
              lambda: tmon.backward(meta(16384, 768), meta(16384, 3072), meta(*s4.w1_shape), meta(*s4.w2_shape), 768,
                                    g_layout="token_major", dxw="separate")),
-        # the chunked schedule as separate launches (plan.ONE_LAUNCH off: the paired kernel, gpu_check's A/B)
-        Case("monarch fwd bias+gelu separate launches T=16384 4096 nb=64 bfloat16",
-             _one_launch_off(lambda: tmon.forward(x, meta(*sh.w1_shape), meta(*sh.w2_shape), b, 4096, "gelu"))),
+        # the chunked schedule (plan.CHUNK_IN_L2): one chained launch, and as separate launches (the paired kernel)
+        Case("monarch fwd bias+gelu chunked T=16384 4096 nb=64 bfloat16",
+             _with_plan(lambda: tmon.forward(x, meta(*sh.w1_shape), meta(*sh.w2_shape), b, 4096, "gelu"),
+                        CHUNK_IN_L2=True)),
+        Case("monarch fwd bias+gelu chunked separate launches T=16384 4096 nb=64 bfloat16",
+             _with_plan(lambda: tmon.forward(x, meta(*sh.w1_shape), meta(*sh.w2_shape), b, 4096, "gelu"),
+                        CHUNK_IN_L2=True, ONE_LAUNCH=False)),
         # few tokens: 16-row tiles
         Case("monarch fwd T=16 4096 nb=64 bfloat16",
              lambda: tmon.forward(meta(16, 4096), meta(*sh.w1_shape), meta(*sh.w2_shape), None, 4096)),

@@ -53,7 +53,9 @@ def test_smoke_run_writes_every_row_as_measured(tmp_path, monkeypatch):
     assert {r["impl"] for r in timing} >= {"dense", "torch", "triton"}
     assert all("predicted_us" in r for r in timing if r["impl"] == "triton")
     paths = [r for r in lines if r["case"] == "paths"]
-    assert any({"two_kernel_unpaired_us", "two_kernel_unpaired_predicted_us"} <= set(r) for r in paths)
+    assert any({"two_kernel_grouped_store_us", "two_kernel_grouped_store_device_us",
+                "two_kernel_grouped_store_predicted_us", "two_kernel_token_major_store_us",
+                "two_kernel_token_major_store_predicted_us", "model_store"} <= set(r) for r in paths)
     assert any({"bwd_fused_dxw_us", "bwd_separate_dxw_us", "bwd_bmm_dxw_us", "model_picks", "bwd_g_row_major_us",
                 "bwd_g_token_major_us", "bwd_g_bmm_us", "model_picks_g"} <= set(r) for r in paths)
     assert not [r for r in lines if "error" in r]

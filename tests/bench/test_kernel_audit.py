@@ -136,9 +136,10 @@ def test_ci_permuted_accesses_are_16_bytes(ci_audit):
 CHAIN_PTX_PROBE = r"""
 import re, sys, torch
 import monarch_kernels as mk
-from monarch_kernels.triton import monarch as tmon
+from monarch_kernels.triton import monarch as tmon, plan
 from bench.kernel_audit.offline import compile_only
 from bench.kernel_audit.triton_part import h100_host
+plan.CHUNK_IN_L2 = True  # the chunked schedule (off by default) is the one that chains
 sh = mk.monarch_factor_shapes(4096, 4096, 64)
 meta = lambda *s: torch.empty(*s, dtype=torch.bfloat16, device="meta")
 seen = []
