@@ -83,11 +83,11 @@ def test_smem_bound_grows_with_tokens_and_block():
 
 def test_auto_prices_a_training_call_as_a_training_step(fake_gpu):
     """The same fake-GPU call resolves to the reference for inference and to Triton when autograd records it
-    (the cost model predicts Triton's forward slower and its forward+backward faster at this shape: 2048 wide,
-    4 blocks of 512, 8192 tokens)."""
-    sh = mk.monarch_factor_shapes(2048, 2048, 4)
+    (the cost model predicts Triton's forward slower and its forward+backward faster at this shape: 8192 wide,
+    2 blocks of 4096, 2048 tokens)."""
+    sh = mk.monarch_factor_shapes(8192, 8192, 2)
     w1, w2 = fake_gpu(*sh.w1_shape, dtype=torch.bfloat16), fake_gpu(*sh.w2_shape, dtype=torch.bfloat16)
-    x = fake_gpu(8192, 2048, dtype=torch.bfloat16)
+    x = fake_gpu(2048, 8192, dtype=torch.bfloat16)
     assert mk.resolve_backend("monarch", x, w1, w2) == "torch"
     assert mk.resolve_backend("monarch", x, w1.requires_grad_(), w2) == "triton"
     with torch.no_grad():
