@@ -381,7 +381,8 @@ def _model_choice(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape
     """The cost model's pick (``"dxw_choice"``: :func:`monarch_kernels.cost_model.dxw_choice`; ``"g_readers"``:
     :func:`monarch_kernels.cost_model.g_readers`; ``"stage2_store"`` / ``"stage2_store_saving"``:
     :func:`monarch_kernels.cost_model.stage2_store` without / with the intermediate kept) for this call's shape
-    and dtype (about 0.1 ms of arithmetic, so remembered per shape)."""
+    and dtype, at the GPU's constants (:func:`monarch_kernels.cost_model.device_for`; about 0.1 ms of
+    arithmetic, so remembered per shape)."""
     name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
     return _model_choice_cached(question, max(T, 1), n_in, n_out, sh, name, activation)
 
@@ -392,9 +393,11 @@ def _model_choice_cached(question: str, T: int, n_in: int, n_out: int, sh: Monar
     from .. import cost_model as cm  # imported here: cost_model imports this package's plan module
 
     problem = cm.Problem(T, n_in, n_out, sh, activation)
+    # the device's constants (the H200's measured ones where that is the GPU); H100 ones in the interpreter
+    dev = cm.device_for(torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     if question.startswith("stage2_store"):
-        return cm.stage2_store(problem, dtype, keep=question.endswith("_saving"))
-    return getattr(cm, question)(problem, dtype)
+        return cm.stage2_store(problem, dtype, dev, keep=question.endswith("_saving"))
+    return getattr(cm, question)(problem, dtype, dev)
 
 
 def _check_bmm(what: str, width: int, blocks: int, name: str) -> None:

@@ -153,6 +153,101 @@ def test_token_major_copy(dtype):
         ttm.to_token_major(base[0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_into_a_row_major_output(dtype):
+    """:func:`.token_major.copy_into`: a token-major source (ragged 70 x 77 over 64 x 64 tiles) into a row-major
+    output and a strided one, NaN/±inf bit for bit, every element written (the output poisoned first); sizes
+    and dtypes that differ are refused."""
+    from monarch_kernels.triton import token_major as ttm
+
+    gen = torch.Generator().manual_seed(12)
+    src = ttm.to_token_major(torch.randn(70, 77, generator=gen).to(DEVICE, dtype))
+    src[5, 9], src[69, 76], src[0, 0] = math.nan, math.inf, -math.inf
+    for out in (torch.full((70, 77), math.nan, device=DEVICE, dtype=dtype),
+                torch.full((70, 160), math.nan, device=DEVICE, dtype=dtype)[:, 3:157:2]):
+        assert ttm.copy_into(src, out) is out
+        assert torch.equal(out.isnan(), src.isnan()) and torch.equal(out.nan_to_num(), src.nan_to_num())
+    for bad in (torch.empty(70, 76, dtype=dtype), torch.empty(70, 77, dtype=torch.float16), torch.empty(70 * 77)):
+        with pytest.raises(ValueError, match="copy_into"):
+            ttm.copy_into(src, bad)
+    ttm.copy_into(src[:0], torch.empty(0, 77, dtype=dtype))  # nothing to move
+
+
+@pytest.mark.parametrize("name", ["grouped C=1 runs, ragged p", "C=12 runs, whole-row P2 (l=4)",
+                                  "C=3 scattered P1, non-pow2 blocks", "fused square, group 16 of 32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_kernel_forward_with_a_token_major_stage2(monkeypatch, name, dtype):
+    """The two-kernel forward whose stage 2 stores token-major (P2 in the store as whole token runs) and one
+    transposing copy writes the output, whichever store the cost model would pick: as the float64 reference
+    with bias and GELU, ragged sizes (truncated output), NaN/±inf inputs, from a token-major input too; the
+    intermediate kept by ``forward_saving`` (no activation: the token-major store applies) is stage 1's. With a
+    pre-activation kept (an activation in ``forward_saving``) the grouped store runs instead, no copy."""
+    from monarch_kernels.triton import token_major as ttm
+
+    real_choice, copies = tmon._model_choice, []
+    monkeypatch.setattr(tmon, "_model_choice", lambda q, *a, **k: "token_major" if q.startswith("stage2_store")
+                        else real_choice(q, *a, **k))
+    monkeypatch.setattr(tmon, "copy_into", lambda src, out: copies.append(src) or ttm.copy_into(src, out))
+    s1, s2 = SHAPES[name]
+    sh, n_in, n_out, x, w1, w2, b, _ = _data(s1, s2, 70, dtype, seed=9)
+    x[3, 1], x[40, 0] = math.nan, math.inf
+    for inp in (x, x.t().contiguous().t()):
+        for bias, act in ((b, "gelu"), (None, "none")):
+            out = tmon.forward(inp, w1, w2, bias, n_out, act, path="two_kernel")
+            assert len(copies) == 1 and _common.is_token_major(copies[0]) and copies[0].shape == out.shape
+            copies.clear()
+            want = ref.monarch_fwd(_d(inp), _d(w1), _d(w2), _d(bias), n_out, act)
+            assert_close(out, want, dtype, f"{name} {act}")
+    out, z, pre = tmon.forward_saving(x, w1, w2, None, n_out, path="two_kernel")
+    assert len(copies) == 1 and pre is None
+    assert_close(out, ref.monarch_fwd(_d(x), _d(w1), _d(w2), None, n_out), dtype, "saving")
+    assert _common.is_token_major(z)
+    assert_close(z, tmon._z(x, w1, sh), dtype, "kept z")  # the same kernel: equal up to the NaN/inf pattern
+    copies.clear()
+    out, z, pre = tmon.forward_saving(x, w1, w2, b, n_out, "gelu", path="two_kernel")
+    assert copies == [] and pre is not None
+    assert_close(out, ref.monarch_fwd(_d(x), _d(w1), _d(w2), _d(b), n_out, "gelu"), dtype, "saving gelu")
+
+
+def test_stage2_store_and_forward_path_follow_the_cost_model():
+    """``auto`` asks the cost model: at 16384 tokens of 4096/64 stage 2 stores token-major (the grouped store
+    runs at the interleaved kernels' measured third of the bandwidth), at 16 tokens it keeps the grouped store
+    (two launches, not three: the launch gaps decide); the token-major store is not offered with chunks or a
+    kept pre-activation. The fused square kernel
+    (latency-bound, ``fused_eff``) is not ``auto``'s pick at 16384 x 1024/32, but an explicit ``path="fused"``
+    still runs it."""
+    from monarch_kernels import cost_model as cm
+
+    sq, fc1 = cm.Problem.linear(16384, 4096, 4096, 64), cm.Problem.linear(16384, 768, 3072, 4, "gelu")
+    assert cm.stage2_store(sq) == "token_major" and cm.stage2_store(cm.Problem.linear(16, 4096, 4096, 64)) == "grouped"
+    assert plan.stage2_stores(16384, 16384, False) == ("grouped", "token_major")
+    assert plan.stage2_stores(1024, 16384, False) == plan.stage2_stores(16384, 16384, True) == ("grouped",)
+    with pytest.raises(ValueError, match="stage-2 store"):
+        cm._two_kernel_forward(fc1, "bfloat16", cm.H100_SXM, True, "token_major")
+    both = {o: cm._two_kernel_forward(sq, "bfloat16", cm.H100_SXM, False, o) for o in plan.STAGE2_STORES}
+    assert [k.name for k in both["token_major"].kernels][-1] == "transpose into the row-major output"
+    assert both["token_major"].time() < both["grouped"].time()
+    sh = mk.monarch_factor_shapes(1024, 1024, 32)
+    x = torch.empty(16384, 1024, dtype=torch.bfloat16, device="meta")
+    assert cm.triton_path(cm.Problem.linear(16384, 1024, 1024, 32)) == "two_kernel"
+    assert tmon.choose_path(sh, "auto", x) == "two_kernel" and tmon.choose_path(sh, "auto") == "fused"
+    assert tmon.choose_path(sh, "fused", x) == "fused"
+    slow = cm.estimate("triton", "fused", "fwd", cm.Problem.linear(16384, 1024, 1024, 32)).kernels[0]
+    assert slow.mem_eff == pytest.approx(cm.H100_SXM.mem_eff * cm.H100_SXM.fused_eff)
+
+
+def test_launch_plans_are_memoised_per_setting(monkeypatch):
+    """Plans are memoised (the same object for the same call) but follow the module's settings: a patched
+    register budget gives a fresh, different plan, and restoring it the cached one again."""
+    args = (16384, 64, 64, 64, 2, None, (64, 64), False, False, False)
+    first = plan.bd_launch(*args)
+    assert plan.bd_launch(*args) is first
+    monkeypatch.setattr(plan, "LIVE_BYTES", plan.LIVE_BYTES // 4)
+    assert plan.bd_launch(*args).tile != first.tile
+    monkeypatch.undo()
+    assert plan.bd_launch(*args) is first
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_activation_gradient_written_token_major(dtype):
     """:func:`.token_major.activation_grad_token_major` is ``activations.backward`` (fp32 arithmetic, the
