@@ -335,10 +335,10 @@ def kernels_section(jsonl):
         ("dense fwd 16384 4096", lambda: F.linear(x, dense_w), {}),
         ("torch ref fwd 16384 4096/64", lambda: mk.monarch_linear(x, w1, w2, backend="torch"), {}),
         ("triton fwd 16384 4096/64 (plan)", lambda: tmon.forward(x, w1, w2), {}),
-        ("triton fwd 16384 4096/64 unchunked", lambda: tmon.forward(x, w1, w2, path="two_kernel"),
-         dict(chunk_tokens=lambda tokens, *a: tokens)),
-        ("triton fwd 16384 4096/64 separate launches",
-         lambda: tmon.forward(x, w1, w2, path="two_kernel"), dict(ONE_LAUNCH=False)),
+        ("triton fwd 16384 4096/64 chunked (chained)", lambda: tmon.forward(x, w1, w2, path="two_kernel"),
+         dict(CHUNK_IN_L2=True)),
+        ("triton fwd 16384 4096/64 chunked, separate launches",
+         lambda: tmon.forward(x, w1, w2, path="two_kernel"), dict(CHUNK_IN_L2=True, ONE_LAUNCH=False)),
         ("triton bwd 16384 4096/64", lambda: tmon.backward(x, g, w1, w2), {}),
     ]
     x2, v1, v2 = factors(T, size(1024, 64), size(1024, 64), size(32, 8))
@@ -401,17 +401,16 @@ def sweep_section(jsonl):
 
 
 def ncu_target():
+    """A few launches for ``ncu``: the default two-kernel forward at 16384 x 4096/64 (its two block-diagonal
+    kernels and the transposing copy where the model picks the token-major store) and the fused square kernel
+    at 1024/32, three times each (``gpu_profile.sh`` skips the first round)."""
     from monarch_kernels.triton import monarch as tmon
-    from monarch_kernels.triton import plan
 
-    plan.ONE_LAUNCH = False
-    plan.PAIR_STAGES = False
-    plan.chunk_tokens = lambda tokens, *a: tokens
     x, w1, w2 = factors(16384, 4096, 4096, 64)
     x2, v1, v2 = factors(16384, 1024, 1024, 32)
     for _ in range(3):
-        tmon.forward(x, w1, w2, None, 4096, path="two_kernel")
-        tmon.forward(x2, v1, v2, None, 1024, path="fused")
+        tmon.forward(x, w1, w2, path="two_kernel")
+        tmon.forward(x2, v1, v2, path="fused")
     sync()
 
 

@@ -24,8 +24,8 @@ run 70 tiles
 [ -n "$build_pid" ] && wait "$build_pid"
 run 60 decode,host
 if [ "${GPU_PROFILE_NCU:-0}" = "1" ] && command -v ncu > /dev/null; then
-  timeout 110 ncu --clock-control none --kernel-name "regex:_bd_fwd_kernel|_fused_fwd_kernel" --launch-skip 2 \
-    --launch-count 3 --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+  timeout 110 ncu --clock-control none --kernel-name "regex:_bd_fwd_kernel|_fused_fwd_kernel|_token_major_copy" \
+    --launch-skip 4 --launch-count 4 --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
     --section Occupancy --section LaunchStats --section WarpStateStats \
     "$PY" -m bench.gpu_profile --ncu-target > "$OUT_DIR/ncu.txt" 2>&1 || echo "ncu did not finish"
 fi

@@ -49,8 +49,8 @@ SINGLE_DOT_BYTES = 64 * 1024
 
 
 def _memo(fn):
-    """Memoise a launch plan by its arguments and the module's current settings (every upper-case constant and
-    the tile functions, so that a test or benchmark that patches one gets fresh plans). Plans are pure
+    """Memoise a launch plan by its arguments and the module's current settings (:data:`_SETTINGS`: the
+    budgets and flags and the tile functions, so that a test or benchmark that patches one gets fresh plans). Plans are pure
     arithmetic, but at 10-15 µs each they were a measurable part of a call's host time (H200, 2026-11-30:
     ~300 µs of host time per Triton forward)."""
     cache: dict = {}
@@ -58,9 +58,7 @@ def _memo(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         g = globals()
-        key = (args, tuple(sorted(kwargs.items())),
-               tuple(v for k, v in g.items() if k.isupper() and isinstance(v, (int, float, bool))),
-               g["bd_tile"], g["wgrad_tile"], g["dxw_tile"])
+        key = (args, tuple(sorted(kwargs.items())), tuple(g[name] for name in _SETTINGS))
         try:
             return cache[key]
         except KeyError:
@@ -72,6 +70,11 @@ def _memo(fn):
 
     wrapper.cache_clear = cache.clear
     return wrapper
+
+
+#: what a memoised plan depends on besides its arguments (:func:`_memo`)
+_SETTINGS = ("RUN_BYTES", "L2_SHARE", "PAIR_STAGES", "ONE_LAUNCH", "CHUNK_IN_L2", "LIVE_BYTES", "DOT_BYTES",
+             "ACC_BYTES", "SINGLE_DOT_BYTES", "bd_tile", "wgrad_tile", "dxw_tile")
 
 
 @dataclass(frozen=True)
