@@ -5,7 +5,7 @@ own python, CUDA torch and triton, no network) runs *case providers* in order; e
 are printed and appended to ``DIR/gpu_check.jsonl`` as soon as they are measured, so a run cut short by a
 time limit still leaves its data. Providers (``--only`` / ``--skip`` select by name):
 
-* ``env``: device, versions, backends; ``probes``: copy bandwidth, an L2-resident read bandwidth (the cost
+* ``env``: device, versions, backends; ``probes``: copy bandwidth, an L2-resident copy bandwidth (the cost
   model's least certain constant) and a large cuBLAS GEMM (its dense rate);
 * ``chain``: the chained (one-launch) two-kernel forward first, in a child process with a time limit, against
   the same forward as separate launches; if it fails or hangs the rest of the run uses separate launches;
@@ -163,14 +163,17 @@ def probe_cases(ctx: Context):
     big = (1 << 20) if ctx.smoke else (1 << 30)
     yield "copy bandwidth", lambda: {"copy_GBps": _sig(copy_bandwidth_gbs(ctx.device, nbytes=big))}
 
-    def l2_read():
-        # a buffer that fits in L2, summed repeatedly without flushing: bytes read per second from L2
-        n = (1 << 18) if ctx.smoke else (16 << 20) // 2
-        buf = torch.ones(n, dtype=torch.bfloat16, device=ctx.device)
-        fn = lambda: buf.sum()
-        us = _no_flush_us(fn) if ctx.device.type == "cuda" else median_time_us(fn, ctx.device, budget_s=ctx.budget_s)
-        return {"l2_read_GBps": _sig(2 * n / (us * 1e-6) / 1e9), "bytes": 2 * n}
-    yield "L2 read bandwidth (16 MB, no flush)", l2_read
+    def l2_copy():
+        # 8 MB copied into another 8 MB buffer, both resident in L2, kernel time alone (torch.profiler): bytes
+        # read plus written per second from L2. (A per-call event timing of a 16 MB sum, this probe's first
+        # version, measured 644 GB/s on an H200: the launch and the reduction, not the L2.)
+        n = (1 << 18) if ctx.smoke else (8 << 20) // 2
+        src = torch.ones(n, dtype=torch.bfloat16, device=ctx.device)
+        dst = torch.empty_like(src)
+        fn = lambda: dst.copy_(src)
+        us = ctx.device_us(fn) if ctx.device.type == "cuda" else median_time_us(fn, ctx.device, budget_s=ctx.budget_s)
+        return {"l2_copy_GBps": _sig(4 * n / (us * 1e-6) / 1e9), "bytes": 4 * n}
+    yield "L2 copy bandwidth (2 x 8 MB, kernel time)", l2_copy
 
     def gemm():
         n = 256 if ctx.smoke else 8192
@@ -183,22 +186,6 @@ def probe_cases(ctx: Context):
 def _sig(v: float) -> float:
     """Four significant digits (a slow CPU smoke run measures small numbers that must not round to 0)."""
     return float(f"{v:.4g}")
-
-
-def _no_flush_us(fn, reps: int = 200) -> float:
-    """Median of CUDA-event-timed repetitions without an L2 flush between them."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return sorted(times)[len(times) // 2]
 
 
 #: the chained forward runs first in a child process with this time limit (s): if its in-kernel waits never
