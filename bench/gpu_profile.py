@@ -314,18 +314,7 @@ def kernels_section(jsonl):
     from monarch_kernels.triton import monarch as tmon
     from monarch_kernels.triton import plan
 
-    import contextlib
-
-    @contextlib.contextmanager
-    def patched(**values):
-        saved = {k: getattr(plan, k) for k in values}
-        for k, v in values.items():
-            setattr(plan, k, v)
-        try:
-            yield
-        finally:
-            for k, v in saved.items():
-                setattr(plan, k, v)
+    from .gpu_check import _patched
 
     T, n, nb = size(16384, 8), size(4096, 256), size(64, 16)
     x, w1, w2 = factors(T, n, n, nb)
@@ -351,7 +340,7 @@ def kernels_section(jsonl):
                   lambda: mk.monarch_linear(x3, u1, u2, b3, activation="gelu_tanh", backend="torch"), {}))
     for name, fn, plan_values in cases:
         try:
-            with patched(**plan_values):
+            with _patched(plan, **plan_values):
                 profile_kernels(name, fn, jsonl)
         except Exception as e:  # noqa: BLE001
             emit("kernels", {"case": name, "error": repr(e)[:300]}, jsonl)

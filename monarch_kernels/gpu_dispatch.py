@@ -1,11 +1,12 @@
 """When ``auto`` takes a GPU kernel backend over the torch reference on a CUDA device (the CUDA counterpart of
 :mod:`monarch_kernels.cpu_dispatch`).
 
-No GPU timings exist yet, so the rule is the cost model's (:mod:`monarch_kernels.cost_model`, H100 constants):
-a backend is preferred for a call when its predicted time is the lowest among the backends that have a cost
-estimator and can run the call, the torch reference included — so ``auto`` never takes a path the model
-predicts slower than the reference. Once ``bench/gpu_check.sh`` has measured a device, its side-by-side ratios
-replace the model here (as the CPU rule's constants came from measurements).
+The rule is the cost model's (:mod:`monarch_kernels.cost_model`, H100 constants, its efficiencies calibrated
+on the H200 measurements of ``bench/RESULTS.md`` §8): a backend is preferred for a call when its predicted time
+is the lowest among the backends that have a cost estimator and can run the call, the torch reference included
+— so ``auto`` never takes a path the model predicts slower than the reference. The first device session measured
+the previous revision's kernels; once ``bench/gpu_check.sh`` has measured these, its side-by-side device-time
+ratios should replace the model here (as the CPU rule's constants came from measurements).
 
 The call's ``dims = (T, n_in, n_out, block)`` (see :func:`monarch_kernels.backends.resolve`) carry the fused
 activation (:class:`monarch_kernels.backends.Dims`: the reference pays extra passes for it, the Triton kernels

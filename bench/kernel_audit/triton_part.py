@@ -93,15 +93,11 @@ def _with_plan(fn: Callable[[], object], **values) -> Callable[[], object]:
     chunked forward's chained kernel, or with ``ONE_LAUNCH=False`` its separate, paired launches)."""
     from monarch_kernels.triton import plan
 
+    from ..gpu_check import _patched
+
     def run():
-        saved = {k: getattr(plan, k) for k in values}
-        for k, v in values.items():
-            setattr(plan, k, v)
-        try:
+        with _patched(plan, **values):
             return fn()
-        finally:
-            for k, v in saved.items():
-                setattr(plan, k, v)
     return run
 
 
