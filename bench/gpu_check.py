@@ -396,7 +396,8 @@ def path_cases(ctx: Context):
                 """``two_kernel_<name>_us`` (wall) and ``_device_us`` with the stage-2 store forced and the plan
                 patched, beside the cost model's price of that plan (``_predicted_us``)."""
                 if store != "auto":
-                    tmon._model_choice = lambda q, *a, **k: store if q.startswith("stage2_store") else real_choice(q, *a, **k)
+                    tmon._model_choice = lambda q, *a, **k: (store if q.startswith("stage2_store")
+                                                             else real_choice(q, *a, **k))
                 try:
                     with _patched(plan, **plan_values):
                         fn = lambda: tmon.forward(x, w1, w2, None, n_out, path="two_kernel")

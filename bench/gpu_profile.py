@@ -108,7 +108,8 @@ def host_section(jsonl):
             emit("host", {"case": "graph capture", "error": repr(e)[:300]}, jsonl)
     for name, fn in cases.items():
         try:
-            emit("host", {"case": name, "T": 16, "shape": f"{n}/{w1.shape[0]} bf16", "us_per_call": round(host_us(fn), 1)},
+            emit("host", {"case": name, "T": 16, "shape": f"{n}/{w1.shape[0]} bf16",
+                          "us_per_call": round(host_us(fn), 1)},
                  jsonl)
         except Exception as e:  # noqa: BLE001
             emit("host", {"case": name, "error": repr(e)[:300]}, jsonl)

@@ -413,15 +413,15 @@ def chained(name: str, steps: list) -> Kernel:
                    min(s.mem_eff for s in steps), tuple(steps))
 
 
-def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False, store: str = "auto") -> Cost:
+def _two_kernel_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False,
+                        store: str = "auto") -> Cost:
     """Stage 1 and stage 2; ``store`` (:data:`.plan.STAGE2_STORES`, ``"auto"``: :func:`stage2_store`) how stage 2
-    writes the output: grouped runs, or token-major and then a transposing copy. With :data:`.plan.CHUNK_IN_L2`, per L2-sized token chunk: the intermediate goes
-    from one to the other through L2;
-    with :data:`.plan.PAIR_STAGES` stage 1 of each chunk runs in one launch with stage 2 of the previous one
-    (:func:`paired`; two chunks' intermediates in L2), and with :data:`.plan.ONE_LAUNCH` that schedule is one
-    launch (:class:`Chained`) after a counter reset. ``keep`` (:func:`.triton.monarch.forward_saving`):
-    every chunk's intermediate also reaches HBM, kept, and with an activation stage 2 stores the
-    pre-activation too."""
+    writes the output: grouped runs, or token-major and then a transposing copy. With :data:`.plan.CHUNK_IN_L2`, per
+    L2-sized token chunk: the intermediate goes from one to the other through L2; with :data:`.plan.PAIR_STAGES`
+    stage 1 of each chunk runs in one launch with stage 2 of the previous one (:func:`paired`; two chunks'
+    intermediates in L2), and with :data:`.plan.ONE_LAUNCH` that schedule is one launch (:class:`Chained`) after a
+    counter reset. ``keep`` (:func:`.triton.monarch.forward_saving`): every chunk's intermediate also reaches HBM,
+    kept, and with an activation stage 2 stores the pre-activation too."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
     pair = _plan.PAIR_STAGES
     chunk = _plan.forward_chunk(T, sh.n_mid, item, dev.l2_bytes)

@@ -19,10 +19,11 @@ two-kernel one, :func:`choose_path`):
   second's. The intermediate is stored token-major (transposed, :func:`._common.empty_token_major`): the P1
   store writes every column as a run of the row tile's tokens, so stage 1 needs no block group (a 128-row
   tile, weights re-read half as often) and every sector is whole. Where the cost model predicts it faster
-  (:func:`monarch_kernels.cost_model.stage2_store`) the second kernel stores token-major too, so P2 is a permutation of whole token runs, and one transposing
-  copy (:func:`.token_major.copy_into`) writes the row-major output: two more passes over the output, but
-  every kernel stores full sectors (measured on an H200, the grouped P2 store — 16-byte runs of 8 interleaved
-  blocks — wasted half of each store sector and ran at 1.0-1.4 TB/s). Otherwise (a pre-activation kept for
+  (:func:`monarch_kernels.cost_model.stage2_store`) the second kernel stores token-major too, so P2 is a
+  permutation of whole token runs, and one transposing copy (:func:`.token_major.copy_into`) writes the
+  row-major output: two more passes over the output, but every kernel stores full sectors (measured on an
+  H200, the grouped P2 store — 16-byte runs of 8 interleaved blocks — wasted half of each store sector and
+  ran at 1.0-1.4 TB/s). Otherwise (a pre-activation kept for
   the backward, or chunks) the P2 store into the row-major output uses ≥ 16-byte runs of grouped blocks.
   With :data:`.plan.CHUNK_IN_L2` (off: measured slower) tokens go in chunks whose intermediate fits in a
   share of the L2 (:func:`.plan.chunk_tokens`), so the second kernel reads it back from L2 rather than HBM;

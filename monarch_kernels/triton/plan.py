@@ -49,10 +49,10 @@ SINGLE_DOT_BYTES = 64 * 1024
 
 
 def _memo(fn):
-    """Memoise a launch plan by its arguments and the module's current settings (:data:`_SETTINGS`: the
-    budgets and flags and the tile functions, so that a test or benchmark that patches one gets fresh plans). Plans are pure
-    arithmetic, but at 10-15 µs each they were a measurable part of a call's host time (H200, 2026-11-30:
-    ~300 µs of host time per Triton forward)."""
+    """Memoise a launch plan by its arguments and the module's current settings (:data:`_SETTINGS`: the budgets and
+    flags and the tile functions, so that a test or benchmark that patches one gets fresh plans). Plans are pure
+    arithmetic, but at 10-15 µs each they were a measurable part of a call's host time (H200, 2026-11-30: ~300 µs of
+    host time per Triton forward)."""
     cache: dict = {}
 
     @functools.wraps(fn)
