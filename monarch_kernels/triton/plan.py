@@ -189,7 +189,10 @@ def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int
         block_n = min(block_n, 32)
     if acc_fp32:  # a gathered tile per K step sits beside the accumulators: half the step
         block_k = side(k, 32)
-    return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n, block_m), 3)
+    # pipeline depth: a single K step has nothing to overlap, extra stages only take shared memory (occupancy):
+    # measured on an H200, 65536 x 4096/64 plain tiles, 2 stages 285 µs, 3 stages 329, 4 stages 409
+    stages = 2 if cdiv(k, block_k) == 1 else 3
+    return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n, block_m), stages)
 
 
 def wgrad_tile(nblocks: int, q: int, p: int, group: int) -> Tile:
