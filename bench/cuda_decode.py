@@ -10,7 +10,9 @@ n = 2048, 4096, 8192, nblocks 4, 16, 64 and T = 1, 4, 16 (bf16 forward, square l
 weights; 1-64 tokens, bf16/fp16/fp32, ragged and 1-wide blocks; outputs poisoned with NaN), then times, in the
 same run, dense ``F.linear``, the ``cuda`` backend (decode kernels) and the ``triton`` backend on the same data
 (forward, bf16; weights cold: L2 flushed between calls) next to the predictions (:func:`measure_rows`). Both are
-cases of the one GPU check, ``bench/gpu_check.py``.
+cases of the one GPU check, ``bench/gpu_check.py``. The row-split forward (``ext.decode_kernel("rowsplit")``, not
+the default until measured) is checked and timed beside the default cooperative kernel (``fwd_rowsplit``,
+``rowsplit_us``); the predicted table prices it too (``rowsplit_us``, ``nan`` where its plan declines).
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 
 import monarch_kernels as mk
 from monarch_kernels import cost_model as cm
-from monarch_kernels import cuda_cost
+from monarch_kernels import cuda_cost, ext
 
 SIZES, NBLOCKS, TOKENS = (2048, 4096, 8192), (4, 16, 64), (1, 4, 16)
 #: (w1 shape, w2 shape) of the correctness cases: square 4 blocks, c = 1 (64 blocks), ragged rows (element loads),
@@ -39,6 +41,18 @@ def _elem_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if a.shape != e.shape or torch.isnan(a).any():
         return float("inf")
     return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def _rowsplit_err(prims, x, w1, w2, b, sh) -> float:
+    """The forward with ``ext.decode_kernel("rowsplit")`` against float64, every activation (the cooperative
+    kernel where the row-split plan declines, e.g. past 16 tokens)."""
+    from monarch_kernels import reference as ref
+
+    d = lambda t: t.double()
+    with ext.decode_kernel("rowsplit"):
+        return max(_elem_err(prims.monarch_fwd(x, w1, w2, b, sh.n_out, act),
+                             ref.monarch_fwd(d(x), d(w1), d(w2), d(b), sh.n_out, act))
+                   for act in ("none", "relu", "gelu", "gelu_tanh"))
 
 
 def check_rows(device: torch.device) -> list[dict]:
@@ -65,6 +79,7 @@ def check_rows(device: torch.device) -> list[dict]:
                                       for act in ("none", "relu", "gelu", "gelu_tanh")),
                            "dx": _elem_err(prims.monarch_bwd_input(g, w1, w2, sh.n_in),
                                            ref.monarch_bwd_input(d(g), d(w1), d(w2), sh.n_in)),
+                           "fwd_rowsplit": _rowsplit_err(prims, x, w1, w2, b, sh),
                            "bd": _elem_err(prims.blockdiag_fwd(x, w1, bb, sh.k * sh.q, "relu"),
                                            ref.blockdiag_fwd(d(x), d(w1), d(bb), sh.k * sh.q, "relu"))}
                     wt = w1.transpose(1, 2).contiguous().transpose(1, 2)  # served as W_bᵀ in place
@@ -89,8 +104,12 @@ def predicted_rows(sizes=SIZES, nblocks=NBLOCKS, tokens=TOKENS, dtype: str = "bf
                 dense = cm.dense("fwd", pr, dtype).time()
                 triton = cm.estimate("triton", path, "fwd", pr, dtype).time()
                 floor = cuda_cost.floor_seconds(pr, dtype)
+                sh = pr.shape
+                split = cuda_cost.rowsplit_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), n, dtype) is not None
+                rs = cuda_cost.rowsplit_kernel(pr, dtype, cm.H100_SXM).time(cm.H100_SXM) if split else float("nan")
                 rows.append({"n": n, "nblocks": nb, "T": T, "floor_us": round(floor * 1e6, 2),
                              "cuda_us": round(t * 1e6, 2), "vs_floor": round(t / floor, 2),
+                             "rowsplit_us": round(rs * 1e6, 2),
                              "dense_us": round(dense * 1e6, 2), "x_dense": round(dense / t, 2),
                              f"triton_{path}_us": round(triton * 1e6, 2), "x_triton": round(triton / t, 2)})
     return rows
@@ -117,6 +136,10 @@ def measure_rows(device: torch.device, budget_s: float = 0.05, sizes=SIZES, nblo
                     t = {"dense": median_time_us(lambda: torch.nn.functional.linear(x, dense_w), device, budget_s=budget_s)}
                     for b in impls:
                         t[b] = median_time_us(lambda b=b: mk.monarch_matmul(x, w1, w2, backend=b), device, budget_s=budget_s)
+                    if "cuda" in impls:
+                        with ext.decode_kernel("rowsplit"):
+                            t["rowsplit"] = median_time_us(lambda: mk.monarch_matmul(x, w1, w2, backend="cuda"), device,
+                                                           budget_s=budget_s)
                 pr = cm.Problem.linear(T, n, n, nb)
                 row = {"n": n, "nblocks": nb, "T": T, "auto": mk.resolve_backend("monarch", x, w1, w2),
                        "dense_us": round(t["dense"], 2)}
@@ -125,6 +148,7 @@ def measure_rows(device: torch.device, budget_s: float = 0.05, sizes=SIZES, nblo
                     row[f"{b}_x_dense"] = round(t["dense"] / t[b], 2)
                 if "cuda" in t:
                     row["cuda_vs_floor"] = round(t["cuda"] / (cuda_cost.floor_seconds(pr) * 1e6), 2)
+                    row["rowsplit_us"] = round(t["rowsplit"], 2)
                 row["cuda_pred_us"] = round(cm.estimate("cuda", "decode", "fwd", pr).time() * 1e6, 2)
                 rows.append(row)
     return rows

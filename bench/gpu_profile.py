@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import monarch_kernels as mk
+from monarch_kernels import ext
 
 #: ``--smoke``: tiny shapes on the CPU through the Triton interpreter (tests the script, not the numbers)
 SMOKE = False
@@ -267,23 +269,27 @@ def events_us(fn: Callable[[], object], launches: int = 10) -> float:
 
 
 def decode_section(jsonl):
-    """The CUDA decode kernel and dense cuBLAS replayed from CUDA graphs (device time without the host's),
-    T = 1, 4, 16, n = 2048 / 4096 / 8192, 4 and 64 blocks."""
+    """The CUDA decode kernels (the default cooperative one and the row-split one, ``ext.decode_kernel``) and
+    dense cuBLAS replayed from CUDA graphs (device time without the host's), T = 1, 4, 16, n = 2048 / 4096 /
+    8192, 4 and 64 blocks."""
     for n in (2048, 4096, 8192):
         for nb in (4, 64):
             for T in (1, 4, 16):
                 x, w1, w2 = factors(T, n, n, nb)
                 wd = rand(n, n)
                 row = {"n": n, "nblocks": nb, "T": T}
-                for name, fn in (("dense", lambda: F.linear(x, wd)),
-                                 ("cuda", lambda: mk.monarch_linear(x, w1, w2, backend="cuda")),
-                                 ("triton", lambda: mk.monarch_linear(x, w1, w2, backend="triton"))):
+                cuda = lambda: mk.monarch_linear(x, w1, w2, backend="cuda")
+                for name, fn, kernel in (("dense", lambda: F.linear(x, wd), None), ("cuda", cuda, "cooperative"),
+                                         ("cuda_rowsplit", cuda, "rowsplit"),
+                                         ("triton", lambda: mk.monarch_linear(x, w1, w2, backend="triton"), None)):
                     try:
-                        row[f"{name}_graph_us"] = round(graph_us(fn), 2)
+                        with ext.decode_kernel(kernel) if kernel else contextlib.nullcontext():
+                            row[f"{name}_graph_us"] = round(graph_us(fn), 2)  # the graph keeps the kernel
                     except Exception as e:  # noqa: BLE001
                         row[f"{name}_error"] = repr(e)[:200]
-                if "cuda_graph_us" in row:
-                    row["cuda_x_dense"] = round(row["dense_graph_us"] / row["cuda_graph_us"], 2)
+                for name in ("cuda", "cuda_rowsplit"):
+                    if f"{name}_graph_us" in row:
+                        row[f"{name}_x_dense"] = round(row["dense_graph_us"] / row[f"{name}_graph_us"], 2)
                 emit("decode", row, jsonl)
 
 

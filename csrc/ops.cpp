@@ -23,6 +23,9 @@
 #ifndef MONARCH_KERNELS_NO_PYTHON_MODULE
 #include <torch/extension.h>
 #endif
+#ifdef MONARCH_WITH_CUDA
+#include "cuda/decode.cuh"  // set_decode_choice
+#endif
 
 #include <optional>
 #include <tuple>
@@ -530,6 +533,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "monarch-kernels compiled kernels (ops registered under torch.ops.monarch_kernels_ext)";
 #ifdef MONARCH_WITH_CUDA
   m.attr("with_cuda") = true;
+  m.def(
+      "set_decode_kernel",
+      [](const std::string& name) {
+        static const char* names[] = {"auto", "cooperative", "rowsplit"};
+        int c = 0;
+        while (c < 3 && name != names[c]) ++c;
+        TORCH_CHECK_VALUE(c < 3, "set_decode_kernel: name=", name, " must be 'auto', 'cooperative' or 'rowsplit'");
+        const std::string before = names[monarch_cuda::decode_choice()];
+        monarch_cuda::set_decode_choice(static_cast<monarch_cuda::DecodeChoice>(c));
+        return before;
+      },
+      "Selects the few-token Monarch forward kernel ('auto', 'cooperative', 'rowsplit'); returns the previous.");
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -123,6 +123,64 @@ def blockdiag_kernel(tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16
                    2.0 * tokens * k * q * p)
 
 
+#: row-split kernel (csrc/cuda/decode_rowsplit.cuh): most tokens, most stage-1 bytes per CTA, threads per CTA
+ROWSPLIT_MAX_TOKENS, ROWSPLIT_STAGE_BYTES, ROWSPLIT_THREADS = 16, 512 * 1024, 256
+
+
+def _lanes(chunks: int) -> int:
+    """Lanes per row of the row-split kernel: its 16-byte chunks rounded up to a power of two, at most 32."""
+    return min(32, 1 << max(0, chunks - 1).bit_length())
+
+
+def rowsplit_plan(tokens: int, shape: tuple, n_in: int, dtype: str, sms: int = cm.H100_SXM.num_sms,
+                  smem_optin: int = SMEM_OPTIN):
+    """The C++ ``rowsplit_plan`` (``csrc/cuda/decode_rowsplit.cuh``) for ``shape = (k, q, p, l, s, r)``:
+    ``None`` where the row-split kernel declines (the cooperative kernel runs), else ``{"splits", "s_per",
+    "zpitch", "smem"}``. ``tests/csrc/test_cuda_rowsplit_sim.py`` checks that the two agree."""
+    k, q, p, l, s, r = shape
+    item = cm.ITEMSIZE[dtype]
+    if not 1 <= tokens <= ROWSPLIT_MAX_TOKENS or k * q != l * r:
+        return None
+    if (r * p + tokens * n_in) * item > ROWSPLIT_STAGE_BYTES:
+        return None
+    vec = 16 // item
+    zpitch = -(-r // vec) * vec
+    smem = tokens * zpitch * 4
+    if smem > smem_optin:
+        return None
+    splits = min(-(-sms // l), -(-s // 16))
+    s_per = -(-s // splits)
+    return {"splits": -(-s // s_per), "s_per": s_per, "zpitch": zpitch, "smem": smem}
+
+
+def rowsplit_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> CooperativeKernel:
+    """The row-split forward (selected with ``set_decode_kernel("rowsplit")``; not the default until measured):
+    one ordinary launch. Its bytes stream as any kernel's; its critical path is one CTA's: stage 1's rows (1/l
+    of ``w1``) and the token rows of ``x`` it reads, then its share of ``w2``, at the SM's share of the L2
+    bandwidth, plus a DRAM latency per dependent round of stage-1 loads (a warp issues two rows' chunks, four
+    chunks deep per lane, before it reduces them) and an L2 latency per round of stage 2 (its rows were
+    prefetched into L2 at the start)."""
+    sh, item, T = problem.shape, cm.ITEMSIZE[dtype], problem.tokens
+    plan = rowsplit_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), problem.n_in, dtype, dev.num_sms)
+    weights = sh.k * cm.rows_bytes(sh.q, sh.p, item) + sh.l * cm.rows_bytes(sh.s, sh.r, item)
+    io = cm.rows_bytes(T, problem.n_in, item) + cm.rows_bytes(T, problem.n_out, item)
+    ctas = sh.l * plan["splits"]
+    stage1 = (sh.r * sh.p + T * problem.n_in) * item
+    stage2 = plan["s_per"] * sh.r * item
+    vec = 16 // item
+
+    def rounds(rows: int, width: int) -> int:
+        lanes = _lanes(-(-width // vec))
+        rows_per_pass = 2 * (ROWSPLIT_THREADS // lanes)
+        return -(-rows // rows_per_pass) * -(-(-(-width // vec)) // (4 * lanes))
+
+    critical = ((stage1 + stage2) / (dev.l2_bw / dev.num_sms)
+                + DRAM_LATENCY_S * rounds(sh.r, sh.p) + L2_LATENCY_S * rounds(plan["s_per"], sh.r))
+    executed = 2.0 * T * (ctas * sh.r * sh.p + sh.l * sh.s * sh.r)
+    return CooperativeKernel("cuda decode forward (row split)", executed, problem.useful_fwd_flops(), weights + io,
+                             weights + io + ctas * (stage1 + stage2), dev.triton_flops["fma"], dev.mem_eff, critical)
+
+
 def decode_estimator(op: str, problem: cm.Problem, dtype: str, dev: cm.Device) -> cm.Cost:
     if not supported(problem, dtype):
         return _unpriced("cuda tile kernels")

@@ -7,6 +7,8 @@ backend primitives (plus ``monarch_bwd_act``, the first-order backward with a fu
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import shapes
@@ -33,6 +35,27 @@ def load():
 
 def built_with_cuda() -> bool:
     return bool(load().with_cuda)
+
+
+DECODE_KERNELS = ("auto", "cooperative", "rowsplit")
+
+
+@contextlib.contextmanager
+def decode_kernel(name: str):
+    """Within the block, the CUDA backend's few-token Monarch forward is ``name``: ``"auto"`` / ``"cooperative"``
+    (the default: both stages in one cooperative launch with a grid barrier, measured on an H200) or
+    ``"rowsplit"`` (``csrc/cuda/decode_rowsplit.cuh``: one ordinary launch without a barrier, each CTA computing
+    the stage-1 rows its stage-2 block needs; checked on the CPU emulation, not yet run on a GPU), where its plan
+    takes the call. Process-wide (not per thread or stream); a CUDA graph keeps the kernel it captured."""
+    if name not in DECODE_KERNELS:
+        raise ValueError(f"decode_kernel: name={name!r} must be one of {DECODE_KERNELS}")
+    if not built_with_cuda():
+        raise RuntimeError("decode_kernel: the extension was built without CUDA")
+    before = load().set_decode_kernel(name)
+    try:
+        yield
+    finally:
+        load().set_decode_kernel(before)
 
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -152,6 +152,15 @@ at::Tensor decode_monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const a
   if (!few_tokens(x)) return at::Tensor();
   const int64_t l = w2.size(0), s = w2.size(1), r = w2.size(2), N = l * r;
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
+  monarch_cuda::RowsplitArgs ra{x.data_ptr(), x.stride(0), x.stride(1), w1c.data_ptr(), w2c.data_ptr(), bias,
+                                nullptr, n_out, x.size(0), w1.size(0), w1.size(1), w1.size(2), l, s, r, x.size(1),
+                                n_out, static_cast<int>(act)};
+  if (monarch_cuda::decode_rowsplit_supported(dtype_of(x), ra, x.device().index())) {
+    auto out = at::empty({x.size(0), n_out}, x.options());
+    ra.out = out.data_ptr();
+    check(monarch_cuda::decode_rowsplit_run(dtype_of(x), ra, x.device().index(), stream()), "decode_rowsplit");
+    return out;
+  }
   DecodeStage st[2] = {decode_stage(w1c, false, rows(x), w1.size(2), 1, unallocated(N), l, r, nullptr, 0),
                        decode_stage(w2c, false, unallocated(N), r, 1, unallocated(n_out), s, l, bias, act)};
   return decode_two_stages(x, st, N, n_out);

@@ -33,11 +33,13 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <map>
 #include <mutex>
 #include <tuple>
 
+#include "decode_rowsplit.cuh"
 #include "epilogue.cuh"
 
 namespace monarch_cuda {
@@ -771,7 +773,55 @@ struct Request {
   }
 };
 
+// ------------------------------------------------------------------------------------ row-split forward
+
+std::atomic<int> g_decode_choice{kDecodeAuto};
+
+int itemsize(DType dt) { return dt == DType::F32 ? 4 : 2; }
+
+static_assert(kRowsplitThreads == kThreads, "resident_ctas() queries occupancy at kThreads per CTA");
+
+template <typename T, int TB>
+cudaError_t launch_rowsplit(const RowsplitPlan& P, int device, cudaStream_t stream, bool execute) {
+  const void* kernel = reinterpret_cast<const void*>(&rowsplit_kernel<T, TB>);
+  if (resident_ctas(kernel, device, P.smem) < 1) return cudaErrorNotSupported;  // also opts into the smem
+  if (!execute) return cudaSuccess;
+  rowsplit_kernel<T, TB><<<dim3(static_cast<unsigned>(P.l), static_cast<unsigned>(P.splits)), kRowsplitThreads,
+                           static_cast<size_t>(P.smem), stream>>>(P);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_rowsplit(const RowsplitPlan& P, int device, cudaStream_t stream, bool execute) {
+  if (P.tokens <= 1) return launch_rowsplit<T, 1>(P, device, stream, execute);
+  if (P.tokens <= 4) return launch_rowsplit<T, 4>(P, device, stream, execute);
+  return launch_rowsplit<T, 16>(P, device, stream, execute);
+}
+
+cudaError_t rowsplit(DType dt, const RowsplitArgs& a, int device, cudaStream_t stream, bool execute) {
+  if (g_decode_choice.load(std::memory_order_relaxed) != kDecodeRowsplit) return cudaErrorNotSupported;
+  const DeviceInfo& dev = device_info(device);
+  RowsplitPlan P;
+  if (!rowsplit_plan(a, itemsize(dt), dev.sms, dev.smem_optin, P)) return cudaErrorNotSupported;
+  switch (dt) {
+    case DType::F32: return launch_rowsplit<float>(P, device, stream, execute);
+    case DType::F16: return launch_rowsplit<__half>(P, device, stream, execute);
+    default: return launch_rowsplit<__nv_bfloat16>(P, device, stream, execute);
+  }
+}
+
 }  // namespace
+
+void set_decode_choice(DecodeChoice c) { g_decode_choice.store(c, std::memory_order_relaxed); }
+DecodeChoice decode_choice() { return static_cast<DecodeChoice>(g_decode_choice.load(std::memory_order_relaxed)); }
+
+bool decode_rowsplit_supported(DType dt, const RowsplitArgs& a, int device) {
+  return rowsplit(dt, a, device, nullptr, false) == cudaSuccess;
+}
+
+cudaError_t decode_rowsplit_run(DType dt, const RowsplitArgs& a, int device, cudaStream_t stream) {
+  return rowsplit(dt, a, device, stream, true);
+}
 
 int decode_max_tokens(DType dt) { return dt == DType::F32 ? 16 : 64; }
 

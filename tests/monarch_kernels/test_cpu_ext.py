@@ -183,3 +183,15 @@ def test_weight_gradients_for_any_thread_count(threads, dtype):
             assert rel_err(a, e) < TOL[dtype]
     finally:
         torch.set_num_threads(previous)
+
+
+def test_decode_kernel_selection_validates_its_argument():
+    from monarch_kernels import ext
+
+    with pytest.raises(ValueError, match="decode_kernel: name='fast' must be one of"):
+        with ext.decode_kernel("fast"):
+            pass
+    if not ext.built_with_cuda():
+        with pytest.raises(RuntimeError, match="built without CUDA"):
+            with ext.decode_kernel("rowsplit"):
+                pass

@@ -90,3 +90,34 @@ def test_floor():
     pr = cm.Problem.linear(4, 8192, 8192, 4)
     assert cc.floor_seconds(pr) == pytest.approx(2 * 4 * 2048 * 2048 * 2 / cm.H100_SXM.hbm_bw)
     assert cc.floor_seconds(cm.Problem.linear(1, 1024, 1024, 32)) == cm.H100_SXM.launch_s
+
+
+def test_rowsplit_plan_and_price_by_hand():
+    """4096/64 square, 1 bf16 token on the H100: 64 stage-2 blocks x ceil(132/64) = 3 splits of 22 rows; one
+    CTA streams 64 w1 rows of 128 B plus x (8 KiB) plus 22 w2 rows of 128 B at 7.5 TB/s / 132, then one DRAM
+    round (stage 1: 8 lanes per row, 64 rows per pass) and one L2 round (stage 2, prefetched): 1.438 µs, longer
+    than the launch's streams (L2 4.75 MB: 0.634 µs), plus the 2 µs launch gap."""
+    assert cc.rowsplit_plan(1, (64, 64, 64, 64, 64, 64), 4096, "bfloat16") == {
+        "splits": 3, "s_per": 22, "zpitch": 64, "smem": 256}
+    kern = cc.rowsplit_kernel(cm.Problem.linear(1, 4096, 4096, 64), "bfloat16", cm.H100_SXM)
+    per_cta = (64 * 64 + 4096 + 22 * 64) * 2
+    assert kern.l2_bytes == 2 * 64 * 64 * 64 * 2 + 2 * 4096 * 2 + 192 * per_cta
+    critical = per_cta / (7.5e12 / 132) + cc.DRAM_LATENCY_S + cc.L2_LATENCY_S
+    assert kern.time(cm.H100_SXM) == pytest.approx(critical + 2e-6, rel=1e-9)
+
+
+def test_rowsplit_plan_declines_what_the_kernel_declines():
+    assert cc.rowsplit_plan(17, (8, 8, 8, 8, 8, 8), 64, "bfloat16") is None  # > 16 tokens
+    assert cc.rowsplit_plan(1, (2, 512, 512, 2, 512, 512), 1024, "bfloat16") is None  # 512 KiB of w1 + x per CTA
+    assert cc.rowsplit_plan(16, (8, 8, 8, 8, 8, 8), 64, "float32", smem_optin=16 * 8 * 4 - 1) is None
+    assert cc.rowsplit_plan(16, (8, 8, 8, 8, 8, 8), 64, "float32", smem_optin=16 * 8 * 4)["smem"] == 512
+    # rank c = 2 and 5-wide rows: the intermediate's pitch is r rounded up to a 16-byte chunk
+    assert cc.rowsplit_plan(3, (4, 8, 16, 4, 24, 8), 64, "bfloat16")["zpitch"] == 8
+    assert cc.rowsplit_plan(3, (5, 6, 7, 3, 9, 10), 35, "bfloat16")["zpitch"] == 16
+
+
+def test_the_default_decode_forward_is_priced_as_the_cooperative_kernel():
+    """``auto`` runs the cooperative kernel (the row-split one only when selected), so that is what is priced."""
+    p = cm.Problem.linear(1, 4096, 4096, 64)
+    assert cm.estimate("cuda", "decode", "fwd", p).time() == cc.decode_kernel(p, "bfloat16", cm.H100_SXM).time(
+        cm.H100_SXM)

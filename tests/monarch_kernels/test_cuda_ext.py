@@ -165,3 +165,32 @@ def test_auto_takes_the_decode_kernels_for_few_tokens():
     assert mk.resolve_backend("monarch", x, w1, w2) == "cuda"
     got = mk.monarch_matmul(x, w1, w2)
     assert elem_err(got, ref.monarch_fwd(x.double(), w1.double(), w2.double(), None, 1024)) < ELEM_TOL[torch.bfloat16]
+
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("factors", [((64, 64, 64), (64, 64, 64)), ((4, 8, 16), (4, 24, 8)), ((5, 6, 7), (3, 9, 10)),
+                                     ((16, 1, 1), (4, 3, 4))], ids=str)
+def test_rowsplit_decode_forward_matches_float64(dtype, factors):
+    """The row-split forward (``ext.decode_kernel("rowsplit")``) per element against float64, bias + GELU,
+    T = 1..16, outputs poisoned (fresh allocations filled with NaN); ragged and 1-wide blocks."""
+    from monarch_kernels import ext
+
+    gen = torch.Generator().manual_seed(0)
+    s1, s2 = factors
+    sh = mk.MonarchShape.from_factors(s1, s2)
+    w1 = (torch.randn(*s1, generator=gen) * sh.p ** -0.5).to("cuda", dtype)
+    w2 = (torch.randn(*s2, generator=gen) * sh.r ** -0.5).to("cuda", dtype)
+    b = torch.randn(sh.n_out, generator=gen).to("cuda", dtype)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-5}[dtype]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for T in (1, 4, 16):
+            x = torch.randn(T, sh.n_in, generator=gen).to("cuda", dtype)
+            with ext.decode_kernel("rowsplit"):
+                out = C.monarch_fwd(x, w1, w2, b, sh.n_out, "gelu")
+            d = lambda t: t.double()
+            assert rel_err(out, ref.monarch_fwd(d(x), d(w1), d(w2), d(b), sh.n_out, "gelu")) < tol
+    finally:
+        torch.use_deterministic_algorithms(previous)

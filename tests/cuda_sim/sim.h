@@ -1,0 +1,103 @@
+// Runs CUDA kernels written in plain C++ on a CPU, for tests: one std::thread per CUDA thread, one CTA at a
+// time, __syncthreads() a barrier across the CTA's threads and __shfl_xor_sync an exchange across the warp's.
+// Only what the kernels under test use is here (no atomics, no clusters, no warp-divergent shuffles: every
+// lane of a warp must reach each shuffle, which CUDA requires of a full-mask shuffle as well).
+//
+// Included before the kernel's header, with MONARCH_CUDA_SIM defined; compiled by the host C++ compiler with
+// the CUDA toolkit's include directory (cuda_bf16.h / cuda_fp16.h and vector_types.h are usable from host code).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#ifndef __grid_constant__
+#define __grid_constant__
+#endif
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+
+namespace sim {
+
+struct Cta {
+  std::barrier<> all;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<uint64_t> lanes;  // one exchange slot per thread
+  std::vector<unsigned char> smem;
+  Cta(int threads, size_t smem_bytes) : all(threads), lanes(threads), smem(smem_bytes + 16) {
+    for (int w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<std::barrier<>>(32));
+  }
+};
+
+inline thread_local Cta* cta = nullptr;
+
+inline void* dynamic_smem() {  // 16-byte aligned, like extern __shared__ __align__(16)
+  const uintptr_t base = reinterpret_cast<uintptr_t>(cta->smem.data());
+  return reinterpret_cast<void*>((base + 15) & ~uintptr_t(15));
+}
+
+}  // namespace sim
+
+inline thread_local uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+
+inline void __syncthreads() { sim::cta->all.arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "one exchange slot per thread");
+  sim::Cta& c = *sim::cta;
+  const int t = static_cast<int>(threadIdx.x), warp = t / 32;
+  std::memcpy(&c.lanes[t], &v, sizeof(T));
+  c.warps[warp]->arrive_and_wait();
+  T r;
+  std::memcpy(&r, &c.lanes[warp * 32 + ((t % 32) ^ lane_mask)], sizeof(T));
+  c.warps[warp]->arrive_and_wait();  // nobody overwrites a slot before every lane has read it
+  return r;
+}
+
+template <typename T>
+T __ldg(const T* p) { return *p; }
+template <typename T>
+T __ldcs(const T* p) { return *p; }
+
+inline float __uint_as_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+
+namespace sim {
+
+// kernel(args...) on a grid of CTAs of `threads` threads with `smem` bytes of dynamic shared memory.
+template <typename Kernel, typename... Args>
+void launch(dim3 grid, int threads, size_t smem, Kernel kernel, const Args&... args) {
+  gridDim = grid;
+  blockDim = dim3(threads);
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        Cta c(threads, smem);
+        std::memset(c.smem.data(), 0xff, c.smem.size());  // NaN-poisoned, as uninitialised memory may be
+        std::vector<std::thread> pool;
+        pool.reserve(threads);
+        for (int t = 0; t < threads; ++t)
+          pool.emplace_back([&, t] {
+            cta = &c;
+            threadIdx = make_uint3(t, 0, 0);
+            blockIdx = make_uint3(x, y, z);
+            kernel(args...);
+          });
+        for (auto& th : pool) th.join();
+      }
+}
+
+}  // namespace sim
