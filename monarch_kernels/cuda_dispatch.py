@@ -78,6 +78,7 @@ def prefers_cuda(op: str, device: torch.device, dtype: torch.dtype, dims: tuple,
         name = gpu_dispatch._DTYPES[dtype]
         _, n_in, n_out, p = dims
         k = math.ceil(n_in / p)
-        mine = cuda_cost.blockdiag_kernel(tokens, k, math.ceil(n_out / k), p, name).time(cm.H100_SXM)
+        dev = gpu_dispatch.device()
+        mine = cuda_cost.blockdiag_kernel(tokens, k, math.ceil(n_out / k), p, name, dev).time(dev)
         return mine < min(gpu_dispatch.predicted_seconds(o, op, name, tuple(dims)) for o in [*others, "torch"])
     return gpu_dispatch.prefers("cuda", op, dtype, dims, others, training)

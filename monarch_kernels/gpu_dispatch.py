@@ -1,8 +1,9 @@
 """When ``auto`` takes a GPU kernel backend over the torch reference on a CUDA device (the CUDA counterpart of
 :mod:`monarch_kernels.cpu_dispatch`).
 
-The rule is the cost model's (:mod:`monarch_kernels.cost_model`, H100 constants, its efficiencies calibrated
-on the H200 measurements of ``bench/RESULTS.md`` §8): a backend is preferred for a call when its predicted time
+The rule is the cost model's (:mod:`monarch_kernels.cost_model`, at the current GPU's constants —
+:func:`device`: the H200's where it runs on one, the H100's otherwise — its efficiencies calibrated on the H200
+measurements of ``bench/RESULTS.md`` §8): a backend is preferred for a call when its predicted time
 is the lowest among the backends that have a cost estimator and can run the call, the torch reference included
 — so ``auto`` never takes a path the model predicts slower than the reference. The first device session measured
 the previous revision's kernels; once ``bench/gpu_check.sh`` has measured these, its side-by-side device-time
@@ -38,11 +39,20 @@ def _problem(dims: tuple, activation: str) -> cm.Problem:
     return dataclasses.replace(problem, activation=activation)
 
 
+@lru_cache(maxsize=1)
+def device() -> cm.Device:
+    """The constants the rule prices with: those of the current GPU (:func:`monarch_kernels.cost_model.device_for`,
+    e.g. the H200's measured bandwidth), the H100's without one."""
+    if not torch.cuda.is_available():
+        return cm.H100_SXM
+    return cm.device_for(torch.cuda.get_device_name())
+
+
 def _path(backend: str, problem: cm.Problem) -> str:
     if backend == "torch":
         return "reference"
     if backend == "triton":
-        return cm.triton_path(problem)
+        return cm.triton_path(problem, dev=device())
     paths = [p for b, p in cm.estimators() if b == backend]
     return paths[0] if paths else ""
 
@@ -57,12 +67,13 @@ def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple, training: 
     if op == "blockdiag":
         k = math.ceil(n_in / block)
         return cm.blockdiag_seconds(backend, SYMBOLIC_TOKENS if tokens is None else max(tokens, 1), k,
-                                    math.ceil(n_out / k), block, dtype, training=training)
+                                    math.ceil(n_out / k), block, dtype, device(), training=training)
     problem = _problem(dims, activation)
     path = _path(backend, problem)
     if (backend, path) not in cm.estimators():
         return math.inf
-    return cm.estimate(backend, path, "fwdbwd" if training else "fwd", problem, dtype).time()
+    dev = device()
+    return cm.estimate(backend, path, "fwdbwd" if training else "fwd", problem, dtype, dev).time(dev)
 
 
 def fastest(op: str, dtype: torch.dtype, dims: tuple, candidates: Iterable[str], training: bool = False) -> str:

@@ -116,3 +116,25 @@ def test_ops_pass_their_activation_to_the_dispatcher(monkeypatch):
     assert seen == ["gelu", "relu", "none", "gelu_tanh"]
     with pytest.raises(ValueError, match="activation"):
         mk.resolve_backend("monarch", x, w1, w2, activation="swish")
+
+
+def test_the_rule_prices_at_the_current_gpus_constants(monkeypatch):
+    """On an H200 the rule uses its measured constants (4.25 TB/s); without a GPU, the H100's."""
+    from monarch_kernels import cost_model as cm
+
+    gd.device.cache_clear()
+    gd.predicted_seconds.cache_clear()
+    try:
+        assert gd.device() is cm.H100_SXM or torch.cuda.is_available()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+        gd.device.cache_clear()
+        assert gd.device() is cm.H200
+        dims = (16384, 4096, 4096, 64)
+        h200 = gd.predicted_seconds("torch", "monarch", "bfloat16", dims)
+        problem = cm.Problem.linear(16384, 4096, 4096, 64)
+        assert h200 == pytest.approx(cm.estimate("torch", "reference", "fwd", problem, dev=cm.H200).time(cm.H200))
+        assert h200 < cm.estimate("torch", "reference", "fwd", problem).time(cm.H100_SXM)
+    finally:
+        gd.device.cache_clear()
+        gd.predicted_seconds.cache_clear()
