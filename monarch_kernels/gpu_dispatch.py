@@ -5,7 +5,11 @@ The rule is the cost model's (:mod:`monarch_kernels.cost_model`, at the current 
 :func:`device`: the H200's where it runs on one, the H100's otherwise — its efficiencies calibrated on the H200
 measurements of ``bench/RESULTS.md`` §8): a backend is preferred for a call when its predicted time
 is the lowest among the backends that have a cost estimator and can run the call, the torch reference included
-— so ``auto`` never takes a path the model predicts slower than the reference. The first device session measured
+— so ``auto`` never takes a path the model predicts slower than the reference. An eager call also pays its
+backend's host time (:data:`HOST_S`, measured on the H200's machine: ~357 µs per Triton forward against 154 for
+the reference and 50 for the extension), which decides every call whose device work is shorter — below ~16K
+tokens at the benchmark widths; a call made while a CUDA graph is captured is priced by device time alone
+(:func:`capturing`; ``torch.compile(mode="reduce-overhead")`` decides at trace time, i.e. as eager). The first device session measured
 the previous revision's kernels; once ``bench/gpu_check.sh`` has measured these, its side-by-side device-time
 ratios should replace the model here (as the CPU rule's constants came from measurements).
 
@@ -20,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import lru_cache
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 
@@ -76,20 +80,50 @@ def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple, training: 
     return cm.estimate(backend, path, "fwdbwd" if training else "fwd", problem, dtype, dev).time(dev)
 
 
-def fastest(op: str, dtype: torch.dtype, dims: tuple, candidates: Iterable[str], training: bool = False) -> str:
-    """The candidate with the lowest predicted time (the first listed on ties); ``torch`` when none is priced."""
+#: Host time of one eager Monarch call (s) per (backend, with its backward), measured on the H200 lending
+#: machine (``bench/RESULTS.md`` §8, "Host time per call": 200 forwards of 16 tokens back to back through
+#: ``mk.monarch_linear``, one synchronise; the forward-plus-backward from ``gpu_check``'s 16-token rows, whose
+#: device work is a few µs): Triton's launcher and this library's planning, the reference's five torch calls,
+#: the extension's one op. A call whose device work is shorter than its host time costs its host time.
+#: Block-diagonal calls were not measured (one kernel instead of two): they are priced by device time alone.
+HOST_S = {("triton", False): 357e-6, ("triton", True): 1262e-6, ("torch", False): 154e-6,
+          ("torch", True): 861e-6, ("cuda", False): 50e-6}
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph (whose replays pay no host time)."""
+    try:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except RuntimeError:  # a build without CUDA
+        return False
+
+
+def call_seconds(backend: str, op: str, dtype: str, dims: tuple, training: bool = False, activation: str = "none",
+                 eager: bool = True) -> float:
+    """:func:`predicted_seconds`, and for an ``eager`` Monarch call at least the backend's host time
+    (:data:`HOST_S`): host and device work overlap, so the slower of the two sets the pace."""
+    t = predicted_seconds(backend, op, dtype, dims, training, activation)
+    return max(t, HOST_S.get((backend, training), 0.0)) if eager and op == "monarch" else t
+
+
+def fastest(op: str, dtype: torch.dtype, dims: tuple, candidates: Iterable[str], training: bool = False,
+            eager: Optional[bool] = None) -> str:
+    """The candidate with the lowest predicted time (the first listed on ties); ``torch`` when none is priced.
+    ``eager`` (default: unless a CUDA graph is being captured) prices host time too (:func:`call_seconds`)."""
     name = _DTYPES.get(dtype)
     if name is None:
         return "torch"
+    eager = not capturing() if eager is None else eager
     key = (dims[0] if isinstance(dims[0], int) else None, *(int(d) for d in dims[1:]))
     act = activation_of(dims)
-    times = {c: predicted_seconds(c, op, name, key, training, act) for c in candidates}
+    times = {c: call_seconds(c, op, name, key, training, act, eager) for c in candidates}
     best = min(times, key=times.get)
     return best if math.isfinite(times[best]) else "torch"
 
 
 def prefers(backend: str, op: str, dtype: torch.dtype, dims: tuple, others: Iterable[str] = (),
-            training: bool = False) -> bool:
+            training: bool = False, eager: Optional[bool] = None) -> bool:
     """Whether ``auto`` should take ``backend`` over ``others`` (the torch reference is always compared); with
     ``training`` by the forward-plus-backward prices (a backend that wins the forward can lose the step)."""
-    return fastest(op, dtype, dims, [backend, *[o for o in others if o != backend], "torch"], training) == backend
+    candidates = [backend, *[o for o in others if o != backend], "torch"]
+    return fastest(op, dtype, dims, candidates, training, eager) == backend

@@ -39,15 +39,16 @@ def test_few_tokens_pick_cuda(fake_gpu, dtype, n, nblocks):
 
 def test_the_rule_follows_the_cost_model(fake_gpu):
     # 64 tokens of 4096 -> 4096 in 4 blocks: each task re-stages 64 rows of a 1024-wide input from L2, so
-    # Triton is predicted faster (at 16 tokens the decode kernel is)
+    # Triton's device time is predicted shorter (at 16 tokens the decode kernel's is)
     sh = mk.monarch_factor_shapes(4096, 4096, 4)
     w1, w2 = fake_gpu(*sh.w1_shape, dtype=torch.bfloat16), fake_gpu(*sh.w2_shape, dtype=torch.bfloat16)
     dims = (64, 4096, 4096, 1024)
-    assert gpu_dispatch.fastest("monarch", torch.bfloat16, dims, ["cuda", "triton", "torch"]) == "triton"
-    assert mk.resolve_backend("monarch", fake_gpu(64, 4096, dtype=torch.bfloat16), w1, w2) == "triton"
+    assert gpu_dispatch.fastest("monarch", torch.bfloat16, dims, ["cuda", "triton", "torch"], eager=False) == "triton"
+    # eager, the extension's 50 µs of host time per call beats Triton's ~357 (gpu_dispatch.HOST_S)
+    assert mk.resolve_backend("monarch", fake_gpu(64, 4096, dtype=torch.bfloat16), w1, w2) == "cuda"
     assert mk.resolve_backend("monarch", fake_gpu(16, 4096, dtype=torch.bfloat16), w1, w2) == "cuda"
     dims = (64, 4096, 4096, 64)
-    assert gpu_dispatch.fastest("monarch", torch.bfloat16, dims, ["cuda", "triton", "torch"]) == "cuda"
+    assert gpu_dispatch.fastest("monarch", torch.bfloat16, dims, ["cuda", "triton", "torch"], eager=False) == "cuda"
 
 
 def test_blockdiag_follows_the_model(fake_gpu, monkeypatch):

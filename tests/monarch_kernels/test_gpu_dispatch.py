@@ -15,7 +15,7 @@ def test_triton_wins_where_the_model_says_so_and_never_loses_to_the_reference():
         t = gd.predicted_seconds("triton", "monarch", "bfloat16", dims)
         r = gd.predicted_seconds("torch", "monarch", "bfloat16", dims)
         assert t < r, dims
-        assert gd.fastest("monarch", torch.bfloat16, dims, ["triton", "torch"]) == "triton"
+        assert gd.fastest("monarch", torch.bfloat16, dims, ["triton", "torch"], eager=False) == "triton"
     # one 768 -> 3072 block: a compute-bound GEMM where cuBLAS (the reference's bmm) is predicted faster
     dims = (16384, 768, 3072, 768)
     assert gd.predicted_seconds("torch", "blockdiag", "bfloat16", dims) < gd.predicted_seconds(
@@ -67,13 +67,13 @@ def test_training_calls_are_priced_by_forward_and_backward():
     as cuBLAS ``bmm`` on strided views, without the reference's permutation copies); ``auto`` follows the
     call's kind."""
     dims = (8192, 8192, 8192, 4096)
-    assert not gd.prefers("triton", "monarch", torch.bfloat16, dims)
-    assert gd.prefers("triton", "monarch", torch.bfloat16, dims, training=True)
+    assert not gd.prefers("triton", "monarch", torch.bfloat16, dims, eager=False)
+    assert gd.prefers("triton", "monarch", torch.bfloat16, dims, training=True, eager=False)
     assert gd.predicted_seconds("triton", "monarch", "bfloat16", dims, True) > gd.predicted_seconds(
         "triton", "monarch", "bfloat16", dims)
     # 4096 wide with 64 blocks: Triton wins both
     square = (4096, 4096, 4096, 64)
-    assert gd.prefers("triton", "monarch", torch.bfloat16, square, training=True)
+    assert gd.prefers("triton", "monarch", torch.bfloat16, square, training=True, eager=False)
 
 
 def test_a_fused_activation_is_priced():
@@ -138,3 +138,25 @@ def test_the_rule_prices_at_the_current_gpus_constants(monkeypatch):
     finally:
         gd.device.cache_clear()
         gd.predicted_seconds.cache_clear()
+
+
+def test_eager_calls_pay_the_measured_host_time():
+    """Eager, a call costs at least its backend's host time (measured: Triton ~357 µs per forward, the
+    reference 154): 16 tokens of 2048/64 — a few µs of device work for either — go to the reference, which
+    the device model alone would not pick; 16384 tokens of 4096/64 (the reference's device time, ~0.8 ms, is
+    above both host times) stay with Triton; a call captured into a CUDA graph pays no host time."""
+    small, large = (16, 2048, 2048, 64), (16384, 4096, 4096, 64)
+    assert gd.fastest("monarch", torch.bfloat16, small, ["triton", "torch"], eager=False) == "triton"
+    assert gd.fastest("monarch", torch.bfloat16, small, ["triton", "torch"], eager=True) == "torch"
+    assert gd.call_seconds("triton", "monarch", "bfloat16", small) == gd.HOST_S[("triton", False)]
+    assert gd.fastest("monarch", torch.bfloat16, large, ["triton", "torch"], eager=True) == "triton"
+    assert gd.call_seconds("torch", "monarch", "bfloat16", large) == gd.predicted_seconds(
+        "torch", "monarch", "bfloat16", large)
+    # training calls by the forward-plus-backward host times; block-diagonal calls by device time alone
+    assert gd.call_seconds("triton", "monarch", "bfloat16", small, training=True) == gd.HOST_S[("triton", True)]
+    bd = (16, 4096, 4096, 1024)
+    assert gd.call_seconds("triton", "blockdiag", "bfloat16", bd) == gd.predicted_seconds(
+        "triton", "blockdiag", "bfloat16", bd)
+    # the default follows the stream: not capturing here
+    assert not gd.capturing()
+    assert gd.fastest("monarch", torch.bfloat16, small, ["triton", "torch"]) == "torch"
