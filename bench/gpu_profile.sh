@@ -12,7 +12,9 @@ OUT_DIR="${OUT:-bench/out/gpu}"
 mkdir -p "$OUT_DIR"
 start=$(date +%s)
 build_pid=""
-if command -v nvcc > /dev/null && "$PY" -c "import setuptools" 2> /dev/null; then
+if grep -qs ok "$OUT_DIR/build.status"; then
+  echo "extension already built (build.status ok, e.g. by gpu_check.sh in bench/gpu_session.sh)"
+elif command -v nvcc > /dev/null && "$PY" -c "import setuptools" 2> /dev/null; then
   ( MAX_JOBS=8 "$PY" -m pip install --no-build-isolation --no-deps --no-index -e . > "$OUT_DIR/build.log" 2>&1 \
       && echo ok > "$OUT_DIR/build.status" || echo failed > "$OUT_DIR/build.status" ) &
   build_pid=$!
