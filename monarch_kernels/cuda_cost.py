@@ -157,9 +157,10 @@ def rowsplit_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> Cooperat
     """The row-split forward (selected with ``set_decode_kernel("rowsplit")``; not the default until measured):
     one ordinary launch. Its bytes stream as any kernel's; its critical path is one CTA's: stage 1's rows (1/l
     of ``w1``) and the token rows of ``x`` it reads, then its share of ``w2``, at the SM's share of the L2
-    bandwidth, plus a DRAM latency per dependent round of stage-1 loads (a warp issues two rows' chunks, four
-    chunks deep per lane, before it reduces them) and an L2 latency per round of stage 2 (its rows were
-    prefetched into L2 at the start)."""
+    bandwidth, plus a DRAM latency per dependent round of stage-1 loads (a lane group issues the chunks of 4
+    rows — 2 at more than 4 tokens — two chunks deep, before it reduces them: the vector path, taken when the
+    rows are aligned and whole) and an L2 latency per round of stage 2 (its rows were prefetched into L2 at the
+    start; one chunk deep)."""
     sh, item, T = problem.shape, cm.ITEMSIZE[dtype], problem.tokens
     plan = rowsplit_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), problem.n_in, dtype, dev.num_sms)
     weights = sh.k * cm.rows_bytes(sh.q, sh.p, item) + sh.l * cm.rows_bytes(sh.s, sh.r, item)
@@ -169,13 +170,15 @@ def rowsplit_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> Cooperat
     stage2 = plan["s_per"] * sh.r * item
     vec = 16 // item
 
-    def rounds(rows: int, width: int) -> int:
-        lanes = _lanes(-(-width // vec))
-        rows_per_pass = 2 * (ROWSPLIT_THREADS // lanes)
-        return -(-rows // rows_per_pass) * -(-(-(-width // vec)) // (4 * lanes))
+    rows_per_group = 4 if T <= 4 else 2  # decode_rowsplit.cuh: kRowsPerGroup
+
+    def rounds(rows: int, width: int, chunks_per_round: int) -> int:
+        chunks = -(-width // vec)
+        lanes = _lanes(chunks)
+        return -(-rows // (rows_per_group * (ROWSPLIT_THREADS // lanes))) * -(-chunks // (chunks_per_round * lanes))
 
     critical = ((stage1 + stage2) / (dev.l2_bw / dev.num_sms)
-                + DRAM_LATENCY_S * rounds(sh.r, sh.p) + L2_LATENCY_S * rounds(plan["s_per"], sh.r))
+                + DRAM_LATENCY_S * rounds(sh.r, sh.p, 2) + L2_LATENCY_S * rounds(plan["s_per"], sh.r, 1))
     executed = 2.0 * T * (ctas * sh.r * sh.p + sh.l * sh.s * sh.r)
     return CooperativeKernel("cuda decode forward (row split)", executed, problem.useful_fwd_flops(), weights + io,
                              weights + io + ctas * (stage1 + stage2), dev.triton_flops["fma"], dev.mem_eff, critical)

@@ -53,6 +53,7 @@ struct RowsplitPlan {
   int zpitch;          // floats per token row of the on-chip intermediate (r rounded up to a 16-byte chunk)
   int smem;            // dynamic shared memory (bytes)
   bool w1_vec, w2_vec, x_vec;  // rows loadable with aligned 16-byte vectors
+  bool s1_vec;                 // every stage-1 chunk a whole vector of w1 and of x (w1_vec, x_vec, n_in == k·p)
 };
 
 inline int rowsplit_log2_lanes(int chunks) {  // lanes per row: chunks rounded up to a power of two, at most 32
@@ -93,6 +94,7 @@ inline bool rowsplit_plan(const RowsplitArgs& a, int itemsize, int sms, int smem
   P.w1_vec = aligned(a.w1) && P.p % V == 0;
   P.w2_vec = aligned(a.w2) && P.r % V == 0;
   P.x_vec = aligned(a.x) && a.x_fs == 1 && a.x_ts % V == 0 && P.p % V == 0;
+  P.s1_vec = P.w1_vec && P.x_vec && P.n_in == P.k * P.p;
   return true;
 }
 
@@ -161,15 +163,180 @@ __device__ __forceinline__ void group_sum(float (&acc)[TB], int lanes) {
     for (int off = lanes >> 1; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], off);
 }
 
+// Σ_i w[i]·x[i] over one 16-byte chunk of each (raw bits).
+template <typename T>
+__device__ __forceinline__ float dot_chunk(const uint4& w, const uint4& x) {
+  const uint32_t a[4] = {w.x, w.y, w.z, w.w}, b[4] = {x.x, x.y, x.z, x.w};
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 2) {
+      s += bits_to_f<T>(a[i] & 0xffffu) * bits_to_f<T>(b[i] & 0xffffu);
+      s += bits_to_f<T>(a[i] >> 16) * bits_to_f<T>(b[i] >> 16);
+    } else {
+      s += bits_to_f<T>(a[i]) * bits_to_f<T>(b[i]);
+    }
+  }
+  return s;
+}
+
+// Rows of one pass handled together by a lane group: more loads in flight per lane with fewer token rows.
+template <int TB>
+constexpr int kRowsPerGroup = TB <= 4 ? 4 : 2;
+
+// Stage 1 when every chunk is a whole aligned 16-byte vector of w1 and of x (n_in == k·p): no branch around
+// a load, so each lane issues its R rows' weight chunks and their x chunks before the first multiply.
+template <typename T, int TB>
+__device__ __forceinline__ void stage1_vector(const RowsplitPlan& P, float* zs, int ll, int warp, int lane) {
+  constexpr int V = 16 / sizeof(T), R = kRowsPerGroup<TB>;
+  const int lanes = 1 << P.a_log2, per_warp = 32 >> P.a_log2;
+  const int sub = lane & (lanes - 1), grp = lane >> P.a_log2;
+  const T* w1 = static_cast<const T*>(P.w1);
+  const T* x = static_cast<const T*>(P.x);
+  for (int base = warp * per_warp * R; base < P.r; base += kRowsplitWarps * per_warp * R) {  // warp-uniform
+    const T* wrow[R];
+    const T* xrow[R];
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      const int rr = base + j * per_warp + grp, f = (rr < P.r ? rr : 0) * P.l + ll;  // a row past r: row 0, unused
+      wrow[j] = w1 + static_cast<int64_t>(f) * P.p;
+      xrow[j] = x + (f / P.q) * P.p;
+    }
+    float acc[R][TB];
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+#pragma unroll
+      for (int t = 0; t < TB; ++t) acc[j][t] = 0.f;
+#pragma unroll 2
+    for (int c = sub * V; c < P.p; c += lanes * V) {
+      uint4 w[R];
+#pragma unroll
+      for (int j = 0; j < R; ++j) w[j] = __ldcs(reinterpret_cast<const uint4*>(wrow[j] + c));
+#pragma unroll
+      for (int t = 0; t < TB; ++t) {
+        if (t < P.tokens) {
+#pragma unroll
+          for (int j = 0; j < R; ++j)
+            acc[j][t] += dot_chunk<T>(w[j], __ldg(reinterpret_cast<const uint4*>(xrow[j] + t * P.x_ts + c)));
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      group_sum<TB>(acc[j], lanes);
+      const int rr = base + j * per_warp + grp;
+      if (sub == 0 && rr < P.r) {
+#pragma unroll
+        for (int t = 0; t < TB; ++t)
+          if (t < P.tokens) zs[t * P.zpitch + rr] = to_f(from_f<T>(acc[j][t]));  // the intermediate's rounding
+      }
+    }
+  }
+}
+
+// Stage 1 for any rows: element loads where a chunk is ragged, misaligned or strided, x zero past n_in.
+template <typename T, int TB>
+__device__ __forceinline__ void stage1_any(const RowsplitPlan& P, float* zs, int ll, int warp, int lane) {
+  constexpr int V = 16 / sizeof(T);
+  const int lanes = 1 << P.a_log2, per_warp = 32 >> P.a_log2;
+  const int sub = lane & (lanes - 1), grp = lane >> P.a_log2;
+  const T* w1 = static_cast<const T*>(P.w1);
+  const T* x = static_cast<const T*>(P.x);
+  for (int base = warp * per_warp; base < P.r; base += kRowsplitWarps * per_warp) {  // warp-uniform
+    const int rr = base + grp;
+    float acc[TB];
+#pragma unroll
+    for (int t = 0; t < TB; ++t) acc[t] = 0.f;
+    if (rr < P.r) {
+      const int f = rr * P.l + ll, kk = f / P.q;
+      const T* wrow = w1 + static_cast<int64_t>(f) * P.p;
+      for (int c = sub * V; c < P.p; c += lanes * V) {
+        float w[V];
+        load_chunk<T, true>(wrow + c, 1, imin(P.p - c, V), P.w1_vec, w);
+        const int col = kk * P.p + c;  // x column of the chunk's first element
+        const int n = imin(imin(P.p - c, P.n_in - col), V);
+#pragma unroll
+        for (int t = 0; t < TB; ++t) {
+          if (t < P.tokens) {
+            float xv[V];
+            load_chunk<T, false>(x + t * P.x_ts + col * P.x_fs, P.x_fs, n, P.x_vec, xv);
+#pragma unroll
+            for (int i = 0; i < V; ++i) acc[t] += w[i] * xv[i];
+          }
+        }
+      }
+    }
+    group_sum<TB>(acc, lanes);
+    if (sub == 0 && rr < P.r) {
+#pragma unroll
+      for (int t = 0; t < TB; ++t)
+        if (t < P.tokens) zs[t * P.zpitch + rr] = to_f(from_f<T>(acc[t]));  // the intermediate's rounding
+    }
+  }
+}
+
+// Stage 2 of this CTA's rows ss of block ll: out[t, ss·l + ll] = act(Σ_rr w2[ll, ss, rr] · zs[t, rr] + bias).
+// R rows per lane group; the intermediate's chunk (zero-padded to zpitch) is read once per token for all R.
+template <typename T, int TB>
+__device__ __forceinline__ void stage2(const RowsplitPlan& P, const float* zs, int ll, int warp, int lane) {
+  constexpr int V = 16 / sizeof(T), R = kRowsPerGroup<TB>;
+  const int lanes = 1 << P.b_log2, per_warp = 32 >> P.b_log2;
+  const int sub = lane & (lanes - 1), grp = lane >> P.b_log2;
+  const int s0 = blockIdx.y * P.s_per, s1 = imin(P.s, s0 + P.s_per);
+  const T* w2 = static_cast<const T*>(P.w2) + static_cast<int64_t>(ll) * P.s * P.r;
+  const T* bias = static_cast<const T*>(P.bias);
+  T* out = static_cast<T*>(P.out);
+  for (int base = s0 + warp * per_warp * R; base < s1; base += kRowsplitWarps * per_warp * R) {  // warp-uniform
+    const T* wrow[R];
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      const int ss = base + j * per_warp + grp;
+      wrow[j] = w2 + static_cast<int64_t>(ss < s1 ? ss : s0) * P.r;  // a row past the share: its first, unused
+    }
+    float acc[R][TB];
+#pragma unroll
+    for (int j = 0; j < R; ++j)
+#pragma unroll
+      for (int t = 0; t < TB; ++t) acc[j][t] = 0.f;
+    for (int c = sub * V; c < P.r; c += lanes * V) {
+      float w[R][V];
+#pragma unroll
+      for (int j = 0; j < R; ++j) load_chunk<T, true>(wrow[j] + c, 1, imin(P.r - c, V), P.w2_vec, w[j]);
+#pragma unroll
+      for (int t = 0; t < TB; ++t) {
+        if (t < P.tokens) {
+          const float4* z = reinterpret_cast<const float4*>(zs + t * P.zpitch + c);
+#pragma unroll
+          for (int i = 0; i < V / 4; ++i) {
+            const float4 zv = z[i];
+#pragma unroll
+            for (int j = 0; j < R; ++j)
+              acc[j][t] += w[j][4 * i] * zv.x + w[j][4 * i + 1] * zv.y + w[j][4 * i + 2] * zv.z + w[j][4 * i + 3] * zv.w;
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < R; ++j) {
+      group_sum<TB>(acc[j], lanes);
+      const int ss = base + j * per_warp + grp, col = ss * P.l + ll;
+      if (sub == 0 && ss < s1 && col < P.n_out) {
+        const float b = bias ? to_f(bias[col]) : 0.f;
+#pragma unroll
+        for (int t = 0; t < TB; ++t)
+          if (t < P.tokens) out[t * P.out_ts + col] = activate_to<T>(acc[j][t] + b, P.act);
+      }
+    }
+  }
+}
+
 template <typename T, int TB>
 __global__ void __launch_bounds__(kRowsplitThreads) rowsplit_kernel(const __grid_constant__ RowsplitPlan P) {
-  constexpr int V = 16 / sizeof(T);
 #ifdef MONARCH_CUDA_SIM
   float* zs = reinterpret_cast<float*>(sim::dynamic_smem());
 #else
   extern __shared__ __align__(16) float zs[];
 #endif
-  const T* x = static_cast<const T*>(P.x);
   const int ll = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   // this CTA's stage-2 rows go to L2 now, while stage 1 streams: stage 2 then waits for L2, not DRAM
   {
@@ -183,91 +350,13 @@ __global__ void __launch_bounds__(kRowsplitThreads) rowsplit_kernel(const __grid
     const int t = i / (P.zpitch - P.r);
     zs[t * P.zpitch + P.r + (i - t * (P.zpitch - P.r))] = 0.f;
   }
-
-  // stage 1: zs[t, rr] = Σ_pp w1[f, pp] · x[t, kk·p + pp], f = rr·l + ll, kk = f / q (x zero past n_in)
-  {
-    const int lanes = 1 << P.a_log2, per_warp = 32 >> P.a_log2;
-    const int sub = lane & (lanes - 1), grp = lane >> P.a_log2;
-    const T* w1 = static_cast<const T*>(P.w1);
-#pragma unroll 2
-    for (int base = warp * per_warp; base < P.r; base += kRowsplitWarps * per_warp) {  // warp-uniform
-      const int rr = base + grp;
-      float acc[TB];
-#pragma unroll
-      for (int t = 0; t < TB; ++t) acc[t] = 0.f;
-      if (rr < P.r) {
-        const int f = rr * P.l + ll, kk = f / P.q;
-        const T* wrow = w1 + static_cast<int64_t>(f) * P.p;
-#pragma unroll 4
-        for (int c = sub * V; c < P.p; c += lanes * V) {
-          float w[V];
-          load_chunk<T, true>(wrow + c, 1, imin(P.p - c, V), P.w1_vec, w);
-          const int col = kk * P.p + c;  // x column of the chunk's first element
-          const int n = imin(imin(P.p - c, P.n_in - col), V);
-#pragma unroll
-          for (int t = 0; t < TB; ++t) {
-            if (t < P.tokens) {
-              float xv[V];
-              load_chunk<T, false>(x + t * P.x_ts + col * P.x_fs, P.x_fs, n, P.x_vec, xv);
-#pragma unroll
-              for (int i = 0; i < V; ++i) acc[t] += w[i] * xv[i];
-            }
-          }
-        }
-      }
-      group_sum<TB>(acc, lanes);
-      if (sub == 0 && rr < P.r) {
-#pragma unroll
-        for (int t = 0; t < TB; ++t)
-          if (t < P.tokens) zs[t * P.zpitch + rr] = to_f(from_f<T>(acc[t]));  // the intermediate's rounding
-      }
-    }
-  }
+  // stage 1: zs[t, rr] = Σ_pp w1[f, pp] · x[t, kk·p + pp], f = rr·l + ll, kk = f / q
+  if (P.s1_vec)
+    stage1_vector<T, TB>(P, zs, ll, warp, lane);
+  else
+    stage1_any<T, TB>(P, zs, ll, warp, lane);
   __syncthreads();
-
-  // stage 2: out[t, ss·l + ll] = act(Σ_rr w2[ll, ss, rr] · zs[t, rr] + bias[ss·l + ll]) for this CTA's rows
-  {
-    const int lanes = 1 << P.b_log2, per_warp = 32 >> P.b_log2;
-    const int sub = lane & (lanes - 1), grp = lane >> P.b_log2;
-    const int s0 = blockIdx.y * P.s_per, s1 = imin(P.s, s0 + P.s_per);
-    const T* w2 = static_cast<const T*>(P.w2) + static_cast<int64_t>(ll) * P.s * P.r;
-    const T* bias = static_cast<const T*>(P.bias);
-    T* out = static_cast<T*>(P.out);
-#pragma unroll 2
-    for (int base = s0 + warp * per_warp; base < s1; base += kRowsplitWarps * per_warp) {  // warp-uniform
-      const int ss = base + grp;
-      float acc[TB];
-#pragma unroll
-      for (int t = 0; t < TB; ++t) acc[t] = 0.f;
-      if (ss < s1) {
-        const T* wrow = w2 + static_cast<int64_t>(ss) * P.r;
-#pragma unroll 4
-        for (int c = sub * V; c < P.r; c += lanes * V) {
-          float w[V];
-          load_chunk<T, true>(wrow + c, 1, imin(P.r - c, V), P.w2_vec, w);
-#pragma unroll
-          for (int t = 0; t < TB; ++t) {
-            if (t < P.tokens) {
-              const float4* z = reinterpret_cast<const float4*>(zs + t * P.zpitch + c);
-#pragma unroll
-              for (int i = 0; i < V / 4; ++i) {
-                const float4 zv = z[i];
-                acc[t] += w[4 * i] * zv.x + w[4 * i + 1] * zv.y + w[4 * i + 2] * zv.z + w[4 * i + 3] * zv.w;
-              }
-            }
-          }
-        }
-      }
-      group_sum<TB>(acc, lanes);
-      const int col = ss * P.l + ll;
-      if (sub == 0 && ss < s1 && col < P.n_out) {
-        const float b = bias ? to_f(bias[col]) : 0.f;
-#pragma unroll
-        for (int t = 0; t < TB; ++t)
-          if (t < P.tokens) out[t * P.out_ts + col] = activate_to<T>(acc[t] + b, P.act);
-      }
-    }
-  }
+  stage2<T, TB>(P, zs, ll, warp, lane);
 }
 
 }  // namespace monarch_cuda

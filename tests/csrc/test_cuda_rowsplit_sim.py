@@ -138,12 +138,13 @@ def test_bias_activation_ragged_strided(sim_binary, tmp_path, act):
     exp = expected(x, w1, w2, bias, n_out, act)
     for misalign in (False, True):
         plan, out = run_sim(sim_binary, tmp_path, x, w1, w2, bias, n_out, act, misalign=misalign)
-        assert plan["x_vec"] == 0 and plan["w1_vec"] == int(not misalign)
+        assert plan["x_vec"] == 0 and plan["s1_vec"] == 0 and plan["w1_vec"] == int(not misalign)
         assert_close(out, exp, torch.bfloat16)
 
 
 def test_vector_paths_and_splits(sim_binary, tmp_path):
-    """Aligned 16-byte rows take the vector loads; few stage-2 blocks are split across CTAs (splits > 1), and
+    """Aligned 16-byte rows take the vector loads (stage 1's branch-free path, several rows per lane group,
+    rows past r clamped to a valid one and dropped); few stage-2 blocks are split across CTAs (splits > 1), and
     every split writes its own rows (the poisoned output would show a missing one)."""
     gen = torch.Generator().manual_seed(3)
     k, q, p, l, s, r = 4, 16, 32, 2, 64, 32
@@ -151,7 +152,7 @@ def test_vector_paths_and_splits(sim_binary, tmp_path):
     x = torch.randn(4, k * p, generator=gen).to(torch.float16)
     bias = torch.randn(l * s, generator=gen).to(torch.float16)
     plan, out = run_sim(sim_binary, tmp_path, x, w1, w2, bias)
-    assert plan["x_vec"] == plan["w1_vec"] == plan["w2_vec"] == 1
+    assert plan["x_vec"] == plan["w1_vec"] == plan["w2_vec"] == plan["s1_vec"] == 1  # the branch-free stage 1
     assert plan["splits"] == 4 and plan["s_per"] == 16
     assert_close(out, expected(x, w1, w2, bias, l * s, "none"), torch.float16)
 
@@ -194,3 +195,14 @@ def test_plan_declines_and_matches_the_cost_model(sim_binary, tmp_path):
             assert not plan["supported"], (tokens, shape, plan)
         else:
             assert plan["supported"] and plan["splits"] == mirror["splits"], (tokens, shape, plan, mirror)
+
+
+def test_ragged_input_with_aligned_rows_takes_the_general_stage1(sim_binary, tmp_path):
+    """n_in < k·p with otherwise vector-loadable rows: x_vec, but stage 1 must bound x (s1_vec off)."""
+    gen = torch.Generator().manual_seed(13)
+    k, q, p, l, s, r = 4, 8, 16, 4, 8, 8
+    w1, w2 = factors(k, q, p, l, s, r, torch.bfloat16, gen)
+    x = torch.randn(2, 56, generator=gen).to(torch.bfloat16)
+    plan, out = run_sim(sim_binary, tmp_path, x, w1, w2)
+    assert plan["x_vec"] == 1 and plan["s1_vec"] == 0
+    assert_close(out, expected(x, w1, w2, None, l * s, "none"), torch.bfloat16)

@@ -76,8 +76,8 @@ int main(int argc, char** argv) {
     return 0;
   }
   std::printf("{\"supported\": true, \"splits\": %d, \"s_per\": %d, \"a_log2\": %d, \"b_log2\": %d, \"zpitch\": %d, "
-              "\"smem\": %d, \"w1_vec\": %d, \"w2_vec\": %d, \"x_vec\": %d}\n",
-              P.splits, P.s_per, P.a_log2, P.b_log2, P.zpitch, P.smem, P.w1_vec, P.w2_vec, P.x_vec);
+              "\"smem\": %d, \"w1_vec\": %d, \"w2_vec\": %d, \"x_vec\": %d, \"s1_vec\": %d}\n",
+              P.splits, P.s_per, P.a_log2, P.b_log2, P.zpitch, P.smem, P.w1_vec, P.w2_vec, P.x_vec, P.s1_vec);
   if (dtype == 0) run<float>(P);
   if (dtype == 1) run<__half>(P);
   if (dtype == 2) run<__nv_bfloat16>(P);

@@ -95,8 +95,9 @@ def test_floor():
 def test_rowsplit_plan_and_price_by_hand():
     """4096/64 square, 1 bf16 token on the H100: 64 stage-2 blocks x ceil(132/64) = 3 splits of 22 rows; one
     CTA streams 64 w1 rows of 128 B plus x (8 KiB) plus 22 w2 rows of 128 B at 7.5 TB/s / 132, then one DRAM
-    round (stage 1: 8 lanes per row, 64 rows per pass) and one L2 round (stage 2, prefetched): 1.438 µs, longer
-    than the launch's streams (L2 4.75 MB: 0.634 µs), plus the 2 µs launch gap."""
+    round (stage 1: 8 lanes per row, 4 rows per lane group: 128 rows per pass) and one L2 round (stage 2,
+    prefetched): 1.438 µs, longer than the launch's streams (L2 4.75 MB: 0.634 µs), plus the 2 µs launch gap.
+    4096/16 (r = p = 256, 32 lanes per row): 8 rows per warp pass x 8 warps = 32 rows per round, 8 rounds."""
     assert cc.rowsplit_plan(1, (64, 64, 64, 64, 64, 64), 4096, "bfloat16") == {
         "splits": 3, "s_per": 22, "zpitch": 64, "smem": 256}
     kern = cc.rowsplit_kernel(cm.Problem.linear(1, 4096, 4096, 64), "bfloat16", cm.H100_SXM)
@@ -104,6 +105,12 @@ def test_rowsplit_plan_and_price_by_hand():
     assert kern.l2_bytes == 2 * 64 * 64 * 64 * 2 + 2 * 4096 * 2 + 192 * per_cta
     critical = per_cta / (7.5e12 / 132) + cc.DRAM_LATENCY_S + cc.L2_LATENCY_S
     assert kern.time(cm.H100_SXM) == pytest.approx(critical + 2e-6, rel=1e-9)
+    wide = cc.rowsplit_kernel(cm.Problem.linear(1, 4096, 4096, 16), "bfloat16", cm.H100_SXM)
+    plan = cc.rowsplit_plan(1, (16, 256, 256, 16, 256, 256), 4096, "bfloat16")
+    per_cta = (256 * 256 + 4096 + plan["s_per"] * 256) * 2
+    stage2_rounds = -(-plan["s_per"] // 32)
+    expected = per_cta / (7.5e12 / 132) + 8 * cc.DRAM_LATENCY_S + stage2_rounds * cc.L2_LATENCY_S
+    assert wide.critical_s == pytest.approx(expected, rel=1e-9)
 
 
 def test_rowsplit_plan_declines_what_the_kernel_declines():
