@@ -4,7 +4,8 @@
 (and appends to ``DIR/gpu_profile.jsonl``):
 
 * ``host``: microseconds of host time per call (``N`` calls back to back at 16 tokens, where the device work is
-  a few µs, then one synchronise): the Python dispatch, planning and launch cost that every call pays;
+  a few µs, then one synchronise): the Python dispatch, planning and launch cost that every call pays; then
+  a cProfile breakdown of the Triton and reference calls (own µs per call of the top functions);
 * ``kernels``: per-kernel device time from ``torch.profiler`` (CUDA activity) for the main forward and
   backward paths, so that a slow path is split into its kernels and host gaps (wall time per call beside the
   summed kernel time);
@@ -115,6 +116,36 @@ def host_section(jsonl):
                  jsonl)
         except Exception as e:  # noqa: BLE001
             emit("host", {"case": name, "error": repr(e)[:300]}, jsonl)
+    for name in ("triton mk.monarch_linear", "torch mk.monarch_linear"):
+        host_breakdown(name, cases[name], jsonl)
+
+
+def host_breakdown(name: str, fn: Callable[[], object], jsonl, calls: int = 200, top: int = 25) -> None:
+    """Where one call's host time goes: cProfile over ``calls`` calls, the ``top`` functions by own time, in µs
+    per call (Triton's launcher, torch's allocator and this library's planning apart; cProfile's own overhead
+    inflates every entry by about the same amount per Python call)."""
+    import cProfile
+    import pstats
+
+    calls = size(calls, 3)
+    try:
+        for _ in range(5):
+            fn()
+        sync()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        sync()
+    except Exception as e:  # noqa: BLE001
+        emit("host", {"case": f"{name}: breakdown", "error": repr(e)[:300]}, jsonl)
+        return
+    stats = pstats.Stats(prof).stats  # (file, line, function) -> (calls, primitive calls, own s, cumulative s, callers)
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    emit("host", {"case": f"{name}: breakdown", "calls": calls,
+                  "own_us_per_call": [[f"{os.path.basename(f)}:{line}({func})", round(v[2] / calls * 1e6, 2),
+                                       round(v[0] / calls, 1)] for (f, line, func), v in rows]}, jsonl)
 
 
 def profile_kernels(name: str, fn: Callable[[], object], jsonl, reps: int = 5) -> None:

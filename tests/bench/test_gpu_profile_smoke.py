@@ -28,3 +28,9 @@ def test_smoke_run_writes_every_section(tmp_path):
     tiles = {r["kernel"] for r in rows if r["section"] == "tiles"}
     assert tiles == {"stage1 row->token-major P1", "stage2 token-major->token-major P2",
                      "copy token-major -> row-major"}
+    breakdowns = [r for r in rows if r.get("case", "").endswith(": breakdown")]
+    assert {r["case"] for r in breakdowns} == {"triton mk.monarch_linear: breakdown",
+                                               "torch mk.monarch_linear: breakdown"}
+    for r in breakdowns:  # [function, own µs per call, calls per call], most expensive first
+        costs = [entry[1] for entry in r["own_us_per_call"]]
+        assert costs and costs == sorted(costs, reverse=True) and all(c >= 0 for c in costs)
