@@ -14,16 +14,21 @@ class Mutant:
     snippet: str
     replacement: str
     models: str
+    #: the tests that must kill it (default: the kernel tests, ``run.kill_tests``)
+    tests: tuple = ()
 
     @property
     def compiled(self) -> bool:
-        """Whether the extension must be rebuilt to run this mutant."""
-        return self.path.startswith("csrc/")
+        """Whether the CPU extension must be rebuilt to run this mutant (CUDA sources are not in it: their
+        mutants are killed by the tests that build them, e.g. the CPU emulation of ``tests/cuda_sim``)."""
+        return self.path.startswith("csrc/") and not self.path.startswith("csrc/cuda/")
 
 
 TRITON_BD = "monarch_kernels/triton/blockdiag.py"
 TRITON_MON = "monarch_kernels/triton/monarch.py"
 CPU = "csrc/monarch_cpu.cpp"
+ROWSPLIT = "csrc/cuda/decode_rowsplit.cuh"
+ROWSPLIT_SIM = ("tests/csrc/test_cuda_rowsplit_sim.py",)
 
 MUTANTS = [
     # ---------------------------------------------------------------------------------------- Triton
@@ -213,4 +218,22 @@ MUTANTS = [
            "act_backward_rows<scalar_t, acc_t>(gbuf, no, P, no, m, n_out, bias, act);",
            "act_backward_rows<scalar_t, acc_t>(gbuf, no, P, no, m, n_out, nullptr, act);",
            "the one-pass backward with an activation differentiates at the pre-activation without the bias"),
+
+    # ---------------------------------------------------------------------------------------- CUDA (CPU emulation)
+    Mutant("cuda-sim-rowsplit-p1-transposed", ROWSPLIT,
+           "      const int f = rr * P.l + ll, kk = f / P.q;",
+           "      const int f = ll * P.r + rr, kk = f / P.q;",
+           "the general stage 1 of the row-split forward reads w1 rows in the transposed P1 order", ROWSPLIT_SIM),
+    Mutant("cuda-sim-rowsplit-short-reduction", ROWSPLIT,
+           "    for (int off = lanes >> 1; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], off);",
+           "    for (int off = lanes >> 2; off > 0; off >>= 1) acc[t] += __shfl_xor_sync(0xffffffffu, acc[t], off);",
+           "the lane-group sum stops one xor step short (half of a row's chunks dropped)", ROWSPLIT_SIM),
+    Mutant("cuda-sim-rowsplit-unclamped-rows", ROWSPLIT,
+           "      wrow[j] = w2 + static_cast<int64_t>(ss < s1 ? ss : s0) * P.r;",
+           "      wrow[j] = w2 + static_cast<int64_t>(ss) * P.r;",
+           "stage 2 loads rows past its CTA's share (past the end of w2 for the last one)", ROWSPLIT_SIM),
+    Mutant("cuda-sim-rowsplit-vector-x-row", ROWSPLIT,
+           "      xrow[j] = x + (f / P.q) * P.p;",
+           "      xrow[j] = x + (f % P.k) * P.p;",
+           "the vector stage 1 dots a w1 row with the wrong block of x", ROWSPLIT_SIM),
 ]

@@ -8,7 +8,8 @@ Usage (from the repository root, the C++ extension built in place)::
 
 The working tree (tracked and untracked files, not ``.venv``/``build``) is copied to a scratch directory, with
 the built extension; the unmutated copy must pass the kill tests first (else every mutant would look killed).
-A Triton/Python mutant runs the tests directly; a C++ mutant recompiles ``csrc/monarch_cpu.cpp`` of the copy
+A Triton/Python or CUDA-emulation mutant runs the tests directly (its own, where ``Mutant.tests`` names them); a
+C++ mutant recompiles ``csrc/monarch_cpu.cpp`` of the copy
 (setup.py's flags at ``-O1``) and relinks the extension, which is restored afterwards. A mutant is *killed* when pytest
 reports a failure or the test process crashes, *survives* when the tests pass, and is an *error* when the
 snippet does not match exactly once, the mutated extension does not build, or pytest cannot collect. Exit
@@ -84,9 +85,19 @@ def build(tree: str, sources=("monarch_cpu.cpp", "ops.cpp")) -> str:
     return res.stderr[-3000:] if res.returncode else ""
 
 
-def run_tests(tree: str, timeout: float) -> tuple[str, str]:
-    """(``passed`` | ``killed`` | ``error``, detail) of the kill tests in ``tree``."""
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *kill_tests(tree)]
+def tests_for(tree: str, mutants) -> list[str]:
+    """The tests that must kill ``mutants``: their own where given, else the kernel tests (each once)."""
+    tests = []
+    for m in mutants:
+        for t in (m.tests or kill_tests(tree)):
+            if t not in tests:
+                tests.append(t)
+    return tests
+
+
+def run_tests(tree: str, timeout: float, tests: list[str]) -> tuple[str, str]:
+    """(``passed`` | ``killed`` | ``error``, detail) of ``tests`` in ``tree``."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", *tests]
     try:
         res = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -136,7 +147,7 @@ def main() -> int:
             shutil.copy2(native[0], os.path.join(tree, "build", "mutants", "unmutated.so"))
         if not args.skip_baseline:
             t0 = time.time()
-            status, detail = run_tests(tree, args.timeout)
+            status, detail = run_tests(tree, args.timeout, tests_for(tree, chosen))
             print(f"baseline (unmutated): {status} in {time.time() - t0:.0f} s {detail}", flush=True)
             if status != "passed":
                 return 2
@@ -153,7 +164,7 @@ def main() -> int:
                 if err:
                     status, detail = "error", "the mutated extension does not build: " + err[-300:]
                 else:
-                    status, detail = run_tests(tree, args.timeout)
+                    status, detail = run_tests(tree, args.timeout, tests_for(tree, [m]))
             finally:
                 with open(os.path.join(tree, m.path), "w") as f:
                     f.write(original)
