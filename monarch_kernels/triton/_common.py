@@ -1,6 +1,7 @@
 """Helpers shared by the Triton host code: interpreter detection, allocation, device description, launch options."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -28,8 +29,11 @@ def is_token_major(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.shape[1] > 1 and t.stride(0) == 1
 
 
+@functools.lru_cache(maxsize=1)
 def interpreting() -> bool:
-    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before import)."""
+    """True when kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before import: Triton reads it
+    when the kernels are defined, so it is read once here too — an environment lookup on every launch was a
+    measurable part of a call's host time)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -49,10 +53,15 @@ def device_info(device: torch.device) -> DeviceInfo:
     return DeviceInfo(num_sms=4, l2_bytes=DeviceInfo.l2_bytes)
 
 
-def launch_meta(tile: Tile, names=("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP")) -> dict:
-    """Compile-time arguments ``names`` of ``tile`` plus warps and pipeline stages (the interpreter takes no
-    pipelining option)."""
+@functools.lru_cache(maxsize=1024)
+def _launch_meta(tile: Tile, names: tuple) -> dict:
     meta = {k: v for k, v in tile.meta().items() if k in names or k.startswith("num_")}
     if interpreting():
         meta.pop("num_stages")
     return meta
+
+
+def launch_meta(tile: Tile, names=("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP")) -> dict:
+    """Compile-time arguments ``names`` of ``tile`` plus warps and pipeline stages (the interpreter takes no
+    pipelining option); a fresh dict (computed once per tile)."""
+    return dict(_launch_meta(tile, tuple(names)))
