@@ -157,6 +157,18 @@ def test_eager_calls_pay_the_measured_host_time():
     bd = (16, 4096, 4096, 1024)
     assert gd.call_seconds("triton", "blockdiag", "bfloat16", bd) == gd.predicted_seconds(
         "triton", "blockdiag", "bfloat16", bd)
-    # the default follows the stream: not capturing here
+    # the default follows the stream: not capturing here; while a graph is captured, device time alone
     assert not gd.capturing()
     assert gd.fastest("monarch", torch.bfloat16, small, ["triton", "torch"]) == "torch"
+
+
+def test_calls_captured_into_a_cuda_graph_pay_no_host_time(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    gd.device.cache_clear()
+    try:
+        assert gd.capturing()
+        assert gd.fastest("monarch", torch.bfloat16, (16, 2048, 2048, 64), ["triton", "torch"]) == "triton"
+    finally:
+        gd.device.cache_clear()
