@@ -516,6 +516,10 @@ from .cuda_decode import gpu_check_cases as _cuda_decode_cases  # noqa: E402  (c
 
 register_provider("cuda_decode", _cuda_decode_cases, needs_extension=True)
 
+from .cuda_resident import gpu_check_cases as _cuda_resident_cases  # noqa: E402  (csrc/cuda resident kernel)
+
+register_provider("cuda_resident", _cuda_resident_cases, needs_extension=True)
+
 
 # ------------------------------------------------------------------------------------------ running
 

@@ -545,6 +545,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return before;
       },
       "Selects the few-token Monarch forward kernel ('auto', 'cooperative', 'rowsplit'); returns the previous.");
+  m.def(
+      "set_many_token_kernel",
+      [](const std::string& name) {
+        static const char* names[] = {"resident", "tiles"};
+        int c = 0;
+        while (c < 2 && name != names[c]) ++c;
+        TORCH_CHECK_VALUE(c < 2, "set_many_token_kernel: name=", name, " must be 'resident' or 'tiles'");
+        const std::string before = names[monarch_cuda::many_token_choice()];
+        monarch_cuda::set_many_token_choice(static_cast<monarch_cuda::ManyTokenChoice>(c));
+        return before;
+      },
+      "Selects the many-token Monarch forward ('resident' where its plan takes the call, or 'tiles'); returns the "
+      "previous.");
 #else
   m.attr("with_cuda") = false;
 #endif

@@ -184,6 +184,82 @@ def rowsplit_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> Cooperat
                              weights + io + ctas * (stage1 + stage2), dev.triton_flops["fma"], dev.mem_eff, critical)
 
 
+#: resident kernel (csrc/cuda/resident.cuh): tokens per tile, warps, most 8-column tiles per warp, widest block side
+RESIDENT_ROWS, RESIDENT_WARPS, RESIDENT_MAX_UNITS, RESIDENT_MAX_K = 16, 8, 16, 64
+#: shared-memory bandwidth of one SM (bytes/s): 128 bytes per clock at a sustained 1.755 GHz (H100 SXM; assumed)
+SMEM_BW_PER_SM = 128 * 1.755e9
+
+
+def resident_plan(tokens: int, shape: tuple, n_in: int, n_out: int, dtype: str, sms: int = cm.H100_SXM.num_sms,
+                  smem_optin: int = SMEM_OPTIN):
+    """The C++ ``resident_plan`` (``csrc/cuda/resident.cuh``) for ``shape = (k, q, p, l, s, r)`` with aligned,
+    unit-stride rows: ``None`` where the resident kernel declines, else ``{"pitch", "units1", "units2", "tiles",
+    "ctas", "smem"}``. ``tests/csrc/test_cuda_resident_sim.py`` checks that the two agree."""
+    k, q, p, l, s, r = shape
+    if cm.ITEMSIZE[dtype] != 2 or tokens < 1:
+        return None
+    if p % 16 or r % 16 or q % 8 or s % 8 or p > RESIDENT_MAX_K or r > RESIDENT_MAX_K:
+        return None
+    if k * q != l * r or n_in != k * p or n_out != l * s:
+        return None
+    units1, units2 = -(-(k * q // 8) // RESIDENT_WARPS), -(-(l * s // 8) // RESIDENT_WARPS)
+    if max(units1, units2) > RESIDENT_MAX_UNITS:
+        return None
+    pitch = -(-max(n_in, k * q, n_out) // 16) * 16 + 8
+    smem = 2 * (2 * RESIDENT_ROWS * pitch + k * q * (p + 8) + l * s * (r + 8))
+    if smem > smem_optin:
+        return None
+    tiles = -(-tokens // RESIDENT_ROWS)
+    return {"pitch": pitch, "units1": units1, "units2": units2, "tiles": tiles, "ctas": min(tiles, sms),
+            "smem": smem}
+
+
+def _fragment_loads(blocks: int, rows: int, width: int, units: int, item: int) -> int:
+    """Shared-memory bytes of one stage's fragment loads per token tile: each warp loads the A fragments (16
+    token rows x width) of every block its 8-column tiles touch, and every tile its 8 weight rows."""
+    total = blocks * rows // 8
+    touched = 0
+    for w in range(RESIDENT_WARPS):
+        us = range(w * units, min((w + 1) * units, total))
+        touched += len({8 * u // rows for u in us})
+    return touched * RESIDENT_ROWS * width * item + blocks * rows * width * item
+
+
+def resident_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> CooperativeKernel:
+    """The resident many-token forward (the extension's default past the decode kernels where its plan takes the
+    call; not in ``auto`` until measured). One persistent CTA per SM walks ``ceil(tiles / CTAs)`` rounds of
+    16-token tiles; per round the longest of:
+
+    * its HBM share: the tile's x rows and output rows at ``hbm_bw · mem_eff / num_sms``;
+    * the double buffer: the next tile's x rows are issued at the top of a round and must land before the
+      next: one DRAM latency plus those bytes at the SM's share;
+    * on chip: shared-memory traffic at ``SMEM_BW_PER_SM`` (the x tile written by cp.async, each stage's
+      fragment loads, its results stored as 16-bit scatters — priced as 4-byte bank slots — and the output
+      rows read back) plus the stage's mma FLOPs at the SM's share of the ``mma`` rate, in series (a
+      conservative sum: one CTA of 8 warps overlaps little of the two).
+
+    Before the first round, the factors come from L2 at the SM's share of its bandwidth, plus a DRAM latency.
+    Bytes: x and the output once from HBM (factors once, then L2)."""
+    sh, item, T = problem.shape, cm.ITEMSIZE[dtype], problem.tokens
+    plan = resident_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), problem.n_in, problem.n_out, dtype, dev.num_sms)
+    weights = sh.k * cm.rows_bytes(sh.q, sh.p, item) + sh.l * cm.rows_bytes(sh.s, sh.r, item)
+    io = cm.rows_bytes(T, problem.n_in, item) + cm.rows_bytes(T, problem.n_out, item)
+    x_tile, out_tile = RESIDENT_ROWS * problem.n_in * item, RESIDENT_ROWS * problem.n_out * item
+    share = dev.hbm_bw * dev.mem_eff / dev.num_sms
+    smem = (x_tile + out_tile
+            + _fragment_loads(sh.k, sh.q, sh.p, plan["units1"], item) + RESIDENT_ROWS * sh.k * sh.q * 4
+            + _fragment_loads(sh.l, sh.s, sh.r, plan["units2"], item) + RESIDENT_ROWS * sh.l * sh.s * 4)
+    flops_tile = 2.0 * RESIDENT_ROWS * (sh.k * sh.q * sh.p + sh.l * sh.s * sh.r)
+    on_chip = smem / SMEM_BW_PER_SM + flops_tile / (dev.triton_flops["mma"] / dev.num_sms)
+    per_round = max((x_tile + out_tile) / share, DRAM_LATENCY_S + x_tile / share, on_chip)
+    rounds = -(-plan["tiles"] // plan["ctas"])
+    startup = weights / (dev.l2_bw / dev.num_sms) + DRAM_LATENCY_S
+    executed = flops_tile * plan["tiles"]
+    return CooperativeKernel("cuda resident forward", executed, problem.useful_fwd_flops(), weights + io,
+                             weights * plan["ctas"] + io, dev.triton_flops["mma"], dev.mem_eff,
+                             rounds * per_round, startup)
+
+
 def decode_estimator(op: str, problem: cm.Problem, dtype: str, dev: cm.Device) -> cm.Cost:
     if not supported(problem, dtype):
         return _unpriced("cuda tile kernels")

@@ -38,24 +38,39 @@ def built_with_cuda() -> bool:
 
 
 DECODE_KERNELS = ("auto", "cooperative", "rowsplit")
+MANY_TOKEN_KERNELS = ("resident", "tiles")
 
 
 @contextlib.contextmanager
+def _kernel_choice(fn: str, setter: str, name: str, names: tuple):
+    """Within the block, the extension's process-wide kernel choice ``setter`` is ``name``; restored after."""
+    if name not in names:
+        raise ValueError(f"{fn}: name={name!r} must be one of {names}")
+    if not built_with_cuda():
+        raise RuntimeError(f"{fn}: the extension was built without CUDA")
+    before = getattr(load(), setter)(name)
+    try:
+        yield
+    finally:
+        getattr(load(), setter)(before)
+
+
 def decode_kernel(name: str):
     """Within the block, the CUDA backend's few-token Monarch forward is ``name``: ``"auto"`` / ``"cooperative"``
     (the default: both stages in one cooperative launch with a grid barrier, measured on an H200) or
     ``"rowsplit"`` (``csrc/cuda/decode_rowsplit.cuh``: one ordinary launch without a barrier, each CTA computing
     the stage-1 rows its stage-2 block needs; checked on the CPU emulation, not yet run on a GPU), where its plan
     takes the call. Process-wide (not per thread or stream); a CUDA graph keeps the kernel it captured."""
-    if name not in DECODE_KERNELS:
-        raise ValueError(f"decode_kernel: name={name!r} must be one of {DECODE_KERNELS}")
-    if not built_with_cuda():
-        raise RuntimeError("decode_kernel: the extension was built without CUDA")
-    before = load().set_decode_kernel(name)
-    try:
-        yield
-    finally:
-        load().set_decode_kernel(before)
+    return _kernel_choice("decode_kernel", "set_decode_kernel", name, DECODE_KERNELS)
+
+
+def many_token_kernel(name: str):
+    """Within the block, the CUDA backend's Monarch forward past the few-token kernels is ``name``:
+    ``"resident"`` (the default: ``csrc/cuda/resident.cuh``, both factors in shared memory, one persistent CTA per
+    SM, x read and the output written once; fp16/bf16 where its plan takes the call, the tile kernels elsewhere;
+    checked on the CPU emulation, not yet run on a GPU) or ``"tiles"`` (always the tile kernels of
+    ``csrc/cuda/monarch_kernels.cu``), e.g. to time them side by side. Process-wide, like :func:`decode_kernel`."""
+    return _kernel_choice("many_token_kernel", "set_many_token_kernel", name, MANY_TOKEN_KERNELS)
 
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -1,6 +1,8 @@
 """``python -m bench.kernel_audit --model``: the cost model's H100 predictions for the performance targets.
 
-Each row prices one op at one shape on the path ``auto`` takes (:mod:`monarch_kernels.cost_model`), next to
+Each row prices one op at one shape on the Triton path ``auto`` takes (:mod:`monarch_kernels.cost_model`) — and,
+for a forward whose factors fit in shared memory, on the CUDA extension's resident kernel
+(:func:`monarch_kernels.cuda_cost.resident_kernel`, path ``cuda resident``) — next to
 dense cuBLAS ``F.linear`` and the torch reference modelled the same way: predicted time, ratios, FLOPs executed
 over useful, HBM and L2 bytes, launches and the share of the copy bandwidth the ideal traffic
 (``x + out + weights``) would imply at the predicted time.
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from monarch_kernels import cost_model as cm
+from monarch_kernels import cuda_cost
 
 #: the same device with a faster L2 (the least certain constant): how much the verdicts depend on it
 FAST_L2 = replace(cm.H100_SXM, name="H100 SXM, L2 10 TB/s", l2_bw=10e12)
@@ -49,10 +52,20 @@ class ModelRow:
     x_dense_fast_l2: float = float("nan")
 
 
-def _row(label, T, n_in, n_out, nb, op, want_dense, want_torch, want_bw, dtype="bfloat16", dev=cm.H100_SXM):
+def _resident_takes(T, n_in, n_out, nb, op, dtype="bfloat16") -> bool:
+    sh = cm.Problem.linear(T, n_in, n_out, nb).shape
+    return op == "fwd" and cuda_cost.resident_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), n_in, n_out,
+                                                   dtype) is not None
+
+
+def _row(label, T, n_in, n_out, nb, op, want_dense, want_torch, want_bw, dtype="bfloat16", dev=cm.H100_SXM,
+         resident=False):
     pr = cm.Problem.linear(T, n_in, n_out, nb)
-    path = cm.triton_path(pr)
-    cost = cm.estimate("triton", path, op, pr, dtype, dev)
+    if resident:
+        path, cost = "cuda resident", cm.Cost([cuda_cost.resident_kernel(pr, dtype, dev)])
+    else:
+        path = cm.triton_path(pr)
+        cost = cm.estimate("triton", path, op, pr, dtype, dev)
     dense = cm.dense(op, pr, dtype, dev).time(dev)
     ref = cm.estimate("torch", "reference", op, pr, dtype, dev).time(dev)
     t = cost.time(dev)
@@ -118,8 +131,10 @@ def mlp_rows(d: int = 768, nb: int = 4, T: int = 16384, dtype: str = "bfloat16",
 
 
 def model_rows() -> list[ModelRow]:
-    rows = [_row(*t) for t in TARGETS] + mlp_rows()
-    fast = [_row(*t, dev=FAST_L2) for t in TARGETS] + mlp_rows(dev=FAST_L2)
+    cuda = [t for t in TARGETS if _resident_takes(*t[1:6])]
+    rows = [_row(*t) for t in TARGETS] + [_row(*t, resident=True) for t in cuda] + mlp_rows()
+    fast = ([_row(*t, dev=FAST_L2) for t in TARGETS] + [_row(*t, dev=FAST_L2, resident=True) for t in cuda]
+            + mlp_rows(dev=FAST_L2))
     for r, f in zip(rows, fast):
         r.x_dense_fast_l2 = f.x_dense
     return rows

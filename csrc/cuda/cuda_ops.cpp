@@ -1,6 +1,7 @@
 // torch binding of the CUDA kernels (compiled only in a CUDA build): the CUDA implementations of the
 // monarch_kernels_ext ops. Up to decode_max_tokens() tokens (64 for fp16/bf16, 16 for fp32) the forward, dX and
-// block-diagonal products run on the decode kernels (decode.cu: one launch, weights streamed once). Larger
+// block-diagonal products run on the decode kernels (decode.cu: one launch, weights streamed once). A larger
+// fp16/bf16 forward whose factors fit in shared memory runs the resident kernel (resident.cu). Other larger
 // calls take the tile kernels (monarch_kernels.cu): fused kernels for fp16/bf16 Monarch products whose blocks
 // route evenly (q % l == 0), otherwise the two-kernel path (the block-diagonal kernel with P1/P2 folded into
 // its loads and stores). Weight gradients recompute the intermediate and reduce fp32 split-T partials.
@@ -146,15 +147,21 @@ at::Tensor decode_two_stages(const at::Tensor& in, DecodeStage (&st)[2], int64_t
   return out;
 }
 
+// The arguments of act(P2 BD(w2) P1 BD(w1) x + bias) into a (T, n_out) output allocated later (out null).
+monarch_cuda::MonarchFwdArgs fwd_args(const at::Tensor& x, const at::Tensor& w1c, const at::Tensor& w2c,
+                                      const void* bias, int64_t act, int64_t n_out) {
+  return {x.data_ptr(), x.stride(0), x.stride(1), w1c.data_ptr(), w2c.data_ptr(), bias, nullptr, n_out, x.size(0),
+          w1c.size(0), w1c.size(1), w1c.size(2), w2c.size(0), w2c.size(1), w2c.size(2), x.size(1), n_out,
+          static_cast<int>(act)};
+}
+
 // out = act(P2 BD(w2) P1 BD(w1) x + bias): stage 1 writes the intermediate in stage 2's order (P1) to z.
 at::Tensor decode_monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const void* bias,
                               int64_t act, int64_t n_out) {
   if (!few_tokens(x)) return at::Tensor();
   const int64_t l = w2.size(0), s = w2.size(1), r = w2.size(2), N = l * r;
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
-  monarch_cuda::RowsplitArgs ra{x.data_ptr(), x.stride(0), x.stride(1), w1c.data_ptr(), w2c.data_ptr(), bias,
-                                nullptr, n_out, x.size(0), w1.size(0), w1.size(1), w1.size(2), l, s, r, x.size(1),
-                                n_out, static_cast<int>(act)};
+  monarch_cuda::MonarchFwdArgs ra = fwd_args(x, w1c, w2c, bias, act, n_out);
   if (monarch_cuda::decode_rowsplit_supported(dtype_of(x), ra, x.device().index())) {
     auto out = at::empty({x.size(0), n_out}, x.options());
     ra.out = out.data_ptr();
@@ -164,6 +171,19 @@ at::Tensor decode_monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const a
   DecodeStage st[2] = {decode_stage(w1c, false, rows(x), w1.size(2), 1, unallocated(N), l, r, nullptr, 0),
                        decode_stage(w2c, false, unallocated(N), r, 1, unallocated(n_out), s, l, bias, act)};
   return decode_two_stages(x, st, N, n_out);
+}
+
+// The same product past the decode kernels, with both factors resident in shared memory (resident.cu), where
+// that kernel's plan takes the call (fp16/bf16, whole mma tiles, factors within shared memory).
+at::Tensor resident_monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const void* bias,
+                                int64_t act, int64_t n_out) {
+  const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
+  monarch_cuda::MonarchFwdArgs a = fwd_args(x, w1c, w2c, bias, act, n_out);
+  if (!monarch_cuda::resident_supported(dtype_of(x), a, x.device().index())) return at::Tensor();
+  auto out = at::empty({x.size(0), n_out}, x.options());
+  a.out = out.data_ptr();
+  check(monarch_cuda::resident_run(dtype_of(x), a, x.device().index(), stream()), "resident monarch forward");
+  return out;
 }
 
 // dx = BD(w1)ᵀ P1ᵀ BD(w2)ᵀ P2ᵀ g: stage A gathers g through P2ᵀ and writes dy in flat (P1ᵀ) order.
@@ -232,6 +252,7 @@ at::Tensor monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tens
   at::Tensor keep;
   const void* b = bias_ptr(bias, keep);
   if (auto out = decode_monarch_fwd(x, w1, w2, b, act, n_out); out.defined()) return out;
+  if (auto out = resident_monarch_fwd(x, w1, w2, b, act, n_out); out.defined()) return out;
   if (fused_ok(x, w1, w2)) {
     auto out = at::empty({x.size(0), n_out}, x.options());
     check(monarch_cuda::monarch_fused_forward(dtype_of(x), mat2(x), mat3(w1), mat3(w2), b, out.data_ptr(), n_out,

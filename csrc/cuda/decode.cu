@@ -35,12 +35,11 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "decode_rowsplit.cuh"
 #include "epilogue.cuh"
+#include "launch.cuh"
+#include "mma.cuh"
 
 namespace monarch_cuda {
 namespace {
@@ -106,23 +105,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 }
 
 // ------------------------------------------------------------------------------------ tensor-core primitives
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-
-template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-template <>
-__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Transposes the 8 x 8 16-bit matrix held one row per 4 lanes (lane = 4·row + column pair).
 __device__ __forceinline__ uint32_t transpose8x8(uint32_t v) {
@@ -599,43 +581,6 @@ __global__ void __launch_bounds__(kThreads, 1) decode_kernel(const __grid_consta
 
 // ------------------------------------------------------------------------------------ host side
 
-struct DeviceInfo {
-  int sms = 0, smem_optin = 0, l2_bytes = 0, cooperative = 0;
-};
-
-const DeviceInfo& device_info(int device) {
-  static std::mutex mu;
-  static std::map<int, DeviceInfo> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(device);
-  if (it != cache.end()) return it->second;
-  DeviceInfo d;
-  cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device);
-  cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  cudaDeviceGetAttribute(&d.l2_bytes, cudaDevAttrL2CacheSize, device);
-  cudaDeviceGetAttribute(&d.cooperative, cudaDevAttrCooperativeLaunch, device);
-  return cache.emplace(device, d).first->second;
-}
-
-// CTAs of `kernel` resident per SM with `smem` bytes of dynamic shared memory (0 when it cannot launch).
-int resident_ctas(const void* kernel, int device, int smem) {
-  static std::mutex mu;
-  static std::map<std::tuple<const void*, int, int>, int> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  const auto key = std::make_tuple(kernel, device, smem);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  int n = 0;
-  // the opt-in maximum, not `smem`: a later call with a smaller buffer must not lower the limit of a cached one
-  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, device_info(device).smem_optin) !=
-          cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem) != cudaSuccess)
-    n = 0;
-  cudaGetLastError();  // a failed query leaves no sticky error behind
-  cache.emplace(key, n);
-  return n;
-}
-
 int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -712,7 +657,7 @@ struct Launch {
     P.xs_bytes = static_cast<int>(round_up(static_cast<int64_t>(rows) * pitch * sizeof(T), 16));
     smem = P.xs_bytes + red_bytes<Tile>(rows);
     if (smem > dev.smem_optin) return false;
-    const int per_sm = resident_ctas(reinterpret_cast<const void*>(&decode_kernel<Tile, T>), device, smem);
+    const int per_sm = resident_ctas(reinterpret_cast<const void*>(&decode_kernel<Tile, T>), device, kThreads, smem);
     if (per_sm < 1) return false;
     const int slots = per_sm * dev.sms;
     int most = 0;
@@ -779,12 +724,10 @@ std::atomic<int> g_decode_choice{kDecodeAuto};
 
 int itemsize(DType dt) { return dt == DType::F32 ? 4 : 2; }
 
-static_assert(kRowsplitThreads == kThreads, "resident_ctas() queries occupancy at kThreads per CTA");
-
 template <typename T, int TB>
 cudaError_t launch_rowsplit(const RowsplitPlan& P, int device, cudaStream_t stream, bool execute) {
   const void* kernel = reinterpret_cast<const void*>(&rowsplit_kernel<T, TB>);
-  if (resident_ctas(kernel, device, P.smem) < 1) return cudaErrorNotSupported;  // also opts into the smem
+  if (resident_ctas(kernel, device, kRowsplitThreads, P.smem) < 1) return cudaErrorNotSupported;  // also opts into the smem
   if (!execute) return cudaSuccess;
   rowsplit_kernel<T, TB><<<dim3(static_cast<unsigned>(P.l), static_cast<unsigned>(P.splits)), kRowsplitThreads,
                            static_cast<size_t>(P.smem), stream>>>(P);
@@ -798,7 +741,7 @@ cudaError_t launch_rowsplit(const RowsplitPlan& P, int device, cudaStream_t stre
   return launch_rowsplit<T, 16>(P, device, stream, execute);
 }
 
-cudaError_t rowsplit(DType dt, const RowsplitArgs& a, int device, cudaStream_t stream, bool execute) {
+cudaError_t rowsplit(DType dt, const MonarchFwdArgs& a, int device, cudaStream_t stream, bool execute) {
   if (g_decode_choice.load(std::memory_order_relaxed) != kDecodeRowsplit) return cudaErrorNotSupported;
   const DeviceInfo& dev = device_info(device);
   RowsplitPlan P;
@@ -815,11 +758,11 @@ cudaError_t rowsplit(DType dt, const RowsplitArgs& a, int device, cudaStream_t s
 void set_decode_choice(DecodeChoice c) { g_decode_choice.store(c, std::memory_order_relaxed); }
 DecodeChoice decode_choice() { return static_cast<DecodeChoice>(g_decode_choice.load(std::memory_order_relaxed)); }
 
-bool decode_rowsplit_supported(DType dt, const RowsplitArgs& a, int device) {
+bool decode_rowsplit_supported(DType dt, const MonarchFwdArgs& a, int device) {
   return rowsplit(dt, a, device, nullptr, false) == cudaSuccess;
 }
 
-cudaError_t decode_rowsplit_run(DType dt, const RowsplitArgs& a, int device, cudaStream_t stream) {
+cudaError_t decode_rowsplit_run(DType dt, const MonarchFwdArgs& a, int device, cudaStream_t stream) {
   return rowsplit(dt, a, device, stream, true);
 }
 

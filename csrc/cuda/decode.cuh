@@ -43,21 +43,6 @@ bool decode_supported(DType dt, int64_t tokens, const DecodeStage* stages, int n
 cudaError_t decode_run(DType dt, int64_t tokens, const DecodeStage* stages, int nstages, int device,
                        cudaStream_t stream);
 
-// A few-token Monarch forward out = act(P2 BD(w2) P1 BD(w1) x + bias) for the row-split kernel
-// (decode_rowsplit.cuh: one ordinary launch, no grid barrier). w1 (k, q, p) and w2 (l, s, r) contiguous, x
-// (tokens, n_in) with strides (x_ts, x_fs), out (tokens, n_out) with row stride out_ts, bias (n_out,) or null.
-struct RowsplitArgs {
-  const void* x;
-  int64_t x_ts, x_fs;
-  const void* w1;
-  const void* w2;
-  const void* bias;
-  void* out;
-  int64_t out_ts;
-  int64_t tokens, k, q, p, l, s, r, n_in, n_out;
-  int act;
-};
-
 // Which few-token Monarch forward runs: kDecodeAuto and kDecodeCooperative the cooperative kernel (measured on
 // an H200; the row-split kernel has not run on a GPU yet), kDecodeRowsplit the row-split kernel wherever its
 // plan takes the call (rowsplit_plan) and the cooperative one elsewhere — for side-by-side measurements.
@@ -67,9 +52,9 @@ DecodeChoice decode_choice();
 
 // Whether the row-split kernel takes `a` on `device` under the current choice (pointers may still be null
 // except for their alignment, which the plan reads: pass the real x, w1, w2).
-bool decode_rowsplit_supported(DType dt, const RowsplitArgs& a, int device);
+bool decode_rowsplit_supported(DType dt, const MonarchFwdArgs& a, int device);
 
 // Runs it on `stream`; cudaErrorNotSupported where it does not take the call.
-cudaError_t decode_rowsplit_run(DType dt, const RowsplitArgs& a, int device, cudaStream_t stream);
+cudaError_t decode_rowsplit_run(DType dt, const MonarchFwdArgs& a, int device, cudaStream_t stream);
 
 }  // namespace monarch_cuda

@@ -50,4 +50,32 @@ cudaError_t monarch_fused_forward(DType dt, Mat2 x, Mat3 w1, Mat3 w2, const void
 // W1[kk, ll::l, pp], with G_ll[t, ss] = g[t, ss*l + ll].
 cudaError_t monarch_fused_dx(DType dt, Mat2 g, Mat3 w1, Mat3 w2, void* dx, int64_t n_in, cudaStream_t stream);
 
+// A Monarch forward out = act(P2 BD(w2) P1 BD(w1) x + bias) for the kernels planned from one struct (the
+// row-split few-token kernel, decode_rowsplit.cuh; the resident many-token kernel, resident.cuh). w1 (k, q, p)
+// and w2 (l, s, r) contiguous, x (tokens, n_in) with strides (x_ts, x_fs), out (tokens, n_out) with row stride
+// out_ts, bias (n_out,) or null; act as in epilogue.cuh.
+struct MonarchFwdArgs {
+  const void* x;
+  int64_t x_ts, x_fs;
+  const void* w1;
+  const void* w2;
+  const void* bias;
+  void* out;
+  int64_t out_ts;
+  int64_t tokens, k, q, p, l, s, r, n_in, n_out;
+  int act;
+};
+
+// Which many-token Monarch forward the extension runs past the decode kernels: kManyResident the resident
+// kernel (resident.cu: both factors in shared memory, one persistent CTA per SM) wherever its plan takes the
+// call and the tile kernels above elsewhere; kManyTiles always the tile kernels (for side-by-side measurements).
+enum ManyTokenChoice { kManyResident = 0, kManyTiles = 1 };
+void set_many_token_choice(ManyTokenChoice c);
+ManyTokenChoice many_token_choice();
+
+// Whether the resident kernel takes `a` on `device` under the current choice (out may be null: its alignment
+// is assumed, the caller allocates it) — and runs it on `stream` (cudaErrorNotSupported where it does not).
+bool resident_supported(DType dt, const MonarchFwdArgs& a, int device);
+cudaError_t resident_run(DType dt, const MonarchFwdArgs& a, int device, cudaStream_t stream);
+
 }  // namespace monarch_cuda

@@ -1,7 +1,10 @@
 // Runs CUDA kernels written in plain C++ on a CPU, for tests: one std::thread per CUDA thread, one CTA at a
 // time, __syncthreads() a barrier across the CTA's threads and __shfl_xor_sync an exchange across the warp's.
 // Only what the kernels under test use is here (no atomics, no clusters, no warp-divergent shuffles: every
-// lane of a warp must reach each shuffle, which CUDA requires of a full-mask shuffle as well).
+// lane of a warp must reach each shuffle, which CUDA requires of a full-mask shuffle as well). mma.sync
+// m16n8k16 is a warp collective too: every lane posts its fragments, then computes its own D elements from the
+// PTX ISA's fragment tables (fp32 accumulation in k order; the hardware's order and internal precision differ
+// within the tests' tolerances). cp.async copies at once (the kernels wait and synchronise before reading).
 //
 // Included before the kernel's header, with MONARCH_CUDA_SIM defined; compiled by the host C++ compiler with
 // the CUDA toolkit's include directory (cuda_bf16.h / cuda_fp16.h and vector_types.h are usable from host code).
@@ -31,8 +34,9 @@ struct Cta {
   std::barrier<> all;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> lanes;  // one exchange slot per thread
+  std::vector<uint32_t> frags;  // mma operands: 6 registers (a0..a3, b0, b1) per thread
   std::vector<unsigned char> smem;
-  Cta(int threads, size_t smem_bytes) : all(threads), lanes(threads), smem(smem_bytes + 16) {
+  Cta(int threads, size_t smem_bytes) : all(threads), lanes(threads), frags(6 * threads), smem(smem_bytes + 16) {
     for (int w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<std::barrier<>>(32));
   }
 };
@@ -76,6 +80,47 @@ inline float __uint_as_float(uint32_t b) {
 }
 
 namespace sim {
+
+inline float bits16_to_float(uint16_t b, const __nv_bfloat16*) { return __uint_as_float(uint32_t(b) << 16); }
+inline float bits16_to_float(uint16_t b, const __half*) {
+  __half_raw h;
+  h.x = b;
+  return __half2float(__half(h));
+}
+
+// Element `half` (0 low, 1 high) of 32-bit fragment register `reg` of lane `lane` of the calling thread's warp.
+template <typename T>
+float frag_elem(int lane, int reg, int half) {
+  const int t = static_cast<int>(threadIdx.x);
+  const uint32_t v = cta->frags[6 * ((t / 32) * 32 + lane) + reg];
+  return bits16_to_float(static_cast<uint16_t>(half ? v >> 16 : v & 0xffff), static_cast<const T*>(nullptr));
+}
+
+// d += A (16 x 16) · B (16 x 8) for the warp, fragments as in mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32.
+template <typename T>
+void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  Cta& c = *cta;
+  const int t = static_cast<int>(threadIdx.x), warp = t / 32, lane = t % 32;
+  uint32_t* mine = &c.frags[6 * t];
+  mine[0] = a[0], mine[1] = a[1], mine[2] = a[2], mine[3] = a[3], mine[4] = b0, mine[5] = b1;
+  c.warps[warp]->arrive_and_wait();
+  const auto A = [](int row, int k) {  // lane 4·(row % 8) + (k % 8) / 2, register (row ≥ 8) + 2·(k ≥ 8)
+    return frag_elem<T>(4 * (row % 8) + (k % 8) / 2, (row >= 8) + 2 * (k >= 8), k % 2);
+  };
+  const auto B = [](int k, int n) {  // lane 4·n + (k % 8) / 2, register 4 + (k ≥ 8)
+    return frag_elem<T>(4 * n + (k % 8) / 2, 4 + (k >= 8), k % 2);
+  };
+  const int g = lane / 4, cc = lane % 4;
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * cc + e % 2;
+    float v = d[e];
+    for (int k = 0; k < 16; ++k) v = std::fma(A(row, k), B(k, col), v);
+    out[e] = v;
+  }
+  c.warps[warp]->arrive_and_wait();  // nobody overwrites its fragments before every lane has read them
+  for (int e = 0; e < 4; ++e) d[e] = out[e];
+}
 
 // kernel(args...) on a grid of CTAs of `threads` threads with `smem` bytes of dynamic shared memory.
 template <typename Kernel, typename... Args>

@@ -195,3 +195,15 @@ def test_decode_kernel_selection_validates_its_argument():
         with pytest.raises(RuntimeError, match="built without CUDA"):
             with ext.decode_kernel("rowsplit"):
                 pass
+
+
+def test_many_token_kernel_selection_validates_its_argument():
+    from monarch_kernels import ext
+
+    with pytest.raises(ValueError, match="many_token_kernel: name='fused' must be one of"):
+        with ext.many_token_kernel("fused"):
+            pass
+    if not ext.built_with_cuda():
+        with pytest.raises(RuntimeError, match="many_token_kernel: the extension was built without CUDA"):
+            with ext.many_token_kernel("tiles"):
+                pass

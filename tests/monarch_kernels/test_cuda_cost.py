@@ -128,3 +128,37 @@ def test_the_default_decode_forward_is_priced_as_the_cooperative_kernel():
     p = cm.Problem.linear(1, 4096, 4096, 64)
     assert cm.estimate("cuda", "decode", "fwd", p).time() == cc.decode_kernel(p, "bfloat16", cm.H100_SXM).time(
         cm.H100_SXM)
+
+
+def test_resident_plan_and_price_by_hand():
+    """1024 features in 32 blocks, 16384 bf16 tokens, H100: 1024 tiles on 132 CTAs (8 rounds), each round bound
+    by the SM's share of HBM for one tile's x and output rows (64 KiB), after the factors (128 KiB) from L2."""
+    dev = cm.H100_SXM
+    pr = cm.Problem.linear(16384, 1024, 1024, 32)
+    plan = cc.resident_plan(16384, (32, 32, 32, 32, 32, 32), 1024, 1024, "bfloat16", dev.num_sms)
+    assert plan == {"pitch": 1032, "units1": 16, "units2": 16, "tiles": 1024, "ctas": 132,
+                    "smem": 2 * (2 * 16 * 1032 + 2 * 1024 * 40)}
+    k = cc.resident_kernel(pr, "bfloat16", dev)
+    share = dev.hbm_bw * dev.mem_eff / 132
+    tile = 16 * 1024 * 2
+    # shared memory per tile: x in, output out, per stage 32 blocks' A fragments (each warp's 4 blocks) + all
+    # weights + 16-bit scatters at 4 bytes; mma FLOPs at the SM's share of the mma rate
+    smem = 2 * tile + 2 * (32 * 16 * 32 * 2 + 32 * 32 * 32 * 2 + 16 * 1024 * 4)
+    on_chip = smem / cc.SMEM_BW_PER_SM + 2 * 16 * 2 * 32 ** 3 / (dev.triton_flops["mma"] / 132)
+    per_round = max(2 * tile / share, cc.DRAM_LATENCY_S + tile / share, on_chip)
+    assert per_round == 2 * tile / share  # HBM-bound
+    weights = 2 * 32 * 32 * 32 * 2
+    assert k.critical_s == pytest.approx(8 * per_round, rel=1e-12)
+    assert k.latency_s == pytest.approx(weights / (dev.l2_bw / 132) + cc.DRAM_LATENCY_S, rel=1e-12)
+    assert k.hbm_bytes == weights + 2 * 16384 * 1024 * 2 and k.flops == k.useful_flops
+    assert k.time(dev) == pytest.approx(8 * per_round + dev.launch_s + k.latency_s, rel=1e-12)
+
+
+def test_resident_plan_declines_what_the_kernel_declines():
+    ok = (32, 32, 32, 32, 32, 32)
+    assert cc.resident_plan(100, ok, 1024, 1024, "float32") is None
+    assert cc.resident_plan(100, ok, 1000, 1024, "bfloat16") is None  # ragged input
+    assert cc.resident_plan(100, (64, 32, 32, 64, 32, 32), 2048, 2048, "bfloat16") is None  # 32 tiles per warp
+    assert cc.resident_plan(100, (16, 64, 64, 16, 64, 64), 1024, 1024, "bfloat16") is None  # past shared memory
+    assert cc.resident_plan(100, (4, 32, 8, 8, 16, 16), 32, 128, "bfloat16") is None  # p = 8
+    assert cc.resident_plan(100, ok, 1024, 1024, "float16")["tiles"] == 7

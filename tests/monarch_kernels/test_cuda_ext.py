@@ -194,3 +194,34 @@ def test_rowsplit_decode_forward_matches_float64(dtype, factors):
             assert rel_err(out, ref.monarch_fwd(d(x), d(w1), d(w2), d(b), sh.n_out, "gelu")) < tol
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("factors", [((32, 32, 32), (32, 32, 32)), ((4, 32, 16), (8, 16, 16)),
+                                     ((2, 24, 16), (3, 8, 16)), ((16, 16, 64), (16, 16, 16))], ids=str)
+def test_resident_forward_matches_float64(dtype, factors):
+    """The many-token forward with both factors in shared memory (the default past the decode kernels where its
+    plan takes the call) per element against float64 and against the tile kernels (``many_token_kernel("tiles")``),
+    bias + each activation, ragged token counts (several tiles per CTA at 5000 tokens), outputs poisoned."""
+    from monarch_kernels import ext
+
+    gen = torch.Generator().manual_seed(1)
+    s1, s2 = factors
+    sh = mk.MonarchShape.from_factors(s1, s2)
+    w1 = (torch.randn(*s1, generator=gen) * sh.p ** -0.5).to("cuda", dtype)
+    w2 = (torch.randn(*s2, generator=gen) * sh.r ** -0.5).to("cuda", dtype)
+    b = torch.randn(sh.n_out, generator=gen).to("cuda", dtype)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        for T, act in ((65, "none"), (333, "relu"), (5000, "gelu"), (1000, "gelu_tanh")):
+            x = torch.randn(T, sh.n_in, generator=gen).to("cuda", dtype)
+            out = C.monarch_fwd(x, w1, w2, b, sh.n_out, act)
+            d = lambda t: t.double()
+            assert rel_err(out, ref.monarch_fwd(d(x), d(w1), d(w2), d(b), sh.n_out, act)) < tol
+            with ext.many_token_kernel("tiles"):
+                tiles = C.monarch_fwd(x, w1, w2, b, sh.n_out, act)
+            assert rel_err(out, tiles.double()) < 2 * tol
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -29,6 +29,8 @@ TRITON_MON = "monarch_kernels/triton/monarch.py"
 CPU = "csrc/monarch_cpu.cpp"
 ROWSPLIT = "csrc/cuda/decode_rowsplit.cuh"
 ROWSPLIT_SIM = ("tests/csrc/test_cuda_rowsplit_sim.py",)
+RESIDENT = "csrc/cuda/resident.cuh"
+RESIDENT_SIM = ("tests/csrc/test_cuda_resident_sim.py",)
 
 MUTANTS = [
     # ---------------------------------------------------------------------------------------- Triton
@@ -236,4 +238,22 @@ MUTANTS = [
            "      xrow[j] = x + (f / P.q) * P.p;",
            "      xrow[j] = x + (f % P.k) * P.p;",
            "the vector stage 1 dots a w1 row with the wrong block of x", ROWSPLIT_SIM),
+    Mutant("cuda-sim-resident-stale-a-fragments", RESIDENT,
+           "      if (b != block) {",
+           "      if (block < 0) {",
+           "a warp keeps the A fragments of its first block for the next blocks (no reload on a block change)",
+           RESIDENT_SIM),
+    Mutant("cuda-sim-resident-p1-unwrapped", RESIDENT,
+           "          if (lo >= P.l) lo -= P.l, ++hi;  // lo0 < l and j ≤ 1",
+           "          (void)0;",
+           "P1's position of an odd column that crosses a multiple of l is not wrapped to the next row", RESIDENT_SIM),
+    Mutant("cuda-sim-resident-tail-rows-stored", RESIDENT,
+           "      if (t0 + row < P.tokens)\n",
+           "      if (t0 + row < P.tokens + kResidentRows)\n",
+           "the last tile's rows past the tokens are stored (past the end of the output)", RESIDENT_SIM),
+    Mutant("cuda-sim-resident-single-buffer", RESIDENT,
+           "    T* const cur = smem + (it & 1) * buf_elems;",
+           "    T* const cur = smem;",
+           "every tile is read from the first buffer while the second is filled (double buffer broken)",
+           RESIDENT_SIM),
 ]

@@ -1,9 +1,10 @@
-// Runs the row-split few-token Monarch forward (csrc/cuda/decode_rowsplit.cuh) on the CPU through sim.h.
+// Runs a Monarch forward kernel that takes a MonarchFwdArgs on the CPU through sim.h: the row-split few-token
+// kernel (csrc/cuda/decode_rowsplit.cuh) or the resident many-token kernel (csrc/cuda/resident.cuh).
 //
-//   rowsplit_sim DTYPE TOKENS K Q P L S R N_IN N_OUT X_TS X_FS ACT HAS_BIAS SMS SMEM_OPTIN MISALIGN DIR
+//   fwd_sim KERNEL DTYPE TOKENS K Q P L S R N_IN N_OUT X_TS X_FS ACT HAS_BIAS SMS SMEM_OPTIN MISALIGN DIR
 //
-// DTYPE 0 fp32, 1 fp16, 2 bf16. Reads DIR/x.bin (X_TS * (TOKENS - 1) + X_FS * (N_IN - 1) + 1 elements),
-// DIR/w1.bin, DIR/w2.bin and, with HAS_BIAS, DIR/bias.bin, raw little-endian elements. Each operand lives in its
+// KERNEL rowsplit or resident; DTYPE 0 fp32, 1 fp16, 2 bf16. Reads DIR/x.bin (X_TS * (TOKENS - 1) + X_FS *
+// (N_IN - 1) + 1 elements), DIR/w1.bin, DIR/w2.bin and, with HAS_BIAS, DIR/bias.bin, raw little-endian elements. Each operand lives in its
 // own exactly sized heap buffer (an address sanitizer then catches any read past it), shifted by one element
 // when MISALIGN is 1 (no 16-byte vector loads). Prints the plan as one JSON line (or {"supported": false})
 // and writes DIR/out.bin (TOKENS x N_OUT, poisoned with NaN before the launch).
@@ -15,6 +16,7 @@
 #include <vector>
 
 #include "decode_rowsplit.cuh"
+#include "resident.cuh"
 
 namespace {
 
@@ -37,7 +39,7 @@ Buffer read_file(const std::string& path, size_t bytes, size_t shift) {
 }
 
 template <typename T>
-void run(const monarch_cuda::RowsplitPlan& P) {
+void run_rowsplit(const monarch_cuda::RowsplitPlan& P) {
   const int TB = P.tokens <= 1 ? 1 : P.tokens <= 4 ? 4 : 16;
   const dim3 grid(P.l, P.splits);
   if (TB == 1) sim::launch(grid, monarch_cuda::kRowsplitThreads, P.smem, monarch_cuda::rowsplit_kernel<T, 1>, P);
@@ -45,19 +47,47 @@ void run(const monarch_cuda::RowsplitPlan& P) {
   if (TB == 16) sim::launch(grid, monarch_cuda::kRowsplitThreads, P.smem, monarch_cuda::rowsplit_kernel<T, 16>, P);
 }
 
+template <typename T>
+void run_resident(const monarch_cuda::ResidentPlan& P) {
+  sim::launch(dim3(P.ctas), monarch_cuda::kResidentThreads, P.smem, monarch_cuda::resident_kernel<T>, P);
+}
+
+bool plan_and_run(const std::string& kernel, int dtype, const monarch_cuda::MonarchFwdArgs& a, int item, int sms,
+                  int smem_optin) {
+  if (kernel == "rowsplit") {
+    monarch_cuda::RowsplitPlan P;
+    if (!monarch_cuda::rowsplit_plan(a, item, sms, smem_optin, P)) return false;
+    std::printf("{\"supported\": true, \"splits\": %d, \"s_per\": %d, \"a_log2\": %d, \"b_log2\": %d, "
+                "\"zpitch\": %d, \"smem\": %d, \"w1_vec\": %d, \"w2_vec\": %d, \"x_vec\": %d, \"s1_vec\": %d}\n",
+                P.splits, P.s_per, P.a_log2, P.b_log2, P.zpitch, P.smem, P.w1_vec, P.w2_vec, P.x_vec, P.s1_vec);
+    if (dtype == 0) run_rowsplit<float>(P);
+    if (dtype == 1) run_rowsplit<__half>(P);
+    if (dtype == 2) run_rowsplit<__nv_bfloat16>(P);
+    return true;
+  }
+  monarch_cuda::ResidentPlan P;
+  if (kernel != "resident" || !monarch_cuda::resident_plan(a, item, sms, smem_optin, P)) return false;
+  std::printf("{\"supported\": true, \"pitch\": %d, \"units1\": %d, \"units2\": %d, \"tiles\": %d, "
+              "\"ctas\": %d, \"smem\": %d}\n", P.pitch, P.units1, P.units2, P.tiles, P.ctas, P.smem);
+  if (dtype == 1) run_resident<__half>(P);
+  if (dtype == 2) run_resident<__nv_bfloat16>(P);
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 19) {
-    std::fprintf(stderr, "usage: see the header of rowsplit_main.cpp\n");
+  if (argc != 20) {
+    std::fprintf(stderr, "usage: see the header of fwd_main.cpp\n");
     return 2;
   }
+  const std::string kernel = argv[1];
   long long v[17];
-  for (int i = 0; i < 17; ++i) v[i] = std::atoll(argv[i + 1]);
-  const std::string dir = argv[18];
+  for (int i = 0; i < 17; ++i) v[i] = std::atoll(argv[i + 2]);
+  const std::string dir = argv[19];
   const int dtype = static_cast<int>(v[0]);
   const size_t item = dtype == 0 ? 4 : 2, shift = v[16] ? item : 0;
-  monarch_cuda::RowsplitArgs a{};
+  monarch_cuda::MonarchFwdArgs a{};
   a.tokens = v[1], a.k = v[2], a.q = v[3], a.p = v[4], a.l = v[5], a.s = v[6], a.r = v[7];
   a.n_in = v[8], a.n_out = v[9], a.x_ts = v[10], a.x_fs = v[11], a.act = static_cast<int>(v[12]);
   const bool has_bias = v[13] != 0;
@@ -70,17 +100,10 @@ int main(int argc, char** argv) {
   std::fill(out.data, out.data + a.tokens * a.n_out * item, 0xff);  // NaN in every dtype
   a.x = x.data, a.w1 = w1.data, a.w2 = w2.data, a.bias = has_bias ? bias.data : nullptr, a.out = out.data;
   a.out_ts = a.n_out;
-  monarch_cuda::RowsplitPlan P;
-  if (!monarch_cuda::rowsplit_plan(a, static_cast<int>(item), static_cast<int>(v[14]), static_cast<int>(v[15]), P)) {
+  if (!plan_and_run(kernel, dtype, a, static_cast<int>(item), static_cast<int>(v[14]), static_cast<int>(v[15]))) {
     std::printf("{\"supported\": false}\n");
     return 0;
   }
-  std::printf("{\"supported\": true, \"splits\": %d, \"s_per\": %d, \"a_log2\": %d, \"b_log2\": %d, \"zpitch\": %d, "
-              "\"smem\": %d, \"w1_vec\": %d, \"w2_vec\": %d, \"x_vec\": %d, \"s1_vec\": %d}\n",
-              P.splits, P.s_per, P.a_log2, P.b_log2, P.zpitch, P.smem, P.w1_vec, P.w2_vec, P.x_vec, P.s1_vec);
-  if (dtype == 0) run<float>(P);
-  if (dtype == 1) run<__half>(P);
-  if (dtype == 2) run<__nv_bfloat16>(P);
   std::ofstream(dir + "/out.bin", std::ios::binary)
       .write(reinterpret_cast<const char*>(out.data), static_cast<std::streamsize>(a.tokens * a.n_out * item));
   return 0;

@@ -1,0 +1,170 @@
+"""Many-token Monarch forward with both factors resident in shared memory (``csrc/cuda/resident.cuh``):
+predicted and, on a GPU, checked and measured against dense cuBLAS.
+
+``python -m bench.cuda_resident`` prints the cost model's predictions (``monarch_kernels.cuda_cost.
+resident_kernel``; H100 SXM and H200 constants; no GPU needed) next to dense cuBLAS and the Triton path priced
+the same way, bf16 forward, square layers whose factors fit in shared memory, 16384 and 65536 tokens.
+
+``python -m bench.cuda_resident --measure`` (on a GPU, with the CUDA extension) first checks the kernel per
+element against float64 and against the tile kernels (``ext.many_token_kernel("tiles")``), bias + each
+activation, ragged token counts, fp16 and bf16 (:func:`check_rows`), then gives the device time of each call
+(``torch.profiler``, kernels only: what a CUDA graph or ``torch.compile`` gets) of dense ``F.linear``, the
+resident kernel, the tile kernels and the torch reference on the same data (:func:`measure_rows`). Both are
+cases of the one GPU check, ``bench/gpu_check.py`` (provider ``cuda_resident``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import monarch_kernels as mk
+from monarch_kernels import cost_model as cm
+from monarch_kernels import cuda_cost, ext
+
+from .cuda_decode import format_rows
+
+#: (n, nblocks) of the tables: the 1024/32 target shape, its 64-block variant, 768 with 24 blocks, 512 with 16
+LAYERS, TOKENS = ((1024, 32), (1024, 64), (768, 24), (512, 16)), (16384, 65536)
+#: (w1 shape, w2 shape) of the correctness cases: 1024/32, rank 2, fan-out with r = 64, one stage-2 block, l = 3
+CHECK_FACTORS = [((32, 32, 32), (32, 32, 32)), ((4, 32, 16), (8, 16, 16)), ((4, 64, 16), (4, 64, 64)),
+                 ((2, 8, 16), (1, 8, 16)), ((2, 24, 16), (3, 8, 16))]
+CHECK_CASES = ((65, "none"), (333, "relu"), (5000, "gelu"), (1000, "gelu_tanh"))
+ELEM_TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def _taken(pr: cm.Problem, dtype: str, dev: cm.Device) -> bool:
+    sh = pr.shape
+    return cuda_cost.resident_plan(pr.tokens, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), pr.n_in, pr.n_out, dtype,
+                                   dev.num_sms) is not None
+
+
+def predicted_rows(layers=LAYERS, tokens=TOKENS, dtype: str = "bfloat16",
+                   devices=(cm.H100_SXM, cm.H200)) -> list[dict]:
+    rows = []
+    for dev in devices:
+        for n, nb in layers:
+            for T in tokens:
+                pr = cm.Problem.linear(T, n, n, nb)
+                if not _taken(pr, dtype, dev):
+                    continue
+                k = cuda_cost.resident_kernel(pr, dtype, dev)
+                t = k.time(dev)
+                dense = cm.dense("fwd", pr, dtype, dev).time(dev)
+                path = cm.triton_path(pr, dev=dev)
+                triton = cm.estimate("triton", path, "fwd", pr, dtype, dev=dev).time(dev)
+                ref = cm.estimate("torch", "reference", "fwd", pr, dtype, dev=dev).time(dev)
+                hbm = (k.hbm_bytes / t) / dev.hbm_bw
+                rows.append({"device": dev.name, "n": n, "nblocks": nb, "T": T, "resident_us": round(t * 1e6, 1),
+                             "dense_us": round(dense * 1e6, 1), "x_dense": round(dense / t, 2),
+                             "triton_us": round(triton * 1e6, 1), "x_triton": round(triton / t, 2),
+                             "ref_us": round(ref * 1e6, 1), "x_ref": round(ref / t, 2),
+                             "hbm_bw_share": round(hbm, 2), "flops_executed_per_useful": round(k.flops / k.useful_flops, 3),
+                             "hbm_MB": round(k.hbm_bytes / 1e6, 1)})
+    return rows
+
+
+def _factors(s1, s2, dtype, device, gen):
+    sh = mk.MonarchShape.from_factors(s1, s2)
+    w1 = (torch.randn(*s1, generator=gen) * sh.p ** -0.5).to(device, dtype)
+    w2 = (torch.randn(*s2, generator=gen) * sh.r ** -0.5).to(device, dtype)
+    return sh, w1, w2
+
+
+def check_rows(device: torch.device) -> list[dict]:
+    """The resident forward per element against float64 and against the tile kernels (max |error| / max
+    |reference|), outputs of fresh allocations (the kernel must write every element: a NaN fails)."""
+    from monarch_kernels import reference as ref
+    from monarch_kernels.ext import Primitives as C
+
+    from .cuda_decode import _elem_err
+
+    d = lambda t: t.double()
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        for s1, s2 in CHECK_FACTORS:
+            sh, w1, w2 = _factors(s1, s2, dtype, device, gen)
+            b = torch.randn(sh.n_out, generator=gen).to(device, dtype)
+            err = vs_tiles = 0.0
+            for T, act in CHECK_CASES:
+                x = torch.randn(T, sh.n_in, generator=gen).to(device, dtype)
+                out = C.monarch_fwd(x, w1, w2, b, sh.n_out, act)
+                err = max(err, _elem_err(out, ref.monarch_fwd(d(x), d(w1), d(w2), d(b), sh.n_out, act)))
+                with ext.many_token_kernel("tiles"):
+                    vs_tiles = max(vs_tiles, _elem_err(out, C.monarch_fwd(x, w1, w2, b, sh.n_out, act)))
+            rows.append({"dtype": str(dtype).replace("torch.", ""), "w1": s1, "w2": s2,
+                         "err": float(f"{err:.2g}"), "vs_tiles": float(f"{vs_tiles:.2g}"),
+                         "ok": err < ELEM_TOL[dtype] and vs_tiles < 2 * ELEM_TOL[dtype]})
+    return rows
+
+
+def measure_rows(device: torch.device, layers=LAYERS, tokens=TOKENS) -> list[dict]:
+    """Device time per forward (bf16) of dense, the resident kernel, the tile kernels and the reference, with
+    the predictions at the device's constants (needs a GPU and the CUDA extension)."""
+    from monarch_kernels import reference as ref
+    from monarch_kernels.ext import Primitives as C
+
+    from .timing import device_time_us
+
+    dev = cm.device_for(torch.cuda.get_device_name(device))
+    rows = []
+    gen = torch.Generator().manual_seed(1)
+    for n, nb in layers:
+        sh = mk.monarch_factor_shapes(n, n, nb)
+        _, w1, w2 = _factors(sh.w1_shape, sh.w2_shape, torch.bfloat16, device, gen)
+        dense_w = (torch.randn(n, n, generator=gen) / n ** 0.5).to(device, torch.bfloat16)
+        for T in tokens:
+            pr = cm.Problem.linear(T, n, n, nb)
+            if not _taken(pr, "bfloat16", dev):
+                continue
+            x = torch.randn(T, n, generator=gen).to(device, torch.bfloat16)
+            with torch.no_grad():
+                t = {"dense": device_time_us(lambda: torch.nn.functional.linear(x, dense_w)),
+                     "resident": device_time_us(lambda: C.monarch_fwd(x, w1, w2, None, n, "none")),
+                     "ref": device_time_us(lambda: ref.monarch_fwd(x, w1, w2, None, n))}
+                with ext.many_token_kernel("tiles"):
+                    t["tiles"] = device_time_us(lambda: C.monarch_fwd(x, w1, w2, None, n, "none"))
+            pred = cuda_cost.resident_kernel(pr, "bfloat16", dev).time(dev) * 1e6
+            io_gb = 2 * T * n * 2 / 1e9
+            rows.append({"n": n, "nblocks": nb, "T": T, "dense_us": round(t["dense"], 1),
+                         "resident_us": round(t["resident"], 1), "x_dense": round(t["dense"] / t["resident"], 2),
+                         "tiles_us": round(t["tiles"], 1), "ref_us": round(t["ref"], 1),
+                         "x_ref": round(t["ref"] / t["resident"], 2), "pred_us": round(pred, 1),
+                         "io_GBps": round(io_gb / (t["resident"] * 1e-6), 0)})
+    return rows
+
+
+def gpu_check_cases(ctx):
+    """Case provider of ``bench/gpu_check.py``: correctness, then device times (GPU with the extension only)."""
+    if ctx.device.type != "cuda" or getattr(ctx, "dry_run", False) or getattr(ctx, "smoke", False):
+        return
+    if mk.available_backends()["cuda"] != "available":
+        return
+    yield "cuda resident vs float64", lambda: check_rows(ctx.device)
+    yield "cuda resident device time (bf16 fwd)", lambda: measure_rows(ctx.device)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.cuda_resident", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--measure", action="store_true", help="also check and time the kernel on the GPU")
+    args = p.parse_args(argv)
+    print(format_rows(predicted_rows(), "cost model, bf16 forward, square n x n, MonarchLinear factors"))
+    if args.measure:
+        if not torch.cuda.is_available():
+            print("error: --measure needs a CUDA device", file=sys.stderr)
+            return 2
+        checks = check_rows(torch.device("cuda"))
+        print()
+        print(format_rows(checks, "resident kernel vs float64 and vs the tile kernels (max |error| / max |reference|)"))
+        print()
+        print(format_rows(measure_rows(torch.device("cuda")),
+                          f"device time on {torch.cuda.get_device_name()}, bf16 forward"))
+        return 0 if all(r["ok"] for r in checks) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

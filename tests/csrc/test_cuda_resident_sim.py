@@ -1,0 +1,110 @@
+"""The many-token Monarch forward with both factors resident in shared memory (``csrc/cuda/resident.cuh``) run
+on the CPU emulation of ``tests/sim_harness.py`` (a thread per CUDA thread, ``mma.sync`` emulated from the PTX
+fragment tables): plan, cp.async staging, fragment indexing, P1/P2 through shared memory, rounding, epilogue and
+the persistent double-buffered tile loop, per element against float64 with poisoned outputs and NaN-poisoned
+shared memory."""
+import pytest
+import torch
+
+from monarch_kernels import cuda_cost
+from sim_harness import H100_SMEM, assert_close, build, expected, factors, needs_sim, run_sim
+
+pytestmark = needs_sim
+
+
+@pytest.fixture(scope="module")
+def sim_binary(tmp_path_factory):
+    return build(tmp_path_factory.mktemp("resident_sim"))
+
+
+# (k, q, p, l, s, r): square c = 1 (the 1024/32 layer itself: 16 tiles of 8 columns per warp, 225 KiB of
+# shared memory), rank c = 2, fan-out with r = 64 (4 k-steps), one stage-2 block (l = 1: 6 of 8 warps idle),
+# odd l = 3 with q = 24 (P1 wraps inside a tile), k = 1
+SHAPES = [
+    (32, 32, 32, 32, 32, 32),
+    (4, 32, 16, 8, 16, 16),
+    (4, 64, 16, 4, 64, 64),
+    (2, 8, 16, 1, 8, 16),
+    (2, 24, 16, 3, 8, 16),
+    (1, 32, 16, 2, 8, 16),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_matches_float64(sim_binary, tmp_path, shape, dtype):
+    """1 token, one whole tile, and 37 tokens on 2 CTAs (3 tiles: a CTA walks two, both buffers, a ragged
+    last tile whose rows past the tokens must not be stored)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    k, q, p, l, s, r = shape
+    w1, w2 = factors(*shape, dtype, gen)
+    for tokens in (1, 16, 37):
+        x = torch.randn(tokens, k * p, generator=gen).to(dtype)
+        plan, out = run_sim(sim_binary, "resident", tmp_path, x, w1, w2, sms=2)
+        assert plan["supported"] and plan["tiles"] == -(-tokens // 16) and plan["ctas"] == min(2, plan["tiles"])
+        assert_close(out, expected(x, w1, w2, None, l * s, "none"), dtype)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
+def test_bias_activation_strided_rows(sim_binary, tmp_path, act):
+    """Bias (indexed by the output column after P2) and each activation; x rows with a pitch wider than n_in
+    (a column slice of a wider tensor); 5 tiles on 3 CTAs."""
+    gen = torch.Generator().manual_seed(5)
+    k, q, p, l, s, r = 8, 16, 16, 4, 16, 32
+    w1, w2 = factors(k, q, p, l, s, r, torch.bfloat16, gen)
+    x = torch.randn(70, k * p + 24, generator=gen).to(torch.bfloat16)[:, : k * p]
+    bias = torch.randn(l * s, generator=gen).to(torch.bfloat16)
+    plan, out = run_sim(sim_binary, "resident", tmp_path, x, w1, w2, bias, act=act, sms=3)
+    assert plan["supported"] and plan["tiles"] == 5 and plan["ctas"] == 3
+    assert_close(out, expected(x, w1, w2, bias, l * s, act), torch.bfloat16)
+
+
+def test_nan_and_inf_propagate(sim_binary, tmp_path):
+    """A NaN or an infinity in one token row reaches that row's outputs only (tokens are independent)."""
+    gen = torch.Generator().manual_seed(11)
+    shape = (4, 32, 16, 8, 16, 16)
+    w1, w2 = factors(*shape, torch.float16, gen)
+    x = torch.randn(20, 64, generator=gen).to(torch.float16)
+    x[0, 5] = float("nan")
+    x[17, 40] = float("inf")
+    _, out = run_sim(sim_binary, "resident", tmp_path, x, w1, w2, sms=1)
+    exp = expected(x, w1, w2, None, 128, "none")
+    assert exp[0].isnan().all() and exp[1:17].isfinite().all() and not exp[17].isfinite().all()
+    assert_close(out, exp, torch.float16)
+
+
+def test_plan_declines_and_matches_the_cost_model(sim_binary, tmp_path):
+    """The plan declines fp32, blocks that are not whole mma tiles or wider than 64, ragged features, more than
+    16 tiles of 8 columns per warp, misaligned or column-strided rows, and factors past shared memory; the cost
+    model's mirror (:func:`monarch_kernels.cuda_cost.resident_plan`) agrees on every aligned case."""
+    gen = torch.Generator().manual_seed(3)
+    bf = torch.bfloat16
+    cases = [  # (tokens, (k, q, p, l, s, r), n_out, dtype, smem)
+        (40, (32, 32, 32, 32, 32, 32), 1024, bf, H100_SMEM),
+        (40, (32, 32, 32, 32, 32, 32), 1024, bf, 229888 - 2),  # 1024/32 needs 229888 bytes
+        (40, (4, 32, 16, 8, 16, 16), 128, torch.float32, H100_SMEM),
+        (40, (4, 32, 8, 8, 16, 16), 128, bf, H100_SMEM),   # p = 8
+        (40, (4, 32, 16, 8, 12, 16), 96, bf, H100_SMEM),   # s = 12
+        (40, (2, 64, 128, 2, 64, 64), 128, bf, H100_SMEM),  # p = 128
+        (40, (4, 32, 16, 8, 16, 16), 120, bf, H100_SMEM),  # n_out < l·s
+        (40, (64, 32, 16, 64, 32, 32), 2048, bf, H100_SMEM),  # 32 tiles of 8 columns per warp
+        (40, (8, 64, 64, 8, 64, 64), 512, bf, H100_SMEM),  # 176.5 KiB: taken
+        (40, (16, 64, 64, 16, 64, 64), 1024, bf, H100_SMEM),  # 2 x 144 KiB padded: past shared memory
+    ]
+    for tokens, shape, n_out, dtype, smem in cases:
+        k, q, p, l, s, r = shape
+        w1 = torch.zeros(k, q, p, dtype=dtype)
+        w2 = torch.zeros(l, s, r, dtype=dtype)
+        x = torch.randn(tokens, k * p, generator=gen).to(dtype)
+        plan, _ = run_sim(sim_binary, "resident", tmp_path, x, w1, w2, n_out=n_out, sms=2, smem=smem)
+        mirror = cuda_cost.resident_plan(tokens, shape, k * p, n_out, "bfloat16" if dtype == bf else "float32",
+                                         2, smem)
+        if mirror is None:
+            assert not plan["supported"], (shape, n_out, plan)
+        else:
+            assert plan == {"supported": True, **mirror}, (shape, plan, mirror)
+    x = torch.randn(20, 64, generator=gen).to(bf)
+    w1, w2 = factors(4, 32, 16, 8, 16, 16, bf, gen)
+    assert not run_sim(sim_binary, "resident", tmp_path, x, w1, w2, misalign=True)[0]["supported"]
+    strided = torch.randn(20, 128, generator=gen).to(bf)[:, ::2]
+    assert not run_sim(sim_binary, "resident", tmp_path, strided, w1, w2)[0]["supported"]
