@@ -60,7 +60,8 @@ def predicted_rows(layers=LAYERS, tokens=TOKENS, dtype: str = "bfloat16",
                              "dense_us": round(dense * 1e6, 1), "x_dense": round(dense / t, 2),
                              "triton_us": round(triton * 1e6, 1), "x_triton": round(triton / t, 2),
                              "ref_us": round(ref * 1e6, 1), "x_ref": round(ref / t, 2),
-                             "hbm_bw_share": round(hbm, 2), "flops_executed_per_useful": round(k.flops / k.useful_flops, 3),
+                             "hbm_bw_share": round(hbm, 2),
+                             "flops_executed_per_useful": round(k.flops / k.useful_flops, 3),
                              "hbm_MB": round(k.hbm_bytes / 1e6, 1)})
     return rows
 

@@ -81,7 +81,7 @@ inline bool resident_plan(const MonarchFwdArgs& a, int itemsize, int sms, int sm
       a.out_ts % 8 || a.x_ts < a.n_in || a.out_ts < a.n_out)
     return false;
   const int64_t tiles = (a.tokens + kResidentRows - 1) / kResidentRows;
-  if (tiles > INT_MAX) return false;
+  if (tiles > INT_MAX / 2) return false;  // tile + gridDim.x stays in int
   P = ResidentPlan{};
   P.x = a.x, P.w1 = a.w1, P.w2 = a.w2, P.bias = a.bias, P.out = a.out;
   P.x_ts = a.x_ts, P.out_ts = a.out_ts, P.tokens = a.tokens;
@@ -210,8 +210,8 @@ __global__ void __launch_bounds__(kResidentThreads, 1) resident_kernel(const __g
   stage_rows<T>(w1s, P.w1_pitch, static_cast<const T*>(P.w1), P.p, P.k * P.q, P.p, INT_MAX);
   stage_rows<T>(w2s, P.w2_pitch, static_cast<const T*>(P.w2), P.r, P.l * P.s, P.r, INT_MAX);
   int tile = blockIdx.x;
-  stage_rows<T>(smem, P.pitch, x + tile * kResidentRows * P.x_ts, P.x_ts, kResidentRows, P.n_in,
-                P.tokens - static_cast<int64_t>(tile) * kResidentRows);
+  stage_rows<T>(smem, P.pitch, x + static_cast<int64_t>(tile) * kResidentRows * P.x_ts, P.x_ts, kResidentRows,
+                P.n_in, P.tokens - static_cast<int64_t>(tile) * kResidentRows);
   cp_async_commit();
 
   float acc[kResidentMaxUnits][4];

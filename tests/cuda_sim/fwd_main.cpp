@@ -4,10 +4,10 @@
 //   fwd_sim KERNEL DTYPE TOKENS K Q P L S R N_IN N_OUT X_TS X_FS ACT HAS_BIAS SMS SMEM_OPTIN MISALIGN DIR
 //
 // KERNEL rowsplit or resident; DTYPE 0 fp32, 1 fp16, 2 bf16. Reads DIR/x.bin (X_TS * (TOKENS - 1) + X_FS *
-// (N_IN - 1) + 1 elements), DIR/w1.bin, DIR/w2.bin and, with HAS_BIAS, DIR/bias.bin, raw little-endian elements. Each operand lives in its
-// own exactly sized heap buffer (an address sanitizer then catches any read past it), shifted by one element
-// when MISALIGN is 1 (no 16-byte vector loads). Prints the plan as one JSON line (or {"supported": false})
-// and writes DIR/out.bin (TOKENS x N_OUT, poisoned with NaN before the launch).
+// (N_IN - 1) + 1 elements), DIR/w1.bin, DIR/w2.bin and, with HAS_BIAS, DIR/bias.bin, raw little-endian
+// elements. Each operand lives in its own exactly sized heap buffer (an address sanitizer then catches any read
+// past it), shifted by one element when MISALIGN is 1 (no 16-byte vector loads). Prints the plan as one JSON
+// line (or {"supported": false}) and writes DIR/out.bin (TOKENS x N_OUT, poisoned with NaN before the launch).
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
