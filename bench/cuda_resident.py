@@ -1,9 +1,10 @@
-"""Many-token Monarch forward with both factors resident in shared memory (``csrc/cuda/resident.cuh``):
-predicted and, on a GPU, checked and measured against dense cuBLAS.
+"""Many-token Monarch forward with both factors resident in shared memory — of one CTA
+(``csrc/cuda/resident.cuh``) or, for square Monarch past one SM, of a thread-block cluster
+(``csrc/cuda/cluster_resident.cuh``): predicted and, on a GPU, checked and measured against dense cuBLAS.
 
 ``python -m bench.cuda_resident`` prints the cost model's predictions (``monarch_kernels.cuda_cost.
-resident_kernel``; H100 SXM and H200 constants; no GPU needed) next to dense cuBLAS and the Triton path priced
-the same way, bf16 forward, square layers whose factors fit in shared memory, 16384 and 65536 tokens.
+resident_forward``; H100 SXM and H200 constants; no GPU needed) next to dense cuBLAS and the Triton path priced
+the same way, bf16 forward, square layers the kernels take, 16384 and 65536 tokens.
 
 ``python -m bench.cuda_resident --measure`` (on a GPU, with the CUDA extension) first checks the kernel per
 element against float64 and against the tile kernels (``ext.many_token_kernel("tiles")``), bias + each
@@ -25,19 +26,16 @@ from monarch_kernels import cuda_cost, ext
 
 from .cuda_decode import format_rows
 
-#: (n, nblocks) of the tables: the 1024/32 target shape, its 64-block variant, 768 with 24 blocks, 512 with 16
-LAYERS, TOKENS = ((1024, 32), (1024, 64), (768, 24), (512, 16)), (16384, 65536)
+#: (n, nblocks) of the tables: the 4096/64 and 1024/32 target shapes (cluster and one-CTA kernels), 1024 with
+#: 64 blocks, 768 with 24, 512 with 16
+LAYERS, TOKENS = ((4096, 64), (1024, 32), (1024, 64), (768, 24), (512, 16)), (16384, 65536)
 #: (w1 shape, w2 shape) of the correctness cases: 1024/32, rank 2, fan-out with r = 64, one stage-2 block, l = 3
+#: (one-CTA kernel); 4096/64 and 256/16 (cluster kernel: clusters of 8 and 2)
 CHECK_FACTORS = [((32, 32, 32), (32, 32, 32)), ((4, 32, 16), (8, 16, 16)), ((4, 64, 16), (4, 64, 64)),
-                 ((2, 8, 16), (1, 8, 16)), ((2, 24, 16), (3, 8, 16))]
+                 ((2, 8, 16), (1, 8, 16)), ((2, 24, 16), (3, 8, 16)), ((64, 64, 64), (64, 64, 64)),
+                 ((16, 16, 16), (16, 16, 16))]
 CHECK_CASES = ((65, "none"), (333, "relu"), (5000, "gelu"), (1000, "gelu_tanh"))
 ELEM_TOL = {torch.float16: 3e-3, torch.bfloat16: 2e-2}
-
-
-def _taken(pr: cm.Problem, dtype: str, dev: cm.Device) -> bool:
-    sh = pr.shape
-    return cuda_cost.resident_plan(pr.tokens, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), pr.n_in, pr.n_out, dtype,
-                                   dev.num_sms) is not None
 
 
 def predicted_rows(layers=LAYERS, tokens=TOKENS, dtype: str = "bfloat16",
@@ -47,16 +45,18 @@ def predicted_rows(layers=LAYERS, tokens=TOKENS, dtype: str = "bfloat16",
         for n, nb in layers:
             for T in tokens:
                 pr = cm.Problem.linear(T, n, n, nb)
-                if not _taken(pr, dtype, dev):
+                k = cuda_cost.resident_forward(pr, dtype, dev)
+                if k is None:
                     continue
-                k = cuda_cost.resident_kernel(pr, dtype, dev)
                 t = k.time(dev)
                 dense = cm.dense("fwd", pr, dtype, dev).time(dev)
                 path = cm.triton_path(pr, dev=dev)
                 triton = cm.estimate("triton", path, "fwd", pr, dtype, dev=dev).time(dev)
                 ref = cm.estimate("torch", "reference", "fwd", pr, dtype, dev=dev).time(dev)
                 hbm = (k.hbm_bytes / t) / dev.hbm_bw
-                rows.append({"device": dev.name, "n": n, "nblocks": nb, "T": T, "resident_us": round(t * 1e6, 1),
+                rows.append({"device": dev.name, "n": n, "nblocks": nb, "T": T,
+                             "kernel": "cluster" if "cluster" in k.name else "one CTA",
+                             "resident_us": round(t * 1e6, 1),
                              "dense_us": round(dense * 1e6, 1), "x_dense": round(dense / t, 2),
                              "triton_us": round(triton * 1e6, 1), "x_triton": round(triton / t, 2),
                              "ref_us": round(ref * 1e6, 1), "x_ref": round(ref / t, 2),
@@ -118,7 +118,8 @@ def measure_rows(device: torch.device, layers=LAYERS, tokens=TOKENS) -> list[dic
         dense_w = (torch.randn(n, n, generator=gen) / n ** 0.5).to(device, torch.bfloat16)
         for T in tokens:
             pr = cm.Problem.linear(T, n, n, nb)
-            if not _taken(pr, "bfloat16", dev):
+            kern = cuda_cost.resident_forward(pr, "bfloat16", dev)
+            if kern is None:
                 continue
             x = torch.randn(T, n, generator=gen).to(device, torch.bfloat16)
             with torch.no_grad():
@@ -127,7 +128,7 @@ def measure_rows(device: torch.device, layers=LAYERS, tokens=TOKENS) -> list[dic
                      "ref": device_time_us(lambda: ref.monarch_fwd(x, w1, w2, None, n))}
                 with ext.many_token_kernel("tiles"):
                     t["tiles"] = device_time_us(lambda: C.monarch_fwd(x, w1, w2, None, n, "none"))
-            pred = cuda_cost.resident_kernel(pr, "bfloat16", dev).time(dev) * 1e6
+            pred = kern.time(dev) * 1e6
             io_gb = 2 * T * n * 2 / 1e9
             rows.append({"n": n, "nblocks": nb, "T": T, "dense_us": round(t["dense"], 1),
                          "resident_us": round(t["resident"], 1), "x_dense": round(t["dense"] / t["resident"], 2),

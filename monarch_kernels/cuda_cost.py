@@ -214,6 +214,79 @@ def resident_plan(tokens: int, shape: tuple, n_in: int, n_out: int, dtype: str, 
             "smem": smem}
 
 
+#: cluster kernel (csrc/cuda/cluster_resident.cuh): tokens per tile, block sides it takes; the exposed cost of
+#: one cluster barrier (s; assumed: the kernel overlaps one of its two per tile with work, not the other)
+CLUSTER_ROWS, CLUSTER_BLOCKS, CLUSTER_SYNC_S = 32, (16, 32, 64), 0.5e-6
+
+
+def cluster_plan(tokens: int, shape: tuple, n_in: int, n_out: int, dtype: str, sms: int = cm.H100_SXM.num_sms,
+                 smem_optin: int = SMEM_OPTIN):
+    """The C++ ``cluster_plan`` (``csrc/cuda/cluster_resident.cuh``) with aligned, unit-stride rows: ``None``
+    where the cluster kernel declines, else ``{"cluster", "pitch", "tiles", "clusters", "smem"}`` (before the
+    launcher caps ``clusters`` by how many the device co-schedules). ``tests/csrc/test_cuda_resident_sim.py``
+    checks that the two agree."""
+    k, q, p, l, s, r = shape
+    nb = k
+    if cm.ITEMSIZE[dtype] != 2 or tokens < 1 or nb not in CLUSTER_BLOCKS or len({k, q, p, l, s, r}) != 1:
+        return None
+    if n_in != nb * nb or n_out != nb * nb:
+        return None
+    pitch = 8 * nb + 8
+    smem = 2 * (4 * CLUSTER_ROWS * pitch + 8 * nb * (nb + 8))
+    if smem > smem_optin or sms < nb // 8:
+        return None
+    tiles = -(-tokens // CLUSTER_ROWS)
+    return {"cluster": nb // 8, "pitch": pitch, "tiles": tiles, "clusters": min(tiles, sms // (nb // 8)),
+            "smem": smem}
+
+
+def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> CooperativeKernel:
+    """The cluster form of the resident forward (square Monarch, c = 1, nb = 16/32/64 blocks: clusters of nb / 8
+    CTAs, each holding 1/8... of the factors: its warps' w1 blocks as register fragments, its 8 w2 blocks in
+    shared memory). Per round of 32-token tiles (one per cluster), the longest of: each CTA's x columns and
+    output columns at its SM's share of HBM (only ``clusters × cluster`` SMs work); a DRAM latency plus the next
+    tile's x columns; and on chip, in series, shared-memory traffic (x in, both stages' A fragments, w2's B
+    fragments, the 16-bit scatters of the staging and output buffers at 4-byte slots, the 16-byte pushes read
+    locally and written remotely, the output read back) at ``SMEM_BW_PER_SM``, the mma FLOPs at the SM's share of
+    the ``mma`` rate, and one exposed cluster barrier. Before the first round each CTA reads its 1/C of both
+    factors from L2. The output's 16-byte runs cost whole 32-byte sectors in L2 (each written half by two CTAs)."""
+    sh, item, T = problem.shape, cm.ITEMSIZE[dtype], problem.tokens
+    plan = cluster_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), problem.n_in, problem.n_out, dtype, dev.num_sms)
+    nb, C = sh.k, plan["cluster"]
+    sms = plan["clusters"] * C
+    weights = 2 * nb * nb * nb * item
+    io = cm.rows_bytes(T, problem.n_in, item) + cm.rows_bytes(T, problem.n_out, item)
+    cols = 8 * nb  # per CTA: 8 blocks of x columns in, 8 · nb output columns out
+    x_tile = out_tile = CLUSTER_ROWS * cols * item
+    share = dev.hbm_bw * dev.mem_eff / sms
+    a_frags = 2 * CLUSTER_ROWS * cols * item  # both stages: each warp its block's 32 x nb
+    b_frags = 8 * nb * nb * item              # w2's 8 blocks (w1's are registers)
+    scatters = 2 * CLUSTER_ROWS * cols * 4    # staging and output buffers, 16-bit stores at 4-byte slots
+    pushes = 2 * CLUSTER_ROWS * cols * item   # read here, written in the owner
+    smem = x_tile + a_frags + b_frags + scatters + pushes + out_tile
+    flops_tile = 2.0 * 2 * CLUSTER_ROWS * 8 * nb * nb
+    on_chip = smem / SMEM_BW_PER_SM + flops_tile / (dev.triton_flops["mma"] / dev.num_sms) + CLUSTER_SYNC_S
+    per_round = max((x_tile + out_tile) / share, DRAM_LATENCY_S + x_tile / share, on_chip)
+    rounds = -(-plan["tiles"] // plan["clusters"])
+    startup = (weights / C) / (dev.l2_bw / dev.num_sms) + DRAM_LATENCY_S
+    executed = 2.0 * plan["tiles"] * CLUSTER_ROWS * 2 * nb ** 3
+    l2 = weights * plan["clusters"] + io + cm.rows_bytes(T, problem.n_out, item)
+    return CooperativeKernel("cuda cluster resident forward", executed, problem.useful_fwd_flops(), weights + io,
+                             l2, dev.triton_flops["mma"], dev.mem_eff, rounds * per_round, startup)
+
+
+def resident_forward(problem: cm.Problem, dtype: str, dev: cm.Device):
+    """The kernel the extension's resident forward runs for ``problem`` (as ``resident.cu`` decides: the
+    one-CTA kernel where its plan takes the call, else the cluster kernel), or ``None`` where neither does."""
+    sh = problem.shape
+    args = (problem.tokens, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), problem.n_in, problem.n_out, dtype, dev.num_sms)
+    if resident_plan(*args) is not None:
+        return resident_kernel(problem, dtype, dev)
+    if cluster_plan(*args) is not None:
+        return cluster_kernel(problem, dtype, dev)
+    return None
+
+
 def _fragment_loads(blocks: int, rows: int, width: int, units: int, item: int) -> int:
     """Shared-memory bytes of one stage's fragment loads per token tile: each warp loads the A fragments (16
     token rows x width) of every block its 8-column tiles touch, and every tile its 8 weight rows."""

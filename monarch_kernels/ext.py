@@ -66,9 +66,10 @@ def decode_kernel(name: str):
 
 def many_token_kernel(name: str):
     """Within the block, the CUDA backend's Monarch forward past the few-token kernels is ``name``:
-    ``"resident"`` (the default: ``csrc/cuda/resident.cuh``, both factors in shared memory, one persistent CTA per
-    SM, x read and the output written once; fp16/bf16 where its plan takes the call, the tile kernels elsewhere;
-    checked on the CPU emulation, not yet run on a GPU) or ``"tiles"`` (always the tile kernels of
+    ``"resident"`` (the default: both factors in shared memory, x read and the output written once — one
+    persistent CTA per SM, ``csrc/cuda/resident.cuh``, or for square Monarch with 16/32/64 blocks past one SM a
+    thread-block cluster, ``csrc/cuda/cluster_resident.cuh``; fp16/bf16 where their plans take the call, the tile
+    kernels elsewhere; checked on the CPU emulation, not yet run on a GPU) or ``"tiles"`` (always the tile kernels of
     ``csrc/cuda/monarch_kernels.cu``), e.g. to time them side by side. Process-wide, like :func:`decode_kernel`."""
     return _kernel_choice("many_token_kernel", "set_many_token_kernel", name, MANY_TOKEN_KERNELS)
 

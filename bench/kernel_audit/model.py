@@ -1,10 +1,10 @@
 """``python -m bench.kernel_audit --model``: the cost model's H100 predictions for the performance targets.
 
-Each row prices one op at one shape on the Triton path ``auto`` takes (:mod:`monarch_kernels.cost_model`) — and,
-for a forward whose factors fit in shared memory, on the CUDA extension's resident kernel
-(:func:`monarch_kernels.cuda_cost.resident_kernel`, path ``cuda resident``) — next to
-dense cuBLAS ``F.linear`` and the torch reference modelled the same way: predicted time, ratios, FLOPs executed
-over useful, HBM and L2 bytes, launches and the share of the copy bandwidth the ideal traffic
+Each row prices one op at one shape on the Triton path ``auto`` takes (:mod:`monarch_kernels.cost_model`) and,
+for a forward the CUDA extension's resident kernels take, on those (:func:`monarch_kernels.cuda_cost.
+resident_forward`: path ``cuda resident``, one CTA per SM, or ``cuda cluster``, factors spread over a cluster),
+next to dense cuBLAS ``F.linear`` and the torch reference modelled the same way: predicted time, ratios, FLOPs
+executed over useful, HBM and L2 bytes, launches and the share of the copy bandwidth the ideal traffic
 (``x + out + weights``) would imply at the predicted time.
 """
 from __future__ import annotations
@@ -53,16 +53,16 @@ class ModelRow:
 
 
 def _resident_takes(T, n_in, n_out, nb, op, dtype="bfloat16") -> bool:
-    sh = cm.Problem.linear(T, n_in, n_out, nb).shape
-    return op == "fwd" and cuda_cost.resident_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), n_in, n_out,
-                                                   dtype) is not None
+    pr = cm.Problem.linear(T, n_in, n_out, nb)
+    return op == "fwd" and cuda_cost.resident_forward(pr, dtype, cm.H100_SXM) is not None
 
 
 def _row(label, T, n_in, n_out, nb, op, want_dense, want_torch, want_bw, dtype="bfloat16", dev=cm.H100_SXM,
          resident=False):
     pr = cm.Problem.linear(T, n_in, n_out, nb)
     if resident:
-        path, cost = "cuda resident", cm.Cost([cuda_cost.resident_kernel(pr, dtype, dev)])
+        kern = cuda_cost.resident_forward(pr, dtype, dev)
+        path, cost = "cuda cluster" if "cluster" in kern.name else "cuda resident", cm.Cost([kern])
     else:
         path = cm.triton_path(pr)
         cost = cm.estimate("triton", path, op, pr, dtype, dev)

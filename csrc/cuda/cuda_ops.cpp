@@ -1,7 +1,8 @@
 // torch binding of the CUDA kernels (compiled only in a CUDA build): the CUDA implementations of the
 // monarch_kernels_ext ops. Up to decode_max_tokens() tokens (64 for fp16/bf16, 16 for fp32) the forward, dX and
 // block-diagonal products run on the decode kernels (decode.cu: one launch, weights streamed once). A larger
-// fp16/bf16 forward whose factors fit in shared memory runs the resident kernel (resident.cu). Other larger
+// fp16/bf16 forward whose factors fit in shared memory runs the resident kernels (resident.cu: one CTA per SM,
+// or a thread-block cluster for square Monarch past one SM's shared memory). Other larger
 // calls take the tile kernels (monarch_kernels.cu): fused kernels for fp16/bf16 Monarch products whose blocks
 // route evenly (q % l == 0), otherwise the two-kernel path (the block-diagonal kernel with P1/P2 folded into
 // its loads and stores). Weight gradients recompute the intermediate and reduce fp32 split-T partials.
@@ -174,7 +175,8 @@ at::Tensor decode_monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const a
 }
 
 // The same product past the decode kernels, with both factors resident in shared memory (resident.cu), where
-// that kernel's plan takes the call (fp16/bf16, whole mma tiles, factors within shared memory).
+// one of its plans takes the call (fp16/bf16, whole mma tiles, factors within one SM's or one cluster's shared
+// memory).
 at::Tensor resident_monarch_fwd(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const void* bias,
                                 int64_t act, int64_t n_out) {
   const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();

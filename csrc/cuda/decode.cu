@@ -727,7 +727,8 @@ int itemsize(DType dt) { return dt == DType::F32 ? 4 : 2; }
 template <typename T, int TB>
 cudaError_t launch_rowsplit(const RowsplitPlan& P, int device, cudaStream_t stream, bool execute) {
   const void* kernel = reinterpret_cast<const void*>(&rowsplit_kernel<T, TB>);
-  if (resident_ctas(kernel, device, kRowsplitThreads, P.smem) < 1) return cudaErrorNotSupported;  // also opts into the smem
+  // also opts the kernel into the device's largest shared memory
+  if (resident_ctas(kernel, device, kRowsplitThreads, P.smem) < 1) return cudaErrorNotSupported;
   if (!execute) return cudaSuccess;
   rowsplit_kernel<T, TB><<<dim3(static_cast<unsigned>(P.l), static_cast<unsigned>(P.splits)), kRowsplitThreads,
                            static_cast<size_t>(P.smem), stream>>>(P);

@@ -51,7 +51,8 @@ cudaError_t monarch_fused_forward(DType dt, Mat2 x, Mat3 w1, Mat3 w2, const void
 cudaError_t monarch_fused_dx(DType dt, Mat2 g, Mat3 w1, Mat3 w2, void* dx, int64_t n_in, cudaStream_t stream);
 
 // A Monarch forward out = act(P2 BD(w2) P1 BD(w1) x + bias) for the kernels planned from one struct (the
-// row-split few-token kernel, decode_rowsplit.cuh; the resident many-token kernel, resident.cuh). w1 (k, q, p)
+// row-split few-token kernel, decode_rowsplit.cuh; the resident many-token kernels, resident.cuh and
+// cluster_resident.cuh). w1 (k, q, p)
 // and w2 (l, s, r) contiguous, x (tokens, n_in) with strides (x_ts, x_fs), out (tokens, n_out) with row stride
 // out_ts, bias (n_out,) or null; act as in epilogue.cuh.
 struct MonarchFwdArgs {
@@ -67,13 +68,14 @@ struct MonarchFwdArgs {
 };
 
 // Which many-token Monarch forward the extension runs past the decode kernels: kManyResident the resident
-// kernel (resident.cu: both factors in shared memory, one persistent CTA per SM) wherever its plan takes the
-// call and the tile kernels above elsewhere; kManyTiles always the tile kernels (for side-by-side measurements).
+// kernels (resident.cu: both factors in shared memory of one persistent CTA per SM, or, for square Monarch with
+// 16/32/64 blocks past one SM, of a thread-block cluster) wherever their plans take the call and the tile
+// kernels above elsewhere; kManyTiles always the tile kernels (for side-by-side measurements).
 enum ManyTokenChoice { kManyResident = 0, kManyTiles = 1 };
 void set_many_token_choice(ManyTokenChoice c);
 ManyTokenChoice many_token_choice();
 
-// Whether the resident kernel takes `a` on `device` under the current choice (out may be null: its alignment
+// Whether a resident kernel takes `a` on `device` under the current choice (out may be null: its alignment
 // is assumed, the caller allocates it) — and runs it on `stream` (cudaErrorNotSupported where it does not).
 bool resident_supported(DType dt, const MonarchFwdArgs& a, int device);
 cudaError_t resident_run(DType dt, const MonarchFwdArgs& a, int device, cudaStream_t stream);

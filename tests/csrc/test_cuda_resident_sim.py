@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from monarch_kernels import cuda_cost
-from sim_harness import H100_SMEM, assert_close, build, expected, factors, needs_sim, run_sim
+from sim_harness import H100_SMEM, H100_SMS, assert_close, build, expected, factors, needs_sim, run_sim
 
 pytestmark = needs_sim
 
@@ -108,3 +108,68 @@ def test_plan_declines_and_matches_the_cost_model(sim_binary, tmp_path):
     assert not run_sim(sim_binary, "resident", tmp_path, x, w1, w2, misalign=True)[0]["supported"]
     strided = torch.randn(20, 128, generator=gen).to(bf)[:, ::2]
     assert not run_sim(sim_binary, "resident", tmp_path, strided, w1, w2)[0]["supported"]
+
+
+# ------------------------------------------------------------------------------------ the cluster form
+
+
+@pytest.mark.parametrize("nb", [16, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cluster_matches_float64(sim_binary, tmp_path, nb, dtype):
+    """Square Monarch with c = 1 (nb blocks of nb x nb: clusters of nb / 8 CTAs, 4096/64 at nb = 64): 1 token,
+    and 70 tokens (3 tiles of 32, the last ragged) on 2 clusters (one walks two tiles: both x buffers, the
+    split cluster barrier's pairing across tiles), bias + GELU on the second."""
+    gen = torch.Generator().manual_seed(nb)
+    shape = (nb,) * 6
+    w1, w2 = factors(*shape, dtype, gen)
+    bias = torch.randn(nb * nb, generator=gen).to(dtype)
+    for tokens, b, act in ((1, None, "none"), (70, bias, "gelu")):
+        x = torch.randn(tokens, nb * nb, generator=gen).to(dtype)
+        plan, out = run_sim(sim_binary, "cluster", tmp_path, x, w1, w2, b, act=act, sms=2 * (nb // 8))
+        assert plan["supported"] and plan["cluster"] == nb // 8 and plan["clusters"] == min(2, plan["tiles"])
+        assert_close(out, expected(x, w1, w2, b, nb * nb, act), dtype)
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu_tanh"])
+def test_cluster_strided_rows_and_nan(sim_binary, tmp_path, act):
+    """x rows of a wider tensor; a NaN in one token row and an infinity in another stay in their rows."""
+    gen = torch.Generator().manual_seed(9)
+    w1, w2 = factors(*(16,) * 6, torch.bfloat16, gen)
+    x = torch.randn(40, 256 + 16, generator=gen).to(torch.bfloat16)[:, :256]
+    x[3, 7] = float("nan")
+    x[35, 200] = float("inf")
+    bias = torch.randn(256, generator=gen).to(torch.bfloat16)
+    plan, out = run_sim(sim_binary, "cluster", tmp_path, x, w1, w2, bias, act=act, sms=2)
+    exp = expected(x, w1, w2, bias, 256, act)
+    assert plan["supported"] and plan["clusters"] == 1 and not exp[3].isfinite().all()
+    assert_close(out, exp, torch.bfloat16)
+
+
+def test_cluster_plan_declines_and_matches_the_cost_model(sim_binary, tmp_path):
+    """Only square c = 1 Monarch with 16, 32 or 64 blocks, fp16/bf16, aligned rows, enough SMs for one cluster;
+    the one-CTA kernel's plan is independent (1024/32 is taken by both). The cost model's mirror
+    (:func:`monarch_kernels.cuda_cost.cluster_plan`) agrees on every aligned case."""
+    gen = torch.Generator().manual_seed(4)
+    bf = torch.bfloat16
+    cases = [  # (tokens, (k, q, p, l, s, r), dtype, sms, smem)
+        (50, (64,) * 6, bf, H100_SMS, H100_SMEM),
+        (50, (64,) * 6, bf, 7, H100_SMEM),           # fewer SMs than a cluster
+        (50, (64,) * 6, bf, H100_SMS, 206848 - 2),   # 4096/64 needs 206,848 bytes
+        (50, (32,) * 6, bf, H100_SMS, H100_SMEM),
+        (50, (32,) * 6, torch.float32, H100_SMS, H100_SMEM),
+        (50, (8,) * 6, bf, H100_SMS, H100_SMEM),      # nb = 8
+        (50, (32, 64, 32, 32, 64, 64), bf, H100_SMS, H100_SMEM),  # c = 2
+        (50, (48,) * 6, bf, H100_SMS, H100_SMEM),     # nb = 48
+    ]
+    for tokens, shape, dtype, sms, smem in cases:
+        k, q, p, l, s, r = shape
+        w1 = torch.zeros(k, q, p, dtype=dtype)
+        w2 = torch.zeros(l, s, r, dtype=dtype)
+        x = torch.randn(tokens, k * p, generator=gen).to(dtype)
+        plan, _ = run_sim(sim_binary, "cluster", tmp_path, x, w1, w2, n_out=l * s, sms=sms, smem=smem)
+        mirror = cuda_cost.cluster_plan(tokens, shape, k * p, l * s, "bfloat16" if dtype == bf else "float32",
+                                        sms, smem)
+        if mirror is None:
+            assert not plan["supported"], (shape, sms, smem, plan)
+        else:
+            assert plan == {"supported": True, **mirror}, (shape, plan, mirror)

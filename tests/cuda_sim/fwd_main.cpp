@@ -1,9 +1,10 @@
 // Runs a Monarch forward kernel that takes a MonarchFwdArgs on the CPU through sim.h: the row-split few-token
-// kernel (csrc/cuda/decode_rowsplit.cuh) or the resident many-token kernel (csrc/cuda/resident.cuh).
+// kernel (csrc/cuda/decode_rowsplit.cuh), the resident many-token kernel (csrc/cuda/resident.cuh) or its
+// cluster form for square Monarch (csrc/cuda/cluster_resident.cuh).
 //
 //   fwd_sim KERNEL DTYPE TOKENS K Q P L S R N_IN N_OUT X_TS X_FS ACT HAS_BIAS SMS SMEM_OPTIN MISALIGN DIR
 //
-// KERNEL rowsplit or resident; DTYPE 0 fp32, 1 fp16, 2 bf16. Reads DIR/x.bin (X_TS * (TOKENS - 1) + X_FS *
+// KERNEL rowsplit, resident or cluster; DTYPE 0 fp32, 1 fp16, 2 bf16. Reads DIR/x.bin (X_TS * (TOKENS - 1) + X_FS *
 // (N_IN - 1) + 1 elements), DIR/w1.bin, DIR/w2.bin and, with HAS_BIAS, DIR/bias.bin, raw little-endian
 // elements. Each operand lives in its own exactly sized heap buffer (an address sanitizer then catches any read
 // past it), shifted by one element when MISALIGN is 1 (no 16-byte vector loads). Prints the plan as one JSON
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "decode_rowsplit.cuh"
+#include "cluster_resident.cuh"
 #include "resident.cuh"
 
 namespace {
@@ -52,6 +54,15 @@ void run_resident(const monarch_cuda::ResidentPlan& P) {
   sim::launch(dim3(P.ctas), monarch_cuda::kResidentThreads, P.smem, monarch_cuda::resident_kernel<T>, P);
 }
 
+template <typename T>
+void run_cluster(const monarch_cuda::ClusterPlan& P) {
+  const unsigned grid = static_cast<unsigned>(P.clusters * P.cluster), size = static_cast<unsigned>(P.cluster);
+  const int threads = monarch_cuda::kClusterThreads;
+  if (P.nb == 16) sim::launch_cluster(grid, size, threads, P.smem, monarch_cuda::cluster_kernel<T, 16>, P);
+  if (P.nb == 32) sim::launch_cluster(grid, size, threads, P.smem, monarch_cuda::cluster_kernel<T, 32>, P);
+  if (P.nb == 64) sim::launch_cluster(grid, size, threads, P.smem, monarch_cuda::cluster_kernel<T, 64>, P);
+}
+
 bool plan_and_run(const std::string& kernel, int dtype, const monarch_cuda::MonarchFwdArgs& a, int item, int sms,
                   int smem_optin) {
   if (kernel == "rowsplit") {
@@ -63,6 +74,15 @@ bool plan_and_run(const std::string& kernel, int dtype, const monarch_cuda::Mona
     if (dtype == 0) run_rowsplit<float>(P);
     if (dtype == 1) run_rowsplit<__half>(P);
     if (dtype == 2) run_rowsplit<__nv_bfloat16>(P);
+    return true;
+  }
+  if (kernel == "cluster") {
+    monarch_cuda::ClusterPlan P;
+    if (!monarch_cuda::cluster_plan(a, item, sms, smem_optin, P)) return false;
+    std::printf("{\"supported\": true, \"cluster\": %d, \"pitch\": %d, \"tiles\": %d, \"clusters\": %d, "
+                "\"smem\": %d}\n", P.cluster, P.pitch, P.tiles, P.clusters, P.smem);
+    if (dtype == 1) run_cluster<__half>(P);
+    if (dtype == 2) run_cluster<__nv_bfloat16>(P);
     return true;
   }
   monarch_cuda::ResidentPlan P;

@@ -5,6 +5,8 @@
 // m16n8k16 is a warp collective too: every lane posts its fragments, then computes its own D elements from the
 // PTX ISA's fragment tables (fp32 accumulation in k order; the hardware's order and internal precision differ
 // within the tests' tolerances). cp.async copies at once (the kernels wait and synchronise before reading).
+// Thread-block clusters (launch_cluster): the CTAs of a cluster run at the same time, the split cluster barrier
+// is a barrier across all their threads, and distributed shared memory is a pointer into the other CTA's buffer.
 //
 // Included before the kernel's header, with MONARCH_CUDA_SIM defined; compiled by the host C++ compiler with
 // the CUDA toolkit's include directory (cuda_bf16.h / cuda_fp16.h and vector_types.h are usable from host code).
@@ -15,6 +17,7 @@
 
 #include <barrier>
 #include <cmath>
+#include <optional>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -43,9 +46,37 @@ struct Cta {
 
 inline thread_local Cta* cta = nullptr;
 
-inline void* dynamic_smem() {  // 16-byte aligned, like extern __shared__ __align__(16)
-  const uintptr_t base = reinterpret_cast<uintptr_t>(cta->smem.data());
+struct Cluster {
+  std::barrier<> all;  // every thread of every CTA of the cluster
+  std::vector<Cta*> ctas;
+  explicit Cluster(int threads) : all(threads) {}
+};
+
+inline thread_local Cluster* cluster = nullptr;
+inline thread_local unsigned cluster_ctarank = 0;
+inline thread_local std::optional<std::barrier<>::arrival_token> cluster_token;
+
+inline void* dynamic_smem_of(Cta* c) {  // 16-byte aligned, like extern __shared__ __align__(16)
+  const uintptr_t base = reinterpret_cast<uintptr_t>(c->smem.data());
   return reinterpret_cast<void*>((base + 15) & ~uintptr_t(15));
+}
+
+inline void* dynamic_smem() { return dynamic_smem_of(cta); }
+
+inline unsigned cluster_rank() { return cluster_ctarank; }
+
+inline void cluster_arrive() { cluster_token.emplace(cluster->all.arrive()); }
+
+inline void cluster_wait() {
+  cluster->all.wait(std::move(*cluster_token));
+  cluster_token.reset();
+}
+
+// `p` (in this CTA's dynamic shared memory) at the same offset in the dynamic shared memory of cluster rank `rank`.
+template <typename T>
+T* map_shared_rank(T* p, unsigned rank) {
+  const auto offset = reinterpret_cast<const unsigned char*>(p) - static_cast<unsigned char*>(dynamic_smem());
+  return reinterpret_cast<T*>(static_cast<unsigned char*>(dynamic_smem_of(cluster->ctas.at(rank))) + offset);
 }
 
 }  // namespace sim
@@ -143,6 +174,37 @@ void launch(dim3 grid, int threads, size_t smem, Kernel kernel, const Args&... a
           });
         for (auto& th : pool) th.join();
       }
+}
+
+
+// kernel(args...) on a 1-D grid of `grid` CTAs in clusters of `cluster_size` consecutive CTAs; the CTAs of a
+// cluster run concurrently (one std::thread per CUDA thread of each), clusters one after another.
+template <typename Kernel, typename... Args>
+void launch_cluster(unsigned grid, unsigned cluster_size, int threads, size_t smem, Kernel kernel,
+                    const Args&... args) {
+  gridDim = dim3(grid);
+  blockDim = dim3(threads);
+  for (unsigned first = 0; first < grid; first += cluster_size) {
+    Cluster cl(static_cast<int>(cluster_size) * threads);
+    std::vector<std::unique_ptr<Cta>> ctas;
+    for (unsigned r = 0; r < cluster_size; ++r) {
+      ctas.emplace_back(std::make_unique<Cta>(threads, smem));
+      std::memset(ctas.back()->smem.data(), 0xff, ctas.back()->smem.size());  // NaN-poisoned
+      cl.ctas.push_back(ctas.back().get());
+    }
+    std::vector<std::thread> pool;
+    for (unsigned r = 0; r < cluster_size; ++r)
+      for (int t = 0; t < threads; ++t)
+        pool.emplace_back([&, r, t] {
+          cta = cl.ctas[r];
+          cluster = &cl;
+          cluster_ctarank = r;
+          threadIdx = make_uint3(t, 0, 0);
+          blockIdx = make_uint3(first + r, 0, 0);
+          kernel(args...);
+        });
+    for (auto& th : pool) th.join();
+  }
 }
 
 }  // namespace sim

@@ -162,3 +162,28 @@ def test_resident_plan_declines_what_the_kernel_declines():
     assert cc.resident_plan(100, (16, 64, 64, 16, 64, 64), 1024, 1024, "bfloat16") is None  # past shared memory
     assert cc.resident_plan(100, (4, 32, 8, 8, 16, 16), 32, 128, "bfloat16") is None  # p = 8
     assert cc.resident_plan(100, ok, 1024, 1024, "float16")["tiles"] == 7
+
+
+def test_cluster_plan_and_price_by_hand():
+    """4096 features in 64 blocks, 16384 bf16 tokens, H100: clusters of 8 CTAs (16 of them on 128 SMs), 512
+    tiles of 32 tokens, 32 rounds; per round and CTA 32 KiB of x columns in and 32 KiB of output out; on chip
+    (the bound here) the shared-memory bytes, the mma FLOPs and one cluster barrier in series."""
+    dev = cm.H100_SXM
+    pr = cm.Problem.linear(16384, 4096, 4096, 64)
+    plan = cc.cluster_plan(16384, (64,) * 6, 4096, 4096, "bfloat16", dev.num_sms)
+    assert plan == {"cluster": 8, "pitch": 520, "tiles": 512, "clusters": 16,
+                    "smem": 2 * (4 * 32 * 520 + 8 * 64 * 72)}
+    k = cc.cluster_kernel(pr, "bfloat16", dev)
+    tile = 32 * 512 * 2
+    share = dev.hbm_bw * dev.mem_eff / 128
+    smem = tile + 2 * tile + 8 * 64 * 64 * 2 + 2 * 32 * 512 * 4 + 2 * tile + tile
+    on_chip = smem / cc.SMEM_BW_PER_SM + 2 * 2 * 32 * 8 * 64 ** 2 / (dev.triton_flops["mma"] / 132) + cc.CLUSTER_SYNC_S
+    assert on_chip > 2 * tile / share > cc.DRAM_LATENCY_S + tile / share
+    assert k.critical_s == pytest.approx(32 * on_chip, rel=1e-12)
+    weights = 2 * 64 ** 3 * 2  # two factors of 64 blocks of 64 x 64, 2 bytes each
+    assert k.latency_s == pytest.approx(weights / 8 / (dev.l2_bw / 132) + cc.DRAM_LATENCY_S, rel=1e-12)
+    assert k.hbm_bytes == weights + 2 * 16384 * 4096 * 2 and k.flops == k.useful_flops
+    # the extension runs the one-CTA kernel where both take the call (1024/32), the cluster kernel past it
+    assert cc.resident_forward(pr, "bfloat16", dev).name == k.name
+    assert "cluster" not in cc.resident_forward(cm.Problem.linear(4096, 1024, 1024, 32), "bfloat16", dev).name
+    assert cc.resident_forward(cm.Problem.linear(4096, 2048, 2048, 32), "bfloat16", dev) is None

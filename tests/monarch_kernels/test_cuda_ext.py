@@ -198,11 +198,13 @@ def test_rowsplit_decode_forward_matches_float64(dtype, factors):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("factors", [((32, 32, 32), (32, 32, 32)), ((4, 32, 16), (8, 16, 16)),
-                                     ((2, 24, 16), (3, 8, 16)), ((16, 16, 64), (16, 16, 16))], ids=str)
+                                     ((2, 24, 16), (3, 8, 16)), ((16, 16, 64), (16, 16, 16)),
+                                     ((64, 64, 64), (64, 64, 64)), ((16, 16, 16), (16, 16, 16))], ids=str)
 def test_resident_forward_matches_float64(dtype, factors):
     """The many-token forward with both factors in shared memory (the default past the decode kernels where its
-    plan takes the call) per element against float64 and against the tile kernels (``many_token_kernel("tiles")``),
-    bias + each activation, ragged token counts (several tiles per CTA at 5000 tokens), outputs poisoned."""
+    plans take the call: one CTA per SM, or a cluster for 4096/64 and 256/16) per element against float64 and
+    against the tile kernels (``many_token_kernel("tiles")``), bias + each activation, ragged token counts
+    (several tiles per CTA or cluster at 5000 tokens)."""
     from monarch_kernels import ext
 
     gen = torch.Generator().manual_seed(1)

@@ -31,6 +31,7 @@ ROWSPLIT = "csrc/cuda/decode_rowsplit.cuh"
 ROWSPLIT_SIM = ("tests/csrc/test_cuda_rowsplit_sim.py",)
 RESIDENT = "csrc/cuda/resident.cuh"
 RESIDENT_SIM = ("tests/csrc/test_cuda_resident_sim.py",)
+CLUSTER = "csrc/cuda/cluster_resident.cuh"
 
 MUTANTS = [
     # ---------------------------------------------------------------------------------------- Triton
@@ -256,4 +257,21 @@ MUTANTS = [
            "    T* const cur = smem;",
            "every tile is read from the first buffer while the second is filled (double buffer broken)",
            RESIDENT_SIM),
+    Mutant("cuda-sim-cluster-push-to-own-rank", CLUSTER,
+           "      T* dst = cluster_map(z + t * pitch + (qq & 7) * NB + own, static_cast<unsigned>(qq >> 3));",
+           "      T* dst = cluster_map(z + t * pitch + (qq & 7) * NB + own, rank);",
+           "P1 across the cluster: every stage-1 chunk is pushed into the pushing CTA itself", RESIDENT_SIM),
+    Mutant("cuda-sim-cluster-w1-fragment-rows", CLUSTER,
+           "        const T* row = w1 + (8 * nt + g) * NB + 16 * ks + 2 * c;",
+           "        const T* row = w1 + (8 * nt + g) * NB + 16 * (KS - 1 - ks) + 2 * c;",
+           "the register-held w1 fragments take the k16 steps in reverse (paired with the wrong x columns)",
+           RESIDENT_SIM),
+    Mutant("cuda-sim-cluster-output-columns", CLUSTER,
+           "        *reinterpret_cast<uint4*>(out + (t0 + t) * P.out_ts + ss * P.nb + own) =",
+           "        *reinterpret_cast<uint4*>(out + (t0 + t) * P.out_ts + ss * 8 + own * P.nb / 8) =",
+           "P2 of the output: 16-byte runs written at (ss, rank) instead of ss · nb + 8 · rank", RESIDENT_SIM),
+    Mutant("cuda-sim-cluster-bias-column", CLUSTER,
+           "        const int ss = 8 * nt + 2 * c + j, col = ss * P.nb + own + warp;",
+           "        const int ss = 8 * nt + 2 * c + j, col = (own + warp) * P.nb + ss;",
+           "the bias is indexed by the stage-2 order (block-major), not by the output column after P2", RESIDENT_SIM),
 ]

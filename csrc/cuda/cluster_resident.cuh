@@ -1,0 +1,286 @@
+// Many-token square Monarch forward whose factors are spread over a thread-block cluster ("cluster resident"
+// kernel): plan and kernel.
+//
+// out = act(P2·BD(w2)·P1·BD(w1)·x + bias) for square Monarch with c = 1: nb blocks of nb x nb in both factors
+// (n = nb², e.g. 4096 features in 64 blocks). Its factors (2 x 512 KiB of bf16 at 4096) do not fit in one SM,
+// but 1/C of them does, for a cluster of C = nb / 8 CTAs (8 at 4096). CTA c of a cluster owns stage-1 blocks
+// and stage-2 blocks 8c .. 8c + 7, one of each per warp. With c = 1, stage-1 block kk's output column qq is
+// stage-2 block qq's input row kk (P1), so a CTA's stage-1 results for one token and one stage-2 block are 8
+// consecutive elements (rr = 8c .. 8c + 7): 16 bytes, pushed into the owning CTA's shared memory through the
+// cluster's distributed shared memory. HBM traffic is x and the output once, as for the one-CTA resident kernel
+// (resident.cuh), and the intermediate never leaves the cluster. Per 32-token tile (two mma row tiles):
+//
+// * x: this CTA's 8 blocks' columns (8·nb contiguous elements per token row) by cp.async into a double buffer,
+//   the next tile's in flight while this one is multiplied;
+// * stage 1 on mma.sync m16n8k16 with the warp's w1 block held in registers as B fragments (loaded once:
+//   64 registers at nb = 64), results rounded to the input dtype into a local staging buffer laid out
+//   [token][qq][8 own blocks], so that each (token, stage-2 block) is one 16-byte chunk;
+// * a cluster barrier (every CTA has read its intermediate buffer for the previous tile: arrived right after
+//   the reads, waited for only here), the 16-byte pushes into the owners' intermediate buffers, and a second
+//   cluster barrier (all pushes landed);
+// * stage 2 from the intermediate and the CTA's 8 w2 blocks in shared memory, bias + activation in fp32, results
+//   written to the consumed x buffer laid out [token][ss][8 own blocks]: output columns ss·nb + 8c .. + 7, i.e.
+//   16-byte global stores (the neighbouring CTA writes the other half of each 32-byte sector).
+//
+// Clusters walk the tiles (tile = cluster id, += number of clusters). Declines all but: fp16/bf16, k = l = nb,
+// p = q = r = s = nb with nb in {16, 32, 64}, n_in = n_out = nb², aligned unit-stride rows, and the buffers within
+// shared memory (206,848 bytes at nb = 64).
+//
+// Plain C++ apart from the CUDA builtins below, so tests/cuda_sim runs this very kernel on a CPU (the CTAs of
+// a cluster as concurrent thread groups, distributed shared memory as pointers into each other's buffers).
+#pragma once
+
+#include <climits>
+#include <cstdint>
+#include <cstring>
+
+#include "epilogue.cuh"
+#include "mma.cuh"
+#include "monarch_kernels.cuh"
+#include "resident.cuh"
+
+namespace monarch_cuda {
+
+constexpr int kClusterThreads = 256;  // 8 warps: one stage-1 and one stage-2 block each
+constexpr int kClusterRows = 32;      // tokens per tile: two mma row tiles share every weight fragment
+static_assert(kClusterThreads == kResidentThreads, "stage_rows() strides by kResidentThreads");
+
+struct ClusterPlan {
+  const void* x;
+  const void* w2;
+  const void* w1;
+  const void* bias;
+  void* out;
+  int64_t x_ts, out_ts, tokens;
+  int nb;        // blocks per factor = block side
+  int cluster;   // CTAs per cluster (nb / 8)
+  int pitch;     // elements per token row of the x, staging and intermediate buffers (8·nb + 8)
+  int tiles, clusters, smem, act;
+};
+
+// Fills P for `a` on a device with `sms` SMs and `smem_optin` bytes of shared memory per block; false when the
+// cluster kernel does not take the call. `itemsize` 2 (fp16/bf16) or 4 (always declined). The launcher caps
+// `clusters` by how many the device can co-schedule.
+inline bool cluster_plan(const MonarchFwdArgs& a, int itemsize, int sms, int smem_optin, ClusterPlan& P) {
+  if (itemsize != 2 || a.tokens < 1) return false;
+  const int64_t nb = a.k;
+  if ((nb != 16 && nb != 32 && nb != 64) || a.l != nb || a.q != nb || a.p != nb || a.r != nb || a.s != nb)
+    return false;
+  if (a.n_in != nb * nb || a.n_out != nb * nb) return false;
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  if (!aligned(a.x) || !aligned(a.w1) || !aligned(a.w2) || !aligned(a.out) || a.x_fs != 1 || a.x_ts % 8 ||
+      a.out_ts % 8 || a.x_ts < a.n_in || a.out_ts < a.n_out)
+    return false;
+  const int64_t tiles = (a.tokens + kClusterRows - 1) / kClusterRows;
+  if (tiles > INT_MAX / 2) return false;
+  P = ClusterPlan{};
+  P.x = a.x, P.w1 = a.w1, P.w2 = a.w2, P.bias = a.bias, P.out = a.out;
+  P.x_ts = a.x_ts, P.out_ts = a.out_ts, P.tokens = a.tokens, P.act = a.act;
+  P.nb = static_cast<int>(nb), P.cluster = P.nb / 8;
+  P.pitch = 8 * P.nb + 8;
+  // two x buffers, the staging buffer, the intermediate, and 8 w2 blocks in rows of nb + 8
+  const int64_t smem = 2 * (4 * static_cast<int64_t>(kClusterRows) * P.pitch + 8 * nb * (nb + 8));
+  if (smem > smem_optin) return false;
+  P.smem = static_cast<int>(smem);
+  P.tiles = static_cast<int>(tiles);
+  const int most = sms / P.cluster;
+  if (most < 1) return false;
+  P.clusters = P.tiles < most ? P.tiles : most;
+  return true;
+}
+
+// ------------------------------------------------------------------------------------ device side
+
+// Two consecutive 16-bit elements of global memory (4-byte aligned), through the read-only path.
+__device__ __forceinline__ uint32_t ldg32(const void* p) {
+#ifdef MONARCH_CUDA_SIM
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+#else
+  return __ldg(static_cast<const unsigned int*>(p));
+#endif
+}
+
+__device__ __forceinline__ unsigned cluster_rank() {
+#ifdef MONARCH_CUDA_SIM
+  return sim::cluster_rank();
+#else
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+#endif
+}
+
+// The split cluster barrier: arrive (release: this thread's shared-memory accesses so far are ordered before
+// it) and wait (acquire: every thread of the cluster has arrived). Every thread calls both, in turn.
+__device__ __forceinline__ void cluster_arrive() {
+#ifdef MONARCH_CUDA_SIM
+  sim::cluster_arrive();
+#else
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void cluster_wait() {
+#ifdef MONARCH_CUDA_SIM
+  sim::cluster_wait();
+#else
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+
+// The address of `p` (in this CTA's shared memory) in the shared memory of cluster rank `rank`.
+template <typename T>
+__device__ __forceinline__ T* cluster_map(T* p, unsigned rank) {
+#ifdef MONARCH_CUDA_SIM
+  return sim::map_shared_rank(p, rank);
+#else
+  const uint64_t local = reinterpret_cast<uint64_t>(p);
+  uint64_t remote;
+  asm volatile("mapa.u64 %0, %1, %2;" : "=l"(remote) : "l"(local), "r"(rank));
+  return reinterpret_cast<T*>(remote);
+#endif
+}
+
+template <typename T, int NB>
+__global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __grid_constant__ ClusterPlan P) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters need sm_90; the launcher never starts it elsewhere
+#else
+#ifdef MONARCH_CUDA_SIM
+  T* smem = reinterpret_cast<T*>(sim::dynamic_smem());
+#else
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* smem = reinterpret_cast<T*>(smem_raw);
+#endif
+  constexpr int KS = NB / 16, NT = NB / 8;  // k16 steps and 8-column tiles per block
+  const int pitch = P.pitch, buf = kClusterRows * pitch;
+  T* const stage = smem + 2 * buf;  // [t][qq][8 own stage-1 blocks]
+  T* const z = smem + 3 * buf;      // [t][8 own stage-2 blocks][rr]
+  T* const w2s = smem + 4 * buf;    // [8 own blocks][ss][rr], rows of NB + 8
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+  const unsigned rank = cluster_rank();
+  const int own = 8 * static_cast<int>(rank);  // first block of this CTA in both factors
+  const T* x = static_cast<const T*>(P.x);
+  T* out = static_cast<T*>(P.out);
+  const T* bias = static_cast<const T*>(P.bias);
+
+  // this CTA's 8 w2 blocks and the first tile's x columns (one cp.async group); the warp's w1 block as B
+  // fragments in registers: b1[nt][ks] = w1[own + warp][8nt + g][16ks + 2c (+ 8)]
+  stage_rows<T>(w2s, NB + 8, static_cast<const T*>(P.w2) + static_cast<int64_t>(own) * NB * NB, NB, 8 * NB, NB,
+                INT_MAX);
+  int tile = blockIdx.x / P.cluster;
+  const int step = gridDim.x / P.cluster;
+  stage_rows<T>(smem, pitch, x + static_cast<int64_t>(tile) * kClusterRows * P.x_ts + own * NB, P.x_ts,
+                kClusterRows, 8 * NB, P.tokens - static_cast<int64_t>(tile) * kClusterRows);
+  cp_async_commit();
+  uint32_t b1[NT][KS][2];
+  {
+    const T* w1 = static_cast<const T*>(P.w1) + static_cast<int64_t>(own + warp) * NB * NB;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const T* row = w1 + (8 * nt + g) * NB + 16 * ks + 2 * c;
+        b1[nt][ks][0] = ldg32(row), b1[nt][ks][1] = ldg32(row + 8);
+      }
+  }
+  cluster_arrive();  // pairs with the first tile's wait before its pushes
+
+  for (int it = 0; tile < P.tiles; tile += step, ++it) {
+    T* const cur = smem + (it & 1) * buf;
+    const int next = tile + step;
+    if (next < P.tiles)
+      stage_rows<T>(smem + ((it + 1) & 1) * buf, pitch,
+                    x + static_cast<int64_t>(next) * kClusterRows * P.x_ts + own * NB, P.x_ts, kClusterRows, 8 * NB,
+                    P.tokens - static_cast<int64_t>(next) * kClusterRows);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    // stage 1, block own + warp: u[t][qq] = Σ_pp w1[qq][pp] · x[t][warp·NB + pp] -> stage[t][qq][warp]
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      uint32_t a[KS][4];
+      const T* r0 = cur + (16 * m + g) * pitch + warp * NB + 2 * c;
+      const T* r8 = r0 + 8 * pitch;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks)
+        a[ks][0] = lds32(r0 + 16 * ks), a[ks][1] = lds32(r8 + 16 * ks), a[ks][2] = lds32(r0 + 16 * ks + 8),
+        a[ks][3] = lds32(r8 + 16 * ks + 8);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) mma16816<T>(acc, a[ks], b1[nt][ks][0], b1[nt][ks][1]);
+        T* s0 = stage + (16 * m + g) * pitch + (8 * nt + 2 * c) * 8 + warp;
+        s0[0] = from_f<T>(acc[0]), s0[8] = from_f<T>(acc[1]);
+        s0[8 * pitch] = from_f<T>(acc[2]), s0[8 * pitch + 8] = from_f<T>(acc[3]);
+      }
+    }
+    __syncthreads();  // the staging buffer is complete
+    cluster_wait();   // every CTA has read its intermediate for the previous tile
+
+    // P1 across the cluster: stage[t][qq][0..7] -> z of rank qq / 8 at [t][qq % 8][own .. own + 7]
+    for (int i = threadIdx.x; i < kClusterRows * NB; i += kClusterThreads) {
+      const int t = i / NB, qq = i - t * NB;
+      T* dst = cluster_map(z + t * pitch + (qq & 7) * NB + own, static_cast<unsigned>(qq >> 3));
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(stage + t * pitch + qq * 8);
+    }
+    cluster_arrive();
+    cluster_wait();  // every push into this CTA's intermediate has landed
+
+    // stage 2, block own + warp: v[t][ss] = Σ_rr w2[ss][rr] · z[t][warp][rr]; bias, activation -> cur[t][ss][warp]
+    uint32_t a2[2][KS][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      const T* r0 = z + (16 * m + g) * pitch + warp * NB + 2 * c;
+      const T* r8 = r0 + 8 * pitch;
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks)
+        a2[m][ks][0] = lds32(r0 + 16 * ks), a2[m][ks][1] = lds32(r8 + 16 * ks),
+        a2[m][ks][2] = lds32(r0 + 16 * ks + 8), a2[m][ks][3] = lds32(r8 + 16 * ks + 8);
+    }
+    cluster_arrive();  // this CTA's intermediate may be overwritten (waited for before the next pushes)
+    const T* wb = w2s + warp * NB * (NB + 8);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const T* wrow = wb + (8 * nt + g) * (NB + 8) + 2 * c;
+      float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        const uint32_t b0 = lds32(wrow + 16 * ks), b1v = lds32(wrow + 16 * ks + 8);
+        mma16816<T>(acc[0], a2[0][ks], b0, b1v);
+        mma16816<T>(acc[1], a2[1][ks], b0, b1v);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int ss = 8 * nt + 2 * c + j, col = ss * P.nb + own + warp;
+        const float bv = bias ? to_f(bias[col]) : 0.f;
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          T* y = cur + (16 * m + g) * pitch + ss * 8 + warp;
+          y[0] = activate_to<T>(acc[m][j] + bv, P.act);
+          y[8 * pitch] = activate_to<T>(acc[m][2 + j] + bv, P.act);
+        }
+      }
+    }
+    __syncthreads();
+
+    // output columns ss·nb + own .. + 7 of each token row: one 16-byte store per (t, ss)
+    const int64_t t0 = static_cast<int64_t>(tile) * kClusterRows;
+    for (int i = threadIdx.x; i < kClusterRows * NB; i += kClusterThreads) {
+      const int t = i / NB, ss = i - t * NB;
+      if (t0 + t < P.tokens)
+        *reinterpret_cast<uint4*>(out + (t0 + t) * P.out_ts + ss * P.nb + own) =
+            *reinterpret_cast<const uint4*>(cur + t * pitch + ss * 8);
+    }
+    __syncthreads();  // the buffer is refilled by the cp.async issued at the top of the next iteration
+  }
+  cluster_wait();  // the last arrive's partner: no CTA leaves while another may still address its memory
+  cp_async_wait<0>();
+#endif
+}
+
+}  // namespace monarch_cuda
