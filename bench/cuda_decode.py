@@ -175,23 +175,32 @@ def format_rows(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.cuda_decode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--measure", action="store_true", help="also time dense, cuda and triton on the GPU")
+def run_cli(argv, prog: str, doc: str, predicted, check, measure, title: str, check_title: str) -> int:
+    """The command line of the CUDA benchmark modules: print ``predicted()`` rows under ``title``; with
+    ``--measure`` (GPU only) also ``check(device)`` (rows with ``ok``) and ``measure(device)`` rows. Exit status 0,
+    1 if a check failed, 2 without a GPU."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--measure", action="store_true", help="also check and time the kernels on the GPU")
     args = p.parse_args(argv)
-    print(format_rows(predicted_rows(), "cost model (H100 SXM), bf16 forward, square n x n, MonarchLinear factors"))
-    if args.measure:
-        if not torch.cuda.is_available():
-            print("error: --measure needs a CUDA device", file=sys.stderr)
-            return 2
-        checks = check_rows(torch.device("cuda"))
-        print()
-        print(format_rows(checks, "decode kernels vs float64 (max |error| / max |reference|)"))
-        print()
-        print(format_rows(measure_rows(torch.device("cuda")), f"measured on {torch.cuda.get_device_name()}, bf16 forward"))
-        return 0 if all(r["ok"] for r in checks) else 1
-    return 0
+    print(format_rows(predicted(), title))
+    if not args.measure:
+        return 0
+    if not torch.cuda.is_available():
+        print("error: --measure needs a CUDA device", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    checks = check(device)
+    print()
+    print(format_rows(checks, check_title))
+    print()
+    print(format_rows(measure(device), f"measured on {torch.cuda.get_device_name()}, bf16 forward"))
+    return 0 if all(r["ok"] for r in checks) else 1
+
+
+def main(argv=None) -> int:
+    return run_cli(argv, "python -m bench.cuda_decode", __doc__, predicted_rows, check_rows, measure_rows,
+                   "cost model (H100 SXM), bf16 forward, square n x n, MonarchLinear factors",
+                   "decode kernels vs float64 (max |error| / max |reference|)")
 
 
 if __name__ == "__main__":

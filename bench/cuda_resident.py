@@ -15,7 +15,6 @@ cases of the one GPU check, ``bench/gpu_check.py`` (provider ``cuda_resident``).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
@@ -24,7 +23,7 @@ import monarch_kernels as mk
 from monarch_kernels import cost_model as cm
 from monarch_kernels import cuda_cost, ext
 
-from .cuda_decode import format_rows
+from .cuda_decode import format_rows, run_cli
 
 #: (n, nblocks) of the tables: the 4096/64 and 1024/32 target shapes (cluster and one-CTA kernels), 1024 with
 #: 64 blocks, 768 with 24, 512 with 16
@@ -149,23 +148,9 @@ def gpu_check_cases(ctx):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.cuda_resident", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--measure", action="store_true", help="also check and time the kernel on the GPU")
-    args = p.parse_args(argv)
-    print(format_rows(predicted_rows(), "cost model, bf16 forward, square n x n, MonarchLinear factors"))
-    if args.measure:
-        if not torch.cuda.is_available():
-            print("error: --measure needs a CUDA device", file=sys.stderr)
-            return 2
-        checks = check_rows(torch.device("cuda"))
-        print()
-        print(format_rows(checks, "resident kernel vs float64 and vs the tile kernels (max |error| / max |reference|)"))
-        print()
-        print(format_rows(measure_rows(torch.device("cuda")),
-                          f"device time on {torch.cuda.get_device_name()}, bf16 forward"))
-        return 0 if all(r["ok"] for r in checks) else 1
-    return 0
+    return run_cli(argv, "python -m bench.cuda_resident", __doc__, predicted_rows, check_rows, measure_rows,
+                   "cost model, bf16 forward, square n x n, MonarchLinear factors",
+                   "resident kernels vs float64 and vs the tile kernels (max |error| / max |reference|)")
 
 
 if __name__ == "__main__":

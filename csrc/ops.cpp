@@ -24,11 +24,15 @@
 #include <torch/extension.h>
 #endif
 #ifdef MONARCH_WITH_CUDA
-#include "cuda/decode.cuh"  // set_decode_choice
+#include "cuda/decode.cuh"  // the kernel choices (set_decode_choice, set_many_token_choice)
 #endif
 
+#include <algorithm>
+#include <functional>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace monarch_ops {
 namespace {
@@ -529,35 +533,38 @@ TORCH_LIBRARY_IMPL(monarch_kernels_ext, Autograd, m) {
 }
 
 #ifndef MONARCH_KERNELS_NO_PYTHON_MODULE
+#ifdef MONARCH_WITH_CUDA
+// A setter of one of the extension's process-wide kernel choices, by name (the enum's values in `names` order);
+// returns the previous name.
+template <typename Choice>
+std::function<std::string(const std::string&)> choice_setter(const char* fn, std::vector<std::string> names,
+                                                             Choice (*get)(), void (*set)(Choice)) {
+  return [fn, names, get, set](const std::string& name) {
+    const auto it = std::find(names.begin(), names.end(), name);
+    std::string all;
+    for (const auto& n : names) all += (all.empty() ? "'" : ", '") + n + "'";
+    TORCH_CHECK_VALUE(it != names.end(), fn, ": name=", name, " must be one of ", all);
+    const std::string before = names[static_cast<size_t>(get())];
+    set(static_cast<Choice>(it - names.begin()));
+    return before;
+  };
+}
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "monarch-kernels compiled kernels (ops registered under torch.ops.monarch_kernels_ext)";
 #ifdef MONARCH_WITH_CUDA
   m.attr("with_cuda") = true;
-  m.def(
-      "set_decode_kernel",
-      [](const std::string& name) {
-        static const char* names[] = {"auto", "cooperative", "rowsplit"};
-        int c = 0;
-        while (c < 3 && name != names[c]) ++c;
-        TORCH_CHECK_VALUE(c < 3, "set_decode_kernel: name=", name, " must be 'auto', 'cooperative' or 'rowsplit'");
-        const std::string before = names[monarch_cuda::decode_choice()];
-        monarch_cuda::set_decode_choice(static_cast<monarch_cuda::DecodeChoice>(c));
-        return before;
-      },
-      "Selects the few-token Monarch forward kernel ('auto', 'cooperative', 'rowsplit'); returns the previous.");
-  m.def(
-      "set_many_token_kernel",
-      [](const std::string& name) {
-        static const char* names[] = {"resident", "tiles"};
-        int c = 0;
-        while (c < 2 && name != names[c]) ++c;
-        TORCH_CHECK_VALUE(c < 2, "set_many_token_kernel: name=", name, " must be 'resident' or 'tiles'");
-        const std::string before = names[monarch_cuda::many_token_choice()];
-        monarch_cuda::set_many_token_choice(static_cast<monarch_cuda::ManyTokenChoice>(c));
-        return before;
-      },
-      "Selects the many-token Monarch forward ('resident' where its plan takes the call, or 'tiles'); returns the "
-      "previous.");
+  m.def("set_decode_kernel",
+        choice_setter<monarch_cuda::DecodeChoice>("set_decode_kernel", {"auto", "cooperative", "rowsplit"},
+                                                  monarch_cuda::decode_choice, monarch_cuda::set_decode_choice),
+        "Selects the few-token Monarch forward kernel ('auto', 'cooperative', 'rowsplit'); returns the previous.");
+  m.def("set_many_token_kernel",
+        choice_setter<monarch_cuda::ManyTokenChoice>("set_many_token_kernel", {"resident", "tiles"},
+                                                     monarch_cuda::many_token_choice,
+                                                     monarch_cuda::set_many_token_choice),
+        "Selects the many-token Monarch forward ('resident' where its plans take the call, or 'tiles'); returns "
+        "the previous.");
 #else
   m.attr("with_cuda") = false;
 #endif

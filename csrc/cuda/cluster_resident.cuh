@@ -47,8 +47,8 @@ static_assert(kClusterThreads == kResidentThreads, "stage_rows() strides by kRes
 
 struct ClusterPlan {
   const void* x;
-  const void* w2;
   const void* w1;
+  const void* w2;
   const void* bias;
   void* out;
   int64_t x_ts, out_ts, tokens;
@@ -67,10 +67,7 @@ inline bool cluster_plan(const MonarchFwdArgs& a, int itemsize, int sms, int sme
   if ((nb != 16 && nb != 32 && nb != 64) || a.l != nb || a.q != nb || a.p != nb || a.r != nb || a.s != nb)
     return false;
   if (a.n_in != nb * nb || a.n_out != nb * nb) return false;
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  if (!aligned(a.x) || !aligned(a.w1) || !aligned(a.w2) || !aligned(a.out) || a.x_fs != 1 || a.x_ts % 8 ||
-      a.out_ts % 8 || a.x_ts < a.n_in || a.out_ts < a.n_out)
-    return false;
+  if (!rows_vectorizable(a)) return false;
   const int64_t tiles = (a.tokens + kClusterRows - 1) / kClusterRows;
   if (tiles > INT_MAX / 2) return false;
   P = ClusterPlan{};

@@ -65,6 +65,14 @@ inline int resident_pitch(int n_in, int mid, int n_out) {
   return (m + 15) / 16 * 16 + 8;
 }
 
+// Whether x, w1, w2 and out are 16-byte aligned and x and out have unit-stride rows whose pitch is a multiple of
+// 8 elements and at least their width: rows that cp.async and 16-byte stores can move whole (16-bit dtypes).
+inline bool rows_vectorizable(const MonarchFwdArgs& a) {
+  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  return aligned(a.x) && aligned(a.w1) && aligned(a.w2) && aligned(a.out) && a.x_fs == 1 && a.x_ts % 8 == 0 &&
+         a.out_ts % 8 == 0 && a.x_ts >= a.n_in && a.out_ts >= a.n_out;
+}
+
 // Fills P for `a` on a device with `sms` SMs and `smem_optin` bytes of shared memory per block; false when the
 // resident kernel does not take the call. `itemsize` 2 (fp16/bf16) or 4 (always declined).
 inline bool resident_plan(const MonarchFwdArgs& a, int itemsize, int sms, int smem_optin, ResidentPlan& P) {
@@ -76,10 +84,7 @@ inline bool resident_plan(const MonarchFwdArgs& a, int itemsize, int sms, int sm
   const int64_t units1 = (a.k * a.q / 8 + kResidentWarps - 1) / kResidentWarps;
   const int64_t units2 = (a.l * a.s / 8 + kResidentWarps - 1) / kResidentWarps;
   if (units1 > kResidentMaxUnits || units2 > kResidentMaxUnits) return false;
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  if (!aligned(a.x) || !aligned(a.w1) || !aligned(a.w2) || !aligned(a.out) || a.x_fs != 1 || a.x_ts % 8 ||
-      a.out_ts % 8 || a.x_ts < a.n_in || a.out_ts < a.n_out)
-    return false;
+  if (!rows_vectorizable(a)) return false;
   const int64_t tiles = (a.tokens + kResidentRows - 1) / kResidentRows;
   if (tiles > INT_MAX / 2) return false;  // tile + gridDim.x stays in int
   P = ResidentPlan{};
