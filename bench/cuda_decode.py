@@ -154,11 +154,16 @@ def measure_rows(device: torch.device, budget_s: float = 0.05, sizes=SIZES, nblo
     return rows
 
 
+def extension_on_gpu(ctx) -> bool:
+    """Whether a ``bench/gpu_check.py`` run measures (a GPU, not a dry or smoke run) with the CUDA extension."""
+    if ctx.device.type != "cuda" or getattr(ctx, "dry_run", False) or getattr(ctx, "smoke", False):
+        return False
+    return mk.available_backends()["cuda"] == "available"
+
+
 def gpu_check_cases(ctx):
     """Case provider of ``bench/gpu_check.py``: the decode kernels' correctness, then their timings (GPU only)."""
-    if ctx.device.type != "cuda" or getattr(ctx, "dry_run", False) or getattr(ctx, "smoke", False):
-        return
-    if mk.available_backends()["cuda"] != "available":
+    if not extension_on_gpu(ctx):
         return
     yield "cuda decode vs float64", lambda: check_rows(ctx.device)
     # dense and cuda only, 4 and 64 blocks: no Triton compiles in the extension pass (gpu_check.sh gives it 60 s;

@@ -23,7 +23,7 @@ import monarch_kernels as mk
 from monarch_kernels import cost_model as cm
 from monarch_kernels import cuda_cost, ext
 
-from .cuda_decode import format_rows, run_cli
+from .cuda_decode import extension_on_gpu, run_cli
 
 #: (n, nblocks) of the tables: the 4096/64 and 1024/32 target shapes (cluster and one-CTA kernels), 1024 with
 #: 64 blocks, 768 with 24, 512 with 16
@@ -139,9 +139,7 @@ def measure_rows(device: torch.device, layers=LAYERS, tokens=TOKENS) -> list[dic
 
 def gpu_check_cases(ctx):
     """Case provider of ``bench/gpu_check.py``: correctness, then device times (GPU with the extension only)."""
-    if ctx.device.type != "cuda" or getattr(ctx, "dry_run", False) or getattr(ctx, "smoke", False):
-        return
-    if mk.available_backends()["cuda"] != "available":
+    if not extension_on_gpu(ctx):
         return
     yield "cuda resident vs float64", lambda: check_rows(ctx.device)
     yield "cuda resident device time (bf16 fwd)", lambda: measure_rows(ctx.device)
