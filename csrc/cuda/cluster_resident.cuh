@@ -211,7 +211,8 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) mma16816<T>(acc, a[ks], b1[nt][ks][0], b1[nt][ks][1]);
-        T* s0 = stage + (16 * m + g) * pitch + (8 * nt + 2 * c) * 8 + warp;
+        // element warp of the 16-byte group (t, qq), swizzled with key (qq >> 1) & 3 = c (resident.cuh: swizzle)
+        T* s0 = stage + (16 * m + g) * pitch + (8 * nt + 2 * c) * 8 + swizzle(warp, c);
         s0[0] = from_f<T>(acc[0]), s0[8] = from_f<T>(acc[1]);
         s0[8 * pitch] = from_f<T>(acc[2]), s0[8 * pitch + 8] = from_f<T>(acc[3]);
       }
@@ -223,7 +224,8 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
     for (int i = threadIdx.x; i < kClusterRows * NB; i += kClusterThreads) {
       const int t = i / NB, qq = i - t * NB;
       T* dst = cluster_map(z + t * pitch + (qq & 7) * NB + own, static_cast<unsigned>(qq >> 3));
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(stage + t * pitch + qq * 8);
+      *reinterpret_cast<uint4*>(dst) =
+          unswizzle(*reinterpret_cast<const uint4*>(stage + t * pitch + qq * 8), (qq >> 1) & 3);
     }
     cluster_arrive();
     cluster_wait();  // every push into this CTA's intermediate has landed
@@ -257,7 +259,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
         const float bv = bias ? to_f(bias[col]) : 0.f;
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
-          T* y = cur + (16 * m + g) * pitch + ss * 8 + warp;
+          T* y = cur + (16 * m + g) * pitch + ss * 8 + swizzle(warp, c);  // key (ss >> 1) & 3 = c
           y[0] = activate_to<T>(acc[m][j] + bv, P.act);
           y[8 * pitch] = activate_to<T>(acc[m][2 + j] + bv, P.act);
         }
@@ -271,7 +273,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
       const int t = i / NB, ss = i - t * NB;
       if (t0 + t < P.tokens)
         *reinterpret_cast<uint4*>(out + (t0 + t) * P.out_ts + ss * P.nb + own) =
-            *reinterpret_cast<const uint4*>(cur + t * pitch + ss * 8);
+            unswizzle(*reinterpret_cast<const uint4*>(cur + t * pitch + ss * 8), (ss >> 1) & 3);
     }
     __syncthreads();  // the buffer is refilled by the cp.async issued at the top of the next iteration
   }

@@ -157,13 +157,28 @@ __device__ __forceinline__ void stage_rows(T* dst, int pitch, const T* src, int6
   }
 }
 
+// Shared-memory swizzle of the 16-bit scatters (P1 into the intermediate, P2 into the output rows): element e of
+// a row is stored at e ^ (key << 1), i.e. the 4-byte words of each aligned group of 8 elements are permuted by
+// key (0..3), with key = (lo >> 1) & 3 for the intermediate's block lo and (ss >> 1) & 3 for output column
+// ss·l + ll (when l % 8 == 0, else 0). The 4 lanes of an mma fragment that store one row's elements 2·r (or 2·l)
+// apart — one bank apart for r = 32 — then hit 4 different banks: conflict-free scatters at the target shapes,
+// where the unswizzled stores were 4-way conflicts. Readers apply the same key (a word stays whole).
+__device__ __forceinline__ int swizzle(int e, int key) { return e ^ (key << 1); }
+
+// The 8 elements of a 16-byte group stored with `key`, in logical order.
+__device__ __forceinline__ uint4 unswizzle(const uint4& v, int key) {
+  const uint32_t a = key & 1 ? v.y : v.x, b = key & 1 ? v.x : v.y, c = key & 1 ? v.w : v.z, d = key & 1 ? v.z : v.w;
+  return key & 2 ? make_uint4(c, d, a, b) : make_uint4(a, b, c, d);
+}
+
 // One stage on the 16 staged token rows: acc[i] = D tile of this warp's i-th 8-column output tile u =
 // warp·units + i (valid while u < total), output columns f = 8u .. 8u + 7 of the stage's nblk·rows outputs,
 // block b = 8u / rows: D[t][f] = Σ_j in[t][b·K + j] · w[f][j] (in rows `in_pitch` apart, w rows `w_pitch`).
-// A warp's tiles are consecutive, so its A fragments are reloaded only when the block changes.
+// A warp's tiles are consecutive, so its A fragments are reloaded only when the block changes. `swizzled`: the
+// input is the intermediate, stored with key (b >> 1) & 3 (see swizzle()).
 template <typename T>
 __device__ __forceinline__ void stage_tiles(const T* in, int in_pitch, const T* w, int w_pitch, int rows, int K,
-                                            int units, int total, int warp, int lane,
+                                            int units, int total, int warp, int lane, bool swizzled,
                                             float (&acc)[kResidentMaxUnits][4]) {
   const int g = lane >> 2, c = lane & 3;
   const int ksteps = K / 16;
@@ -177,7 +192,7 @@ __device__ __forceinline__ void stage_tiles(const T* in, int in_pitch, const T* 
       const int f0 = 8 * u, b = f0 / rows;
       if (b != block) {  // A fragments of block b: rows g and g + 8, columns b·K + 16·ks + 2c (+ 8)
         block = b;
-        const T* r0 = in + g * in_pitch + b * K + 2 * c;
+        const T* r0 = in + g * in_pitch + b * K + 2 * (swizzled ? c ^ ((b >> 1) & 3) : c);
         const T* r8 = r0 + 8 * in_pitch;
 #pragma unroll
         for (int ks = 0; ks < kResidentMaxKSteps; ++ks)
@@ -210,6 +225,7 @@ __global__ void __launch_bounds__(kResidentThreads, 1) resident_kernel(const __g
   T* out = static_cast<T*>(P.out);
   const T* bias = static_cast<const T*>(P.bias);
   const int total1 = P.k * P.q / 8, total2 = P.l * P.s / 8;
+  const bool swz_out = P.l % 8 == 0;  // output rows swizzled (an 8-element group then lies in one ss)
 
   // the factors, once per CTA, and the first tile's x rows: one cp.async group
   stage_rows<T>(w1s, P.w1_pitch, static_cast<const T*>(P.w1), P.p, P.k * P.q, P.p, INT_MAX);
@@ -231,7 +247,7 @@ __global__ void __launch_bounds__(kResidentThreads, 1) resident_kernel(const __g
     __syncthreads();
 
     // stage 1: u[t][f] = Σ_pp w1[f][pp] · x[t][kk·p + pp], f = kk·q + qq
-    stage_tiles<T>(cur, P.pitch, w1s, P.w1_pitch, P.q, P.p, P.units1, total1, warp, lane, acc);
+    stage_tiles<T>(cur, P.pitch, w1s, P.w1_pitch, P.q, P.p, P.units1, total1, warp, lane, false, acc);
     __syncthreads();  // every warp has read the x tile: the intermediate overwrites it
     // P1: u[t][f] goes to stage 2's input position (f % l)·r + f / l (one division per tile of 8 columns)
 #pragma unroll
@@ -243,7 +259,7 @@ __global__ void __launch_bounds__(kResidentThreads, 1) resident_kernel(const __g
         for (int j = 0; j < 2; ++j) {
           int hi = hi0, lo = lo0 + j;
           if (lo >= P.l) lo -= P.l, ++hi;  // lo0 < l and j ≤ 1
-          const int pos = lo * P.r + hi;
+          const int pos = swizzle(lo * P.r + hi, (lo >> 1) & 3);
           cur[g * P.pitch + pos] = from_f<T>(acc[i][j]);
           cur[(g + 8) * P.pitch + pos] = from_f<T>(acc[i][2 + j]);
         }
@@ -252,7 +268,7 @@ __global__ void __launch_bounds__(kResidentThreads, 1) resident_kernel(const __g
     __syncthreads();
 
     // stage 2: v[t][f] = Σ_rr w2[f][rr] · z[t][ll·r + rr], f = ll·s + ss; then bias and activation
-    stage_tiles<T>(cur, P.pitch, w2s, P.w2_pitch, P.s, P.r, P.units2, total2, warp, lane, acc);
+    stage_tiles<T>(cur, P.pitch, w2s, P.w2_pitch, P.s, P.r, P.units2, total2, warp, lane, true, acc);
     __syncthreads();  // every warp has read the intermediate: the output overwrites it
     // P2: v[t][f] goes to output column (f % s)·l + f / s; a tile of 8 columns lies in one block (s % 8 == 0)
 #pragma unroll
@@ -262,10 +278,10 @@ __global__ void __launch_bounds__(kResidentThreads, 1) resident_kernel(const __g
         const int ll = 8 * u / P.s, ss0 = 8 * u - ll * P.s + 2 * c;
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const int col = (ss0 + j) * P.l + ll;
+          const int col = (ss0 + j) * P.l + ll, at = swizzle(col, swz_out ? ((ss0 + j) >> 1) & 3 : 0);
           const float b = bias ? to_f(bias[col]) : 0.f;
-          cur[g * P.pitch + col] = activate_to<T>(acc[i][j] + b, P.act);
-          cur[(g + 8) * P.pitch + col] = activate_to<T>(acc[i][2 + j] + b, P.act);
+          cur[g * P.pitch + at] = activate_to<T>(acc[i][j] + b, P.act);
+          cur[(g + 8) * P.pitch + at] = activate_to<T>(acc[i][2 + j] + b, P.act);
         }
       }
     }
@@ -277,8 +293,8 @@ __global__ void __launch_bounds__(kResidentThreads, 1) resident_kernel(const __g
     for (int i = threadIdx.x; i < kResidentRows * chunks; i += kResidentThreads) {
       const int row = i / chunks, col = (i - row * chunks) * 8;
       if (t0 + row < P.tokens)
-        *reinterpret_cast<uint4*>(out + (t0 + row) * P.out_ts + col) =
-            *reinterpret_cast<const uint4*>(cur + row * P.pitch + col);
+        *reinterpret_cast<uint4*>(out + (t0 + row) * P.out_ts + col) = unswizzle(
+            *reinterpret_cast<const uint4*>(cur + row * P.pitch + col), swz_out ? ((col / P.l) >> 1) & 3 : 0);
     }
     __syncthreads();  // the buffer is refilled by the cp.async issued at the top of the next iteration
   }
