@@ -12,9 +12,10 @@
 // * stage 1 on tensor cores (mma.sync m16n8k16, fp32 accumulation), x tile rows as A, w1 rows as B: each warp
 //   owns a contiguous run of 8-column output tiles and keeps their accumulators in registers; once every warp
 //   has read the x tile, the results (rounded to the input dtype, as every path rounds the intermediate) are
-//   written into the same buffer in stage 2's order (P1 folded into the shared-memory index);
+//   written into the same buffer in stage 2's order (P1 folded into the shared-memory index, swizzled against
+//   bank conflicts: swizzle());
 // * stage 2 the same way from that buffer and w2, then bias + activation in fp32, and the results written in
-//   output order (P2) into the buffer again;
+//   output order (P2, swizzled too) into the buffer again;
 // * the tile's output rows leave with 16-byte stores (whole 32-byte sectors; rows past the tokens not stored).
 //
 // Bytes from HBM: x and out once, the factors once per CTA (from L2 after the first). FLOPs: exactly the
