@@ -242,7 +242,7 @@ def cluster_plan(tokens: int, shape: tuple, n_in: int, n_out: int, dtype: str, s
 
 def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> CooperativeKernel:
     """The cluster form of the resident forward (square Monarch, c = 1, nb = 16/32/64 blocks: clusters of nb / 8
-    CTAs, each holding 1/8... of the factors: its warps' w1 blocks as register fragments, its 8 w2 blocks in
+    CTAs, each holding 8 blocks of each factor: its warps' w1 blocks as register fragments, its 8 w2 blocks in
     shared memory). Per round of 32-token tiles (one per cluster), the longest of: each CTA's x columns and
     output columns at its SM's share of HBM (only ``clusters × cluster`` SMs work); a DRAM latency plus the next
     tile's x columns; and on chip, in series, shared-memory traffic (x in, both stages' A fragments, w2's B
@@ -252,6 +252,8 @@ def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> Cooperati
     factors from L2. The output's 16-byte runs cost whole 32-byte sectors in L2 (each written half by two CTAs)."""
     sh, item, T = problem.shape, cm.ITEMSIZE[dtype], problem.tokens
     plan = cluster_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), problem.n_in, problem.n_out, dtype, dev.num_sms)
+    if plan is None:
+        raise ValueError(f"cluster_kernel: the cluster resident kernel does not take {problem.label} ({dtype})")
     nb, C = sh.k, plan["cluster"]
     sms = plan["clusters"] * C
     weights = 2 * nb * nb * nb * item
@@ -315,6 +317,8 @@ def resident_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> Cooperat
     Bytes: x and the output once from HBM (factors once, then L2)."""
     sh, item, T = problem.shape, cm.ITEMSIZE[dtype], problem.tokens
     plan = resident_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), problem.n_in, problem.n_out, dtype, dev.num_sms)
+    if plan is None:
+        raise ValueError(f"resident_kernel: the one-CTA resident kernel does not take {problem.label} ({dtype})")
     weights = sh.k * cm.rows_bytes(sh.q, sh.p, item) + sh.l * cm.rows_bytes(sh.s, sh.r, item)
     io = cm.rows_bytes(T, problem.n_in, item) + cm.rows_bytes(T, problem.n_out, item)
     x_tile, out_tile = RESIDENT_ROWS * problem.n_in * item, RESIDENT_ROWS * problem.n_out * item

@@ -187,3 +187,11 @@ def test_cluster_plan_and_price_by_hand():
     assert cc.resident_forward(pr, "bfloat16", dev).name == k.name
     assert "cluster" not in cc.resident_forward(cm.Problem.linear(4096, 1024, 1024, 32), "bfloat16", dev).name
     assert cc.resident_forward(cm.Problem.linear(4096, 2048, 2048, 32), "bfloat16", dev) is None
+
+
+def test_resident_prices_refuse_problems_their_kernels_decline():
+    pr = cm.Problem.linear(4096, 2048, 2048, 32)
+    with pytest.raises(ValueError, match="one-CTA resident kernel does not take"):
+        cc.resident_kernel(pr, "bfloat16", cm.H100_SXM)
+    with pytest.raises(ValueError, match="cluster resident kernel does not take"):
+        cc.cluster_kernel(pr, "bfloat16", cm.H100_SXM)
