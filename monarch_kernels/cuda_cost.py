@@ -244,7 +244,7 @@ def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> Cooperati
     """The cluster form of the resident forward (square Monarch, c = 1, nb = 16/32/64 blocks: clusters of nb / 8
     CTAs, each holding 8 blocks of each factor: its warps' w1 blocks as register fragments, its 8 w2 blocks in
     shared memory). Per round of 32-token tiles (one per cluster), the longest of: each CTA's x columns and
-    output columns at its SM's share of HBM (only ``clusters × cluster`` SMs work); a DRAM latency plus the next
+    output columns at its SM's share of HBM (of the SMs whole clusters fill); a DRAM latency plus the next
     tile's x columns; and on chip, in series, shared-memory traffic (x in, both stages' A fragments, w2's B
     fragments, the 16-bit scatters of the staging and output buffers at 4-byte slots, the 16-byte pushes read
     locally and written remotely, the output read back) at ``SMEM_BW_PER_SM``, the mma FLOPs at the SM's share of
@@ -255,7 +255,7 @@ def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> Cooperati
     if plan is None:
         raise ValueError(f"cluster_kernel: the cluster resident kernel does not take {problem.label} ({dtype})")
     nb, C = sh.k, plan["cluster"]
-    sms = plan["clusters"] * C
+    sms = dev.num_sms // C * C  # the SMs a full complement of clusters works on: each one's share of HBM
     weights = 2 * nb * nb * nb * item
     io = cm.rows_bytes(T, problem.n_in, item) + cm.rows_bytes(T, problem.n_out, item)
     cols = 8 * nb  # per CTA: 8 blocks of x columns in, 8 · nb output columns out
