@@ -168,6 +168,14 @@ def test_auto_takes_the_decode_kernels_for_few_tokens():
 
 
 
+def _scaled_factors(s1, s2, dtype, gen):
+    """(shape, w1, w2, bias) on the GPU: factors scaled by their fan-in (outputs of order 1), a random bias."""
+    sh = mk.MonarchShape.from_factors(s1, s2)
+    w1 = (torch.randn(*s1, generator=gen) * sh.p ** -0.5).to("cuda", dtype)
+    w2 = (torch.randn(*s2, generator=gen) * sh.r ** -0.5).to("cuda", dtype)
+    return sh, w1, w2, torch.randn(sh.n_out, generator=gen).to("cuda", dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("factors", [((64, 64, 64), (64, 64, 64)), ((4, 8, 16), (4, 24, 8)), ((5, 6, 7), (3, 9, 10)),
                                      ((16, 1, 1), (4, 3, 4))], ids=str)
@@ -177,11 +185,7 @@ def test_rowsplit_decode_forward_matches_float64(dtype, factors):
     from monarch_kernels import ext
 
     gen = torch.Generator().manual_seed(0)
-    s1, s2 = factors
-    sh = mk.MonarchShape.from_factors(s1, s2)
-    w1 = (torch.randn(*s1, generator=gen) * sh.p ** -0.5).to("cuda", dtype)
-    w2 = (torch.randn(*s2, generator=gen) * sh.r ** -0.5).to("cuda", dtype)
-    b = torch.randn(sh.n_out, generator=gen).to("cuda", dtype)
+    sh, w1, w2, b = _scaled_factors(*factors, dtype, gen)
     tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-5}[dtype]
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -208,11 +212,7 @@ def test_resident_forward_matches_float64(dtype, factors):
     from monarch_kernels import ext
 
     gen = torch.Generator().manual_seed(1)
-    s1, s2 = factors
-    sh = mk.MonarchShape.from_factors(s1, s2)
-    w1 = (torch.randn(*s1, generator=gen) * sh.p ** -0.5).to("cuda", dtype)
-    w2 = (torch.randn(*s2, generator=gen) * sh.r ** -0.5).to("cuda", dtype)
-    b = torch.randn(sh.n_out, generator=gen).to("cuda", dtype)
+    sh, w1, w2, b = _scaled_factors(*factors, dtype, gen)
     tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
