@@ -180,10 +180,12 @@ def format_rows(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
-def run_cli(argv, prog: str, doc: str, predicted, check, measure, title: str, check_title: str) -> int:
+def run_cli(argv, prog: str, doc: str, predicted, check, measure, title: str, check_title: str,
+            more_measures=()) -> int:
     """The command line of the CUDA benchmark modules: print ``predicted()`` rows under ``title``; with
-    ``--measure`` (GPU only) also ``check(device)`` (rows with ``ok``) and ``measure(device)`` rows. Exit status 0,
-    1 if a check failed, 2 without a GPU."""
+    ``--measure`` (GPU only) also ``check(device)`` (rows with ``ok``), ``measure(device)`` rows and, for each
+    ``(function, title)`` of ``more_measures``, ``function(device)`` rows. Exit status 0, 1 if a check failed, 2
+    without a GPU."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--measure", action="store_true", help="also check and time the kernels on the GPU")
     args = p.parse_args(argv)
@@ -199,6 +201,9 @@ def run_cli(argv, prog: str, doc: str, predicted, check, measure, title: str, ch
     print(format_rows(checks, check_title))
     print()
     print(format_rows(measure(device), f"measured on {torch.cuda.get_device_name()}, bf16 forward"))
+    for fn, more_title in more_measures:
+        print()
+        print(format_rows(fn(device), f"measured on {torch.cuda.get_device_name()}, {more_title}"))
     return 0 if all(r["ok"] for r in checks) else 1
 
 

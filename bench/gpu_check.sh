@@ -34,7 +34,7 @@ if [ -n "$build_pid" ]; then
   wait "$build_pid"
   echo "extension build: $(cat "$OUT_DIR/build.status") ($(( $(date +%s) - start )) s since start)"
   if grep -q ok "$OUT_DIR/build.status"; then
-    timeout 100 "$PY" -m bench.gpu_check --out "$OUT_DIR" --after-build 2>&1 | tee -a "$OUT_DIR/gpu_check.log"
+    timeout 130 "$PY" -m bench.gpu_check --out "$OUT_DIR" --after-build 2>&1 | tee -a "$OUT_DIR/gpu_check.log"
     status=$(( status | PIPESTATUS[0] ))
   else
     tail -20 "$OUT_DIR/build.log"

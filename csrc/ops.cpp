@@ -24,6 +24,7 @@
 #include <torch/extension.h>
 #endif
 #ifdef MONARCH_WITH_CUDA
+#include "cuda/cuda_ops.h"  // monarch_fwd_keeping
 #include "cuda/decode.cuh"  // the kernel choices (set_decode_choice, set_many_token_choice)
 #endif
 
@@ -131,8 +132,7 @@ void validate_blockdiag_wgrad(const Tensor& x, const Tensor& g, int64_t k, int64
 }
 
 void validate_monarch_fwd(const Tensor& x, const Tensor& w1, const Tensor& w2, const OptTensor& bias, int64_t n_out,
-                          int64_t act) {
-  const char* fn = "monarch_kernels_ext::monarch_fwd";
+                          int64_t act, const char* fn = "monarch_kernels_ext::monarch_fwd") {
   const auto d = check_monarch_factors(fn, w1, w2);
   check_rows(fn, "x", x, d.k * d.p);
   check_like(fn, "x", x, "w1", w1);
@@ -565,6 +565,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                      monarch_cuda::set_many_token_choice),
         "Selects the many-token Monarch forward ('resident' where its plans take the call, or 'tiles'); returns "
         "the previous.");
+  m.def(
+      "monarch_fwd_keeping",
+      [](const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& bias,
+         int64_t n_out, int64_t act) {
+        monarch_ops::validate_monarch_fwd(x, w1, w2, bias, n_out, act, "monarch_kernels._C.monarch_fwd_keeping");
+        TORCH_CHECK_VALUE(x.is_cuda(), "monarch_kernels._C.monarch_fwd_keeping: x must be a CUDA tensor, got one on ", x.device());
+        return monarch_cuda_ops::monarch_fwd_keeping(x, w1, w2, bias, n_out, act);
+      },
+      "(out, z): the Monarch forward of a training call, keeping the intermediate z (T, k*q) in stage 2's column "
+      "order where a resident kernel runs it (else z is None).");
 #else
   m.attr("with_cuda") = false;
 #endif

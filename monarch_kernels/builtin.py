@@ -121,5 +121,6 @@ register_backend(Backend(
     name="cuda", load=_load_cuda, supports=lambda device, dtype: device.type == "cuda" and dtype in _TRITON_DTYPES,
     prefer=_cuda_prefers, prefer_training=_cuda_prefers_training, priority=25,
     description="compiled CUDA kernels: one-launch small-token (decode) Monarch/block-diagonal kernels streaming "
-                "the weights once; tile kernels (WMMA) for larger calls when asked for explicitly",
+                "the weights once; when asked for explicitly, resident many-token forwards (factors on chip; "
+                "training calls keep the intermediate for the Triton backward) and tile kernels (WMMA)",
 ))

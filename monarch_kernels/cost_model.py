@@ -630,7 +630,7 @@ def _bwd_weight(problem: Problem, dtype: str, dev: Device) -> Cost:
             + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in) + Cost([_z(problem, dtype, dev)]))
 
 
-def _training_step(problem: Problem, dtype: str, dev: Device, forward: Callable[..., Cost],
+def training_step(problem: Problem, dtype: str, dev: Device, forward: Callable[..., Cost],
                    keeps_pre: bool) -> Cost:
     """An eager training call (:class:`monarch_kernels.ops._MonarchFwdEager`): the forward keeping ``z``
     (:func:`.triton.monarch.forward_saving`) and, where the path can (``keeps_pre``: two-kernel), an
@@ -650,7 +650,7 @@ def _triton(forward: Callable[..., Cost], keeps_pre: bool) -> Estimator:
         if op == "bwd":
             return _backward(problem, dtype, dev)
         if op == "fwdbwd":
-            return _training_step(problem, dtype, dev, forward, keeps_pre)
+            return training_step(problem, dtype, dev, forward, keeps_pre)
         if op == "bwd_input":
             return _bwd_input(problem, dtype, dev)
         return _bwd_weight(problem, dtype, dev)

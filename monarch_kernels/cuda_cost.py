@@ -232,7 +232,7 @@ def cluster_plan(tokens: int, shape: tuple, n_in: int, n_out: int, dtype: str, s
     if n_in != nb * nb or n_out != nb * nb:
         return None
     pitch = 8 * nb + 8
-    smem = 2 * (4 * CLUSTER_ROWS * pitch + 8 * nb * (nb + 8))
+    smem = 2 * 4 * CLUSTER_ROWS * pitch
     if smem > smem_optin or sms < nb // 8:
         return None
     tiles = -(-tokens // CLUSTER_ROWS)
@@ -240,16 +240,18 @@ def cluster_plan(tokens: int, shape: tuple, n_in: int, n_out: int, dtype: str, s
             "smem": smem}
 
 
-def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> CooperativeKernel:
+def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device, keep: bool = False) -> CooperativeKernel:
     """The cluster form of the resident forward (square Monarch, c = 1, nb = 16/32/64 blocks: clusters of nb / 8
-    CTAs, each holding 8 blocks of each factor: its warps' w1 blocks as register fragments, its 8 w2 blocks in
-    shared memory). Per round of 32-token tiles (one per cluster), the longest of: each CTA's x columns and
-    output columns at its SM's share of HBM (of the SMs whole clusters fill); a DRAM latency plus the next
-    tile's x columns; and on chip, in series, shared-memory traffic (x in, both stages' A fragments, w2's B
-    fragments, the 16-bit scatters of the staging and output buffers at 4-byte slots, the 16-byte pushes read
-    locally and written remotely, the output read back) at ``SMEM_BW_PER_SM``, the mma FLOPs at the SM's share of
+    CTAs, each holding 8 blocks of each factor, one of each per warp as register-held mma B fragments). Per
+    round of 32-token tiles (one per cluster), the longest of: each CTA's x columns and output columns at its
+    SM's share of HBM (of the SMs whole clusters fill); a DRAM latency plus the next tile's x columns; and on
+    chip, in series, shared-memory traffic (x in, both stages' A fragments, the 16-bit scatters of the staging
+    and output buffers at 4-byte slots, the 16-byte pushes read locally and written remotely, the output read
+    back) at ``SMEM_BW_PER_SM``, the mma FLOPs at the SM's share of
     the ``mma`` rate, and one exposed cluster barrier. Before the first round each CTA reads its 1/C of both
-    factors from L2. The output's 16-byte runs cost whole 32-byte sectors in L2 (each written half by two CTAs)."""
+    factors from L2. The output's 16-byte runs cost whole 32-byte sectors in L2 (each written half by two CTAs).
+    ``keep`` (a training forward): each CTA also stores its intermediate columns, read from shared memory with
+    16-byte loads and written to HBM in 1 KiB row runs — the tile's z bytes on both sides of the round."""
     sh, item, T = problem.shape, cm.ITEMSIZE[dtype], problem.tokens
     plan = cluster_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), problem.n_in, problem.n_out, dtype, dev.num_sms)
     if plan is None:
@@ -260,33 +262,49 @@ def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> Cooperati
     io = cm.rows_bytes(T, problem.n_in, item) + cm.rows_bytes(T, problem.n_out, item)
     cols = 8 * nb  # per CTA: 8 blocks of x columns in, 8 · nb output columns out
     x_tile = out_tile = CLUSTER_ROWS * cols * item
+    z_tile = CLUSTER_ROWS * cols * item if keep else 0
+    io += cm.rows_bytes(T, sh.l * sh.r, item) if keep else 0
     share = dev.hbm_bw * dev.mem_eff / sms
-    a_frags = 2 * CLUSTER_ROWS * cols * item  # both stages: each warp its block's 32 x nb
-    b_frags = 8 * nb * nb * item              # w2's 8 blocks (w1's are registers)
+    a_frags = 2 * CLUSTER_ROWS * cols * item  # both stages: each warp its block's 32 x nb (B: registers)
     scatters = 2 * CLUSTER_ROWS * cols * 4    # staging and output buffers, 16-bit stores at 4-byte slots
     pushes = 2 * CLUSTER_ROWS * cols * item   # read here, written in the owner
-    smem = x_tile + a_frags + b_frags + scatters + pushes + out_tile
+    smem = x_tile + a_frags + scatters + pushes + out_tile + z_tile
     flops_tile = 2.0 * 2 * CLUSTER_ROWS * 8 * nb * nb
     on_chip = smem / SMEM_BW_PER_SM + flops_tile / (dev.triton_flops["mma"] / dev.num_sms) + CLUSTER_SYNC_S
-    per_round = max((x_tile + out_tile) / share, DRAM_LATENCY_S + x_tile / share, on_chip)
+    per_round = max((x_tile + out_tile + z_tile) / share, DRAM_LATENCY_S + x_tile / share, on_chip)
     rounds = -(-plan["tiles"] // plan["clusters"])
     startup = (weights / C) / (dev.l2_bw / dev.num_sms) + DRAM_LATENCY_S
     executed = 2.0 * plan["tiles"] * CLUSTER_ROWS * 2 * nb ** 3
     l2 = weights * plan["clusters"] + io + cm.rows_bytes(T, problem.n_out, item)
-    return CooperativeKernel("cuda cluster resident forward", executed, problem.useful_fwd_flops(), weights + io,
+    return CooperativeKernel("cuda cluster resident forward" + (" keeping z" if keep else ""), executed, problem.useful_fwd_flops(), weights + io,
                              l2, dev.triton_flops["mma"], dev.mem_eff, rounds * per_round, startup)
 
 
-def resident_forward(problem: cm.Problem, dtype: str, dev: cm.Device):
+def resident_forward(problem: cm.Problem, dtype: str, dev: cm.Device, keep: bool = False):
     """The kernel the extension's resident forward runs for ``problem`` (as ``resident.cu`` decides: the
-    one-CTA kernel where its plan takes the call, else the cluster kernel), or ``None`` where neither does."""
+    one-CTA kernel where its plan takes the call, else the cluster kernel), or ``None`` where neither does;
+    ``keep``: the training forward that also stores the intermediate (``monarch_fwd_keeping``)."""
     sh = problem.shape
     args = (problem.tokens, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), problem.n_in, problem.n_out, dtype, dev.num_sms)
     if resident_plan(*args) is not None:
-        return resident_kernel(problem, dtype, dev)
+        return resident_kernel(problem, dtype, dev, keep)
     if cluster_plan(*args) is not None:
-        return cluster_kernel(problem, dtype, dev)
+        return cluster_kernel(problem, dtype, dev, keep)
     return None
+
+
+def resident_training_step(problem: cm.Problem, dtype: str, dev: cm.Device) -> cm.Cost:
+    """An eager training call on the ``cuda`` backend where a resident kernel runs the forward
+    (:meth:`.ext.Primitives.monarch_fwd_saving`): that forward keeping ``z``, then the Triton backward on it
+    (:func:`.triton.monarch.backward_epilogue`, priced by :mod:`.cost_model`: ``dw2`` reads ``z``; with an
+    activation the pre-activation is stage 2 of ``z``, not kept). ValueError where no resident kernel runs it."""
+    def forward(p: cm.Problem, d: str, v: cm.Device, keep: bool = False) -> cm.Cost:
+        kernel = resident_forward(p, d, v, keep)
+        if kernel is None:
+            raise ValueError(f"resident_training_step: no resident kernel takes {p.label} ({d})")
+        return cm.Cost([kernel])
+
+    return cm.training_step(problem, dtype, dev, forward, keeps_pre=False)
 
 
 def _fragment_loads(blocks: int, rows: int, width: int, units: int, item: int) -> int:
@@ -300,7 +318,7 @@ def _fragment_loads(blocks: int, rows: int, width: int, units: int, item: int) -
     return touched * RESIDENT_ROWS * width * item + blocks * rows * width * item
 
 
-def resident_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> CooperativeKernel:
+def resident_kernel(problem: cm.Problem, dtype: str, dev: cm.Device, keep: bool = False) -> CooperativeKernel:
     """The resident many-token forward (the extension's default past the decode kernels where its plan takes the
     call; not in ``auto`` until measured). One persistent CTA per SM walks ``ceil(tiles / CTAs)`` rounds of
     16-token tiles; per round the longest of:
@@ -314,7 +332,8 @@ def resident_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> Cooperat
       conservative sum: one CTA of 8 warps overlaps little of the two).
 
     Before the first round, the factors come from L2 at the SM's share of its bandwidth, plus a DRAM latency.
-    Bytes: x and the output once from HBM (factors once, then L2)."""
+    Bytes: x and the output once from HBM (factors once, then L2). ``keep`` (a training forward): the tile's
+    intermediate rows too, read from shared memory and written to HBM with 16-byte accesses."""
     sh, item, T = problem.shape, cm.ITEMSIZE[dtype], problem.tokens
     plan = resident_plan(T, (sh.k, sh.q, sh.p, sh.l, sh.s, sh.r), problem.n_in, problem.n_out, dtype, dev.num_sms)
     if plan is None:
@@ -322,17 +341,19 @@ def resident_kernel(problem: cm.Problem, dtype: str, dev: cm.Device) -> Cooperat
     weights = sh.k * cm.rows_bytes(sh.q, sh.p, item) + sh.l * cm.rows_bytes(sh.s, sh.r, item)
     io = cm.rows_bytes(T, problem.n_in, item) + cm.rows_bytes(T, problem.n_out, item)
     x_tile, out_tile = RESIDENT_ROWS * problem.n_in * item, RESIDENT_ROWS * problem.n_out * item
+    z_tile = RESIDENT_ROWS * sh.k * sh.q * item if keep else 0
+    io += cm.rows_bytes(T, sh.k * sh.q, item) if keep else 0
     share = dev.hbm_bw * dev.mem_eff / dev.num_sms
-    smem = (x_tile + out_tile
+    smem = (x_tile + out_tile + z_tile
             + _fragment_loads(sh.k, sh.q, sh.p, plan["units1"], item) + RESIDENT_ROWS * sh.k * sh.q * 4
             + _fragment_loads(sh.l, sh.s, sh.r, plan["units2"], item) + RESIDENT_ROWS * sh.l * sh.s * 4)
     flops_tile = 2.0 * RESIDENT_ROWS * (sh.k * sh.q * sh.p + sh.l * sh.s * sh.r)
     on_chip = smem / SMEM_BW_PER_SM + flops_tile / (dev.triton_flops["mma"] / dev.num_sms)
-    per_round = max((x_tile + out_tile) / share, DRAM_LATENCY_S + x_tile / share, on_chip)
+    per_round = max((x_tile + out_tile + z_tile) / share, DRAM_LATENCY_S + x_tile / share, on_chip)
     rounds = -(-plan["tiles"] // plan["ctas"])
     startup = weights / (dev.l2_bw / dev.num_sms) + DRAM_LATENCY_S
     executed = flops_tile * plan["tiles"]
-    return CooperativeKernel("cuda resident forward", executed, problem.useful_fwd_flops(), weights + io,
+    return CooperativeKernel("cuda resident forward" + (" keeping z" if keep else ""), executed, problem.useful_fwd_flops(), weights + io,
                              weights * plan["ctas"] + io, dev.triton_flops["mma"], dev.mem_eff,
                              rounds * per_round, startup)
 

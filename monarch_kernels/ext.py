@@ -173,6 +173,18 @@ class Primitives:
         return _ops().monarch_fwd(x, w1, w2, bias, n_out, CODES[activation])
 
     @staticmethod
+    def monarch_fwd_saving(x, w1, w2, bias, n_out, activation="none"):
+        """``(out, z, None)``, the forward of an eager training call. On CUDA, where a resident kernel runs the
+        forward (``csrc/cuda/resident.cuh``, ``cluster_resident.cuh``: fp16/bf16 shapes its plans take) and the
+        Triton backend can run the backward, it also stores the stage-1 intermediate ``z (T, k·q)`` (stage 2's
+        column order, row-major: ``T·k·q`` more bytes written, no recompute later) for
+        :meth:`monarch_bwd_epilogue`; ``z`` is ``None`` elsewhere (the backward then recomputes what it needs)."""
+        if x.device.type == "cuda" and _triton_backward_available(x):
+            out, z = load().monarch_fwd_keeping(x, w1, w2, bias, n_out, CODES[activation])
+            return out, z, None
+        return Primitives.monarch_fwd(x, w1, w2, bias, n_out, activation), None, None
+
+    @staticmethod
     def monarch_bwd_input(g, w1, w2, n_in):
         return _ops().monarch_bwd_input(g, w1, w2, n_in)
 
@@ -189,10 +201,26 @@ class Primitives:
 
     @staticmethod
     def monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True, pre=None):
-        """(dx, dw1, dw2, db) of ``⟨g, act(M x + bias)⟩`` on CPU with an activation: one pass that gets the
-        pre-activation from one stage-2 GEMM per row tile (dx, db and the weight gradients computed even when not
-        wanted). None
-        otherwise (no such kernel on CUDA): the caller composes it. The C++/CUDA backends keep no intermediate."""
+        """(dx, dw1, dw2, db) of ``⟨g, act(M x + bias)⟩``. Given the intermediate ``z`` that
+        :meth:`monarch_fwd_saving` kept (a resident CUDA forward), the Triton backend's backward kernels on it
+        (:func:`monarch_kernels.triton.monarch_bwd_epilogue`: ``dw2`` reads ``z``, an activation's pre-activation
+        is stage 2 of ``z``; this backend's own large-token backward, the tile kernels, is slower). Without ``z``,
+        on CPU with an activation: one pass that gets the pre-activation from one stage-2 GEMM per row tile (dx,
+        db and the weight gradients computed even when not wanted). None otherwise: the caller composes it."""
+        if z is not None:
+            from . import triton as triton_backend
+
+            return triton_backend.monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z, want_dw,
+                                                       pre)
         if x.device.type != "cpu" or activation == "none":
             return None
         return tuple(_ops().monarch_bwd_act(x, g, w1, w2, bias, n_in, CODES[activation]))
+
+
+def _triton_backward_available(x) -> bool:
+    """Whether the Triton backend can run the backward of a call on ``x``'s device and dtype (the reader of a kept
+    intermediate)."""
+    from . import backends
+
+    triton = backends.get("triton")
+    return triton.available and triton.supports(x.device, x.dtype)

@@ -129,7 +129,8 @@ def monarch_fwd_saving(x, w1, w2, bias, n_out: int, activation: str = "none"):
     """:func:`monarch_fwd` that also returns the stage-1 intermediate ``z`` (the ``(l, T, r)`` view stage 2
     read) for :func:`monarch_bwd_epilogue`: ``(out, z, None)`` (no pre-activation kept). Keeping ``z`` costs
     ``T·k·q`` elements of activation memory and saves the backward one ``bmm`` and one copy (fly's choice;
-    Triton keeps its own, the C++/CUDA backends recompute it)."""
+    Triton keeps its own, and so does the CUDA backend where a resident kernel runs the forward; the C++ kernels
+    recompute it)."""
     l, _, r = w2.shape
     z = _stage1(x, w1, l, r)
     return _activate_(activation, _permute_out(_stage2(z, w2), bias, n_out)), z, None

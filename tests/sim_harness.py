@@ -47,8 +47,9 @@ def _raw(t: torch.Tensor) -> bytes:
 
 
 def run_sim(exe, kernel, tmp_path, x, w1, w2, bias=None, n_out=None, act="none", misalign=False, sms=H100_SMS,
-            smem=H100_SMEM):
-    """(plan dict, output tensor or None) of ``kernel`` ("rowsplit" or "resident") on x (any strides)."""
+            smem=H100_SMEM, keep_z=False):
+    """(plan dict, output tensor or None) of ``kernel`` ("rowsplit", "resident" or "cluster") on x (any
+    strides); with ``keep_z`` (the kernel keeps the intermediate) ``(plan, output, z)``, ``z (T, k·q)``."""
     tokens, n_in = x.shape
     (k, q, p), (l, s, r) = w1.shape, w2.shape
     n_out = l * s if n_out is None else n_out
@@ -60,20 +61,30 @@ def run_sim(exe, kernel, tmp_path, x, w1, w2, bias=None, n_out=None, act="none",
     if bias is not None:
         (tmp_path / "bias.bin").write_bytes(_raw(bias))
     args = [kernel, DTYPES[x.dtype], tokens, k, q, p, l, s, r, n_in, n_out, x_ts, x_fs, CODES[act],
-            int(bias is not None), sms, smem, int(misalign)]
+            int(bias is not None), sms, smem, int(misalign), int(keep_z)]
     proc = subprocess.run([exe, *map(str, args), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     plan = json.loads(proc.stdout)
     if not plan["supported"]:
-        return plan, None
-    raw = (tmp_path / "out.bin").read_bytes()
-    out = torch.frombuffer(bytearray(raw), dtype=BITS[x.dtype]).view(x.dtype).reshape(tokens, n_out)
-    return plan, out
+        return (plan, None, None) if keep_z else (plan, None)
+    out = _read(tmp_path / "out.bin", x.dtype, (tokens, n_out))
+    return (plan, out, _read(tmp_path / "z.bin", x.dtype, (tokens, k * q))) if keep_z else (plan, out)
+
+
+def _read(path, dtype, shape) -> torch.Tensor:
+    return torch.frombuffer(bytearray(path.read_bytes()), dtype=BITS[dtype]).view(dtype).reshape(shape)
 
 
 def expected(x, w1, w2, bias, n_out, act):
     d = torch.float64
     return reference.monarch_fwd(x.to(d), w1.to(d), w2.to(d), None if bias is None else bias.to(d), n_out, act)
+
+
+def expected_z(x, w1, w2):
+    """The stage-1 intermediate in stage 2's input order, ``(T, l·r)``: column ``ll·r + rr``, in float64."""
+    d = torch.float64
+    l, _, r = w2.shape
+    return reference._stage1(x.to(d), w1.to(d), l, r).permute(1, 0, 2).reshape(x.shape[0], l * r)
 
 
 def assert_close(out, exp, dtype):

@@ -2,7 +2,9 @@
 
 Each row prices one op at one shape on the Triton path ``auto`` takes (:mod:`monarch_kernels.cost_model`) and,
 for a forward the CUDA extension's resident kernels take, on those (:func:`monarch_kernels.cuda_cost.
-resident_forward`: path ``cuda resident``, one CTA per SM, or ``cuda cluster``, factors spread over a cluster),
+resident_forward`: path ``cuda resident``, one CTA per SM, or ``cuda cluster``, factors spread over a cluster;
+a training step there, ``... + triton bwd``: that forward keeping the intermediate, then the Triton backward on
+it, :func:`monarch_kernels.cuda_cost.resident_training_step`),
 next to dense cuBLAS ``F.linear`` and the torch reference modelled the same way: predicted time, ratios, FLOPs
 executed over useful, HBM and L2 bytes, launches and the share of the copy bandwidth the ideal traffic
 (``x + out + weights``) would imply at the predicted time.
@@ -54,7 +56,7 @@ class ModelRow:
 
 def _resident_takes(T, n_in, n_out, nb, op, dtype="bfloat16") -> bool:
     pr = cm.Problem.linear(T, n_in, n_out, nb)
-    return op == "fwd" and cuda_cost.resident_forward(pr, dtype, cm.H100_SXM) is not None
+    return op in ("fwd", "fwdbwd") and cuda_cost.resident_forward(pr, dtype, cm.H100_SXM) is not None
 
 
 def _row(label, T, n_in, n_out, nb, op, want_dense, want_torch, want_bw, dtype="bfloat16", dev=cm.H100_SXM,
@@ -62,7 +64,11 @@ def _row(label, T, n_in, n_out, nb, op, want_dense, want_torch, want_bw, dtype="
     pr = cm.Problem.linear(T, n_in, n_out, nb)
     if resident:
         kern = cuda_cost.resident_forward(pr, dtype, dev)
-        path, cost = "cuda cluster" if "cluster" in kern.name else "cuda resident", cm.Cost([kern])
+        path = "cuda cluster" if "cluster" in kern.name else "cuda resident"
+        if op == "fwd":
+            cost = cm.Cost([kern])
+        else:
+            path, cost = path + " + triton bwd", cuda_cost.resident_training_step(pr, dtype, dev)
     else:
         path = cm.triton_path(pr)
         cost = cm.estimate("triton", path, op, pr, dtype, dev)
@@ -114,7 +120,7 @@ def mlp_rows(d: int = 768, nb: int = 4, T: int = 16384, dtype: str = "bfloat16",
         if op == "fwdbwd":
             dense = dense + cm.dense("bwd", fc2, dtype, dev) + gelu_bwd + cm.dense("bwd", fc1, dtype, dev)
             # eager training steps: each layer's forward keeps its intermediate, fc1's backward gets the
-            # pre-activation from it through stage 2 (cm._training_step)
+            # pre-activation from it through stage 2 (cm.training_step)
             mon = (cm.estimate("triton", cm.triton_path(fc1), "fwdbwd", fc1, dtype, dev) + gelu_bwd
                    + cm.estimate("triton", cm.triton_path(fc2), "fwdbwd", fc2, dtype, dev))
             # the reference's training step keeps each layer's intermediate (no stage-1 recompute)

@@ -3,8 +3,9 @@
 //
 // out = act(P2·BD(w2)·P1·BD(w1)·x + bias) for square Monarch with c = 1: nb blocks of nb x nb in both factors
 // (n = nb², e.g. 4096 features in 64 blocks). Its factors (2 x 512 KiB of bf16 at 4096) do not fit in one SM,
-// but 1/C of them does, for a cluster of C = nb / 8 CTAs (8 at 4096). CTA c of a cluster owns stage-1 blocks
-// and stage-2 blocks 8c .. 8c + 7, one of each per warp. With c = 1, stage-1 block kk's output column qq is
+// but 1/C of them does, for a cluster of C = nb / 8 CTAs (8 at 4096): CTA c of a cluster owns stage-1 blocks
+// and stage-2 blocks 8c .. 8c + 7, one of each per warp, and each warp holds its two blocks in registers as mma
+// B fragments, loaded once (2 x 64 registers at nb = 64; shared memory then carries activations only). With c = 1, stage-1 block kk's output column qq is
 // stage-2 block qq's input row kk (P1), so a CTA's stage-1 results for one token and one stage-2 block are 8
 // consecutive elements (rr = 8c .. 8c + 7): 16 bytes, pushed into the owning CTA's shared memory through the
 // cluster's distributed shared memory. HBM traffic is x and the output once, as for the one-CTA resident kernel
@@ -12,19 +13,23 @@
 //
 // * x: this CTA's 8 blocks' columns (8·nb contiguous elements per token row) by cp.async into a double buffer,
 //   the next tile's in flight while this one is multiplied;
-// * stage 1 on mma.sync m16n8k16 with the warp's w1 block held in registers as B fragments (loaded once:
-//   64 registers at nb = 64), results rounded to the input dtype into a local staging buffer laid out
+// * stage 1 on mma.sync m16n8k16 with the warp's register-held w1 block, results rounded to the input dtype
+//   into a local staging buffer laid out
 //   [token][qq][8 own blocks], so that each (token, stage-2 block) is one 16-byte chunk;
 // * a cluster barrier (every CTA has read its intermediate buffer for the previous tile: arrived right after
 //   the reads, waited for only here), the 16-byte pushes into the owners' intermediate buffers, and a second
 //   cluster barrier (all pushes landed);
-// * stage 2 from the intermediate and the CTA's 8 w2 blocks in shared memory, bias + activation in fp32, results
+// * stage 2 from the intermediate and the warp's register-held w2 block, bias + activation in fp32, results
 //   written to the consumed x buffer laid out [token][ss][8 own blocks]: output columns ss·nb + 8c .. + 7, i.e.
 //   16-byte global stores (the neighbouring CTA writes the other half of each 32-byte sector).
 //
+// With a.z set (a training forward keeping the intermediate), each CTA also stores its intermediate buffer's
+// rows, once the pushes have landed: columns 8c·nb .. 8c·nb + 8·nb − 1 of z in stage 2's order, 16 bytes per
+// store, before it lets the buffer be overwritten.
+//
 // Clusters walk the tiles (tile = cluster id, += number of clusters). Declines all but: fp16/bf16, k = l = nb,
 // p = q = r = s = nb with nb in {16, 32, 64}, n_in = n_out = nb², aligned unit-stride rows, and the buffers within
-// shared memory (206,848 bytes at nb = 64).
+// shared memory (133,120 bytes at nb = 64).
 //
 // Plain C++ apart from the CUDA builtins below, so tests/cuda_sim runs this very kernel on a CPU (the CTAs of
 // a cluster as concurrent thread groups, distributed shared memory as pointers into each other's buffers).
@@ -51,7 +56,8 @@ struct ClusterPlan {
   const void* w2;
   const void* bias;
   void* out;
-  int64_t x_ts, out_ts, tokens;
+  void* z;  // the kept intermediate, or null
+  int64_t x_ts, out_ts, z_ts, tokens;
   int nb;        // blocks per factor = block side
   int cluster;   // CTAs per cluster (nb / 8)
   int pitch;     // elements per token row of the x, staging and intermediate buffers (8·nb + 8)
@@ -71,12 +77,12 @@ inline bool cluster_plan(const MonarchFwdArgs& a, int itemsize, int sms, int sme
   const int64_t tiles = (a.tokens + kClusterRows - 1) / kClusterRows;
   if (tiles > INT_MAX / 2) return false;
   P = ClusterPlan{};
-  P.x = a.x, P.w1 = a.w1, P.w2 = a.w2, P.bias = a.bias, P.out = a.out;
-  P.x_ts = a.x_ts, P.out_ts = a.out_ts, P.tokens = a.tokens, P.act = a.act;
+  P.x = a.x, P.w1 = a.w1, P.w2 = a.w2, P.bias = a.bias, P.out = a.out, P.z = a.z;
+  P.x_ts = a.x_ts, P.out_ts = a.out_ts, P.z_ts = a.z_ts, P.tokens = a.tokens, P.act = a.act;
   P.nb = static_cast<int>(nb), P.cluster = P.nb / 8;
   P.pitch = 8 * P.nb + 8;
-  // two x buffers, the staging buffer, the intermediate, and 8 w2 blocks in rows of nb + 8
-  const int64_t smem = 2 * (4 * static_cast<int64_t>(kClusterRows) * P.pitch + 8 * nb * (nb + 8));
+  // two x buffers, the staging buffer and the intermediate (the weights are in registers)
+  const int64_t smem = 2 * (4 * static_cast<int64_t>(kClusterRows) * P.pitch);
   if (smem > smem_optin) return false;
   P.smem = static_cast<int>(smem);
   P.tiles = static_cast<int>(tiles);
@@ -155,7 +161,6 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
   const int pitch = P.pitch, buf = kClusterRows * pitch;
   T* const stage = smem + 2 * buf;  // [t][qq][8 own stage-1 blocks]
   T* const z = smem + 3 * buf;      // [t][8 own stage-2 blocks][rr]
-  T* const w2s = smem + 4 * buf;    // [8 own blocks][ss][rr], rows of NB + 8
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
   const unsigned rank = cluster_rank();
   const int own = 8 * static_cast<int>(rank);  // first block of this CTA in both factors
@@ -163,30 +168,32 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
   T* out = static_cast<T*>(P.out);
   const T* bias = static_cast<const T*>(P.bias);
 
-  // this CTA's 8 w2 blocks and the first tile's x columns (one cp.async group); the warp's w1 block as B
-  // fragments in registers: b1[nt][ks] = w1[own + warp][8nt + g][16ks + 2c (+ 8)]
-  stage_rows<T>(w2s, NB + 8, static_cast<const T*>(P.w2) + static_cast<int64_t>(own) * NB * NB, NB, 8 * NB, NB,
-                INT_MAX);
+  // the first tile's x columns (one cp.async group); the warp's w1 and w2 blocks as B fragments in registers:
+  // b1[nt][ks] = w1[own + warp][8nt + g][16ks + 2c (+ 8)], b2 likewise from w2
   int tile = blockIdx.x / P.cluster;
   const int step = gridDim.x / P.cluster;
   stage_rows<T>(smem, pitch, x + static_cast<int64_t>(tile) * kClusterRows * P.x_ts + own * NB, P.x_ts,
                 kClusterRows, 8 * NB, P.tokens - static_cast<int64_t>(tile) * kClusterRows);
   cp_async_commit();
-  uint32_t b1[NT][KS][2];
+  uint32_t b1[NT][KS][2], b2[NT][KS][2];
   {
-    const T* w1 = static_cast<const T*>(P.w1) + static_cast<int64_t>(own + warp) * NB * NB;
+    const int64_t block = static_cast<int64_t>(own + warp) * NB * NB;
+    const T* w1 = static_cast<const T*>(P.w1) + block;
+    const T* w2 = static_cast<const T*>(P.w2) + block;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        const T* row = w1 + (8 * nt + g) * NB + 16 * ks + 2 * c;
-        b1[nt][ks][0] = ldg32(row), b1[nt][ks][1] = ldg32(row + 8);
+        const int at = (8 * nt + g) * NB + 16 * ks + 2 * c;
+        b1[nt][ks][0] = ldg32(w1 + at), b1[nt][ks][1] = ldg32(w1 + at + 8);
+        b2[nt][ks][0] = ldg32(w2 + at), b2[nt][ks][1] = ldg32(w2 + at + 8);
       }
   }
   cluster_arrive();  // pairs with the first tile's wait before its pushes
 
   for (int it = 0; tile < P.tiles; tile += step, ++it) {
     T* const cur = smem + (it & 1) * buf;
+    const int64_t t0 = static_cast<int64_t>(tile) * kClusterRows;
     const int next = tile + step;
     if (next < P.tiles)
       stage_rows<T>(smem + ((it + 1) & 1) * buf, pitch,
@@ -241,17 +248,23 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
         a2[m][ks][0] = lds32(r0 + 16 * ks), a2[m][ks][1] = lds32(r8 + 16 * ks),
         a2[m][ks][2] = lds32(r0 + 16 * ks + 8), a2[m][ks][3] = lds32(r8 + 16 * ks + 8);
     }
+    if (P.z) {  // the kept intermediate: this CTA's columns own·nb .. + 8·nb of each token row, 16 bytes a store
+      T* const kept = static_cast<T*>(P.z) + own * NB;
+      for (int i = threadIdx.x; i < kClusterRows * NB; i += kClusterThreads) {
+        const int t = i / NB, chunk = i - t * NB;
+        if (t0 + t < P.tokens)
+          *reinterpret_cast<uint4*>(kept + (t0 + t) * P.z_ts + 8 * chunk) =
+              *reinterpret_cast<const uint4*>(z + t * pitch + 8 * chunk);
+      }
+    }
     cluster_arrive();  // this CTA's intermediate may be overwritten (waited for before the next pushes)
-    const T* wb = w2s + warp * NB * (NB + 8);
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const T* wrow = wb + (8 * nt + g) * (NB + 8) + 2 * c;
       float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
       for (int ks = 0; ks < KS; ++ks) {
-        const uint32_t b0 = lds32(wrow + 16 * ks), b1v = lds32(wrow + 16 * ks + 8);
-        mma16816<T>(acc[0], a2[0][ks], b0, b1v);
-        mma16816<T>(acc[1], a2[1][ks], b0, b1v);
+        mma16816<T>(acc[0], a2[0][ks], b2[nt][ks][0], b2[nt][ks][1]);
+        mma16816<T>(acc[1], a2[1][ks], b2[nt][ks][0], b2[nt][ks][1]);
       }
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
@@ -268,7 +281,6 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
     __syncthreads();
 
     // output columns ss·nb + own .. + 7 of each token row: one 16-byte store per (t, ss)
-    const int64_t t0 = static_cast<int64_t>(tile) * kClusterRows;
     for (int i = threadIdx.x; i < kClusterRows * NB; i += kClusterThreads) {
       const int t = i / NB, ss = i - t * NB;
       if (t0 + t < P.tokens)

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 
+#include "cuda_ops.h"
 #include "decode.cuh"
 #include "monarch_kernels.cuh"
 
@@ -297,6 +298,31 @@ std::tuple<at::Tensor, at::Tensor> monarch_bwd_weight(const at::Tensor& x, const
 }
 
 }  // namespace
+
+namespace monarch_cuda_ops {
+
+std::tuple<at::Tensor, at::Tensor> monarch_fwd_keeping(const at::Tensor& x, const at::Tensor& w1,
+                                                       const at::Tensor& w2, const std::optional<at::Tensor>& bias,
+                                                       int64_t n_out, int64_t act) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_no_pending_error();
+  if (!few_tokens(x)) {  // the decode kernels keep nothing (at a few tokens the recompute is a decode launch)
+    at::Tensor keep;
+    const at::Tensor w1c = w1.contiguous(), w2c = w2.contiguous();
+    monarch_cuda::MonarchFwdArgs a = fwd_args(x, w1c, w2c, bias_ptr(bias, keep), act, n_out);
+    auto z = at::empty({x.size(0), w1.size(0) * w1.size(1)}, x.options());
+    a.z = z.data_ptr(), a.z_ts = z.size(1);
+    if (monarch_cuda::resident_supported(dtype_of(x), a, x.device().index())) {
+      auto out = at::empty({x.size(0), n_out}, x.options());
+      a.out = out.data_ptr();
+      check(monarch_cuda::resident_run(dtype_of(x), a, x.device().index(), stream()), "resident monarch forward");
+      return {out, z};
+    }
+  }
+  return {monarch_fwd(x, w1, w2, bias, n_out, act), at::Tensor()};
+}
+
+}  // namespace monarch_cuda_ops
 
 TORCH_LIBRARY_IMPL(monarch_kernels_ext, CUDA, m) {
   m.impl("blockdiag_fwd", &blockdiag_fwd);

@@ -66,6 +66,7 @@ inline int rowsplit_log2_lanes(int chunks) {  // lanes per row: chunks rounded u
 // row-split kernel does not take the call (the caller uses the cooperative kernel). `itemsize` 2 or 4.
 inline bool rowsplit_plan(const MonarchFwdArgs& a, int itemsize, int sms, int smem_optin, RowsplitPlan& P) {
   if (a.tokens < 1 || a.tokens > kRowsplitMaxTokens || (itemsize != 2 && itemsize != 4)) return false;
+  if (a.z) return false;  // keeps no intermediate
   if (a.k < 1 || a.q < 1 || a.p < 1 || a.l < 1 || a.s < 1 || a.r < 1) return false;
   if (a.k * a.q != a.l * a.r || a.k * a.q > INT_MAX / 2 || a.l * a.s > INT_MAX / 2 || a.k * a.p > INT_MAX / 2)
     return false;

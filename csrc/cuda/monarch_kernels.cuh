@@ -54,7 +54,9 @@ cudaError_t monarch_fused_dx(DType dt, Mat2 g, Mat3 w1, Mat3 w2, void* dx, int64
 // row-split few-token kernel, decode_rowsplit.cuh; the resident many-token kernels, resident.cuh and
 // cluster_resident.cuh). w1 (k, q, p)
 // and w2 (l, s, r) contiguous, x (tokens, n_in) with strides (x_ts, x_fs), out (tokens, n_out) with row stride
-// out_ts, bias (n_out,) or null; act as in epilogue.cuh.
+// out_ts, bias (n_out,) or null; act as in epilogue.cuh. z, when not null (the resident kernels only; the others
+// decline such a call): the stage-1 intermediate is kept there too, (tokens, k·q) rows of stride z_ts in stage 2's
+// input order (column ll·r + rr), as the backward reads it.
 struct MonarchFwdArgs {
   const void* x;
   int64_t x_ts, x_fs;
@@ -65,6 +67,8 @@ struct MonarchFwdArgs {
   int64_t out_ts;
   int64_t tokens, k, q, p, l, s, r, n_in, n_out;
   int act;
+  void* z = nullptr;
+  int64_t z_ts = 0;
 };
 
 // Which many-token Monarch forward the extension runs past the decode kernels: kManyResident the resident

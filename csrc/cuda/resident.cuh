@@ -24,6 +24,10 @@
 // (n_in ≠ k·p or n_out ≠ l·s), more than kResidentMaxUnits 8-column tiles per warp in a stage (k·q or l·s
 // above 1024), misaligned or non-unit-stride rows, and factors that do not fit in shared memory.
 //
+// With a.z set (a training forward that keeps the intermediate for the backward), each tile's intermediate rows
+// also leave, from the shared-memory buffer stage 2 reads, by 16-byte stores into z (stage 2's column order):
+// T·k·q more bytes written, no more arithmetic.
+//
 // Plain C++ apart from the CUDA builtins below, so tests/cuda_sim runs this very kernel on a CPU (threads for
 // CUDA threads, a warp-collective emulation of mma.sync) against float64 with MONARCH_CUDA_SIM defined.
 #pragma once
@@ -49,7 +53,8 @@ struct ResidentPlan {
   const void* w2;
   const void* bias;
   void* out;
-  int64_t x_ts, out_ts;
+  void* z;  // the kept intermediate, or null
+  int64_t x_ts, out_ts, z_ts;
   int64_t tokens;
   int k, q, p, l, s, r, n_in, n_out, act;
   int w1_pitch, w2_pitch;  // elements per weight row in shared memory (p + 8, r + 8)
@@ -67,11 +72,13 @@ inline int resident_pitch(int n_in, int mid, int n_out) {
 }
 
 // Whether x, w1, w2 and out are 16-byte aligned and x and out have unit-stride rows whose pitch is a multiple of
-// 8 elements and at least their width: rows that cp.async and 16-byte stores can move whole (16-bit dtypes).
+// 8 elements and at least their width: rows that cp.async and 16-byte stores can move whole (16-bit dtypes);
+// the kept intermediate's rows (k·q wide) too, where there is one.
 inline bool rows_vectorizable(const MonarchFwdArgs& a) {
   const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
+  const bool z_ok = !a.z || (aligned(a.z) && a.z_ts % 8 == 0 && a.z_ts >= a.k * a.q);
   return aligned(a.x) && aligned(a.w1) && aligned(a.w2) && aligned(a.out) && a.x_fs == 1 && a.x_ts % 8 == 0 &&
-         a.out_ts % 8 == 0 && a.x_ts >= a.n_in && a.out_ts >= a.n_out;
+         a.out_ts % 8 == 0 && a.x_ts >= a.n_in && a.out_ts >= a.n_out && z_ok;
 }
 
 // Fills P for `a` on a device with `sms` SMs and `smem_optin` bytes of shared memory per block; false when the
@@ -89,8 +96,8 @@ inline bool resident_plan(const MonarchFwdArgs& a, int itemsize, int sms, int sm
   const int64_t tiles = (a.tokens + kResidentRows - 1) / kResidentRows;
   if (tiles > INT_MAX / 2) return false;  // tile + gridDim.x stays in int
   P = ResidentPlan{};
-  P.x = a.x, P.w1 = a.w1, P.w2 = a.w2, P.bias = a.bias, P.out = a.out;
-  P.x_ts = a.x_ts, P.out_ts = a.out_ts, P.tokens = a.tokens;
+  P.x = a.x, P.w1 = a.w1, P.w2 = a.w2, P.bias = a.bias, P.out = a.out, P.z = a.z;
+  P.x_ts = a.x_ts, P.out_ts = a.out_ts, P.z_ts = a.z_ts, P.tokens = a.tokens;
   P.k = static_cast<int>(a.k), P.q = static_cast<int>(a.q), P.p = static_cast<int>(a.p);
   P.l = static_cast<int>(a.l), P.s = static_cast<int>(a.s), P.r = static_cast<int>(a.r);
   P.n_in = static_cast<int>(a.n_in), P.n_out = static_cast<int>(a.n_out), P.act = a.act;
@@ -239,6 +246,7 @@ __global__ void __launch_bounds__(kResidentThreads, 1) resident_kernel(const __g
   float acc[kResidentMaxUnits][4];
   for (int it = 0; tile < P.tiles; tile += gridDim.x, ++it) {
     T* const cur = smem + (it & 1) * buf_elems;
+    const int64_t t0 = static_cast<int64_t>(tile) * kResidentRows;
     const int next = tile + gridDim.x;  // its buffer was last read by the previous tile's stores (barrier below)
     if (next < P.tiles)
       stage_rows<T>(smem + ((it + 1) & 1) * buf_elems, P.pitch, x + static_cast<int64_t>(next) * kResidentRows * P.x_ts,
@@ -267,6 +275,16 @@ __global__ void __launch_bounds__(kResidentThreads, 1) resident_kernel(const __g
       }
     }
     __syncthreads();
+    if (P.z) {  // the kept intermediate: its rows, 16 bytes per thread and step (read beside stage 2's loads)
+      T* const zout = static_cast<T*>(P.z);
+      const int chunks = P.k * P.q / 8;
+      for (int i = threadIdx.x; i < kResidentRows * chunks; i += kResidentThreads) {
+        const int row = i / chunks, col = (i - row * chunks) * 8, lo = col / P.r;
+        if (t0 + row < P.tokens)
+          *reinterpret_cast<uint4*>(zout + (t0 + row) * P.z_ts + col) =
+              unswizzle(*reinterpret_cast<const uint4*>(cur + row * P.pitch + col), (lo >> 1) & 3);
+      }
+    }
 
     // stage 2: v[t][f] = Σ_rr w2[f][rr] · z[t][ll·r + rr], f = ll·s + ss; then bias and activation
     stage_tiles<T>(cur, P.pitch, w2s, P.w2_pitch, P.s, P.r, P.units2, total2, warp, lane, true, acc);
@@ -289,7 +307,6 @@ __global__ void __launch_bounds__(kResidentThreads, 1) resident_kernel(const __g
     __syncthreads();
 
     // the tile's output rows, 16 bytes per thread and step
-    const int64_t t0 = static_cast<int64_t>(tile) * kResidentRows;
     const int chunks = P.n_out / 8;
     for (int i = threadIdx.x; i < kResidentRows * chunks; i += kResidentThreads) {
       const int row = i / chunks, col = (i - row * chunks) * 8;

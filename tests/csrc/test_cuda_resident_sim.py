@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from monarch_kernels import cuda_cost
-from sim_harness import H100_SMEM, H100_SMS, assert_close, build, expected, factors, needs_sim, run_sim
+from sim_harness import (H100_SMEM, H100_SMS, assert_close, build, expected, expected_z, factors, needs_sim,
+                         run_sim)
 
 pytestmark = needs_sim
 
@@ -110,6 +111,25 @@ def test_plan_declines_and_matches_the_cost_model(sim_binary, tmp_path):
     assert not run_sim(sim_binary, "resident", tmp_path, strided, w1, w2)[0]["supported"]
 
 
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[4]], ids=lambda s: "x".join(map(str, s)))
+def test_keeps_the_intermediate(sim_binary, tmp_path, shape):
+    """A training forward (``a.z`` set) stores the intermediate in stage 2's column order (``ll·r + rr``, as the
+    backward reads it) beside an unchanged output: 37 tokens on 2 CTAs (both buffers, a ragged last tile whose
+    rows past the tokens must not be stored); z and out poisoned with NaN before the launch. Shapes with the
+    swizzle key varying inside a row (32 blocks of 32), r = 64 and an odd l = 3."""
+    gen = torch.Generator().manual_seed(7 + sum(shape))
+    k, q, p, l, s, r = shape
+    w1, w2 = factors(*shape, torch.bfloat16, gen)
+    x = torch.randn(37, k * p, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(l * s, generator=gen).to(torch.bfloat16)
+    plan, out, z = run_sim(sim_binary, "resident", tmp_path, x, w1, w2, bias, act="gelu", sms=2, keep_z=True)
+    assert plan["supported"] and plan["ctas"] == 2
+    assert_close(z, expected_z(x, w1, w2), torch.bfloat16)
+    assert_close(out, expected(x, w1, w2, bias, l * s, "gelu"), torch.bfloat16)
+    # the few-token row-split kernel keeps no intermediate: it declines such a call
+    assert not run_sim(sim_binary, "rowsplit", tmp_path, x[:4], w1, w2, keep_z=True)[0]["supported"]
+
+
 # ------------------------------------------------------------------------------------ the cluster form
 
 
@@ -154,7 +174,7 @@ def test_cluster_plan_declines_and_matches_the_cost_model(sim_binary, tmp_path):
     cases = [  # (tokens, (k, q, p, l, s, r), dtype, sms, smem)
         (50, (64,) * 6, bf, H100_SMS, H100_SMEM),
         (50, (64,) * 6, bf, 7, H100_SMEM),           # fewer SMs than a cluster
-        (50, (64,) * 6, bf, H100_SMS, 206848 - 2),   # 4096/64 needs 206,848 bytes
+        (50, (64,) * 6, bf, H100_SMS, 133120 - 2),   # 4096/64 needs 133,120 bytes
         (50, (32,) * 6, bf, H100_SMS, H100_SMEM),
         (50, (32,) * 6, torch.float32, H100_SMS, H100_SMEM),
         (50, (8,) * 6, bf, H100_SMS, H100_SMEM),      # nb = 8
@@ -173,3 +193,16 @@ def test_cluster_plan_declines_and_matches_the_cost_model(sim_binary, tmp_path):
             assert not plan["supported"], (shape, sms, smem, plan)
         else:
             assert plan == {"supported": True, **mirror}, (shape, plan, mirror)
+
+
+@pytest.mark.parametrize("nb", [16, 64])
+def test_cluster_keeps_the_intermediate(sim_binary, tmp_path, nb):
+    """The cluster form with ``a.z`` set: each CTA stores its 8 stage-2 blocks' columns of the intermediate once
+    the pushes have landed — 70 tokens (3 tiles, the last ragged) on 2 clusters, z and out poisoned."""
+    gen = torch.Generator().manual_seed(100 + nb)
+    w1, w2 = factors(*(nb,) * 6, torch.float16, gen)
+    x = torch.randn(70, nb * nb, generator=gen).to(torch.float16)
+    plan, out, z = run_sim(sim_binary, "cluster", tmp_path, x, w1, w2, sms=2 * (nb // 8), keep_z=True)
+    assert plan["supported"] and plan["clusters"] == 2
+    assert_close(z, expected_z(x, w1, w2), torch.float16)
+    assert_close(out, expected(x, w1, w2, None, nb * nb, "none"), torch.float16)

@@ -2,13 +2,14 @@
 // kernel (csrc/cuda/decode_rowsplit.cuh), the resident many-token kernel (csrc/cuda/resident.cuh) or its
 // cluster form for square Monarch (csrc/cuda/cluster_resident.cuh).
 //
-//   fwd_sim KERNEL DTYPE TOKENS K Q P L S R N_IN N_OUT X_TS X_FS ACT HAS_BIAS SMS SMEM_OPTIN MISALIGN DIR
+//   fwd_sim KERNEL DTYPE TOKENS K Q P L S R N_IN N_OUT X_TS X_FS ACT HAS_BIAS SMS SMEM_OPTIN MISALIGN KEEP_Z DIR
 //
 // KERNEL rowsplit, resident or cluster; DTYPE 0 fp32, 1 fp16, 2 bf16. Reads DIR/x.bin (X_TS * (TOKENS - 1) + X_FS *
 // (N_IN - 1) + 1 elements), DIR/w1.bin, DIR/w2.bin and, with HAS_BIAS, DIR/bias.bin, raw little-endian
 // elements. Each operand lives in its own exactly sized heap buffer (an address sanitizer then catches any read
 // past it), shifted by one element when MISALIGN is 1 (no 16-byte vector loads). Prints the plan as one JSON
-// line (or {"supported": false}) and writes DIR/out.bin (TOKENS x N_OUT, poisoned with NaN before the launch).
+// line (or {"supported": false}) and writes DIR/out.bin (TOKENS x N_OUT, poisoned with NaN before the launch);
+// with KEEP_Z 1 the kernel also keeps the intermediate, written to DIR/z.bin (TOKENS x K·Q, poisoned too).
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -97,14 +98,14 @@ bool plan_and_run(const std::string& kernel, int dtype, const monarch_cuda::Mona
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 20) {
+  if (argc != 21) {
     std::fprintf(stderr, "usage: see the header of fwd_main.cpp\n");
     return 2;
   }
   const std::string kernel = argv[1];
-  long long v[17];
-  for (int i = 0; i < 17; ++i) v[i] = std::atoll(argv[i + 2]);
-  const std::string dir = argv[19];
+  long long v[18];
+  for (int i = 0; i < 18; ++i) v[i] = std::atoll(argv[i + 2]);
+  const std::string dir = argv[20];
   const int dtype = static_cast<int>(v[0]);
   const size_t item = dtype == 0 ? 4 : 2, shift = v[16] ? item : 0;
   monarch_cuda::MonarchFwdArgs a{};
@@ -120,11 +121,19 @@ int main(int argc, char** argv) {
   std::fill(out.data, out.data + a.tokens * a.n_out * item, 0xff);  // NaN in every dtype
   a.x = x.data, a.w1 = w1.data, a.w2 = w2.data, a.bias = has_bias ? bias.data : nullptr, a.out = out.data;
   a.out_ts = a.n_out;
+  const bool keep_z = v[17] != 0;
+  const size_t z_bytes = keep_z ? static_cast<size_t>(a.tokens * a.k * a.q) * item : 0;
+  Buffer z(z_bytes, shift);
+  std::fill(z.data, z.data + z_bytes, 0xff);
+  if (keep_z) a.z = z.data, a.z_ts = a.k * a.q;
   if (!plan_and_run(kernel, dtype, a, static_cast<int>(item), static_cast<int>(v[14]), static_cast<int>(v[15]))) {
     std::printf("{\"supported\": false}\n");
     return 0;
   }
   std::ofstream(dir + "/out.bin", std::ios::binary)
       .write(reinterpret_cast<const char*>(out.data), static_cast<std::streamsize>(a.tokens * a.n_out * item));
+  if (keep_z)
+    std::ofstream(dir + "/z.bin", std::ios::binary)
+        .write(reinterpret_cast<const char*>(z.data), static_cast<std::streamsize>(z_bytes));
   return 0;
 }

@@ -97,3 +97,35 @@ def test_eager_path_without_the_weight_gradients_keeps_the_plain_formula():
         (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
         assert rel_err(dx, expected(x.detach(), torch.ones(5, 32, dtype=torch.float64), w1, w2, None, 24, "relu")[0]) < 1e-12
     assert ops._monarch_bwd_epilogue in ops._IMPLS
+
+
+@pytest.mark.skipif("triton" not in BACKENDS or mk.available_backends().get("cpu") != "available",
+                    reason="needs the Triton interpreter and the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("act", ["none", "gelu"])
+def test_extension_hands_a_kept_intermediate_to_the_triton_backward(dtype, act):
+    """The intermediate a resident CUDA forward keeps (``ext.Primitives.monarch_fwd_saving``: row-major, stage 2's
+    column order ``ll·r + rr``, unlike Triton's own token-major one) reaches Triton's backward kernels through the
+    extension's ``monarch_bwd_epilogue``: every gradient against float64, with and without the weight gradients
+    (an activation's pre-activation is stage 2 of ``z``). Run here on the interpreter with ``z`` from the
+    reference; on a GPU ``tests/monarch_kernels/test_cuda_ext.py`` runs the whole step."""
+    from monarch_kernels.ext import Primitives
+
+    gen = torch.Generator().manual_seed(3)
+    w1, w2 = torch.randn(8, 8, 8, generator=gen) / 3, torch.randn(8, 8, 8, generator=gen) / 3  # 64 -> 64, c = 1
+    x, g, bias = torch.randn(40, 64, generator=gen), torch.randn(40, 64, generator=gen), torch.randn(64, generator=gen)
+    z = ref._stage1(x.double(), w1.double(), 8, 8).permute(1, 0, 2).reshape(40, 64)
+    cast = [t.to(dtype) for t in (x, g, w1, w2, bias, z)]
+    want = expected(x, g, w1, w2, bias, 64, act)
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2}[dtype]
+    for want_dx, want_dw in ((True, True), (False, True), (True, False)):
+        got = Primitives.monarch_bwd_epilogue(*cast[:5], 64, act, want_dx, cast[5].contiguous(), want_dw)
+        for a, e, name, wanted in zip(got, want, ("dx", "dw1", "dw2", "db"), (want_dx, want_dw, want_dw, True)):
+            if not wanted:
+                assert a is None, name
+                continue
+            assert a.dtype == dtype and rel_err(a, e) < tol, (name, want_dx, want_dw)
+    xc, _, w1c, w2c, bc, _ = cast
+    out, kept, pre = Primitives.monarch_fwd_saving(xc, w1c, w2c, bc, 64, act)  # CPU: the plain forward, no z
+    assert kept is None and pre is None
+    assert rel_err(out, ref.monarch_fwd(x.double(), w1.double(), w2.double(), bias.double(), 64, act)) < tol

@@ -167,16 +167,16 @@ def test_resident_plan_declines_what_the_kernel_declines():
 def test_cluster_plan_and_price_by_hand():
     """4096 features in 64 blocks, 16384 bf16 tokens, H100: clusters of 8 CTAs (16 of them on 128 SMs), 512
     tiles of 32 tokens, 32 rounds; per round and CTA 32 KiB of x columns in and 32 KiB of output out; on chip
-    (the bound here) the shared-memory bytes, the mma FLOPs and one cluster barrier in series."""
+    (the bound here) the shared-memory bytes (the weights are register fragments), the mma FLOPs and one cluster
+    barrier in series."""
     dev = cm.H100_SXM
     pr = cm.Problem.linear(16384, 4096, 4096, 64)
     plan = cc.cluster_plan(16384, (64,) * 6, 4096, 4096, "bfloat16", dev.num_sms)
-    assert plan == {"cluster": 8, "pitch": 520, "tiles": 512, "clusters": 16,
-                    "smem": 2 * (4 * 32 * 520 + 8 * 64 * 72)}
+    assert plan == {"cluster": 8, "pitch": 520, "tiles": 512, "clusters": 16, "smem": 2 * 4 * 32 * 520}
     k = cc.cluster_kernel(pr, "bfloat16", dev)
     tile = 32 * 512 * 2
     share = dev.hbm_bw * dev.mem_eff / 128
-    smem = tile + 2 * tile + 8 * 64 * 64 * 2 + 2 * 32 * 512 * 4 + 2 * tile + tile
+    smem = tile + 2 * tile + 2 * 32 * 512 * 4 + 2 * tile + tile  # x, A fragments, scatters, pushes, out
     on_chip = smem / cc.SMEM_BW_PER_SM + 2 * 2 * 32 * 8 * 64 ** 2 / (dev.triton_flops["mma"] / 132) + cc.CLUSTER_SYNC_S
     assert on_chip > 2 * tile / share > cc.DRAM_LATENCY_S + tile / share
     assert k.critical_s == pytest.approx(32 * on_chip, rel=1e-12)
@@ -195,3 +195,42 @@ def test_resident_prices_refuse_problems_their_kernels_decline():
         cc.resident_kernel(pr, "bfloat16", cm.H100_SXM)
     with pytest.raises(ValueError, match="cluster resident kernel does not take"):
         cc.cluster_kernel(pr, "bfloat16", cm.H100_SXM)
+
+
+def test_keeping_the_intermediate_prices_its_bytes_by_hand():
+    """A training forward that keeps z: 4096/64 (cluster), each CTA's 32 KiB of intermediate columns more per
+    round through HBM (now the bound: 96 KiB per round) and read from shared memory; 1024/32 (one CTA), 32 KiB
+    more per round. Both write T·k·q elements more to HBM, with the same arithmetic."""
+    dev = cm.H100_SXM
+    pr = cm.Problem.linear(16384, 4096, 4096, 64)
+    plain, kept = cc.cluster_kernel(pr, "bfloat16", dev), cc.cluster_kernel(pr, "bfloat16", dev, keep=True)
+    tile = 32 * 512 * 2
+    share = dev.hbm_bw * dev.mem_eff / 128
+    on_chip = plain.critical_s / 32 + tile / cc.SMEM_BW_PER_SM
+    assert 3 * tile / share > on_chip
+    assert kept.critical_s == pytest.approx(32 * 3 * tile / share, rel=1e-12)
+    assert kept.hbm_bytes == plain.hbm_bytes + 16384 * 4096 * 2 and kept.flops == plain.flops
+    small = cm.Problem.linear(16384, 1024, 1024, 32)
+    plain, kept = cc.resident_kernel(small, "bfloat16", dev), cc.resident_kernel(small, "bfloat16", dev, keep=True)
+    tile = 16 * 1024 * 2
+    assert kept.critical_s == pytest.approx(8 * 3 * tile / (dev.hbm_bw * dev.mem_eff / 132), rel=1e-12)
+    assert kept.hbm_bytes == plain.hbm_bytes + 16384 * 1024 * 2
+    assert "keeping z" in cc.resident_forward(pr, "bfloat16", dev, keep=True).name
+
+
+def test_resident_training_step_is_the_kept_forward_and_the_triton_backward_on_z():
+    """The ``cuda`` training step where a resident kernel runs the forward: that forward keeping z, then exactly
+    the Triton backward with z saved (no stage-1 recompute); with an activation, the pre-activation as stage 2
+    of z (the forward keeps none). Shapes no resident kernel takes raise."""
+    dev = cm.H100_SXM
+    for act in ("none", "gelu"):
+        pr = cm.Problem.linear(16384, 4096, 4096, 64, act)
+        step = cc.resident_training_step(pr, "bfloat16", dev)
+        backward = cm.training_step(pr, "bfloat16", dev, lambda *a, keep=False: cm.Cost(), keeps_pre=False)
+        assert step.kernels[0].name == "cuda cluster resident forward keeping z"
+        assert [k.name for k in step.kernels[1:]] == [k.name for k in backward.kernels]
+        assert not any("recomputed" in k.name for k in step.kernels)
+        assert any(k.name.startswith("pre-activation") for k in step.kernels) == (act == "gelu")
+        assert step.time(dev) == pytest.approx(step.kernels[0].time(dev) + backward.time(dev), rel=1e-12)
+    with pytest.raises(ValueError, match="no resident kernel takes"):
+        cc.resident_training_step(cm.Problem.linear(4096, 768, 3072, 4), "bfloat16", dev)

@@ -227,3 +227,36 @@ def test_resident_forward_matches_float64(dtype, factors):
             assert rel_err(out, tiles.double()) < 2 * tol
     finally:
         torch.use_deterministic_algorithms(previous)
+
+
+@pytest.mark.parametrize("factors", [((32, 32, 32), (32, 32, 32)), ((64, 64, 64), (64, 64, 64))],
+                         ids=["one_cta", "cluster"])
+def test_training_forward_keeps_the_intermediate_for_the_triton_backward(factors):
+    """A training call where a resident kernel runs the forward (``ext.Primitives.monarch_fwd_saving``): it keeps
+    ``z`` (row-major, stage 2's column order) beside the output, and the backward runs Triton's kernels on it —
+    ``z``, the output and every gradient of a bias + GELU step through autograd (``backend="cuda"``) against
+    float64. Few tokens (the decode kernels) and the tile kernels keep nothing."""
+    from monarch_kernels import ext
+
+    if mk.available_backends()["triton"] != "available":
+        pytest.skip("the kept intermediate is read by the Triton backend's backward")
+    gen = torch.Generator().manual_seed(2)
+    sh, w1, w2, b = _scaled_factors(*factors, torch.bfloat16, gen)
+    x = torch.randn(1000, sh.n_in, generator=gen).to("cuda", torch.bfloat16)
+    d = lambda t: t.double()
+    out, z, pre = C.monarch_fwd_saving(x, w1, w2, b, sh.n_out, "gelu")
+    assert pre is None and z is not None and z.shape == (1000, sh.k * sh.q) and z.is_contiguous()
+    want_z = ref._stage1(d(x), d(w1), sh.l, sh.r).permute(1, 0, 2).reshape(1000, -1)
+    assert elem_err(z, want_z) < 2e-2
+    assert elem_err(out, ref.monarch_fwd(d(x), d(w1), d(w2), d(b), sh.n_out, "gelu")) < 2e-2
+    assert C.monarch_fwd_saving(x[:16], w1, w2, b, sh.n_out, "gelu")[1] is None
+    with ext.many_token_kernel("tiles"):
+        assert C.monarch_fwd_saving(x, w1, w2, b, sh.n_out, "gelu")[1] is None
+
+    g = torch.randn(1000, sh.n_out, generator=gen).to("cuda", torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, b)]
+    mk.monarch_linear(*leaves, activation="gelu", backend="cuda").backward(g)
+    gp = activations.backward("gelu", ref.monarch_fwd(d(x), d(w1), d(w2), d(b), sh.n_out, "none"), d(g))
+    want = (*ref.monarch_bwd(d(x), gp, d(w1), d(w2), sh.n_in), gp.sum(0))
+    for name, a, e in zip(("dx", "dw1", "dw2", "db"), leaves, want):
+        assert elem_err(a.grad, e) < 3e-2, name
