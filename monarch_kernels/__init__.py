@@ -6,6 +6,7 @@ Public API::
     monarch_linear(x, w1, w2, bias)  # functional MonarchLinear (ragged sizes, fused bias)
     blockdiag_matmul(x, w)           # BD(w) x
     blockdiag_linear(x, w, bias)     # functional BlockdiagLinear
+    monarch_mlp(x, fc1_w1, fc1_w2, fc2_w1, fc2_w2, b1, b2)  # fc2(act(fc1(x))), hidden layer on chip (Triton)
     monarch_to_dense(w1, w2)         # dense (l·s, k·p) matrix
     project(W, nblocks)              # Frobenius-optimal Monarch factors of a dense W
     available_backends(), use_backend(name), set_backend(name), resolve_backend(op, x, *factors)
@@ -25,6 +26,7 @@ from .ops import (
     blockdiag_matmul,
     monarch_linear,
     monarch_matmul,
+    monarch_mlp,
     monarch_to_dense,
     resolve_backend,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "monarch_factor_shapes",
     "monarch_linear",
     "monarch_matmul",
+    "monarch_mlp",
     "monarch_to_dense",
     "project",
     "register_backend",

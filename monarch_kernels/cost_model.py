@@ -472,6 +472,47 @@ def stage2_store(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_S
     return min(options, key=lambda o: _two_kernel_forward(problem, dtype, dev, keep, o).time(dev))
 
 
+def stage2_from_token_major(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> Cost:
+    """:func:`.triton.monarch.stage2_forward`: stage 2 and the epilogue from a whole token-major intermediate,
+    written as :func:`stage2_store` picks (the grouped P2 store, or token-major and a transposing copy)."""
+    sh, T = problem.shape, problem.tokens
+    token_major = stage2_store(problem, dtype, dev) == "token_major"
+    kern = bd_cost("stage 2 (P2 in a token-major store, epilogue)" if token_major else
+                   "stage 2 (P2 grouped store, epilogue)", T, sh.l, sh.s, sh.r, dtype, dev, out_perm=(sh.s, sh.l),
+                   n_out=problem.n_out, activation=problem.activation != "none", x_token_major=True,
+                   y_token_major=token_major)
+    copy = [_token_major_copy("transpose into the row-major output", T, problem.n_out, dtype, dev)]
+    return Cost([kern] + (copy if token_major else []))
+
+
+def mlp_forward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> Cost:
+    """:func:`.triton.mlp.mlp_forward`, ``fc2(act(fc1(x)))`` with the hidden layer fused: fc1's stage 1
+    (token-major store through P1), fc2's ``w1`` regrouped (one small copy), the hidden-layer kernel and fc2's
+    stage 2 (:func:`stage2_from_token_major`). The hidden-layer kernel executes, per (token tile, fc2 block) of
+    :data:`.plan.MLP_TILE`, ``l1 · ceil(S / block_n)`` chunks of a ``block_m × block_n × r1`` dot (``r1`` padded
+    to ``block_k``) and a ``block_m × q2 × block_n`` one (``q2`` padded to a power of two); it reads fc1's intermediate ``z1`` and writes fc2's ``z2`` once from HBM
+    (token-major: whole sectors), ``z1`` once per fc2 block and both weight slices once per token tile from L2,
+    and runs at the ``wgmma`` rate (kernel audit). ``fc1.activation`` is the one between the layers.
+    ValueError where the fused kernel does not take the pair (:func:`.plan.mlp_fusable`)."""
+    sh1, sh2, T, item = fc1.shape, fc2.shape, fc1.tokens, ITEMSIZE[dtype]
+    if fc2.tokens != T or fc2.n_in != fc1.n_out or not _plan.mlp_fusable(sh1, sh2, fc1.n_in, fc1.n_out, item):
+        raise ValueError(f"mlp_forward: the fused hidden layer does not take {fc1.label} then {fc2.label} ({dtype})")
+    stage1 = bd_cost("fc1 stage 1 (P1 in a token-major store)", T, sh1.k, sh1.q, sh1.p, dtype, dev,
+                     out_perm=(sh1.l, sh1.r), n_in=fc1.n_in, y_token_major=True)
+    w2a, w1b = sh1.l * sh1.s * sh1.r * item, sh2.k * sh2.q * sh2.p * item
+    regroup = _elementwise("fc2 w1 regrouped", [w1b], [w1b], dev)
+    t, S = _plan.MLP_TILE, sh2.p // sh1.l
+    tiles = _plan.cdiv(T, t.block_m)
+    r_pad = _plan.cdiv(sh1.r, t.block_k) * t.block_k
+    flops = 2.0 * tiles * sh2.k * sh1.l * _plan.cdiv(S, t.block_n) * t.block_m * t.block_n * (
+        r_pad + _plan.mlp_block_q(sh2.q))
+    useful = 2.0 * T * (sh1.l * sh1.s * sh1.r + sh2.k * sh2.q * sh2.p)
+    z1, z2 = sectors(T * item, sh1.n_mid), sectors(T * item, sh2.n_mid)
+    hidden = Kernel("fc1 stage 2 + activation + fc2 stage 1 (hidden layer on chip)", flops, useful,
+                    z1 + z2 + w2a + w1b, sh2.k * z1 + tiles * (w2a + w1b) + z2, _tc_rate(dev, t, dtype), dev.mem_eff)
+    return Cost([stage1, regroup, hidden]) + stage2_from_token_major(replace(fc2, activation="none"), dtype, dev)
+
+
 def _fused_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False) -> Cost:
     """The fused square kernel: ``x`` read ``l / group`` times (from L2 after the first), the output through the
     P2 store; ``keep``: the stage-1 intermediate is stored too (token-major runs of the row tile)."""

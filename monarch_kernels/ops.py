@@ -29,9 +29,10 @@ tracked one runs inside a plain ``autograd.Function`` with the same formulas, wh
 implementations directly too. On that route a backend with ``monarch_fwd_saving`` (the torch reference,
 Triton) keeps the stage-1 intermediate for its first-order backward, as fly's ``BlockdiagButterflyMultiply``
 does (``T·k·q`` more elements of activation memory, no stage-1 recompute), and Triton's two-kernel path with
-an activation the pre-activation too (``T·n_out``, as ``nn.GELU`` keeps its input); the C++/CUDA
-backends, and every backend through the custom op (``torch.compile``, profiler, dispatch modes), save only the
-inputs and recompute. A first-order
+an activation the pre-activation too (``T·n_out``, as ``nn.GELU`` keeps its input), and the CUDA backend where
+a resident kernel runs the forward (its backward then runs Triton's kernels on that intermediate); the C++
+backend, the CUDA one elsewhere, and every backend through the custom op (``torch.compile``, profiler, dispatch
+modes), save only the inputs and recompute. A first-order
 backward with an activation runs the backend's ``monarch_bwd_epilogue`` (C++: one pass that gets the
 pre-activation from one stage-2 GEMM per row tile) instead of a forward followed by the backward.
 
@@ -746,6 +747,60 @@ def _dispatch_monarch(x, w1, w2, bias, sh: MonarchShape, n_out: int, act: str, b
     if route == FUNCTION:
         return _MonarchFwdEager.apply(x, w1, w2, bias, n_out, act, name)
     return _call(_monarch_fwd, x, w1, w2, bias, n_out, act, name)
+
+
+def monarch_mlp(
+    x: Tensor,
+    fc1_w1: Tensor,
+    fc1_w2: Tensor,
+    fc2_w1: Tensor,
+    fc2_w2: Tensor,
+    fc1_bias: Optional[Tensor] = None,
+    fc2_bias: Optional[Tensor] = None,
+    *,
+    activation: Optional[str] = "gelu",
+    out_features: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """A Monarch MLP ``fc2(act(fc1(x)))``, the same values as ``monarch_linear(monarch_linear(x, fc1_w1, fc1_w2,
+    fc1_bias, activation=activation), fc2_w1, fc2_w2, fc2_bias, out_features=out_features)``.
+
+    ``x (..., n_in)``; fc1 ``w1 (k1, q1, p1)``, ``w2 (l1, s1, r1)``: ``n_in -> n_h = l1·s1`` (its whole width);
+    fc2 ``w1 (k2, q2, p2)``, ``w2 (l2, s2, r2)``: ``n_h -> out_features`` (default ``l2·s2``), ``n_h ≤ k2·p2``;
+    biases ``(n_h,)`` and ``(out_features,)`` or ``None``; ``activation`` as in :func:`monarch_linear`.
+
+    Where autograd records nothing, outside ``torch.compile``, and the backend chosen for fc1 has a fused MLP
+    forward that takes the shapes (Triton, :mod:`monarch_kernels.triton.mlp`: fp16/bf16, ``n_in = k1·p1``,
+    ``n_h = k2·p2``, ``p2 % l1 == 0``, ``q2 ≤ 256`` — e.g. a GPT-2 MLP 768 → 3072 → 768 with 4 blocks), the hidden
+    activation ``(T, n_h)`` never reaches memory: fc1's stage 2, the bias, the activation and fc2's stage 1 run
+    as one kernel. Everywhere else the two layers run in turn (training calls included: their backward is the
+    layers' own).
+    """
+    fn = "monarch_mlp"
+    check_tensor("x", x, fn)
+    sh1 = check_monarch_factors(fn, fc1_w1, fc1_w2)
+    sh2 = check_monarch_factors(fn, fc2_w1, fc2_w2)
+    check_input_width(fn, x, sh1.n_in, True, f"fc1_w1 of shape {tuple(fc1_w1.shape)}")
+    if sh1.n_out > sh2.n_in:
+        raise ValueError(f"{fn}: fc1's output width l1·s1 = {sh1.n_out} (fc1_w2 of shape {tuple(fc1_w2.shape)}) "
+                         f"exceeds fc2's input width k2·p2 = {sh2.n_in} (fc2_w1 of shape {tuple(fc2_w1.shape)})")
+    n_out = check_out_features(fn, out_features, sh2.n_out)
+    check_same(fn, x, fc1_w1=fc1_w1, fc2_w1=fc2_w1)
+    check_bias(fn, fc1_bias, x, sh1.n_out)
+    check_bias(fn, fc2_bias, x, n_out)
+    act = _check_activation(fn, activation, x)
+    tensors = (x, fc1_w1, fc1_w2, fc2_w1, fc2_w2, fc1_bias, fc2_bias)
+    if _route(*tensors) == DIRECT:
+        block = max(sh1.p, sh1.q, sh1.r, sh1.s)
+        name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], sh1.n_out, block), backend,
+                                False, act)
+        fused = getattr(backends.impl(name), "monarch_mlp_fwd", None)
+        out = None if fused is None else fused(_flat(x), fc1_w1, fc1_w2, fc1_bias, fc2_w1, fc2_w2, fc2_bias, n_out,
+                                               act)
+        if out is not None:
+            return _unflat(out, x.shape[:-1])
+    hidden = _dispatch_monarch(x, fc1_w1, fc1_w2, fc1_bias, sh1, sh1.n_out, act, backend)
+    return _dispatch_monarch(hidden, fc2_w1, fc2_w2, fc2_bias, sh2, n_out, "none", backend)
 
 
 def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -> Tensor:

@@ -80,12 +80,33 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
                                   lambda g=g, w1=w1, w2=w2, n=n_in, p=path: tmon.backward_input(g, w1, w2, n, path=p)))
                 cases.append(Case(f"monarch bwd_weight path={path} {tag}",
                                   lambda x=x, g=g, w1=w1, w2=w2, p=path: tmon.backward_weight(x, g, w1, w2, path=p)))
+            mlp = _mlp_case(T, n_in, n_out, nb, dname, tag)
+            if mlp is not None:
+                cases.append(mlp)
             k, q, p = sh.w1_shape
             gy = meta(T, k * q)
             cases.append(Case(f"blockdiag fwd+wgrad {tag}",
                               lambda x=x, w=w1, gy=gy, k=k, q=q, p=p: (backend.blockdiag_fwd(x, w, None, k * q, "relu"),
                                                                        backend.blockdiag_wgrad(x, gy, k, q, p))))
     return cases
+
+
+def _mlp_case(T: int, n_in: int, n_hidden: int, nb: int, dname: str, tag: str):
+    """The fused MLP (:mod:`monarch_kernels.triton.mlp`) for this layer as fc1 and its transpose-shaped layer as
+    fc2, GELU between (a transformer MLP ``n_in -> n_hidden -> n_in``), where the fused kernel takes the pair."""
+    import torch
+
+    import monarch_kernels as mk
+    from monarch_kernels.triton import mlp
+
+    dtype = getattr(torch, dname)
+    sh1, sh2 = mk.monarch_factor_shapes(n_in, n_hidden, nb), mk.monarch_factor_shapes(n_hidden, n_in, nb)
+    if not mlp.fusable(sh1, sh2, n_in, n_hidden, dtype):
+        return None
+    meta = lambda *s: torch.empty(*s, dtype=dtype, device="meta")
+    return Case(f"monarch mlp fwd bias+gelu (hidden layer fused) {tag}",
+                lambda: mlp.mlp_forward(meta(T, n_in), meta(*sh1.w1_shape), meta(*sh1.w2_shape), meta(n_hidden),
+                                        meta(*sh2.w1_shape), meta(*sh2.w2_shape), meta(n_in), n_in, "gelu"))
 
 
 def _with_plan(fn: Callable[[], object], **values) -> Callable[[], object]:
@@ -106,7 +127,7 @@ def ci_cases() -> list[Case]:
     blocks: two-kernel forward with bias + GELU (the token-major stage 2 and its transposing copy), the chunked
     schedule chained and paired, the fused backward, and a 16-token forward; 1024 with 32 blocks: the fused
     square forward; 768 -> 3072 with 4 blocks: whole-row permuted runs and the gathered
-    multi-K dy), about fifteen compiles."""
+    multi-K dy; the GPT-2 MLP with its hidden layer fused), about fifteen compiles."""
     import torch
 
     import monarch_kernels as mk
@@ -152,6 +173,8 @@ def ci_cases() -> list[Case]:
         # few tokens: 16-row tiles
         Case("monarch fwd T=16 4096 nb=64 bfloat16",
              lambda: tmon.forward(meta(16, 4096), meta(*sh.w1_shape), meta(*sh.w2_shape), None, 4096)),
+        # a GPT-2 MLP with its hidden layer fused (two chained dots, wgmma)
+        _mlp_case(16384, 768, 3072, 4, "bfloat16", "T=16384 768->3072->768 nb=4 bfloat16"),
     ]
 
 

@@ -47,6 +47,7 @@ reads each operand once where the capped tiles re-read them from L2) ``dy``/``dw
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 import triton
@@ -236,6 +237,22 @@ def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, ou
         zc, _ = bd_forward_pair(stage1(i), stage2(i - 1, zc))
     bd_forward(**stage2(len(starts) - 1, zc))
     return out, (z if keep else None), pre
+
+
+def stage2_forward(z, w2, bias, n_out: int, activation: str, sh: MonarchShape, n_in: Optional[int] = None):
+    """``act(P2 BD(w2) z + bias)`` from a whole token-major intermediate ``z (T, l·r)`` into a fresh row-major
+    ``(T, n_out)``: the grouped P2 store, or (where the cost model picks it, as in :func:`_two_kernel_forward`)
+    a token-major store and one transposing copy. ``n_in``: the layer's input width the model prices
+    (default ``k·p``)."""
+    T = z.shape[0]
+    out = _common.empty(T, n_out, device=z.device, dtype=z.dtype)
+    call = dict(bias=bias, n_out=n_out, activation=activation, out_perm=(sh.s, sh.l))
+    if T > 0 and _model_choice("stage2_store", T, sh.n_in if n_in is None else n_in, n_out, sh, z.dtype,
+                               activation) == "token_major":
+        yt = _common.empty_token_major(T, n_out, device=z.device, dtype=z.dtype)
+        copy_into(bd_forward(z, w2, out=yt, **call), out)
+        return out
+    return bd_forward(z, w2, out=out, **call)
 
 
 def forward_saving(x, w1, w2, bias=None, n_out=None, activation="none", *, path="auto"):

@@ -442,3 +442,27 @@ def grouped_ok(nblocks: int, run: int) -> bool:
     ≥ 8 columns (then each block is its own group); power-of-two block counts for groups > 1."""
     return run >= 8 or (is_pow2(run) and is_pow2(nblocks))
 
+
+
+#: the fused MLP hidden layer (:mod:`.mlp`): 128 tokens (``block_m``: the weights are read from L2 once per token
+#: tile), 32-row chunks of the hidden rows (``block_n``), 64-deep steps of fc1's ``r1`` (``block_k``), 16 warps, 2
+#: stages; fc2's ``q2`` padded to a power of two is the fp32 accumulator, at most ``MLP_MAX_Q`` wide. Compiled
+#: offline for sm_90 at the GPT-2 shape (q2 = 192 -> 256; triton 3.9): 128 registers, no spills, ``wgmma``; 64-row
+#: chunks spill 136 B at 16 warps, 128 x 256 at 8 warps takes 254 registers, 64-token tiles at 8 warps 218 (but
+#: read the weights twice as often)
+MLP_TILE = Tile(128, 32, 64, 1, 16, 2)
+MLP_MAX_Q = 256
+
+
+def mlp_fusable(sh1, sh2, n_in: int, n_hidden: int, itemsize: int) -> bool:
+    """Whether the fused MLP hidden layer takes fc1 ``sh1`` (input width ``n_in``) followed by fc2 ``sh2`` with
+    ``n_hidden`` hidden features (both :class:`monarch_kernels.MonarchShape`): 16-bit, no ragged widths (``n_in =
+    k1·p1``, ``n_hidden = l1·s1 = k2·p2``), fc2's blocks made of whole fc1 stage-2 rows (``p2 % l1 == 0``) and
+    ``q2 ≤ MLP_MAX_Q``."""
+    return (itemsize == 2 and n_in == sh1.n_in and n_hidden == sh1.n_out == sh2.n_in and sh2.p % sh1.l == 0
+            and sh2.q <= MLP_MAX_Q)
+
+
+def mlp_block_q(q2: int) -> int:
+    """The fused MLP kernel's accumulator width for fc2's ``q2``: a power of two ≥ 16."""
+    return pow2(q2)

@@ -90,6 +90,8 @@ def permuted_operands(row: dict) -> set:
         return ops
     if name == "_bd_wgrad_kernel":
         return {"G_"} if "G_MODE=1" in cfg else set()
+    if name == "_hidden_kernel":  # the fused MLP stores fc2's stage-1 output through P1
+        return {"Z2"}
     return set()
 
 
@@ -101,7 +103,7 @@ COPY, ACT_GRAD = "_token_major_copy_kernel", "_activation_grad_kernel"
 def test_ci_configs_compile_for_sm90(ci_audit):
     names = {r["kernel"] for r in ci_audit}
     assert {"_bd_fwd_kernel", "_bd_pair_kernel", "_bd_chain_kernel", "_dxw_kernel", "_bd_wgrad_kernel",
-            "_fused_fwd_kernel", COPY, ACT_GRAD} <= names
+            "_fused_fwd_kernel", "_hidden_kernel", COPY, ACT_GRAD} <= names
     assert all(not r["error"] for r in ci_audit), [r["error"] for r in ci_audit if r["error"]]
 
 
@@ -110,6 +112,18 @@ def test_ci_configs_no_spills_and_tensor_cores(ci_audit):
         assert r["spill_bytes"] == 0, (r["kernel"], r["config"], r["spill_bytes"])
         if r["kernel"] not in (COPY, ACT_GRAD):
             assert r["tensor_core"] in ("wgmma", "mma"), (r["kernel"], r["config"])
+
+
+def test_ci_fused_mlp_hidden_layer_on_wgmma_with_16_byte_accesses(ci_audit):
+    """The GPT-2 MLP's fused hidden layer (two chained dots per chunk): wgmma, no spills (checked above), the
+    activations (z1 in, z2 out through P1) and fc2's weights in 16-byte vectors; fc1's weight tile (64 deep x 32
+    rows) spread over 16 warps leaves each thread 4 elements, 8 bytes (a warp still reads two whole 128-byte
+    rows); fc1's bias, indexed through P2, is gathered 2 bytes at a time (a small vector, once per chunk)."""
+    rows = [r for r in ci_audit if r["kernel"] == "_hidden_kernel"]
+    assert rows and all(r["tensor_core"] == "wgmma" for r in rows), rows
+    for r in rows:
+        assert {k: v for k, v in r["loads"].items() if k != "B1"} == {"Z1": "16", "W2A": "8", "W1B": "16"}, r
+        assert r["stores"] == {"Z2": "16"}, r
 
 
 def test_ci_token_major_copy_moves_16_bytes_each_way(ci_audit):

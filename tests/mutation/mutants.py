@@ -32,6 +32,8 @@ ROWSPLIT_SIM = ("tests/csrc/test_cuda_rowsplit_sim.py",)
 RESIDENT = "csrc/cuda/resident.cuh"
 RESIDENT_SIM = ("tests/csrc/test_cuda_resident_sim.py",)
 CLUSTER = "csrc/cuda/cluster_resident.cuh"
+TRITON_MLP = "monarch_kernels/triton/mlp.py"
+MLP_TESTS = ("tests/monarch_kernels/test_mlp.py",)
 
 MUTANTS = [
     # ---------------------------------------------------------------------------------------- Triton
@@ -294,4 +296,16 @@ MUTANTS = [
            "      T* const kept = static_cast<T*>(P.z) + own * 8;",
            "each CTA of a cluster stores its part of the kept intermediate at 8·rank, not 8·rank·nb, columns",
            RESIDENT_SIM),
+    Mutant("triton-mlp-bias-before-p2", TRITON_MLP,
+           "                pre += _load(B1 + (kk * S + rs) * L1 + ll, s_ok, True)[None, :]",
+           "                pre += _load(B1 + ll * S * tl.num_programs(1) + kk * S + rs, s_ok, True)[None, :]",
+           "the fused MLP adds fc1's bias by the hidden row in block order, not by its column after P2", MLP_TESTS),
+    Mutant("triton-mlp-drops-last-s-chunk", TRITON_MLP,
+           "        for s0 in range(0, S, BLOCK_S):",
+           "        for s0 in range(0, S - BLOCK_S, BLOCK_S):",
+           "the fused MLP's loop over 64-row chunks of the hidden rows drops the last chunk", MLP_TESTS),
+    Mutant("triton-mlp-p1-unapplied", TRITON_MLP,
+           "    col = (f % L2) * R2 + f // L2",
+           "    col = f",
+           "fc2's stage-1 output stored in natural order, not through P1 into stage 2's order", MLP_TESTS),
 ]

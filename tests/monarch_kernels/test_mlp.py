@@ -1,0 +1,168 @@
+"""``monarch_kernels.monarch_mlp``: ``fc2(act(fc1(x)))`` with the hidden layer fused on the Triton backend
+(``monarch_kernels/triton/mlp.py``, run here in Triton's interpreter) against the float64 composition of the
+reference, per element, outputs poisoned; the values of the two Triton layers run in turn; the calls it
+does not fuse (and training calls) take the two layers; argument checks."""
+import pytest
+import torch
+
+import monarch_kernels as mk
+from monarch_kernels import reference as ref
+from monarch_kernels.shapes import monarch_factor_shapes
+from conftest import RTOL, rel_err
+
+pytestmark = pytest.mark.skipif(mk.available_backends()["triton"] != "available",
+                                reason="needs the Triton backend (interpreter)")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # fresh allocations start as NaN
+    yield
+    torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused hidden-layer launches (:func:`monarch_kernels.triton.mlp.hidden_layer`)."""
+    from monarch_kernels.triton import mlp
+
+    calls = []
+    original = mlp.hidden_layer
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mlp, "hidden_layer", counting)
+    return calls
+
+
+def mlp_params(n_in, n_h, nb1, nb2, dtype, gen, n_out=None):
+    n_out = n_in if n_out is None else n_out
+    sh1, sh2 = monarch_factor_shapes(n_in, n_h, nb1), monarch_factor_shapes(n_h, n_out, nb2)
+    w = [torch.randn(*sh1.w1_shape, generator=gen) / sh1.p ** 0.5, torch.randn(*sh1.w2_shape, generator=gen) / sh1.r ** 0.5,
+         torch.randn(*sh2.w1_shape, generator=gen) / sh2.p ** 0.5, torch.randn(*sh2.w2_shape, generator=gen) / sh2.r ** 0.5,
+         torch.randn(n_h, generator=gen), torch.randn(n_out, generator=gen)]
+    return [t.to(dtype) for t in w]
+
+
+def expected(x, params, act, n_out):
+    d = [t.double() for t in params]
+    hidden = ref.monarch_fwd(x.double().reshape(-1, x.shape[-1]), d[0], d[1], d[4], d[4].shape[0], act)
+    out = ref.monarch_fwd(hidden, d[2], d[3], d[5][:n_out], n_out, "none")
+    return out.reshape(*x.shape[:-1], n_out)
+
+
+# (n_in, n_h, nblocks of fc1, of fc2): a GPT-2-like MLP at 1/12 width (q2 = 16), q2 = 24 (padded to 32 in the
+# kernel), 2 and 8 blocks, fc1 and fc2 with different block counts (p2 = 128 = 32 · l1), one block in fc2, and
+# every loop of the kernel over more than one chunk, the last one ragged: r1 = 80 (64-wide K steps), S = 80
+# hidden rows per (kk, ll) (64-row chunks), q2 = 80 (padded to 128)
+SHAPES = [(64, 256, 4, 4), (96, 384, 4, 4), (64, 256, 2, 2), (128, 512, 8, 8), (64, 256, 4, 2), (32, 128, 4, 1),
+          (160, 320, 2, 2)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_matches_float64_and_the_layers_in_turn(shape, dtype, fused_calls):
+    """Leading dims with 70 tokens (a ragged last tile of 64) and 1 token; bias + GELU; and the two Triton layers
+    run in turn (the same roundings: the hidden activation rounded to the dtype)."""
+    n_in, n_h, nb1, nb2 = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    params = mlp_params(n_in, n_h, nb1, nb2, dtype, gen)
+    for lead in ((2, 35), (1,)):
+        x = torch.randn(*lead, n_in, generator=gen).to(dtype)
+        out = mk.monarch_mlp(x, *params, activation="gelu", backend="triton")
+        assert out.shape == (*lead, n_in) and out.dtype == dtype
+        assert rel_err(out, expected(x, params, "gelu", n_in)) < 2 * RTOL[dtype]
+        hidden = mk.monarch_linear(x, params[0], params[1], params[4], activation="gelu", backend="triton")
+        layered = mk.monarch_linear(hidden, params[2], params[3], params[5], backend="triton")
+        assert rel_err(out, layered) < RTOL[dtype]  # fp32 sums in another order: not always bit-equal
+    assert len(fused_calls) == 2
+
+
+def test_several_token_tiles(fused_calls):
+    """300 tokens: three 128-token tiles, the last ragged, each with its own programs per fc2 block."""
+    gen = torch.Generator().manual_seed(6)
+    params = mlp_params(160, 320, 2, 2, torch.bfloat16, gen)
+    x = torch.randn(300, 160, generator=gen).to(torch.bfloat16)
+    out = mk.monarch_mlp(x, *params, activation="gelu_tanh", backend="triton")
+    assert rel_err(out, expected(x, params, "gelu_tanh", 160)) < 2 * RTOL[torch.bfloat16]
+    assert fused_calls == [300]
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "gelu_tanh"])
+def test_activations_no_bias_truncated_output_and_strided_input(act, fused_calls):
+    gen = torch.Generator().manual_seed(1)
+    params = mlp_params(64, 256, 4, 4, torch.bfloat16, gen)
+    params[4] = None
+    x = torch.randn(40, 128, generator=gen).to(torch.bfloat16)[:, ::2]  # column stride 2
+    out = mk.monarch_mlp(x, *params[:4], None, params[5][:50], activation=act, out_features=50, backend="triton")
+    want = expected(x, params[:4] + [torch.zeros(256), params[5]], act, 50)
+    assert out.shape == (40, 50) and rel_err(out, want) < 2 * RTOL[torch.bfloat16]
+    assert fused_calls == [40]
+
+
+def test_nan_and_inf_stay_in_their_token_rows(fused_calls):
+    gen = torch.Generator().manual_seed(2)
+    params = mlp_params(64, 256, 4, 4, torch.float16, gen)
+    x = torch.randn(20, 64, generator=gen).to(torch.float16)
+    x[3, 5] = float("nan")
+    x[11, 60] = float("inf")
+    out = mk.monarch_mlp(x, *params, activation="relu", backend="triton")
+    want = expected(x, params, "relu", 64)
+    others = [t for t in range(20) if t not in (3, 11)]
+    assert want[3].isnan().all() and want[others].isfinite().all()
+    assert rel_err(out, want) < 2 * RTOL[torch.float16]
+    assert fused_calls == [20]
+
+
+def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
+    """fp32, an input narrower than fc1's blocks, fc2 blocks that are not whole fc1 stage-2 rows (p2 = 6, l1 = 4),
+    q2 = 320 past the 256-wide accumulator, the torch backend, and a training call (its gradients are the
+    layers' own): the same values as the layers, no fused launch."""
+    gen = torch.Generator().manual_seed(3)
+    bf = torch.bfloat16
+    q2_wide = mlp_params(64, 64, 4, 4, bf, gen)
+    q2_wide[2] = torch.randn(1, 320, 64, generator=gen).to(bf) / 8
+    q2_wide[3] = torch.randn(2, 8, 160, generator=gen).to(bf) / 12
+    q2_wide[5] = torch.randn(16, generator=gen).to(bf)
+    cases = [(mlp_params(64, 256, 4, 4, torch.float32, gen), 64, "triton"),
+             (mlp_params(64, 256, 4, 4, bf, gen), 60, "triton"),
+             (mlp_params(64, 96, 4, 16, bf, gen), 64, "triton"),
+             (q2_wide, 64, "triton"),
+             (mlp_params(64, 256, 4, 4, bf, gen), 64, "torch")]
+    for params, width, backend in cases:
+        x = torch.randn(30, width, generator=gen).to(params[0].dtype)
+        out = mk.monarch_mlp(x, *params, backend=backend)
+        n_out = params[5].shape[0]
+        assert rel_err(out, expected(x, params, "gelu", n_out)) < 2 * RTOL[x.dtype], (width, backend)
+    assert fused_calls == []
+    params = mlp_params(64, 256, 4, 4, bf, gen)
+    x = torch.randn(30, 64, generator=gen).to(bf)
+    leaves = [p.clone().requires_grad_() for p in params]
+    mk.monarch_mlp(x, *leaves, backend="triton").sum().backward()
+    assert fused_calls == []
+    plain = [p.clone().requires_grad_() for p in params]
+    hidden = mk.monarch_linear(x, plain[0], plain[1], plain[4], activation="gelu", backend="triton")
+    mk.monarch_linear(hidden, plain[2], plain[3], plain[5], backend="triton").sum().backward()
+    for a, b in zip(leaves, plain):
+        assert torch.equal(a.grad, b.grad)
+    with torch.no_grad():  # the same parameters without autograd recording: fused
+        mk.monarch_mlp(x, *leaves, backend="triton")
+    assert fused_calls == [30]
+
+
+def test_bad_arguments_name_the_argument():
+    gen = torch.Generator().manual_seed(4)
+    params = mlp_params(64, 256, 4, 4, torch.float32, gen)
+    x = torch.randn(5, 64)
+    small = mlp_params(64, 128, 4, 4, torch.float32, gen)
+    with pytest.raises(ValueError, match="exceeds fc2's input width"):
+        mk.monarch_mlp(x, params[0], params[1], small[2], small[3])
+    with pytest.raises(ValueError, match="bias"):
+        mk.monarch_mlp(x, *params[:4], torch.randn(255), params[5])
+    with pytest.raises(ValueError, match="activation"):
+        mk.monarch_mlp(x, *params, activation="tanh")
+    with pytest.raises(ValueError, match="x"):
+        mk.monarch_mlp(torch.randn(5, 65), *params)
