@@ -472,7 +472,9 @@ def _autotune_cases(ctx: Context, dtype):
 
 def mlp_cases(ctx: Context):
     """GPT-2 MLP ``fc2(gelu(fc1(x)))`` forward and training step: dense vs every fast backend (MonarchLinear
-    semantics through the functional API, GELU fused into fc1's epilogue)."""
+    semantics through the functional API, GELU fused into fc1's epilogue); and, for a backend with a fused MLP
+    forward (Triton's hidden layer on chip, ``mk.monarch_mlp``), that forward (``<backend>_mlp``: its error
+    against float64 per element, and its times; training calls run the layers, timed above)."""
     dtype = torch.float32 if ctx.smoke else torch.bfloat16
     T, d, nb = (8, 64, 4) if ctx.smoke else (16384, 768, 4)
 
@@ -487,6 +489,17 @@ def mlp_cases(ctx: Context):
             variants[b] = (lambda p, b=b: mk.monarch_linear(
                 mk.monarch_linear(x, p[0], p[1], p[2], activation="gelu", backend=b), p[3], p[4], p[5], backend=b), mon)
         row = {"shape": f"MLP T={T} {d}->{4 * d}->{d} nb={nb}", "dtype": DTYPE_NAMES[dtype]}
+        fused = [b for b in _fast_backends(ctx, dtype) if hasattr(mk.backends.impl(b), "monarch_mlp_fwd")]
+        for b in fused:
+            fn = lambda p, b=b: mk.monarch_mlp(x, p[0], p[1], p[3], p[4], p[2], p[5], backend=b)
+            with torch.no_grad():
+                out = fn(mon)
+                if not ctx.dry_run:
+                    w = [t.double() for t in mon]
+                    hidden = ref.monarch_fwd(x.double(), w[0], w[1], w[2], 4 * d, "gelu")
+                    row[f"{b}_mlp_err"] = _sig(element_error(out, ref.monarch_fwd(hidden, w[3], w[4], w[5], d)))
+                row[f"{b}_mlp_fwd_us"] = round(ctx.time_us(lambda: fn(mon)), 1)
+                row[f"{b}_mlp_fwd_device_us"] = round(ctx.device_us(lambda: fn(mon)), 1)
         for name, (fn, params) in variants.items():
             with torch.no_grad():
                 row[f"{name}_fwd_us"] = round(ctx.time_us(lambda: fn(params)), 1)
@@ -503,6 +516,14 @@ def mlp_cases(ctx: Context):
                 for what in ("fwd", "step", "fwd_device", "step_device"):
                     if not ctx.smoke:
                         row[f"{name}_x_dense_{what}"] = round(row[f"dense_{what}_us"] / row[f"{name}_{what}_us"], 2)
+        for b in fused:
+            if not ctx.dry_run and not ctx.smoke:
+                for what in ("fwd", "fwd_device"):
+                    row[f"{b}_mlp_x_dense_{what}"] = round(row[f"dense_{what}_us"] / row[f"{b}_mlp_{what}_us"], 2)
+                dev = cm.device_for(device_name(ctx.device))
+                pred = cm.mlp_forward(cm.Problem.linear(T, d, 4 * d, nb, "gelu"), cm.Problem.linear(T, 4 * d, d, nb),
+                                      DTYPE_NAMES[dtype], dev)
+                row[f"{b}_mlp_pred_us"] = round(pred.time(dev) * 1e6, 1)
         return row
     yield "mlp", run
 

@@ -2,6 +2,8 @@
 
 * :class:`MonarchLinear`, :class:`BlockdiagLinear`: ``nn.Linear`` replacements (``from_dense``/``from_linear``
   project a dense weight, ``to_linear``/``to_dense`` go back), optionally with a fused activation;
+* :class:`MonarchMLP`: a transformer MLP of two Monarch layers whose hidden activation stays on chip in
+  inference (Triton);
 * :func:`monarchify` / :func:`densify`: convert a whole model by module-path patterns
   (:mod:`~monarch_kernels.layers.patterns`), optionally fitted to real activations
   (:mod:`~monarch_kernels.layers.calibrate`), then :func:`distill` towards the dense model;
@@ -25,6 +27,7 @@ from .convert import (
 from .distill import distill
 from .hf import from_pretrained
 from .monarch_linear import MonarchLinear
+from .monarch_mlp import MonarchMLP
 from .structured import StructuredLinear
 from .depthshrinker import (
     BiasMapConv2d,
@@ -48,6 +51,7 @@ __all__ = [
     "FusedActivation",
     "LayerConversion",
     "MonarchLinear",
+    "MonarchMLP",
     "StructuredLinear",
     "dense_view",
     "densify",

@@ -123,6 +123,11 @@ class StructuredLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x (..., in_features)`` -> ``(..., out_features)``: ``act(x Wᵀ + bias)`` with the structured ``W``
         (``act`` the identity unless the layer has an ``activation``)."""
+        return self._forward(*self._op_arguments(x))
+
+    def _op_arguments(self, x: Tensor) -> tuple:
+        """``(x, weights, bias)`` as the op receives them: under autocast all cast to the autocast dtype (the
+        weights as :meth:`_weights` gives them)."""
         if self.backend != "torch":
             _warn_if_reference_only(x.device)
         weights, bias = self._weights(), self.bias
@@ -131,7 +136,7 @@ class StructuredLinear(nn.Module):
             x = x.to(dtype)
             weights = tuple(w.to(dtype) for w in weights)
             bias = bias.to(dtype) if bias is not None else None
-        return self._forward(x, weights, bias)
+        return x, weights, bias
 
     @property
     def param_fraction(self) -> float:

@@ -759,19 +759,22 @@ def monarch_mlp(
     fc2_bias: Optional[Tensor] = None,
     *,
     activation: Optional[str] = "gelu",
+    hidden_features: Optional[int] = None,
     out_features: Optional[int] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """A Monarch MLP ``fc2(act(fc1(x)))``, the same values as ``monarch_linear(monarch_linear(x, fc1_w1, fc1_w2,
-    fc1_bias, activation=activation), fc2_w1, fc2_w2, fc2_bias, out_features=out_features)``.
+    fc1_bias, out_features=hidden_features, activation=activation), fc2_w1, fc2_w2, fc2_bias,
+    out_features=out_features)``.
 
-    ``x (..., n_in)``; fc1 ``w1 (k1, q1, p1)``, ``w2 (l1, s1, r1)``: ``n_in -> n_h = l1·s1`` (its whole width);
-    fc2 ``w1 (k2, q2, p2)``, ``w2 (l2, s2, r2)``: ``n_h -> out_features`` (default ``l2·s2``), ``n_h ≤ k2·p2``;
-    biases ``(n_h,)`` and ``(out_features,)`` or ``None``; ``activation`` as in :func:`monarch_linear`.
+    ``x (..., n_in)``; fc1 ``w1 (k1, q1, p1)``, ``w2 (l1, s1, r1)``: ``n_in -> n_h = hidden_features`` (default
+    ``l1·s1``); fc2 ``w1 (k2, q2, p2)``, ``w2 (l2, s2, r2)``: ``n_h -> out_features`` (default ``l2·s2``),
+    ``n_h ≤ k2·p2``; biases ``(n_h,)`` and ``(out_features,)`` or ``None``; ``activation`` as in
+    :func:`monarch_linear`.
 
     Where autograd records nothing, outside ``torch.compile``, and the backend chosen for fc1 has a fused MLP
     forward that takes the shapes (Triton, :mod:`monarch_kernels.triton.mlp`: fp16/bf16, ``n_in = k1·p1``,
-    ``n_h = k2·p2``, ``p2 % l1 == 0``, ``q2 ≤ 256`` — e.g. a GPT-2 MLP 768 → 3072 → 768 with 4 blocks), the hidden
+    ``n_h = l1·s1 = k2·p2``, ``p2 % l1 == 0``, ``q2 ≤ 256`` — e.g. a GPT-2 MLP 768 → 3072 → 768 with 4 blocks), the hidden
     activation ``(T, n_h)`` never reaches memory: fc1's stage 2, the bias, the activation and fc2's stage 1 run
     as one kernel. Everywhere else the two layers run in turn (training calls included: their backward is the
     layers' own).
@@ -781,25 +784,26 @@ def monarch_mlp(
     sh1 = check_monarch_factors(fn, fc1_w1, fc1_w2)
     sh2 = check_monarch_factors(fn, fc2_w1, fc2_w2)
     check_input_width(fn, x, sh1.n_in, True, f"fc1_w1 of shape {tuple(fc1_w1.shape)}")
-    if sh1.n_out > sh2.n_in:
-        raise ValueError(f"{fn}: fc1's output width l1·s1 = {sh1.n_out} (fc1_w2 of shape {tuple(fc1_w2.shape)}) "
-                         f"exceeds fc2's input width k2·p2 = {sh2.n_in} (fc2_w1 of shape {tuple(fc2_w1.shape)})")
+    n_h = check_out_features(fn, hidden_features, sh1.n_out, "hidden_features")
+    if n_h > sh2.n_in:
+        raise ValueError(f"{fn}: the hidden width {n_h} (fc1_w2 of shape {tuple(fc1_w2.shape)}) exceeds fc2's "
+                         f"input width k2·p2 = {sh2.n_in} (fc2_w1 of shape {tuple(fc2_w1.shape)})")
     n_out = check_out_features(fn, out_features, sh2.n_out)
     check_same(fn, x, fc1_w1=fc1_w1, fc2_w1=fc2_w1)
-    check_bias(fn, fc1_bias, x, sh1.n_out)
+    check_bias(fn, fc1_bias, x, n_h)
     check_bias(fn, fc2_bias, x, n_out)
     act = _check_activation(fn, activation, x)
     tensors = (x, fc1_w1, fc1_w2, fc2_w1, fc2_w2, fc1_bias, fc2_bias)
     if _route(*tensors) == DIRECT:
         block = max(sh1.p, sh1.q, sh1.r, sh1.s)
-        name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], sh1.n_out, block), backend,
+        name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_h, block), backend,
                                 False, act)
         fused = getattr(backends.impl(name), "monarch_mlp_fwd", None)
-        out = None if fused is None else fused(_flat(x), fc1_w1, fc1_w2, fc1_bias, fc2_w1, fc2_w2, fc2_bias, n_out,
-                                               act)
+        out = None if fused is None else fused(_flat(x), fc1_w1, fc1_w2, fc1_bias, fc2_w1, fc2_w2, fc2_bias, n_h,
+                                               n_out, act)
         if out is not None:
             return _unflat(out, x.shape[:-1])
-    hidden = _dispatch_monarch(x, fc1_w1, fc1_w2, fc1_bias, sh1, sh1.n_out, act, backend)
+    hidden = _dispatch_monarch(x, fc1_w1, fc1_w2, fc1_bias, sh1, n_h, act, backend)
     return _dispatch_monarch(hidden, fc2_w1, fc2_w2, fc2_bias, sh2, n_out, "none", backend)
 
 

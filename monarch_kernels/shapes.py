@@ -149,14 +149,15 @@ def check_input_width(fn: str, x: torch.Tensor, full: int, allow_partial: bool, 
     raise ValueError(f"{fn}: x has last dimension {n} but {what} expects shape (..., {full})")
 
 
-def check_out_features(fn: str, out_features, full: int) -> int:
+def check_out_features(fn: str, out_features, full: int, name: str = "out_features") -> int:
+    """An output width (argument ``name``) in ``[1, full]``, ``full`` when ``None``."""
     if out_features is None:
         return full
     if not isinstance(out_features, int) or isinstance(out_features, bool):
-        raise TypeError(f"{fn}: out_features must be an int or None, got {type(out_features).__name__}")
+        raise TypeError(f"{fn}: {name} must be an int or None, got {type(out_features).__name__}")
     if not 1 <= out_features <= full:
         raise ValueError(
-            f"{fn}: out_features={out_features} must lie in [1, {full}] for factors whose padded output "
+            f"{fn}: {name}={out_features} must lie in [1, {full}] for factors whose padded output "
             f"width is {full}"
         )
     return out_features

@@ -37,14 +37,14 @@ def monarch_fwd_saving(x, w1, w2, bias, n_out, activation="none"):
     return forward_saving(x, w1, w2, _bias(bias), n_out, activation)
 
 
-def monarch_mlp_fwd(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out, activation="gelu"):
-    """``fc2(act(fc1(x)))`` with the hidden layer fused (:mod:`.mlp`), or ``None`` where :func:`.mlp.fusable`
-    declines the shapes (the caller runs the two layers)."""
+def monarch_mlp_fwd(x, w1a, w2a, bias1, w1b, w2b, bias2, n_hidden, n_out, activation="gelu"):
+    """``fc2(act(fc1(x)))`` with ``n_hidden`` hidden features and the hidden layer fused (:mod:`.mlp`), or
+    ``None`` where :func:`.mlp.fusable` declines the shapes (the caller runs the two layers)."""
     from ..shapes import MonarchShape
     from .mlp import fusable, mlp_forward
 
     sh1, sh2 = MonarchShape.from_factors(w1a.shape, w2a.shape), MonarchShape.from_factors(w1b.shape, w2b.shape)
-    if not fusable(sh1, sh2, x.shape[1], sh1.n_out, x.dtype):
+    if not fusable(sh1, sh2, x.shape[1], n_hidden, x.dtype):
         return None
     return mlp_forward(x, w1a, w2a, _bias(bias1), w1b, w2b, _bias(bias2), n_out, activation)
 

@@ -4,7 +4,8 @@ import inspect
 
 import pytest
 
-MODULES = ["convert", "calibrate", "distill", "hf", "patterns", "monarch_linear", "blockdiag_linear", "structured"]
+MODULES = ["convert", "calibrate", "distill", "hf", "patterns", "monarch_linear", "monarch_mlp", "blockdiag_linear",
+           "structured"]
 
 
 def _public(module):

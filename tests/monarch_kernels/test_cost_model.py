@@ -347,3 +347,31 @@ def test_problem_uses_monarch_linear_factors():
     pr = cm.Problem.linear(8, 768, 3072, 4)
     assert pr.shape == MonarchShape(4, 192, 192, 4, 768, 192)
     assert not math.isnan(cm.estimate("triton", cm.triton_path(pr), "fwd", pr).time())
+
+
+def test_fused_mlp_forward_priced_by_hand():
+    """GPT-2's MLP (768 -> 3072 -> 768, 4 blocks, GELU), 16384 bf16 tokens: fc1's stage 1, fc2's w1 regrouped,
+    the hidden-layer kernel (128 token tiles x 4 fc2 blocks; per program 4 fc1 blocks x 6 chunks of 32 hidden
+    rows: a 128 x 32 x 192 dot and a 128 x 256 x 32 one, q2 = 192 padded to 256), fc2's stage 2; the hidden
+    activation never in HBM, so the fused forward moves a third of the layers' bytes."""
+    dev = cm.H100_SXM
+    fc1, fc2 = cm.Problem.linear(16384, 768, 3072, 4, "gelu"), cm.Problem.linear(16384, 3072, 768, 4)
+    cost = cm.mlp_forward(fc1, fc2, "bfloat16", dev)
+    names = [k.name for k in cost.kernels]
+    assert names[:3] == ["fc1 stage 1 (P1 in a token-major store)", "fc2 w1 regrouped",
+                         "fc1 stage 2 + activation + fc2 stage 1 (hidden layer on chip)"]
+    assert names[3].startswith("stage 2")
+    hidden = cost.kernels[2]
+    assert hidden.flops == 2.0 * 128 * 4 * 4 * 6 * 128 * 32 * (192 + 256)
+    assert hidden.useful_flops == 2.0 * 16384 * (4 * 768 * 192 + 4 * 192 * 768)
+    z, w = 16384 * 768 * 2, 4 * 768 * 192 * 2  # z1 and z2; each weight factor of the hidden layer
+    assert hidden.hbm_bytes == 2 * z + 2 * w
+    assert hidden.l2_bytes == 4 * z + 128 * 2 * w + z
+    assert hidden.flop_rate == dev.triton_flops["wgmma"]
+    layers = (cm.estimate("triton", cm.triton_path(fc1), "fwd", fc1, "bfloat16", dev)
+              + cm.estimate("triton", cm.triton_path(fc2), "fwd", fc2, "bfloat16", dev))
+    assert cost.hbm_bytes < layers.hbm_bytes / 2 and cost.time(dev) < layers.time(dev)
+    with pytest.raises(ValueError, match="does not take"):
+        cm.mlp_forward(fc1, fc2, "float32", dev)
+    with pytest.raises(ValueError, match="does not take"):  # p2 = 6 is not a multiple of l1 = 4
+        cm.mlp_forward(cm.Problem.linear(64, 64, 96, 4), cm.Problem.linear(64, 96, 64, 16), "bfloat16", dev)

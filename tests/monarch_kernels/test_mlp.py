@@ -148,6 +148,12 @@ def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
     mk.monarch_linear(hidden, plain[2], plain[3], plain[5], backend="triton").sum().backward()
     for a, b in zip(leaves, plain):
         assert torch.equal(a.grad, b.grad)
+    # a hidden width below fc1's blocks (ragged: fc1 truncated, fc2's input zero-padded): the layers in turn
+    out = mk.monarch_mlp(x, *params[:4], params[4][:250], params[5], hidden_features=250, backend="triton")
+    d = [t.double() for t in params]
+    hidden = ref.monarch_fwd(x.double(), d[0], d[1], d[4][:250], 250, "gelu")
+    assert rel_err(out, ref.monarch_fwd(hidden, d[2], d[3], d[5], 64, "none")) < 2 * RTOL[bf]
+    assert fused_calls == []
     with torch.no_grad():  # the same parameters without autograd recording: fused
         mk.monarch_mlp(x, *leaves, backend="triton")
     assert fused_calls == [30]
@@ -160,6 +166,8 @@ def test_bad_arguments_name_the_argument():
     small = mlp_params(64, 128, 4, 4, torch.float32, gen)
     with pytest.raises(ValueError, match="exceeds fc2's input width"):
         mk.monarch_mlp(x, params[0], params[1], small[2], small[3])
+    with pytest.raises(ValueError, match="hidden_features"):
+        mk.monarch_mlp(x, *params, hidden_features=257)
     with pytest.raises(ValueError, match="bias"):
         mk.monarch_mlp(x, *params[:4], torch.randn(255), params[5])
     with pytest.raises(ValueError, match="activation"):
