@@ -772,8 +772,9 @@ def monarch_mlp(
     ``n_h ≤ k2·p2``; biases ``(n_h,)`` and ``(out_features,)`` or ``None``; ``activation`` as in
     :func:`monarch_linear`.
 
-    Where autograd records nothing, outside ``torch.compile``, and the backend chosen for fc1 has a fused MLP
-    forward that takes the shapes (Triton, :mod:`monarch_kernels.triton.mlp`: fp16/bf16, ``n_in = k1·p1``,
+    Where autograd records nothing, outside ``torch.compile``, and the backend in effect (under ``auto`` on a
+    GPU: Triton where the cost model prices the fused call below the two layers on their own picks,
+    :func:`.gpu_dispatch.fused_mlp_wins`) has a fused MLP forward that takes the shapes (Triton, :mod:`monarch_kernels.triton.mlp`: fp16/bf16, ``n_in = k1·p1``,
     ``n_h = l1·s1 = k2·p2``, ``p2 % l1 == 0``, ``q2 ≤ 256`` — e.g. a GPT-2 MLP 768 → 3072 → 768 with 4 blocks), the hidden
     activation ``(T, n_h)`` never reaches memory: fc1's stage 2, the bias, the activation and fc2's stage 1 run
     as one kernel. Everywhere else the two layers run in turn (training calls included: their backward is the
@@ -795,16 +796,37 @@ def monarch_mlp(
     act = _check_activation(fn, activation, x)
     tensors = (x, fc1_w1, fc1_w2, fc2_w1, fc2_w2, fc1_bias, fc2_bias)
     if _route(*tensors) == DIRECT:
-        block = max(sh1.p, sh1.q, sh1.r, sh1.s)
-        name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_h, block), backend,
-                                False, act)
-        fused = getattr(backends.impl(name), "monarch_mlp_fwd", None)
+        name = _mlp_backend(x, sh1, sh2, n_h, n_out, act, backend)
+        fused = None if name is None else getattr(backends.impl(name), "monarch_mlp_fwd", None)
         out = None if fused is None else fused(_flat(x), fc1_w1, fc1_w2, fc1_bias, fc2_w1, fc2_w2, fc2_bias, n_h,
                                                n_out, act)
         if out is not None:
             return _unflat(out, x.shape[:-1])
     hidden = _dispatch_monarch(x, fc1_w1, fc1_w2, fc1_bias, sh1, n_h, act, backend)
     return _dispatch_monarch(hidden, fc2_w1, fc2_w2, fc2_bias, sh2, n_out, "none", backend)
+
+
+def _mlp_backend(x: Tensor, sh1: MonarchShape, sh2: MonarchShape, n_h: int, n_out: int, act: str,
+                 backend: Optional[str]) -> Optional[str]:
+    """The backend whose fused MLP forward :func:`monarch_mlp` tries, ``None`` for the layers in turn: the one
+    requested (``backend=``, :func:`use_backend`, :func:`set_backend`); under ``auto`` on a CUDA device Triton
+    where :func:`.gpu_dispatch.fused_mlp_wins` prices its fused hidden layer below the two layers on the backends
+    ``auto`` picks for them."""
+    requested = backends.get_backend() if backend is None else backend
+    if requested != backends.AUTO:
+        return backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_h, 1), requested)
+    triton = backends.get("triton")
+    if x.device.type != "cuda" or not (triton.available and triton.supports(x.device, x.dtype)):
+        return None
+    from . import cost_model as cm
+    from .gpu_dispatch import fused_mlp_wins
+
+    T = max(_tokens(x), 1)
+    fc1 = cm.Problem(T, x.shape[-1], n_h, sh1, act)
+    fc2 = cm.Problem(T, n_h, n_out, sh2)
+    picks = tuple(backends.resolve("monarch", x.device, x.dtype, (T, p.n_in, p.n_out, max(s.p, s.q, s.r, s.s)), None,
+                                   False, p.activation) for p, s in ((fc1, sh1), (fc2, sh2)))
+    return "triton" if fused_mlp_wins(fc1, fc2, x.dtype, picks) else None
 
 
 def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -> Tensor:

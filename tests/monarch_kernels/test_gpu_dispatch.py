@@ -172,3 +172,22 @@ def test_calls_captured_into_a_cuda_graph_pay_no_host_time(monkeypatch):
         assert gd.fastest("monarch", torch.bfloat16, (16, 2048, 2048, 64), ["triton", "torch"]) == "triton"
     finally:
         gd.device.cache_clear()
+
+
+def test_auto_fuses_the_mlp_where_the_model_prices_it_below_the_layers():
+    """GPT-2's MLP (768 -> 3072 -> 768, 4 blocks, GELU): from a CUDA graph (device time alone) the fused hidden
+    layer beats the two Triton layers at 16K tokens; eager, its host time (two Triton forwards' worth) loses to
+    the layers at 16K tokens (the reference's short host time takes fc2) and wins at 64K; pairs the fused kernel
+    does not take, and fp32, never."""
+    def problems(T):
+        return cm.Problem.linear(T, 768, 3072, 4, "gelu"), cm.Problem.linear(T, 3072, 768, 4)
+
+    fc1, fc2 = problems(16384)
+    assert gd.fused_mlp_wins(fc1, fc2, torch.bfloat16, ("triton", "triton"), eager=False)
+    assert not gd.fused_mlp_wins(fc1, fc2, torch.bfloat16, ("triton", "torch"), eager=True)
+    fused = cm.mlp_forward(fc1, fc2, "bfloat16", gd.device()).time(gd.device())
+    assert fused < 2 * gd.HOST_S[("triton", False)]  # eager: host-bound at 16K tokens
+    assert gd.fused_mlp_wins(*problems(65536), torch.bfloat16, ("triton", "triton"), eager=True)
+    assert not gd.fused_mlp_wins(fc1, fc2, torch.float32, ("triton", "triton"), eager=False)
+    odd = cm.Problem.linear(16384, 64, 96, 4), cm.Problem.linear(16384, 96, 64, 16)  # p2 % l1 != 0
+    assert not gd.fused_mlp_wins(*odd, torch.bfloat16, ("torch", "torch"), eager=False)

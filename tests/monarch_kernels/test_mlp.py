@@ -154,6 +154,8 @@ def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
     hidden = ref.monarch_fwd(x.double(), d[0], d[1], d[4][:250], 250, "gelu")
     assert rel_err(out, ref.monarch_fwd(hidden, d[2], d[3], d[5], 64, "none")) < 2 * RTOL[bf]
     assert fused_calls == []
+    mk.monarch_mlp(x, *params)  # auto on a CPU tensor: the layers (the interpreter is never auto's pick)
+    assert fused_calls == []
     with torch.no_grad():  # the same parameters without autograd recording: fused
         mk.monarch_mlp(x, *leaves, backend="triton")
     assert fused_calls == [30]
