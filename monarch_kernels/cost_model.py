@@ -489,8 +489,8 @@ def mlp_forward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device
     """:func:`.triton.mlp.mlp_forward`, ``fc2(act(fc1(x)))`` with the hidden layer fused: fc1's stage 1
     (token-major store through P1), fc2's ``w1`` regrouped (one small copy), the hidden-layer kernel and fc2's
     stage 2 (:func:`stage2_from_token_major`). The hidden-layer kernel executes, per (token tile, fc2 block) of
-    :data:`.plan.MLP_TILE`, ``l1 · ceil(S / block_n)`` chunks of a ``block_m × block_n × r1`` dot (``r1`` padded
-    to ``block_k``) and a ``block_m × q2 × block_n`` one (``q2`` padded to a power of two); it reads fc1's intermediate ``z1`` and writes fc2's ``z2`` once from HBM
+    :data:`.plan.MLP_TILE`, ``l1 · ceil(S / bs)`` chunks (``bs``: :func:`.plan.mlp_block_s`) of a ``block_m × bs
+    × r1`` dot (``r1`` padded to ``block_k``) and a ``block_m × q2 × bs`` one (``q2`` padded to a power of two); it reads fc1's intermediate ``z1`` and writes fc2's ``z2`` once from HBM
     (token-major: whole sectors), ``z1`` once per fc2 block and both weight slices once per token tile from L2,
     and runs at the ``wgmma`` rate (kernel audit). ``fc1.activation`` is the one between the layers.
     ValueError where the fused kernel does not take the pair (:func:`.plan.mlp_fusable`)."""
@@ -502,10 +502,9 @@ def mlp_forward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device
     w2a, w1b = sh1.l * sh1.s * sh1.r * item, sh2.k * sh2.q * sh2.p * item
     regroup = _elementwise("fc2 w1 regrouped", [w1b], [w1b], dev)
     t, S = _plan.MLP_TILE, sh2.p // sh1.l
-    tiles = _plan.cdiv(T, t.block_m)
+    tiles, bs = _plan.cdiv(T, t.block_m), _plan.mlp_block_s(S)
     r_pad = _plan.cdiv(sh1.r, t.block_k) * t.block_k
-    flops = 2.0 * tiles * sh2.k * sh1.l * _plan.cdiv(S, t.block_n) * t.block_m * t.block_n * (
-        r_pad + _plan.mlp_block_q(sh2.q))
+    flops = 2.0 * tiles * sh2.k * sh1.l * _plan.cdiv(S, bs) * t.block_m * bs * (r_pad + _plan.mlp_block_q(sh2.q))
     useful = 2.0 * T * (sh1.l * sh1.s * sh1.r + sh2.k * sh2.q * sh2.p)
     z1, z2 = sectors(T * item, sh1.n_mid), sectors(T * item, sh2.n_mid)
     hidden = Kernel("fc1 stage 2 + activation + fc2 stage 1 (hidden layer on chip)", flops, useful,

@@ -111,7 +111,7 @@ def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tens
         z1, w2a, bias1 if bias1 is not None else z2, w1v, z2, T, S, r1, sh2.q, l1, sh2.l, sh2.r,
         z1.stride(0), z1.stride(1), *w2a.stride(), *w1v.stride()[:3],
         z2.stride(0), z2.stride(1),
-        HAS_BIAS=bias1 is not None, ACT=ACT_CODES[activation], BLOCK_M=tile.block_m, BLOCK_S=tile.block_n,
+        HAS_BIAS=bias1 is not None, ACT=ACT_CODES[activation], BLOCK_M=tile.block_m, BLOCK_S=_plan.mlp_block_s(S),
         BLOCK_K=tile.block_k, BLOCK_Q=_plan.mlp_block_q(sh2.q), UPCAST=interpreting(), PRECISION=precision(z1.dtype),
         num_warps=tile.num_warps, num_stages=tile.num_stages,
     )

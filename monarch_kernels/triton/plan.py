@@ -445,7 +445,7 @@ def grouped_ok(nblocks: int, run: int) -> bool:
 
 
 #: the fused MLP hidden layer (:mod:`.mlp`): 128 tokens (``block_m``: the weights are read from L2 once per token
-#: tile), 32-row chunks of the hidden rows (``block_n``), 64-deep steps of fc1's ``r1`` (``block_k``), 16 warps, 2
+#: tile), 32-row chunks of the hidden rows (``block_n``; 16 where there are no more: :func:`mlp_block_s`), 64-deep steps of fc1's ``r1`` (``block_k``), 16 warps, 2
 #: stages; fc2's ``q2`` padded to a power of two is the fp32 accumulator, at most ``MLP_MAX_Q`` wide. Compiled
 #: offline for sm_90 at the GPT-2 shape (q2 = 192 -> 256; triton 3.9): 128 registers, no spills, ``wgmma``; 64-row
 #: chunks spill 136 B at 16 warps, 128 x 256 at 8 warps takes 254 registers, 64-token tiles at 8 warps 218 (but
@@ -457,10 +457,17 @@ MLP_MAX_Q = 256
 def mlp_fusable(sh1, sh2, n_in: int, n_hidden: int, itemsize: int) -> bool:
     """Whether the fused MLP hidden layer takes fc1 ``sh1`` (input width ``n_in``) followed by fc2 ``sh2`` with
     ``n_hidden`` hidden features (both :class:`monarch_kernels.MonarchShape`): 16-bit, no ragged widths (``n_in =
-    k1·p1``, ``n_hidden = l1·s1 = k2·p2``), fc2's blocks made of whole fc1 stage-2 rows (``p2 % l1 == 0``) and
-    ``q2 ≤ MLP_MAX_Q``."""
+    k1·p1``, ``n_hidden = l1·s1 = k2·p2``), fc2's blocks made of whole fc1 stage-2 rows (``p2 % l1 == 0``), at
+    least 16 of them per fc1 block (``S = p2 / l1 ≥ 16``: a chunk is a dot's contraction; square layers with many
+    blocks have ``S = 1`` and would waste most of each chunk) and ``q2 ≤ MLP_MAX_Q``."""
     return (itemsize == 2 and n_in == sh1.n_in and n_hidden == sh1.n_out == sh2.n_in and sh2.p % sh1.l == 0
-            and sh2.q <= MLP_MAX_Q)
+            and sh2.p // sh1.l >= 16 and sh2.q <= MLP_MAX_Q)
+
+
+def mlp_block_s(S: int) -> int:
+    """Hidden rows per chunk of the fused MLP kernel for ``S`` rows per (fc2 block, fc1 block): 16 up to 16,
+    else ``MLP_TILE.block_n``."""
+    return 16 if S <= 16 else MLP_TILE.block_n
 
 
 def mlp_block_q(q2: int) -> int:

@@ -54,11 +54,11 @@ def expected(x, params, act, n_out):
     return out.reshape(*x.shape[:-1], n_out)
 
 
-# (n_in, n_h, nblocks of fc1, of fc2): a GPT-2-like MLP at 1/12 width (q2 = 16), q2 = 24 (padded to 32 in the
-# kernel), 2 and 8 blocks, fc1 and fc2 with different block counts (p2 = 128 = 32 · l1), one block in fc2, and
-# every loop of the kernel over more than one chunk, the last one ragged: r1 = 80 (64-wide K steps), S = 80
-# hidden rows per (kk, ll) (64-row chunks), q2 = 80 (padded to 128)
-SHAPES = [(64, 256, 4, 4), (96, 384, 4, 4), (64, 256, 2, 2), (128, 512, 8, 8), (64, 256, 4, 2), (32, 128, 4, 1),
+# (n_in, n_h, nblocks of fc1, of fc2): a GPT-2-like MLP at 1/12 width (q2 = 16, S = 16 hidden rows per (fc2
+# block, fc1 block): one 16-row chunk), q2 = S = 24 (padded to 32 in the kernel), 2 and 8 blocks, fc1 and fc2
+# with different block counts (p2 = 128 = 32 · l1), one block in fc2, and every loop of the kernel over more
+# than one chunk, the last one ragged: r1 = 80 (64-wide K steps), S = 80 (32-row chunks), q2 = 80 (padded to 128)
+SHAPES = [(64, 256, 4, 4), (96, 384, 4, 4), (64, 256, 2, 2), (256, 1024, 8, 8), (64, 256, 4, 2), (32, 128, 4, 1),
           (160, 320, 2, 2)]
 
 
@@ -119,8 +119,9 @@ def test_nan_and_inf_stay_in_their_token_rows(fused_calls):
 
 def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
     """fp32, an input narrower than fc1's blocks, fc2 blocks that are not whole fc1 stage-2 rows (p2 = 6, l1 = 4),
-    q2 = 320 past the 256-wide accumulator, the torch backend, and a training call (its gradients are the
-    layers' own): the same values as the layers, no fused launch."""
+    fewer than 16 of them per fc1 block (square 256-wide layers in 16 blocks: S = 1), q2 = 320 past the 256-wide
+    accumulator, the torch backend, and a training call (its gradients are the layers' own): the same values as
+    the layers, no fused launch."""
     gen = torch.Generator().manual_seed(3)
     bf = torch.bfloat16
     q2_wide = mlp_params(64, 64, 4, 4, bf, gen)
@@ -130,6 +131,7 @@ def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
     cases = [(mlp_params(64, 256, 4, 4, torch.float32, gen), 64, "triton"),
              (mlp_params(64, 256, 4, 4, bf, gen), 60, "triton"),
              (mlp_params(64, 96, 4, 16, bf, gen), 64, "triton"),
+             (mlp_params(256, 256, 16, 16, bf, gen), 256, "triton"),
              (q2_wide, 64, "triton"),
              (mlp_params(64, 256, 4, 4, bf, gen), 64, "torch")]
     for params, width, backend in cases:
