@@ -178,3 +178,25 @@ def test_bad_arguments_name_the_argument():
         mk.monarch_mlp(x, *params, activation="tanh")
     with pytest.raises(ValueError, match="x"):
         mk.monarch_mlp(torch.randn(5, 65), *params)
+
+
+def test_auto_on_a_gpu_fuses_where_the_rule_says(monkeypatch):
+    """``auto`` for a CUDA tensor (a stand-in with its device, dtype and shape; the rule needs nothing else):
+    the fused Triton forward where :func:`monarch_kernels.gpu_dispatch.fused_mlp_wins` prices it below the two
+    layers — GPT-2's MLP eager at 65536 tokens, not at 16384 (host time); a requested backend is kept."""
+    from monarch_kernels import ops
+
+    class Cuda:
+        device, dtype = torch.device("cuda"), torch.bfloat16
+
+        def __init__(self, tokens, width):
+            self.shape = (tokens, width)
+
+        def numel(self):
+            return self.shape[0] * self.shape[1]
+
+    sh1, sh2 = monarch_factor_shapes(768, 3072, 4), monarch_factor_shapes(3072, 768, 4)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert ops._mlp_backend(Cuda(65536, 768), sh1, sh2, 3072, 768, "gelu", None) == "triton"
+    assert ops._mlp_backend(Cuda(16384, 768), sh1, sh2, 3072, 768, "gelu", None) is None
+    assert ops._mlp_backend(Cuda(16384, 768), sh1, sh2, 3072, 768, "gelu", "triton") == "triton"
