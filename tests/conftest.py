@@ -96,3 +96,13 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"{'op':<20}" + "".join(f"{b:>10}" for b in backends))
     for op in sorted({o for o, _ in counts}):
         terminalreporter.write_line(f"{op:<20}" + "".join(f"{counts[(op, b)]:>10}" for b in backends))
+
+
+@pytest.fixture
+def poisoned_allocations():
+    """Within the test, fresh tensor allocations start as NaN (``torch.use_deterministic_algorithms``'s memory
+    fill): a kernel that leaves an output element unwritten fails the comparison."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(previous)

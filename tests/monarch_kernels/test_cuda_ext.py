@@ -18,12 +18,7 @@ SHAPES = [((4, 192, 192), (4, 768, 192)), ((4, 192, 768), (4, 192, 192)), ((32, 
           ((4, 5, 8), (4, 6, 5)), ((2, 160, 40), (2, 90, 160))]
 
 
-@pytest.fixture(autouse=True)
-def poisoned_allocations():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)  # fresh allocations start as NaN
-    yield
-    torch.use_deterministic_algorithms(previous)
+pytestmark = pytest.mark.usefixtures("poisoned_allocations")  # fresh outputs start as NaN
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -10,16 +10,9 @@ from monarch_kernels import reference as ref
 from monarch_kernels.shapes import monarch_factor_shapes
 from conftest import RTOL, rel_err
 
-pytestmark = pytest.mark.skipif(mk.available_backends()["triton"] != "available",
-                                reason="needs the Triton backend (interpreter)")
-
-
-@pytest.fixture(autouse=True)
-def poisoned_allocations():
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)  # fresh allocations start as NaN
-    yield
-    torch.use_deterministic_algorithms(previous)
+pytestmark = [pytest.mark.skipif(mk.available_backends()["triton"] != "available",
+                                 reason="needs the Triton backend (interpreter)"),
+              pytest.mark.usefixtures("poisoned_allocations")]  # fresh outputs start as NaN
 
 
 @pytest.fixture
