@@ -774,10 +774,11 @@ def monarch_mlp(
 
     Where autograd records nothing, outside ``torch.compile``, and the backend in effect (under ``auto`` on a
     GPU: Triton where the cost model prices the fused call below the two layers on their own picks,
-    :func:`.gpu_dispatch.fused_mlp_wins`) has a fused MLP forward that takes the shapes (Triton, :mod:`monarch_kernels.triton.mlp`: fp16/bf16, ``n_in = k1·p1``,
-    ``n_h = l1·s1 = k2·p2``, ``p2 % l1 == 0``, ``q2 ≤ 256`` — e.g. a GPT-2 MLP 768 → 3072 → 768 with 4 blocks), the hidden
-    activation ``(T, n_h)`` never reaches memory: fc1's stage 2, the bias, the activation and fc2's stage 1 run
-    as one kernel. Everywhere else the two layers run in turn (training calls included: their backward is the
+    :func:`.gpu_dispatch.fused_mlp_wins`) has a fused MLP forward that takes the shapes (Triton,
+    :mod:`monarch_kernels.triton.mlp`: fp16/bf16, ``n_in = k1·p1``, ``n_h = l1·s1 = k2·p2``, ``p2 % l1 == 0``
+    with ``p2 / l1 ≥ 16``, ``q2 ≤ 256`` — e.g. a GPT-2 MLP 768 → 3072 → 768 with 4 blocks), the hidden activation
+    ``(T, n_h)`` never reaches memory: fc1's stage 2, the bias, the activation and fc2's stage 1 run as one
+    kernel. Everywhere else the two layers run in turn (training calls included: their backward is the
     layers' own).
     """
     fn = "monarch_mlp"
@@ -813,7 +814,7 @@ def _mlp_backend(x: Tensor, sh1: MonarchShape, sh2: MonarchShape, n_h: int, n_ou
     where :func:`.gpu_dispatch.fused_mlp_wins` prices its fused hidden layer below the two layers on the backends
     ``auto`` picks for them."""
     requested = backends.get_backend() if backend is None else backend
-    if requested != backends.AUTO:
+    if requested != backends.AUTO:  # checked as for any call (available, supports the tensors); no rule runs
         return backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_h, 1), requested)
     triton = backends.get("triton")
     if x.device.type != "cuda" or not (triton.available and triton.supports(x.device, x.dtype)):

@@ -47,7 +47,7 @@ def fusable(sh1: MonarchShape, sh2: MonarchShape, n_in: int, n_hidden: int, dtyp
     """Whether :func:`mlp_forward` runs the fused hidden layer for fc1 ``sh1`` (input width ``n_in``) and fc2
     ``sh2`` with ``n_hidden`` hidden features (:func:`.plan.mlp_fusable`: fp16/bf16, no ragged widths, ``p2 % l1
     == 0``, ``q2 ≤ 256``)."""
-    return dtype.itemsize == 2 and not dtype.is_complex and _plan.mlp_fusable(sh1, sh2, n_in, n_hidden, 2)
+    return dtype in (torch.float16, torch.bfloat16) and _plan.mlp_fusable(sh1, sh2, n_in, n_hidden, 2)
 
 
 @triton.jit
@@ -98,7 +98,7 @@ def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tens
     (module docstring); the hidden activation stays in registers. fc2's ``w1b`` is regrouped once per call (a
     copy of its ``k2·q2·p2`` elements) so that every weight load is a unit-stride run."""
     T = z1.shape[0]
-    l1, s1, r1 = w2a.shape
+    l1, _, r1 = w2a.shape
     S = sh2.p // l1
     z2 = _common.empty_token_major(T, sh2.n_mid, device=z1.device, dtype=z1.dtype)
     if T == 0:
