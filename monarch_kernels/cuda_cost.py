@@ -214,9 +214,8 @@ def resident_plan(tokens: int, shape: tuple, n_in: int, n_out: int, dtype: str, 
             "smem": smem}
 
 
-#: cluster kernel (csrc/cuda/cluster_resident.cuh): tokens per tile, block sides it takes; the exposed cost of
-#: one cluster barrier (s; assumed: the kernel overlaps one of its two per tile with work, not the other)
-CLUSTER_ROWS, CLUSTER_BLOCKS, CLUSTER_SYNC_S = 32, (16, 32, 64), 0.5e-6
+#: cluster kernel (csrc/cuda/cluster_resident.cuh): tokens per tile, block sides it takes
+CLUSTER_ROWS, CLUSTER_BLOCKS = 32, (16, 32, 64)
 
 
 def cluster_plan(tokens: int, shape: tuple, n_in: int, n_out: int, dtype: str, sms: int = cm.H100_SXM.num_sms,
@@ -232,7 +231,7 @@ def cluster_plan(tokens: int, shape: tuple, n_in: int, n_out: int, dtype: str, s
     if n_in != nb * nb or n_out != nb * nb:
         return None
     pitch = 8 * nb + 8
-    smem = 2 * 4 * CLUSTER_ROWS * pitch
+    smem = 2 * 6 * CLUSTER_ROWS * pitch
     if smem > smem_optin or sms < nb // 8:
         return None
     tiles = -(-tokens // CLUSTER_ROWS)
@@ -248,7 +247,8 @@ def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device, keep: bool =
     chip, in series, shared-memory traffic (x in, both stages' A fragments, the 16-bit scatters of the staging
     and output buffers at 4-byte slots, the 16-byte pushes read locally and written remotely, the output read
     back) at ``SMEM_BW_PER_SM``, the mma FLOPs at the SM's share of
-    the ``mma`` rate, and one exposed cluster barrier. Before the first round each CTA reads its 1/C of both
+    the ``mma`` rate (the one cluster barrier per tile resolves behind stage 2 of the previous tile and stage 1
+    of the next: not on the path). Before the first round each CTA reads its 1/C of both
     factors from L2. The output's 16-byte runs cost whole 32-byte sectors in L2 (each written half by two CTAs).
     ``keep`` (a training forward): each CTA also stores its intermediate columns, read from shared memory with
     16-byte loads and written to HBM in 1 KiB row runs — the tile's z bytes on both sides of the round."""
@@ -270,7 +270,7 @@ def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device, keep: bool =
     pushes = 2 * CLUSTER_ROWS * cols * item   # read here, written in the owner
     smem = x_tile + a_frags + scatters + pushes + out_tile + z_tile
     flops_tile = 2.0 * 2 * CLUSTER_ROWS * 8 * nb * nb
-    on_chip = smem / SMEM_BW_PER_SM + flops_tile / (dev.triton_flops["mma"] / dev.num_sms) + CLUSTER_SYNC_S
+    on_chip = smem / SMEM_BW_PER_SM + flops_tile / (dev.triton_flops["mma"] / dev.num_sms)
     per_round = max((x_tile + out_tile + z_tile) / share, DRAM_LATENCY_S + x_tile / share, on_chip)
     rounds = -(-plan["tiles"] // plan["clusters"])
     startup = (weights / C) / (dev.l2_bw / dev.num_sms) + DRAM_LATENCY_S

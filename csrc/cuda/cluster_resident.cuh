@@ -5,31 +5,34 @@
 // (n = nb², e.g. 4096 features in 64 blocks). Its factors (2 x 512 KiB of bf16 at 4096) do not fit in one SM,
 // but 1/C of them does, for a cluster of C = nb / 8 CTAs (8 at 4096): CTA c of a cluster owns stage-1 blocks
 // and stage-2 blocks 8c .. 8c + 7, one of each per warp, and each warp holds its two blocks in registers as mma
-// B fragments, loaded once (2 x 64 registers at nb = 64; shared memory then carries activations only). With c = 1, stage-1 block kk's output column qq is
-// stage-2 block qq's input row kk (P1), so a CTA's stage-1 results for one token and one stage-2 block are 8
+// B fragments, loaded once (2 x 64 registers at nb = 64; shared memory then carries activations only). With
+// c = 1, stage-1 block kk's output column qq is stage-2 block qq's input row kk (P1), so a CTA's stage-1 results
+// for one token and one stage-2 block are 8
 // consecutive elements (rr = 8c .. 8c + 7): 16 bytes, pushed into the owning CTA's shared memory through the
 // cluster's distributed shared memory. HBM traffic is x and the output once, as for the one-CTA resident kernel
 // (resident.cuh), and the intermediate never leaves the cluster. Per 32-token tile (two mma row tiles):
 //
 // * x: this CTA's 8 blocks' columns (8·nb contiguous elements per token row) by cp.async into a double buffer,
-//   the next tile's in flight while this one is multiplied;
+//   issued two tiles ahead;
 // * stage 1 on mma.sync m16n8k16 with the warp's register-held w1 block, results rounded to the input dtype
-//   into a local staging buffer laid out
-//   [token][qq][8 own blocks], so that each (token, stage-2 block) is one 16-byte chunk;
-// * a cluster barrier (every CTA has read its intermediate buffer for the previous tile: arrived right after
-//   the reads, waited for only here), the 16-byte pushes into the owners' intermediate buffers, and a second
-//   cluster barrier (all pushes landed);
+//   into a local staging buffer laid out [token][qq][8 own blocks], so that each (token, stage-2 block) is one
+//   16-byte chunk;
+// * the 16-byte pushes into the owners' intermediate buffers (three, used in turn), then a cluster barrier
+//   (arrive now, wait only before the next tile's pushes: stage 2 of the previous tile and stage 1 of the next
+//   run while it resolves);
 // * stage 2 from the intermediate and the warp's register-held w2 block, bias + activation in fp32, results
-//   written to the consumed x buffer laid out [token][ss][8 own blocks]: output columns ss·nb + 8c .. + 7, i.e.
+//   written to the staging buffer laid out [token][ss][8 own blocks]: output columns ss·nb + 8c .. + 7, i.e.
 //   16-byte global stores (the neighbouring CTA writes the other half of each 32-byte sector).
 //
 // With a.z set (a training forward keeping the intermediate), each CTA also stores its intermediate buffer's
-// rows, once the pushes have landed: columns 8c·nb .. 8c·nb + 8·nb − 1 of z in stage 2's order, 16 bytes per
-// store, before it lets the buffer be overwritten.
+// rows beside stage 2: columns 8c·nb .. 8c·nb + 8·nb − 1 of z in stage 2's order, 16 bytes per store.
+//
+// The emulation (tests/cuda_sim/sim.h) lets the last CTA of a cluster resume late after every barrier arrive, so
+// that a buffer reused too early (two intermediate buffers instead of three) shows as wrong results there.
 //
 // Clusters walk the tiles (tile = cluster id, += number of clusters). Declines all but: fp16/bf16, k = l = nb,
 // p = q = r = s = nb with nb in {16, 32, 64}, n_in = n_out = nb², aligned unit-stride rows, and the buffers within
-// shared memory (133,120 bytes at nb = 64).
+// shared memory (199,680 bytes at nb = 64).
 //
 // Plain C++ apart from the CUDA builtins below, so tests/cuda_sim runs this very kernel on a CPU (the CTAs of
 // a cluster as concurrent thread groups, distributed shared memory as pointers into each other's buffers).
@@ -48,6 +51,7 @@ namespace monarch_cuda {
 
 constexpr int kClusterThreads = 256;  // 8 warps: one stage-1 and one stage-2 block each
 constexpr int kClusterRows = 32;      // tokens per tile: two mma row tiles share every weight fragment
+constexpr int kClusterZBuffers = 3;   // intermediate buffers: tile it's in it % 3 (the loop's comment says why)
 static_assert(kClusterThreads == kResidentThreads, "stage_rows() strides by kResidentThreads");
 
 struct ClusterPlan {
@@ -81,8 +85,8 @@ inline bool cluster_plan(const MonarchFwdArgs& a, int itemsize, int sms, int sme
   P.x_ts = a.x_ts, P.out_ts = a.out_ts, P.z_ts = a.z_ts, P.tokens = a.tokens, P.act = a.act;
   P.nb = static_cast<int>(nb), P.cluster = P.nb / 8;
   P.pitch = 8 * P.nb + 8;
-  // two x buffers, the staging buffer and the intermediate (the weights are in registers)
-  const int64_t smem = 2 * (4 * static_cast<int64_t>(kClusterRows) * P.pitch);
+  // 6 buffers: two for x, the staging / output buffer, three for the intermediate (the weights are in registers)
+  const int64_t smem = 2 * (6 * static_cast<int64_t>(kClusterRows) * P.pitch);
   if (smem > smem_optin) return false;
   P.smem = static_cast<int>(smem);
   P.tiles = static_cast<int>(tiles);
@@ -159,8 +163,8 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
 #endif
   constexpr int KS = NB / 16, NT = NB / 8;  // k16 steps and 8-column tiles per block
   const int pitch = P.pitch, buf = kClusterRows * pitch;
-  T* const stage = smem + 2 * buf;  // [t][qq][8 own stage-1 blocks]
-  T* const z = smem + 3 * buf;      // [t][8 own stage-2 blocks][rr]
+  T* const stage = smem + 2 * buf;  // [t][qq][8 own stage-1 blocks], then the output tile [t][ss][8 own blocks]
+  T* const zbuf = smem + 3 * buf;   // intermediate buffers [t][8 own stage-2 blocks][rr]: tile it in it % 3
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
   const unsigned rank = cluster_rank();
   const int own = 8 * static_cast<int>(rank);  // first block of this CTA in both factors
@@ -168,12 +172,19 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
   T* out = static_cast<T*>(P.out);
   const T* bias = static_cast<const T*>(P.bias);
 
-  // the first tile's x columns (one cp.async group); the warp's w1 and w2 blocks as B fragments in registers:
-  // b1[nt][ks] = w1[own + warp][8nt + g][16ks + 2c (+ 8)], b2 likewise from w2
-  int tile = blockIdx.x / P.cluster;
-  const int step = gridDim.x / P.cluster;
-  stage_rows<T>(smem, pitch, x + static_cast<int64_t>(tile) * kClusterRows * P.x_ts + own * NB, P.x_ts,
-                kClusterRows, 8 * NB, P.tokens - static_cast<int64_t>(tile) * kClusterRows);
+  // the tiles of this cluster: first + it·step for it < ntiles (the same for every CTA of the cluster)
+  const int first = blockIdx.x / P.cluster, step = gridDim.x / P.cluster;
+  const int ntiles = first < P.tiles ? (P.tiles - 1 - first) / step + 1 : 0;
+  const auto load_x = [&](int it) {  // x columns of this CTA's 8 blocks for the cluster's it-th tile
+    const int64_t t0 = static_cast<int64_t>(first + it * step) * kClusterRows;
+    stage_rows<T>(smem + (it & 1) * buf, pitch, x + t0 * P.x_ts + own * NB, P.x_ts, kClusterRows, 8 * NB,
+                  P.tokens - t0);
+  };
+  // the first two tiles' x columns (one cp.async group each, possibly empty); the warp's w1 and w2 blocks as B
+  // fragments in registers: b1[nt][ks] = w1[own + warp][8nt + g][16ks + 2c (+ 8)], b2 likewise from w2
+  if (ntiles > 0) load_x(0);
+  cp_async_commit();
+  if (ntiles > 1) load_x(1);
   cp_async_commit();
   uint32_t b1[NT][KS][2], b2[NT][KS][2];
   {
@@ -189,55 +200,63 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
         b2[nt][ks][0] = ldg32(w2 + at), b2[nt][ks][1] = ldg32(w2 + at + 8);
       }
   }
-  cluster_arrive();  // pairs with the first tile's wait before its pushes
+  cluster_arrive();  // every CTA of the cluster has started before anyone writes into its shared memory
+  cluster_wait();
 
-  for (int it = 0; tile < P.tiles; tile += step, ++it) {
-    T* const cur = smem + (it & 1) * buf;
-    const int64_t t0 = static_cast<int64_t>(tile) * kClusterRows;
-    const int next = tile + step;
-    if (next < P.tiles)
-      stage_rows<T>(smem + ((it + 1) & 1) * buf, pitch,
-                    x + static_cast<int64_t>(next) * kClusterRows * P.x_ts + own * NB, P.x_ts, kClusterRows, 8 * NB,
-                    P.tokens - static_cast<int64_t>(next) * kClusterRows);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-
-    // stage 1, block own + warp: u[t][qq] = Σ_pp w1[qq][pp] · x[t][warp·NB + pp] -> stage[t][qq][warp]
+  // Iteration it: stage 1 of tile it, the pushes of tile it, stage 2 of tile it - 1 — one cluster barrier per
+  // tile (B_it: arrived after the pushes of tile it, waited for at the top of the next iteration, so stage 2 of
+  // tile it - 1 and stage 1 of tile it + 1 run while it resolves). Tile it's intermediate lives in buffer it % 3:
+  // pushes into it wait for B_(it-1), by which every CTA has finished stage 2 of tile it - 3 (it ran before that
+  // CTA arrived at B_(it-1)), the last reader of that buffer.
+  for (int it = 0; it <= ntiles; ++it) {
+    if (it < ntiles) {
+      cp_async_wait<1>();  // tile it's x columns (all but the newest group)
+      __syncthreads();
+      const T* cur = smem + (it & 1) * buf;
+      // stage 1, block own + warp: u[t][qq] = Σ_pp w1[qq][pp] · x[t][warp·NB + pp] -> stage[t][qq][warp]
 #pragma unroll
-    for (int m = 0; m < 2; ++m) {
-      uint32_t a[KS][4];
-      const T* r0 = cur + (16 * m + g) * pitch + warp * NB + 2 * c;
-      const T* r8 = r0 + 8 * pitch;
+      for (int m = 0; m < 2; ++m) {
+        uint32_t a[KS][4];
+        const T* r0 = cur + (16 * m + g) * pitch + warp * NB + 2 * c;
+        const T* r8 = r0 + 8 * pitch;
 #pragma unroll
-      for (int ks = 0; ks < KS; ++ks)
-        a[ks][0] = lds32(r0 + 16 * ks), a[ks][1] = lds32(r8 + 16 * ks), a[ks][2] = lds32(r0 + 16 * ks + 8),
-        a[ks][3] = lds32(r8 + 16 * ks + 8);
+        for (int ks = 0; ks < KS; ++ks)
+          a[ks][0] = lds32(r0 + 16 * ks), a[ks][1] = lds32(r8 + 16 * ks), a[ks][2] = lds32(r0 + 16 * ks + 8),
+          a[ks][3] = lds32(r8 + 16 * ks + 8);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int nt = 0; nt < NT; ++nt) {
+          float acc[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-        for (int ks = 0; ks < KS; ++ks) mma16816<T>(acc, a[ks], b1[nt][ks][0], b1[nt][ks][1]);
-        // element warp of the 16-byte group (t, qq), swizzled with key (qq >> 1) & 3 = c (resident.cuh: swizzle)
-        T* s0 = stage + (16 * m + g) * pitch + (8 * nt + 2 * c) * 8 + swizzle(warp, c);
-        s0[0] = from_f<T>(acc[0]), s0[8] = from_f<T>(acc[1]);
-        s0[8 * pitch] = from_f<T>(acc[2]), s0[8 * pitch + 8] = from_f<T>(acc[3]);
+          for (int ks = 0; ks < KS; ++ks) mma16816<T>(acc, a[ks], b1[nt][ks][0], b1[nt][ks][1]);
+          // element warp of the 16-byte group (t, qq), swizzled with key (qq >> 1) & 3 = c (resident.cuh: swizzle)
+          T* s0 = stage + (16 * m + g) * pitch + (8 * nt + 2 * c) * 8 + swizzle(warp, c);
+          s0[0] = from_f<T>(acc[0]), s0[8] = from_f<T>(acc[1]);
+          s0[8 * pitch] = from_f<T>(acc[2]), s0[8 * pitch + 8] = from_f<T>(acc[3]);
+        }
       }
+      __syncthreads();  // the staging buffer is complete; tile it's x buffer is free: tile it + 2's columns
+      if (it + 2 < ntiles) load_x(it + 2);
+      cp_async_commit();
     }
-    __syncthreads();  // the staging buffer is complete
-    cluster_wait();   // every CTA has read its intermediate for the previous tile
-
-    // P1 across the cluster: stage[t][qq][0..7] -> z of rank qq / 8 at [t][qq % 8][own .. own + 7]
-    for (int i = threadIdx.x; i < kClusterRows * NB; i += kClusterThreads) {
-      const int t = i / NB, qq = i - t * NB;
-      T* dst = cluster_map(z + t * pitch + (qq & 7) * NB + own, static_cast<unsigned>(qq >> 3));
-      *reinterpret_cast<uint4*>(dst) =
-          unswizzle(*reinterpret_cast<const uint4*>(stage + t * pitch + qq * 8), (qq >> 1) & 3);
+    if (it > 0) cluster_wait();  // B_(it-1): the pushes of tile it - 1 have landed everywhere
+    if (it < ntiles) {
+      // P1 across the cluster: stage[t][qq][0..7] -> buffer it % 3 of rank qq / 8 at [t][qq % 8][own .. own + 7]
+      T* const z = zbuf + (it % kClusterZBuffers) * buf;
+      for (int i = threadIdx.x; i < kClusterRows * NB; i += kClusterThreads) {
+        const int t = i / NB, qq = i - t * NB;
+        T* dst = cluster_map(z + t * pitch + (qq & 7) * NB + own, static_cast<unsigned>(qq >> 3));
+        *reinterpret_cast<uint4*>(dst) =
+            unswizzle(*reinterpret_cast<const uint4*>(stage + t * pitch + qq * 8), (qq >> 1) & 3);
+      }
+      cluster_arrive();  // B_it
     }
-    cluster_arrive();
-    cluster_wait();  // every push into this CTA's intermediate has landed
+    if (it == 0) continue;
+    __syncthreads();  // every thread's pushes have read the staging buffer: it takes the output tile now
 
-    // stage 2, block own + warp: v[t][ss] = Σ_rr w2[ss][rr] · z[t][warp][rr]; bias, activation -> cur[t][ss][warp]
+    // stage 2 of tile it - 1, block own + warp: v[t][ss] = Σ_rr w2[ss][rr] · z[t][warp][rr]; bias, activation
+    // -> stage[t][ss][warp]
+    const T* const z = zbuf + ((it - 1) % kClusterZBuffers) * buf;
+    const int64_t t0 = static_cast<int64_t>(first + (it - 1) * step) * kClusterRows;
     uint32_t a2[2][KS][4];
 #pragma unroll
     for (int m = 0; m < 2; ++m) {
@@ -257,7 +276,6 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
               *reinterpret_cast<const uint4*>(z + t * pitch + 8 * chunk);
       }
     }
-    cluster_arrive();  // this CTA's intermediate may be overwritten (waited for before the next pushes)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -272,7 +290,7 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
         const float bv = bias ? to_f(bias[col]) : 0.f;
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
-          T* y = cur + (16 * m + g) * pitch + ss * 8 + swizzle(warp, c);  // key (ss >> 1) & 3 = c
+          T* y = stage + (16 * m + g) * pitch + ss * 8 + swizzle(warp, c);  // key (ss >> 1) & 3 = c
           y[0] = activate_to<T>(acc[m][j] + bv, P.act);
           y[8 * pitch] = activate_to<T>(acc[m][2 + j] + bv, P.act);
         }
@@ -285,11 +303,10 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
       const int t = i / NB, ss = i - t * NB;
       if (t0 + t < P.tokens)
         *reinterpret_cast<uint4*>(out + (t0 + t) * P.out_ts + ss * P.nb + own) =
-            unswizzle(*reinterpret_cast<const uint4*>(cur + t * pitch + ss * 8), (ss >> 1) & 3);
+            unswizzle(*reinterpret_cast<const uint4*>(stage + t * pitch + ss * 8), (ss >> 1) & 3);
     }
-    __syncthreads();  // the buffer is refilled by the cp.async issued at the top of the next iteration
+    __syncthreads();  // the staging buffer is written by the next tile's stage 1
   }
-  cluster_wait();  // the last arrive's partner: no CTA leaves while another may still address its memory
   cp_async_wait<0>();
 #endif
 }

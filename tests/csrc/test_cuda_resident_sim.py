@@ -174,7 +174,7 @@ def test_cluster_plan_declines_and_matches_the_cost_model(sim_binary, tmp_path):
     cases = [  # (tokens, (k, q, p, l, s, r), dtype, sms, smem)
         (50, (64,) * 6, bf, H100_SMS, H100_SMEM),
         (50, (64,) * 6, bf, 7, H100_SMEM),           # fewer SMs than a cluster
-        (50, (64,) * 6, bf, H100_SMS, 133120 - 2),   # 4096/64 needs 133,120 bytes
+        (50, (64,) * 6, bf, H100_SMS, 199680 - 2),   # 4096/64 needs 199,680 bytes
         (50, (32,) * 6, bf, H100_SMS, H100_SMEM),
         (50, (32,) * 6, torch.float32, H100_SMS, H100_SMEM),
         (50, (8,) * 6, bf, H100_SMS, H100_SMEM),      # nb = 8
@@ -206,3 +206,19 @@ def test_cluster_keeps_the_intermediate(sim_binary, tmp_path, nb):
     assert plan["supported"] and plan["clusters"] == 2
     assert_close(z, expected_z(x, w1, w2), torch.float16)
     assert_close(out, expected(x, w1, w2, None, nb * nb, "none"), torch.float16)
+
+
+@pytest.mark.parametrize("clusters", [1, 3])
+def test_cluster_walks_many_tiles(sim_binary, tmp_path, clusters):
+    """330 tokens (11 tiles of 32, the last ragged) on 1 or 3 clusters of 2 CTAs (nb = 16): each cluster walks 11
+    or 3-4 tiles, so the three intermediate buffers wrap around several times and every tile's pushes overlap
+    the previous tile's stage 2; bias + GELU, the kept intermediate too."""
+    gen = torch.Generator().manual_seed(40 + clusters)
+    w1, w2 = factors(*(16,) * 6, torch.bfloat16, gen)
+    x = torch.randn(330, 256, generator=gen).to(torch.bfloat16)
+    bias = torch.randn(256, generator=gen).to(torch.bfloat16)
+    plan, out, z = run_sim(sim_binary, "cluster", tmp_path, x, w1, w2, bias, act="gelu", sms=2 * clusters,
+                           keep_z=True)
+    assert plan["supported"] and plan["tiles"] == 11 and plan["clusters"] == clusters
+    assert_close(out, expected(x, w1, w2, bias, 256, "gelu"), torch.bfloat16)
+    assert_close(z, expected_z(x, w1, w2), torch.bfloat16)

@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <optional>
 #include <cstdint>
@@ -65,7 +66,14 @@ inline void* dynamic_smem() { return dynamic_smem_of(cta); }
 
 inline unsigned cluster_rank() { return cluster_ctarank; }
 
-inline void cluster_arrive() { cluster_token.emplace(cluster->all.arrive()); }
+// A schedule a GPU may run that a fair thread scheduler rarely does: the last CTA of a cluster resumes late after
+// each arrive (longer than an emulated tile's work), so its peers run ahead past the barrier — into their next
+// tile's pushes — while it still reads what it reads after arriving. A buffer reused one tile too early then
+// shows as wrong results.
+inline void cluster_arrive() {
+  cluster_token.emplace(cluster->all.arrive());
+  if (cluster_ctarank + 1 == cluster->ctas.size()) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+}
 
 inline void cluster_wait() {
   cluster->all.wait(std::move(*cluster_token));

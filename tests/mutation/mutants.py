@@ -308,4 +308,9 @@ MUTANTS = [
            "    col = (f % L2) * R2 + f // L2",
            "    col = f",
            "fc2's stage-1 output stored in natural order, not through P1 into stage 2's order", MLP_TESTS),
+    Mutant("cuda-sim-cluster-two-intermediate-buffers", CLUSTER,
+           "constexpr int kClusterZBuffers = 3;",
+           "constexpr int kClusterZBuffers = 2;",
+           "the cluster kernel cycles two intermediate buffers: a peer's next pushes can land in the one it still"
+           " reads (a race the emulation's lagging CTA exposes)", RESIDENT_SIM),
 ]
