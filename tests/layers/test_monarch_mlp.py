@@ -40,8 +40,9 @@ def test_inference_on_triton_runs_the_fused_hidden_layer(monkeypatch):
     original = tmlp.hidden_layer
     monkeypatch.setattr(tmlp, "hidden_layer", lambda *a, **k: calls.append(1) or original(*a, **k))
     torch.manual_seed(1)
-    mlp = MonarchMLP(64, 256, nblocks=4, activation="relu", backend="triton", dtype=torch.bfloat16)
-    x = torch.randn(50, 64, dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter runs CPU tensors
+    mlp = MonarchMLP(64, 256, nblocks=4, activation="relu", backend="triton", dtype=torch.bfloat16, device=device)
+    x = torch.randn(50, 64, dtype=torch.bfloat16, device=device)
     with torch.no_grad():
         out = mlp(x)
         want = _layers(mlp, x)

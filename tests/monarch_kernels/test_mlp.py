@@ -10,6 +10,9 @@ from monarch_kernels import reference as ref
 from monarch_kernels.shapes import monarch_factor_shapes
 from conftest import RTOL, rel_err
 
+#: the Triton backend runs CUDA tensors on a GPU, CPU tensors in the interpreter
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 pytestmark = [pytest.mark.skipif(mk.available_backends()["triton"] != "available",
                                  reason="needs the Triton backend (interpreter)"),
               pytest.mark.usefixtures("poisoned_allocations")]  # fresh outputs start as NaN
@@ -37,7 +40,7 @@ def mlp_params(n_in, n_h, nb1, nb2, dtype, gen, n_out=None):
     w = [torch.randn(*sh1.w1_shape, generator=gen) / sh1.p ** 0.5, torch.randn(*sh1.w2_shape, generator=gen) / sh1.r ** 0.5,
          torch.randn(*sh2.w1_shape, generator=gen) / sh2.p ** 0.5, torch.randn(*sh2.w2_shape, generator=gen) / sh2.r ** 0.5,
          torch.randn(n_h, generator=gen), torch.randn(n_out, generator=gen)]
-    return [t.to(dtype) for t in w]
+    return [t.to(DEVICE, dtype) for t in w]
 
 
 def expected(x, params, act, n_out):
@@ -64,7 +67,7 @@ def test_fused_matches_float64_and_the_layers_in_turn(shape, dtype, fused_calls)
     gen = torch.Generator().manual_seed(sum(shape))
     params = mlp_params(n_in, n_h, nb1, nb2, dtype, gen)
     for lead in ((2, 35), (1,)):
-        x = torch.randn(*lead, n_in, generator=gen).to(dtype)
+        x = torch.randn(*lead, n_in, generator=gen).to(DEVICE, dtype)
         out = mk.monarch_mlp(x, *params, activation="gelu", backend="triton")
         assert out.shape == (*lead, n_in) and out.dtype == dtype
         assert rel_err(out, expected(x, params, "gelu", n_in)) < 2 * RTOL[dtype]
@@ -78,7 +81,7 @@ def test_several_token_tiles(fused_calls):
     """300 tokens: three 128-token tiles, the last ragged, each with its own programs per fc2 block."""
     gen = torch.Generator().manual_seed(6)
     params = mlp_params(160, 320, 2, 2, torch.bfloat16, gen)
-    x = torch.randn(300, 160, generator=gen).to(torch.bfloat16)
+    x = torch.randn(300, 160, generator=gen).to(DEVICE, torch.bfloat16)
     out = mk.monarch_mlp(x, *params, activation="gelu_tanh", backend="triton")
     assert rel_err(out, expected(x, params, "gelu_tanh", 160)) < 2 * RTOL[torch.bfloat16]
     assert fused_calls == [300]
@@ -89,9 +92,9 @@ def test_activations_no_bias_truncated_output_and_strided_input(act, fused_calls
     gen = torch.Generator().manual_seed(1)
     params = mlp_params(64, 256, 4, 4, torch.bfloat16, gen)
     params[4] = None
-    x = torch.randn(40, 128, generator=gen).to(torch.bfloat16)[:, ::2]  # column stride 2
+    x = torch.randn(40, 128, generator=gen).to(DEVICE, torch.bfloat16)[:, ::2]  # column stride 2
     out = mk.monarch_mlp(x, *params[:4], None, params[5][:50], activation=act, out_features=50, backend="triton")
-    want = expected(x, params[:4] + [torch.zeros(256), params[5]], act, 50)
+    want = expected(x, params[:4] + [torch.zeros(256, device=DEVICE), params[5]], act, 50)
     assert out.shape == (40, 50) and rel_err(out, want) < 2 * RTOL[torch.bfloat16]
     assert fused_calls == [40]
 
@@ -99,7 +102,7 @@ def test_activations_no_bias_truncated_output_and_strided_input(act, fused_calls
 def test_nan_and_inf_stay_in_their_token_rows(fused_calls):
     gen = torch.Generator().manual_seed(2)
     params = mlp_params(64, 256, 4, 4, torch.float16, gen)
-    x = torch.randn(20, 64, generator=gen).to(torch.float16)
+    x = torch.randn(20, 64, generator=gen).to(DEVICE, torch.float16)
     x[3, 5] = float("nan")
     x[11, 60] = float("inf")
     out = mk.monarch_mlp(x, *params, activation="relu", backend="triton")
@@ -118,9 +121,9 @@ def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
     gen = torch.Generator().manual_seed(3)
     bf = torch.bfloat16
     q2_wide = mlp_params(64, 64, 4, 4, bf, gen)
-    q2_wide[2] = torch.randn(1, 320, 64, generator=gen).to(bf) / 8
-    q2_wide[3] = torch.randn(2, 8, 160, generator=gen).to(bf) / 12
-    q2_wide[5] = torch.randn(16, generator=gen).to(bf)
+    q2_wide[2] = torch.randn(1, 320, 64, generator=gen).to(DEVICE, bf) / 8
+    q2_wide[3] = torch.randn(2, 8, 160, generator=gen).to(DEVICE, bf) / 12
+    q2_wide[5] = torch.randn(16, generator=gen).to(DEVICE, bf)
     cases = [(mlp_params(64, 256, 4, 4, torch.float32, gen), 64, "triton"),
              (mlp_params(64, 256, 4, 4, bf, gen), 60, "triton"),
              (mlp_params(64, 96, 4, 16, bf, gen), 64, "triton"),
@@ -128,13 +131,13 @@ def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
              (q2_wide, 64, "triton"),
              (mlp_params(64, 256, 4, 4, bf, gen), 64, "torch")]
     for params, width, backend in cases:
-        x = torch.randn(30, width, generator=gen).to(params[0].dtype)
+        x = torch.randn(30, width, generator=gen).to(DEVICE, params[0].dtype)
         out = mk.monarch_mlp(x, *params, backend=backend)
         n_out = params[5].shape[0]
         assert rel_err(out, expected(x, params, "gelu", n_out)) < 2 * RTOL[x.dtype], (width, backend)
     assert fused_calls == []
     params = mlp_params(64, 256, 4, 4, bf, gen)
-    x = torch.randn(30, 64, generator=gen).to(bf)
+    x = torch.randn(30, 64, generator=gen).to(DEVICE, bf)
     leaves = [p.clone().requires_grad_() for p in params]
     mk.monarch_mlp(x, *leaves, backend="triton").sum().backward()
     assert fused_calls == []
@@ -149,7 +152,7 @@ def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
     hidden = ref.monarch_fwd(x.double(), d[0], d[1], d[4][:250], 250, "gelu")
     assert rel_err(out, ref.monarch_fwd(hidden, d[2], d[3], d[5], 64, "none")) < 2 * RTOL[bf]
     assert fused_calls == []
-    mk.monarch_mlp(x, *params)  # auto on a CPU tensor: the layers (the interpreter is never auto's pick)
+    mk.monarch_mlp(x.cpu(), *[p.cpu() for p in params])  # auto on CPU tensors: the layers (never the interpreter)
     assert fused_calls == []
     with torch.no_grad():  # the same parameters without autograd recording: fused
         mk.monarch_mlp(x, *leaves, backend="triton")
@@ -158,9 +161,9 @@ def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
 
 def test_bad_arguments_name_the_argument():
     gen = torch.Generator().manual_seed(4)
-    params = mlp_params(64, 256, 4, 4, torch.float32, gen)
+    params = [p.cpu() for p in mlp_params(64, 256, 4, 4, torch.float32, gen)]
     x = torch.randn(5, 64)
-    small = mlp_params(64, 128, 4, 4, torch.float32, gen)
+    small = [p.cpu() for p in mlp_params(64, 128, 4, 4, torch.float32, gen)]
     with pytest.raises(ValueError, match="exceeds fc2's input width"):
         mk.monarch_mlp(x, params[0], params[1], small[2], small[3])
     with pytest.raises(ValueError, match="hidden_features"):
