@@ -7,15 +7,9 @@ import pytest
 import torch
 
 from monarch_kernels import cuda_cost
-from sim_harness import (H100_SMEM, H100_SMS, assert_close, build, expected, expected_z, factors, needs_sim,
-                         run_sim)
+from sim_harness import H100_SMEM, H100_SMS, assert_close, expected, expected_z, factors, needs_sim, run_sim
 
 pytestmark = needs_sim
-
-
-@pytest.fixture(scope="module")
-def sim_binary(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("resident_sim"))
 
 
 # (k, q, p, l, s, r): square c = 1 (the 1024/32 layer itself: 16 tiles of 8 columns per warp, 225 KiB of

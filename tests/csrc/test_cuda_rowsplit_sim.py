@@ -5,14 +5,9 @@ import pytest
 import torch
 
 from monarch_kernels import cuda_cost
-from sim_harness import H100_SMEM, assert_close, build, expected, factors, needs_sim, run_sim
+from sim_harness import H100_SMEM, assert_close, expected, factors, needs_sim, run_sim
 
 pytestmark = needs_sim
-
-
-@pytest.fixture(scope="module")
-def sim_binary(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("rowsplit_sim"))
 
 
 # (k, q, p, l, s, r): square c = 1, rank c = 2, fan-out / fan-in GPT-2-like, 1-wide blocks, r < k, odd widths
