@@ -106,3 +106,13 @@ def poisoned_allocations():
     torch.use_deterministic_algorithms(True, warn_only=True)
     yield
     torch.use_deterministic_algorithms(previous)
+
+
+@pytest.fixture(scope="session")
+def sim_binary(tmp_path_factory):
+    """The CUDA emulation of the Monarch forward kernels (``tests/cuda_sim/fwd_main.cpp``, every kernel it runs),
+    built once per test session (a sanitizer build takes ~20 s); its tests skip without g++ and the CUDA headers
+    (``sim_harness.needs_sim``)."""
+    from sim_harness import build
+
+    return build(tmp_path_factory.mktemp("fwd_sim"))
