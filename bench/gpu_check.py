@@ -58,8 +58,10 @@ from .timing import copy_bandwidth_gbs, device_name, device_time_us, median_time
 #: the device run compiles at most this many Triton kernels (SPEC §5: the check fits one 10-minute call)
 MAX_COMPILES = 60
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
-#: (T, n_in, n_out, nblocks): correctness in bf16 on each, fp16/fp32 on the first two
-CHECK_SHAPES = [(4096, 4096, 4096, 64), (4096, 1024, 1024, 32), (4096, 768, 3072, 4), (4096, 3072, 768, 4),
+#: (T, n_in, n_out, nblocks): correctness in bf16 on each, fp16/fp32 on the first two; GPT-2's fc1 (its GELU
+#: epilogue and eager training) at the MLP row's 16384 tokens, whose tiles that row's layers then reuse (the
+#: compile limit)
+CHECK_SHAPES = [(4096, 4096, 4096, 64), (4096, 1024, 1024, 32), (16384, 768, 3072, 4), (4096, 3072, 768, 4),
                 (2048, 2048, 2048, 32), (333, 1000, 3000, 4), (16, 4096, 4096, 64)]
 TIMING_SHAPES = ["16384:1024:1024:32", "16384:2048:2048:32", "16384:4096:4096:64", "65536:4096:4096:64",
                  "16384:768:3072:4", "16384:3072:768:4", "16:4096:4096:64"]
@@ -473,8 +475,8 @@ def _autotune_cases(ctx: Context, dtype):
 def mlp_cases(ctx: Context):
     """GPT-2 MLP ``fc2(gelu(fc1(x)))`` forward and training step: dense vs every fast backend (MonarchLinear
     semantics through the functional API, GELU fused into fc1's epilogue); and, for a backend with a fused MLP
-    forward (Triton's hidden layer on chip, ``mk.monarch_mlp``), that forward (``<backend>_mlp``: its error
-    against float64 per element, and its times; training calls run the layers, timed above)."""
+    (Triton's hidden layer on chip, ``mk.monarch_mlp``), its forward and training step (``<backend>_mlp``: the
+    output's and every gradient's error against float64 per element, the times, the model's predictions)."""
     dtype = torch.float32 if ctx.smoke else torch.bfloat16
     T, d, nb = (8, 64, 4) if ctx.smoke else (16384, 768, 4)
 
@@ -500,6 +502,24 @@ def mlp_cases(ctx: Context):
                     row[f"{b}_mlp_err"] = _sig(element_error(out, ref.monarch_fwd(hidden, w[3], w[4], w[5], d)))
                 row[f"{b}_mlp_fwd_us"] = round(ctx.time_us(lambda: fn(mon)), 1)
                 row[f"{b}_mlp_fwd_device_us"] = round(ctx.device_us(lambda: fn(mon)), 1)
+            # training: the fused backward's gradients against float64 autograd through the reference's layers
+            xg = x.detach().requires_grad_(True)
+            for p in mon:
+                p.requires_grad_(True)
+            mk.monarch_mlp(xg, mon[0], mon[1], mon[3], mon[4], mon[2], mon[5], backend=b).backward(gy)
+            if not ctx.dry_run:
+                got = [xg.grad] + [p.grad for p in mon]
+                xd = x.double().requires_grad_(True)
+                w = [t.detach().double().requires_grad_(True) for t in mon]
+                mk.monarch_mlp(xd, w[0], w[1], w[3], w[4], w[2], w[5], backend="torch").backward(gy.double())
+                row[f"{b}_mlp_grad_err"] = _sig(max(element_error(a, e.grad) for a, e in zip(got, [xd] + w)))
+            for p in mon:
+                p.grad = None
+            row[f"{b}_mlp_step_us"] = round(ctx.time_us(lambda: fn(mon).backward(gy)), 1)
+            row[f"{b}_mlp_step_device_us"] = round(ctx.device_us(lambda: fn(mon).backward(gy)), 1)
+            for p in mon:
+                p.requires_grad_(False)
+                p.grad = None
         for name, (fn, params) in variants.items():
             with torch.no_grad():
                 row[f"{name}_fwd_us"] = round(ctx.time_us(lambda: fn(params)), 1)
@@ -518,12 +538,13 @@ def mlp_cases(ctx: Context):
                         row[f"{name}_x_dense_{what}"] = round(row[f"dense_{what}_us"] / row[f"{name}_{what}_us"], 2)
         for b in fused:
             if not ctx.dry_run and not ctx.smoke:
-                for what in ("fwd", "fwd_device"):
+                for what in ("fwd", "fwd_device", "step", "step_device"):
                     row[f"{b}_mlp_x_dense_{what}"] = round(row[f"dense_{what}_us"] / row[f"{b}_mlp_{what}_us"], 2)
                 dev = cm.device_for(device_name(ctx.device))
-                pred = cm.mlp_forward(cm.Problem.linear(T, d, 4 * d, nb, "gelu"), cm.Problem.linear(T, 4 * d, d, nb),
-                                      DTYPE_NAMES[dtype], dev)
-                row[f"{b}_mlp_pred_us"] = round(pred.time(dev) * 1e6, 1)
+                fc1, fc2 = cm.Problem.linear(T, d, 4 * d, nb, "gelu"), cm.Problem.linear(T, 4 * d, d, nb)
+                row[f"{b}_mlp_pred_us"] = round(cm.mlp_forward(fc1, fc2, DTYPE_NAMES[dtype], dev).time(dev) * 1e6, 1)
+                row[f"{b}_mlp_step_pred_us"] = round(
+                    cm.mlp_training_step(fc1, fc2, DTYPE_NAMES[dtype], dev).time(dev) * 1e6, 1)
         return row
     yield "mlp", run
 

@@ -13,10 +13,10 @@ from .monarch_linear import MonarchLinear
 class MonarchMLP(nn.Module):
     """Two :class:`MonarchLinear` layers with an activation between them, ``fc2(act(fc1(x)))`` — the MLP of a
     transformer block (``in -> hidden -> out``), run by :func:`monarch_kernels.monarch_mlp`: the same values as
-    ``fc2(fc1(x))`` with ``fc1``'s fused activation, and for inference calls on the Triton backend the hidden
-    activation never reaches memory (fc1's second stage, the activation and fc2's first stage run as one kernel
-    where the shapes allow: 16-bit, e.g. GPT-2's 768 -> 3072 -> 768 with 4 blocks). Training calls run the two
-    layers in turn, with their own backward.
+    ``fc2(fc1(x))`` with ``fc1``'s fused activation, and on the Triton backend the hidden activation never
+    reaches memory in the forward (fc1's second stage, the activation and fc2's first stage run as one kernel
+    where the shapes allow: 16-bit, e.g. GPT-2's 768 -> 3072 -> 768 with 4 blocks); in eager training the
+    backward runs the hidden layer as one kernel too (the pre-activation recomputed, not saved).
 
     Args:
         in_features, hidden_features: widths of ``x`` and of the hidden activation.

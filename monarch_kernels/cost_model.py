@@ -248,6 +248,14 @@ def _elementwise(name: str, reads: list, writes: list, dev: Device, eff: float =
     return Kernel(name, 0.0, 0.0, hbm, hbm, 1e30, eff)
 
 
+def activation_pass(tokens: int, n: int, dtype: str, dev: Device, backward: bool = False) -> Kernel:
+    """An unfused activation over ``(tokens, n)`` (``F.gelu`` and the like): forward one read and one write,
+    ``backward`` (``g · act'(pre)``) two reads and one write."""
+    act = rows_bytes(tokens, n, ITEMSIZE[dtype])
+    return _elementwise("activation backward" if backward else "activation", [(2 if backward else 1) * act], [act],
+                        dev)
+
+
 def _bmm(name: str, batch: int, m: int, n: int, k: int, dtype: str, dev: Device, useful: Optional[float] = None) -> Kernel:
     """cuBLAS batched GEMM over ``batch`` blocks: operands once each (strided views, no copies)."""
     item = ITEMSIZE[dtype]
@@ -510,6 +518,58 @@ def mlp_forward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device
     hidden = Kernel("fc1 stage 2 + activation + fc2 stage 1 (hidden layer on chip)", flops, useful,
                     z1 + z2 + w2a + w1b, sh2.k * z1 + tiles * (w2a + w1b) + z2, _tc_rate(dev, t, dtype), dev.mem_eff)
     return Cost([stage1, regroup, hidden]) + stage2_from_token_major(replace(fc2, activation="none"), dtype, dev)
+
+
+def mlp_hidden_backward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM,
+                        bias: bool = True) -> Kernel:
+    """:func:`.triton.mlp.hidden_layer_backward`: per (token tile, fc1 block ``ll``) of :data:`.plan.MLP_BWD_TILE`
+    and each of the ``k2 · ceil(S / bs)`` chunks, three dots: the pre-activation again (``block_m × bs × r1``),
+    ``da`` (``block_m × bs × q2``) and ``dz1 += dpre · w2a`` (``block_m × r1 × bs``), ``r1`` and ``q2`` padded to
+    ``block_k``. HBM: ``z1`` and ``dy2`` read, the activation and ``dpre`` (token-major ``T × n_h`` each) and
+    ``dz1`` written, with ``bias`` the bias gradient's fp32 per-tile partials. L2: ``z1`` once (a program's
+    register tile), ``dy2`` once per fc1 block (a program's chunks re-read its tile from L1, as in
+    :func:`mlp_forward`), ``w2a`` and ``w1b`` once per token tile (each ``w2a`` chunk serves both its dots).
+    The activation's derivative is fused (no elementwise pass of its own)."""
+    sh1, sh2, T, item = fc1.shape, fc2.shape, fc1.tokens, ITEMSIZE[dtype]
+    t, S = _plan.MLP_BWD_TILE, sh2.p // sh1.l
+    tiles, bs = _plan.cdiv(T, t.block_m), _plan.mlp_block_s(S)
+    pad_k = lambda n: _plan.cdiv(n, t.block_k) * t.block_k
+    flops = 2.0 * tiles * sh1.l * sh2.k * _plan.cdiv(S, bs) * t.block_m * bs * (2 * pad_k(sh1.r) + pad_k(sh2.q))
+    useful = 2.0 * T * (sh2.k * sh2.q * sh2.p + sh1.l * sh1.s * sh1.r)
+    z1 = dz1 = sectors(T * item, sh1.n_mid)
+    dy2, hid = sectors(T * item, sh2.n_mid), sectors(T * item, fc1.n_out)
+    w2a, w1b = sh1.l * sh1.s * sh1.r * item, sh2.k * sh2.q * sh2.p * item
+    partials = tiles * fc1.n_out * 4 if bias else 0
+    hbm = z1 + dy2 + 2 * hid + dz1 + w2a + w1b + partials
+    l2 = z1 + sh1.l * dy2 + 2 * hid + dz1 + tiles * (w2a + w1b) + partials
+    return Kernel("hidden layer backward (pre-activation again, da, act', dz1)", flops, useful, hbm, l2,
+                  _tc_rate(dev, t, dtype), dev.mem_eff)
+
+
+def mlp_training_step(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM,
+                      bias: bool = True) -> Cost:
+    """:func:`monarch_kernels.monarch_mlp` in an eager training call (``ops._MonarchMLPEager``):
+    :func:`mlp_forward` (fc1's ``z1`` and fc2's ``z2`` kept: it writes them anyway), then
+    :func:`.triton.mlp.mlp_backward`: fc2's ``dy2`` and ``dw2`` from ``g`` (:func:`g_readers`' pick), the hidden
+    layer's backward (:func:`mlp_hidden_backward`), fc2's ``dw1`` and fc1's ``dw2`` as cuBLAS batched GEMMs on
+    what it stored, fc1's ``dx`` and ``dw1`` (:func:`dxw_choice`' pick); with ``bias`` the two bias gradients
+    (``g`` summed over tokens; the hidden one's per-tile partials summed)."""
+    sh1, sh2, T, item = fc1.shape, fc2.shape, fc1.tokens, ITEMSIZE[dtype]
+    if not _plan.mlp_fusable(sh1, sh2, fc1.n_in, fc1.n_out, item, training=True):
+        raise ValueError(f"mlp_training_step: the fused MLP backward does not take {fc1.label} then {fc2.label} "
+                         f"({dtype})")
+    out2 = replace(fc2, activation="none")
+    cost = mlp_forward(fc1, fc2, dtype, dev) + _g_readers(out2, dtype, dev, g_readers(out2, dtype, dev))
+    cost = cost + Cost([mlp_hidden_backward(fc1, fc2, dtype, dev, bias),
+                        _bmm("fc2 dw1 = dy2T a (cuBLAS)", sh2.k, sh2.q, sh2.p, T, dtype, dev),
+                        _bmm("fc1 dw2 = (P2T dpre)T z1 (cuBLAS)", sh1.l, sh1.s, sh1.r, T, dtype, dev)])
+    cost = cost + _DXW[dxw_choice(fc1, dtype, dev)](fc1, dtype, dev)
+    if bias:
+        tiles = _plan.cdiv(T, _plan.MLP_BWD_TILE.block_m)
+        cost = cost + Cost([_elementwise("fc2 bias gradient (g summed)", [rows_bytes(T, fc2.n_out, item)], [], dev),
+                            _elementwise("fc1 bias gradient (partials summed)", [tiles * fc1.n_out * 4],
+                                         [fc1.n_out * item], dev)])
+    return cost
 
 
 def _fused_forward(problem: Problem, dtype: str, dev: Device, keep: bool = False) -> Cost:

@@ -130,26 +130,32 @@ def prefers(backend: str, op: str, dtype: torch.dtype, dims: tuple, others: Iter
 
 
 def fused_mlp_wins(fc1: cm.Problem, fc2: cm.Problem, dtype: torch.dtype, layer_backends: tuple,
-                   eager: Optional[bool] = None) -> bool:
+                   eager: Optional[bool] = None, training: bool = False) -> bool:
     """Whether ``auto`` runs :func:`monarch_kernels.monarch_mlp` with Triton's fused hidden layer rather than
     the two layers on the backends ``auto`` picks for them (``layer_backends``, priced by :func:`call_seconds`):
-    when :func:`monarch_kernels.cost_model.mlp_forward` predicts it faster. Eager (as :func:`fastest`), the fused
-    call costs at least the host time of the two Triton forwards it replaces (:data:`HOST_S`; it plans and
-    launches as many kernels, not measured on its own)."""
+    when :func:`monarch_kernels.cost_model.mlp_forward` (with ``training``: :func:`monarch_kernels.cost_model.
+    mlp_training_step`, against the layers' training steps plus the activation derivative's elementwise pass
+    they run between them) predicts it faster. Eager (as :func:`fastest`), the fused call costs at least the
+    host time of the two Triton calls it replaces (:data:`HOST_S`; it plans and launches as many kernels, not
+    measured on its own)."""
     name = _DTYPES.get(dtype)
     if name is None:
         return False
     dev = device()
     try:
-        fused = cm.mlp_forward(fc1, fc2, name, dev).time(dev)
+        fused = (cm.mlp_training_step(fc1, fc2, name, dev) if training else cm.mlp_forward(fc1, fc2, name, dev))
     except ValueError:  # a pair the fused kernel does not take
         return False
     eager = not capturing() if eager is None else eager
     if eager:
-        fused = max(fused, 2 * HOST_S[("triton", False)])
+        fused = max(fused.time(dev), 2 * HOST_S[("triton", training)])
+    else:
+        fused = fused.time(dev)
     layers = 0.0
     for problem, backend in zip((fc1, fc2), layer_backends):
         sh = problem.shape
         dims = (problem.tokens, problem.n_in, problem.n_out, max(sh.p, sh.q, sh.r, sh.s))
-        layers += call_seconds(backend, "monarch", name, dims, False, problem.activation, eager)
+        layers += call_seconds(backend, "monarch", name, dims, training, problem.activation, eager)
+    if training and fc1.activation != "none":
+        layers += cm.activation_pass(fc1.tokens, fc1.n_out, name, dev, backward=True).time(dev)
     return fused < layers

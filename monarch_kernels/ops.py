@@ -643,6 +643,41 @@ class _MonarchFwdEager(torch.autograd.Function):
                 None, None, None)
 
 
+class _MonarchMLPEager(torch.autograd.Function):
+    """:func:`monarch_mlp` for eager calls that autograd records, on a backend with a fused MLP forward and
+    backward (``monarch_mlp_fwd_saving``, ``monarch_mlp_bwd``): the forward keeps what the backward needs (the
+    two layers' stage-1 intermediates, not the ``T × n_h`` hidden activation); the first-order backward runs
+    the backend's fused one. A backward with ``create_graph=True`` recomputes the two layers through the ops and
+    differentiates them (each op's own formulas, differentiable again)."""
+
+    @staticmethod
+    def forward(ctx, x, w1a, w2a, w1b, w2b, b1, b2, n_h, n_out, activation, backend):
+        out, saved = backends.impl(backend).monarch_mlp_fwd_saving(_flat(x), w1a, w2a, b1, w1b, w2b, b2, n_h, n_out,
+                                                                    activation)
+        ctx.save_for_backward(x, w1a, w2a, w1b, w2b, b1, b2, *saved)
+        ctx.n_h, ctx.n_out, ctx.activation, ctx.backend = n_h, n_out, activation, backend
+        return _unflat(out, x.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w1a, w2a, w1b, w2b, b1, b2, *saved = ctx.saved_tensors
+        need = ctx.needs_input_grad[:7]
+        if torch.is_grad_enabled():  # create_graph: the layers recomputed and differentiated
+            inputs = (x, w1a, w2a, w1b, w2b, b1, b2)
+            wanted = [t for t, n in zip(inputs, need) if n]
+            with torch.enable_grad():
+                sh1 = MonarchShape.from_factors(w1a.shape, w2a.shape)
+                sh2 = MonarchShape.from_factors(w1b.shape, w2b.shape)
+                hidden = _dispatch_monarch(x, w1a, w2a, b1, sh1, ctx.n_h, ctx.activation, ctx.backend)
+                out = _dispatch_monarch(hidden, w1b, w2b, b2, sh2, ctx.n_out, "none", ctx.backend)
+            grads = iter(torch.autograd.grad(out, wanted, g, create_graph=True, allow_unused=True))
+            return (*(next(grads) if n else None for n in need), None, None, None, None)
+        dx, dw1a, dw2a, db1, dw1b, dw2b, db2 = backends.impl(ctx.backend).monarch_mlp_bwd(
+            _flat(x), _flat(g), w1a, w2a, b1, w1b, w2b, b2 is not None, saved, ctx.activation)
+        grads = (_unflat(dx, x.shape[:-1]), dw1a, dw2a, dw1b, dw2b, db1, db2)
+        return (*(t if n else None for t, n in zip(grads, need)), None, None, None, None)
+
+
 # --------------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------------
@@ -772,14 +807,16 @@ def monarch_mlp(
     ``n_h ≤ k2·p2``; biases ``(n_h,)`` and ``(out_features,)`` or ``None``; ``activation`` as in
     :func:`monarch_linear`.
 
-    Where autograd records nothing, outside ``torch.compile``, and the backend in effect (under ``auto`` on a
-    GPU: Triton where the cost model prices the fused call below the two layers on their own picks,
-    :func:`.gpu_dispatch.fused_mlp_wins`) has a fused MLP forward that takes the shapes (Triton,
+    In eager mode (outside ``torch.compile``), where the backend in effect (under ``auto`` on a GPU: Triton where
+    the cost model prices the fused call below the two layers on their own picks,
+    :func:`.gpu_dispatch.fused_mlp_wins`) has a fused MLP that takes the shapes (Triton,
     :mod:`monarch_kernels.triton.mlp`: fp16/bf16, ``n_in = k1·p1``, ``n_h = l1·s1 = k2·p2``, ``p2 % l1 == 0``
-    with ``p2 / l1 ≥ 16``, ``q2 ≤ 256`` — e.g. a GPT-2 MLP 768 → 3072 → 768 with 4 blocks), the hidden activation
-    ``(T, n_h)`` never reaches memory: fc1's stage 2, the bias, the activation and fc2's stage 1 run as one
-    kernel. Everywhere else the two layers run in turn (training calls included: their backward is the
-    layers' own).
+    with ``p2 / l1 ≥ 16``, ``q2 ≤ 256`` — e.g. a GPT-2 MLP 768 → 3072 → 768 with 4 blocks), the forward keeps
+    the hidden activation ``(T, n_h)`` out of memory: fc1's stage 2, the bias, the activation and fc2's stage 1
+    run as one kernel. A call autograd records (fc1's ``r1 ≤ 256`` too) keeps only the two stage-1
+    intermediates, and its first-order backward recomputes the pre-activation inside one kernel that also
+    applies the activation's derivative and fc1's stage-2 transpose; a backward with ``create_graph=True``
+    recomputes and differentiates the two layers. Everywhere else the two layers run in turn.
     """
     fn = "monarch_mlp"
     check_tensor("x", x, fn)
@@ -796,26 +833,31 @@ def monarch_mlp(
     check_bias(fn, fc2_bias, x, n_out)
     act = _check_activation(fn, activation, x)
     tensors = (x, fc1_w1, fc1_w2, fc2_w1, fc2_w2, fc1_bias, fc2_bias)
-    if _route(*tensors) == DIRECT:
-        name = _mlp_backend(x, sh1, sh2, n_h, n_out, act, backend)
-        fused = None if name is None else getattr(backends.impl(name), "monarch_mlp_fwd", None)
-        out = None if fused is None else fused(_flat(x), fc1_w1, fc1_w2, fc1_bias, fc2_w1, fc2_w2, fc2_bias, n_h,
-                                               n_out, act)
-        if out is not None:
+    route = _route(*tensors)
+    if route in (DIRECT, FUNCTION):
+        training = route == FUNCTION
+        name = _mlp_backend(x, sh1, sh2, n_h, n_out, act, backend, training)
+        impl = None if name is None else backends.impl(name)
+        fusable = getattr(impl, "monarch_mlp_fusable", None)
+        if fusable is not None and fusable(sh1, sh2, x.shape[-1], n_h, x.dtype, training):
+            if training:
+                return _MonarchMLPEager.apply(*tensors, n_h, n_out, act, name)
+            out = impl.monarch_mlp_fwd(_flat(x), fc1_w1, fc1_w2, fc1_bias, fc2_w1, fc2_w2, fc2_bias, n_h, n_out, act)
             return _unflat(out, x.shape[:-1])
     hidden = _dispatch_monarch(x, fc1_w1, fc1_w2, fc1_bias, sh1, n_h, act, backend)
     return _dispatch_monarch(hidden, fc2_w1, fc2_w2, fc2_bias, sh2, n_out, "none", backend)
 
 
 def _mlp_backend(x: Tensor, sh1: MonarchShape, sh2: MonarchShape, n_h: int, n_out: int, act: str,
-                 backend: Optional[str]) -> Optional[str]:
-    """The backend whose fused MLP forward :func:`monarch_mlp` tries, ``None`` for the layers in turn: the one
-    requested (``backend=``, :func:`use_backend`, :func:`set_backend`); under ``auto`` on a CUDA device Triton
-    where :func:`.gpu_dispatch.fused_mlp_wins` prices its fused hidden layer below the two layers on the backends
-    ``auto`` picks for them."""
+                 backend: Optional[str], training: bool = False) -> Optional[str]:
+    """The backend whose fused MLP :func:`monarch_mlp` tries (its forward; with ``training`` its forward and
+    backward), ``None`` for the layers in turn: the one requested (``backend=``, :func:`use_backend`,
+    :func:`set_backend`); under ``auto`` on a CUDA device Triton where :func:`.gpu_dispatch.fused_mlp_wins`
+    prices its fused hidden layer below the two layers on the backends ``auto`` picks for them."""
     requested = backends.get_backend() if backend is None else backend
     if requested != backends.AUTO:  # checked as for any call (available, supports the tensors); no rule runs
-        return backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_h, 1), requested)
+        return backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_h, 1), requested,
+                                training)
     triton = backends.get("triton")
     if x.device.type != "cuda" or not (triton.available and triton.supports(x.device, x.dtype)):
         return None
@@ -826,8 +868,8 @@ def _mlp_backend(x: Tensor, sh1: MonarchShape, sh2: MonarchShape, n_h: int, n_ou
     fc1 = cm.Problem(T, x.shape[-1], n_h, sh1, act)
     fc2 = cm.Problem(T, n_h, n_out, sh2)
     picks = tuple(backends.resolve("monarch", x.device, x.dtype, (T, p.n_in, p.n_out, max(s.p, s.q, s.r, s.s)), None,
-                                   False, p.activation) for p, s in ((fc1, sh1), (fc2, sh2)))
-    return "triton" if fused_mlp_wins(fc1, fc2, x.dtype, picks) else None
+                                   training, p.activation) for p, s in ((fc1, sh1), (fc2, sh2)))
+    return "triton" if fused_mlp_wins(fc1, fc2, x.dtype, picks, training=training) else None
 
 
 def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -> Tensor:

@@ -103,14 +103,14 @@ def mlp_rows(d: int = 768, nb: int = 4, T: int = 16384, dtype: str = "bfloat16",
     forward GELU into fc1's epilogue and, in backward, recomputes the pre-activation as stage 2 of fc1's kept
     intermediate (what ``monarch_kernels.ops`` does in eager training) and is charged one fused elementwise
     pass for ``g · gelu'(pre)`` (the current ``activations.grad`` runs about ten unfused torch ops there: see
-    bench/RESULTS.md). The forward is priced twice: the two layers in turn, and :func:`monarch_kernels.monarch_mlp`
-    with the hidden layer fused (:func:`monarch_kernels.cost_model.mlp_forward`, GELU fused into it).
+    bench/RESULTS.md). Each row is priced twice: the two layers in turn, and :func:`monarch_kernels.monarch_mlp`
+    with the hidden layer fused (:func:`monarch_kernels.cost_model.mlp_forward`, GELU fused into it; the training
+    step :func:`monarch_kernels.cost_model.mlp_training_step`: GELU's derivative fused into the hidden layer's
+    backward kernel, and the two bias gradients charged, which the other rows leave out).
     """
-    item = cm.ITEMSIZE[dtype]
     fc1, fc2 = cm.Problem.linear(T, d, 4 * d, nb, activation="gelu"), cm.Problem.linear(T, 4 * d, d, nb)
-    act = cm.rows_bytes(T, 4 * d, item)
-    gelu_fwd = cm.Cost([cm.Kernel("gelu", 0, 0, 2 * act, 2 * act, 1e30, 0.9)])
-    gelu_bwd = cm.Cost([cm.Kernel("gelu backward", 0, 0, 3 * act, 3 * act, 1e30, 0.9)])
+    gelu_fwd = cm.Cost([cm.activation_pass(T, 4 * d, dtype, dev)])
+    gelu_bwd = cm.Cost([cm.activation_pass(T, 4 * d, dtype, dev, backward=True)])
     rows = []
     for op, want in (("fwd", 1.8), ("fwdbwd", 1.5)):
         dense = cm.dense("fwd", fc1, dtype, dev) + gelu_fwd + cm.dense("fwd", fc2, dtype, dev)
@@ -129,8 +129,10 @@ def mlp_rows(d: int = 768, nb: int = 4, T: int = 16384, dtype: str = "bfloat16",
                    + cm.estimate("torch", "reference", "fwdbwd", fc2, dtype, dev))
         label = f"GPT-2 MLP {d}->{4 * d}->{d}/{nb} {'fwd' if op == 'fwd' else 'train step'}"
         variants = [("+".join(sorted({cm.triton_path(fc1), cm.triton_path(fc2)})), mon)]
-        if op == "fwd":  # inference: monarch_mlp's hidden layer on chip (training calls run the layers in turn)
-            variants.append(("mlp hidden fused", cm.mlp_forward(fc1, fc2, dtype, dev)))
+        # monarch_mlp: the hidden layer on chip forward, and in training its backward kernel too
+        fused = (cm.mlp_forward(fc1, fc2, dtype, dev) if op == "fwd"
+                 else cm.mlp_training_step(fc1, fc2, dtype, dev))
+        variants.append(("mlp hidden fused", fused))
         td, tr = dense.time(dev), ref.time(dev)
         for path, cost in variants:
             t = cost.time(dev)

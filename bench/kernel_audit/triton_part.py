@@ -91,9 +91,10 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
     return cases
 
 
-def _mlp_case(T: int, n_in: int, n_hidden: int, nb: int, dname: str, tag: str):
+def _mlp_case(T: int, n_in: int, n_hidden: int, nb: int, dname: str, tag: str, training: bool = False):
     """The fused MLP (:mod:`monarch_kernels.triton.mlp`) for this layer as fc1 and its transpose-shaped layer as
-    fc2, GELU between (a transformer MLP ``n_in -> n_hidden -> n_in``), where the fused kernel takes the pair."""
+    fc2, GELU between (a transformer MLP ``n_in -> n_hidden -> n_in``), where the fused kernel takes the pair;
+    ``training``: the saving forward and the fused backward (the hidden layer's backward kernel)."""
     import torch
 
     import monarch_kernels as mk
@@ -101,12 +102,19 @@ def _mlp_case(T: int, n_in: int, n_hidden: int, nb: int, dname: str, tag: str):
 
     dtype = getattr(torch, dname)
     sh1, sh2 = mk.monarch_factor_shapes(n_in, n_hidden, nb), mk.monarch_factor_shapes(n_hidden, n_in, nb)
-    if not mlp.fusable(sh1, sh2, n_in, n_hidden, dtype):
+    if not mlp.fusable(sh1, sh2, n_in, n_hidden, dtype, training):
         return None
     meta = lambda *s: torch.empty(*s, dtype=dtype, device="meta")
-    return Case(f"monarch mlp fwd bias+gelu (hidden layer fused) {tag}",
-                lambda: mlp.mlp_forward(meta(T, n_in), meta(*sh1.w1_shape), meta(*sh1.w2_shape), meta(n_hidden),
-                                        meta(*sh2.w1_shape), meta(*sh2.w2_shape), meta(n_in), n_in, "gelu"))
+    x, b2 = meta(T, n_in), meta(n_in)
+    w = (meta(*sh1.w1_shape), meta(*sh1.w2_shape), meta(n_hidden), meta(*sh2.w1_shape), meta(*sh2.w2_shape))
+    if not training:
+        return Case(f"monarch mlp fwd bias+gelu (hidden layer fused) {tag}",
+                    lambda: mlp.mlp_forward(x, *w, b2, n_in, "gelu"))
+
+    def step():
+        _, z1, z2 = mlp.mlp_forward_saving(x, *w, b2, n_in, "gelu")
+        return mlp.mlp_backward(x, meta(T, n_in), *w, z1, z2, "gelu", True)
+    return Case(f"monarch mlp train step bias+gelu (hidden layer fused both ways) {tag}", step)
 
 
 def _with_plan(fn: Callable[[], object], **values) -> Callable[[], object]:
@@ -173,8 +181,10 @@ def ci_cases() -> list[Case]:
         # few tokens: 16-row tiles
         Case("monarch fwd T=16 4096 nb=64 bfloat16",
              lambda: tmon.forward(meta(16, 4096), meta(*sh.w1_shape), meta(*sh.w2_shape), None, 4096)),
-        # a GPT-2 MLP with its hidden layer fused (two chained dots, wgmma)
+        # a GPT-2 MLP with its hidden layer fused (two chained dots, wgmma), and its training step (the backward
+        # kernel: three dots per chunk, z1 in registers)
         _mlp_case(16384, 768, 3072, 4, "bfloat16", "T=16384 768->3072->768 nb=4 bfloat16"),
+        _mlp_case(16384, 768, 3072, 4, "bfloat16", "T=16384 768->3072->768 nb=4 bfloat16", training=True),
     ]
 
 

@@ -37,16 +37,36 @@ def monarch_fwd_saving(x, w1, w2, bias, n_out, activation="none"):
     return forward_saving(x, w1, w2, _bias(bias), n_out, activation)
 
 
-def monarch_mlp_fwd(x, w1a, w2a, bias1, w1b, w2b, bias2, n_hidden, n_out, activation="gelu"):
-    """``fc2(act(fc1(x)))`` with ``n_hidden`` hidden features and the hidden layer fused (:mod:`.mlp`), or
-    ``None`` where :func:`.mlp.fusable` declines the shapes (the caller runs the two layers)."""
-    from ..shapes import MonarchShape
-    from .mlp import fusable, mlp_forward
+def monarch_mlp_fusable(sh1, sh2, n_in, n_hidden, dtype, training=False):
+    """Whether the fused MLP (:mod:`.mlp`) takes these layers: the forward, with ``training`` its backward too."""
+    from .mlp import fusable
 
-    sh1, sh2 = MonarchShape.from_factors(w1a.shape, w2a.shape), MonarchShape.from_factors(w1b.shape, w2b.shape)
-    if not fusable(sh1, sh2, x.shape[1], n_hidden, x.dtype):
-        return None
+    return fusable(sh1, sh2, n_in, n_hidden, dtype, training)
+
+
+def monarch_mlp_fwd(x, w1a, w2a, bias1, w1b, w2b, bias2, n_hidden, n_out, activation="gelu"):
+    """``fc2(act(fc1(x)))`` with ``n_hidden`` hidden features and the hidden layer fused (:mod:`.mlp`), for
+    layers :func:`monarch_mlp_fusable` takes."""
+    from .mlp import mlp_forward
+
     return mlp_forward(x, w1a, w2a, _bias(bias1), w1b, w2b, _bias(bias2), n_out, activation)
+
+
+def monarch_mlp_fwd_saving(x, w1a, w2a, bias1, w1b, w2b, bias2, n_hidden, n_out, activation="gelu"):
+    """``(out, (z1, z2))``: :func:`monarch_mlp_fwd` and what :func:`monarch_mlp_bwd` needs (the two stage-1
+    intermediates, :func:`.mlp.mlp_forward_saving`)."""
+    from .mlp import mlp_forward_saving
+
+    out, z1, z2 = mlp_forward_saving(x, w1a, w2a, _bias(bias1), w1b, w2b, _bias(bias2), n_out, activation)
+    return out, (z1, z2)
+
+
+def monarch_mlp_bwd(x, g, w1a, w2a, bias1, w1b, w2b, has_bias2, saved, activation="gelu"):
+    """``(dx, dw1a, dw2a, db1 | None, dw1b, dw2b, db2 | None)`` of :func:`monarch_mlp_fwd_saving` at ``g``
+    (:func:`.mlp.mlp_backward`); ``saved``: what it returned beside the output."""
+    from .mlp import mlp_backward
+
+    return mlp_backward(x, g, w1a, w2a, _bias(bias1), w1b, w2b, *saved, activation, has_bias2)
 
 
 def monarch_bwd_input(g, w1, w2, n_in):

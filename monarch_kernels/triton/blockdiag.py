@@ -52,6 +52,25 @@ def _activation(v, ACT: tl.constexpr):
 
 
 @triton.jit
+def _activation_grad(x, g, ACT: tl.constexpr):
+    """``g · act'(x)`` in fp32, the formulas of aten's ``threshold_backward`` / ``gelu_backward`` (a NaN ``x``
+    passes ``g`` through relu's, as there); ``g`` itself without an activation."""
+    if ACT == 1:  # relu: 0 where x <= 0, g elsewhere
+        g = tl.where(x <= 0.0, 0.0, g)
+    elif ACT == 2:  # gelu (erf): cdf + x · pdf
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)
+        g = g * (cdf + x * pdf)
+    elif ACT == 3:  # gelu_tanh: 0.5 (1 + tanh u) + 0.5 x (1 - tanh² u) u', u = √(2/π) (x + 0.044715 x³)
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        e = tl.exp(-2.0 * tl.abs(inner))  # tanh via exp(-2|u|) ≤ 1: no overflow
+        th = tl.where(inner >= 0, (1.0 - e) / (1.0 + e), -(1.0 - e) / (1.0 + e))
+        right = 0.5 * x * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
+        g = g * (0.5 * (1.0 + th) + right)
+    return g
+
+
+@triton.jit
 def _in_cols(kk, j, WIDTH, A, B, MODE: tl.constexpr):
     """Physical columns of block ``kk``'s logical input columns ``j`` (see the module docstring)."""
     if MODE == 1:

@@ -27,6 +27,22 @@ Tiles (:data:`.plan.MLP_TILE`): 128 tokens, 32-wide chunks of ``s'``, 64-deep st
 (padded to a power of two, at most 256) as the fp32 accumulator; 16 warps. Compiled offline for sm_90
 (``bench.kernel_audit``): ``wgmma`` for both dots, 128 registers and no spills at the GPT-2 shape (``q2 = 192``
 padded to 256), 16-byte loads and stores. :func:`fusable` says which pairs of layers it takes (:func:`.plan.mlp_fusable`).
+
+Training (:func:`mlp_forward_saving`, :func:`mlp_backward`). The forward keeps ``z1`` and ``z2``, which it writes
+anyway, and no ``T × n_h`` tensor. Backward, with ``dy2 = P1ᵀ BD(w2b)ᵀ P2ᵀ g`` from fc2's stage 2 (as in
+:func:`.monarch.backward`), hidden column ``h = (kk·S + s')·l1 + ll`` has
+
+    da[t, h]   = Σ_qq w1b[kk, qq, s'·l1 + ll] · dy2[t, kk·q2 + qq]
+    dpre[t, h] = da[t, h] · act'(pre[t, h])
+    dz1[t, ll·r1 + rr] = Σ_{kk, s'} w2a[ll, kk·S + s', rr] · dpre[t, h]
+
+so one program per (token tile, ``ll``) recomputes the pre-activation tile by tile, chains ``da``, the
+derivative and the ``dz1`` accumulation (three dots per chunk, :func:`_hidden_bwd_kernel`), and stores ``a`` and
+``dpre`` token-major for the two weight gradients that sum over tokens (``dw1b[kk] = dy2_kkᵀ a_kk``, ``dw2a[ll]
+= (P2ᵀ dpre)_llᵀ z1_ll``: cuBLAS batched GEMMs on strided views). Tiles (:data:`.plan.MLP_BWD_TILE`): 128 tokens,
+8 warps, fc1's ``r1`` in ≤ 4 chunks of 64 (the program's ``z1`` tile in registers, one fp32 ``dz1`` accumulator
+per chunk, each ``w2a`` chunk loaded once for both its dots). Offline for sm_90 at the GPT-2 shape: ``wgmma``,
+234 registers, no spills, 16-byte loads and stores.
 """
 from __future__ import annotations
 
@@ -40,14 +56,16 @@ from ..shapes import MonarchShape
 from . import _common
 from . import plan as _plan
 from ._common import ACT_CODES, interpreting, precision
-from .blockdiag import _finish, _load, bd_forward
+from .blockdiag import _activation_grad, _finish, _load, bd_forward
 
 
-def fusable(sh1: MonarchShape, sh2: MonarchShape, n_in: int, n_hidden: int, dtype: torch.dtype) -> bool:
-    """Whether :func:`mlp_forward` runs the fused hidden layer for fc1 ``sh1`` (input width ``n_in``) and fc2
-    ``sh2`` with ``n_hidden`` hidden features (:func:`.plan.mlp_fusable`: fp16/bf16, no ragged widths, ``p2 % l1
-    == 0``, ``q2 ≤ 256``)."""
-    return dtype in (torch.float16, torch.bfloat16) and _plan.mlp_fusable(sh1, sh2, n_in, n_hidden, 2)
+def fusable(sh1: MonarchShape, sh2: MonarchShape, n_in: int, n_hidden: int, dtype: torch.dtype,
+            training: bool = False) -> bool:
+    """Whether :func:`mlp_forward` (with ``training``: :func:`mlp_forward_saving` and :func:`mlp_backward`) runs
+    the fused hidden layer for fc1 ``sh1`` (input width ``n_in``) and fc2 ``sh2`` with ``n_hidden`` hidden
+    features (:func:`.plan.mlp_fusable`: fp16/bf16, no ragged widths, ``p2 % l1 == 0``, ``q2 ≤ 256``; training:
+    ``r1 ≤ 256``)."""
+    return dtype in (torch.float16, torch.bfloat16) and _plan.mlp_fusable(sh1, sh2, n_in, n_hidden, 2, training)
 
 
 @triton.jit
@@ -91,6 +109,12 @@ def _hidden_kernel(Z1, W2A, B1, W1B, Z2, T, S, R1, Q2, L1, L2, R2,
              mask=m_ok[:, None] & q_ok[None, :])
 
 
+def _regroup(w1b: torch.Tensor, sh2: MonarchShape, l1: int) -> torch.Tensor:
+    """fc2's ``w1 (k2, q2, p2)`` as ``(k2, l1, q2, S)``, element ``(kk, ll, qq, s')`` = ``w1b[kk, qq, s'·l1 + ll]``:
+    each ``(kk, ll)`` slice a ``(q2, S)`` matrix of unit-stride rows (one small copy)."""
+    return w1b.reshape(sh2.k, sh2.q, sh2.p // l1, l1).permute(0, 3, 1, 2).contiguous()
+
+
 def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tensor], w1b: torch.Tensor,
                  sh2: MonarchShape, activation: str) -> torch.Tensor:
     """fc2's stage-1 output, token-major ``(T, k2·q2)`` in fc2's stage-2 order, from fc1's token-major stage-1
@@ -104,8 +128,7 @@ def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tens
     if T == 0:
         return z2
     tile = _plan.MLP_TILE
-    # fc2's w1 regrouped so that each (kk, ll) slice is a (q2, S) matrix of unit-stride rows: one small copy
-    w1v = w1b.reshape(sh2.k, sh2.q, S, l1).permute(0, 3, 1, 2).contiguous()
+    w1v = _regroup(w1b, sh2, l1)
     grid = (triton.cdiv(T, tile.block_m), sh2.k)
     _hidden_kernel[grid](
         z1, w2a, bias1 if bias1 is not None else z2, w1v, z2, T, S, r1, sh2.q, l1, sh2.l, sh2.r,
@@ -118,9 +141,11 @@ def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tens
     return z2
 
 
-def mlp_forward(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out: int, activation: str = "gelu"):
-    """``fc2(act(fc1(x)))`` for ``x (T, n_in)`` with the hidden layer fused (:func:`hidden_layer`); the caller
-    checks :func:`fusable` first. Three launches and a transposing copy where the cost model stores fc2's output
+def mlp_forward_saving(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out: int, activation: str = "gelu"):
+    """``(out, z1, z2)``: ``fc2(act(fc1(x)))`` for ``x (T, n_in)`` with the hidden layer fused
+    (:func:`hidden_layer`), and the two stage-1 intermediates it wrote anyway (token-major, stage-2 order:
+    fc1's ``z1 (T, l1·r1)``, fc2's ``z2 (T, l2·r2)``), which :func:`mlp_backward` takes. The caller checks
+    :func:`fusable` first. Three launches and a transposing copy where the cost model stores fc2's output
     token-major first, as the two-kernel forward does."""
     from .monarch import stage2_forward
 
@@ -129,4 +154,166 @@ def mlp_forward(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out: int, activation: str
     z1 = _common.empty_token_major(x.shape[0], sh1.n_mid, device=x.device, dtype=x.dtype)
     bd_forward(x, w1a, out_perm=(sh1.l, sh1.r), out=z1)
     z2 = hidden_layer(z1, w2a, bias1, w1b, sh2, activation)
-    return stage2_forward(z2, w2b, bias2, n_out, "none", sh2, n_in=sh1.n_out)
+    return stage2_forward(z2, w2b, bias2, n_out, "none", sh2, n_in=sh1.n_out), z1, z2
+
+
+def mlp_forward(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out: int, activation: str = "gelu"):
+    """``fc2(act(fc1(x)))`` (:func:`mlp_forward_saving`, the intermediates dropped)."""
+    return mlp_forward_saving(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out, activation)[0]
+
+
+# ------------------------------------------------------------------------------------------------ backward
+
+
+@triton.jit
+def _r_chunk(PTR, base, rows, rows_ok, j, R1, srow, sr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """The ``rows × BLOCK_K`` tile of columns ``j·BLOCK_K ..`` (< ``R1``) of a matrix at ``PTR + base``."""
+    rk = j * BLOCK_K + tl.arange(0, BLOCK_K)
+    return _load(PTR + base + rows[:, None] * srow + rk[None, :] * sr, rows_ok[:, None] & (rk < R1)[None, :], UPCAST)
+
+
+@triton.jit
+def _dz1_store(DZ1, dz, rm, m_ok, ll, j, R1, L1, sdzt, sdzf, BLOCK_K: tl.constexpr):
+    rr = j * BLOCK_K + tl.arange(0, BLOCK_K)  # dz1 element (ll, rr) is fc1's stage-1 column rr·l1 + ll (P1ᵀ)
+    tl.store(DZ1 + rm[:, None] * sdzt + (rr * L1 + ll)[None, :] * sdzf, dz.to(DZ1.dtype.element_ty),
+             mask=m_ok[:, None] & (rr < R1)[None, :])
+
+
+@triton.jit
+def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L1, K2,
+                       sz1t, sz1f, swa0, swa1, swa2, swb0, swb1, swb2, sdyt, sdyf, sat, saf, sdpt, sdpf,
+                       sdzt, sdzf, sdb0,
+                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+                       BLOCK_K: tl.constexpr, NR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (token tile, fc1 block ll), for every fc2 block kk and chunk of ``s'``: the pre-activation again
+    (fc1's stage 2 of ``z1``, + bias), ``da = dy2_kk · w1b`` for those hidden columns, ``a = act(pre)`` and
+    ``dpre = da · act'(pre)`` stored (token-major, natural hidden order) with the bias gradient's per-tile sums,
+    and ``dz1_ll += dpre · w2a[ll, rows]`` in fp32 registers, stored through P1ᵀ (token-major, fc1's stage-1
+    order). fc1's ``r1`` is ``NR ≤ 4`` column chunks of ``BLOCK_K``: the program's ``z1`` tile is loaded once
+    (a register operand of every pre-activation dot), each chunk of ``w2a`` rows once and used by both dots
+    that need it (transposed for the pre-activation, as is for ``dz1``), and ``dz1`` is ``NR`` accumulators, so
+    nothing is padded beyond ``BLOCK_K``. ``W1B``: fc2's ``w1`` regrouped as in :func:`_hidden_kernel`."""
+    ll = tl.program_id(1)
+    pid_m = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = rm < T
+    z_base = ll * R1 * sz1f
+    w_base = ll * swa0
+    za = _r_chunk(Z1, z_base, rm, m_ok, 0, R1, sz1t, sz1f, BLOCK_K, UPCAST)
+    dza = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if NR > 1:
+        zb = _r_chunk(Z1, z_base, rm, m_ok, 1, R1, sz1t, sz1f, BLOCK_K, UPCAST)
+        dzb = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if NR > 2:
+        zc = _r_chunk(Z1, z_base, rm, m_ok, 2, R1, sz1t, sz1f, BLOCK_K, UPCAST)
+        dzc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if NR > 3:
+        zd = _r_chunk(Z1, z_base, rm, m_ok, 3, R1, sz1t, sz1f, BLOCK_K, UPCAST)
+        dzd = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for kk in range(0, K2):
+        for s0 in range(0, S, BLOCK_S):
+            rs = s0 + tl.arange(0, BLOCK_S)
+            s_ok = rs < S
+            rows = kk * S + rs
+            wa = _r_chunk(W2A, w_base, rows, s_ok, 0, R1, swa1, swa2, BLOCK_K, UPCAST)
+            pre = tl.dot(za, tl.trans(wa), input_precision=PRECISION)
+            if NR > 1:
+                wb = _r_chunk(W2A, w_base, rows, s_ok, 1, R1, swa1, swa2, BLOCK_K, UPCAST)
+                pre = tl.dot(zb, tl.trans(wb), pre, input_precision=PRECISION)
+            if NR > 2:
+                wc = _r_chunk(W2A, w_base, rows, s_ok, 2, R1, swa1, swa2, BLOCK_K, UPCAST)
+                pre = tl.dot(zc, tl.trans(wc), pre, input_precision=PRECISION)
+            if NR > 3:
+                wd = _r_chunk(W2A, w_base, rows, s_ok, 3, R1, swa1, swa2, BLOCK_K, UPCAST)
+                pre = tl.dot(zd, tl.trans(wd), pre, input_precision=PRECISION)
+            col = rows * L1 + ll
+            if HAS_BIAS:
+                pre += _load(B1 + col, s_ok, True)[None, :]
+            da = tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32)
+            for k0 in range(0, Q2, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = rk < Q2
+                d = _load(DY2 + rm[:, None] * sdyt + (kk * Q2 + rk)[None, :] * sdyf, m_ok[:, None] & k_ok[None, :],
+                          UPCAST)
+                w = _load(W1B + kk * swb0 + ll * swb1 + rk[:, None] * swb2 + rs[None, :],
+                          k_ok[:, None] & s_ok[None, :], UPCAST)
+                da = tl.dot(d, w, da, input_precision=PRECISION)
+            # the forward's rounding: the pre-activation to the dtype, then act in fp32 (blockdiag._finish)
+            act = _finish(pre, ACT, A.dtype.element_ty)
+            dp = _activation_grad(pre.to(A.dtype.element_ty).to(tl.float32), da, ACT).to(A.dtype.element_ty)
+            ok = m_ok[:, None] & s_ok[None, :]
+            tl.store(A + rm[:, None] * sat + col[None, :] * saf, act, mask=ok)
+            tl.store(DPRE + rm[:, None] * sdpt + col[None, :] * sdpf, dp, mask=ok)
+            if HAS_BIAS:
+                tl.store(DB1 + pid_m * sdb0 + col, tl.sum(tl.where(ok, dp.to(tl.float32), 0.0), 0), mask=s_ok)
+            if UPCAST:
+                dp = dp.to(tl.float32)
+            dza = tl.dot(dp, wa, dza, input_precision=PRECISION)
+            if NR > 1:
+                dzb = tl.dot(dp, wb, dzb, input_precision=PRECISION)
+            if NR > 2:
+                dzc = tl.dot(dp, wc, dzc, input_precision=PRECISION)
+            if NR > 3:
+                dzd = tl.dot(dp, wd, dzd, input_precision=PRECISION)
+    _dz1_store(DZ1, dza, rm, m_ok, ll, 0, R1, L1, sdzt, sdzf, BLOCK_K)
+    if NR > 1:
+        _dz1_store(DZ1, dzb, rm, m_ok, ll, 1, R1, L1, sdzt, sdzf, BLOCK_K)
+    if NR > 2:
+        _dz1_store(DZ1, dzc, rm, m_ok, ll, 2, R1, L1, sdzt, sdzf, BLOCK_K)
+    if NR > 3:
+        _dz1_store(DZ1, dzd, rm, m_ok, ll, 3, R1, L1, sdzt, sdzf, BLOCK_K)
+
+
+def hidden_layer_backward(z1, w2a, bias1, w1b, dy2, sh2: MonarchShape, activation: str):
+    """``(a, dpre, dz1, db1 | None)`` of the fused hidden layer for fc2's stage-1 gradient ``dy2 (T, k2·q2)``
+    (token-major, stage-1 order): the activation ``a`` and ``dpre = (w1bᵀ dy2) · act'(pre)``, both ``(T, n_h)``
+    token-major in natural hidden order (what fc2's ``dw1`` and fc1's ``dw2`` read), ``dz1 = BD(w2a)ᵀ P2ᵀ dpre``
+    token-major in fc1's stage-1 order ``(T, l1·r1)``, and ``db1 = Σ_t dpre`` (fp32 per-tile sums added up) with
+    ``bias1``. The pre-activation is recomputed from ``z1`` (:func:`_hidden_bwd_kernel`)."""
+    T = z1.shape[0]
+    l1, s1, r1 = w2a.shape
+    S, n_h = sh2.p // l1, l1 * s1
+    kw = dict(device=z1.device, dtype=z1.dtype)
+    a, dpre = _common.empty_token_major(T, n_h, **kw), _common.empty_token_major(T, n_h, **kw)
+    dz1 = _common.empty_token_major(T, l1 * r1, **kw)
+    tile = _plan.MLP_BWD_TILE
+    tiles = triton.cdiv(T, tile.block_m)
+    db1 = None if bias1 is None else _common.empty(tiles, n_h, device=z1.device, dtype=torch.float32)
+    if T == 0:
+        return a, dpre, dz1, None if bias1 is None else torch.zeros(n_h, device=z1.device, dtype=z1.dtype)
+    w1v = _regroup(w1b, sh2, l1)
+    _hidden_bwd_kernel[(tiles, l1)](
+        z1, w2a, bias1 if bias1 is not None else dz1, w1v, dy2, a, dpre, dz1, db1 if db1 is not None else dz1,
+        T, S, r1, sh2.q, l1, sh2.k,
+        z1.stride(0), z1.stride(1), *w2a.stride(), *w1v.stride()[:3], dy2.stride(0), dy2.stride(1),
+        a.stride(0), a.stride(1), dpre.stride(0), dpre.stride(1), dz1.stride(0), dz1.stride(1),
+        0 if db1 is None else db1.stride(0),
+        HAS_BIAS=bias1 is not None, ACT=ACT_CODES[activation], BLOCK_M=tile.block_m,
+        BLOCK_S=_plan.mlp_block_s(S), BLOCK_K=tile.block_k, NR=_plan.mlp_r_chunks(r1), UPCAST=interpreting(),
+        PRECISION=precision(z1.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+    return a, dpre, dz1, None if db1 is None else db1.sum(0).to(z1.dtype)
+
+
+def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, activation: str, fc2_bias: bool):
+    """First-order backward of :func:`mlp_forward_saving` at ``g (T, n_out)``: ``(dx, dw1a, dw2a, db1 | None,
+    dw1b, dw2b, db2 | None)`` (``db1`` with ``bias1``, ``db2`` with ``fc2_bias``). fc2's stage 2 as in
+    :func:`.monarch.backward` (``dy2``, ``dw2b``); the hidden layer in one kernel (:func:`hidden_layer_backward`),
+    then the two weight gradients on what it stored (cuBLAS batched GEMMs on token-major views: ``dw1b[kk] =
+    dy2_kkᵀ a_kk``, ``dw2a[ll] = (P2ᵀ dpre)_llᵀ z1_ll``); fc1's stage 1 as in :func:`.monarch.backward`. The
+    ``T × n_h`` hidden tensors exist only inside the backward."""
+    from .monarch import _bmm_dw1, _bmm_dw2, input_grads, output_grads
+
+    sh1 = MonarchShape.from_factors(w1a.shape, w2a.shape)
+    sh2 = MonarchShape.from_factors(w1b.shape, w2b.shape)
+    T, n_in, n_h = x.shape[0], x.shape[1], sh1.n_out
+    db2 = g.sum(0) if fc2_bias else None
+    if T == 0:
+        db1 = None if bias1 is None else torch.zeros_like(bias1)
+        return (_common.empty(0, n_in, device=x.device, dtype=x.dtype), torch.zeros_like(w1a),
+                torch.zeros_like(w2a), db1, torch.zeros_like(w1b), torch.zeros_like(w2b), db2)
+    dy2, dw2b = output_grads(g, z2, w2b, sh2, n_h)
+    a, dpre, dz1, db1 = hidden_layer_backward(z1, w2a, bias1, w1b, dy2, sh2, activation)
+    dw1b, dw2a = _bmm_dw1(dy2, a, sh2), _bmm_dw2(z1, dpre, sh1)
+    dx, dw1a = input_grads(dz1, x, w1a, sh1, n_in, n_h)
+    return dx, dw1a, dw2a, db1, dw1b, dw2b, db2

@@ -333,12 +333,16 @@ def _bmm_dw2(z, g, sh: MonarchShape):
     return torch.bmm(g.unflatten(1, (sh.s, sh.l)).permute(2, 1, 0), z.unflatten(1, (sh.l, sh.r)).permute(1, 0, 2))
 
 
+def _bmm_dw1(dy, x, sh: MonarchShape):
+    """``dw1[kk] = dy_kkᵀ x_kk`` from a token-major ``dy (T, k·q)`` and ``x (T, k·p)`` of any strides."""
+    return torch.bmm(dy.unflatten(1, (sh.k, sh.q)).permute(1, 2, 0), x.unflatten(1, (sh.k, sh.p)).permute(1, 0, 2))
+
+
 def _bmm_dxw(dy, x, w1, sh: MonarchShape):
     """``(dx, dw1)``: ``dx_kk = dy_kk W1[kk]`` into a row-major ``(T, k·p)`` and ``dw1[kk] = dy_kkᵀ x_kk``."""
     dx = _common.empty(x.shape[0], sh.k * sh.p, device=x.device, dtype=x.dtype)
-    dyb = dy.unflatten(1, (sh.k, sh.q))
-    torch.bmm(dyb.permute(1, 0, 2), w1, out=dx.unflatten(1, (sh.k, sh.p)).permute(1, 0, 2))
-    return dx, torch.bmm(dyb.permute(1, 2, 0), x.unflatten(1, (sh.k, sh.p)).permute(1, 0, 2))
+    torch.bmm(dy.unflatten(1, (sh.k, sh.q)).permute(1, 0, 2), w1, out=dx.unflatten(1, (sh.k, sh.p)).permute(1, 0, 2))
+    return dx, _bmm_dw1(dy, x, sh)
 
 
 def backward_weight(x, g, w1, w2, *, path="auto", g_layout="auto", z=None):
@@ -454,18 +458,32 @@ def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto
         raise ValueError(f"dxw must be one of {DXW}, got {dxw!r}")
     if dxw == "bmm":
         _check_bmm("dxw", n_in, sh.k * sh.p, "n_in")
-    g, how = _g_for_readers(g, n_in, sh, g_layout)
     T = x.shape[0]
     if T == 0:
+        _g_for_readers(g, n_in, sh, g_layout)  # g_layout validated
         return _common.empty(T, n_in, device=x.device, dtype=x.dtype), torch.zeros_like(w1), torch.zeros_like(w2)
-    z = _z(x, w1, sh) if z is None else z
-    dy, dw2 = (_bmm_dy(g, w2, sh), _bmm_dw2(z, g, sh)) if how == "bmm" else (_dy(g, w2, sh), _dw2(z, g, sh))
+    dy, dw2 = output_grads(g, _z(x, w1, sh) if z is None else z, w2, sh, n_in, g_layout)
+    return (*input_grads(dy, x, w1, sh, n_in, g.shape[1], dxw), dw2)
+
+
+def output_grads(g, z, w2, sh: MonarchShape, n_in: int, g_layout: str = "auto"):
+    """``(dy, dw2)`` for ``g (T > 0, n_out)`` and the stage-1 intermediate ``z`` (token-major, stage-2 order):
+    ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` token-major in stage-1 order ``(T, k·q)`` and ``dw2[ll] = (P2ᵀ g)_llᵀ z_ll``, ``g``
+    read as :func:`_g_for_readers` decides (``n_in``: the layer's input width the model prices)."""
+    g, how = _g_for_readers(g, n_in, sh, g_layout)
+    return (_bmm_dy(g, w2, sh), _bmm_dw2(z, g, sh)) if how == "bmm" else (_dy(g, w2, sh), _dw2(z, g, sh))
+
+
+def input_grads(dy, x, w1, sh: MonarchShape, n_in: int, n_out: int, dxw: str = "auto"):
+    """``(dx, dw1)`` from ``dy`` (token-major, stage-1 order) and ``x (T > 0, n_in)``: ``dx = BD(w1)ᵀ dy``
+    truncated to ``n_in`` and ``dw1[kk] = dy_kkᵀ x_kk``, by ``dxw`` (:data:`DXW`, as in :func:`backward`)."""
+    T = x.shape[0]
     if dxw == "auto":
-        dxw = _model_choice("dxw_choice", T, n_in, g.shape[1], sh, x.dtype)
+        dxw = _model_choice("dxw_choice", T, n_in, n_out, sh, x.dtype)
     if dxw == "bmm":
-        return (*_bmm_dxw(dy, x, w1, sh), dw2)
+        return _bmm_dxw(dy, x, w1, sh)
     if dxw == "separate":
-        return bd_forward(dy, w1.transpose(1, 2), None, n_in), bd_weight_grad(x, dy, sh.k, sh.q, sh.p), dw2
+        return bd_forward(dy, w1.transpose(1, 2), None, n_in), bd_weight_grad(x, dy, sh.k, sh.q, sh.p)
     dx = _common.empty(T, n_in, device=x.device, dtype=x.dtype)
     lp = _plan.dxw_launch(T, sh.k, sh.q, sh.p, _common.device_info(x.device).num_sms)
     part1 = _common.empty(lp.splits, *w1.shape, device=x.device, dtype=torch.float32)
@@ -476,7 +494,7 @@ def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto
         UPCAST=interpreting(), PRECISION=precision(x.dtype),
         **_common.launch_meta(lp.tile, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
     )
-    return dx, part1.sum(0).to(w1.dtype), dw2
+    return dx, part1.sum(0).to(w1.dtype)
 
 
 def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True, pre=None):

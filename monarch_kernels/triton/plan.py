@@ -452,16 +452,24 @@ def grouped_ok(nblocks: int, run: int) -> bool:
 #: read the weights twice as often)
 MLP_TILE = Tile(128, 32, 64, 1, 16, 2)
 MLP_MAX_Q = 256
+#: its backward (:func:`.mlp.hidden_layer_backward`): the same token tile and chunks, fc1's ``r1`` in at most
+#: ``MLP_MAX_R_CHUNKS`` column chunks of ``block_k`` (each a ``z1`` register tile and an fp32 ``dz1`` accumulator),
+#: 8 warps. Compiled offline for sm_90 at the GPT-2 shape (r1 = 192: 3 chunks; triton 3.9): 234 registers, no
+#: spills, ``wgmma``, 16-byte loads and stores, 100 KB of shared memory; 16 warps spill 232 B (128 registers),
+#: 64-row chunks of ``s'`` 160 B
+MLP_BWD_TILE = Tile(128, 32, 64, 1, 8, 2)
+MLP_MAX_R_CHUNKS = 4
 
 
-def mlp_fusable(sh1, sh2, n_in: int, n_hidden: int, itemsize: int) -> bool:
+def mlp_fusable(sh1, sh2, n_in: int, n_hidden: int, itemsize: int, training: bool = False) -> bool:
     """Whether the fused MLP hidden layer takes fc1 ``sh1`` (input width ``n_in``) followed by fc2 ``sh2`` with
     ``n_hidden`` hidden features (both :class:`monarch_kernels.MonarchShape`): 16-bit, no ragged widths (``n_in =
     k1·p1``, ``n_hidden = l1·s1 = k2·p2``), fc2's blocks made of whole fc1 stage-2 rows (``p2 % l1 == 0``), at
     least 16 of them per fc1 block (``S = p2 / l1 ≥ 16``: a chunk is a dot's contraction; square layers with many
-    blocks have ``S = 1`` and would waste most of each chunk) and ``q2 ≤ MLP_MAX_Q``."""
+    blocks have ``S = 1`` and would waste most of each chunk) and ``q2 ≤ MLP_MAX_Q``; for ``training`` (its
+    backward, :data:`MLP_BWD_TILE`) ``r1`` in at most :data:`MLP_MAX_R_CHUNKS` chunks (256 at 64-wide chunks)."""
     return (itemsize == 2 and n_in == sh1.n_in and n_hidden == sh1.n_out == sh2.n_in and sh2.p % sh1.l == 0
-            and sh2.p // sh1.l >= 16 and sh2.q <= MLP_MAX_Q)
+            and sh2.p // sh1.l >= 16 and sh2.q <= MLP_MAX_Q and (not training or mlp_r_chunks(sh1.r) <= MLP_MAX_R_CHUNKS))
 
 
 def mlp_block_s(S: int) -> int:
@@ -473,3 +481,8 @@ def mlp_block_s(S: int) -> int:
 def mlp_block_q(q2: int) -> int:
     """The fused MLP kernel's accumulator width for fc2's ``q2``: a power of two ≥ 16."""
     return pow2(q2)
+
+
+def mlp_r_chunks(r1: int) -> int:
+    """The fused MLP backward's column chunks of fc1's ``r1`` (:data:`MLP_BWD_TILE` ``block_k`` wide)."""
+    return cdiv(r1, MLP_BWD_TILE.block_k)

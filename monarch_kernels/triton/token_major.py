@@ -23,6 +23,7 @@ import triton.language as tl
 
 from . import _common
 from . import plan as _plan
+from .blockdiag import _activation_grad
 
 
 @triton.jit
@@ -37,24 +38,13 @@ def _token_major_copy_kernel(X, Y, T, N, sxt, sxf, syt, syf, BLOCK_T: tl.constex
 @triton.jit
 def _activation_grad_kernel(PRE, G, Y, T, N, spt, spf, sgt, sgf, syt, syf, ACT: tl.constexpr,
                             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    # g · act'(pre) in fp32, rounded to Y's dtype: the formulas of aten's threshold_backward / gelu_backward
+    # g · act'(pre) in fp32 (blockdiag._activation_grad), rounded to Y's dtype
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rt < T)[:, None] & (rn < N)[None, :]
     x = tl.load(PRE + rt[:, None] * spt + rn[None, :] * spf, mask=ok).to(tl.float32)
     g = tl.load(G + rt[:, None] * sgt + rn[None, :] * sgf, mask=ok).to(tl.float32)
-    if ACT == 1:  # relu: 0 where pre <= 0, g elsewhere (NaN pre passes g)
-        d = tl.where(x <= 0.0, 0.0, g)
-    elif ACT == 2:  # gelu (erf): cdf + x · pdf
-        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        pdf = 0.3989422804014327 * tl.exp(-0.5 * x * x)
-        d = g * (cdf + x * pdf)
-    else:  # gelu_tanh: 0.5 (1 + tanh u) + 0.5 x (1 - tanh² u) u', u = √(2/π) (x + 0.044715 x³)
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        e = tl.exp(-2.0 * tl.abs(inner))  # tanh via exp(-2|u|) ≤ 1: no overflow
-        th = tl.where(inner >= 0, (1.0 - e) / (1.0 + e), -(1.0 - e) / (1.0 + e))
-        right = 0.5 * x * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-        d = g * (0.5 * (1.0 + th) + right)
+    d = _activation_grad(x, g, ACT)
     tl.store(Y + rt[:, None] * syt + rn[None, :] * syf, d.to(Y.dtype.element_ty), mask=ok)
 
 

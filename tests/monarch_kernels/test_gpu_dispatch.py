@@ -191,3 +191,29 @@ def test_auto_fuses_the_mlp_where_the_model_prices_it_below_the_layers():
     assert not gd.fused_mlp_wins(fc1, fc2, torch.float32, ("triton", "triton"), eager=False)
     odd = cm.Problem.linear(16384, 64, 96, 4), cm.Problem.linear(16384, 96, 64, 16)  # p2 % l1 != 0
     assert not gd.fused_mlp_wins(*odd, torch.bfloat16, ("torch", "torch"), eager=False)
+
+
+def test_auto_fuses_the_mlp_training_step_where_the_model_prices_it_below_the_layers():
+    """Training calls (``training=True``): GPT-2's MLP from a CUDA graph fuses at 16K tokens (the fused step
+    against the two Triton layers' steps plus the GELU derivative's pass between them); eager, two Triton
+    training calls' host time loses to the reference layers at 16K tokens and wins at 64K; a pair whose fc1
+    rank the backward kernel does not take (r1 = 320: five 64-wide chunks) never, though its forward fuses."""
+    from monarch_kernels.shapes import MonarchShape
+
+    def problems(T):
+        return cm.Problem.linear(T, 768, 3072, 4, "gelu"), cm.Problem.linear(T, 3072, 768, 4)
+
+    dev = gd.device()
+    fc1, fc2 = problems(16384)
+    assert gd.fused_mlp_wins(fc1, fc2, torch.bfloat16, ("triton", "triton"), eager=False, training=True)
+    layers = (sum(cm.estimate("triton", cm.triton_path(p, dev=dev), "fwdbwd", p, "bfloat16", dev).time(dev)
+                  for p in (fc1, fc2)) + cm.activation_pass(16384, 3072, "bfloat16", dev, backward=True).time(dev))
+    assert cm.mlp_training_step(fc1, fc2, "bfloat16", dev).time(dev) < 0.7 * layers
+    assert not gd.fused_mlp_wins(fc1, fc2, torch.bfloat16, ("torch", "torch"), eager=True, training=True)
+    assert gd.fused_mlp_wins(*problems(65536), torch.bfloat16, ("torch", "torch"), eager=True, training=True)
+    wide = (cm.Problem(16384, 64, 64, MonarchShape(1, 320, 64, 1, 64, 320), "gelu"),
+            cm.Problem(16384, 64, 64, MonarchShape(1, 32, 64, 1, 64, 32)))
+    assert cm.mlp_forward(*wide).time() > 0  # the forward takes the pair
+    assert not gd.fused_mlp_wins(*wide, torch.bfloat16, ("triton", "triton"), eager=False, training=True)
+    with pytest.raises(ValueError, match="backward does not take"):
+        cm.mlp_training_step(*wide)

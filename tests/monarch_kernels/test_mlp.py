@@ -1,7 +1,8 @@
 """``monarch_kernels.monarch_mlp``: ``fc2(act(fc1(x)))`` with the hidden layer fused on the Triton backend
 (``monarch_kernels/triton/mlp.py``, run here in Triton's interpreter) against the float64 composition of the
-reference, per element, outputs poisoned; the values of the two Triton layers run in turn; the calls it
-does not fuse (and training calls) take the two layers; argument checks."""
+reference, per element, outputs poisoned; the values of the two Triton layers run in turn; training calls
+(the fused backward: every gradient against float64 autograd, frozen parameters, ``create_graph``); the calls
+it does not fuse take the two layers; argument checks; ``auto``'s choice on a GPU."""
 import pytest
 import torch
 
@@ -31,6 +32,22 @@ def fused_calls(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(mlp, "hidden_layer", counting)
+    return calls
+
+
+@pytest.fixture
+def fused_backward_calls(monkeypatch):
+    """Counts the fused hidden-layer backward launches (:func:`monarch_kernels.triton.mlp.hidden_layer_backward`)."""
+    from monarch_kernels.triton import mlp
+
+    calls = []
+    original = mlp.hidden_layer_backward
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(mlp, "hidden_layer_backward", counting)
     return calls
 
 
@@ -116,8 +133,7 @@ def test_nan_and_inf_stay_in_their_token_rows(fused_calls):
 def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
     """fp32, an input narrower than fc1's blocks, fc2 blocks that are not whole fc1 stage-2 rows (p2 = 6, l1 = 4),
     fewer than 16 of them per fc1 block (square 256-wide layers in 16 blocks: S = 1), q2 = 320 past the 256-wide
-    accumulator, the torch backend, and a training call (its gradients are the layers' own): the same values as
-    the layers, no fused launch."""
+    accumulator, the torch backend: the same values as the layers, no fused launch."""
     gen = torch.Generator().manual_seed(3)
     bf = torch.bfloat16
     q2_wide = mlp_params(64, 64, 4, 4, bf, gen)
@@ -139,13 +155,6 @@ def test_calls_it_does_not_fuse_run_the_layers(fused_calls):
     params = mlp_params(64, 256, 4, 4, bf, gen)
     x = torch.randn(30, 64, generator=gen).to(DEVICE, bf)
     leaves = [p.clone().requires_grad_() for p in params]
-    mk.monarch_mlp(x, *leaves, backend="triton").sum().backward()
-    assert fused_calls == []
-    plain = [p.clone().requires_grad_() for p in params]
-    hidden = mk.monarch_linear(x, plain[0], plain[1], plain[4], activation="gelu", backend="triton")
-    mk.monarch_linear(hidden, plain[2], plain[3], plain[5], backend="triton").sum().backward()
-    for a, b in zip(leaves, plain):
-        assert torch.equal(a.grad, b.grad)
     # a hidden width below fc1's blocks (ragged: fc1 truncated, fc2's input zero-padded): the layers in turn
     out = mk.monarch_mlp(x, *params[:4], params[4][:250], params[5], hidden_features=250, backend="triton")
     d = [t.double() for t in params]
@@ -179,7 +188,8 @@ def test_bad_arguments_name_the_argument():
 def test_auto_on_a_gpu_fuses_where_the_rule_says(monkeypatch):
     """``auto`` for a CUDA tensor (a stand-in with its device, dtype and shape; the rule needs nothing else):
     the fused Triton forward where :func:`monarch_kernels.gpu_dispatch.fused_mlp_wins` prices it below the two
-    layers — GPT-2's MLP eager at 65536 tokens, not at 16384 (host time); a requested backend is kept."""
+    layers — GPT-2's MLP eager at 65536 tokens, not at 16384 (host time), in inference and in training; a
+    requested backend is kept."""
     from monarch_kernels import ops
 
     class Cuda:
@@ -196,3 +206,156 @@ def test_auto_on_a_gpu_fuses_where_the_rule_says(monkeypatch):
     assert ops._mlp_backend(Cuda(65536, 768), sh1, sh2, 3072, 768, "gelu", None) == "triton"
     assert ops._mlp_backend(Cuda(16384, 768), sh1, sh2, 3072, 768, "gelu", None) is None
     assert ops._mlp_backend(Cuda(16384, 768), sh1, sh2, 3072, 768, "gelu", "triton") == "triton"
+    # training calls: priced by the fused training step against the layers' steps
+    assert ops._mlp_backend(Cuda(65536, 768), sh1, sh2, 3072, 768, "gelu", None, True) == "triton"
+    assert ops._mlp_backend(Cuda(16384, 768), sh1, sh2, 3072, 768, "gelu", None, True) is None
+
+
+def layered(x, params, act, backend="triton"):
+    """The two layers in turn (the fused MLP's roundings: the hidden activation stored in the dtype)."""
+    hidden = mk.monarch_linear(x, params[0], params[1], params[4], activation=act, backend=backend)
+    return mk.monarch_linear(hidden, params[2], params[3], params[5], backend=backend)
+
+
+def grads_of(fn, x, params, g, wanted=None):
+    """``fn(x, params)``'s output and the gradients of ``⟨g, out⟩`` for fresh leaves (``wanted``: which of ``x,
+    *params`` require grad, default all); ``None`` for the others."""
+    wanted = [True] * (1 + len(params)) if wanted is None else wanted
+    leaves = [t.detach().clone().requires_grad_(w) if t is not None else None for t, w in zip([x, *params], wanted)]
+    out = fn(leaves[0], leaves[1:])
+    out.backward(g)
+    return out, [t.grad if t is not None else None for t in leaves]
+
+
+#: training shapes (n_in, n_h, nb1, nb2): fc1's r1 in one 64-wide chunk (16), two (80, ragged), three (192: GPT-2's
+#: r1, with 2 blocks; 12 chunks of S = 384 hidden rows in one block) and four (256)
+TRAIN_SHAPES = [(64, 256, 4, 4), (160, 320, 2, 2), (384, 768, 2, 2), (192, 384, 1, 1), (256, 512, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", TRAIN_SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("dtype,act", [(torch.bfloat16, "gelu"), (torch.float16, "gelu_tanh")], ids=str)
+def test_training_gradients_match_float64(shape, dtype, act, fused_calls, fused_backward_calls):
+    """Every gradient (x, both layers' factors and biases) of a training call against float64 autograd through
+    the reference's layers, per element; leading dims with 70 tokens (a ragged 128-token tile)."""
+    n_in, n_h, nb1, nb2 = shape
+    gen = torch.Generator().manual_seed(10 + sum(shape))
+    params = mlp_params(n_in, n_h, nb1, nb2, dtype, gen)
+    x = torch.randn(2, 35, n_in, generator=gen).to(DEVICE, dtype)
+    g = torch.randn(2, 35, n_in, generator=gen).to(DEVICE, dtype)
+    out, grads = grads_of(lambda x_, p: mk.monarch_mlp(x_, *p, activation=act, backend="triton"), x, params, g)
+    d = [t.double() for t in params]
+    want, want_grads = grads_of(lambda x_, p: layered(x_, p, act, "torch"), x.double(), d, g.double())
+    assert fused_calls == [70] and fused_backward_calls == [70]
+    assert out.dtype == dtype and rel_err(out, want) < 2 * RTOL[dtype]
+    for name, a, b in zip(["x", "fc1_w1", "fc1_w2", "fc2_w1", "fc2_w2", "fc1_bias", "fc2_bias"], grads, want_grads):
+        assert a.shape == b.shape and a.dtype == dtype, name
+        assert rel_err(a, b) < 2 * RTOL[dtype], name
+
+
+@pytest.mark.parametrize("act", ["relu", "none"])
+def test_training_matches_the_layers_in_turn(act, fused_backward_calls):
+    """relu (its derivative jumps where the dtype's pre-activation changes sign, so float64 is not the yardstick)
+    and no activation: the gradients of the two Triton layers run in turn, which round alike; 130 tokens (two
+    token tiles, the last ragged: the bias gradient's per-tile partials), no fc2 bias."""
+    gen = torch.Generator().manual_seed(11)
+    params = mlp_params(160, 320, 2, 2, torch.bfloat16, gen)
+    params[5] = None
+    x = torch.randn(130, 160, generator=gen).to(DEVICE, torch.bfloat16)
+    g = torch.randn(130, 160, generator=gen).to(DEVICE, torch.bfloat16)
+    wanted = [True, True, True, True, True, True, False]
+    out, grads = grads_of(lambda x_, p: mk.monarch_mlp(x_, *p, activation=act, backend="triton"), x, params, g, wanted)
+    ref_out, ref_grads = grads_of(lambda x_, p: layered(x_, p, act), x, params, g, wanted)
+    assert fused_backward_calls == [130]
+    assert rel_err(out, ref_out) < RTOL[torch.bfloat16]
+    for a, b in zip(grads, ref_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) < RTOL[torch.bfloat16]
+    if act == "none":
+        d = [t.double() if t is not None else None for t in params]
+        _, want = grads_of(lambda x_, p: layered(x_, p, act, "torch"), x.double(), d, g.double(), wanted)
+        for a, b in zip(grads, want):
+            if a is not None:
+                assert rel_err(a, b) < 2 * RTOL[torch.bfloat16]
+
+
+def test_frozen_parameters_and_no_input_gradient(fused_backward_calls):
+    """Only fc2's factors train (x and fc1 frozen): those gradients, nothing for the others; then only x (every
+    parameter frozen, as when a frozen MLP sits inside a trained model)."""
+    gen = torch.Generator().manual_seed(12)
+    params = mlp_params(64, 256, 4, 4, torch.bfloat16, gen)
+    x = torch.randn(40, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    g = torch.randn(40, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    fused = lambda x_, p: mk.monarch_mlp(x_, *p, backend="triton")
+    for wanted in ([False, False, False, True, True, False, False], [True] + [False] * 6):
+        _, grads = grads_of(fused, x, params, g, wanted)
+        _, ref_grads = grads_of(lambda x_, p: layered(x_, p, "gelu"), x, params, g, wanted)
+        for a, b, w in zip(grads, ref_grads, wanted):
+            assert (a is not None) == w
+            if w:
+                assert rel_err(a, b) < RTOL[torch.bfloat16]
+    assert fused_backward_calls == [40, 40]
+
+
+def test_create_graph_differentiates_the_layers(fused_backward_calls):
+    """A gradient penalty: ``d/dw ‖∂⟨g, out⟩/∂x‖²`` through ``create_graph=True`` (the layers recomputed and
+    differentiated, no fused backward) against the same through the two layers."""
+    gen = torch.Generator().manual_seed(13)
+    params = mlp_params(64, 256, 4, 4, torch.float16, gen)
+    x = torch.randn(20, 64, generator=gen).to(DEVICE, torch.float16)
+    g = torch.randn(20, 64, generator=gen).to(DEVICE, torch.float16)
+
+    def penalty_grads(fn):
+        xl = x.clone().requires_grad_()
+        leaves = [p.clone().requires_grad_() for p in params]
+        (dx,) = torch.autograd.grad(fn(xl, leaves), xl, g, create_graph=True)
+        (dx.float() ** 2).sum().backward()
+        return [t.grad for t in leaves]
+
+    fused = penalty_grads(lambda x_, p: mk.monarch_mlp(x_, *p, activation="gelu_tanh", backend="triton"))
+    ref_grads = penalty_grads(lambda x_, p: layered(x_, p, "gelu_tanh"))
+    for a, b in zip(fused, ref_grads):  # fc2's bias does not reach dx: no gradient either way
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert rel_err(a, b) < RTOL[torch.float16]
+    assert fused[5] is None and fused_backward_calls == []
+
+
+def test_training_nan_stays_in_its_token_row(fused_backward_calls):
+    """A NaN input token: its input-gradient row is NaN, every other row finite and as through the layers."""
+    gen = torch.Generator().manual_seed(14)
+    params = mlp_params(64, 256, 4, 4, torch.bfloat16, gen)
+    x = torch.randn(20, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    x[7, 3] = float("nan")
+    g = torch.randn(20, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    wanted = [True] + [False] * 6
+    _, (dx, *_) = grads_of(lambda x_, p: mk.monarch_mlp(x_, *p, backend="triton"), x, params, g, wanted)
+    _, (want, *_) = grads_of(lambda x_, p: layered(x_, p, "gelu"), x, params, g, wanted)
+    others = [t for t in range(20) if t != 7]
+    assert dx[7].isnan().all() and dx[others].isfinite().all()
+    assert rel_err(dx[others], want[others]) < RTOL[torch.bfloat16]
+    assert fused_backward_calls == [20]
+
+
+def test_training_calls_it_does_not_fuse_run_the_layers(fused_calls, fused_backward_calls):
+    """fc1's r1 = 320 (five 64-wide chunks, past the backward's four): the forward alone would fuse, a training
+    call runs the layers (their gradients exactly); no tokens: zero gradients."""
+    gen = torch.Generator().manual_seed(15)
+    bf = torch.bfloat16
+    params = [torch.randn(1, 320, 64, generator=gen) / 8, torch.randn(1, 64, 320, generator=gen) / 18,
+              torch.randn(1, 32, 64, generator=gen) / 8, torch.randn(1, 64, 32, generator=gen) / 6,
+              torch.randn(64, generator=gen), torch.randn(64, generator=gen)]
+    params = [p.to(DEVICE, bf) for p in params]
+    x = torch.randn(30, 64, generator=gen).to(DEVICE, bf)
+    g = torch.randn(30, 64, generator=gen).to(DEVICE, bf)
+    _, grads = grads_of(lambda x_, p: mk.monarch_mlp(x_, *p, backend="triton"), x, params, g)
+    _, ref_grads = grads_of(lambda x_, p: layered(x_, p, "gelu"), x, params, g)
+    for a, b in zip(grads, ref_grads):
+        assert torch.equal(a, b)
+    assert fused_calls == [] and fused_backward_calls == []
+    with torch.no_grad():
+        mk.monarch_mlp(x, *params, backend="triton")
+    assert fused_calls == [30]
+    params = mlp_params(64, 256, 4, 4, bf, gen)
+    _, grads = grads_of(lambda x_, p: mk.monarch_mlp(x_, *p, backend="triton"), x[:0], params, g[:0])
+    assert grads[0].shape == (0, 64) and all(torch.equal(t, torch.zeros_like(t)) for t in grads[1:])
