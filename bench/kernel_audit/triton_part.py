@@ -80,9 +80,10 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
                                   lambda g=g, w1=w1, w2=w2, n=n_in, p=path: tmon.backward_input(g, w1, w2, n, path=p)))
                 cases.append(Case(f"monarch bwd_weight path={path} {tag}",
                                   lambda x=x, g=g, w1=w1, w2=w2, p=path: tmon.backward_weight(x, g, w1, w2, path=p)))
-            mlp = _mlp_case(T, n_in, n_out, nb, dname, tag)
-            if mlp is not None:
-                cases.append(mlp)
+            for training in (False, True):
+                mlp = _mlp_case(T, n_in, n_out, nb, dname, tag, training)
+                if mlp is not None:
+                    cases.append(mlp)
             k, q, p = sh.w1_shape
             gy = meta(T, k * q)
             cases.append(Case(f"blockdiag fwd+wgrad {tag}",

@@ -19,36 +19,31 @@ pytestmark = [pytest.mark.skipif(mk.available_backends()["triton"] != "available
               pytest.mark.usefixtures("poisoned_allocations")]  # fresh outputs start as NaN
 
 
-@pytest.fixture
-def fused_calls(monkeypatch):
-    """Counts the fused hidden-layer launches (:func:`monarch_kernels.triton.mlp.hidden_layer`)."""
+def _token_counts(monkeypatch, name):
+    """The token counts of every call of ``monarch_kernels.triton.mlp.<name>`` from now on (a list that grows)."""
     from monarch_kernels.triton import mlp
 
     calls = []
-    original = mlp.hidden_layer
+    original = getattr(mlp, name)
 
     def counting(*args, **kwargs):
         calls.append(args[0].shape[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(mlp, "hidden_layer", counting)
+    monkeypatch.setattr(mlp, name, counting)
     return calls
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the fused hidden-layer launches (:func:`monarch_kernels.triton.mlp.hidden_layer`)."""
+    return _token_counts(monkeypatch, "hidden_layer")
 
 
 @pytest.fixture
 def fused_backward_calls(monkeypatch):
     """Counts the fused hidden-layer backward launches (:func:`monarch_kernels.triton.mlp.hidden_layer_backward`)."""
-    from monarch_kernels.triton import mlp
-
-    calls = []
-    original = mlp.hidden_layer_backward
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape[0])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(mlp, "hidden_layer_backward", counting)
-    return calls
+    return _token_counts(monkeypatch, "hidden_layer_backward")
 
 
 def mlp_params(n_in, n_h, nb1, nb2, dtype, gen, n_out=None):
@@ -221,7 +216,12 @@ def grads_of(fn, x, params, g, wanted=None):
     """``fn(x, params)``'s output and the gradients of ``⟨g, out⟩`` for fresh leaves (``wanted``: which of ``x,
     *params`` require grad, default all); ``None`` for the others."""
     wanted = [True] * (1 + len(params)) if wanted is None else wanted
-    leaves = [t.detach().clone().requires_grad_(w) if t is not None else None for t, w in zip([x, *params], wanted)]
+
+    def leaf(t, w):  # with t's strides (a strided view stays strided)
+        copy = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t.detach())
+        return copy.requires_grad_(w)
+
+    leaves = [leaf(t, w) if t is not None else None for t, w in zip([x, *params], wanted)]
     out = fn(leaves[0], leaves[1:])
     out.backward(g)
     return out, [t.grad if t is not None else None for t in leaves]
@@ -281,12 +281,13 @@ def test_training_matches_the_layers_in_turn(act, fused_backward_calls):
 
 def test_frozen_parameters_and_no_input_gradient(fused_backward_calls):
     """Only fc2's factors train (x and fc1 frozen): those gradients, nothing for the others; then only x (every
-    parameter frozen, as when a frozen MLP sits inside a trained model)."""
+    parameter frozen, as when a frozen MLP sits inside a trained model); x a strided view (column stride 2)."""
     gen = torch.Generator().manual_seed(12)
     params = mlp_params(64, 256, 4, 4, torch.bfloat16, gen)
-    x = torch.randn(40, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    x = torch.randn(40, 128, generator=gen).to(DEVICE, torch.bfloat16)[:, ::2]
     g = torch.randn(40, 64, generator=gen).to(DEVICE, torch.bfloat16)
     fused = lambda x_, p: mk.monarch_mlp(x_, *p, backend="triton")
+    assert x.stride() == (128, 2)
     for wanted in ([False, False, False, True, True, False, False], [True] + [False] * 6):
         _, grads = grads_of(fused, x, params, g, wanted)
         _, ref_grads = grads_of(lambda x_, p: layered(x_, p, "gelu"), x, params, g, wanted)
