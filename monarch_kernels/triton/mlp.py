@@ -295,9 +295,9 @@ def hidden_layer_backward(z1, w2a, bias1, w1b, dy2, sh2: MonarchShape, activatio
     return a, dpre, dz1, None if db1 is None else db1.sum(0).to(z1.dtype)
 
 
-def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, activation: str, fc2_bias: bool):
-    """First-order backward of :func:`mlp_forward_saving` at ``g (T, n_out)``: ``(dx, dw1a, dw2a, db1 | None,
-    dw1b, dw2b, db2 | None)`` (``db1`` with ``bias1``, ``db2`` with ``fc2_bias``). fc2's stage 2 as in
+def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, activation: str, fc2_bias: bool, want_dx: bool = True):
+    """First-order backward of :func:`mlp_forward_saving` at ``g (T, n_out)``: ``(dx | None, dw1a, dw2a, db1 |
+    None, dw1b, dw2b, db2 | None)`` (``dx`` if ``want_dx``, ``db1`` with ``bias1``, ``db2`` with ``fc2_bias``). fc2's stage 2 as in
     :func:`.monarch.backward` (``dy2``, ``dw2b``); the hidden layer in one kernel (:func:`hidden_layer_backward`),
     then the two weight gradients on what it stored (cuBLAS batched GEMMs on token-major views: ``dw1b[kk] =
     dy2_kkᵀ a_kk``, ``dw2a[ll] = (P2ᵀ dpre)_llᵀ z1_ll``); fc1's stage 1 as in :func:`.monarch.backward`. The
@@ -310,10 +310,11 @@ def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, activation: str, fc2_b
     db2 = g.sum(0) if fc2_bias else None
     if T == 0:
         db1 = None if bias1 is None else torch.zeros_like(bias1)
-        return (_common.empty(0, n_in, device=x.device, dtype=x.dtype), torch.zeros_like(w1a),
-                torch.zeros_like(w2a), db1, torch.zeros_like(w1b), torch.zeros_like(w2b), db2)
+        dx = _common.empty(0, n_in, device=x.device, dtype=x.dtype) if want_dx else None
+        return (dx, torch.zeros_like(w1a), torch.zeros_like(w2a), db1, torch.zeros_like(w1b), torch.zeros_like(w2b),
+                db2)
     dy2, dw2b = output_grads(g, z2, w2b, sh2, n_h)
     a, dpre, dz1, db1 = hidden_layer_backward(z1, w2a, bias1, w1b, dy2, sh2, activation)
     dw1b, dw2a = _bmm_dw1(dy2, a, sh2), _bmm_dw2(z1, dpre, sh1)
-    dx, dw1a = input_grads(dz1, x, w1a, sh1, n_in, n_h)
+    dx, dw1a = input_grads(dz1, x, w1a, sh1, n_in, n_h) if want_dx else (None, _bmm_dw1(dz1, x, sh1))
     return dx, dw1a, dw2a, db1, dw1b, dw2b, db2

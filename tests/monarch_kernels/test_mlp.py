@@ -281,21 +281,22 @@ def test_training_matches_the_layers_in_turn(act, fused_backward_calls):
 
 def test_frozen_parameters_and_no_input_gradient(fused_backward_calls):
     """Only fc2's factors train (x and fc1 frozen): those gradients, nothing for the others; then only x (every
-    parameter frozen, as when a frozen MLP sits inside a trained model); x a strided view (column stride 2)."""
+    parameter frozen, as when a frozen MLP sits inside a trained model); then every parameter but not x (the
+    input of a model: fc1's dw1 without dx); x a strided view (column stride 2)."""
     gen = torch.Generator().manual_seed(12)
     params = mlp_params(64, 256, 4, 4, torch.bfloat16, gen)
     x = torch.randn(40, 128, generator=gen).to(DEVICE, torch.bfloat16)[:, ::2]
     g = torch.randn(40, 64, generator=gen).to(DEVICE, torch.bfloat16)
     fused = lambda x_, p: mk.monarch_mlp(x_, *p, backend="triton")
     assert x.stride() == (128, 2)
-    for wanted in ([False, False, False, True, True, False, False], [True] + [False] * 6):
+    for wanted in ([False, False, False, True, True, False, False], [True] + [False] * 6, [False] + [True] * 6):
         _, grads = grads_of(fused, x, params, g, wanted)
         _, ref_grads = grads_of(lambda x_, p: layered(x_, p, "gelu"), x, params, g, wanted)
         for a, b, w in zip(grads, ref_grads, wanted):
             assert (a is not None) == w
             if w:
                 assert rel_err(a, b) < RTOL[torch.bfloat16]
-    assert fused_backward_calls == [40, 40]
+    assert fused_backward_calls == [40, 40, 40]
 
 
 def test_create_graph_differentiates_the_layers(fused_backward_calls):
