@@ -113,8 +113,8 @@ def _mlp_case(T: int, n_in: int, n_hidden: int, nb: int, dname: str, tag: str, t
                     lambda: mlp.mlp_forward(x, *w, b2, n_in, "gelu"))
 
     def step():
-        _, z1, z2 = mlp.mlp_forward_saving(x, *w, b2, n_in, "gelu")
-        return mlp.mlp_backward(x, meta(T, n_in), *w, z1, z2, "gelu", True)
+        _, *saved = mlp.mlp_forward_saving(x, *w, b2, n_in, "gelu")
+        return mlp.mlp_backward(x, meta(T, n_in), *w, *saved, "gelu", True)
     return Case(f"monarch mlp train step bias+gelu (hidden layer fused both ways) {tag}", step)
 
 

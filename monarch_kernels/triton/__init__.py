@@ -53,12 +53,12 @@ def monarch_mlp_fwd(x, w1a, w2a, bias1, w1b, w2b, bias2, n_hidden, n_out, activa
 
 
 def monarch_mlp_fwd_saving(x, w1a, w2a, bias1, w1b, w2b, bias2, n_hidden, n_out, activation="gelu"):
-    """``(out, (z1, z2))``: :func:`monarch_mlp_fwd` and what :func:`monarch_mlp_bwd` needs (the two stage-1
-    intermediates, :func:`.mlp.mlp_forward_saving`)."""
+    """``(out, saved)``: :func:`monarch_mlp_fwd` and what :func:`monarch_mlp_bwd` needs (the two stage-1
+    intermediates and fc2's regrouped ``w1``, :func:`.mlp.mlp_forward_saving`)."""
     from .mlp import mlp_forward_saving
 
-    out, z1, z2 = mlp_forward_saving(x, w1a, w2a, _bias(bias1), w1b, w2b, _bias(bias2), n_out, activation)
-    return out, (z1, z2)
+    out, *saved = mlp_forward_saving(x, w1a, w2a, _bias(bias1), w1b, w2b, _bias(bias2), n_out, activation)
+    return out, tuple(saved)
 
 
 def monarch_mlp_bwd(x, g, w1a, w2a, bias1, w1b, w2b, has_bias2, saved, activation="gelu", want_dx=True):

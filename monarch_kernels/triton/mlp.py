@@ -109,18 +109,18 @@ def _hidden_kernel(Z1, W2A, B1, W1B, Z2, T, S, R1, Q2, L1, L2, R2,
              mask=m_ok[:, None] & q_ok[None, :])
 
 
-def _regroup(w1b: torch.Tensor, sh2: MonarchShape, l1: int) -> torch.Tensor:
+def regroup(w1b: torch.Tensor, sh2: MonarchShape, l1: int) -> torch.Tensor:
     """fc2's ``w1 (k2, q2, p2)`` as ``(k2, l1, q2, S)``, element ``(kk, ll, qq, s')`` = ``w1b[kk, qq, s'·l1 + ll]``:
     each ``(kk, ll)`` slice a ``(q2, S)`` matrix of unit-stride rows (one small copy)."""
     return w1b.reshape(sh2.k, sh2.q, sh2.p // l1, l1).permute(0, 3, 1, 2).contiguous()
 
 
-def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tensor], w1b: torch.Tensor,
+def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tensor], w1v: torch.Tensor,
                  sh2: MonarchShape, activation: str) -> torch.Tensor:
     """fc2's stage-1 output, token-major ``(T, k2·q2)`` in fc2's stage-2 order, from fc1's token-major stage-1
     output ``z1 (T, l1·r1)`` (stage-2 order) through fc1's stage 2, ``bias1``, ``activation`` and fc2's stage 1
-    (module docstring); the hidden activation stays in registers. fc2's ``w1b`` is regrouped once per call (a
-    copy of its ``k2·q2·p2`` elements) so that every weight load is a unit-stride run."""
+    (module docstring); the hidden activation stays in registers. ``w1v``: fc2's ``w1`` regrouped
+    (:func:`regroup`) so that every weight load is a unit-stride run."""
     T = z1.shape[0]
     l1, _, r1 = w2a.shape
     S = sh2.p // l1
@@ -128,7 +128,6 @@ def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tens
     if T == 0:
         return z2
     tile = _plan.MLP_TILE
-    w1v = _regroup(w1b, sh2, l1)
     grid = (triton.cdiv(T, tile.block_m), sh2.k)
     _hidden_kernel[grid](
         z1, w2a, bias1 if bias1 is not None else z2, w1v, z2, T, S, r1, sh2.q, l1, sh2.l, sh2.r,
@@ -142,9 +141,9 @@ def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tens
 
 
 def mlp_forward_saving(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out: int, activation: str = "gelu"):
-    """``(out, z1, z2)``: ``fc2(act(fc1(x)))`` for ``x (T, n_in)`` with the hidden layer fused
-    (:func:`hidden_layer`), and the two stage-1 intermediates it wrote anyway (token-major, stage-2 order:
-    fc1's ``z1 (T, l1·r1)``, fc2's ``z2 (T, l2·r2)``), which :func:`mlp_backward` takes. The caller checks
+    """``(out, z1, z2, w1v)``: ``fc2(act(fc1(x)))`` for ``x (T, n_in)`` with the hidden layer fused
+    (:func:`hidden_layer`), the two stage-1 intermediates it wrote anyway (token-major, stage-2 order: fc1's
+    ``z1 (T, l1·r1)``, fc2's ``z2 (T, l2·r2)``) and fc2's regrouped ``w1``, which :func:`mlp_backward` takes. The caller checks
     :func:`fusable` first. Three launches and a transposing copy where the cost model stores fc2's output
     token-major first, as the two-kernel forward does."""
     from .monarch import stage2_forward
@@ -153,8 +152,9 @@ def mlp_forward_saving(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out: int, activati
     sh2 = MonarchShape.from_factors(w1b.shape, w2b.shape)
     z1 = _common.empty_token_major(x.shape[0], sh1.n_mid, device=x.device, dtype=x.dtype)
     bd_forward(x, w1a, out_perm=(sh1.l, sh1.r), out=z1)
-    z2 = hidden_layer(z1, w2a, bias1, w1b, sh2, activation)
-    return stage2_forward(z2, w2b, bias2, n_out, "none", sh2, n_in=sh1.n_out), z1, z2
+    w1v = regroup(w1b, sh2, sh1.l)
+    z2 = hidden_layer(z1, w2a, bias1, w1v, sh2, activation)
+    return stage2_forward(z2, w2b, bias2, n_out, "none", sh2, n_in=sh1.n_out), z1, z2, w1v
 
 
 def mlp_forward(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out: int, activation: str = "gelu"):
@@ -264,12 +264,13 @@ def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L
         _dz1_store(DZ1, dzd, rm, m_ok, ll, 3, R1, L1, sdzt, sdzf, BLOCK_K)
 
 
-def hidden_layer_backward(z1, w2a, bias1, w1b, dy2, sh2: MonarchShape, activation: str):
+def hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2: MonarchShape, activation: str):
     """``(a, dpre, dz1, db1 | None)`` of the fused hidden layer for fc2's stage-1 gradient ``dy2 (T, k2·q2)``
     (token-major, stage-1 order): the activation ``a`` and ``dpre = (w1bᵀ dy2) · act'(pre)``, both ``(T, n_h)``
     token-major in natural hidden order (what fc2's ``dw1`` and fc1's ``dw2`` read), ``dz1 = BD(w2a)ᵀ P2ᵀ dpre``
     token-major in fc1's stage-1 order ``(T, l1·r1)``, and ``db1 = Σ_t dpre`` (fp32 per-tile sums added up) with
-    ``bias1``. The pre-activation is recomputed from ``z1`` (:func:`_hidden_bwd_kernel`)."""
+    ``bias1``. The pre-activation is recomputed from ``z1`` (:func:`_hidden_bwd_kernel`); ``w1v``: fc2's ``w1``
+    regrouped (:func:`regroup`)."""
     T = z1.shape[0]
     l1, s1, r1 = w2a.shape
     S, n_h = sh2.p // l1, l1 * s1
@@ -281,7 +282,6 @@ def hidden_layer_backward(z1, w2a, bias1, w1b, dy2, sh2: MonarchShape, activatio
     db1 = None if bias1 is None else _common.empty(tiles, n_h, device=z1.device, dtype=torch.float32)
     if T == 0:
         return a, dpre, dz1, None if bias1 is None else torch.zeros(n_h, device=z1.device, dtype=z1.dtype)
-    w1v = _regroup(w1b, sh2, l1)
     _hidden_bwd_kernel[(tiles, l1)](
         z1, w2a, bias1 if bias1 is not None else dz1, w1v, dy2, a, dpre, dz1, db1 if db1 is not None else dz1,
         T, S, r1, sh2.q, l1, sh2.k,
@@ -295,8 +295,9 @@ def hidden_layer_backward(z1, w2a, bias1, w1b, dy2, sh2: MonarchShape, activatio
     return a, dpre, dz1, None if db1 is None else db1.sum(0).to(z1.dtype)
 
 
-def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, activation: str, fc2_bias: bool, want_dx: bool = True):
-    """First-order backward of :func:`mlp_forward_saving` at ``g (T, n_out)``: ``(dx | None, dw1a, dw2a, db1 |
+def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, w1v, activation: str, fc2_bias: bool,
+                 want_dx: bool = True):
+    """First-order backward of :func:`mlp_forward_saving` (what it kept: ``z1, z2, w1v``) at ``g (T, n_out)``: ``(dx | None, dw1a, dw2a, db1 |
     None, dw1b, dw2b, db2 | None)`` (``dx`` if ``want_dx``, ``db1`` with ``bias1``, ``db2`` with ``fc2_bias``). fc2's stage 2 as in
     :func:`.monarch.backward` (``dy2``, ``dw2b``); the hidden layer in one kernel (:func:`hidden_layer_backward`),
     then the two weight gradients on what it stored (cuBLAS batched GEMMs on token-major views: ``dw1b[kk] =
@@ -314,7 +315,7 @@ def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, activation: str, fc2_b
         return (dx, torch.zeros_like(w1a), torch.zeros_like(w2a), db1, torch.zeros_like(w1b), torch.zeros_like(w2b),
                 db2)
     dy2, dw2b = output_grads(g, z2, w2b, sh2, n_h)
-    a, dpre, dz1, db1 = hidden_layer_backward(z1, w2a, bias1, w1b, dy2, sh2, activation)
+    a, dpre, dz1, db1 = hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2, activation)
     dw1b, dw2a = _bmm_dw1(dy2, a, sh2), _bmm_dw2(z1, dpre, sh1)
     dx, dw1a = input_grads(dz1, x, w1a, sh1, n_in, n_h) if want_dx else (None, _bmm_dw1(dz1, x, sh1))
     return dx, dw1a, dw2a, db1, dw1b, dw2b, db2

@@ -1,5 +1,5 @@
-"""MonarchMLP: the two layers' values and gradients, the fused hidden layer on the Triton backend (interpreter),
-ragged widths, from_layers and its checks."""
+"""MonarchMLP: the two layers' values and gradients, the fused hidden layer on the Triton backend (interpreter)
+forward and in training, ragged widths, from_layers and its checks."""
 import pytest
 import torch
 
@@ -47,6 +47,27 @@ def test_inference_on_triton_runs_the_fused_hidden_layer(monkeypatch):
         out = mlp(x)
         want = _layers(mlp, x)
     assert calls == [1] and rel_err(out, want) < RTOL[torch.bfloat16]
+
+
+@pytest.mark.skipif(mk.available_backends()["triton"] != "available", reason="needs the Triton interpreter")
+def test_training_on_triton_runs_the_fused_backward(monkeypatch):
+    """A training step of the layer on Triton: the fused hidden-layer backward runs once, and every parameter's
+    gradient is the two layers' (the same roundings)."""
+    from monarch_kernels.triton import mlp as tmlp
+
+    calls = []
+    original = tmlp.hidden_layer_backward
+    monkeypatch.setattr(tmlp, "hidden_layer_backward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mlp = MonarchMLP(64, 256, nblocks=4, backend="triton", dtype=torch.bfloat16, device=device)
+    x = torch.randn(2, 20, 64, dtype=torch.bfloat16, device=device)
+    g = torch.randn(2, 20, 64, dtype=torch.bfloat16, device=device)
+    grads = torch.autograd.grad(mlp(x), list(mlp.parameters()), g)
+    wants = torch.autograd.grad(_layers(mlp, x), list(mlp.parameters()), g)
+    assert calls == [1]
+    for a, b in zip(grads, wants):
+        assert rel_err(a, b) < RTOL[torch.bfloat16]
 
 
 def test_from_layers_shares_them_and_checks_they_compose():
