@@ -673,7 +673,7 @@ class _MonarchMLPEager(torch.autograd.Function):
             grads = iter(torch.autograd.grad(out, wanted, g, create_graph=True, allow_unused=True))
             return (*(next(grads) if n else None for n in need), None, None, None, None)
         dx, dw1a, dw2a, db1, dw1b, dw2b, db2 = backends.impl(ctx.backend).monarch_mlp_bwd(
-            _flat(x), _flat(g), w1a, w2a, b1, w1b, w2b, b2 is not None, saved, ctx.activation, need[0])
+            _flat(x), _flat(g), w1a, w2a, b1, w1b, w2b, b2 is not None, saved, ctx.activation, need[0], need[1:5])
         grads = (None if dx is None else _unflat(dx, x.shape[:-1]), dw1a, dw2a, dw1b, dw2b, db1, db2)
         return (*(t if n else None for t, n in zip(grads, need)), None, None, None, None)
 

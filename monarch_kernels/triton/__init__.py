@@ -61,12 +61,14 @@ def monarch_mlp_fwd_saving(x, w1a, w2a, bias1, w1b, w2b, bias2, n_hidden, n_out,
     return out, tuple(saved)
 
 
-def monarch_mlp_bwd(x, g, w1a, w2a, bias1, w1b, w2b, has_bias2, saved, activation="gelu", want_dx=True):
-    """``(dx | None, dw1a, dw2a, db1 | None, dw1b, dw2b, db2 | None)`` of :func:`monarch_mlp_fwd_saving` at ``g``
-    (:func:`.mlp.mlp_backward`); ``saved``: what it returned beside the output."""
+def monarch_mlp_bwd(x, g, w1a, w2a, bias1, w1b, w2b, has_bias2, saved, activation="gelu", want_dx=True,
+                    want_dw=(True, True, True, True)):
+    """``(dx, dw1a, dw2a, db1, dw1b, dw2b, db2)`` of :func:`monarch_mlp_fwd_saving` at ``g``, ``None`` for what is
+    not wanted (``want_dx``, ``want_dw`` for ``w1a, w2a, w1b, w2b``) or has no bias (:func:`.mlp.mlp_backward`);
+    ``saved``: what it returned beside the output."""
     from .mlp import mlp_backward
 
-    return mlp_backward(x, g, w1a, w2a, _bias(bias1), w1b, w2b, *saved, activation, has_bias2, want_dx)
+    return mlp_backward(x, g, w1a, w2a, _bias(bias1), w1b, w2b, *saved, activation, has_bias2, want_dx, want_dw)
 
 
 def monarch_bwd_input(g, w1, w2, n_in):

@@ -113,6 +113,14 @@ def _finish(v, ACT: tl.constexpr, ODTYPE: tl.constexpr):
 
 
 @triton.jit
+def _at(PTR, rows, cols, s_row, s_col):
+    """Pointers to the ``rows × cols`` tile of a 2-D tensor at ``PTR`` with strides ``(s_row, s_col)``, offsets
+    in int64: a column index times a token-major (or transposed) tensor's column stride ``≈ T`` passes 2^31 on
+    a tensor of 2^31 elements (T ≈ 700K tokens at 3072 wide) while both factors still fit in int32."""
+    return PTR + rows.to(tl.int64)[:, None] * s_row + cols.to(tl.int64)[None, :] * s_col
+
+
+@triton.jit
 def _load(ptr, mask, UPCAST: tl.constexpr):
     v = tl.load(ptr, mask=mask, other=0.0)
     if UPCAST:  # the interpreter's bf16 arithmetic is broken: compute in fp32 there
@@ -146,7 +154,7 @@ def _fwd_block(X, W, BIAS, kk, rm, m_ok, rn, Q, P, N_IN, N_OUT, sxt, sxf, swk, s
     for k0 in range(0, P, BLOCK_K):
         kidx = k0 + rk
         col = _in_cols(kk, kidx, P, IN_A, IN_B, IN_MODE)
-        a = _load(X + rm[:, None] * sxt + col[None, :] * sxf, m_ok[:, None] & ((kidx < P) & (col < N_IN))[None, :],
+        a = _load(_at(X, rm, col, sxt, sxf), m_ok[:, None] & ((kidx < P) & (col < N_IN))[None, :],
                   UPCAST)
         b = _load(W + kk * swk + wrow[None, :] * swq + kidx[:, None] * swp, (rn < Q)[None, :] & (kidx < P)[:, None],
                   UPCAST)
@@ -216,7 +224,7 @@ def _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL: tl.co
     else:
         col = (k0 + rkg // GROUP) * IN_B + kk0 + rkg % GROUP
         ok = (k0 + rkg // GROUP < P) & (col < N_IN)
-    return _load(X + rm[:, None] * sxt + col[None, :] * sxf, m_ok[:, None] & ok[None, :], UPCAST)
+    return _load(_at(X, rm, col, sxt, sxf), m_ok[:, None] & ok[None, :], UPCAST)
 
 
 @triton.jit
@@ -293,9 +301,9 @@ def _bd_fwd_tile(
             out += _load(BIAS + col, ok, True)[None, :]
         out = _finish(out, BLOCK_ACT, Y.dtype.element_ty)
     if SAVE_PRE:
-        tl.store(PRE + rm[:, None] * syt + col[None, :] * syf, out, mask=m_ok[:, None] & ok[None, :])
+        tl.store(_at(PRE, rm, col, syt, syf), out, mask=m_ok[:, None] & ok[None, :])
         out = _activation(out.to(tl.float32), ACT).to(Y.dtype.element_ty)
-    tl.store(Y + rm[:, None] * syt + col[None, :] * syf, out, mask=m_ok[:, None] & ok[None, :])
+    tl.store(_at(Y, rm, col, syt, syf), out, mask=m_ok[:, None] & ok[None, :])
 
 
 @triton.jit
@@ -614,7 +622,7 @@ def _wgrad_group(gt, X, KK, STEP, rt, t_ok, rp, P, N_X, sxt, sxf, G: tl.constexp
     block ``KK + g·STEP``'s row ``i``), split per block; result ``(BLOCK_M, BLOCK_N·G)`` interleaved."""
     if G == 1:
         col = KK * P + rp
-        xt = _load(X + rt[:, None] * sxt + col[None, :] * sxf, t_ok[:, None] & ((rp < P) & (col < N_X))[None, :], UPCAST)
+        xt = _load(_at(X, rt, col, sxt, sxf), t_ok[:, None] & ((rp < P) & (col < N_X))[None, :], UPCAST)
         return tl.dot(tl.trans(gt), xt, input_precision=PRECISION)
     else:
         even, odd = tl.split(tl.reshape(gt, (gt.shape[0], gt.shape[1] // 2, 2)))
@@ -656,7 +664,7 @@ def _bd_wgrad_kernel(
     for t0 in range(0, ROWS_PER_SPLIT, BLOCK_K):
         rt = t_start + t0 + rt0
         t_ok = rt < T  # splits are whole token steps: only the last is ragged
-        gt = _load(G_ + rt[:, None] * sgt + gcol[None, :] * sgf, t_ok[:, None] & g_ok[None, :], UPCAST)
+        gt = _load(_at(G_, rt, gcol, sgt, sgf), t_ok[:, None] & g_ok[None, :], UPCAST)
         acc += _wgrad_group(gt, X, kk0, 1, rt, t_ok, rp, P, N_X, sxt, sxf, GROUP, UPCAST, PRECISION)
     # acc[i, n·GROUP + g] -> dw[kk0 + g, row i, col n]: one (GROUP, BLOCK_M, BLOCK_N) tile, contiguous in p
     acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N, GROUP)), (2, 0, 1))

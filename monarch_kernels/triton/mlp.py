@@ -56,7 +56,7 @@ from ..shapes import MonarchShape
 from . import _common
 from . import plan as _plan
 from ._common import ACT_CODES, interpreting, precision
-from .blockdiag import _activation_grad, _finish, _load, bd_forward
+from .blockdiag import _activation_grad, _at, _finish, _load, bd_forward
 
 
 def fusable(sh1: MonarchShape, sh2: MonarchShape, n_in: int, n_hidden: int, dtype: torch.dtype,
@@ -90,7 +90,7 @@ def _hidden_kernel(Z1, W2A, B1, W1B, Z2, T, S, R1, Q2, L1, L2, R2,
             for k0 in range(0, R1, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = rk < R1
-                a = _load(Z1 + rm[:, None] * sz1t + (ll * R1 + rk)[None, :] * sz1f, m_ok[:, None] & k_ok[None, :],
+                a = _load(_at(Z1, rm, ll * R1 + rk, sz1t, sz1f), m_ok[:, None] & k_ok[None, :],
                           UPCAST)
                 b = _load(W2A + ll * swa0 + (kk * S + rs)[None, :] * swa1 + rk[:, None] * swa2,
                           s_ok[None, :] & k_ok[:, None], UPCAST)
@@ -105,7 +105,7 @@ def _hidden_kernel(Z1, W2A, B1, W1B, Z2, T, S, R1, Q2, L1, L2, R2,
             acc = tl.dot(h, w, acc, input_precision=PRECISION)
     f = kk * Q2 + rq
     col = (f % L2) * R2 + f // L2
-    tl.store(Z2 + rm[:, None] * sz2t + col[None, :] * sz2f, acc.to(Z2.dtype.element_ty),
+    tl.store(_at(Z2, rm, col, sz2t, sz2f), acc.to(Z2.dtype.element_ty),
              mask=m_ok[:, None] & q_ok[None, :])
 
 
@@ -166,16 +166,17 @@ def mlp_forward(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out: int, activation: str
 
 
 @triton.jit
-def _r_chunk(PTR, base, rows, rows_ok, j, R1, srow, sr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-    """The ``rows × BLOCK_K`` tile of columns ``j·BLOCK_K ..`` (< ``R1``) of a matrix at ``PTR + base``."""
+def _r_chunk(PTR, c0, rows, rows_ok, j, R1, srow, sr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+    """The ``rows × BLOCK_K`` tile of columns ``c0 + j·BLOCK_K ..`` (``j·BLOCK_K + i < R1``) of a matrix at
+    ``PTR``."""
     rk = j * BLOCK_K + tl.arange(0, BLOCK_K)
-    return _load(PTR + base + rows[:, None] * srow + rk[None, :] * sr, rows_ok[:, None] & (rk < R1)[None, :], UPCAST)
+    return _load(_at(PTR, rows, c0 + rk, srow, sr), rows_ok[:, None] & (rk < R1)[None, :], UPCAST)
 
 
 @triton.jit
 def _dz1_store(DZ1, dz, rm, m_ok, ll, j, R1, L1, sdzt, sdzf, BLOCK_K: tl.constexpr):
     rr = j * BLOCK_K + tl.arange(0, BLOCK_K)  # dz1 element (ll, rr) is fc1's stage-1 column rr·l1 + ll (P1ᵀ)
-    tl.store(DZ1 + rm[:, None] * sdzt + (rr * L1 + ll)[None, :] * sdzf, dz.to(DZ1.dtype.element_ty),
+    tl.store(_at(DZ1, rm, rr * L1 + ll, sdzt, sdzf), dz.to(DZ1.dtype.element_ty),
              mask=m_ok[:, None] & (rr < R1)[None, :])
 
 
@@ -197,34 +198,34 @@ def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < T
-    z_base = ll * R1 * sz1f
-    w_base = ll * swa0
-    za = _r_chunk(Z1, z_base, rm, m_ok, 0, R1, sz1t, sz1f, BLOCK_K, UPCAST)
+    z_col = ll * R1  # the program's z1 columns: z_col .. z_col + R1 - 1
+    W2A_LL = W2A + ll * swa0
+    za = _r_chunk(Z1, z_col, rm, m_ok, 0, R1, sz1t, sz1f, BLOCK_K, UPCAST)
     dza = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if NR > 1:
-        zb = _r_chunk(Z1, z_base, rm, m_ok, 1, R1, sz1t, sz1f, BLOCK_K, UPCAST)
+        zb = _r_chunk(Z1, z_col, rm, m_ok, 1, R1, sz1t, sz1f, BLOCK_K, UPCAST)
         dzb = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if NR > 2:
-        zc = _r_chunk(Z1, z_base, rm, m_ok, 2, R1, sz1t, sz1f, BLOCK_K, UPCAST)
+        zc = _r_chunk(Z1, z_col, rm, m_ok, 2, R1, sz1t, sz1f, BLOCK_K, UPCAST)
         dzc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if NR > 3:
-        zd = _r_chunk(Z1, z_base, rm, m_ok, 3, R1, sz1t, sz1f, BLOCK_K, UPCAST)
+        zd = _r_chunk(Z1, z_col, rm, m_ok, 3, R1, sz1t, sz1f, BLOCK_K, UPCAST)
         dzd = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for kk in range(0, K2):
         for s0 in range(0, S, BLOCK_S):
             rs = s0 + tl.arange(0, BLOCK_S)
             s_ok = rs < S
             rows = kk * S + rs
-            wa = _r_chunk(W2A, w_base, rows, s_ok, 0, R1, swa1, swa2, BLOCK_K, UPCAST)
+            wa = _r_chunk(W2A_LL, 0, rows, s_ok, 0, R1, swa1, swa2, BLOCK_K, UPCAST)
             pre = tl.dot(za, tl.trans(wa), input_precision=PRECISION)
             if NR > 1:
-                wb = _r_chunk(W2A, w_base, rows, s_ok, 1, R1, swa1, swa2, BLOCK_K, UPCAST)
+                wb = _r_chunk(W2A_LL, 0, rows, s_ok, 1, R1, swa1, swa2, BLOCK_K, UPCAST)
                 pre = tl.dot(zb, tl.trans(wb), pre, input_precision=PRECISION)
             if NR > 2:
-                wc = _r_chunk(W2A, w_base, rows, s_ok, 2, R1, swa1, swa2, BLOCK_K, UPCAST)
+                wc = _r_chunk(W2A_LL, 0, rows, s_ok, 2, R1, swa1, swa2, BLOCK_K, UPCAST)
                 pre = tl.dot(zc, tl.trans(wc), pre, input_precision=PRECISION)
             if NR > 3:
-                wd = _r_chunk(W2A, w_base, rows, s_ok, 3, R1, swa1, swa2, BLOCK_K, UPCAST)
+                wd = _r_chunk(W2A_LL, 0, rows, s_ok, 3, R1, swa1, swa2, BLOCK_K, UPCAST)
                 pre = tl.dot(zd, tl.trans(wd), pre, input_precision=PRECISION)
             col = rows * L1 + ll
             if HAS_BIAS:
@@ -233,7 +234,7 @@ def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L
             for k0 in range(0, Q2, BLOCK_K):
                 rk = k0 + tl.arange(0, BLOCK_K)
                 k_ok = rk < Q2
-                d = _load(DY2 + rm[:, None] * sdyt + (kk * Q2 + rk)[None, :] * sdyf, m_ok[:, None] & k_ok[None, :],
+                d = _load(_at(DY2, rm, kk * Q2 + rk, sdyt, sdyf), m_ok[:, None] & k_ok[None, :],
                           UPCAST)
                 w = _load(W1B + kk * swb0 + ll * swb1 + rk[:, None] * swb2 + rs[None, :],
                           k_ok[:, None] & s_ok[None, :], UPCAST)
@@ -242,8 +243,8 @@ def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L
             act = _finish(pre, ACT, A.dtype.element_ty)
             dp = _activation_grad(pre.to(A.dtype.element_ty).to(tl.float32), da, ACT).to(A.dtype.element_ty)
             ok = m_ok[:, None] & s_ok[None, :]
-            tl.store(A + rm[:, None] * sat + col[None, :] * saf, act, mask=ok)
-            tl.store(DPRE + rm[:, None] * sdpt + col[None, :] * sdpf, dp, mask=ok)
+            tl.store(_at(A, rm, col, sat, saf), act, mask=ok)
+            tl.store(_at(DPRE, rm, col, sdpt, sdpf), dp, mask=ok)
             if HAS_BIAS:
                 tl.store(DB1 + pid_m * sdb0 + col, tl.sum(tl.where(ok, dp.to(tl.float32), 0.0), 0), mask=s_ok)
             if UPCAST:
@@ -296,26 +297,30 @@ def hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2: MonarchShape, activatio
 
 
 def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, w1v, activation: str, fc2_bias: bool,
-                 want_dx: bool = True):
-    """First-order backward of :func:`mlp_forward_saving` (what it kept: ``z1, z2, w1v``) at ``g (T, n_out)``: ``(dx | None, dw1a, dw2a, db1 |
-    None, dw1b, dw2b, db2 | None)`` (``dx`` if ``want_dx``, ``db1`` with ``bias1``, ``db2`` with ``fc2_bias``). fc2's stage 2 as in
-    :func:`.monarch.backward` (``dy2``, ``dw2b``); the hidden layer in one kernel (:func:`hidden_layer_backward`),
-    then the two weight gradients on what it stored (cuBLAS batched GEMMs on token-major views: ``dw1b[kk] =
-    dy2_kkᵀ a_kk``, ``dw2a[ll] = (P2ᵀ dpre)_llᵀ z1_ll``); fc1's stage 1 as in :func:`.monarch.backward`. The
-    ``T × n_h`` hidden tensors exist only inside the backward."""
+                 want_dx: bool = True, want_dw: tuple = (True, True, True, True)):
+    """First-order backward of :func:`mlp_forward_saving` (what it kept: ``z1, z2, w1v``) at ``g (T, n_out)``:
+    ``(dx, dw1a, dw2a, db1, dw1b, dw2b, db2)``, ``None`` for what is not wanted (``dx`` without ``want_dx``, the
+    factors' gradients where ``want_dw = (w1a, w2a, w1b, w2b)`` says so: a frozen parameter costs no GEMM),
+    ``db1`` without ``bias1``, ``db2`` without ``fc2_bias``. fc2's stage 2 as in :func:`.monarch.backward`
+    (``dy2``, ``dw2b``); the hidden layer in one kernel (:func:`hidden_layer_backward`), then the two weight
+    gradients on what it stored (cuBLAS batched GEMMs on token-major views: ``dw1b[kk] = dy2_kkᵀ a_kk``,
+    ``dw2a[ll] = (P2ᵀ dpre)_llᵀ z1_ll``); fc1's stage 1 as in :func:`.monarch.backward`. The ``T × n_h`` hidden
+    tensors exist only inside the backward."""
     from .monarch import _bmm_dw1, _bmm_dw2, input_grads, output_grads
 
     sh1 = MonarchShape.from_factors(w1a.shape, w2a.shape)
     sh2 = MonarchShape.from_factors(w1b.shape, w2b.shape)
     T, n_in, n_h = x.shape[0], x.shape[1], sh1.n_out
+    want_w1a, want_w2a, want_w1b, want_w2b = want_dw
     db2 = g.sum(0) if fc2_bias else None
     if T == 0:
-        db1 = None if bias1 is None else torch.zeros_like(bias1)
+        zero = lambda t, want: torch.zeros_like(t) if want else None
         dx = _common.empty(0, n_in, device=x.device, dtype=x.dtype) if want_dx else None
-        return (dx, torch.zeros_like(w1a), torch.zeros_like(w2a), db1, torch.zeros_like(w1b), torch.zeros_like(w2b),
-                db2)
-    dy2, dw2b = output_grads(g, z2, w2b, sh2, n_h)
+        return (dx, zero(w1a, want_w1a), zero(w2a, want_w2a), None if bias1 is None else torch.zeros_like(bias1),
+                zero(w1b, want_w1b), zero(w2b, want_w2b), db2)
+    dy2, dw2b = output_grads(g, z2, w2b, sh2, n_h, want_dw2=want_w2b)
     a, dpre, dz1, db1 = hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2, activation)
-    dw1b, dw2a = _bmm_dw1(dy2, a, sh2), _bmm_dw2(z1, dpre, sh1)
-    dx, dw1a = input_grads(dz1, x, w1a, sh1, n_in, n_h) if want_dx else (None, _bmm_dw1(dz1, x, sh1))
+    dw1b = _bmm_dw1(dy2, a, sh2) if want_w1b else None
+    dw2a = _bmm_dw2(z1, dpre, sh1) if want_w2a else None
+    dx, dw1a = input_grads(dz1, x, w1a, sh1, n_in, n_h, want_dx=want_dx, want_dw1=want_w1a)
     return dx, dw1a, dw2a, db1, dw1b, dw2b, db2

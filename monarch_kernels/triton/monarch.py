@@ -58,7 +58,7 @@ from ..shapes import MonarchShape
 from . import _common
 from . import plan as _plan
 from ._common import ACT_CODES, interpreting, precision
-from .blockdiag import _finish, _load, bd_forward, bd_forward_chain, bd_forward_pair, bd_weight_grad
+from .blockdiag import _at, _finish, _load, bd_forward, bd_forward_chain, bd_forward_pair, bd_weight_grad
 from .token_major import activation_grad_token_major, copy_into, to_token_major
 
 PATHS = _plan.PATHS
@@ -101,7 +101,7 @@ def _stage1_join(X, W1, KK, STEP, ll0, rm, m_ok, N_IN, P, sxt, sxf, s1k, s1q, s1
     if G == 1:
         pp = tl.arange(0, BLOCK_P)
         col = KK * P + pp
-        a = _load(X + rm[:, None] * sxt + col[None, :] * sxf, m_ok[:, None] & ((pp < P) & (col < N_IN))[None, :], UPCAST)
+        a = _load(_at(X, rm, col, sxt, sxf), m_ok[:, None] & ((pp < P) & (col < N_IN))[None, :], UPCAST)
         b = _load(W1 + KK * s1k + (ll0 + tl.arange(0, G2))[None, :] * s1q + pp[:, None] * s1p, (pp < P)[:, None],
                   UPCAST)
         return tl.dot(a, b, input_precision=PRECISION).to(IDTYPE)
@@ -154,7 +154,7 @@ def _fused_fwd_kernel(
                      PRECISION, IDTYPE)
     if KEEP_Z:  # Y[t, j·K + kk] is the two-kernel intermediate's column (ll0 + j)·K + kk: one contiguous range
         zc = ll0 * K + tl.arange(0, GROUP * K)
-        tl.store(Z + rm[:, None] * szt + zc[None, :] * szf, y, mask=m_ok[:, None])
+        tl.store(_at(Z, rm, zc, szt, szf), y, mask=m_ok[:, None])
     # P1 on chip: Y[t, j·K + kk] -> Z[t, kk·GROUP + j], so that the split tree over the last index gives Z_ll
     z = tl.reshape(tl.permute(tl.reshape(y, (BLOCK_M, GROUP, K)), (0, 2, 1)), (BLOCK_M, K * GROUP))
     o = _stage2_split(z, W2, BIAS, ll0, 1, tl.arange(0, BLOCK_S), N_OUT, S, s2l, s2s, s2r, L, K, GROUP, HAS_BIAS,
@@ -165,7 +165,7 @@ def _fused_fwd_kernel(
         col = idx
     else:
         col = (idx // GROUP) * L + ll0 + idx % GROUP
-    tl.store(OUT + rm[:, None] * sot + col[None, :] * sof, o,
+    tl.store(_at(OUT, rm, col, sot, sof), o,
              mask=m_ok[:, None] & ((idx // GROUP < S) & (col < N_OUT))[None, :])
 
 
@@ -384,10 +384,10 @@ def _dxw_kernel(
     for t0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
         rt = t_start + t0 + rt0
         t_ok = rt < T  # splits are whole token steps: only the last is ragged
-        dy = _load(DY + rt[:, None] * syt + (kk * Q + rq)[None, :] * syf, t_ok[:, None] & (rq < Q)[None, :], UPCAST)
-        xt = _load(X + rt[:, None] * sxt + col[None, :] * sxf, t_ok[:, None] & x_ok[None, :], UPCAST)
+        dy = _load(_at(DY, rt, kk * Q + rq, syt, syf), t_ok[:, None] & (rq < Q)[None, :], UPCAST)
+        xt = _load(_at(X, rt, col, sxt, sxf), t_ok[:, None] & x_ok[None, :], UPCAST)
         dx = tl.dot(dy, w, input_precision=PRECISION)
-        tl.store(DX + rt[:, None] * sdt + col[None, :] * sdf, dx.to(DX.dtype.element_ty), mask=t_ok[:, None] & x_ok[None, :])
+        tl.store(_at(DX, rt, col, sdt, sdf), dx.to(DX.dtype.element_ty), mask=t_ok[:, None] & x_ok[None, :])
         acc = tl.dot(tl.trans(dy), xt, acc, input_precision=PRECISION)
     tl.store(DW1 + split * sws + kk * swk + rq[:, None] * swq + rp[None, :] * swp, acc,
              mask=(rq < Q)[:, None] & (rp < P)[None, :])
@@ -466,17 +466,25 @@ def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto
     return (*input_grads(dy, x, w1, sh, n_in, g.shape[1], dxw), dw2)
 
 
-def output_grads(g, z, w2, sh: MonarchShape, n_in: int, g_layout: str = "auto"):
-    """``(dy, dw2)`` for ``g (T > 0, n_out)`` and the stage-1 intermediate ``z`` (token-major, stage-2 order):
-    ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` token-major in stage-1 order ``(T, k·q)`` and ``dw2[ll] = (P2ᵀ g)_llᵀ z_ll``, ``g``
-    read as :func:`_g_for_readers` decides (``n_in``: the layer's input width the model prices)."""
+def output_grads(g, z, w2, sh: MonarchShape, n_in: int, g_layout: str = "auto", want_dw2: bool = True):
+    """``(dy, dw2 | None)`` for ``g (T > 0, n_out)`` and the stage-1 intermediate ``z`` (token-major, stage-2
+    order): ``dy = P1ᵀ BD(w2)ᵀ P2ᵀ g`` token-major in stage-1 order ``(T, k·q)`` and, if ``want_dw2``,
+    ``dw2[ll] = (P2ᵀ g)_llᵀ z_ll``; ``g`` read as :func:`_g_for_readers` decides (``n_in``: the layer's input
+    width the model prices)."""
     g, how = _g_for_readers(g, n_in, sh, g_layout)
-    return (_bmm_dy(g, w2, sh), _bmm_dw2(z, g, sh)) if how == "bmm" else (_dy(g, w2, sh), _dw2(z, g, sh))
+    dy, dw2 = (_bmm_dy, _bmm_dw2) if how == "bmm" else (_dy, _dw2)
+    return dy(g, w2, sh), dw2(z, g, sh) if want_dw2 else None
 
 
-def input_grads(dy, x, w1, sh: MonarchShape, n_in: int, n_out: int, dxw: str = "auto"):
+def input_grads(dy, x, w1, sh: MonarchShape, n_in: int, n_out: int, dxw: str = "auto", want_dx: bool = True,
+                want_dw1: bool = True):
     """``(dx, dw1)`` from ``dy`` (token-major, stage-1 order) and ``x (T > 0, n_in)``: ``dx = BD(w1)ᵀ dy``
-    truncated to ``n_in`` and ``dw1[kk] = dy_kkᵀ x_kk``, by ``dxw`` (:data:`DXW`, as in :func:`backward`)."""
+    truncated to ``n_in`` and ``dw1[kk] = dy_kkᵀ x_kk``, by ``dxw`` (:data:`DXW`, as in :func:`backward`). With
+    one of them not wanted (``None`` in its place) the other alone: ``dx`` by the block-diagonal kernel,
+    ``dw1`` by a batched GEMM on the strided views."""
+    if not (want_dx and want_dw1):
+        return (bd_forward(dy, w1.transpose(1, 2), None, n_in) if want_dx else None,
+                _bmm_dw1(dy, x, sh) if want_dw1 else None)
     T = x.shape[0]
     if dxw == "auto":
         dxw = _model_choice("dxw_choice", T, n_in, n_out, sh, x.dtype)

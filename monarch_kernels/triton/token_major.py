@@ -23,7 +23,7 @@ import triton.language as tl
 
 from . import _common
 from . import plan as _plan
-from .blockdiag import _activation_grad
+from .blockdiag import _activation_grad, _at
 
 
 @triton.jit
@@ -31,8 +31,8 @@ def _token_major_copy_kernel(X, Y, T, N, sxt, sxf, syt, syf, BLOCK_T: tl.constex
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rt < T)[:, None] & (rn < N)[None, :]
-    v = tl.load(X + rt[:, None] * sxt + rn[None, :] * sxf, mask=ok)
-    tl.store(Y + rt[:, None] * syt + rn[None, :] * syf, v, mask=ok)
+    v = tl.load(_at(X, rt, rn, sxt, sxf), mask=ok)
+    tl.store(_at(Y, rt, rn, syt, syf), v, mask=ok)
 
 
 @triton.jit
@@ -42,10 +42,10 @@ def _activation_grad_kernel(PRE, G, Y, T, N, spt, spf, sgt, sgf, syt, syf, ACT: 
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rt < T)[:, None] & (rn < N)[None, :]
-    x = tl.load(PRE + rt[:, None] * spt + rn[None, :] * spf, mask=ok).to(tl.float32)
-    g = tl.load(G + rt[:, None] * sgt + rn[None, :] * sgf, mask=ok).to(tl.float32)
+    x = tl.load(_at(PRE, rt, rn, spt, spf), mask=ok).to(tl.float32)
+    g = tl.load(_at(G, rt, rn, sgt, sgf), mask=ok).to(tl.float32)
     d = _activation_grad(x, g, ACT)
-    tl.store(Y + rt[:, None] * syt + rn[None, :] * syf, d.to(Y.dtype.element_ty), mask=ok)
+    tl.store(_at(Y, rt, rn, syt, syf), d.to(Y.dtype.element_ty), mask=ok)
 
 
 def activation_grad_token_major(name: str, pre: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

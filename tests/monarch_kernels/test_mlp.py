@@ -299,6 +299,50 @@ def test_frozen_parameters_and_no_input_gradient(fused_backward_calls):
     assert fused_backward_calls == [40, 40, 40]
 
 
+def test_frozen_factors_run_no_weight_gradient(monkeypatch):
+    """``mlp_backward`` with ``want_dw`` (and no ``dx``): every weight-gradient path of the backend is counted
+    (the batched GEMMs, the block-diagonal weight-gradient kernel, the fused dx + dW kernel's launch plan); all
+    factors frozen runs none, each factor alone runs its own share of the all-factors call, and what is computed
+    equals that call's results bit for bit."""
+    from monarch_kernels.triton import mlp as tmlp, monarch as tmon, plan
+
+    calls = []
+
+    def count(module, name):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, **k: calls.append(name) or original(*a, **k))
+
+    for name in ("_bmm_dw1", "_bmm_dw2", "_dw2", "_bmm_dxw", "bd_weight_grad"):
+        count(tmon, name)
+    count(plan, "dxw_launch")
+    gen = torch.Generator().manual_seed(13)
+    w1a, w2a, w1b, w2b, b1, b2 = mlp_params(64, 256, 4, 4, torch.bfloat16, gen)
+    x = torch.randn(40, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    g = torch.randn(40, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    saved = tmlp.mlp_forward_saving(x, w1a, w2a, b1, w1b, w2b, b2, 64, "gelu")[1:]
+
+    def backward(want_dx, want_dw):
+        calls.clear()
+        return tmlp.mlp_backward(x, g, w1a, w2a, b1, w1b, w2b, *saved, "gelu", True, want_dx, want_dw)
+
+    full = backward(False, (True,) * 4)
+    n_full = len(calls)
+    assert n_full >= 4
+    frozen = backward(True, (False,) * 4)
+    assert calls == [] and frozen[1] is None and frozen[2] is None and frozen[4] is None and frozen[5] is None
+    assert torch.equal(frozen[0], backward(True, (True,) * 4)[0])  # dx as when everything trains
+    n_single = 0
+    for i, slot in enumerate((1, 2, 4, 5)):  # w1a, w2a, w1b, w2b's places in the result
+        single = backward(False, tuple(j == i for j in range(4)))
+        n_single += len(calls)
+        assert single[0] is None
+        for j, other in enumerate((1, 2, 4, 5)):
+            assert (single[other] is None) == (j != i)
+        assert torch.equal(single[slot], full[slot])
+        assert torch.equal(single[3], full[3]) and torch.equal(single[6], full[6])  # the biases' gradients
+    assert n_single == n_full
+
+
 def test_create_graph_differentiates_the_layers(fused_backward_calls):
     """A gradient penalty: ``d/dw ‖∂⟨g, out⟩/∂x‖²`` through ``create_graph=True`` (the layers recomputed and
     differentiated, no fused backward) against the same through the two layers."""
