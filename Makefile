@@ -41,8 +41,11 @@ build: $(DEPS)
 bench: build
 	$(PY) -m bench --out bench/out $(BENCH_ARGS)
 
+# the suite in TEST_WORKERS processes (pytest-xdist, test by test; the files with expensive shared fixtures
+# stay in one worker each, tests/conftest.py); TEST_WORKERS=0 runs it in this process
+TEST_WORKERS ?= 2
 test: build
-	$(PY) -m pytest -q $(TEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup $(TEST_ARGS)
 
 # CPU performance-regression suite (pytest-benchmark), separate from the unit tests
 bench-regress: build

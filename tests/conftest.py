@@ -1,6 +1,7 @@
 import math
 import os
 import sys
+from collections import Counter
 from typing import Optional
 
 import pytest
@@ -59,16 +60,6 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture
-def poisoned_allocations():
-    """Deterministic mode for the test: torch then fills every fresh allocation (``at::empty`` included) with NaN,
-    so a kernel that leaves an output element unwritten fails the comparison."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
@@ -86,9 +77,49 @@ def _default_backend():
         mk.set_backend("auto")
 
 
+#: test files whose module- or session-scoped fixtures are expensive (the nvcc compiles, the offline kernel audit,
+#: the CUDA emulation binary the two simulation files share, a copy of the source tree, a recipe run): with
+#: ``--dist loadgroup`` (``make test``) each group runs in one pytest-xdist worker, so its fixtures run once
+_ONE_WORKER = {"test_cuda_sources_compile.py": "nvcc", "test_kernel_audit.py": "kernel_audit",
+               "test_cuda_resident_sim.py": "cuda_sim", "test_cuda_rowsplit_sim.py": "cuda_sim",
+               "test_packaging.py": "packaging", "test_depthshrinker.py": "depthshrinker"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = _ONE_WORKER.get(item.path.name)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+#: hypothesis example counts that pytest-xdist workers reported to this (controlling) process
+_WORKER_EXAMPLES: Counter = Counter()
+
+
+def _examples() -> Counter:
+    """The number of hypothesis examples per ``(op, backend)`` that tests/monarch_kernels/test_properties.py ran
+    in this process."""
+    return getattr(sys.modules.get("test_properties"), "EXAMPLES", None) or Counter()
+
+
+def pytest_sessionfinish(session):
+    """An xdist worker hands its counts to the controller (``workeroutput`` travels back with the worker)."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["hypothesis_examples"] = [[op, b, n] for (op, b), n in _examples().items()]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: add up what a finished worker counted."""
+    for op, b, n in getattr(node, "workeroutput", {}).get("hypothesis_examples", []):
+        _WORKER_EXAMPLES[(op, b)] += n
+
+
 def pytest_terminal_summary(terminalreporter):
-    """The number of hypothesis examples per op and backend that tests/monarch_kernels/test_properties.py ran."""
-    counts = getattr(sys.modules.get("test_properties"), "EXAMPLES", None)
+    """The number of hypothesis examples per op and backend that tests/monarch_kernels/test_properties.py ran
+    (over every xdist worker)."""
+    counts = _examples() + _WORKER_EXAMPLES
     if not counts:
         return
     backends = sorted({b for _, b in counts})
