@@ -69,6 +69,21 @@ def fusable(sh1: MonarchShape, sh2: MonarchShape, n_in: int, n_hidden: int, dtyp
 
 
 @triton.jit
+def _tile_dot(A, rm, m_ok, a_col0, K, sat, saf, W, w_cols, w_ok, swk, swc, BLOCK_K: tl.constexpr,
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """``Σ_k A[rm, a_col0 + k] · W[k, w_cols]`` over ``k < K`` in fp32, ``BLOCK_K`` at a time: a token tile of an
+    activation (strides ``sat, saf``) times a weight block (``k`` stride ``swk``, column stride ``swc``)."""
+    acc = tl.zeros((rm.shape[0], w_cols.shape[0]), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        a = _load(_at(A, rm, a_col0 + rk, sat, saf), m_ok[:, None] & k_ok[None, :], UPCAST)
+        w = _load(W + rk[:, None] * swk + w_cols[None, :] * swc, k_ok[:, None] & w_ok[None, :], UPCAST)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _hidden_kernel(Z1, W2A, B1, W1B, Z2, T, S, R1, Q2, L1, L2, R2,
                    sz1t, sz1f, swa0, swa1, swa2, swb0, swb1, swb2, sz2t, sz2f,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -86,15 +101,8 @@ def _hidden_kernel(Z1, W2A, B1, W1B, Z2, T, S, R1, Q2, L1, L2, R2,
         for s0 in range(0, S, BLOCK_S):
             rs = s0 + tl.arange(0, BLOCK_S)
             s_ok = rs < S
-            pre = tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32)
-            for k0 in range(0, R1, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                k_ok = rk < R1
-                a = _load(_at(Z1, rm, ll * R1 + rk, sz1t, sz1f), m_ok[:, None] & k_ok[None, :],
-                          UPCAST)
-                b = _load(W2A + ll * swa0 + (kk * S + rs)[None, :] * swa1 + rk[:, None] * swa2,
-                          s_ok[None, :] & k_ok[:, None], UPCAST)
-                pre = tl.dot(a, b, pre, input_precision=PRECISION)
+            pre = _tile_dot(Z1, rm, m_ok, ll * R1, R1, sz1t, sz1f, W2A + ll * swa0, kk * S + rs, s_ok, swa2, swa1,
+                            BLOCK_K, UPCAST, PRECISION)
             if HAS_BIAS:
                 pre += _load(B1 + (kk * S + rs) * L1 + ll, s_ok, True)[None, :]
             h = _finish(pre, ACT, Z2.dtype.element_ty)
@@ -230,15 +238,8 @@ def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L
             col = rows * L1 + ll
             if HAS_BIAS:
                 pre += _load(B1 + col, s_ok, True)[None, :]
-            da = tl.zeros((BLOCK_M, BLOCK_S), dtype=tl.float32)
-            for k0 in range(0, Q2, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                k_ok = rk < Q2
-                d = _load(_at(DY2, rm, kk * Q2 + rk, sdyt, sdyf), m_ok[:, None] & k_ok[None, :],
-                          UPCAST)
-                w = _load(W1B + kk * swb0 + ll * swb1 + rk[:, None] * swb2 + rs[None, :],
-                          k_ok[:, None] & s_ok[None, :], UPCAST)
-                da = tl.dot(d, w, da, input_precision=PRECISION)
+            da = _tile_dot(DY2, rm, m_ok, kk * Q2, Q2, sdyt, sdyf, W1B + kk * swb0 + ll * swb1, rs, s_ok, swb2, 1,
+                           BLOCK_K, UPCAST, PRECISION)
             # the forward's rounding: the pre-activation to the dtype, then act in fp32 (blockdiag._finish)
             act = _finish(pre, ACT, A.dtype.element_ty)
             dp = _activation_grad(pre.to(A.dtype.element_ty).to(tl.float32), da, ACT).to(A.dtype.element_ty)

@@ -67,10 +67,10 @@ MUTANTS = [
            "the token-major intermediate's column stride rounded down: with a ragged token count the columns "
            "overlap and later columns overwrite the last tokens of earlier ones"),
     Mutant("triton-pre-activation-stored-activated", TRITON_BD,
-           "        tl.store(PRE + rm[:, None] * syt + col[None, :] * syf, out, mask=m_ok[:, None] & ok[None, :])\n"
+           "        tl.store(_at(PRE, rm, col, syt, syf), out, mask=m_ok[:, None] & ok[None, :])\n"
            "        out = _activation(out.to(tl.float32), ACT).to(Y.dtype.element_ty)",
            "        out = _activation(out.to(tl.float32), ACT).to(Y.dtype.element_ty)\n"
-           "        tl.store(PRE + rm[:, None] * syt + col[None, :] * syf, out, mask=m_ok[:, None] & ok[None, :])",
+           "        tl.store(_at(PRE, rm, col, syt, syf), out, mask=m_ok[:, None] & ok[None, :])",
            "the kept pre-activation is stored after the activation: the backward differentiates at act(pre)"),
     Mutant("triton-kept-z-overwrites-one-chunk", TRITON_MON,
            "zc = z[t0:t1] if keep else",
@@ -320,8 +320,8 @@ MUTANTS = [
            "the fused MLP backward runs a frozen factor's weight-gradient GEMM and discards it",
            tests=MLP_TESTS),
     Mutant("triton-mlp-bwd-dz1-p1-unapplied", TRITON_MLP,
-           "(rr * L1 + ll)[None, :] * sdzf",
-           "(ll * R1 + rr)[None, :] * sdzf",
+           "_at(DZ1, rm, rr * L1 + ll, sdzt, sdzf)",
+           "_at(DZ1, rm, ll * R1 + rr, sdzt, sdzf)",
            "the fused MLP backward stores dz1 in fc1's stage-2 order, not through P1ᵀ into stage 1's", MLP_TESTS),
     Mutant("triton-mlp-bwd-drops-third-r-chunk", TRITON_MLP,
            "                dzc = tl.dot(dp, wc, dzc, input_precision=PRECISION)",
