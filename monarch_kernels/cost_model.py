@@ -546,6 +546,16 @@ def mlp_hidden_backward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev
                   _tc_rate(dev, t, dtype), dev.mem_eff)
 
 
+def _bias_grad(layer: str, tokens: int, n: int, item: int, dev: Device, copied: bool) -> Kernel:
+    """A bias gradient ``Σ_t g``: where ``g`` is copied token-major (``copied``) the copy writes its fp32 column
+    sums per 64-token tile (:func:`.triton.token_major.to_token_major`) and this adds them up (the partials
+    written and read); else one read of ``g``."""
+    if copied:
+        part = _plan.cdiv(tokens, _plan.COPY_TILE.block_m) * n * 4
+        return _elementwise(f"{layer} bias gradient (the copy's partials summed)", [2 * part], [n * item], dev)
+    return _elementwise(f"{layer} bias gradient (g summed)", [rows_bytes(tokens, n, item)], [n * item], dev)
+
+
 def mlp_training_step(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM,
                       bias: bool = True) -> Cost:
     """:func:`monarch_kernels.monarch_mlp` in an eager training call (``ops._MonarchMLPEager``):
@@ -553,20 +563,22 @@ def mlp_training_step(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: 
     :func:`.triton.mlp.mlp_backward`: fc2's ``dy2`` and ``dw2`` from ``g`` (:func:`g_readers`' pick), the hidden
     layer's backward (:func:`mlp_hidden_backward`), fc2's ``dw1`` and fc1's ``dw2`` as cuBLAS batched GEMMs on
     what it stored, fc1's ``dx`` and ``dw1`` (:func:`dxw_choice`' pick); with ``bias`` the two bias gradients
-    (``g`` summed over tokens; the hidden one's per-tile partials summed)."""
+    (fc2's by :func:`_bias_grad`, on the copy of ``g`` where there is one; the hidden one's per-tile partials
+    summed)."""
     sh1, sh2, T, item = fc1.shape, fc2.shape, fc1.tokens, ITEMSIZE[dtype]
     if not _plan.mlp_fusable(sh1, sh2, fc1.n_in, fc1.n_out, item, training=True):
         raise ValueError(f"mlp_training_step: the fused MLP backward does not take {fc1.label} then {fc2.label} "
                          f"({dtype})")
     out2 = replace(fc2, activation="none")
-    cost = mlp_forward(fc1, fc2, dtype, dev) + _g_readers(out2, dtype, dev, g_readers(out2, dtype, dev))
+    how = g_readers(out2, dtype, dev)
+    cost = mlp_forward(fc1, fc2, dtype, dev) + _g_readers(out2, dtype, dev, how)
     cost = cost + Cost([mlp_hidden_backward(fc1, fc2, dtype, dev, bias),
                         _bmm("fc2 dw1 = dy2T a (cuBLAS)", sh2.k, sh2.q, sh2.p, T, dtype, dev),
                         _bmm("fc1 dw2 = (P2T dpre)T z1 (cuBLAS)", sh1.l, sh1.s, sh1.r, T, dtype, dev)])
     cost = cost + _DXW[dxw_choice(fc1, dtype, dev)](fc1, dtype, dev)
     if bias:
         tiles = _plan.cdiv(T, _plan.MLP_BWD_TILE.block_m)
-        cost = cost + Cost([_elementwise("fc2 bias gradient (g summed)", [rows_bytes(T, fc2.n_out, item)], [], dev),
+        cost = cost + Cost([_bias_grad("fc2", T, fc2.n_out, item, dev, copied=how != "grouped"),
                             _elementwise("fc1 bias gradient (partials summed)", [tiles * fc1.n_out * 4],
                                          [fc1.n_out * item], dev)])
     return cost

@@ -31,14 +31,15 @@ class Launch:
     key: tuple = ()
 
 
-def _spec(arg) -> str:
-    """How Triton specialises one launch argument (dtype of a tensor; an int's ``== 1`` / ``% 16 == 0``)."""
+def _spec(arg, specialize: bool = True) -> str:
+    """How Triton specialises one launch argument (dtype of a tensor; an int's ``== 1`` / ``% 16 == 0``, unless
+    the kernel says ``do_not_specialize`` for it: ``specialize`` false)."""
     if hasattr(arg, "dtype"):
         return str(arg.dtype)
     if isinstance(arg, bool) or arg is None:
         return repr(arg)
     if isinstance(arg, int):
-        return "1" if arg == 1 else "d16" if arg % 16 == 0 else "i"
+        return "int" if not specialize else "1" if arg == 1 else "d16" if arg % 16 == 0 else "i"
     return type(arg).__name__
 
 
@@ -123,7 +124,8 @@ def compile_only(capability: int = 90, on_launch: Optional[Callable[[Launch], No
     def record(fn, kernel, grid, args, kwargs):
         constexprs = {k: v for k, v in kwargs.items() if k not in ("debug", "instrumentation_mode",
                                                                     "fpsan_homomorphic_casts")}
-        key = (fn.__name__, tuple(sorted((k, repr(v)) for k, v in constexprs.items())), tuple(map(_spec, args)))
+        specs = tuple(_spec(a, not p.do_not_specialize) for a, p in zip(args, fn.params))
+        key = (fn.__name__, tuple(sorted((k, repr(v)) for k, v in constexprs.items())), specs)
         rec = Launch(kernel=kernel, fn_name=fn.__name__, grid=grid, constexprs=constexprs, key=key)
         launches.append(rec)
         if on_launch is not None:

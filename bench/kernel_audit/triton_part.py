@@ -165,7 +165,8 @@ def ci_cases() -> list[Case]:
         Case("monarch fwd_saving bias+gelu T=16384 768->3072 nb=4 bfloat16",
              lambda: tmon.forward_saving(meta(16384, 768), meta(*s4.w1_shape), meta(*s4.w2_shape), meta(3072), 3072,
                                          "gelu")),
-        # training backward after a GELU: g·gelu'(pre) written token-major by the derivative's pass
+        # training backward after a GELU: g·gelu'(pre) written token-major by the derivative's pass, the bias
+        # gradient's partial sums on the way
         Case("monarch bwd_epilogue bias+gelu T=16384 768->3072 nb=4 bfloat16",
              lambda: tmon.backward_epilogue(meta(16384, 768), meta(16384, 3072), meta(*s4.w1_shape),
                                             meta(*s4.w2_shape), meta(3072), 768, "gelu", True)),

@@ -24,6 +24,14 @@ def empty_token_major(tokens: int, n: int, *, device, dtype) -> torch.Tensor:
     return empty(n, ld, device=device, dtype=dtype).t()[:tokens]
 
 
+@functools.lru_cache(maxsize=None)
+def unused_f32(device: torch.device) -> torch.Tensor:
+    """A one-element fp32 tensor per device: the pointer a kernel is given for an fp32 output that a runtime
+    flag tells it not to write (the compiled kernel's signature stays the same either way; no allocation per
+    call)."""
+    return torch.empty(1, device=device, dtype=torch.float32)
+
+
 def is_token_major(t: torch.Tensor) -> bool:
     """Whether a 2-D tensor is stored token-major (transposed): token stride 1 over several columns."""
     return t.dim() == 2 and t.shape[1] > 1 and t.stride(0) == 1

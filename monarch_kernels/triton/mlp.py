@@ -57,6 +57,7 @@ from . import _common
 from . import plan as _plan
 from ._common import ACT_CODES, interpreting, precision
 from .blockdiag import _activation_grad, _at, _finish, _load, bd_forward
+from .token_major import to_token_major
 
 
 def fusable(sh1: MonarchShape, sh2: MonarchShape, n_in: int, n_hidden: int, dtype: torch.dtype,
@@ -193,10 +194,12 @@ def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L
                        sz1t, sz1f, swa0, swa1, swa2, swb0, swb1, swb2, sdyt, sdyf, sat, saf, sdpt, sdpf,
                        sdzt, sdzf, sdb0,
                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-                       BLOCK_K: tl.constexpr, NR: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                       BLOCK_K: tl.constexpr, NR: tl.constexpr, STORE_A: tl.constexpr, STORE_DPRE: tl.constexpr,
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Program (token tile, fc1 block ll), for every fc2 block kk and chunk of ``s'``: the pre-activation again
     (fc1's stage 2 of ``z1``, + bias), ``da = dy2_kk · w1b`` for those hidden columns, ``a = act(pre)`` and
-    ``dpre = da · act'(pre)`` stored (token-major, natural hidden order) with the bias gradient's per-tile sums,
+    ``dpre = da · act'(pre)`` stored (token-major, natural hidden order; each only where ``STORE_A`` /
+    ``STORE_DPRE``: a frozen factor's weight gradient does not read it) with the bias gradient's per-tile sums,
     and ``dz1_ll += dpre · w2a[ll, rows]`` in fp32 registers, stored through P1ᵀ (token-major, fc1's stage-1
     order). fc1's ``r1`` is ``NR ≤ 4`` column chunks of ``BLOCK_K``: the program's ``z1`` tile is loaded once
     (a register operand of every pre-activation dot), each chunk of ``w2a`` rows once and used by both dots
@@ -241,11 +244,14 @@ def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L
             da = _tile_dot(DY2, rm, m_ok, kk * Q2, Q2, sdyt, sdyf, W1B + kk * swb0 + ll * swb1, rs, s_ok, swb2, 1,
                            BLOCK_K, UPCAST, PRECISION)
             # the forward's rounding: the pre-activation to the dtype, then act in fp32 (blockdiag._finish)
-            act = _finish(pre, ACT, A.dtype.element_ty)
-            dp = _activation_grad(pre.to(A.dtype.element_ty).to(tl.float32), da, ACT).to(A.dtype.element_ty)
+            if STORE_A:
+                act = _finish(pre, ACT, A.dtype.element_ty)
+            dp = _activation_grad(pre.to(DZ1.dtype.element_ty).to(tl.float32), da, ACT).to(DZ1.dtype.element_ty)
             ok = m_ok[:, None] & s_ok[None, :]
-            tl.store(_at(A, rm, col, sat, saf), act, mask=ok)
-            tl.store(_at(DPRE, rm, col, sdpt, sdpf), dp, mask=ok)
+            if STORE_A:
+                tl.store(_at(A, rm, col, sat, saf), act, mask=ok)
+            if STORE_DPRE:
+                tl.store(_at(DPRE, rm, col, sdpt, sdpf), dp, mask=ok)
             if HAS_BIAS:
                 tl.store(DB1 + pid_m * sdb0 + col, tl.sum(tl.where(ok, dp.to(tl.float32), 0.0), 0), mask=s_ok)
             if UPCAST:
@@ -266,35 +272,44 @@ def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L
         _dz1_store(DZ1, dzd, rm, m_ok, ll, 3, R1, L1, sdzt, sdzf, BLOCK_K)
 
 
-def hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2: MonarchShape, activation: str):
-    """``(a, dpre, dz1, db1 | None)`` of the fused hidden layer for fc2's stage-1 gradient ``dy2 (T, k2·q2)``
-    (token-major, stage-1 order): the activation ``a`` and ``dpre = (w1bᵀ dy2) · act'(pre)``, both ``(T, n_h)``
-    token-major in natural hidden order (what fc2's ``dw1`` and fc1's ``dw2`` read), ``dz1 = BD(w2a)ᵀ P2ᵀ dpre``
-    token-major in fc1's stage-1 order ``(T, l1·r1)``, and ``db1 = Σ_t dpre`` (fp32 per-tile sums added up) with
-    ``bias1``. The pre-activation is recomputed from ``z1`` (:func:`_hidden_bwd_kernel`); ``w1v``: fc2's ``w1``
-    regrouped (:func:`regroup`)."""
+def hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2: MonarchShape, activation: str, want_a: bool = True,
+                          want_dpre: bool = True):
+    """``(a | None, dpre | None, dz1, db1 | None)`` of the fused hidden layer for fc2's stage-1 gradient ``dy2
+    (T, k2·q2)`` (token-major, stage-1 order): the activation ``a`` and ``dpre = (w1bᵀ dy2) · act'(pre)``, both
+    ``(T, n_h)`` token-major in natural hidden order (what fc2's ``dw1`` and fc1's ``dw2`` read; each stored only
+    if wanted: a frozen factor spares the ``T × n_h`` write), ``dz1 = BD(w2a)ᵀ P2ᵀ dpre`` token-major in fc1's
+    stage-1 order ``(T, l1·r1)``, and ``db1 = Σ_t dpre`` (fp32 per-tile sums added up) with ``bias1``. The
+    pre-activation is recomputed from ``z1`` (:func:`_hidden_bwd_kernel`); ``w1v``: fc2's ``w1`` regrouped
+    (:func:`regroup`)."""
     T = z1.shape[0]
     l1, s1, r1 = w2a.shape
     S, n_h = sh2.p // l1, l1 * s1
     kw = dict(device=z1.device, dtype=z1.dtype)
-    a, dpre = _common.empty_token_major(T, n_h, **kw), _common.empty_token_major(T, n_h, **kw)
+    a = _common.empty_token_major(T, n_h, **kw) if want_a else None
+    dpre = _common.empty_token_major(T, n_h, **kw) if want_dpre else None
     dz1 = _common.empty_token_major(T, l1 * r1, **kw)
     tile = _plan.MLP_BWD_TILE
     tiles = triton.cdiv(T, tile.block_m)
     db1 = None if bias1 is None else _common.empty(tiles, n_h, device=z1.device, dtype=torch.float32)
     if T == 0:
         return a, dpre, dz1, None if bias1 is None else torch.zeros(n_h, device=z1.device, dtype=z1.dtype)
+    # an output not stored is given dz1's pointer and zero strides (its stores are compiled out)
+    a_, dpre_ = (dz1 if a is None else a), (dz1 if dpre is None else dpre)
     _hidden_bwd_kernel[(tiles, l1)](
-        z1, w2a, bias1 if bias1 is not None else dz1, w1v, dy2, a, dpre, dz1, db1 if db1 is not None else dz1,
+        z1, w2a, bias1 if bias1 is not None else dz1, w1v, dy2, a_, dpre_, dz1, db1 if db1 is not None else dz1,
         T, S, r1, sh2.q, l1, sh2.k,
         z1.stride(0), z1.stride(1), *w2a.stride(), *w1v.stride()[:3], dy2.stride(0), dy2.stride(1),
-        a.stride(0), a.stride(1), dpre.stride(0), dpre.stride(1), dz1.stride(0), dz1.stride(1),
-        0 if db1 is None else db1.stride(0),
+        *_strides(a), *_strides(dpre), dz1.stride(0), dz1.stride(1), 0 if db1 is None else db1.stride(0),
         HAS_BIAS=bias1 is not None, ACT=ACT_CODES[activation], BLOCK_M=tile.block_m,
-        BLOCK_S=_plan.mlp_block_s(S), BLOCK_K=tile.block_k, NR=_plan.mlp_r_chunks(r1), UPCAST=interpreting(),
-        PRECISION=precision(z1.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+        BLOCK_S=_plan.mlp_block_s(S), BLOCK_K=tile.block_k, NR=_plan.mlp_r_chunks(r1), STORE_A=want_a,
+        STORE_DPRE=want_dpre, UPCAST=interpreting(), PRECISION=precision(z1.dtype), num_warps=tile.num_warps,
+        num_stages=tile.num_stages,
     )
     return a, dpre, dz1, None if db1 is None else db1.sum(0).to(z1.dtype)
+
+
+def _strides(t: Optional[torch.Tensor]) -> tuple:
+    return (0, 0) if t is None else (t.stride(0), t.stride(1))
 
 
 def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, w1v, activation: str, fc2_bias: bool,
@@ -303,24 +318,28 @@ def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, w1v, activation: str, 
     ``(dx, dw1a, dw2a, db1, dw1b, dw2b, db2)``, ``None`` for what is not wanted (``dx`` without ``want_dx``, the
     factors' gradients where ``want_dw = (w1a, w2a, w1b, w2b)`` says so: a frozen parameter costs no GEMM),
     ``db1`` without ``bias1``, ``db2`` without ``fc2_bias``. fc2's stage 2 as in :func:`.monarch.backward`
-    (``dy2``, ``dw2b``); the hidden layer in one kernel (:func:`hidden_layer_backward`), then the two weight
-    gradients on what it stored (cuBLAS batched GEMMs on token-major views: ``dw1b[kk] = dy2_kkᵀ a_kk``,
-    ``dw2a[ll] = (P2ᵀ dpre)_llᵀ z1_ll``); fc1's stage 1 as in :func:`.monarch.backward`. The ``T × n_h`` hidden
-    tensors exist only inside the backward."""
-    from .monarch import _bmm_dw1, _bmm_dw2, input_grads, output_grads
+    (``dy2``, ``dw2b``; ``db2`` summed by the token-major copy of ``g`` where those two read one); the hidden
+    layer in one kernel (:func:`hidden_layer_backward`), then the two weight gradients on what it stored
+    (cuBLAS batched GEMMs on token-major views: ``dw1b[kk] = dy2_kkᵀ a_kk``, ``dw2a[ll] = (P2ᵀ dpre)_llᵀ
+    z1_ll``); fc1's stage 1 as in :func:`.monarch.backward`. The ``T × n_h`` hidden tensors exist only inside
+    the backward."""
+    from .monarch import _bmm_dw1, _bmm_dw2, _g_copied, input_grads, output_grads
 
     sh1 = MonarchShape.from_factors(w1a.shape, w2a.shape)
     sh2 = MonarchShape.from_factors(w1b.shape, w2b.shape)
     T, n_in, n_h = x.shape[0], x.shape[1], sh1.n_out
     want_w1a, want_w2a, want_w1b, want_w2b = want_dw
-    db2 = g.sum(0) if fc2_bias else None
     if T == 0:
         zero = lambda t, want: torch.zeros_like(t) if want else None
         dx = _common.empty(0, n_in, device=x.device, dtype=x.dtype) if want_dx else None
         return (dx, zero(w1a, want_w1a), zero(w2a, want_w2a), None if bias1 is None else torch.zeros_like(bias1),
-                zero(w1b, want_w1b), zero(w2b, want_w2b), db2)
+                zero(w1b, want_w1b), zero(w2b, want_w2b), g.sum(0) if fc2_bias else None)
+    db2 = None
+    if fc2_bias:  # on the token-major copy of g, where fc2's readers take one (no separate pass over g)
+        g, db2 = to_token_major(g, with_sum=True) if _g_copied(g, n_h, sh2) else (g, g.sum(0))
     dy2, dw2b = output_grads(g, z2, w2b, sh2, n_h, want_dw2=want_w2b)
-    a, dpre, dz1, db1 = hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2, activation)
+    a, dpre, dz1, db1 = hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2, activation, want_a=want_w1b,
+                                              want_dpre=want_w2a)
     dw1b = _bmm_dw1(dy2, a, sh2) if want_w1b else None
     dw2a = _bmm_dw2(z1, dpre, sh1) if want_w2a else None
     dx, dw1a = input_grads(dz1, x, w1a, sh1, n_in, n_h, want_dx=want_dx, want_dw1=want_w1a)

@@ -443,6 +443,11 @@ def _g_for_readers(g, n_in: int, sh: MonarchShape, g_layout: str):
     return (g if how == "grouped" else to_token_major(g)), how
 
 
+def _g_copied(g, n_in: int, sh: MonarchShape) -> bool:
+    """Whether ``g_layout="auto"`` has ``dy`` and ``dw2`` read ``g (T > 0, n_out)`` from a token-major copy."""
+    return _model_choice("g_readers", g.shape[0], n_in, g.shape[1], sh, g.dtype) != "grouped"
+
+
 def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto", z=None):
     """``(dx, dw1, dw2)`` in one call: ``dy`` computed once (token-major) and shared by ``dx`` and ``dw1`` —
     one kernel for both (``dxw="fused"``), the block-diagonal and weight-gradient kernels with their own tiles
@@ -509,23 +514,31 @@ def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, wan
     """First-order backward of ``out = act(M x + bias)``: ``(dx | None, dw1 | None, dw2 | None, db | None)``,
     ``db = Σ_t g·act'(pre)`` (``None`` without a bias); where ``dy`` and ``dw2`` read a token-major ``g``
     (:func:`monarch_kernels.cost_model.g_readers`), ``g·act'(pre)`` is written token-major by the derivative's
-    own pass (:func:`.token_major.activation_grad_token_major`). ``z``, ``pre``: what :func:`forward_saving` kept;
+    own pass (:func:`.token_major.activation_grad_token_major`), and ``db`` summed there (without an activation:
+    by the copy of ``g``, :func:`.token_major.to_token_major`). ``z``, ``pre``: what :func:`forward_saving` kept;
     without them ``z`` is computed once here and shared: an activation's pre-activation is stage 2 of ``z``
     (no epilogue) and ``dw2`` reads the same ``z``, where composing a forward with :func:`backward` would run
     stage 1 twice."""
     sh = MonarchShape.from_factors(w1.shape, w2.shape)
     if z is None and (want_dw or (activation != "none" and pre is None)):
         z = _z(x, w1, sh)
+    # where the readers of g take a token-major copy, the pass that makes it (the activation's derivative, or
+    # the copy itself) writes it so and sums it for the bias gradient: no copy later, no separate reduction
+    copied = want_dw and g.shape[0] > 0 and _g_copied(g, x.shape[1], sh)
+    want_db, db = bias is not None, None
     if activation != "none":
         if pre is None:
             pre = bd_forward(z, w2, bias, g.shape[1], "none", out_perm=(sh.s, sh.l))
-        # where the readers of g take a token-major copy, the derivative's pass writes it so (no copy)
-        if want_dw and g.shape[0] > 0 and _model_choice("g_readers", g.shape[0], x.shape[1], g.shape[1], sh,
-                                                       g.dtype) != "grouped":
+        if copied and want_db:
+            g, db = activation_grad_token_major(activation, pre, g, with_sum=True)
+        elif copied:
             g = activation_grad_token_major(activation, pre, g)
         else:
             g = activations.backward(activation, pre, g)
-    db = None if bias is None else g.sum(0)
+    elif copied and want_db:
+        g, db = to_token_major(g, with_sum=True)
+    if want_db and db is None:
+        db = g.sum(0)
     if not want_dw:
         return (backward_input(g, w1, w2, n_in) if want_dx else None), None, None, db
     if not want_dx:

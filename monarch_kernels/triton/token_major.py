@@ -14,6 +14,9 @@ register layout between the two through shared memory.
 :func:`activation_grad_token_major` is the same copy with an activation's derivative on the way: the first-order
 backward of ``act(M x + b)`` computes ``g · act'(pre)`` elementwise anyway (:func:`..activations.backward`), so
 where ``g`` is to be copied token-major, that pass writes it token-major and the copy disappears.
+
+Both passes can also sum what they move over the tokens (``with_sum``): a layer's bias gradient ``Σ_t g`` (or
+``Σ_t g · act'(pre)``) from per-tile fp32 partials, where it was a pass of its own over ``g``.
 """
 from __future__ import annotations
 
@@ -27,30 +30,46 @@ from .blockdiag import _activation_grad, _at
 
 
 @triton.jit
-def _token_major_copy_kernel(X, Y, T, N, sxt, sxf, syt, syf, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+def _column_partials(PART_ROW, v, ok, rn, n_ok):
+    """The tile ``v``'s fp32 column sums (lanes outside ``ok`` left out) at ``PART_ROW + rn``, this token tile's
+    row of the ``(token tiles, N)`` partials."""
+    tl.store(PART_ROW + rn, tl.sum(tl.where(ok, v.to(tl.float32), 0.0), 0), mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["SUM"])
+def _token_major_copy_kernel(X, Y, PART, T, N, sxt, sxf, syt, syf, spt, SUM, BLOCK_T: tl.constexpr,
+                             BLOCK_N: tl.constexpr):
+    # SUM is a runtime flag (PART always fp32): one compile serves a training step's copies of g with and
+    # without a bias (2 more registers than a copy alone); the derivative kernel's flag is compile-time
+    # (the sums take it from 72 to 96 registers)
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rt < T)[:, None] & (rn < N)[None, :]
     v = tl.load(_at(X, rt, rn, sxt, sxf), mask=ok)
     tl.store(_at(Y, rt, rn, syt, syf), v, mask=ok)
+    if SUM:
+        _column_partials(PART + tl.program_id(0) * spt, v, ok, rn, rn < N)
 
 
 @triton.jit
-def _activation_grad_kernel(PRE, G, Y, T, N, spt, spf, sgt, sgf, syt, syf, ACT: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+def _activation_grad_kernel(PRE, G, Y, PART, T, N, spt, spf, sgt, sgf, syt, syf, sqt, ACT: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SUM: tl.constexpr):
     # g · act'(pre) in fp32 (blockdiag._activation_grad), rounded to Y's dtype
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rt < T)[:, None] & (rn < N)[None, :]
     x = tl.load(_at(PRE, rt, rn, spt, spf), mask=ok).to(tl.float32)
     g = tl.load(_at(G, rt, rn, sgt, sgf), mask=ok).to(tl.float32)
-    d = _activation_grad(x, g, ACT)
-    tl.store(_at(Y, rt, rn, syt, syf), d.to(Y.dtype.element_ty), mask=ok)
+    d = _activation_grad(x, g, ACT).to(Y.dtype.element_ty)
+    tl.store(_at(Y, rt, rn, syt, syf), d, mask=ok)
+    if SUM:
+        _column_partials(PART + tl.program_id(0) * sqt, d, ok, rn, rn < N)
 
 
-def activation_grad_token_major(name: str, pre: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def activation_grad_token_major(name: str, pre: torch.Tensor, g: torch.Tensor, with_sum: bool = False):
     """``g · act'(pre)`` (as :func:`..activations.backward`: fp32 arithmetic, ``g``'s dtype) for ``pre``, ``g``
-    ``(T, n)`` of any strides, stored token-major: one read of each, one write, no separate copy."""
+    ``(T, n)`` of any strides, stored token-major: one read of each, one write, no separate copy. With
+    ``with_sum``: ``(result, Σ_t result)``, the bias gradient from the same pass (:func:`_summed`)."""
     if name not in ("relu", "gelu", "gelu_tanh"):
         raise ValueError(f"activation_grad_token_major: activation must be relu, gelu or gelu_tanh, got {name!r}")
     if g.dim() != 2 or pre.shape != g.shape:
@@ -58,11 +77,13 @@ def activation_grad_token_major(name: str, pre: torch.Tensor, g: torch.Tensor) -
                          f"{tuple(pre.shape)} and {tuple(g.shape)}")
     T, n = g.shape
     y = _common.empty_token_major(T, n, device=g.device, dtype=g.dtype)
+    part = _partials(y, with_sum)
     if T and n:
         grid, meta = _tiles(T, n)
-        _activation_grad_kernel[grid](pre, g, y, T, n, *pre.stride(), *g.stride(), *y.stride(),
-                                      ACT=_common.ACT_CODES[name], **meta)
-    return y
+        _activation_grad_kernel[grid](pre, g, y, y if part is None else part, T, n, *pre.stride(), *g.stride(),
+                                      *y.stride(), 0 if part is None else part.stride(0),
+                                      ACT=_common.ACT_CODES[name], SUM=with_sum, **meta)
+    return _summed(y, part)
 
 
 def _tiles(T: int, n: int) -> tuple:
@@ -72,19 +93,38 @@ def _tiles(T: int, n: int) -> tuple:
             dict(BLOCK_T=tile.block_m, BLOCK_N=tile.block_n, **_common.launch_meta(tile, ())))
 
 
-def to_token_major(x: torch.Tensor) -> torch.Tensor:
+def _partials(y: torch.Tensor, wanted: bool):
+    """The fp32 ``(token tiles, n)`` buffer of the column sums' per-tile partials for a result ``y (T, n)``, if
+    ``wanted``."""
+    if not wanted:
+        return None
+    return _common.empty(triton.cdiv(y.shape[0], _plan.COPY_TILE.block_m), y.shape[1], device=y.device,
+                         dtype=torch.float32)
+
+
+def _summed(y: torch.Tensor, part):
+    """``y``, or with ``part`` (:func:`_partials`, filled by the kernel) ``(y, Σ_t y)``: the partials added in fp32
+    and rounded to ``y``'s dtype once, as ``y.sum(0)`` rounds. Where ``g`` passes through a copy (or the
+    activation's derivative) anyway, its bias gradient rides on that pass: one read of ``T × n`` fewer."""
+    return y if part is None else (y, part.sum(0).to(y.dtype))
+
+
+def to_token_major(x: torch.Tensor, with_sum: bool = False):
     """``x (T, n)`` (any strides) as a token-major tensor with the same values; ``x`` itself when it is
-    token-major already."""
+    token-major already. With ``with_sum``: ``(result, Σ_t x)``, the column sums from the copy's own pass."""
     if x.dim() != 2:
         raise ValueError(f"to_token_major: x must be 2-D (T, n), got shape {tuple(x.shape)}")
     if _common.is_token_major(x):
-        return x
+        return (x, x.sum(0)) if with_sum else x
     T, n = x.shape
     y = _common.empty_token_major(T, n, device=x.device, dtype=x.dtype)
+    part = _partials(y, with_sum)
     if T and n:
         grid, meta = _tiles(T, n)
-        _token_major_copy_kernel[grid](x, y, T, n, *x.stride(), *y.stride(), **meta)
-    return y
+        _token_major_copy_kernel[grid](x, y, _common.unused_f32(x.device) if part is None else part, T, n,
+                                       *x.stride(), *y.stride(), 0 if part is None else part.stride(0),
+                                       int(with_sum), **meta)
+    return _summed(y, part)
 
 
 def copy_into(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -96,5 +136,6 @@ def copy_into(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     T, n = src.shape
     if T and n:
         grid, meta = _tiles(T, n)
-        _token_major_copy_kernel[grid](src, out, T, n, *src.stride(), *out.stride(), **meta)
+        _token_major_copy_kernel[grid](src, out, _common.unused_f32(src.device), T, n, *src.stride(),
+                                       *out.stride(), 0, 0, **meta)
     return out

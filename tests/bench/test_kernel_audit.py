@@ -128,12 +128,16 @@ def test_ci_fused_mlp_hidden_layer_on_wgmma_with_16_byte_accesses(ci_audit):
 
 def test_ci_token_major_copy_moves_16_bytes_each_way(ci_audit):
     """Row-major load along the features, token-major store along the tokens: both 16-byte vectors (the
-    compiler converts the register layout through shared memory)."""
+    compiler converts the register layout through shared memory). The bias gradient's fp32 column sums
+    (``PART``) go out as one 256-byte row per program, a float per lane: in the copy behind a runtime flag (one
+    compile for copies with and without), in the derivative's pass where a bias asks for them (``SUM=1``, the
+    CI's GELU backward)."""
     rows = [r for r in ci_audit if r["kernel"] == COPY]
-    assert rows and all(r["loads"] == {"X": "16"} and r["stores"] == {"Y": "16"} for r in rows), rows
-    # the same for g·act'(pre): both inputs row-major, the result token-major
+    assert rows and all(r["loads"] == {"X": "16"} and r["stores"] == {"Y": "16", "PART": "4"} for r in rows), rows
+    # g·act'(pre): both inputs row-major, the result token-major
     rows = [r for r in ci_audit if r["kernel"] == ACT_GRAD]
-    assert rows and all(r["loads"] == {"PRE": "16", "G": "16"} and r["stores"] == {"Y": "16"} for r in rows), rows
+    assert rows and all("SUM=1" in r["config"] for r in rows), rows
+    assert all(r["loads"] == {"PRE": "16", "G": "16"} and r["stores"] == {"Y": "16", "PART": "4"} for r in rows), rows
 
 
 def test_ci_permuted_accesses_are_16_bytes(ci_audit):

@@ -400,7 +400,12 @@ def test_fused_mlp_training_step_priced_by_hand():
     forward = cm.mlp_forward(fc1, fc2, "bfloat16", dev)
     assert names[:len(forward.kernels)] == [kern.name for kern in forward.kernels]
     assert k.name in names and "fc2 dw1 = dy2T a (cuBLAS)" in names and "fc1 dw2 = (P2T dpre)T z1 (cuBLAS)" in names
-    assert names[-2:] == ["fc2 bias gradient (g summed)", "fc1 bias gradient (partials summed)"]
+    # fc2's bias gradient rides on the token-major copy of g that cuBLAS reads (256 tiles of 64 tokens: fp32
+    # partials written and read), not on a pass of its own over g's 25 MB
+    assert cm.g_readers(fc2, "bfloat16", dev) == "bmm"
+    assert names[-2:] == ["fc2 bias gradient (the copy's partials summed)", "fc1 bias gradient (partials summed)"]
+    assert step.kernels[-2].hbm_bytes == 2 * 256 * 768 * 4 + 768 * 2
+    assert cm._bias_grad("fc2", T, 768, 2, dev, copied=False).hbm_bytes == T * 768 * 2 + 768 * 2
     layers = (cm.estimate("triton", cm.triton_path(fc1), "fwdbwd", fc1, "bfloat16", dev)
               + cm.estimate("triton", cm.triton_path(fc2), "fwdbwd", fc2, "bfloat16", dev)
               + cm.Cost([cm.activation_pass(T, 3072, "bfloat16", dev, backward=True)]))

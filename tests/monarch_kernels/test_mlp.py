@@ -303,7 +303,8 @@ def test_frozen_factors_run_no_weight_gradient(monkeypatch):
     """``mlp_backward`` with ``want_dw`` (and no ``dx``): every weight-gradient path of the backend is counted
     (the batched GEMMs, the block-diagonal weight-gradient kernel, the fused dx + dW kernel's launch plan); all
     factors frozen runs none, each factor alone runs its own share of the all-factors call, and what is computed
-    equals that call's results bit for bit."""
+    equals that call's results bit for bit. The hidden layer's kernel stores the ``T × n_h`` activation only for
+    fc2's ``dw1`` and ``dpre`` only for fc1's ``dw2`` (a store left in would land on its placeholder, ``dz1``)."""
     from monarch_kernels.triton import mlp as tmlp, monarch as tmon, plan
 
     calls = []
@@ -315,6 +316,10 @@ def test_frozen_factors_run_no_weight_gradient(monkeypatch):
     for name in ("_bmm_dw1", "_bmm_dw2", "_dw2", "_bmm_dxw", "bd_weight_grad"):
         count(tmon, name)
     count(plan, "dxw_launch")
+    stored = []
+    hidden = tmlp.hidden_layer_backward
+    monkeypatch.setattr(tmlp, "hidden_layer_backward", lambda *a, **k: (
+        lambda out: stored.append((out[0] is not None, out[1] is not None)) or out)(hidden(*a, **k)))
     gen = torch.Generator().manual_seed(13)
     w1a, w2a, w1b, w2b, b1, b2 = mlp_params(64, 256, 4, 4, torch.bfloat16, gen)
     x = torch.randn(40, 64, generator=gen).to(DEVICE, torch.bfloat16)
@@ -323,7 +328,10 @@ def test_frozen_factors_run_no_weight_gradient(monkeypatch):
 
     def backward(want_dx, want_dw):
         calls.clear()
-        return tmlp.mlp_backward(x, g, w1a, w2a, b1, w1b, w2b, *saved, "gelu", True, want_dx, want_dw)
+        stored.clear()
+        out = tmlp.mlp_backward(x, g, w1a, w2a, b1, w1b, w2b, *saved, "gelu", True, want_dx, want_dw)
+        assert stored == [(want_dw[2], want_dw[1])]  # (a, dpre) for (w1b, w2a)
+        return out
 
     full = backward(False, (True,) * 4)
     n_full = len(calls)

@@ -154,6 +154,30 @@ def test_token_major_copy(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_major_copy_sums_the_columns(dtype):
+    """``to_token_major(x, with_sum=True)``: the same copy and ``Σ_t x`` per column (a bias gradient) from the
+    copy's own per-tile fp32 partials, per element against the float64 sum over 150 tokens (three token tiles,
+    the last ragged) of a strided source; NaN/±inf only in their columns; a token-major input summed as is; no
+    tokens sum to zeros. The partials buffer is poisoned (every row must be written)."""
+    from monarch_kernels.triton import token_major as ttm
+
+    gen = torch.Generator().manual_seed(13)
+    src = (torch.randn(150, 154, generator=gen) + 0.5).to(DEVICE, dtype)[:, ::2]
+    src[140, 4], src[3, 20], src[149, 76] = math.nan, math.inf, -math.inf
+    want = src.double().sum(0)
+    out, total = ttm.to_token_major(src, with_sum=True)
+    assert torch.equal(out.isnan(), src.isnan()) and torch.equal(out.nan_to_num(), src.nan_to_num())
+    assert total.dtype == dtype and total.shape == (77,)
+    finite = want.isfinite()
+    assert total[4].isnan() and total[20] == math.inf and total[76] == -math.inf and finite.sum() == 74
+    assert_close(total[finite], want[finite], dtype, "column sums")
+    again, total2 = ttm.to_token_major(out, with_sum=True)
+    assert again is out and torch.equal(total2[finite], out.sum(0)[finite])
+    empty, zero = ttm.to_token_major(src[:0], with_sum=True)
+    assert empty.shape == (0, 77) and torch.equal(zero, torch.zeros(77, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_copy_into_a_row_major_output(dtype):
     """:func:`.token_major.copy_into`: a token-major source (ragged 70 x 77 over 64 x 64 tiles) into a row-major
     output and a strided one, NaN/±inf bit for bit, every element written (the output poisoned first); sizes
@@ -278,6 +302,16 @@ def test_activation_gradient_written_token_major(dtype):
         assert _common.is_token_major(got) and got.dtype == dtype
         assert_close(got, activations.backward(name, pre.double(), g.double()), dtype, name)
     assert ttm.activation_grad_token_major("gelu", pre[:0], g[:0]).shape == (0, 77)
+    # with_sum: the bias gradient Σ_t (g · act'(pre)) from the same pass (the rounded values summed in fp32)
+    for name in ("relu", "gelu"):
+        got, total = ttm.activation_grad_token_major(name, pre, g, with_sum=True)
+        assert torch.equal(got.nan_to_num(), ttm.activation_grad_token_major(name, pre, g).nan_to_num())
+        want = got.double().sum(0)
+        finite = want.isfinite()
+        assert name == "relu" or (~finite).any()  # relu' of NaN is 0, GELU's is NaN
+        assert torch.equal(total.isnan(), want.isnan()), name  # NaN/inf stay in their columns
+        assert torch.equal(total[~finite & ~want.isnan()], want[~finite & ~want.isnan()].to(dtype))
+        assert_close(total[finite], want[finite], dtype, f"{name} sum")
     with pytest.raises(ValueError, match="relu, gelu or gelu_tanh"):
         ttm.activation_grad_token_major("none", pre, g)
     with pytest.raises(ValueError, match="one shape"):
@@ -287,27 +321,40 @@ def test_activation_gradient_written_token_major(dtype):
 def test_activation_backward_writes_g_token_major_for_its_readers(monkeypatch):
     """With an activation, ``backward_epilogue`` has the derivative's pass write ``g · act'(pre)`` token-major
     when the cost model has ``dy``/``dw2`` read a token-major ``g`` (then nothing is copied), and calls the
-    plain derivative otherwise (then the readers copy it if they want); gradients as the float64 reference
-    either way."""
+    plain derivative otherwise (then the readers copy it if they want). The bias gradient rides on that pass
+    (``with_sum``), and without an activation on the token-major copy of ``g``; gradients as the float64
+    reference either way, over 70 tokens (two tiles of the copy: every tile's partial sum counted)."""
     s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
-    sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 40, torch.float32, ragged=False, seed=3)
-    want = ref.monarch_bwd_epilogue(_d(x), _d(g), _d(w1), _d(w2), _d(b), n_in, "gelu", True)
+    sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 70, torch.float32, ragged=False, seed=3)
     real_choice = tmon._model_choice
-    seen = {"fused": 0, "copy": 0}
+    calls = []
     real_fused, real_copy = tmon.activation_grad_token_major, tmon.to_token_major
     monkeypatch.setattr(tmon, "activation_grad_token_major",
-                        lambda *a: seen.__setitem__("fused", seen["fused"] + 1) or real_fused(*a))
+                        lambda *a, **kw: calls.append(("fused", kw.get("with_sum", False))) or real_fused(*a, **kw))
     monkeypatch.setattr(tmon, "to_token_major",
-                        lambda t: seen.__setitem__("copy", seen["copy"] + (not _common.is_token_major(t)))
-                        or real_copy(t))
-    for picks, fused in (("bmm", 1), ("token_major", 1), ("grouped", 0)):
-        monkeypatch.setattr(tmon, "_model_choice", lambda q, *a, picks=picks: picks if q == "g_readers"
-                            else real_choice(q, *a))
-        seen.update(fused=0, copy=0)
-        got = tmon.backward_epilogue(x, g, w1, w2, b, n_in, "gelu", True)
-        assert (seen["fused"], seen["copy"]) == (fused, 0), picks
-        for what, a, e in zip(("dx", "dw1", "dw2", "db"), got, want):
-            assert_close(a, e, torch.float32, f"{picks} {what}")
+                        lambda t, **kw: calls.append(("copy", kw.get("with_sum", False), _common.is_token_major(t)))
+                        or real_copy(t, **kw))
+    for act in ("gelu", "none"):
+        for bias in (b, None):
+            want = ref.monarch_bwd_epilogue(_d(x), _d(g), _d(w1), _d(w2), _d(bias), n_in, act, True)
+            for picks in ("bmm", "token_major", "grouped"):
+                monkeypatch.setattr(tmon, "_model_choice", lambda q, *a, picks=picks: picks if q == "g_readers"
+                                    else real_choice(q, *a))
+                calls.clear()
+                got = tmon.backward_epilogue(x, g, w1, w2, bias, n_in, act, True)
+                fused = [c[1] for c in calls if c[0] == "fused"]  # with_sum of each call
+                copies = [c[1] for c in calls if c[0] == "copy" and not c[2]]  # real copies (of a row-major g)
+                if picks == "grouped":
+                    assert fused == [] and copies == [], (act, picks)
+                elif act != "none":
+                    assert fused == [bias is not None] and copies == [], (act, picks)
+                else:  # one copy of g: summed there with a bias, the readers' own copy without
+                    assert fused == [] and copies == [bias is not None], (act, picks)
+                for what, a, e in zip(("dx", "dw1", "dw2", "db"), got, want):
+                    if e is None:
+                        assert a is None
+                    else:
+                        assert_close(a, e, torch.float32, f"{act} bias={bias is not None} {picks} {what}")
 
 
 def test_gradient_layout_follows_the_cost_model():
