@@ -74,6 +74,10 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
                 cases.append(Case(f"monarch bwd_epilogue bias+gelu path={path} {tag}",
                                   lambda x=x, g=g, w1=w1, w2=w2, b=b, n=n_in, p=path: tmon.backward_epilogue(
                                       x, g, w1, w2, b, n, "gelu", True)))
+                if path == "auto":  # no bias: the derivative's pass without the column sums
+                    cases.append(Case(f"monarch bwd_epilogue gelu path={path} {tag}",
+                                      lambda x=x, g=g, w1=w1, w2=w2, n=n_in: tmon.backward_epilogue(
+                                          x, g, w1, w2, None, n, "gelu", True)))
                 cases.append(Case(f"monarch bwd path={path} {tag}",
                                   lambda x=x, g=g, w1=w1, w2=w2, n=n_in, p=path: tmon.backward(x, g, w1, w2, n, path=p)))
                 cases.append(Case(f"monarch bwd_input path={path} {tag}",
@@ -114,7 +118,9 @@ def _mlp_case(T: int, n_in: int, n_hidden: int, nb: int, dname: str, tag: str, t
 
     def step():
         _, *saved = mlp.mlp_forward_saving(x, *w, b2, n_in, "gelu")
-        return mlp.mlp_backward(x, meta(T, n_in), *w, *saved, "gelu", True)
+        # every factor trained, then the frozen sets that drop the hidden kernel's stores of a and / or dpre
+        for want_dw in ((True,) * 4, (True, False, True, True), (True, True, False, True), (True, False, False, True)):
+            mlp.mlp_backward(x, meta(T, n_in), *w, *saved, "gelu", True, want_dw=want_dw)
     return Case(f"monarch mlp train step bias+gelu (hidden layer fused both ways) {tag}", step)
 
 

@@ -36,12 +36,13 @@ def _column_partials(PART_ROW, v, ok, rn, n_ok):
     tl.store(PART_ROW + rn, tl.sum(tl.where(ok, v.to(tl.float32), 0.0), 0), mask=n_ok)
 
 
+# In both kernels ``SUM`` is a runtime flag (``PART`` always fp32, a placeholder when it is 0): one compile serves
+# layers with and without a bias (a few more registers, no spills: the kernel audit).
+
+
 @triton.jit(do_not_specialize=["SUM"])
-def _token_major_copy_kernel(X, Y, PART, T, N, sxt, sxf, syt, syf, spt, SUM, BLOCK_T: tl.constexpr,
+def _token_major_copy_kernel(X, Y, T, N, sxt, sxf, syt, syf, PART, spt, SUM, BLOCK_T: tl.constexpr,
                              BLOCK_N: tl.constexpr):
-    # SUM is a runtime flag (PART always fp32): one compile serves a training step's copies of g with and
-    # without a bias (2 more registers than a copy alone); the derivative kernel's flag is compile-time
-    # (the sums take it from 72 to 96 registers)
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = (rt < T)[:, None] & (rn < N)[None, :]
@@ -51,9 +52,9 @@ def _token_major_copy_kernel(X, Y, PART, T, N, sxt, sxf, syt, syf, spt, SUM, BLO
         _column_partials(PART + tl.program_id(0) * spt, v, ok, rn, rn < N)
 
 
-@triton.jit
-def _activation_grad_kernel(PRE, G, Y, PART, T, N, spt, spf, sgt, sgf, syt, syf, sqt, ACT: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SUM: tl.constexpr):
+@triton.jit(do_not_specialize=["SUM"])
+def _activation_grad_kernel(PRE, G, Y, T, N, spt, spf, sgt, sgf, syt, syf, PART, sqt, SUM, ACT: tl.constexpr,
+                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     # g · act'(pre) in fp32 (blockdiag._activation_grad), rounded to Y's dtype
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -80,9 +81,8 @@ def activation_grad_token_major(name: str, pre: torch.Tensor, g: torch.Tensor, w
     part = _partials(y, with_sum)
     if T and n:
         grid, meta = _tiles(T, n)
-        _activation_grad_kernel[grid](pre, g, y, y if part is None else part, T, n, *pre.stride(), *g.stride(),
-                                      *y.stride(), 0 if part is None else part.stride(0),
-                                      ACT=_common.ACT_CODES[name], SUM=with_sum, **meta)
+        _activation_grad_kernel[grid](pre, g, y, T, n, *pre.stride(), *g.stride(), *y.stride(),
+                                      *_sum_args(part, g.device), ACT=_common.ACT_CODES[name], **meta)
     return _summed(y, part)
 
 
@@ -100,6 +100,12 @@ def _partials(y: torch.Tensor, wanted: bool):
         return None
     return _common.empty(triton.cdiv(y.shape[0], _plan.COPY_TILE.block_m), y.shape[1], device=y.device,
                          dtype=torch.float32)
+
+
+def _sum_args(part, device) -> tuple:
+    """The kernels' last three runtime arguments (``PART``, its row stride, ``SUM``) for the partials ``part``
+    (:func:`_partials`), or for none."""
+    return (_common.unused_f32(device), 0, 0) if part is None else (part, part.stride(0), 1)
 
 
 def _summed(y: torch.Tensor, part):
@@ -121,9 +127,7 @@ def to_token_major(x: torch.Tensor, with_sum: bool = False):
     part = _partials(y, with_sum)
     if T and n:
         grid, meta = _tiles(T, n)
-        _token_major_copy_kernel[grid](x, y, _common.unused_f32(x.device) if part is None else part, T, n,
-                                       *x.stride(), *y.stride(), 0 if part is None else part.stride(0),
-                                       int(with_sum), **meta)
+        _token_major_copy_kernel[grid](x, y, T, n, *x.stride(), *y.stride(), *_sum_args(part, x.device), **meta)
     return _summed(y, part)
 
 
@@ -136,6 +140,6 @@ def copy_into(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     T, n = src.shape
     if T and n:
         grid, meta = _tiles(T, n)
-        _token_major_copy_kernel[grid](src, out, _common.unused_f32(src.device), T, n, *src.stride(),
-                                       *out.stride(), 0, 0, **meta)
+        _token_major_copy_kernel[grid](src, out, T, n, *src.stride(), *out.stride(), *_sum_args(None, src.device),
+                                       **meta)
     return out

@@ -126,18 +126,32 @@ def test_ci_fused_mlp_hidden_layer_on_wgmma_with_16_byte_accesses(ci_audit):
         assert r["stores"] == {"Z2": "16"}, r
 
 
+def test_ci_fused_mlp_backward_stores_only_what_trains(ci_audit):
+    """The GPT-2 MLP's hidden-layer backward kernel in its four variants (every factor trained; fc1's w2 and / or
+    fc2's w1 frozen): wgmma, ``a`` stored only for fc2's ``dw1`` and ``dpre`` only for fc1's ``dw2`` (the
+    compiled kernel has no such store otherwise), the stores it keeps in 16-byte vectors (the bias partials: a
+    float per lane)."""
+    rows = [r for r in ci_audit if r["kernel"] == "_hidden_bwd_kernel"]
+    flags = {("STORE_A=1" in r["config"], "STORE_DPRE=1" in r["config"]) for r in rows}
+    assert flags == {(True, True), (True, False), (False, True), (False, False)}, flags
+    for r in rows:
+        store_a, store_dpre = "STORE_A=1" in r["config"], "STORE_DPRE=1" in r["config"]
+        assert r["tensor_core"] == "wgmma", r
+        assert r["stores"] == {"DZ1": "16", "DB1": "4", **({"A": "16"} if store_a else {}),
+                               **({"DPRE": "16"} if store_dpre else {})}, r
+
+
 def test_ci_token_major_copy_moves_16_bytes_each_way(ci_audit):
     """Row-major load along the features, token-major store along the tokens: both 16-byte vectors (the
     compiler converts the register layout through shared memory). The bias gradient's fp32 column sums
-    (``PART``) go out as one 256-byte row per program, a float per lane: in the copy behind a runtime flag (one
-    compile for copies with and without), in the derivative's pass where a bias asks for them (``SUM=1``, the
-    CI's GELU backward)."""
+    (``PART``, behind a runtime flag: one compile for layers with and without a bias) go out as one 256-byte row
+    per program, a float per lane."""
     rows = [r for r in ci_audit if r["kernel"] == COPY]
     assert rows and all(r["loads"] == {"X": "16"} and r["stores"] == {"Y": "16", "PART": "4"} for r in rows), rows
-    # g·act'(pre): both inputs row-major, the result token-major
+    # the same for g·act'(pre): both inputs row-major, the result token-major
     rows = [r for r in ci_audit if r["kernel"] == ACT_GRAD]
-    assert rows and all("SUM=1" in r["config"] for r in rows), rows
-    assert all(r["loads"] == {"PRE": "16", "G": "16"} and r["stores"] == {"Y": "16", "PART": "4"} for r in rows), rows
+    assert rows and all(r["loads"] == {"PRE": "16", "G": "16"} and r["stores"] == {"Y": "16", "PART": "4"}
+                        for r in rows), rows
 
 
 def test_ci_permuted_accesses_are_16_bytes(ci_audit):
