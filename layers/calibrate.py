@@ -163,7 +163,9 @@ def _solve_sym(G: Tensor, rhs: Tensor, *, left: bool) -> Tensor:
     """``G⁻¹ rhs`` (``left``) or ``rhs G⁻¹`` for a batch of symmetric positive semi-definite ``G``; a tiny relative
     jitter makes exactly singular ``G`` (zero rank slots of the factors) solvable and leaves those slots at zero."""
     n = G.shape[-1]
-    jitter = 1e-10 * G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)
+    # floored after scaling: an all-zero G (a block of padding columns) must get a normal, not a subnormal, jitter
+    # (solve(1e-310·I, 0) is NaN, and the next sweep spreads it to every block)
+    jitter = (1e-10 * G.diagonal(dim1=-2, dim2=-1).mean(-1)).clamp_min(torch.finfo(G.dtype).tiny ** 0.5)
     G = G + jitter[..., None, None] * torch.eye(n, dtype=G.dtype, device=G.device)
     return torch.linalg.solve(G, rhs, left=left)
 

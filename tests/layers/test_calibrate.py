@@ -78,6 +78,28 @@ def test_fit_monarch_recovers_monarch_weights_and_beats_projection(n_in, n_out, 
     assert output_error(fitted, W, C) == pytest.approx(((X @ (fitted - W).T).norm() / (X @ W.T).norm()).item(), rel=1e-9)
 
 
+@pytest.mark.parametrize("n_in,n_out,nb", [(12, 12, 8), (5, 9, 4), (13, 20, 8)])
+def test_fit_monarch_with_whole_padding_blocks_stays_finite(n_in, n_out, nb):
+    """Input widths where whole input blocks are padding (ceil(n_in/nb)·(nb − 1) ≥ n_in: e.g. 12 wide in 8 blocks
+    of 2 leaves 2 blocks all padding, whose Gram matrix is exactly zero): the fit stays finite, the padding
+    slots stay zero, and the calibrated layer is at least as good on the inputs as the plain projection (the
+    jitter of an all-zero block once underflowed to a subnormal: NaN weights)."""
+    X, C = _inputs(n_in)
+    W = torch.randn(n_out, n_in, dtype=torch.float64)
+    w1, w2 = fit_monarch(W, C, nb)
+    assert torch.isfinite(w1).all() and torch.isfinite(w2).all()
+    k, q, p = w1.shape
+    padded = torch.zeros(k * p, dtype=torch.bool)
+    padded[n_in:] = True
+    assert padded.view(k, p).all(1).any()  # the case under test: at least one block entirely padding
+    assert (w1.reshape(k, q, p).permute(0, 2, 1).reshape(k * p, q)[padded] == 0).all()
+    fitted = MonarchLinear.from_dense(W.float(), nblocks=nb, second_moment=C)
+    out = fitted(X.float())
+    assert torch.isfinite(out).all()
+    projected = MonarchLinear.from_dense(W, nblocks=nb).dense_weight()
+    assert output_error(fitted.dense_weight().double(), W, C) <= output_error(projected, W, C) * (1 + 1e-4)
+
+
 @pytest.mark.parametrize("n_in,n_out,nb", [(16, 24, 4), (30, 22, 4), (4, 4, 4)])
 def test_fit_blockdiag_is_the_per_block_least_squares_solution(n_in, n_out, nb):
     X, C = _inputs(n_in, tokens=64)
@@ -157,3 +179,23 @@ def test_monarchify_calibrate_fits_real_activations():
     assert rel_err(calibrated(test), dense_out) < 0.7 * rel_err(projected(test), dense_out)
     with pytest.raises(ValueError, match="needs project=True"):
         monarchify(copy.deepcopy(model), calibrate=data, project=False)
+
+
+def test_input_second_moments_run_the_model_in_eval_mode():
+    """Calibration statistics come from the eval-mode model: dropout off (the moments equal those of the
+    deterministic inputs, computed here in float64) and BatchNorm running statistics left untouched; the
+    training mode is restored afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 8)).double().train()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    stats = (model[1].running_mean.clone(), model[1].running_var.clone(), model[1].num_batches_tracked.clone())
+    xs = [torch.randn(32, 12, dtype=torch.float64) + 0.5 for _ in range(2)]
+    moments = input_second_moments(model, ["3"], xs)
+    X = torch.cat(xs)
+    H = (model[0](X) - stats[0]) / (stats[1] + model[1].eps).sqrt() * model[1].weight + model[1].bias  # eval BN
+    assert rel_err(moments["3"], H.T @ H / len(H)) < 1e-12
+    assert all(torch.equal(a, b) for a, b in zip(stats, (model[1].running_mean, model[1].running_var,
+                                                           model[1].num_batches_tracked)))
+    assert model.training and model[2].training
