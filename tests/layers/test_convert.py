@@ -287,3 +287,50 @@ def test_drop_in_transformer_trains():
     assert names == ["block.linear1", "block.linear2"]
     losses = _train(model, seq, target, steps=80)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_nblocks_equal_to_min_features_is_converted():
+    """nblocks == min(in, out) is a valid MonarchLinear (one input or output per block): such a layer is converted,
+    not skipped, and projecting an exactly Monarch weight keeps the model's outputs (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 4)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(MonarchLinear(4, 32, nblocks=4, dtype=torch.float64).dense_weight())
+        model[2].weight.copy_(MonarchLinear(32, 4, nblocks=4, dtype=torch.float64).dense_weight())
+    x = torch.randn(5, 4, dtype=torch.float64)
+    before = model(x)
+    conv = monarchify(model, nblocks=4)
+    assert conv == ["0", "2"] and conv.skipped == {}
+    assert isinstance(model[0], MonarchLinear) and isinstance(model[2], MonarchLinear)
+    assert rel_err(model(x), before) < 1e-12
+
+
+def test_plan_counts_a_bias_only_where_there_is_one():
+    """Per-layer parameter counts (before and after) include the bias only for layers that have one, and match
+    the modules' actual parameter counts."""
+    model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.ReLU(), nn.Linear(32, 16))
+    dense_params = [sum(p.numel() for p in model[i].parameters()) for i in (0, 2)]
+    conv = monarchify(model, nblocks=4)
+    assert [r.bias for r in conv.layers] == [False, True]
+    assert [r.params for r in conv.layers] == dense_params == [16 * 32, 32 * 16 + 16]
+    assert [r.new_params for r in conv.layers] == [sum(p.numel() for p in model[i].parameters()) for i in (0, 2)]
+
+
+class _ReadsBias(nn.Module):
+    """A parent that reads ``self.proj.bias`` directly (besides calling ``self.proj``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.out(self.proj(x) - self.proj.bias)
+
+
+def test_parent_reading_child_bias_is_unsafe():
+    """Rule 4 covers ``.bias`` as well as ``.weight``: a wildcard leaves such a child dense (with a warning)."""
+    model = _ReadsBias()
+    with pytest.warns(UserWarning, match=r"proj \(_ReadsBias reads self.proj"):
+        conv = monarchify(model, nblocks=4)
+    assert conv == ["out"] and "proj" in conv.skipped and isinstance(model.proj, nn.Linear)

@@ -380,3 +380,83 @@ def test_mobilenetv2_mini_shapes_and_bad_arguments():
         MobileNetV2Mini(stem_stride=3)
     with pytest.raises(ValueError, match="num_classes"):
         MobileNetV2Mini(num_classes=0)
+
+
+@pytest.mark.parametrize("padding", ["pad_first", "zeros"])
+def test_merge_folds_conv_biases(padding):
+    """PW1 / DW / PW2 with biases (dense and Monarch pointwise): each bias passes through the BN that follows it
+    (``a·b``) and on through the rest of the chain; merge (and merge_zero_padded) stay exact, float64."""
+    b = make_block(8, 8, 1, 3, 4, "dense", padding=padding, dtype=torch.float64, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    b.pw1.conv.bias = nn.Parameter(torch.randn(b.hidden_channels, generator=gen, dtype=torch.float64))
+    b.dw.bias = nn.Parameter(torch.randn(b.hidden_channels, generator=gen, dtype=torch.float64))
+    b.pw2 = PointwiseConv(b.hidden_channels, 8, "monarch", nblocks=4, bias=True).double()
+    with torch.no_grad():
+        b.pw2.linear.bias.copy_(torch.randn(8, generator=gen, dtype=torch.float64))
+    x = torch.randn(2, 8, 7, 9, dtype=torch.float64)
+    with torch.no_grad():
+        y = b(x)
+        merged = b.merge() if padding == "pad_first" else merge_zero_padded(b, (7, 9))
+        assert (merged(x) - y).abs().max().item() < 1e-12 * y.abs().max().item()
+
+
+@pytest.mark.parametrize("g1,g2,s1", [(2, 4, 1), (4, 8, 2), (1, 2, 1)])
+def test_compose_convs_expands_grouped_convs(g1, g2, s1):
+    """Grouped (and depthwise) convs are expanded to dense before composing: with the padding on the chain input
+    (``conv2`` unpadded) the composed conv equals ``conv2 ∘ conv1`` at every output, float64."""
+    torch.manual_seed(0)
+    conv1 = nn.Conv2d(4, 8, 3, s1, 1, groups=g1).double()
+    conv2 = nn.Conv2d(8, 8, 3, 1, 0, groups=g2).double()
+    c = compose_convs(conv1, conv2)
+    assert c.groups == 1
+    x = torch.randn(2, 4, 11, 10, dtype=torch.float64)
+    with torch.no_grad():
+        y, z = conv2(conv1(x)), c(x)
+    assert z.shape == y.shape
+    assert (z - y).abs().max().item() < 1e-12 * y.abs().max().item()
+
+
+def test_search_gate_flagged_removed_applies_final_act():
+    """During the hard search a block whose flag says removed is the removed block including ``final_act``
+    (the network it will be fine-tuned as); a flag saying kept is the kept block."""
+    torch.manual_seed(0)
+    b = ShrinkableInvertedResidual(8, 8, 1, 4, 3, final_act=nn.ReLU6())
+    randomize_bn(b, torch.Generator().manual_seed(0))
+    b.eval()
+    x = torch.randn(2, 8, 6, 7) * 3
+    with torch.no_grad():
+        ref = {}
+        for mode in ("keep", "remove"):
+            b.gate.mode = mode
+            ref[mode] = b(x)
+        assert (ref["remove"] - F.relu6(ref["remove"])).abs().max() == 0  # final_act is active
+        b.gate.mode = "search"
+        for removed, mode in ((True, "remove"), (False, "keep")):
+            b.gate.removed.fill_(removed)
+            assert torch.equal(b(x), ref[mode]), mode
+
+
+def test_set_removed_resets_a_decayed_slope():
+    """set_removed fixes removed gates at slope 1 (the identity), also after a DECAY_SLOPE ramp left a smaller
+    slope, so depthshrink merges them and the merged net equals the eval-mode net."""
+    net = TinyNet()
+    randomize_bn(net, torch.Generator().manual_seed(0))
+    for blk in shrink_blocks(net):
+        blk.gate.mode, blk.gate.slope = "remove", 0.5
+    set_removed(net, [True, False, True])
+    assert [b.gate.is_linear for b in shrink_blocks(net)] == [True, False, True]
+    assert [b.gate.slope for b in shrink_blocks(net)] == [1.0, 1.0, 1.0]
+    net.eval()
+    merged = depthshrink(net)
+    assert len(shrink_blocks(merged)) == 1
+    x = torch.randn(2, 1, 12, 12)
+    with torch.no_grad():
+        assert (merged(x) - net(x)).abs().max().item() <= 1e-5
+
+
+def test_count_layers_depthwise_means_one_group_per_input_channel():
+    """``depthwise`` counts convs with ``groups == in_channels`` (channel multiplier allowed) only; an ordinary
+    grouped conv is a conv but not depthwise."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 16, 3, groups=8), nn.Conv2d(16, 16, 3, groups=2),
+                          nn.Conv2d(16, 8, 1), nn.BatchNorm2d(8), nn.ReLU6())
+    assert count_layers(model) == {"conv": 4, "depthwise": 2, "linear": 0, "bn": 1, "act": 1}

@@ -187,3 +187,60 @@ def test_blockdiag_shuffle_is_channel_shuffle():
     assert rel_err(layer(x), shuffled @ blockdiag_dense(layer.weight).T) < 1e-12
     assert rel_err(layer.to_linear()(x), layer(x)) < 1e-12
     assert "shuffle=True" in repr(layer)
+
+
+@pytest.mark.parametrize("cls", [MonarchLinear, BlockdiagLinear])
+@pytest.mark.parametrize("n_in,n_out", [(30, 21), (21, 30), (13, 6)])
+def test_from_dense_ragged_pads_inputs_and_outputs_separately(cls, n_in, n_out):
+    """Sizes whose input and output padding differ (30 -> 21 in 4 blocks pads 2 columns and 3 rows): the dense
+    weight of a ragged structured layer, zero-padded, is exactly structured again, so from_dense recovers it, and
+    the new layer computes x Wᵀ + b per element (float64 dense reference)."""
+    torch.manual_seed(0)
+    src = cls(n_in, n_out, nblocks=4, dtype=torch.float64)
+    W = src.dense_weight().detach()
+    back = cls.from_dense(W, src.bias.detach(), nblocks=4)
+    assert rel_err(back.dense_weight(), W) < 1e-10
+    x = torch.randn(3, n_in, dtype=torch.float64)
+    assert rel_err(back(x), x @ W.T + src.bias) < 1e-10
+
+
+@pytest.mark.parametrize("n_in,n_out", [(64, 256), (256, 64)])
+def test_blockdiag_init_bound_and_output_variance(n_in, n_out):
+    """BlockdiagLinear's weight is U(±1/√p) with p = ceil(in/nblocks) the block's input width (so the output
+    variance is nn.Linear's default, Var(x)/3), for wide and narrow layers alike."""
+    torch.manual_seed(0)
+    layer = BlockdiagLinear(n_in, n_out, nblocks=4, bias=False)
+    bound = 1.0 / (n_in // 4) ** 0.5
+    assert layer.weight.abs().max().item() <= bound
+    assert layer.weight.abs().max().item() > 0.95 * bound  # thousands of draws reach the bound
+    x = torch.randn(2048, n_in)
+    dense = nn.Linear(n_in, n_out, bias=False)(x).var().item()
+    assert layer(x).var().item() == pytest.approx(dense, rel=0.15)
+
+
+@pytest.mark.parametrize("cls", [MonarchLinear, BlockdiagLinear])
+@pytest.mark.parametrize("n_in,n_out", [(64, 1024), (1024, 64)])
+def test_bias_init_is_nn_linear_default(cls, n_in, n_out):
+    """The bias is U(±1/√in_features), like nn.Linear (not fly's U(±1/√out_features))."""
+    torch.manual_seed(0)
+    bias = cls(n_in, n_out, nblocks=4).bias.detach()
+    bound = 1.0 / n_in ** 0.5
+    assert bias.abs().max().item() <= bound
+    assert bias.abs().max().item() > 0.8 * bound
+    assert bias.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.25)
+
+
+def test_to_fly_state_dict_with_model_renames_only_monarch_keys():
+    """With ``model`` given, only MonarchLinear's ``w1``/``w2`` become ``blkdiag1``/``blkdiag2``; another module's
+    parameters that happen to be called ``w1``/``w2`` keep their names."""
+
+    class Gate(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(4))
+            self.w2 = nn.Parameter(torch.randn(4))
+
+    model = nn.Sequential(MonarchLinear(16, 16, nblocks=4), Gate())
+    fly = to_fly_state_dict(model.state_dict(), model)
+    assert set(fly) == {"0.blkdiag1", "0.blkdiag2", "0.bias", "1.w1", "1.w2"}
+    assert torch.equal(fly["1.w1"], model[1].w1) and torch.equal(fly["0.blkdiag1"], model[0].w1)

@@ -6,6 +6,7 @@ import torch
 
 import monarch_kernels as mk
 from conftest import rel_err
+from helpers import monarch_dense_explicit
 
 SHAPES = [
     ((4, 4, 4), (4, 4, 4)),
@@ -111,3 +112,49 @@ def test_bad_input():
         mk.project(torch.ones(8, 8, dtype=torch.int32), 2)
     with pytest.raises(ValueError, match="must not exceed"):
         mk.project(torch.randn(8, 8), 16)
+
+
+def test_surplus_rank_slots_stay_zero_and_projection_is_exact():
+    """w1 (2, 8, 3), w2 (2, 2, 8): every 2 × 3 sub-matrix A[ll, kk] receives c = 4 rank slots but has rank
+    <= min(s, p) = 2, so every 4 × 6 matrix is Monarch in this layout and the projection must reproduce it
+    exactly; the two surplus slots of each sub-matrix must stay zero (not copies of the last singular pair)."""
+    s1, s2 = (2, 8, 3), (2, 2, 8)
+    k, q, p = s1
+    l, s, r = s2
+    gen = torch.Generator().manual_seed(3)
+    W = torch.randn(l * s, k * p, generator=gen, dtype=torch.float64)
+    w1, w2 = mk.project(W, w1_shape=s1, w2_shape=s2)
+    assert rel_err(monarch_dense_explicit(w1, w2), W) < 1e-12
+    # slot of stage-2 input (ll, rr): the rank-th input routed from block kk = (rr·l + ll) // q to ll
+    for ll in range(l):
+        seen = {}
+        for rr in range(r):
+            kk, qq = divmod(rr * l + ll, q)
+            slot = seen.get(kk, 0)
+            seen[kk] = slot + 1
+            if slot >= min(s, p):
+                assert w2[ll, :, rr].abs().max() == 0 and w1[kk, qq].abs().max() == 0, (ll, rr, slot)
+
+
+@pytest.mark.parametrize("s1,s2", [((4, 5, 8), (4, 6, 5)), ((3, 5, 7), (5, 6, 3))])
+def test_factors_split_singular_values_evenly(s1, s2):
+    """Each rank-one term σ·u·vᴴ is stored as (√σ u) in w2 and (√σ vᴴ) in w1, so the column w2[ll, :, rr] and the
+    row w1[kk, qq, :] it pairs with have the same norm (balanced factors, as documented)."""
+    k, q, p = s1
+    l, s, r = s2
+    W = torch.randn(l * s, k * p, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    w1, w2 = mk.project(W, w1_shape=s1, w2_shape=s2)
+    checked = 0
+    for ll in range(l):
+        for rr in range(r):
+            kk, qq = divmod(rr * l + ll, q)
+            col, row = w2[ll, :, rr].norm().item(), w1[kk, qq].norm().item()
+            assert math.isclose(col, row, rel_tol=1e-10, abs_tol=1e-12), (ll, rr, col, row)
+            checked += col > 1e-6
+    assert checked > r  # the pairs compared are not all zero
+
+
+def test_inconsistent_middle_width_is_rejected():
+    """k·p = in and l·s = out hold but l·r != k·q: the factors cannot be chained, so project must refuse."""
+    with pytest.raises(ValueError, match="l·r = k·q"):
+        mk.project(torch.randn(8, 8), w1_shape=(2, 4, 4), w2_shape=(2, 4, 3))
