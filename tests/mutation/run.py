@@ -52,6 +52,9 @@ def copy_tree(dst: str) -> None:
             shutil.copy2(src, os.path.join(dst, rel))
     for so in glob.glob(os.path.join(ROOT, "monarch_kernels", "_C*.so")):  # the built extension (git-ignored)
         shutil.copy2(so, os.path.join(dst, "monarch_kernels"))
+    # the package maps monarch_kernels.layers to layers/ (setup.py package_dir); without this link the copy's tests
+    # would import the editable install's layers/ (the real tree's), and a mutant there would go unseen
+    os.symlink(os.path.join("..", "layers"), os.path.join(dst, "monarch_kernels", "layers"))
 
 
 def build(tree: str, sources=("monarch_cpu.cpp", "ops.cpp")) -> str:
