@@ -1,4 +1,4 @@
-"""The fixed list of kernel mutations that the test suite must kill (``make mutants`` runs them).
+"""The fixed list of kernel (and layer) mutations that the test suite must kill (``make mutants`` runs them).
 
 Each mutant is data: the file, an exact snippet that must occur exactly once in it, its replacement and the
 bug it models. When the kernels are rewritten the list is re-targeted by editing snippets here; the runner
@@ -34,6 +34,8 @@ RESIDENT_SIM = ("tests/csrc/test_cuda_resident_sim.py",)
 CLUSTER = "csrc/cuda/cluster_resident.cuh"
 TRITON_MLP = "monarch_kernels/triton/mlp.py"
 MLP_TESTS = ("tests/monarch_kernels/test_mlp.py",)
+LAYER_TESTS = "tests/layers/test_monarch_linear.py"
+DS_TESTS = "tests/layers/test_depthshrink_merge.py"
 
 MUTANTS = [
     # ---------------------------------------------------------------------------------------- Triton
@@ -355,4 +357,36 @@ MUTANTS = [
            "constexpr int kClusterZBuffers = 2;",
            "the cluster kernel cycles two intermediate buffers: a peer's next pushes can land in the one it still"
            " reads (a race the emulation's lagging CTA exposes)", RESIDENT_SIM),
+    # ------------------------------------------------------------------------------------------ layers
+    # (a sweep of 56 mutants of the layer code found these surviving; each now has a test that kills it)
+    Mutant("layers-projection-surplus-slots-kept", "monarch_kernels/projection.py",
+           "keep = (jj < m)", "keep = (jj <= m)",
+           "rank slots beyond min(s, p) are not zeroed: they repeat the last singular pair",
+           ("tests/monarch_kernels/test_projection.py",)),
+    Mutant("layers-from-dense-padding-swapped", "layers/monarch_linear.py",
+           "padded = F.pad(weight.detach(), (0, sh.n_in - in_f, 0, sh.n_out - out_f))",
+           "padded = F.pad(weight.detach(), (0, sh.n_out - out_f, 0, sh.n_in - in_f))",
+           "MonarchLinear.from_dense pads the rows by the columns' padding and vice versa (ragged layers)",
+           (LAYER_TESTS,)),
+    Mutant("layers-calibration-in-train-mode", "layers/calibrate.py",
+           "    model.eval()\n    try:", "    try:",
+           "calibration statistics taken with dropout active and BatchNorm updating its running statistics",
+           ("tests/layers/test_calibrate.py",)),
+    Mutant("layers-calibration-subnormal-jitter", "layers/calibrate.py",
+           "(1e-10 * G.diagonal(dim1=-2, dim2=-1).mean(-1)).clamp_min(torch.finfo(G.dtype).tiny ** 0.5)",
+           "1e-10 * G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-300)",
+           "an all-padding input block's zero Gram matrix gets a subnormal jitter: the fit returns NaN weights",
+           ("tests/layers/test_calibrate.py",)),
+    Mutant("layers-convert-skips-nblocks-equal-min", "layers/convert.py",
+           "elif nblocks > min(in_f, out_f):", "elif nblocks >= min(in_f, out_f):",
+           "monarchify skips layers whose width equals nblocks (one feature per block), which are valid",
+           ("tests/layers/test_convert.py",)),
+    Mutant("layers-depthshrink-pw1-bias-unscaled", "layers/depthshrinker.py",
+           "B1 = c1 + (a1 * b_pw1.double() if b_pw1 is not None else 0.0)",
+           "B1 = c1 + (b_pw1.double() if b_pw1 is not None else 0.0)",
+           "merging a DepthShrinker block folds PW1's conv bias without BN1's scale", (DS_TESTS,)),
+    Mutant("layers-depthshrink-grouped-conv-first-group", "layers/depthshrinker.py",
+           "full[g * og:(g + 1) * og, g * ig:(g + 1) * ig] = w[g * og:(g + 1) * og]",
+           "full[g * og:(g + 1) * og, 0:ig] = w[g * og:(g + 1) * og]",
+           "compose_convs expands a grouped conv into the first input group only", (DS_TESTS,)),
 ]
