@@ -100,6 +100,38 @@ def test_quadratic_update_is_exact(alpha, r):
         assert rel_err(off, expected) > 1e-2
 
 
+def _quadratic_problem(seed=1, n=9):
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, n, generator=g, dtype=torch.float64)
+    a = m @ m.T + torch.eye(n, dtype=torch.float64)
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    theta = [nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64)),
+             nn.Parameter(torch.randn(n - 4, generator=g, dtype=torch.float64))]
+
+    def closure():
+        t = torch.cat(theta)
+        loss = 0.5 * t @ a @ t + b @ t
+        loss.backward()
+        return loss
+    return a, b, theta, closure
+
+
+def test_edge_alphas_on_quadratic():
+    """α above 1 extrapolates (``g = ∇L + α·r·A·v``, not SAM's ascent-point gradient), and α = 0 with the
+    official normalised first term gives ``∇L/‖∇L‖`` (not the raw gradient)."""
+    a, b, theta, closure = _quadratic_problem()
+    t = torch.cat([p.detach() for p in theta])
+    grad = a @ t + b
+    v = grad / grad.norm()
+    r = 0.3
+    got = torch.cat(gnp_gradient(theta, closure, r=r, alpha=1.5))
+    assert rel_err(got, grad + 1.5 * r * (a @ v)) < 1e-12
+    assert rel_err(got, a @ (t + r * v) + b) > 1e-2  # differs from SAM (α = 1)
+    got0 = torch.cat(gnp_gradient(theta, closure, r=r, alpha=0.0, normalize_first_term=True))
+    assert rel_err(got0, v) < 1e-12
+    assert rel_err(torch.cat(gnp_gradient(theta, closure, r=r, alpha=0.0)), grad) < 1e-12
+
+
 def test_matches_double_backprop_of_gradient_norm_penalty():
     model, x, y = _mlp_problem(seed=1)
     params = list(model.parameters())

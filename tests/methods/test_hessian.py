@@ -76,3 +76,23 @@ def test_gradient_norm_and_bad_input():
         hessian.gradient_norm(lambda: torch.cat(theta), theta)
     with pytest.raises(ValueError, match="iters"):
         hessian.top_eigenvalue(loss_fn, theta, iters=0)
+
+
+def test_power_iteration_keeps_the_sign_of_a_negative_dominant_eigenvalue():
+    """The dominant eigenvalue is the largest in |λ| *with its sign*: on a saddle whose most curved direction is
+    negative (spectrum −3 … 1) the Rayleigh quotient must give −3, not ‖Hv‖ = +3."""
+    spectrum = torch.linspace(-3.0, 1.0, 12, dtype=torch.float64)
+    _, theta, loss_fn = _quadratic(seed=4, spectrum=spectrum)
+    lam, _ = hessian.top_eigenvalue(loss_fn, theta, iters=3000, tol=1e-13, generator=torch.Generator().manual_seed(2))
+    assert lam == pytest.approx(-3.0, rel=1e-6)
+
+
+def test_hutchinson_standard_error_matches_the_rademacher_variance():
+    """For Rademacher z, Var(zᵀAz) = 2 Σ_{i≠j} A_ij² (closed form), so the reported standard error of the mean of
+    n probes is ≈ sqrt(2 Σ_{i≠j} A_ij² / n); the spread of the probes alone (no 1/√n) would be √n times larger."""
+    a, theta, loss_fn = _quadratic(seed=5)
+    n = 400
+    _, se = hessian.hutchinson_trace(loss_fn, theta, samples=n, generator=torch.Generator().manual_seed(6))
+    off = a - torch.diag(torch.diagonal(a))
+    expected = float(torch.sqrt(2 * (off ** 2).sum() / n))
+    assert se == pytest.approx(expected, rel=0.25)

@@ -121,6 +121,35 @@ def test_sopa_gradient_and_threshold_step_are_the_cvar_subgradients():
     assert torch.allclose(loss.s[idx[y == 1]].double(), s0.detach() - eta * n_pos * g_s, atol=1e-6)
 
 
+def test_sopa_update_matches_a_loop_with_ties_and_num_neg():
+    """SOPA's documented step by explicit loops: ``p_ij = 1[L_ij > s_i]`` (strict, so a zero loss at ``s_i = 0`` is
+    *not* counted), ``s_i ← s_i − η(1 − Σ_j p_ij/(β·num_neg))`` with the given ``num_neg`` (not the batch's
+    negatives), loss ``Σ p_ij L_ij/(β P N)``."""
+    g = torch.Generator().manual_seed(11)
+    P, N, beta, eta, num_neg = 4, 9, 0.3, 0.7, 25
+    f_pos = torch.rand(P, generator=g, dtype=torch.float64) + torch.tensor([2.0, 2.0, 0.0, 0.3], dtype=torch.float64)
+    f_neg = torch.rand(N, generator=g, dtype=torch.float64)  # positives 0, 1 clear every negative by > 1: L = 0
+    scores = torch.cat([f_pos, f_neg])
+    labels = torch.cat([torch.ones(P, dtype=torch.long), torch.zeros(N, dtype=torch.long)])
+    index = torch.tensor([5, 2, 7, 0] + list(range(10, 10 + N)))
+    s0 = [0.0, 0.0, 0.3, 0.25]  # the first two positives sit exactly at their (zero) losses
+    for num in (None, num_neg):
+        loss = pauc.SOPALoss(30, beta=beta, eta=eta, num_neg=num)
+        loss.s = loss.s.double()
+        loss.s[index[:P]] = torch.tensor(s0, dtype=torch.float64)
+        got = loss(scores, labels, index)
+        n_neg = N if num is None else num
+        total, s_new = 0.0, []
+        for i in range(P):
+            row = [max(1.0 - (float(f_pos[i]) - float(f_neg[j])), 0.0) ** 2 for j in range(N)]
+            hits = [x for x in row if x > s0[i]]
+            total += sum(hits)
+            s_new.append(s0[i] - eta * (1 - len(hits) / (beta * n_neg)))
+        assert float(got) == pytest.approx(total / (beta * P * N), rel=1e-12)
+        assert loss.s[index[:P]].tolist() == pytest.approx(s_new, rel=1e-12, abs=1e-12)
+        assert loss.s[0] != 0 and loss.s[5] == pytest.approx(-eta)  # the tied rows count no hit
+
+
 # ---------------------------------------------------------------- E1 (v): against LibAUC on identical batches
 def test_matches_libauc_state_and_values():
     losses = pytest.importorskip("libauc.losses")

@@ -88,6 +88,36 @@ def test_perturbation_is_gamma_eta_star_along_minus_g():
     assert rel_err(b_t, model.classifier.bias - gamma * ls.eta_star * ls.grad_bias) < 1e-6
 
 
+def test_step_searches_on_the_weak_batch_with_gamma_max():
+    """``step(x, y, weak_x, weak_y)``: the line search runs on the *weak* batch, ``γ ~ U(0, gamma_max)`` for a
+    non-default ``gamma_max``, ``perturb_norm = ‖(W̃, b̃) − (W, b)‖`` and the loss is that of the training batch
+    under the perturbed classifier."""
+    model = _model(3)
+    gen = torch.Generator().manual_seed(8)
+    x, y = torch.randn(16, 16, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+    weak_x, weak_y = 3.0 * torch.randn(48, 16, generator=gen) + 1.0, torch.randint(0, 4, (48,), generator=gen)
+    pof = PoF(model.extractor, model.classifier, torch.optim.SGD(model.extractor.parameters(), lr=0.0),
+              gamma_max=0.5, generator=torch.Generator().manual_seed(9))
+    state = {k: v.clone() for k, v in model.extractor.state_dict().items()}
+    model.extractor.train()
+    with torch.no_grad():
+        ls = classifier_line_search(model.extractor(weak_x), weak_y, model.classifier.weight, model.classifier.bias)
+        other = classifier_line_search(model.extractor(x), y, model.classifier.weight, model.classifier.bias)
+    model.extractor.load_state_dict(state)
+    gamma = float(torch.rand((), generator=torch.Generator().manual_seed(9))) * 0.5
+    w, b = model.classifier.weight.detach(), model.classifier.bias.detach()
+    w_t, b_t = w - gamma * ls.eta_star * ls.grad_weight, b - gamma * ls.eta_star * ls.grad_bias
+    info = pof.step(x, y, weak_x, weak_y)
+    assert info["gamma"] == pytest.approx(gamma) and info["eta_star"] == ls.eta_star
+    assert not torch.allclose(other.grad_weight, ls.grad_weight)  # the training batch would give another g
+    assert info["perturb_norm"] == pytest.approx(float(torch.cat([(w_t - w).reshape(-1), b_t - b]).norm()), rel=1e-5)
+    model.extractor.load_state_dict(state)
+    model.extractor.train()
+    with torch.no_grad():
+        expected = F.cross_entropy(F.linear(model.extractor(x), w_t, b_t), y)
+    assert info["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_classifier_hessian_trace_closed_form():
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(30, 5, generator=g, dtype=torch.float64)

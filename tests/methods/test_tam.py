@@ -64,6 +64,46 @@ def test_pseudo_labels_use_the_class_wise_temperature():
     assert torch.allclose(p[3], (q2 + torch.tensor([0.0, 1.0], dtype=torch.float64)) / 2)
 
 
+def test_margins_match_a_loop_on_an_asymmetric_three_class_graph():
+    """Plain-Python loops over a random 3-class graph with unlabelled nodes and non-default φ, δ: NLD with the
+    class-wise temperature, class connectivity ``C`` (not symmetric here, so ``C[y, c']`` vs ``C[c', y]`` matter),
+    ``log a`` and ``b`` against :func:`tam.tam_margins`."""
+    g = torch.Generator().manual_seed(21)
+    n, c, phi, delta, eps = 12, 3, 0.9, 0.7, 1e-6
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n) if float(torch.rand((), generator=g)) < 0.3]
+    ei = _undirected(pairs)
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 0, 1])
+    mask = torch.tensor([True] * 10 + [False] * 2)
+    logits = torch.randn(n, c, generator=g, dtype=torch.float64)
+    counts = [5, 3, 2]
+    pi = [delta * k / sum(counts) + 1 - delta for k in counts]
+    T = [phi * (x + 1 - max(pi)) for x in pi]
+    q = []
+    for v in range(n):
+        if mask[v]:
+            q.append([1.0 if k == int(y[v]) else 0.0 for k in range(c)])
+        else:
+            e = [math.exp(T[k] * float(logits[v, k])) for k in range(c)]
+            q.append([x / sum(e) for x in e])
+    nbrs = [{v} | {j for i, j in pairs if i == v} | {i for i, j in pairs if j == v} for v in range(n)]
+    p = [[sum(q[u][k] for u in nbrs[v]) / len(nbrs[v]) for k in range(c)] for v in range(n)]
+    train = [v for v in range(n) if mask[v]]
+    C = [[sum(p[v][k] for v in train if int(y[v]) == a) / counts[a] for k in range(c)] for a in range(c)]
+    C = [[max(x, eps) for x in row] for row in C]
+    assert max(abs(C[a][b] - C[b][a]) for a in range(c) for b in range(c)) > 0.05
+    log_acm, adm = tam.tam_margins(logits, ei, y, mask, counts, phi=phi, delta=delta)
+    for r, v in enumerate(train):
+        pv, t = [max(x, eps) for x in p[v]], int(y[v])
+        for k in range(c):
+            a = 1.0 if k == t else min(1.0, (pv[t] / C[t][t]) * (C[t][k] / pv[k]))
+            assert float(log_acm[r, k]) == pytest.approx(math.log(a), abs=1e-9)
+            if k == t:
+                assert float(adm[r, k]) == 0.0
+                continue
+            d1, d2, d3 = _js(pv, C[t]), max(_js(C[t], C[k]), eps), _js(pv, C[k])
+            assert float(adm[r, k]) == pytest.approx((d1 ** 2 + d2 ** 2 - d3 ** 2) / (2 * d2 ** 2), rel=1e-6, abs=1e-9)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_margin_signs_on_a_random_graph(seed):
     x, ei, y, _ = tam.make_csbm(300, 4, 8, minor_classes=(2, 3), anomaly_fraction=0.3, seed=seed)
