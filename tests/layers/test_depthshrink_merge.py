@@ -309,18 +309,26 @@ def test_merge_requires_removed_activation_and_bad_input():
         merge_zero_padded(b, (5,))
 
 
-def test_relaxed_block_interpolates_kept_and_removed():
-    """A ``"relax"`` gate at slope 0 is the kept block, at 1 the removed block with its final activation."""
+def _block_and_its_two_outputs():
+    """An eval-mode block with a ReLU6 final activation and random BN statistics, an input, and the block's output
+    kept (``"keep"``) and removed (``"remove"``)."""
     torch.manual_seed(0)
     b = ShrinkableInvertedResidual(8, 8, 1, 4, 3, final_act=nn.ReLU6())
     randomize_bn(b, torch.Generator().manual_seed(0))
     b.eval()
     x = torch.randn(2, 8, 6, 7) * 3
+    outs = {}
     with torch.no_grad():
-        outs = {}
         for mode in ("keep", "remove"):
             b.gate.mode = mode
             outs[mode] = b(x)
+    return b, x, outs
+
+
+def test_relaxed_block_interpolates_kept_and_removed():
+    """A ``"relax"`` gate at slope 0 is the kept block, at 1 the removed block with its final activation."""
+    b, x, outs = _block_and_its_two_outputs()
+    with torch.no_grad():
         assert (outs["keep"] - outs["remove"]).abs().max() > 1e-2
         b.gate.mode = "relax"
         for s, ref in ((0.0, outs["keep"]), (1.0, outs["remove"])):
@@ -419,16 +427,8 @@ def test_compose_convs_expands_grouped_convs(g1, g2, s1):
 def test_search_gate_flagged_removed_applies_final_act():
     """During the hard search a block whose flag says removed is the removed block including ``final_act``
     (the network it will be fine-tuned as); a flag saying kept is the kept block."""
-    torch.manual_seed(0)
-    b = ShrinkableInvertedResidual(8, 8, 1, 4, 3, final_act=nn.ReLU6())
-    randomize_bn(b, torch.Generator().manual_seed(0))
-    b.eval()
-    x = torch.randn(2, 8, 6, 7) * 3
+    b, x, ref = _block_and_its_two_outputs()
     with torch.no_grad():
-        ref = {}
-        for mode in ("keep", "remove"):
-            b.gate.mode = mode
-            ref[mode] = b(x)
         assert (ref["remove"] - F.relu6(ref["remove"])).abs().max() == 0  # final_act is active
         b.gate.mode = "search"
         for removed, mode in ((True, "remove"), (False, "keep")):
