@@ -21,7 +21,8 @@ def empty_token_major(tokens: int, n: int, *, device, dtype) -> torch.Tensor:
     through a Monarch permutation and the next reads (``dy``, ``z``). Every column access is then a run of
     the row tile's tokens, coalesced whatever the column order (:func:`.plan.layout`)."""
     ld = -(-max(tokens, 1) // 16) * 16
-    return empty(n, ld, device=device, dtype=dtype).t()[:tokens]
+    t = empty(n, ld, device=device, dtype=dtype).t()
+    return t if ld == tokens else t[:tokens]
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +35,12 @@ def unused_f32(device: torch.device) -> torch.Tensor:
 
 def is_token_major(t: torch.Tensor) -> bool:
     """Whether a 2-D tensor is stored token-major (transposed): token stride 1 over several columns."""
-    return t.dim() == 2 and t.shape[1] > 1 and t.stride(0) == 1
+    return t.dim() == 2 and token_major_layout(t.shape[1], t.stride())
+
+
+def token_major_layout(width: int, strides: tuple) -> bool:
+    """:func:`is_token_major` of a 2-D tensor with ``width`` columns and ``strides``."""
+    return width > 1 and strides[0] == 1
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,13 +58,21 @@ def precision(dtype: torch.dtype) -> str:
 
 
 def device_info(device: torch.device) -> DeviceInfo:
-    """SM count and L2 size the launch plans size themselves for (the CUDA device's own; a nominal
-    4-SM device in the interpreter, so that split reductions still have several splits)."""
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return DeviceInfo(num_sms=props.multi_processor_count,
-                          l2_bytes=getattr(props, "L2_cache_size", DeviceInfo.l2_bytes))
-    return DeviceInfo(num_sms=4, l2_bytes=DeviceInfo.l2_bytes)
+    """SM count and L2 size the launch plans size themselves for (the CUDA device's own, read once per device; a
+    nominal 4-SM device in the interpreter, so that split reductions still have several splits)."""
+    if device.type != "cuda":
+        return _INTERPRETER_DEVICE
+    return _cuda_device_info(torch.cuda.current_device() if device.index is None else device.index)
+
+
+_INTERPRETER_DEVICE = DeviceInfo(num_sms=4, l2_bytes=DeviceInfo.l2_bytes)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_info(index: int) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(index)
+    return DeviceInfo(num_sms=props.multi_processor_count,
+                      l2_bytes=getattr(props, "L2_cache_size", DeviceInfo.l2_bytes))
 
 
 @functools.lru_cache(maxsize=1024)

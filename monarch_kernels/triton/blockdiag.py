@@ -366,16 +366,37 @@ def _bd_pair_kernel(
 
 
 @dataclass(frozen=True)
-class _Launch:
-    """One resolved :func:`bd_forward` call: its plan, runtime arguments and compile-time arguments."""
+class _Plan:
+    """What one :func:`bd_forward` call launches, derived once per shape, strides and options (:func:`_plan_for`):
+    the launch plan, the runtime arguments after the five tensors, the compile-time arguments (``meta``) and
+    everything a launch of :func:`_bd_fwd_kernel` takes besides its arguments (``options``: ``meta`` plus
+    ``UPCAST``, ``PRECISION``, warps and stages). Shared by every call of that kind: unpack, do not modify."""
 
     lp: _plan.BDLaunch
-    args: tuple
+    scalars: tuple
     meta: dict
+    options: dict
+
+
+@_plan.memo
+def _plan_for(T: int, n_x: int, n_out: int, k: int, q: int, p: int, dtype: torch.dtype, itemsize: int,
+              xs: tuple, ws: tuple, ys: tuple, in_perm, out_perm, activation: str, has_bias: bool,
+              save_pre: bool) -> _Plan:
+    """:class:`_Plan` of ``x (T, n_x)`` (strides ``xs``) times ``w (k, q, p)`` (``ws``) into ``y (T, n_out)``
+    (``ys``); memoised (at ~20 µs, deriving it was most of a launch's own host time)."""
+    lp = _plan.bd_launch(T, k, q, p, itemsize, in_perm, out_perm, activation != "none",
+                         _common.token_major_layout(n_x, xs), _common.token_major_layout(n_out, ys))
+    scalars = (T, n_x, n_out, q, p, *xs, *ws, *ys, lp.inp.a, lp.inp.b, lp.out.a, lp.out.b)
+    meta = dict(IN_MODE=lp.inp.mode, OUT_MODE=lp.out.mode, OUT_C=lp.out.c, IN_FULL=lp.in_full,
+                OUT_FULL=lp.out_full, MULTI_K=lp.multi_k, HAS_BIAS=has_bias, ACT=ACT_CODES[activation],
+                SAVE_PRE=save_pre, **{k: v for k, v in lp.tile.meta().items() if not k.startswith("num_")})
+    options = dict(meta, UPCAST=interpreting(), PRECISION=precision(dtype), **_common.launch_meta(lp.tile, ()))
+    return _Plan(lp, scalars, meta, options)
 
 
 def _prepare(x, w, bias, n_out, activation, in_perm, out_perm, out, pre_out):
-    """``(y, launch | None)``: the output buffer and what to launch (``None`` for no tokens)."""
+    """``(y, plan | None, args)``: the output buffer, what to launch (``None`` for no tokens) and the launch's
+    runtime arguments."""
     T = x.shape[0]
     k, q, p = w.shape
     n_out = k * q if n_out is None else n_out
@@ -388,18 +409,11 @@ def _prepare(x, w, bias, n_out, activation, in_perm, out_perm, out, pre_out):
                              f"{y.stride()}, {y.dtype}; got {tuple(pre_out.shape)}, {pre_out.stride()}, "
                              f"{pre_out.dtype}")
     if T == 0:
-        return y, None
-    lp = _plan.bd_launch(T, k, q, p, x.element_size(), in_perm, out_perm, activation != "none",
-                         _common.is_token_major(x), _common.is_token_major(y))
-    args = (x, w, bias if bias is not None else y, y, y if pre_out is None else pre_out,
-            T, x.shape[1], n_out, q, p,
-            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2), y.stride(0), y.stride(1),
-            lp.inp.a, lp.inp.b, lp.out.a, lp.out.b)
-    meta = dict(IN_MODE=lp.inp.mode, OUT_MODE=lp.out.mode, OUT_C=lp.out.c, IN_FULL=lp.in_full,
-                OUT_FULL=lp.out_full, MULTI_K=lp.multi_k, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation],
-                SAVE_PRE=pre_out is not None,
-                **{k: v for k, v in lp.tile.meta().items() if not k.startswith("num_")})
-    return y, _Launch(lp, args, meta)
+        return y, None, ()
+    plan = _plan_for(T, x.shape[1], n_out, k, q, p, x.dtype, x.element_size(), x.stride(), w.stride(), y.stride(),
+                     in_perm, out_perm, activation, bias is not None, pre_out is not None)
+    args = (x, w, y if bias is None else bias, y, y if pre_out is None else pre_out, *plan.scalars)
+    return y, plan, args
 
 
 def bd_forward(
@@ -422,10 +436,9 @@ def bd_forward(
     ``pre_out``: also store the pre-activation ``BD(w) x + bias`` there (an activation's backward needs it;
     same shape and strides as the output).
     """
-    y, launch = _prepare(x, w, bias, n_out, activation, in_perm, out_perm, out, pre_out)
-    if launch is not None:
-        _bd_fwd_kernel[launch.lp.grid](*launch.args, **launch.meta, UPCAST=interpreting(),
-                                       PRECISION=precision(x.dtype), **_common.launch_meta(launch.lp.tile, ()))
+    y, plan, args = _prepare(x, w, bias, n_out, activation, in_perm, out_perm, out, pre_out)
+    if plan is not None:
+        _bd_fwd_kernel[plan.lp.grid](*args, **plan.options)
     return y
 
 
@@ -452,19 +465,17 @@ def bd_forward_pair(first: dict, second: dict) -> tuple:
     Monarch forward's stage 1 of one token chunk and stage 2 of the previous one) their programs share the
     GPU and the two limits overlap (:func:`monarch_kernels.cost_model.paired`)."""
     a, b = _two_calls("bd_forward_pair", first, second)
-    ya, la = _prepare(*(a[k] for k in _CALL_KEYS))
-    yb, lb = _prepare(*(b[k] for k in _CALL_KEYS))
+    ya, la, args_a = _prepare(*(a[k] for k in _CALL_KEYS))
+    yb, lb, args_b = _prepare(*(b[k] for k in _CALL_KEYS))
     if la is None or lb is None:  # one has no tokens: the other alone
-        for launch in (la, lb):
-            if launch is not None:
-                _bd_fwd_kernel[launch.lp.grid](*launch.args, **launch.meta, UPCAST=interpreting(),
-                                               PRECISION=precision(a["x"].dtype),
-                                               **_common.launch_meta(launch.lp.tile, ()))
+        for plan, args in ((la, args_a), (lb, args_b)):
+            if plan is not None:
+                _bd_fwd_kernel[plan.lp.grid](*args, **plan.options)
         return ya, yb
     n_a, n_b = la.lp.grid[0] * la.lp.grid[1], lb.lp.grid[0] * lb.lp.grid[1]
     tile = _plan.pair_tile(la.lp.tile, lb.lp.tile)
     meta = {**la.meta, **{k + "2": v for k, v in lb.meta.items()}}
-    _bd_pair_kernel[(n_a + n_b,)](*la.args, *lb.args, la.lp.grid[0], lb.lp.grid[0], n_a, n_b, **meta,
+    _bd_pair_kernel[(n_a + n_b,)](*args_a, *args_b, la.lp.grid[0], lb.lp.grid[0], n_a, n_b, **meta,
                                   UPCAST=interpreting(), PRECISION=precision(a["x"].dtype),
                                   **_common.launch_meta(tile, ()))
     return ya, yb
@@ -596,15 +607,15 @@ def bd_forward_chain(first: dict, second: dict, *, chunk: int, buffers: int) -> 
         return
     rows = min(chunk, T)
     sub = lambda t: None if t is None else t[:rows]
-    _, la = _prepare(a["x"][:rows], a["w"], a["bias"], a["n_out"], a["activation"], a["in_perm"], a["out_perm"],
-                     z[:rows], None)
-    _, lb = _prepare(z[:rows], b["w"], b["bias"], b["n_out"], b["activation"], b["in_perm"], b["out_perm"],
-                     b["out"][:rows], sub(b["pre_out"]))
+    _, la, args_a = _prepare(a["x"][:rows], a["w"], a["bias"], a["n_out"], a["activation"], a["in_perm"],
+                             a["out_perm"], z[:rows], None)
+    _, lb, args_b = _prepare(z[:rows], b["w"], b["bias"], b["n_out"], b["activation"], b["in_perm"],
+                             b["out_perm"], b["out"][:rows], sub(b["pre_out"]))
     n_a, n_b = la.lp.grid[0] * la.lp.grid[1], lb.lp.grid[0] * lb.lp.grid[1]
     counters = chain_counters(nchunks, a["x"].device)
     meta = {**la.meta, **{k + "2": v for k, v in lb.meta.items()}}
     _bd_chain_kernel[(nchunks * (n_a + n_b),)](
-        *la.args, *lb.args, counters, T, chunk, nchunks, min(buffers, nchunks), la.lp.grid[0], lb.lp.grid[0],
+        *args_a, *args_b, counters, T, chunk, nchunks, min(buffers, nchunks), la.lp.grid[0], lb.lp.grid[0],
         n_a, n_b, **meta, UPCAST=interpreting(), PRECISION=precision(a["x"].dtype), SPIN=not interpreting(),
         **_common.launch_meta(_plan.pair_tile(la.lp.tile, lb.lp.tile), ()))
     if interpreting() and counters[-1].item():
@@ -689,14 +700,23 @@ def bd_weight_grad(
     T = x.shape[0]
     if T == 0:
         return torch.zeros(k, q, p, device=x.device, dtype=x.dtype)
-    lp = _plan.wgrad_launch(T, k, q, p, x.element_size(), g_perm, _common.device_info(x.device).num_sms,
-                            _common.is_token_major(g))
+    lp, options = _wgrad_plan(T, k, q, p, x.dtype, x.element_size(), g_perm, _common.device_info(x.device).num_sms,
+                              _common.is_token_major(g))
     partial = _common.empty(lp.splits, k, q, p, device=x.device, dtype=torch.float32)
     _bd_wgrad_kernel[(lp.tiles, lp.splits)](
         x, g, partial,
         T, x.shape[1], g.shape[1], q, p, lp.rows_per_split,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), *partial.stride(),
-        lp.g.a, lp.g.b, G_MODE=lp.g.mode, G_FULL=lp.g_full,
-        UPCAST=interpreting(), PRECISION=precision(x.dtype), **_common.launch_meta(lp.tile),
+        lp.g.a, lp.g.b, **options,
     )
     return partial.sum(0).to(x.dtype)
+
+
+@_plan.memo
+def _wgrad_plan(T: int, k: int, q: int, p: int, dtype: torch.dtype, itemsize: int, g_perm, num_sms: int,
+                g_token_major: bool) -> tuple:
+    """``(plan, compile-time arguments and launch options)`` of :func:`bd_weight_grad` (memoised; the options are
+    shared: unpack, do not modify)."""
+    lp = _plan.wgrad_launch(T, k, q, p, itemsize, g_perm, num_sms, g_token_major)
+    return lp, dict(G_MODE=lp.g.mode, G_FULL=lp.g_full, UPCAST=interpreting(), PRECISION=precision(dtype),
+                    **_common.launch_meta(lp.tile))

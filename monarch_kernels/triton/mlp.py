@@ -137,7 +137,7 @@ def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tens
     if T == 0:
         return z2
     tile = _plan.MLP_TILE
-    grid = (triton.cdiv(T, tile.block_m), sh2.k)
+    grid = (_plan.cdiv(T, tile.block_m), sh2.k)
     _hidden_kernel[grid](
         z1, w2a, bias1 if bias1 is not None else z2, w1v, z2, T, S, r1, sh2.q, l1, sh2.l, sh2.r,
         z1.stride(0), z1.stride(1), *w2a.stride(), *w1v.stride()[:3],
@@ -289,7 +289,7 @@ def hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2: MonarchShape, activatio
     dpre = _common.empty_token_major(T, n_h, **kw) if want_dpre else None
     dz1 = _common.empty_token_major(T, l1 * r1, **kw)
     tile = _plan.MLP_BWD_TILE
-    tiles = triton.cdiv(T, tile.block_m)
+    tiles = _plan.cdiv(T, tile.block_m)
     db1 = None if bias1 is None else _common.empty(tiles, n_h, device=z1.device, dtype=torch.float32)
     if T == 0:
         return a, dpre, dz1, None if bias1 is None else torch.zeros(n_h, device=z1.device, dtype=z1.dtype)

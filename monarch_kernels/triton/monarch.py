@@ -175,7 +175,7 @@ def _fused_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out, z=
     T = x.shape[0]
     tile = _plan.fused_tile(T, sh.k, sh.l)
     zb = out if z is None else z
-    _fused_fwd_kernel[(triton.cdiv(T, tile.block_m), sh.l // tile.group)](
+    _fused_fwd_kernel[(_plan.cdiv(T, tile.block_m), sh.l // tile.group)](
         x, w1, w2, bias if bias is not None else out, out, zb,
         T, x.shape[1], n_out, sh.p, sh.s,
         x.stride(0), x.stride(1), *w1.stride(), *w2.stride(), out.stride(0), out.stride(1), zb.stride(0),
@@ -193,49 +193,58 @@ def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, ou
     activation, the pre-activation (stage 2 stores it beside the output); else one chunk's buffer is reused
     and nothing is kept. Stage 2's store: :data:`.plan.STAGE2_STORES`, the cost model's pick."""
     T = x.shape[0]
-    info = _common.device_info(x.device)
-    pair = _plan.PAIR_STAGES
-    chunk = _plan.forward_chunk(T, sh.n_mid, x.element_size(), info.l2_bytes)
-    buffers = 1 if keep or chunk >= T else (2 if pair else 1)
-    z = _common.empty_token_major(T if keep else buffers * chunk, sh.n_mid, device=x.device, dtype=x.dtype)
+    chunk = _plan.forward_chunk(T, sh.n_mid, x.element_size(), _common.device_info(x.device).l2_bytes)
     pre = _common.empty(T, n_out, device=x.device, dtype=x.dtype) if keep and activation != "none" else None
-    # chunk i: stage 1, P1 in the store (y[f] lands at z[(f mod l)·r + f div l], token-major runs of tokens),
-    # then stage 2 and the epilogue, P2 in the store (o[f] lands at out[(f mod s)·l + f div s]). A kept z's
-    # chunks (and the buffers) start at multiples of the 128-row tile: every column stays 16-byte aligned
-    starts = list(range(0, T, chunk))
+    stage2 = dict(w=w2, bias=bias, n_out=n_out, activation=activation, out_perm=(sh.s, sh.l))
+    if chunk >= T:
+        # stage 1, P1 in the store (y[f] lands at z[(f mod l)·r + f div l], token-major runs of tokens), then
+        # stage 2 and the epilogue, P2 in the store (o[f] lands at out[(f mod s)·l + f div s])
+        z = _common.empty_token_major(T, sh.n_mid, device=x.device, dtype=x.dtype)
+        bd_forward(x, w1, out_perm=(sh.l, sh.r), out=z)
+        question = "stage2_store_saving" if keep else "stage2_store"
+        if (len(_plan.stage2_stores(chunk, T, pre is not None)) > 1
+                and _model_choice(question, T, x.shape[1], n_out, sh, x.dtype, activation) == "token_major"):
+            # P2 as a permutation of token runs, then one transposing pass into the row-major output
+            yt = _common.empty_token_major(T, n_out, device=x.device, dtype=x.dtype)
+            copy_into(bd_forward(z, **stage2, out=yt), out)
+        else:
+            bd_forward(z, **stage2, out=out, pre_out=pre)
+        return out, (z if keep else None), pre
+    return _chunked_forward(x, w1, stage2, sh, out, pre, chunk, keep)
+
+
+def _chunked_forward(x, w1, stage2: dict, sh: MonarchShape, out, pre, chunk: int, keep: bool):
+    """:func:`_two_kernel_forward` over token chunks of ``chunk`` rows (:data:`.plan.CHUNK_IN_L2`): the grouped P2
+    store, stage 1 of one chunk beside stage 2 of the previous (:data:`.plan.PAIR_STAGES`; as one launch with
+    :data:`.plan.ONE_LAUNCH`) or one chunk after another."""
+    T = x.shape[0]
+    pair = _plan.PAIR_STAGES
+    buffers = 1 if keep else (2 if pair else 1)
+    z = _common.empty_token_major(T if keep else buffers * chunk, sh.n_mid, device=x.device, dtype=x.dtype)
+    # a kept z's chunks (and the buffers) start at multiples of the 128-row tile: every column stays 16-byte
+    # aligned
+    starts = range(0, T, chunk)
 
     def stage1(i):
         t0, t1 = starts[i], min(T, starts[i] + chunk)
         zc = z[t0:t1] if keep else z[(i % buffers) * chunk:][: t1 - t0]
         return dict(x=x[t0:t1], w=w1, out_perm=(sh.l, sh.r), out=zc)
 
-    def stage2(i, zc):
+    def stage2_of(i, zc):
         t0, t1 = starts[i], min(T, starts[i] + chunk)
-        return dict(x=zc, w=w2, bias=bias, n_out=n_out, activation=activation, out_perm=(sh.s, sh.l),
-                    out=out[t0:t1], pre_out=None if pre is None else pre[t0:t1])
+        return dict(x=zc, **stage2, out=out[t0:t1], pre_out=None if pre is None else pre[t0:t1])
 
-    stores = _plan.stage2_stores(chunk, T, pre is not None)
-    if len(stores) > 1 and _model_choice("stage2_store_saving" if keep else "stage2_store", T, x.shape[1], n_out,
-                                         sh, x.dtype, activation) == "token_major":
-        # P2 as a permutation of token runs, then one transposing pass into the row-major output
-        yt = _common.empty_token_major(T, n_out, device=x.device, dtype=x.dtype)
-        bd_forward(**{**stage2(0, bd_forward(**stage1(0))), "out": yt})
-        copy_into(yt, out)
-        return out, (z if keep else None), pre
-    if not pair or len(starts) == 1:
+    if not pair:
         for i in range(len(starts)):
-            bd_forward(**stage2(i, bd_forward(**stage1(i))))
-        return out, (z if keep else None), pre
-    if _plan.ONE_LAUNCH:  # the paired schedule below as one launch, its steps ordered by in-kernel waits
-        bd_forward_chain(dict(x=x, w=w1, out_perm=(sh.l, sh.r), out=z),
-                         dict(x=z, w=w2, bias=bias, n_out=n_out, activation=activation, out_perm=(sh.s, sh.l),
-                              out=out, pre_out=pre), chunk=chunk, buffers=len(starts) if keep else buffers)
-        return out, (z if keep else None), pre
-    # paired: launch i runs stage 1 of chunk i beside stage 2 of chunk i - 1 (two buffers in L2)
-    zc = bd_forward(**stage1(0))
-    for i in range(1, len(starts)):
-        zc, _ = bd_forward_pair(stage1(i), stage2(i - 1, zc))
-    bd_forward(**stage2(len(starts) - 1, zc))
+            bd_forward(**stage2_of(i, bd_forward(**stage1(i))))
+    elif _plan.ONE_LAUNCH:  # the paired schedule below as one launch, its steps ordered by in-kernel waits
+        bd_forward_chain(dict(x=x, w=w1, out_perm=(sh.l, sh.r), out=z), dict(x=z, **stage2, out=out, pre_out=pre),
+                         chunk=chunk, buffers=len(starts) if keep else buffers)
+    else:  # paired: launch i runs stage 1 of chunk i beside stage 2 of chunk i - 1 (two buffers in L2)
+        zc = bd_forward(**stage1(0))
+        for i in range(1, len(starts)):
+            zc, _ = bd_forward_pair(stage1(i), stage2_of(i - 1, zc))
+        bd_forward(**stage2_of(len(starts) - 1, zc))
     return out, (z if keep else None), pre
 
 

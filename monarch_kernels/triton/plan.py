@@ -13,6 +13,7 @@ vector accesses (:func:`group_size`).
 from __future__ import annotations
 
 import functools
+import operator
 from dataclasses import dataclass
 
 #: contiguous bytes per permuted run: one 16-byte vector per thread (32-byte runs would fill whole sectors, but
@@ -48,17 +49,19 @@ ACC_BYTES = 16 * 1024
 SINGLE_DOT_BYTES = 64 * 1024
 
 
-def _memo(fn):
+def memo(fn):
     """Memoise a launch plan by its arguments and the module's current settings (:data:`_SETTINGS`: the budgets and
     flags and the tile functions, so that a test or benchmark that patches one gets fresh plans). Plans are pure
     arithmetic, but at 10-15 µs each they were a measurable part of a call's host time (H200, 2026-11-30: ~300 µs of
-    host time per Triton forward)."""
+    host time per Triton forward). The host modules memoise what they derive from a plan (argument tuples,
+    compile-time arguments) the same way, so that a patched setting reaches them too."""
     cache: dict = {}
+    settings = operator.itemgetter(*_SETTINGS)
+    scope = globals()
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        g = globals()
-        key = (args, tuple(sorted(kwargs.items())), tuple(g[name] for name in _SETTINGS))
+        key = (args, tuple(sorted(kwargs.items())) if kwargs else (), settings(scope))
         try:
             return cache[key]
         except KeyError:
@@ -72,9 +75,9 @@ def _memo(fn):
     return wrapper
 
 
-#: what a memoised plan depends on besides its arguments (:func:`_memo`)
+#: what a memoised plan depends on besides its arguments (:func:`memo`)
 _SETTINGS = ("RUN_BYTES", "L2_SHARE", "PAIR_STAGES", "ONE_LAUNCH", "CHUNK_IN_L2", "LIVE_BYTES", "DOT_BYTES",
-             "ACC_BYTES", "SINGLE_DOT_BYTES", "bd_tile", "wgrad_tile", "dxw_tile")
+             "ACC_BYTES", "SINGLE_DOT_BYTES", "bd_tile", "wgrad_tile", "dxw_tile", "COPY_TILE")
 
 
 @dataclass(frozen=True)
@@ -287,7 +290,7 @@ class BDLaunch:
     multi_k: bool  # gathered input over several K steps: fp32 accumulators until the end
 
 
-@_memo
+@memo
 def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, out_perm=None,
               activation: bool = False, in_token_major: bool = False, out_token_major: bool = False) -> BDLaunch:
     """``*_token_major``: the input / output tensor has token stride 1 (see :func:`layout`)."""
@@ -330,7 +333,7 @@ def _splits(tokens: int, tiles: int, num_sms: int, step: int) -> tuple[int, int]
     return cdiv(max(tokens, 1), rows), rows
 
 
-@_memo
+@memo
 def wgrad_launch(tokens: int, k: int, q: int, p: int, itemsize: int, g_perm, num_sms: int,
                  g_token_major: bool = False) -> WgradLaunch:
     """``g_token_major``: the gradient is stored token-major (runs of tokens, no block group, see :func:`layout`)."""
@@ -341,7 +344,7 @@ def wgrad_launch(tokens: int, k: int, q: int, p: int, itemsize: int, g_perm, num
                        g_full=g.mode == GROUPED and g.group == k and g.b == k)
 
 
-@_memo
+@memo
 def dxw_launch(tokens: int, k: int, q: int, p: int, num_sms: int) -> WgradLaunch:
     """The fused ``dx``/``dw1`` kernel of :func:`.monarch.backward` (grid ``(k · p-tiles, splits)``)."""
     tile = dxw_tile(q, p)

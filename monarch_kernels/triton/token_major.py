@@ -86,10 +86,12 @@ def activation_grad_token_major(name: str, pre: torch.Tensor, g: torch.Tensor, w
     return _summed(y, part)
 
 
+@_plan.memo
 def _tiles(T: int, n: int) -> tuple:
-    """Grid and compile-time arguments of the two kernels above over a ``(T, n)`` tensor (:data:`.plan.COPY_TILE`)."""
+    """Grid and compile-time arguments of the two kernels above over a ``(T, n)`` tensor (:data:`.plan.COPY_TILE`;
+    memoised, like the other launches' plans). The compile-time arguments are shared: unpack, do not modify."""
     tile = _plan.COPY_TILE
-    return ((triton.cdiv(T, tile.block_m), triton.cdiv(n, tile.block_n)),
+    return ((_plan.cdiv(T, tile.block_m), _plan.cdiv(n, tile.block_n)),
             dict(BLOCK_T=tile.block_m, BLOCK_N=tile.block_n, **_common.launch_meta(tile, ())))
 
 
@@ -98,7 +100,7 @@ def _partials(y: torch.Tensor, wanted: bool):
     ``wanted``."""
     if not wanted:
         return None
-    return _common.empty(triton.cdiv(y.shape[0], _plan.COPY_TILE.block_m), y.shape[1], device=y.device,
+    return _common.empty(_plan.cdiv(y.shape[0], _plan.COPY_TILE.block_m), y.shape[1], device=y.device,
                          dtype=torch.float32)
 
 

@@ -280,6 +280,61 @@ def test_launch_plans_are_memoised_per_setting(monkeypatch):
     assert plan.bd_launch(*args) is first
 
 
+
+
+def test_memoised_launch_arguments_follow_each_calls_layout(monkeypatch):
+    """:func:`.blockdiag.bd_forward` remembers a call's launch (plan, runtime and compile-time arguments) by shape,
+    strides and options: calls of one shape back to back — row-major, strided and token-major ``x``; weights with
+    transposed strides; a token-major output; with and without bias, activation and permutations — each get
+    their own arguments and match the float64 reference; a patched plan setting reaches the remembered launch."""
+    gen = torch.Generator().manual_seed(5)
+    k, q, p, T = 4, 8, 8, 21
+    w = torch.randn(k, q, p, generator=gen).to(DEVICE)
+    b = torch.randn(k * q, generator=gen).to(DEVICE)
+    base = torch.randn(T, 2 * k * p, generator=gen).to(DEVICE)
+    xs = {"row-major": base[:, : k * p].contiguous(), "strided": base[:, ::2],
+          "token-major": _common.empty_token_major(T, k * p, device=DEVICE, dtype=torch.float32).copy_(base[:, 1::2])}
+    ws = {"w": w, "w transposed strides": w.transpose(1, 2).contiguous().transpose(1, 2)}
+    for _ in range(2):  # the second round runs on remembered launches
+        for (xname, x), (wname, wt) in ((a, c) for a in xs.items() for c in ws.items()):
+            for bias, act, perm in ((None, "none", None), (b, "gelu", (4, 8)), (b, "relu", (8, 4))):
+                for out in (None, _common.empty_token_major(T, k * q, device=DEVICE, dtype=torch.float32)):
+                    got = tbd.bd_forward(x, wt, bias, activation=act, in_perm=perm, out_perm=perm, out=out)
+                    cols = torch.tensor([(f % perm[0]) * perm[1] + f // perm[0] if perm else f for f in range(32)])
+                    want = torch.empty(T, k * q, dtype=torch.float64)
+                    want[:, cols] = ref.blockdiag_fwd(_d(x)[:, cols], _d(w), None, k * q)
+                    want = activations.apply(act, want + (0 if bias is None else _d(bias)))
+                    assert_close(got, want, torch.float32, f"{xname}, {wname}, {act}, perm {perm}, out {out is None}")
+    x = xs["row-major"]
+    first = tbd._prepare(x, w, None, None, "none", None, None, None, None)[1]
+    assert tbd._prepare(x, w, None, None, "none", None, None, None, None)[1] is first
+    monkeypatch.setattr(plan, "LIVE_BYTES", plan.LIVE_BYTES // 64)
+    assert tbd._prepare(x, w, None, None, "none", None, None, None, None)[1] is not first
+
+
+def test_forward_host_work_is_two_allocations_and_two_launches(monkeypatch):
+    """A one-chunk two-kernel forward whose stage 2 stores the row-major output (16 tokens of 4096 features in
+    64 blocks, as the plan sizes it for an H100) does on the host no more than allocate the intermediate and
+    launch its two kernels: no slicing, copies or reductions (the memoised plans keep host time per call down;
+    measured by ``python -m bench.host_time``)."""
+    from conftest import OpLog
+
+    launched = []
+    monkeypatch.setattr(type(tbd._bd_fwd_kernel), "run",  # JITFunction, or the interpreter's function
+                        lambda self, *a, grid, warmup, **kw: launched.append(self.fn.__name__))
+    monkeypatch.setattr(_common, "device_info", lambda device: plan.DeviceInfo(num_sms=132, l2_bytes=50 * 2**20))
+    sh = mk.monarch_factor_shapes(4096, 4096, 64)
+    meta = lambda *s: torch.empty(*s, device="meta", dtype=torch.bfloat16)  # noqa: E731
+    x, w1, w2, b = meta(16, 4096), meta(*sh.w1_shape), meta(*sh.w2_shape), meta(4096)
+    assert tmon._model_choice("stage2_store", 16, 4096, 4096, sh, torch.bfloat16) == "grouped"
+    tmon.forward(x, w1, w2, b)
+    launched.clear()
+    with OpLog() as log:
+        out = tmon.forward(x, w1, w2, b)
+    assert out.shape == (16, 4096) and launched == ["_bd_fwd_kernel", "_bd_fwd_kernel"]
+    allocations = ("aten.empty.memory_format", "aten.full.default")  # full: this module's poisoned buffers
+    assert sorted("allocate" if n in allocations else n for n in log.names) == ["allocate", "allocate",
+                                                                              "aten.t.default"]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_activation_gradient_written_token_major(dtype):
     """:func:`.token_major.activation_grad_token_major` is ``activations.backward`` (fp32 arithmetic, the
@@ -393,6 +448,7 @@ def test_gradient_layout_follows_the_cost_model():
     plans, real_plan = [], plan.wgrad_launch
     try:
         tbd._plan.wgrad_launch = lambda *a: plans.append(real_plan(*a)) or plans[-1]
+        tbd._wgrad_plan.cache_clear()  # the launch remembered from the calls above would skip the plan
         tmon.backward(x, g, w1, w2, n_in, g_layout="token_major", dxw="separate")
     finally:
         tbd._plan.wgrad_launch = real_plan
