@@ -118,6 +118,11 @@ def host_section(jsonl):
             emit("host", {"case": name, "error": repr(e)[:300]}, jsonl)
     for name in ("triton mk.monarch_linear", "torch mk.monarch_linear"):
         host_breakdown(name, cases[name], jsonl)
+    # our own host code with the launches as no-ops (bench.host_time): this host's speed against the CPU runs'
+    from bench.host_time import measure
+
+    for row in measure(calls=size(200, 2), rounds=size(5, 1), only="T=16 "):
+        emit("host", {**row, "case": f"no launches (bench.host_time): {row['case']}"}, jsonl)
 
 
 def host_breakdown(name: str, fn: Callable[[], object], jsonl, calls: int = 200, top: int = 25) -> None:

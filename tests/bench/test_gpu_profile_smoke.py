@@ -34,3 +34,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     for r in breakdowns:  # [function, own µs per call, calls per call], most expensive first
         costs = [entry[1] for entry in r["own_us_per_call"]]
         assert costs and costs == sorted(costs, reverse=True) and all(c >= 0 for c in costs)
+    no_launch = {r["case"]: r for r in rows if r.get("case", "").startswith("no launches")}
+    assert set(no_launch) == {"no launches (bench.host_time): T=16 4096/64 forward",
+                              "no launches (bench.host_time): T=16 4096/64 forward+backward"}
+    assert all(r["host_us"] > 0 and r["launches"] >= 2 for r in no_launch.values())
