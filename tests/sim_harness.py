@@ -47,9 +47,10 @@ def _raw(t: torch.Tensor) -> bytes:
 
 
 def run_sim(exe, kernel, tmp_path, x, w1, w2, bias=None, n_out=None, act="none", misalign=False, sms=H100_SMS,
-            smem=H100_SMEM, keep_z=False):
+            smem=H100_SMEM, keep_z=False, plan_only=False):
     """(plan dict, output tensor or None) of ``kernel`` ("rowsplit", "resident" or "cluster") on x (any
-    strides); with ``keep_z`` (the kernel keeps the intermediate) ``(plan, output, z)``, ``z (T, k·q)``."""
+    strides); with ``keep_z`` (the kernel keeps the intermediate) ``(plan, output, z)``, ``z (T, k·q)``; with
+    ``plan_only`` ``(plan, None)``: the kernel's host plan alone, nothing emulated."""
     tokens, n_in = x.shape
     (k, q, p), (l, s, r) = w1.shape, w2.shape
     n_out = l * s if n_out is None else n_out
@@ -60,12 +61,12 @@ def run_sim(exe, kernel, tmp_path, x, w1, w2, bias=None, n_out=None, act="none",
     (tmp_path / "w2.bin").write_bytes(_raw(w2))
     if bias is not None:
         (tmp_path / "bias.bin").write_bytes(_raw(bias))
-    args = [kernel, DTYPES[x.dtype], tokens, k, q, p, l, s, r, n_in, n_out, x_ts, x_fs, CODES[act],
+    args = [f"plan:{kernel}" if plan_only else kernel, DTYPES[x.dtype], tokens, k, q, p, l, s, r, n_in, n_out, x_ts, x_fs, CODES[act],
             int(bias is not None), sms, smem, int(misalign), int(keep_z)]
     proc = subprocess.run([exe, *map(str, args), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     plan = json.loads(proc.stdout)
-    if not plan["supported"]:
+    if plan_only or not plan["supported"]:
         return (plan, None, None) if keep_z else (plan, None)
     out = _read(tmp_path / "out.bin", x.dtype, (tokens, n_out))
     return (plan, out, _read(tmp_path / "z.bin", x.dtype, (tokens, k * q))) if keep_z else (plan, out)

@@ -91,7 +91,8 @@ def test_plan_declines_and_matches_the_cost_model(sim_binary, tmp_path):
         w1 = torch.zeros(k, q, p, dtype=dtype)
         w2 = torch.zeros(l, s, r, dtype=dtype)
         x = torch.randn(tokens, k * p, generator=gen).to(dtype)
-        plan, _ = run_sim(sim_binary, "resident", tmp_path, x, w1, w2, n_out=n_out, sms=2, smem=smem)
+        plan, _ = run_sim(sim_binary, "resident", tmp_path, x, w1, w2, n_out=n_out, sms=2, smem=smem,
+                          plan_only=True)
         mirror = cuda_cost.resident_plan(tokens, shape, k * p, n_out, "bfloat16" if dtype == bf else "float32",
                                          2, smem)
         if mirror is None:
@@ -180,7 +181,8 @@ def test_cluster_plan_declines_and_matches_the_cost_model(sim_binary, tmp_path):
         w1 = torch.zeros(k, q, p, dtype=dtype)
         w2 = torch.zeros(l, s, r, dtype=dtype)
         x = torch.randn(tokens, k * p, generator=gen).to(dtype)
-        plan, _ = run_sim(sim_binary, "cluster", tmp_path, x, w1, w2, n_out=l * s, sms=sms, smem=smem)
+        plan, _ = run_sim(sim_binary, "cluster", tmp_path, x, w1, w2, n_out=l * s, sms=sms, smem=smem,
+                          plan_only=True)
         mirror = cuda_cost.cluster_plan(tokens, shape, k * p, l * s, "bfloat16" if dtype == bf else "float32",
                                         sms, smem)
         if mirror is None:

@@ -4,7 +4,8 @@
 //
 //   fwd_sim KERNEL DTYPE TOKENS K Q P L S R N_IN N_OUT X_TS X_FS ACT HAS_BIAS SMS SMEM_OPTIN MISALIGN KEEP_Z DIR
 //
-// KERNEL rowsplit, resident or cluster; DTYPE 0 fp32, 1 fp16, 2 bf16. Reads DIR/x.bin (X_TS * (TOKENS - 1) + X_FS *
+// KERNEL rowsplit, resident or cluster (prefixed "plan:", only the plan is printed: nothing runs or is written);
+// DTYPE 0 fp32, 1 fp16, 2 bf16. Reads DIR/x.bin (X_TS * (TOKENS - 1) + X_FS *
 // (N_IN - 1) + 1 elements), DIR/w1.bin, DIR/w2.bin and, with HAS_BIAS, DIR/bias.bin, raw little-endian
 // elements. Each operand lives in its own exactly sized heap buffer (an address sanitizer then catches any read
 // past it), shifted by one element when MISALIGN is 1 (no 16-byte vector loads). Prints the plan as one JSON
@@ -65,13 +66,14 @@ void run_cluster(const monarch_cuda::ClusterPlan& P) {
 }
 
 bool plan_and_run(const std::string& kernel, int dtype, const monarch_cuda::MonarchFwdArgs& a, int item, int sms,
-                  int smem_optin) {
+                  int smem_optin, bool run) {
   if (kernel == "rowsplit") {
     monarch_cuda::RowsplitPlan P;
     if (!monarch_cuda::rowsplit_plan(a, item, sms, smem_optin, P)) return false;
     std::printf("{\"supported\": true, \"splits\": %d, \"s_per\": %d, \"a_log2\": %d, \"b_log2\": %d, "
                 "\"zpitch\": %d, \"smem\": %d, \"w1_vec\": %d, \"w2_vec\": %d, \"x_vec\": %d, \"s1_vec\": %d}\n",
                 P.splits, P.s_per, P.a_log2, P.b_log2, P.zpitch, P.smem, P.w1_vec, P.w2_vec, P.x_vec, P.s1_vec);
+    if (!run) return true;
     if (dtype == 0) run_rowsplit<float>(P);
     if (dtype == 1) run_rowsplit<__half>(P);
     if (dtype == 2) run_rowsplit<__nv_bfloat16>(P);
@@ -82,6 +84,7 @@ bool plan_and_run(const std::string& kernel, int dtype, const monarch_cuda::Mona
     if (!monarch_cuda::cluster_plan(a, item, sms, smem_optin, P)) return false;
     std::printf("{\"supported\": true, \"cluster\": %d, \"pitch\": %d, \"tiles\": %d, \"clusters\": %d, "
                 "\"smem\": %d}\n", P.cluster, P.pitch, P.tiles, P.clusters, P.smem);
+    if (!run) return true;
     if (dtype == 1) run_cluster<__half>(P);
     if (dtype == 2) run_cluster<__nv_bfloat16>(P);
     return true;
@@ -90,6 +93,7 @@ bool plan_and_run(const std::string& kernel, int dtype, const monarch_cuda::Mona
   if (kernel != "resident" || !monarch_cuda::resident_plan(a, item, sms, smem_optin, P)) return false;
   std::printf("{\"supported\": true, \"pitch\": %d, \"units1\": %d, \"units2\": %d, \"tiles\": %d, "
               "\"ctas\": %d, \"smem\": %d}\n", P.pitch, P.units1, P.units2, P.tiles, P.ctas, P.smem);
+  if (!run) return true;
   if (dtype == 1) run_resident<__half>(P);
   if (dtype == 2) run_resident<__nv_bfloat16>(P);
   return true;
@@ -102,7 +106,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: see the header of fwd_main.cpp\n");
     return 2;
   }
-  const std::string kernel = argv[1];
+  const std::string arg = argv[1], plan_prefix = "plan:";
+  const bool run = arg.compare(0, plan_prefix.size(), plan_prefix) != 0;
+  const std::string kernel = run ? arg : arg.substr(plan_prefix.size());
   long long v[18];
   for (int i = 0; i < 18; ++i) v[i] = std::atoll(argv[i + 2]);
   const std::string dir = argv[20];
@@ -126,10 +132,12 @@ int main(int argc, char** argv) {
   Buffer z(z_bytes, shift);
   std::fill(z.data, z.data + z_bytes, 0xff);
   if (keep_z) a.z = z.data, a.z_ts = a.k * a.q;
-  if (!plan_and_run(kernel, dtype, a, static_cast<int>(item), static_cast<int>(v[14]), static_cast<int>(v[15]))) {
+  if (!plan_and_run(kernel, dtype, a, static_cast<int>(item), static_cast<int>(v[14]), static_cast<int>(v[15]),
+                    run)) {
     std::printf("{\"supported\": false}\n");
     return 0;
   }
+  if (!run) return 0;
   std::ofstream(dir + "/out.bin", std::ios::binary)
       .write(reinterpret_cast<const char*>(out.data), static_cast<std::streamsize>(a.tokens * a.n_out * item));
   if (keep_z)
