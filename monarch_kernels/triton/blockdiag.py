@@ -379,12 +379,11 @@ class _Plan:
 
 
 @_plan.memo
-def _plan_for(T: int, n_x: int, n_out: int, k: int, q: int, p: int, dtype: torch.dtype, itemsize: int,
-              xs: tuple, ws: tuple, ys: tuple, in_perm, out_perm, activation: str, has_bias: bool,
-              save_pre: bool) -> _Plan:
+def _plan_for(T: int, n_x: int, n_out: int, k: int, q: int, p: int, dtype: torch.dtype, xs: tuple, ws: tuple,
+              ys: tuple, in_perm, out_perm, activation: str, has_bias: bool, save_pre: bool) -> _Plan:
     """:class:`_Plan` of ``x (T, n_x)`` (strides ``xs``) times ``w (k, q, p)`` (``ws``) into ``y (T, n_out)``
     (``ys``); memoised (at ~20 µs, deriving it was most of a launch's own host time)."""
-    lp = _plan.bd_launch(T, k, q, p, itemsize, in_perm, out_perm, activation != "none",
+    lp = _plan.bd_launch(T, k, q, p, dtype.itemsize, in_perm, out_perm, activation != "none",
                          _common.token_major_layout(n_x, xs), _common.token_major_layout(n_out, ys))
     scalars = (T, n_x, n_out, q, p, *xs, *ws, *ys, lp.inp.a, lp.inp.b, lp.out.a, lp.out.b)
     meta = dict(IN_MODE=lp.inp.mode, OUT_MODE=lp.out.mode, OUT_C=lp.out.c, IN_FULL=lp.in_full,
@@ -410,8 +409,8 @@ def _prepare(x, w, bias, n_out, activation, in_perm, out_perm, out, pre_out):
                              f"{pre_out.dtype}")
     if T == 0:
         return y, None, ()
-    plan = _plan_for(T, x.shape[1], n_out, k, q, p, x.dtype, x.element_size(), x.stride(), w.stride(), y.stride(),
-                     in_perm, out_perm, activation, bias is not None, pre_out is not None)
+    plan = _plan_for(T, x.shape[1], n_out, k, q, p, x.dtype, x.stride(), w.stride(), y.stride(), in_perm, out_perm,
+                     activation, bias is not None, pre_out is not None)
     args = (x, w, y if bias is None else bias, y, y if pre_out is None else pre_out, *plan.scalars)
     return y, plan, args
 
@@ -700,7 +699,7 @@ def bd_weight_grad(
     T = x.shape[0]
     if T == 0:
         return torch.zeros(k, q, p, device=x.device, dtype=x.dtype)
-    lp, options = _wgrad_plan(T, k, q, p, x.dtype, x.element_size(), g_perm, _common.device_info(x.device).num_sms,
+    lp, options = _wgrad_plan(T, k, q, p, x.dtype, g_perm, _common.device_info(x.device).num_sms,
                               _common.is_token_major(g))
     partial = _common.empty(lp.splits, k, q, p, device=x.device, dtype=torch.float32)
     _bd_wgrad_kernel[(lp.tiles, lp.splits)](
@@ -713,10 +712,9 @@ def bd_weight_grad(
 
 
 @_plan.memo
-def _wgrad_plan(T: int, k: int, q: int, p: int, dtype: torch.dtype, itemsize: int, g_perm, num_sms: int,
-                g_token_major: bool) -> tuple:
+def _wgrad_plan(T: int, k: int, q: int, p: int, dtype: torch.dtype, g_perm, num_sms: int, g_token_major: bool) -> tuple:
     """``(plan, compile-time arguments and launch options)`` of :func:`bd_weight_grad` (memoised; the options are
     shared: unpack, do not modify)."""
-    lp = _plan.wgrad_launch(T, k, q, p, itemsize, g_perm, num_sms, g_token_major)
+    lp = _plan.wgrad_launch(T, k, q, p, dtype.itemsize, g_perm, num_sms, g_token_major)
     return lp, dict(G_MODE=lp.g.mode, G_FULL=lp.g_full, UPCAST=interpreting(), PRECISION=precision(dtype),
                     **_common.launch_meta(lp.tile))

@@ -167,8 +167,8 @@ MUTANTS = [
            "the copy's column sums: every token tile writes its partials into the first row (the others lost)",
            tests=("tests/monarch_kernels/test_triton.py",)),
     Mutant("triton-memoised-launch-ignores-input-strides", TRITON_BD,
-           "x.dtype, x.element_size(), x.stride(), w.stride(), y.stride(),",
-           "x.dtype, x.element_size(), (x.shape[1], 1), w.stride(), y.stride(),",
+           "x.dtype, x.stride(), w.stride(), y.stride(), in_perm, out_perm,",
+           "x.dtype, (x.shape[1], 1), w.stride(), y.stride(), in_perm, out_perm,",
            "the remembered launch of a shape keeps the first call's input strides: a strided or token-major input "
            "of the same shape is read as row-major"),
     Mutant("plan-memo-ignores-settings", "monarch_kernels/triton/plan.py",
