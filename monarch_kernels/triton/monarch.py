@@ -507,16 +507,24 @@ def input_grads(dy, x, w1, sh: MonarchShape, n_in: int, n_out: int, dxw: str = "
     if dxw == "separate":
         return bd_forward(dy, w1.transpose(1, 2), None, n_in), bd_weight_grad(x, dy, sh.k, sh.q, sh.p)
     dx = _common.empty(T, n_in, device=x.device, dtype=x.dtype)
-    lp = _plan.dxw_launch(T, sh.k, sh.q, sh.p, _common.device_info(x.device).num_sms)
+    lp, options = _dxw_plan(T, sh.k, sh.q, sh.p, x.dtype, _common.device_info(x.device).num_sms)
     part1 = _common.empty(lp.splits, *w1.shape, device=x.device, dtype=torch.float32)
     _dxw_kernel[(lp.tiles, lp.splits)](
         dy, x, w1, dx, part1,
         T, n_in, sh.q, sh.p, lp.rows_per_split,
         dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), *w1.stride(), dx.stride(0), dx.stride(1), *part1.stride(),
-        UPCAST=interpreting(), PRECISION=precision(x.dtype),
-        **_common.launch_meta(lp.tile, ("BLOCK_M", "BLOCK_N", "BLOCK_K")),
+        **options,
     )
     return dx, part1.sum(0).to(w1.dtype)
+
+
+@_plan.memo
+def _dxw_plan(T: int, k: int, q: int, p: int, dtype: torch.dtype, num_sms: int) -> tuple:
+    """``(plan, compile-time arguments and launch options)`` of :func:`_dxw_kernel` (memoised, as
+    :func:`.blockdiag._wgrad_plan`; the options are shared: unpack, do not modify)."""
+    lp = _plan.dxw_launch(T, k, q, p, num_sms)
+    return lp, dict(UPCAST=interpreting(), PRECISION=precision(dtype),
+                    **_common.launch_meta(lp.tile, ("BLOCK_M", "BLOCK_N", "BLOCK_K")))
 
 
 def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, want_dw=True, pre=None):
