@@ -155,6 +155,19 @@ def test_auto_dispatch_rule():
     assert mk.resolve_backend("blockdiag", torch.randn(64, 512).half(), torch.randn(2, 256, 256).half()) == "cpu"
 
 
+def test_auto_dispatch_counts_tokens_over_all_leading_dims():
+    """The rule's token count is the product of every leading dim (64 tokens as (1, 64), (64, 1) or (8, 8): past
+    the fp32 rule's 63-token threshold for 256-wide blocks), not the first dim alone; and fp64 block-diagonal
+    products never go to the C++ kernels (the fp64 branch is for Monarch products only)."""
+    big_blocks = torch.randn(2, 256, 256), torch.randn(2, 256, 256)
+    for lead in ((1, 64), (64, 1), (8, 8), (2, 2, 16)):
+        assert mk.resolve_backend("monarch", torch.randn(*lead, 512), *big_blocks) == "torch", lead
+    assert mk.resolve_backend("monarch", torch.randn(9, 7, 512), *big_blocks) == "cpu"  # 63 tokens
+    w64 = torch.randn(4, 12, 12, dtype=torch.float64)
+    assert mk.resolve_backend("blockdiag", torch.randn(5, 48, dtype=torch.float64), w64) == "torch"
+    assert mk.resolve_backend("blockdiag", torch.randn(4096, 48, dtype=torch.float64), w64) == "torch"
+
+
 def test_weights_are_never_stale():
     """In-place updates and fresh tensors at recycled addresses are always seen (no stale packed copies)."""
     x = torch.randn(3, 48, dtype=torch.float64)

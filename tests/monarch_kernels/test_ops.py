@@ -280,6 +280,72 @@ def test_linear_bad_input():
         mk.blockdiag_linear(torch.randn(2, 8), w1, torch.randn(8).double())
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_dtype_mismatches_are_refused_by_the_public_functions(backend):
+    """A bias or second factor of another dtype than ``x``/``w1`` raises ``TypeError`` naming it, on the torch
+    reference too (whose ``+``/``bmm`` would otherwise promote the bias silently or fail with a bare RuntimeError),
+    before any backend runs."""
+    if mk.available_backends()[backend] != "available":
+        pytest.skip(f"{backend} backend not available")
+    x, w1, w2 = torch.randn(3, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4)
+    b64 = torch.randn(8, dtype=torch.float64)
+    for call in (lambda: mk.monarch_linear(x, w1, w2, b64, backend=backend),
+                 lambda: mk.blockdiag_linear(x, w1, b64, backend=backend),
+                 lambda: mk.monarch_mlp(x, w1, w2, w1, w2, fc2_bias=b64, backend=backend)):
+        with pytest.raises(TypeError, match="bias has dtype torch.float64 but x has dtype torch.float32"):
+            call()
+    for call in (lambda: mk.monarch_linear(x, w1, w2.double(), backend=backend),
+                 lambda: mk.monarch_matmul(x, w1, w2.double(), backend=backend)):
+        with pytest.raises(TypeError, match="w2 has dtype torch.float64 but w1 has dtype torch.float32"):
+            call()
+
+
+@pytest.mark.parametrize("transform", [False, True], ids=["autograd", "torch.func"])
+def test_second_order_through_one_weight_gradient_only(transform):
+    """``d/dw1 ⟨c2, ∂⟨g, out⟩/∂w2⟩`` and ``d/dw2 ⟨c1, ∂⟨g, out⟩/∂w1⟩``: a double backward whose outer loss uses one
+    of the two weight gradients (under ``torch.func`` the other's cotangent arrives as ``None``), per element
+    against float64 autograd through the einsum formulation, ragged sizes (30 inputs of 32, 22 outputs of 24)."""
+    w1, w2 = rand_factors((4, 5, 8), (4, 6, 5))
+    x = torch.randn(2, 3, 30, dtype=torch.float64)
+    g = torch.randn(2, 3, 22, dtype=torch.float64)
+    c1, c2 = torch.randn_like(w1), torch.randn_like(w2)
+
+    def run(fn):
+        if transform:
+            vjp = torch.func.vjp
+            f2 = lambda a1: (vjp(lambda b: fn(x, a1, b), w2)[1](g)[0] * c2).sum()
+            f1 = lambda a2: (vjp(lambda a: fn(x, a, a2), w1)[1](g)[0] * c1).sum()
+            return torch.func.grad(f2)(w1), torch.func.grad(f1)(w2)
+        a1, a2 = w1.detach().requires_grad_(), w2.detach().requires_grad_()
+        d1, d2 = torch.autograd.grad(fn(x, a1, a2), (a1, a2), g, create_graph=True)
+        return (torch.autograd.grad((d2 * c2).sum(), a1, retain_graph=True)[0],
+                torch.autograd.grad((d1 * c1).sum(), a2)[0])
+
+    got = run(lambda x, a, b: mk.monarch_linear(x, a, b, out_features=22))
+    want = run(lambda x, a, b: monarch_einsum(torch.nn.functional.pad(x, (0, 2)), a, b)[..., :22])
+    for a, e in zip(got, want):
+        assert torch.allclose(a, e, rtol=1e-12, atol=1e-12)
+
+
+def test_out_features_bounds_are_inclusive_of_one_and_the_padded_width():
+    """``out_features`` lies in ``[1, padded width]``: 0 and negatives are refused by every public function (the
+    eager route runs no op-level check after it), 1 and the full width give the leading columns of the float64
+    dense product."""
+    x = torch.randn(3, 7, dtype=torch.float64)
+    w1, w2 = rand_factors((2, 4, 4), (2, 4, 4))
+    w = torch.randn(2, 4, 4, dtype=torch.float64)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=rf"out_features={bad} must lie in \[1, 8\]"):
+            mk.monarch_linear(x, w1, w2, out_features=bad)
+        with pytest.raises(ValueError, match=rf"out_features={bad} must lie in \[1, 8\]"):
+            mk.blockdiag_linear(x, w, out_features=bad)
+        with pytest.raises(ValueError, match=rf"hidden_features={bad} must lie in \[1, 8\]"):
+            mk.monarch_mlp(x, w1, w2, w1, w2, hidden_features=bad)
+    for n in (1, 8):
+        assert rel_err(mk.monarch_linear(x, w1, w2, out_features=n), x @ monarch_dense_explicit(w1, w2)[:n, :7].T) < 1e-12
+        assert rel_err(mk.blockdiag_linear(x, w, out_features=n), x @ blockdiag_dense(w)[:n, :7].T) < 1e-12
+
+
 @pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
 def test_fused_activation_matches_torch_and_is_twice_differentiable(act):
     import torch.nn.functional as F
