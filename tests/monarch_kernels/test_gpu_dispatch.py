@@ -1,4 +1,5 @@
 """The CUDA ``auto`` rule: the cost model's fastest backend, the torch reference always in the comparison."""
+import dataclasses
 import math
 
 import pytest
@@ -217,3 +218,38 @@ def test_auto_fuses_the_mlp_training_step_where_the_model_prices_it_below_the_la
     assert not gd.fused_mlp_wins(*wide, torch.bfloat16, ("triton", "triton"), eager=False, training=True)
     with pytest.raises(ValueError, match="backward does not take"):
         cm.mlp_training_step(*wide)
+
+
+@pytest.mark.parametrize("n_in,n_out,nblocks", [(1024, 4096, 4), (4096, 1024, 4), (768, 3072, 4), (700, 3000, 8)])
+def test_non_square_calls_are_priced_with_the_layers_block_count(n_in, n_out, nblocks):
+    """The rule prices the ``MonarchLinear`` layout whose largest block side is the call's ``block``: for a
+    non-square (and a ragged) layer that is the layer's own ``nblocks``, recovered from the wider side."""
+    from monarch_kernels import backends
+
+    sh = mk.monarch_factor_shapes(n_in, n_out, nblocks)
+    dims = (512, n_in, n_out, max(sh.p, sh.q, sh.r, sh.s))
+    assert gd._problem(dims, "gelu") == dataclasses.replace(cm.Problem.linear(512, n_in, n_out, nblocks),
+                                                           activation="gelu")
+    want = cm.estimate("torch", "reference", "fwd", cm.Problem.linear(512, n_in, n_out, nblocks), "bfloat16").time()
+    assert gd.predicted_seconds("torch", "monarch", "bfloat16", dims) == pytest.approx(want)
+    assert backends.Dims(dims, "relu")[3] == dims[3]
+
+
+def test_fastest_prices_the_calls_fused_activation(monkeypatch):
+    """:func:`gpu_dispatch.fastest` prices every candidate with the activation its ``Dims`` carry (a plain tuple:
+    none), and picks the cheapest at those prices."""
+    from monarch_kernels import backends
+
+    sh = mk.monarch_factor_shapes(2048, 2048, 2)
+    dims = (2048, 2048, 2048, max(sh.p, sh.q, sh.r, sh.s))
+    seen, real = [], gd.call_seconds
+    monkeypatch.setattr(gd, "call_seconds", lambda *a: seen.append(a[5]) or real(*a))
+    for act in ("gelu", "relu", "none"):
+        seen.clear()
+        got = gd.fastest("monarch", torch.bfloat16, backends.Dims(dims, act), ["triton", "torch"], True, eager=False)
+        assert seen == [act, act]
+        assert got == min(("triton", "torch"), key=lambda b: gd.predicted_seconds(b, "monarch", "bfloat16", dims,
+                                                                                  True, act))
+    seen.clear()
+    gd.fastest("monarch", torch.bfloat16, dims, ["triton", "torch"], True, eager=False)
+    assert seen == ["none", "none"]
