@@ -107,3 +107,16 @@ def test_few_token_training_calls_avoid_the_unpriced_cuda_backward(fake_gpu):
     xb = fake_gpu(3, 2048, dtype=torch.bfloat16)
     assert not cuda_dispatch.prefers_cuda("blockdiag", xb.device, torch.bfloat16, (3, 2048, 1024, 512), training=True)
     assert mk.resolve_backend("blockdiag", xb.requires_grad_(), w) != "cuda"
+
+
+@pytest.mark.parametrize("n_in", [2048, 2000, 1537])
+def test_blockdiag_is_priced_with_the_factors_block_count(fake_gpu, monkeypatch, n_in):
+    """A block-diagonal call with a ragged input (``n_in < k·p``, zero-padded) is priced as the factor's ``k``
+    blocks of ``q x p`` (``k = ceil(n_in / p)``), not as one block fewer."""
+    from monarch_kernels import cuda_cost
+
+    seen, real = [], cuda_cost.blockdiag_kernel
+    monkeypatch.setattr(cuda_cost, "blockdiag_kernel", lambda *a: seen.append(a[:4]) or real(*a))
+    w = fake_gpu(4, 256, 512, dtype=torch.bfloat16)
+    mk.resolve_backend("blockdiag", fake_gpu(3, n_in, dtype=torch.bfloat16), w)
+    assert seen == [(3, 4, 256, 512)]
