@@ -86,6 +86,9 @@ def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple, training: 
 #: device work is a few µs): Triton's launcher and this library's planning, the reference's five torch calls,
 #: the extension's one op. A call whose device work is shorter than its host time costs its host time.
 #: Block-diagonal calls were not measured (one kernel instead of two): they are priced by device time alone.
+#: The Triton entries predate the memoised launches (``bench/RESULTS.md`` §7e: our share of a forward's host time
+#: cut 2.2-2.4x, measured without a GPU): until re-measured (``bench/gpu_profile.py --only host``) they
+#: overprice eager Triton calls, which only keeps ``auto`` on the reference longer.
 HOST_S = {("triton", False): 357e-6, ("triton", True): 1262e-6, ("torch", False): 154e-6,
           ("torch", True): 861e-6, ("cuda", False): 50e-6}
 
