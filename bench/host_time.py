@@ -6,9 +6,10 @@ replaced by a no-op that only records it: what is left is what our Python costs 
 choice, plans, buffer allocation, argument tuples) and the torch operations it calls (allocations, views,
 cuBLAS ``bmm``, reductions), which every eager call pays before Triton's own launcher (binder, cache lookup,
 driver call) runs. On ``meta`` tensors some torch operations (``bmm``, ``sum``) run Python meta functions, slower
-than CUDA's C++ dispatch, so each row also counts the aten operations a call dispatches (``torch_ops``). ``--triton`` also times that launcher's Python part (``run`` with
-``warmup=True`` on a kernel compiled offline for sm_90: argument binding, specialisation key and cache lookup,
-everything but the driver call) for one launch of each kernel the first case makes.
+than CUDA's C++ dispatch, so each row also counts the aten operations a call dispatches (``torch_ops``).
+``--triton`` also times that launcher's Python part (``run`` with ``warmup=True`` on a kernel compiled offline
+for sm_90: argument binding, specialisation key and cache lookup, everything but the driver call) for one
+launch of each kernel the first case makes.
 
 Measured on the H200's host (2026-11-30, ``bench/RESULTS.md`` §8) a Triton forward at 16 tokens cost ~300 µs of
 host time against 26 µs for dense ``F.linear``; this tool tracks our share of that on any machine. Times are

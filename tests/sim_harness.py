@@ -61,7 +61,8 @@ def run_sim(exe, kernel, tmp_path, x, w1, w2, bias=None, n_out=None, act="none",
     (tmp_path / "w2.bin").write_bytes(_raw(w2))
     if bias is not None:
         (tmp_path / "bias.bin").write_bytes(_raw(bias))
-    args = [f"plan:{kernel}" if plan_only else kernel, DTYPES[x.dtype], tokens, k, q, p, l, s, r, n_in, n_out, x_ts, x_fs, CODES[act],
+    args = [f"plan:{kernel}" if plan_only else kernel, DTYPES[x.dtype], tokens, k, q, p, l, s, r, n_in, n_out,
+            x_ts, x_fs, CODES[act],
             int(bias is not None), sms, smem, int(misalign), int(keep_z)]
     proc = subprocess.run([exe, *map(str, args), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -712,7 +712,8 @@ def bd_weight_grad(
 
 
 @_plan.memo
-def _wgrad_plan(T: int, k: int, q: int, p: int, dtype: torch.dtype, g_perm, num_sms: int, g_token_major: bool) -> tuple:
+def _wgrad_plan(T: int, k: int, q: int, p: int, dtype: torch.dtype, g_perm, num_sms: int,
+                g_token_major: bool) -> tuple:
     """``(plan, compile-time arguments and launch options)`` of :func:`bd_weight_grad` (memoised; the options are
     shared: unpack, do not modify)."""
     lp = _plan.wgrad_launch(T, k, q, p, dtype.itemsize, g_perm, num_sms, g_token_major)

@@ -302,8 +302,8 @@ def test_dtype_mismatches_are_refused_by_the_public_functions(backend):
 
 @pytest.mark.parametrize("transform", [False, True], ids=["autograd", "torch.func"])
 def test_second_order_through_one_weight_gradient_only(transform):
-    """``d/dw1 ⟨c2, ∂⟨g, out⟩/∂w2⟩`` and ``d/dw2 ⟨c1, ∂⟨g, out⟩/∂w1⟩``: a double backward whose outer loss uses one
-    of the two weight gradients (under ``torch.func`` the other's cotangent arrives as ``None``), per element
+    """``d/dw1 ⟨c2, ∂⟨g, out⟩/∂w2⟩`` and ``d/dw2 ⟨c1, ∂⟨g, out⟩/∂w1⟩``: a double backward whose outer loss uses
+    one of the two weight gradients (under ``torch.func`` the other's cotangent arrives as ``None``), per element
     against float64 autograd through the einsum formulation, ragged sizes (30 inputs of 32, 22 outputs of 24)."""
     w1, w2 = rand_factors((4, 5, 8), (4, 6, 5))
     x = torch.randn(2, 3, 30, dtype=torch.float64)
@@ -342,7 +342,8 @@ def test_out_features_bounds_are_inclusive_of_one_and_the_padded_width():
         with pytest.raises(ValueError, match=rf"hidden_features={bad} must lie in \[1, 8\]"):
             mk.monarch_mlp(x, w1, w2, w1, w2, hidden_features=bad)
     for n in (1, 8):
-        assert rel_err(mk.monarch_linear(x, w1, w2, out_features=n), x @ monarch_dense_explicit(w1, w2)[:n, :7].T) < 1e-12
+        dense = monarch_dense_explicit(w1, w2)[:n, :7]
+        assert rel_err(mk.monarch_linear(x, w1, w2, out_features=n), x @ dense.T) < 1e-12
         assert rel_err(mk.blockdiag_linear(x, w, out_features=n), x @ blockdiag_dense(w)[:n, :7].T) < 1e-12
 
 

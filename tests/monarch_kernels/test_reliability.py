@@ -177,9 +177,12 @@ def _bad_python_op_calls():
         (lambda: PY_OPS.blockdiag_wgrad(x, g[:2], 2, 4, 4, "torch"), ValueError, "same leading dimensions"),
         (lambda: PY_OPS.blockdiag_wgrad(x, g, 2, 3, 4, "torch"), ValueError, r"g has shape \(3, 8\)"),
         # the same token count in other leading dims: every leading dim is compared, not the first alone
-        (lambda: PY_OPS.monarch_bwd_weight(x.reshape(3, 1, 8), g, w1, w2, "torch"), ValueError, "same leading dimensions"),
-        (lambda: PY_OPS.blockdiag_wgrad(x, g.reshape(3, 1, 8), 2, 4, 4, "torch"), ValueError, "same leading dimensions"),
-        (lambda: PY_OPS.monarch_fwd(x[:, :0], w1, w2, None, 8, "none", "torch"), ValueError, r"x has shape \(3, 0\)"),
+        (lambda: PY_OPS.monarch_bwd_weight(x.reshape(3, 1, 8), g, w1, w2, "torch"), ValueError,
+         "same leading dimensions"),
+        (lambda: PY_OPS.blockdiag_wgrad(x, g.reshape(3, 1, 8), 2, 4, 4, "torch"), ValueError,
+         "same leading dimensions"),
+        (lambda: PY_OPS.monarch_fwd(x[:, :0], w1, w2, None, 8, "none", "torch"), ValueError,
+         r"x has shape \(3, 0\)"),
         (lambda: PY_OPS.monarch_bwd_input(g[:, :0], w1, w2, 8, "torch"), ValueError, r"g has shape \(3, 0\)"),
     ]
 

@@ -293,7 +293,8 @@ def test_memoised_launch_arguments_follow_each_calls_layout(monkeypatch):
     b = torch.randn(k * q, generator=gen).to(DEVICE)
     base = torch.randn(T, 2 * k * p, generator=gen).to(DEVICE)
     xs = {"row-major": base[:, : k * p].contiguous(), "strided": base[:, ::2],
-          "token-major": _common.empty_token_major(T, k * p, device=DEVICE, dtype=torch.float32).copy_(base[:, 1::2])}
+          "token-major": _common.empty_token_major(T, k * p, device=DEVICE,
+                                                   dtype=torch.float32).copy_(base[:, 1::2])}
     ws = {"w": w, "w transposed strides": w.transpose(1, 2).contiguous().transpose(1, 2)}
     for _ in range(2):  # the second round runs on remembered launches
         for (xname, x), (wname, wt) in ((a, c) for a in xs.items() for c in ws.items()):
@@ -304,7 +305,8 @@ def test_memoised_launch_arguments_follow_each_calls_layout(monkeypatch):
                     want = torch.empty(T, k * q, dtype=torch.float64)
                     want[:, cols] = ref.blockdiag_fwd(_d(x)[:, cols], _d(w), None, k * q)
                     want = activations.apply(act, want + (0 if bias is None else _d(bias)))
-                    assert_close(got, want, torch.float32, f"{xname}, {wname}, {act}, perm {perm}, out {out is None}")
+                    assert_close(got, want, torch.float32,
+                                 f"{xname}, {wname}, {act}, perm {perm}, out {out is None}")
     x = xs["row-major"]
     first = tbd._prepare(x, w, None, None, "none", None, None, None, None)[1]
     assert tbd._prepare(x, w, None, None, "none", None, None, None, None)[1] is first

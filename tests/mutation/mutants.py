@@ -415,7 +415,8 @@ MUTANTS = [
            ("tests/monarch_kernels/test_ops.py",)),
     Mutant("dispatch-second-order-dw1-keyed-on-h1", "monarch_kernels/ops.py",
            "if needs[2] and h2 is not None:", "if needs[2] and h1 is not None:",
-           "double backward of the weight gradients: w1's term is gated on the wrong cotangent (None under torch.func)",
+           "double backward of the weight gradients: w1's term is gated on the wrong cotangent "
+           "(None under torch.func)",
            ("tests/monarch_kernels/test_ops.py",)),
     Mutant("dispatch-gpu-fastest-ignores-activation", "monarch_kernels/gpu_dispatch.py",
            "call_seconds(c, op, name, key, training, act, eager)",
