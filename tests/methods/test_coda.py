@@ -164,6 +164,22 @@ def evaluate(m, y, t, codes):
     return float(coda.evaluate_mse(m, y, t, codes).mean())
 
 
+
+def test_evaluate_mse_is_the_free_rollout_error_of_each_environment():
+    m = _model(n_env=3)
+    with torch.no_grad():
+        m.codes.normal_(0, 0.5)
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    y = torch.rand(3, 2, 5, 2, generator=g, dtype=torch.float64) + 0.5  # 3 environments × 2 trajectories
+    y[1] *= 3.0  # environments with clearly different errors
+    with torch.no_grad():
+        pred = odeint(m.bind(), y[:, :, 0], t, method="rk4").permute(1, 2, 0, 3)
+    expected = torch.stack([(pred[e] - y[e]).pow(2).mean() for e in range(3)])
+    got = coda.evaluate_mse(m, y, t)
+    assert got.shape == (3,)
+    assert rel_err(got, expected) < 1e-12
+
 def test_training_step_moves_codes_and_hypernet():
     m = _model(n_env=2).float()
     y, t = simulate_lotka_volterra(LV_TRAIN_PARAMS[:2], 2)

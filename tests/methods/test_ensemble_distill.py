@@ -168,6 +168,12 @@ def test_losses_and_regulariser():
     p = torch.softmax(t[0], -1)
     assert kl_to_ensemble(p, t[0]) == pytest.approx(0.0, abs=1e-12)
     assert kl_to_ensemble(p, s[0]) > 0
+    # KL(p_DE ‖ p_student) summed over the classes, averaged over the inputs (a hand-computed case)
+    pe = torch.tensor([[0.7, 0.2, 0.1], [0.25, 0.25, 0.5]], dtype=torch.float64)
+    zs = torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.5, 0.2]], dtype=torch.float64)
+    q = zs.softmax(-1)
+    kl = [sum(float(pe[i, c]) * math.log(float(pe[i, c] / q[i, c])) for c in range(3)) for i in range(2)]
+    assert kl_to_ensemble(pe, zs) == pytest.approx((kl[0] + kl[1]) / 2, rel=1e-12)
     be = BatchEnsemble(nn.Linear(3, 2).double(), 2)
     assert float(fast_weight_decay(be).detach()) == 0.0
     with torch.no_grad():
