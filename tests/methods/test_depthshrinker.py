@@ -22,6 +22,7 @@ from monarch_kernels.layers.depthshrinker import (
     capped_simplex_projection,
     depthshrink,
     set_relaxed,
+    set_removed,
     set_search,
     shrink_blocks,
 )
@@ -141,6 +142,23 @@ def test_finetune_removed_then_merge_is_exact():
     with torch.no_grad():
         assert (merged(x) - ft(x)).abs().max().item() <= 1e-5
 
+
+
+def test_finetune_distils_from_the_teacher_in_eval_mode():
+    """The first full-batch fine-tuning loss is the distillation loss of the train-mode student (removed activations)
+    against the *eval-mode* original (running BN statistics), computed independently."""
+    model = _tiny_model()
+    x, y = _tiny_data()
+    with torch.no_grad():  # give the original running statistics that differ from a single batch's
+        model(torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 3)
+    mask = [True, False, True, True]
+    _, hist = finetune_removed(model, mask, x, y, epochs=1, batch_size=len(x), alpha=0.7,
+                               generator=torch.Generator().manual_seed(0))
+    student = copy.deepcopy(model).train()
+    set_removed(student, mask)
+    with torch.no_grad():
+        expected = distillation_loss(student(x), copy.deepcopy(model).eval()(x), y, alpha=0.7)
+    assert hist.losses[0] == pytest.approx(float(expected), rel=1e-5)
 
 def test_random_removal_count():
     r = random_removal(8, 3, torch.Generator().manual_seed(1))

@@ -129,3 +129,11 @@ def test_shard_batch_partitions_the_global_batch_and_validates():
         D.wrap_model(nn.Linear(2, 2), D.DistEnv(), "zero3")
     with pytest.raises(ValueError, match="device must be"):
         D.init_distributed("tpu")
+
+
+def test_latest_checkpoint_is_the_largest_step_number(tmp_path):
+    assert D.latest_checkpoint(str(tmp_path)) is None
+    for step in (9, 10, 100, 20):
+        (tmp_path / f"step_{step}.pt").write_bytes(b"")
+    (tmp_path / "step_999.pt.tmp").write_bytes(b"")  # an unfinished write is not a checkpoint
+    assert D.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_100.pt")
