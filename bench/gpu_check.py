@@ -541,7 +541,8 @@ def mlp_cases(ctx: Context):
                 for what in ("fwd", "fwd_device", "step", "step_device"):
                     row[f"{b}_mlp_x_dense_{what}"] = round(row[f"dense_{what}_us"] / row[f"{b}_mlp_{what}_us"], 2)
                 dev = cm.device_for(device_name(ctx.device))
-                fc1, fc2 = cm.Problem.linear(T, d, 4 * d, nb, "gelu"), cm.Problem.linear(T, 4 * d, d, nb)
+                fc1 = cm.Problem.linear(T, d, 4 * d, nb, "gelu", bias=True)  # both layers have a bias here
+                fc2 = cm.Problem.linear(T, 4 * d, d, nb, bias=True)
                 row[f"{b}_mlp_pred_us"] = round(cm.mlp_forward(fc1, fc2, DTYPE_NAMES[dtype], dev).time(dev) * 1e6, 1)
                 row[f"{b}_mlp_step_pred_us"] = round(
                     cm.mlp_training_step(fc1, fc2, DTYPE_NAMES[dtype], dev).time(dev) * 1e6, 1)

@@ -31,19 +31,27 @@ AUTO = "auto"
 class Dims(tuple):
     """A call's problem sizes ``(T, n_in, n_out, block)`` — a 4-tuple, as the ``prefer`` rules unpack it — with
     the activation fused into its epilogue as the attribute ``activation`` (``"none"``, ``"relu"``, ``"gelu"``,
-    ``"gelu_tanh"``): rules that price the call (:mod:`.gpu_dispatch`) read it, the others need not."""
+    ``"gelu_tanh"``) and whether it adds a bias (``bias``: a training call's backward computes its gradient):
+    rules that price the call (:mod:`.gpu_dispatch`) read them, the others need not."""
 
     activation: str
+    bias: bool
 
-    def __new__(cls, sizes, activation: str = "none"):
+    def __new__(cls, sizes, activation: str = "none", bias: bool = False):
         dims = super().__new__(cls, sizes)
         dims.activation = activation
+        dims.bias = bias
         return dims
 
 
 def activation_of(dims: tuple) -> str:
     """The fused activation a ``prefer`` rule's ``dims`` carry (``"none"`` for a plain tuple)."""
     return getattr(dims, "activation", "none")
+
+
+def bias_of(dims: tuple) -> bool:
+    """Whether a ``prefer`` rule's ``dims`` are those of a call with a bias (``False`` for a plain tuple)."""
+    return getattr(dims, "bias", False)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -161,13 +169,13 @@ def use_backend(name: str):
 
 
 def resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str] = None,
-            training: bool = False, activation: str = "none") -> str:
+            training: bool = False, activation: str = "none", bias: bool = False) -> str:
     """The concrete backend name a call will use.
 
     ``op`` is ``"blockdiag"`` or ``"monarch"``; ``dims`` is ``(T, n_in, n_out, block)``; ``training``: autograd
     records the call (its backward will run on the same backend), so ``auto`` asks each backend's
-    ``prefer_training`` rule; ``activation``: fused into the call's epilogue (the rules receive it as
-    ``dims.activation``, :class:`Dims`). While
+    ``prefer_training`` rule; ``activation``: fused into the call's epilogue, ``bias``: the call adds one (the
+    rules receive them as ``dims.activation`` and ``dims.bias``, :class:`Dims`). While
     ``torch.compile`` traces, the choice is a trace-time constant that does not depend on the input's sizes
     (they may be symbolic, and a rule comparing them would guard the graph on every threshold): ``T``,
     ``n_in`` and ``n_out`` reach the ``prefer`` rules as ``None``, meaning "any size", and the rules take their
@@ -175,12 +183,12 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requ
     """
     if torch.compiler.is_compiling():
         return _resolve_at_trace_time(op, device, dtype, (None, None, None, int(dims[3])), requested, training,
-                                      activation)
-    return _resolve(op, device, dtype, dims, requested, training, activation)
+                                      activation, bias)
+    return _resolve(op, device, dtype, dims, requested, training, activation, bias)
 
 
 def _resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str],
-             training: bool = False, activation: str = "none") -> str:
+             training: bool = False, activation: str = "none", bias: bool = False) -> str:
     name = get_backend() if requested is None else _check_name(requested)
     if name != AUTO:
         b = get(name)
@@ -191,7 +199,7 @@ def _resolve(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, req
                 f"use backend='auto' or one of {sorted(n for n, s in available_backends().items() if s == 'available')}"
             )
         return name
-    dims = Dims(dims, activation)
+    dims = Dims(dims, activation, bias)
     for b in _BY_PRIORITY:
         rule = b.prefer_training if training and b.prefer_training is not None else b.prefer
         if b.available and b.supports(device, dtype) and rule(op, device, dtype, dims):
@@ -211,8 +219,8 @@ def _assume_constant_result(fn: Callable) -> Callable:
 # ContextVar, and tracing the registry would guard on lazy loading and on the shape rules.
 @_assume_constant_result
 def _resolve_at_trace_time(op: str, device: torch.device, dtype: torch.dtype, dims: tuple, requested: Optional[str],
-                           training: bool = False, activation: str = "none") -> str:
-    return _resolve(op, device, dtype, dims, requested, training, activation)
+                           training: bool = False, activation: str = "none", bias: bool = False) -> str:
+    return _resolve(op, device, dtype, dims, requested, training, activation, bias)
 
 
 def impl(name: str):

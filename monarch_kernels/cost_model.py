@@ -164,18 +164,22 @@ class Cost:
 
 @dataclass(frozen=True)
 class Problem:
-    """A Monarch layer call: ``tokens`` rows, ``n_in -> n_out`` features, factors ``w1 (k, q, p)``, ``w2 (l, s, r)``."""
+    """A Monarch layer call: ``tokens`` rows, ``n_in -> n_out`` features, factors ``w1 (k, q, p)``, ``w2 (l, s, r)``;
+    ``activation`` fused into the forward's epilogue; ``bias``: the layer has one, whose gradient ``Σ_t g`` the
+    backward computes (:func:`bias_grad`; adding it is part of every forward's epilogue, not priced)."""
 
     tokens: int
     n_in: int
     n_out: int
     shape: MonarchShape
-    activation: str = "none"  # fused into the forward's epilogue
+    activation: str = "none"
+    bias: bool = False
 
     @classmethod
-    def linear(cls, tokens: int, n_in: int, n_out: int, nblocks: int, activation: str = "none") -> "Problem":
+    def linear(cls, tokens: int, n_in: int, n_out: int, nblocks: int, activation: str = "none",
+               bias: bool = False) -> "Problem":
         """The factors ``MonarchLinear(n_in, n_out, nblocks)`` uses."""
-        return cls(tokens, n_in, n_out, monarch_factor_shapes(n_in, n_out, nblocks), activation)
+        return cls(tokens, n_in, n_out, monarch_factor_shapes(n_in, n_out, nblocks), activation, bias)
 
     @property
     def label(self) -> str:
@@ -232,11 +236,12 @@ def _gemm(name: str, m: int, n: int, k: int, dtype: str, dev: Device, a_bytes=No
 
 
 def dense(op: str, problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> Cost:
-    """``F.linear`` at the same shape: one GEMM forward; dX and dW GEMMs backward (cuBLAS, measured rate)."""
+    """``F.linear`` at the same shape: one GEMM forward; dX and dW GEMMs backward (cuBLAS, measured rate), and
+    with a bias its gradient as a reduction of ``g`` (autograd's ``g.sum(0)``)."""
     T, n_in, n_out = problem.tokens, problem.n_in, problem.n_out
     fwd = Cost([_gemm("dense fwd", T, n_out, n_in, dtype, dev)])
     dx = Cost([_gemm("dense dX", T, n_in, n_out, dtype, dev)])
-    dw = Cost([_gemm("dense dW", n_out, n_in, T, dtype, dev)])
+    dw = Cost([_gemm("dense dW", n_out, n_in, T, dtype, dev)]) + bias_grad("dense", problem, dtype, dev)
     return {"fwd": fwd, "bwd": dx + dw, "fwdbwd": fwd + dx + dw, "bwd_input": dx, "bwd_weight": dw}[op]
 
 
@@ -256,6 +261,22 @@ def activation_pass(tokens: int, n: int, dtype: str, dev: Device, backward: bool
                         dev)
 
 
+def _bias_grad(layer: str, tokens: int, n: int, dtype: str, dev: Device, copied: bool = False) -> Kernel:
+    """A bias gradient ``Σ_t g`` over ``g (tokens, n)``: where ``g`` is copied token-major (``copied``) the copy
+    writes its fp32 column sums per 64-token tile (:func:`.triton.token_major.to_token_major`) and this adds
+    them up (the partials written and read); else one read of ``g`` (``g.sum(0)``)."""
+    item = ITEMSIZE[dtype]
+    if copied:
+        part = _plan.cdiv(tokens, _plan.COPY_TILE.block_m) * n * 4
+        return _elementwise(f"{layer} bias gradient (the copy's partials summed)", [2 * part], [n * item], dev)
+    return _elementwise(f"{layer} bias gradient (g summed)", [rows_bytes(tokens, n, item)], [n * item], dev)
+
+
+def bias_grad(layer: str, problem: Problem, dtype: str, dev: Device, copied: bool = False) -> Cost:
+    """``problem``'s bias gradient (:func:`_bias_grad`); nothing without a bias."""
+    return Cost([_bias_grad(layer, problem.tokens, problem.n_out, dtype, dev, copied)] if problem.bias else [])
+
+
 def _bmm(name: str, batch: int, m: int, n: int, k: int, dtype: str, dev: Device, useful: Optional[float] = None) -> Kernel:
     """cuBLAS batched GEMM over ``batch`` blocks: operands once each (strided views, no copies)."""
     item = ITEMSIZE[dtype]
@@ -271,7 +292,8 @@ def torch_reference(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
     standalone backward (``bwd``, ``bwd_weight``) recomputes the stage-1 intermediate; a training step
     (``fwdbwd``) does not: eager autograd keeps the forward's intermediate for the backward
     (``reference.monarch_fwd_saving``, fly's trade of activation memory), and with an activation gets the
-    pre-activation from it (stage-2 ``bmm`` and P2 copy, ``reference.monarch_bwd_epilogue``)."""
+    pre-activation from it (stage-2 ``bmm`` and P2 copy, ``reference.monarch_bwd_epilogue``). A bias gradient
+    is ``g.sum(0)``, one read of ``g`` (with the weight gradients)."""
     sh, T, item = problem.shape, problem.tokens, ITEMSIZE[dtype]
     n_mid = sh.n_mid
     copy = lambda name, width: _elementwise(name, [rows_bytes(T, width, item)], [rows_bytes(T, width, item)], dev,
@@ -283,7 +305,7 @@ def torch_reference(op: str, problem: Problem, dtype: str, dev: Device) -> Cost:
     dw2 = Cost([_bmm("ref dW2 bmm", sh.l, sh.s, sh.r, T, dtype, dev)])
     # dZ straight into natural order (out= a transposed view), then P1ᵀ: one copy of the stage-1 width
     dz = Cost([_bmm("ref dZ bmm", sh.l, T, sh.r, sh.s, dtype, dev), copy("ref P1T copy", n_mid)])
-    dw1 = Cost([_bmm("ref dW1 bmm", sh.k, sh.q, sh.p, T, dtype, dev)])
+    dw1 = Cost([_bmm("ref dW1 bmm", sh.k, sh.q, sh.p, T, dtype, dev)]) + bias_grad("ref", problem, dtype, dev)
     dx = Cost([_bmm("ref dX bmm", sh.k, T, sh.p, sh.q, dtype, dev)])  # natural order from bmm: no copy
     bwd = go + stage1 + dw2 + dz + dw1 + dx
     pre = (Cost([_bmm("ref bmm2 (pre-activation)", sh.l, T, sh.s, sh.r, dtype, dev), copy("ref P2 copy", sh.n_out)])
@@ -520,13 +542,12 @@ def mlp_forward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device
     return Cost([stage1, regroup, hidden]) + stage2_from_token_major(replace(fc2, activation="none"), dtype, dev)
 
 
-def mlp_hidden_backward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM,
-                        bias: bool = True) -> Kernel:
+def mlp_hidden_backward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> Kernel:
     """:func:`.triton.mlp.hidden_layer_backward`: per (token tile, fc1 block ``ll``) of :data:`.plan.MLP_BWD_TILE`
     and each of the ``k2 · ceil(S / bs)`` chunks, three dots: the pre-activation again (``block_m × bs × r1``),
     ``da`` (``block_m × bs × q2``) and ``dz1 += dpre · w2a`` (``block_m × r1 × bs``), ``r1`` and ``q2`` padded to
     ``block_k``. HBM: ``z1`` and ``dy2`` read, the activation and ``dpre`` (token-major ``T × n_h`` each) and
-    ``dz1`` written, with ``bias`` the bias gradient's fp32 per-tile partials. L2: ``z1`` once (a program's
+    ``dz1`` written, with fc1's bias its gradient's fp32 per-tile partials. L2: ``z1`` once (a program's
     register tile), ``dy2`` once per fc1 block (a program's chunks re-read its tile from L1, as in
     :func:`mlp_forward`), ``w2a`` and ``w1b`` once per token tile (each ``w2a`` chunk serves both its dots).
     The activation's derivative is fused (no elementwise pass of its own)."""
@@ -539,32 +560,21 @@ def mlp_hidden_backward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev
     z1 = dz1 = sectors(T * item, sh1.n_mid)
     dy2, hid = sectors(T * item, sh2.n_mid), sectors(T * item, fc1.n_out)
     w2a, w1b = sh1.l * sh1.s * sh1.r * item, sh2.k * sh2.q * sh2.p * item
-    partials = tiles * fc1.n_out * 4 if bias else 0
+    partials = tiles * fc1.n_out * 4 if fc1.bias else 0
     hbm = z1 + dy2 + 2 * hid + dz1 + w2a + w1b + partials
     l2 = z1 + sh1.l * dy2 + 2 * hid + dz1 + tiles * (w2a + w1b) + partials
     return Kernel("hidden layer backward (pre-activation again, da, act', dz1)", flops, useful, hbm, l2,
                   _tc_rate(dev, t, dtype), dev.mem_eff)
 
 
-def _bias_grad(layer: str, tokens: int, n: int, item: int, dev: Device, copied: bool) -> Kernel:
-    """A bias gradient ``Σ_t g``: where ``g`` is copied token-major (``copied``) the copy writes its fp32 column
-    sums per 64-token tile (:func:`.triton.token_major.to_token_major`) and this adds them up (the partials
-    written and read); else one read of ``g``."""
-    if copied:
-        part = _plan.cdiv(tokens, _plan.COPY_TILE.block_m) * n * 4
-        return _elementwise(f"{layer} bias gradient (the copy's partials summed)", [2 * part], [n * item], dev)
-    return _elementwise(f"{layer} bias gradient (g summed)", [rows_bytes(tokens, n, item)], [n * item], dev)
-
-
-def mlp_training_step(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM,
-                      bias: bool = True) -> Cost:
+def mlp_training_step(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> Cost:
     """:func:`monarch_kernels.monarch_mlp` in an eager training call (``ops._MonarchMLPEager``):
     :func:`mlp_forward` (fc1's ``z1`` and fc2's ``z2`` kept: it writes them anyway), then
     :func:`.triton.mlp.mlp_backward`: fc2's ``dy2`` and ``dw2`` from ``g`` (:func:`g_readers`' pick), the hidden
     layer's backward (:func:`mlp_hidden_backward`), fc2's ``dw1`` and fc1's ``dw2`` as cuBLAS batched GEMMs on
-    what it stored, fc1's ``dx`` and ``dw1`` (:func:`dxw_choice`' pick); with ``bias`` the two bias gradients
-    (fc2's by :func:`_bias_grad`, on the copy of ``g`` where there is one; the hidden one's per-tile partials
-    summed)."""
+    what it stored, fc1's ``dx`` and ``dw1`` (:func:`dxw_choice`' pick); the layers' bias gradients (fc2's by
+    :func:`bias_grad`, on the copy of ``g`` where there is one; fc1's from the hidden kernel's per-tile
+    partials)."""
     sh1, sh2, T, item = fc1.shape, fc2.shape, fc1.tokens, ITEMSIZE[dtype]
     if not _plan.mlp_fusable(sh1, sh2, fc1.n_in, fc1.n_out, item, training=True):
         raise ValueError(f"mlp_training_step: the fused MLP backward does not take {fc1.label} then {fc2.label} "
@@ -572,14 +582,14 @@ def mlp_training_step(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: 
     out2 = replace(fc2, activation="none")
     how = g_readers(out2, dtype, dev)
     cost = mlp_forward(fc1, fc2, dtype, dev) + _g_readers(out2, dtype, dev, how)
-    cost = cost + Cost([mlp_hidden_backward(fc1, fc2, dtype, dev, bias),
+    cost = cost + Cost([mlp_hidden_backward(fc1, fc2, dtype, dev),
                         _bmm("fc2 dw1 = dy2T a (cuBLAS)", sh2.k, sh2.q, sh2.p, T, dtype, dev),
                         _bmm("fc1 dw2 = (P2T dpre)T z1 (cuBLAS)", sh1.l, sh1.s, sh1.r, T, dtype, dev)])
     cost = cost + _DXW[dxw_choice(fc1, dtype, dev)](fc1, dtype, dev)
-    if bias:
+    cost = cost + bias_grad("fc2", fc2, dtype, dev, copied=how != "grouped")
+    if fc1.bias:
         tiles = _plan.cdiv(T, _plan.MLP_BWD_TILE.block_m)
-        cost = cost + Cost([_bias_grad("fc2", T, fc2.n_out, item, dev, copied=how != "grouped"),
-                            _elementwise("fc1 bias gradient (partials summed)", [tiles * fc1.n_out * 4],
+        cost = cost + Cost([_elementwise("fc1 bias gradient (partials summed)", [tiles * fc1.n_out * 4],
                                          [fc1.n_out * item], dev)])
     return cost
 
@@ -722,12 +732,15 @@ def _pre_activation(problem: Problem, dtype: str, dev: Device) -> Kernel:
 
 
 def _backward(problem: Problem, dtype: str, dev: Device, z_saved: bool = False, after_activation: bool = False) -> Cost:
-    """:func:`.monarch.backward`: dy and dw2 as :func:`g_readers` picks, dx & dw1 as :func:`dxw_choice` picks,
-    z recomputed unless ``z_saved``; ``after_activation``: ``g`` comes from an activation's derivative, whose
-    pass writes it token-major when the readers want that (:func:`.triton.monarch.backward_epilogue`)."""
+    """:func:`.monarch.backward_epilogue`: dy and dw2 as :func:`g_readers` picks, dx & dw1 as :func:`dxw_choice`
+    picks, z recomputed unless ``z_saved``; ``after_activation``: ``g`` comes from an activation's derivative,
+    whose pass writes it token-major when the readers want that; a bias gradient summed by the pass that copies
+    ``g`` where there is one (:func:`bias_grad`)."""
     dxw = _DXW[dxw_choice(problem, dtype, dev)](problem, dtype, dev)
     z = Cost() if z_saved else Cost([_z(problem, dtype, dev)])
-    return _g_readers(problem, dtype, dev, g_readers(problem, dtype, dev), after_activation) + dxw + z
+    how = g_readers(problem, dtype, dev)
+    return (_g_readers(problem, dtype, dev, how, after_activation) + dxw + z
+            + bias_grad("layer", problem, dtype, dev, copied=how != "grouped"))
 
 
 def _bwd_input(problem: Problem, dtype: str, dev: Device) -> Cost:
@@ -738,8 +751,9 @@ def _bwd_input(problem: Problem, dtype: str, dev: Device) -> Cost:
 
 def _bwd_weight(problem: Problem, dtype: str, dev: Device) -> Cost:
     sh, T = problem.shape, problem.tokens
-    return (_g_readers(problem, dtype, dev, g_readers(problem, dtype, dev))
-            + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in) + Cost([_z(problem, dtype, dev)]))
+    how = g_readers(problem, dtype, dev)
+    return (_g_readers(problem, dtype, dev, how) + wgrad_cost("dw1", T, sh.k, sh.q, sh.p, dtype, dev, n_x=problem.n_in)
+            + Cost([_z(problem, dtype, dev)]) + bias_grad("layer", problem, dtype, dev, copied=how != "grouped"))
 
 
 def training_step(problem: Problem, dtype: str, dev: Device, forward: Callable[..., Cost],
@@ -775,31 +789,33 @@ register_estimator("triton", "fused", _triton(_fused_forward, keeps_pre=False))
 
 
 def blockdiag_cost(backend: str, tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",
-                   dev: Device = H100_SXM, training: bool = False) -> Optional[Cost]:
+                   dev: Device = H100_SXM, training: bool = False, bias: bool = False) -> Optional[Cost]:
     """A block-diagonal forward ``(T, k·p) -> (T, k·q)`` and, with ``training``, its backward (``dx = BD(w)ᵀ g``
-    and ``dw``, as :mod:`monarch_kernels.ops` runs them): the Triton grouped kernel, the same kernel on the
-    transposed weights and the weight-gradient kernel; or the torch reference, one ``bmm`` per product writing
-    natural order through a transposed ``out=`` view (no copy at full width). ``None`` for a backend without
-    a model."""
+    and ``dw``, as :mod:`monarch_kernels.ops` runs them, and with ``bias`` its gradient ``g.sum(0)``): the Triton
+    grouped kernel, the same kernel on the transposed weights and the weight-gradient kernel; or the torch
+    reference, one ``bmm`` per product writing natural order through a transposed ``out=`` view (no copy at full
+    width). ``None`` for a backend without a model."""
+    if backend not in ("triton", "torch"):
+        return None
     if backend == "triton":
         cost = Cost([bd_cost("blockdiag", tokens, k, q, p, dtype, dev)])
         if training:
             cost = (cost + Cost([bd_cost("blockdiag dx", tokens, k, p, q, dtype, dev)])
                     + wgrad_cost("blockdiag dw", tokens, k, q, p, dtype, dev))
-        return cost
-    if backend == "torch":
+    else:
         cost = Cost([_bmm("ref bmm", k, tokens, q, p, dtype, dev)])
         if training:
             cost = cost + Cost([_bmm("ref dx bmm", k, tokens, p, q, dtype, dev),
                                 _bmm("ref dw bmm", k, q, p, tokens, dtype, dev)])
-        return cost
-    return None
+    if training and bias:
+        cost = cost + Cost([_bias_grad("blockdiag", tokens, k * q, dtype, dev)])
+    return cost
 
 
 def blockdiag_seconds(backend: str, tokens: int, k: int, q: int, p: int, dtype: str = "bfloat16",
-                      dev: Device = H100_SXM, training: bool = False) -> float:
+                      dev: Device = H100_SXM, training: bool = False, bias: bool = False) -> float:
     """:func:`blockdiag_cost`'s predicted time; ``inf`` for a backend without a model."""
-    cost = blockdiag_cost(backend, tokens, k, q, p, dtype, dev, training)
+    cost = blockdiag_cost(backend, tokens, k, q, p, dtype, dev, training, bias)
     return math.inf if cost is None else cost.time(dev)
 
 

@@ -15,13 +15,13 @@ ratios should replace the model here (as the CPU rule's constants came from meas
 
 The call's ``dims = (T, n_in, n_out, block)`` (see :func:`monarch_kernels.backends.resolve`) carry the fused
 activation (:class:`monarch_kernels.backends.Dims`: the reference pays extra passes for it, the Triton kernels
-fuse it) but not the factor shapes; the rule prices the ``MonarchLinear`` layout with the same block size,
+fuse it) and whether there is a bias (a training call's bias gradient: a read of ``g`` for dense and the
+reference, folded into the copy of ``g`` where the Triton backward makes one) but not the factor shapes; the rule prices the ``MonarchLinear`` layout with the same block size,
 ``nblocks = ceil(max(n_in, n_out) / block)``. Under ``torch.compile`` with a dynamic batch (``T`` not a plain
 int) it prices a large batch, so no guard on the token count enters the graph.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from functools import lru_cache
 from typing import Iterable, Optional
@@ -29,18 +29,18 @@ from typing import Iterable, Optional
 import torch
 
 from . import cost_model as cm
-from .backends import activation_of
+from .backends import activation_of, bias_of
 
 #: ``T`` priced when the token count is symbolic (a compiled graph with a dynamic batch)
 SYMBOLIC_TOKENS = 16384
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
-def _problem(dims: tuple, activation: str) -> cm.Problem:
+def _problem(dims: tuple, activation: str, bias: bool) -> cm.Problem:
     tokens, n_in, n_out, block = dims
     nblocks = max(1, min(math.ceil(max(n_in, n_out) / max(block, 1)), n_in, n_out))
-    problem = cm.Problem.linear(SYMBOLIC_TOKENS if tokens is None else max(tokens, 1), n_in, n_out, nblocks)
-    return dataclasses.replace(problem, activation=activation)
+    return cm.Problem.linear(SYMBOLIC_TOKENS if tokens is None else max(tokens, 1), n_in, n_out, nblocks,
+                             activation, bias)
 
 
 @lru_cache(maxsize=1)
@@ -63,16 +63,17 @@ def _path(backend: str, problem: cm.Problem) -> str:
 
 @lru_cache(maxsize=4096)
 def predicted_seconds(backend: str, op: str, dtype: str, dims: tuple, training: bool = False,
-                      activation: str = "none") -> float:
+                      activation: str = "none", bias: bool = False) -> float:
     """The cost model's time for ``backend`` on a Monarch forward (``op == "monarch"``) with ``activation`` fused
     into its epilogue, or a block-diagonal forward (``"blockdiag"``, ``dims[3]`` = input block; its prices
-    have no activation) with these dims, with ``training`` plus its backward; ``inf`` without an estimator."""
+    have no activation) with these dims, with ``training`` plus its backward (and with ``bias`` the bias
+    gradient); ``inf`` without an estimator."""
     tokens, n_in, n_out, block = dims
     if op == "blockdiag":
         k = math.ceil(n_in / block)
         return cm.blockdiag_seconds(backend, SYMBOLIC_TOKENS if tokens is None else max(tokens, 1), k,
-                                    math.ceil(n_out / k), block, dtype, device(), training=training)
-    problem = _problem(dims, activation)
+                                    math.ceil(n_out / k), block, dtype, device(), training=training, bias=bias)
+    problem = _problem(dims, activation, bias)
     path = _path(backend, problem)
     if (backend, path) not in cm.estimators():
         return math.inf
@@ -102,10 +103,10 @@ def capturing() -> bool:
 
 
 def call_seconds(backend: str, op: str, dtype: str, dims: tuple, training: bool = False, activation: str = "none",
-                 eager: bool = True) -> float:
+                 eager: bool = True, bias: bool = False) -> float:
     """:func:`predicted_seconds`, and for an ``eager`` Monarch call at least the backend's host time
     (:data:`HOST_S`): host and device work overlap, so the slower of the two sets the pace."""
-    t = predicted_seconds(backend, op, dtype, dims, training, activation)
+    t = predicted_seconds(backend, op, dtype, dims, training, activation, bias)
     return max(t, HOST_S.get((backend, training), 0.0)) if eager and op == "monarch" else t
 
 
@@ -118,8 +119,8 @@ def fastest(op: str, dtype: torch.dtype, dims: tuple, candidates: Iterable[str],
         return "torch"
     eager = not capturing() if eager is None else eager
     key = (dims[0] if isinstance(dims[0], int) else None, *(int(d) for d in dims[1:]))
-    act = activation_of(dims)
-    times = {c: call_seconds(c, op, name, key, training, act, eager) for c in candidates}
+    act, bias = activation_of(dims), bias_of(dims)
+    times = {c: call_seconds(c, op, name, key, training, act, eager, bias) for c in candidates}
     best = min(times, key=times.get)
     return best if math.isfinite(times[best]) else "torch"
 
@@ -158,7 +159,7 @@ def fused_mlp_wins(fc1: cm.Problem, fc2: cm.Problem, dtype: torch.dtype, layer_b
     for problem, backend in zip((fc1, fc2), layer_backends):
         sh = problem.shape
         dims = (problem.tokens, problem.n_in, problem.n_out, max(sh.p, sh.q, sh.r, sh.s))
-        layers += call_seconds(backend, "monarch", name, dims, training, problem.activation, eager)
+        layers += call_seconds(backend, "monarch", name, dims, training, problem.activation, eager, problem.bias)
     if training and fc1.activation != "none":
         layers += cm.activation_pass(fc1.tokens, fc1.n_out, name, dev, backward=True).time(dev)
     return fused < layers

@@ -720,7 +720,7 @@ def blockdiag_linear(
     check_bias(fn, bias, x, n_out)
     act = _check_activation(fn, activation, x)
     name = backends.resolve("blockdiag", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, p), backend,
-                            _training(x, w, bias), act)
+                            _training(x, w, bias), act, bias is not None)
     route = _route(x, w, bias)
     if route == DIRECT:
         return _blockdiag_fwd_impl(x, w, bias, n_out, act, name)
@@ -775,7 +775,7 @@ def _dispatch_monarch(x, w1, w2, bias, sh: MonarchShape, n_out: int, act: str, b
     """Resolve the backend for validated arguments and run the forward op (on the route :func:`_route` picks)."""
     block = max(sh.p, sh.q, sh.r, sh.s)
     name = backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_out, block), backend,
-                            _training(x, w1, w2, bias), act)
+                            _training(x, w1, w2, bias), act, bias is not None)
     route = _route(x, w1, w2, bias)
     if route == DIRECT:
         return _monarch_fwd_impl(x, w1, w2, bias, n_out, act, name)
@@ -836,7 +836,8 @@ def monarch_mlp(
     route = _route(*tensors)
     if route in (DIRECT, FUNCTION):
         training = route == FUNCTION
-        name = _mlp_backend(x, sh1, sh2, n_h, n_out, act, backend, training)
+        name = _mlp_backend(x, sh1, sh2, n_h, n_out, act, backend, training, (fc1_bias is not None,
+                                                                              fc2_bias is not None))
         impl = None if name is None else backends.impl(name)
         fusable = getattr(impl, "monarch_mlp_fusable", None)
         if fusable is not None and fusable(sh1, sh2, x.shape[-1], n_h, x.dtype, training):
@@ -849,11 +850,12 @@ def monarch_mlp(
 
 
 def _mlp_backend(x: Tensor, sh1: MonarchShape, sh2: MonarchShape, n_h: int, n_out: int, act: str,
-                 backend: Optional[str], training: bool = False) -> Optional[str]:
+                 backend: Optional[str], training: bool = False, biases: tuple = (False, False)) -> Optional[str]:
     """The backend whose fused MLP :func:`monarch_mlp` tries (its forward; with ``training`` its forward and
     backward), ``None`` for the layers in turn: the one requested (``backend=``, :func:`use_backend`,
     :func:`set_backend`); under ``auto`` on a CUDA device Triton where :func:`.gpu_dispatch.fused_mlp_wins`
-    prices its fused hidden layer below the two layers on the backends ``auto`` picks for them."""
+    prices its fused hidden layer below the two layers on the backends ``auto`` picks for them (``biases``:
+    whether fc1 and fc2 have one)."""
     requested = backends.get_backend() if backend is None else backend
     if requested != backends.AUTO:  # checked as for any call (available, supports the tensors); no rule runs
         return backends.resolve("monarch", x.device, x.dtype, (_tokens(x), x.shape[-1], n_h, 1), requested,
@@ -865,10 +867,10 @@ def _mlp_backend(x: Tensor, sh1: MonarchShape, sh2: MonarchShape, n_h: int, n_ou
     from .gpu_dispatch import fused_mlp_wins
 
     T = max(_tokens(x), 1)
-    fc1 = cm.Problem(T, x.shape[-1], n_h, sh1, act)
-    fc2 = cm.Problem(T, n_h, n_out, sh2)
+    fc1 = cm.Problem(T, x.shape[-1], n_h, sh1, act, biases[0])
+    fc2 = cm.Problem(T, n_h, n_out, sh2, bias=biases[1])
     picks = tuple(backends.resolve("monarch", x.device, x.dtype, (T, p.n_in, p.n_out, max(s.p, s.q, s.r, s.s)), None,
-                                   training, p.activation) for p, s in ((fc1, sh1), (fc2, sh2)))
+                                   training, p.activation, p.bias) for p, s in ((fc1, sh1), (fc2, sh2)))
     return "triton" if fused_mlp_wins(fc1, fc2, x.dtype, picks, training=training) else None
 
 
@@ -900,11 +902,11 @@ def monarch_to_dense(w1: Tensor, w2: Tensor, *, backend: Optional[str] = None) -
 
 
 def resolve_backend(op: str, x: Tensor, *factors: Tensor, backend: Optional[str] = None,
-                    activation: Optional[str] = None) -> str:
+                    activation: Optional[str] = None, bias: Optional[Tensor] = None) -> str:
     """The backend a call of ``op`` with these arguments would use: ``op="blockdiag"`` with one factor
     ``w (k, q, p)``, or ``op="monarch"`` with two factors ``w1 (k, q, p)``, ``w2 (l, s, r)`` (a training call,
-    i.e. one autograd records, when any of them requires grad and grad mode is on), with ``activation`` fused
-    into its epilogue as in :func:`monarch_linear`."""
+    i.e. one autograd records, when any of them or ``bias`` requires grad and grad mode is on), with
+    ``activation`` fused into its epilogue and ``bias`` added as in :func:`monarch_linear`."""
     fn = "resolve_backend"
     if op not in ("blockdiag", "monarch"):
         raise ValueError(f"{fn}: op must be 'blockdiag' or 'monarch', got {op!r}")
@@ -923,4 +925,12 @@ def resolve_backend(op: str, x: Tensor, *factors: Tensor, backend: Optional[str]
     else:
         sh = check_monarch_factors(fn, *factors)
         dims = (_tokens(x), x.shape[-1], sh.n_out, max(sh.p, sh.q, sh.r, sh.s))
-    return backends.resolve(op, x.device, x.dtype, dims, backend, _training(x, *factors), act)
+    if bias is not None:  # a call with out_features = len(bias) (monarch_linear truncates to it)
+        check_tensor("bias", bias, fn)
+        if bias.dim() != 1 or not 1 <= bias.shape[0] <= dims[2]:
+            raise ValueError(f"{fn}: bias has shape {tuple(bias.shape)}, expected (out_features,) with "
+                             f"1 <= out_features <= {dims[2]}")
+        check_same(fn, x, bias=bias)
+        dims = (dims[0], dims[1], bias.shape[0], dims[3])
+    return backends.resolve(op, x.device, x.dtype, dims, backend, _training(x, *factors, bias), act,
+                            bias is not None)

@@ -106,9 +106,11 @@ def mlp_rows(d: int = 768, nb: int = 4, T: int = 16384, dtype: str = "bfloat16",
     bench/RESULTS.md). Each row is priced twice: the two layers in turn, and :func:`monarch_kernels.monarch_mlp`
     with the hidden layer fused (:func:`monarch_kernels.cost_model.mlp_forward`, GELU fused into it; the training
     step :func:`monarch_kernels.cost_model.mlp_training_step`: GELU's derivative fused into the hidden layer's
-    backward kernel, and the two bias gradients charged, which the other rows leave out).
+    backward kernel). Both layers have a bias, as GPT-2's: every training row pays its two gradients
+    (:func:`monarch_kernels.cost_model.bias_grad`).
     """
-    fc1, fc2 = cm.Problem.linear(T, d, 4 * d, nb, activation="gelu"), cm.Problem.linear(T, 4 * d, d, nb)
+    fc1 = cm.Problem.linear(T, d, 4 * d, nb, activation="gelu", bias=True)
+    fc2 = cm.Problem.linear(T, 4 * d, d, nb, bias=True)
     gelu_fwd = cm.Cost([cm.activation_pass(T, 4 * d, dtype, dev)])
     gelu_bwd = cm.Cost([cm.activation_pass(T, 4 * d, dtype, dev, backward=True)])
     rows = []

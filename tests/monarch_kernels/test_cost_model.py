@@ -384,17 +384,18 @@ def test_fused_mlp_training_step_priced_by_hand():
     activation, dpre (3072 wide each) and dz1 once; from L2 z1 once (registers), dy2 once per fc1 block, both
     weight slices once per token tile. The step is the fused forward, fc2's stage-2 gradients, that kernel, two
     batched GEMMs, fc1's dx and dw1 and the two bias gradients; it moves under 70% of the bytes of the layers'
-    steps with the GELU derivative's pass between them, in under 70% of their time."""
+    steps (with their bias gradients) with the GELU derivative's pass between them, in under 70% of their time."""
     dev = cm.H100_SXM
     T = 16384
-    fc1, fc2 = cm.Problem.linear(T, 768, 3072, 4, "gelu"), cm.Problem.linear(T, 3072, 768, 4)
+    fc1, fc2 = cm.Problem.linear(T, 768, 3072, 4, "gelu", bias=True), cm.Problem.linear(T, 3072, 768, 4, bias=True)
     k = cm.mlp_hidden_backward(fc1, fc2, "bfloat16", dev)
     assert k.flops == 2.0 * 128 * 4 * 4 * 6 * 128 * 32 * (192 + 192 + 192)
     assert k.useful_flops == 2.0 * T * (4 * 192 * 768 + 4 * 768 * 192)
     z, h, w, part = T * 768 * 2, T * 3072 * 2, 4 * 768 * 192 * 2, 128 * 3072 * 4
     assert k.hbm_bytes == z + z + 2 * h + z + 2 * w + part  # z1, dy2 in; a, dpre, dz1 out; weights; partials
     assert k.l2_bytes == z + 4 * z + 2 * h + z + 128 * 2 * w + part
-    assert cm.mlp_hidden_backward(fc1, fc2, "bfloat16", dev, bias=False).hbm_bytes == k.hbm_bytes - part
+    no_bias = dataclasses.replace(fc1, bias=False)
+    assert cm.mlp_hidden_backward(no_bias, fc2, "bfloat16", dev).hbm_bytes == k.hbm_bytes - part
     step = cm.mlp_training_step(fc1, fc2, "bfloat16", dev)
     names = [kern.name for kern in step.kernels]
     forward = cm.mlp_forward(fc1, fc2, "bfloat16", dev)
@@ -405,8 +406,53 @@ def test_fused_mlp_training_step_priced_by_hand():
     assert cm.g_readers(fc2, "bfloat16", dev) == "bmm"
     assert names[-2:] == ["fc2 bias gradient (the copy's partials summed)", "fc1 bias gradient (partials summed)"]
     assert step.kernels[-2].hbm_bytes == 2 * 256 * 768 * 4 + 768 * 2
-    assert cm._bias_grad("fc2", T, 768, 2, dev, copied=False).hbm_bytes == T * 768 * 2 + 768 * 2
+    assert cm._bias_grad("fc2", T, 768, "bfloat16", dev, copied=False).hbm_bytes == T * 768 * 2 + 768 * 2
+    # without biases neither gradient is priced
+    bare = cm.mlp_training_step(no_bias, dataclasses.replace(fc2, bias=False), "bfloat16", dev)
+    assert [kern.name for kern in bare.kernels] == names[:-2]
     layers = (cm.estimate("triton", cm.triton_path(fc1), "fwdbwd", fc1, "bfloat16", dev)
               + cm.estimate("triton", cm.triton_path(fc2), "fwdbwd", fc2, "bfloat16", dev)
               + cm.Cost([cm.activation_pass(T, 3072, "bfloat16", dev, backward=True)]))
     assert step.hbm_bytes < 0.7 * layers.hbm_bytes and step.time(dev) < 0.7 * layers.time(dev)
+
+
+def test_bias_gradient_priced_where_each_backend_computes_it(monkeypatch):
+    """A layer with a bias pays ``Σ_t g`` in the passes that produce weight gradients and nowhere else: dense and
+    the reference one read of ``g`` (``g.sum(0)``: T·n_out·2 bytes in, n_out·2 out); the Triton backward the
+    fp32 column sums its token-major copy of ``g`` writes (4096/64 reads ``g`` from a copy: 256 tiles of 64
+    tokens, written and read), or, where ``g`` is read as given, the same one read of ``g``."""
+    T, n, item = 16384, 4096, 2
+    plain, biased = cm.Problem.linear(T, n, n, 64), cm.Problem.linear(T, n, n, 64, bias=True)
+    summed = T * n * item + n * item
+    partials = 2 * (T // plan.COPY_TILE.block_m) * n * 4 + n * item
+    assert plan.COPY_TILE.block_m == 64 and cm.g_readers(biased) == "token_major"
+
+    def extra(cost_of, op):
+        """The kernels the bias adds (everything else priced as without it)."""
+        with_bias, without = cost_of(op, biased), cost_of(op, plain)
+        rest = [(k.name, k.hbm_bytes) for k in without.kernels]
+        added = [(k.name, k.hbm_bytes) for k in with_bias.kernels]
+        for kern in rest:
+            added.remove(kern)
+        assert with_bias.hbm_bytes - without.hbm_bytes == sum(b for _, b in added)
+        return added
+
+    dense = lambda op, pr: cm.dense(op, pr, "bfloat16", DEV)
+    ref = lambda op, pr: cm.estimate("torch", "reference", op, pr, "bfloat16", DEV)
+    tri = lambda op, pr: cm.estimate("triton", "two_kernel", op, pr, "bfloat16", DEV)
+    for op in ("fwd", "bwd_input"):
+        assert extra(dense, op) == extra(ref, op) == extra(tri, op) == []
+    for op in ("bwd", "fwdbwd", "bwd_weight"):
+        assert extra(dense, op) == [("dense bias gradient (g summed)", summed)]
+        assert extra(ref, op) == [("ref bias gradient (g summed)", summed)]
+        assert extra(tri, op) == [("layer bias gradient (the copy's partials summed)", partials)]
+    monkeypatch.setattr(cm, "g_readers", lambda *a, **k: "grouped")
+    for op in ("bwd", "fwdbwd", "bwd_weight"):
+        assert extra(tri, op) == [("layer bias gradient (g summed)", summed)]
+    # block-diagonal calls: g.sum(0) on every backend, training only
+    for backend in ("triton", "torch"):
+        fwd = cm.blockdiag_cost(backend, T, 4, 256, 256, "bfloat16", DEV, training=False, bias=True)
+        assert fwd.hbm_bytes == cm.blockdiag_cost(backend, T, 4, 256, 256, "bfloat16", DEV).hbm_bytes
+        step, biased_step = (cm.blockdiag_cost(backend, T, 4, 256, 256, "bfloat16", DEV, training=True, bias=b)
+                             for b in (False, True))
+        assert biased_step.hbm_bytes - step.hbm_bytes == T * 1024 * item + 1024 * item

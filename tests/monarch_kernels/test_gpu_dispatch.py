@@ -82,8 +82,6 @@ def test_a_fused_activation_is_priced():
     2048 tokens, a training call with a fused GELU is priced higher than without one on both backends (the
     reference applies and differentiates it in extra passes, Triton in its epilogues and the derivative's
     pass), at the cost model's prices for that activation. A plain tuple carries none."""
-    import dataclasses
-
     from monarch_kernels import backends
 
     sh = mk.monarch_factor_shapes(2048, 2048, 2)
@@ -100,23 +98,52 @@ def test_a_fused_activation_is_priced():
     assert extra["torch"] > extra["triton"]  # the reference's GELU passes cost more than the fused epilogue
 
 
-def test_ops_pass_their_activation_to_the_dispatcher(monkeypatch):
-    """``monarch_linear``, ``blockdiag_linear`` and ``resolve_backend`` hand the fused activation to the rules;
-    an unknown one is refused by ``resolve_backend`` as by the ops."""
+def test_ops_pass_their_activation_and_bias_to_the_dispatcher(monkeypatch):
+    """``monarch_linear``, ``blockdiag_linear``, ``monarch_mlp`` (its layers) and ``resolve_backend`` hand the
+    fused activation and whether there is a bias to the rules (``Dims``); ``resolve_backend`` takes the call's
+    bias (a truncated one: the call's ``out_features``) and refuses an unknown activation or a bias of the
+    wrong shape, as the ops do."""
     from monarch_kernels import backends
 
     seen = []
     real = backends._resolve
-    monkeypatch.setattr(backends, "_resolve", lambda *a: seen.append(a[-1]) or real(*a))
+    monkeypatch.setattr(backends, "_resolve", lambda *a: seen.append((a[3][2], a[6], a[7])) or real(*a))
     sh = mk.monarch_factor_shapes(64, 64, 4)
     x, w1, w2 = torch.randn(5, 64), torch.randn(*sh.w1_shape), torch.randn(*sh.w2_shape)
+    b = torch.randn(64)
     mk.monarch_linear(x, w1, w2, activation="gelu")
-    mk.blockdiag_linear(x, w1, activation="relu")
-    mk.monarch_linear(x, w1, w2)
+    mk.blockdiag_linear(x, w1, b, activation="relu")
+    mk.monarch_linear(x, w1, w2, b)
+    mk.monarch_mlp(x, w1, w2, w1, w2, None, b)
     assert mk.resolve_backend("monarch", x, w1, w2, activation="gelu_tanh") in ("torch", "cpu")
-    assert seen == ["gelu", "relu", "none", "gelu_tanh"]
+    assert mk.resolve_backend("monarch", x, w1, w2, bias=b[:40]) in ("torch", "cpu")
+    assert mk.resolve_backend("blockdiag", x, w1, bias=b) in ("torch", "cpu")
+    assert seen == [(64, "gelu", False), (64, "relu", True), (64, "none", True), (64, "gelu", False),
+                    (64, "none", True), (64, "gelu_tanh", False), (40, "none", True), (64, "none", True)]
     with pytest.raises(ValueError, match="activation"):
         mk.resolve_backend("monarch", x, w1, w2, activation="swish")
+    for bad in (torch.randn(65), torch.randn(2, 32), torch.randn(64, dtype=torch.float64)):
+        with pytest.raises((ValueError, TypeError), match="bias"):
+            mk.resolve_backend("monarch", x, w1, w2, bias=bad)
+
+
+def test_a_bias_is_priced_in_training_calls_only():
+    """``Dims.bias`` reaches the prices: a training call with a bias costs its gradient on top (dense-like
+    ``g.sum(0)`` for the reference, the copy's column sums for Triton at 4096/64), a forward the same; a plain
+    tuple carries none."""
+    from monarch_kernels import backends
+
+    dims = (16384, 4096, 4096, 64)
+    assert backends.bias_of(dims) is False and backends.Dims(dims, "none", True).bias is True
+    for backend, path in (("torch", "reference"), ("triton", "two_kernel")):
+        problem = cm.Problem.linear(16384, 4096, 4096, 64, bias=True)
+        priced = gd.predicted_seconds(backend, "monarch", "bfloat16", dims, True, "none", True)
+        assert priced == pytest.approx(cm.estimate(backend, path, "fwdbwd", problem, "bfloat16").time())
+        assert priced > gd.predicted_seconds(backend, "monarch", "bfloat16", dims, True)
+        assert (gd.predicted_seconds(backend, "monarch", "bfloat16", dims, False, "none", True)
+                == gd.predicted_seconds(backend, "monarch", "bfloat16", dims))
+        assert (gd.predicted_seconds(backend, "blockdiag", "bfloat16", dims, True, "none", True)
+                > gd.predicted_seconds(backend, "blockdiag", "bfloat16", dims, True))
 
 
 def test_the_rule_prices_at_the_current_gpus_constants(monkeypatch):
@@ -228,28 +255,28 @@ def test_non_square_calls_are_priced_with_the_layers_block_count(n_in, n_out, nb
 
     sh = mk.monarch_factor_shapes(n_in, n_out, nblocks)
     dims = (512, n_in, n_out, max(sh.p, sh.q, sh.r, sh.s))
-    assert gd._problem(dims, "gelu") == dataclasses.replace(cm.Problem.linear(512, n_in, n_out, nblocks),
-                                                           activation="gelu")
+    assert gd._problem(dims, "gelu", True) == cm.Problem.linear(512, n_in, n_out, nblocks, "gelu", bias=True)
     want = cm.estimate("torch", "reference", "fwd", cm.Problem.linear(512, n_in, n_out, nblocks), "bfloat16").time()
     assert gd.predicted_seconds("torch", "monarch", "bfloat16", dims) == pytest.approx(want)
     assert backends.Dims(dims, "relu")[3] == dims[3]
 
 
-def test_fastest_prices_the_calls_fused_activation(monkeypatch):
-    """:func:`gpu_dispatch.fastest` prices every candidate with the activation its ``Dims`` carry (a plain tuple:
-    none), and picks the cheapest at those prices."""
+def test_fastest_prices_the_calls_fused_activation_and_bias(monkeypatch):
+    """:func:`gpu_dispatch.fastest` prices every candidate with the activation and the bias its ``Dims`` carry (a
+    plain tuple: none), and picks the cheapest at those prices."""
     from monarch_kernels import backends
 
     sh = mk.monarch_factor_shapes(2048, 2048, 2)
     dims = (2048, 2048, 2048, max(sh.p, sh.q, sh.r, sh.s))
     seen, real = [], gd.call_seconds
-    monkeypatch.setattr(gd, "call_seconds", lambda *a: seen.append(a[5]) or real(*a))
-    for act in ("gelu", "relu", "none"):
+    monkeypatch.setattr(gd, "call_seconds", lambda *a: seen.append(a[5:]) or real(*a))
+    for act, bias in (("gelu", False), ("relu", True), ("none", True)):
         seen.clear()
-        got = gd.fastest("monarch", torch.bfloat16, backends.Dims(dims, act), ["triton", "torch"], True, eager=False)
-        assert seen == [act, act]
+        got = gd.fastest("monarch", torch.bfloat16, backends.Dims(dims, act, bias), ["triton", "torch"], True,
+                         eager=False)
+        assert seen == [(act, False, bias)] * 2
         assert got == min(("triton", "torch"), key=lambda b: gd.predicted_seconds(b, "monarch", "bfloat16", dims,
-                                                                                  True, act))
+                                                                                  True, act, bias))
     seen.clear()
     gd.fastest("monarch", torch.bfloat16, dims, ["triton", "torch"], True, eager=False)
-    assert seen == ["none", "none"]
+    assert seen == [("none", False, False)] * 2
