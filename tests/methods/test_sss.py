@@ -8,8 +8,9 @@ import torch
 from conftest import rel_err
 from monarch_kernels.layers import MonarchLinear
 from recipe_runs import quick_run
-from methods.sss import (CNP, MODES, MaskedSetClassifier, SetEncoder, SetSubsampler, autoregressive_select,
-                         bernoulli_kl, gp_functions, gumbel_softmax, image_to_set, relaxed_bernoulli)
+from methods.sss import (CNP, MODES, MaskedSetClassifier, SetAttentionScorer, SetEncoder, SetSubsampler,
+                         autoregressive_select, bernoulli_kl, gp_functions, gumbel_softmax, image_to_set,
+                         relaxed_bernoulli)
 
 
 def test_relaxed_bernoulli_hard_samples_are_binary_with_the_right_rate():
@@ -100,6 +101,21 @@ def test_set_encoder_is_permutation_equivariant():
     assert rel_err(h_p, h[:, perm]) < 1e-12
     assert rel_err(r_p, r) < 1e-12
 
+
+
+def test_set_attention_scorer_is_the_documented_mab():
+    """``score_i = head([LN(h_i + O·MultiHead(Q h_i, K Y, V Y)), r])`` with ``Y = {seed} ∪ selected`` and per-head
+    scaled dot-product attention ``softmax(q kᵀ / √d_h) v``, re-implemented head by head."""
+    torch.manual_seed(0)
+    sc = SetAttentionScorer(hidden=16, heads=2, nblocks=4).double()
+    h, r, sel = (torch.randn(*s, dtype=torch.float64) for s in ((3, 5, 16), (3, 16), (3, 2, 16)))
+    keys = torch.cat([sc.seed.expand(3, 1, 16), sel], 1)
+    q, k, v = sc.q(h), sc.k(keys), sc.v(keys)
+    heads = [torch.softmax(q[..., j:j + 8] @ k[..., j:j + 8].transpose(1, 2) / math.sqrt(8), -1) @ v[..., j:j + 8]
+             for j in (0, 8)]
+    mab = sc.norm(h + sc.o(torch.cat(heads, -1)))
+    expected = sc.head(torch.cat([mab, r[:, None].expand_as(mab)], -1).reshape(15, 32)).reshape(3, 5)
+    assert rel_err(sc(h, r, sel), expected) < 1e-12
 
 @pytest.mark.parametrize("mode", MODES)
 def test_subsampler_picks_exactly_k_distinct_elements(mode):
