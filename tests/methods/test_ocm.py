@@ -193,9 +193,32 @@ def test_ocm_loss_terms_per_phase():
     assert float(terms_a["ce"].detach()) == float(terms_b["ce"].detach())
 
 
+
+def test_ocm_buffer_and_preservation_terms_match_the_official_losses():
+    """From task 2: ``buf`` = SupCon over [Rot(x_M); A(Rot(x_M))] *without* diagonal masking, ``pre`` = SupCon between
+    the current and the previous model's projections of the plain rotated buffer views Rot(x_M); rebuilt here by
+    replaying the augmentation draws (first A on the new views, then on the buffer views)."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model, prev = OCMNet(64, 10, hidden=32, proj=16), OCMNet(64, 10, hidden=32, proj=16)
+    x, y = torch.rand(2, 1, 8, 8, generator=gen), torch.tensor([0, 1])
+    xm, ym = torch.rand(3, 1, 8, 8, generator=gen), torch.tensor([2, 3, 2])
+    terms = ocm_losses(model, prev, x, y, (xm, ym), 10, torch.Generator().manual_seed(7))
+    replay = torch.Generator().manual_seed(7)
+    random_resized_crop(rotation_views(x, y, 10)[0], replay)
+    views_m, labels_m = rotation_views(xm, ym, 10)
+    with torch.no_grad():
+        z_m = model.project(torch.cat([views_m, random_resized_crop(views_m, replay)]))
+        buf = sup_nt_xent(z_m @ z_m.T, labels_m.repeat(2), 0.07, mask_diagonal=False)
+        pre = preservation_loss(model.project(views_m), prev.project(views_m), labels_m, 0.07)
+    assert float(terms["buf"].detach()) == pytest.approx(float(buf), rel=1e-5)
+    assert float(terms["pre"].detach()) == pytest.approx(float(pre), rel=1e-5)
+
 def test_forgetting_definition():
     acc = [[0.9, 0.0, 0.0], [0.5, 0.8, 0.0], [0.6, 0.4, 0.7]]
     assert forgetting(acc) == pytest.approx(((0.9 - 0.6) + (0.8 - 0.4)) / 2)
+    # backward transfer: a task that ends above its best earlier accuracy has negative forgetting
+    assert forgetting([[0.5, 0.1], [0.8, 0.9]]) == pytest.approx(0.5 - 0.8)
 
 
 def test_quick_run(tmp_path):
