@@ -1,5 +1,6 @@
 """IREM: energy-descent step, gradients through the inner steps (double backward through Monarch layers),
 truncation, replay buffer, min-energy selection, and the quick end-to-end run."""
+import copy
 import math
 
 import pytest
@@ -188,6 +189,30 @@ def test_train_step_replays_stored_states():
     irem_train_step(e, opt, x, y, steps=2, step_lr=1.0, buffer=buf, generator=gen)
     assert len(buf) == 24  # B fresh + B replayed pushed back
 
+
+
+def test_train_step_is_the_documented_update_from_uniform_starts():
+    """One fresh-only step, re-implemented by hand: ``y⁰ ~ U(−1, 1)``, a detached first step, a differentiable last
+    step, loss ``mean_b mean_j (y² − y*)²``, one SGD step on θ, and the *reached* states pushed into the buffer."""
+    torch.manual_seed(0)
+    e = EnergyMLP(25, 25, hidden=16, nblocks=4).double()
+    ref = copy.deepcopy(e)
+    x, y = make_task("inverse", 6, 5, generator=torch.Generator().manual_seed(1))
+    x, y = x.double(), y.double()
+    buf = ReplayBuffer(100, torch.Generator().manual_seed(0))
+    out = irem_train_step(e, torch.optim.SGD(e.parameters(), lr=0.1), x, y, steps=2, step_lr=0.5, grad_steps=1,
+                          buffer=buf, generator=torch.Generator().manual_seed(3))
+    y0 = (torch.rand(y.shape, generator=torch.Generator().manual_seed(3)).to(y) * 2 - 1).requires_grad_(True)
+    (g0,) = torch.autograd.grad(ref(x, y0).sum(), y0)
+    y1 = (y0 - 0.5 * g0).detach().requires_grad_(True)
+    (g1,) = torch.autograd.grad(ref(x, y1).sum(), y1, create_graph=True)
+    y2 = y1 - 0.5 * g1
+    loss = (y2 - y).pow(2).mean()
+    assert out["loss"] == pytest.approx(float(loss.detach()), rel=1e-10)
+    assert rel_err(buf.data[1][:6], y2.detach()) < 1e-12 and torch.equal(buf.data[2][:6], y)
+    loss.backward()
+    for p, q in zip(e.parameters(), ref.parameters()):  # (∇_y E does not depend on the output bias: no grad)
+        assert rel_err(p.detach(), q.detach() - 0.1 * (0 if q.grad is None else q.grad)) < 1e-12
 
 def test_min_energy_select_picks_the_argmin():
     torch.manual_seed(0)
