@@ -184,6 +184,35 @@ def test_pipeline_on_hf_gpt2_with_conv1d_and_monarch(mlp):
     assert sc.generated_perplexity(model, base, 1) == pytest.approx(math.exp(float(nll)), rel=1e-5)
 
 
+
+class FixedLM(nn.Module):
+    """Next-token distribution ``probs`` at every position, whatever the context."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.logp = nn.Parameter(torch.tensor(probs, dtype=torch.float64).log(), requires_grad=False)
+
+    def forward(self, ids):
+        return self.logp.expand(*ids.shape, -1)
+
+
+def test_top_k_and_nucleus_sampling_keep_the_documented_support():
+    """top_k keeps the k most probable tokens; top_p keeps the smallest prefix (by probability) whose mass reaches
+    top_p, including the token that crosses it; draws follow the renormalised probabilities."""
+    model = FixedLM([0.5, 0.3, 0.15, 0.05])
+    prompt = torch.zeros(2000, 1, dtype=torch.long)
+
+    def freq(**kw):
+        out = sc.generate(model, prompt, 1, generator=torch.Generator().manual_seed(0), **kw)[:, 1]
+        return torch.bincount(out, minlength=4).double() / len(out)
+
+    for kw in ({"top_p": 0.7}, {"top_k": 2}):  # both keep {0, 1}: probabilities 5/8 and 3/8
+        f = freq(**kw)
+        assert f[2:].sum() == 0, kw
+        assert abs(float(f[0]) - 5 / 8) < 0.05 and abs(float(f[1]) - 3 / 8) < 0.05, kw
+    f = freq(top_p=0.9)  # 0.5 + 0.3 < 0.9: token 2 crosses the threshold and is kept
+    assert f[3] == 0 and f[2] > 0.1
+
 def test_word_tokenizer():
     tok = WordTokenizer("The king, the KING! a queen\nthe end", size=6)
     assert tok.vocab_size == 6 and tok.words[:2] == ["\n", "<unk>"]
