@@ -109,6 +109,21 @@ def test_expertise_finds_a_planted_detector_unit():
     assert set(assign) == {"fc"} and assign["fc"][0].tolist() == [2] and assign["fc"][1].tolist() == [1.0]
 
 
+
+def test_expertise_statistics_of_hand_made_responses():
+    """``on_p50`` / ``on_p90``: median and 90th percentile (linear interpolation) of a unit's responses to the
+    positive sentences, ``off_mean`` the mean over the negatives; ``select_units`` forces the median by default."""
+    layers = {"a": nn.Linear(1, 2), "b": nn.Linear(1, 1)}
+    pos = torch.tensor([[1.0, 10.0, 0.0], [2.0, 20.0, 0.0], [3.0, 30.0, 0.0], [4.0, 40.0, 1.0], [5.0, 50.0, 1.0]])
+    neg = torch.tensor([[0.0, 5.0, 2.0], [1.0, 7.0, 0.0]])
+    exp = sc.compute_expertise(torch.cat([pos, neg]), torch.tensor([1] * 5 + [0] * 2), layers)
+    assert exp.on_p50.tolist() == pytest.approx([3.0, 30.0, 0.0])
+    assert exp.on_p90.tolist() == pytest.approx([4.6, 46.0, 1.0])
+    assert exp.off_mean.tolist() == pytest.approx([0.5, 6.0, 1.0])
+    assign = sc.select_units(exp, 3)
+    forced = {(layer, i): v for layer, (idx, vals) in assign.items() for i, v in zip(idx.tolist(), vals.tolist())}
+    assert forced == pytest.approx({("a", 0): 3.0, ("a", 1): 30.0, ("b", 0): 0.0})
+
 @pytest.mark.parametrize("kind", ["linear", "monarch_linear", "conv1d", "gpt2_monarch"])
 def test_forcing_sets_exactly_the_chosen_units_at_every_position(kind):
     if kind == "linear":
