@@ -146,6 +146,24 @@ def test_servers_on_identical_clients_return_the_client_model():
         ProWDServer("fedprox", model, init, [32])
 
 
+
+def test_deq_server_averages_the_dequantised_low_bit_uploads():
+    """DEQ: the global model is the sample-weighted average of the FP uploads and the *dequantised* low-bit uploads,
+    dequantised by the dequantiser as trained in that round."""
+    torch.manual_seed(0)
+    model = prowd.make_client_model(16, 10, hidden=16)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    fp = {n: p + 0.05 * torch.randn(p.shape, generator=g) for n, p in init.items()}
+    low = quantize_state({n: p + 0.05 * torch.randn(p.shape, generator=g) for n, p in init.items()}, 2)
+    srv = ProWDServer("deq", model, init, [2, FP_BITS], deq_steps=2, deq_lr=1e-2,
+                      bit_chain=(2, 4, 32))
+    out = srv.aggregate([ClientUpdate(fp, 10, FP_BITS, 0), ClientUpdate(low, 30, 2, 1)])
+    deq = srv.deq.dequantize_state(low, 2)
+    assert max(float((deq[k] - low[k]).abs().max()) for k in low) > 1e-4  # the trained dequantiser is not identity
+    for k in fp:
+        assert torch.allclose(out[k], 0.25 * fp[k] + 0.75 * deq[k], atol=1e-6, rtol=0), k
+
 def test_dirichlet_split_properties():
     y = torch.arange(10).repeat_interleave(60)
     parts = dirichlet_split(y, 6, 0.3, torch.Generator().manual_seed(1))
