@@ -26,8 +26,10 @@ from typing import Callable
 
 import torch
 
-#: (label, T, n_in, n_out, nblocks, activation): a decode-sized and a large square layer, GPT-2's fc1 and fc2
+#: (label, T, n_in, n_out, nblocks, activation): a decode-sized and a large square layer, a small square one on
+#: the fused path (``auto`` takes it at 1024/32 up to 64 tokens), GPT-2's fc1 and fc2
 LAYERS = [("4096/64", 16, 4096, 4096, 64, "none"), ("4096/64", 16384, 4096, 4096, 64, "none"),
+          ("1024/32 fused", 64, 1024, 1024, 32, "none"),
           ("768->3072/4 +gelu", 16384, 768, 3072, 4, "gelu"), ("3072->768/4", 16384, 3072, 768, 4, "none")]
 
 

@@ -173,19 +173,27 @@ def _fused_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out, z=
     """The fused square forward into ``out``; with ``z`` (a token-major ``(T, l·r)`` buffer) each program also
     stores the stage-1 outputs it computed there: the two-kernel path's intermediate, for the backward."""
     T = x.shape[0]
-    tile = _plan.fused_tile(T, sh.k, sh.l)
+    grid, options = _fused_plan(T, sh, x.dtype, activation, bias is not None, z is not None)
     zb = out if z is None else z
-    _fused_fwd_kernel[(_plan.cdiv(T, tile.block_m), sh.l // tile.group)](
+    _fused_fwd_kernel[grid](
         x, w1, w2, bias if bias is not None else out, out, zb,
         T, x.shape[1], n_out, sh.p, sh.s,
         x.stride(0), x.stride(1), *w1.stride(), *w2.stride(), out.stride(0), out.stride(1), zb.stride(0),
-        zb.stride(1),
-        K=sh.k, L=sh.l, HAS_BIAS=bias is not None, ACT=ACT_CODES[activation], KEEP_Z=z is not None,
-        BLOCK_P=_plan.pow2(sh.p), BLOCK_S=_plan.pow2(sh.s),
-        UPCAST=interpreting(), PRECISION=precision(x.dtype), IDTYPE=_idtype(x.dtype),
-        **_common.launch_meta(tile, ("BLOCK_M", "GROUP")),
+        zb.stride(1), **options,
     )
     return out
+
+
+@_plan.memo
+def _fused_plan(T: int, sh: MonarchShape, dtype: torch.dtype, activation: str, has_bias: bool, keep: bool) -> tuple:
+    """``(grid, compile-time arguments and launch options)`` of :func:`_fused_fwd_kernel` (memoised, as
+    :func:`_dxw_plan`; the options are shared: unpack, do not modify)."""
+    tile = _plan.fused_tile(T, sh.k, sh.l)
+    return (_plan.cdiv(T, tile.block_m), sh.l // tile.group), dict(
+        K=sh.k, L=sh.l, HAS_BIAS=has_bias, ACT=ACT_CODES[activation], KEEP_Z=keep,
+        BLOCK_P=_plan.pow2(sh.p), BLOCK_S=_plan.pow2(sh.s),
+        UPCAST=interpreting(), PRECISION=precision(dtype), IDTYPE=_idtype(dtype),
+        **_common.launch_meta(tile, ("BLOCK_M", "GROUP")))
 
 
 def _two_kernel_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out, keep: bool = False):

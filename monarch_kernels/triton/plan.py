@@ -77,7 +77,8 @@ def memo(fn):
 
 #: what a memoised plan depends on besides its arguments (:func:`memo`)
 _SETTINGS = ("RUN_BYTES", "L2_SHARE", "PAIR_STAGES", "ONE_LAUNCH", "CHUNK_IN_L2", "LIVE_BYTES", "DOT_BYTES",
-             "ACC_BYTES", "SINGLE_DOT_BYTES", "bd_tile", "wgrad_tile", "dxw_tile", "COPY_TILE")
+             "ACC_BYTES", "SINGLE_DOT_BYTES", "bd_tile", "wgrad_tile", "dxw_tile", "COPY_TILE", "FUSED_ELEMS",
+             "FUSED_GROUP", "FUSED_MIN_ROWS", "fused_tile")
 
 
 @dataclass(frozen=True)

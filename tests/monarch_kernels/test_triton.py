@@ -314,6 +314,31 @@ def test_memoised_launch_arguments_follow_each_calls_layout(monkeypatch):
     assert tbd._prepare(x, w, None, None, "none", None, None, None, None)[1] is not first
 
 
+def test_memoised_fused_launch_follows_each_call(monkeypatch):
+    """The fused square forward remembers its grid and compile-time arguments by shape, dtype, activation, bias
+    and whether it keeps the intermediate: calls of one shape back to back with and without each — and a
+    transposed-stride input — get their own launch and match the float64 reference (the kept ``z`` stage 1's);
+    a patched fused-tile setting reaches the remembered launch."""
+    s1, s2 = SHAPES["fused square, group = all 16"]
+    sh, n_in, n_out, x, w1, w2, b, _ = _data(s1, s2, 21, torch.float32, seed=4)
+    xt = x.t().contiguous().t()
+    for _ in range(2):  # the second round runs on remembered launches
+        for inp, bias, act, keep in ((x, None, "none", False), (x, b, "gelu", True), (xt, b, "relu", False),
+                                     (x, None, "gelu", True)):
+            if keep:
+                out, z, _ = tmon.forward_saving(inp, w1, w2, bias, n_out, act, path="fused")
+                assert_close(z, tmon._z(inp, w1, sh), torch.float32, f"kept z {act}")
+            else:
+                out = tmon.forward(inp, w1, w2, bias, n_out, act, path="fused")
+            want = ref.monarch_fwd(_d(inp), _d(w1), _d(w2), _d(bias), n_out, act)
+            assert_close(out, want, torch.float32, f"fused {act} bias {bias is not None} keep {keep}")
+    first = tmon._fused_plan(21, sh, torch.float32, "none", False, False)
+    assert tmon._fused_plan(21, sh, torch.float32, "none", False, False) is first
+    monkeypatch.setattr(plan, "FUSED_ELEMS", plan.FUSED_ELEMS // 2)
+    again = tmon._fused_plan(21, sh, torch.float32, "none", False, False)
+    assert again is not first and again[1]["BLOCK_M"] < first[1]["BLOCK_M"]
+
+
 def test_forward_host_work_is_two_allocations_and_two_launches(monkeypatch):
     """A one-chunk two-kernel forward whose stage 2 stores the row-major output (16 tokens of 4096 features in
     64 blocks, as the plan sizes it for an H100) does on the host no more than allocate the intermediate and

@@ -171,6 +171,11 @@ MUTANTS = [
            "x.dtype, (x.shape[1], 1), w.stride(), y.stride(), in_perm, out_perm,",
            "the remembered launch of a shape keeps the first call's input strides: a strided or token-major input "
            "of the same shape is read as row-major"),
+    Mutant("triton-fused-memo-ignores-keep", TRITON_MON,
+           "grid, options = _fused_plan(T, sh, x.dtype, activation, bias is not None, z is not None)",
+           "grid, options = _fused_plan(T, sh, x.dtype, activation, bias is not None, False)",
+           "the fused forward's remembered launch leaves out whether the intermediate is kept: a training call "
+           "of the shape never stores z"),
     Mutant("plan-memo-ignores-settings", "monarch_kernels/triton/plan.py",
            "        key = (args, tuple(sorted(kwargs.items())) if kwargs else (), settings(scope))",
            "        key = (args, tuple(sorted(kwargs.items())) if kwargs else ())",
