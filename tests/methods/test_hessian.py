@@ -52,6 +52,20 @@ def test_power_iteration_finds_top_eigenvalue():
     assert lam2 == pytest.approx(2.0, rel=1e-6)
 
 
+def test_power_iteration_estimates_are_rayleigh_quotients_of_unit_iterates():
+    """With one product the estimate is ``vᵀHv`` of the *normalised* Gaussian start (drawn like ``torch.randn`` per
+    parameter from the generator); with two it is the Rayleigh quotient of ``Hv/‖Hv‖``."""
+    a, theta, loss_fn = _quadratic()
+    g = torch.Generator().manual_seed(4)
+    v = torch.cat([torch.randn(p.shape, generator=g, dtype=p.dtype) for p in theta])
+    v = v / v.norm()
+    lam1, _ = hessian.top_eigenvalue(loss_fn, theta, iters=1, generator=torch.Generator().manual_seed(4))
+    assert lam1 == pytest.approx(float(v @ a @ v), rel=1e-10)
+    w = a @ v / (a @ v).norm()
+    lam2, _ = hessian.top_eigenvalue(loss_fn, theta, iters=2, tol=0.0, generator=torch.Generator().manual_seed(4))
+    assert lam2 == pytest.approx(float(w @ a @ w), rel=1e-10)
+
+
 def test_hutchinson_exact_on_diagonal_and_unbiased_on_dense():
     d = torch.linspace(-2.0, 7.0, 10, dtype=torch.float64)
     th = [torch.randn(10, dtype=torch.float64, requires_grad=True)]
