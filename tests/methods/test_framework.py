@@ -299,6 +299,10 @@ def test_fit_learns_digits_with_a_monarch_mlp():
 def test_ece_and_linear_factory():
     probs = torch.tensor([[0.9, 0.1], [0.9, 0.1]])
     assert train.expected_calibration_error(probs, torch.tensor([0, 1])) == pytest.approx(0.4)
+    # bins are (lo, hi]: a fully confident prediction (confidence exactly 1) lands in the last bin
+    sure = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.4], [0.6, 0.4]])
+    ece = train.expected_calibration_error(sure, torch.tensor([0, 0, 0, 1]), bins=5)  # bins (0.4, 0.6], (0.8, 1]
+    assert ece == pytest.approx(0.5 * abs(0.5 - 1.0) + 0.5 * abs(0.5 - 0.6))
     assert isinstance(linear(2, 8, "monarch", nblocks=4), torch.nn.Linear)  # too small to structure
     with pytest.raises(ValueError, match="layer must be one of"):
         linear(8, 8, "butterfly")
