@@ -136,6 +136,34 @@ def test_margins_carry_no_gradient_and_respect_warmup():
     assert not torch.equal(adj, logits[train])
 
 
+def test_training_hands_tam_one_based_epochs_and_decays_only_the_first_layer(monkeypatch):
+    """train_node_classifier: TAM sees epochs 1..E (off while epoch ≤ warmup), and Adam's weight decay is on the
+    first GCN layer only, as in the official main_bs.py."""
+    x, ei, y, _ = tam.make_csbm(120, 4, 8, minor_classes=(2, 3), seed=3)
+    train, _, _ = tam.imbalanced_split(y, 4, (2, 3), n_major=10, n_minor=2, seed=3)
+    seen, groups = [], []
+
+    class SpyTAM(tam.TAM):
+        def adjust(self, logits, edge_index, labels, train_mask, class_counts, epoch):
+            seen.append(epoch)
+            return super().adjust(logits, edge_index, labels, train_mask, class_counts, epoch)
+
+    class RecordingAdam(torch.optim.Adam):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            groups.extend(self.param_groups)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    cfg = tam.Config(epochs=3, hidden=16)
+    _, epochs = tam.train_node_classifier("bs_tam", x, tam.adjacency(ei, 120), ei, y, train, 4, cfg, seed=0,
+                                          tam=SpyTAM(warmup=1))
+    assert epochs == 3 and seen == [1, 2, 3]
+    ref = tam.GCN(8, 16, 4, layer=cfg.layer, nblocks=cfg.nblocks)
+    decayed = [tuple(p.shape) for g in groups if g["weight_decay"] > 0 for p in g["params"]]
+    assert decayed == [tuple(p.shape) for p in ref.conv1.parameters()]
+    assert {g["weight_decay"] for g in groups} == {cfg.weight_decay, 0.0}
+
+
 def test_balanced_softmax_and_bad_input():
     logits = torch.randn(5, 3, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 0, 1])
