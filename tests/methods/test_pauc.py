@@ -203,6 +203,31 @@ def test_two_way_pauc_counts_hard_pairs():
     assert abs(pauc.two_way_pauc(y, s, 0.7, 0.2) - pauc_roc_score(y, s, max_fpr=0.2, min_tpr=0.7)) < 1e-12
 
 
+def test_train_method_feeds_sigmoid_scores_labels_and_indices_to_the_pairwise_loss(monkeypatch):
+    """The stateful pAUC losses see σ(f(x)) (scores in [0, 1], the range their margin of 1 is meant for), the batch
+    labels and the dataset indices of a DualSampler batch (LR 0: the model stays the one evaluated here)."""
+    from methods.pauc import recipe as pr
+
+    seen = []
+
+    class SpyLoss(torch.nn.Module):
+        def forward(self, scores, labels, index):
+            seen.append((scores.detach(), labels, index))
+            return pauc.AUCLoss()(scores, labels)
+
+    monkeypatch.setattr(pr, "make_objective", lambda method, n, cfg: (SpyLoss(), None))
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(40, 3) * 3, (torch.arange(40) % 4 == 0).long()
+    pr.train_method("sopa", model, x, y, pr.Config(batch_size=8, sampling_rate=0.25, lr=0.0), epochs=1,
+                    gen=torch.Generator().manual_seed(0))
+    assert len(seen) == 5  # max(10 // 2, 30 // 6) batches of 2 positives + 6 negatives
+    with torch.no_grad():
+        for scores, labels, idx in seen:
+            assert torch.allclose(scores, torch.sigmoid(model(x[idx]).squeeze(-1)))
+            assert torch.equal(labels, y[idx]) and labels.sum() == 2
+
+
 def test_dual_sampler_and_indexed_dataset():
     y = torch.zeros(100, dtype=torch.long)
     y[::10] = 1  # 10 positives
