@@ -94,6 +94,31 @@ def test_dequantizer_training_reduces_reconstruction_error():
     assert loss.item() < first
 
 
+def test_dequantizer_loss_of_the_identity_chain_is_the_gap_between_bitwidths():
+    """At init every block is the identity, so the reconstruction loss of a 2-bit input on the chain (2, 4, 32) is
+    ``(mse(Q2, Q4) + mse(Q4, w) + mse(Q2, w)) / 3`` in units of each tensor's 2-bit step (stage 2→4, stage 4→32,
+    end to end); biases are not dequantised."""
+    torch.manual_seed(0)
+    deq = ProgressiveDequantizer((2, 4, 32), chunk=8, hidden=16).double()
+    g = torch.Generator().manual_seed(1)
+    fp = {"a.weight": torch.randn(4, 8, generator=g, dtype=torch.float64),
+          "b.weight": torch.randn(2, 8, generator=g, dtype=torch.float64) * 3,
+          "b.bias": torch.randn(2, generator=g, dtype=torch.float64)}
+    ws = [fp["a.weight"], fp["b.weight"]]
+    steps = [prowd.quantized_step(quantize(w, 2), 2) for w in ws]
+
+    def level(bits):
+        return torch.cat([(quantize(w, bits) / s).reshape(-1) for w, s in zip(ws, steps)])
+
+    def mse(a, b):
+        return float((a - b).pow(2).mean())
+
+    q2, q4, full = level(2), level(4), level(32)
+    expected = (mse(q2, q4) + mse(q4, full) + mse(q2, full)) / 3
+    loss = prowd.dequantizer_loss(deq, None, fp, 2)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-10)
+
+
 def test_aggregation_identities():
     a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
     b = {"w": torch.tensor([3.0, 6.0]), "b": torch.tensor([1.5])}
