@@ -1,4 +1,4 @@
-"""The fixed list of kernel (and layer) mutations that the test suite must kill (``make mutants`` runs them).
+"""The fixed list of mutations (kernels, layers, dispatch, recipes) that the test suite must kill (``make mutants``).
 
 Each mutant is data: the file, an exact snippet that must occur exactly once in it, its replacement and the
 bug it models. When the kernels are rewritten the list is re-targeted by editing snippets here; the runner
@@ -433,4 +433,38 @@ MUTANTS = [
            "call_seconds(c, op, name, key, training, act, eager)",
            "the GPU rule prices a training call with a bias without the bias gradient",
            ("tests/monarch_kernels/test_gpu_dispatch.py",)),
+    # ------------------------------------------------------------------------------------------ recipes
+    # (a sweep of 73 mutants of methods/ found these surviving; each now has a test that kills it)
+    Mutant("methods-ocm-pre-on-augmented-views", "methods/ocm/stream.py",
+           "preservation_loss(z_m[: len(views_m)], z_prev", "preservation_loss(z_m[len(views_m):], z_prev",
+           "OCM's preservation term pairs the augmented buffer views with the previous model's plain views",
+           ("tests/methods/test_ocm.py",)),
+    Mutant("methods-irem-buffer-stores-start", "methods/irem/energy.py",
+           "buffer.add(x, traj.y.detach(), target)", "buffer.add(x, y0, target)",
+           "IREM's replay buffer stores the start states instead of the states the descent reached",
+           ("tests/methods/test_irem.py",)),
+    Mutant("methods-prowd-aggregates-raw-low-states", "methods/prowd/server.py",
+           "[(st, u.n_samples, mk) for u, st, mk in", "[(u.state, u.n_samples, mk) for u, st, mk in",
+           "ProWD's masked average takes the raw low-bit uploads instead of the dequantised ones",
+           ("tests/methods/test_prowd.py",)),
+    Mutant("methods-selfcond-top-p-drops-crossing-token", "methods/selfcond/generation.py",
+           "drop = cum - sorted_logits.softmax(-1) > top_p", "drop = cum > top_p",
+           "nucleus sampling drops the token whose probability crosses top_p",
+           ("tests/methods/test_selfcond.py",)),
+    Mutant("methods-sss-attention-scale", "methods/sss/subsampler.py",
+           "/ math.sqrt(dh), -1) @ vv", "/ dh, -1) @ vv",
+           "the set-attention scorer scales its logits by 1/d_h instead of 1/sqrt(d_h)",
+           ("tests/methods/test_sss.py",)),
+    Mutant("methods-coda-eval-mse-wrong-dim", "methods/coda/training.py",
+           "return (pred - y).pow(2).mean(dim=(1, 2, 3))", "return (pred - y).pow(2).mean(dim=(0, 2, 3))",
+           "CoDA's free-rollout MSE is reduced over the environments instead of given per environment",
+           ("tests/methods/test_coda.py",)),
+    Mutant("methods-ds-teacher-train-mode", "methods/depthshrinker.py",
+           "teacher = copy.deepcopy(original).eval()", "teacher = copy.deepcopy(original)",
+           "DepthShrinker's distillation teacher runs in train mode (batch statistics, dropout)",
+           ("tests/methods/test_depthshrinker.py",)),
+    Mutant("methods-pauc-recipe-raw-logits", "methods/pauc/recipe.py",
+           "return loss_fn(torch.sigmoid(out), y[idx], idx)", "return loss_fn(out, y[idx], idx)",
+           "the pairwise partial-AUC losses get raw logits instead of sigmoid scores",
+           ("tests/methods/test_pauc.py",)),
 ]
