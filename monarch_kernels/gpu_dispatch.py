@@ -16,8 +16,8 @@ ratios should replace the model here (as the CPU rule's constants came from meas
 The call's ``dims = (T, n_in, n_out, block)`` (see :func:`monarch_kernels.backends.resolve`) carry the fused
 activation (:class:`monarch_kernels.backends.Dims`: the reference pays extra passes for it, the Triton kernels
 fuse it) and whether there is a bias (a training call's bias gradient: a read of ``g`` for dense and the
-reference, folded into the copy of ``g`` where the Triton backward makes one) but not the factor shapes; the rule prices the ``MonarchLinear`` layout with the same block size,
-``nblocks = ceil(max(n_in, n_out) / block)``. Under ``torch.compile`` with a dynamic batch (``T`` not a plain
+reference, folded into the copy of ``g`` where the Triton backward makes one) but not the factor shapes; the rule
+prices the ``MonarchLinear`` layout with the same block size, ``nblocks = ceil(max(n_in, n_out) / block)``. Under ``torch.compile`` with a dynamic batch (``T`` not a plain
 int) it prices a large batch, so no guard on the token count enters the graph.
 """
 from __future__ import annotations
