@@ -20,6 +20,17 @@ def _js(a, b):
     return 0.5 * sum(x * math.log(x / ((x + y) / 2)) + y * math.log(y / ((x + y) / 2)) for x, y in zip(a, b))
 
 
+def test_js_divergence_is_the_bounded_symmetric_divergence():
+    """Disjoint supports give ln 2 (its maximum), equal distributions 0, and a hand-computed pair its value,
+    either way round, over the last dim of batched inputs."""
+    a = torch.tensor([[1.0, 0.0], [0.25, 0.75], [0.5, 0.5]], dtype=torch.float64)
+    b = torch.tensor([[0.0, 1.0], [0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
+    got = tam.js_divergence(a, b)
+    want = torch.tensor([math.log(2), _js((0.25, 0.75), (0.5, 0.5)), 0.0], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(tam.js_divergence(b, a), got, rtol=1e-12, atol=1e-15)
+
+
 def test_margins_match_hand_computation_on_a_path():
     # path 0-1-2-3, labels 0,0,1,1, all labelled: NLDs with self-loops are
     # p0=(1,0), p1=(2/3,1/3), p2=(1/3,2/3), p3=(0,1); C0=(5/6,1/6), C1=(1/6,5/6)
