@@ -707,14 +707,19 @@ def _g_readers(problem: Problem, dtype: str, dev: Device, how: str, arrives_toke
     return Cost(copy + [_dy(problem, dtype, dev, how == "token_major")]) + dw2
 
 
-def g_readers(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM) -> str:
+def g_readers(problem: Problem, dtype: str = "bfloat16", dev: Device = H100_SXM,
+              arrives_token_major: bool = False) -> str:
     """How :func:`.triton.monarch.backward` (and ``backward_weight``) read ``g`` (:data:`G_READERS`), the fastest
     predicted. The copy pays where the groups' interleaved fp32 accumulators cap the grouped tiles (GPT-2's fc1:
     4 blocks of 768 × 192, 32 × 32 tiles), and on the copy cuBLAS reads each operand once where the Triton
     tiles re-read them from L2; square Monarch shapes keep the 16-byte grouped gathers, cheaper than a copy of
-    ``g``. Ties go to the first."""
+    ``g``. Each option pays the layer's bias gradient where it would be computed (:func:`bias_grad`: nearly
+    free on a copy, one read of ``g`` without one), and ``arrives_token_major`` (``g`` written token-major by
+    an activation's derivative, :func:`_g_readers`) makes the copy free: :func:`.triton.monarch.backward_epilogue`
+    asks with both and hands its pick on. Ties go to the first."""
     options = [h for h in G_READERS if h != "bmm" or bmm_applies(problem, "g")]
-    return min(options, key=lambda h: _g_readers(problem, dtype, dev, h).time(dev))
+    return min(options, key=lambda h: (_g_readers(problem, dtype, dev, h, arrives_token_major)
+                                       + bias_grad("layer", problem, dtype, dev, copied=h != "grouped")).time(dev))
 
 
 def _z(problem: Problem, dtype: str, dev: Device) -> Kernel:
@@ -738,7 +743,7 @@ def _backward(problem: Problem, dtype: str, dev: Device, z_saved: bool = False, 
     ``g`` where there is one (:func:`bias_grad`)."""
     dxw = _DXW[dxw_choice(problem, dtype, dev)](problem, dtype, dev)
     z = Cost() if z_saved else Cost([_z(problem, dtype, dev)])
-    how = g_readers(problem, dtype, dev)
+    how = g_readers(problem, dtype, dev, after_activation)
     return (_g_readers(problem, dtype, dev, how, after_activation) + dxw + z
             + bias_grad("layer", problem, dtype, dev, copied=how != "grouped"))
 

@@ -323,7 +323,7 @@ def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, w1v, activation: str, 
     (cuBLAS batched GEMMs on token-major views: ``dw1b[kk] = dy2_kkᵀ a_kk``, ``dw2a[ll] = (P2ᵀ dpre)_llᵀ
     z1_ll``); fc1's stage 1 as in :func:`.monarch.backward`. The ``T × n_h`` hidden tensors exist only inside
     the backward."""
-    from .monarch import _bmm_dw1, _bmm_dw2, _g_copied, input_grads, output_grads
+    from .monarch import _bmm_dw1, _bmm_dw2, _g_pick, input_grads, output_grads
 
     sh1 = MonarchShape.from_factors(w1a.shape, w2a.shape)
     sh2 = MonarchShape.from_factors(w1b.shape, w2b.shape)
@@ -334,10 +334,10 @@ def mlp_backward(x, g, w1a, w2a, bias1, w1b, w2b, z1, z2, w1v, activation: str, 
         dx = _common.empty(0, n_in, device=x.device, dtype=x.dtype) if want_dx else None
         return (dx, zero(w1a, want_w1a), zero(w2a, want_w2a), None if bias1 is None else torch.zeros_like(bias1),
                 zero(w1b, want_w1b), zero(w2b, want_w2b), g.sum(0) if fc2_bias else None)
-    db2 = None
+    db2, layout = None, _g_pick(g, n_h, sh2, "none", fc2_bias)
     if fc2_bias:  # on the token-major copy of g, where fc2's readers take one (no separate pass over g)
-        g, db2 = to_token_major(g, with_sum=True) if _g_copied(g, n_h, sh2) else (g, g.sum(0))
-    dy2, dw2b = output_grads(g, z2, w2b, sh2, n_h, want_dw2=want_w2b)
+        g, db2 = to_token_major(g, with_sum=True) if layout != "row_major" else (g, g.sum(0))
+    dy2, dw2b = output_grads(g, z2, w2b, sh2, n_h, layout, want_dw2=want_w2b)
     a, dpre, dz1, db1 = hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2, activation, want_a=want_w1b,
                                               want_dpre=want_w2a)
     dw1b = _bmm_dw1(dy2, a, sh2) if want_w1b else None

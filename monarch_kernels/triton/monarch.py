@@ -413,29 +413,33 @@ def _dxw_kernel(
 DXW = ("auto", "fused", "separate", "bmm")
 G_LAYOUTS = ("auto", "row_major", "token_major", "bmm")
 _G_READERS = {"row_major": "grouped", "token_major": "token_major", "bmm": "bmm"}
+_G_LAYOUT_OF = {how: layout for layout, how in _G_READERS.items()}
 
 
 def _model_choice(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: torch.dtype,
-                  activation: str = "none") -> str:
+                  activation: str = "none", bias: bool = False) -> str:
     """The cost model's pick (``"dxw_choice"``: :func:`monarch_kernels.cost_model.dxw_choice`; ``"g_readers"``:
-    :func:`monarch_kernels.cost_model.g_readers`; ``"stage2_store"`` / ``"stage2_store_saving"``:
-    :func:`monarch_kernels.cost_model.stage2_store` without / with the intermediate kept) for this call's shape
-    and dtype, at the GPU's constants (:func:`monarch_kernels.cost_model.device_for`; about 0.1 ms of
-    arithmetic, so remembered per shape)."""
+    :func:`monarch_kernels.cost_model.g_readers`, for a ``g`` that comes from ``activation``'s derivative unless
+    ``"none"``, of a layer with a ``bias`` gradient to compute or not; ``"stage2_store"`` /
+    ``"stage2_store_saving"``: :func:`monarch_kernels.cost_model.stage2_store` without / with the intermediate
+    kept) for this call's shape and dtype, at the GPU's constants (:func:`monarch_kernels.cost_model.device_for`;
+    about 0.1 ms of arithmetic, so remembered per shape)."""
     name = {torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(dtype, "float32")
-    return _model_choice_cached(question, max(T, 1), n_in, n_out, sh, name, activation)
+    return _model_choice_cached(question, max(T, 1), n_in, n_out, sh, name, activation, bias)
 
 
 @functools.lru_cache(maxsize=1024)
 def _model_choice_cached(question: str, T: int, n_in: int, n_out: int, sh: MonarchShape, dtype: str,
-                         activation: str) -> str:
+                         activation: str, bias: bool) -> str:
     from .. import cost_model as cm  # imported here: cost_model imports this package's plan module
 
-    problem = cm.Problem(T, n_in, n_out, sh, activation)
+    problem = cm.Problem(T, n_in, n_out, sh, activation, bias)
     # the device's constants (the H200's measured ones where that is the GPU); H100 ones in the interpreter
     dev = cm.device_for(torch.cuda.get_device_name() if torch.cuda.is_available() else "")
     if question.startswith("stage2_store"):
         return cm.stage2_store(problem, dtype, dev, keep=question.endswith("_saving"))
+    if question == "g_readers":
+        return cm.g_readers(problem, dtype, dev, arrives_token_major=activation != "none")
     return getattr(cm, question)(problem, dtype, dev)
 
 
@@ -460,9 +464,13 @@ def _g_for_readers(g, n_in: int, sh: MonarchShape, g_layout: str):
     return (g if how == "grouped" else to_token_major(g)), how
 
 
-def _g_copied(g, n_in: int, sh: MonarchShape) -> bool:
-    """Whether ``g_layout="auto"`` has ``dy`` and ``dw2`` read ``g (T > 0, n_out)`` from a token-major copy."""
-    return _model_choice("g_readers", g.shape[0], n_in, g.shape[1], sh, g.dtype) != "grouped"
+def _g_pick(g, n_in: int, sh: MonarchShape, activation: str, bias: bool) -> str:
+    """The ``g_layout`` under which ``dy`` and ``dw2`` read ``g (T > 0, n_out)`` in a layer's backward: the cost
+    model's pick for ``g`` from ``activation``'s derivative (``"none"``: as given), with the ``bias`` gradient
+    priced where each option computes it. The caller makes the token-major ``g`` a non-grouped pick wants and
+    passes the result as ``g_layout`` to :func:`backward` (whose ``"auto"`` knows neither)."""
+    how = _model_choice("g_readers", g.shape[0], n_in, g.shape[1], sh, g.dtype, activation, bias)
+    return _G_LAYOUT_OF[how]
 
 
 def backward(x, g, w1, w2, n_in=None, *, path="auto", dxw="auto", g_layout="auto", z=None):
@@ -549,8 +557,9 @@ def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, wan
         z = _z(x, w1, sh)
     # where the readers of g take a token-major copy, the pass that makes it (the activation's derivative, or
     # the copy itself) writes it so and sums it for the bias gradient: no copy later, no separate reduction
-    copied = want_dw and g.shape[0] > 0 and _g_copied(g, x.shape[1], sh)
     want_db, db = bias is not None, None
+    layout = _g_pick(g, x.shape[1], sh, activation, want_db) if want_dw and g.shape[0] > 0 else "row_major"
+    copied = layout != "row_major"
     if activation != "none":
         if pre is None:
             pre = bd_forward(z, w2, bias, g.shape[1], "none", out_perm=(sh.s, sh.l))
@@ -567,5 +576,5 @@ def backward_epilogue(x, g, w1, w2, bias, n_in, activation, want_dx, z=None, wan
     if not want_dw:
         return (backward_input(g, w1, w2, n_in) if want_dx else None), None, None, db
     if not want_dx:
-        return (None, *backward_weight(x, g, w1, w2, z=z), db)
-    return (*backward(x, g, w1, w2, n_in, z=z), db)
+        return (None, *backward_weight(x, g, w1, w2, g_layout=layout, z=z), db)
+    return (*backward(x, g, w1, w2, n_in, g_layout=layout, z=z), db)

@@ -456,3 +456,30 @@ def test_bias_gradient_priced_where_each_backend_computes_it(monkeypatch):
         step, biased_step = (cm.blockdiag_cost(backend, T, 4, 256, 256, "bfloat16", DEV, training=True, bias=b)
                              for b in (False, True))
         assert biased_step.hbm_bytes - step.hbm_bytes == T * 1024 * item + 1024 * item
+
+
+def test_g_readers_weigh_the_bias_gradient_and_a_free_copy(monkeypatch):
+    """The pick of how ``dy`` and ``dw2`` read ``g`` prices what each option implies around it: at 256 -> 1024
+    with 2 blocks (fp32, 32768 tokens) the grouped gathers of ``g`` as given win by a little, but a bias gradient
+    is one more read of ``g`` there against the copy's partial sums, and a ``g`` that an activation's derivative
+    writes token-major costs no copy; either tips it to cuBLAS on the copy. The pick is the cheapest of the
+    options so priced, and the backward that follows it costs no more than under the bias-blind pick."""
+    plain = cm.Problem.linear(32768, 256, 1024, 2)
+    biased = dataclasses.replace(plain, bias=True)
+    total = lambda pr, how, arrives=False: (cm._g_readers(pr, "float32", DEV, how, arrives) + cm.bias_grad(
+        "layer", pr, "float32", DEV, copied=how != "grouped")).time()
+    assert cm.g_readers(plain, "float32") == "grouped"
+    assert cm.g_readers(biased, "float32") == "bmm"
+    assert cm.g_readers(plain, "float32", arrives_token_major=True) == "bmm"
+    for pr, arrives in ((plain, False), (biased, False), (plain, True), (biased, True)):
+        pick = cm.g_readers(pr, "float32", DEV, arrives)
+        assert total(pr, pick, arrives) == min(total(pr, how, arrives) for how in cm.G_READERS)
+    # with a pick blind to both forced, the biased backward and the step through a gelu would cost more
+    bwd = cm.estimate("triton", "two_kernel", "bwd", biased, "float32", DEV).time()
+    step_act = dataclasses.replace(plain, activation="gelu")
+    step = cm.estimate("triton", "two_kernel", "fwdbwd", step_act, "float32", DEV).time()
+    blind = cm.g_readers
+    monkeypatch.setattr(cm, "g_readers", lambda pr, dtype="bfloat16", dev=DEV, arrives=False: blind(
+        dataclasses.replace(pr, bias=False), dtype, dev))
+    assert cm.estimate("triton", "two_kernel", "bwd", biased, "float32", DEV).time() > bwd
+    assert cm.estimate("triton", "two_kernel", "fwdbwd", step_act, "float32", DEV).time() > step

@@ -413,3 +413,38 @@ def test_training_calls_it_does_not_fuse_run_the_layers(fused_calls, fused_backw
     params = mlp_params(64, 256, 4, 4, bf, gen)
     _, grads = grads_of(lambda x_, p: mk.monarch_mlp(x_, *p, backend="triton"), x[:0], params, g[:0])
     assert grads[0].shape == (0, 64) and all(torch.equal(t, torch.zeros_like(t)) for t in grads[1:])
+
+
+def test_fc2_backward_reads_g_as_the_bias_aware_pick_says(monkeypatch):
+    """``mlp_backward`` asks the cost model once how fc2's ``dy2`` and ``dw2b`` read ``g``, with fc2's bias
+    (summed almost free by a copy of ``g``) and no activation, and hands that pick to the readers as
+    ``g_layout``; with a bias, the copy (or ``g.sum(0)`` where ``g`` stays as given) gives ``db2``. Every
+    gradient equals the one the unpatched pick gives, to fp32 rounding."""
+    from monarch_kernels.triton import mlp as tmlp, monarch as tmon
+
+    gen = torch.Generator().manual_seed(21)
+    w1a, w2a, w1b, w2b, b1, b2 = mlp_params(64, 256, 4, 4, torch.float32, gen)
+    x = torch.randn(40, 64, generator=gen).to(DEVICE)
+    g = torch.randn(40, 64, generator=gen).to(DEVICE)
+    saved = tmlp.mlp_forward_saving(x, w1a, w2a, b1, w1b, w2b, b2, 64, "gelu")[1:]
+    real_choice, real_out = tmon._model_choice, tmon.output_grads
+    asked, layouts = [], []
+    monkeypatch.setattr(tmon, "output_grads", lambda g_, z, w2, sh, n, layout, **k: layouts.append(
+        (layout, tmon._common.is_token_major(g_))) or real_out(g_, z, w2, sh, n, layout, **k))
+    for fc2_bias in (True, False):
+        base = tmlp.mlp_backward(x, g, w1a, w2a, b1, w1b, w2b, *saved, "gelu", fc2_bias)
+        for picks in ("bmm", "token_major", "grouped"):
+            monkeypatch.setattr(tmon, "_model_choice", lambda q, *a, picks=picks: asked.append((q, a[5:])) or (
+                picks if q == "g_readers" else real_choice(q, *a)))
+            asked.clear()
+            layouts.clear()
+            got = tmlp.mlp_backward(x, g, w1a, w2a, b1, w1b, w2b, *saved, "gelu", fc2_bias)
+            monkeypatch.setattr(tmon, "_model_choice", real_choice)
+            assert [a for q, a in asked if q == "g_readers"] == [("none", fc2_bias)], (fc2_bias, picks)
+            layout = {"grouped": "row_major"}.get(picks, picks)
+            assert layouts == [(layout, fc2_bias and picks != "grouped")], (fc2_bias, picks)
+            for i, (a, e) in enumerate(zip(got, base)):
+                assert (a is None) == (e is None), i
+                if e is not None:
+                    assert rel_err(a, e) < RTOL[torch.float32], (fc2_bias, picks, i)
+        assert (base[6] is not None) == fc2_bias

@@ -439,6 +439,45 @@ def test_activation_backward_writes_g_token_major_for_its_readers(monkeypatch):
                         assert_close(a, e, torch.float32, f"{act} bias={bias is not None} {picks} {what}")
 
 
+def test_backward_epilogue_hands_its_pick_to_the_readers(monkeypatch):
+    """``backward_epilogue`` asks the cost model once how ``dy`` and ``dw2`` read ``g``, telling it the layer's
+    activation (whose derivative writes ``g`` token-major for free) and whether it has a bias (summed almost free
+    by a copy), makes the ``g`` that pick reads and hands the pick on as ``g_layout``: the readers do not ask
+    again without them (with ``"auto"`` they could read a token-major ``g`` through grouped gathers, or copy a
+    ``g`` the pick left as given). Gradients as the float64 reference for every pick."""
+    s1, s2 = SHAPES["C=12 runs, whole-row P2 (l=4)"]
+    sh, n_in, n_out, x, w1, w2, b, g = _data(s1, s2, 40, torch.float32, ragged=False, seed=5)
+    real_choice, real_bwd, real_bwd_w = tmon._model_choice, tmon.backward, tmon.backward_weight
+    asked, layouts = [], []
+    monkeypatch.setattr(tmon, "backward", lambda *a, **k: layouts.append(
+        (k["g_layout"], _common.is_token_major(a[1]))) or real_bwd(*a, **k))
+    monkeypatch.setattr(tmon, "backward_weight", lambda *a, **k: layouts.append(
+        (k["g_layout"], _common.is_token_major(a[1]))) or real_bwd_w(*a, **k))
+    for act in ("gelu", "none"):
+        for bias in (b, None):
+            for picks in ("bmm", "token_major", "grouped"):
+                monkeypatch.setattr(tmon, "_model_choice", lambda q, *a, picks=picks: asked.append((q, a[5:])) or (
+                    picks if q == "g_readers" else real_choice(q, *a)))
+                want = ref.monarch_bwd_epilogue(_d(x), _d(g), _d(w1), _d(w2), _d(bias), n_in, act, True)
+                for want_dx in (True, False):
+                    asked.clear()
+                    layouts.clear()
+                    got = tmon.backward_epilogue(x, g, w1, w2, bias, n_in, act, want_dx)
+                    assert [a for q, a in asked if q == "g_readers"] == [(act, bias is not None)], (act, picks)
+                    layout = {"grouped": "row_major"}.get(picks, picks)
+                    # the epilogue makes the token-major g where a pass of its own runs anyway (the derivative,
+                    # or the copy that sums the bias); else the readers copy it, as the layout says
+                    made = picks != "grouped" and (act != "none" or bias is not None)
+                    assert layouts == [(layout, made)], (act, bias is not None, picks, want_dx)
+                    for what, a, e in zip(("dx", "dw1", "dw2", "db"), got, want):
+                        if what == "dx" and not want_dx:
+                            assert a is None
+                        elif e is None:
+                            assert a is None
+                        else:
+                            assert_close(a, e, torch.float32, f"{act} bias={bias is not None} {picks} {what}")
+
+
 def test_gradient_layout_follows_the_cost_model():
     """``g_layout="auto"`` reads ``g`` as the cost model picks (GPT-2's fc1 and fc2: a token-major copy read by
     cuBLAS; square Monarch: a token-major copy read by Triton tiles, since the grouped gathers of ``g`` as given

@@ -184,6 +184,17 @@ MUTANTS = [
            "        return Cost([k for pair_ in zip(first, second) for k in pair_] + (copy if token_major else []))",
            "        return Cost([k for pair_ in zip(first, second) for k in pair_])",
            "the model prices the token-major stage 2 without its transposing copy"),
+    Mutant("cost-g-readers-blind-to-bias", "monarch_kernels/cost_model.py",
+           "                                       + bias_grad(\"layer\", problem, dtype, dev, "
+           "copied=h != \"grouped\")).time(dev))",
+           "                                       ).time(dev))",
+           "the reader pick ignores the bias gradient each option implies (one read of g vs the copy's sums)",
+           tests=("tests/monarch_kernels/test_cost_model.py",)),
+    Mutant("triton-epilogue-pick-blind-to-bias", "monarch_kernels/triton/monarch.py",
+           "    layout = _g_pick(g, x.shape[1], sh, activation, want_db) if want_dw",
+           "    layout = _g_pick(g, x.shape[1], sh, activation, False) if want_dw",
+           "the layer backward asks for the readers' pick as if it had no bias to sum",
+           tests=("tests/monarch_kernels/test_triton.py",)),
     # ---------------------------------------------------------------------------------------- ops, models
     Mutant("ops-output-is-a-view", "monarch_kernels/ops.py",
            "    return out.detach() if out._is_view() else out",
