@@ -49,7 +49,8 @@ def extension_modules():
     cxx = ["-O3", "-fopenmp"]  # the C++ standard is set by torch.utils.cpp_extension
     if os.environ.get("MONARCH_KERNELS_PORTABLE") != "1":
         cxx.append("-march=native")  # the CPU micro-kernel relies on the host's vector width
-    cu = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+    cu = (sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+          + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp"))))
     with_cuda = bool(cu) and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if os.environ.get("MONARCH_KERNELS_NO_CUDA") == "1":
         with_cuda = False

@@ -134,7 +134,8 @@ def latency_ms(models: dict, batch: dict, threads: int) -> dict:
     with torch.no_grad():
         for _ in range(5):
             for name, m in models.items():
-                times[name].append(median_time_us(lambda m=m: m(**batch), torch.device("cpu"), budget_s=0.4, min_reps=3))
+                times[name].append(median_time_us(lambda m=m: m(**batch), torch.device("cpu"),
+                                                  budget_s=0.4, min_reps=3))
     return {k: statistics.median(v) / 1e3 for k, v in times.items()}
 
 
@@ -174,7 +175,8 @@ def run(args) -> dict:
             row["distilled"] = {k: cosine(calibrated, b, refs[k]) for k, b in evals.items()}
             row["params"] = {"model": sum(p.numel() for p in calibrated.parameters()), "ffn": ffn_params(calibrated)}
             if seed == args.seeds[0]:
-                row["latency_ms"] = latency_ms({"dense": teacher, "monarch": calibrated}, evals["in_domain"][0], args.threads)
+                row["latency_ms"] = latency_ms({"dense": teacher, "monarch": calibrated}, evals["in_domain"][0],
+                                               args.threads)
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
     return result

@@ -133,9 +133,11 @@ def measure_rows(device: torch.device, budget_s: float = 0.05, sizes=SIZES, nblo
             for T in tokens:
                 x = torch.randn(T, n, generator=gen).to(device, torch.bfloat16)
                 with torch.no_grad():
-                    t = {"dense": median_time_us(lambda: torch.nn.functional.linear(x, dense_w), device, budget_s=budget_s)}
+                    t = {"dense": median_time_us(lambda: torch.nn.functional.linear(x, dense_w), device,
+                                                 budget_s=budget_s)}
                     for b in impls:
-                        t[b] = median_time_us(lambda b=b: mk.monarch_matmul(x, w1, w2, backend=b), device, budget_s=budget_s)
+                        t[b] = median_time_us(lambda b=b: mk.monarch_matmul(x, w1, w2, backend=b), device,
+                                              budget_s=budget_s)
                     if "cuda" in impls:
                         with ext.decode_kernel("rowsplit"):
                             t["rowsplit"] = median_time_us(lambda: mk.monarch_matmul(x, w1, w2, backend="cuda"), device,

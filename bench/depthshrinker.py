@@ -4,8 +4,9 @@ Two measurements, each variant timed side by side in ONE process (on CPU interle
 hits all variants alike; on CUDA with ``triton.testing.do_bench`` medians when triton is there):
 
 * ``model``: the recipe's MobileNetV2-mini (:class:`monarch_kernels.layers.depthshrinker.MobileNetV2Mini`, random
-  weights, random BN statistics, eval mode) at MNIST size — *original* (all activations), *removed* (activations of the chosen blocks
-  removed, still unmerged) and *merged* (:func:`monarch_kernels.layers.depthshrink`: each removed block is one dense conv).
+  weights, random BN statistics, eval mode) at MNIST size — *original* (all activations), *removed* (activations of
+  the chosen blocks removed, still unmerged) and *merged* (:func:`monarch_kernels.layers.depthshrink`: each removed
+  block is one dense conv).
 * ``blocks``: single inverted residual blocks at MobileNetV2 ImageNet shapes (e.g. 24 ch, t = 6, 56×56), unmerged
   (activation removed) vs the merged conv.
 
@@ -131,7 +132,8 @@ def bench_blocks(args, device, dtype, batches, rounds, shapes) -> list:
         block = block.to(device, dtype).eval()
         block.gate.mode = "remove"
         conv = block.merge()
-        extra = {k: {"params": sum(p.numel() for p in m.parameters())} for k, m in (("unmerged", block), ("merged", conv))}
+        extra = {k: {"params": sum(p.numel() for p in m.parameters())}
+                 for k, m in (("unmerged", block), ("merged", conv))}
         for b in batches:
             x = torch.randn(b, cin, h, h, device=device, dtype=dtype)
             lat = time_variants({"unmerged": block, "merged": conv}, x, device, rounds)
@@ -192,7 +194,8 @@ def main(argv=None) -> int:
     if "model" in what:
         rows += bench_model(args, device, dtype, batches, rounds)
         r0 = rows[0]
-        print(f"model: MobileNetV2-mini, remove flags {args.remove}; merged max |diff| {r0['max_abs_diff_merged']:.1e}; "
+        print(f"model: MobileNetV2-mini, remove flags {args.remove}; "
+              f"merged max |diff| {r0['max_abs_diff_merged']:.1e}; "
               "conv layers " + ", ".join(f"{r['variant']} {r['conv_layers']}" for r in rows[:3]))
     if "blocks" in what:
         rows += bench_blocks(args, device, dtype, batches, rounds, QUICK_BLOCKS if args.quick else IMAGENET_BLOCKS)

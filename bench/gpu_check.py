@@ -228,8 +228,9 @@ def chain_probe(smoke: bool = False, dry_run: bool = False) -> dict:
         return {**row, "ok": True}
     c = counters[0].tolist() if counters else []
     chunks = (len(c) - 2) // 2
+    exact = ref.monarch_fwd(x.double(), w1.double(), w2.double(), None, n_out)
     row.update(chunks=chunks, counters=c, chain_vs_separate=f"{element_error(chained, separate):.1e}",
-               chain_vs_float64=f"{element_error(chained, ref.monarch_fwd(x.double(), w1.double(), w2.double(), None, n_out)):.1e}")
+               chain_vs_float64=f"{element_error(chained, exact):.1e}")
     per_chunk = c[1:1 + chunks] + c[1 + chunks:1 + 2 * chunks]
     row["ok"] = (len(counters) == 1 and chunks > 1 and torch.equal(chained, separate) and c[-1] == 0
                  and c[0] == chunks * (c[1] + c[1 + chunks]) and len(set(c[1:1 + chunks])) == 1

@@ -117,8 +117,8 @@ def bench_gpt(cfgs, device, dtype, budget, compile_too: bool) -> list[dict]:
                 row["train_tok_s_compiled"] = batch * seq / (t * 1e-6)
             prompt = ids[:1, :8]
             with torch.no_grad():
-                gen = lambda m=model: m.generate(prompt, max_new_tokens=gen_tokens, do_sample=False, min_new_tokens=gen_tokens,
-                                                 pad_token_id=0)
+                gen = lambda m=model: m.generate(prompt, max_new_tokens=gen_tokens, do_sample=False,
+                                                 min_new_tokens=gen_tokens, pad_token_id=0)
                 t = median_time_us(gen, device, budget_s=budget, min_reps=3)
             row["generate_tok_s"] = gen_tokens / (t * 1e-6)
             for key in ("train_tok_s", "train_tok_s_compiled", "generate_tok_s"):
@@ -181,7 +181,8 @@ def plot(rows: list[dict], path: str, title: str) -> str:
     import matplotlib.pyplot as plt
 
     panels = [("mlp", "x_dense_train", "MLP training step"), ("mlp", "x_dense_fwd", "MLP forward"),
-              ("gpt", "x_dense_train_tok_s", "GPT training tokens/s"), ("gpt", "x_dense_generate_tok_s", "GPT generation tokens/s")]
+              ("gpt", "x_dense_train_tok_s", "GPT training tokens/s"),
+              ("gpt", "x_dense_generate_tok_s", "GPT generation tokens/s")]
     panels = [p for p in panels if any(r["bench"] == p[0] and p[1] in r for r in rows)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False)
     for ax, (bench, key, name) in zip(axes[0], panels):
@@ -219,7 +220,8 @@ def main(argv=None) -> int:
     tokens = (16384 if gpu else (256 if args.quick else 1024))
     widths = [768, 2048] if not args.quick or gpu else [768]
     gpt_cfgs = ({"block": (1, 768, 12, 8 if gpu else 2, 1024 if gpu else 128, 32),
-                 "gpt": (12 if gpu else 4, 768 if gpu else 256, 12 if gpu else 4, 8 if gpu else 4, 1024 if gpu else 128, 64)}
+                 "gpt": (12 if gpu else 4, 768 if gpu else 256, 12 if gpu else 4, 8 if gpu else 4,
+                         1024 if gpu else 128, 64)}
                 if not args.quick else {"gpt": (2, 128, 4, 4, 64, 16)})
     started = time.time()
     print(f"device: {device_name(device)} | dtype: {str(dtype)[6:]} | torch {torch.__version__}")

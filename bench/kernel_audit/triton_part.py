@@ -61,7 +61,8 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
             paths = ["auto"] + [p for p in tmon.PATHS if p != "auto" and tmon.path_applies(sh, p)]
             for path in paths:
                 cases.append(Case(f"monarch fwd bias+gelu path={path} {tag}",
-                                  lambda x=x, w1=w1, w2=w2, b=b, n=n_out, p=path: tmon.forward(x, w1, w2, b, n, "gelu", path=p)))
+                                  lambda x=x, w1=w1, w2=w2, b=b, n=n_out, p=path: tmon.forward(
+                                      x, w1, w2, b, n, "gelu", path=p)))
                 cases.append(Case(f"monarch fwd path={path} {tag}",
                                   lambda x=x, w1=w1, w2=w2, n=n_out, p=path: tmon.forward(x, w1, w2, None, n, path=p)))
                 if path == "two_kernel":  # the selectable chunked schedule (plan.CHUNK_IN_L2, off by default)
@@ -69,8 +70,8 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
                         lambda x=x, w1=w1, w2=w2, n=n_out: tmon.forward(x, w1, w2, None, n, path="two_kernel"),
                         CHUNK_IN_L2=True)))
                 cases.append(Case(f"monarch fwd_saving bias+gelu path={path} {tag}",
-                                  lambda x=x, w1=w1, w2=w2, b=b, n=n_out, p=path: tmon.forward_saving(x, w1, w2, b, n, "gelu",
-                                                                                                      path=p)))
+                                  lambda x=x, w1=w1, w2=w2, b=b, n=n_out, p=path: tmon.forward_saving(
+                                      x, w1, w2, b, n, "gelu", path=p)))
                 cases.append(Case(f"monarch bwd_epilogue bias+gelu path={path} {tag}",
                                   lambda x=x, g=g, w1=w1, w2=w2, b=b, n=n_in, p=path: tmon.backward_epilogue(
                                       x, g, w1, w2, b, n, "gelu", True)))
@@ -79,7 +80,8 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
                                       lambda x=x, g=g, w1=w1, w2=w2, n=n_in: tmon.backward_epilogue(
                                           x, g, w1, w2, None, n, "gelu", True)))
                 cases.append(Case(f"monarch bwd path={path} {tag}",
-                                  lambda x=x, g=g, w1=w1, w2=w2, n=n_in, p=path: tmon.backward(x, g, w1, w2, n, path=p)))
+                                  lambda x=x, g=g, w1=w1, w2=w2, n=n_in, p=path: tmon.backward(
+                                      x, g, w1, w2, n, path=p)))
                 cases.append(Case(f"monarch bwd_input path={path} {tag}",
                                   lambda g=g, w1=w1, w2=w2, n=n_in, p=path: tmon.backward_input(g, w1, w2, n, path=p)))
                 cases.append(Case(f"monarch bwd_weight path={path} {tag}",
