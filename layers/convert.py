@@ -315,8 +315,8 @@ def _plan_row(name, module, weight, bias, layer, nblocks, init) -> LayerConversi
     else:
         structured = nblocks * -(-out_f // nblocks) * -(-in_f // nblocks)
     extra = out_f if bias is not None else 0
-    return LayerConversion(name, type(module).__name__, in_f, out_f, layer, nblocks, bias is not None, in_f * out_f + extra,
-                           structured + extra, 2 * in_f * out_f, 2 * structured, init)
+    return LayerConversion(name, type(module).__name__, in_f, out_f, layer, nblocks, bias is not None,
+                           in_f * out_f + extra, structured + extra, 2 * in_f * out_f, 2 * structured, init)
 
 
 @torch.no_grad()
@@ -435,7 +435,8 @@ def restructure(model: nn.Module, record: dict, *, backend: Optional[str] = None
         ValueError: the record is malformed or does not match the model (a listed layer is missing, is not a
             dense layer, or has other sizes or bias).
     """
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or not isinstance(record.get("layers"), dict):
+    if (not isinstance(record, dict) or record.get("format") != RECORD_FORMAT
+            or not isinstance(record.get("layers"), dict)):
         raise ValueError(f"restructure: expected a config.monarch record of format {RECORD_FORMAT} "
                          f"({{'format', 'layers', 'conversions'}}), got {record!r:.200}")
     paths = _all_paths(model)

@@ -146,7 +146,8 @@ class ShrinkGate(nn.Module):
         return s + (x - s) * (self.removed.to(x.dtype) + (c - c.detach()))
 
     def extra_repr(self) -> str:
-        return f"mode={self._mode!r}" + (f", slope={self._slope}" if self._mode == "remove" and self._slope != 1 else "")
+        slope = f", slope={self._slope}" if self._mode == "remove" and self._slope != 1 else ""
+        return f"mode={self._mode!r}" + slope
 
 
 # ------------------------------------------------------------------------------------------------ pointwise
@@ -406,7 +407,8 @@ class MobileNetV2Mini(nn.Module):
             c_in = c
         self.blocks = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Conv2d(c_in, head_channels, 1, bias=False), nn.BatchNorm2d(head_channels),
-                                  nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(head_channels, num_classes))
+                                  nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(head_channels, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.blocks(self.stem(x)))
@@ -579,7 +581,8 @@ def gate_scores(model: nn.Module) -> Tensor:
 
 
 def removal_count(n_blocks: int, keep_ratio: float) -> int:
-    """How many of ``n_blocks`` activations a ``keep_ratio`` removes: ``N − ⌊keep_ratio · N⌋`` (as :func:`topk_keep`)."""
+    """How many of ``n_blocks`` activations a ``keep_ratio`` removes: ``N − ⌊keep_ratio · N⌋`` (as
+    :func:`topk_keep`)."""
     if not isinstance(keep_ratio, (int, float)) or not 0.0 <= keep_ratio <= 1.0:
         raise ValueError(f"removal_count: keep_ratio must be in [0, 1], got {keep_ratio!r}")
     return n_blocks - int(math.floor(keep_ratio * n_blocks + 1e-9))

@@ -5,7 +5,8 @@ structured; a few hundred steps of matching the teacher recover much of what the
 hidden-state distillation of "TinyBERT: Distilling BERT for Natural Language Understanding", Jiao et al.,
 Findings of EMNLP 2020, §3.1, Eq. 8, with the teacher's own layers as targets). Per batch:
 
-    L = hidden_weight · mean_i ‖h_i^S − h_i^T‖² / ‖h_i^T‖²  +  pooled_weight · mean_b (1 − cos(pool(y^S)_b, pool(y^T)_b))
+    L = hidden_weight · mean_i ‖h_i^S − h_i^T‖² / ‖h_i^T‖²
+        + pooled_weight · mean_b (1 − cos(pool(y^S)_b, pool(y^T)_b))
 
 ``h_i``: outputs of the modules selected by ``hidden`` (same paths in both models; by default the blocks of
 every ``nn.ModuleList``, i.e. the transformer layers of Hugging Face models), relative squared error;
@@ -145,9 +146,11 @@ def distill(
             s_out = call_model(student, batch)
             h_loss = s_out_loss = torch.zeros((), device=main_tensor(s_out).device)
             if names and hidden_weight:
-                h_loss = torch.stack([_relative_mse(captured["student"][n], captured["teacher"][n]) for n in names]).mean()
+                h_loss = torch.stack([_relative_mse(captured["student"][n], captured["teacher"][n])
+                                      for n in names]).mean()
             if pool is not None and pooled_weight:
-                s_out_loss = (1 - torch.cosine_similarity(pool(s_out, batch).float(), pool(t_out, batch).float(), dim=-1)).mean()
+                cos = torch.cosine_similarity(pool(s_out, batch).float(), pool(t_out, batch).float(), dim=-1)
+                s_out_loss = (1 - cos).mean()
             loss = hidden_weight * h_loss + pooled_weight * s_out_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()

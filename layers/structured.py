@@ -41,9 +41,11 @@ def _check_dense(weight, bias, fn: str) -> tuple[int, int]:
     if not isinstance(weight, Tensor):
         raise TypeError(f"{fn}: weight must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
-        raise ValueError(f"{fn}: weight must be a 2-D (out_features, in_features) tensor, got shape {tuple(weight.shape)}")
+        raise ValueError(f"{fn}: weight must be a 2-D (out_features, in_features) tensor, "
+                         f"got shape {tuple(weight.shape)}")
     if not weight.is_floating_point():
-        raise TypeError(f"{fn}: weight must be a floating-point tensor (float16/bfloat16/float32/float64), got {weight.dtype}")
+        raise TypeError(f"{fn}: weight must be a floating-point tensor (float16/bfloat16/float32/float64), "
+                        f"got {weight.dtype}")
     if bias is not None:
         if not isinstance(bias, Tensor) or tuple(bias.shape) != (weight.shape[0],):
             shape = tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__

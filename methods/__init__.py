@@ -10,12 +10,14 @@ tasks, also trained by :mod:`methods.distributed`), :mod:`methods.hessian` (curv
 
 #: recipe name -> (module, one-line summary). The module defines ``RECIPE`` (a :class:`methods.recipe.Recipe`).
 RECIPES = {
-    "monarch": ("methods.monarch", "Monarch (Dao et al. 2022): sparse training, dense-to-sparse, reverse sparsification"),
+    "monarch": ("methods.monarch",
+                "Monarch (Dao et al. 2022): sparse training, dense-to-sparse, reverse sparsification"),
     "depthshrinker": ("methods.depthshrinker", "DepthShrinker (Fu et al. 2022): remove activations, merge blocks"),
     "ocm": ("methods.ocm", "OCM (Guo et al. 2022): online continual learning via mutual information"),
     "irem": ("methods.irem", "IREM (Du et al. 2022): iterative reasoning as energy minimisation"),
     "pof": ("methods.pof", "PoF (Sato et al. 2022): post-training of the feature extractor for flat minima"),
-    "ensemble_distill": ("methods.ensemble_distill", "Ensemble distillation with weight averaging and diversifying perturbation"),
+    "ensemble_distill": ("methods.ensemble_distill",
+                         "Ensemble distillation with weight averaging and diversifying perturbation"),
     "sss": ("methods.sss", "SSS (Andreis et al. 2022): set-based stochastic subsampling"),
     "coda": ("methods.coda", "CoDA (Kirchmeyer et al. 2022): context-informed dynamics adaptation"),
     "selfcond": ("methods.selfcond", "Self-conditioning (Suau et al. 2022): expert units steer LM generation"),

@@ -362,7 +362,8 @@ def run(cfg: Config, ctx: RunContext) -> dict:
         ctx.log(f"[depthshrinker] {k}: {format_mean_std(summary[k], 4)}")
     for k, c in comparisons.items():
         ctx.log(f"[depthshrinker] {k}: {format_mean_std(c, 4)}, positive in {c['positive']} of {c['n']}")
-    ctx.log(f"[depthshrinker] merged (seed {merge['merge_seed']}): max |Δlogit| {merge['merge_max_abs_logit_diff']:.2e}, "
+    ctx.log(f"[depthshrinker] merged (seed {merge['merge_seed']}): "
+            f"max |Δlogit| {merge['merge_max_abs_logit_diff']:.2e}, "
             f"params {merge['params']['learned_unmerged']} -> {merge['params']['learned_merged']}, latency "
             f"{merge['latency_ms']['learned_unmerged']:.2f} -> {merge['latency_ms']['learned_merged']:.2f} ms")
     metrics = {"dataset": cfg.dataset, "n_train": len(split.x_train), "n_test": len(split.x_test),
@@ -380,7 +381,8 @@ def _plot(m: dict, cfg: Config, path: str) -> None:
     blocks = list(range(m["n_blocks"]))
     names = list(merge["latency_ms"])
     plot_curves(path, [
-        Panel(f"removed, BN recalibrated (before fine-tuning)\nlearned − random {fmt('learned_minus_random_no_ft')} pts",
+        Panel(f"removed, BN recalibrated (before fine-tuning)\nlearned − random "
+              f"{fmt('learned_minus_random_no_ft')} pts",
               {"learned mask": s["acc_learned_no_ft"], "random mask": s["acc_random_no_ft"]}, kind="bar",
               ylabel="test accuracy"),
         Panel(f"after fine-tuning ({cfg.finetune_epochs} epochs each)\nlearned − random "

@@ -98,8 +98,8 @@ class ViTBlock(nn.Module):
 class ViT(nn.Module):
     """A small Vision Transformer (Dosovitskiy et al.) for ``(B, C, H, W)`` images: non-overlapping
     ``patch×patch`` patches -> linear embedding, a class token, learned positions, ``depth`` pre-norm blocks
-    with MLP ``dim -> mlp_ratio·dim -> dim`` (the layers :func:`monarch_kernels.layers.monarchify` replaces, ``*.mlp.fc1/fc2``),
-    LayerNorm and a linear head on the class token."""
+    with MLP ``dim -> mlp_ratio·dim -> dim`` (the layers :func:`monarch_kernels.layers.monarchify` replaces,
+    ``*.mlp.fc1/fc2``), LayerNorm and a linear head on the class token."""
 
     def __init__(self, image_size: int = 28, patch: int = 7, channels: int = 1, dim: int = 64, depth: int = 4,
                  heads: int = 4, mlp_ratio: int = 4, num_classes: int = 10):

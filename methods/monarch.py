@@ -210,7 +210,8 @@ def dense_to_sparse(lm: LMTask, pretrained: nn.Module, steps: int, nb: int, seed
                              "params": sum(p.numel() for p in model.parameters()), "steps": len(run.hist.losses)}
         res["runs"][name]["curve"] = [(0, at0)] + res["runs"][name]["curve"]
     r = res["runs"]
-    res["start_gap_random_minus_projected"] = r["random_monarch"]["val_loss_at_start"] - r["projected_monarch"]["val_loss_at_start"]
+    res["start_gap_random_minus_projected"] = (r["random_monarch"]["val_loss_at_start"]
+                                               - r["projected_monarch"]["val_loss_at_start"])
     res["end_gap_random_minus_projected"] = r["random_monarch"]["val_loss"] - r["projected_monarch"]["val_loss"]
     return res
 

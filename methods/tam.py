@@ -135,14 +135,16 @@ def mean_aggregate(x: Tensor, edge_index: Tensor) -> Tensor:
 
 
 def class_temperature(class_counts, phi: float = 1.2, delta: float = 0.4) -> Tensor:
-    """``T_c = φ(π_c + 1 − max π)`` with ``π_c = δ n_c/Σn + (1 − δ)``; the pseudo-label softmax is ``softmax(T ⊙ l)``."""
+    """``T_c = φ(π_c + 1 − max π)`` with ``π_c = δ n_c/Σn + (1 − δ)``; the pseudo-label softmax is
+    ``softmax(T ⊙ l)``."""
     n = torch.as_tensor(class_counts, dtype=torch.float64)
     pi = delta * n / n.sum() + (1 - delta)
     return phi * (pi + 1 - pi.max())
 
 
 def js_divergence(a: Tensor, b: Tensor) -> Tensor:
-    """Jensen–Shannon divergence ``½ Σ_k [a_k log(a_k/m_k) + b_k log(b_k/m_k)]``, ``m = (a + b)/2`` (last dim summed)."""
+    """Jensen–Shannon divergence ``½ Σ_k [a_k log(a_k/m_k) + b_k log(b_k/m_k)]``, ``m = (a + b)/2`` (last dim
+    summed)."""
     m = (a + b) / 2
     return 0.5 * (torch.xlogy(a, a / m) + torch.xlogy(b, b / m)).sum(-1)
 
@@ -196,7 +198,8 @@ class TAM:
             raise ValueError(f"alpha and beta must be >= 0, got {alpha}, {beta}")
         if phi <= 0 or not 0 <= delta <= 1:
             raise ValueError(f"need phi > 0 and delta in [0, 1], got {phi}, {delta}")
-        self.alpha, self.beta, self.phi, self.warmup, self.delta, self.clip_adm = alpha, beta, phi, warmup, delta, clip_adm
+        self.alpha, self.beta, self.phi = alpha, beta, phi
+        self.warmup, self.delta, self.clip_adm = warmup, delta, clip_adm
 
     def margins(self, logits, edge_index, labels, train_mask, class_counts) -> Tensor:
         log_acm, adm = tam_margins(logits, edge_index, labels, train_mask, class_counts, phi=self.phi, delta=self.delta)
@@ -215,7 +218,8 @@ def balanced_softmax_loss(logits: Tensor, labels: Tensor, class_counts) -> Tenso
     """Balanced Softmax (Ren et al. 2020): ``CE(l + log n_c, y)`` with ``n_c`` the training count of class ``c``."""
     counts = torch.as_tensor(class_counts, dtype=logits.dtype, device=logits.device)
     if logits.dim() != 2 or counts.shape != (logits.shape[1],):
-        raise ValueError(f"logits must be (n, C) and class_counts (C,), got {tuple(logits.shape)}, {tuple(counts.shape)}")
+        raise ValueError(f"logits must be (n, C) and class_counts (C,), "
+                         f"got {tuple(logits.shape)}, {tuple(counts.shape)}")
     return F.cross_entropy(logits + counts.log(), labels)
 
 

@@ -15,8 +15,8 @@ The pipeline, for a query question ``q`` with seed (topic) entities ``S_q``:
 3. **Entity-agnostic node features** (:func:`node_features`): multi-hot of the relation types incident to
    the node (outgoing and inverse) + one-hot of the undirected shortest distance to a seed
    (``0..max_dist``, capped; unreachable = ``max_dist``). No entity ids, so unseen entities are fine.
-4. **R-GCN** (:class:`CaseGNN`): a Monarch input projection (:class:`monarch_kernels.layers.MonarchLinear`) to width ``d``,
-   then ``L`` PyG :class:`torch_geometric.nn.RGCNConv` layers (mean aggregation, root weight, inverse
+4. **R-GCN** (:class:`CaseGNN`): a Monarch input projection (:class:`monarch_kernels.layers.MonarchLinear`) to
+   width ``d``, then ``L`` PyG :class:`torch_geometric.nn.RGCNConv` layers (mean aggregation, root weight, inverse
    edges added as extra relation types), ReLU (+dropout) between layers and none after the last. The same
    network embeds the query graph and every case graph.
 5. **Structural matching** (:func:`structural_distance`, :func:`txent_loss`): for query node ``n``,

@@ -16,8 +16,8 @@ parameters context-independent. Adaptation to a new environment freezes θ_c and
 init) on **one** trajectory.
 
 Monarch parameterisation. The dynamics MLP is ``state → h → h → h → state`` (official: 2→64→64→64→2 with a
-learnable swish) whose hidden ``h → h`` layers are :class:`monarch_kernels.layers.MonarchLinear`. θ (and so each row of W)
-covers the *Monarch factors* ``w1, w2`` (plus biases, the dense end layers and the swish slopes): the adapted
+learnable swish) whose hidden ``h → h`` layers are :class:`monarch_kernels.layers.MonarchLinear`. θ (and so each
+row of W) covers the *Monarch factors* ``w1, w2`` (plus biases, the dense end layers and the swish slopes): the adapted
 factors of environment e are ``w = w_c + reshape(W ξ^e)`` and the layer is applied functionally with
 :func:`monarch_kernels.monarch_linear` on those factors, so W has as many rows as the Monarch network has
 parameters (≈ half of the dense network's at h = 64, nblocks = 4).

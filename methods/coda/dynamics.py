@@ -88,7 +88,8 @@ class HyperMonarchDynamics(nn.Module):
             raise ValueError(f"hyper_delta needs mode='coda', this model has mode={self.mode!r}")
         codes = self.codes if codes is None else codes
         if not isinstance(codes, Tensor) or codes.dim() != 2 or codes.shape[1] != self.hyper.in_features:
-            raise ValueError(f"codes must have shape (E, {self.hyper.in_features}), got {getattr(codes, 'shape', codes)}")
+            raise ValueError(f"codes must have shape (E, {self.hyper.in_features}), "
+                             f"got {getattr(codes, 'shape', codes)}")
         return self.hyper(codes)
 
     def env_params(self, codes: Optional[Tensor] = None) -> dict[str, Tensor]:

@@ -149,7 +149,8 @@ def run(cfg: Config, ctx: RunContext) -> dict:
               hline={f"feed-forward {sp}": first[task][sp]["feedforward_mse"] for sp in ("id", "ood")})
         for task in cfg.tasks] + [
         Panel(f"{task}: mean energy along the trajectory",
-              {sp: (range(len(first[task][sp]["energy_curve"])), first[task][sp]["energy_curve"]) for sp in ("id", "ood")},
+              {sp: (range(len(first[task][sp]["energy_curve"])), first[task][sp]["energy_curve"])
+               for sp in ("id", "ood")},
               xlabel="step", ylabel="E(x, y^t)") for task in cfg.tasks])
     return {"seeds": seed_list(ctx.seed, cfg.seeds), "layer": cfg.layer, "train_steps_K": cfg.steps,
             "summary": summary, "per_seed": per_seed}

@@ -48,7 +48,8 @@ def cvar(L: Tensor, beta: float) -> Tensor:
 
 
 def cvar_objective(L: Tensor, s: Tensor, beta: float) -> Tensor:
-    """SOPA's objective for fixed state: ``mean_i [ s_i + (1/(β N)) Σ_j (L_ij − s_i)_+ ]`` for ``L (P, N)``, ``s (P,)``."""
+    """SOPA's objective for fixed state: ``mean_i [ s_i + (1/(β N)) Σ_j (L_ij − s_i)_+ ]`` for ``L (P, N)``,
+    ``s (P,)``."""
     _check_beta(beta)
     return (s + (L - s[:, None]).clamp_min(0).sum(1) / (beta * L.shape[1])).mean()
 

@@ -32,7 +32,8 @@ def client_generator(seed: int, rnd: int, cid: int) -> torch.Generator:
 
 
 def local_train(model: nn.Module, received: dict[str, Tensor], x: Tensor, y: Tensor, bits: int, *, epochs: int = 2,
-                lr: float = 1e-3, batch_size: int = 32, generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
+                lr: float = 1e-3, batch_size: int = 32,
+                generator: Optional[torch.Generator] = None) -> dict[str, Tensor]:
     """Local training of one client from the received global weights.
 
     A low-bit client stores the received model at its bitwidth, trains latent weights from it with

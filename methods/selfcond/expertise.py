@@ -194,8 +194,8 @@ def compute_expertise(responses: Tensor, labels: Tensor, layers: dict[str, nn.Mo
     return Expertise(list(layers), sizes, ap, q[0], q[1], neg.mean(0))
 
 
-def select_units(expertise: Expertise, k: int, mode: str = "top",
-                 generator: Optional[torch.Generator] = None, value: str = "on_p50") -> dict[str, tuple[Tensor, Tensor]]:
+def select_units(expertise: Expertise, k: int, mode: str = "top", generator: Optional[torch.Generator] = None,
+                 value: str = "on_p50") -> dict[str, tuple[Tensor, Tensor]]:
     """The forcing assignment ``{layer: (unit indices, values)}`` for ``do(c, k)``.
 
     ``mode="top"``: the ``k`` units of highest AP; ``mode="random"``: ``k`` units drawn uniformly without
