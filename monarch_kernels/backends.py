@@ -3,8 +3,9 @@
 A *backend* implements the five primitives of :mod:`monarch_kernels.reference` (``blockdiag_fwd``,
 ``blockdiag_wgrad``, ``monarch_fwd``, ``monarch_bwd_input``, ``monarch_bwd_weight``; optionally ``monarch_bwd``,
 ``monarch_bwd_epilogue`` and ``monarch_fwd_saving`` for faster training, and a fused MLP: ``monarch_mlp_fusable``,
-``monarch_mlp_fwd``, ``monarch_mlp_fwd_saving``, ``monarch_mlp_bwd``) for some devices and dtypes. Backends register themselves here; the ops in :mod:`monarch_kernels.ops` resolve a backend name once
-per call (``"auto"`` picks per device, dtype and shape) and pass the concrete name into the custom op.
+``monarch_mlp_fwd``, ``monarch_mlp_fwd_saving``, ``monarch_mlp_bwd``) for some devices and dtypes. Backends register
+themselves here; the ops in :mod:`monarch_kernels.ops` resolve a backend name once per call (``"auto"`` picks per
+device, dtype and shape) and pass the concrete name into the custom op.
 
 Selection, most specific first: the ``backend=`` argument of a call, then :func:`use_backend` (a
 ``contextvars`` value: it applies to the current thread or asyncio task only), then :func:`set_backend` (the

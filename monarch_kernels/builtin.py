@@ -85,14 +85,16 @@ def _load_cuda():
     from . import ext
 
     if not ext.built_with_cuda():
-        raise RuntimeError("the extension was built without CUDA (needs a CUDA build of torch and nvcc at install time)")
+        raise RuntimeError("the extension was built without CUDA "
+                           "(needs a CUDA build of torch and nvcc at install time)")
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device")
     return ext.Primitives
 
 
 def _cpu_prefers(op: str, device: torch.device, dtype: torch.dtype, dims: tuple) -> bool:
-    """Whether ``auto`` takes the C++ kernels over the torch reference on CPU (the measured rule in ``cpu_dispatch.py``)."""
+    """Whether ``auto`` takes the C++ kernels over the torch reference on CPU (the measured rule in
+    ``cpu_dispatch.py``)."""
     from .cpu_dispatch import prefers_cpu_kernel
 
     return prefers_cpu_kernel(op, dtype, dims)

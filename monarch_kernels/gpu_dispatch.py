@@ -9,16 +9,17 @@ is the lowest among the backends that have a cost estimator and can run the call
 backend's host time (:data:`HOST_S`, measured on the H200's machine: ~357 µs per Triton forward against 154 for
 the reference and 50 for the extension), which decides every call whose device work is shorter — below ~16K
 tokens at the benchmark widths; a call made while a CUDA graph is captured is priced by device time alone
-(:func:`capturing`; ``torch.compile(mode="reduce-overhead")`` decides at trace time, i.e. as eager). The first device session measured
-the previous revision's kernels; once ``bench/gpu_check.sh`` has measured these, its side-by-side device-time
-ratios should replace the model here (as the CPU rule's constants came from measurements).
+(:func:`capturing`; ``torch.compile(mode="reduce-overhead")`` decides at trace time, i.e. as eager). The first device
+session measured the previous revision's kernels; once ``bench/gpu_check.sh`` has measured these, its side-by-side
+device-time ratios should replace the model here (as the CPU rule's constants came from measurements).
 
 The call's ``dims = (T, n_in, n_out, block)`` (see :func:`monarch_kernels.backends.resolve`) carry the fused
 activation (:class:`monarch_kernels.backends.Dims`: the reference pays extra passes for it, the Triton kernels
 fuse it) and whether there is a bias (a training call's bias gradient: a read of ``g`` for dense and the
 reference, folded into the copy of ``g`` where the Triton backward makes one) but not the factor shapes; the rule
-prices the ``MonarchLinear`` layout with the same block size, ``nblocks = ceil(max(n_in, n_out) / block)``. Under ``torch.compile`` with a dynamic batch (``T`` not a plain
-int) it prices a large batch, so no guard on the token count enters the graph.
+prices the ``MonarchLinear`` layout with the same block size, ``nblocks = ceil(max(n_in, n_out) / block)``. Under
+``torch.compile`` with a dynamic batch (``T`` not a plain int) it prices a large batch, so no guard on the token count
+enters the graph.
 """
 from __future__ import annotations
 

@@ -20,9 +20,10 @@ monarch_bwd_epilogue   ``(dx, dw1, dw2, db)`` of ``act(M x + b)``       (first o
 ``monarch_bwd`` serves a first-order backward that needs ``dx`` and the weight gradients (backends with a
 fused kernel share the recomputed intermediate), ``monarch_bwd_epilogue`` one with a fused activation that needs
 the weight gradients (the C++ backend gets the pre-activation inside its one-pass backward instead of running a
-forward first); a backward that must itself be differentiated runs the separate ops. ``M`` is bilinear in ``(w1, w2)``, so the derivative of ``monarch_bwd_weight`` in direction
-``(h1, h2)`` is ``⟨g, M(h1, w2) x⟩ + ⟨g, M(w1, h2) x⟩``, which the ops above express exactly. Complex tensors
-follow PyTorch's conjugate convention (gradients are taken with conjugated partners).
+forward first); a backward that must itself be differentiated runs the separate ops. ``M`` is bilinear in ``(w1, w2)``,
+so the derivative of ``monarch_bwd_weight`` in direction ``(h1, h2)`` is ``⟨g, M(h1, w2) x⟩ + ⟨g, M(w1, h2) x⟩``, which
+the ops above express exactly. Complex tensors follow PyTorch's conjugate convention (gradients are taken with
+conjugated partners).
 
 Eager calls skip the custom-op dispatch (:func:`_route`): an untracked forward runs the backend directly, a
 tracked one runs inside a plain ``autograd.Function`` with the same formulas, whose first-order backward calls the
@@ -85,7 +86,8 @@ def _check_op_args(fn: str, backend, t: Tensor, activation="none") -> None:
     if not isinstance(backend, str) or backend == backends.AUTO:
         raise ValueError(f"{fn}: backend must name a registered backend (already resolved), got {backend!r}")
     if not backends.get(backend).supports(t.device, t.dtype):
-        raise backends.BackendUnavailableError(f"{fn}: backend {backend!r} does not support {t.dtype} tensors on {t.device}")
+        raise backends.BackendUnavailableError(f"{fn}: backend {backend!r} does not support {t.dtype} tensors "
+                                               f"on {t.device}")
     activations.canonical(activation, fn)
     if activation != "none" and t.is_complex():
         raise TypeError(f"{fn}: activation {activation!r} needs real tensors, got {t.dtype}")
@@ -98,7 +100,8 @@ def _check_op_args(fn: str, backend, t: Tensor, activation="none") -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _blockdiag_fwd_impl(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int, activation: str, backend: str) -> Tensor:
+def _blockdiag_fwd_impl(x: Tensor, w: Tensor, bias: Optional[Tensor], n_out: int, activation: str,
+                        backend: str) -> Tensor:
     out = backends.impl(backend).blockdiag_fwd(_flat(x), w, bias, n_out, activation)
     return _unflat(out, x.shape[:-1])
 
@@ -221,7 +224,8 @@ def _check_monarch_bwd(x, g, w1, w2, n_in, backend):
     _check_op_args(fn, backend, x)
 
 
-def _monarch_bwd_impl(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _monarch_bwd_impl(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int,
+                      backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = backends.impl(backend)
     xf, gf = _flat(x), _flat(g)
     if hasattr(impl, "monarch_bwd"):
@@ -232,7 +236,8 @@ def _monarch_bwd_impl(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int, b
 
 
 @torch.library.custom_op(f"{_NS}::monarch_bwd", mutates_args=())
-def _monarch_bwd(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _monarch_bwd(x: Tensor, g: Tensor, w1: Tensor, w2: Tensor, n_in: int,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """``(monarch_bwd_input(g, ...), *monarch_bwd_weight(x, g, ...))`` in one call: backends with a
     ``monarch_bwd`` primitive share the recomputed intermediate and ``dy``; the others run the two."""
     _check_monarch_bwd(x, g, w1, w2, n_in, backend)
