@@ -91,17 +91,22 @@ for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             x = torch.randn(T, 2 * n_in)[:, ::2].to(dtype)  # strided columns
             g = torch.randn(T, n_out).to(dtype)
             w1, w2, b = torch.randn(s1).to(dtype), torch.randn(s2).to(dtype), torch.randn(n_out).to(dtype)
-            check("monarch_fwd", ops.monarch_fwd(x, w1, w2, b, n_out, 3), ref.monarch_fwd(d(x), d(w1), d(w2), d(b), n_out, "gelu_tanh"), dtype)
-            check("monarch_bwd_input", ops.monarch_bwd_input(g, w1, w2, n_in), ref.monarch_bwd_input(d(g), d(w1), d(w2), n_in), dtype)
-            for name, got, want in zip(("dw1", "dw2"), ops.monarch_bwd_weight(x, g, w1, w2), ref.monarch_bwd_weight(d(x), d(g), d(w1), d(w2))):
+            check("monarch_fwd", ops.monarch_fwd(x, w1, w2, b, n_out, 3),
+                  ref.monarch_fwd(d(x), d(w1), d(w2), d(b), n_out, "gelu_tanh"), dtype)
+            check("monarch_bwd_input", ops.monarch_bwd_input(g, w1, w2, n_in),
+                  ref.monarch_bwd_input(d(g), d(w1), d(w2), n_in), dtype)
+            for name, got, want in zip(("dw1", "dw2"), ops.monarch_bwd_weight(x, g, w1, w2),
+                                       ref.monarch_bwd_weight(d(x), d(g), d(w1), d(w2))):
                 check("monarch_bwd_weight." + name, got, want, dtype)
-            for name, got, want in zip(("dx", "dw1", "dw2"), ops.monarch_bwd(x, g, w1, w2, n_in), ref.monarch_bwd(d(x), d(g), d(w1), d(w2), n_in)):
+            for name, got, want in zip(("dx", "dw1", "dw2"), ops.monarch_bwd(x, g, w1, w2, n_in),
+                                       ref.monarch_bwd(d(x), d(g), d(w1), d(w2), n_in)):
                 check("monarch_bwd." + name, got, want, dtype)
             nb_out = max(1, k * q - 1)
             gb = torch.randn(T, nb_out).to(dtype)
             check("blockdiag_fwd", ops.blockdiag_fwd(x, w1, b[:1].expand(nb_out).contiguous(), nb_out, 1),
                   ref.blockdiag_fwd(d(x), d(w1), d(b[:1]).expand(nb_out), nb_out, "relu"), dtype)
-            check("blockdiag_wgrad", ops.blockdiag_wgrad(x, gb, k, q, p), ref.blockdiag_wgrad(d(x), d(gb), k, q, p), dtype)
+            check("blockdiag_wgrad", ops.blockdiag_wgrad(x, gb, k, q, p),
+                  ref.blockdiag_wgrad(d(x), d(gb), k, q, p), dtype)
 print("portable kernels OK; worst per-element errors:", {k: f"{v:.1e}" for k, v in sorted(worst.items())})
 '''
 

@@ -1,4 +1,5 @@
-"""Activation-aware fitting: optimality of the Monarch / block-diagonal fits, input statistics, monarchify(calibrate=)."""
+"""Activation-aware fitting: optimality of the Monarch / block-diagonal fits, input statistics,
+monarchify(calibrate=)."""
 import copy
 
 import pytest
@@ -48,7 +49,8 @@ def test_fit_monarch_converges_to_a_stationary_point_and_never_increases(n_in, n
     assert all(b <= a * (1 + 1e-12) for a, b in zip(losses, losses[1:])), losses
     _, g1_0, g2_0 = _damped_loss_and_grads(W, C, *fit_monarch(W, C, nb, sweeps=0, damping=0.01), 0.01)
     scale = g1_0.norm() + g2_0.norm()
-    assert (g1.norm() + g2.norm()) < 2e-3 * scale  # ALS converges linearly: 60 sweeps reach ~1e-4, (g1.norm(), g2.norm(), scale)
+    # ALS converges linearly: 60 sweeps reach ~1e-4, (g1.norm(), g2.norm(), scale)
+    assert (g1.norm() + g2.norm()) < 2e-3 * scale
     assert w1.shape == MonarchLinear(n_in, n_out, nblocks=nb).w1.shape and w1.dtype == W.dtype
 
 
@@ -61,7 +63,8 @@ def test_whitened_start_is_optimal_for_block_diagonal_inputs(n_in, n_out, nb):
     w1, w2 = fit_monarch(W, C, nb, sweeps=0, damping=1e-3)
     loss, g1, g2 = _damped_loss_and_grads(W, C, w1, w2, 1e-3)
     assert g1.norm() + g2.norm() < 1e-9 * loss
-    assert _damped_loss_and_grads(W, C, *fit_monarch(W, C, nb, sweeps=5, damping=1e-3), 1e-3)[0] == pytest.approx(loss, rel=1e-9)
+    assert (_damped_loss_and_grads(W, C, *fit_monarch(W, C, nb, sweeps=5, damping=1e-3), 1e-3)[0]
+            == pytest.approx(loss, rel=1e-9))
 
 
 @pytest.mark.parametrize("n_in,n_out,nb", [(24, 40, 4), (30, 22, 4)])
@@ -75,7 +78,8 @@ def test_fit_monarch_recovers_monarch_weights_and_beats_projection(n_in, n_out, 
     projected = MonarchLinear.from_dense(W, nblocks=nb).dense_weight()
     assert output_error(fitted, W, C) < 0.9 * output_error(projected, W, C)
     # output_error is ‖(M − W) X‖ / ‖W X‖ on the inputs
-    assert output_error(fitted, W, C) == pytest.approx(((X @ (fitted - W).T).norm() / (X @ W.T).norm()).item(), rel=1e-9)
+    assert output_error(fitted, W, C) == pytest.approx(((X @ (fitted - W).T).norm() / (X @ W.T).norm()).item(),
+                                                       rel=1e-9)
 
 
 @pytest.mark.parametrize("n_in,n_out,nb", [(12, 12, 8), (5, 9, 4), (13, 20, 8)])
@@ -111,10 +115,11 @@ def test_fit_blockdiag_is_the_per_block_least_squares_solution(n_in, n_out, nb):
     Xp = torch.nn.functional.pad(X, (0, k * p - n_in))
     Y = torch.nn.functional.pad(X @ W.T, (0, k * q - n_out))
     lam = (damping * C.diagonal().mean() * len(X)).sqrt()
+    Wp = torch.nn.functional.pad(W, (0, k * p - n_in, 0, k * q - n_out))
     for kk in range(k):
         A = torch.cat([Xp[:, kk * p:(kk + 1) * p], lam * torch.eye(p, dtype=X.dtype)])
         B = torch.cat([Y[:, kk * q:(kk + 1) * q], lam * W.new_zeros(p, q) +
-                       lam * torch.nn.functional.pad(W, (0, k * p - n_in, 0, k * q - n_out))[kk * q:(kk + 1) * q, kk * p:(kk + 1) * p].T])
+                       lam * Wp[kk * q:(kk + 1) * q, kk * p:(kk + 1) * p].T])
         assert rel_err(w[kk], torch.linalg.lstsq(A, B).solution.T) < 1e-9
     layer = BlockdiagLinear.from_dense(W, None, nb, second_moment=C)  # default damping
     assert rel_err(layer.dense_weight(), blockdiag_dense(fit_blockdiag(W, C, nb))[:n_out, :n_in]) < 1e-12
@@ -171,7 +176,8 @@ def test_monarchify_calibrate_fits_real_activations():
     dense_out = model(test)
     projected, calibrated = copy.deepcopy(model), model
     blockdiag = monarchify(copy.deepcopy(model), nblocks=4, layer="blockdiag", calibrate=data)
-    assert all(c.error < p.error for c, p in zip(blockdiag.layers, monarchify(copy.deepcopy(model), nblocks=4, layer="blockdiag").layers))
+    assert all(c.error < p.error for c, p in zip(blockdiag.layers,
+                                                 monarchify(copy.deepcopy(model), nblocks=4, layer="blockdiag").layers))
     plan_p = monarchify(projected, nblocks=4)
     plan_c = monarchify(calibrated, nblocks=4, calibrate=data)
     assert [r.init for r in plan_c.layers] == ["calibrated", "calibrated"]

@@ -88,8 +88,10 @@ def test_partial_densify_keeps_the_remaining_record(tmp_path):
     monarchify(model, nblocks=4, include="transformer.h.*.mlp.*")
     densify_one = model.transformer.h[0].mlp
     densify(densify_one)  # a submodule: only its layers become dense, the model's record is untouched
-    assert set(model.config.monarch["layers"]) == {f"transformer.h.{i}.mlp.{n}" for i in range(2) for n in ("c_fc", "c_proj")}
-    model.config.monarch["layers"] = {k: v for k, v in model.config.monarch["layers"].items() if k.startswith("transformer.h.1")}
+    assert set(model.config.monarch["layers"]) == {f"transformer.h.{i}.mlp.{n}"
+                                                   for i in range(2) for n in ("c_fc", "c_proj")}
+    model.config.monarch["layers"] = {k: v for k, v in model.config.monarch["layers"].items()
+                                      if k.startswith("transformer.h.1")}
     logits = model(ids).logits
     model.save_pretrained(tmp_path)
     assert torch.equal(from_pretrained(transformers.GPT2LMHeadModel, tmp_path)(ids).logits, logits)

@@ -44,7 +44,8 @@ def test_wheel_installs_only_the_namespaced_package(source_tree, tmp_path):
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     python = str(venv / "bin" / "python")
-    purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=tmp_path).stdout.strip()
+    purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   cwd=tmp_path).stdout.strip()
     deps = [p for p in {sysconfig.get_paths()["purelib"], *site.getsitepackages()} if os.path.isdir(p)]
     with open(os.path.join(purelib, "deps-from-test-env.pth"), "w") as f:
         f.write("\n".join(deps) + "\n")

@@ -130,7 +130,8 @@ def test_forcing_sets_exactly_the_chosen_units_at_every_position(kind):
         model, target = TinyLinearLM(hidden=8).double(), "fc"
     elif kind == "monarch_linear":
         torch.manual_seed(0)
-        model, target = TinyLinearLM(vocab=8, hidden=8, layer=lambda a, b: MonarchLinear(a, b, nblocks=2)).double(), "fc"
+        model, target = TinyLinearLM(vocab=8, hidden=8,
+                                     layer=lambda a, b: MonarchLinear(a, b, nblocks=2)).double(), "fc"
     elif kind == "conv1d":
         model, target = _gpt2("dense"), "transformer.h.0.attn.c_attn"
     else:

@@ -55,10 +55,12 @@ def test_bad_arguments_name_the_argument():
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # triton: interpreter too slow for opcheck
 def test_opcheck(backend):
-    for lead, bias, act in (((5,), torch.randn(30), "gelu"), ((2, 3), None, "relu"), ((0,), torch.randn(30), "gelu_tanh")):
-        args = (torch.randn(*lead, 23), torch.randn(*lead, 30), torch.randn(4, 8, 6), torch.randn(4, 8, 8), bias, 23, act,
-                backend)
-        torch.library.opcheck(OP.default, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    for lead, bias, act in (((5,), torch.randn(30), "gelu"), ((2, 3), None, "relu"),
+                            ((0,), torch.randn(30), "gelu_tanh")):
+        args = (torch.randn(*lead, 23), torch.randn(*lead, 30), torch.randn(4, 8, 6), torch.randn(4, 8, 8), bias, 23,
+                act, backend)
+        torch.library.opcheck(OP.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 def test_refuses_to_be_differentiated():
@@ -95,7 +97,8 @@ def test_eager_path_without_the_weight_gradients_keeps_the_plain_formula():
     for backend in [b for b in ("torch", "cpu") if b in BACKENDS]:
         out = mk.monarch_linear(x, w1, w2, activation="relu", backend=backend)
         (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
-        assert rel_err(dx, expected(x.detach(), torch.ones(5, 32, dtype=torch.float64), w1, w2, None, 24, "relu")[0]) < 1e-12
+        assert rel_err(dx, expected(x.detach(), torch.ones(5, 32, dtype=torch.float64), w1, w2, None, 24,
+                                    "relu")[0]) < 1e-12
     assert ops._monarch_bwd_epilogue in ops._IMPLS
 
 

@@ -44,7 +44,8 @@ def test_matches_float64(s1, s2, dtype, T, threads):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for act, bias in (("gelu", torch.randn(n_out).to(dtype)), ("gelu_tanh", None), ("relu", torch.randn(n_out).to(dtype))):
+        for act, bias in (("gelu", torch.randn(n_out).to(dtype)), ("gelu_tanh", None),
+                          ("relu", torch.randn(n_out).to(dtype))):
             if act == "relu" and dtype == torch.bfloat16:
                 continue  # a pre-activation rounded across 0 flips relu' (tested in fp32/fp64)
             got = C.monarch_bwd_epilogue(x, g, w1, w2, bias, n_in, act, True)

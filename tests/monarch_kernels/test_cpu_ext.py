@@ -39,8 +39,10 @@ def test_monarch_ops_float64(s1, s2, T):
         assert rel_err(a, e) < 1e-12
 
 
-@pytest.mark.parametrize("T", [1, 6, 97, 255, 256])  # weights in place (dot-product kernel) below 256 tokens, packed from 256
-@pytest.mark.parametrize("s1,s2", SHAPES + [((4, 40, 36), (5, 33, 32))])  # the last: K tails and partial register blocks
+# weights in place (dot-product kernel) below 256 tokens, packed from 256
+@pytest.mark.parametrize("T", [1, 6, 97, 255, 256])
+# the last: K tails and partial register blocks
+@pytest.mark.parametrize("s1,s2", SHAPES + [((4, 40, 36), (5, 33, 32))])
 def test_monarch_ops_float32(s1, s2, T):
     """float32 runs the AVX-512 kernels where the host has them (both the packed and the in-place weight paths)."""
     sh = mk.MonarchShape.from_factors(s1, s2)
@@ -149,7 +151,8 @@ def test_auto_dispatch_rule():
     assert mk.resolve_backend("monarch", x_small[:3].half(), w1.half(), w2.half()) == "torch"
     assert mk.resolve_backend("monarch", x_small.half(), w1.half(), w2.half()) == "cpu"
     assert mk.resolve_backend("monarch", x_big.bfloat16(), w1.bfloat16(), w2.bfloat16()) == "torch"
-    assert mk.resolve_backend("monarch", x_big.to(torch.complex64), w1.to(torch.complex64), w2.to(torch.complex64)) == "torch"
+    assert mk.resolve_backend("monarch", x_big.to(torch.complex64), w1.to(torch.complex64),
+                              w2.to(torch.complex64)) == "torch"
     assert mk.resolve_backend("blockdiag", x_big, torch.randn(4, 12, 12)) == "cpu"
     assert mk.resolve_backend("blockdiag", torch.randn(64, 512), torch.randn(2, 256, 256)) == "torch"
     assert mk.resolve_backend("blockdiag", torch.randn(64, 512).half(), torch.randn(2, 256, 256).half()) == "cpu"

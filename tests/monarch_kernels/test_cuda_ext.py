@@ -108,7 +108,8 @@ def test_decode_strided_and_transposed_operands(dtype):
     d = lambda t: t.double()
     assert elem_err(C.monarch_fwd(x, w1, w2, None, 3072, "none"), ref.monarch_fwd(d(x), d(w1), d(w2), None, 3072)) \
         < ELEM_TOL[dtype]
-    assert elem_err(C.monarch_bwd_input(g, w1, w2, 768), ref.monarch_bwd_input(d(g), d(w1), d(w2), 768)) < ELEM_TOL[dtype]
+    assert elem_err(C.monarch_bwd_input(g, w1, w2, 768), ref.monarch_bwd_input(d(g), d(w1), d(w2), 768)) \
+        < ELEM_TOL[dtype]
     # non-contiguous weights are served (copied) too
     w2t = w2.transpose(1, 2).contiguous().transpose(1, 2)
     assert elem_err(C.monarch_fwd(x, w1, w2t, None, 3072, "none"), ref.monarch_fwd(d(x), d(w1), d(w2), None, 3072)) \
@@ -124,7 +125,8 @@ def test_decode_blockdiag_plain_and_transposed_weight(dtype, T):
     assert elem_err(C.blockdiag_fwd(x, w, b, 190, "relu"), ref.blockdiag_fwd(d(x), d(w), d(b), 190, "relu")) \
         < ELEM_TOL[dtype]
     wt = (torch.randn(4, 64, 48, device="cuda") / 8).to(dtype).transpose(1, 2)  # served in place (W_bᵀ x)
-    assert elem_err(C.blockdiag_fwd(x, wt, None, 190, "none"), ref.blockdiag_fwd(d(x), d(wt), None, 190)) < ELEM_TOL[dtype]
+    assert elem_err(C.blockdiag_fwd(x, wt, None, 190, "none"), ref.blockdiag_fwd(d(x), d(wt), None, 190)) \
+        < ELEM_TOL[dtype]
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "gelu_tanh"])

@@ -49,8 +49,10 @@ def fused_backward_calls(monkeypatch):
 def mlp_params(n_in, n_h, nb1, nb2, dtype, gen, n_out=None):
     n_out = n_in if n_out is None else n_out
     sh1, sh2 = monarch_factor_shapes(n_in, n_h, nb1), monarch_factor_shapes(n_h, n_out, nb2)
-    w = [torch.randn(*sh1.w1_shape, generator=gen) / sh1.p ** 0.5, torch.randn(*sh1.w2_shape, generator=gen) / sh1.r ** 0.5,
-         torch.randn(*sh2.w1_shape, generator=gen) / sh2.p ** 0.5, torch.randn(*sh2.w2_shape, generator=gen) / sh2.r ** 0.5,
+    w = [torch.randn(*sh1.w1_shape, generator=gen) / sh1.p ** 0.5,
+         torch.randn(*sh1.w2_shape, generator=gen) / sh1.r ** 0.5,
+         torch.randn(*sh2.w1_shape, generator=gen) / sh2.p ** 0.5,
+         torch.randn(*sh2.w2_shape, generator=gen) / sh2.r ** 0.5,
          torch.randn(n_h, generator=gen), torch.randn(n_out, generator=gen)]
     return [t.to(DEVICE, dtype) for t in w]
 

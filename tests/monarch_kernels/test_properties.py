@@ -6,8 +6,9 @@ widths, leading dims (zero-size included), token counts around every tile and sp
 weight-gradient reductions (with 1-3 CPU threads), memory layouts of every tensor (contiguous, transposed,
 sliced, stride 0), the epilogue (bias, activation), the upstream gradient's layout and NaN/±Inf injected into
 the input or bias. Each example runs the forward and every gradient and compares them per element (max-abs error
-relative to the output scale, :func:`conftest.rel_err` with the scale of :func:`_magnitudes`) with the oracle: the same (rounded) inputs in
-float64, the structured product written as two einsums (``helpers.monarch_einsum``), and float64 autograd.
+relative to the output scale, :func:`conftest.rel_err` with the scale of :func:`_magnitudes`) with the oracle: the same
+(rounded) inputs in float64, the structured product written as two einsums (``helpers.monarch_einsum``), and float64
+autograd.
 
 Settings: ``derandomize=True`` with a fixed example count per backend (the suite takes about two minutes on
 two cores), no example database (nothing is written to the repository), no deadline, no shrinking of a
@@ -67,7 +68,8 @@ def _settings(n: int):
 def factor_shapes(draw, blockdiag: bool):
     """``(w1 shape, w2 shape)`` (``w2`` None for block-diagonal ops) with ``l·r = k·q``; sizes include 1."""
     small = st.integers(1, 6)
-    k, q, p = draw(small), draw(st.sampled_from((1, 1, 2, 3, 4, 5, 8, 16))), draw(st.sampled_from((1, 1, 2, 3, 5, 8, 16)))
+    k, q, p = (draw(small), draw(st.sampled_from((1, 1, 2, 3, 4, 5, 8, 16))),
+               draw(st.sampled_from((1, 1, 2, 3, 5, 8, 16))))
     if blockdiag:
         return (k, q, p), None
     n_mid = k * q

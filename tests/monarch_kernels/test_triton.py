@@ -879,7 +879,8 @@ def test_forward_saving_keeps_the_intermediate_across_chunks(monkeypatch, schedu
     recomputed, stage2 = [], []
     real_z, real_bd = tmon._z, tmon.bd_forward
     monkeypatch.setattr(tmon, "_z", lambda *a: recomputed.append(1) or real_z(*a))
-    monkeypatch.setattr(tmon, "bd_forward", lambda inp, w, *a, **kw: (stage2.append(w is w2), real_bd(inp, w, *a, **kw))[1])
+    monkeypatch.setattr(tmon, "bd_forward",
+                        lambda inp, w, *a, **kw: (stage2.append(w is w2), real_bd(inp, w, *a, **kw))[1])
     for want_dx, want_dw, zz in ((True, True, z), (False, True, z), (True, False, z), (True, False, None)):
         got = tmon.backward_epilogue(x, g, w1, w2, b, n_in, "gelu", want_dx, zz, want_dw, pre)
         for a, e, name in zip(got, expect, ("dx", "dw1", "dw2", "db")):

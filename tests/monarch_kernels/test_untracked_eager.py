@@ -77,7 +77,8 @@ def test_tracked_eager_calls_use_the_function_and_match_the_op():
     for backend in float64:
         tol = 0 if backend == "torch" else 1e-12
         for act in ("none", "gelu", "relu"):
-            mon = lambda a, b, c, d: mk.monarch_linear(a, b, c, d[:30], out_features=30, activation=act, backend=backend)
+            mon = lambda a, b, c, d: mk.monarch_linear(a, b, c, d[:30], out_features=30, activation=act,
+                                                       backend=backend)
             bd = lambda *a: mk.blockdiag_linear(*a, activation=act, backend=backend)
             for fn, tensors, grad_fn, op in (
                 (mon, (x, w1, w2, bias), "_MonarchFwdEagerBackward", "monarch_fwd"),
