@@ -483,3 +483,186 @@ def test_g_readers_weigh_the_bias_gradient_and_a_free_copy(monkeypatch):
         dataclasses.replace(pr, bias=False), dtype, dev))
     assert cm.estimate("triton", "two_kernel", "bwd", biased, "float32", DEV).time() > bwd
     assert cm.estimate("triton", "two_kernel", "fwdbwd", step_act, "float32", DEV).time() > step
+
+
+# ------------------------------------------------------------------------ mutation sweep of the cost model
+
+
+def test_h200_constants_scale_the_l2_rate_with_the_copy_rate():
+    """The H200's L2 bandwidth is not measured: it is the H100's 7.5 TB/s scaled by the copy rates (4.25 / 3.0
+    TB/s), i.e. 10.625 TB/s, 2.5x the copy rate on both devices; an L2-bound launch of 10.625 MB takes 1 µs."""
+    assert cm.H200.l2_bw == pytest.approx(10.625e12)
+    assert cm.H200.l2_bw / cm.H200.hbm_bw == pytest.approx(2.5) == cm.H100_SXM.l2_bw / cm.H100_SXM.hbm_bw
+    kern = cm.Kernel("l2", 0.0, 0.0, 0.0, 10.625e6, 1.0)
+    assert kern.time(cm.H200) == pytest.approx(1e-6 + cm.H200.launch_s)
+    assert cm.device_for("NVIDIA H200").l2_bytes == 60 * 2**20
+
+
+def test_bias_gradient_partials_of_a_ragged_token_count():
+    """100 tokens make two 64-token tiles of the copy (the second one ragged), so 768 columns sum two fp32
+    partial rows each: 2 x 768 x 4 bytes written by the copy and read back, and 768 bf16 sums written; 64 tokens
+    are one tile."""
+    assert cm._bias_grad("b", 100, 768, "bfloat16", DEV, copied=True).hbm_bytes == 2 * 2 * 768 * 4 + 768 * 2
+    assert cm._bias_grad("b", 64, 768, "bfloat16", DEV, copied=True).hbm_bytes == 2 * 1 * 768 * 4 + 768 * 2
+    assert cm._bias_grad("b", 100, 768, "bfloat16", DEV).hbm_bytes == 100 * 768 * 2 + 768 * 2  # g read once
+
+
+def test_batched_gemm_efficiency_follows_the_narrowest_block_side():
+    """cuBLAS batched GEMMs reach ``bmm_eff[0]`` (0.44 of the copy rate) when either the output side or the
+    contraction is under 128 wide, ``bmm_eff[1]`` (0.69) from 128 up: a 64-wide block's weight gradient is narrow
+    although it contracts over 16384 tokens; GPT-2's 192 x 768 blocks and 128 x 128 ones are wide."""
+    assert cm._bmm("dw2 4096/64", 64, 64, 64, 16384, "bfloat16", DEV).mem_eff == 0.44
+    assert cm._bmm("dy 4096/64", 64, 16384, 64, 64, "bfloat16", DEV).mem_eff == 0.44
+    assert cm._bmm("dx fc2", 4, 16384, 768, 192, "bfloat16", DEV).mem_eff == 0.69
+    assert cm._bmm("128 wide", 8, 16384, 128, 128, "bfloat16", DEV).mem_eff == 0.69
+    assert cm._bmm("127 deep", 8, 16384, 128, 127, "bfloat16", DEV).mem_eff == 0.44
+
+
+def test_reference_weight_gradient_alone_recomputes_the_intermediate():
+    """The reference's standalone ``bwd_weight`` gets only ``x`` and ``g``: it runs stage 1 again (bmm and P1
+    copy) before dW2; at GPT-2's fc2 (1024 tokens, 4 blocks of 768 -> 192) that bmm reads x (3072 wide) and the
+    weights and writes the 768-wide intermediate."""
+    fc2 = cm.Problem.linear(1024, 3072, 768, 4)
+    kerns = {k.name: k for k in cm.estimate("torch", "reference", "bwd_weight", fc2).kernels}
+    assert list(kerns) == ["ref P2T copy", "ref bmm1 (z)", "ref P1 copy", "ref dW2 bmm", "ref dZ bmm",
+                           "ref P1T copy", "ref dW1 bmm"]
+    assert kerns["ref bmm1 (z)"].hbm_bytes == 4 * (1024 * 768 + 192 * 768 + 1024 * 192) * 2
+
+
+def test_warpgroup_rate_from_64_rows_at_a_multiple_of_4_warps():
+    """Triton issues ``wgmma`` (600 TFLOP/s) when a warpgroup owns at least 64 rows: 64 rows at 4 warps, yes; 32
+    rows, or 64 rows at 2 warps, ``mma.sync`` (300); fp32 dots run on FMA (40). The 64-token stage 1 of 4096/64
+    gets a 64-row tile at 4 warps and is priced at the wgmma rate."""
+    rate = lambda m, warps, dtype="bfloat16": cm._tc_rate(DEV, plan.Tile(m, 64, 64, 1, warps, 2), dtype)
+    assert rate(64, 4) == rate(128, 8) == 600e12
+    assert rate(32, 4) == rate(64, 2) == 300e12
+    assert rate(128, 8, "float32") == 40e12
+    lp = plan.bd_launch(64, 64, 64, 64, 2, None, (64, 64), out_token_major=True)
+    assert (lp.tile.block_m, lp.tile.num_warps) == (64, 4)
+    kern = cm.bd_cost("stage 1", 64, 64, 64, 64, "bfloat16", DEV, out_perm=(64, 64), y_token_major=True)
+    assert kern.flop_rate == 600e12
+
+
+def test_padded_contraction_and_token_steps_are_executed_flops():
+    """FLOPs executed count the padding of the tiles: a 24-deep contraction runs as one 32-wide K step (2 x 128
+    x 64 x 32, not x 24); the weight gradient over 1000 tokens runs 4 splits of 256 (1024 tokens: 2 x 64 x 64
+    x 1024), and its partial sum reads the 4 fp32 partials and writes the fp32 sum and the bf16 cast."""
+    kern = cm.bd_cost("bd", 128, 1, 64, 24, "bfloat16", DEV)
+    assert kern.flops == 2 * 128 * 64 * 32 and kern.useful_flops == 2 * 128 * 64 * 24
+    dw, red = cm.wgrad_cost("dw", 1000, 1, 64, 64, "bfloat16", DEV).kernels
+    assert dw.flops == 2 * 64 * 64 * 1024 and dw.useful_flops == 2 * 1000 * 64 * 64
+    assert red.hbm_bytes == 4 * 64 * 64 * 4 + 64 * 64 * (4 + 2)
+
+
+def test_fused_square_forward_priced_by_hand():
+    """1024/32 (32 blocks of 32 on both sides), 4096 bf16 tokens: 16-row tiles of 16 stage-2 blocks (16 x 16
+    x 32 = 8K elements), 2 groups: 512 programs of 16 rows, each 32 x 32 x 16 (stage 1, its group's columns of
+    all 32 blocks) and 16 x 32 x 32 (stage 2, its 16 blocks) multiply-adds per row. x is read
+    from HBM once and from L2 once per group, the output in 32-byte runs of 16 blocks (whole sectors), the
+    weights from L2 per row tile; the kernel runs at the mma.sync rate and a tenth of the streaming rate."""
+    pr = cm.Problem.linear(4096, 1024, 1024, 32)
+    (kern,) = cm._fused_forward(pr, "bfloat16", DEV).kernels
+    once, w = 4096 * 1024 * 2, 2 * 32 * 32 * 32 * 2
+    assert kern.flops == 2 * 512 * 16 * (32 * 32 * 16 + 16 * 32 * 32)
+    assert kern.hbm_bytes == 2 * once + w
+    assert kern.l2_bytes == 2 * once + (4096 // 16) * w + once
+    assert kern.flop_rate == 300e12 and kern.mem_eff == pytest.approx(0.9 * 0.1)
+
+
+def test_fused_dx_dw1_kernel_priced_by_hand():
+    """GPT-2's fc2 (3072 -> 768; w1: 4 blocks of 768 -> 192), 16384 tokens: the fused dx/dw1 kernel
+    holds q = 192 padded to 256 beside an fp32 dw1 tile, which leaves 16-wide p-tiles: 48 of them per block,
+    each re-reading dy from L2. HBM: dy read, x read, dx written, 2 splits' fp32 partials; the host sums them
+    (read, fp32 sum and bf16 cast written)."""
+    T = 16384
+    fc2 = cm.Problem.linear(T, 3072, 768, 4)
+    dxw, red = cm._dxw_fused(fc2, "bfloat16", DEV).kernels
+    dy, x, partial = T * 768 * 2, T * 3072 * 2, 2 * 4 * 192 * 768 * 4
+    assert dxw.hbm_bytes == dy + 2 * x + partial
+    assert dxw.l2_bytes == 48 * dy + 2 * x + partial
+    assert dxw.flops == 2 * 2 * (4 * 48) * 256 * 16 * T
+    assert red.hbm_bytes == partial + 4 * 192 * 768 * (4 + 2)
+
+
+def test_ragged_widths_keep_cublas_off_the_side_without_block_views():
+    """cuBLAS runs dx/dw1 on block views of x and dy/dw2 on views of g: a ragged input width (3071 of fc2's 3072)
+    rules out the first but not the second, a ragged output width (767) the reverse. At fc2 the model picks
+    cuBLAS for both where the views exist."""
+    T, sh = 16384, cm.Problem.linear(16384, 3072, 768, 4).shape
+    ragged_in, ragged_out = cm.Problem(T, 3071, 768, sh), cm.Problem(T, 3072, 767, sh)
+    assert cm.dxw_choice(ragged_in) != "bmm" and cm.g_readers(ragged_in) == "bmm"
+    assert cm.g_readers(ragged_out) != "bmm" and cm.dxw_choice(ragged_out) == "bmm"
+
+
+def test_standalone_input_gradient_gathers_g_as_given():
+    """``backward_input`` (dx alone) reads ``g`` row-major: dy gathers it through P2ᵀ in grouped 16-byte runs (8
+    blocks per program at 4096/64) at the interleaved kernels' share of the bandwidth, then dx; no copy."""
+    pr = cm.Problem.linear(16384, 4096, 4096, 64)
+    dy, dx = cm.estimate("triton", "two_kernel", "bwd_input", pr).kernels
+    assert (dy.name, dx.name) == ("dy = P1T BD(w2)T P2T g", "dx = BD(w1)T dy")
+    assert dy.mem_eff == pytest.approx(DEV.mem_eff * DEV.interleaved_eff)
+    assert dx.mem_eff == pytest.approx(DEV.mem_eff)
+
+
+def test_blockdiag_training_step_on_a_non_square_block():
+    """4 blocks of 256 -> 1024, 16384 tokens: dx multiplies g (4096 wide) by the transposed blocks into 1024
+    columns, reading g from L2 once per 128-wide tile of a block's 256 outputs (2) and the weights once per
+    128-row tile; the bias gradient sums the 4096 output columns of g."""
+    T = 16384
+    step = cm.blockdiag_cost("triton", T, 4, 1024, 256, "bfloat16", DEV, training=True)
+    dx = {k.name: k for k in step.kernels}["blockdiag dx"]
+    g, w, out = T * 4096 * 2, 4 * 1024 * 256 * 2, T * 1024 * 2
+    assert dx.hbm_bytes == g + w + out
+    assert dx.l2_bytes == 2 * g + (T // 128) * w + out
+    biased = cm.blockdiag_cost("triton", T, 4, 1024, 256, "bfloat16", DEV, training=True, bias=True)
+    assert biased.hbm_bytes - step.hbm_bytes == T * 4096 * 2 + 4096 * 2
+
+
+def test_fused_mlp_kernels_on_unequal_layers_priced_by_hand():
+    """An MLP whose layers differ (fc1: 768 -> 3072 through a 512-wide intermediate, w1 4 x (128, 192), w2 8 x
+    (384, 64); fc2: 3072 -> 768 through 768, w1 4 x (192, 768), w2 4 x (192, 192)), 1024 bf16 tokens: 8 token
+    tiles; per (tile, fc2 block, fc1 block) S = 768 / 8 = 96 hidden rows in 3 chunks of 32. Forward: z1 (512
+    wide) read and z2 (768 wide) written once, z1 re-read from L2 per fc2 block (4), both weight slices per
+    token tile. Backward: dy2 (768 wide) re-read from L2 per fc1 block (8), the activation and dpre (3072 wide)
+    written, dz1 (512 wide) written."""
+    T = 1024
+    s1, s2 = MonarchShape(4, 128, 192, 8, 384, 64), MonarchShape(4, 192, 768, 4, 192, 192)
+    fc1, fc2 = cm.Problem(T, 768, 3072, s1, "gelu"), cm.Problem(T, 3072, 768, s2)
+    z1, z2, hid = T * 512 * 2, T * 768 * 2, T * 3072 * 2
+    w2a, w1b = 8 * 384 * 64 * 2, 4 * 192 * 768 * 2
+    hidden = cm.mlp_forward(fc1, fc2, "bfloat16", DEV).kernels[2]
+    assert hidden.flops == 2.0 * 8 * 4 * 8 * 3 * 128 * 32 * (64 + 256)  # r1 = 64; q2 = 192 padded to 256
+    assert hidden.hbm_bytes == z1 + z2 + w2a + w1b
+    assert hidden.l2_bytes == 4 * z1 + 8 * (w2a + w1b) + z2
+    back = cm.mlp_hidden_backward(fc1, fc2, "bfloat16", DEV)
+    assert back.flops == 2.0 * 8 * 8 * 4 * 3 * 128 * 32 * (64 + 64 + 192)
+    assert back.hbm_bytes == z1 + z2 + 2 * hid + z1 + w2a + w1b
+    assert back.l2_bytes == z1 + 8 * z2 + 2 * hid + z1 + 8 * (w2a + w1b)
+
+
+def test_fused_mlp_forward_ends_as_its_stage_2_store_says():
+    """GPT-2's fc2 stage 2 stores token-major (``stage2_store``) at 16384 tokens, so the fused forward ends with
+    the transposing copy into the row-major output: the 768-wide output read and written once (50 MB)."""
+    T = 16384
+    fc1, fc2 = cm.Problem.linear(T, 768, 3072, 4, "gelu"), cm.Problem.linear(T, 3072, 768, 4)
+    assert cm.stage2_store(fc2) == "token_major"
+    kerns = cm.mlp_forward(fc1, fc2, "bfloat16", DEV).kernels
+    assert [k.name for k in kerns[3:]] == ["stage 2 (P2 in a token-major store, epilogue)",
+                                           "transpose into the row-major output"]
+    assert kerns[-1].hbm_bytes == 2 * T * 768 * 2
+
+
+def test_fused_mlp_training_step_runs_the_picked_gradient_kernels():
+    """The fused MLP step runs fc1's dx/dw1 as ``dxw_choice`` picks (at GPT-2's fc1, 16384 tokens: the block-diagonal
+    and weight-gradient kernels, not the fused one), and sums fc2's bias where ``g`` is read: with 8 blocks per
+    layer the readers take a token-major copy (Triton tiles), whose 256 tiles' fp32 partials are summed."""
+    T = 16384
+    fc1, fc2 = cm.Problem.linear(T, 768, 3072, 4, "gelu"), cm.Problem.linear(T, 3072, 768, 4)
+    assert cm.dxw_choice(fc1) == "separate"
+    names = [k.name for k in cm.mlp_training_step(fc1, fc2, "bfloat16", DEV).kernels]
+    assert names[-3:] == ["dx = BD(w1)T dy", "dw1", "dw1 partial sum"] and "dx & dw1 (shared dy)" not in names
+    fc1, fc2 = cm.Problem.linear(T, 768, 3072, 8, "gelu", True), cm.Problem.linear(T, 3072, 768, 8, bias=True)
+    assert cm.g_readers(fc2) == "token_major"
+    bias2 = cm.mlp_training_step(fc1, fc2, "bfloat16", DEV).kernels[-2]
+    assert bias2.name == "fc2 bias gradient (the copy's partials summed)"
+    assert bias2.hbm_bytes == 2 * 256 * 768 * 4 + 768 * 2

@@ -234,3 +234,64 @@ def test_resident_training_step_is_the_kept_forward_and_the_triton_backward_on_z
         assert step.time(dev) == pytest.approx(step.kernels[0].time(dev) + backward.time(dev), rel=1e-12)
     with pytest.raises(ValueError, match="no resident kernel takes"):
         cc.resident_training_step(cm.Problem.linear(4096, 768, 3072, 4), "bfloat16", dev)
+
+
+# ------------------------------------------------------------------------ mutation sweep of the CUDA model
+
+
+def test_shared_memory_bound_uses_every_block_side_and_16_fp32_rows():
+    """The staged rows' bound: 16-bit tokens in whole 16-row tiles, fp32 always 16 rows, times the widest block
+    side of either factor padded to 64 plus 32, plus 1152 bytes per row. 512 -> 8192 with 4 blocks has 128-wide
+    stage-1 blocks but 2048-wide stage-2 rows: 64 tokens need 64 x ((2048 + 32) x 2 + 1152) = 339968 bytes,
+    past the 227 KiB opt-in, 16 tokens 84992."""
+    assert cc.smem_bytes("float32", 4, 64) == 16 * ((64 + 32) * 4 + 1152)
+    assert cc.smem_bytes("bfloat16", 20, 64) == 32 * ((64 + 32) * 2 + 1152)
+    wide = cm.Problem.linear(64, 512, 8192, 4)
+    assert (wide.shape.q, wide.shape.s) == (128, 2048)
+    assert cc.smem_bytes("bfloat16", 64, 2048) == 339968 > cc.SMEM_OPTIN
+    assert not cc.supported(wide, "bfloat16")
+    assert math.isinf(cm.estimate("cuda", "decode", "fwd", wide).time())
+    assert cc.supported(cm.Problem.linear(16, 512, 8192, 4), "bfloat16")
+
+
+def test_unequal_factors_prefetch_by_the_second_stages_bytes():
+    """4096 -> 16384 with 4 blocks, one bf16 token: w1 8 MiB, w2 32 MiB. The forward's stage 2 (w2) is past 60%
+    of L2 (30 MiB): 15/16 of it is prefetched, the rest read after the barrier (critical path: w1 and x, the
+    barrier, a DRAM latency, 2 MiB and the output). dX runs w2 first (reading the 16384-wide g) and then w1,
+    which is prefetched whole: stage 1's bytes and the barrier, then one L2 latency."""
+    dev = cm.H100_SXM
+    pr = cm.Problem.linear(1, 4096, 16384, 4)
+    w1, w2, bw = 4 * 1024 * 1024 * 2, 4 * 4096 * 1024 * 2, dev.hbm_bw * dev.mem_eff
+    fwd = cc.decode_kernel(pr, "bfloat16", dev)
+    rest = (w2 / 16 + 16384 * 2) / bw
+    assert fwd.latency_s == 0
+    assert fwd.critical_s == pytest.approx((w1 + 4096 * 2) / bw + cc.GRID_SYNC_S + cc.DRAM_LATENCY_S + rest, rel=1e-9)
+    dx = cc.decode_kernel(pr, "bfloat16", dev, transposed=True)
+    assert dx.latency_s == cc.L2_LATENCY_S
+    assert dx.critical_s == pytest.approx((w2 + 16384 * 2) / bw + cc.GRID_SYNC_S, rel=1e-9)
+
+
+def test_rowsplit_rows_per_lane_group_at_four_tokens_and_past():
+    """The row-split kernel's lane groups take 4 rows up to 4 tokens and 2 past that (kRowsPerGroup). 4096/16
+    (r = p = 256: 32 lanes per row, 8 rows per warp pass): stage 1's 256 rows take 8 DRAM rounds at 4 tokens and
+    16 at 5; stage 2's 29 rows per split one and two L2 rounds; one CTA streams its w1 rows, x and w2 rows."""
+    sh = (16, 256, 256, 16, 256, 256)
+    for T, dram, l2 in ((4, 8, 1), (5, 16, 2)):
+        plan = cc.rowsplit_plan(T, sh, 4096, "bfloat16")
+        assert plan["s_per"] == 29
+        kern = cc.rowsplit_kernel(cm.Problem.linear(T, 4096, 4096, 16), "bfloat16", cm.H100_SXM)
+        per_cta = (256 * 256 + T * 4096 + 29 * 256) * 2
+        expected = per_cta / (7.5e12 / 132) + dram * cc.DRAM_LATENCY_S + l2 * cc.L2_LATENCY_S
+        assert kern.critical_s == pytest.approx(expected, rel=1e-9)
+
+
+def test_resident_plan_runs_no_more_ctas_than_tiles():
+    """100 tokens are 7 tiles of 16: the resident kernel launches 7 CTAs, not one per SM, and each reads the
+    factors from L2 once (7 x 128 KiB) beside x and the output."""
+    plan = cc.resident_plan(100, (32,) * 6, 1024, 1024, "bfloat16")
+    assert (plan["tiles"], plan["ctas"]) == (7, 7)
+    kern = cc.resident_kernel(cm.Problem.linear(100, 1024, 1024, 32), "bfloat16", cm.H100_SXM)
+    weights = 2 * 32 * 32 * 32 * 2
+    assert kern.l2_bytes == 7 * weights + 2 * 100 * 1024 * 2
+    assert kern.critical_s > 0 and kern.critical_s == pytest.approx(
+        cc.resident_kernel(cm.Problem.linear(16, 1024, 1024, 32), "bfloat16", cm.H100_SXM).critical_s)
