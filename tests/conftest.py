@@ -147,3 +147,12 @@ def sim_binary(tmp_path_factory):
     from sim_harness import build
 
     return build(tmp_path_factory.mktemp("fwd_sim"))
+
+
+@pytest.fixture(scope="session")
+def sim_tsan_binary(tmp_path_factory):
+    """The same emulation under ThreadSanitizer (``tests/csrc/test_cuda_sim_races.py``): a run fails where two
+    emulated threads touch one location unordered by the kernel's barriers."""
+    from sim_harness import build
+
+    return build(tmp_path_factory.mktemp("fwd_sim_tsan"), "thread")

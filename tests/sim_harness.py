@@ -3,8 +3,11 @@
 ``tests/cuda_sim/sim.h`` emulates the CUDA execution model (a std::thread per CUDA thread, barriers for
 ``__syncthreads``, warp shuffles and ``mma.sync``), so g++ compiles the kernel's plan, indexing, permutations,
 fragment layouts, rounding and epilogue with address and undefined-behaviour sanitizers, and the tests compare
-its output per element with the float64 reference, outputs poisoned and shared memory NaN-poisoned. What this
-cannot check (the device's real loads, cp.async ordering, occupancy, speed) is left to ``bench/gpu_check.sh``.
+its output per element with the float64 reference, outputs poisoned and shared memory NaN-poisoned (a cp.async
+destination too, until its wait). ``build(..., "thread")`` makes the same emulation under ThreadSanitizer, which
+fails a run where a barrier is missing (``tests/csrc/test_cuda_sim_races.py``). What this cannot check (the
+device's real loads, the order of one thread's copies among themselves, fences between CTAs, occupancy, speed)
+is left to ``bench/gpu_check.sh``.
 """
 import json
 import os
@@ -30,11 +33,15 @@ needs_sim = pytest.mark.skipif(
 )
 
 
-def build(directory) -> str:
-    """Compiles the emulation (sanitizers on) into ``directory``; returns the executable's path."""
-    exe = os.path.join(str(directory), "fwd_sim")
-    cmd = ["g++", "-std=c++20", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-           "-Wno-attributes", "-DMONARCH_CUDA_SIM", f"-I{CUDA_INCLUDE}", f"-I{ROOT}/csrc/cuda",
+def build(directory, sanitize: str = "address,undefined", kernels: str = os.path.join(ROOT, "csrc", "cuda")
+          ) -> str:
+    """Compiles the emulation of the kernels in ``kernels`` into ``directory`` with the ``sanitize`` sanitizers
+    (``"thread"``: ThreadSanitizer, which reports two threads' unordered accesses to one location, e.g. a missing
+    ``__syncthreads``, and fails the run); returns the executable's path."""
+    exe = os.path.join(str(directory), "fwd_sim_" + sanitize.replace(",", "_"))
+    recover = ["-fno-sanitize-recover=undefined"] if "undefined" in sanitize else []
+    cmd = ["g++", "-std=c++20", "-O1", "-g", f"-fsanitize={sanitize}", *recover,
+           "-Wno-attributes", "-DMONARCH_CUDA_SIM", f"-I{CUDA_INCLUDE}", f"-I{kernels}",
            "-include", f"{ROOT}/tests/cuda_sim/sim.h", f"{ROOT}/tests/cuda_sim/fwd_main.cpp", "-pthread",
            "-o", exe]
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -119,7 +119,7 @@ inline bool resident_plan(const MonarchFwdArgs& a, int itemsize, int sms, int sm
 // 16 bytes global -> shared without a register round trip (cp.async, L2 only), and its group bookkeeping.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #ifdef MONARCH_CUDA_SIM
-  std::memcpy(smem, gmem, 16);
+  sim::cp_async16(smem, gmem);
 #else
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem));
@@ -127,14 +127,18 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 }
 
 __device__ __forceinline__ void cp_async_commit() {
-#ifndef MONARCH_CUDA_SIM
+#ifdef MONARCH_CUDA_SIM
+  sim::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;");
 #endif
 }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {  // all but the newest N groups complete
-#ifndef MONARCH_CUDA_SIM
+#ifdef MONARCH_CUDA_SIM
+  sim::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;" ::"n"(N));
 #endif
 }

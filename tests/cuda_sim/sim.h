@@ -4,7 +4,10 @@
 // lane of a warp must reach each shuffle, which CUDA requires of a full-mask shuffle as well). mma.sync
 // m16n8k16 is a warp collective too: every lane posts its fragments, then computes its own D elements from the
 // PTX ISA's fragment tables (fp32 accumulation in k order; the hardware's order and internal precision differ
-// within the tests' tolerances). cp.async copies at once (the kernels wait and synchronise before reading).
+// within the tests' tolerances). cp.async (sim::cp_async16 and its commit/wait): the destination is undefined
+// from the issue (NaN-poisoned at once) until a wait retires the copy's group (the data lands then), so a read
+// before its wait sees NaN, and a copy issued into a buffer another thread still reads is a write that
+// ThreadSanitizer sees racing with that read.
 // Thread-block clusters (launch_cluster): the CTAs of a cluster run at the same time, the split cluster barrier
 // is a barrier across all their threads, and distributed shared memory is a pointer into the other CTA's buffer.
 //
@@ -18,6 +21,7 @@
 #include <barrier>
 #include <chrono>
 #include <cmath>
+#include <deque>
 #include <optional>
 #include <cstdint>
 #include <cstring>
@@ -78,6 +82,36 @@ inline void cluster_arrive() {
 inline void cluster_wait() {
   cluster->all.wait(std::move(*cluster_token));
   cluster_token.reset();
+}
+
+// cp.async of 16 bytes: the destination is poisoned now and written when a cp_async_wait retires the group the
+// copy was committed in (global memory is read now: the kernels' inputs do not change while they run).
+struct AsyncCopy {
+  void* dst;
+  unsigned char bytes[16];
+};
+inline thread_local std::vector<AsyncCopy> cp_open;               // issued since the last commit
+inline thread_local std::deque<std::vector<AsyncCopy>> cp_groups;  // committed, oldest first
+
+inline void cp_async16(void* dst, const void* src) {
+  AsyncCopy c{dst, {}};
+  std::memcpy(c.bytes, src, 16);
+  std::memset(dst, 0xff, 16);
+  cp_open.push_back(c);
+}
+
+inline void cp_async_commit() {
+  cp_groups.push_back(std::move(cp_open));
+  cp_open.clear();
+}
+
+// cp.async.wait_group n: every committed group but the newest n has landed (copies not yet committed stay
+// pending, as on the device).
+inline void cp_async_wait(int n) {
+  while (static_cast<int>(cp_groups.size()) > n) {
+    for (const AsyncCopy& c : cp_groups.front()) std::memcpy(c.dst, c.bytes, 16);
+    cp_groups.pop_front();
+  }
 }
 
 // `p` (in this CTA's dynamic shared memory) at the same offset in the dynamic shared memory of cluster rank `rank`.
