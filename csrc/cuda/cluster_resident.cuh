@@ -305,7 +305,8 @@ __global__ void __launch_bounds__(kClusterThreads, 1) cluster_kernel(const __gri
         *reinterpret_cast<uint4*>(out + (t0 + t) * P.out_ts + ss * P.nb + own) =
             unswizzle(*reinterpret_cast<const uint4*>(stage + t * pitch + ss * 8), (ss >> 1) & 3);
     }
-    __syncthreads();  // the staging buffer is written by the next tile's stage 1
+    // no barrier here: the staging buffer's next writer (stage 1 of the next tile, or at the last iteration
+    // stage 2) runs after a __syncthreads of its own, which orders these reads before it
   }
   cp_async_wait<0>();
 #endif
