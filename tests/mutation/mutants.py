@@ -32,6 +32,7 @@ ROWSPLIT_SIM = ("tests/csrc/test_cuda_rowsplit_sim.py",)
 RESIDENT = "csrc/cuda/resident.cuh"
 RESIDENT_SIM = ("tests/csrc/test_cuda_resident_sim.py",)
 CLUSTER = "csrc/cuda/cluster_resident.cuh"
+RACES = ("tests/csrc/test_cuda_sim_races.py",)  # the emulation under ThreadSanitizer, cp.async landing at its wait
 TRITON_MLP = "monarch_kernels/triton/mlp.py"
 MLP_TESTS = ("tests/monarch_kernels/test_mlp.py",)
 LAYER_TESTS = "tests/layers/test_monarch_linear.py"
@@ -420,6 +421,30 @@ MUTANTS = [
            "constexpr int kClusterZBuffers = 2;",
            "the cluster kernel cycles two intermediate buffers: a peer's next pushes can land in the one it still"
            " reads (a race the emulation's lagging CTA exposes)", RESIDENT_SIM),
+    # a barrier or cp.async wait removed: values may still come out right on the emulation's schedule, the race
+    # detector (or the copy that lands only at its wait) sees it
+    Mutant("cuda-sim-resident-output-over-unread-intermediate", RESIDENT,
+           "    __syncthreads();  // every warp has read the intermediate: the output overwrites it",
+           "    // (barrier removed)",
+           "the resident kernel writes its output tile over the intermediate while other warps still read it",
+           RACES),
+    Mutant("cuda-sim-resident-refill-under-output-reads", RESIDENT,
+           "    __syncthreads();  // the buffer is refilled by the cp.async issued at the top of the next iteration",
+           "    // (barrier removed)",
+           "the next tile's cp.async refills the x buffer other warps still read for the output stores", RACES),
+    Mutant("cuda-sim-resident-x-tile-before-its-wait", RESIDENT,
+           "    cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group in flight\n"
+           "    cp_async_wait<1>();",
+           "    cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group in flight",
+           "stage 1 reads the x tile without waiting for its cp.async group", RACES),
+    Mutant("cuda-sim-cluster-output-over-unread-staging", CLUSTER,
+           "    __syncthreads();  // every thread's pushes have read the staging buffer: it takes the output tile now",
+           "    // (barrier removed)",
+           "stage 2 writes the staging buffer while other threads' pushes still read it", RACES),
+    Mutant("cuda-sim-rowsplit-stage2-before-stage1", ROWSPLIT,
+           "  __syncthreads();\n  stage2<T, TB>(P, zs, ll, warp, lane);",
+           "  stage2<T, TB>(P, zs, ll, warp, lane);",
+           "the row-split kernel's stage 2 reads intermediate rows other warps have not written yet", RACES),
     # ------------------------------------------------------------------------------------------ layers
     # (a sweep of 56 mutants of the layer code found these surviving; each now has a test that kills it)
     Mutant("layers-projection-surplus-slots-kept", "monarch_kernels/projection.py",
