@@ -277,7 +277,8 @@ def bias_grad(layer: str, problem: Problem, dtype: str, dev: Device, copied: boo
     return Cost([_bias_grad(layer, problem.tokens, problem.n_out, dtype, dev, copied)] if problem.bias else [])
 
 
-def _bmm(name: str, batch: int, m: int, n: int, k: int, dtype: str, dev: Device, useful: Optional[float] = None) -> Kernel:
+def _bmm(name: str, batch: int, m: int, n: int, k: int, dtype: str, dev: Device,
+         useful: Optional[float] = None) -> Kernel:
     """cuBLAS batched GEMM over ``batch`` blocks: operands once each (strided views, no copies)."""
     item = ITEMSIZE[dtype]
     flops = 2.0 * batch * m * n * k
@@ -520,8 +521,9 @@ def mlp_forward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev: Device
     (token-major store through P1), fc2's ``w1`` regrouped (one small copy), the hidden-layer kernel and fc2's
     stage 2 (:func:`stage2_from_token_major`). The hidden-layer kernel executes, per (token tile, fc2 block) of
     :data:`.plan.MLP_TILE`, ``l1 · ceil(S / bs)`` chunks (``bs``: :func:`.plan.mlp_block_s`) of a ``block_m × bs
-    × r1`` dot (``r1`` padded to ``block_k``) and a ``block_m × q2 × bs`` one (``q2`` padded to a power of two); it reads fc1's intermediate ``z1`` and writes fc2's ``z2`` once from HBM
-    (token-major: whole sectors), ``z1`` once per fc2 block and both weight slices once per token tile from L2,
+    × r1`` dot (``r1`` padded to ``block_k``) and a ``block_m × q2 × bs`` one (``q2`` padded to a power of two);
+    it reads fc1's intermediate ``z1`` and writes fc2's ``z2`` once from HBM (token-major: whole sectors), ``z1``
+    once per fc2 block and both weight slices once per token tile from L2,
     and runs at the ``wgmma`` rate (kernel audit). ``fc1.activation`` is the one between the layers.
     ValueError where the fused kernel does not take the pair (:func:`.plan.mlp_fusable`)."""
     sh1, sh2, T, item = fc1.shape, fc2.shape, fc1.tokens, ITEMSIZE[dtype]

@@ -276,7 +276,8 @@ def cluster_kernel(problem: cm.Problem, dtype: str, dev: cm.Device, keep: bool =
     startup = (weights / C) / (dev.l2_bw / dev.num_sms) + DRAM_LATENCY_S
     executed = 2.0 * plan["tiles"] * CLUSTER_ROWS * 2 * nb ** 3
     l2 = weights * plan["clusters"] + io + cm.rows_bytes(T, problem.n_out, item)
-    return CooperativeKernel("cuda cluster resident forward" + (" keeping z" if keep else ""), executed, problem.useful_fwd_flops(), weights + io,
+    name = "cuda cluster resident forward" + (" keeping z" if keep else "")
+    return CooperativeKernel(name, executed, problem.useful_fwd_flops(), weights + io,
                              l2, dev.triton_flops["mma"], dev.mem_eff, rounds * per_round, startup)
 
 
@@ -353,7 +354,8 @@ def resident_kernel(problem: cm.Problem, dtype: str, dev: cm.Device, keep: bool 
     rounds = -(-plan["tiles"] // plan["ctas"])
     startup = weights / (dev.l2_bw / dev.num_sms) + DRAM_LATENCY_S
     executed = flops_tile * plan["tiles"]
-    return CooperativeKernel("cuda resident forward" + (" keeping z" if keep else ""), executed, problem.useful_fwd_flops(), weights + io,
+    name = "cuda resident forward" + (" keeping z" if keep else "")
+    return CooperativeKernel(name, executed, problem.useful_fwd_flops(), weights + io,
                              weights * plan["ctas"] + io, dev.triton_flops["mma"], dev.mem_eff,
                              rounds * per_round, startup)
 

@@ -26,7 +26,8 @@ extra intermediates.
 Tiles (:data:`.plan.MLP_TILE`): 128 tokens, 32-wide chunks of ``s'``, 64-deep steps of ``r1``, all of ``q2``
 (padded to a power of two, at most 256) as the fp32 accumulator; 16 warps. Compiled offline for sm_90
 (``bench.kernel_audit``): ``wgmma`` for both dots, 128 registers and no spills at the GPT-2 shape (``q2 = 192``
-padded to 256), 16-byte loads and stores. :func:`fusable` says which pairs of layers it takes (:func:`.plan.mlp_fusable`).
+padded to 256), 16-byte loads and stores. :func:`fusable` says which pairs of layers it takes
+(:func:`.plan.mlp_fusable`).
 
 Training (:func:`mlp_forward_saving`, :func:`mlp_backward`). The forward keeps ``z1`` and ``z2``, which it writes
 anyway, and no ``T × n_h`` tensor. Backward, with ``dy2 = P1ᵀ BD(w2b)ᵀ P2ᵀ g`` from fc2's stage 2 (as in
@@ -152,9 +153,9 @@ def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tens
 def mlp_forward_saving(x, w1a, w2a, bias1, w1b, w2b, bias2, n_out: int, activation: str = "gelu"):
     """``(out, z1, z2, w1v)``: ``fc2(act(fc1(x)))`` for ``x (T, n_in)`` with the hidden layer fused
     (:func:`hidden_layer`), the two stage-1 intermediates it wrote anyway (token-major, stage-2 order: fc1's
-    ``z1 (T, l1·r1)``, fc2's ``z2 (T, l2·r2)``) and fc2's regrouped ``w1``, which :func:`mlp_backward` takes. The caller checks
-    :func:`fusable` first. Three launches and a transposing copy where the cost model stores fc2's output
-    token-major first, as the two-kernel forward does."""
+    ``z1 (T, l1·r1)``, fc2's ``z2 (T, l2·r2)``) and fc2's regrouped ``w1``, which :func:`mlp_backward` takes. The
+    caller checks :func:`fusable` first. Three launches and a transposing copy where the cost model stores fc2's
+    output token-major first, as the two-kernel forward does."""
     from .monarch import stage2_forward
 
     sh1 = MonarchShape.from_factors(w1a.shape, w2a.shape)

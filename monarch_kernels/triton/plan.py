@@ -449,8 +449,9 @@ def grouped_ok(nblocks: int, run: int) -> bool:
 
 
 #: the fused MLP hidden layer (:mod:`.mlp`): 128 tokens (``block_m``: the weights are read from L2 once per token
-#: tile), 32-row chunks of the hidden rows (``block_n``; 16 where there are no more: :func:`mlp_block_s`), 64-deep steps of fc1's ``r1`` (``block_k``), 16 warps, 2
-#: stages; fc2's ``q2`` padded to a power of two is the fp32 accumulator, at most ``MLP_MAX_Q`` wide. Compiled
+#: tile), 32-row chunks of the hidden rows (``block_n``; 16 where there are no more: :func:`mlp_block_s`), 64-deep
+#: steps of fc1's ``r1`` (``block_k``), 16 warps, 2 stages; fc2's ``q2`` padded to a power of two is the fp32
+#: accumulator, at most ``MLP_MAX_Q`` wide. Compiled
 #: offline for sm_90 at the GPT-2 shape (q2 = 192 -> 256; triton 3.9): 128 registers, no spills, ``wgmma``; 64-row
 #: chunks spill 136 B at 16 warps, 128 x 256 at 8 warps takes 254 registers, 64-token tiles at 8 warps 218 (but
 #: read the weights twice as often)
@@ -473,7 +474,8 @@ def mlp_fusable(sh1, sh2, n_in: int, n_hidden: int, itemsize: int, training: boo
     blocks have ``S = 1`` and would waste most of each chunk) and ``q2 ≤ MLP_MAX_Q``; for ``training`` (its
     backward, :data:`MLP_BWD_TILE`) ``r1`` in at most :data:`MLP_MAX_R_CHUNKS` chunks (256 at 64-wide chunks)."""
     return (itemsize == 2 and n_in == sh1.n_in and n_hidden == sh1.n_out == sh2.n_in and sh2.p % sh1.l == 0
-            and sh2.p // sh1.l >= 16 and sh2.q <= MLP_MAX_Q and (not training or mlp_r_chunks(sh1.r) <= MLP_MAX_R_CHUNKS))
+            and sh2.p // sh1.l >= 16 and sh2.q <= MLP_MAX_Q
+            and (not training or mlp_r_chunks(sh1.r) <= MLP_MAX_R_CHUNKS))
 
 
 def mlp_block_s(S: int) -> int:

@@ -18,9 +18,10 @@ from sim_harness import ROOT, assert_close, build, expected, expected_z, factors
 pytestmark = needs_sim
 
 # (kernel, (k, q, p, l, s, r), tokens, SMs, keep the intermediate): the resident kernel with 5 tiles of 16 on 2
-# CTAs (one walks 3: the x buffer it read first is refilled; a ragged last tile) and on the 1024/32 layer; the cluster form with 11 tiles on one
-# cluster of 2 CTAs (its intermediate buffers wrap around three times) and 3 tiles on 2 clusters of 4; the
-# row-split decode kernel at 16 tokens with 64 intermediate rows (every warp writes some that all warps read)
+# CTAs (one walks 3: the x buffer it read first is refilled; a ragged last tile) and on the 1024/32 layer; the
+# cluster form with 11 tiles on one cluster of 2 CTAs (its intermediate buffers wrap around three times) and 3
+# tiles on 2 clusters of 4; the row-split decode kernel at 16 tokens with 64 intermediate rows (every warp writes
+# some that all warps read)
 CASES = [
     ("resident", (4, 32, 16, 8, 16, 16), 75, 2, True),
     ("resident", (32,) * 6, 16, 1, False),

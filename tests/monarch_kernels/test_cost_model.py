@@ -151,8 +151,9 @@ def test_backward_gemms_on_cublas_where_the_model_says():
     """On the token-major copy of ``g``, ``dy`` and ``dw2`` as cuBLAS batched GEMMs are priced with every
     operand read once (``_bmm``: the copy plus l GEMMs of T x s x r and s x r x T); at GPT-2's fc1 and fc2
     that beats the Triton tiles (capped by four interleaved blocks), at square Monarch shapes Triton's plain
-    tiles on the copy win (cuBLAS reaches 0.44 of the bandwidth on 64-wide blocks). ``dx``/``dw1`` likewise (``dxw_choice``: fused kernel at 4096/64, cuBLAS at fc2). A ragged
-    width has no block views, so cuBLAS is never priced there; the backward prices the picks."""
+    tiles on the copy win (cuBLAS reaches 0.44 of the bandwidth on 64-wide blocks). ``dx``/``dw1`` likewise
+    (``dxw_choice``: fused kernel at 4096/64, cuBLAS at fc2). A ragged width has no block views, so cuBLAS is
+    never priced there; the backward prices the picks."""
     T, item = 16384, 2
     fc1, fc2 = cm.Problem.linear(T, 768, 3072, 4), cm.Problem.linear(T, 3072, 768, 4)
     sq = cm.Problem.linear(T, 4096, 4096, 64)
@@ -213,9 +214,9 @@ def test_paired_stages_overlap_hbm_and_l2(monkeypatch):
 
 def test_chained_launch_drops_the_gaps_between_its_steps(monkeypatch):
     """``Chained``: steps of 10 µs (HBM-bound) and 4 µs (L2-bound) in one launch take 14 µs + one gap, not
-    14 µs + two. The chunked two-kernel forward (``CHUNK_IN_L2``) with ``ONE_LAUNCH`` is a counter reset plus one launch whose
-    steps are exactly the separate schedule's launches: the same bytes and FLOPs, ``chunks`` gaps fewer, one
-    tiny launch more; with one chunk there is nothing to chain."""
+    14 µs + two. The chunked two-kernel forward (``CHUNK_IN_L2``) with ``ONE_LAUNCH`` is a counter reset plus
+    one launch whose steps are exactly the separate schedule's launches: the same bytes and FLOPs, ``chunks``
+    gaps fewer, one tiny launch more; with one chunk there is nothing to chain."""
     monkeypatch.setattr(plan, "CHUNK_IN_L2", True)
     a = cm.Kernel("a", 0.0, 0.0, 10e-6 * DEV.hbm_bw, 0.0, 1.0)
     b = cm.Kernel("b", 0.0, 0.0, 0.0, 4e-6 * DEV.l2_bw, 1.0)
@@ -226,7 +227,8 @@ def test_chained_launch_drops_the_gaps_between_its_steps(monkeypatch):
     chained = cm.estimate("triton", "two_kernel", "fwd", pr)
     monkeypatch.setattr(plan, "ONE_LAUNCH", False)
     apart = cm.estimate("triton", "two_kernel", "fwd", pr)
-    assert [k.name for k in chained.kernels] == ["chain counters reset", f"{apart.launches - 1} chunks' stages in one launch"]
+    assert [k.name for k in chained.kernels] == ["chain counters reset",
+                                                 f"{apart.launches - 1} chunks' stages in one launch"]
     assert list(chained.kernels[1].steps) == apart.kernels
     reset = chained.kernels[0]
     assert reset.hbm_bytes == 4 * (2 + 2 * (apart.launches - 1)) and reset.flops == 0
@@ -237,7 +239,8 @@ def test_chained_launch_drops_the_gaps_between_its_steps(monkeypatch):
     small = cm.Problem.linear(1024, 4096, 4096, 64)  # one chunk: two plain launches either way (and a copy)
     monkeypatch.setattr(plan, "ONE_LAUNCH", True)
     names = [k.name for k in cm.estimate("triton", "two_kernel", "fwd", small).kernels]
-    assert [n[:7] for n in names[:2]] == ["stage 1", "stage 2"] and names[2:] in ([], ["transpose into the row-major output"])
+    assert [n[:7] for n in names[:2]] == ["stage 1", "stage 2"]
+    assert names[2:] in ([], ["transpose into the row-major output"])
 
 
 def test_useful_flops_and_paths():
@@ -282,8 +285,8 @@ def test_training_step_prices_what_the_eager_backward_runs(monkeypatch):
     fused = lambda op, p=sq: est(op, p, "fused")
     kept_sq = cm._fused_forward(sq, "bfloat16", DEV, keep=True)
     assert kept_sq.hbm_bytes - fused("fwd").hbm_bytes == 4096 * 1024 * 2  # z, written once
-    assert [k.name for k in fused("fwdbwd").kernels] == ([k.name for k in fused("fwd").kernels]
-                                                         + [k.name for k in fused("bwd").kernels if k.name != recompute])
+    backward = [k.name for k in fused("bwd").kernels if k.name != recompute]
+    assert [k.name for k in fused("fwdbwd").kernels] == [k.name for k in fused("fwd").kernels] + backward
     sq_gelu = cm.Problem.linear(4096, 1024, 1024, 32, activation="gelu")
     names = [k.name for k in fused("fwdbwd", sq_gelu).kernels]
     assert recompute not in names and names.count("pre-activation = P2 BD(w2) z + bias") == 1
@@ -292,8 +295,9 @@ def test_training_step_prices_what_the_eager_backward_runs(monkeypatch):
 def test_reference_pays_the_permutation_copies():
     """The torch reference moves x, y, y (copy), z, o, o (copy), out: more HBM bytes than the two-kernel
     path's x, z, z, y, y (token-major), out, and its permutation copies run at a quarter of the bandwidth
-    (``permute_copy_eff``, measured): over three times the two-kernel forward's time at 4096/64. Its backward copies twice, P2ᵀ of g (output width) and P1ᵀ of dz (stage-1
-    width: 768 for GPT-2's fc2, not its 3072-wide input), and its bmm write natural order without copies."""
+    (``permute_copy_eff``, measured): over three times the two-kernel forward's time at 4096/64. Its backward
+    copies twice, P2ᵀ of g (output width) and P1ᵀ of dz (stage-1 width: 768 for GPT-2's fc2, not its 3072-wide
+    input), and its bmm write natural order without copies."""
     pr = cm.Problem.linear(16384, 4096, 4096, 64)
     ref = cm.estimate("torch", "reference", "fwd", pr)
     assert ref.launches == 4

@@ -279,8 +279,10 @@ MUTANTS = [
            "AVX-512 dot-product kernel reads past K in its last vector (no tail mask)"),
 
     Mutant("cpu-wgrad-chunk-drops-last-tile", CPU,
-           "        for (int64_t tile = ch * ntiles / nch; tile < (ch + 1) * ntiles / nch; ++tile) {\n          const int64_t t0 = tile * tm",
-           "        for (int64_t tile = ch * ntiles / nch; tile + 1 < (ch + 1) * ntiles / nch; ++tile) {\n          const int64_t t0 = tile * tm",
+           "        for (int64_t tile = ch * ntiles / nch; tile < (ch + 1) * ntiles / nch; ++tile) {\n"
+           "          const int64_t t0 = tile * tm",
+           "        for (int64_t tile = ch * ntiles / nch; tile + 1 < (ch + 1) * ntiles / nch; ++tile) {\n"
+           "          const int64_t t0 = tile * tm",
            "Monarch weight gradient: each token chunk skips its last row tile"),
 
     Mutant("cpu-reduce-skips-last-part", CPU,
@@ -295,7 +297,8 @@ MUTANTS = [
     Mutant("cpu-pre-activation-unrounded", CPU,
            "        for (int64_t j = 0; j < n; ++j) row[j] = static_cast<acc_t>(static_cast<scalar_t>(row[j]));",
            "        for (int64_t j = 0; j < n; ++j) row[j] = row[j];",
-           "fp16/bf16 epilogues activate the fp32 pre-activation, not the stored one (fp16 overflow: no NaN from gelu)"),
+           "fp16/bf16 epilogues activate the fp32 pre-activation, not the stored one (fp16 overflow: no NaN from "
+           "gelu)"),
     Mutant("cpu-act-backward-drops-bias", CPU,
            "act_backward_rows<scalar_t, acc_t>(gbuf, no, P, no, m, n_out, bias, act);",
            "act_backward_rows<scalar_t, acc_t>(gbuf, no, P, no, m, n_out, nullptr, act);",
@@ -429,13 +432,13 @@ MUTANTS = [
            "the resident kernel writes its output tile over the intermediate while other warps still read it",
            RACES),
     Mutant("cuda-sim-resident-refill-under-output-reads", RESIDENT,
-           "    __syncthreads();  // the buffer is refilled by the cp.async issued at the top of the next iteration",
+           "    __syncthreads();  // the buffer is refilled by the cp.async issued at the top of the next "
+           "iteration",
            "    // (barrier removed)",
            "the next tile's cp.async refills the x buffer other warps still read for the output stores", RACES),
     Mutant("cuda-sim-resident-x-tile-before-its-wait", RESIDENT,
-           "    cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group in flight\n"
-           "    cp_async_wait<1>();",
-           "    cp_async_commit();  // possibly empty: the wait below always leaves exactly the newest group in flight",
+           "the wait below always leaves exactly the newest group in flight\n    cp_async_wait<1>();",
+           "the wait below always leaves exactly the newest group in flight",
            "stage 1 reads the x tile without waiting for its cp.async group", RACES),
     Mutant("cuda-sim-cluster-output-over-unread-staging", CLUSTER,
            "    __syncthreads();  // every thread's pushes have read the staging buffer: it takes the output tile now",
