@@ -28,12 +28,13 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_matches_float64(sim_binary, tmp_path, shape, dtype):
-    """1 token, one whole tile, and 37 tokens on 2 CTAs (3 tiles: a CTA walks two, both buffers, a ragged
-    last tile whose rows past the tokens must not be stored)."""
+    """1 token, one whole tile, 37 tokens on 2 CTAs (3 tiles: a CTA walks two, both buffers, a ragged last
+    tile whose rows past the tokens must not be stored) and 75 tokens (5 tiles: a CTA walks three, so the x
+    buffer it read first is refilled)."""
     gen = torch.Generator().manual_seed(sum(shape))
     k, q, p, l, s, r = shape
     w1, w2 = factors(*shape, dtype, gen)
-    for tokens in (1, 16, 37):
+    for tokens in (1, 16, 37, 75):
         x = torch.randn(tokens, k * p, generator=gen).to(dtype)
         plan, out = run_sim(sim_binary, "resident", tmp_path, x, w1, w2, sms=2)
         assert plan["supported"] and plan["tiles"] == -(-tokens // 16) and plan["ctas"] == min(2, plan["tiles"])
