@@ -360,7 +360,8 @@ def bd_cost(name: str, tokens: int, k: int, q: int, p: int, dtype: str, dev: Dev
     pre-activation is stored too, the output's bytes once more.
     """
     item = ITEMSIZE[dtype]
-    lp = _plan.bd_launch(tokens, k, q, p, item, in_perm, out_perm, activation, x_token_major, y_token_major)
+    lp = _plan.bd_launch(tokens, k, q, p, item, in_perm, out_perm, activation, x_token_major, y_token_major,
+                         pre_out)
     t = lp.tile
     n_in = k * p if n_in is None else n_in
     n_out = k * q if n_out is None else n_out
@@ -555,7 +556,7 @@ def mlp_hidden_backward(fc1: Problem, fc2: Problem, dtype: str = "bfloat16", dev
     The activation's derivative is fused (no elementwise pass of its own)."""
     sh1, sh2, T, item = fc1.shape, fc2.shape, fc1.tokens, ITEMSIZE[dtype]
     t, S = _plan.MLP_BWD_TILE, sh2.p // sh1.l
-    tiles, bs = _plan.cdiv(T, t.block_m), _plan.mlp_block_s(S)
+    tiles, bs = _plan.cdiv(T, t.block_m), _plan.mlp_block_s(S, t)
     pad_k = lambda n: _plan.cdiv(n, t.block_k) * t.block_k
     flops = 2.0 * tiles * sh1.l * sh2.k * _plan.cdiv(S, bs) * t.block_m * bs * (2 * pad_k(sh1.r) + pad_k(sh2.q))
     useful = 2.0 * T * (sh2.k * sh2.q * sh2.p + sh1.l * sh1.s * sh1.r)

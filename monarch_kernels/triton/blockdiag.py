@@ -384,7 +384,7 @@ def _plan_for(T: int, n_x: int, n_out: int, k: int, q: int, p: int, dtype: torch
     """:class:`_Plan` of ``x (T, n_x)`` (strides ``xs``) times ``w (k, q, p)`` (``ws``) into ``y (T, n_out)``
     (``ys``); memoised (at ~20 µs, deriving it was most of a launch's own host time)."""
     lp = _plan.bd_launch(T, k, q, p, dtype.itemsize, in_perm, out_perm, activation != "none",
-                         _common.token_major_layout(n_x, xs), _common.token_major_layout(n_out, ys))
+                         _common.token_major_layout(n_x, xs), _common.token_major_layout(n_out, ys), save_pre)
     scalars = (T, n_x, n_out, q, p, *xs, *ws, *ys, lp.inp.a, lp.inp.b, lp.out.a, lp.out.b)
     meta = dict(IN_MODE=lp.inp.mode, OUT_MODE=lp.out.mode, OUT_C=lp.out.c, IN_FULL=lp.in_full,
                 OUT_FULL=lp.out_full, MULTI_K=lp.multi_k, HAS_BIAS=has_bias, ACT=ACT_CODES[activation],

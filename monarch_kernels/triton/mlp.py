@@ -41,9 +41,9 @@ so one program per (token tile, ``ll``) recomputes the pre-activation tile by ti
 derivative and the ``dz1`` accumulation (three dots per chunk, :func:`_hidden_bwd_kernel`), and stores ``a`` and
 ``dpre`` token-major for the two weight gradients that sum over tokens (``dw1b[kk] = dy2_kkᵀ a_kk``, ``dw2a[ll]
 = (P2ᵀ dpre)_llᵀ z1_ll``: cuBLAS batched GEMMs on strided views). Tiles (:data:`.plan.MLP_BWD_TILE`): 128 tokens,
-8 warps, fc1's ``r1`` in ≤ 4 chunks of 64 (the program's ``z1`` tile in registers, one fp32 ``dz1`` accumulator
-per chunk, each ``w2a`` chunk loaded once for both its dots). Offline for sm_90 at the GPT-2 shape: ``wgmma``,
-234 registers, no spills, 16-byte loads and stores.
+16-row chunks of ``s'``, 8 warps, fc1's ``r1`` in ≤ 4 chunks of 64 (the program's ``z1`` tile in registers, one fp32
+``dz1`` accumulator per chunk, each ``w2a`` chunk loaded once for both its dots). Offline for sm_90 at the GPT-2
+shape: ``wgmma``, 199 registers (triton 3.9; 242 on 3.6), no spills, 16-byte loads and stores.
 """
 from __future__ import annotations
 
@@ -302,7 +302,7 @@ def hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2: MonarchShape, activatio
         z1.stride(0), z1.stride(1), *w2a.stride(), *w1v.stride()[:3], dy2.stride(0), dy2.stride(1),
         *_strides(a), *_strides(dpre), dz1.stride(0), dz1.stride(1), 0 if db1 is None else db1.stride(0),
         HAS_BIAS=bias1 is not None, ACT=ACT_CODES[activation], BLOCK_M=tile.block_m,
-        BLOCK_S=_plan.mlp_block_s(S), BLOCK_K=tile.block_k, NR=_plan.mlp_r_chunks(r1), STORE_A=want_a,
+        BLOCK_S=_plan.mlp_block_s(S, tile), BLOCK_K=tile.block_k, NR=_plan.mlp_r_chunks(r1), STORE_A=want_a,
         STORE_DPRE=want_dpre, UPCAST=interpreting(), PRECISION=precision(z1.dtype), num_warps=tile.num_warps,
         num_stages=tile.num_stages,
     )

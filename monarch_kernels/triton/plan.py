@@ -149,18 +149,25 @@ def _warps(elems: int, block_m: int = 64) -> int:
 
 
 def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int, acc_fp32: bool,
-            tight: bool = False) -> Tile:
+            tight: bool = False, save_pre: bool = False) -> Tile:
     """Tile of the grouped block-diagonal kernel (:func:`.blockdiag.bd_forward`).
 
     ``n``/``k``: output/contraction size of one block. The ``group`` result tiles live together in
     registers until the permuted store (fp32 accumulators when a gathered input spans several K steps, else
     the output dtype), so the row tile shrinks as ``group · block_n`` grows; ``tight`` (an activation
     epilogue, or a gathered input unless it is 16-bit with a token-major output) takes a third off the budget.
+    ``save_pre`` (an activation applied after the pre-activation is stored, :func:`.blockdiag.bd_forward`'s
+    ``pre``): at unaligned widths (blocks not whole 16-byte vectors, accessed element by element) the group's
+    pre-activation tile and its fp32 activation are live together, ``group·block_m·block_n·(itemsize + 4)``
+    bytes within the budget, 8 warps from 32 rows (4 x 64 x 64 bf16 spilled 48 B at 255 registers on triton
+    3.6; aligned widths compile without spills at the plain budget).
     """
     block_k = side(k, 64)
     # one block per program (16-bit, blocks of whole 16-byte vectors: unaligned ones load element by element
     # and need the registers, 56 B spilled at 128 x 128 for 250/750-wide blocks)
-    single = group == 1 and not acc_fp32 and itemsize == 2 and n % 8 == 0 and k % 8 == 0
+    vectors = n % (16 // itemsize) == 0 and k % (16 // itemsize) == 0
+    single = group == 1 and not acc_fp32 and itemsize == 2 and vectors
+    epilogue = save_pre and group > 1 and not vectors
 
     def fits(block_m: int, block_n: int) -> bool:
         acc = block_m * block_n * 4
@@ -171,6 +178,8 @@ def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int
         if acc_fp32:
             return group * acc <= ACC_BYTES
         budget = LIVE_BYTES * 2 // 3 if tight and group > 1 else LIVE_BYTES
+        if epilogue and group * block_m * block_n * (itemsize + 4) > budget:
+            return False
         return group * block_m * block_n * itemsize + 2 * acc <= budget
 
     def rows_for(block_n: int) -> int:
@@ -196,7 +205,11 @@ def bd_tile(tokens: int, nblocks: int, n: int, k: int, itemsize: int, group: int
     # pipeline depth: a single K step has nothing to overlap, extra stages only take shared memory (occupancy):
     # measured on an H200, 65536 x 4096/64 plain tiles, 2 stages 285 µs, 3 stages 329, 4 stages 409
     stages = 2 if cdiv(k, block_k) == 1 else 3
-    return Tile(block_m, block_n, block_k, group, _warps(group * block_m * block_n, block_m), stages)
+    warps = _warps(group * block_m * block_n, block_m)
+    if epilogue and block_m >= 32 and group * block_m * block_n >= 8192:
+        warps = 8  # 4 x 32 x 64 bf16 spilled 40 B at 4 warps on triton 3.6, none at 8 (224 registers; 32 x 64 x 8
+        # without the saved pre-activation left an 8-byte stack frame at 8 warps there)
+    return Tile(block_m, block_n, block_k, group, warps, stages)
 
 
 def wgrad_tile(nblocks: int, q: int, p: int, group: int) -> Tile:
@@ -293,8 +306,10 @@ class BDLaunch:
 
 @memo
 def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, out_perm=None,
-              activation: bool = False, in_token_major: bool = False, out_token_major: bool = False) -> BDLaunch:
-    """``*_token_major``: the input / output tensor has token stride 1 (see :func:`layout`)."""
+              activation: bool = False, in_token_major: bool = False, out_token_major: bool = False,
+              save_pre: bool = False) -> BDLaunch:
+    """``*_token_major``: the input / output tensor has token stride 1 (see :func:`layout`); ``save_pre``: the
+    pre-activation is stored too (:func:`bd_tile`)."""
     inp = layout(in_perm, k, p, itemsize, gather=True, token_major=in_token_major)
     out = layout(out_perm, k, q, itemsize, gather=False, token_major=out_token_major)
     group = max(inp.group, out.group)
@@ -306,7 +321,8 @@ def bd_launch(tokens: int, k: int, q: int, p: int, itemsize: int, in_perm=None, 
     out = Layout(out.mode, out.a, out.b, out.c, group)
     tile = bd_tile(tokens, k, q, p, itemsize, group, acc_fp32=inp.mode == GROUPED and pow2(p) > 64,
                    tight=activation or (inp.mode == GROUPED and (itemsize > 2 or (out.mode == GROUPED
-                                                                         and not out_token_major))))
+                                                                         and not out_token_major))),
+                   save_pre=save_pre and activation)
     # groups (and N tiles) vary fastest: programs whose runs share 32-byte sectors run side by side
     grid = (cdiv(k, group) * cdiv(q, tile.block_n), cdiv(tokens, tile.block_m))
     return BDLaunch(tile, inp, out, grid,
@@ -457,12 +473,14 @@ def grouped_ok(nblocks: int, run: int) -> bool:
 #: read the weights twice as often)
 MLP_TILE = Tile(128, 32, 64, 1, 16, 2)
 MLP_MAX_Q = 256
-#: its backward (:func:`.mlp.hidden_layer_backward`): the same token tile and chunks, fc1's ``r1`` in at most
-#: ``MLP_MAX_R_CHUNKS`` column chunks of ``block_k`` (each a ``z1`` register tile and an fp32 ``dz1`` accumulator),
-#: 8 warps. Compiled offline for sm_90 at the GPT-2 shape (r1 = 192: 3 chunks; triton 3.9): 234 registers, no
-#: spills, ``wgmma``, 16-byte loads and stores, 100 KB of shared memory; 16 warps spill 232 B (128 registers),
-#: 64-row chunks of ``s'`` 160 B
-MLP_BWD_TILE = Tile(128, 32, 64, 1, 8, 2)
+#: its backward (:func:`.mlp.hidden_layer_backward`): the same token tile, 16-row chunks of the hidden rows, fc1's
+#: ``r1`` in at most ``MLP_MAX_R_CHUNKS`` column chunks of ``block_k`` (each a ``z1`` register tile and an fp32
+#: ``dz1`` accumulator), 8 warps. Compiled offline for sm_90 at the GPT-2 shape (r1 = 192: 3 chunks): 199 registers
+#: on triton 3.9, 242 on 3.6 (the GPU machines'), no spills, ``wgmma``, 16-byte loads and stores, 90 KB of shared
+#: memory. 32-row chunks: 233 registers on 3.9 but 255 and 32 B spilled on 3.6; 64-row chunks spill 136 B on
+#: 3.9; 16 warps spill 216 B (128 registers); 64-token tiles at 32-row chunks do not spill (207 / 226 registers)
+#: but read the weights from L2 twice as often
+MLP_BWD_TILE = Tile(128, 16, 64, 1, 8, 2)
 MLP_MAX_R_CHUNKS = 4
 
 
@@ -478,10 +496,10 @@ def mlp_fusable(sh1, sh2, n_in: int, n_hidden: int, itemsize: int, training: boo
             and (not training or mlp_r_chunks(sh1.r) <= MLP_MAX_R_CHUNKS))
 
 
-def mlp_block_s(S: int) -> int:
-    """Hidden rows per chunk of the fused MLP kernel for ``S`` rows per (fc2 block, fc1 block): 16 up to 16,
-    else ``MLP_TILE.block_n``."""
-    return 16 if S <= 16 else MLP_TILE.block_n
+def mlp_block_s(S: int, tile: Tile = MLP_TILE) -> int:
+    """Hidden rows per chunk of the fused MLP kernel ``tile`` (:data:`MLP_TILE`, or :data:`MLP_BWD_TILE` for its
+    backward) for ``S`` rows per (fc2 block, fc1 block): 16 up to 16, else the tile's ``block_n``."""
+    return 16 if S <= 16 else tile.block_n
 
 
 def mlp_block_q(q2: int) -> int:

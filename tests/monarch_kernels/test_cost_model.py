@@ -65,6 +65,23 @@ def test_single_block_programs_take_wide_padded_tiles():
     assert plan.bd_launch(T, k, 80, p, 2, None, (k, 80), out_token_major=True).tile.block_n == 32
 
 
+def test_training_forward_prices_the_tile_that_saves_the_pre_activation():
+    """With ``pre_out`` (a training forward keeping the pre-activation) the model plans stage 2 as the kernel
+    does (``save_pre``): at 1000 -> 3000 in 4 blocks a 32-row tile at the ``mma`` rate (a warpgroup MMA needs 64
+    rows), 333 tokens padded to 352 rather than 384, and the weights read from L2 once per 32 tokens instead of
+    once per 64 (11 row tiles, not 6) besides the pre-activation written beside the output (HBM and L2 alike)."""
+    T, l, s, r = 333, 4, 750, 250
+    kw = dict(out_perm=(s, l), activation=True, x_token_major=True)
+    plain = cm.bd_cost("stage 2", T, l, s, r, "bfloat16", DEV, **kw)
+    saving = cm.bd_cost("stage 2", T, l, s, r, "bfloat16", DEV, pre_out=True, **kw)
+    padded = 2 * l * 768 * 256  # FLOPs per token row: 750 columns in 64-wide tiles, 250 deep in 64-deep steps
+    assert (plain.flops, saving.flops) == (384 * padded, 352 * padded)
+    assert saving.flop_rate == DEV.triton_flops["mma"] < plain.flop_rate == DEV.triton_flops["wgmma"]
+    w = l * s * r * 2
+    assert (saving.l2_bytes - plain.l2_bytes) - (saving.hbm_bytes - plain.hbm_bytes) == (11 - 6) * w
+    assert saving.hbm_bytes - plain.hbm_bytes >= T * l * s * 2
+
+
 def test_scattered_store_costs_a_sector_per_element():
     """w (4, 5, 8) written through P1 = view-transpose (4, 5): 5 rows per block do not align with 4 -> the
     scattered layout, one 32-byte sector per 2-byte element, in HBM and L2."""

@@ -24,6 +24,22 @@ def test_eight_warps_only_for_large_tiles_of_64_rows_or_more():
     assert plan._warps(8 * 32 * 64, 32) == 4 and plan._warps(8 * 64 * 64, 64) == 8 and plan._warps(4096, 128) == 4
 
 
+def test_saved_pre_activation_at_unaligned_widths_takes_a_smaller_tile_and_eight_warps():
+    """A training forward's stage 2 with an activation stores the pre-activation, then activates the whole group
+    tile: at unaligned widths (1000 -> 3000 in 4 blocks: 750 x 250, not whole 16-byte vectors) the group's
+    pre-activation and its fp32 activation are live together, so 4 x 64 x 64 (4·64·64·6 = 96 KB over the tight
+    64 KB budget; 48 B spilled on triton 3.6) becomes 4 x 32 x 64 at 8 warps (40 B spilled at 4). The
+    inference forward, and aligned widths (768 x 256) with a saved pre-activation, keep 4 x 64 x 64."""
+    tile = lambda q, p, item, save: plan.bd_launch(333, 4, q, p, item, None, (q, 4), True, True, False, save).tile
+    t = tile(750, 250, 2, True)
+    assert (t.block_m, t.block_n, t.group, t.num_warps) == (32, 64, 4, 8)
+    assert t.group * t.block_m * t.block_n * (2 + 4) <= plan.LIVE_BYTES * 2 // 3
+    assert (t.block_m, t.block_n, t.num_warps) == (tile(750, 250, 4, True).block_m, 64, 8)  # fp32 alike
+    for q, p, save in ((750, 250, False), (768, 256, True), (768, 256, False)):
+        u = tile(q, p, 2, save)
+        assert (u.block_m, u.block_n, u.group, u.num_warps) == (64, 64, 4, 8), (q, p, save)
+
+
 def test_few_tokens_with_interleaved_groups_take_narrow_columns():
     """At 16 tokens a group of 8 interleaved blocks takes 32-wide column tiles (16 x 64 x 8 spilled, kernel
     audit); a token-major store (no group) keeps 64."""
@@ -75,9 +91,11 @@ def test_a_single_k_step_gather_keeps_output_dtype_results():
 
 def test_fused_mlp_takes_sixteen_hidden_rows_per_block_pair():
     """The fused MLP needs S = p2 / l1 ≥ 16 hidden rows per (fc2 block, fc1 block): 256 -> 256 -> 256 with 4
-    blocks of 64 has exactly 16 (one 16-row chunk); 60-wide fc2 blocks (S = 15) are refused."""
+    blocks of 64 has exactly 16 (one 16-row chunk); 60-wide fc2 blocks (S = 15) are refused. More rows go in the
+    forward's 32-row chunks and the backward's 16-row ones (32 spilled on triton 3.6)."""
     sh = MonarchShape(4, 64, 64, 4, 64, 64)
     assert plan.mlp_fusable(sh, sh, 256, 256, 2) and plan.mlp_block_s(16) == 16 and plan.mlp_block_s(17) == 32
+    assert plan.mlp_block_s(16, plan.MLP_BWD_TILE) == plan.mlp_block_s(192, plan.MLP_BWD_TILE) == 16
     assert not plan.mlp_fusable(sh, MonarchShape(4, 64, 60, 4, 60, 64), 256, 256, 2)
 
 
