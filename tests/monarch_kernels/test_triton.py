@@ -268,6 +268,24 @@ def test_single_k_step_tiles_pipeline_two_stages():
     assert plan.bd_launch(16384, 64, 64, 64, 2, None, (64, 64)).tile.num_stages == 2
 
 
+def test_a_saved_pre_activation_reaches_the_launch_plan():
+    """The block-diagonal forward tells the planner when it stores the pre-activation: the training forward's
+    stage 2 at unaligned widths (1000 -> 3000 in 4 blocks: token-major z in, P2-grouped output, bias + GELU) runs
+    4 x 32 x 64 at 8 warps with ``SAVE_PRE`` (4 x 64 x 64 spilled on triton 3.6), the inference forward 4 x 64 x
+    64."""
+    T, l, s, r = 333, 4, 750, 250
+    ws = torch.empty(l, s, r, device="meta").stride()
+
+    def planned(save_pre):
+        got = tbd._plan_for(T, l * r, l * s, l, s, r, torch.bfloat16, (1, T), ws, (l * s, 1), None, (s, l),
+                                  "gelu", True, save_pre)
+        return got.meta["SAVE_PRE"], got.meta["BLOCK_M"], got.meta["BLOCK_N"], got.meta["GROUP"], \
+            got.options["num_warps"]
+
+    assert planned(True) == (True, 32, 64, 4, 8)
+    assert planned(False) == (False, 64, 64, 4, 8)
+
+
 def test_launch_plans_are_memoised_per_setting(monkeypatch):
     """Plans are memoised (the same object for the same call) but follow the module's settings: a patched
     register budget gives a fresh, different plan, and restoring it the cached one again."""

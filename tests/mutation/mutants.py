@@ -177,6 +177,11 @@ MUTANTS = [
            "grid, options = _fused_plan(T, sh, x.dtype, activation, bias is not None, False)",
            "the fused forward's remembered launch leaves out whether the intermediate is kept: a training call "
            "of the shape never stores z"),
+    Mutant("triton-save-pre-not-planned", TRITON_BD,
+           "_common.token_major_layout(n_out, ys), save_pre)",
+           "_common.token_major_layout(n_out, ys))",
+           "the planner is not told that the pre-activation is stored: the training forward's stage 2 at unaligned "
+           "widths keeps the inference tile (4 x 64 x 64, spilled on triton 3.6)"),
     Mutant("plan-memo-ignores-settings", "monarch_kernels/triton/plan.py",
            "        key = (args, tuple(sorted(kwargs.items())) if kwargs else (), settings(scope))",
            "        key = (args, tuple(sorted(kwargs.items())) if kwargs else ())",
