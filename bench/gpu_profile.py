@@ -247,7 +247,8 @@ def paths_section(jsonl):
 
 def tiles_section(jsonl):
     """The token-major stages (row-major -> token-major with P1; token-major -> token-major with P2) and the
-    transposing copy at 65536 x 4096/64 over tiles, warps and pipeline depths: achieved GB/s of their bytes."""
+    transposing copy at 65536 x 4096/64 over tiles, warps and pipeline depths: achieved GB/s of their bytes; then
+    the fused MLP backward's tiles (:func:`mlp_backward_tiles`)."""
     from monarch_kernels.triton import blockdiag as tbd
     from monarch_kernels.triton import plan
     from monarch_kernels.triton import token_major as ttm
@@ -288,6 +289,37 @@ def tiles_section(jsonl):
             emit("tiles", {"kernel": "copy", "variant": f"{bt}x{bn}", "error": repr(e)[:300]}, jsonl)
         finally:
             plan.COPY_TILE = real_copy
+    mlp_backward_tiles(jsonl)  # last: under the section's time limit, a slow compile loses only these rows
+
+
+def mlp_backward_tiles(jsonl):
+    """The fused GPT-2 MLP's hidden-layer backward (16384 tokens, 768 -> 3072 -> 768 in 4 blocks, bias + GELU) at
+    the plan's tile (16-row chunks: no spill on triton 3.6, RESULTS §7g) against the 32-row chunks it had (32 B
+    spilled on 3.6) and 64-token tiles (no spill, the weights read from L2 twice as often)."""
+    from monarch_kernels.triton import mlp as tmlp
+    from monarch_kernels.triton import plan
+    from monarch_kernels.triton import _common
+
+    T, d, nb = size(16384, 16), size(768, 64), 4
+    sh1, sh2 = mk.monarch_factor_shapes(d, 4 * d, nb), mk.monarch_factor_shapes(4 * d, d, nb)
+    z1 = _common.empty_token_major(T, sh1.n_mid, device=device(), dtype=torch.bfloat16).copy_(rand(T, sh1.n_mid))
+    dy2 = _common.empty_token_major(T, sh2.n_mid, device=device(), dtype=torch.bfloat16).copy_(rand(T, sh2.n_mid))
+    w2a, b1 = rand(*sh1.w2_shape, scale=sh1.r ** -0.5), rand(4 * d)
+    w1v = tmlp.regroup(rand(*sh2.w1_shape, scale=sh2.p ** -0.5), sh2, sh1.l)
+    nbytes = 2 * T * (2 * sh1.n_mid + sh2.n_mid + 2 * 4 * d)  # z1, dy2 read; a, dpre, dz1 written
+    real = plan.MLP_BWD_TILE
+    for v in (None, plan.Tile(128, 32, 64, 1, 8, 2), plan.Tile(64, 32, 64, 1, 8, 2)):
+        plan.MLP_BWD_TILE = real if v is None else v
+        t = plan.MLP_BWD_TILE
+        name = f"{t.block_m} tokens x {plan.mlp_block_s(sh2.p // sh1.l, t)}-row chunks w{t.num_warps}"
+        try:
+            emit("tiles", {"kernel": "mlp hidden backward", "variant": ("plan " if v is None else "") + name,
+                           "us": round(us := events_us(lambda: tmlp.hidden_layer_backward(
+                               z1, w2a, b1, w1v, dy2, sh2, "gelu")), 1), "GBps": round(nbytes / us / 1e3)}, jsonl)
+        except Exception as e:  # noqa: BLE001
+            emit("tiles", {"kernel": "mlp hidden backward", "variant": name, "error": repr(e)[:300]}, jsonl)
+        finally:
+            plan.MLP_BWD_TILE = real
 
 
 def events_us(fn: Callable[[], object], launches: int = 10) -> float:

@@ -27,7 +27,9 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert any("bwd_fused_token_major_us" in r for r in paths)
     tiles = {r["kernel"] for r in rows if r["section"] == "tiles"}
     assert tiles == {"stage1 row->token-major P1", "stage2 token-major->token-major P2",
-                     "copy token-major -> row-major"}
+                     "copy token-major -> row-major", "mlp hidden backward"}
+    mlp = [r["variant"] for r in rows if r.get("kernel") == "mlp hidden backward"]
+    assert len(mlp) == 3 and mlp[0].startswith("plan ") and not any(v.startswith("plan") for v in mlp[1:])
     breakdowns = [r for r in rows if r.get("case", "").endswith(": breakdown")]
     assert {r["case"] for r in breakdowns} == {"triton mk.monarch_linear: breakdown",
                                                "torch mk.monarch_linear: breakdown"}
