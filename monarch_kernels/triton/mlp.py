@@ -43,7 +43,8 @@ derivative and the ``dz1`` accumulation (three dots per chunk, :func:`_hidden_bw
 = (P2ᵀ dpre)_llᵀ z1_ll``: cuBLAS batched GEMMs on strided views). Tiles (:data:`.plan.MLP_BWD_TILE`): 128 tokens,
 16-row chunks of ``s'``, 8 warps, fc1's ``r1`` in ≤ 4 chunks of 64 (the program's ``z1`` tile in registers, one fp32
 ``dz1`` accumulator per chunk, each ``w2a`` chunk loaded once for both its dots). Offline for sm_90 at the GPT-2
-shape: ``wgmma``, 199 registers (triton 3.9; 242 on 3.6), no spills, 16-byte loads and stores.
+shape: ``wgmma``, 199 registers (triton 3.9; 242 on 3.6), no spills, 16-byte loads of ``z1`` and ``dy2`` and
+16-byte stores, 8-byte weight loads (from L2).
 """
 from __future__ import annotations
 

@@ -476,10 +476,11 @@ MLP_MAX_Q = 256
 #: its backward (:func:`.mlp.hidden_layer_backward`): the same token tile, 16-row chunks of the hidden rows, fc1's
 #: ``r1`` in at most ``MLP_MAX_R_CHUNKS`` column chunks of ``block_k`` (each a ``z1`` register tile and an fp32
 #: ``dz1`` accumulator), 8 warps. Compiled offline for sm_90 at the GPT-2 shape (r1 = 192: 3 chunks): 199 registers
-#: on triton 3.9, 242 on 3.6 (the GPU machines'), no spills, ``wgmma``, 16-byte loads and stores, 90 KB of shared
-#: memory. 32-row chunks: 233 registers on 3.9 but 255 and 32 B spilled on 3.6; 64-row chunks spill 136 B on
-#: 3.9; 16 warps spill 216 B (128 registers); 64-token tiles at 32-row chunks do not spill (207 / 226 registers)
-#: but read the weights from L2 twice as often
+#: on triton 3.9, 242 on 3.6 (the GPU machines'), no spills, ``wgmma``, 16-byte activation loads and stores, 8-byte
+#: weight loads (a 16-row chunk is too few elements for 16 bytes per thread; coalesced, from L2), 90 KB of shared
+#: memory. 32-row chunks: 16-byte weight loads and 233 registers on 3.9, but 255 and 32 B spilled on 3.6; 64-row
+#: chunks spill 136 B on 3.9; 16 warps spill 216 B (128 registers); 64-token tiles at 32-row chunks do not spill
+#: (207 / 226 registers) but read the weights from L2 twice as often (``bench/gpu_profile.py`` times all three)
 MLP_BWD_TILE = Tile(128, 16, 64, 1, 8, 2)
 MLP_MAX_R_CHUNKS = 4
 
