@@ -33,6 +33,29 @@ def unused_f32(device: torch.device) -> torch.Tensor:
     return torch.empty(1, device=device, dtype=torch.float32)
 
 
+def touch_rows(t: torch.Tensor) -> int:
+    """Rows of a 2-D ``t (T, n)`` that a kernel may load and store: ``T``, or ``T`` rounded up to 16 for a
+    token-major tensor laid out as :func:`empty_token_major` lays it out (column stride exactly that, its storage
+    holding the last column's padding).
+
+    A token-major tile's row mask runs along the contiguous axis. Bounded by a multiple of 16, the compiler
+    proves it constant over 16 rows and moves 16-byte vectors; bounded by a ``T`` that is not a multiple of 16
+    (Triton specialises integers on divisibility by 16 only) it proves nothing, and every access of the tile is
+    one 2-byte element (``bench/RESULTS.md`` §7h). The padding rows lie outside every view this package takes
+    of such a buffer, and the token-major tensors kernels write are always its own buffers, so a kernel may read
+    and write them, provided that nothing it computes from them reaches a real row: row-wise results land in
+    padding rows or are masked off, and column sums select the real rows (the weight gradients' sums over
+    tokens never read them: a split's ragged last step is masked by ``T`` itself)."""
+    T = t.shape[0]
+    if not T % 16:
+        return T
+    pad, (width, ld) = T + 16 - T % 16, t.shape[1:] + t.stride()[1:]  # t is 2-D
+    if ld != pad or t.stride(0) != 1 or width < 2:
+        return T
+    end = (t.storage_offset() + width * pad) * t.element_size()
+    return pad if end <= t.untyped_storage().nbytes() else T
+
+
 def is_token_major(t: torch.Tensor) -> bool:
     """Whether a 2-D tensor is stored token-major (transposed): token stride 1 over several columns."""
     return t.dim() == 2 and token_major_layout(t.shape[1], t.stride())

@@ -231,7 +231,7 @@ def _gathered_tile(X, rm, m_ok, k0, kk0, P, N_IN, sxt, sxf, IN_B, IN_FULL: tl.co
 def _bd_fwd_tile(
     pid0, pid1,
     X, W, BIAS, Y, PRE,
-    T, N_IN, N_OUT, Q, P,
+    T_X, T_Y, N_IN, N_OUT, Q, P,
     sxt, sxf, swk, swq, swp, syt, syf,
     IN_A, IN_B, OUT_A, OUT_B,
     IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr,
@@ -241,7 +241,10 @@ def _bd_fwd_tile(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program of the block-diagonal forward: block group and N tile ``pid0``, row tile ``pid1`` (the
-    grid of :func:`_bd_fwd_kernel`; :func:`_bd_pair_kernel` runs two such grids in one launch)."""
+    grid of :func:`_bd_fwd_kernel`; :func:`_bd_pair_kernel` runs two such grids in one launch). ``T_X`` / ``T_Y``:
+    the rows it loads of ``X`` and stores of ``Y`` and ``PRE`` (:func:`._common.touch_rows`: the tokens, or a
+    token-major buffer's rows up to a multiple of 16; each output row depends on its own input row only, so
+    what padding rows of ``X`` give lands in padding rows of ``Y`` or is masked off)."""
     # SAVE_PRE: the blocks' epilogues stop at the rounded pre-activation, which is stored to PRE (same layout
     # as Y); the activation is then applied to the whole interleaved tile (identical values: _finish rounds
     # the pre-activation before activating it too)
@@ -252,7 +255,8 @@ def _bd_fwd_tile(
     pid_m = pid1.to(tl.int64)  # int64 row offsets: no 32-bit overflow on huge T·n
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = rm < T
+    m_ok = rm < T_X
+    y_ok = rm < T_Y
     idx = tl.arange(0, BLOCK_N * GROUP)
     if OUT_MODE == 1 and OUT_C > 1 and GROUP > 1:  # runs of GROUP·C: block index between v and jj
         g = (idx // OUT_C) % GROUP
@@ -301,15 +305,15 @@ def _bd_fwd_tile(
             out += _load(BIAS + col, ok, True)[None, :]
         out = _finish(out, BLOCK_ACT, Y.dtype.element_ty)
     if SAVE_PRE:
-        tl.store(_at(PRE, rm, col, syt, syf), out, mask=m_ok[:, None] & ok[None, :])
+        tl.store(_at(PRE, rm, col, syt, syf), out, mask=y_ok[:, None] & ok[None, :])
         out = _activation(out.to(tl.float32), ACT).to(Y.dtype.element_ty)
-    tl.store(_at(Y, rm, col, syt, syf), out, mask=m_ok[:, None] & ok[None, :])
+    tl.store(_at(Y, rm, col, syt, syf), out, mask=y_ok[:, None] & ok[None, :])
 
 
 @triton.jit
 def _bd_fwd_kernel(
     X, W, BIAS, Y, PRE,
-    T, N_IN, N_OUT, Q, P,
+    T_X, T_Y, N_IN, N_OUT, Q, P,
     sxt, sxf, swk, swq, swp, syt, syf,
     IN_A, IN_B, OUT_A, OUT_B,
     IN_MODE: tl.constexpr, OUT_MODE: tl.constexpr, OUT_C: tl.constexpr,
@@ -318,7 +322,7 @@ def _bd_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    _bd_fwd_tile(tl.program_id(0), tl.program_id(1), X, W, BIAS, Y, PRE, T, N_IN, N_OUT, Q, P,
+    _bd_fwd_tile(tl.program_id(0), tl.program_id(1), X, W, BIAS, Y, PRE, T_X, T_Y, N_IN, N_OUT, Q, P,
                  sxt, sxf, swk, swq, swp, syt, syf, IN_A, IN_B, OUT_A, OUT_B,
                  IN_MODE, OUT_MODE, OUT_C, IN_FULL, OUT_FULL, MULTI_K, HAS_BIAS, ACT, SAVE_PRE,
                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP, UPCAST, PRECISION)
@@ -327,11 +331,11 @@ def _bd_fwd_kernel(
 @triton.jit
 def _bd_pair_kernel(
     X, W, BIAS, Y, PRE,
-    T, N_IN, N_OUT, Q, P,
+    T_X, T_Y, N_IN, N_OUT, Q, P,
     sxt, sxf, swk, swq, swp, syt, syf,
     IN_A, IN_B, OUT_A, OUT_B,
     X2, W2, BIAS2, Y2, PRE2,
-    T2, N_IN2, N_OUT2, Q2, P2,
+    T_X2, T_Y2, N_IN2, N_OUT2, Q2, P2,
     sxt2, sxf2, swk2, swq2, swp2, syt2, syf2,
     IN_A2, IN_B2, OUT_A2, OUT_B2,
     GRID0, GRID0_2, N_FIRST, N_SECOND,
@@ -353,13 +357,14 @@ def _bd_pair_kernel(
     total = N_FIRST + N_SECOND
     before = pid * N_SECOND // total
     if (pid + 1) * N_SECOND // total > before:
-        _bd_fwd_tile(before % GRID0_2, before // GRID0_2, X2, W2, BIAS2, Y2, PRE2, T2, N_IN2, N_OUT2, Q2, P2,
+        _bd_fwd_tile(before % GRID0_2, before // GRID0_2, X2, W2, BIAS2, Y2, PRE2, T_X2, T_Y2, N_IN2, N_OUT2, Q2,
+                     P2,
                      sxt2, sxf2, swk2, swq2, swp2, syt2, syf2, IN_A2, IN_B2, OUT_A2, OUT_B2,
                      IN_MODE2, OUT_MODE2, OUT_C2, IN_FULL2, OUT_FULL2, MULTI_K2, HAS_BIAS2, ACT2, SAVE_PRE2,
                      BLOCK_M2, BLOCK_N2, BLOCK_K2, GROUP2, UPCAST, PRECISION)
     else:
         first = pid - before
-        _bd_fwd_tile(first % GRID0, first // GRID0, X, W, BIAS, Y, PRE, T, N_IN, N_OUT, Q, P,
+        _bd_fwd_tile(first % GRID0, first // GRID0, X, W, BIAS, Y, PRE, T_X, T_Y, N_IN, N_OUT, Q, P,
                      sxt, sxf, swk, swq, swp, syt, syf, IN_A, IN_B, OUT_A, OUT_B,
                      IN_MODE, OUT_MODE, OUT_C, IN_FULL, OUT_FULL, MULTI_K, HAS_BIAS, ACT, SAVE_PRE,
                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP, UPCAST, PRECISION)
@@ -368,7 +373,8 @@ def _bd_pair_kernel(
 @dataclass(frozen=True)
 class _Plan:
     """What one :func:`bd_forward` call launches, derived once per shape, strides and options (:func:`_plan_for`):
-    the launch plan, the runtime arguments after the five tensors, the compile-time arguments (``meta``) and
+    the launch plan, the runtime arguments after the five tensors and the two row counts (those depend on the
+    buffers' storage: :func:`_prepare` adds them per call), the compile-time arguments (``meta``) and
     everything a launch of :func:`_bd_fwd_kernel` takes besides its arguments (``options``: ``meta`` plus
     ``UPCAST``, ``PRECISION``, warps and stages). Shared by every call of that kind: unpack, do not modify."""
 
@@ -385,7 +391,7 @@ def _plan_for(T: int, n_x: int, n_out: int, k: int, q: int, p: int, dtype: torch
     (``ys``); memoised (at ~20 µs, deriving it was most of a launch's own host time)."""
     lp = _plan.bd_launch(T, k, q, p, dtype.itemsize, in_perm, out_perm, activation != "none",
                          _common.token_major_layout(n_x, xs), _common.token_major_layout(n_out, ys), save_pre)
-    scalars = (T, n_x, n_out, q, p, *xs, *ws, *ys, lp.inp.a, lp.inp.b, lp.out.a, lp.out.b)
+    scalars = (n_x, n_out, q, p, *xs, *ws, *ys, lp.inp.a, lp.inp.b, lp.out.a, lp.out.b)
     meta = dict(IN_MODE=lp.inp.mode, OUT_MODE=lp.out.mode, OUT_C=lp.out.c, IN_FULL=lp.in_full,
                 OUT_FULL=lp.out_full, MULTI_K=lp.multi_k, HAS_BIAS=has_bias, ACT=ACT_CODES[activation],
                 SAVE_PRE=save_pre, **{k: v for k, v in lp.tile.meta().items() if not k.startswith("num_")})
@@ -411,7 +417,9 @@ def _prepare(x, w, bias, n_out, activation, in_perm, out_perm, out, pre_out):
         return y, None, ()
     plan = _plan_for(T, x.shape[1], n_out, k, q, p, x.dtype, x.stride(), w.stride(), y.stride(), in_perm, out_perm,
                      activation, bias is not None, pre_out is not None)
-    args = (x, w, y if bias is None else bias, y, y if pre_out is None else pre_out, *plan.scalars)
+    rows_y = _common.touch_rows(y) if pre_out is None else min(_common.touch_rows(y), _common.touch_rows(pre_out))
+    args = (x, w, y if bias is None else bias, y, y if pre_out is None else pre_out, _common.touch_rows(x), rows_y,
+            *plan.scalars)
     return y, plan, args
 
 
@@ -513,11 +521,11 @@ def _signal(COUNT):
 @triton.jit
 def _bd_chain_kernel(
     X, W, BIAS, Y, PRE,
-    T, N_IN, N_OUT, Q, P,
+    T_X, T_Y, N_IN, N_OUT, Q, P,
     sxt, sxf, swk, swq, swp, syt, syf,
     IN_A, IN_B, OUT_A, OUT_B,
     X2, W2, BIAS2, Y2, PRE2,
-    T2, N_IN2, N_OUT2, Q2, P2,
+    T_X2, T_Y2, N_IN2, N_OUT2, Q2, P2,
     sxt2, sxf2, swk2, swq2, swp2, syt2, syf2,
     IN_A2, IN_B2, OUT_A2, OUT_B2,
     COUNTERS, T_ALL, CHUNK, NCHUNK, BUFFERS, GRID0, GRID0_2, N_FIRST, N_SECOND,
@@ -553,8 +561,9 @@ def _bd_chain_kernel(
         prog = tl.where(last, j, before)
         t0 = c * CHUNK
         _wait_for(COUNTERS + 1 + c, N_FIRST, failed, SPIN)
+        rows = tl.minimum(CHUNK, T_ALL - t0)
         _bd_fwd_tile(prog % GRID0_2, prog // GRID0_2, X2 + (c % BUFFERS) * CHUNK * sxt2, W2, BIAS2,
-                     Y2 + t0 * syt2, PRE2 + t0 * syt2, tl.minimum(CHUNK, T_ALL - t0), N_IN2, N_OUT2, Q2, P2,
+                     Y2 + t0 * syt2, PRE2 + t0 * syt2, rows, rows, N_IN2, N_OUT2, Q2, P2,
                      sxt2, sxf2, swk2, swq2, swp2, syt2, syf2, IN_A2, IN_B2, OUT_A2, OUT_B2,
                      IN_MODE2, OUT_MODE2, OUT_C2, IN_FULL2, OUT_FULL2, MULTI_K2, HAS_BIAS2, ACT2, SAVE_PRE2,
                      BLOCK_M2, BLOCK_N2, BLOCK_K2, GROUP2, UPCAST, PRECISION)
@@ -565,8 +574,9 @@ def _bd_chain_kernel(
         t0 = c1 * CHUNK
         if c1 >= BUFFERS:
             _wait_for(COUNTERS + 1 + NCHUNK + c1 - BUFFERS, N_SECOND, failed, SPIN)
+        rows = tl.minimum(CHUNK, T_ALL - t0)
         _bd_fwd_tile(prog % GRID0, prog // GRID0, X + t0 * sxt, W, BIAS, Y + (c1 % BUFFERS) * CHUNK * syt, PRE,
-                     tl.minimum(CHUNK, T_ALL - t0), N_IN, N_OUT, Q, P,
+                     rows, rows, N_IN, N_OUT, Q, P,
                      sxt, sxf, swk, swq, swp, syt, syf, IN_A, IN_B, OUT_A, OUT_B,
                      IN_MODE, OUT_MODE, OUT_C, IN_FULL, OUT_FULL, MULTI_K, HAS_BIAS, ACT, SAVE_PRE,
                      BLOCK_M, BLOCK_N, BLOCK_K, GROUP, UPCAST, PRECISION)
@@ -651,7 +661,9 @@ def _bd_wgrad_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # dw[kk, qq, pp] over this program's token split; BLOCK_M = q-tile, BLOCK_N = p-tile, BLOCK_K = token step
+    # dw[kk, qq, pp] over this program's token split; BLOCK_M = q-tile, BLOCK_N = p-tile, BLOCK_K = token step.
+    # The split's whole token steps load without a token mask (a mask bounded by a T that is not a multiple of
+    # 16 would make every token-major load one element wide), then its ragged last step, if any, masked
     tile = tl.program_id(0)
     split = tl.program_id(1)
     tiles_q = tl.cdiv(Q, BLOCK_M)
@@ -669,11 +681,18 @@ def _bd_wgrad_kernel(
         gcol = _in_cols(kg, rq, Q, G_A, G_B, G_MODE)
         g_ok = (rq < Q) & (gcol < N_G)
     t_start = split.to(tl.int64) * ROWS_PER_SPLIT
+    rows = tl.minimum(ROWS_PER_SPLIT, T - t_start)  # splits are whole token steps: only the last is ragged
+    whole = rows - rows % BLOCK_K
     rt0 = tl.arange(0, BLOCK_K)
+    every = tl.full((BLOCK_K,), 1, tl.int1)
     acc = tl.zeros((BLOCK_M, BLOCK_N * GROUP), dtype=tl.float32)
-    for t0 in range(0, ROWS_PER_SPLIT, BLOCK_K):
+    for t0 in range(0, whole, BLOCK_K):
         rt = t_start + t0 + rt0
-        t_ok = rt < T  # splits are whole token steps: only the last is ragged
+        gt = _load(_at(G_, rt, gcol, sgt, sgf), every[:, None] & g_ok[None, :], UPCAST)
+        acc += _wgrad_group(gt, X, kk0, 1, rt, every, rp, P, N_X, sxt, sxf, GROUP, UPCAST, PRECISION)
+    for t0 in range(whole, rows, BLOCK_K):  # at most one step
+        rt = t_start + t0 + rt0
+        t_ok = rt < T
         gt = _load(_at(G_, rt, gcol, sgt, sgf), t_ok[:, None] & g_ok[None, :], UPCAST)
         acc += _wgrad_group(gt, X, kk0, 1, rt, t_ok, rp, P, N_X, sxt, sxf, GROUP, UPCAST, PRECISION)
     # acc[i, n·GROUP + g] -> dw[kk0 + g, row i, col n]: one (GROUP, BLOCK_M, BLOCK_N) tile, contiguous in p

@@ -87,16 +87,17 @@ def _tile_dot(A, rm, m_ok, a_col0, K, sat, saf, W, w_cols, w_ok, swk, swc, BLOCK
 
 
 @triton.jit
-def _hidden_kernel(Z1, W2A, B1, W1B, Z2, T, S, R1, Q2, L1, L2, R2,
+def _hidden_kernel(Z1, W2A, B1, W1B, Z2, ROWS, S, R1, Q2, L1, L2, R2,
                    sz1t, sz1f, swa0, swa1, swa2, swb0, swb1, swb2, sz2t, sz2f,
                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
                    BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Program (token tile, fc2 block kk): fc1's stage 2 + bias + activation for the hidden rows fc2's block kk
     reads, chained into fc2's stage 1. ``W1B`` is fc2's ``w1`` regrouped ``(k2, l1, q2, S)``, element ``(kk, ll,
-    qq, s')`` = ``w1b[kk, qq, s'·l1 + ll]`` with unit stride along ``s'`` (strides ``swb0, swb1, swb2``)."""
+    qq, s')`` = ``w1b[kk, qq, s'·l1 + ll]`` with unit stride along ``s'`` (strides ``swb0, swb1, swb2``).
+    ``ROWS``: the token rows of ``Z1`` and ``Z2`` it touches (:func:`._common.touch_rows`; each row its own)."""
     kk = tl.program_id(1)
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rm < T
+    m_ok = rm < ROWS
     rq = tl.arange(0, BLOCK_Q)
     q_ok = rq < Q2
     acc = tl.zeros((BLOCK_M, BLOCK_Q), dtype=tl.float32)
@@ -141,7 +142,8 @@ def hidden_layer(z1: torch.Tensor, w2a: torch.Tensor, bias1: Optional[torch.Tens
     tile = _plan.MLP_TILE
     grid = (_plan.cdiv(T, tile.block_m), sh2.k)
     _hidden_kernel[grid](
-        z1, w2a, bias1 if bias1 is not None else z2, w1v, z2, T, S, r1, sh2.q, l1, sh2.l, sh2.r,
+        z1, w2a, bias1 if bias1 is not None else z2, w1v, z2, min(_common.touch_rows(z1), _common.touch_rows(z2)),
+        S, r1, sh2.q, l1, sh2.l, sh2.r,
         z1.stride(0), z1.stride(1), *w2a.stride(), *w1v.stride()[:3],
         z2.stride(0), z2.stride(1),
         HAS_BIAS=bias1 is not None, ACT=ACT_CODES[activation], BLOCK_M=tile.block_m, BLOCK_S=_plan.mlp_block_s(S),
@@ -192,7 +194,7 @@ def _dz1_store(DZ1, dz, rm, m_ok, ll, j, R1, L1, sdzt, sdzf, BLOCK_K: tl.constex
 
 
 @triton.jit
-def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L1, K2,
+def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, ROWS, S, R1, Q2, L1, K2,
                        sz1t, sz1f, swa0, swa1, swa2, swb0, swb1, swb2, sdyt, sdyf, sat, saf, sdpt, sdpf,
                        sdzt, sdzf, sdb0,
                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -206,11 +208,13 @@ def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L
     order). fc1's ``r1`` is ``NR ≤ 4`` column chunks of ``BLOCK_K``: the program's ``z1`` tile is loaded once
     (a register operand of every pre-activation dot), each chunk of ``w2a`` rows once and used by both dots
     that need it (transposed for the pre-activation, as is for ``dz1``), and ``dz1`` is ``NR`` accumulators, so
-    nothing is padded beyond ``BLOCK_K``. ``W1B``: fc2's ``w1`` regrouped as in :func:`_hidden_kernel`."""
+    nothing is padded beyond ``BLOCK_K``. ``W1B``: fc2's ``w1`` regrouped as in :func:`_hidden_kernel`. ``ROWS``:
+    the token rows of the token-major tensors it touches (:func:`._common.touch_rows`); the bias gradient's sums
+    take the ``T`` real ones."""
     ll = tl.program_id(1)
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rm < T
+    m_ok = rm < ROWS
     z_col = ll * R1  # the program's z1 columns: z_col .. z_col + R1 - 1
     W2A_LL = W2A + ll * swa0
     za = _r_chunk(Z1, z_col, rm, m_ok, 0, R1, sz1t, sz1f, BLOCK_K, UPCAST)
@@ -255,7 +259,8 @@ def _hidden_bwd_kernel(Z1, W2A, B1, W1B, DY2, A, DPRE, DZ1, DB1, T, S, R1, Q2, L
             if STORE_DPRE:
                 tl.store(_at(DPRE, rm, col, sdpt, sdpf), dp, mask=ok)
             if HAS_BIAS:
-                tl.store(DB1 + pid_m * sdb0 + col, tl.sum(tl.where(ok, dp.to(tl.float32), 0.0), 0), mask=s_ok)
+                real = (rm < T)[:, None] & s_ok[None, :]
+                tl.store(DB1 + pid_m * sdb0 + col, tl.sum(tl.where(real, dp.to(tl.float32), 0.0), 0), mask=s_ok)
             if UPCAST:
                 dp = dp.to(tl.float32)
             dza = tl.dot(dp, wa, dza, input_precision=PRECISION)
@@ -299,7 +304,7 @@ def hidden_layer_backward(z1, w2a, bias1, w1v, dy2, sh2: MonarchShape, activatio
     a_, dpre_ = (dz1 if a is None else a), (dz1 if dpre is None else dpre)
     _hidden_bwd_kernel[(tiles, l1)](
         z1, w2a, bias1 if bias1 is not None else dz1, w1v, dy2, a_, dpre_, dz1, db1 if db1 is not None else dz1,
-        T, S, r1, sh2.q, l1, sh2.k,
+        T, min(_common.touch_rows(t) for t in (z1, dy2, a_, dpre_, dz1)), S, r1, sh2.q, l1, sh2.k,
         z1.stride(0), z1.stride(1), *w2a.stride(), *w1v.stride()[:3], dy2.stride(0), dy2.stride(1),
         *_strides(a), *_strides(dpre), dz1.stride(0), dz1.stride(1), 0 if db1 is None else db1.stride(0),
         HAS_BIAS=bias1 is not None, ACT=ACT_CODES[activation], BLOCK_M=tile.block_m,

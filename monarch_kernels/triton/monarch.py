@@ -139,14 +139,15 @@ def _stage2_split(z, W2, BIAS, LL, STEP, rs, N_OUT, S, s2l, s2s, s2r, L: tl.cons
 @triton.jit
 def _fused_fwd_kernel(
     X, W1, W2, BIAS, OUT, Z,
-    T, N_IN, N_OUT, P, S,
+    T, T_Z, N_IN, N_OUT, P, S,
     sxt, sxf, s1k, s1q, s1p, s2l, s2s, s2r, sot, sof, szt, szf,
     K: tl.constexpr, L: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     KEEP_Z: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, IDTYPE: tl.constexpr,
 ):
     # program: a row tile and stage-2 blocks ll0 .. ll0+GROUP-1 (design D2: each stage-1 output is computed
-    # by exactly one program; x is read L/GROUP times, from L2 after the first)
+    # by exactly one program; x is read L/GROUP times, from L2 after the first). The kept Z is stored up to T_Z
+    # rows (_common.touch_rows: a padding row of Z takes what the zero-filled rows of X give)
     rm = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ll0 = tl.program_id(1) * GROUP
     m_ok = rm < T
@@ -154,7 +155,7 @@ def _fused_fwd_kernel(
                      PRECISION, IDTYPE)
     if KEEP_Z:  # Y[t, j·K + kk] is the two-kernel intermediate's column (ll0 + j)·K + kk: one contiguous range
         zc = ll0 * K + tl.arange(0, GROUP * K)
-        tl.store(_at(Z, rm, zc, szt, szf), y, mask=m_ok[:, None])
+        tl.store(_at(Z, rm, zc, szt, szf), y, mask=(rm < T_Z)[:, None])
     # P1 on chip: Y[t, j·K + kk] -> Z[t, kk·GROUP + j], so that the split tree over the last index gives Z_ll
     z = tl.reshape(tl.permute(tl.reshape(y, (BLOCK_M, GROUP, K)), (0, 2, 1)), (BLOCK_M, K * GROUP))
     o = _stage2_split(z, W2, BIAS, ll0, 1, tl.arange(0, BLOCK_S), N_OUT, S, s2l, s2s, s2r, L, K, GROUP, HAS_BIAS,
@@ -177,7 +178,7 @@ def _fused_forward(x, w1, w2, bias, n_out, activation, sh: MonarchShape, out, z=
     zb = out if z is None else z
     _fused_fwd_kernel[grid](
         x, w1, w2, bias if bias is not None else out, out, zb,
-        T, x.shape[1], n_out, sh.p, sh.s,
+        T, T if z is None else _common.touch_rows(z), x.shape[1], n_out, sh.p, sh.s,
         x.stride(0), x.stride(1), *w1.stride(), *w2.stride(), out.stride(0), out.stride(1), zb.stride(0),
         zb.stride(1), **options,
     )
@@ -378,6 +379,18 @@ def backward_weight(x, g, w1, w2, *, path="auto", g_layout="auto", z=None):
 
 
 @triton.jit
+def _dxw_step(DY, X, DX, w, acc, rt, t_ok, kk, rq, col, x_ok, Q, syt, syf, sxt, sxf, sdt, sdf, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """One token tile ``rt`` (``t_ok``: its real tokens) of :func:`_dxw_kernel`: ``dx`` stored, ``dw1``'s
+    accumulator returned."""
+    dy = _load(_at(DY, rt, kk * Q + rq, syt, syf), t_ok[:, None] & (rq < Q)[None, :], UPCAST)
+    xt = _load(_at(X, rt, col, sxt, sxf), t_ok[:, None] & x_ok[None, :], UPCAST)
+    dx = tl.dot(dy, w, input_precision=PRECISION)
+    tl.store(_at(DX, rt, col, sdt, sdf), dx.to(DX.dtype.element_ty), mask=t_ok[:, None] & x_ok[None, :])
+    return tl.dot(tl.trans(dy), xt, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _dxw_kernel(
     DY, X, W1, DX, DW1,
     T, N_IN, Q, P, ROWS_PER_SPLIT,
@@ -386,7 +399,8 @@ def _dxw_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # program: block kk, p-tile of width BLOCK_N, one token split. Per token tile it reads dy_kk (all q) and
-    # x_kk once and uses them twice: dx_kk = dy_kk @ W1[kk] (stored) and dw1[kk] += dy_kkᵀ x_kk (accumulated)
+    # x_kk once and uses them twice: dx_kk = dy_kk @ W1[kk] (stored) and dw1[kk] += dy_kkᵀ x_kk (accumulated).
+    # Whole token tiles without a token mask, then the split's ragged last tile, if any (as _bd_wgrad_kernel)
     tiles_p = tl.cdiv(P, BLOCK_N)
     kk = tl.program_id(0) // tiles_p
     rp = (tl.program_id(0) % tiles_p) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -396,16 +410,17 @@ def _dxw_kernel(
     x_ok = (rp < P) & (col < N_IN)
     w = _load(W1 + kk * s1k + rq[:, None] * s1q + rp[None, :] * s1p, (rq < Q)[:, None] & (rp < P)[None, :], UPCAST)
     t_start = split.to(tl.int64) * ROWS_PER_SPLIT
+    rows = tl.minimum(ROWS_PER_SPLIT, T - t_start)  # splits are whole token steps: only the last is ragged
+    whole = rows - rows % BLOCK_M
     rt0 = tl.arange(0, BLOCK_M)
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for t0 in range(0, ROWS_PER_SPLIT, BLOCK_M):
+    for t0 in range(0, whole, BLOCK_M):
+        acc = _dxw_step(DY, X, DX, w, acc, t_start + t0 + rt0, tl.full((BLOCK_M,), 1, tl.int1), kk, rq, col, x_ok,
+                        Q, syt, syf, sxt, sxf, sdt, sdf, UPCAST, PRECISION)
+    for t0 in range(whole, rows, BLOCK_M):  # at most one tile (a loop: as an `if`, fp32 spilled 3x as much)
         rt = t_start + t0 + rt0
-        t_ok = rt < T  # splits are whole token steps: only the last is ragged
-        dy = _load(_at(DY, rt, kk * Q + rq, syt, syf), t_ok[:, None] & (rq < Q)[None, :], UPCAST)
-        xt = _load(_at(X, rt, col, sxt, sxf), t_ok[:, None] & x_ok[None, :], UPCAST)
-        dx = tl.dot(dy, w, input_precision=PRECISION)
-        tl.store(_at(DX, rt, col, sdt, sdf), dx.to(DX.dtype.element_ty), mask=t_ok[:, None] & x_ok[None, :])
-        acc = tl.dot(tl.trans(dy), xt, acc, input_precision=PRECISION)
+        acc = _dxw_step(DY, X, DX, w, acc, rt, rt < T, kk, rq, col, x_ok, Q, syt, syf, sxt, sxf, sdt, sdf, UPCAST,
+                        PRECISION)
     tl.store(DW1 + split * sws + kk * swk + rq[:, None] * swq + rp[None, :] * swp, acc,
              mask=(rq < Q)[:, None] & (rp < P)[None, :])
 

@@ -37,34 +37,36 @@ def _column_partials(PART_ROW, v, ok, rn, n_ok):
 
 
 # In both kernels ``SUM`` is a runtime flag (``PART`` always fp32, a placeholder when it is 0): one compile serves
-# layers with and without a bias (a few more registers, no spills: the kernel audit).
+# layers with and without a bias (a few more registers, no spills: the kernel audit). ``T`` is the token count;
+# ``T_X``, ``T_Y``, ... the rows each operand is loaded or stored up to (:func:`._common.touch_rows`): a padding
+# row moves to a padding row or is masked off, and the column sums take the ``T`` real rows only.
 
 
 @triton.jit(do_not_specialize=["SUM"])
-def _token_major_copy_kernel(X, Y, T, N, sxt, sxf, syt, syf, PART, spt, SUM, BLOCK_T: tl.constexpr,
+def _token_major_copy_kernel(X, Y, T, T_X, T_Y, N, sxt, sxf, syt, syf, PART, spt, SUM, BLOCK_T: tl.constexpr,
                              BLOCK_N: tl.constexpr):
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (rt < T)[:, None] & (rn < N)[None, :]
-    v = tl.load(_at(X, rt, rn, sxt, sxf), mask=ok)
-    tl.store(_at(Y, rt, rn, syt, syf), v, mask=ok)
+    n_ok = (rn < N)[None, :]
+    v = tl.load(_at(X, rt, rn, sxt, sxf), mask=(rt < T_X)[:, None] & n_ok)
+    tl.store(_at(Y, rt, rn, syt, syf), v, mask=(rt < T_Y)[:, None] & n_ok)
     if SUM:
-        _column_partials(PART + tl.program_id(0) * spt, v, ok, rn, rn < N)
+        _column_partials(PART + tl.program_id(0) * spt, v, (rt < T)[:, None] & n_ok, rn, rn < N)
 
 
 @triton.jit(do_not_specialize=["SUM"])
-def _activation_grad_kernel(PRE, G, Y, T, N, spt, spf, sgt, sgf, syt, syf, PART, sqt, SUM, ACT: tl.constexpr,
-                            BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+def _activation_grad_kernel(PRE, G, Y, T, T_PRE, T_G, T_Y, N, spt, spf, sgt, sgf, syt, syf, PART, sqt, SUM,
+                            ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
     # g · act'(pre) in fp32 (blockdiag._activation_grad), rounded to Y's dtype
     rt = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (rt < T)[:, None] & (rn < N)[None, :]
-    x = tl.load(_at(PRE, rt, rn, spt, spf), mask=ok).to(tl.float32)
-    g = tl.load(_at(G, rt, rn, sgt, sgf), mask=ok).to(tl.float32)
+    n_ok = (rn < N)[None, :]
+    x = tl.load(_at(PRE, rt, rn, spt, spf), mask=(rt < T_PRE)[:, None] & n_ok).to(tl.float32)
+    g = tl.load(_at(G, rt, rn, sgt, sgf), mask=(rt < T_G)[:, None] & n_ok).to(tl.float32)
     d = _activation_grad(x, g, ACT).to(Y.dtype.element_ty)
-    tl.store(_at(Y, rt, rn, syt, syf), d, mask=ok)
+    tl.store(_at(Y, rt, rn, syt, syf), d, mask=(rt < T_Y)[:, None] & n_ok)
     if SUM:
-        _column_partials(PART + tl.program_id(0) * sqt, d, ok, rn, rn < N)
+        _column_partials(PART + tl.program_id(0) * sqt, d, (rt < T)[:, None] & n_ok, rn, rn < N)
 
 
 def activation_grad_token_major(name: str, pre: torch.Tensor, g: torch.Tensor, with_sum: bool = False):
@@ -81,8 +83,9 @@ def activation_grad_token_major(name: str, pre: torch.Tensor, g: torch.Tensor, w
     part = _partials(y, with_sum)
     if T and n:
         grid, meta = _tiles(T, n)
-        _activation_grad_kernel[grid](pre, g, y, T, n, *pre.stride(), *g.stride(), *y.stride(),
-                                      *_sum_args(part, g.device), ACT=_common.ACT_CODES[name], **meta)
+        rows = _common.touch_rows
+        _activation_grad_kernel[grid](pre, g, y, T, rows(pre), rows(g), rows(y), n, *pre.stride(), *g.stride(),
+                                      *y.stride(), *_sum_args(part, g.device), ACT=_common.ACT_CODES[name], **meta)
     return _summed(y, part)
 
 
@@ -129,7 +132,8 @@ def to_token_major(x: torch.Tensor, with_sum: bool = False):
     part = _partials(y, with_sum)
     if T and n:
         grid, meta = _tiles(T, n)
-        _token_major_copy_kernel[grid](x, y, T, n, *x.stride(), *y.stride(), *_sum_args(part, x.device), **meta)
+        _token_major_copy_kernel[grid](x, y, T, _common.touch_rows(x), _common.touch_rows(y), n, *x.stride(),
+                                       *y.stride(), *_sum_args(part, x.device), **meta)
     return _summed(y, part)
 
 
@@ -142,6 +146,6 @@ def copy_into(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     T, n = src.shape
     if T and n:
         grid, meta = _tiles(T, n)
-        _token_major_copy_kernel[grid](src, out, T, n, *src.stride(), *out.stride(), *_sum_args(None, src.device),
-                                       **meta)
+        _token_major_copy_kernel[grid](src, out, T, _common.touch_rows(src), _common.touch_rows(out), n,
+                                       *src.stride(), *out.stride(), *_sum_args(None, src.device), **meta)
     return out

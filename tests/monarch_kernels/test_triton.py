@@ -300,6 +300,25 @@ def test_launch_plans_are_memoised_per_setting(monkeypatch):
 
 
 
+def test_token_major_buffers_are_touched_to_their_16_row_padding():
+    """``_common.touch_rows``: the rows kernels may load and store. A token-major buffer of 1000 tokens as
+    ``empty_token_major`` lays it out (column stride 1008) is touched to 1008 rows (a mask bound that is a
+    multiple of 16 lets the compiler move 16-byte vectors); everything else to its own rows: row-major
+    tensors, aligned token counts, a view into a taller buffer (its padding rows are the next view's rows), and
+    a tensor whose storage ends before its last column's padding."""
+    bf = torch.bfloat16
+    assert _common.touch_rows(_common.empty_token_major(1000, 64, device="cpu", dtype=bf)) == 1008
+    assert _common.touch_rows(_common.empty_token_major(1008, 64, device="cpu", dtype=bf)) == 1008
+    assert _common.touch_rows(_common.empty_token_major(1, 3, device="cpu", dtype=bf)) == 16
+    assert _common.touch_rows(torch.empty(1000, 64, dtype=bf)) == 1000  # row-major
+    assert _common.touch_rows(torch.empty(64, 2016, dtype=bf).t()[:1000]) == 1000  # a taller buffer's view
+    exact = torch.empty(64 * 1008, dtype=bf)
+    assert _common.touch_rows(exact.as_strided((1000, 64), (1, 1008))) == 1008
+    short = torch.empty(63 * 1008 + 1000, dtype=bf)  # the last column's padding is not allocated
+    assert _common.touch_rows(short.as_strided((1000, 64), (1, 1008))) == 1000
+    assert _common.touch_rows(exact.as_strided((1000, 64), (1, 1008), 8)) == 1000  # offset: same shortfall
+
+
 def test_memoised_launch_arguments_follow_each_calls_layout(monkeypatch):
     """:func:`.blockdiag.bd_forward` remembers a call's launch (plan, runtime and compile-time arguments) by shape,
     strides and options: calls of one shape back to back — row-major, strided and token-major ``x``; weights with
