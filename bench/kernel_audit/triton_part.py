@@ -16,9 +16,12 @@ from . import sass
 from .offline import Launch, compile_only
 from .rows import KernelRow
 
-#: (T, n_in, n_out, nblocks): the benchmark shapes (bench/ops.py GPU_SHAPES), a ragged one, a decode one
+#: (T, n_in, n_out, nblocks): the benchmark shapes (bench/ops.py GPU_SHAPES), a ragged one, a decode one, and
+#: two token counts that are not a multiple of 16 at aligned widths (token-major buffers touched to their
+#: padding, :func:`monarch_kernels.triton._common.touch_rows`)
 SHAPES = [(16384, 1024, 1024, 32), (16384, 2048, 2048, 32), (16384, 4096, 4096, 64), (16384, 768, 3072, 4),
-          (16384, 3072, 768, 4), (65536, 4096, 4096, 64), (333, 1000, 3000, 4), (16, 4096, 4096, 64)]
+          (16384, 3072, 768, 4), (65536, 4096, 4096, 64), (333, 1000, 3000, 4), (16, 4096, 4096, 64),
+          (1000, 4096, 4096, 64), (1000, 768, 3072, 4)]
 QUICK_SHAPES = [(16384, 1024, 1024, 32), (16384, 4096, 4096, 64), (16384, 768, 3072, 4)]
 DTYPES = ("bfloat16", "float16", "float32")
 
@@ -98,10 +101,12 @@ def monarch_cases(shapes: Iterable[tuple], dtypes: Iterable[str]) -> list[Case]:
     return cases
 
 
-def _mlp_case(T: int, n_in: int, n_hidden: int, nb: int, dname: str, tag: str, training: bool = False):
+def _mlp_case(T: int, n_in: int, n_hidden: int, nb: int, dname: str, tag: str, training: bool = False,
+              frozen: bool = True):
     """The fused MLP (:mod:`monarch_kernels.triton.mlp`) for this layer as fc1 and its transpose-shaped layer as
     fc2, GELU between (a transformer MLP ``n_in -> n_hidden -> n_in``), where the fused kernel takes the pair;
-    ``training``: the saving forward and the fused backward (the hidden layer's backward kernel)."""
+    ``training``: the saving forward and the fused backward (the hidden layer's backward kernel), every factor
+    trained and (``frozen``) the three frozen sets that compile their own variants of it."""
     import torch
 
     import monarch_kernels as mk
@@ -121,7 +126,8 @@ def _mlp_case(T: int, n_in: int, n_hidden: int, nb: int, dname: str, tag: str, t
     def step():
         _, *saved = mlp.mlp_forward_saving(x, *w, b2, n_in, "gelu")
         # every factor trained, then the frozen sets that drop the hidden kernel's stores of a and / or dpre
-        for want_dw in ((True,) * 4, (True, False, True, True), (True, True, False, True), (True, False, False, True)):
+        for want_dw in ((True,) * 4, (True, False, True, True), (True, True, False, True),
+                        (True, False, False, True))[:4 if frozen else 1]:
             mlp.mlp_backward(x, meta(T, n_in), *w, *saved, "gelu", True, want_dw=want_dw)
     return Case(f"monarch mlp train step bias+gelu (hidden layer fused both ways) {tag}", step)
 
@@ -144,7 +150,8 @@ def ci_cases() -> list[Case]:
     blocks: two-kernel forward with bias + GELU (the token-major stage 2 and its transposing copy), the chunked
     schedule chained and paired, the fused backward, and a 16-token forward; 1024 with 32 blocks: the fused
     square forward; 768 -> 3072 with 4 blocks: whole-row permuted runs and the gathered
-    multi-K dy; the GPT-2 MLP with its hidden layer fused), about fifteen compiles."""
+    multi-K dy; the GPT-2 MLP with its hidden layer fused; a forward and backward at a token count that is not a
+    multiple of 16, where token-major accesses need the padded row bound), about twenty-five compiles."""
     import torch
 
     import monarch_kernels as mk
@@ -195,6 +202,12 @@ def ci_cases() -> list[Case]:
         # kernel: three dots per chunk, z1 in registers)
         _mlp_case(16384, 768, 3072, 4, "bfloat16", "T=16384 768->3072->768 nb=4 bfloat16"),
         _mlp_case(16384, 768, 3072, 4, "bfloat16", "T=16384 768->3072->768 nb=4 bfloat16", training=True),
+        # a ragged token count: every token-major buffer is read and written to its 16-row padding
+        Case("monarch fwd_saving + bwd_epilogue bias+gelu T=1000 4096 nb=64 bfloat16", lambda: (
+            tmon.forward_saving(meta(1000, 4096), meta(*sh.w1_shape), meta(*sh.w2_shape), b, 4096, "gelu"),
+            tmon.backward_epilogue(meta(1000, 4096), meta(1000, 4096), meta(*sh.w1_shape), meta(*sh.w2_shape), b,
+                                   4096, "gelu", True))),
+        _mlp_case(1000, 768, 3072, 4, "bfloat16", "T=1000 768->3072->768 nb=4 bfloat16", training=True, frozen=False),
     ]
 
 

@@ -98,6 +98,8 @@ def permuted_operands(row: dict) -> set:
 #: the kernels without a matmul: the token-major copy of g and the activation derivative written token-major
 #: (GPT-2-like backward)
 COPY, ACT_GRAD = "_token_major_copy_kernel", "_activation_grad_kernel"
+#: the kernels that sum over tokens (a split's whole token steps, then its ragged last one)
+TOKEN_SUMS = ("_bd_wgrad_kernel", "_dxw_kernel")
 
 
 def test_ci_configs_compile_for_sm90(ci_audit):
@@ -158,13 +160,35 @@ def test_ci_token_major_copy_moves_16_bytes_each_way(ci_audit):
                         for r in rows), rows
 
 
+def test_ci_ragged_token_count_keeps_16_byte_token_major_accesses(ci_audit):
+    """At 1000 tokens (not a multiple of 16) every kernel of a training step (forward, backward, the fused MLP's
+    both ways) moves its activations in 16-byte vectors, as at 16384: a token-major buffer is loaded and stored
+    up to its 16-row padding (``_common.touch_rows``). Bounded by the token count itself, the row mask was not
+    provably constant over a vector and all those accesses (the intermediate ``z``, ``dy``, the copies of ``g``,
+    the fused MLP's tensors) compiled to 2-byte ones, and the MLP kernel took a 24-byte stack frame. The two
+    sums over tokens (``dw``, ``dx + dw1``) load their whole token steps unmasked, in 16-byte vectors, and only
+    a split's ragged last step element by element (widths ``2-16``); the small vectors indexed through a
+    permutation (the biases, ``B1``) are gathered element by element."""
+    rows = [r for r in ci_audit if any("T=1000 " in c for c in r["cases"])]
+    names = {r["kernel"] for r in rows}
+    assert {"_bd_fwd_kernel", "_bd_wgrad_kernel", "_hidden_kernel", "_hidden_bwd_kernel", COPY} <= names, names
+    for r in rows:
+        for kind in ("loads", "stores"):
+            narrow = {op: w for op, w in r[kind].items() if w == "2" and op not in ("BIAS", "B1")}
+            assert not narrow, (r["kernel"], r["config"], kind, r[kind])
+
+
 def test_ci_permuted_accesses_are_16_bytes(ci_audit):
+    """Every access through a Monarch permutation is 16 bytes wide; at a ragged token count, a sum over tokens'
+    last step goes element by element after its 16-byte main loop (``2-16``, the test above)."""
     checked = 0
     for r in ci_audit:
+        ragged = r["kernel"] in TOKEN_SUMS and all("T=1000 " in c for c in r["cases"])
         for operand in permuted_operands(r):
             for kind in ("loads", "stores"):
                 if operand in r[kind]:
-                    assert r[kind][operand] in ("16", "tma"), (r["kernel"], r["config"], kind, operand, r[kind])
+                    assert r[kind][operand] in ("16", "tma") + (("2-16",) if ragged else ()), (
+                        r["kernel"], r["config"], kind, operand, r[kind])
                     checked += 1
     assert checked >= 5  # P1 and P2 stores, the P2ᵀ gather and P1ᵀ store of dy, the gathered g of dw2, fused P2
 
