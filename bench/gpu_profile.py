@@ -243,6 +243,24 @@ def paths_section(jsonl):
                 except ValueError:  # bmm needs whole blocks
                     pass
         emit("paths", brow, jsonl)
+    ragged_tokens(jsonl)
+
+
+def ragged_tokens(jsonl):
+    """The default forward and backward 8 tokens short of 16384 (not a multiple of 16) against 16384 itself, at
+    4096/64 and GPT-2's fc1: token-major buffers are touched to their 16-row padding (RESULTS §7h), so the two
+    should take the same device time (before, every token-major access of the ragged count was 2 bytes wide)."""
+    from monarch_kernels.triton import monarch as tmon
+
+    for n_in, n_out, nb, act in ((size(4096, 256), size(4096, 256), size(64, 16), "none"),
+                                 (size(768, 48), size(3072, 192), 4, "gelu_tanh")):
+        row = {"shape": f"{n_in}->{n_out} nb={nb} {act}"}
+        for T in (size(16384, 32), size(16384, 32) - 8):
+            x, w1, w2 = factors(T, n_in, n_out, nb)
+            b, g = rand(n_out), rand(T, n_out)
+            row[f"T={T} fwd_us"] = round(device_us(lambda: tmon.forward(x, w1, w2, b, activation=act)), 1)
+            row[f"T={T} bwd_us"] = round(device_us(lambda: tmon.backward(x, g, w1, w2)), 1)
+        emit("paths", row, jsonl)
 
 
 def tiles_section(jsonl):

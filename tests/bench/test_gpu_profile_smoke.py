@@ -25,6 +25,8 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert any({"two_kernel_grouped_us", "two_kernel_token_major_us", "model_store", "model_fwd_us"} <= set(r)
                for r in paths)
     assert any("bwd_fused_token_major_us" in r for r in paths)
+    ragged = [r for r in paths if "T=24 fwd_us" in r]  # the smoke sizes: 32 tokens against 24
+    assert len(ragged) == 2 and all({"T=32 fwd_us", "T=32 bwd_us", "T=24 bwd_us"} <= set(r) for r in ragged)
     tiles = {r["kernel"] for r in rows if r["section"] == "tiles"}
     assert tiles == {"stage1 row->token-major P1", "stage2 token-major->token-major P2",
                      "copy token-major -> row-major", "mlp hidden backward"}
