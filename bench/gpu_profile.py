@@ -53,6 +53,12 @@ def size(full: int, small: int) -> int:
     return small if SMOKE else full
 
 
+def variants(full: list) -> list:
+    """The tile variants a sweep measures: all of them, or the first two in the smoke run (the plan's and one
+    override: each interpreted call costs about half a second, and the rest run the same code)."""
+    return full[:2] if SMOKE else full
+
+
 def emit(section: str, row: dict, path: str | None) -> None:
     row = {"section": section, **row}
     print(json.dumps(row), flush=True)
@@ -72,8 +78,8 @@ def factors(T, n_in, n_out, nb, dtype=torch.bfloat16):
 
 
 def host_us(fn: Callable[[], object], n: int = 200) -> float:
-    n = size(n, 3)
-    for _ in range(5):
+    n = size(n, 1)
+    for _ in range(size(5, 1)):
         fn()
     sync()
     t0 = time.perf_counter()
@@ -132,9 +138,9 @@ def host_breakdown(name: str, fn: Callable[[], object], jsonl, calls: int = 200,
     import cProfile
     import pstats
 
-    calls = size(calls, 3)
+    calls = size(calls, 1)
     try:
-        for _ in range(5):
+        for _ in range(size(5, 1)):
             fn()
         sync()
         prof = cProfile.Profile()
@@ -156,9 +162,10 @@ def host_breakdown(name: str, fn: Callable[[], object], jsonl, calls: int = 200,
 def profile_kernels(name: str, fn: Callable[[], object], jsonl, reps: int = 5) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(2):
+    for _ in range(size(2, 1)):
         fn()
     sync()
+    reps = size(reps, 1)
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU if SMOKE else ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
@@ -283,7 +290,7 @@ def tiles_section(jsonl):
     cases = {"stage1 row->token-major P1": lambda: tbd.bd_forward(x, w, out_perm=(nb, n // nb), out=zt),
              "stage2 token-major->token-major P2": lambda: tbd.bd_forward(zt, w, out_perm=(n // nb, nb), out=yt)}
     for name, fn in cases.items():
-        for v in [None] + [(bm, wp, st) for bm in (64, 128) for wp in (4, 8) for st in (2, 3)]:
+        for v in variants([None] + [(bm, wp, st) for bm in (64, 128) for wp in (4, 8) for st in (2, 3)]):
             def tile(*a, v=v, **k):
                 t = real_tile(*a, **k)
                 return t if v is None else plan.Tile(v[0], t.block_n, t.block_k, t.group, v[1], v[2])
@@ -297,7 +304,7 @@ def tiles_section(jsonl):
             finally:
                 plan.bd_tile = real_tile
                 plan.bd_launch.cache_clear()
-    for bt, bn, wp in [(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (128, 32, 4)]:
+    for bt, bn, wp in variants([(64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (32, 128, 4), (128, 32, 4)]):
         plan.COPY_TILE = plan.Tile(bt, bn, 0, 1, wp, 1)
         try:
             emit("tiles", {"kernel": "copy token-major -> row-major", "variant": f"{bt}x{bn} w{wp}",
@@ -341,9 +348,11 @@ def mlp_backward_tiles(jsonl):
 
 
 def events_us(fn: Callable[[], object], launches: int = 10) -> float:
-    """Median over three rounds of ``launches`` back-to-back calls (each moving >= 1 GB: the host keeps ahead)."""
-    fn()
-    sync()
+    """Median over three rounds of ``launches`` back-to-back calls (each moving >= 1 GB: the host keeps ahead); the
+    smoke run times one call, with no warm-up."""
+    if not SMOKE:
+        fn()
+        sync()
     times = []
     for _ in range(size(3, 1)):
         t0 = time.perf_counter()
@@ -451,8 +460,7 @@ def sweep_section(jsonl):
     real_tile = plan.bd_tile
     for layout_name, kw in (("plain", {}), ("permuted out", dict(out_perm=(nb, n // nb)))):
         chosen = plan.bd_launch(T, nb, n // nb, n // nb, 2, None, kw.get("out_perm")).tile
-        variants = [None] + [(bm, wp, st) for bm in (64, 128) for wp in (4, 8) for st in (2, 4)]
-        for v in variants:
+        for v in variants([None] + [(bm, wp, st) for bm in (64, 128) for wp in (4, 8) for st in (2, 4)]):
             def tile(*a, v=v, **k):
                 t = real_tile(*a, **k)
                 if v is None:
@@ -461,8 +469,9 @@ def sweep_section(jsonl):
             plan.bd_tile = tile
             try:
                 fn = lambda: tbd.bd_forward(x, w, out=y, **kw)
-                fn()
-                sync()
+                if not SMOKE:  # warm-up (compiles); the smoke run times its one call
+                    fn()
+                    sync()
                 times = []
                 for _ in range(size(3, 1)):
                     t0 = time.perf_counter()
