@@ -78,10 +78,12 @@ def _default_backend():
 
 
 #: test files whose module- or session-scoped fixtures are expensive (the nvcc compiles, the offline kernel audit,
-#: the CUDA emulation binary the two simulation files share, a copy of the source tree, a recipe run): with
-#: ``--dist loadgroup`` (``make test``) each group runs in one pytest-xdist worker, so its fixtures run once
+#: the CUDA emulation binary the two simulation files share, its ThreadSanitizer build, a copy of the source tree,
+#: a recipe run): with ``--dist loadgroup`` (``make test``) each group runs in one pytest-xdist worker, so its
+#: fixtures run once
 _ONE_WORKER = {"test_cuda_sources_compile.py": "nvcc", "test_kernel_audit.py": "kernel_audit",
                "test_cuda_resident_sim.py": "cuda_sim", "test_cuda_rowsplit_sim.py": "cuda_sim",
+               "test_cuda_sim_races.py": "cuda_sim_tsan",
                "test_packaging.py": "packaging", "test_depthshrinker.py": "depthshrinker"}
 
 
@@ -91,6 +93,21 @@ def pytest_collection_modifyitems(items):
         group = _ONE_WORKER.get(item.path.name)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """xdist controller, ``--dist loadgroup``: each grouped test's id must carry its ``@group`` suffix, the one
+    channel through which xdist hands a group to its scheduler. pytest >= 9.2 no longer lets xdist set it
+    (pytest-dev/pytest-xdist#1386): the tests would still pass, spread over both workers, each building every
+    expensive fixture once more (about a minute and a half of CI), so the run stops here and says why."""
+    if node.config.getvalue("dist") != "loadgroup":
+        return
+    lost = [i for i in ids if os.path.basename(i.split("::")[0]) in _ONE_WORKER and "@" not in i]
+    if lost:
+        raise pytest.UsageError(f"--dist loadgroup did not group {len(lost)} tests (e.g. {lost[0]}): this "
+                                f"pytest-xdist cannot set node ids on pytest {pytest.__version__} (pytest-xdist#1386); "
+                                "install the pytest that requirements-dev.txt pins")
 
 
 #: hypothesis example counts that pytest-xdist workers reported to this (controlling) process
