@@ -652,6 +652,15 @@ def _wgrad_group(gt, X, KK, STEP, rt, t_ok, rp, P, N_X, sxt, sxf, G: tl.constexp
 
 
 @triton.jit
+def _wgrad_step(G_, X, kk0, gcol, g_ok, rt, t_ok, rp, P, N_X, sgt, sgf, sxt, sxf, GROUP: tl.constexpr,
+                UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One token step of the weight gradient: the ``g`` tile of tokens ``rt`` (``t_ok``) gathered at columns
+    ``gcol`` (``g_ok``), then ``gᵀ x`` per block of the group (:func:`_wgrad_group`)."""
+    gt = _load(_at(G_, rt, gcol, sgt, sgf), t_ok[:, None] & g_ok[None, :], UPCAST)
+    return _wgrad_group(gt, X, kk0, 1, rt, t_ok, rp, P, N_X, sxt, sxf, GROUP, UPCAST, PRECISION)
+
+
+@triton.jit
 def _bd_wgrad_kernel(
     X, G_, DW,
     T, N_X, N_G, Q, P, ROWS_PER_SPLIT,
@@ -687,14 +696,12 @@ def _bd_wgrad_kernel(
     every = tl.full((BLOCK_K,), 1, tl.int1)
     acc = tl.zeros((BLOCK_M, BLOCK_N * GROUP), dtype=tl.float32)
     for t0 in range(0, whole, BLOCK_K):
-        rt = t_start + t0 + rt0
-        gt = _load(_at(G_, rt, gcol, sgt, sgf), every[:, None] & g_ok[None, :], UPCAST)
-        acc += _wgrad_group(gt, X, kk0, 1, rt, every, rp, P, N_X, sxt, sxf, GROUP, UPCAST, PRECISION)
+        acc += _wgrad_step(G_, X, kk0, gcol, g_ok, t_start + t0 + rt0, every, rp, P, N_X, sgt, sgf, sxt, sxf, GROUP,
+                           UPCAST, PRECISION)
     for t0 in range(whole, rows, BLOCK_K):  # at most one step
         rt = t_start + t0 + rt0
-        t_ok = rt < T
-        gt = _load(_at(G_, rt, gcol, sgt, sgf), t_ok[:, None] & g_ok[None, :], UPCAST)
-        acc += _wgrad_group(gt, X, kk0, 1, rt, t_ok, rp, P, N_X, sxt, sxf, GROUP, UPCAST, PRECISION)
+        acc += _wgrad_step(G_, X, kk0, gcol, g_ok, rt, rt < T, rp, P, N_X, sgt, sgf, sxt, sxf, GROUP, UPCAST,
+                           PRECISION)
     # acc[i, n·GROUP + g] -> dw[kk0 + g, row i, col n]: one (GROUP, BLOCK_M, BLOCK_N) tile, contiguous in p
     acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, BLOCK_N, GROUP)), (2, 0, 1))
     gi = tl.arange(0, GROUP)
